@@ -1,0 +1,2 @@
+//! The guest helper.
+fn main() {}

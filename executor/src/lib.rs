@@ -1,0 +1,1 @@
+//! The reprise executor library.

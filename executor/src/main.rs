@@ -1,0 +1,2 @@
+//! The `reprise` binary.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Plan 9 mk(1): parser and evaluator.

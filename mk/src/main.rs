@@ -1,0 +1,2 @@
+//! The `mk` binary.
+fn main() {}

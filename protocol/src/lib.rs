@@ -1,0 +1,1 @@
+//! Reprise's wire and persisted types. Nothing here does IO.
