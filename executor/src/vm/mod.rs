@@ -1,0 +1,959 @@
+//! The qemu VM: boot a per-run copy-on-write overlay of the base image, then
+//! drive it through QMP and the guest agent (both with the `qapi` crate).
+//!
+//! A [`Vm`] owns its qemu process (in its own process group, killed on drop
+//! and when this process dies), its work folder (overlay, data disk, console
+//! log) and three sockets: QMP, the guest agent, and the `reprise.stream`
+//! port over which the guest helper streams a command's output live.
+
+pub mod agent;
+pub mod disk;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use qapi::futures::{QapiService, QmpStreamTokio};
+use qapi::qga;
+use qapi::qmp;
+use reprise_protocol::guest_stream::Frame;
+use thiserror::Error;
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::process::{Child, Command};
+use tokio::sync::{Mutex, mpsc};
+use tokio::time::{sleep, timeout};
+use tracing::{debug, info_span};
+
+use crate::accel::Accel;
+use crate::image::Image;
+pub use agent::{Agent, AgentError};
+pub use disk::DiskError;
+
+/// Where the data disk is mounted in the guest.
+pub const GUEST_DATA: &str = "/reprise";
+/// Where the tree put into the guest appears (a link into the data disk).
+pub const GUEST_REPO: &str = "/repo";
+const GUEST_HELPER: &str = "/reprise/bin/reprise-guest";
+const AGENT_PORT_ID: &str = "qgaport";
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How to boot a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub image: Image,
+    /// The disk the overlay is made on; the image's disk unless a
+    /// per-repository snapshot layer is used.
+    pub backing: Option<PathBuf>,
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// User-mode networking for the guest; off unless asked for.
+    pub network: bool,
+    /// A host folder whose contents appear at `/repo` in the guest.
+    pub tree: Option<PathBuf>,
+    /// Static binaries put on the data disk's `bin/` (guest helper, mk).
+    pub guest_bins: Vec<PathBuf>,
+    /// Spare room on the data disk for what the guest writes there.
+    pub data_spare_bytes: u64,
+    pub boot_timeout: Duration,
+    pub agent_timeout: Duration,
+    /// Extra kernel command line arguments.
+    pub kernel_args: Vec<String>,
+    /// Folder for the VM's work files (a fresh sub-folder is made in it).
+    pub work_root: PathBuf,
+}
+
+impl VmConfig {
+    /// Defaults for `image`, with the guest binaries found beside this
+    /// executable.
+    pub fn new(image: Image, accel: Accel) -> VmConfig {
+        let slow = accel == Accel::Tcg;
+        VmConfig {
+            image,
+            backing: None,
+            accel,
+            memory_mib: 2048,
+            cpus: std::thread::available_parallelism().map_or(2, |n| n.get().min(4) as u32),
+            network: false,
+            tree: None,
+            guest_bins: default_guest_bins(),
+            data_spare_bytes: 256 << 20,
+            boot_timeout: Duration::from_secs(if slow { 120 } else { 30 }),
+            agent_timeout: Duration::from_secs(if slow { 30 } else { 10 }),
+            kernel_args: Vec::new(),
+            work_root: crate::paths::cache_dir().join("vms"),
+        }
+    }
+}
+
+/// The static guest helper and mk, found beside this executable (or named by
+/// `REPRISE_GUEST_BIN_DIR`).
+pub fn default_guest_bins() -> Vec<PathBuf> {
+    let dir = std::env::var_os("REPRISE_GUEST_BIN_DIR").map(PathBuf::from);
+    ["reprise-guest", "mk"]
+        .iter()
+        .filter_map(|name| match &dir {
+            Some(d) => Some(d.join(name)).filter(|p| p.is_file()),
+            None => crate::paths::sibling_exe(name),
+        })
+        .collect()
+}
+
+/// Why a VM did not come up.
+#[derive(Debug, Error)]
+pub enum BootError {
+    #[error("cannot start qemu-system-x86_64 (install it with: apt-get install qemu-system-x86)")]
+    QemuMissing(#[source] std::io::Error),
+    #[error(
+        "the guest helper reprise-guest was not found beside the reprise binary (build the workspace, or set REPRISE_GUEST_BIN_DIR)"
+    )]
+    HelperMissing,
+    #[error("preparing the VM's disks")]
+    Disk(#[from] DiskError),
+    #[error("qemu exited during boot ({status})\n{}", diagnostics(.console, .qemu_log))]
+    Exited {
+        status: String,
+        console: String,
+        qemu_log: String,
+    },
+    #[error("the guest agent was not ready after {after:?} ({accel})\n{}", diagnostics(.console, .qemu_log))]
+    Timeout {
+        after: Duration,
+        accel: Accel,
+        console: String,
+        qemu_log: String,
+    },
+    #[error("talking to qemu's monitor during boot")]
+    Qmp(#[source] std::io::Error),
+    #[error("the guest agent did not answer after the guest came up")]
+    Agent(#[from] AgentError),
+    #[error("io on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn diagnostics(console: &str, qemu_log: &str) -> String {
+    let mut s = String::new();
+    if !qemu_log.trim().is_empty() {
+        s.push_str("qemu said:\n");
+        s.push_str(qemu_log.trim_end());
+        s.push('\n');
+    }
+    s.push_str("last lines of the guest console:\n");
+    if console.trim().is_empty() {
+        s.push_str("(nothing)");
+    } else {
+        s.push_str(console.trim_end());
+    }
+    s
+}
+
+/// Why something failed in a running VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("the guest helper failed: {0}")]
+    Helper(String),
+    #[error("the command did not finish within {0:?}")]
+    TimedOut(Duration),
+    #[error("the guest output stream closed")]
+    StreamClosed,
+    #[error("copying files out of the guest")]
+    Disk(#[from] DiskError),
+    #[error("qemu's monitor")]
+    Qmp(#[source] std::io::Error),
+}
+
+/// A command to run in the guest, as root.
+#[derive(Debug, Clone, Default)]
+pub struct GuestCommand {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    /// Kill the command after this long.
+    pub timeout: Option<Duration>,
+}
+
+impl GuestCommand {
+    pub fn new<I, S>(argv: I) -> GuestCommand
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        GuestCommand {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..GuestCommand::default()
+        }
+    }
+
+    /// `sh -c SCRIPT`.
+    pub fn shell(script: &str) -> GuestCommand {
+        GuestCommand::new(["/bin/sh", "-c", script])
+    }
+
+    pub fn env(mut self, name: &str, value: &str) -> GuestCommand {
+        self.env.insert(name.into(), value.into());
+        self
+    }
+
+    pub fn cwd(mut self, dir: &str) -> GuestCommand {
+        self.cwd = Some(dir.into());
+        self
+    }
+
+    pub fn timeout(mut self, after: Duration) -> GuestCommand {
+        self.timeout = Some(after);
+        self
+    }
+
+    /// The environment as qemu-ga wants it; it replaces the agent's own, so
+    /// PATH and HOME are filled in unless given.
+    fn env_list(&self) -> Vec<String> {
+        let mut env = self.env.clone();
+        env.entry("PATH".into())
+            .or_insert_with(|| DEFAULT_PATH.into());
+        env.entry("HOME".into()).or_insert_with(|| "/root".into());
+        env.iter().map(|(k, v)| format!("{k}={v}")).collect()
+    }
+}
+
+/// The result of a command whose output was captured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// Exit status, or 128 + the signal that ended it.
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.code == 0
+    }
+}
+
+/// Which stream a piece of live output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// A running VM.
+pub struct Vm {
+    child: Child,
+    work: tempfile::TempDir,
+    _sockets: tempfile::TempDir,
+    agent: Agent,
+    qmp: QapiService<QmpStreamTokio<tokio::io::WriteHalf<UnixStream>>>,
+    qmp_events: tokio::task::JoinHandle<()>,
+    frames: Mutex<mpsc::UnboundedReceiver<Frame>>,
+    stream_task: tokio::task::JoinHandle<()>,
+    accel: Accel,
+    boot_time: Duration,
+    next_id: AtomicU64,
+    span: tracing::Span,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("pid", &self.child.id())
+            .field("work", &self.work.path())
+            .field("accel", &self.accel)
+            .finish()
+    }
+}
+
+static VM_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Vm {
+    /// Boots a VM and waits until its guest agent answers.
+    pub async fn boot(config: &VmConfig) -> Result<Vm, BootError> {
+        let started = Instant::now();
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BootError::Io { path, source }
+        };
+        if !config
+            .guest_bins
+            .iter()
+            .any(|p| p.ends_with("reprise-guest"))
+        {
+            return Err(BootError::HelperMissing);
+        }
+        std::fs::create_dir_all(&config.work_root).map_err(io(&config.work_root))?;
+        let work = tempfile::Builder::new()
+            .prefix("vm-")
+            .tempdir_in(&config.work_root)
+            .map_err(io(&config.work_root))?;
+        let sockets = tempfile::Builder::new()
+            .prefix("reprise-")
+            .tempdir_in(crate::paths::runtime_dir())
+            .map_err(io(&crate::paths::runtime_dir()))?;
+        let vm_id = format!(
+            "{}-{}",
+            std::process::id(),
+            VM_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let span = info_span!("vm", id = %vm_id, accel = %config.accel);
+        let _enter = span.clone().entered();
+
+        let overlay = work.path().join("overlay.qcow2");
+        let backing = config
+            .backing
+            .clone()
+            .unwrap_or_else(|| config.image.disk());
+        disk::create_overlay(&backing, &overlay)?;
+        let data = work.path().join("data.raw");
+        stage_data(config, work.path())?;
+        disk::make_data_disk(&work.path().join("data"), &data, config.data_spare_bytes)?;
+        std::fs::remove_dir_all(work.path().join("data")).map_err(io(work.path()))?;
+        debug!(elapsed = ?started.elapsed(), "disks ready");
+
+        let qmp_path = sockets.path().join("qmp.sock");
+        let qga_path = sockets.path().join("qga.sock");
+        let stream_path = sockets.path().join("stream.sock");
+        let console = work.path().join("console.log");
+        let qemu_log = work.path().join("qemu.log");
+        let args = qemu_args(
+            config,
+            &overlay,
+            &data,
+            &console,
+            &qmp_path,
+            &qga_path,
+            &stream_path,
+        );
+        debug!(?args, "starting qemu");
+        let log = std::fs::File::create(&qemu_log).map_err(io(&qemu_log))?;
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .process_group(0);
+        die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().map_err(BootError::QemuMissing)?;
+
+        let failed = |child: &mut Child, status: Option<std::process::ExitStatus>| {
+            let _ = child.start_kill();
+            let console = tail_file(&console, 30);
+            let qemu_log = tail_file(&qemu_log, 10);
+            match status {
+                Some(status) => BootError::Exited {
+                    status: status.to_string(),
+                    console,
+                    qemu_log,
+                },
+                None => BootError::Timeout {
+                    after: config.boot_timeout,
+                    accel: config.accel,
+                    console,
+                    qemu_log,
+                },
+            }
+        };
+        let deadline = started + config.boot_timeout;
+
+        // The monitor and the stream port exist as soon as qemu has started.
+        let qmp_stream = match connect_when_ready(&mut child, &qmp_path, deadline).await {
+            Ok(s) => s,
+            Err(status) => return Err(failed(&mut child, status)),
+        };
+        let negotiation = QmpStreamTokio::open(qmp_stream)
+            .await
+            .map_err(BootError::Qmp)?;
+        let (qmp, mut events) = negotiation
+            .negotiate()
+            .await
+            .map_err(BootError::Qmp)?
+            .into_parts();
+        let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+        let qmp_events = tokio::spawn(async move {
+            while let Some(Ok(event)) = events.next().await {
+                if let qmp::Event::VSERPORT_CHANGE { data, .. } = &event
+                    && data.id == AGENT_PORT_ID
+                    && data.open
+                {
+                    let _ = ready_tx.send(());
+                }
+            }
+        });
+        let stream = match connect_when_ready(&mut child, &stream_path, deadline).await {
+            Ok(s) => s,
+            Err(status) => return Err(failed(&mut child, status)),
+        };
+        let (frames_tx, frames_rx) = mpsc::unbounded_channel();
+        let (stream_read, stream_write) = stream.into_split();
+        let stream_task = tokio::spawn(read_frames(stream_read, stream_write, frames_tx));
+
+        // The guest opens the agent's port when qemu-ga starts; writing to
+        // the socket before then would fill its buffer and block.
+        tokio::select! {
+            got = ready_rx.recv() => {
+                if got.is_none() {
+                    let status = child.wait().await.ok();
+                    return Err(failed(&mut child, status));
+                }
+            }
+            status = child.wait() => return Err(failed(&mut child, status.ok())),
+            _ = tokio::time::sleep_until(deadline.into()) => return Err(failed(&mut child, None)),
+        }
+        let agent = Agent::new(qga_path, config.agent_timeout);
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(5));
+        agent.call_within(qga::guest_ping {}, remaining).await?;
+        let boot_time = started.elapsed();
+        debug!(?boot_time, "guest agent ready");
+        drop(_enter);
+        Ok(Vm {
+            child,
+            work,
+            _sockets: sockets,
+            agent,
+            qmp,
+            qmp_events,
+            frames: Mutex::new(frames_rx),
+            stream_task,
+            accel: config.accel,
+            boot_time,
+            next_id: AtomicU64::new(1),
+            span,
+        })
+    }
+
+    /// The accelerator this VM runs under.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// From starting qemu to a guest agent that answered.
+    pub fn boot_time(&self) -> Duration {
+        self.boot_time
+    }
+
+    /// The guest agent, for calls this type does not wrap.
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
+    /// The last `n` lines the guest wrote to its console.
+    pub fn console_tail(&self, n: usize) -> String {
+        tail_file(&self.work.path().join("console.log"), n)
+    }
+
+    /// Runs a command through the guest agent and returns its captured
+    /// output once it has exited. For small, internal commands; use
+    /// [`Vm::exec_streaming`] for anything whose output a user watches.
+    pub async fn exec(&self, command: &GuestCommand) -> Result<Output, VmError> {
+        let _enter = self.span.enter();
+        let (path, args) = match &command.cwd {
+            None => (command.argv[0].clone(), command.argv[1..].to_vec()),
+            Some(cwd) => {
+                let mut args = vec!["-c".into(), "cd \"$0\" && exec \"$@\"".into(), cwd.clone()];
+                args.extend(command.argv.iter().cloned());
+                ("/bin/sh".to_string(), args)
+            }
+        };
+        let pid = self
+            .agent
+            .call(qga::guest_exec {
+                path,
+                arg: Some(args),
+                env: Some(command.env_list()),
+                input_data: None,
+                capture_output: Some(qga::GuestExecCaptureOutput::flag(true)),
+            })
+            .await?
+            .pid;
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let status = self.agent.call(qga::guest_exec_status { pid }).await?;
+            if status.exited {
+                return Ok(Output {
+                    code: exit_code(status.exitcode, status.signal),
+                    stdout: status.out_data.unwrap_or_default(),
+                    stderr: status.err_data.unwrap_or_default(),
+                });
+            }
+            if let Some(limit) = command.timeout
+                && started.elapsed() > limit
+            {
+                self.kill_guest_process(pid, false).await;
+                return Err(VmError::TimedOut(limit));
+            }
+            sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs a command in the guest and hands its output to `sink` as it is
+    /// written, stdout and stderr apart, in the order the guest read them.
+    /// Returns the exit status (128 + signal if killed).
+    pub async fn exec_streaming(
+        &self,
+        command: &GuestCommand,
+        sink: &mut (dyn FnMut(Stream, &[u8]) + Send),
+    ) -> Result<i32, VmError> {
+        let mut frames = self.frames.lock().await;
+        while frames.try_recv().is_ok() {}
+        let id = format!("x{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+        let mut args = vec!["exec".to_string(), "--id".into(), id.clone()];
+        if let Some(cwd) = &command.cwd {
+            args.extend(["--cwd".into(), cwd.clone()]);
+        }
+        args.push("--".into());
+        args.extend(command.argv.iter().cloned());
+        let pid = self
+            .agent
+            .call(qga::guest_exec {
+                path: GUEST_HELPER.into(),
+                arg: Some(args),
+                env: Some(command.env_list()),
+                input_data: None,
+                capture_output: Some(qga::GuestExecCaptureOutput::flag(true)),
+            })
+            .await?
+            .pid;
+        let started = Instant::now();
+        let mut running = false;
+        let mut helper_exited_at: Option<Instant> = None;
+        let mut helper_stderr = Vec::new();
+        let mut check = tokio::time::interval(Duration::from_millis(500));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                frame = frames.recv() => match frame {
+                    None => return Err(VmError::StreamClosed),
+                    Some(Frame::Start(got)) => running = got == id,
+                    Some(_) if !running => {}
+                    Some(Frame::Stdout(bytes)) => sink(Stream::Stdout, &bytes),
+                    Some(Frame::Stderr(bytes)) => sink(Stream::Stderr, &bytes),
+                    Some(Frame::Exit(code)) => return Ok(code),
+                    Some(Frame::Failed(why)) => return Err(VmError::Helper(why)),
+                },
+                _ = check.tick() => {
+                    if let Some(limit) = command.timeout
+                        && started.elapsed() > limit
+                    {
+                        self.kill_guest_process(pid, true).await;
+                        return Err(VmError::TimedOut(limit));
+                    }
+                    match helper_exited_at {
+                        // The exit frame may still be on its way; give it a moment.
+                        Some(at) if at.elapsed() > Duration::from_secs(3) => {
+                            return Err(VmError::Helper(format!(
+                                "it exited without reporting the command's end: {}",
+                                String::from_utf8_lossy(&helper_stderr).trim()
+                            )));
+                        }
+                        Some(_) => {}
+                        None => {
+                            let status = self.agent.call(qga::guest_exec_status { pid }).await?;
+                            if status.exited {
+                                helper_exited_at = Some(Instant::now());
+                                helper_stderr = status.err_data.unwrap_or_default();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Kills a process the agent started; with `children`, the process groups
+    /// of its children too (the helper runs its command in its own group).
+    async fn kill_guest_process(&self, pid: i64, children: bool) {
+        let script = if children {
+            format!(
+                "for c in $(cat /proc/{pid}/task/*/children 2>/dev/null); do kill -KILL -- -$c; done; kill -KILL {pid}"
+            )
+        } else {
+            format!("kill -KILL {pid}")
+        };
+        let _ = self
+            .agent
+            .call(qga::guest_exec {
+                path: "/bin/sh".into(),
+                arg: Some(vec!["-c".into(), script]),
+                env: None,
+                input_data: None,
+                capture_output: None,
+            })
+            .await;
+    }
+
+    /// Copies the guest folder `guest_dir` to the host folder `host_dir`
+    /// (which must not exist), through the data disk.
+    pub async fn copy_out(&self, guest_dir: &str, host_dir: &Path) -> Result<(), VmError> {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let slot = format!("{GUEST_DATA}/out/{n}");
+        // Freezing ext4 flushes and checkpoints its journal, so the host
+        // reads a consistent file system from the disk file.
+        let script = format!(
+            "set -e; mkdir -p {slot}; cp -a \"$0\"/. {slot}/; sync; fsfreeze -f {GUEST_DATA}; fsfreeze -u {GUEST_DATA}"
+        );
+        let out = self
+            .exec(&GuestCommand::new(["/bin/sh", "-c", &script, guest_dir]))
+            .await?;
+        if !out.success() {
+            return Err(VmError::Helper(format!(
+                "copying {guest_dir} to the data disk failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let data = self.work.path().join("data.raw");
+        let slot_in_disk = format!("/out/{n}");
+        tokio::task::block_in_place(|| disk::dump_dir(&data, &slot_in_disk, host_dir))?;
+        let _ = self.exec(&GuestCommand::new(["rm", "-rf", &slot])).await;
+        Ok(())
+    }
+
+    /// Pauses the guest's CPUs (QMP `stop`).
+    pub async fn pause(&self) -> Result<(), VmError> {
+        self.qmp_call(qmp::stop {}).await.map(drop)
+    }
+
+    /// Resumes the guest's CPUs (QMP `cont`).
+    pub async fn resume(&self) -> Result<(), VmError> {
+        self.qmp_call(qmp::cont {}).await.map(drop)
+    }
+
+    async fn qmp_call<C>(&self, command: C) -> Result<C::Ok, VmError>
+    where
+        C: qapi::Command + qmp::QmpCommand,
+        QmpStreamTokio<tokio::io::WriteHalf<UnixStream>>:
+            futures::Sink<qapi::Execute<C, u32>, Error = std::io::Error> + Unpin,
+    {
+        match timeout(Duration::from_secs(10), self.qmp.execute(command)).await {
+            Ok(Ok(ok)) => Ok(ok),
+            Ok(Err(e)) => Err(VmError::Qmp(e.into())),
+            Err(_) => Err(VmError::Qmp(std::io::ErrorKind::TimedOut.into())),
+        }
+    }
+
+    /// Stops the VM: QMP `quit`, then a kill if qemu is still there.
+    pub async fn shutdown(mut self) {
+        let _ = self.qmp_call(qmp::quit {}).await;
+        if timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stream_task.abort();
+        self.qmp_events.abort();
+        if let Some(pid) = self.child.id() {
+            // qemu runs in its own process group.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn exit_code(code: Option<i64>, signal: Option<i64>) -> i32 {
+    match (code, signal) {
+        (Some(c), _) => c as i32,
+        (None, Some(s)) => 128 + s as i32,
+        (None, None) => 255,
+    }
+}
+
+/// Fills the data disk's staging folder: `bin/` with the guest binaries,
+/// `repo/` with the tree, `out/` for files going back.
+fn stage_data(config: &VmConfig, work: &Path) -> Result<(), BootError> {
+    let staging = work.join("data");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BootError::Io { path, source }
+    };
+    let bin = staging.join("bin");
+    std::fs::create_dir_all(&bin).map_err(io(&bin))?;
+    std::fs::create_dir_all(staging.join("out")).map_err(io(&staging))?;
+    for src in &config.guest_bins {
+        let dest = bin.join(src.file_name().unwrap_or_default());
+        std::fs::copy(src, &dest).map_err(io(src))?;
+    }
+    let repo = staging.join("repo");
+    match &config.tree {
+        Some(tree) => copy_tree(tree, &repo).map_err(io(tree))?,
+        None => std::fs::create_dir_all(&repo).map_err(io(&repo))?,
+    }
+    Ok(())
+}
+
+/// Copies a tree, hard-linking when it can (mkfs only reads the files).
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    for flags in ["-al", "-a"] {
+        let status = std::process::Command::new("cp")
+            .arg(flags)
+            .arg("--no-target-directory")
+            .arg(from)
+            .arg(to)
+            .stderr(Stdio::null())
+            .status()?;
+        if status.success() {
+            return Ok(());
+        }
+        let _ = std::fs::remove_dir_all(to);
+    }
+    Err(std::io::Error::other(format!(
+        "cannot copy {} into the data disk",
+        from.display()
+    )))
+}
+
+fn qemu_args(
+    config: &VmConfig,
+    overlay: &Path,
+    data: &Path,
+    console: &Path,
+    qmp: &Path,
+    qga: &Path,
+    stream: &Path,
+) -> Vec<String> {
+    let p = |p: &Path| p.display().to_string();
+    let (machine, cpu) = match config.accel {
+        Accel::Kvm => ("q35,accel=kvm", "host"),
+        Accel::Tcg => ("q35,accel=tcg", "max"),
+    };
+    let mut cmdline = vec![
+        "root=/dev/vda",
+        "rw",
+        "console=ttyS0",
+        "panic=-1",
+        "quiet",
+        "loglevel=1",
+        "init=/sbin/reprise-init",
+        "reprise.data=/dev/vdb",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    if config.network {
+        cmdline.push("reprise.net=1".into());
+    }
+    cmdline.extend(config.kernel_args.iter().cloned());
+    let mut args: Vec<String> = vec![
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-machine".into(),
+        machine.into(),
+        "-cpu".into(),
+        cpu.into(),
+        "-smp".into(),
+        config.cpus.to_string(),
+        "-m".into(),
+        config.memory_mib.to_string(),
+        "-kernel".into(),
+        p(&config.image.kernel()),
+        "-initrd".into(),
+        p(&config.image.initrd()),
+        "-append".into(),
+        cmdline.join(" "),
+        "-drive".into(),
+        format!("file={},if=virtio,format=qcow2,cache=unsafe", p(overlay)),
+        "-drive".into(),
+        format!("file={},if=virtio,format=raw,cache=unsafe", p(data)),
+        "-chardev".into(),
+        format!("file,id=console,path={}", p(console)),
+        "-serial".into(),
+        "chardev:console".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", p(qmp)),
+        "-device".into(),
+        "virtio-serial-pci,id=vser".into(),
+        "-chardev".into(),
+        format!("socket,id=qga,path={},server=on,wait=off", p(qga)),
+        "-device".into(),
+        format!("virtserialport,chardev=qga,name=org.qemu.guest_agent.0,id={AGENT_PORT_ID}"),
+        "-chardev".into(),
+        format!("socket,id=stream,path={},server=on,wait=off", p(stream)),
+        "-device".into(),
+        "virtserialport,chardev=stream,name=reprise.stream,id=streamport".into(),
+    ];
+    if config.network {
+        args.extend(["-nic".into(), "user,model=virtio-net-pci".into()]);
+    } else {
+        args.extend(["-nic".into(), "none".into()]);
+    }
+    args
+}
+
+/// Makes the kernel kill qemu when this process dies, however it dies.
+#[expect(
+    unsafe_code,
+    reason = "pre_exec is unsafe; prctl(PR_SET_PDEATHSIG) is async-signal-safe"
+)]
+fn die_with_parent(cmd: &mut Command) {
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// Connects to one of qemu's server sockets once qemu has made it. Returns
+/// qemu's exit status (or `None` on timeout) if it never appears.
+async fn connect_when_ready(
+    child: &mut Child,
+    path: &Path,
+    deadline: Instant,
+) -> Result<UnixStream, Option<std::process::ExitStatus>> {
+    loop {
+        if let Ok(stream) = UnixStream::connect(path).await {
+            return Ok(stream);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(Some(status));
+        }
+        if Instant::now() > deadline {
+            return Err(None);
+        }
+        sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Reads frames from the stream port into `tx` until the socket closes. A
+/// malformed frame drops the buffer: the next `Start` resynchronises.
+async fn read_frames(
+    mut read: tokio::net::unix::OwnedReadHalf,
+    _write: OwnedWriteHalf,
+    tx: mpsc::UnboundedSender<Frame>,
+) {
+    let mut buf = Vec::with_capacity(1 << 16);
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        let n = match read.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut at = 0;
+        loop {
+            match Frame::decode(&buf[at..]) {
+                Ok(Some((frame, used))) => {
+                    at += used;
+                    if tx.send(frame).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("bad frame from the guest helper: {e}");
+                    at = buf.len();
+                    break;
+                }
+            }
+        }
+        buf.drain(..at);
+    }
+}
+
+/// The last `n` lines of a text file, or an empty string.
+pub fn tail_file(path: &Path, n: usize) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    crate::paths::tail_lines(&String::from_utf8_lossy(&bytes), n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reprise_protocol::image::ImageManifest;
+
+    fn config(accel: Accel, network: bool) -> VmConfig {
+        let image = Image {
+            dir: "/img".into(),
+            manifest: ImageManifest {
+                version: 1,
+                recipe_hash: "r".into(),
+                digest: "d".into(),
+                built_at: 0,
+                build_ms: 0,
+                disk: "disk.qcow2".into(),
+                kernel: "vmlinuz".into(),
+                initrd: "initrd.img".into(),
+                disk_bytes: 0,
+            },
+        };
+        let mut c = VmConfig::new(image, accel);
+        c.network = network;
+        c
+    }
+
+    fn args(c: &VmConfig) -> Vec<String> {
+        let p = Path::new;
+        qemu_args(
+            c,
+            p("/w/o.qcow2"),
+            p("/w/d.raw"),
+            p("/w/c.log"),
+            p("/s/q"),
+            p("/s/g"),
+            p("/s/s"),
+        )
+    }
+
+    #[test]
+    fn qemu_gets_the_accelerator_and_no_network_by_default() {
+        let tcg = args(&config(Accel::Tcg, false)).join(" ");
+        assert!(tcg.contains("-machine q35,accel=tcg -cpu max"), "{tcg}");
+        assert!(tcg.contains("-nic none"));
+        assert!(!tcg.contains("reprise.net=1"));
+        let kvm = args(&config(Accel::Kvm, true)).join(" ");
+        assert!(kvm.contains("-machine q35,accel=kvm -cpu host"), "{kvm}");
+        assert!(kvm.contains("-nic user,model=virtio-net-pci"));
+        assert!(kvm.contains("reprise.net=1"));
+        assert!(kvm.contains("file=/img/disk.qcow2").not() && kvm.contains("file=/w/o.qcow2"));
+    }
+
+    trait Not {
+        fn not(self) -> bool;
+    }
+    impl Not for bool {
+        fn not(self) -> bool {
+            !self
+        }
+    }
+
+    #[test]
+    fn guest_env_fills_path_and_home() {
+        let c = GuestCommand::new(["true"]).env("A", "1").env("HOME", "/x");
+        let env = c.env_list();
+        assert!(env.contains(&"A=1".to_string()));
+        assert!(env.contains(&"HOME=/x".to_string()));
+        assert!(env.iter().any(|e| e.starts_with("PATH=/usr/local/sbin")));
+    }
+
+    #[test]
+    fn exit_codes_include_signals() {
+        assert_eq!(exit_code(Some(3), None), 3);
+        assert_eq!(exit_code(None, Some(9)), 137);
+        assert_eq!(exit_code(None, None), 255);
+    }
+}
