@@ -1,8 +1,11 @@
-//! The reprise executor: the base image, the qemu VM driver, and (as they
-//! land) the run pipeline, the result store and replay. The `reprise`
-//! binary is glue over this library.
+//! The reprise executor: the base image, the qemu VM driver, the run
+//! pipeline, the local result store and replay. The `reprise` binary is
+//! glue over this library.
 
 pub mod accel;
 pub mod image;
 pub mod paths;
+pub mod replay;
+pub mod repo;
+pub mod store;
 pub mod vm;

@@ -1,8 +1,13 @@
 //! Reprise's wire and persisted types: the guest stream framing, the image
-//! manifest, the run key, the result manifest, exit codes. Nothing here does
-//! IO; every persisted or wire format carries a version.
+//! manifest, the run key, the result manifest and output record, the
+//! repository's declarations, exit codes. Nothing here does IO; every
+//! persisted or wire format carries a version.
 
 pub mod exit;
 pub mod guest_stream;
 pub mod hex;
 pub mod image;
+pub mod key;
+pub mod manifest;
+pub mod record;
+pub mod repo_config;

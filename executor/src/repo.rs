@@ -1,0 +1,288 @@
+//! The repository side of a run: find the checkout, resolve the revision
+//! with git2, read the repository's declarations from the revision's tree,
+//! and export that tree (never the working directory) for the guest.
+
+use std::path::{Path, PathBuf};
+
+use git2::{ObjectType, Oid, Repository, TreeWalkMode, TreeWalkResult};
+use reprise_protocol::repo_config::{self, ConfigError, RepoConfig};
+use thiserror::Error;
+
+/// Why the repository or revision cannot be used.
+#[derive(Debug, Error)]
+pub enum RepoError {
+    #[error("{} is not inside a git repository (run reprise from a checkout)", .0.display())]
+    NotARepo(PathBuf),
+    #[error("the repository has no commits yet (commit something first)")]
+    NoCommits,
+    #[error("unknown revision '{0}' (use a commit id, branch or tag that exists here)")]
+    UnknownRevision(String),
+    #[error("in revision {rev}")]
+    Config {
+        rev: String,
+        #[source]
+        source: ConfigError,
+    },
+    #[error("git")]
+    Git(#[from] git2::Error),
+    #[error("writing the tree to {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A git checkout.
+pub struct Checkout {
+    repo: Repository,
+}
+
+impl std::fmt::Debug for Checkout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkout")
+            .field("path", &self.repo.path())
+            .finish()
+    }
+}
+
+/// A resolved revision and what the repository declares in it.
+#[derive(Debug, Clone)]
+pub struct Revision {
+    pub commit: String,
+    pub tree: String,
+    pub config: RepoConfig,
+    pub namespace: String,
+    /// The mkfile at the root of the tree, if there is one.
+    pub mkfile: Option<String>,
+}
+
+impl Checkout {
+    /// The repository that holds `dir`.
+    pub fn discover(dir: &Path) -> Result<Checkout, RepoError> {
+        let repo = Repository::discover(dir).map_err(|_| RepoError::NotARepo(dir.to_path_buf()))?;
+        Ok(Checkout { repo })
+    }
+
+    /// The working directory's root.
+    pub fn root(&self) -> PathBuf {
+        self.repo
+            .workdir()
+            .unwrap_or_else(|| self.repo.path())
+            .to_path_buf()
+    }
+
+    /// Resolves `rev` (default `HEAD`) to a commit and reads its declarations.
+    pub fn resolve(&self, rev: Option<&str>) -> Result<Revision, RepoError> {
+        let commit = match rev {
+            None => {
+                let head = self.repo.head().map_err(|_| RepoError::NoCommits)?;
+                head.peel_to_commit().map_err(|_| RepoError::NoCommits)?
+            }
+            Some(r) => self
+                .repo
+                .revparse_single(r)
+                .and_then(|o| o.peel_to_commit())
+                .map_err(|_| RepoError::UnknownRevision(r.to_string()))?,
+        };
+        let tree = commit.tree()?;
+        let read = |name: &str| -> Result<Option<String>, RepoError> {
+            match tree.get_name(name) {
+                Some(entry) if entry.kind() == Some(ObjectType::Blob) => {
+                    let blob = self.repo.find_blob(entry.id())?;
+                    Ok(Some(String::from_utf8_lossy(blob.content()).into_owned()))
+                }
+                _ => Ok(None),
+            }
+        };
+        let short = commit.id().to_string()[..12].to_string();
+        let config = match read(repo_config::FILE_NAME)? {
+            Some(text) => RepoConfig::parse(&text).map_err(|source| RepoError::Config {
+                rev: short.clone(),
+                source,
+            })?,
+            None => RepoConfig::default(),
+        };
+        let namespace = match &config.namespace {
+            Some(ns) => ns.clone(),
+            None => self.derived_namespace(commit.id())?,
+        };
+        Ok(Revision {
+            commit: commit.id().to_string(),
+            tree: tree.id().to_string(),
+            mkfile: read("mkfile")?,
+            config,
+            namespace,
+        })
+    }
+
+    /// The namespace from the origin URL, or, for a repository without
+    /// one, `local/` and its root commit (shared by every clone).
+    fn derived_namespace(&self, commit: Oid) -> Result<String, RepoError> {
+        if let Ok(origin) = self.repo.find_remote("origin")
+            && let Some(ns) = origin.url().ok().and_then(repo_config::namespace_from_url)
+        {
+            return Ok(ns);
+        }
+        let mut c = self.repo.find_commit(commit)?;
+        while let Ok(parent) = c.parent(0) {
+            c = parent;
+        }
+        Ok(format!("local/{}", &c.id().to_string()[..16]))
+    }
+
+    /// Whether the working tree has changes that a run would not see
+    /// (modified or untracked files).
+    pub fn is_dirty(&self) -> bool {
+        let mut opts = git2::StatusOptions::new();
+        opts.include_untracked(true).include_ignored(false);
+        self.repo
+            .statuses(Some(&mut opts))
+            .map(|s| !s.is_empty())
+            .unwrap_or(false)
+    }
+
+    /// Writes the tree `tree` into `dest` (created): files with their
+    /// executable bit, symlinks as symlinks; submodules as empty folders.
+    pub fn export(&self, tree: &str, dest: &Path) -> Result<(), RepoError> {
+        let tree = self.repo.find_tree(Oid::from_str(tree)?)?;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| RepoError::Io { path, source }
+        };
+        std::fs::create_dir_all(dest).map_err(io(dest))?;
+        let mut failure = None;
+        tree.walk(TreeWalkMode::PreOrder, |parent, entry| {
+            let path = dest.join(parent).join(entry.name().unwrap_or("_"));
+            let result = (|| -> Result<(), RepoError> {
+                match entry.kind() {
+                    Some(ObjectType::Tree) => std::fs::create_dir_all(&path).map_err(io(&path)),
+                    Some(ObjectType::Blob) => {
+                        let blob = self.repo.find_blob(entry.id())?;
+                        write_blob(&path, blob.content(), entry.filemode()).map_err(io(&path))
+                    }
+                    _ => std::fs::create_dir_all(&path).map_err(io(&path)),
+                }
+            })();
+            match result {
+                Ok(()) => TreeWalkResult::Ok,
+                Err(e) => {
+                    failure = Some(e);
+                    TreeWalkResult::Abort
+                }
+            }
+        })?;
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+fn write_blob(path: &Path, content: &[u8], mode: i32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if mode == 0o120000 {
+        let target = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(content);
+        return std::os::unix::fs::symlink(target, path);
+    }
+    std::fs::write(path, content)?;
+    let perm = if mode == 0o100755 { 0o755 } else { 0o644 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(perm))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn git(dir: &Path, args: &[&str]) {
+        let ok = Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "commit.gpgsign=false",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args:?}");
+    }
+
+    #[test]
+    fn resolves_exports_and_derives_namespaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        git(d, &["init", "-q", "-b", "main"]);
+        assert!(matches!(
+            Checkout::discover(d).unwrap().resolve(None),
+            Err(RepoError::NoCommits)
+        ));
+        std::fs::write(d.join("mkfile"), "test:V:\n\techo hi\n").unwrap();
+        std::fs::write(d.join("run.sh"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(
+            d.join("run.sh"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("run.sh", d.join("link")).unwrap();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::fs::write(d.join("sub/a.txt"), "a").unwrap();
+        git(d, &["add", "-A"]);
+        git(d, &["commit", "-q", "-m", "one"]);
+        let co = Checkout::discover(&d.join("sub")).unwrap();
+        let rev = co.resolve(None).unwrap();
+        assert_eq!(rev.mkfile.as_deref(), Some("test:V:\n\techo hi\n"));
+        assert!(rev.namespace.starts_with("local/"), "{}", rev.namespace);
+        assert!(!co.is_dirty());
+        std::fs::write(d.join("untracked"), "x").unwrap();
+        assert!(co.is_dirty());
+
+        let out = tempfile::tempdir().unwrap();
+        let dest = out.path().join("tree");
+        co.export(&rev.tree, &dest).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dest.join("sub/a.txt")).unwrap(),
+            "a"
+        );
+        assert_eq!(
+            std::fs::read_link(dest.join("link")).unwrap(),
+            Path::new("run.sh")
+        );
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dest.join("run.sh"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o755);
+        assert!(
+            !dest.join("untracked").exists(),
+            "the working tree is not exported"
+        );
+
+        // An amended message keeps the tree; a new origin gives the namespace.
+        git(d, &["commit", "-q", "--amend", "-m", "two"]);
+        git(
+            d,
+            &[
+                "remote",
+                "add",
+                "origin",
+                "https://example.com/team/hello.git",
+            ],
+        );
+        let amended = co.resolve(None).unwrap();
+        assert_ne!(amended.commit, rev.commit);
+        assert_eq!(amended.tree, rev.tree);
+        assert_eq!(amended.namespace, "example.com/team/hello");
+        assert!(matches!(
+            co.resolve(Some("nope")),
+            Err(RepoError::UnknownRevision(_))
+        ));
+        assert!(matches!(
+            Checkout::discover(Path::new("/")),
+            Err(RepoError::NotARepo(_))
+        ));
+    }
+}

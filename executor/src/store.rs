@@ -1,0 +1,484 @@
+//! The local result store, under `$XDG_DATA_HOME/reprise/store`.
+//!
+//! ```text
+//! results/<key>/manifest.json   passed results, the only ones replayed
+//! results/<key>/output.rec
+//! failed/<key>-<time>/...       failed runs, kept for inspection
+//! blobs/<sha256>                artifacts, content-addressed
+//! tmp/                          staging; never read
+//! ```
+//!
+//! A result is staged in `tmp/`, every file synced, and then renamed into
+//! `results/` in one step (exchanged with an older copy when there is one),
+//! so a reader sees a whole result or none. Running out of space anywhere on
+//! the way leaves nothing behind but the staging folder, which is removed.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reprise_protocol::key::KeyInputs;
+use reprise_protocol::manifest::{Artifact, MANIFEST_VERSION, Outcome, ResultManifest};
+use thiserror::Error;
+
+use crate::image::sha256_file;
+
+/// Why the store failed.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("the result store at {} is full (free some space, or run `reprise results gc`); nothing was kept", .0.display())]
+    Full(PathBuf),
+    #[error("result store io on {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("stored result {0} is damaged: {1}")]
+    Damaged(String, String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| {
+        if source.raw_os_error() == Some(nix::libc::ENOSPC) {
+            StoreError::Full(path.to_path_buf())
+        } else {
+            StoreError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}
+
+/// A stored result.
+#[derive(Debug, Clone)]
+pub struct StoredResult {
+    pub dir: PathBuf,
+    pub manifest: ResultManifest,
+}
+
+impl StoredResult {
+    pub fn output_path(&self) -> PathBuf {
+        self.dir.join("output.rec")
+    }
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub enum Lookup {
+    Hit(StoredResult),
+    /// No result for the key; the nearest stored result of the same
+    /// repository, with the inputs that differ, if there is one.
+    Miss {
+        nearest: Option<(StoredResult, Vec<(String, String, String)>)>,
+    },
+}
+
+/// How many results to keep.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Passed results kept per repository and target, newest first.
+    pub per_target: usize,
+    /// Results older than this are dropped.
+    pub max_age: Option<Duration>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            per_target: 1,
+            max_age: None,
+        }
+    }
+}
+
+/// The local store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    pub fn new(root: PathBuf) -> Store {
+        Store { root }
+    }
+
+    /// The store under the user's data folder (XDG_DATA_HOME respected).
+    pub fn default_location() -> Store {
+        Store::new(crate::paths::data_dir().join("store"))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn results(&self) -> PathBuf {
+        self.root.join("results")
+    }
+
+    fn blob(&self, sha: &str) -> PathBuf {
+        self.root.join("blobs").join(sha)
+    }
+
+    /// The path of an artifact's content.
+    pub fn blob_path(&self, artifact: &Artifact) -> PathBuf {
+        self.blob(&artifact.sha256)
+    }
+
+    /// Loads the passed result for `key`, if stored.
+    pub fn get(&self, key: &str) -> Option<StoredResult> {
+        load(&self.results().join(key)).filter(|r| r.manifest.outcome == Outcome::Passed)
+    }
+
+    /// Looks a key up; on a miss, finds the nearest result of the same
+    /// repository to explain the difference.
+    pub fn lookup(&self, inputs: &KeyInputs) -> Lookup {
+        if let Some(hit) = self.get(&inputs.key()) {
+            return Lookup::Hit(hit);
+        }
+        let nearest = self
+            .list()
+            .into_iter()
+            .filter(|r| r.manifest.inputs.namespace == inputs.namespace)
+            .map(|r| {
+                let diff = inputs.diff(&r.manifest.inputs);
+                (r, diff)
+            })
+            .min_by_key(|(r, diff)| (diff.len(), std::cmp::Reverse(r.manifest.created_at)));
+        Lookup::Miss { nearest }
+    }
+
+    /// Every passed result, newest first.
+    pub fn list(&self) -> Vec<StoredResult> {
+        list_dir(&self.results())
+    }
+
+    /// Every failed run kept for inspection, newest first.
+    pub fn list_failed(&self) -> Vec<StoredResult> {
+        list_dir(&self.root.join("failed"))
+    }
+
+    /// Finds a result (passed or failed) by key or key prefix.
+    pub fn find(&self, prefix: &str) -> Vec<StoredResult> {
+        self.list()
+            .into_iter()
+            .chain(self.list_failed())
+            .filter(|r| r.manifest.key.starts_with(prefix))
+            .collect()
+    }
+
+    /// Commits a result: the manifest (its artifact list and output fields
+    /// are filled in here), the output record, and the files under
+    /// `artifacts` (a folder; may be absent). Passed results go where
+    /// lookups find them; failed ones to `failed/`.
+    pub fn commit(
+        &self,
+        mut manifest: ResultManifest,
+        record: &[u8],
+        artifacts: Option<&Path>,
+    ) -> Result<StoredResult, StoreError> {
+        let tmp = self.root.join("tmp");
+        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        let stage = tempfile::Builder::new()
+            .prefix("stage-")
+            .tempdir_in(&tmp)
+            .map_err(io_err(&tmp))?;
+        let output = stage.path().join("output.rec");
+        write_synced(&output, record)?;
+        manifest.output_sha256 = reprise_protocol::hex::sha256(record);
+        manifest.output_bytes = record.len() as u64;
+        manifest.artifacts = match artifacts {
+            Some(dir) if dir.is_dir() => self.store_artifacts(dir)?,
+            _ => Vec::new(),
+        };
+        manifest.version = MANIFEST_VERSION;
+        let text = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
+        write_synced(&stage.path().join("manifest.json"), &text)?;
+        sync_dir(stage.path())?;
+
+        let dest = match manifest.outcome {
+            Outcome::Passed => self.results().join(&manifest.key),
+            Outcome::Failed => self
+                .root
+                .join("failed")
+                .join(format!("{}-{}", manifest.key, manifest.created_at)),
+        };
+        let parent = dest.parent().expect("dest has a parent");
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+        let staged = stage.keep();
+        if dest.exists() {
+            // Swap the new result in for the old in one step, then drop the old.
+            nix::fcntl::renameat2(
+                nix::fcntl::AT_FDCWD,
+                &staged,
+                nix::fcntl::AT_FDCWD,
+                &dest,
+                nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+            )
+            .map_err(|e| io_err(&dest)(e.into()))?;
+            let _ = fs::remove_dir_all(&staged);
+        } else if let Err(e) = fs::rename(&staged, &dest) {
+            let _ = fs::remove_dir_all(&staged);
+            return Err(io_err(&dest)(e));
+        }
+        sync_dir(parent)?;
+        Ok(StoredResult {
+            dir: dest,
+            manifest,
+        })
+    }
+
+    fn store_artifacts(&self, dir: &Path) -> Result<Vec<Artifact>, StoreError> {
+        let blobs = self.root.join("blobs");
+        fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
+        let mut artifacts = Vec::new();
+        let mut files = Vec::new();
+        walk_files(dir, dir, &mut files).map_err(io_err(dir))?;
+        files.sort();
+        for rel in files {
+            let path = dir.join(&rel);
+            let sha = sha256_file(&path).map_err(io_err(&path))?;
+            let meta = fs::metadata(&path).map_err(io_err(&path))?;
+            let blob = self.blob(&sha);
+            if !blob.exists() {
+                let tmp = blobs.join(format!(".{sha}.{}", std::process::id()));
+                fs::copy(&path, &tmp).map_err(io_err(&tmp))?;
+                fs::File::open(&tmp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_err(&tmp))?;
+                fs::rename(&tmp, &blob).map_err(io_err(&blob))?;
+            }
+            artifacts.push(Artifact {
+                path: rel,
+                sha256: sha,
+                bytes: meta.len(),
+                mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777,
+            });
+        }
+        Ok(artifacts)
+    }
+
+    /// Drops results beyond the retention, then blobs no result refers to.
+    /// Returns how many results were dropped.
+    pub fn gc(&self, retention: Retention) -> Result<usize, StoreError> {
+        let now = now_secs();
+        let mut dropped = 0;
+        for results in [self.list(), self.list_failed()] {
+            let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
+            for r in results {
+                let group = (
+                    r.manifest.inputs.namespace.clone(),
+                    r.manifest.inputs.target.clone(),
+                );
+                let n = seen.entry(group).or_default();
+                *n += 1;
+                let too_old = retention
+                    .max_age
+                    .is_some_and(|age| now.saturating_sub(r.manifest.created_at) > age.as_secs());
+                if *n > retention.per_target || too_old {
+                    fs::remove_dir_all(&r.dir).map_err(io_err(&r.dir))?;
+                    dropped += 1;
+                }
+            }
+        }
+        let used: std::collections::BTreeSet<String> = self
+            .list()
+            .into_iter()
+            .chain(self.list_failed())
+            .flat_map(|r| r.manifest.artifacts.into_iter().map(|a| a.sha256))
+            .collect();
+        if let Ok(entries) = fs::read_dir(self.root.join("blobs")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !used.contains(&name) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(self.root.join("tmp"));
+        Ok(dropped)
+    }
+}
+
+fn list_dir(dir: &Path) -> Vec<StoredResult> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<StoredResult> = entries.flatten().filter_map(|e| load(&e.path())).collect();
+    out.sort_by_key(|r| std::cmp::Reverse(r.manifest.created_at));
+    out
+}
+
+fn load(dir: &Path) -> Option<StoredResult> {
+    let text = fs::read(dir.join("manifest.json")).ok()?;
+    let manifest: ResultManifest = serde_json::from_slice(&text).ok()?;
+    (manifest.version == MANIFEST_VERSION).then(|| StoredResult {
+        dir: dir.to_path_buf(),
+        manifest,
+    })
+}
+
+fn walk_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let t = e.file_type()?;
+        if t.is_dir() {
+            walk_files(root, &e.path(), out)?;
+        } else if t.is_file() {
+            let rel = e
+                .path()
+                .strip_prefix(root)
+                .expect("under root")
+                .to_path_buf();
+            out.push(rel.to_string_lossy().into_owned());
+        }
+    }
+    Ok(())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut f = fs::File::create(path).map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use reprise_protocol::manifest::{Phase, Producer};
+
+    pub(crate) fn manifest(inputs: KeyInputs, outcome: Outcome, created_at: u64) -> ResultManifest {
+        ResultManifest {
+            version: MANIFEST_VERSION,
+            key: inputs.key(),
+            inputs,
+            commit: "c".into(),
+            outcome,
+            exit_code: if outcome == Outcome::Passed { 0 } else { 1 },
+            phases: vec![Phase {
+                name: "test".into(),
+                ms: 5,
+            }],
+            total_ms: 5,
+            accel: "tcg".into(),
+            tool_version: "0".into(),
+            producer: Producer {
+                host: "h".into(),
+                user: "u".into(),
+            },
+            created_at,
+            output_sha256: String::new(),
+            output_bytes: 0,
+            artifacts: vec![],
+        }
+    }
+
+    pub(crate) fn inputs(tree: &str) -> KeyInputs {
+        KeyInputs {
+            version: 1,
+            namespace: "ns".into(),
+            tree: tree.into(),
+            target: "test".into(),
+            env: Default::default(),
+            image_digest: "img".into(),
+            driver: "qemu".into(),
+        }
+    }
+
+    #[test]
+    fn commit_then_lookup_hits_and_misses_explain() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        let arts = dir.path().join("arts");
+        fs::create_dir_all(arts.join("sub")).unwrap();
+        fs::write(arts.join("sub/r.txt"), "report").unwrap();
+        let stored = store
+            .commit(
+                manifest(inputs("t1"), Outcome::Passed, 10),
+                b"rec",
+                Some(&arts),
+            )
+            .unwrap();
+        assert_eq!(stored.manifest.artifacts.len(), 1);
+        assert_eq!(stored.manifest.artifacts[0].path, "sub/r.txt");
+        assert_eq!(
+            fs::read(store.blob_path(&stored.manifest.artifacts[0])).unwrap(),
+            b"report"
+        );
+        assert!(matches!(store.lookup(&inputs("t1")), Lookup::Hit(_)));
+        match store.lookup(&inputs("t2")) {
+            Lookup::Miss {
+                nearest: Some((_, diff)),
+            } => {
+                assert_eq!(diff.len(), 1);
+                assert_eq!(diff[0].0, "tree");
+            }
+            other => panic!("expected a miss with a nearest result, got {other:?}"),
+        }
+        // Committing the same key again replaces the result whole.
+        store
+            .commit(manifest(inputs("t1"), Outcome::Passed, 11), b"rec2", None)
+            .unwrap();
+        let again = store.get(&inputs("t1").key()).unwrap();
+        assert_eq!(again.manifest.created_at, 11);
+        assert_eq!(fs::read(again.output_path()).unwrap(), b"rec2");
+    }
+
+    #[test]
+    fn failed_runs_are_kept_but_never_hit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().to_path_buf());
+        store
+            .commit(manifest(inputs("t1"), Outcome::Failed, 10), b"", None)
+            .unwrap();
+        assert!(matches!(store.lookup(&inputs("t1")), Lookup::Miss { .. }));
+        assert_eq!(store.list_failed().len(), 1);
+        assert_eq!(store.find(&inputs("t1").key()[..8]).len(), 1);
+    }
+
+    #[test]
+    fn gc_keeps_the_latest_per_target_and_drops_orphan_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().to_path_buf());
+        let arts = dir.path().join("arts");
+        fs::create_dir_all(&arts).unwrap();
+        fs::write(arts.join("old.bin"), "old").unwrap();
+        store
+            .commit(
+                manifest(inputs("t1"), Outcome::Passed, 10),
+                b"",
+                Some(&arts),
+            )
+            .unwrap();
+        store
+            .commit(manifest(inputs("t2"), Outcome::Passed, 20), b"", None)
+            .unwrap();
+        assert_eq!(store.gc(Retention::default()).unwrap(), 1);
+        let left = store.list();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].manifest.inputs.tree, "t2");
+        assert_eq!(fs::read_dir(dir.path().join("blobs")).unwrap().count(), 0);
+        let aged = Retention {
+            per_target: 5,
+            max_age: Some(Duration::from_secs(1)),
+        };
+        assert_eq!(store.gc(aged).unwrap(), 1, "an old result goes");
+    }
+}
