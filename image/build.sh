@@ -37,6 +37,7 @@ mmdebstrap --mode=auto --variant=minbase \
   --customize-hook="echo '::phase configuring the guest'" \
   --customize-hook="install -m 0755 $recipe/init \"\$1\"/sbin/reprise-init" \
   --customize-hook="install -m 0644 $recipe/containers.conf \"\$1\"/etc/containers/containers.conf" \
+  --customize-hook="install -D -m 0644 $recipe/ci.mk \"\$1\"/usr/lib/reprise/ci.mk" \
   --customize-hook='mkdir -p "$1"/reprise && ln -sfn /reprise/repo "$1"/repo' \
   --customize-hook='echo reprise-guest > "$1"/etc/hostname' \
   --customize-hook='echo "/dev/vda / ext4 rw,noatime 0 1" > "$1"/etc/fstab' \

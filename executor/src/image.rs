@@ -29,6 +29,7 @@ pub const RECIPE_FILES: &[(&str, &str)] = &[
         include_str!("../../image/containers.conf"),
     ),
     ("packages", include_str!("../../image/packages")),
+    ("ci.mk", include_str!("../../mkfiles/ci.mk")),
 ];
 
 /// Version of the recipe hashing; bumping it rebuilds every image.

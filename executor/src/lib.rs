@@ -5,6 +5,8 @@
 pub mod accel;
 pub mod image;
 pub mod paths;
+pub mod pipeline;
+pub mod redact;
 pub mod replay;
 pub mod repo;
 pub mod store;

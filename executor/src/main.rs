@@ -10,6 +10,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use reprise_executor::accel::{self, Accel, AccelFacts};
 use reprise_executor::image::{ImageCache, ImageError};
+use reprise_executor::pipeline::{self, RunError};
+use reprise_executor::store::{Lookup, Retention, Store};
 use reprise_executor::vm::{BootError, GuestCommand, Stream, Vm, VmConfig};
 use reprise_protocol::exit;
 
@@ -32,6 +34,75 @@ enum Cmd {
     /// Fresh VMs for debugging.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Run the tests of the current revision in a fresh VM, or replay a
+    /// stored successful result of the same key.
+    Run(RunArgs),
+    /// Print the run key of a revision.
+    Key(KeyArgs),
+    /// The local result store.
+    #[command(subcommand)]
+    Results(ResultsCmd),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The revision to run (default: HEAD). The working tree is never used.
+    #[arg(long)]
+    rev: Option<String>,
+    /// The mk target to run in the container.
+    #[arg(long, default_value = "test")]
+    target: String,
+    /// A counted variable (part of the key), NAME=VALUE.
+    #[arg(long = "env", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Pass the caller's variable NAME in, not counted, not stored, redacted.
+    #[arg(long = "secret")]
+    secrets: Vec<String>,
+    /// Let the test container reach the network (hermetic by default).
+    #[arg(long)]
+    network: bool,
+    /// Stop the run after this long (e.g. 90s, 10m, 1h).
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<std::time::Duration>,
+    /// Where artifacts are restored.
+    #[arg(long, default_value = "reprise-artifacts")]
+    artifacts: PathBuf,
+    /// Force an accelerator instead of choosing one.
+    #[arg(long, value_parser = parse_accel)]
+    accel: Option<Accel>,
+}
+
+#[derive(Debug, clap::Args)]
+struct KeyArgs {
+    #[arg(long)]
+    rev: Option<String>,
+    #[arg(long, default_value = "test")]
+    target: String,
+    #[arg(long = "env", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Print every input, and on a miss what differs from the nearest result.
+    #[arg(long)]
+    explain: bool,
+    /// Print the key and its inputs as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum ResultsCmd {
+    /// List stored results, newest first.
+    List,
+    /// Show one result's manifest (by key or key prefix).
+    Show { key: String },
+    /// Drop results beyond the retention.
+    Gc {
+        /// Results kept per repository and target.
+        #[arg(long, default_value_t = 1)]
+        keep: usize,
+        /// Drop results older than this (e.g. 7d, 12h).
+        #[arg(long, value_parser = parse_duration)]
+        max_age: Option<std::time::Duration>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -73,6 +144,46 @@ enum VmCmd {
 
 fn parse_accel(s: &str) -> Result<Accel, String> {
     s.parse()
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not NAME=VALUE"))?;
+    if !reprise_protocol::repo_config::valid_env_name(name) {
+        return Err(format!("'{name}' is not a valid variable name"));
+    }
+    Ok((name.to_string(), value.to_string()))
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration like 90s, 10m, 2h, 7d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("'{s}' is not a duration like 90s, 10m, 2h, 7d")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+/// What the user reads besides the tests' output: one line each, on stderr.
+struct Terminal;
+
+impl pipeline::Ui for Terminal {
+    fn note(&self, line: &str) {
+        eprintln!("reprise: {line}");
+    }
+    fn phase(&self, name: &str, took: std::time::Duration) {
+        eprintln!("reprise: {name} done in {:.1}s", took.as_secs_f64());
+    }
+    fn image_step(&self, step: &str) {
+        eprintln!("reprise: image: {step}");
+    }
 }
 
 fn main() -> ExitCode {
@@ -120,6 +231,9 @@ async fn interrupted() {
 /// The exit code for an error, from the typed error in its chain.
 fn error_code(e: &anyhow::Error) -> i32 {
     for cause in e.chain() {
+        if let Some(run) = cause.downcast_ref::<RunError>() {
+            return run.exit_code();
+        }
         if let Some(ImageError::DiskFull { .. }) = cause.downcast_ref::<ImageError>() {
             return exit::INFRA;
         }
@@ -145,6 +259,24 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             image_info();
             Ok(exit::SUCCESS)
         }
+        Cmd::Run(args) => {
+            let req = pipeline::RunRequest {
+                dir: std::env::current_dir().context("while finding the current folder")?,
+                rev: args.rev,
+                target: args.target,
+                env: args.env,
+                secrets: args.secrets,
+                network: args.network,
+                timeout: args.timeout,
+                accel: args.accel,
+                artifacts_dir: args.artifacts,
+                retention: retention_from_env(),
+            };
+            let outcome = pipeline::run(&req, &Terminal).await?;
+            Ok(outcome.exit_code())
+        }
+        Cmd::Key(args) => key(args),
+        Cmd::Results(cmd) => results(cmd),
         Cmd::Vm(VmCmd::Exec { vm, cwd, command }) => {
             let vm = boot(&vm).await?;
             let mut cmd = GuestCommand::new(command);
@@ -163,6 +295,124 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .context("while running the command in the guest")?;
             vm.shutdown().await;
             Ok(code)
+        }
+    }
+}
+
+/// Retention after each run: `REPRISE_KEEP` results per repository and
+/// target (default 1), `REPRISE_MAX_AGE` (e.g. 7d).
+fn retention_from_env() -> Retention {
+    let mut r = Retention::default();
+    if let Some(n) = std::env::var("REPRISE_KEEP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        r.per_target = n;
+    }
+    r.max_age = std::env::var("REPRISE_MAX_AGE")
+        .ok()
+        .and_then(|v| parse_duration(&v).ok());
+    r
+}
+
+fn key(args: KeyArgs) -> anyhow::Result<i32> {
+    let dir = std::env::current_dir().context("while finding the current folder")?;
+    let keyed = pipeline::compute_key(&dir, args.rev.as_deref(), &args.target, &args.env, None)?;
+    let key = keyed.inputs.key();
+    let lookup = Store::default_location().lookup(&keyed.inputs);
+    if args.json {
+        let stored = matches!(lookup, Lookup::Hit(_));
+        let json = serde_json::json!({ "key": key, "inputs": keyed.inputs, "stored": stored });
+        println!("{}", serde_json::to_string_pretty(&json).expect("json"));
+        return Ok(exit::SUCCESS);
+    }
+    if !args.explain {
+        println!("{key}");
+        return Ok(exit::SUCCESS);
+    }
+    println!("key {key}");
+    for (name, value) in keyed.inputs.explain() {
+        println!("  {name:<12} {value}");
+    }
+    match lookup {
+        Lookup::Hit(r) => println!(
+            "stored: yes, produced {} by {}@{}",
+            r.manifest.created_at, r.manifest.producer.user, r.manifest.producer.host
+        ),
+        Lookup::Miss { nearest: None } => println!(
+            "stored: no, and no other result of {} is stored",
+            keyed.inputs.namespace
+        ),
+        Lookup::Miss {
+            nearest: Some((near, diff)),
+        } => {
+            println!(
+                "stored: no; the nearest stored result {} differs in:",
+                short(&near.manifest.key)
+            );
+            for (name, here, there) in diff {
+                println!("  {name}: {here} here, {there} there");
+            }
+        }
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
+    let store = Store::default_location();
+    match cmd {
+        ResultsCmd::List => {
+            let failed = store.list_failed();
+            for (r, status) in store
+                .list()
+                .iter()
+                .map(|r| (r, "passed"))
+                .chain(failed.iter().map(|r| (r, "failed")))
+            {
+                let m = &r.manifest;
+                println!(
+                    "{} {} {} {} {} {:.1}s {}",
+                    short(&m.key),
+                    status,
+                    m.inputs.namespace,
+                    m.inputs.target,
+                    short(&m.commit),
+                    m.total_ms as f64 / 1000.0,
+                    m.accel
+                );
+            }
+            Ok(exit::SUCCESS)
+        }
+        ResultsCmd::Show { key } => {
+            let found = store.find(&key);
+            match found.as_slice() {
+                [one] => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&one.manifest).expect("json")
+                    );
+                    Ok(exit::SUCCESS)
+                }
+                [] => {
+                    eprintln!("reprise: no stored result has a key starting with {key}");
+                    Ok(exit::USAGE)
+                }
+                _ => {
+                    eprintln!(
+                        "reprise: {} results match {key}; give more of the key",
+                        found.len()
+                    );
+                    Ok(exit::USAGE)
+                }
+            }
+        }
+        ResultsCmd::Gc { keep, max_age } => {
+            let dropped = store.gc(Retention {
+                per_target: keep,
+                max_age,
+            })?;
+            println!("dropped {dropped} result(s)");
+            Ok(exit::SUCCESS)
         }
     }
 }

@@ -132,14 +132,27 @@ impl Checkout {
     }
 
     /// Whether the working tree has changes that a run would not see
-    /// (modified or untracked files).
-    pub fn is_dirty(&self) -> bool {
+    /// (modified or untracked files), not counting untracked files under
+    /// `ignore` (reprise's own artifacts folder).
+    pub fn is_dirty(&self, ignore: Option<&Path>) -> bool {
         let mut opts = git2::StatusOptions::new();
-        opts.include_untracked(true).include_ignored(false);
-        self.repo
-            .statuses(Some(&mut opts))
-            .map(|s| !s.is_empty())
-            .unwrap_or(false)
+        opts.include_untracked(true)
+            .include_ignored(false)
+            .recurse_untracked_dirs(true);
+        let root = self.root();
+        let ignore = ignore.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
+        let Ok(statuses) = self.repo.statuses(Some(&mut opts)) else {
+            return false;
+        };
+        statuses.iter().any(|entry| {
+            let ours = entry.status() == git2::Status::WT_NEW
+                && entry
+                    .path()
+                    .ok()
+                    .zip(ignore.as_ref())
+                    .is_some_and(|(path, ignore)| root.join(path).starts_with(ignore));
+            !ours
+        })
     }
 
     /// Writes the tree `tree` into `dest` (created): files with their
@@ -235,9 +248,15 @@ mod tests {
         let rev = co.resolve(None).unwrap();
         assert_eq!(rev.mkfile.as_deref(), Some("test:V:\n\techo hi\n"));
         assert!(rev.namespace.starts_with("local/"), "{}", rev.namespace);
-        assert!(!co.is_dirty());
+        assert!(!co.is_dirty(None));
+        std::fs::create_dir(d.join("reprise-artifacts")).unwrap();
+        std::fs::write(d.join("reprise-artifacts/r.txt"), "x").unwrap();
+        assert!(
+            !co.is_dirty(Some(&d.join("reprise-artifacts"))),
+            "our own output is not a change"
+        );
         std::fs::write(d.join("untracked"), "x").unwrap();
-        assert!(co.is_dirty());
+        assert!(co.is_dirty(Some(&d.join("reprise-artifacts"))));
 
         let out = tempfile::tempdir().unwrap();
         let dest = out.path().join("tree");

@@ -19,7 +19,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use reprise_protocol::key::KeyInputs;
+use reprise_protocol::key::{Differences, KeyInputs};
 use reprise_protocol::manifest::{Artifact, MANIFEST_VERSION, Outcome, ResultManifest};
 use thiserror::Error;
 
@@ -73,7 +73,7 @@ pub enum Lookup {
     /// No result for the key; the nearest stored result of the same
     /// repository, with the inputs that differ, if there is one.
     Miss {
-        nearest: Option<(StoredResult, Vec<(String, String, String)>)>,
+        nearest: Option<(StoredResult, Differences)>,
     },
 }
 

@@ -15,6 +15,9 @@ use crate::hex;
 /// Version of the key encoding; part of every key.
 pub const KEY_VERSION: u32 = 1;
 
+/// Inputs that differ between two keys: (input, this value, other value).
+pub type Differences = Vec<(String, String, String)>;
+
 /// Everything that goes into a run key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyInputs {
@@ -80,7 +83,7 @@ impl KeyInputs {
 
     /// The inputs that differ between `self` and `other`, each as
     /// (input, this value, other value); an absent variable shows as `(unset)`.
-    pub fn diff(&self, other: &KeyInputs) -> Vec<(String, String, String)> {
+    pub fn diff(&self, other: &KeyInputs) -> Differences {
         let mut out = Vec::new();
         let mut field = |name: &str, a: &str, b: &str| {
             if a != b {

@@ -1,0 +1,701 @@
+//! `reprise run`: resolve, key, replay on a hit, otherwise run in a fresh VM
+//! (prepare-runtime in the guest, the target in the container), collect the
+//! artifacts, and commit the result.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use reprise_protocol::exit;
+use reprise_protocol::key::{KEY_VERSION, KeyInputs};
+use reprise_protocol::manifest::{Outcome, Phase, Producer, ResultManifest};
+use reprise_protocol::record::{self, StreamId};
+use thiserror::Error;
+
+use crate::accel::{self, Accel, AccelFacts};
+use crate::image::{ImageCache, ImageError};
+use crate::redact::Redactor;
+use crate::replay::{self, ReplayError};
+use crate::repo::{Checkout, RepoError, Revision};
+use crate::store::{Lookup, Retention, Store, StoreError, StoredResult};
+use crate::vm::{BootError, GuestCommand, Stream, Vm, VmConfig, VmError};
+
+/// The driver class that goes into the key.
+pub const DRIVER: &str = "qemu";
+const CI: &str = "/var/run/ci";
+const GUEST_MK: &str = "/reprise/bin/mk";
+const GUEST_PATH: &str =
+    "/reprise/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    /// A folder inside the checkout.
+    pub dir: PathBuf,
+    pub rev: Option<String>,
+    pub target: String,
+    /// Counted variables given on the command line.
+    pub env: Vec<(String, String)>,
+    /// Secret variable names given on the command line.
+    pub secrets: Vec<String>,
+    pub network: bool,
+    pub timeout: Option<Duration>,
+    pub accel: Option<Accel>,
+    pub artifacts_dir: PathBuf,
+    pub retention: Retention,
+}
+
+/// Why a run did not produce a result.
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error("{0}")]
+    Contract(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("the base image")]
+    Image(#[from] ImageError),
+    #[error("booting the VM")]
+    Boot(#[from] BootError),
+    #[error("in the VM")]
+    Vm(#[from] VmError),
+    #[error("`mk prepare-runtime` failed with status {code}")]
+    Prepare { code: i32, console: String },
+    #[error("the run reached its timeout of {0:?}; the VM was stopped and nothing was kept")]
+    Timeout(Duration),
+    #[error("the result store")]
+    Store(#[from] StoreError),
+    #[error("replaying the stored result")]
+    Replay(#[from] ReplayError),
+    #[error("{0}")]
+    Infra(String),
+}
+
+impl RunError {
+    /// The documented exit code for this failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Repo(RepoError::Config { .. }) => exit::CONTRACT,
+            RunError::Repo(RepoError::Io { .. } | RepoError::Git(_)) => exit::INFRA,
+            RunError::Repo(_) => exit::REPOSITORY,
+            RunError::Contract(_) => exit::CONTRACT,
+            RunError::Usage(_) => exit::USAGE,
+            RunError::Prepare { .. } => exit::PREPARE_FAILED,
+            RunError::Timeout(_) => exit::TIMEOUT,
+            RunError::Store(StoreError::Full(_)) => exit::STORE_FULL,
+            RunError::Image(ImageError::DiskFull { .. }) => exit::STORE_FULL,
+            _ => exit::INFRA,
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum RunOutcome {
+    /// A stored result was replayed; no VM was booted.
+    Replayed(StoredResult),
+    /// The tests ran; the result is stored (passed or failed).
+    Ran(StoredResult),
+}
+
+impl RunOutcome {
+    pub fn exit_code(&self) -> i32 {
+        let result = match self {
+            RunOutcome::Replayed(r) | RunOutcome::Ran(r) => r,
+        };
+        match result.manifest.outcome {
+            Outcome::Passed => exit::SUCCESS,
+            Outcome::Failed => exit::TESTS_FAILED,
+        }
+    }
+}
+
+/// What the user sees besides the tests' own output.
+pub trait Ui: Send + Sync {
+    /// A one-line note (dirty tree, accelerator, provenance).
+    fn note(&self, line: &str);
+    /// A phase finished.
+    fn phase(&self, name: &str, took: Duration);
+    /// The base image build reports a step.
+    fn image_step(&self, step: &str);
+}
+
+/// A resolved revision and its key.
+#[derive(Debug)]
+pub struct Keyed {
+    pub checkout_root: PathBuf,
+    pub revision: Revision,
+    pub inputs: KeyInputs,
+    pub dirty: bool,
+}
+
+/// Resolves the revision and computes the key, reading nothing but git
+/// objects (the tree id already hashes every file).
+pub fn compute_key(
+    dir: &Path,
+    rev: Option<&str>,
+    target: &str,
+    cli_env: &[(String, String)],
+    check_dirty: Option<&Path>,
+) -> Result<Keyed, RunError> {
+    let checkout = Checkout::discover(dir)?;
+    let revision = checkout.resolve(rev)?;
+    let mut env = BTreeMap::new();
+    for name in &revision.config.env {
+        if let Ok(value) = std::env::var(name) {
+            env.insert(name.clone(), value);
+        }
+    }
+    for (name, value) in cli_env {
+        if revision.config.secrets.contains(name) {
+            return Err(RunError::Usage(format!(
+                "{name} is declared secret in reprise.toml; it cannot be counted"
+            )));
+        }
+        env.insert(name.clone(), value.clone());
+    }
+    let inputs = KeyInputs {
+        version: KEY_VERSION,
+        namespace: revision.namespace.clone(),
+        tree: revision.tree.clone(),
+        target: target.to_string(),
+        env,
+        // The recipe's hash, not the disk's: every machine that builds the
+        // same recipe must agree on the key (see ARCHITECTURE.md).
+        image_digest: format!(
+            "recipe:{}",
+            crate::image::recipe_hash(crate::image::RECIPE_FILES)
+        ),
+        driver: DRIVER.into(),
+    };
+    Ok(Keyed {
+        checkout_root: checkout.root(),
+        dirty: check_dirty.is_some_and(|ignore| checkout.is_dirty(Some(ignore))),
+        revision,
+        inputs,
+    })
+}
+
+/// Whether the mkfile defines `target` (a rule naming it, or one of the
+/// well-known targets that the standard include provides).
+pub fn mkfile_defines(mkfile: &str, target: &str) -> bool {
+    let includes_ci = mkfile
+        .lines()
+        .any(|l| l.starts_with('<') && l.trim_end().ends_with("ci.mk"));
+    if includes_ci && ["prepare-runtime", "base-image", "post-test"].contains(&target) {
+        return true;
+    }
+    mkfile.lines().any(|line| {
+        if line.starts_with([' ', '\t', '#']) {
+            return false;
+        }
+        let Some((targets, _)) = line.split_once(':') else {
+            return false;
+        };
+        if targets.contains('=') {
+            return false;
+        }
+        targets.split_whitespace().any(|t| t == target)
+    })
+}
+
+/// Runs (or replays) the request.
+pub async fn run(req: &RunRequest, ui: &dyn Ui) -> Result<RunOutcome, RunError> {
+    let started = Instant::now();
+    let keyed = compute_key(
+        &req.dir,
+        req.rev.as_deref(),
+        &req.target,
+        &req.env,
+        Some(&req.artifacts_dir),
+    )?;
+    if keyed.dirty {
+        ui.note("the working tree has uncommitted changes; they are ignored (the run uses the committed tree)");
+    }
+    let secrets = secret_values(&keyed.revision, &req.secrets)?;
+    let store = Store::default_location();
+    let key = keyed.inputs.key();
+    match store.lookup(&keyed.inputs) {
+        Lookup::Hit(result) => {
+            replay_result(&store, &result, &req.artifacts_dir, ui)?;
+            return Ok(RunOutcome::Replayed(result));
+        }
+        Lookup::Miss { nearest } => {
+            if let Some((near, diff)) = nearest {
+                let what: Vec<&str> = diff.iter().map(|d| d.0.as_str()).collect();
+                ui.note(&format!(
+                    "no stored result for {}; nearest ({}) differs in: {}",
+                    &key[..12],
+                    &near.manifest.key[..12],
+                    what.join(", ")
+                ));
+            }
+        }
+    }
+    let mkfile = keyed.revision.mkfile.as_deref().ok_or_else(|| {
+        RunError::Contract(format!(
+            "revision {} has no mkfile at its root (add one; see mkfiles/ci.mk)",
+            &keyed.revision.commit[..12]
+        ))
+    })?;
+    if !mkfile_defines(mkfile, &req.target) {
+        return Err(RunError::Contract(format!(
+            "the mkfile of {} has no '{}' target (add a rule '{}:V:')",
+            &keyed.revision.commit[..12],
+            req.target,
+            req.target
+        )));
+    }
+
+    let image = tokio::task::block_in_place(|| {
+        ImageCache::default_location().ensure(&mut |step| ui.image_step(step))
+    })?;
+    let choice = accel::choose(&AccelFacts::probe(), req.accel);
+    ui.note(&format!("accelerator {}", choice.reason));
+
+    let work = tempfile::Builder::new()
+        .prefix("run-")
+        .tempdir_in(std::env::temp_dir())
+        .map_err(|e| RunError::Infra(format!("cannot make a work folder: {e}")))?;
+    let tree = work.path().join("tree");
+    let checkout = Checkout::discover(&keyed.checkout_root)?;
+    checkout.export(&keyed.revision.tree, &tree)?;
+
+    let mut config = VmConfig::new(image.clone(), choice.accel);
+    config.tree = Some(tree);
+    config.network = req.network;
+    let in_vm = run_in_vm(&config, req, mkfile, &keyed, &secrets, work.path(), ui);
+    let ran = match req.timeout {
+        Some(limit) => tokio::time::timeout(limit, in_vm)
+            .await
+            .map_err(|_| RunError::Timeout(limit))?,
+        None => in_vm.await,
+    }?;
+
+    let outcome = if ran.exit_code == 0 {
+        Outcome::Passed
+    } else {
+        Outcome::Failed
+    };
+    let mut phases = ran.phases;
+    let total_ms = started.elapsed().as_millis() as u64;
+    phases.push(Phase {
+        name: "total".into(),
+        ms: total_ms,
+    });
+    let manifest = ResultManifest {
+        version: reprise_protocol::manifest::MANIFEST_VERSION,
+        key: key.clone(),
+        inputs: keyed.inputs.clone(),
+        commit: keyed.revision.commit.clone(),
+        outcome,
+        exit_code: ran.exit_code,
+        phases,
+        total_ms,
+        accel: choice.accel.to_string(),
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        producer: producer(),
+        created_at: crate::store::now_secs(),
+        output_sha256: String::new(),
+        output_bytes: 0,
+        artifacts: Vec::new(),
+    };
+    let stored = store.commit(manifest, &ran.record, ran.artifacts.as_deref())?;
+    if outcome == Outcome::Passed {
+        replay::restore_artifacts(&store, &stored, &req.artifacts_dir)?;
+        let _ = store.gc(req.retention);
+        ui.note(&format!(
+            "passed in {:.1}s; result {} stored{}",
+            total_ms as f64 / 1000.0,
+            &key[..12],
+            artifacts_note(&stored, &req.artifacts_dir)
+        ));
+    } else {
+        ui.note(&format!(
+            "tests failed (status {}); the run is kept for inspection as {} and will not be replayed",
+            ran.exit_code,
+            &key[..12]
+        ));
+    }
+    Ok(RunOutcome::Ran(stored))
+}
+
+fn artifacts_note(result: &StoredResult, dir: &Path) -> String {
+    match result.manifest.artifacts.len() {
+        0 => String::new(),
+        n => format!(", {n} artifact(s) in {}", dir.display()),
+    }
+}
+
+/// Replays a stored result and says where it came from.
+pub fn replay_result(
+    store: &Store,
+    result: &StoredResult,
+    artifacts: &Path,
+    ui: &dyn Ui,
+) -> Result<(), RunError> {
+    let entries = replay::verify(store, result)?;
+    replay::write_output(&entries, &mut std::io::stdout(), &mut std::io::stderr())
+        .map_err(|e| RunError::Infra(format!("writing the replayed output: {e}")))?;
+    replay::restore_artifacts(store, result, artifacts)?;
+    let m = &result.manifest;
+    ui.note(&format!(
+        "replayed result {} from the local store: produced by {}@{} {} ago, took {:.1}s under {} ({}){}",
+        &m.key[..12],
+        m.producer.user,
+        m.producer.host,
+        ago(crate::store::now_secs().saturating_sub(m.created_at)),
+        m.total_ms as f64 / 1000.0,
+        m.accel,
+        m.inputs.driver,
+        artifacts_note(result, artifacts)
+    ));
+    Ok(())
+}
+
+fn ago(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+fn producer() -> Producer {
+    Producer {
+        host: nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "unknown".into()),
+        user: std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .ok()
+            .or_else(|| {
+                nix::unistd::User::from_uid(nix::unistd::getuid())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+            })
+            .unwrap_or_else(|| nix::unistd::getuid().to_string()),
+    }
+}
+
+/// The secrets' values from this process's environment: those the
+/// repository declares (skipped with a note if unset) and those given with
+/// `--secret` (an error if unset).
+fn secret_values(revision: &Revision, cli: &[String]) -> Result<Vec<(String, String)>, RunError> {
+    let mut out = Vec::new();
+    for name in &revision.config.secrets {
+        if let Ok(v) = std::env::var(name) {
+            out.push((name.clone(), v));
+        }
+    }
+    for name in cli {
+        if revision.config.env.contains(name) {
+            return Err(RunError::Usage(format!(
+                "{name} is declared counted in reprise.toml; it cannot be a secret"
+            )));
+        }
+        match std::env::var(name) {
+            Ok(v) => out.push((name.clone(), v)),
+            Err(_) => {
+                return Err(RunError::Usage(format!(
+                    "--secret {name}: {name} is not set in the environment"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+struct Ran {
+    exit_code: i32,
+    record: Vec<u8>,
+    phases: Vec<Phase>,
+    artifacts: Option<PathBuf>,
+}
+
+/// Output of a command: live to the terminal, redacted, and recorded.
+struct Recorder {
+    record: Vec<u8>,
+    start: Instant,
+    redact: [Redactor; 2],
+    keep: bool,
+}
+
+impl Recorder {
+    fn new(secrets: &[String], keep: bool) -> Recorder {
+        Recorder {
+            record: Vec::new(),
+            start: Instant::now(),
+            redact: [Redactor::new(secrets), Redactor::new(secrets)],
+            keep,
+        }
+    }
+
+    fn emit(&mut self, stream: Stream, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let at = self.start.elapsed().as_millis() as u32;
+        let _ = match stream {
+            Stream::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(bytes).and_then(|()| out.flush())
+            }
+            Stream::Stderr => std::io::stderr().lock().write_all(bytes),
+        };
+        if self.keep {
+            let id = match stream {
+                Stream::Stdout => StreamId::Stdout,
+                Stream::Stderr => StreamId::Stderr,
+            };
+            record::push(&mut self.record, id, at, bytes);
+        }
+    }
+
+    fn feed(&mut self, stream: Stream, bytes: &[u8]) {
+        let clean = self.redact[stream as usize].feed(bytes);
+        self.emit(stream, &clean);
+    }
+
+    fn finish(&mut self) {
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            let rest = self.redact[stream as usize].finish();
+            self.emit(stream, &rest);
+        }
+    }
+}
+
+async fn run_in_vm(
+    config: &VmConfig,
+    req: &RunRequest,
+    mkfile: &str,
+    keyed: &Keyed,
+    secrets: &[(String, String)],
+    work: &Path,
+    ui: &dyn Ui,
+) -> Result<Ran, RunError> {
+    let mut phases = Vec::new();
+    let phase = |name: &str, since: Instant, phases: &mut Vec<Phase>| {
+        let took = since.elapsed();
+        ui.phase(name, took);
+        phases.push(Phase {
+            name: name.into(),
+            ms: took.as_millis() as u64,
+        });
+    };
+    let secret_values: Vec<String> = secrets.iter().map(|(_, v)| v.clone()).collect();
+    let mut env: BTreeMap<String, String> = keyed.inputs.env.clone();
+    env.extend(secrets.iter().cloned());
+    env.insert("PATH".into(), GUEST_PATH.into());
+
+    let t = Instant::now();
+    let vm = Vm::boot(config).await?;
+    phase("boot", t, &mut phases);
+
+    // prepare-runtime, as root in the guest, from the repository root.
+    let t = Instant::now();
+    let mut setup = GuestCommand::shell(&format!(
+        "rm -rf {CI}/env {CI}/artifacts && mkdir -p {CI}/env {CI}/artifacts {CI}/cache"
+    ));
+    setup.env = env.clone();
+    let out = vm.exec(&setup).await?;
+    if !out.success() {
+        return Err(RunError::Infra(format!(
+            "setting up {CI} in the guest failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    if mkfile_defines(mkfile, "prepare-runtime") {
+        let mut prep = GuestCommand::new([GUEST_MK, "prepare-runtime"]).cwd(crate::vm::GUEST_REPO);
+        prep.env = env.clone();
+        // prepare-runtime's output is shown but is not part of the result.
+        let mut shown = Recorder::new(&secret_values, false);
+        let code = vm
+            .exec_streaming(&prep, &mut |s, b| shown.feed(s, b))
+            .await?;
+        shown.finish();
+        if code != 0 {
+            return Err(RunError::Prepare {
+                code,
+                console: vm.console_tail(20),
+            });
+        }
+    }
+    phase("prepare-runtime", t, &mut phases);
+
+    // /var/run/ci/env: each file a variable of the container.
+    let listing = vm
+        .exec(&GuestCommand::shell(&format!(
+            "cd {CI}/env && for f in *; do [ -f \"$f\" ] || continue; printf '%s\\0' \"$f\"; cat \"$f\"; printf '\\0'; done"
+        )))
+        .await?;
+    let ci_env = parse_env_listing(&listing.stdout);
+    let image = ci_env.get("CONTAINERIMAGE").cloned().ok_or_else(|| {
+        RunError::Contract(format!(
+            "prepare-runtime did not write {CI}/env/CONTAINERIMAGE (include </usr/lib/reprise/ci.mk and set CONTAINERIMAGE, or write the file in prepare-runtime)"
+        ))
+    })?;
+    let exists = vm
+        .exec(&GuestCommand::new(["podman", "image", "exists", &image]))
+        .await?;
+    if !exists.success() {
+        return Err(RunError::Contract(format!(
+            "CONTAINERIMAGE names '{image}', which is not an image in the guest's podman (does base-image build it with that name?)"
+        )));
+    }
+
+    // The target, in the container, with the repository as working directory.
+    let t = Instant::now();
+    let mut container_env = env.clone();
+    container_env.remove("PATH");
+    container_env.extend(ci_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let mut argv: Vec<String> = [
+        "podman",
+        "run",
+        "--rm",
+        "--network",
+        if req.network { "host" } else { "none" },
+        "-v",
+        "/repo:/repo",
+        "-w",
+        "/repo",
+        "-v",
+        "/reprise/bin/mk:/usr/local/bin/mk:ro",
+        "-v",
+        "/usr/lib/reprise:/usr/lib/reprise:ro",
+    ]
+    .map(String::from)
+    .to_vec();
+    for name in container_env.keys() {
+        // The value travels in podman's own environment, never in argv.
+        argv.extend(["--env".into(), name.clone()]);
+    }
+    argv.extend([
+        image.clone(),
+        "/usr/local/bin/mk".into(),
+        req.target.clone(),
+    ]);
+    let mut test = GuestCommand::new(argv).cwd(crate::vm::GUEST_REPO);
+    test.env = container_env;
+    test.env.insert("PATH".into(), GUEST_PATH.into());
+    let mut recorder = Recorder::new(&secret_values, true);
+    let exit_code = vm
+        .exec_streaming(&test, &mut |s, b| recorder.feed(s, b))
+        .await?;
+    recorder.finish();
+    phase(&req.target, t, &mut phases);
+
+    let mut artifacts = None;
+    if exit_code == 0 {
+        let t = Instant::now();
+        for path in &keyed.revision.config.artifacts {
+            let target = format!("{CI}/artifacts/{path}");
+            let mut cmd = GuestCommand::new([GUEST_MK, &target]).cwd(crate::vm::GUEST_REPO);
+            cmd.env = env.clone();
+            let out = vm.exec(&cmd).await?;
+            if !out.success() {
+                return Err(RunError::Contract(format!(
+                    "making artifact {path} (`mk {target}`) failed:\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+        }
+        let host = work.join("artifacts");
+        vm.copy_out(&format!("{CI}/artifacts"), &host).await?;
+        artifacts = Some(host);
+        if mkfile_defines(mkfile, "post-test") {
+            let mut post = GuestCommand::new([GUEST_MK, "post-test"]).cwd(crate::vm::GUEST_REPO);
+            post.env = env.clone();
+            let mut shown = Recorder::new(&secret_values, false);
+            let code = vm
+                .exec_streaming(&post, &mut |s, b| shown.feed(s, b))
+                .await?;
+            shown.finish();
+            if code != 0 {
+                return Err(RunError::Contract(format!(
+                    "`mk post-test` failed with status {code}"
+                )));
+            }
+        }
+        phase("collect", t, &mut phases);
+    }
+    vm.shutdown().await;
+    Ok(Ran {
+        exit_code,
+        record: recorder.record,
+        phases,
+        artifacts,
+    })
+}
+
+/// Parses `name\0value\0` pairs; one trailing newline of a value is dropped
+/// (files written with `echo`).
+fn parse_env_listing(data: &[u8]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut parts = data.split(|b| *b == 0);
+    while let (Some(name), Some(value)) = (parts.next(), parts.next()) {
+        let name = String::from_utf8_lossy(name).into_owned();
+        if !reprise_protocol::repo_config::valid_env_name(&name) {
+            continue;
+        }
+        let value = String::from_utf8_lossy(value);
+        out.insert(name, value.strip_suffix('\n').unwrap_or(&value).to_string());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_targets_in_mkfiles() {
+        let mk = "</usr/lib/reprise/ci.mk\nX=a:b\ntest lint:V: base\n\techo test: not a rule\nbuild:\n\ttrue\n";
+        assert!(mkfile_defines(mk, "test"));
+        assert!(mkfile_defines(mk, "lint"));
+        assert!(mkfile_defines(mk, "build"));
+        assert!(mkfile_defines(mk, "prepare-runtime"), "from ci.mk");
+        assert!(!mkfile_defines(mk, "X"));
+        assert!(!mkfile_defines(mk, "a"));
+        assert!(!mkfile_defines(mk, "deploy"));
+        assert!(!mkfile_defines("test:V:\n", "prepare-runtime"));
+    }
+
+    #[test]
+    fn env_listing_becomes_variables() {
+        let data = b"CONTAINERIMAGE\0localhost/x\n\0EMPTY\0\0bad name\0v\0";
+        let env = parse_env_listing(data);
+        assert_eq!(
+            env.get("CONTAINERIMAGE").map(String::as_str),
+            Some("localhost/x")
+        );
+        assert_eq!(env.get("EMPTY").map(String::as_str), Some(""));
+        assert_eq!(env.len(), 2);
+    }
+
+    #[test]
+    fn exit_codes_are_distinct_per_failure() {
+        let codes = [
+            RunError::Repo(RepoError::NoCommits).exit_code(),
+            RunError::Contract("x".into()).exit_code(),
+            RunError::Usage("x".into()).exit_code(),
+            RunError::Prepare {
+                code: 1,
+                console: String::new(),
+            }
+            .exit_code(),
+            RunError::Timeout(Duration::from_secs(1)).exit_code(),
+            RunError::Store(StoreError::Full("/".into())).exit_code(),
+            RunError::Infra("x".into()).exit_code(),
+        ];
+        let unique: std::collections::BTreeSet<i32> = codes.iter().copied().collect();
+        assert_eq!(unique.len(), codes.len(), "{codes:?}");
+        assert!(!codes.contains(&exit::SUCCESS) && !codes.contains(&exit::TESTS_FAILED));
+    }
+}

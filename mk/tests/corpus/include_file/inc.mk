@@ -1,0 +1,3 @@
+B=included
+fromInclude:V:
+	echo in include $B

@@ -1,0 +1,3 @@
+X=from-inc
+x:V:
+	echo x

@@ -1,0 +1,4 @@
+VA=a
+<b.mk
+ta:V:
+	echo ta $VB

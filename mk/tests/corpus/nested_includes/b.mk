@@ -1,0 +1,3 @@
+VB=b
+tb:V:
+	echo tb
