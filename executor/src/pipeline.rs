@@ -511,14 +511,7 @@ async fn run_in_vm(
         )));
     }
     if mkfile_defines(mkfile, "prepare-runtime") {
-        let mut prep = GuestCommand::new([GUEST_MK, "prepare-runtime"]).cwd(crate::vm::GUEST_REPO);
-        prep.env = env.clone();
-        // prepare-runtime's output is shown but is not part of the result.
-        let mut shown = Recorder::new(&secret_values, false);
-        let code = vm
-            .exec_streaming(&prep, &mut |s, b| shown.feed(s, b))
-            .await?;
-        shown.finish();
+        let code = guest_mk(&vm, "prepare-runtime", &env, &secret_values).await?;
         if code != 0 {
             return Err(RunError::Prepare {
                 code,
@@ -610,13 +603,7 @@ async fn run_in_vm(
         vm.copy_out(&format!("{CI}/artifacts"), &host).await?;
         artifacts = Some(host);
         if mkfile_defines(mkfile, "post-test") {
-            let mut post = GuestCommand::new([GUEST_MK, "post-test"]).cwd(crate::vm::GUEST_REPO);
-            post.env = env.clone();
-            let mut shown = Recorder::new(&secret_values, false);
-            let code = vm
-                .exec_streaming(&post, &mut |s, b| shown.feed(s, b))
-                .await?;
-            shown.finish();
+            let code = guest_mk(&vm, "post-test", &env, &secret_values).await?;
             if code != 0 {
                 return Err(RunError::Contract(format!(
                     "`mk post-test` failed with status {code}"
@@ -632,6 +619,24 @@ async fn run_in_vm(
         phases,
         artifacts,
     })
+}
+
+/// Runs `mk TARGET` as root in the guest from the repository root, its
+/// output shown live (redacted) but not part of the result.
+async fn guest_mk(
+    vm: &Vm,
+    target: &str,
+    env: &BTreeMap<String, String>,
+    secrets: &[String],
+) -> Result<i32, VmError> {
+    let mut cmd = GuestCommand::new([GUEST_MK, target]).cwd(crate::vm::GUEST_REPO);
+    cmd.env = env.clone();
+    let mut shown = Recorder::new(secrets, false);
+    let code = vm
+        .exec_streaming(&cmd, &mut |s, b| shown.feed(s, b))
+        .await?;
+    shown.finish();
+    Ok(code)
 }
 
 /// Parses `name\0value\0` pairs; one trailing newline of a value is dropped
