@@ -4,6 +4,7 @@
 
 pub mod accel;
 pub mod image;
+pub mod layers;
 pub mod paths;
 pub mod pipeline;
 pub mod redact;

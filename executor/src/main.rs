@@ -42,6 +42,19 @@ enum Cmd {
     /// The local result store.
     #[command(subcommand)]
     Results(ResultsCmd),
+    /// The per-repository snapshots (container images, /var/run/ci/cache).
+    #[command(subcommand)]
+    Cache(CacheCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCmd {
+    /// Drop this repository's snapshot (or every snapshot with --all), so
+    /// the next run starts from the bare base image.
+    Drop {
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -70,6 +83,12 @@ struct RunArgs {
     /// Force an accelerator instead of choosing one.
     #[arg(long, value_parser = parse_accel)]
     accel: Option<Accel>,
+    /// Start from the bare base image, not the repository's snapshot.
+    #[arg(long)]
+    fresh: bool,
+    /// Keep the run's work folder (tree, console log, artifacts) and say where.
+    #[arg(long)]
+    keep: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -271,12 +290,35 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 accel: args.accel,
                 artifacts_dir: args.artifacts,
                 retention: retention_from_env(),
+                fresh: args.fresh,
+                keep_work: args.keep,
             };
             let outcome = pipeline::run(&req, &Terminal).await?;
             Ok(outcome.exit_code())
         }
         Cmd::Key(args) => key(args),
         Cmd::Results(cmd) => results(cmd),
+        Cmd::Cache(CacheCmd::Drop { all }) => {
+            let layers = reprise_executor::layers::Layers::default_location();
+            let namespace = if all {
+                None
+            } else {
+                let dir = std::env::current_dir().context("while finding the current folder")?;
+                Some(
+                    pipeline::compute_key(&dir, None, "test", &[], None)?
+                        .inputs
+                        .namespace,
+                )
+            };
+            let n = layers
+                .drop_layers(namespace.as_deref())
+                .context("while removing snapshots")?;
+            match namespace {
+                Some(ns) => println!("dropped {n} snapshot(s) of {ns}"),
+                None => println!("dropped {n} snapshot(s)"),
+            }
+            Ok(exit::SUCCESS)
+        }
         Cmd::Vm(VmCmd::Exec { vm, cwd, command }) => {
             let vm = boot(&vm).await?;
             let mut cmd = GuestCommand::new(command);

@@ -14,7 +14,8 @@ use reprise_protocol::record::{self, StreamId};
 use thiserror::Error;
 
 use crate::accel::{self, Accel, AccelFacts};
-use crate::image::{ImageCache, ImageError};
+use crate::image::{Image, ImageCache, ImageError};
+use crate::layers::{LayerError, Layers};
 use crate::redact::Redactor;
 use crate::replay::{self, ReplayError};
 use crate::repo::{Checkout, RepoError, Revision};
@@ -44,6 +45,10 @@ pub struct RunRequest {
     pub accel: Option<Accel>,
     pub artifacts_dir: PathBuf,
     pub retention: Retention,
+    /// Boot the bare base image, not the repository's snapshot.
+    pub fresh: bool,
+    /// Keep the run's work folder and say where.
+    pub keep_work: bool,
 }
 
 /// Why a run did not produce a result.
@@ -69,6 +74,8 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error("replaying the stored result")]
     Replay(#[from] ReplayError),
+    #[error("the repository's snapshot")]
+    Layer(#[from] LayerError),
     #[error("{0}")]
     Infra(String),
 }
@@ -263,9 +270,19 @@ pub async fn run(req: &RunRequest, ui: &dyn Ui) -> Result<RunOutcome, RunError> 
     let checkout = Checkout::discover(&keyed.checkout_root)?;
     checkout.export(&keyed.revision.tree, &tree)?;
 
+    let layers = Layers::default_location();
+    let layer = if req.fresh {
+        None
+    } else {
+        layers.current(&keyed.inputs.namespace, &image)
+    };
+    if layer.is_some() {
+        ui.note("booting on this repository's snapshot (--fresh for the bare image)");
+    }
     let mut config = VmConfig::new(image.clone(), choice.accel);
     config.tree = Some(tree);
     config.network = req.network;
+    config.backing = layer.clone();
     let in_vm = run_in_vm(&config, req, mkfile, &keyed, &secrets, work.path(), ui);
     let ran = match req.timeout {
         Some(limit) => tokio::time::timeout(limit, in_vm)
@@ -273,6 +290,18 @@ pub async fn run(req: &RunRequest, ui: &dyn Ui) -> Result<RunOutcome, RunError> 
             .map_err(|_| RunError::Timeout(limit))?,
         None => in_vm.await,
     }?;
+    update_layer(
+        &layers,
+        &keyed.inputs.namespace,
+        &image,
+        layer.as_deref(),
+        work.path(),
+        ui,
+    );
+    if req.keep_work {
+        let kept = work.keep();
+        ui.note(&format!("kept the run's work folder: {}", kept.display()));
+    }
 
     let outcome = if ran.exit_code == 0 {
         Outcome::Passed
@@ -320,6 +349,27 @@ pub async fn run(req: &RunRequest, ui: &dyn Ui) -> Result<RunOutcome, RunError> 
         ));
     }
     Ok(RunOutcome::Ran(stored))
+}
+
+/// Folds the stopped VM's disk changes into the repository's snapshot. A
+/// failure here costs the next run time, not this run its result: it is a
+/// note, not an error.
+fn update_layer(
+    layers: &Layers,
+    namespace: &str,
+    image: &Image,
+    layer: Option<&Path>,
+    work: &Path,
+    ui: &dyn Ui,
+) {
+    let t = Instant::now();
+    let overlay = work.join("vm").join("overlay.qcow2");
+    let base = layer.map(Path::to_path_buf).unwrap_or_else(|| image.disk());
+    match layers.update(namespace, image, &overlay, &base) {
+        Ok(_) => ui.phase("snapshot", t.elapsed()),
+        Err(e) => ui.note(&format!("could not update the repository's snapshot: {e}")),
+    }
+    let _ = std::fs::remove_file(&overlay);
 }
 
 fn artifacts_note(result: &StoredResult, dir: &Path) -> String {
@@ -499,8 +549,12 @@ async fn run_in_vm(
 
     // prepare-runtime, as root in the guest, from the repository root.
     let t = Instant::now();
+    // /var/run is a tmpfs in the guest; /var/run/ci lives on the root disk
+    // so its cache/ reaches the repository's snapshot. env/ and artifacts/
+    // start empty every run.
     let mut setup = GuestCommand::shell(&format!(
-        "rm -rf {CI}/env {CI}/artifacts && mkdir -p {CI}/env {CI}/artifacts {CI}/cache"
+        "mkdir -p /var/lib/reprise/ci && ln -sfn /var/lib/reprise/ci /run/ci && \
+         rm -rf {CI}/env {CI}/artifacts && mkdir -p {CI}/env {CI}/artifacts {CI}/cache"
     ));
     setup.env = env.clone();
     let out = vm.exec(&setup).await?;
@@ -612,7 +666,12 @@ async fn run_in_vm(
         }
         phase("collect", t, &mut phases);
     }
-    vm.shutdown().await;
+    // A consistent root disk for the snapshot: freeze (flush and checkpoint
+    // every file system), thaw, then stop qemu and keep the overlay.
+    let _ = vm
+        .exec(&GuestCommand::shell("sync; fsfreeze -f / && fsfreeze -u /"))
+        .await;
+    vm.stop_keeping(&work.join("vm")).await?;
     Ok(Ran {
         exit_code,
         record: recorder.record,

@@ -8,6 +8,8 @@
 
 pub mod agent;
 pub mod disk;
+pub mod shell;
+pub mod snapshot;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +35,7 @@ use crate::accel::Accel;
 use crate::image::Image;
 pub use agent::{Agent, AgentError};
 pub use disk::DiskError;
+pub use snapshot::{SavedState, SnapshotError};
 
 /// Where the data disk is mounted in the guest.
 pub const GUEST_DATA: &str = "/reprise";
@@ -66,6 +69,12 @@ pub struct VmConfig {
     pub kernel_args: Vec<String>,
     /// Folder for the VM's work files (a fresh sub-folder is made in it).
     pub work_root: PathBuf,
+    /// Boot from a saved guest state instead of cold (see [`snapshot`]);
+    /// its accelerator, memory and CPUs replace this config's.
+    pub restore: Option<SavedState>,
+    /// A second serial port (`/dev/ttyS1` in the guest) on a host socket,
+    /// for an interactive shell (see [`shell`]).
+    pub tty: bool,
 }
 
 impl VmConfig {
@@ -87,6 +96,8 @@ impl VmConfig {
             agent_timeout: Duration::from_secs(if slow { 30 } else { 10 }),
             kernel_args: Vec::new(),
             work_root: crate::paths::cache_dir().join("vms"),
+            restore: None,
+            tty: false,
         }
     }
 }
@@ -132,6 +143,8 @@ pub enum BootError {
     Qmp(#[source] std::io::Error),
     #[error("the guest agent did not answer after the guest came up")]
     Agent(#[from] AgentError),
+    #[error("restoring the saved guest state")]
+    Restore(#[source] Box<SnapshotError>),
     #[error("io on {path}")]
     Io {
         path: PathBuf,
@@ -171,6 +184,8 @@ pub enum VmError {
     Disk(#[from] DiskError),
     #[error("qemu's monitor")]
     Qmp(#[source] std::io::Error),
+    #[error("keeping the VM's disk after it stopped")]
+    Keep(#[source] std::io::Error),
 }
 
 /// A command to run in the guest, as root.
@@ -252,7 +267,7 @@ pub enum Stream {
 pub struct Vm {
     child: Child,
     work: tempfile::TempDir,
-    _sockets: tempfile::TempDir,
+    sockets: tempfile::TempDir,
     agent: Agent,
     qmp: QapiService<QmpStreamTokio<tokio::io::WriteHalf<UnixStream>>>,
     qmp_events: tokio::task::JoinHandle<()>,
@@ -280,6 +295,14 @@ impl Vm {
     /// Boots a VM and waits until its guest agent answers.
     pub async fn boot(config: &VmConfig) -> Result<Vm, BootError> {
         let started = Instant::now();
+        let restored;
+        let config = match &config.restore {
+            Some(saved) => {
+                restored = saved.apply(config);
+                &restored
+            }
+            None => config,
+        };
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| BootError::Io { path, source }
@@ -399,9 +422,13 @@ impl Vm {
         let stream_task = tokio::spawn(read_frames(stream_read, stream_write, frames_tx));
 
         // The guest opens the agent's port when qemu-ga starts; writing to
-        // the socket before then would fill its buffer and block.
+        // the socket before then would fill its buffer and block. A restored
+        // guest has it open already, once the incoming state is loaded.
         tokio::select! {
-            got = ready_rx.recv() => {
+            running = snapshot::wait_running(&qmp), if config.restore.is_some() => {
+                running.map_err(BootError::Qmp)?;
+            }
+            got = ready_rx.recv(), if config.restore.is_none() => {
                 if got.is_none() {
                     let status = child.wait().await.ok();
                     return Err(failed(&mut child, status));
@@ -415,23 +442,30 @@ impl Vm {
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(5));
         agent.call_within(qga::guest_ping {}, remaining).await?;
-        let boot_time = started.elapsed();
-        debug!(?boot_time, "guest agent ready");
+        debug!(elapsed = ?started.elapsed(), "guest agent ready");
         drop(_enter);
-        Ok(Vm {
+        let mut vm = Vm {
             child,
             work,
-            _sockets: sockets,
+            sockets,
             agent,
             qmp,
             qmp_events,
             frames: Mutex::new(frames_rx),
             stream_task,
             accel: config.accel,
-            boot_time,
+            boot_time: Duration::ZERO,
             next_id: AtomicU64::new(1),
             span,
-        })
+        };
+        if config.restore.is_some() {
+            vm.finish_restore()
+                .await
+                .map_err(|e| BootError::Restore(Box::new(e)))?;
+        }
+        vm.boot_time = started.elapsed();
+        debug!(boot_time = ?vm.boot_time, "VM ready");
+        Ok(vm)
     }
 
     /// The accelerator this VM runs under.
@@ -645,8 +679,22 @@ impl Vm {
         }
     }
 
-    /// Stops the VM: QMP `quit`, then a kill if qemu is still there.
-    pub async fn shutdown(mut self) {
+    /// Stops the VM and moves its root-disk overlay (`overlay.qcow2`) and
+    /// console log (`console.log`) into `dest`, for the repository's
+    /// snapshot and for inspection. Run `fsfreeze` in the guest first if the
+    /// overlay must be consistent.
+    pub async fn stop_keeping(self, dest: &Path) -> Result<(), VmError> {
+        let stopped = self.shutdown_in_place().await;
+        let work = stopped.work.path();
+        std::fs::create_dir_all(dest).map_err(VmError::Keep)?;
+        for name in ["overlay.qcow2", "console.log"] {
+            std::fs::rename(work.join(name), dest.join(name)).map_err(VmError::Keep)?;
+        }
+        Ok(())
+    }
+
+    /// Stops qemu but leaves the work folder to the caller (dropped with `self`).
+    async fn shutdown_in_place(mut self) -> Self {
         let _ = self.qmp_call(qmp::quit {}).await;
         if timeout(Duration::from_secs(5), self.child.wait())
             .await
@@ -655,6 +703,12 @@ impl Vm {
             let _ = self.child.start_kill();
             let _ = self.child.wait().await;
         }
+        self
+    }
+
+    /// Stops the VM: QMP `quit`, then a kill if qemu is still there.
+    pub async fn shutdown(self) {
+        drop(self.shutdown_in_place().await);
     }
 }
 
@@ -778,7 +832,11 @@ fn qemu_args(
         "-drive".into(),
         format!("file={},if=virtio,format=qcow2,cache=unsafe", p(overlay)),
         "-drive".into(),
-        format!("file={},if=virtio,format=raw,cache=unsafe", p(data)),
+        format!(
+            "file={},if=virtio,format=raw,cache=unsafe,id={}",
+            p(data),
+            snapshot::DATA_DRIVE
+        ),
         "-chardev".into(),
         format!("file,id=console,path={}", p(console)),
         "-serial".into(),
@@ -800,6 +858,18 @@ fn qemu_args(
         args.extend(["-nic".into(), "user,model=virtio-net-pci".into()]);
     } else {
         args.extend(["-nic".into(), "none".into()]);
+    }
+    if config.tty {
+        let tty = qmp.with_file_name(shell::TTY_SOCKET);
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=tty,path={},server=on,wait=off", p(&tty)),
+            "-serial".into(),
+            "chardev:tty".into(),
+        ]);
+    }
+    if let Some(saved) = &config.restore {
+        args.extend(["-incoming".into(), saved.incoming_uri()]);
     }
     args
 }

@@ -1,0 +1,405 @@
+//! Benchmark of `reprise run` and `reprise key`: replaying a large stored
+//! result, computing the key of a 100,000-file repository beside a
+//! 1,000-file one, and a trivial real run in a VM beside `podman run` of a
+//! similar image on the host. Prints medians; asserts nothing about them.
+//!
+//! Usage: `run_bench [--runs N] [--real-runs N] [--no-vm]`. The `reprise`
+//! binary (with `reprise-guest` and `mk`) is looked for next to this one:
+//! build with `cargo build --workspace`. The base image cache is the
+//! default one; results go to a temp store.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reprise_executor::pipeline;
+use reprise_executor::store::Store;
+use reprise_protocol::manifest::{Outcome, Phase, Producer, ResultManifest};
+use reprise_protocol::record::{self, StreamId};
+
+const OUTPUT_BYTES: usize = 1 << 20;
+const ARTIFACT_BYTES: usize = 20 << 20;
+const HOST_IMAGE: &str = "localhost/reprise-bench-busybox";
+const PODMAN_FLAGS: &[&str] = &[
+    "--runtime",
+    "runc",
+    "--ulimit",
+    "nofile=20000:20000",
+    "--ulimit",
+    "nproc=32768:32768",
+];
+
+struct Options {
+    runs: usize,
+    real_runs: usize,
+    vm: bool,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        runs: 7,
+        real_runs: 3,
+        vm: true,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut number = || -> usize {
+            args.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{a} needs a number"))
+        };
+        match a.as_str() {
+            "--runs" => o.runs = number().max(1),
+            "--real-runs" => o.real_runs = number().max(1),
+            "--no-vm" => o.vm = false,
+            _ => panic!("usage: run_bench [--runs N] [--real-runs N] [--no-vm]"),
+        }
+    }
+    o
+}
+
+fn reprise_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("bin dir");
+    let bin = dir.join("reprise");
+    assert!(
+        bin.is_file() && dir.join("reprise-guest").is_file() && dir.join("mk").is_file(),
+        "reprise, reprise-guest and mk must sit beside {} (cargo build --workspace)",
+        exe.display()
+    );
+    bin
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=Bench",
+            "-c",
+            "user.email=bench@reprise.invalid",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Copies examples/hello into `dir` and commits it.
+fn hello_repo(dir: &Path) {
+    fs::create_dir_all(dir).expect("repo dir");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello");
+    for entry in fs::read_dir(example).expect("examples/hello") {
+        let entry = entry.expect("entry");
+        fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+    }
+    git(dir, &["init", "-q", "-b", "main"]);
+    git(dir, &["add", "-A"]);
+    git(dir, &["commit", "-q", "-m", "hello"]);
+}
+
+/// Runs `reprise` in `dir` with the store under `data`, output discarded;
+/// returns the wall time and the exit code.
+fn time_reprise(bin: &Path, dir: &Path, data: &Path, args: &[&str]) -> (Duration, i32) {
+    let start = Instant::now();
+    let status = Command::new(bin)
+        .args(args)
+        .current_dir(dir)
+        .env("XDG_DATA_HOME", data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("reprise starts");
+    (start.elapsed(), status.code().unwrap_or(-1))
+}
+
+/// A stored result of 1 MiB of output and 20 MiB of artifacts for the
+/// repository in `repo`, committed straight through the library.
+fn store_large_result(repo: &Path, data: &Path) {
+    let keyed = pipeline::compute_key(repo, None, "test", &[], None).expect("key");
+    let mut rec = Vec::new();
+    let line = b"ok some test passed with a reasonably long line of output\n";
+    let mut written = 0;
+    let mut at = 0;
+    while written < OUTPUT_BYTES {
+        let chunk: Vec<u8> = line.iter().copied().cycle().take(4096).collect();
+        let stream = if at % 8 == 7 {
+            StreamId::Stderr
+        } else {
+            StreamId::Stdout
+        };
+        record::push(&mut rec, stream, at, &chunk);
+        written += chunk.len();
+        at += 1;
+    }
+    let artifacts = data.join("staging-artifacts");
+    fs::create_dir_all(&artifacts).expect("artifacts dir");
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    for i in 0..20 {
+        let mut bytes = Vec::with_capacity(ARTIFACT_BYTES / 20);
+        while bytes.len() < ARTIFACT_BYTES / 20 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            bytes.extend_from_slice(&seed.to_le_bytes());
+        }
+        fs::File::create(artifacts.join(format!("artifact-{i}.bin")))
+            .and_then(|mut f| f.write_all(&bytes))
+            .expect("artifact");
+    }
+    let manifest = ResultManifest {
+        version: reprise_protocol::manifest::MANIFEST_VERSION,
+        key: keyed.inputs.key(),
+        inputs: keyed.inputs.clone(),
+        commit: keyed.revision.commit.clone(),
+        outcome: Outcome::Passed,
+        exit_code: 0,
+        phases: vec![Phase {
+            name: "total".into(),
+            ms: 1,
+        }],
+        total_ms: 1,
+        accel: "bench".into(),
+        tool_version: "bench".into(),
+        producer: Producer {
+            host: "bench".into(),
+            user: "bench".into(),
+        },
+        created_at: reprise_executor::store::now_secs(),
+        output_sha256: String::new(),
+        output_bytes: 0,
+        artifacts: Vec::new(),
+    };
+    Store::new(data.join("reprise/store"))
+        .commit(manifest, &rec, Some(&artifacts))
+        .expect("commit the large result");
+    fs::remove_dir_all(&artifacts).expect("remove staging");
+}
+
+/// A repository of `files` files in `dirs` folders, made with
+/// `git fast-import` (one shared blob) and no working tree files.
+fn big_repo(dir: &Path, files: usize) {
+    fs::create_dir_all(dir).expect("repo dir");
+    git(dir, &["init", "-q", "-b", "main"]);
+    let mut stream = String::from("blob\nmark :1\ndata 6\nhello\n");
+    stream.push_str(
+        "commit refs/heads/main\nmark :2\ncommitter Bench <bench@reprise.invalid> 0 +0000\ndata 4\nbig\n",
+    );
+    for i in 0..files {
+        stream.push_str(&format!("M 100644 :1 d{}/f{i}.txt\n", i / 1000));
+    }
+    stream.push('\n');
+    let mut child = Command::new("git")
+        .args(["fast-import", "--quiet"])
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("git fast-import");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stream.as_bytes())
+        .expect("feed fast-import");
+    assert!(child.wait().expect("fast-import").success());
+}
+
+/// Builds a busybox image on the host with `podman import`.
+fn host_image(dir: &Path) -> bool {
+    let root = dir.join("rootfs");
+    fs::create_dir_all(root.join("bin")).expect("rootfs");
+    fs::create_dir_all(root.join("tmp")).expect("rootfs tmp");
+    if fs::copy("/bin/busybox", root.join("bin/busybox")).is_err() {
+        return false;
+    }
+    let Ok(list) = Command::new("/bin/busybox").arg("--list").output() else {
+        return false;
+    };
+    for name in String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter(|n| *n != "busybox")
+    {
+        let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(name));
+    }
+    let tar = dir.join("rootfs.tar");
+    let ok = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .is_ok_and(|s| s.success());
+    ok && Command::new("podman")
+        .arg("import")
+        .arg(&tar)
+        .arg(HOST_IMAGE)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn main() {
+    let o = options();
+    let bin = reprise_bin();
+    let tmp = tempfile::Builder::new()
+        .prefix("run-bench-")
+        .tempdir()
+        .expect("temp dir");
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+
+    // Replay of a large stored result.
+    let repo = tmp.path().join("replay-repo");
+    let data = tmp.path().join("replay-data");
+    hello_repo(&repo);
+    store_large_result(&repo, &data);
+    let mut times = Vec::new();
+    for _ in 0..o.runs {
+        let (t, code) = time_reprise(&bin, &repo, &data, &["run"]);
+        assert_eq!(code, 0, "the replay failed");
+        times.push(t);
+    }
+    rows.push((
+        "replay: 1 MiB output + 20 MiB artifacts".into(),
+        ms(median(times)),
+        format!("median of {}; target < 50 ms", o.runs),
+    ));
+
+    // Key computation against the repository's size.
+    let mut key_medians = Vec::new();
+    for files in [1_000, 100_000] {
+        let repo = tmp.path().join(format!("key-{files}"));
+        big_repo(&repo, files);
+        let data = tmp.path().join(format!("key-data-{files}"));
+        let mut times = Vec::new();
+        for _ in 0..o.runs {
+            let (t, code) = time_reprise(&bin, &repo, &data, &["key"]);
+            assert_eq!(code, 0, "reprise key failed in a {files}-file repository");
+            times.push(t);
+        }
+        let m = median(times);
+        key_medians.push(m);
+        rows.push((
+            format!("reprise key: {files}-file repository"),
+            ms(m),
+            format!("median of {}", o.runs),
+        ));
+    }
+    rows.push((
+        "  100,000 files / 1,000 files".into(),
+        format!(
+            "{:.2}x",
+            key_medians[1].as_secs_f64() / key_medians[0].as_secs_f64()
+        ),
+        "reads the tree id, not the files".into(),
+    ));
+
+    if o.vm {
+        // Real runs: each a different tree, so each misses and boots.
+        let repo = tmp.path().join("real-repo");
+        let data = tmp.path().join("real-data");
+        hello_repo(&repo);
+        let mut times = Vec::new();
+        for i in 0..o.real_runs {
+            if i > 0 {
+                fs::write(repo.join("NOTES"), format!("tree {i}\n")).expect("notes");
+                git(&repo, &["add", "-A"]);
+                git(&repo, &["commit", "-q", "-m", "another tree"]);
+            }
+            let (t, code) = time_reprise(&bin, &repo, &data, &["run"]);
+            assert_eq!(code, 0, "real run {i} failed");
+            times.push(t);
+        }
+        rows.push((
+            "real run: first (with image build)".into(),
+            secs(times[0]),
+            "one run".into(),
+        ));
+        let later = times[1..].to_vec();
+        if !later.is_empty() {
+            rows.push((
+                "real run: another tree".into(),
+                secs(median(later.clone())),
+                format!(
+                    "median of {}; no per-repository snapshot yet, so ~ the first",
+                    later.len()
+                ),
+            ));
+        }
+        if host_image(tmp.path()) {
+            let mut host = Vec::new();
+            for _ in 0..o.runs {
+                let start = Instant::now();
+                let ok = Command::new("podman")
+                    .args(["run", "--rm", "--network", "none"])
+                    .args(PODMAN_FLAGS)
+                    .args([HOST_IMAGE, "sh", "-c", "echo hello, world"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok {
+                    host.push(start.elapsed());
+                }
+            }
+            let _ = Command::new("podman")
+                .args(["rmi", "-f", HOST_IMAGE])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            if host.is_empty() {
+                rows.push((
+                    "podman run --rm on the host".into(),
+                    "failed".into(),
+                    String::new(),
+                ));
+            } else {
+                let h = median(host.clone());
+                rows.push((
+                    "podman run --rm on the host".into(),
+                    ms(h),
+                    format!("median of {}", host.len()),
+                ));
+                rows.push((
+                    "  real run / host podman".into(),
+                    format!("{:.0}x", times[0].as_secs_f64() / h.as_secs_f64()),
+                    "first real run".into(),
+                ));
+            }
+        } else {
+            rows.push((
+                "podman run --rm on the host".into(),
+                "skipped".into(),
+                "no /bin/busybox or podman import failed".into(),
+            ));
+        }
+    }
+
+    let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+    println!("{:<width$}  {:>10}  notes", "measure", "time");
+    for (name, value, note) in rows {
+        println!("{name:<width$}  {value:>10}  {note}");
+    }
+}

@@ -1,0 +1,259 @@
+//! Saving a booted guest's state once and booting later VMs from it, which
+//! skips the kernel boot and init (the big lever under TCG).
+//!
+//! [`Vm::save_state`] unmounts the data disk in the guest, stops the CPUs,
+//! writes the machine state with QMP `migrate` to `exec:cat > FILE` (qemu
+//! 7.2 has no `file:` transport), and keeps a copy of the root overlay as it
+//! was at that moment: the saved memory (page cache, ext4 state) matches
+//! that disk and no other. A VM booted with [`VmConfig::restore`] gets a
+//! fresh overlay on top of that copy, the same device set (`-incoming`
+//! requires it) and a new data disk in the same slot; once the state is
+//! loaded, the host tells the guest the data disk's new size
+//! (`block_resize`), and the guest drops what it cached of the old disk,
+//! mounts the new one and takes the host's clock.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use qapi::{qga, qmp};
+use thiserror::Error;
+use tokio::time::sleep;
+
+use super::{GUEST_DATA, GuestCommand, Vm, VmConfig, VmError};
+use crate::accel::Accel;
+
+/// The `-drive` id of the data disk.
+pub(super) const DATA_DRIVE: &str = "data";
+const STATE_FILE: &str = "state.bin";
+const DISK_FILE: &str = "disk.qcow2";
+
+/// Why a guest state could not be saved or restored.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    #[error("preparing the guest for saving: {0}")]
+    Prepare(String),
+    #[error("saving the guest state failed: {0}")]
+    Migrate(String),
+    #[error("the guest state was not saved within {0:?}")]
+    Timeout(Duration),
+    #[error("attaching the new data disk in the restored guest: {0}")]
+    Attach(String),
+    #[error("io on {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+/// A guest state saved by [`Vm::save_state`]: the machine state and the
+/// root disk as they were, and the machine shape they need.
+#[derive(Debug, Clone)]
+pub struct SavedState {
+    dir: PathBuf,
+    accel: Accel,
+    memory_mib: u32,
+    cpus: u32,
+    network: bool,
+    tty: bool,
+    kernel_args: Vec<String>,
+    bytes: u64,
+}
+
+impl SavedState {
+    /// The folder holding the state file and the root disk.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Size of the saved machine state in bytes.
+    pub fn state_bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    /// The root disk at the time of the save; restored VMs put their
+    /// overlay on it.
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join(DISK_FILE)
+    }
+
+    /// `config` with the machine shape of the saved guest, booting on a
+    /// fresh overlay of the saved disk.
+    pub(super) fn apply(&self, config: &VmConfig) -> VmConfig {
+        let mut c = config.clone();
+        c.backing = Some(self.disk());
+        c.accel = self.accel;
+        c.memory_mib = self.memory_mib;
+        c.cpus = self.cpus;
+        c.network = self.network;
+        c.tty = self.tty;
+        c.kernel_args = self.kernel_args.clone();
+        c
+    }
+
+    /// qemu's `-incoming` argument; `exec:` runs it with `/bin/sh -c`.
+    pub(super) fn incoming_uri(&self) -> String {
+        format!("exec:cat {}", shell_quote(&self.state_file()))
+    }
+}
+
+fn shell_quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
+}
+
+/// Waits until the incoming state is loaded and the guest runs. The state
+/// was saved with the CPUs stopped, and qemu keeps a guest in the run state
+/// its source had, so a loaded guest left paused is started here.
+pub(super) async fn wait_running(
+    qmp: &qapi::futures::QapiService<
+        qapi::futures::QmpStreamTokio<tokio::io::WriteHalf<tokio::net::UnixStream>>,
+    >,
+) -> std::io::Result<()> {
+    loop {
+        let status = qmp
+            .execute(qmp::query_status {})
+            .await
+            .map_err(std::io::Error::other)?;
+        if status.running {
+            return Ok(());
+        }
+        if status.status == qmp::RunState::paused {
+            qmp.execute(qmp::cont {})
+                .await
+                .map_err(std::io::Error::other)?;
+            continue;
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+impl Vm {
+    /// Saves this guest's state into the new folder `dir` so that later
+    /// VMs can boot from it (set [`VmConfig::restore`]). The guest's data
+    /// disk is unmounted first (the restored guests mount their own), and
+    /// this VM keeps running afterwards without it: use it for nothing but
+    /// saving. Boot it without a tree so the data disk is small.
+    pub async fn save_state(
+        &self,
+        dir: &Path,
+        config: &VmConfig,
+    ) -> Result<SavedState, SnapshotError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SnapshotError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let dir = std::path::absolute(dir).map_err(io(dir))?;
+        let out = self
+            .exec(&GuestCommand::shell(&format!(
+                "sync; umount {GUEST_DATA} && sync && echo 3 > /proc/sys/vm/drop_caches"
+            )))
+            .await?;
+        if !out.success() {
+            return Err(SnapshotError::Prepare(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        // Nothing of an agent connection survives into the saved state.
+        self.agent.disconnect().await;
+
+        let state = dir.join(STATE_FILE);
+        self.qmp_call(qmp::stop {}).await?;
+        let migrated = self.migrate_to(&state).await;
+        // The source may run on (its disks are reactivated by `cont`).
+        let resumed = self.qmp_call(qmp::cont {}).await;
+        migrated?;
+        resumed?;
+
+        let overlay = self.work.path().join("overlay.qcow2");
+        std::fs::copy(&overlay, dir.join(DISK_FILE)).map_err(io(&overlay))?;
+        let bytes = std::fs::metadata(&state).map_err(io(&state))?.len();
+        Ok(SavedState {
+            dir,
+            accel: config.accel,
+            memory_mib: config.memory_mib,
+            cpus: config.cpus,
+            network: config.network,
+            tty: config.tty,
+            kernel_args: config.kernel_args.clone(),
+            bytes,
+        })
+    }
+
+    async fn migrate_to(&self, state: &Path) -> Result<(), SnapshotError> {
+        self.qmp_call(qmp::migrate {
+            uri: Some(format!("exec:cat > {}", shell_quote(state))),
+            channels: None,
+            detach: None,
+            resume: None,
+        })
+        .await?;
+        let limit = Duration::from_secs(120);
+        let started = Instant::now();
+        loop {
+            let info = self.qmp_call(qmp::query_migrate {}).await?;
+            match info.status {
+                Some(qmp::MigrationStatus::completed) => return Ok(()),
+                Some(qmp::MigrationStatus::failed | qmp::MigrationStatus::cancelled) => {
+                    return Err(SnapshotError::Migrate(
+                        info.error_desc.unwrap_or_else(|| "no reason given".into()),
+                    ));
+                }
+                _ => {}
+            }
+            if started.elapsed() > limit {
+                let _ = self.qmp_call(qmp::migrate_cancel {}).await;
+                return Err(SnapshotError::Timeout(limit));
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// After an incoming state is loaded: tell the guest the new data
+    /// disk's size, mount it where the saved guest had its old one, and set
+    /// the guest's clock (it still reads the time of the save).
+    pub(super) async fn finish_restore(&self) -> Result<(), SnapshotError> {
+        let data = self.work.path().join("data.raw");
+        let size = std::fs::metadata(&data)
+            .map_err(|source| SnapshotError::Io {
+                path: data.clone(),
+                source,
+            })?
+            .len();
+        // Resizing to the current size still raises the config-change
+        // interrupt, after which the guest reads the capacity anew.
+        self.qmp_call(qmp::block_resize {
+            device: Some(DATA_DRIVE.into()),
+            node_name: None,
+            size: size as i64,
+        })
+        .await?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
+        self.agent
+            .call(qga::guest_set_time { time: Some(now) })
+            .await
+            .map_err(VmError::from)?;
+        let sectors = size / 512;
+        let script = format!(
+            "i=0; while [ \"$(cat /sys/block/vdb/size)\" != {sectors} ]; do \
+               i=$((i+1)); [ $i -gt 500 ] && {{ echo \"vdb still has $(cat /sys/block/vdb/size) sectors\" >&2; exit 1; }}; \
+               sleep 0.01; done; \
+             blockdev --flushbufs /dev/vdb && mount -t ext4 -o rw,noatime /dev/vdb {GUEST_DATA}"
+        );
+        let out = self.exec(&GuestCommand::shell(&script)).await?;
+        if !out.success() {
+            return Err(SnapshotError::Attach(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,577 @@
+//! System tests of `reprise run` with the real binary, real VMs and real git
+//! repositories made in temp folders: a first run executes and a second
+//! replays, key changes miss and explain themselves, and every kind of bad
+//! input is refused with its own exit code and nothing kept.
+//!
+//! The runs that boot a VM take the `vm_lock` so they go one at a time.
+
+mod run_support;
+
+use std::fs::{self, File};
+use std::path::Path;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use run_support::{Run, Sandbox, alive, children_named, example_hello, vm_lock, wait_until};
+
+/// The exit codes of `reprise_protocol::exit`, as the CLI documents them.
+mod code {
+    pub const SUCCESS: i32 = 0;
+    pub const TESTS_FAILED: i32 = 1;
+    pub const REPOSITORY: i32 = 4;
+    pub const CONTRACT: i32 = 5;
+    pub const PREPARE_FAILED: i32 = 6;
+    pub const TIMEOUT: i32 = 7;
+    pub const INTERRUPTED: i32 = 130;
+}
+
+/// What the hello example's test target prints on stdout, byte for byte:
+/// mk's echo of the recipe, then the test's output.
+const HELLO_STDOUT: &[u8] =
+    b"sh ./test.sh\n\x1b[32mok\x1b[0m greet.sh says: hello, world\n1 passed, 0 failed\n";
+/// What it prints on stderr.
+const HELLO_STDERR: &[u8] = b"note: this line goes to stderr\n";
+
+/// One real run of examples/hello, shared by the tests that need a stored
+/// result: each copies the repository and the store into its own sandbox.
+struct Fixture {
+    sandbox: Sandbox,
+    first: Run,
+}
+
+fn hello_fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let _vm = vm_lock();
+        let sandbox = Sandbox::new();
+        // A root commit of its own: the namespace of a repository without
+        // an origin is derived from its root commit, so amending the hello
+        // commit later must not amend the root.
+        sandbox.git_init();
+        sandbox.git(&["commit", "-q", "--allow-empty", "-m", "root"]);
+        sandbox.copy_from(&example_hello()).commit("hello");
+        let first = sandbox.run(&["run"]);
+        Fixture { sandbox, first }
+    })
+}
+
+/// A private copy of the fixture's repository and store.
+fn copy_of_fixture() -> Sandbox {
+    let fixture = hello_fixture();
+    fixture
+        .first
+        .expect_code(code::SUCCESS, "the fixture's first run");
+    let copy = Sandbox::new();
+    for sub in ["repo", "data"] {
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(fixture.sandbox.dir.path().join(sub).join("."))
+            .arg(copy.dir.path().join(sub))
+            .status()
+            .expect("cp runs");
+        assert!(status.success(), "copying the fixture's {sub} failed");
+    }
+    copy
+}
+
+/// Asserts that nothing was committed to the sandbox's store.
+fn assert_nothing_kept(s: &Sandbox, run: &Run, what: &str) {
+    assert_eq!(
+        s.stored_files(),
+        Vec::<std::path::PathBuf>::new(),
+        "{what}: the store must stay empty\n--- stderr\n{}",
+        run.stderr
+    );
+    assert_eq!(
+        s.results_list(),
+        Vec::<String>::new(),
+        "{what}: results list"
+    );
+}
+
+#[test]
+fn first_run_executes_and_second_replays_the_same_output() {
+    let fixture = hello_fixture();
+    let first = &fixture.first;
+    first.expect_code(code::SUCCESS, "first run");
+    assert!(
+        first.booted(),
+        "the first run boots a VM:\n{}",
+        first.stderr
+    );
+    assert!(
+        !first.replayed(),
+        "nothing to replay yet:\n{}",
+        first.stderr
+    );
+    assert!(
+        first.stdout.contains("1 passed, 0 failed"),
+        "{}",
+        first.stdout
+    );
+    assert!(
+        first
+            .stdout_bytes
+            .windows(HELLO_STDOUT.len())
+            .any(|w| w == HELLO_STDOUT),
+        "the first run shows the tests' stdout:\n{:?}",
+        first.stdout
+    );
+    assert_eq!(
+        first.test_stderr(),
+        HELLO_STDERR,
+        "the tests' stderr in the first run:\n{}",
+        first.stderr
+    );
+    let report = fixture.sandbox.repo().join("reprise-artifacts/report.txt");
+    assert_eq!(
+        fs::read_to_string(&report).unwrap_or_default(),
+        "greet: 1 passed, 0 failed\n",
+        "artifact {}",
+        report.display()
+    );
+
+    let s = copy_of_fixture();
+    fs::remove_dir_all(s.repo().join("reprise-artifacts")).expect("clear artifacts");
+    let replay = s.run(&["run"]);
+    replay.expect_code(code::SUCCESS, "second run");
+    assert!(
+        replay.replayed(),
+        "the second run replays:\n{}",
+        replay.stderr
+    );
+    assert!(!replay.booted(), "no VM for a replay:\n{}", replay.stderr);
+    assert_eq!(
+        replay.stdout_bytes, HELLO_STDOUT,
+        "replayed stdout, byte for byte"
+    );
+    assert_eq!(
+        replay.test_stderr(),
+        first.test_stderr(),
+        "replayed stderr, byte for byte:\n{}",
+        replay.stderr
+    );
+    assert_eq!(
+        fs::read(s.repo().join("reprise-artifacts/report.txt")).ok(),
+        fs::read(&report).ok(),
+        "the replay restores the same artifact"
+    );
+}
+
+/// The names in the "differs in:" block of `reprise key --explain`.
+fn explained_differences(explain: &str) -> Vec<String> {
+    explain
+        .lines()
+        .skip_while(|l| !l.contains("differs in:"))
+        .skip(1)
+        .filter_map(|l| l.trim().split_once(':').map(|(name, _)| name.to_string()))
+        .collect()
+}
+
+fn stored(s: &Sandbox, extra: &[&str]) -> bool {
+    let mut args = vec!["key", "--json"];
+    args.extend(extra);
+    let r = s.run(&args);
+    r.expect_code(code::SUCCESS, "key --json");
+    assert!(r.stdout.contains("\"key\""), "{}", r.stdout);
+    if r.stdout.contains("\"stored\": true") {
+        true
+    } else {
+        assert!(r.stdout.contains("\"stored\": false"), "{}", r.stdout);
+        false
+    }
+}
+
+#[test]
+fn changed_inputs_miss_and_explain_while_the_same_tree_hits() {
+    let s = copy_of_fixture();
+    assert!(stored(&s, &[]), "the fixture's revision is stored");
+
+    // A counted variable.
+    assert!(!stored(&s, &["--env", "GREETING_STYLE=loud"]));
+    let explain = s.run(&["key", "--explain", "--env", "GREETING_STYLE=loud"]);
+    explain.expect_code(code::SUCCESS, "key --explain --env");
+    assert!(explain.stdout.contains("stored: no"), "{}", explain.stdout);
+    assert_eq!(
+        explained_differences(&explain.stdout),
+        ["env GREETING_STYLE"],
+        "{}",
+        explain.stdout
+    );
+    assert!(
+        explain
+            .stdout
+            .contains("env GREETING_STYLE: loud here, (unset) there"),
+        "{}",
+        explain.stdout
+    );
+
+    // Another commit of the same tree.
+    let before = s.git(&["rev-parse", "HEAD"]);
+    s.git(&["commit", "-q", "--amend", "-m", "other"]);
+    assert_ne!(s.git(&["rev-parse", "HEAD"]), before, "a new commit");
+    assert!(
+        stored(&s, &[]),
+        "the same tree is stored under another commit"
+    );
+    let replay = s.run(&["run"]);
+    replay.expect_code(code::SUCCESS, "run of the amended commit");
+    assert!(replay.replayed(), "{}", replay.stderr);
+    assert!(!replay.booted(), "{}", replay.stderr);
+    assert_eq!(replay.stdout_bytes, HELLO_STDOUT);
+
+    // A commit of another tree.
+    s.write("NOTES", "a new file changes the tree\n")
+        .commit("notes");
+    assert!(!stored(&s, &[]), "a new tree misses");
+    let explain = s.run(&["key", "--explain"]);
+    explain.expect_code(code::SUCCESS, "key --explain");
+    assert_eq!(
+        explained_differences(&explain.stdout),
+        ["tree"],
+        "{}",
+        explain.stdout
+    );
+}
+
+#[test]
+fn bad_repositories_are_refused_before_booting() {
+    struct Case {
+        name: &'static str,
+        setup: fn(&Sandbox),
+        args: &'static [&'static str],
+        code: i32,
+        message: &'static str,
+    }
+    let cases = [
+        Case {
+            name: "not a git repository",
+            setup: |s| {
+                s.copy_from(&example_hello());
+            },
+            args: &["run"],
+            code: code::REPOSITORY,
+            message: "is not inside a git repository",
+        },
+        Case {
+            name: "no commits",
+            setup: |s| {
+                s.copy_from(&example_hello()).git_init();
+            },
+            args: &["run"],
+            code: code::REPOSITORY,
+            message: "has no commits yet",
+        },
+        Case {
+            name: "unknown revision",
+            setup: |s| {
+                s.copy_from(&example_hello()).git_init().commit("hello");
+            },
+            args: &["run", "--rev", "nope"],
+            code: code::REPOSITORY,
+            message: "unknown revision 'nope'",
+        },
+        Case {
+            name: "no mkfile",
+            setup: |s| {
+                s.write("README", "no mkfile here\n")
+                    .git_init()
+                    .commit("readme");
+            },
+            args: &["run"],
+            code: code::CONTRACT,
+            message: "has no mkfile at its root",
+        },
+        Case {
+            name: "no test target",
+            setup: |s| {
+                s.write("mkfile", "</usr/lib/reprise/ci.mk\nlint:V:\n\ttrue\n")
+                    .git_init()
+                    .commit("lint only");
+            },
+            args: &["run"],
+            code: code::CONTRACT,
+            message: "has no 'test' target",
+        },
+    ];
+    for case in cases {
+        let s = Sandbox::new();
+        (case.setup)(&s);
+        let run = s.run(case.args);
+        run.expect_code(case.code, case.name);
+        assert!(
+            run.stderr.contains(case.message),
+            "{}: stderr should say '{}':\n{}",
+            case.name,
+            case.message,
+            run.stderr
+        );
+        assert!(!run.booted(), "{}: no VM:\n{}", case.name, run.stderr);
+        assert_nothing_kept(&s, &run, case.name);
+    }
+}
+
+#[test]
+fn broken_contracts_are_refused_after_booting() {
+    let cases = [
+        (
+            "prepare-runtime fails",
+            "</usr/lib/reprise/ci.mk\nCONTAINERIMAGE=localhost/x\nbase-image:V:\n\texit 3\ntest:V:\n\ttrue\n",
+            code::PREPARE_FAILED,
+            "`mk prepare-runtime` failed with status",
+        ),
+        (
+            "CONTAINERIMAGE missing",
+            "prepare-runtime:V:\n\ttrue\ntest:V:\n\ttrue\n",
+            code::CONTRACT,
+            "did not write /var/run/ci/env/CONTAINERIMAGE",
+        ),
+        (
+            "CONTAINERIMAGE unknown",
+            "</usr/lib/reprise/ci.mk\nCONTAINERIMAGE=localhost/does-not-exist\ntest:V:\n\ttrue\n",
+            code::CONTRACT,
+            "'localhost/does-not-exist', which is not an image",
+        ),
+    ];
+    let _vm = vm_lock();
+    for (name, mkfile, exit, message) in cases {
+        let s = Sandbox::new();
+        s.write("mkfile", mkfile).git_init().commit(name);
+        let run = s.run(&["run"]);
+        run.expect_code(exit, name);
+        assert!(run.booted(), "{name}: found in the VM:\n{}", run.stderr);
+        assert!(
+            run.stderr.contains(message),
+            "{name}: stderr should say '{message}':\n{}",
+            run.stderr
+        );
+        assert_nothing_kept(&s, &run, name);
+    }
+}
+
+#[test]
+fn failing_tests_are_kept_for_inspection_but_never_replayed() {
+    let _vm = vm_lock();
+    let s = Sandbox::new();
+    s.copy_from(&example_hello())
+        .write("greet.sh", "#!/bin/sh\necho \"goodbye, $1\"\n")
+        .git_init()
+        .commit("broken greeting");
+    for attempt in 1..=2 {
+        let run = s.run(&["run"]);
+        run.expect_code(code::TESTS_FAILED, "failing tests");
+        assert!(
+            run.booted() && !run.replayed(),
+            "run {attempt} runs the tests again:\n{}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains("FAIL: got 'goodbye, world'"),
+            "{}",
+            run.stderr
+        );
+        let list = s.results_list();
+        assert_eq!(list.len(), attempt, "one kept run per attempt: {list:?}");
+        assert!(list.iter().all(|l| l.contains(" failed ")), "{list:?}");
+        assert!(
+            !fs::read_dir(s.store().join("results")).is_ok_and(|mut d| d.next().is_some()),
+            "no passed result"
+        );
+    }
+    assert!(
+        !s.repo().join("reprise-artifacts/report.txt").exists(),
+        "a failed run restores no artifacts"
+    );
+}
+
+#[test]
+fn a_run_reaching_its_timeout_is_stopped_and_not_kept() {
+    let _vm = vm_lock();
+    let s = Sandbox::new();
+    s.copy_from(&example_hello())
+        .write("test.sh", "#!/bin/sh\necho sleeping\nsleep 600\n")
+        .git_init()
+        .commit("sleeps");
+    let run = s.run(&["run", "--timeout", "20s"]);
+    run.expect_code(code::TIMEOUT, "timeout");
+    assert!(run.stderr.contains("reached its timeout"), "{}", run.stderr);
+    assert_nothing_kept(&s, &run, "timeout");
+}
+
+#[test]
+fn secrets_are_redacted_on_screen_in_the_record_and_in_the_replay() {
+    const VALUE: &str = "s3cr3t-value";
+    let s = Sandbox::new();
+    let test_sh = fs::read_to_string(example_hello().join("test.sh")).expect("test.sh");
+    s.copy_from(&example_hello())
+        .write(
+            "test.sh",
+            &format!(
+                "{test_sh}echo \"token is $HELLO_TOKEN\"\necho \"token again $HELLO_TOKEN\" >&2\n"
+            ),
+        )
+        .git_init()
+        .commit("prints its token");
+    let run = |s: &Sandbox| {
+        Run::from(
+            s.reprise(&["run", "--secret", "HELLO_TOKEN"])
+                .env("HELLO_TOKEN", VALUE)
+                .output()
+                .expect("reprise starts"),
+        )
+    };
+    let first = {
+        let _vm = vm_lock();
+        run(&s)
+    };
+    first.expect_code(code::SUCCESS, "run with a secret");
+    let replay = run(&s);
+    replay.expect_code(code::SUCCESS, "replay with a secret");
+    assert!(replay.replayed(), "{}", replay.stderr);
+    for (what, r) in [("run", &first), ("replay", &replay)] {
+        assert!(
+            r.stdout.contains("token is [redacted]"),
+            "{what}: {}",
+            r.stdout
+        );
+        assert!(
+            r.stderr.contains("token again [redacted]"),
+            "{what}: {}",
+            r.stderr
+        );
+        assert!(
+            !r.stdout.contains(VALUE) && !r.stderr.contains(VALUE),
+            "{what} shows the secret"
+        );
+    }
+    let mut files = Vec::new();
+    run_support::walk(&s.store(), &mut files);
+    assert!(!files.is_empty(), "the result is stored");
+    for file in files {
+        let bytes = fs::read(&file).unwrap_or_default();
+        assert!(
+            !bytes.windows(VALUE.len()).any(|w| w == VALUE.as_bytes()),
+            "{} holds the secret",
+            file.display()
+        );
+    }
+}
+
+#[test]
+fn ctrl_c_during_the_tests_stops_the_vm_and_keeps_nothing() {
+    let _vm = vm_lock();
+    let s = Sandbox::new();
+    s.copy_from(&example_hello())
+        .write("test.sh", "#!/bin/sh\necho sleeping\nsleep 60\n")
+        .git_init()
+        .commit("sleeps");
+    let stdout = s.dir.path().join("stdout");
+    let stderr = s.dir.path().join("stderr");
+    let mut child = s
+        .reprise(&["run"])
+        .stdout(File::create(&stdout).expect("stdout file"))
+        .stderr(File::create(&stderr).expect("stderr file"))
+        .spawn()
+        .expect("reprise starts");
+    let read = |p: &Path| fs::read_to_string(p).unwrap_or_default();
+    let in_tests = wait_until(Duration::from_secs(180), || {
+        read(&stderr).contains("reprise: prepare-runtime done")
+            && read(&stdout).contains("sleeping")
+    });
+    if !in_tests {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the tests never started:\n{}", read(&stderr));
+    }
+    let qemus = children_named(child.id(), "qemu-system");
+    assert!(!qemus.is_empty(), "reprise runs qemu as its child");
+
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let mut code = None;
+    let exited = wait_until(Duration::from_secs(30), || {
+        code = child.try_wait().expect("try_wait").map(|s| s.code());
+        code.is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("reprise did not stop on SIGINT:\n{}", read(&stderr));
+    }
+    let run = Run {
+        code: code.flatten().unwrap_or(-1),
+        stdout_bytes: Vec::new(),
+        stderr_bytes: Vec::new(),
+        stdout: read(&stdout),
+        stderr: read(&stderr),
+    };
+    run.expect_code(code::INTERRUPTED, "SIGINT");
+    assert!(
+        wait_until(Duration::from_secs(10), || !qemus.iter().any(|p| alive(*p))),
+        "qemu {qemus:?} outlived the interrupted run"
+    );
+    assert!(run.stderr.contains("interrupted"), "{}", run.stderr);
+    assert_nothing_kept(&s, &run, "interrupted");
+}
+
+#[test]
+fn a_second_real_run_reuses_the_repository_snapshot() {
+    let s = copy_of_fixture();
+    let _vm = vm_lock();
+    // A new tree: a real run, booted on the snapshot the fixture's run left,
+    // so base-image finds its container image and imports nothing.
+    s.write("greet.sh", "#!/bin/sh\n# a change\necho \"hello, $1\"\n")
+        .commit("change");
+    let second = s.run(&["run"]);
+    second.expect_code(code::SUCCESS, "second real run");
+    assert!(
+        second.booted(),
+        "a new tree runs for real:\n{}",
+        second.stderr
+    );
+    assert!(
+        second
+            .stderr
+            .contains("booting on this repository's snapshot"),
+        "{}",
+        second.stderr
+    );
+    assert!(
+        !second.stderr.contains("Getting image source signatures"),
+        "the container image comes from the snapshot, not a new import:\n{}",
+        second.stderr
+    );
+
+    // --fresh boots the bare image, so base-image imports again.
+    s.write(
+        "greet.sh",
+        "#!/bin/sh\n# another change\necho \"hello, $1\"\n",
+    )
+    .commit("another change");
+    let fresh = s.run(&["run", "--fresh"]);
+    fresh.expect_code(code::SUCCESS, "fresh run");
+    assert!(
+        !fresh
+            .stderr
+            .contains("booting on this repository's snapshot"),
+        "{}",
+        fresh.stderr
+    );
+    assert!(
+        fresh.stderr.contains("Getting image source signatures"),
+        "a fresh run builds its container image again:\n{}",
+        fresh.stderr
+    );
+
+    let dropped = s.run(&["cache", "drop"]);
+    dropped.expect_code(code::SUCCESS, "cache drop");
+    assert!(
+        dropped.stdout.contains("dropped 1 snapshot"),
+        "{}",
+        dropped.stdout
+    );
+}
