@@ -386,10 +386,11 @@ pub fn replay_result(
     artifacts: &Path,
     ui: &dyn Ui,
 ) -> Result<(), RunError> {
-    let entries = replay::verify(store, result)?;
+    // Everything is checked before a byte reaches the user's streams.
+    let entries = replay::verify(result)?;
+    replay::restore_artifacts(store, result, artifacts)?;
     replay::write_output(&entries, &mut std::io::stdout(), &mut std::io::stderr())
         .map_err(|e| RunError::Infra(format!("writing the replayed output: {e}")))?;
-    replay::restore_artifacts(store, result, artifacts)?;
     let m = &result.manifest;
     ui.note(&format!(
         "replayed result {} from the local store: produced by {}@{} {} ago, took {:.1}s under {} ({}){}",

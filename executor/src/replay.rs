@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use reprise_protocol::record::{self, RecordError, StreamId};
 use thiserror::Error;
 
-use crate::image::sha256_file;
 use crate::store::{Store, StoredResult};
 
 /// Why a result could not be replayed.
@@ -38,8 +37,10 @@ pub enum ReplayError {
     },
 }
 
-/// Checks a stored result and returns its decoded output.
-pub fn verify(store: &Store, result: &StoredResult) -> Result<Vec<record::Entry>, ReplayError> {
+/// Checks a stored result's output record against its manifest and returns
+/// the decoded output. Artifacts are checked by [`restore_artifacts`], which
+/// hashes them as it copies (one read of each file, not two).
+pub fn verify(result: &StoredResult) -> Result<Vec<record::Entry>, ReplayError> {
     let key = &result.manifest.key;
     let path = result.output_path();
     let data = std::fs::read(&path).map_err(|source| ReplayError::Io {
@@ -54,20 +55,10 @@ pub fn verify(store: &Store, result: &StoredResult) -> Result<Vec<record::Entry>
             expected: result.manifest.output_sha256.clone(),
         });
     }
-    let entries = record::decode(&data).map_err(|source| ReplayError::Record {
+    record::decode(&data).map_err(|source| ReplayError::Record {
         key: key.clone(),
         source,
-    })?;
-    for a in &result.manifest.artifacts {
-        let ok = sha256_file(&store.blob_path(a)).is_ok_and(|sha| sha == a.sha256);
-        if !ok {
-            return Err(ReplayError::Artifact {
-                key: key.clone(),
-                path: a.path.clone(),
-            });
-        }
-    }
-    Ok(entries)
+    })
 }
 
 /// Writes the recorded output to `stdout` and `stderr` in recorded order.
@@ -91,32 +82,81 @@ pub fn write_output(
     Ok(())
 }
 
-/// Copies the result's artifacts into `dest` (created if needed), each file
-/// written beside its final name and renamed into place.
+/// Copies the result's artifacts into `dest` (created if needed). Each is
+/// hashed while it is copied to a temporary file beside its final name;
+/// only when every one matched its manifest are they renamed into place, so
+/// a damaged store leaves `dest` as it was.
 pub fn restore_artifacts(
     store: &Store,
     result: &StoredResult,
     dest: &Path,
 ) -> Result<usize, ReplayError> {
-    use std::os::unix::fs::PermissionsExt;
-    for a in &result.manifest.artifacts {
-        let target = dest.join(&a.path);
-        let io = |source| ReplayError::Io {
-            path: target.clone(),
-            source,
-        };
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(io)?;
+    let mut staged = Vec::new();
+    let outcome = (|| {
+        for a in &result.manifest.artifacts {
+            let target = dest.join(&a.path);
+            let tmp = target.with_file_name(format!(
+                ".{}.reprise-tmp",
+                target.file_name().unwrap_or_default().to_string_lossy()
+            ));
+            let io = |source| ReplayError::Io {
+                path: target.clone(),
+                source,
+            };
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(io)?;
+            }
+            staged.push((tmp.clone(), target.clone()));
+            let sha = copy_hashing(&store.blob_path(a), &tmp, a.mode).map_err(io)?;
+            if sha != a.sha256 {
+                return Err(ReplayError::Artifact {
+                    key: result.manifest.key.clone(),
+                    path: a.path.clone(),
+                });
+            }
         }
-        let tmp = target.with_file_name(format!(
-            ".{}.reprise-tmp",
-            target.file_name().unwrap_or_default().to_string_lossy()
-        ));
-        std::fs::copy(store.blob_path(a), &tmp).map_err(io)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(a.mode)).map_err(io)?;
-        std::fs::rename(&tmp, &target).map_err(io)?;
+        for (tmp, target) in &staged {
+            std::fs::rename(tmp, target).map_err(|source| ReplayError::Io {
+                path: target.clone(),
+                source,
+            })?;
+        }
+        Ok(result.manifest.artifacts.len())
+    })();
+    if outcome.is_err() {
+        for (tmp, _) in &staged {
+            let _ = std::fs::remove_file(tmp);
+        }
     }
-    Ok(result.manifest.artifacts.len())
+    outcome
+}
+
+/// Copies `from` to `to` with permissions `mode`, returning the sha256 of
+/// what was copied.
+fn copy_hashing(from: &Path, to: &Path, mode: u32) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut src = std::fs::File::open(from)?;
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(to)?;
+    let mut hash = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = src.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        dst.write_all(&buf[..n])?;
+    }
+    // The mode given at creation is masked by the umask; set it exactly.
+    std::fs::set_permissions(to, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+    Ok(reprise_protocol::hex::encode(&hash.finalize()))
 }
 
 #[cfg(test)]
@@ -139,7 +179,7 @@ mod tests {
         let stored = store
             .commit(manifest(inputs("t"), Outcome::Passed, 1), &rec, Some(&arts))
             .unwrap();
-        let entries = verify(&store, &stored).unwrap();
+        let entries = verify(&stored).unwrap();
         let (mut out, mut err) = (Vec::new(), Vec::new());
         write_output(&entries, &mut out, &mut err).unwrap();
         assert_eq!(out, b"one\nthree\n");
@@ -160,13 +200,23 @@ mod tests {
             .commit(manifest(inputs("t"), Outcome::Passed, 1), b"", Some(&arts))
             .unwrap();
         std::fs::write(store.blob_path(&stored.manifest.artifacts[0]), "c0ntent").unwrap();
+        let dest = dir.path().join("restored");
         assert!(matches!(
-            verify(&store, &stored),
+            restore_artifacts(&store, &stored, &dest),
             Err(ReplayError::Artifact { .. })
         ));
+        assert!(
+            !dest.join("f").exists(),
+            "a damaged artifact is not restored"
+        );
+        assert_eq!(
+            std::fs::read_dir(&dest).unwrap().count(),
+            0,
+            "no temporary file is left"
+        );
         std::fs::write(stored.output_path(), "x").unwrap();
         assert!(matches!(
-            verify(&store, &stored),
+            verify(&stored),
             Err(ReplayError::OutputMismatch { .. })
         ));
     }

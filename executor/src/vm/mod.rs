@@ -526,7 +526,7 @@ impl Vm {
             if let Some(limit) = command.timeout
                 && started.elapsed() > limit
             {
-                self.kill_guest_process(pid, false).await;
+                self.kill_guest_process(pid).await;
                 return Err(VmError::TimedOut(limit));
             }
             sleep(pause).await;
@@ -583,7 +583,7 @@ impl Vm {
                     if let Some(limit) = command.timeout
                         && started.elapsed() > limit
                     {
-                        self.kill_guest_process(pid, true).await;
+                        self.kill_guest_process(pid).await;
                         return Err(VmError::TimedOut(limit));
                     }
                     match helper_exited_at {
@@ -608,16 +608,19 @@ impl Vm {
         }
     }
 
-    /// Kills a process the agent started; with `children`, the process groups
-    /// of its children too (the helper runs its command in its own group).
-    async fn kill_guest_process(&self, pid: i64, children: bool) {
-        let script = if children {
-            format!(
-                "for c in $(cat /proc/{pid}/task/*/children 2>/dev/null); do kill -KILL -- -$c; done; kill -KILL {pid}"
-            )
-        } else {
-            format!("kill -KILL {pid}")
-        };
+    /// Kills a process the agent started and every process under it. The
+    /// guest helper does not put its command in a group of its own, so the
+    /// tree is walked: each process is stopped before its children are
+    /// read, so none can fork past the walk, and then all are killed.
+    async fn kill_guest_process(&self, pid: i64) {
+        let script = format!(
+            "kill -STOP {pid}; all={pid}; todo={pid}; \
+             while [ -n \"$todo\" ]; do next=; \
+               for p in $todo; do for c in $(cat /proc/$p/task/*/children 2>/dev/null); do \
+                 kill -STOP $c; next=\"$next $c\"; done; done; \
+               all=\"$all $next\"; todo=$next; done; \
+             kill -KILL $all"
+        );
         let _ = self
             .agent
             .call(qga::guest_exec {
