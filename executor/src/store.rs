@@ -245,11 +245,13 @@ impl Store {
             let blob = self.blob(&sha);
             if !blob.exists() {
                 let tmp = blobs.join(format!(".{sha}.{}", std::process::id()));
-                fs::copy(&path, &tmp).map_err(io_err(&tmp))?;
-                fs::File::open(&tmp)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io_err(&tmp))?;
-                fs::rename(&tmp, &blob).map_err(io_err(&blob))?;
+                let copied = fs::copy(&path, &tmp)
+                    .and_then(|_| fs::File::open(&tmp)?.sync_all())
+                    .and_then(|()| fs::rename(&tmp, &blob));
+                if let Err(e) = copied {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(io_err(&blob)(e));
+                }
             }
             artifacts.push(Artifact {
                 path: rel,
@@ -439,6 +441,54 @@ pub(crate) mod tests {
         let again = store.get(&inputs("t1").key()).unwrap();
         assert_eq!(again.manifest.created_at, 11);
         assert_eq!(fs::read(again.output_path()).unwrap(), b"rec2");
+    }
+
+    #[test]
+    fn a_full_disk_is_reported_and_leaves_nothing_behind() {
+        // A 1 MiB tmpfs as the store's file system (needs root, as in CI).
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("small");
+        fs::create_dir(&mnt).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        }
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(self.0).status();
+            }
+        }
+        let _unmount = Unmount(&mnt);
+        let store = Store::new(mnt.join("store"));
+        let arts = dir.path().join("arts");
+        fs::create_dir_all(&arts).unwrap();
+        fs::write(arts.join("big.bin"), vec![7u8; 2 << 20]).unwrap();
+        let err = store
+            .commit(
+                manifest(inputs("t1"), Outcome::Passed, 1),
+                b"rec",
+                Some(&arts),
+            )
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Full(_)), "{err:?}");
+        assert!(err.to_string().contains("full"), "{err}");
+        assert!(store.list().is_empty());
+        assert!(matches!(store.lookup(&inputs("t1")), Lookup::Miss { .. }));
+        let leftovers: Vec<_> = fs::read_dir(mnt.join("store/tmp"))
+            .map(|d| d.count())
+            .into_iter()
+            .collect();
+        assert_eq!(leftovers, [0], "the staging folder is removed");
+        let blobs = fs::read_dir(mnt.join("store/blobs"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(blobs, 0, "no partial blob is left");
     }
 
     #[test]
