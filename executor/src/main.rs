@@ -159,6 +159,15 @@ enum VmCmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Boot a fresh VM with the current revision's tree at /repo and open
+    /// an interactive shell in it; exits with the shell's status.
+    Shell {
+        #[command(flatten)]
+        vm: VmArgs,
+        /// The revision whose tree goes to /repo (default: HEAD).
+        #[arg(long)]
+        rev: Option<String>,
+    },
 }
 
 fn parse_accel(s: &str) -> Result<Accel, String> {
@@ -227,8 +236,9 @@ fn main() -> ExitCode {
             }
         }
     });
-    // Dropping the runtime drops any VM still running, which kills qemu.
-    drop(runtime);
+    // Shutting the runtime down drops any VM still running, which kills
+    // qemu. It does not wait for a blocked read of stdin (vm shell).
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match code {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
@@ -318,6 +328,32 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 None => println!("dropped {n} snapshot(s)"),
             }
             Ok(exit::SUCCESS)
+        }
+        Cmd::Vm(VmCmd::Shell { mut vm, rev }) => {
+            let work = tempfile::tempdir().context("while making a work folder")?;
+            if vm.tree.is_none() {
+                let dir = std::env::current_dir().context("while finding the current folder")?;
+                let checkout = reprise_executor::repo::Checkout::discover(&dir)
+                    .map_err(|e| anyhow::Error::new(RunError::Repo(e)))?;
+                let revision = checkout
+                    .resolve(rev.as_deref())
+                    .map_err(|e| anyhow::Error::new(RunError::Repo(e)))?;
+                let tree = work.path().join("tree");
+                checkout
+                    .export(&revision.tree, &tree)
+                    .context("while exporting the tree")?;
+                eprintln!(
+                    "reprise: /repo holds the tree of {}",
+                    &revision.commit[..12]
+                );
+                vm.tree = Some(tree);
+            }
+            let machine = boot_with(&vm, true).await?;
+            let code = reprise_executor::vm::shell::interactive_shell_on_terminal(&machine)
+                .await
+                .context("while running the shell")?;
+            machine.shutdown().await;
+            Ok(code)
         }
         Cmd::Vm(VmCmd::Exec { vm, cwd, command }) => {
             let vm = boot(&vm).await?;
@@ -531,12 +567,17 @@ fn image_info() {
 }
 
 async fn boot(args: &VmArgs) -> anyhow::Result<Vm> {
+    boot_with(args, false).await
+}
+
+async fn boot_with(args: &VmArgs, tty: bool) -> anyhow::Result<Vm> {
     let image = ensure_image()?;
     let choice = accel::choose(&AccelFacts::probe(), args.accel);
     eprintln!("reprise: accelerator {}", choice.reason);
     let mut config = VmConfig::new(image, choice.accel);
     config.network = args.network;
     config.tree = args.tree.clone();
+    config.tty = tty;
     let vm = Vm::boot(&config).await.context("while booting the VM")?;
     tracing::info!(boot = ?vm.boot_time(), "VM ready");
     Ok(vm)
