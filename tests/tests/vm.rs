@@ -415,3 +415,39 @@ async fn an_interactive_shell_runs_on_a_real_terminal() {
     }
     vm.shutdown().await;
 }
+
+/// Regression: a command that timed out was left running (captured exec
+/// killed only the shell, streaming exec tried process groups the guest
+/// helper never makes), and so were its children.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timed_out_commands_left_their_processes_running() {
+    let vm = TestVm::boot("timeout", &vm_config()).await;
+    let limit = Duration::from_secs(2);
+    let slow = GuestCommand::shell("sleep 301 & sleep 302; echo never").timeout(limit);
+    let started = Instant::now();
+    let err = vm.exec(&slow).await.expect_err("captured exec times out");
+    assert!(matches!(err, VmError::TimedOut(_)), "{err}");
+    let mut sink = |_: Stream, _: &[u8]| {};
+    let err = vm
+        .exec_streaming(&slow, &mut sink)
+        .await
+        .expect_err("streaming exec times out");
+    assert!(matches!(err, VmError::TimedOut(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    wait_until(
+        "the timed-out commands to be gone",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || async {
+            let out = vm
+                .sh_ok(
+                    "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done \
+                     | grep -c '^sleep 30[12]' || true",
+                )
+                .await;
+            (out.trim() == "0").then_some(())
+        },
+    )
+    .await;
+    vm.shutdown().await;
+}
