@@ -26,6 +26,8 @@ use crate::vm::{BootError, GuestCommand, Stream, Vm, VmConfig, VmError};
 pub const DRIVER: &str = "qemu";
 const CI: &str = "/var/run/ci";
 const GUEST_MK: &str = "/reprise/bin/mk";
+/// Where `/var/run/ci/artifacts` points: a folder of the data disk.
+const ARTIFACTS: &str = "/reprise/artifacts";
 const GUEST_PATH: &str =
     "/reprise/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -551,11 +553,13 @@ async fn run_in_vm(
     // prepare-runtime, as root in the guest, from the repository root.
     let t = Instant::now();
     // /var/run is a tmpfs in the guest; /var/run/ci lives on the root disk
-    // so its cache/ reaches the repository's snapshot. env/ and artifacts/
-    // start empty every run.
+    // so its cache/ reaches the repository's snapshot. env/ starts empty
+    // every run; artifacts/ is a folder of the data disk, which the host
+    // reads directly afterwards.
     let mut setup = GuestCommand::shell(&format!(
         "mkdir -p /var/lib/reprise/ci && ln -sfn /var/lib/reprise/ci /run/ci && \
-         rm -rf {CI}/env {CI}/artifacts && mkdir -p {CI}/env {CI}/artifacts {CI}/cache"
+         rm -rf {CI}/env {CI}/artifacts && mkdir -p {CI}/env {CI}/cache {ARTIFACTS} && \
+         ln -s {ARTIFACTS} {CI}/artifacts"
     ));
     setup.env = env.clone();
     let out = vm.exec(&setup).await?;
@@ -655,7 +659,7 @@ async fn run_in_vm(
             }
         }
         let host = work.join("artifacts");
-        vm.copy_out(&format!("{CI}/artifacts"), &host).await?;
+        vm.copy_out(ARTIFACTS, &host).await?;
         artifacts = Some(host);
         if mkfile_defines(mkfile, "post-test") {
             let code = guest_mk(&vm, "post-test", &env, &secret_values).await?;

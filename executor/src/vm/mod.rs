@@ -636,13 +636,18 @@ impl Vm {
     /// Copies the guest folder `guest_dir` to the host folder `host_dir`
     /// (which must not exist), through the data disk.
     pub async fn copy_out(&self, guest_dir: &str, host_dir: &Path) -> Result<(), VmError> {
+        // A folder already on the data disk is read straight from it; any
+        // other is first copied there (which costs guest time under TCG).
+        let on_disk = data_disk_path(guest_dir);
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let slot = format!("{GUEST_DATA}/out/{n}");
         // Freezing ext4 flushes and checkpoints its journal, so the host
         // reads a consistent file system from the disk file.
-        let script = format!(
-            "set -e; mkdir -p {slot}; cp -a \"$0\"/. {slot}/; sync; fsfreeze -f {GUEST_DATA}; fsfreeze -u {GUEST_DATA}"
-        );
+        let freeze = format!("sync; fsfreeze -f {GUEST_DATA}; fsfreeze -u {GUEST_DATA}");
+        let script = match &on_disk {
+            Some(_) => format!("set -e; test -d \"$0\"; {freeze}"),
+            None => format!("set -e; mkdir -p {slot}; cp -a \"$0\"/. {slot}/; {freeze}"),
+        };
         let out = self
             .exec(&GuestCommand::new(["/bin/sh", "-c", &script, guest_dir]))
             .await?;
@@ -653,9 +658,11 @@ impl Vm {
             )));
         }
         let data = self.work.path().join("data.raw");
-        let slot_in_disk = format!("/out/{n}");
-        tokio::task::block_in_place(|| disk::dump_dir(&data, &slot_in_disk, host_dir))?;
-        let _ = self.exec(&GuestCommand::new(["rm", "-rf", &slot])).await;
+        let in_disk = on_disk.unwrap_or_else(|| format!("/out/{n}"));
+        tokio::task::block_in_place(|| disk::dump_dir(&data, &in_disk, host_dir))?;
+        if in_disk.starts_with("/out/") {
+            let _ = self.exec(&GuestCommand::new(["rm", "-rf", &slot])).await;
+        }
         Ok(())
     }
 
@@ -727,6 +734,24 @@ impl Drop for Vm {
             );
         }
     }
+}
+
+/// The path inside the data disk's file system of a guest folder that lives
+/// on it (`/reprise/x` or `/repo/x`), or `None`.
+fn data_disk_path(guest_dir: &str) -> Option<String> {
+    let dir = guest_dir.trim_end_matches('/');
+    let rest = if let Some(rest) = dir
+        .strip_prefix(GUEST_REPO)
+        .filter(|r| r.is_empty() || r.starts_with('/'))
+    {
+        format!("/repo{rest}")
+    } else {
+        dir.strip_prefix(GUEST_DATA)?.to_string()
+    };
+    let plain = rest.starts_with('/')
+        && rest.len() > 1
+        && !rest.split('/').any(|part| part == ".." || part == ".");
+    plain.then_some(rest)
 }
 
 fn exit_code(code: Option<i64>, signal: Option<i64>) -> i32 {
@@ -1021,6 +1046,21 @@ mod tests {
         assert!(env.contains(&"A=1".to_string()));
         assert!(env.contains(&"HOME=/x".to_string()));
         assert!(env.iter().any(|e| e.starts_with("PATH=/usr/local/sbin")));
+    }
+
+    #[test]
+    fn folders_on_the_data_disk_are_read_straight_from_it() {
+        assert_eq!(data_disk_path("/repo"), Some("/repo".into()));
+        assert_eq!(data_disk_path("/repo/out/"), Some("/repo/out".into()));
+        assert_eq!(
+            data_disk_path("/reprise/artifacts"),
+            Some("/artifacts".into())
+        );
+        assert_eq!(data_disk_path("/reprise"), None);
+        assert_eq!(data_disk_path("/reprisex/a"), None);
+        assert_eq!(data_disk_path("/repository"), None);
+        assert_eq!(data_disk_path("/reprise/../etc"), None);
+        assert_eq!(data_disk_path("/var/run/ci/artifacts"), None);
     }
 
     #[test]
