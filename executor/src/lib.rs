@@ -6,6 +6,7 @@ pub mod accel;
 pub mod image;
 pub mod layers;
 pub mod paths;
+pub mod peer;
 pub mod pipeline;
 pub mod redact;
 pub mod replay;

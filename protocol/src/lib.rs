@@ -11,3 +11,5 @@ pub mod key;
 pub mod manifest;
 pub mod record;
 pub mod repo_config;
+pub mod sign;
+pub mod wire;

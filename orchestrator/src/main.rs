@@ -1,0 +1,131 @@
+//! `reprise-orchestrator`: parses arguments and calls the library.
+//!
+//! Exit codes: 0 success, 1 the command failed, 2 bad usage (clap).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use reprise_orchestrator::{Folder, server};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "reprise-orchestrator",
+    version,
+    about = "The reprise orchestrator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make a state folder: team CA, server certificate, config, state log.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Extra names or addresses for the server certificate (localhost and
+        /// 127.0.0.1 are always in it).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
+    /// Serve executors over QUIC until SIGINT or SIGTERM.
+    Serve {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:4433")]
+        listen: SocketAddr,
+    },
+    /// Issue a client certificate to an executor.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Repository namespaces it may read and serve.
+        #[arg(long = "repo", required = true)]
+        repos: Vec<String>,
+        /// Its results count for CI on those repositories.
+        #[arg(long)]
+        trusted: bool,
+        /// Where to write the credentials (certificate, key, CA).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Revoke every certificate of an identity.
+    Revoke {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init { dir, hosts } => {
+            Folder::init(&dir, &hosts).context("while making the state folder")?;
+            println!("orchestrator state folder ready in {}", dir.display());
+        }
+        Command::Issue {
+            dir,
+            name,
+            repos,
+            trusted,
+            out,
+        } => {
+            Folder::open(&dir)?
+                .issue_to(&name, &repos, trusted, &out)
+                .with_context(|| format!("while issuing a certificate to {name}"))?;
+            println!("credentials for {name} written to {}", out.display());
+        }
+        Command::Revoke { dir, name } => {
+            Folder::open(&dir)?
+                .revoke(&name)
+                .with_context(|| format!("while revoking {name}"))?;
+            println!("{name} revoked; its connections are refused from now on");
+        }
+        Command::Serve { dir, listen } => {
+            let folder = Folder::open(&dir)?;
+            let config = folder
+                .server_config()
+                .context("while loading the certificates")?;
+            let state = folder.state().context("while reading the state log")?;
+            let rt = tokio::runtime::Runtime::new().context("while starting the runtime")?;
+            rt.block_on(async {
+                let endpoint = quinn::Endpoint::server(config, listen)
+                    .with_context(|| format!("while binding {listen}"))?;
+                tracing::info!("serving on {}", endpoint.local_addr()?);
+                server::run(endpoint, state, shutdown_signal())
+                    .await
+                    .context("while serving")
+            })?;
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,214 @@
+//! The team's certificates: the CA, the server certificate and client
+//! certificates made with rcgen, and the rustls configuration that requires
+//! a client certificate chained to the CA (mTLS, TLS 1.3 only).
+
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use reprise_protocol::wire::ALPN;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+/// Why a certificate could not be made or loaded.
+#[derive(Debug, Error)]
+pub enum PkiError {
+    #[error("could not make a certificate")]
+    Generate(#[from] rcgen::Error),
+    #[error("no {0} in the PEM data")]
+    Missing(&'static str),
+    #[error("bad PEM data")]
+    Pem(#[from] rustls::pki_types::pem::Error),
+    #[error("TLS configuration")]
+    Tls(#[from] rustls::Error),
+    #[error("client certificate verifier")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("QUIC TLS configuration")]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+}
+
+/// A CA: its certificate (PEM) and key (PEM).
+#[derive(Debug, Clone)]
+pub struct CaPem {
+    pub cert: String,
+    pub key: String,
+}
+
+/// The CA's parameters. Rebuilt the same way each time so that an issuer
+/// can be made from the stored key alone (the key identifier is derived
+/// from the key, the names are fixed).
+fn ca_params() -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "reprise team CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
+/// Makes a new CA (ECDSA P-256).
+pub fn new_ca() -> Result<CaPem, PkiError> {
+    let key = KeyPair::generate()?;
+    let cert = ca_params()?.self_signed(&key)?;
+    Ok(CaPem {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    })
+}
+
+/// A leaf certificate and its key, PEM.
+#[derive(Debug, Clone)]
+pub struct LeafPem {
+    pub cert: String,
+    pub key: String,
+    /// sha256 of the certificate's DER, hex: how the orchestrator knows it.
+    pub sha256: String,
+}
+
+/// Which kind of leaf to make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeafKind {
+    Server,
+    Client,
+}
+
+/// Signs a leaf certificate for `name` (the common name; for a server, also
+/// every subject alternative name in `sans`).
+pub fn issue(
+    ca: &CaPem,
+    kind: LeafKind,
+    name: &str,
+    sans: &[String],
+    validity: Option<(time::OffsetDateTime, time::OffsetDateTime)>,
+) -> Result<LeafPem, PkiError> {
+    let ca_key = KeyPair::from_pem(&ca.key)?;
+    let issuer = Issuer::new(ca_params()?, ca_key);
+    let mut params = CertificateParams::new(sans.to_vec())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, name.to_string());
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![match kind {
+        LeafKind::Server => ExtendedKeyUsagePurpose::ServerAuth,
+        LeafKind::Client => ExtendedKeyUsagePurpose::ClientAuth,
+    }];
+    params.use_authority_key_identifier_extension = true;
+    if let Some((from, until)) = validity {
+        params.not_before = from;
+        params.not_after = until;
+    } else {
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(365);
+    }
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(LeafPem {
+        sha256: fingerprint(cert.der()),
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    })
+}
+
+/// sha256 of a certificate's DER encoding, hex.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    reprise_protocol::hex::encode(&Sha256::digest(cert.as_ref()))
+}
+
+/// The certificates of a PEM text.
+pub fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    if certs.is_empty() {
+        return Err(PkiError::Missing("certificate"));
+    }
+    Ok(certs)
+}
+
+/// The private key of a PEM text.
+pub fn private_key(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
+    Ok(PrivateKeyDer::from_pem_slice(pem.as_bytes())?)
+}
+
+/// The QUIC server configuration: TLS 1.3 only, ALPN `reprise/1`, a client
+/// certificate chained to `client_ca_pem` required. 0-RTT is not enabled
+/// (rustls's `max_early_data_size` stays 0), so no message is ever taken
+/// from early data.
+pub fn server_config(
+    client_ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<quinn::ServerConfig, PkiError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in certs(client_ca_pem)? {
+        roots.add(ca)?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(cert_pem)?, private_key(key_pem)?)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    debug_assert_eq!(tls.max_early_data_size, 0, "no 0-RTT");
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport()));
+    Ok(config)
+}
+
+/// Transport settings: a dead peer is noticed within ten seconds.
+pub fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(10)).expect("in range"),
+    ));
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(3)));
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_certificates_chain_to_the_ca_and_reload() {
+        let ca = new_ca().unwrap();
+        let leaf = issue(&ca, LeafKind::Client, "alice", &[], None).unwrap();
+        assert_eq!(fingerprint(&certs(&leaf.cert).unwrap()[0]), leaf.sha256);
+        // A second issue from the same stored CA key still chains: the
+        // verifier accepts both.
+        let again = issue(&ca, LeafKind::Client, "bob", &[], None).unwrap();
+        assert_ne!(again.sha256, leaf.sha256);
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(certs(&ca.cert).unwrap().remove(0)).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let v =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .unwrap();
+        let now = rustls::pki_types::UnixTime::now();
+        for pem in [&leaf.cert, &again.cert] {
+            v.verify_client_cert(&certs(pem).unwrap()[0], &[], now)
+                .unwrap();
+        }
+        let other = new_ca().unwrap();
+        let stranger = issue(&other, LeafKind::Client, "eve", &[], None).unwrap();
+        assert!(
+            v.verify_client_cert(&certs(&stranger.cert).unwrap()[0], &[], now)
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,421 @@
+//! The QUIC service: admits executors by client certificate (refusing
+//! unknown and revoked ones after the handshake), answers announce, lookup
+//! and fetch requests, and relays a result from its producer's connection
+//! to the asker as a stream.
+//!
+//! Streams: the executor's first bi stream carries `Hello` → `Welcome`;
+//! every later bi stream it opens carries one request and its answer. To
+//! fetch from a producer the orchestrator opens a bi stream on the
+//! producer's connection with `Serve`; the producer answers with a
+//! `Transfer` header and chunk frames, which are copied to the asker as
+//! they come.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use reprise_protocol::wire::{self, ErrorCode, FrameError, Held, Message, StateEvent};
+use rustls::pki_types::CertificateDer;
+use thiserror::Error;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::matcher::{ConnId, Matcher};
+use crate::state::{Admission, Grant, State, now_secs};
+
+/// Connection close codes.
+pub mod close {
+    /// The service is shutting down.
+    pub const SHUTDOWN: u32 = 0;
+    /// The certificate is not one this orchestrator issued.
+    pub const UNKNOWN_IDENTITY: u32 = 1;
+    /// The identity was revoked.
+    pub const REVOKED: u32 = 2;
+    /// The executor broke the protocol (no `Hello`, bad frame, version).
+    pub const PROTOCOL: u32 = 3;
+}
+
+/// Why a frame could not be read from a stream.
+#[derive(Debug, Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("the stream ended in the middle of a frame")]
+    Truncated,
+    #[error("the stream ended before a message")]
+    Ended,
+    #[error("stream read")]
+    Stream(#[from] quinn::ReadError),
+}
+
+impl ReadError {
+    /// The refusal to send back, if one can be sent.
+    pub fn refusal(&self) -> Option<Message> {
+        match self {
+            ReadError::Frame(e) => Some(Message::error(
+                match e {
+                    FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                    FrameError::UnknownMessage(_) => ErrorCode::UnknownMessage,
+                    FrameError::Malformed(_) => ErrorCode::Malformed,
+                },
+                e.to_string(),
+            )),
+            ReadError::Truncated => Some(Message::error(ErrorCode::Malformed, self.to_string())),
+            ReadError::Ended | ReadError::Stream(_) => None,
+        }
+    }
+}
+
+fn from_exact(e: quinn::ReadExactError, started: bool) -> ReadError {
+    match e {
+        quinn::ReadExactError::FinishedEarly(_) if started => ReadError::Truncated,
+        quinn::ReadExactError::FinishedEarly(n) if n > 0 => ReadError::Truncated,
+        quinn::ReadExactError::FinishedEarly(_) => ReadError::Ended,
+        quinn::ReadExactError::ReadError(e) => ReadError::Stream(e),
+    }
+}
+
+/// Reads one control message frame; an oversized length is refused before
+/// any of the body is read.
+pub async fn read_message(recv: &mut RecvStream) -> Result<Message, ReadError> {
+    let mut header = [0u8; wire::HEADER_LEN];
+    recv.read_exact(&mut header)
+        .await
+        .map_err(|e| from_exact(e, false))?;
+    let len = wire::body_len(header, wire::MAX_FRAME)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| from_exact(e, true))?;
+    Ok(wire::decode(&body)?)
+}
+
+/// Writes one control message frame.
+pub async fn write_message(send: &mut SendStream, message: &Message) -> Result<(), WriteError> {
+    let frame = wire::encode(message)?;
+    send.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Why a frame could not be written.
+#[derive(Debug, Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("stream write")]
+    Stream(#[from] quinn::WriteError),
+}
+
+/// Why the service stopped.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("the endpoint stopped accepting connections")]
+    EndpointClosed,
+}
+
+/// How long a new connection has to say `Hello`.
+pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+struct Shared {
+    /// Connection ids are counted, not taken from quinn's `stable_id` (an
+    /// address, which a new connection may reuse after an old one is freed).
+    next_id: std::sync::atomic::AtomicUsize,
+    state: Mutex<State>,
+    matcher: Mutex<Matcher>,
+    conns: Mutex<BTreeMap<ConnId, Connection>>,
+}
+
+/// Serves on `endpoint` (bound, with [`crate::pki::server_config`]) until
+/// `shutdown` resolves; then closes every connection and waits for them to
+/// be told.
+pub async fn run(
+    endpoint: quinn::Endpoint,
+    state: State,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let shared = Arc::new(Shared {
+        next_id: std::sync::atomic::AtomicUsize::new(1),
+        state: Mutex::new(state),
+        matcher: Mutex::new(Matcher::new()),
+        conns: Mutex::new(BTreeMap::new()),
+    });
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break Err(ServeError::EndpointClosed) };
+                let shared = shared.clone();
+                let span = info_span!("conn", remote = %incoming.remote_address());
+                tokio::spawn(async move {
+                    match incoming.await {
+                        Ok(conn) => handle_connection(shared, conn).await,
+                        Err(e) => info!("handshake refused: {e}"),
+                    }
+                }.instrument(span));
+            }
+        }
+    };
+    endpoint.close(
+        VarInt::from_u32(close::SHUTDOWN),
+        b"orchestrator shutting down",
+    );
+    endpoint.wait_idle().await;
+    result
+}
+
+fn peer_cert(conn: &Connection) -> Option<CertificateDer<'static>> {
+    conn.peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?
+        .into_iter()
+        .next()
+}
+
+async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
+    let id = shared
+        .next_id
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // The TLS verifier already refused certificates from another CA and
+    // expired ones; here the identity must be one we issued and not revoked.
+    let admission = match peer_cert(&conn) {
+        None => Admission::Unknown,
+        Some(cert) => {
+            let sha = crate::pki::fingerprint(&cert);
+            let mut state = shared.state.lock().expect("state lock");
+            match state.refresh() {
+                Ok(()) => state.admit(&sha),
+                Err(e) => {
+                    warn!("cannot read the state log: {e}");
+                    Admission::Unknown
+                }
+            }
+        }
+    };
+    let grant = match admission {
+        Admission::Admitted(g) => g,
+        Admission::Revoked(name) => {
+            info!(%name, "refused: revoked");
+            conn.close(
+                VarInt::from_u32(close::REVOKED),
+                format!("the certificate of {name} was revoked").as_bytes(),
+            );
+            return;
+        }
+        Admission::Unknown => {
+            info!("refused: unknown certificate");
+            conn.close(
+                VarInt::from_u32(close::UNKNOWN_IDENTITY),
+                b"this certificate was not issued by this orchestrator",
+            );
+            return;
+        }
+    };
+    let span = info_span!("executor", name = %grant.name, id);
+    async {
+        let said = tokio::time::timeout(HELLO_TIMEOUT, hello(&conn, &grant)).await;
+        if let Err(reason) = said.unwrap_or_else(|_| Err("no hello in time".into())) {
+            info!("refused: {reason}");
+            conn.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
+            return;
+        }
+        shared.conns.lock().expect("conns").insert(id, conn.clone());
+        shared
+            .matcher
+            .lock()
+            .expect("matcher")
+            .connect(id, grant.clone());
+        info!("connected");
+        loop {
+            match conn.accept_bi().await {
+                Ok((send, recv)) => {
+                    let shared = shared.clone();
+                    let grant = grant.clone();
+                    tokio::spawn(
+                        async move { request(shared, id, &grant, send, recv).await }
+                            .in_current_span(),
+                    );
+                }
+                Err(e) => {
+                    info!("disconnected: {e}");
+                    break;
+                }
+            }
+        }
+        shared.matcher.lock().expect("matcher").disconnect(id);
+        shared.conns.lock().expect("conns").remove(&id);
+    }
+    .instrument(span)
+    .await
+}
+
+/// The first stream: `Hello` → `Welcome`, or the refusal (sent, and
+/// returned as the close reason).
+async fn hello(conn: &Connection, grant: &Grant) -> Result<(), String> {
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+    let refusal = match read_message(&mut recv).await {
+        Ok(Message::Hello { version }) => Message::check_version(version),
+        Ok(_) => Some(Message::error(
+            ErrorCode::HelloFirst,
+            "the first message must be hello",
+        )),
+        Err(e) => e.refusal(),
+    };
+    let answer = refusal.clone().unwrap_or_else(|| Message::Welcome {
+        identity: grant.name.clone(),
+        repos: grant.repos.iter().cloned().collect(),
+        trusted: grant.trusted,
+    });
+    let _ = write_message(&mut send, &answer).await;
+    let _ = send.finish();
+    match refusal {
+        None => Ok(()),
+        Some(Message::Error { message, .. }) => {
+            // Let the refusal reach the executor before the close does.
+            let _ = send.stopped().await;
+            Err(message)
+        }
+        Some(_) => Err("refused".into()),
+    }
+}
+
+async fn request(
+    shared: Arc<Shared>,
+    id: ConnId,
+    grant: &Grant,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let message = match read_message(&mut recv).await {
+        Ok(m) => m,
+        Err(e) => {
+            debug!("bad request: {e}");
+            if let Some(refusal) = e.refusal() {
+                let _ = write_message(&mut send, &refusal).await;
+            }
+            let _ = send.finish();
+            return;
+        }
+    };
+    let answer = match message {
+        Message::Announce { results } => {
+            let accepted = shared
+                .matcher
+                .lock()
+                .expect("matcher")
+                .announce(id, &results);
+            debug!(accepted, offered = results.len(), "announce");
+            Message::Announced {
+                accepted: accepted as u32,
+            }
+        }
+        Message::Lookup { key, namespace } => {
+            let wanted = Held { key, namespace };
+            match shared.matcher.lock().expect("matcher").lookup(id, &wanted) {
+                Some(m) => Message::Offer { producer: m.name },
+                None => Message::NotFound,
+            }
+        }
+        Message::Fetch { key, namespace } => {
+            relay(&shared, id, grant, Held { key, namespace }, send).await;
+            return;
+        }
+        other => Message::error(
+            ErrorCode::Unexpected,
+            format!("{} is not a request", tag(&other)),
+        ),
+    };
+    let _ = write_message(&mut send, &answer).await;
+    let _ = send.finish();
+}
+
+fn tag(m: &Message) -> String {
+    serde_json::to_value(m)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Relays `wanted` from a producer to the asker's `send`.
+async fn relay(shared: &Shared, asker: ConnId, grant: &Grant, wanted: Held, mut send: SendStream) {
+    let found = shared
+        .matcher
+        .lock()
+        .expect("matcher")
+        .lookup(asker, &wanted);
+    let producer = found.and_then(|m| {
+        let conn = shared.conns.lock().expect("conns").get(&m.conn).cloned();
+        conn.map(|c| (m.name, c))
+    });
+    let Some((producer, conn)) = producer else {
+        let _ = write_message(&mut send, &Message::NotFound).await;
+        let _ = send.finish();
+        return;
+    };
+    match pipe(&conn, &wanted, &mut send).await {
+        Ok(()) => {
+            let _ = send.finish();
+            info!(%producer, key = %wanted.key, "relayed");
+            let event = StateEvent::Replayed {
+                asker: grant.name.clone(),
+                producer,
+                key: wanted.key,
+                namespace: wanted.namespace,
+                at: now_secs(),
+            };
+            if let Err(e) = shared.state.lock().expect("state").append(event) {
+                warn!("cannot write the audit log: {e}");
+            }
+        }
+        Err(PipeError::BeforeData(reason)) => {
+            info!(%producer, "producer could not serve: {reason}");
+            let m = Message::error(
+                ErrorCode::Unavailable,
+                format!("the producer {producer} could not serve the result: {reason}"),
+            );
+            let _ = write_message(&mut send, &m).await;
+            let _ = send.finish();
+        }
+        Err(PipeError::Midway(reason)) => {
+            // The asker must not take a partial result for a whole one.
+            warn!(%producer, "transfer broke off: {reason}");
+            let _ = send.reset(VarInt::from_u32(1));
+        }
+    }
+}
+
+enum PipeError {
+    BeforeData(String),
+    Midway(String),
+}
+
+async fn pipe(conn: &Connection, wanted: &Held, send: &mut SendStream) -> Result<(), PipeError> {
+    let before = |e: &dyn std::fmt::Display| PipeError::BeforeData(e.to_string());
+    let (mut psend, mut precv) = conn.open_bi().await.map_err(|e| before(&e))?;
+    let serve = Message::Serve {
+        key: wanted.key.clone(),
+        namespace: wanted.namespace.clone(),
+    };
+    write_message(&mut psend, &serve)
+        .await
+        .map_err(|e| before(&e))?;
+    let _ = psend.finish();
+    let header = read_message(&mut precv).await.map_err(|e| before(&e))?;
+    match &header {
+        Message::Transfer(t) if t.manifest.key == wanted.key => {}
+        Message::Transfer(_) => {
+            return Err(PipeError::BeforeData("sent another result".into()));
+        }
+        Message::Error { message, .. } => return Err(PipeError::BeforeData(message.clone())),
+        other => {
+            return Err(PipeError::BeforeData(format!("answered {}", tag(other))));
+        }
+    }
+    write_message(send, &header)
+        .await
+        .map_err(|e| PipeError::Midway(e.to_string()))?;
+    tokio::io::copy(&mut precv, send)
+        .await
+        .map_err(|e| PipeError::Midway(e.to_string()))?;
+    Ok(())
+}

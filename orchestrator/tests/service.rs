@@ -1,0 +1,662 @@
+//! The orchestrator over real QUIC on loopback, with rcgen certificates:
+//! the happy path of a peer replay and every way in that must be refused.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use reprise_executor::peer::{
+    Credentials, FetchError, Peer, PeerError, read_message, signed_transfer, transfer_files,
+    write_message,
+};
+use reprise_executor::store::{Store, StoredResult};
+use reprise_orchestrator::{Folder, server};
+use reprise_protocol::key::{KEY_VERSION, KeyInputs};
+use reprise_protocol::manifest::{MANIFEST_VERSION, Outcome, Phase, Producer, ResultManifest};
+use reprise_protocol::wire::{self, ErrorCode, Message, Transfer};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+const NS: &str = "example.com/team/app";
+
+struct Team {
+    _dir: TempDir,
+    folder: Folder,
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), server::ServeError>>>,
+}
+
+impl Team {
+    async fn start() -> Team {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = Folder::init(&dir.path().join("orch"), &[]).unwrap();
+        let endpoint = quinn::Endpoint::server(
+            folder.server_config().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let state = folder.state().unwrap();
+        let task = tokio::spawn(server::run(endpoint, state, async {
+            let _ = rx.await;
+        }));
+        Team {
+            _dir: dir,
+            folder,
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    fn creds(&self, name: &str, repos: &[&str], trusted: bool) -> Arc<Credentials> {
+        let repos: Vec<String> = repos.iter().map(|r| r.to_string()).collect();
+        let pem = self.folder.issue(name, &repos, trusted, None).unwrap();
+        Arc::new(Credentials::from_pem(&pem).unwrap())
+    }
+
+    async fn connect(&self, creds: &Arc<Credentials>) -> Result<Peer, PeerError> {
+        Peer::connect(&self.addr.to_string(), creds.clone()).await
+    }
+
+    /// Stops the service and starts it again on the same address and state.
+    async fn restart(&mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+        let endpoint =
+            quinn::Endpoint::server(self.folder.server_config().unwrap(), self.addr).unwrap();
+        let (tx, rx) = oneshot::channel();
+        let state = self.folder.state().unwrap();
+        self.task = Some(tokio::spawn(server::run(endpoint, state, async {
+            let _ = rx.await;
+        })));
+        self.stop = Some(tx);
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+fn inputs(tree: &str) -> KeyInputs {
+    KeyInputs {
+        version: KEY_VERSION,
+        namespace: NS.into(),
+        tree: tree.into(),
+        target: "test".into(),
+        env: Default::default(),
+        image_digest: "recipe:abc".into(),
+        driver: "qemu".into(),
+    }
+}
+
+/// A store holding one passed result for `inputs("t1")` with two artifacts.
+fn producer_store(dir: &Path) -> (Store, StoredResult) {
+    let store = Store::new(dir.join("store-b"));
+    let arts = dir.join("arts");
+    fs::create_dir_all(arts.join("sub")).unwrap();
+    fs::write(arts.join("report.xml"), "<ok/>").unwrap();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    fs::write(arts.join("sub/big.bin"), &big).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(arts.join("sub/big.bin"), fs::Permissions::from_mode(0o750)).unwrap();
+    let mut record = Vec::new();
+    reprise_protocol::record::push(
+        &mut record,
+        reprise_protocol::record::StreamId::Stdout,
+        0,
+        b"\x1b[32mtest ok\x1b[0m\n",
+    );
+    reprise_protocol::record::push(
+        &mut record,
+        reprise_protocol::record::StreamId::Stderr,
+        3,
+        b"warning: x\n",
+    );
+    let inputs = inputs("t1");
+    let manifest = ResultManifest {
+        version: MANIFEST_VERSION,
+        key: inputs.key(),
+        inputs,
+        commit: "c1".into(),
+        outcome: Outcome::Passed,
+        exit_code: 0,
+        phases: vec![Phase {
+            name: "test".into(),
+            ms: 40,
+        }],
+        total_ms: 40,
+        accel: "kvm".into(),
+        tool_version: "0.1.0".into(),
+        producer: Producer {
+            host: "ci-box".into(),
+            user: "ci".into(),
+        },
+        created_at: 1_700_000_000,
+        output_sha256: String::new(),
+        output_bytes: 0,
+        artifacts: vec![],
+    };
+    let stored = store.commit(manifest, &record, Some(&arts)).unwrap();
+    (store, stored)
+}
+
+fn assert_nothing_committed(store: &Store) {
+    assert!(store.list().is_empty(), "a result was committed");
+    assert!(store.list_failed().is_empty());
+    let blobs = store.root().join("blobs");
+    let n = fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(n, 0, "blobs were left in {}", blobs.display());
+    let tmp = store.root().join("tmp");
+    let n = fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(n, 0, "staging was left in {}", tmp.display());
+}
+
+#[tokio::test]
+async fn a_result_is_replayed_from_a_peer_byte_for_byte() {
+    let team = Team::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let (store_b, stored_b) = producer_store(work.path());
+    let b = Arc::new(
+        team.connect(&team.creds("builder", &[NS], true))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(b.identity(), "builder");
+    assert_eq!(b.announce(&store_b).await.unwrap(), 1);
+    let serving = {
+        let (b, store_b) = (b.clone(), store_b.clone());
+        tokio::spawn(async move { b.serve(&store_b).await })
+    };
+
+    let a = team
+        .connect(&team.creds("asker", &[NS], false))
+        .await
+        .unwrap();
+    let key = inputs("t1").key();
+    let offer = a.lookup(&key, NS).await.unwrap().expect("an offer");
+    assert_eq!(offer.producer, "builder");
+    assert_eq!(a.lookup(&inputs("t2").key(), NS).await.unwrap(), None);
+
+    let store_a = Store::new(work.path().join("store-a"));
+    let got = a
+        .fetch_into(&key, NS, &inputs("t1"), &store_a)
+        .await
+        .unwrap();
+    assert_eq!(got.manifest, stored_b.manifest);
+    assert_eq!(
+        fs::read(got.output_path()).unwrap(),
+        fs::read(stored_b.output_path()).unwrap()
+    );
+    assert_eq!(got.manifest.artifacts.len(), 2);
+    for art in &got.manifest.artifacts {
+        assert_eq!(
+            fs::read(store_a.blob_path(art)).unwrap(),
+            fs::read(store_b.blob_path(art)).unwrap(),
+            "{}",
+            art.path
+        );
+    }
+    assert!(store_a.get(&key).is_some(), "A now holds it locally");
+    // The relay is in the audit log.
+    assert_eq!(team.folder.state().unwrap().replays(), 1);
+
+    drop(a);
+    serving.abort();
+    team.stop().await;
+}
+
+#[tokio::test]
+async fn certificates_from_another_ca_are_refused() {
+    let team = Team::start().await;
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Folder::init(other_dir.path(), &[]).unwrap();
+    let pem = other.issue("eve", &[NS.into()], true, None).unwrap();
+    // Eve trusts the team's server (so only her own certificate is at fault).
+    let team_ca = team.folder.ca_pem().unwrap();
+    let pem = format!(
+        "{}{team_ca}",
+        pem.split("-----BEGIN CERTIFICATE-----")
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("-----BEGIN CERTIFICATE-----")
+    );
+    let eve = Arc::new(Credentials::from_pem(&pem).unwrap());
+    let err = team.connect(&eve).await.unwrap_err();
+    assert!(
+        matches!(err, PeerError::Connection(_) | PeerError::Connect(_)),
+        "{err:?}"
+    );
+    let chain = format!("{:?}", err);
+    assert!(
+        chain.contains("UnknownCA")
+            || chain.contains("unknown CA")
+            || chain.contains("certificate"),
+        "{chain}"
+    );
+    team.stop().await;
+}
+
+#[tokio::test]
+async fn expired_certificates_are_refused() {
+    let team = Team::start().await;
+    let pem = team
+        .folder
+        .issue(
+            "old",
+            &[NS.into()],
+            true,
+            Some((
+                rcgen::date_time_ymd(2020, 1, 1),
+                rcgen::date_time_ymd(2021, 1, 1),
+            )),
+        )
+        .unwrap();
+    let old = Arc::new(Credentials::from_pem(&pem).unwrap());
+    let err = team.connect(&old).await.unwrap_err();
+    let chain = format!("{err:?}");
+    assert!(
+        chain.contains("Expired") || chain.contains("expired"),
+        "{chain}"
+    );
+    team.stop().await;
+}
+
+#[tokio::test]
+async fn revoked_identities_are_refused_at_connection() {
+    let team = Team::start().await;
+    let creds = team.creds("leaver", &[NS], true);
+    let first = team.connect(&creds).await.unwrap();
+    first.close().await;
+    team.folder.revoke("leaver").unwrap();
+    let err = team.connect(&creds).await.unwrap_err();
+    match err {
+        PeerError::Connection(quinn::ConnectionError::ApplicationClosed(close)) => {
+            assert_eq!(
+                close.error_code,
+                quinn::VarInt::from_u32(server::close::REVOKED)
+            );
+            assert!(String::from_utf8_lossy(&close.reason).contains("revoked"));
+        }
+        other => panic!("expected a close for revocation, got {other:?}"),
+    }
+    // A new certificate for the same name is admitted again.
+    team.connect(&team.creds("leaver", &[NS], true))
+        .await
+        .unwrap();
+    team.stop().await;
+}
+
+#[tokio::test]
+async fn a_namespace_not_granted_looks_exactly_like_no_result() {
+    let team = Team::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let (store_b, _) = producer_store(work.path());
+    let b = team
+        .connect(&team.creds("builder", &[NS], true))
+        .await
+        .unwrap();
+    b.announce(&store_b).await.unwrap();
+    let c = team
+        .connect(&team.creds("other-team", &["example.com/other/x"], false))
+        .await
+        .unwrap();
+    let held = Message::Lookup {
+        key: inputs("t1").key(),
+        namespace: NS.into(),
+    };
+    let absent = Message::Lookup {
+        key: inputs("nope").key(),
+        namespace: NS.into(),
+    };
+    let a1 = c.request(&held).await.unwrap();
+    let a2 = c.request(&absent).await.unwrap();
+    assert_eq!(a1, Message::NotFound);
+    assert_eq!(a1, a2, "the answer leaks whether the result exists");
+    let store_c = Store::new(work.path().join("store-c"));
+    let err = c
+        .fetch_into(&inputs("t1").key(), NS, &inputs("t1"), &store_c)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FetchError::NotFound), "{err:?}");
+    assert_nothing_committed(&store_c);
+    // An untrusted producer in the same namespace is not offered either.
+    let u = team
+        .connect(&team.creds("laptop", &[NS], false))
+        .await
+        .unwrap();
+    let (store_u, _) = {
+        let d = work.path().join("u");
+        producer_store(&d)
+    };
+    u.announce(&store_u).await.unwrap();
+    drop(b);
+    let asker = team
+        .connect(&team.creds("asker", &[NS], false))
+        .await
+        .unwrap();
+    // b's connection may take a moment to be noticed as gone: closing it
+    // explicitly would be the same; poll until the index forgot it.
+    for _ in 0..100 {
+        if asker
+            .lookup(&inputs("t1").key(), NS)
+            .await
+            .unwrap()
+            .is_none()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(asker.lookup(&inputs("t1").key(), NS).await.unwrap(), None);
+    team.stop().await;
+}
+
+/// Opens a raw request stream, writes `bytes`, finishes, reads the answer.
+async fn raw(peer: &Peer, bytes: &[u8]) -> Message {
+    let (mut send, mut recv) = peer.connection().open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    send.finish().unwrap();
+    read_message(&mut recv).await.unwrap()
+}
+
+fn code(m: &Message) -> ErrorCode {
+    match m {
+        Message::Error { code, .. } => *code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn bad_frames_are_refused_with_a_clear_error() {
+    let team = Team::start().await;
+    let p = team.connect(&team.creds("p", &[NS], false)).await.unwrap();
+    let over = ((wire::MAX_FRAME + 1) as u32).to_be_bytes();
+    let mut truncated = 100u32.to_be_bytes().to_vec();
+    truncated.extend_from_slice(b"{\"type\":");
+    let unknown = {
+        let body = br#"{"type":"steal-keys"}"#;
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    };
+    let table: [(&str, Vec<u8>, ErrorCode); 4] = [
+        (
+            "over the size limit",
+            over.to_vec(),
+            ErrorCode::FrameTooLarge,
+        ),
+        ("truncated", truncated, ErrorCode::Malformed),
+        ("unknown message", unknown, ErrorCode::UnknownMessage),
+        (
+            "a message that is not a request",
+            wire::encode(&Message::Hello { version: 1 }).unwrap(),
+            ErrorCode::Unexpected,
+        ),
+    ];
+    for (name, bytes, want) in table {
+        let answer = raw(&p, &bytes).await;
+        assert_eq!(code(&answer), want, "{name}: {answer:?}");
+    }
+    // The connection is still usable after refused requests.
+    assert_eq!(p.lookup("k", NS).await.unwrap(), None);
+    team.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_versions_and_a_missing_hello_are_refused() {
+    let team = Team::start().await;
+    let creds = team.creds("p", &[NS], false);
+    let connect = || async {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(creds.client_config().unwrap());
+        let conn = endpoint
+            .connect(team.addr, "127.0.0.1")
+            .unwrap()
+            .await
+            .unwrap();
+        (endpoint, conn)
+    };
+    let (endpoint, conn) = connect().await;
+    let err = Peer::hello(endpoint, conn, creds.clone(), 99)
+        .await
+        .unwrap_err();
+    match err {
+        PeerError::Refused {
+            code: ErrorCode::UnsupportedVersion,
+            message,
+        } => assert!(
+            message.contains("99") && message.contains("[1]"),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let (_endpoint, conn) = connect().await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_message(
+        &mut send,
+        &Message::Lookup {
+            key: "k".into(),
+            namespace: NS.into(),
+        },
+    )
+    .await
+    .unwrap();
+    send.finish().unwrap();
+    assert_eq!(
+        code(&read_message(&mut recv).await.unwrap()),
+        ErrorCode::HelloFirst
+    );
+    team.stop().await;
+}
+
+/// What a misbehaving producer does to the honest transfer.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Dies after sending part of the data.
+    DieMidway,
+    /// Flips one byte of the big artifact.
+    FlipByte,
+    /// Sends a manifest (correctly signed) with the key asked but the
+    /// inputs of another run.
+    OtherInputs,
+    /// Sends a correctly signed manifest of another key.
+    OtherKey,
+    /// Sends no signature.
+    Unsigned,
+    /// Signs with another identity's key.
+    SignedByAnother,
+    /// Presents a certificate (and signature) from another CA.
+    ForeignCert,
+    /// Sends more data after the last artifact.
+    Trailing,
+}
+
+/// Bytes of `artifact` staged by a fetch into the store at `root`.
+fn staged_bytes(root: &Path, artifact: &str) -> u64 {
+    let Ok(dirs) = fs::read_dir(root.join("tmp")) else {
+        return 0;
+    };
+    dirs.flatten()
+        .filter_map(|d| fs::metadata(d.path().join("artifacts").join(artifact)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+async fn wait_until(mut cond: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("condition not met within 5 s");
+}
+
+async fn rogue_producer(
+    team: &Team,
+    store: Store,
+    stored: StoredResult,
+    fault: Fault,
+    name: &str,
+    asker_store: PathBuf,
+) -> Arc<Peer> {
+    let creds = team.creds(name, &[NS], true);
+    let other = team.creds("someone", &[NS], true);
+    let foreign_dir = tempfile::tempdir().unwrap();
+    let foreign = Folder::init(foreign_dir.path(), &[]).unwrap();
+    let foreign = Credentials::from_pem(&foreign.issue("f", &[], true, None).unwrap()).unwrap();
+    let peer = Arc::new(team.connect(&creds).await.unwrap());
+    peer.announce(&store).await.unwrap();
+    let p = peer.clone();
+    tokio::spawn(async move {
+        let (mut send, mut recv) = p.connection().accept_bi().await.unwrap();
+        let _serve = read_message(&mut recv).await.unwrap();
+        let mut transfer: Transfer = signed_transfer(&stored, &creds);
+        let mut data: Vec<Vec<u8>> = transfer_files(&store, &stored)
+            .iter()
+            .map(|f| fs::read(f).unwrap())
+            .collect();
+        match fault {
+            Fault::FlipByte => data[2][1_234_567] ^= 0x20,
+            Fault::OtherInputs => {
+                transfer.manifest.inputs = inputs("t-other");
+                transfer.signature = creds.sign(&transfer.manifest);
+            }
+            Fault::OtherKey => {
+                transfer.manifest.inputs = inputs("t-other");
+                transfer.manifest.key = inputs("t-other").key();
+                transfer.signature = creds.sign(&transfer.manifest);
+            }
+            Fault::Unsigned => transfer.signature = String::new(),
+            Fault::SignedByAnother => transfer.signature = other.sign(&transfer.manifest),
+            Fault::ForeignCert => {
+                transfer.producer_cert_pem = foreign.cert_pem().to_string();
+                transfer.signature = foreign.sign(&transfer.manifest);
+            }
+            Fault::Trailing => data.push(b"more".to_vec()),
+            Fault::DieMidway => {}
+        }
+        write_message(&mut send, &Message::Transfer(Box::new(transfer)))
+            .await
+            .unwrap();
+        let mut sent = 0;
+        for part in &data {
+            for chunk in part.chunks(64 << 10) {
+                if matches!(fault, Fault::DieMidway) && sent > 1_000_000 {
+                    // Killed once the asker is streaming the big artifact:
+                    // the connection goes away with the data half sent.
+                    wait_until(|| staged_bytes(&asker_store, "sub/big.bin") > 0).await;
+                    p.connection().close(quinn::VarInt::from_u32(9), b"killed");
+                    return;
+                }
+                let _ = send.write_all(&wire::chunk_header(chunk.len())).await;
+                let _ = send.write_all(chunk).await;
+                sent += chunk.len();
+            }
+        }
+        let _ = send.finish();
+        let _ = send.stopped().await;
+        drop(foreign_dir);
+    });
+    peer
+}
+
+#[tokio::test]
+async fn bad_transfers_are_never_committed() {
+    let team = Team::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let (store_b, stored_b) = producer_store(work.path());
+    let key = inputs("t1").key();
+    let asker = team
+        .connect(&team.creds("asker", &[NS], false))
+        .await
+        .unwrap();
+    // (fault, what the asker must say)
+    type Case = (Fault, fn(&FetchError) -> bool);
+    let table: Vec<Case> = vec![
+        (Fault::DieMidway, |e| {
+            matches!(e, FetchError::Truncated { .. })
+        }),
+        (
+            Fault::FlipByte,
+            |e| matches!(e, FetchError::Digest { part, .. } if part == "artifact sub/big.bin"),
+        ),
+        (
+            Fault::OtherInputs,
+            |e| matches!(e, FetchError::InputsDiffer(d) if d.contains("tree")),
+        ),
+        (
+            Fault::OtherKey,
+            |e| matches!(e, FetchError::Unavailable(m) if m.contains("another result")),
+        ),
+        (Fault::Unsigned, |e| matches!(e, FetchError::BadSignature)),
+        (Fault::SignedByAnother, |e| {
+            matches!(e, FetchError::BadSignature)
+        }),
+        (Fault::ForeignCert, |e| {
+            matches!(e, FetchError::ProducerCert(_))
+        }),
+        (Fault::Trailing, |e| matches!(e, FetchError::TrailingData)),
+    ];
+    for (n, (fault, expected)) in table.into_iter().enumerate() {
+        let store_a = Store::new(work.path().join(format!("store-a-{n}")));
+        let producer = rogue_producer(
+            &team,
+            store_b.clone(),
+            stored_b.clone(),
+            fault,
+            &format!("builder-{n}"),
+            store_a.root().to_path_buf(),
+        )
+        .await;
+        // Producers of earlier rounds may linger in the index until the
+        // orchestrator notices they are gone; the newest is offered first.
+        let offer = asker.lookup(&key, NS).await.unwrap().unwrap();
+        assert_eq!(offer.producer, format!("builder-{n}"));
+        let err = asker
+            .fetch_into(&key, NS, &inputs("t1"), &store_a)
+            .await
+            .unwrap_err();
+        assert!(expected(&err), "{fault:?}: got {err:?}");
+        assert!(!err.to_string().is_empty());
+        assert_nothing_committed(&store_a);
+        producer.close().await;
+    }
+    // The relays that completed (flipped byte, trailing data) are audited;
+    // the asker refused them itself.
+    assert_eq!(team.folder.state().unwrap().replays(), 2);
+    team.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_orchestrator_keeps_its_state_and_connected_peers_see_a_clear_error() {
+    let mut team = Team::start().await;
+    let ci = team.creds("ci", &[NS], true);
+    let gone = team.creds("leaver", &[NS], true);
+    let p = team.connect(&ci).await.unwrap();
+    team.connect(&gone).await.unwrap();
+    team.folder.revoke("leaver").unwrap();
+    team.restart().await;
+    // The old connection was closed by the shutdown: a lookup fails with an
+    // error the caller can fall back on, and does not hang.
+    let err = p.lookup("k", NS).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            PeerError::Connection(quinn::ConnectionError::ApplicationClosed(c))
+                if c.error_code == quinn::VarInt::from_u32(server::close::SHUTDOWN)
+        ),
+        "{err:?}"
+    );
+    // Identities and revocations survive the restart.
+    let again = team.connect(&ci).await.unwrap();
+    assert_eq!(again.identity(), "ci");
+    assert_eq!(again.lookup("k", NS).await.unwrap(), None);
+    assert!(team.connect(&gone).await.is_err());
+    team.stop().await;
+}

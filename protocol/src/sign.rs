@@ -1,0 +1,148 @@
+//! The canonical encoding of a result manifest that its producer signs.
+//!
+//! The JSON of a manifest is not stable enough to sign (field order, number
+//! and string formatting may change between serde versions), so the
+//! signature covers this encoding instead: a domain tag, then every field in
+//! a fixed order, each as a big-endian u64 length followed by its bytes
+//! (numbers as fixed-width big-endian), lists preceded by their count. No two
+//! different manifests encode alike. The crypto itself (ECDSA P-256 with
+//! the key of the producer's client certificate) lives in the executor.
+
+use crate::manifest::{Outcome, ResultManifest};
+
+/// Version of the signed encoding; part of the signed bytes.
+pub const SIGNATURE_VERSION: u32 = 1;
+
+/// The bytes a producer signs for `manifest`.
+pub fn signing_bytes(manifest: &ResultManifest) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut put = |bytes: &[u8]| {
+        out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+        out.extend_from_slice(bytes);
+    };
+    put(b"reprise-result-signature");
+    put(&SIGNATURE_VERSION.to_be_bytes());
+    put(&manifest.version.to_be_bytes());
+    put(manifest.key.as_bytes());
+    put(&manifest.inputs.encode());
+    put(manifest.commit.as_bytes());
+    put(match manifest.outcome {
+        Outcome::Passed => b"passed",
+        Outcome::Failed => b"failed",
+    });
+    put(&manifest.exit_code.to_be_bytes());
+    put(&(manifest.phases.len() as u64).to_be_bytes());
+    for phase in &manifest.phases {
+        put(phase.name.as_bytes());
+        put(&phase.ms.to_be_bytes());
+    }
+    put(&manifest.total_ms.to_be_bytes());
+    put(manifest.accel.as_bytes());
+    put(manifest.tool_version.as_bytes());
+    put(manifest.producer.host.as_bytes());
+    put(manifest.producer.user.as_bytes());
+    put(&manifest.created_at.to_be_bytes());
+    put(manifest.output_sha256.as_bytes());
+    put(&manifest.output_bytes.to_be_bytes());
+    put(&(manifest.artifacts.len() as u64).to_be_bytes());
+    for a in &manifest.artifacts {
+        put(a.path.as_bytes());
+        put(a.sha256.as_bytes());
+        put(&a.bytes.to_be_bytes());
+        put(&a.mode.to_be_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::{KEY_VERSION, KeyInputs};
+    use crate::manifest::{Artifact, MANIFEST_VERSION, Phase, Producer};
+
+    fn manifest() -> ResultManifest {
+        let inputs = KeyInputs {
+            version: KEY_VERSION,
+            namespace: "example.com/t/p".into(),
+            tree: "t".into(),
+            target: "test".into(),
+            env: Default::default(),
+            image_digest: "img".into(),
+            driver: "qemu".into(),
+        };
+        ResultManifest {
+            version: MANIFEST_VERSION,
+            key: inputs.key(),
+            inputs,
+            commit: "c".into(),
+            outcome: Outcome::Passed,
+            exit_code: 0,
+            phases: vec![Phase {
+                name: "test".into(),
+                ms: 5,
+            }],
+            total_ms: 5,
+            accel: "kvm".into(),
+            tool_version: "0.1.0".into(),
+            producer: Producer {
+                host: "h".into(),
+                user: "u".into(),
+            },
+            created_at: 10,
+            output_sha256: "aa".into(),
+            output_bytes: 3,
+            artifacts: vec![Artifact {
+                path: "a/b".into(),
+                sha256: "bb".into(),
+                bytes: 2,
+                mode: 0o644,
+            }],
+        }
+    }
+
+    #[test]
+    fn every_field_changes_the_signed_bytes() {
+        let base = signing_bytes(&manifest());
+        assert_eq!(base, signing_bytes(&manifest()), "the encoding is stable");
+        let changes: Vec<fn(&mut ResultManifest)> = vec![
+            |m| m.version += 1,
+            |m| m.key.push('0'),
+            |m| m.inputs.tree.push('x'),
+            |m| m.commit.push('x'),
+            |m| m.outcome = Outcome::Failed,
+            |m| m.exit_code = 1,
+            |m| m.phases[0].name.push('x'),
+            |m| m.phases[0].ms += 1,
+            |m| m.phases.clear(),
+            |m| m.total_ms += 1,
+            |m| m.accel = "tcg".into(),
+            |m| m.tool_version.push('x'),
+            |m| m.producer.host.push('x'),
+            |m| m.producer.user.push('x'),
+            |m| m.created_at += 1,
+            |m| m.output_sha256.push('0'),
+            |m| m.output_bytes += 1,
+            |m| m.artifacts[0].path.push('x'),
+            |m| m.artifacts[0].sha256.push('0'),
+            |m| m.artifacts[0].bytes += 1,
+            |m| m.artifacts[0].mode = 0o755,
+            |m| m.artifacts.clear(),
+        ];
+        for (n, change) in changes.into_iter().enumerate() {
+            let mut m = manifest();
+            change(&mut m);
+            assert_ne!(signing_bytes(&m), base, "change {n} kept the signed bytes");
+        }
+    }
+
+    #[test]
+    fn fields_cannot_shift_into_each_other() {
+        let mut a = manifest();
+        let mut b = manifest();
+        a.producer.host = "ab".into();
+        a.producer.user = "c".into();
+        b.producer.host = "a".into();
+        b.producer.user = "bc".into();
+        assert_ne!(signing_bytes(&a), signing_bytes(&b));
+    }
+}

@@ -1,0 +1,532 @@
+//! The orchestrator protocol: messages between executors and the
+//! orchestrator, their framing, and the records the orchestrator persists.
+//!
+//! Every message is a frame: a big-endian u32 length and a JSON body of at
+//! most [`MAX_FRAME`] bytes. A result's data follows its [`Transfer`] header
+//! as binary chunk frames (a big-endian u32 length and at most
+//! [`MAX_CHUNK`] bytes): first the output record, then every artifact in
+//! the manifest's order, the sizes given by the manifest. Every connection
+//! starts with [`Message::Hello`]; the ALPN is [`ALPN`]. Nothing here does
+//! IO: the readers and writers live in the orchestrator and the executor.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::manifest::ResultManifest;
+
+/// The ALPN protocol id of the orchestrator protocol.
+pub const ALPN: &[u8] = b"reprise/1";
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Every protocol version this build accepts in a `Hello`.
+pub const SUPPORTED_VERSIONS: &[u32] = &[PROTOCOL_VERSION];
+
+/// Largest body of a control message frame.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Largest body of a data chunk frame.
+pub const MAX_CHUNK: usize = 1 << 20;
+
+/// Length of a frame header.
+pub const HEADER_LEN: usize = 4;
+
+/// A result held by an executor: its key and repository namespace.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Held {
+    pub key: String,
+    pub namespace: String,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// The `Hello` named a version this side does not speak.
+    UnsupportedVersion,
+    /// The first message of a connection was not `Hello`.
+    HelloFirst,
+    /// A message type this side does not know.
+    UnknownMessage,
+    /// A frame longer than the limit.
+    FrameTooLarge,
+    /// A frame that does not decode.
+    Malformed,
+    /// A known message where it makes no sense.
+    Unexpected,
+    /// The producer of a result is gone or could not serve it.
+    Unavailable,
+    /// The result is not (or no longer) held.
+    NotFound,
+    /// A code from a newer peer.
+    #[serde(other)]
+    Other,
+}
+
+/// The header of a result transfer; the output record and the artifacts
+/// follow as chunk frames, sized by the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    pub manifest: ResultManifest,
+    /// The producer's ECDSA signature (ASN.1 DER, hex) over
+    /// [`crate::sign::signing_bytes`] of the manifest.
+    pub signature: String,
+    /// The producer's client certificate, PEM.
+    pub producer_cert_pem: String,
+}
+
+impl Transfer {
+    /// The data that follows the header, in order: (what, bytes, sha256).
+    pub fn parts(&self) -> Vec<(String, u64, String)> {
+        let m = &self.manifest;
+        let mut parts = vec![(
+            "output record".to_string(),
+            m.output_bytes,
+            m.output_sha256.clone(),
+        )];
+        for a in &m.artifacts {
+            parts.push((format!("artifact {}", a.path), a.bytes, a.sha256.clone()));
+        }
+        parts
+    }
+}
+
+/// A message of the orchestrator protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Message {
+    /// First message of every connection, executor to orchestrator.
+    Hello {
+        version: u32,
+    },
+    /// The answer to `Hello`: who the orchestrator takes the executor for.
+    Welcome {
+        identity: String,
+        repos: Vec<String>,
+        trusted: bool,
+    },
+    /// Results the executor holds and will serve.
+    Announce {
+        results: Vec<Held>,
+    },
+    /// The answer to `Announce`: how many were indexed (results for
+    /// repositories the executor was not granted are not).
+    Announced {
+        accepted: u32,
+    },
+    /// Is there a producer for this result?
+    Lookup {
+        key: String,
+        namespace: String,
+    },
+    /// A trusted producer holds it.
+    Offer {
+        producer: String,
+    },
+    /// No result the asker may read: the same answer whether a result
+    /// exists in a repository the asker may not read or not at all.
+    NotFound,
+    /// Send me the result (answered with a `Transfer` and chunks).
+    Fetch {
+        key: String,
+        namespace: String,
+    },
+    /// Orchestrator to producer, on a stream it opens: send this result.
+    Serve {
+        key: String,
+        namespace: String,
+    },
+    /// A result's header; chunk frames follow.
+    Transfer(Box<Transfer>),
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// The `type` tags of every message this build knows.
+const KNOWN: &[&str] = &[
+    "hello",
+    "welcome",
+    "announce",
+    "announced",
+    "lookup",
+    "offer",
+    "not-found",
+    "fetch",
+    "serve",
+    "transfer",
+    "error",
+];
+
+impl Message {
+    /// A refusal.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Message {
+        Message::Error {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The answer to a `Hello` with `version`: `None` when it is spoken,
+    /// otherwise the error to send back.
+    pub fn check_version(version: u32) -> Option<Message> {
+        (!SUPPORTED_VERSIONS.contains(&version)).then(|| {
+            Message::error(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "protocol version {version} is not supported; this orchestrator speaks {:?}",
+                    SUPPORTED_VERSIONS
+                ),
+            )
+        })
+    }
+}
+
+/// What is wrong with a frame.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame of {len} bytes is over the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("unknown message type {0:?}")]
+    UnknownMessage(String),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+/// Encodes a message as one frame.
+pub fn encode(message: &Message) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(message).expect("messages serialise");
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge {
+            len: body.len(),
+            max: MAX_FRAME,
+        });
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// The body length announced by a frame header, refused over `max` (so a
+/// reader never allocates or waits for an oversized body).
+pub fn body_len(header: [u8; HEADER_LEN], max: usize) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    Ok(len)
+}
+
+/// Decodes a control message body.
+pub fn decode(body: &[u8]) -> Result<Message, FrameError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    match value.get("type").and_then(|t| t.as_str()) {
+        Some(tag) if !KNOWN.contains(&tag) => {
+            return Err(FrameError::UnknownMessage(tag.to_string()));
+        }
+        _ => {}
+    }
+    serde_json::from_value(value).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Decodes the first frame of `buf`: the message and the bytes it took, or
+/// `None` when `buf` holds only part of a frame.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(Message, usize)>, FrameError> {
+    let Some(header) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    let len = body_len(header.try_into().expect("4 bytes"), MAX_FRAME)?;
+    let Some(body) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
+        return Ok(None);
+    };
+    Ok(Some((decode(body)?, HEADER_LEN + len)))
+}
+
+/// The header of a data chunk of `len` bytes (at most [`MAX_CHUNK`]).
+pub fn chunk_header(len: usize) -> [u8; HEADER_LEN] {
+    assert!(len <= MAX_CHUNK, "chunk of {len} bytes over the limit");
+    (len as u32).to_be_bytes()
+}
+
+/// Version of the orchestrator's persisted records.
+pub const STATE_VERSION: u32 = 1;
+
+/// One line of the orchestrator's append-only state log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum StateEvent {
+    /// A client certificate was issued to `name`; it is known by the
+    /// sha256 of its DER encoding. Re-issuing replaces the grants.
+    Issued {
+        name: String,
+        cert_sha256: String,
+        repos: Vec<String>,
+        trusted: bool,
+        at: u64,
+    },
+    /// Every certificate of `name` is refused from now on.
+    Revoked { name: String, at: u64 },
+    /// `asker` was sent `key` of `namespace` produced by `producer`.
+    Replayed {
+        asker: String,
+        producer: String,
+        key: String,
+        namespace: String,
+        at: u64,
+    },
+}
+
+/// A line of the state log: the event and the log's version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateRecord {
+    pub version: u32,
+    #[serde(flatten)]
+    pub event: StateEvent,
+}
+
+/// The orchestrator's config file (`config.json` in its folder).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrchestratorConfig {
+    pub version: u32,
+    /// The CA that client certificates must chain to (PEM file, relative to
+    /// the folder); an externally managed CA may be put here instead.
+    pub client_ca: String,
+    /// The CA's key, when this orchestrator issues certificates itself.
+    pub ca_key: Option<String>,
+    pub server_cert: String,
+    pub server_key: String,
+    /// The append-only state log.
+    pub state_log: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(m: Message) {
+        let frame = encode(&m).unwrap();
+        let (back, used) = decode_frame(&frame).unwrap().unwrap();
+        assert_eq!(back, m);
+        assert_eq!(used, frame.len());
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let table = vec![
+            Message::Hello { version: 1 },
+            Message::Welcome {
+                identity: "ci".into(),
+                repos: vec!["a/b".into()],
+                trusted: true,
+            },
+            Message::Announce {
+                results: vec![Held {
+                    key: "k".into(),
+                    namespace: "n".into(),
+                }],
+            },
+            Message::Announced { accepted: 1 },
+            Message::Lookup {
+                key: "k".into(),
+                namespace: "n".into(),
+            },
+            Message::Offer {
+                producer: "ci".into(),
+            },
+            Message::NotFound,
+            Message::Fetch {
+                key: "k".into(),
+                namespace: "n".into(),
+            },
+            Message::Serve {
+                key: "k".into(),
+                namespace: "n".into(),
+            },
+            Message::error(ErrorCode::FrameTooLarge, "too big"),
+        ];
+        assert_eq!(table.len() + 1, KNOWN.len(), "transfer is tested below");
+        for m in table {
+            roundtrip(m);
+        }
+    }
+
+    #[test]
+    fn the_wire_form_is_tagged_json() {
+        let frame = encode(&Message::Hello { version: 7 }).unwrap();
+        assert_eq!(&frame[..4], &(frame.len() as u32 - 4).to_be_bytes());
+        assert_eq!(&frame[4..], br#"{"type":"hello","version":7}"#);
+        assert_eq!(
+            serde_json::to_string(&Message::NotFound).unwrap(),
+            r#"{"type":"not-found"}"#
+        );
+    }
+
+    #[test]
+    fn bad_frames_are_refused() {
+        let oversized = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        // (case, bytes, the bytes the frame took or the refusal)
+        type Case = (&'static str, Vec<u8>, Result<Option<usize>, FrameError>);
+        let table: Vec<Case> = vec![
+            ("empty", vec![], Ok(None)),
+            ("partial header", vec![0, 0], Ok(None)),
+            (
+                "truncated body",
+                {
+                    let mut f = encode(&Message::NotFound).unwrap();
+                    f.pop();
+                    f
+                },
+                Ok(None),
+            ),
+            (
+                "over the limit",
+                oversized.to_vec(),
+                Err(FrameError::TooLarge {
+                    len: MAX_FRAME + 1,
+                    max: MAX_FRAME,
+                }),
+            ),
+            (
+                "max u32 length",
+                vec![0xff; 4],
+                Err(FrameError::TooLarge {
+                    len: u32::MAX as usize,
+                    max: MAX_FRAME,
+                }),
+            ),
+            (
+                "unknown message",
+                {
+                    let body = br#"{"type":"steal-keys","all":true}"#;
+                    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+                    f.extend_from_slice(body);
+                    f
+                },
+                Err(FrameError::UnknownMessage("steal-keys".into())),
+            ),
+            (
+                "complete",
+                encode(&Message::NotFound).unwrap(),
+                Ok(Some(4 + 20)),
+            ),
+        ];
+        for (name, frame, want) in table {
+            let got = decode_frame(&frame).map(|o| o.map(|(_, used)| used));
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn malformed_bodies_are_refused() {
+        for body in [
+            &b"not json"[..],
+            br#"{"no":"type"}"#,
+            br#"{"type":"hello"}"#,
+            br#"{"type":"hello","version":"one"}"#,
+            br#"[1,2]"#,
+        ] {
+            assert!(
+                matches!(decode(body), Err(FrameError::Malformed(_))),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_messages_are_not_encoded() {
+        let m = Message::error(ErrorCode::Other, "x".repeat(MAX_FRAME));
+        assert!(matches!(encode(&m), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn unknown_error_codes_decode_as_other() {
+        let m = decode(br#"{"type":"error","code":"quota-exceeded","message":"m"}"#).unwrap();
+        assert_eq!(m, Message::error(ErrorCode::Other, "m"));
+    }
+
+    #[test]
+    fn versions_are_checked() {
+        assert_eq!(Message::check_version(PROTOCOL_VERSION), None);
+        match Message::check_version(99) {
+            Some(Message::Error {
+                code: ErrorCode::UnsupportedVersion,
+                message,
+            }) => assert!(
+                message.contains("99") && message.contains("[1]"),
+                "{message}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn transfers_round_trip_and_list_their_parts() {
+        use crate::key::KeyInputs;
+        use crate::manifest::{Artifact, Outcome, Producer};
+        let inputs = KeyInputs {
+            version: 1,
+            namespace: "n".into(),
+            tree: "t".into(),
+            target: "test".into(),
+            env: Default::default(),
+            image_digest: "i".into(),
+            driver: "qemu".into(),
+        };
+        let t = Transfer {
+            manifest: ResultManifest {
+                version: 1,
+                key: inputs.key(),
+                inputs,
+                commit: "c".into(),
+                outcome: Outcome::Passed,
+                exit_code: 0,
+                phases: vec![],
+                total_ms: 1,
+                accel: "kvm".into(),
+                tool_version: "0".into(),
+                producer: Producer {
+                    host: "h".into(),
+                    user: "u".into(),
+                },
+                created_at: 1,
+                output_sha256: "o".into(),
+                output_bytes: 3,
+                artifacts: vec![Artifact {
+                    path: "x".into(),
+                    sha256: "s".into(),
+                    bytes: 2,
+                    mode: 0o644,
+                }],
+            },
+            signature: "3045".into(),
+            producer_cert_pem: "pem".into(),
+        };
+        assert_eq!(
+            t.parts(),
+            vec![
+                ("output record".to_string(), 3, "o".to_string()),
+                ("artifact x".to_string(), 2, "s".to_string())
+            ]
+        );
+        roundtrip(Message::Transfer(Box::new(t)));
+    }
+
+    #[test]
+    fn state_records_carry_their_version() {
+        let r = StateRecord {
+            version: STATE_VERSION,
+            event: StateEvent::Revoked {
+                name: "x".into(),
+                at: 3,
+            },
+        };
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(line, r#"{"version":1,"event":"revoked","name":"x","at":3}"#);
+        assert_eq!(serde_json::from_str::<StateRecord>(&line).unwrap(), r);
+    }
+}
