@@ -89,6 +89,10 @@ struct RunArgs {
     /// Keep the run's work folder (tree, console log, artifacts) and say where.
     #[arg(long)]
     keep: bool,
+    /// Return at once instead of staying connected to the orchestrator to
+    /// serve results to peers (for CI).
+    #[arg(long)]
+    no_serve: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -228,11 +232,19 @@ fn main() -> ExitCode {
         .build()
         .expect("tokio runtime");
     let code = runtime.block_on(async {
+        let run = run(cli);
+        tokio::pin!(run);
         tokio::select! {
-            code = run(cli) => code,
+            code = &mut run => code,
             _ = interrupted() => {
-                eprintln!("reprise: interrupted; stopping the VM, nothing was kept");
-                Ok(exit::INTERRUPTED)
+                if SERVING.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Connected mode ends on the same signal, with the run's
+                    // own exit code.
+                    run.await
+                } else {
+                    eprintln!("reprise: interrupted; stopping the VM, nothing was kept");
+                    Ok(exit::INTERRUPTED)
+                }
             }
         }
     });
@@ -247,6 +259,10 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Set once `reprise run` has its result and only serves it to peers: a
+/// signal then ends the serving, not the run.
+static SERVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 async fn interrupted() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -303,7 +319,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 fresh: args.fresh,
                 keep_work: args.keep,
             };
-            let outcome = pipeline::run(&req, &Terminal).await?;
+            let peer = pipeline::connect_orchestrator(&req.dir, &Terminal).await;
+            let outcome = pipeline::run(&req, peer.as_ref(), &Terminal).await?;
+            if let Some(peer) = &peer {
+                if args.no_serve {
+                    peer.close().await;
+                } else {
+                    SERVING.store(true, std::sync::atomic::Ordering::SeqCst);
+                    pipeline::serve_results(peer, interrupted(), &Terminal).await;
+                }
+            }
             Ok(outcome.exit_code())
         }
         Cmd::Key(args) => key(args),

@@ -16,11 +16,13 @@ use thiserror::Error;
 use crate::accel::{self, Accel, AccelFacts};
 use crate::image::{Image, ImageCache, ImageError};
 use crate::layers::{LayerError, Layers};
+use crate::peer::{Credentials, Peer, Settings};
 use crate::redact::Redactor;
 use crate::replay::{self, ReplayError};
 use crate::repo::{Checkout, RepoError, Revision};
 use crate::store::{Lookup, Retention, Store, StoreError, StoredResult};
 use crate::vm::{BootError, GuestCommand, Stream, Vm, VmConfig, VmError};
+use std::sync::Arc;
 
 /// The driver class that goes into the key.
 pub const DRIVER: &str = "qemu";
@@ -210,8 +212,112 @@ pub fn mkfile_defines(mkfile: &str, target: &str) -> bool {
     })
 }
 
-/// Runs (or replays) the request.
-pub async fn run(req: &RunRequest, ui: &dyn Ui) -> Result<RunOutcome, RunError> {
+/// Connects to the orchestrator named by `REPRISE_ORCHESTRATOR` and
+/// `REPRISE_CREDENTIALS` (environment, else `.env` at the repository root).
+/// `None`, with a one-line note when something was configured but could not
+/// be used: a run never fails for want of an orchestrator.
+pub async fn connect_orchestrator(dir: &Path, ui: &dyn Ui) -> Option<Peer> {
+    let root = Checkout::discover(dir).ok().map(|c| c.root());
+    let settings = Settings::from_env(root.as_deref())?;
+    let creds = match Credentials::load(&settings.credentials) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            ui.note(&format!(
+                "cannot use the credentials {}: {e}; running without the orchestrator",
+                settings.credentials.display()
+            ));
+            return None;
+        }
+    };
+    let connect = Peer::connect(&settings.orchestrator, creds);
+    match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Ok(Ok(peer)) => Some(peer),
+        Ok(Err(e)) => {
+            ui.note(&format!(
+                "cannot reach the orchestrator at {}: {e}; running without it",
+                settings.orchestrator
+            ));
+            None
+        }
+        Err(_) => {
+            ui.note(&format!(
+                "the orchestrator at {} did not answer within 5s; running without it",
+                settings.orchestrator
+            ));
+            None
+        }
+    }
+}
+
+/// Asks the orchestrator for a trusted peer's result and fetches it; every
+/// check happens in [`Peer::fetch_into`] before anything is committed. Any
+/// failure is a note and a real run.
+async fn fetch_from_peers(
+    peer: &Peer,
+    inputs: &KeyInputs,
+    store: &Store,
+    ui: &dyn Ui,
+) -> Option<(StoredResult, String)> {
+    let key = inputs.key();
+    let offer = match peer.lookup(&key, &inputs.namespace).await {
+        Ok(Some(offer)) => offer,
+        Ok(None) => return None,
+        Err(e) => {
+            ui.note(&format!(
+                "orchestrator lookup failed: {e}; running the tests here"
+            ));
+            return None;
+        }
+    };
+    match peer
+        .fetch_into(&key, &inputs.namespace, inputs, store)
+        .await
+    {
+        Ok(result) => Some((result, offer.producer)),
+        Err(e) => {
+            ui.note(&format!(
+                "the result offered by {} was refused: {e}; running the tests here",
+                offer.producer
+            ));
+            None
+        }
+    }
+}
+
+/// Announces the local store's results and serves them to peers until
+/// `stop` completes (connected mode).
+pub async fn serve_results(peer: &Peer, stop: impl std::future::Future<Output = ()>, ui: &dyn Ui) {
+    let store = Store::default_location();
+    match peer.announce(&store).await {
+        Ok(n) => ui.note(&format!(
+            "serving {n} result(s) to peers as {}; Ctrl-C to stop",
+            peer.identity()
+        )),
+        Err(e) => {
+            ui.note(&format!(
+                "announcing results to the orchestrator failed: {e}"
+            ));
+            return;
+        }
+    }
+    tokio::select! {
+        served = peer.serve(&store) => {
+            if let Err(e) = served {
+                ui.note(&format!("the orchestrator connection ended: {e}"));
+            }
+        }
+        () = stop => {}
+    }
+    peer.close().await;
+}
+
+/// Runs (or replays) the request. `remote` is the orchestrator, if one is
+/// configured and reachable: asked on a local miss.
+pub async fn run(
+    req: &RunRequest,
+    remote: Option<&Peer>,
+    ui: &dyn Ui,
+) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
     let keyed = compute_key(
         &req.dir,
@@ -228,7 +334,7 @@ pub async fn run(req: &RunRequest, ui: &dyn Ui) -> Result<RunOutcome, RunError> 
     let key = keyed.inputs.key();
     match store.lookup(&keyed.inputs) {
         Lookup::Hit(result) => {
-            replay_result(&store, &result, &req.artifacts_dir, ui)?;
+            replay_result(&store, &result, &req.artifacts_dir, Source::Local, ui)?;
             return Ok(RunOutcome::Replayed(result));
         }
         Lookup::Miss { nearest } => {
@@ -242,6 +348,18 @@ pub async fn run(req: &RunRequest, ui: &dyn Ui) -> Result<RunOutcome, RunError> 
                 ));
             }
         }
+    }
+    if let Some(peer) = remote
+        && let Some((result, producer)) = fetch_from_peers(peer, &keyed.inputs, &store, ui).await
+    {
+        replay_result(
+            &store,
+            &result,
+            &req.artifacts_dir,
+            Source::Peer(producer),
+            ui,
+        )?;
+        return Ok(RunOutcome::Replayed(result));
     }
     let mkfile = keyed.revision.mkfile.as_deref().ok_or_else(|| {
         RunError::Contract(format!(
@@ -382,10 +500,19 @@ fn artifacts_note(result: &StoredResult, dir: &Path) -> String {
 }
 
 /// Replays a stored result and says where it came from.
+/// Where a replayed result came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Local,
+    /// Through the orchestrator, from the named identity.
+    Peer(String),
+}
+
 pub fn replay_result(
     store: &Store,
     result: &StoredResult,
     artifacts: &Path,
+    source: Source,
     ui: &dyn Ui,
 ) -> Result<(), RunError> {
     // Everything is checked before a byte reaches the user's streams.
@@ -394,8 +521,15 @@ pub fn replay_result(
     replay::write_output(&entries, &mut std::io::stdout(), &mut std::io::stderr())
         .map_err(|e| RunError::Infra(format!("writing the replayed output: {e}")))?;
     let m = &result.manifest;
+    let (from, counts) = match source {
+        Source::Local => ("the local store".to_string(), "a local result"),
+        Source::Peer(identity) => (
+            format!("peer '{identity}' through the orchestrator"),
+            "counts for CI: the producer is trusted for this repository",
+        ),
+    };
     ui.note(&format!(
-        "replayed result {} from the local store: produced by {}@{} {} ago, took {:.1}s under {} ({}){}",
+        "replayed result {} from {from}: produced by {}@{} {} ago, took {:.1}s under {} ({}; {counts}){}",
         &m.key[..12],
         m.producer.user,
         m.producer.host,
