@@ -1,37 +1,75 @@
 #!/usr/bin/env bash
-# The main job, end to end: builds Reprise and the base image, makes a git
-# repository of examples/hello, runs its tests for real in a VM, then runs
-# again and replays the stored result without booting anything.
+# The main job, end to end, on examples/hello:
+#   1. a team orchestrator on loopback (mTLS, certificates made by its init);
+#   2. executor A runs the tests for real in a fresh VM, then stays connected
+#      serving its result;
+#   3. A runs again: the same key, replayed from its local store;
+#   4. executor B, on another clone with its own store, replays A's result
+#      through the orchestrator without booting anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo build --workspace --locked
-reprise=$PWD/target/x86_64-unknown-linux-gnu/debug/reprise
-"$reprise" image build
+bin=$PWD/target/x86_64-unknown-linux-gnu/debug
+"$bin/reprise" image build
 
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-export XDG_DATA_HOME=$work/data   # a store of its own, so the first run is real
-cp -r examples/hello "$work/hello"
-cd "$work/hello"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+ms() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
+
+cp -r examples/hello "$work/a"
+cd "$work/a"
 git init -q -b main
 git add -A
 git -c user.name=demo -c user.email=demo@example.com commit -q -m "hello"
+git clone -q "$work/a" "$work/b"
+namespace=$(XDG_DATA_HOME=$work/data-a "$bin/reprise" key --json |
+  sed -n 's/.*"namespace": "\(.*\)".*/\1/p')
 
-echo "== first run: a real run in a fresh VM"
-start=$(date +%s%N)
-"$reprise" run
-first=$(( ($(date +%s%N) - start) / 1000000 ))
+echo "== orchestrator: a team CA, two executors' credentials, serving on loopback"
+"$bin/reprise-orchestrator" init --dir "$work/orch"
+"$bin/reprise-orchestrator" issue --dir "$work/orch" --name alice --repo "$namespace" --trusted --out "$work/alice.pem"
+"$bin/reprise-orchestrator" issue --dir "$work/orch" --name ci --repo "$namespace" --out "$work/ci.pem"
+port=$(( 20000 + RANDOM % 20000 ))
+"$bin/reprise-orchestrator" serve --dir "$work/orch" --listen "127.0.0.1:$port" 2>"$work/orch.log" &
+pids+=($!)
+export REPRISE_ORCHESTRATOR=127.0.0.1:$port
 
 echo
-echo "== second run: the same key, replayed from the local store"
+echo "== executor A: a real run in a fresh VM, then connected mode"
 start=$(date +%s%N)
-"$reprise" run
-second=$(( ($(date +%s%N) - start) / 1000000 ))
+XDG_DATA_HOME=$work/data-a REPRISE_CREDENTIALS=$work/alice.pem "$bin/reprise" run \
+  > >(tee "$work/a.out") 2> >(tee "$work/a.err" >&2) &
+pids+=($!)
+until grep -q "serving .* to peers" "$work/a.err" 2>/dev/null; do
+  kill -0 "${pids[-1]}" 2>/dev/null || { echo "executor A stopped"; exit 1; }
+  sleep 1
+done
+first=$(ms "$start")
+
+echo
+echo "== executor A again: the same key, replayed from its local store"
+start=$(date +%s%N)
+XDG_DATA_HOME=$work/data-a REPRISE_CREDENTIALS=$work/alice.pem "$bin/reprise" run --no-serve
+local_replay=$(ms "$start")
+
+echo
+echo "== executor B, another clone and store: replayed through the orchestrator"
+cd "$work/b"
+start=$(date +%s%N)
+XDG_DATA_HOME=$work/data-b REPRISE_CREDENTIALS=$work/ci.pem "$bin/reprise" run --no-serve
+peer_replay=$(ms "$start")
+cmp "$work/a/reprise-artifacts/report.txt" "$work/b/reprise-artifacts/report.txt"
 
 echo
 echo "== the key and its inputs"
-"$reprise" key --explain
+XDG_DATA_HOME=$work/data-b "$bin/reprise" key --explain
 echo
-echo "real run: ${first} ms, replay: ${second} ms"
-ls -l reprise-artifacts
+echo "real run (A, until serving): ${first} ms; local replay (A): ${local_replay} ms; replay through the orchestrator (B): ${peer_replay} ms"
+kill -INT "${pids[1]}" 2>/dev/null || true

@@ -319,15 +319,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 fresh: args.fresh,
                 keep_work: args.keep,
             };
-            let peer = pipeline::connect_orchestrator(&req.dir, &Terminal).await;
-            let outcome = pipeline::run(&req, peer.as_ref(), &Terminal).await?;
-            if let Some(peer) = &peer {
-                if args.no_serve {
+            let mut remote = pipeline::Remote::new(&req.dir);
+            let outcome = pipeline::run(&req, &mut remote, &Terminal).await?;
+            if args.no_serve {
+                if let Some(peer) = remote.connected() {
                     peer.close().await;
-                } else {
-                    SERVING.store(true, std::sync::atomic::Ordering::SeqCst);
-                    pipeline::serve_results(peer, interrupted(), &Terminal).await;
                 }
+            } else if let Some(peer) = remote.get(&Terminal).await {
+                SERVING.store(true, std::sync::atomic::Ordering::SeqCst);
+                pipeline::serve_results(peer, interrupted(), &Terminal).await;
             }
             Ok(outcome.exit_code())
         }
@@ -439,8 +439,10 @@ fn key(args: KeyArgs) -> anyhow::Result<i32> {
     }
     match lookup {
         Lookup::Hit(r) => println!(
-            "stored: yes, produced {} by {}@{}",
-            r.manifest.created_at, r.manifest.producer.user, r.manifest.producer.host
+            "stored: yes, produced {}s ago by {}@{}",
+            reprise_executor::store::now_secs().saturating_sub(r.manifest.created_at),
+            r.manifest.producer.user,
+            r.manifest.producer.host
         ),
         Lookup::Miss { nearest: None } => println!(
             "stored: no, and no other result of {} is stored",

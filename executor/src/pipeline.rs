@@ -212,6 +212,39 @@ pub fn mkfile_defines(mkfile: &str, target: &str) -> bool {
     })
 }
 
+/// The orchestrator connection, made on first need: a local hit with
+/// `--no-serve` never connects.
+#[derive(Debug)]
+pub struct Remote {
+    dir: PathBuf,
+    peer: Option<Peer>,
+    tried: bool,
+}
+
+impl Remote {
+    pub fn new(dir: &Path) -> Remote {
+        Remote {
+            dir: dir.to_path_buf(),
+            peer: None,
+            tried: false,
+        }
+    }
+
+    /// The connection, if an orchestrator is configured and reachable.
+    pub async fn get(&mut self, ui: &dyn Ui) -> Option<&Peer> {
+        if !self.tried {
+            self.tried = true;
+            self.peer = connect_orchestrator(&self.dir, ui).await;
+        }
+        self.peer.as_ref()
+    }
+
+    /// The connection if one was made.
+    pub fn connected(&self) -> Option<&Peer> {
+        self.peer.as_ref()
+    }
+}
+
 /// Connects to the orchestrator named by `REPRISE_ORCHESTRATOR` and
 /// `REPRISE_CREDENTIALS` (environment, else `.env` at the repository root).
 /// `None`, with a one-line note when something was configured but could not
@@ -311,11 +344,11 @@ pub async fn serve_results(peer: &Peer, stop: impl std::future::Future<Output = 
     peer.close().await;
 }
 
-/// Runs (or replays) the request. `remote` is the orchestrator, if one is
-/// configured and reachable: asked on a local miss.
+/// Runs (or replays) the request. `remote` is the orchestrator, asked on a
+/// local miss.
 pub async fn run(
     req: &RunRequest,
-    remote: Option<&Peer>,
+    remote: &mut Remote,
     ui: &dyn Ui,
 ) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
@@ -349,7 +382,7 @@ pub async fn run(
             }
         }
     }
-    if let Some(peer) = remote
+    if let Some(peer) = remote.get(ui).await
         && let Some((result, producer)) = fetch_from_peers(peer, &keyed.inputs, &store, ui).await
     {
         replay_result(
