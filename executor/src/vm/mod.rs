@@ -371,7 +371,7 @@ impl Vm {
 
         let failed = |child: &mut Child, status: Option<std::process::ExitStatus>| {
             let _ = child.start_kill();
-            let console = tail_file(&console, 30);
+            let console = console_excerpt(&console, 30);
             let qemu_log = tail_file(&qemu_log, 10);
             match status {
                 Some(status) => BootError::Exited {
@@ -979,6 +979,33 @@ pub fn tail_file(path: &Path, n: usize) -> String {
     crate::paths::tail_lines(&String::from_utf8_lossy(&bytes), n)
 }
 
+/// The console's last `n` lines, preceded by the lines that say why a boot
+/// failed (a kernel panic, our init's complaints) when they scrolled out of
+/// the tail, as a panic's stack trace makes them do.
+pub fn console_excerpt(path: &Path, n: usize) -> String {
+    let text = String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
+    excerpt(&text, n)
+}
+
+fn excerpt(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    let telling = |l: &str| {
+        l.contains("Kernel panic") || l.contains("reprise-init") || l.contains("reprise-initrd")
+    };
+    let mut out: Vec<&str> = lines[..start]
+        .iter()
+        .copied()
+        .filter(|l| telling(l))
+        .take(5)
+        .collect();
+    if !out.is_empty() {
+        out.push("...");
+    }
+    out.extend(&lines[start..]);
+    out.join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1061,6 +1088,20 @@ mod tests {
         assert_eq!(data_disk_path("/repository"), None);
         assert_eq!(data_disk_path("/reprise/../etc"), None);
         assert_eq!(data_disk_path("/var/run/ci/artifacts"), None);
+    }
+
+    #[test]
+    fn the_reason_for_a_panic_survives_a_long_stack_trace() {
+        let mut text =
+            String::from("boot\n[ 2.8] Kernel panic - not syncing: Attempted to kill init!\n");
+        for i in 0..50 {
+            text.push_str(&format!("[ 2.8] frame {i}\n"));
+        }
+        let e = excerpt(&text, 10);
+        assert!(e.starts_with("[ 2.8] Kernel panic"), "{e}");
+        assert!(e.ends_with("frame 49"), "{e}");
+        assert_eq!(e.lines().count(), 12);
+        assert_eq!(excerpt("a\nb", 10), "a\nb");
     }
 
     #[test]
