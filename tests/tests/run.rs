@@ -575,3 +575,40 @@ fn a_second_real_run_reuses_the_repository_snapshot() {
         dropped.stdout
     );
 }
+
+#[test]
+fn the_realistic_example_builds_its_image_from_a_containerfile_and_passes() {
+    let s = Sandbox::new();
+    s.git_init();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/wordfreq/.");
+    let copied = Command::new("cp")
+        .arg("-r")
+        .arg(&example)
+        .arg(s.repo())
+        .status()
+        .expect("cp runs");
+    assert!(copied.success());
+    s.commit("wordfreq");
+    let _vm = vm_lock();
+    let first = s.run(&["run", "--no-serve"]);
+    first.expect_code(code::SUCCESS, "wordfreq's tests");
+    assert!(
+        first.stdout.contains("5 passed, 0 failed"),
+        "{}",
+        first.stdout
+    );
+    let report =
+        fs::read_to_string(s.repo().join("reprise-artifacts/test-report.txt")).unwrap_or_default();
+    assert!(
+        report.contains("PASS punct"),
+        "the report artifact: {report:?}"
+    );
+    let replay = s.run(&["run", "--no-serve"]);
+    replay.expect_code(code::SUCCESS, "replay");
+    assert!(replay.replayed() && !replay.booted(), "{}", replay.stderr);
+    assert!(
+        replay.stdout.ends_with("5 passed, 0 failed\n"),
+        "{}",
+        replay.stdout
+    );
+}
