@@ -451,3 +451,31 @@ async fn timed_out_commands_left_their_processes_running() {
     .await;
     vm.shutdown().await;
 }
+
+/// Regression: the guest agent shared a session with the commands it runs,
+/// so a stopped job whose process group became orphaned (the kernel then
+/// sends SIGHUP to the whole group) killed the agent, and with it PID 1: a
+/// kernel panic. The timeout kill, which stops a tree before killing it,
+/// hit this now and then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphaned_stopped_job_does_not_take_the_agent_down() {
+    let vm = TestVm::boot("orphan", &vm_config()).await;
+    // `(sleep 0.3 &)` leaves a process whose parent is init; when it exits
+    // while `sleep 30` is stopped, its process group counts as orphaned.
+    let script = "sleep 30 & s=$!; kill -STOP $s; (sleep 0.3 &); sleep 1.5; \
+                  kill -KILL $s; echo survived";
+    let out = vm.sh(script).await;
+    assert_eq!(
+        (out.code, String::from_utf8_lossy(&out.stdout).trim()),
+        (0, "survived"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, stdout, _) = streamed(&vm, &GuestCommand::shell(script)).await;
+    assert_eq!(
+        (code, String::from_utf8_lossy(&stdout).trim()),
+        (0, "survived")
+    );
+    assert_eq!(vm.sh_ok("echo still here").await, "still here\n");
+    vm.shutdown().await;
+}

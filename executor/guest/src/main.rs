@@ -9,6 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
@@ -100,6 +101,10 @@ fn exec(req: Request) -> std::io::Result<i32> {
     send(&port, &Frame::Start(req.id.clone()))?;
 
     let mut cmd = Command::new(&req.argv[0]);
+    // A process group of its own: a `kill 0` in the command, or the kernel's
+    // SIGHUP to an orphaned group with stopped jobs, stays inside it and
+    // never reaches the guest agent.
+    cmd.process_group(0);
     cmd.args(&req.argv[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
