@@ -99,7 +99,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Folder::open(&dir)?
                 .revoke(&name)
                 .with_context(|| format!("while revoking {name}"))?;
-            println!("{name} revoked; its connections are refused from now on");
+            println!(
+                "{name} revoked: new connections are refused, and a running orchestrator closes its open ones within {}s",
+                server::REVOCATION_SWEEP.as_secs()
+            );
         }
         Command::Serve { dir, listen } => {
             let folder = Folder::open(&dir)?;

@@ -122,7 +122,51 @@ struct Shared {
     next_id: std::sync::atomic::AtomicUsize,
     state: Mutex<State>,
     matcher: Mutex<Matcher>,
-    conns: Mutex<BTreeMap<ConnId, Connection>>,
+    conns: Mutex<BTreeMap<ConnId, Live>>,
+}
+
+/// A connected executor: its connection and its certificate's sha256, by
+/// which a later revocation finds it.
+struct Live {
+    conn: Connection,
+    cert_sha256: String,
+}
+
+/// How often the state log is re-read for revocations of connected
+/// executors (`reprise-orchestrator revoke` is another process).
+pub const REVOCATION_SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Shared {
+    /// Closes the connections of executors revoked since they connected;
+    /// they stop being offered as producers at once.
+    fn close_revoked(&self) {
+        let revoked: Vec<(ConnId, String)> = {
+            let mut state = self.state.lock().expect("state lock");
+            if let Err(e) = state.refresh() {
+                warn!("cannot read the state log: {e}");
+                return;
+            }
+            let conns = self.conns.lock().expect("conns");
+            conns
+                .iter()
+                .filter_map(|(id, live)| match state.admit(&live.cert_sha256) {
+                    Admission::Admitted(_) => None,
+                    Admission::Revoked(name) => Some((*id, name)),
+                    Admission::Unknown => Some((*id, String::from("an unknown identity"))),
+                })
+                .collect()
+        };
+        for (id, name) in revoked {
+            self.matcher.lock().expect("matcher").disconnect(id);
+            if let Some(live) = self.conns.lock().expect("conns").remove(&id) {
+                info!(%name, id, "closing a revoked executor's connection");
+                live.conn.close(
+                    VarInt::from_u32(close::REVOKED),
+                    format!("the certificate of {name} was revoked").as_bytes(),
+                );
+            }
+        }
+    }
 }
 
 /// Serves on `endpoint` (bound, with [`crate::pki::server_config`]) until
@@ -140,9 +184,12 @@ pub async fn run(
         conns: Mutex::new(BTreeMap::new()),
     });
     tokio::pin!(shutdown);
+    let mut sweep = tokio::time::interval(REVOCATION_SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {
             () = &mut shutdown => break Ok(()),
+            _ = sweep.tick() => shared.close_revoked(),
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break Err(ServeError::EndpointClosed) };
                 let shared = shared.clone();
@@ -178,13 +225,13 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // The TLS verifier already refused certificates from another CA and
     // expired ones; here the identity must be one we issued and not revoked.
-    let admission = match peer_cert(&conn) {
+    let cert_sha256 = peer_cert(&conn).map(|cert| crate::pki::fingerprint(&cert));
+    let admission = match &cert_sha256 {
         None => Admission::Unknown,
-        Some(cert) => {
-            let sha = crate::pki::fingerprint(&cert);
+        Some(sha) => {
             let mut state = shared.state.lock().expect("state lock");
             match state.refresh() {
-                Ok(()) => state.admit(&sha),
+                Ok(()) => state.admit(sha),
                 Err(e) => {
                     warn!("cannot read the state log: {e}");
                     Admission::Unknown
@@ -219,7 +266,11 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
             conn.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
             return;
         }
-        shared.conns.lock().expect("conns").insert(id, conn.clone());
+        let live = Live {
+            conn: conn.clone(),
+            cert_sha256: cert_sha256.unwrap_or_default(),
+        };
+        shared.conns.lock().expect("conns").insert(id, live);
         shared
             .matcher
             .lock()
@@ -344,7 +395,12 @@ async fn relay(shared: &Shared, asker: ConnId, grant: &Grant, wanted: Held, mut 
         .expect("matcher")
         .lookup(asker, &wanted);
     let producer = found.and_then(|m| {
-        let conn = shared.conns.lock().expect("conns").get(&m.conn).cloned();
+        let conn = shared
+            .conns
+            .lock()
+            .expect("conns")
+            .get(&m.conn)
+            .map(|live| live.conn.clone());
         conn.map(|c| (m.name, c))
     });
     let Some((producer, conn)) = producer else {

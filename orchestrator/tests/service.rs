@@ -292,6 +292,42 @@ async fn revoked_identities_are_refused_at_connection() {
 }
 
 #[tokio::test]
+async fn a_connected_identity_that_is_revoked_is_cut_off_and_no_longer_offered() {
+    let team = Team::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let (store_b, stored) = producer_store(work.path());
+    let producer = team
+        .connect(&team.creds("leaver", &[NS], true))
+        .await
+        .unwrap();
+    producer.announce(&store_b).await.unwrap();
+    let asker = team.connect(&team.creds("ci", &[NS], true)).await.unwrap();
+    let key = stored.manifest.key.clone();
+    assert!(asker.lookup(&key, NS).await.unwrap().is_some());
+
+    // `reprise-orchestrator revoke` runs as another process: it only
+    // appends to the state log, which the service re-reads.
+    team.folder.revoke("leaver").unwrap();
+    let closed = tokio::time::timeout(server::REVOCATION_SWEEP * 5, producer.connection().closed())
+        .await
+        .expect("the revoked executor's connection is closed");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(
+                c.error_code,
+                quinn::VarInt::from_u32(server::close::REVOKED)
+            );
+            assert!(String::from_utf8_lossy(&c.reason).contains("revoked"));
+        }
+        other => panic!("expected a close for revocation, got {other:?}"),
+    }
+    assert_eq!(asker.lookup(&key, NS).await.unwrap(), None);
+    // Others stay connected.
+    assert!(asker.connection().close_reason().is_none());
+    team.stop().await;
+}
+
+#[tokio::test]
 async fn a_namespace_not_granted_looks_exactly_like_no_result() {
     let team = Team::start().await;
     let work = tempfile::tempdir().unwrap();
