@@ -3,6 +3,7 @@
 //! glue over this library.
 
 pub mod accel;
+pub mod connected;
 pub mod image;
 pub mod layers;
 pub mod paths;

@@ -9,11 +9,14 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use reprise_executor::accel::{self, Accel, AccelFacts};
+use reprise_executor::connected;
 use reprise_executor::image::{ImageCache, ImageError};
-use reprise_executor::pipeline::{self, RunError};
+use reprise_executor::peer::Settings;
+use reprise_executor::pipeline::{self, RunError, Ui};
 use reprise_executor::store::{Lookup, Retention, Store};
 use reprise_executor::vm::{BootError, GuestCommand, Stream, Vm, VmConfig};
 use reprise_protocol::exit;
+use reprise_protocol::local::{Answer, Ask, Link};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,6 +48,35 @@ enum Cmd {
     /// The per-repository snapshots (container images, /var/run/ci/cache).
     #[command(subcommand)]
     Cache(CacheCmd),
+    /// Stay connected to the orchestrator and serve the whole local store
+    /// to peers; `reprise run` hands its new results to it.
+    Daemon(DaemonArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DaemonArgs {
+    #[command(subcommand)]
+    action: Option<DaemonAction>,
+    /// The orchestrator, HOST:PORT (default: REPRISE_ORCHESTRATOR from the
+    /// environment or the current repository's .env).
+    #[arg(long)]
+    orchestrator: Option<String>,
+    /// The credentials file from `reprise-orchestrator issue` (default:
+    /// REPRISE_CREDENTIALS).
+    #[arg(long)]
+    credentials: Option<PathBuf>,
+    /// Start in the background, log to the data folder's daemon.log, and
+    /// return once it answers.
+    #[arg(long)]
+    detach: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum DaemonAction {
+    /// Whether a daemon serves this store, and its link to the orchestrator.
+    Status,
+    /// Stop the daemon serving this store.
+    Stop,
 }
 
 #[derive(Debug, Subcommand)]
@@ -325,13 +357,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 if let Some(peer) = remote.connected() {
                     peer.close().await;
                 }
-            } else if let Some(peer) = remote.get(&Terminal).await {
-                SERVING.store(true, std::sync::atomic::Ordering::SeqCst);
-                pipeline::serve_results(peer, interrupted(), &Terminal).await;
+            } else {
+                serve_after_run(&outcome, &mut remote).await;
             }
             Ok(outcome.exit_code())
         }
         Cmd::Key(args) => key(args),
+        Cmd::Daemon(args) => daemon(args).await,
         Cmd::Results(cmd) => results(cmd),
         Cmd::Cache(CacheCmd::Drop { all }) => {
             let layers = reprise_executor::layers::Layers::default_location();
@@ -416,6 +448,259 @@ fn retention_from_env() -> Retention {
         .ok()
         .and_then(|v| parse_duration(&v).ok());
     r
+}
+
+/// After a run: a running daemon for this store takes the result and
+/// serves it, and the run returns; otherwise the run stays connected and
+/// serves the store itself until SIGINT or SIGTERM (connected mode),
+/// reconnecting if the orchestrator restarts.
+async fn serve_after_run(outcome: &pipeline::RunOutcome, remote: &mut pipeline::Remote) {
+    let data = reprise_executor::paths::data_dir();
+    let store = Store::default_location();
+    let result = outcome.result();
+    let ask = if result.manifest.outcome == reprise_protocol::manifest::Outcome::Passed {
+        Ask::Held {
+            key: result.manifest.key.clone(),
+            namespace: result.manifest.inputs.namespace.clone(),
+            store: store.root().display().to_string(),
+        }
+    } else {
+        Ask::Status
+    };
+    let handed = match connected::ask_daemon(&data, ask).await {
+        Ok(Answer::Accepted { link }) => {
+            Terminal.note(&format!(
+                "handed the result to the reprise daemon, which serves it ({})",
+                describe_link(&link)
+            ));
+            true
+        }
+        Ok(Answer::Status { pid, link, .. }) => {
+            Terminal.note(&format!(
+                "the reprise daemon (pid {pid}) serves this store ({})",
+                describe_link(&link)
+            ));
+            true
+        }
+        Ok(Answer::Error { .. }) | Err(connected::AskError::NoDaemon) => false,
+        Err(e) => {
+            Terminal.note(&format!("{e}; serving from here instead"));
+            false
+        }
+    };
+    if handed {
+        if let Some(peer) = remote.connected() {
+            peer.close().await;
+        }
+        return;
+    }
+    // Connected mode, only when the orchestrator was reachable: a run that
+    // already fell back to working alone does not wait on it.
+    if remote.get(&Terminal).await.is_none() {
+        return;
+    }
+    let Some((connector, peer)) = remote.take() else {
+        return;
+    };
+    SERVING.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (_news, news_rx) = tokio::sync::mpsc::channel(1);
+    let (link, _) = tokio::sync::watch::channel(Link::Reconnecting {
+        last_error: String::new(),
+    });
+    connected::stay_connected(
+        &connector,
+        Some(peer),
+        &store,
+        news_rx,
+        &link,
+        interrupted(),
+        &|line| Terminal.note(line),
+    )
+    .await;
+}
+
+fn describe_link(link: &Link) -> String {
+    match link {
+        Link::Connected {
+            identity,
+            announced,
+        } => format!("connected as {identity}, {announced} result(s) announced"),
+        Link::Reconnecting { last_error } => {
+            format!(
+                "not connected to the orchestrator now: {last_error}; it announces everything when it is"
+            )
+        }
+    }
+}
+
+/// `reprise daemon [status|stop] [--detach]`.
+async fn daemon(args: DaemonArgs) -> anyhow::Result<i32> {
+    let data = reprise_executor::paths::data_dir();
+    match args.action {
+        Some(DaemonAction::Status) => {
+            return match connected::ask_daemon(&data, Ask::Status).await {
+                Ok(Answer::Status {
+                    pid,
+                    store,
+                    orchestrator,
+                    link,
+                }) => {
+                    println!("pid:          {pid}");
+                    println!("store:        {store}");
+                    println!("orchestrator: {orchestrator}");
+                    println!("link:         {}", describe_link(&link));
+                    Ok(exit::SUCCESS)
+                }
+                Ok(other) => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+                Err(connected::AskError::NoDaemon) => {
+                    println!("no reprise daemon serves the store in {}", data.display());
+                    Ok(exit::TESTS_FAILED)
+                }
+                Err(e) => Err(e.into()),
+            };
+        }
+        Some(DaemonAction::Stop) => {
+            let pid = match connected::ask_daemon(&data, Ask::Status).await {
+                Ok(Answer::Status { pid, .. }) => pid,
+                Err(connected::AskError::NoDaemon) => {
+                    println!("no reprise daemon serves the store in {}", data.display());
+                    return Ok(exit::SUCCESS);
+                }
+                Ok(other) => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+                Err(e) => return Err(e.into()),
+            };
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .with_context(|| format!("while stopping the daemon (pid {pid})"))?;
+            let socket = connected::socket_path(&data);
+            for _ in 0..100 {
+                if !socket.exists() {
+                    println!("stopped the reprise daemon (pid {pid})");
+                    return Ok(exit::SUCCESS);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            anyhow::bail!("the daemon (pid {pid}) did not stop within 10s");
+        }
+        None => {}
+    }
+    let dir = std::env::current_dir().context("while finding the current folder")?;
+    let root = reprise_executor::repo::Checkout::discover(&dir)
+        .ok()
+        .map(|c| c.root());
+    let from_env = Settings::from_env(root.as_deref());
+    let settings = match (args.orchestrator, args.credentials, from_env) {
+        (Some(orchestrator), Some(credentials), _) => Settings {
+            orchestrator,
+            credentials,
+        },
+        (o, c, Some(env)) => Settings {
+            orchestrator: o.unwrap_or(env.orchestrator),
+            credentials: c.unwrap_or(env.credentials),
+        },
+        _ => {
+            eprintln!(
+                "reprise: error: the daemon needs an orchestrator: pass --orchestrator HOST:PORT and --credentials FILE, or set REPRISE_ORCHESTRATOR and REPRISE_CREDENTIALS (environment or .env)"
+            );
+            return Ok(exit::USAGE);
+        }
+    };
+    let connector = match connected::Connector::new(settings) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("reprise: error: {}", pipeline::error_chain(&e));
+            return Ok(exit::USAGE);
+        }
+    };
+    if args.detach {
+        return detach(&data, &connector).await;
+    }
+    let daemon = match connected::Daemon::bind(&data) {
+        Ok(d) => d,
+        Err(e @ connected::DaemonError::AlreadyRunning { .. }) => {
+            eprintln!("reprise: error: {e}");
+            return Ok(exit::USAGE);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let store = Store::default_location();
+    eprintln!(
+        "reprise daemon: pid {}, store {}, socket {}, orchestrator {}",
+        std::process::id(),
+        store.root().display(),
+        daemon.socket().display(),
+        connector.settings.orchestrator
+    );
+    SERVING.store(true, std::sync::atomic::Ordering::SeqCst);
+    daemon
+        .run(connector, store, daemon_stop(), &|line| {
+            eprintln!("reprise daemon: {line}")
+        })
+        .await;
+    eprintln!("reprise daemon: stopped");
+    Ok(exit::SUCCESS)
+}
+
+/// SIGINT or SIGTERM stop the daemon; SIGHUP (a closed terminal) does not.
+async fn daemon_stop() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    let stop = interrupted();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            _ = hup.recv() => {}
+        }
+    }
+}
+
+/// Starts this same command without `--detach` in a process group of its
+/// own, its output appended to `daemon.log`, and waits until it answers.
+async fn detach(data: &std::path::Path, connector: &connected::Connector) -> anyhow::Result<i32> {
+    use std::os::unix::process::CommandExt;
+    std::fs::create_dir_all(data).with_context(|| format!("while creating {}", data.display()))?;
+    let log_path = data.join("daemon.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("while opening {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("while finding the reprise binary")?;
+    let mut child = std::process::Command::new(exe)
+        .args(["daemon", "--orchestrator", &connector.settings.orchestrator])
+        .arg("--credentials")
+        .arg(&connector.settings.credentials)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("while starting the daemon")?;
+    for _ in 0..100 {
+        if let Ok(Answer::Status { pid, .. }) = connected::ask_daemon(data, Ask::Status).await {
+            println!(
+                "reprise daemon started (pid {pid}); log in {}",
+                log_path.display()
+            );
+            return Ok(exit::SUCCESS);
+        }
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            eprintln!(
+                "reprise: error: the daemon exited ({status}):\n{}",
+                reprise_executor::paths::tail_lines(&log, 5)
+            );
+            return Ok(status.code().unwrap_or(exit::INFRA));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    anyhow::bail!(
+        "the daemon did not answer within 10s; see {}",
+        log_path.display()
+    )
 }
 
 fn key(args: KeyArgs) -> anyhow::Result<i32> {

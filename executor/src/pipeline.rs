@@ -14,15 +14,15 @@ use reprise_protocol::record::{self, StreamId};
 use thiserror::Error;
 
 use crate::accel::{self, Accel, AccelFacts};
+use crate::connected::Connector;
 use crate::image::{Image, ImageCache, ImageError};
 use crate::layers::{LayerError, Layers};
-use crate::peer::{Credentials, Peer, Settings};
+use crate::peer::{Peer, Settings};
 use crate::redact::Redactor;
 use crate::replay::{self, ReplayError};
 use crate::repo::{Checkout, RepoError, Revision};
 use crate::store::{Lookup, Retention, Store, StoreError, StoredResult};
 use crate::vm::{BootError, GuestCommand, Stream, Vm, VmConfig, VmError};
-use std::sync::Arc;
 
 /// The driver class that goes into the key.
 pub const DRIVER: &str = "qemu";
@@ -70,6 +70,8 @@ pub enum RunError {
     Boot(#[from] BootError),
     #[error("in the VM")]
     Vm(#[from] VmError),
+    #[error("in the VM: {}\n--- last lines of the guest console ---\n{console}", error_chain(.error))]
+    Guest { error: VmError, console: String },
     #[error("`mk prepare-runtime` failed with status {code}")]
     Prepare { code: i32, console: String },
     #[error("the run reached its timeout of {0:?}; the VM was stopped and nothing was kept")]
@@ -112,11 +114,15 @@ pub enum RunOutcome {
 }
 
 impl RunOutcome {
-    pub fn exit_code(&self) -> i32 {
-        let result = match self {
+    /// The stored result, replayed or made.
+    pub fn result(&self) -> &StoredResult {
+        match self {
             RunOutcome::Replayed(r) | RunOutcome::Ran(r) => r,
-        };
-        match result.manifest.outcome {
+        }
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        match self.result().manifest.outcome {
             Outcome::Passed => exit::SUCCESS,
             Outcome::Failed => exit::TESTS_FAILED,
         }
@@ -217,6 +223,7 @@ pub fn mkfile_defines(mkfile: &str, target: &str) -> bool {
 #[derive(Debug)]
 pub struct Remote {
     dir: PathBuf,
+    connector: Option<Connector>,
     peer: Option<Peer>,
     tried: bool,
 }
@@ -225,16 +232,28 @@ impl Remote {
     pub fn new(dir: &Path) -> Remote {
         Remote {
             dir: dir.to_path_buf(),
+            connector: None,
             peer: None,
             tried: false,
         }
     }
 
     /// The connection, if an orchestrator is configured and reachable.
+    /// Configured but unusable (bad credentials, unreachable) is a one-line
+    /// note: a run never fails for want of an orchestrator.
     pub async fn get(&mut self, ui: &dyn Ui) -> Option<&Peer> {
         if !self.tried {
             self.tried = true;
-            self.peer = connect_orchestrator(&self.dir, ui).await;
+            self.connector = connector_from_env(&self.dir, ui);
+            if let Some(connector) = &self.connector {
+                match connector.connect().await {
+                    Ok(peer) => self.peer = Some(peer),
+                    Err(e) => ui.note(&format!(
+                        "cannot reach the orchestrator at {}: {e}; running without it",
+                        connector.settings.orchestrator
+                    )),
+                }
+            }
         }
         self.peer.as_ref()
     }
@@ -243,39 +262,26 @@ impl Remote {
     pub fn connected(&self) -> Option<&Peer> {
         self.peer.as_ref()
     }
+
+    /// Takes the connection and what made it (to stay connected).
+    pub fn take(&mut self) -> Option<(Connector, Peer)> {
+        Some((self.connector.clone()?, self.peer.take()?))
+    }
 }
 
-/// Connects to the orchestrator named by `REPRISE_ORCHESTRATOR` and
-/// `REPRISE_CREDENTIALS` (environment, else `.env` at the repository root).
-/// `None`, with a one-line note when something was configured but could not
-/// be used: a run never fails for want of an orchestrator.
-pub async fn connect_orchestrator(dir: &Path, ui: &dyn Ui) -> Option<Peer> {
+/// The orchestrator named by `REPRISE_ORCHESTRATOR` and
+/// `REPRISE_CREDENTIALS` (environment, else `.env` at the repository root),
+/// with its credentials loaded; `None` when nothing is configured, or with
+/// a note when the credentials cannot be used.
+pub fn connector_from_env(dir: &Path, ui: &dyn Ui) -> Option<Connector> {
     let root = Checkout::discover(dir).ok().map(|c| c.root());
     let settings = Settings::from_env(root.as_deref())?;
-    let creds = match Credentials::load(&settings.credentials) {
-        Ok(c) => Arc::new(c),
+    match Connector::new(settings) {
+        Ok(c) => Some(c),
         Err(e) => {
             ui.note(&format!(
-                "cannot use the credentials {}: {e}; running without the orchestrator",
-                settings.credentials.display()
-            ));
-            return None;
-        }
-    };
-    let connect = Peer::connect(&settings.orchestrator, creds);
-    match tokio::time::timeout(Duration::from_secs(5), connect).await {
-        Ok(Ok(peer)) => Some(peer),
-        Ok(Err(e)) => {
-            ui.note(&format!(
-                "cannot reach the orchestrator at {}: {e}; running without it",
-                settings.orchestrator
-            ));
-            None
-        }
-        Err(_) => {
-            ui.note(&format!(
-                "the orchestrator at {} did not answer within 5s; running without it",
-                settings.orchestrator
+                "{}; running without the orchestrator",
+                error_chain(&e)
             ));
             None
         }
@@ -315,33 +321,6 @@ async fn fetch_from_peers(
             None
         }
     }
-}
-
-/// Announces the local store's results and serves them to peers until
-/// `stop` completes (connected mode).
-pub async fn serve_results(peer: &Peer, stop: impl std::future::Future<Output = ()>, ui: &dyn Ui) {
-    let store = Store::default_location();
-    match peer.announce(&store).await {
-        Ok(n) => ui.note(&format!(
-            "serving {n} result(s) to peers as {}; Ctrl-C to stop",
-            peer.identity()
-        )),
-        Err(e) => {
-            ui.note(&format!(
-                "announcing results to the orchestrator failed: {e}"
-            ));
-            return;
-        }
-    }
-    tokio::select! {
-        served = peer.serve(&store) => {
-            if let Err(e) = served {
-                ui.note(&format!("the orchestrator connection ended: {e}"));
-            }
-        }
-        () = stop => {}
-    }
-    peer.close().await;
 }
 
 /// Runs (or replays) the request. `remote` is the orchestrator, asked on a
@@ -716,7 +695,48 @@ async fn run_in_vm(
     let t = Instant::now();
     let vm = Vm::boot(config).await?;
     phase("boot", t, &mut phases);
+    let ran = in_guest(
+        &vm,
+        req,
+        mkfile,
+        keyed,
+        &env,
+        &secret_values,
+        work,
+        &phase,
+        phases,
+    )
+    .await;
+    let ran = ran.map_err(|e| match e {
+        RunError::Vm(error) => RunError::Guest {
+            error,
+            console: vm.console_tail(15),
+        },
+        other => other,
+    })?;
+    // A consistent root disk for the snapshot: freeze (flush and checkpoint
+    // every file system), thaw, then stop qemu and keep the overlay.
+    let _ = vm
+        .exec(&GuestCommand::shell("sync; fsfreeze -f / && fsfreeze -u /"))
+        .await;
+    vm.stop_keeping(&work.join("vm")).await?;
+    Ok(ran)
+}
 
+/// The run's steps inside the booted guest, from prepare-runtime to the
+/// collected artifacts.
+#[allow(clippy::too_many_arguments)]
+async fn in_guest(
+    vm: &Vm,
+    req: &RunRequest,
+    mkfile: &str,
+    keyed: &Keyed,
+    env: &BTreeMap<String, String>,
+    secret_values: &[String],
+    work: &Path,
+    phase: &(dyn Fn(&str, Instant, &mut Vec<Phase>) + Sync),
+    mut phases: Vec<Phase>,
+) -> Result<Ran, RunError> {
     // prepare-runtime, as root in the guest, from the repository root.
     let t = Instant::now();
     // /var/run is a tmpfs in the guest; /var/run/ci lives on the root disk
@@ -737,7 +757,7 @@ async fn run_in_vm(
         )));
     }
     if mkfile_defines(mkfile, "prepare-runtime") {
-        let code = guest_mk(&vm, "prepare-runtime", &env, &secret_values).await?;
+        let code = guest_mk(vm, "prepare-runtime", env, secret_values).await?;
         if code != 0 {
             return Err(RunError::Prepare {
                 code,
@@ -802,7 +822,7 @@ async fn run_in_vm(
     let mut test = GuestCommand::new(argv).cwd(crate::vm::GUEST_REPO);
     test.env = container_env;
     test.env.insert("PATH".into(), GUEST_PATH.into());
-    let mut recorder = Recorder::new(&secret_values, true);
+    let mut recorder = Recorder::new(secret_values, true);
     let exit_code = vm
         .exec_streaming(&test, &mut |s, b| recorder.feed(s, b))
         .await?;
@@ -829,7 +849,7 @@ async fn run_in_vm(
         vm.copy_out(ARTIFACTS, &host).await?;
         artifacts = Some(host);
         if mkfile_defines(mkfile, "post-test") {
-            let code = guest_mk(&vm, "post-test", &env, &secret_values).await?;
+            let code = guest_mk(vm, "post-test", env, secret_values).await?;
             if code != 0 {
                 return Err(RunError::Contract(format!(
                     "`mk post-test` failed with status {code}"
@@ -838,12 +858,6 @@ async fn run_in_vm(
         }
         phase("collect", t, &mut phases);
     }
-    // A consistent root disk for the snapshot: freeze (flush and checkpoint
-    // every file system), thaw, then stop qemu and keep the overlay.
-    let _ = vm
-        .exec(&GuestCommand::shell("sync; fsfreeze -f / && fsfreeze -u /"))
-        .await;
-    vm.stop_keeping(&work.join("vm")).await?;
     Ok(Ran {
         exit_code,
         record: recorder.record,
@@ -868,6 +882,18 @@ async fn guest_mk(
         .await?;
     shown.finish();
     Ok(code)
+}
+
+/// An error and its causes on one line, as `{:#}` would print them.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }
 
 /// Parses `name\0value\0` pairs; one trailing newline of a value is dropped

@@ -8,6 +8,7 @@ pub mod guest_stream;
 pub mod hex;
 pub mod image;
 pub mod key;
+pub mod local;
 pub mod manifest;
 pub mod record;
 pub mod repo_config;

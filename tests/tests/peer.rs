@@ -242,6 +242,216 @@ fn an_unreachable_orchestrator_falls_back_to_running_with_a_notice() {
     );
 }
 
+/// Commits a passed result for the repository's HEAD to `sandbox`'s store,
+/// as a real run would have, without booting a VM. Returns its stdout.
+fn fabricate_result(sandbox: &Sandbox, text: &str) -> Vec<u8> {
+    use reprise_protocol::manifest::{MANIFEST_VERSION, Outcome, Phase, Producer, ResultManifest};
+    use reprise_protocol::record::{self, StreamId};
+    let keyed = reprise_executor::pipeline::compute_key(&sandbox.repo(), None, "test", &[], None)
+        .expect("key");
+    let stdout = format!("{text}\n").into_bytes();
+    let mut rec = Vec::new();
+    record::push(&mut rec, StreamId::Stdout, 0, &stdout);
+    let arts = sandbox.dir.path().join("staged-artifacts");
+    fs::create_dir_all(&arts).expect("artifacts");
+    fs::write(arts.join("report.txt"), format!("report of {text}\n")).expect("artifact");
+    let manifest = ResultManifest {
+        version: MANIFEST_VERSION,
+        key: keyed.inputs.key(),
+        inputs: keyed.inputs.clone(),
+        commit: keyed.revision.commit.clone(),
+        outcome: Outcome::Passed,
+        exit_code: 0,
+        phases: vec![Phase {
+            name: "test".into(),
+            ms: 1200,
+        }],
+        total_ms: 1200,
+        accel: "tcg".into(),
+        tool_version: "test".into(),
+        producer: Producer {
+            host: "laptop".into(),
+            user: "alice".into(),
+        },
+        created_at: reprise_executor::store::now_secs(),
+        output_sha256: String::new(),
+        output_bytes: 0,
+        artifacts: Vec::new(),
+    };
+    reprise_executor::store::Store::new(sandbox.store())
+        .commit(manifest, &rec, Some(&arts))
+        .expect("commit");
+    fs::remove_dir_all(&arts).expect("remove staging");
+    stdout
+}
+
+fn serve_on(state: &str, addr: &str) -> Killed {
+    Killed(
+        Command::new(orchestrator_bin())
+            .args(["serve", "--dir", state, "--listen", addr])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("orchestrator serves"),
+    )
+}
+
+fn clone_of(a: &Sandbox) -> Sandbox {
+    let b = Sandbox::new();
+    let cloned = Command::new("git")
+        .arg("clone")
+        .arg("-q")
+        .arg(a.repo())
+        .arg(".")
+        .current_dir(b.repo())
+        .status()
+        .expect("git clone");
+    assert!(cloned.success());
+    b
+}
+
+#[test]
+fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("orchestrator");
+    let state_s = state.to_str().expect("utf-8 path");
+    orchestrator(&["init", "--dir", state_s]);
+    let a = Sandbox::new();
+    a.git_init();
+    a.git(&["commit", "-q", "--allow-empty", "-m", "root"]);
+    a.copy_from(&example_hello()).commit("hello");
+    let ns = namespace(&a);
+    let alice = dir.path().join("alice.pem");
+    let ci = dir.path().join("ci.pem");
+    for (name, file, trusted) in [("alice", &alice, true), ("ci", &ci, false)] {
+        let mut args = vec![
+            "issue",
+            "--dir",
+            state_s,
+            "--name",
+            name,
+            "--repo",
+            &ns,
+            "--out",
+            file.to_str().expect("utf-8"),
+        ];
+        if trusted {
+            args.push("--trusted");
+        }
+        orchestrator(&args);
+    }
+    let first_stdout = fabricate_result(&a, "first result");
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let server = serve_on(state_s, &addr);
+
+    // Without an orchestrator configured, the daemon says what it needs.
+    let r = Run::from(a.reprise(&["daemon"]).output().expect("daemon"));
+    r.expect_code(2, "daemon without an orchestrator");
+    assert!(r.stderr.contains("--orchestrator"), "{}", r.stderr);
+
+    let log = dir.path().join("daemon.log");
+    let mut cmd = a.reprise(&["daemon"]);
+    with_orchestrator(&mut cmd, &addr, &alice);
+    cmd.stderr(fs::File::create(&log).expect("log"));
+    let mut daemon = Killed(cmd.spawn().expect("daemon starts"));
+    let read_log = || fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(30), || read_log()
+            .contains("serving 1 result(s) to peers as alice")),
+        "the daemon connects and announces the store:\n{}",
+        read_log()
+    );
+    let status = Run::from(a.reprise(&["daemon", "status"]).output().expect("status"));
+    status.expect_code(0, "daemon status");
+    assert!(
+        status.stdout.contains("connected as alice, 1 result(s)"),
+        "{}",
+        status.stdout
+    );
+    // One daemon per store.
+    let mut cmd = a.reprise(&["daemon"]);
+    with_orchestrator(&mut cmd, &addr, &alice);
+    let second = Run::from(cmd.output().expect("second daemon"));
+    second.expect_code(2, "a second daemon for the same store");
+    assert!(
+        second.stderr.contains("already serves the store"),
+        "{}",
+        second.stderr
+    );
+
+    // B, another clone with its own store, replays from the daemon.
+    let b = clone_of(&a);
+    let mut cmd = b.reprise(&["run", "--no-serve"]);
+    with_orchestrator(&mut cmd, &addr, &ci);
+    let replay = Run::from(cmd.output().expect("reprise run"));
+    replay.expect_code(0, "B replays from the daemon");
+    assert!(!replay.booted(), "{}", replay.stderr);
+    assert!(
+        replay.stderr.contains("from peer 'alice'"),
+        "{}",
+        replay.stderr
+    );
+    assert_eq!(replay.stdout_bytes, first_stdout);
+
+    // The orchestrator restarts: the daemon notices, reconnects with
+    // backoff, and announces its store again.
+    drop(server);
+    assert!(
+        wait_until(Duration::from_secs(30), || read_log()
+            .contains("orchestrator connection was lost")),
+        "{}",
+        read_log()
+    );
+    let _server = serve_on(state_s, &addr);
+    assert!(
+        wait_until(Duration::from_secs(60), || read_log()
+            .contains("reconnected; serving 1 result(s)")),
+        "{}",
+        read_log()
+    );
+
+    // A new result in A's store, handed over by `reprise run` (here a
+    // local replay, so no VM): the daemon announces it at once, and the
+    // run returns instead of staying connected.
+    a.write("extra.txt", "another tree\n")
+        .commit("another tree");
+    let second_stdout = fabricate_result(&a, "second result");
+    let mut cmd = a.reprise(&["run"]);
+    with_orchestrator(&mut cmd, &addr, &alice);
+    let handed = Run::from(cmd.output().expect("reprise run"));
+    handed.expect_code(0, "A replays locally and hands over");
+    assert!(
+        handed
+            .stderr
+            .contains("handed the result to the reprise daemon, which serves it (connected as alice, 2 result(s)"),
+        "{}",
+        handed.stderr
+    );
+    let c = clone_of(&a);
+    let mut cmd = c.reprise(&["run", "--no-serve"]);
+    with_orchestrator(&mut cmd, &addr, &ci);
+    let replay = Run::from(cmd.output().expect("reprise run"));
+    replay.expect_code(0, "C replays the handed-over result");
+    assert!(
+        replay.stderr.contains("from peer 'alice'"),
+        "{}",
+        replay.stderr
+    );
+    assert_eq!(replay.stdout_bytes, second_stdout);
+
+    // SIGTERM stops it and removes its socket.
+    nix_kill(daemon.0.id(), "TERM");
+    assert!(wait_until(Duration::from_secs(20), || daemon
+        .0
+        .try_wait()
+        .ok()
+        .flatten()
+        .is_some()));
+    assert!(!a.data().join("reprise/daemon.sock").exists());
+    let status = Run::from(a.reprise(&["daemon", "status"]).output().expect("status"));
+    status.expect_code(1, "no daemon any more");
+}
+
 fn nix_kill(pid: u32, signal: &str) {
     let ok = Command::new("kill")
         .arg(format!("-{signal}"))
