@@ -636,7 +636,8 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<i32> {
     SERVING.store(true, std::sync::atomic::Ordering::SeqCst);
     daemon
         .run(connector, store, daemon_stop(), &|line| {
-            eprintln!("reprise daemon: {line}")
+            let now = reprise_executor::store::now_secs();
+            eprintln!("{} reprise daemon: {line}", connected::utc_timestamp(now));
         })
         .await;
     eprintln!("reprise daemon: stopped");
