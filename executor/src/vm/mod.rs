@@ -29,7 +29,7 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::process::{Child, Command};
 use tokio::sync::{Mutex, mpsc};
 use tokio::time::{sleep, timeout};
-use tracing::{debug, info_span};
+use tracing::{debug, info_span, warn};
 
 use crate::accel::Accel;
 use crate::image::Image;
@@ -42,6 +42,10 @@ pub const GUEST_DATA: &str = "/reprise";
 /// Where the tree put into the guest appears (a link into the data disk).
 pub const GUEST_REPO: &str = "/repo";
 const GUEST_HELPER: &str = "/reprise/bin/reprise-guest";
+
+/// How many missed deadlines in a row end a status poll (see
+/// [`Vm::exec_status`]).
+const AGENT_STALLS: u32 = 3;
 const AGENT_PORT_ID: &str = "qgaport";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -514,9 +518,10 @@ impl Vm {
             .pid;
         let started = Instant::now();
         let mut pause = Duration::from_millis(2);
+        let mut stalls = 0;
         loop {
-            let status = self.agent.call(qga::guest_exec_status { pid }).await?;
-            if status.exited {
+            let status = self.exec_status(pid, &mut stalls).await?;
+            if let Some(status) = status.filter(|s| s.exited) {
                 return Ok(Output {
                     code: exit_code(status.exitcode, status.signal),
                     stdout: status.out_data.unwrap_or_default(),
@@ -563,6 +568,7 @@ impl Vm {
             .await?
             .pid;
         let started = Instant::now();
+        let mut stalls = 0;
         let mut running = false;
         let mut helper_exited_at: Option<Instant> = None;
         let mut helper_stderr = Vec::new();
@@ -596,8 +602,8 @@ impl Vm {
                         }
                         Some(_) => {}
                         None => {
-                            let status = self.agent.call(qga::guest_exec_status { pid }).await?;
-                            if status.exited {
+                            let status = self.exec_status(pid, &mut stalls).await?;
+                            if let Some(status) = status.filter(|s| s.exited) {
                                 helper_exited_at = Some(Instant::now());
                                 helper_stderr = status.err_data.unwrap_or_default();
                             }
@@ -605,6 +611,29 @@ impl Vm {
                     }
                 }
             }
+        }
+    }
+
+    /// The status of a command the agent started; `None` when the agent
+    /// missed its deadline but fewer than [`AGENT_STALLS`] times in a row.
+    /// Under TCG on a busy host a guest starting podman can starve the agent
+    /// for a long while: it answers late, not never.
+    async fn exec_status(
+        &self,
+        pid: i64,
+        stalls: &mut u32,
+    ) -> Result<Option<qga::GuestExecStatus>, VmError> {
+        match self.agent.call(qga::guest_exec_status { pid }).await {
+            Ok(status) => {
+                *stalls = 0;
+                Ok(Some(status))
+            }
+            Err(AgentError::Timeout { .. }) if *stalls + 1 < AGENT_STALLS => {
+                *stalls += 1;
+                warn!(pid, stalls = *stalls, "the guest agent is slow to answer; waiting on");
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
