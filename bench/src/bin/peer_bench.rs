@@ -676,7 +676,7 @@ async fn main() {
     table.row(
         "  in process: close",
         ms(median(closes)),
-        "Peer::close: waits until the endpoint is idle (as --no-serve does)",
+        "Peer::close (as --no-serve does): the close leaves, a bounded wait",
     );
 
     // 3. Transfer rates: the relay, then plain quinn.
