@@ -630,7 +630,11 @@ impl Vm {
             }
             Err(AgentError::Timeout { .. }) if *stalls + 1 < AGENT_STALLS => {
                 *stalls += 1;
-                warn!(pid, stalls = *stalls, "the guest agent is slow to answer; waiting on");
+                warn!(
+                    pid,
+                    stalls = *stalls,
+                    "the guest agent is slow to answer; waiting on"
+                );
                 Ok(None)
             }
             Err(e) => Err(e.into()),
