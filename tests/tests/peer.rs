@@ -79,52 +79,68 @@ fn with_orchestrator(cmd: &mut Command, addr: &str, creds: &Path) {
         .env("REPRISE_CREDENTIALS", creds);
 }
 
+/// An orchestrator state folder, executor A's repository (the hello
+/// example over an empty root commit) and two identities for its
+/// namespace: `alice` (trusted) and `ci` (not).
+struct Team {
+    dir: tempfile::TempDir,
+    state: String,
+    a: Sandbox,
+    alice: PathBuf,
+    ci: PathBuf,
+}
+
+impl Team {
+    fn new() -> Team {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = dir
+            .path()
+            .join("orchestrator")
+            .to_str()
+            .expect("utf-8 path")
+            .to_string();
+        orchestrator(&["init", "--dir", &state]);
+        let a = Sandbox::new();
+        a.git_init();
+        a.git(&["commit", "-q", "--allow-empty", "-m", "root"]);
+        a.copy_from(&example_hello()).commit("hello");
+        let ns = namespace(&a);
+        let issue = |name: &str, trusted: bool| {
+            let file = dir.path().join(format!("{name}.pem"));
+            let out = file.to_str().expect("utf-8");
+            let mut args = vec![
+                "issue", "--dir", &state, "--name", name, "--repo", &ns, "--out", out,
+            ];
+            if trusted {
+                args.push("--trusted");
+            }
+            orchestrator(&args);
+            file
+        };
+        let alice = issue("alice", true);
+        let ci = issue("ci", false);
+        Team {
+            dir,
+            state,
+            a,
+            alice,
+            ci,
+        }
+    }
+}
+
 #[test]
 fn a_second_executor_replays_a_peer_result_through_the_orchestrator() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let state = dir.path().join("orchestrator");
-    let state_s = state.to_str().expect("utf-8 path");
-    orchestrator(&["init", "--dir", state_s]);
-
-    let a = Sandbox::new();
-    a.git_init();
-    a.git(&["commit", "-q", "--allow-empty", "-m", "root"]);
-    a.copy_from(&example_hello()).commit("hello");
-    let ns = namespace(&a);
-    let alice = dir.path().join("alice.pem");
-    let ci = dir.path().join("ci.pem");
-    orchestrator(&[
-        "issue",
-        "--dir",
-        state_s,
-        "--name",
-        "alice",
-        "--repo",
-        &ns,
-        "--trusted",
-        "--out",
-        alice.to_str().expect("utf-8"),
-    ]);
-    orchestrator(&[
-        "issue",
-        "--dir",
-        state_s,
-        "--name",
-        "ci",
-        "--repo",
-        &ns,
-        "--out",
-        ci.to_str().expect("utf-8"),
-    ]);
+    let Team {
+        dir,
+        state,
+        a,
+        alice,
+        ci,
+    } = Team::new();
+    let state_s = state.as_str();
     let addr = format!("127.0.0.1:{}", free_udp_port());
-    let _server = Killed(
-        Command::new(orchestrator_bin())
-            .args(["serve", "--dir", state_s, "--listen", &addr])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("orchestrator serves"),
-    );
+    let _server = serve_on(state_s, &addr);
 
     // A: a real run, then connected mode until SIGINT.
     let a_err = dir.path().join("a.err");
@@ -150,16 +166,7 @@ fn a_second_executor_replays_a_peer_result_through_the_orchestrator() {
     );
 
     // B: another clone of the same commit, its own store.
-    let b = Sandbox::new();
-    let cloned = Command::new("git")
-        .arg("clone")
-        .arg("-q")
-        .arg(a.repo())
-        .arg(".")
-        .current_dir(b.repo())
-        .status()
-        .expect("git clone");
-    assert!(cloned.success());
+    let b = clone_of(&a);
     let mut cmd = b.reprise(&["run", "--no-serve"]);
     with_orchestrator(&mut cmd, &addr, &ci);
     let replay = Run::from(cmd.output().expect("reprise run"));
@@ -312,34 +319,14 @@ fn clone_of(a: &Sandbox) -> Sandbox {
 
 #[test]
 fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let state = dir.path().join("orchestrator");
-    let state_s = state.to_str().expect("utf-8 path");
-    orchestrator(&["init", "--dir", state_s]);
-    let a = Sandbox::new();
-    a.git_init();
-    a.git(&["commit", "-q", "--allow-empty", "-m", "root"]);
-    a.copy_from(&example_hello()).commit("hello");
-    let ns = namespace(&a);
-    let alice = dir.path().join("alice.pem");
-    let ci = dir.path().join("ci.pem");
-    for (name, file, trusted) in [("alice", &alice, true), ("ci", &ci, false)] {
-        let mut args = vec![
-            "issue",
-            "--dir",
-            state_s,
-            "--name",
-            name,
-            "--repo",
-            &ns,
-            "--out",
-            file.to_str().expect("utf-8"),
-        ];
-        if trusted {
-            args.push("--trusted");
-        }
-        orchestrator(&args);
-    }
+    let Team {
+        dir,
+        state,
+        a,
+        alice,
+        ci,
+    } = Team::new();
+    let state_s = state.as_str();
     let first_stdout = fabricate_result(&a, "first result");
     let addr = format!("127.0.0.1:{}", free_udp_port());
     let server = serve_on(state_s, &addr);
