@@ -12,12 +12,23 @@ packages=(
   9base busybox-static            # reference mk; a static shell for container tests
   git ca-certificates
 )
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
+missing_packages() {
+  for p in "${packages[@]}"; do
+    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"
+  done
+}
+# Twice: installing one package may remove another (a machine with a
+# backported qemu-utils loses it to bookworm's qemu-system-x86), and the
+# second pass puts back what the first one took away.
+for pass in 1 2; do
+  mapfile -t missing < <(missing_packages)
+  [ ${#missing[@]} -eq 0 ] && break
   export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get update -q
+  [ "$pass" = 1 ] && $sudo apt-get update -q
   $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+done
+mapfile -t missing < <(missing_packages)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: these packages could not be installed: ${missing[*]}" >&2
+  exit 1
 fi
