@@ -11,7 +11,8 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A qemu accelerator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Accel {
     Kvm,
     Tcg,

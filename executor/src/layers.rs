@@ -1,13 +1,16 @@
-//! Per-repository disk layers: what a repository's runs leave on the guest's
-//! root disk (container images, `/var/run/ci/cache`) kept between runs, so a
-//! second real run does not rebuild its container image.
+//! Per-repository state disks: what a repository's runs keep between runs
+//! (its container images in `/var/lib/containers`, `/var/run/ci/cache`), so
+//! a second real run does not rebuild its container image.
 //!
-//! A layer is a qcow2 over the base image, one per repository namespace and
-//! image recipe. A run boots an overlay over the layer; afterwards the
-//! overlay's changes are folded into a *copy* of the layer, which is renamed
-//! into place. Layers are never written while a VM may be reading them, so
-//! two runs of one repository at once are safe (the later update wins).
-//! Layers unused for [`MAX_AGE`] are dropped.
+//! A layer is a qcow2 holding an ext4 file system, one per repository
+//! namespace and image recipe; the first is a copy of a blank one made on the
+//! host. It is a disk of its own, not a layer of the root disk, so that every
+//! run can start from the same saved guest state (see [`crate::states`]) and
+//! plug its repository's disk in. A run boots an overlay over the layer;
+//! afterwards the overlay's changes are folded into a *copy* of the layer,
+//! which is renamed into place. Layers are never written while a VM may be
+//! reading them, so two runs of one repository at once are safe (the later
+//! update wins). Layers unused for [`MAX_AGE`] are dropped.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,11 +23,20 @@ use crate::image::Image;
 /// Layers older than this are not used, and are removed.
 pub const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// Why a layer could not be updated.
+/// The size the guest sees of a state disk (sparse: it costs what is
+/// written).
+pub const STATE_DISK_BYTES: u64 = 32 << 30;
+
+const LAYER_SUFFIX: &str = ".state.qcow2";
+const BLANK: &str = "blank-v1.qcow2";
+
+/// Why a layer could not be made or updated.
 #[derive(Debug, Error)]
 pub enum LayerError {
     #[error("{tool} failed while updating the repository's snapshot: {stderr}")]
     Tool { tool: &'static str, stderr: String },
+    #[error("making a blank state disk")]
+    Blank(#[source] crate::vm::DiskError),
     #[error("snapshot io on {}", path.display())]
     Io {
         path: PathBuf,
@@ -56,7 +68,7 @@ impl Layers {
     /// The layer file of `namespace` on `image`.
     pub fn path(&self, namespace: &str, image: &Image) -> PathBuf {
         self.root.join(format!(
-            "{}-{}.qcow2",
+            "{}-{}{LAYER_SUFFIX}",
             Self::prefix(namespace),
             &image.manifest.recipe_hash[..16]
         ))
@@ -76,8 +88,30 @@ impl Layers {
         Some(path)
     }
 
-    /// Removes the layers of `namespace` (every image), or all layers.
-    /// Returns how many were removed.
+    /// The blank state disk (an empty ext4 file system), made on first use.
+    pub fn blank(&self) -> Result<PathBuf, LayerError> {
+        let path = self.root.join(BLANK);
+        if path.is_file() {
+            return Ok(path);
+        }
+        std::fs::create_dir_all(&self.root).map_err(|source| LayerError::Io {
+            path: self.root.clone(),
+            source,
+        })?;
+        let scratch = self
+            .root
+            .join(format!(".{BLANK}.tmp-{}", std::process::id()));
+        crate::vm::disk::make_blank_ext4(&scratch, STATE_DISK_BYTES, "reprise-state")
+            .map_err(LayerError::Blank)?;
+        std::fs::rename(&scratch, &path).map_err(|source| LayerError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+
+    /// Removes the layers of `namespace` (every image), or all layers (and
+    /// the blank disk). Returns how many layers were removed.
     pub fn drop_layers(&self, namespace: Option<&str>) -> std::io::Result<usize> {
         let prefix = namespace.map(Self::prefix);
         let Ok(entries) = std::fs::read_dir(&self.root) else {
@@ -86,17 +120,19 @@ impl Layers {
         let mut n = 0;
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
+            let is_layer = name.ends_with(".qcow2") && name != BLANK;
             if prefix.as_ref().is_none_or(|p| name.starts_with(p.as_str())) {
                 std::fs::remove_file(e.path())?;
-                n += 1;
+                n += usize::from(is_layer);
             }
         }
         Ok(n)
     }
 
-    /// Folds a stopped VM's `overlay` into the layer of `namespace`. The
-    /// overlay must have been booted on `base_of_overlay` (the current layer,
-    /// or the image's disk for a fresh run). The overlay is consumed.
+    /// Folds a stopped VM's state-disk `overlay` into the layer of
+    /// `namespace`. The overlay must have been booted on `base_of_overlay`
+    /// (the current layer, or the blank disk for a fresh start). The overlay
+    /// is consumed.
     pub fn update(
         &self,
         namespace: &str,
@@ -112,25 +148,17 @@ impl Layers {
         let dest = self.path(namespace, image);
         let new = dest.with_extension(format!("tmp-{}", std::process::id()));
         let result = (|| {
-            if base_of_overlay == image.disk() {
-                let disk = std::path::absolute(image.disk()).map_err(io(&image.disk()))?;
-                qemu_img(
-                    &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"],
-                    &[&disk, &new],
-                )?;
-            } else {
-                let out = Command::new("cp")
-                    .args(["--reflink=auto", "--sparse=always"])
-                    .arg(base_of_overlay)
-                    .arg(&new)
-                    .output()
-                    .map_err(io(&new))?;
-                if !out.status.success() {
-                    return Err(LayerError::Tool {
-                        tool: "cp",
-                        stderr: String::from_utf8_lossy(&out.stderr).trim().into(),
-                    });
-                }
+            let out = Command::new("cp")
+                .args(["--reflink=auto", "--sparse=always"])
+                .arg(base_of_overlay)
+                .arg(&new)
+                .output()
+                .map_err(io(&new))?;
+            if !out.status.success() {
+                return Err(LayerError::Tool {
+                    tool: "cp",
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().into(),
+                });
             }
             // Point the overlay at the copy (same contents as what it was
             // booted on), then write its changes into the copy.
@@ -182,6 +210,41 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn the_blank_state_disk_is_an_empty_ext4_made_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let layers = Layers::new(dir.path().join("layers"));
+        let blank = layers.blank().expect("blank");
+        let info = Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&blank)
+            .output()
+            .expect("qemu-img info");
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(info["format"], "qcow2");
+        assert_eq!(info["virtual-size"], STATE_DISK_BYTES);
+        assert!(
+            std::fs::metadata(&blank).unwrap().len() < 64 << 20,
+            "sparse: only the file system's metadata is stored"
+        );
+        let raw = dir.path().join("check.raw");
+        qemu_img(&["convert", "-O", "raw"], &[&blank, &raw]).unwrap();
+        let out = Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(&raw)
+            .output()
+            .unwrap();
+        let header = String::from_utf8_lossy(&out.stdout);
+        assert!(header.contains("reprise-state"), "{header}");
+        // Made once: a second call returns the same file untouched.
+        let made = std::fs::metadata(&blank).unwrap().modified().unwrap();
+        assert_eq!(layers.blank().unwrap(), blank);
+        assert_eq!(std::fs::metadata(&blank).unwrap().modified().unwrap(), made);
+        // Dropping every layer removes it too, but counts only layers.
+        assert_eq!(layers.drop_layers(None).unwrap(), 0);
+        assert!(!blank.exists());
     }
 
     #[test]

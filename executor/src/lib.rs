@@ -12,5 +12,6 @@ pub mod pipeline;
 pub mod redact;
 pub mod replay;
 pub mod repo;
+pub mod states;
 pub mod store;
 pub mod vm;

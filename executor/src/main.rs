@@ -13,6 +13,7 @@ use reprise_executor::connected;
 use reprise_executor::image::{ImageCache, ImageError};
 use reprise_executor::peer::Settings;
 use reprise_executor::pipeline::{self, RunError, Ui};
+use reprise_executor::states::States;
 use reprise_executor::store::{Lookup, Retention, Store};
 use reprise_executor::vm::{BootError, GuestCommand, Stream, Vm, VmConfig};
 use reprise_protocol::exit;
@@ -330,6 +331,20 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 short(&image.manifest.digest),
                 image.dir.display()
             );
+            // The guest state runs start from, made now rather than in the
+            // first run.
+            let choice = accel::choose(&AccelFacts::probe(), None);
+            let config = VmConfig::new(image, choice.accel);
+            let saved = States::default_location()
+                .ensure(&config, &mut |step| eprintln!("reprise: image: {step}"))
+                .await
+                .context("while saving the booted guest that runs start from")?;
+            println!(
+                "saved guest state ({}, {} MiB) ready at {}",
+                choice.accel,
+                saved.state_bytes() >> 20,
+                saved.dir().display()
+            );
             Ok(exit::SUCCESS)
         }
         Cmd::Image(ImageCmd::Info) => {
@@ -382,7 +397,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .context("while removing snapshots")?;
             match namespace {
                 Some(ns) => println!("dropped {n} snapshot(s) of {ns}"),
-                None => println!("dropped {n} snapshot(s)"),
+                None => {
+                    let states = States::default_location()
+                        .drop_all()
+                        .context("while removing saved guest states")?;
+                    println!("dropped {n} snapshot(s) and {states} saved guest state(s)");
+                }
             }
             Ok(exit::SUCCESS)
         }
@@ -876,6 +896,13 @@ fn image_info() {
                 " (stale: another recipe)"
             }
         );
+    }
+    let states = States::default_location().list();
+    if !states.is_empty() {
+        println!("saved guest states (runs start from these):");
+    }
+    for (dir, bytes) in states {
+        println!("{} {} MiB", dir.display(), bytes >> 20);
     }
 }
 

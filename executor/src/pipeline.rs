@@ -21,12 +21,22 @@ use crate::peer::{Peer, Settings};
 use crate::redact::Redactor;
 use crate::replay::{self, ReplayError};
 use crate::repo::{Checkout, RepoError, Revision};
+use crate::states::States;
 use crate::store::{Lookup, Retention, Store, StoreError, StoredResult};
-use crate::vm::{BootError, GuestCommand, Stream, Vm, VmConfig, VmError};
+use crate::vm::{
+    BootError, GUEST_STATE_DEVICE, GuestCommand, STATE_OVERLAY, StateDisk, Stream, Vm, VmConfig,
+    VmError,
+};
 
 /// The driver class that goes into the key.
 pub const DRIVER: &str = "qemu";
 const CI: &str = "/var/run/ci";
+/// Where the repository's state disk is mounted in the guest.
+const STATE: &str = "/var/lib/reprise/state";
+/// Flushes and checkpoints the state disk's file system, so the disk file
+/// is consistent once qemu stops.
+const FREEZE_STATE: &str =
+    "sync; fsfreeze -f /var/lib/reprise/state && fsfreeze -u /var/lib/reprise/state";
 const GUEST_MK: &str = "/reprise/bin/mk";
 /// Where `/var/run/ci/artifacts` points: a folder of the data disk.
 const ARTIFACTS: &str = "/reprise/artifacts";
@@ -409,13 +419,43 @@ pub async fn run(
         layers.current(&keyed.inputs.namespace, &image)
     };
     if layer.is_some() {
-        ui.note("booting on this repository's snapshot (--fresh for the bare image)");
+        ui.note("using this repository's snapshot (--fresh for a blank one)");
     }
+    let state_base = match &layer {
+        Some(layer) => layer.clone(),
+        None => tokio::task::block_in_place(|| layers.blank())?,
+    };
     let mut config = VmConfig::new(image.clone(), choice.accel);
     config.tree = Some(tree);
     config.network = req.network;
-    config.backing = layer.clone();
-    let in_vm = run_in_vm(&config, req, mkfile, &keyed, &secrets, work.path(), ui);
+    config.state_disk = Some(StateDisk::On(state_base.clone()));
+    let states = States::default_location();
+    // A run with network boots cold: the saved guest has no network card.
+    // REPRISE_COLD_BOOT=1 boots cold too (to compare, or to rule the saved
+    // guest out when something looks wrong).
+    let cold = std::env::var_os("REPRISE_COLD_BOOT").is_some_and(|v| !v.is_empty() && v != "0");
+    if !req.network && !cold {
+        match states
+            .ensure(&config, &mut |step| ui.image_step(step))
+            .await
+        {
+            Ok(saved) => config.restore = Some(saved),
+            Err(e) => ui.note(&format!(
+                "booting cold: no saved guest state ({})",
+                error_chain(&e)
+            )),
+        }
+    }
+    let in_vm = run_in_vm(
+        &config,
+        &states,
+        req,
+        mkfile,
+        &keyed,
+        &secrets,
+        work.path(),
+        ui,
+    );
     let ran = match req.timeout {
         Some(limit) => tokio::time::timeout(limit, in_vm)
             .await
@@ -426,7 +466,7 @@ pub async fn run(
         &layers,
         &keyed.inputs.namespace,
         &image,
-        layer.as_deref(),
+        &state_base,
         work.path(),
         ui,
     );
@@ -490,14 +530,13 @@ fn update_layer(
     layers: &Layers,
     namespace: &str,
     image: &Image,
-    layer: Option<&Path>,
+    base: &Path,
     work: &Path,
     ui: &dyn Ui,
 ) {
     let t = Instant::now();
-    let overlay = work.join("vm").join("overlay.qcow2");
-    let base = layer.map(Path::to_path_buf).unwrap_or_else(|| image.disk());
-    match layers.update(namespace, image, &overlay, &base) {
+    let overlay = work.join("vm").join(STATE_OVERLAY);
+    match layers.update(namespace, image, &overlay, base) {
         Ok(_) => ui.phase("snapshot", t.elapsed()),
         Err(e) => ui.note(&format!("could not update the repository's snapshot: {e}")),
     }
@@ -615,6 +654,8 @@ struct Ran {
     record: Vec<u8>,
     phases: Vec<Phase>,
     artifacts: Option<PathBuf>,
+    /// The state disk was already frozen by the last guest command.
+    state_frozen: bool,
 }
 
 /// Output of a command: live to the terminal, redacted, and recorded.
@@ -669,8 +710,10 @@ impl Recorder {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_in_vm(
     config: &VmConfig,
+    states: &States,
     req: &RunRequest,
     mkfile: &str,
     keyed: &Keyed,
@@ -693,8 +736,32 @@ async fn run_in_vm(
     env.insert("PATH".into(), GUEST_PATH.into());
 
     let t = Instant::now();
-    let vm = Vm::boot(config).await?;
-    phase("boot", t, &mut phases);
+    let vm = match Vm::boot(config).await {
+        Err(e) if config.restore.is_some() => {
+            // A state that does not load (qemu changed under it, a damaged
+            // file) is made anew next time; this run boots cold.
+            ui.note(&format!(
+                "the saved guest state did not restore ({}); booting cold",
+                error_chain(&e)
+            ));
+            if let Some(saved) = &config.restore {
+                states.discard(saved);
+            }
+            let mut cold = config.clone();
+            cold.restore = None;
+            Vm::boot(&cold).await?
+        }
+        booted => booted?,
+    };
+    phase(
+        if config.restore.is_some() {
+            "restore"
+        } else {
+            "boot"
+        },
+        t,
+        &mut phases,
+    );
     let ran = in_guest(
         &vm,
         req,
@@ -714,11 +781,11 @@ async fn run_in_vm(
         },
         other => other,
     })?;
-    // A consistent root disk for the snapshot: freeze (flush and checkpoint
-    // every file system), thaw, then stop qemu and keep the overlay.
-    let _ = vm
-        .exec(&GuestCommand::shell("sync; fsfreeze -f / && fsfreeze -u /"))
-        .await;
+    // A consistent state disk for the snapshot: freeze (flush and
+    // checkpoint the file system), thaw, then stop qemu and keep the overlay.
+    if !ran.state_frozen {
+        let _ = vm.exec(&GuestCommand::shell(FREEZE_STATE)).await;
+    }
     vm.stop_keeping(&work.join("vm")).await?;
     Ok(ran)
 }
@@ -739,12 +806,17 @@ async fn in_guest(
 ) -> Result<Ran, RunError> {
     // prepare-runtime, as root in the guest, from the repository root.
     let t = Instant::now();
-    // /var/run is a tmpfs in the guest; /var/run/ci lives on the root disk
-    // so its cache/ reaches the repository's snapshot. env/ starts empty
-    // every run; artifacts/ is a folder of the data disk, which the host
-    // reads directly afterwards.
+    // The repository's state disk holds podman's storage and
+    // /var/run/ci (a tmpfs in the guest otherwise), so container images and
+    // cache/ reach the repository's snapshot. env/ starts empty every run;
+    // artifacts/ is a folder of the data disk, which the host reads
+    // directly afterwards.
     let mut setup = GuestCommand::shell(&format!(
-        "mkdir -p /var/lib/reprise/ci && ln -sfn /var/lib/reprise/ci /run/ci && \
+        "mkdir -p {STATE} /var/lib/containers && \
+         mount -t ext4 -o rw,noatime {GUEST_STATE_DEVICE} {STATE} && \
+         mkdir -p {STATE}/containers {STATE}/ci && \
+         mount --bind {STATE}/containers /var/lib/containers && \
+         ln -sfn {STATE}/ci /run/ci && \
          rm -rf {CI}/env {CI}/artifacts && mkdir -p {CI}/env {CI}/cache {ARTIFACTS} && \
          ln -s {ARTIFACTS} {CI}/artifacts"
     ));
@@ -757,7 +829,7 @@ async fn in_guest(
         )));
     }
     if mkfile_defines(mkfile, "prepare-runtime") {
-        let code = guest_mk(vm, "prepare-runtime", env, secret_values).await?;
+        let code = guest_mk(vm, "prepare-runtime", None, env, secret_values).await?;
         if code != 0 {
             return Err(RunError::Prepare {
                 code,
@@ -779,14 +851,6 @@ async fn in_guest(
             "prepare-runtime did not write {CI}/env/CONTAINERIMAGE (include </usr/lib/reprise/ci.mk and set CONTAINERIMAGE, or write the file in prepare-runtime)"
         ))
     })?;
-    let exists = vm
-        .exec(&GuestCommand::new(["podman", "image", "exists", &image]))
-        .await?;
-    if !exists.success() {
-        return Err(RunError::Contract(format!(
-            "CONTAINERIMAGE names '{image}', which is not an image in the guest's podman (does base-image build it with that name?)"
-        )));
-    }
 
     // The target, in the container, with the repository as working directory.
     let t = Instant::now();
@@ -797,6 +861,7 @@ async fn in_guest(
         "podman",
         "run",
         "--rm",
+        "--pull=never",
         "--network",
         if req.network { "host" } else { "none" },
         "-v",
@@ -827,19 +892,38 @@ async fn in_guest(
         .exec_streaming(&test, &mut |s, b| recorder.feed(s, b))
         .await?;
     recorder.finish();
+    // podman's own failures exit 125; only then is it worth asking (one
+    // podman start costs about a second under TCG) whether the image is
+    // missing, which is the repository's mistake and not a test failure.
+    if exit_code == 125 {
+        let exists = vm
+            .exec(&GuestCommand::new(["podman", "image", "exists", &image]))
+            .await?;
+        if !exists.success() {
+            return Err(RunError::Contract(format!(
+                "CONTAINERIMAGE names '{image}', which is not an image in the guest's podman (does base-image build it with that name?)"
+            )));
+        }
+    }
     phase(&req.target, t, &mut phases);
 
     let mut artifacts = None;
+    let mut state_frozen = false;
     if exit_code == 0 {
         let t = Instant::now();
-        for path in &keyed.revision.config.artifacts {
-            let target = format!("{CI}/artifacts/{path}");
-            let mut cmd = GuestCommand::new([GUEST_MK, &target]).cwd(crate::vm::GUEST_REPO);
+        let declared = &keyed.revision.config.artifacts;
+        if !declared.is_empty() {
+            // One mk for every artifact: a process start costs time under TCG.
+            let mut argv = vec![GUEST_MK.to_string()];
+            argv.extend(declared.iter().map(|path| format!("{CI}/artifacts/{path}")));
+            let mut cmd = GuestCommand::new(argv.clone()).cwd(crate::vm::GUEST_REPO);
             cmd.env = env.clone();
             let out = vm.exec(&cmd).await?;
             if !out.success() {
                 return Err(RunError::Contract(format!(
-                    "making artifact {path} (`mk {target}`) failed:\n{}{}",
+                    "making the artifacts {} (`mk {}`) failed:\n{}{}",
+                    declared.join(", "),
+                    argv[1..].join(" "),
                     String::from_utf8_lossy(&out.stdout),
                     String::from_utf8_lossy(&out.stderr)
                 )));
@@ -849,7 +933,9 @@ async fn in_guest(
         vm.copy_out(ARTIFACTS, &host).await?;
         artifacts = Some(host);
         if mkfile_defines(mkfile, "post-test") {
-            let code = guest_mk(vm, "post-test", env, secret_values).await?;
+            // The state disk is frozen in the same guest command.
+            let code = guest_mk(vm, "post-test", Some(FREEZE_STATE), env, secret_values).await?;
+            state_frozen = true;
             if code != 0 {
                 return Err(RunError::Contract(format!(
                     "`mk post-test` failed with status {code}"
@@ -863,18 +949,31 @@ async fn in_guest(
         record: recorder.record,
         phases,
         artifacts,
+        state_frozen,
     })
 }
 
 /// Runs `mk TARGET` as root in the guest from the repository root, its
-/// output shown live (redacted) but not part of the result.
+/// output shown live (redacted) but not part of the result, then the shell
+/// script `after` if given (whatever mk's status; its output is shown too).
+/// Returns mk's status.
 async fn guest_mk(
     vm: &Vm,
     target: &str,
+    after: Option<&str>,
     env: &BTreeMap<String, String>,
     secrets: &[String],
 ) -> Result<i32, VmError> {
-    let mut cmd = GuestCommand::new([GUEST_MK, target]).cwd(crate::vm::GUEST_REPO);
+    let argv = match after {
+        None => vec![GUEST_MK.to_string(), target.to_string()],
+        Some(script) => vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            format!("{GUEST_MK} \"$0\"; c=$?; {script}; exit $c"),
+            target.into(),
+        ],
+    };
+    let mut cmd = GuestCommand::new(argv).cwd(crate::vm::GUEST_REPO);
     cmd.env = env.clone();
     let mut shown = Recorder::new(secrets, false);
     let code = vm

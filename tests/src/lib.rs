@@ -110,6 +110,11 @@ impl TestVm {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The VM itself, for calls that consume it.
+    pub fn into_vm(mut self) -> Vm {
+        self.vm.take().expect("the VM is running")
+    }
+
     /// Stops the VM (QMP quit).
     pub async fn shutdown(mut self) {
         if let Some(vm) = self.vm.take() {

@@ -534,10 +534,13 @@ fn a_second_real_run_reuses_the_repository_snapshot() {
         second.stderr
     );
     assert!(
-        second
-            .stderr
-            .contains("booting on this repository's snapshot"),
+        second.stderr.contains("using this repository's snapshot"),
         "{}",
+        second.stderr
+    );
+    assert!(
+        second.restored(),
+        "without --network a run starts from the saved guest state:\n{}",
         second.stderr
     );
     assert!(
@@ -546,7 +549,28 @@ fn a_second_real_run_reuses_the_repository_snapshot() {
         second.stderr
     );
 
-    // --fresh boots the bare image, so base-image imports again.
+    // Booted cold instead of restored, the run still gets the snapshot.
+    s.write("greet.sh", "#!/bin/sh\n# cold\necho \"hello, $1\"\n")
+        .commit("cold");
+    let cold = Run::from(
+        s.reprise(&["run"])
+            .env("REPRISE_COLD_BOOT", "1")
+            .output()
+            .expect("reprise starts"),
+    );
+    cold.expect_code(code::SUCCESS, "cold real run");
+    assert!(
+        cold.booted() && !cold.restored(),
+        "REPRISE_COLD_BOOT boots cold:\n{}",
+        cold.stderr
+    );
+    assert!(
+        !cold.stderr.contains("Getting image source signatures"),
+        "a cold boot has the snapshot too:\n{}",
+        cold.stderr
+    );
+
+    // --fresh starts from a blank snapshot, so base-image imports again.
     s.write(
         "greet.sh",
         "#!/bin/sh\n# another change\necho \"hello, $1\"\n",
@@ -555,9 +579,7 @@ fn a_second_real_run_reuses_the_repository_snapshot() {
     let fresh = s.run(&["run", "--fresh"]);
     fresh.expect_code(code::SUCCESS, "fresh run");
     assert!(
-        !fresh
-            .stderr
-            .contains("booting on this repository's snapshot"),
+        !fresh.stderr.contains("using this repository's snapshot"),
         "{}",
         fresh.stderr
     );

@@ -5,7 +5,11 @@
 
 use std::time::{Duration, Instant};
 
-use reprise_executor::vm::{AgentError, BootError, GuestCommand, Stream, Vm, VmError};
+use reprise_executor::layers::{Layers, STATE_DISK_BYTES};
+use reprise_executor::states::States;
+use reprise_executor::vm::{
+    AgentError, BootError, GuestCommand, STATE_OVERLAY, StateDisk, Stream, Vm, VmError,
+};
 use reprise_system_tests::{
     TestVm, random_tree, tree_listing, vm_config, wait_until, workspace_bin,
 };
@@ -370,6 +374,86 @@ async fn a_saved_state_boots_again_with_a_new_data_disk() {
     vm.sh_ok("touch /root/after").await;
     assert_eq!(again.sh("ls /root/after").await.code, 2);
     tokio::join!(vm.shutdown(), again.shutdown());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_state_disk_is_plugged_into_restored_guests() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let states = States::new(scratch.path().join("states"));
+    let layers = Layers::new(scratch.path().join("layers"));
+    let mut config = vm_config();
+    let mut steps = Vec::new();
+    let saved = states
+        .ensure(&config, &mut |s| steps.push(s.to_string()))
+        .await
+        .expect("make the saved state");
+    assert_eq!(steps.len(), 1, "made once: {steps:?}");
+    assert!(saved.has_state_slot());
+    let again = states
+        .ensure(&config, &mut |s| panic!("made twice: {s}"))
+        .await
+        .expect("the saved state again");
+    assert_eq!(again.dir(), saved.dir());
+
+    // First run: a blank state disk, written by the guest.
+    let blank = layers.blank().expect("blank state disk");
+    config.restore = Some(saved.clone());
+    config.state_disk = Some(StateDisk::On(blank.clone()));
+    let first = TestVm::boot("first", &config).await;
+    first
+        .sh_ok(
+            "mkdir -p /mnt/s && mount /dev/vdc /mnt/s && test -d /mnt/s/lost+found && \
+             echo kept > /mnt/s/note && sync && fsfreeze -f /mnt/s && fsfreeze -u /mnt/s",
+        )
+        .await;
+    let kept = scratch.path().join("kept");
+    first.into_vm().stop_keeping(&kept).await.expect("stop");
+    let image = config.image.clone();
+    let layer = layers
+        .update("ns", &image, &kept.join(STATE_OVERLAY), &blank)
+        .expect("fold the run into the layer");
+
+    // Second run: restored from the same state, on the layer.
+    config.state_disk = Some(StateDisk::On(layer));
+    let second = TestVm::boot("second", &config).await;
+    assert_eq!(
+        second
+            .sh_ok("mkdir -p /mnt/s && mount /dev/vdc /mnt/s && cat /mnt/s/note")
+            .await,
+        "kept\n"
+    );
+    // The guest sees the whole disk, not the placeholder the state was
+    // saved with.
+    let sectors: u64 = second
+        .sh_ok("cat /sys/block/vdc/size")
+        .await
+        .trim()
+        .parse()
+        .expect("a size");
+    assert_eq!(sectors * 512, STATE_DISK_BYTES);
+    second.shutdown().await;
+
+    // A state that does not load is an error, not a hang; discarded, it is
+    // made anew.
+    let file = saved.dir().join("state.bin");
+    let len = std::fs::metadata(&file).expect("state file").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .and_then(|f| f.set_len(len / 2))
+        .expect("truncate the state");
+    let started = Instant::now();
+    let err = Vm::boot(&config).await.expect_err("a truncated state");
+    assert!(
+        started.elapsed() < config.boot_timeout,
+        "took {:?}",
+        started.elapsed()
+    );
+    eprintln!("truncated state: {}", error_chain(&err));
+    states.discard(&saved);
+    let mut plain = config.clone();
+    plain.restore = None;
+    assert!(states.get(&plain).is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

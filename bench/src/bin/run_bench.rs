@@ -3,7 +3,8 @@
 //! 1,000-file one, and a trivial real run in a VM beside `podman run` of a
 //! similar image on the host. Prints medians; asserts nothing about them.
 //!
-//! Usage: `run_bench [--runs N] [--real-runs N] [--no-vm]`. The `reprise`
+//! Usage: `run_bench [--runs N] [--real-runs N] [--no-vm]` (`--real-runs`
+//! counts the restored second runs; as many cold ones run beside them). The `reprise`
 //! binary (with `reprise-guest` and `mk`) is looked for next to this one:
 //! build with `cargo build --workspace`. The base image cache is the
 //! default one; results go to a temp store.
@@ -35,7 +36,7 @@ struct Options {
 fn options() -> Options {
     let mut o = Options {
         runs: 7,
-        real_runs: 3,
+        real_runs: 6,
         vm: true,
     };
     let mut args = std::env::args().skip(1);
@@ -70,11 +71,22 @@ fn reprise_bin() -> PathBuf {
 /// Runs `reprise` in `dir` with the store under `data`, output discarded;
 /// returns the wall time and the exit code.
 fn time_reprise(bin: &Path, dir: &Path, data: &Path, args: &[&str]) -> (Duration, i32) {
+    time_reprise_with(bin, dir, data, args, &[])
+}
+
+fn time_reprise_with(
+    bin: &Path,
+    dir: &Path,
+    data: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Duration, i32) {
     let start = Instant::now();
     let status = Command::new(bin)
         .args(args)
         .current_dir(dir)
         .env("XDG_DATA_HOME", data)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -207,16 +219,29 @@ fn main() {
         let repo = tmp.path().join("real-repo");
         let data = tmp.path().join("real-data");
         hello_repo(&repo);
+        // The first run starts from a blank snapshot; later ones alternate
+        // between restoring the saved guest and a cold boot
+        // (REPRISE_COLD_BOOT=1), side by side, each on another tree.
         let mut times = Vec::new();
-        for i in 0..o.real_runs {
-            if i > 0 {
-                fs::write(repo.join("NOTES"), format!("tree {i}\n")).expect("notes");
-                git(&repo, &["add", "-A"]);
-                git(&repo, &["commit", "-q", "-m", "another tree"]);
-            }
+        let mut cold = Vec::new();
+        let commit = |i: usize| {
+            fs::write(repo.join("NOTES"), format!("tree {i}\n")).expect("notes");
+            git(&repo, &["add", "-A"]);
+            git(&repo, &["commit", "-q", "-m", "another tree"]);
+        };
+        let (t, code) = time_reprise(&bin, &repo, &data, &["run", "--fresh"]);
+        assert_eq!(code, 0, "the first real run failed");
+        times.push(t);
+        for i in 1..o.real_runs {
+            commit(2 * i);
             let (t, code) = time_reprise(&bin, &repo, &data, &["run"]);
             assert_eq!(code, 0, "real run {i} failed");
             times.push(t);
+            commit(2 * i + 1);
+            let env = [("REPRISE_COLD_BOOT", "1")];
+            let (t, code) = time_reprise_with(&bin, &repo, &data, &["run"], &env);
+            assert_eq!(code, 0, "cold real run {i} failed");
+            cold.push(t);
         }
         // The repository's snapshot lives in the shared cache: drop it.
         let _ = Command::new(&bin)
@@ -227,7 +252,7 @@ fn main() {
             .stderr(Stdio::null())
             .status();
         rows.push((
-            "real run: first (bare base image)".into(),
+            "real run: first (blank snapshot)".into(),
             secs(times[0]),
             "one run; builds the container image".into(),
         ));
@@ -238,9 +263,20 @@ fn main() {
                 "real run: second (repository snapshot)".into(),
                 secs(second),
                 format!(
-                    "median of {}, each another tree; target < 6 s under TCG",
+                    "median of {}, each another tree, saved guest restored; target < 6 s under TCG",
                     later.len()
                 ),
+            ));
+            let cold = median(cold.clone());
+            rows.push((
+                "real run: second, booted cold".into(),
+                secs(cold),
+                "REPRISE_COLD_BOOT=1, alternating with the restored runs".into(),
+            ));
+            rows.push((
+                "  cold boot / restored".into(),
+                format!("{:.2}x", cold.as_secs_f64() / second.as_secs_f64()),
+                String::new(),
             ));
         }
         if host_image(tmp.path()) {

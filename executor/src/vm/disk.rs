@@ -151,3 +151,52 @@ pub fn dump_dir(disk: &Path, from: &str, to: &Path) -> Result<(), DiskError> {
     }
     std::fs::rename(&dumped, to).map_err(io)
 }
+
+/// Makes `disk`, a small sparse raw file, for a disk slot the guest never
+/// reads (the state slot of a saved state, when a VM has no state disk).
+pub fn make_placeholder(disk: &Path) -> Result<(), DiskError> {
+    let io = |source| DiskError::Io {
+        path: disk.display().to_string(),
+        source,
+    };
+    std::fs::File::create(disk)
+        .and_then(|f| f.set_len(1 << 20))
+        .map_err(io)
+}
+
+/// Makes `disk`, a qcow2 of `size` bytes holding an empty ext4 file system
+/// labelled `label`, with its inode tables and journal written (the guest's
+/// lazy initialisation would otherwise write them again in every run).
+pub fn make_blank_ext4(disk: &Path, size: u64, label: &str) -> Result<(), DiskError> {
+    let io = |source| DiskError::Io {
+        path: disk.display().to_string(),
+        source,
+    };
+    let raw = disk.with_extension("raw-tmp");
+    std::fs::File::create(&raw)
+        .and_then(|f| f.set_len(size))
+        .map_err(io)?;
+    let made = run(
+        "mkfs.ext4",
+        "e2fsprogs",
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0", "-i", "32768", "-L", label])
+            .args([
+                "-E",
+                "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0",
+            ])
+            .arg(&raw),
+    )
+    .and_then(|()| {
+        run(
+            "qemu-img",
+            "qemu-utils",
+            Command::new("qemu-img")
+                .args(["convert", "-q", "-O", "qcow2"])
+                .arg(&raw)
+                .arg(disk),
+        )
+    });
+    let _ = std::fs::remove_file(&raw);
+    made
+}

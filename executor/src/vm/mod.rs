@@ -42,6 +42,10 @@ pub const GUEST_DATA: &str = "/reprise";
 /// Where the tree put into the guest appears (a link into the data disk).
 pub const GUEST_REPO: &str = "/repo";
 const GUEST_HELPER: &str = "/reprise/bin/reprise-guest";
+/// The guest device of the state disk ([`VmConfig::state_disk`]).
+pub const GUEST_STATE_DEVICE: &str = "/dev/vdc";
+/// The state disk's overlay in a VM's work folder.
+pub const STATE_OVERLAY: &str = "state.qcow2";
 
 /// How many missed deadlines in a row end a status poll (see
 /// [`Vm::exec_status`]).
@@ -53,9 +57,12 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub image: Image,
-    /// The disk the overlay is made on; the image's disk unless a
-    /// per-repository snapshot layer is used.
+    /// The disk the root overlay is made on; the image's disk unless a
+    /// saved state is restored.
     pub backing: Option<PathBuf>,
+    /// A third disk (`/dev/vdc`) for the repository's state. The guest
+    /// mounts nothing of it by itself.
+    pub state_disk: Option<StateDisk>,
     pub accel: Accel,
     pub memory_mib: u32,
     pub cpus: u32,
@@ -89,6 +96,7 @@ impl VmConfig {
         VmConfig {
             image,
             backing: None,
+            state_disk: None,
             accel,
             memory_mib: 2048,
             cpus: std::thread::available_parallelism().map_or(2, |n| n.get().min(4) as u32),
@@ -117,6 +125,16 @@ pub fn default_guest_bins() -> Vec<PathBuf> {
             None => crate::paths::sibling_exe(name),
         })
         .collect()
+}
+
+/// What is in the state disk slot ([`VmConfig::state_disk`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateDisk {
+    /// A fresh overlay (`state.qcow2` in the work folder) on this qcow2.
+    On(PathBuf),
+    /// A small blank disk that is never used (so that the machine has the
+    /// slot, e.g. when saving a state that runs restore with a state disk).
+    Empty,
 }
 
 /// Why a VM did not come up.
@@ -341,6 +359,33 @@ impl Vm {
             .clone()
             .unwrap_or_else(|| config.image.disk());
         disk::create_overlay(&backing, &overlay)?;
+        let slot = match (&config.state_disk, &config.restore) {
+            (Some(disk), _) => Some(disk.clone()),
+            // A saved state with a state slot needs a disk in it.
+            (None, Some(saved)) if saved.has_state_slot() => Some(StateDisk::Empty),
+            (None, _) => None,
+        };
+        let state = match slot {
+            Some(StateDisk::On(base)) => {
+                let state = work.path().join(STATE_OVERLAY);
+                disk::create_overlay(&base, &state)?;
+                Some((state, "qcow2"))
+            }
+            Some(StateDisk::Empty) => {
+                let placeholder = work.path().join("state.raw");
+                disk::make_placeholder(&placeholder)?;
+                Some((placeholder, "raw"))
+            }
+            None => None,
+        };
+        if let Some(saved) = &config.restore
+            && !saved.has_state_slot()
+            && config.state_disk.is_some()
+        {
+            return Err(BootError::Restore(Box::new(SnapshotError::Prepare(
+                "the saved state has no slot for a state disk".into(),
+            ))));
+        }
         let data = work.path().join("data.raw");
         stage_data(config, work.path())?;
         disk::make_data_disk(&work.path().join("data"), &data, config.data_spare_bytes)?;
@@ -356,6 +401,7 @@ impl Vm {
             config,
             &overlay,
             &data,
+            state.as_ref().map(|(p, f)| (p.as_path(), *f)),
             &console,
             &qmp_path,
             &qga_path,
@@ -522,6 +568,7 @@ impl Vm {
         loop {
             let status = self.exec_status(pid, &mut stalls).await?;
             if let Some(status) = status.filter(|s| s.exited) {
+                debug!(took = ?started.elapsed(), argv = ?command.argv, "exec ended");
                 return Ok(Output {
                     code: exit_code(status.exitcode, status.signal),
                     stdout: status.out_data.unwrap_or_default(),
@@ -582,7 +629,10 @@ impl Vm {
                     Some(_) if !running => {}
                     Some(Frame::Stdout(bytes)) => sink(Stream::Stdout, &bytes),
                     Some(Frame::Stderr(bytes)) => sink(Stream::Stderr, &bytes),
-                    Some(Frame::Exit(code)) => return Ok(code),
+                    Some(Frame::Exit(code)) => {
+                        debug!(took = ?started.elapsed(), argv = ?command.argv.first(), "streamed exec ended");
+                        return Ok(code);
+                    }
                     Some(Frame::Failed(why)) => return Err(VmError::Helper(why)),
                 },
                 _ = check.tick() => {
@@ -722,16 +772,19 @@ impl Vm {
         }
     }
 
-    /// Stops the VM and moves its root-disk overlay (`overlay.qcow2`) and
-    /// console log (`console.log`) into `dest`, for the repository's
-    /// snapshot and for inspection. Run `fsfreeze` in the guest first if the
-    /// overlay must be consistent.
+    /// Stops the VM and moves its disk overlays (`overlay.qcow2`, and
+    /// `state.qcow2` if it has a state disk) and console log (`console.log`)
+    /// into `dest`, for the repository's snapshot and for inspection. Run
+    /// `fsfreeze` in the guest first if an overlay must be consistent.
     pub async fn stop_keeping(self, dest: &Path) -> Result<(), VmError> {
         let stopped = self.shutdown_in_place().await;
         let work = stopped.work.path();
         std::fs::create_dir_all(dest).map_err(VmError::Keep)?;
-        for name in ["overlay.qcow2", "console.log"] {
-            std::fs::rename(work.join(name), dest.join(name)).map_err(VmError::Keep)?;
+        for name in ["overlay.qcow2", STATE_OVERLAY, "console.log"] {
+            match std::fs::rename(work.join(name), dest.join(name)) {
+                Err(e) if name == STATE_OVERLAY && e.kind() == std::io::ErrorKind::NotFound => {}
+                other => other.map_err(VmError::Keep)?,
+            }
         }
         Ok(())
     }
@@ -839,10 +892,12 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     )))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn qemu_args(
     config: &VmConfig,
     overlay: &Path,
     data: &Path,
+    state: Option<(&Path, &str)>,
     console: &Path,
     qmp: &Path,
     qga: &Path,
@@ -898,6 +953,18 @@ fn qemu_args(
             p(data),
             snapshot::DATA_DRIVE
         ),
+    ];
+    if let Some((path, format)) = state {
+        args.extend([
+            "-drive".into(),
+            format!(
+                "file={},if=virtio,format={format},cache=unsafe,id={}",
+                p(path),
+                snapshot::STATE_DRIVE
+            ),
+        ]);
+    }
+    args.extend([
         "-chardev".into(),
         format!("file,id=console,path={}", p(console)),
         "-serial".into(),
@@ -914,7 +981,7 @@ fn qemu_args(
         format!("socket,id=stream,path={},server=on,wait=off", p(stream)),
         "-device".into(),
         "virtserialport,chardev=stream,name=reprise.stream,id=streamport".into(),
-    ];
+    ]);
     if config.network {
         args.extend(["-nic".into(), "user,model=virtio-net-pci".into()]);
     } else {
@@ -1070,6 +1137,7 @@ mod tests {
             c,
             p("/w/o.qcow2"),
             p("/w/d.raw"),
+            None,
             p("/w/c.log"),
             p("/s/q"),
             p("/s/g"),
@@ -1088,6 +1156,39 @@ mod tests {
         assert!(kvm.contains("-nic user,model=virtio-net-pci"));
         assert!(kvm.contains("reprise.net=1"));
         assert!(kvm.contains("file=/img/disk.qcow2").not() && kvm.contains("file=/w/o.qcow2"));
+        assert!(
+            kvm.contains("id=state").not(),
+            "no state disk unless asked: {kvm}"
+        );
+    }
+
+    #[test]
+    fn the_state_disk_is_the_third_virtio_drive() {
+        let c = config(Accel::Tcg, false);
+        let p = Path::new;
+        let args = qemu_args(
+            &c,
+            p("/w/o.qcow2"),
+            p("/w/d.raw"),
+            Some((p("/w/state.qcow2"), "qcow2")),
+            p("/w/c.log"),
+            p("/s/q"),
+            p("/s/g"),
+            p("/s/s"),
+        );
+        let drives: Vec<&String> = args
+            .iter()
+            .zip(args.iter().skip(1))
+            .filter(|(flag, _)| *flag == "-drive")
+            .map(|(_, value)| value)
+            .collect();
+        assert_eq!(drives.len(), 3, "{drives:?}");
+        assert!(drives[0].starts_with("file=/w/o.qcow2,"));
+        assert!(drives[1].starts_with("file=/w/d.raw,"));
+        assert_eq!(
+            drives[2],
+            "file=/w/state.qcow2,if=virtio,format=qcow2,cache=unsafe,id=state"
+        );
     }
 
     trait Not {

@@ -15,7 +15,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use qapi::{qga, qmp};
+use qapi::qmp;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::time::sleep;
 
@@ -24,8 +25,11 @@ use crate::accel::Accel;
 
 /// The `-drive` id of the data disk.
 pub(super) const DATA_DRIVE: &str = "data";
+/// The `-drive` id of the state disk.
+pub(super) const STATE_DRIVE: &str = "state";
 const STATE_FILE: &str = "state.bin";
 const DISK_FILE: &str = "disk.qcow2";
+const META_FILE: &str = "meta.json";
 
 /// Why a guest state could not be saved or restored.
 #[derive(Debug, Error)]
@@ -50,8 +54,9 @@ pub enum SnapshotError {
 
 /// A guest state saved by [`Vm::save_state`]: the machine state and the
 /// root disk as they were, and the machine shape they need.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SavedState {
+    #[serde(skip)]
     dir: PathBuf,
     accel: Accel,
     memory_mib: u32,
@@ -60,9 +65,29 @@ pub struct SavedState {
     tty: bool,
     kernel_args: Vec<String>,
     bytes: u64,
+    /// Whether the saved machine has a state disk slot (`/dev/vdc`).
+    state_slot: bool,
 }
 
 impl SavedState {
+    /// The state saved in `dir` by [`Vm::save_state`], if it is complete.
+    pub fn load(dir: &Path) -> Option<SavedState> {
+        let meta = std::fs::read(dir.join(META_FILE)).ok()?;
+        let mut saved: SavedState = serde_json::from_slice(&meta).ok()?;
+        saved.dir = dir.to_path_buf();
+        (saved.state_file().is_file() && saved.disk().is_file()).then_some(saved)
+    }
+
+    /// The accelerator the state was saved under (restores use it too).
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// Whether VMs restored from it can have a state disk.
+    pub fn has_state_slot(&self) -> bool {
+        self.state_slot
+    }
+
     /// The folder holding the state file and the root disk.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -138,7 +163,10 @@ impl Vm {
     /// VMs can boot from it (set [`VmConfig::restore`]). The guest's data
     /// disk is unmounted first (the restored guests mount their own), and
     /// this VM keeps running afterwards without it: use it for nothing but
-    /// saving. Boot it without a tree so the data disk is small.
+    /// saving. Boot it without a tree so the data disk is small. What the
+    /// guest has cached of its root disk is saved with it (and stays true:
+    /// restored guests run on a copy of that disk), so reading files in
+    /// beforehand makes them instant for every restored guest.
     pub async fn save_state(
         &self,
         dir: &Path,
@@ -152,7 +180,7 @@ impl Vm {
         let dir = std::path::absolute(dir).map_err(io(dir))?;
         let out = self
             .exec(&GuestCommand::shell(&format!(
-                "sync; umount {GUEST_DATA} && sync && echo 3 > /proc/sys/vm/drop_caches"
+                "sync; umount {GUEST_DATA} && sync && blockdev --flushbufs /dev/vdb"
             )))
             .await?;
         if !out.success() {
@@ -174,8 +202,8 @@ impl Vm {
         let overlay = self.work.path().join("overlay.qcow2");
         std::fs::copy(&overlay, dir.join(DISK_FILE)).map_err(io(&overlay))?;
         let bytes = std::fs::metadata(&state).map_err(io(&state))?.len();
-        Ok(SavedState {
-            dir,
+        let saved = SavedState {
+            dir: dir.clone(),
             accel: config.accel,
             memory_mib: config.memory_mib,
             cpus: config.cpus,
@@ -183,7 +211,12 @@ impl Vm {
             tty: config.tty,
             kernel_args: config.kernel_args.clone(),
             bytes,
-        })
+            state_slot: config.state_disk.is_some(),
+        };
+        // Written last: a folder with it is complete.
+        let meta = dir.join(META_FILE);
+        std::fs::write(&meta, serde_json::to_vec(&saved).unwrap_or_default()).map_err(io(&meta))?;
+        Ok(saved)
     }
 
     async fn migrate_to(&self, state: &Path) -> Result<(), SnapshotError> {
@@ -215,39 +248,61 @@ impl Vm {
         }
     }
 
-    /// After an incoming state is loaded: tell the guest the new data
-    /// disk's size, mount it where the saved guest had its old one, and set
-    /// the guest's clock (it still reads the time of the save).
+    /// After an incoming state is loaded: tell the guest the new disks'
+    /// sizes, mount the data disk where the saved guest had its old one, and
+    /// set the guest's clock (it still reads the time of the save). The
+    /// state disk, if any, is left for the caller to mount.
     pub(super) async fn finish_restore(&self) -> Result<(), SnapshotError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SnapshotError::Io { path, source }
+        };
         let data = self.work.path().join("data.raw");
-        let size = std::fs::metadata(&data)
-            .map_err(|source| SnapshotError::Io {
-                path: data.clone(),
-                source,
-            })?
-            .len();
+        let size = std::fs::metadata(&data).map_err(io(&data))?.len();
+        let mut disks = vec![(DATA_DRIVE, "vdb", size)];
+        let state_qcow2 = self.work.path().join(super::STATE_OVERLAY);
+        let state_raw = self.work.path().join("state.raw");
+        if state_qcow2.is_file() {
+            let size = qcow2_virtual_size(&state_qcow2).map_err(io(&state_qcow2))?;
+            disks.push((STATE_DRIVE, "vdc", size));
+        } else if let Ok(meta) = std::fs::metadata(&state_raw) {
+            disks.push((STATE_DRIVE, "vdc", meta.len()));
+        }
         // Resizing to the current size still raises the config-change
         // interrupt, after which the guest reads the capacity anew.
-        self.qmp_call(qmp::block_resize {
-            device: Some(DATA_DRIVE.into()),
-            node_name: None,
-            size: size as i64,
-        })
-        .await?;
+        for (drive, _, size) in &disks {
+            self.qmp_call(qmp::block_resize {
+                device: Some((*drive).into()),
+                node_name: None,
+                size: *size as i64,
+            })
+            .await?;
+        }
+        // The clock is set from the shell: the agent's guest-set-time also
+        // writes the hardware clock with hwclock, which waits for the next
+        // second boundary (0.5 s on average, more under TCG).
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i64);
-        self.agent
-            .call(qga::guest_set_time { time: Some(now) })
-            .await
-            .map_err(VmError::from)?;
-        let sectors = size / 512;
-        let script = format!(
-            "i=0; while [ \"$(cat /sys/block/vdb/size)\" != {sectors} ]; do \
-               i=$((i+1)); [ $i -gt 500 ] && {{ echo \"vdb still has $(cat /sys/block/vdb/size) sectors\" >&2; exit 1; }}; \
-               sleep 0.01; done; \
-             blockdev --flushbufs /dev/vdb && mount -t ext4 -o rw,noatime /dev/vdb {GUEST_DATA}"
+            .unwrap_or_default();
+        let mut script = format!(
+            "date -u -s @{}.{:09} > /dev/null || exit 1; ",
+            now.as_secs(),
+            now.subsec_nanos()
         );
+        // Wait until the guest sees each disk's size, then drop what it
+        // cached of the disks that were in those slots when it was saved.
+        for (_, dev, size) in &disks {
+            let sectors = size / 512;
+            script.push_str(&format!(
+                "i=0; while [ \"$(cat /sys/block/{dev}/size)\" != {sectors} ]; do \
+                   i=$((i+1)); [ $i -gt 500 ] && {{ echo \"{dev} still has $(cat /sys/block/{dev}/size) sectors\" >&2; exit 1; }}; \
+                   sleep 0.01; done; \
+                 blockdev --flushbufs /dev/{dev} || exit 1; "
+            ));
+        }
+        script.push_str(&format!(
+            "mount -t ext4 -o rw,noatime /dev/vdb {GUEST_DATA}"
+        ));
         let out = self.exec(&GuestCommand::shell(&script)).await?;
         if !out.success() {
             return Err(SnapshotError::Attach(
@@ -256,4 +311,18 @@ impl Vm {
         }
         Ok(())
     }
+}
+
+/// The virtual size of a qcow2 file, from its header (big-endian u64 at
+/// byte 24, after the magic, version and backing file fields).
+fn qcow2_virtual_size(path: &Path) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut header = [0u8; 32];
+    std::fs::File::open(path)?.read_exact(&mut header)?;
+    if &header[..4] != b"QFI\xfb" {
+        return Err(std::io::Error::other("not a qcow2 file"));
+    }
+    Ok(u64::from_be_bytes(
+        header[24..32].try_into().expect("8 bytes"),
+    ))
 }

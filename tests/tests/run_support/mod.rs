@@ -133,6 +133,7 @@ impl Sandbox {
             .env_remove("HELLO_TOKEN")
             .env_remove("REPRISE_KEEP")
             .env_remove("REPRISE_MAX_AGE")
+            .env_remove("REPRISE_COLD_BOOT")
             .stdin(Stdio::null());
         cmd
     }
@@ -207,11 +208,19 @@ impl Run {
         self
     }
 
-    /// Whether a VM was booted (the pipeline reports the boot phase).
+    /// Whether a VM was started, booted cold or restored from the saved
+    /// guest state (the pipeline reports that phase).
     pub fn booted(&self) -> bool {
         self.stderr
             .lines()
-            .any(|l| l.starts_with("reprise: boot done"))
+            .any(|l| l.starts_with("reprise: boot done") || l.starts_with("reprise: restore done"))
+    }
+
+    /// Whether the VM was restored from the saved guest state.
+    pub fn restored(&self) -> bool {
+        self.stderr
+            .lines()
+            .any(|l| l.starts_with("reprise: restore done"))
     }
 
     /// Whether a stored result was replayed.

@@ -1,0 +1,265 @@
+//! The saved guest states that runs start from instead of booting.
+//!
+//! One state per base image, accelerator, machine shape and qemu version,
+//! kept under the user's cache folder: made once by booting the image cold
+//! with an empty state-disk slot and saving it ([`Vm::save_state`]), then
+//! restored by every run that fits it (see [`crate::vm::snapshot`]). Under
+//! TCG here a restore reaches a ready guest in about 2 s against 5–8 s for a
+//! cold boot.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::SystemTime;
+
+use nix::fcntl::{Flock, FlockArg};
+use thiserror::Error;
+
+use crate::vm::{BootError, GuestCommand, SavedState, SnapshotError, StateDisk, Vm, VmConfig};
+
+/// Bumped when what a saved state holds changes (the guest's state at the
+/// save, the device set).
+const FORMAT: u32 = 2;
+
+/// Reads the container tools and their libraries into the page cache.
+const WARM_UP: &str = "set -e; bins='/usr/bin/podman /usr/bin/conmon /usr/bin/crun'; \
+    cat $bins /etc/containers/* /usr/share/containers/* > /dev/null 2>&1 || true; \
+    for b in $bins; do ldd $b; done | awk '/=> \\//{print $3}' | sort -u | xargs cat > /dev/null";
+
+/// Why no saved state could be made.
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error("booting the guest to save its state")]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Save(#[from] SnapshotError),
+    #[error("io on {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The folder of saved states.
+#[derive(Debug, Clone)]
+pub struct States {
+    root: PathBuf,
+}
+
+impl States {
+    pub fn new(root: PathBuf) -> States {
+        States { root }
+    }
+
+    /// Under the user's cache folder.
+    pub fn default_location() -> States {
+        States::new(crate::paths::cache_dir().join("states"))
+    }
+
+    /// The machine a saved state is made on for `config`: its image,
+    /// accelerator, memory and CPUs, no tree, no network, an empty state
+    /// slot.
+    fn source_config(config: &VmConfig) -> VmConfig {
+        let mut source = config.clone();
+        source.tree = None;
+        source.network = false;
+        source.tty = false;
+        source.backing = None;
+        source.restore = None;
+        source.state_disk = Some(StateDisk::Empty);
+        source
+    }
+
+    /// The name of the state that fits `config`.
+    pub fn key(config: &VmConfig) -> String {
+        let mut text = format!(
+            "reprise-state/{FORMAT}\nimage {}\naccel {}\nmemory {}\ncpus {}\nqemu {}\n",
+            config.image.manifest.digest,
+            config.accel,
+            config.memory_mib,
+            config.cpus,
+            qemu_version()
+        );
+        for arg in &config.kernel_args {
+            text.push_str(&format!("arg {}\n", arg.len()));
+            text.push_str(arg);
+        }
+        reprise_protocol::hex::sha256(text.as_bytes())[..24].to_string()
+    }
+
+    /// The saved state for `config` if it was made already. Marks it used.
+    pub fn get(&self, config: &VmConfig) -> Option<SavedState> {
+        let dir = self.root.join(Self::key(config));
+        let saved = SavedState::load(&dir)?;
+        if let Ok(f) = std::fs::File::open(&dir) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+        Some(saved)
+    }
+
+    /// Removes states unused for [`crate::layers::MAX_AGE`] (made for
+    /// another image, accelerator or qemu, they are never used again).
+    fn remove_unused(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let unused = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .is_some_and(|age| age > crate::layers::MAX_AGE);
+            if unused {
+                let _ = match e.path().is_dir() {
+                    true => std::fs::remove_dir_all(e.path()),
+                    false => std::fs::remove_file(e.path()),
+                };
+            }
+        }
+    }
+
+    /// The saved state for `config`, made now if there is none (a cold boot
+    /// and a save, once; `step` is told). Safe against concurrent callers.
+    pub async fn ensure(
+        &self,
+        config: &VmConfig,
+        step: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<SavedState, StateError> {
+        if let Some(saved) = self.get(config) {
+            return Ok(saved);
+        }
+        let io = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| StateError::Io { path, source }
+        };
+        std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
+        let key = Self::key(config);
+        let lock_path = self.root.join(format!("{key}.lock"));
+        let file = std::fs::File::create(&lock_path).map_err(io(&lock_path))?;
+        let _lock = tokio::task::spawn_blocking(move || Flock::lock(file, FlockArg::LockExclusive))
+            .await
+            .map_err(|e| StateError::Io {
+                path: lock_path.clone(),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(|(_, errno)| StateError::Io {
+                path: lock_path.clone(),
+                source: errno.into(),
+            })?;
+        if let Some(saved) = self.get(config) {
+            return Ok(saved);
+        }
+        step("saving a booted guest to start runs from (once per image and accelerator)");
+        self.remove_unused();
+        let dest = self.root.join(&key);
+        let scratch = self.root.join(format!(".{key}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&scratch);
+        let source_config = Self::source_config(config);
+        let made = async {
+            let vm = Vm::boot(&source_config).await?;
+            // Every run starts podman, conmon and crun: their files go into
+            // the saved page cache instead of being read in every run.
+            vm.exec(&GuestCommand::shell(WARM_UP))
+                .await
+                .map_err(SnapshotError::from)?;
+            let saved = vm.save_state(&scratch, &source_config).await;
+            vm.shutdown().await;
+            saved.map_err(StateError::from)
+        }
+        .await;
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&scratch);
+            return Err(e);
+        }
+        let _ = std::fs::remove_dir_all(&dest);
+        std::fs::rename(&scratch, &dest).map_err(io(&dest))?;
+        SavedState::load(&dest).ok_or_else(|| StateError::Io {
+            path: dest,
+            source: std::io::Error::other("the saved state is incomplete"),
+        })
+    }
+
+    /// Removes a saved state that failed to restore, so the next run makes
+    /// it anew.
+    pub fn discard(&self, saved: &SavedState) {
+        if saved.dir().starts_with(&self.root) {
+            let _ = std::fs::remove_dir_all(saved.dir());
+        }
+    }
+
+    /// The saved states on disk: folder and bytes used.
+    pub fn list(&self) -> Vec<(PathBuf, u64)> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut states: Vec<(PathBuf, u64)> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| SavedState::load(p).is_some())
+            .map(|p| {
+                let bytes = crate::vm::disk::tree_bytes(&p);
+                (p, bytes)
+            })
+            .collect();
+        states.sort();
+        states
+    }
+
+    /// Removes every saved state. Returns how many there were.
+    pub fn drop_all(&self) -> std::io::Result<usize> {
+        let n = self.list().len();
+        match std::fs::remove_dir_all(&self.root) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(n),
+        }
+    }
+}
+
+/// The first line of `qemu-system-x86_64 --version` (a saved state only
+/// loads into the qemu that made it), or "unknown".
+fn qemu_version() -> &'static str {
+    static VERSION: OnceLock<String> = OnceLock::new();
+    VERSION.get_or_init(|| {
+        std::process::Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "unknown".into())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_unused_for_a_week_are_removed_and_used_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let states = States::new(dir.path().to_path_buf());
+        let old = dir.path().join("old");
+        let recent = dir.path().join("recent");
+        for d in [&old, &recent] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::write(d.join("state.bin"), b"x").unwrap();
+        }
+        std::fs::write(dir.path().join("old.lock"), b"").unwrap();
+        let long_ago =
+            SystemTime::now() - crate::layers::MAX_AGE - std::time::Duration::from_secs(60);
+        for p in [old.clone(), dir.path().join("old.lock")] {
+            std::fs::File::open(&p)
+                .unwrap()
+                .set_modified(long_ago)
+                .unwrap();
+        }
+        states.remove_unused();
+        assert!(!old.exists() && !dir.path().join("old.lock").exists());
+        assert!(recent.join("state.bin").is_file());
+    }
+}
