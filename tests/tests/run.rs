@@ -599,6 +599,38 @@ fn a_second_real_run_reuses_the_repository_snapshot() {
 }
 
 #[test]
+fn the_tests_have_no_network_unless_asked_for() {
+    let s = copy_of_fixture();
+    let _vm = vm_lock();
+    let probe = "#!/bin/sh\n# network probe\n\
+        echo \"interfaces: $(sed 1,2d /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort | tr '\\n' ' ')\"\n\
+        echo probed > report.txt\n";
+    s.write("test.sh", probe).commit("probe the network");
+    let hermetic = s.run(&["run"]);
+    hermetic.expect_code(code::SUCCESS, "hermetic run");
+    assert!(
+        hermetic.stdout.contains("interfaces: lo \n"),
+        "by default the container has only loopback:\n{}",
+        hermetic.stdout
+    );
+
+    s.write("test.sh", &format!("{probe}# networked\n"))
+        .commit("probe again");
+    let networked = s.run(&["run", "--network"]);
+    networked.expect_code(code::SUCCESS, "run with --network");
+    assert!(
+        networked.stdout.contains("eth0"),
+        "--network gives the tests the guest's network:\n{}",
+        networked.stdout
+    );
+    assert!(
+        networked.booted() && !networked.restored(),
+        "the saved guest has no network card, so --network boots cold:\n{}",
+        networked.stderr
+    );
+}
+
+#[test]
 fn the_realistic_example_builds_its_image_from_a_containerfile_and_passes() {
     let s = Sandbox::new();
     s.git_init();
