@@ -33,10 +33,12 @@ pub const DRIVER: &str = "qemu";
 const CI: &str = "/var/run/ci";
 /// Where the repository's state disk is mounted in the guest.
 const STATE: &str = "/var/lib/reprise/state";
+
 /// Flushes and checkpoints the state disk's file system, so the disk file
 /// is consistent once qemu stops.
-const FREEZE_STATE: &str =
-    "sync; fsfreeze -f /var/lib/reprise/state && fsfreeze -u /var/lib/reprise/state";
+fn freeze_state() -> String {
+    format!("sync; fsfreeze -f {STATE} && fsfreeze -u {STATE}")
+}
 const GUEST_MK: &str = "/reprise/bin/mk";
 /// Where `/var/run/ci/artifacts` points: a folder of the data disk.
 const ARTIFACTS: &str = "/reprise/artifacts";
@@ -784,7 +786,7 @@ async fn run_in_vm(
     // A consistent state disk for the snapshot: freeze (flush and
     // checkpoint the file system), thaw, then stop qemu and keep the overlay.
     if !ran.state_frozen {
-        let _ = vm.exec(&GuestCommand::shell(FREEZE_STATE)).await;
+        let _ = vm.exec(&GuestCommand::shell(&freeze_state())).await;
     }
     vm.stop_keeping(&work.join("vm")).await?;
     Ok(ran)
@@ -934,7 +936,7 @@ async fn in_guest(
         artifacts = Some(host);
         if mkfile_defines(mkfile, "post-test") {
             // The state disk is frozen in the same guest command.
-            let code = guest_mk(vm, "post-test", Some(FREEZE_STATE), env, secret_values).await?;
+            let code = guest_mk(vm, "post-test", Some(&freeze_state()), env, secret_values).await?;
             state_frozen = true;
             if code != 0 {
                 return Err(RunError::Contract(format!(

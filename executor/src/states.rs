@@ -208,7 +208,12 @@ impl States {
 
     /// Removes every saved state. Returns how many there were.
     pub fn drop_all(&self) -> std::io::Result<usize> {
-        let n = self.list().len();
+        let n = std::fs::read_dir(&self.root).map_or(0, |entries| {
+            entries
+                .flatten()
+                .filter(|e| SavedState::load(&e.path()).is_some())
+                .count()
+        });
         match std::fs::remove_dir_all(&self.root) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(n),

@@ -200,3 +200,17 @@ pub fn make_blank_ext4(disk: &Path, size: u64, label: &str) -> Result<(), DiskEr
     let _ = std::fs::remove_file(&raw);
     made
 }
+
+/// The virtual size of a qcow2 file, from its header (big-endian u64 at
+/// byte 24, after the magic, version and backing file fields).
+pub fn qcow2_virtual_size(path: &Path) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut header = [0u8; 32];
+    std::fs::File::open(path)?.read_exact(&mut header)?;
+    if &header[..4] != b"QFI\xfb" {
+        return Err(std::io::Error::other("not a qcow2 file"));
+    }
+    Ok(u64::from_be_bytes(
+        header[24..32].try_into().expect("8 bytes"),
+    ))
+}

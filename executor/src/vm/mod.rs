@@ -299,6 +299,49 @@ pub struct Vm {
     boot_time: Duration,
     next_id: AtomicU64,
     span: tracing::Span,
+    /// The file in the state-disk slot, if the machine has one.
+    state_slot: Option<SlotFile>,
+}
+
+/// The file qemu was given for the state-disk slot (`/dev/vdc`).
+#[derive(Debug)]
+struct SlotFile {
+    path: PathBuf,
+    /// qemu's name of its format: `qcow2` for an overlay, `raw` for an
+    /// empty placeholder.
+    format: &'static str,
+}
+
+impl SlotFile {
+    /// Makes the file for `disk` in the VM's work folder.
+    fn make(disk: &StateDisk, work: &Path) -> Result<SlotFile, DiskError> {
+        match disk {
+            StateDisk::On(base) => {
+                let path = work.join(STATE_OVERLAY);
+                disk::create_overlay(base, &path)?;
+                Ok(SlotFile {
+                    path,
+                    format: "qcow2",
+                })
+            }
+            StateDisk::Empty => {
+                let path = work.join("state.raw");
+                disk::make_placeholder(&path)?;
+                Ok(SlotFile {
+                    path,
+                    format: "raw",
+                })
+            }
+        }
+    }
+
+    /// The size the guest sees.
+    fn guest_bytes(&self) -> std::io::Result<u64> {
+        match self.format {
+            "qcow2" => disk::qcow2_virtual_size(&self.path),
+            _ => Ok(std::fs::metadata(&self.path)?.len()),
+        }
+    }
 }
 
 impl std::fmt::Debug for Vm {
@@ -353,31 +396,6 @@ impl Vm {
         let span = info_span!("vm", id = %vm_id, accel = %config.accel);
         let _enter = span.clone().entered();
 
-        let overlay = work.path().join("overlay.qcow2");
-        let backing = config
-            .backing
-            .clone()
-            .unwrap_or_else(|| config.image.disk());
-        disk::create_overlay(&backing, &overlay)?;
-        let slot = match (&config.state_disk, &config.restore) {
-            (Some(disk), _) => Some(disk.clone()),
-            // A saved state with a state slot needs a disk in it.
-            (None, Some(saved)) if saved.has_state_slot() => Some(StateDisk::Empty),
-            (None, _) => None,
-        };
-        let state = match slot {
-            Some(StateDisk::On(base)) => {
-                let state = work.path().join(STATE_OVERLAY);
-                disk::create_overlay(&base, &state)?;
-                Some((state, "qcow2"))
-            }
-            Some(StateDisk::Empty) => {
-                let placeholder = work.path().join("state.raw");
-                disk::make_placeholder(&placeholder)?;
-                Some((placeholder, "raw"))
-            }
-            None => None,
-        };
         if let Some(saved) = &config.restore
             && !saved.has_state_slot()
             && config.state_disk.is_some()
@@ -386,6 +404,21 @@ impl Vm {
                 "the saved state has no slot for a state disk".into(),
             ))));
         }
+        let overlay = work.path().join("overlay.qcow2");
+        let backing = config
+            .backing
+            .clone()
+            .unwrap_or_else(|| config.image.disk());
+        disk::create_overlay(&backing, &overlay)?;
+        let slot = match (&config.state_disk, &config.restore) {
+            (Some(disk), _) => Some(disk),
+            // A saved state with a state slot needs a disk in it.
+            (None, Some(saved)) if saved.has_state_slot() => Some(&StateDisk::Empty),
+            (None, _) => None,
+        };
+        let state_slot = slot
+            .map(|disk| SlotFile::make(disk, work.path()))
+            .transpose()?;
         let data = work.path().join("data.raw");
         stage_data(config, work.path())?;
         disk::make_data_disk(&work.path().join("data"), &data, config.data_spare_bytes)?;
@@ -401,7 +434,7 @@ impl Vm {
             config,
             &overlay,
             &data,
-            state.as_ref().map(|(p, f)| (p.as_path(), *f)),
+            state_slot.as_ref().map(|s| (s.path.as_path(), s.format)),
             &console,
             &qmp_path,
             &qga_path,
@@ -507,6 +540,7 @@ impl Vm {
             boot_time: Duration::ZERO,
             next_id: AtomicU64::new(1),
             span,
+            state_slot,
         };
         if config.restore.is_some() {
             vm.finish_restore()
@@ -780,11 +814,15 @@ impl Vm {
         let stopped = self.shutdown_in_place().await;
         let work = stopped.work.path();
         std::fs::create_dir_all(dest).map_err(VmError::Keep)?;
-        for name in ["overlay.qcow2", STATE_OVERLAY, "console.log"] {
-            match std::fs::rename(work.join(name), dest.join(name)) {
-                Err(e) if name == STATE_OVERLAY && e.kind() == std::io::ErrorKind::NotFound => {}
-                other => other.map_err(VmError::Keep)?,
-            }
+        let kept_state = stopped
+            .state_slot
+            .as_ref()
+            .is_some_and(|slot| slot.format == "qcow2");
+        let names = ["overlay.qcow2", "console.log"]
+            .into_iter()
+            .chain(kept_state.then_some(STATE_OVERLAY));
+        for name in names {
+            std::fs::rename(work.join(name), dest.join(name)).map_err(VmError::Keep)?;
         }
         Ok(())
     }

@@ -78,11 +78,6 @@ impl SavedState {
         (saved.state_file().is_file() && saved.disk().is_file()).then_some(saved)
     }
 
-    /// The accelerator the state was saved under (restores use it too).
-    pub fn accel(&self) -> Accel {
-        self.accel
-    }
-
     /// Whether VMs restored from it can have a state disk.
     pub fn has_state_slot(&self) -> bool {
         self.state_slot
@@ -260,13 +255,9 @@ impl Vm {
         let data = self.work.path().join("data.raw");
         let size = std::fs::metadata(&data).map_err(io(&data))?.len();
         let mut disks = vec![(DATA_DRIVE, "vdb", size)];
-        let state_qcow2 = self.work.path().join(super::STATE_OVERLAY);
-        let state_raw = self.work.path().join("state.raw");
-        if state_qcow2.is_file() {
-            let size = qcow2_virtual_size(&state_qcow2).map_err(io(&state_qcow2))?;
+        if let Some(slot) = &self.state_slot {
+            let size = slot.guest_bytes().map_err(io(&slot.path))?;
             disks.push((STATE_DRIVE, "vdc", size));
-        } else if let Ok(meta) = std::fs::metadata(&state_raw) {
-            disks.push((STATE_DRIVE, "vdc", meta.len()));
         }
         // Resizing to the current size still raises the config-change
         // interrupt, after which the guest reads the capacity anew.
@@ -311,18 +302,4 @@ impl Vm {
         }
         Ok(())
     }
-}
-
-/// The virtual size of a qcow2 file, from its header (big-endian u64 at
-/// byte 24, after the magic, version and backing file fields).
-fn qcow2_virtual_size(path: &Path) -> std::io::Result<u64> {
-    use std::io::Read;
-    let mut header = [0u8; 32];
-    std::fs::File::open(path)?.read_exact(&mut header)?;
-    if &header[..4] != b"QFI\xfb" {
-        return Err(std::io::Error::other("not a qcow2 file"));
-    }
-    Ok(u64::from_be_bytes(
-        header[24..32].try_into().expect("8 bytes"),
-    ))
 }
