@@ -9,6 +9,7 @@
 //! build with `cargo build --workspace`. The base image cache is the
 //! default one; results go to a temp store.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reprise_bench::{git, hello_repo, median, ms, secs, store_large_result};
+use reprise_executor::pipeline;
+use reprise_executor::store::Store;
 
 const HOST_IMAGE: &str = "localhost/reprise-bench-busybox";
 const PODMAN_FLAGS: &[&str] = &[
@@ -68,8 +71,9 @@ fn reprise_bin() -> PathBuf {
     bin
 }
 
-/// Runs `reprise` in `dir` with the store under `data`, output discarded;
-/// returns the wall time and the exit code.
+/// Runs `reprise` in `dir` with the store under `data`, output discarded
+/// (its stderr is printed if it fails); returns the wall time and the exit
+/// code.
 fn time_reprise(bin: &Path, dir: &Path, data: &Path, args: &[&str]) -> (Duration, i32) {
     time_reprise_with(bin, dir, data, args, &[])
 }
@@ -82,17 +86,40 @@ fn time_reprise_with(
     env: &[(&str, &str)],
 ) -> (Duration, i32) {
     let start = Instant::now();
-    let status = Command::new(bin)
+    let out = Command::new(bin)
         .args(args)
         .current_dir(dir)
         .env("XDG_DATA_HOME", data)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
+        .stderr(Stdio::piped())
+        .output()
         .expect("reprise starts");
-    (start.elapsed(), status.code().unwrap_or(-1))
+    let took = start.elapsed();
+    if !out.status.success() {
+        eprintln!(
+            "reprise {} failed:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (took, out.status.code().unwrap_or(-1))
+}
+
+/// Adds the phase durations of the result just stored for `repo` (the
+/// latest run of its HEAD) to `into`, by phase name.
+fn record_phases(repo: &Path, data: &Path, into: &mut BTreeMap<String, Vec<Duration>>) {
+    let keyed = pipeline::compute_key(repo, None, "test", &[], None).expect("key");
+    let store = Store::new(data.join("reprise").join("store"));
+    let result = store
+        .get(&keyed.inputs.key())
+        .expect("the run's result is stored");
+    for phase in result.manifest.phases {
+        into.entry(phase.name)
+            .or_default()
+            .push(Duration::from_millis(phase.ms));
+    }
 }
 
 /// A repository of `files` files in `dirs` folders, made with
@@ -224,6 +251,8 @@ fn main() {
         // (REPRISE_COLD_BOOT=1), side by side, each on another tree.
         let mut times = Vec::new();
         let mut cold = Vec::new();
+        let mut restored_phases = BTreeMap::new();
+        let mut cold_phases = BTreeMap::new();
         let commit = |i: usize| {
             fs::write(repo.join("NOTES"), format!("tree {i}\n")).expect("notes");
             git(&repo, &["add", "-A"]);
@@ -237,11 +266,13 @@ fn main() {
             let (t, code) = time_reprise(&bin, &repo, &data, &["run"]);
             assert_eq!(code, 0, "real run {i} failed");
             times.push(t);
+            record_phases(&repo, &data, &mut restored_phases);
             commit(2 * i + 1);
             let env = [("REPRISE_COLD_BOOT", "1")];
             let (t, code) = time_reprise_with(&bin, &repo, &data, &["run"], &env);
             assert_eq!(code, 0, "cold real run {i} failed");
             cold.push(t);
+            record_phases(&repo, &data, &mut cold_phases);
         }
         // The repository's snapshot lives in the shared cache: drop it.
         let _ = Command::new(&bin)
@@ -278,6 +309,15 @@ fn main() {
                 format!("{:.2}x", cold.as_secs_f64() / second.as_secs_f64()),
                 String::new(),
             ));
+            for (label, phases) in [("restored", restored_phases), ("cold", cold_phases)] {
+                for (phase, samples) in phases {
+                    rows.push((
+                        format!("  {label}: phase {phase}"),
+                        secs(median(samples)),
+                        "median, from the stored results' manifests".into(),
+                    ));
+                }
+            }
         }
         if host_image(tmp.path()) {
             let mut host = Vec::new();
