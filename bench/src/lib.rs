@@ -78,9 +78,14 @@ pub fn hello_repo(dir: &Path) {
 
 /// A stored result of 1 MiB of output and 20 MiB of artifacts for the
 /// repository in `repo`, committed straight through the library to the
-/// store under `data` (an `XDG_DATA_HOME`). Returns its key inputs.
-pub fn store_large_result(repo: &Path, data: &Path) -> pipeline::Keyed {
-    let keyed = pipeline::compute_key(repo, None, "test", &[], None).expect("key");
+/// store under `data` (an `XDG_DATA_HOME`), sealed by `sealer` if given.
+/// Returns its key inputs.
+pub fn store_large_result(
+    repo: &Path,
+    data: &Path,
+    sealer: Option<&dyn reprise_executor::store::Sealer>,
+) -> pipeline::Keyed {
+    let keyed = pipeline::compute_key(repo, None, "test", &[], false, None).expect("key");
     let mut rec = Vec::new();
     let line = b"ok some test passed with a reasonably long line of output\n";
     let mut written = 0;
@@ -130,12 +135,13 @@ pub fn store_large_result(repo: &Path, data: &Path) -> pipeline::Keyed {
             user: "bench".into(),
         },
         created_at: reprise_executor::store::now_secs(),
-        output_sha256: String::new(),
+        snapshot: reprise_protocol::manifest::Snapshot::Fresh,
+        output_sha256: reprise_protocol::digest::Sha256Digest::of(b""),
         output_bytes: 0,
         artifacts: Vec::new(),
     };
     Store::new(data.join("reprise/store"))
-        .commit(manifest, &rec, Some(&artifacts))
+        .commit(manifest, &rec, Some(&artifacts), sealer)
         .expect("commit the large result");
     fs::remove_dir_all(&artifacts).expect("remove staging");
     keyed

@@ -16,13 +16,14 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use reprise_protocol::local::{self, Answer, Ask, Link, Request};
-use reprise_protocol::wire::{Held, Message};
+use reprise_protocol::wire::Sealed;
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::peer::{Credentials, Peer, PeerError, Settings};
+use crate::peer::{Credentials, Peer, PeerError};
+use crate::settings::Settings;
 use crate::store::Store;
 
 /// How long one connection attempt may take.
@@ -55,6 +56,11 @@ impl Connector {
             settings,
             creds: Arc::new(creds),
         })
+    }
+
+    /// The loaded credentials (they seal results made here).
+    pub fn credentials(&self) -> &Credentials {
+        &self.creds
     }
 
     /// One attempt, bounded by [`CONNECT_TIMEOUT`].
@@ -111,8 +117,8 @@ impl Default for Backoff {
     }
 }
 
-/// A result to announce, and where to say how it went.
-pub type News = (Held, oneshot::Sender<Link>);
+/// A sealed result to announce, and where to say how it went.
+pub type News = (Sealed, oneshot::Sender<Link>);
 
 /// Serves `store` to peers through the orchestrator until `stop` resolves,
 /// starting with `first` if a connection is already open. A lost
@@ -174,7 +180,14 @@ pub async fn stay_connected(
             }
         };
         let announced = match until!(peer.announce(store)) {
-            Ok(n) => n,
+            Ok((served, refused)) => {
+                if refused > 0 {
+                    note(&format!(
+                        "the orchestrator refused {refused} result(s) of this store (unverifiable seals, or repositories this certificate does not grant)"
+                    ));
+                }
+                served
+            }
             Err(e) => {
                 let e = crate::pipeline::error_chain(&e);
                 note(&format!(
@@ -228,12 +241,16 @@ pub async fn stay_connected(
                         Err(e) => e.to_string(),
                     };
                 }
-                Some((held, reply)) = news.recv() => {
-                    let m = Message::Announce { results: vec![held] };
+                Some((sealed, reply)) = news.recv() => {
+                    let passed = sealed.passed();
                     // A failure means the connection is failing: the serve
                     // task ends too, and the reconnection announces all.
-                    if let Ok(Message::Announced { accepted }) = peer.request(&m).await {
-                        announced_total += accepted;
+                    if peer.grants(&sealed.manifest.inputs.namespace)
+                        && let Ok((accepted, _)) = peer.announce_sealed(vec![sealed]).await
+                    {
+                        if passed {
+                            announced_total += accepted;
+                        }
                         link.send_replace(Link::Connected {
                             identity: peer.identity().to_string(),
                             announced: announced_total,
@@ -422,22 +439,30 @@ async fn handle(ask: Ask, ctx: &LocalCtx) -> Answer {
                     ),
                 };
             }
-            // Only what is really in the store, passed, is announced.
-            match ctx.store.get(&key) {
-                Some(r) if r.manifest.inputs.namespace == namespace => {}
-                _ => {
-                    return Answer::Error {
-                        message: format!("the store holds no passed result {key} of {namespace}"),
-                    };
-                }
-            }
+            // Only what is really in the store, sealed, is announced.
+            let stored = ctx
+                .store
+                .get(&key)
+                .or_else(|| {
+                    let failed = ctx.store.list_failed();
+                    failed.into_iter().find(|r| r.manifest.key == key)
+                })
+                .filter(|r| r.manifest.inputs.namespace == namespace);
+            let Some(stored) = stored else {
+                return Answer::Error {
+                    message: format!("the store holds no result {key} of {namespace}"),
+                };
+            };
+            let Some(sealed) = stored.sealed() else {
+                return Answer::Error {
+                    message: format!(
+                        "result {} is not sealed (made without credentials); it is never served",
+                        key.short()
+                    ),
+                };
+            };
             let (reply, answer) = oneshot::channel();
-            if ctx
-                .news
-                .send((Held { key, namespace }, reply))
-                .await
-                .is_err()
-            {
+            if ctx.news.send((sealed, reply)).await.is_err() {
                 return Answer::Error {
                     message: "the daemon is stopping".into(),
                 };
@@ -625,14 +650,17 @@ mod tests {
                     other => panic!("{other:?}"),
                 }
                 let held = |store: &Path| Ask::Held {
-                    key: "k".into(),
+                    key: reprise_protocol::digest::Sha256Digest::of(b"k")
+                        .hex()
+                        .parse()
+                        .unwrap(),
                     namespace: "n".into(),
                     store: store.display().to_string(),
                 };
                 let e = ask_daemon(dir.path(), held(store.root()))
                     .await
                     .unwrap_err();
-                assert!(e.to_string().contains("no passed result k"), "{e}");
+                assert!(e.to_string().contains("holds no result"), "{e}");
                 let e = ask_daemon(dir.path(), held(Path::new("/elsewhere")))
                     .await
                     .unwrap_err();

@@ -2,20 +2,40 @@
 //! (its container images in `/var/lib/containers`, `/var/run/ci/cache`), so
 //! a second real run does not rebuild its container image.
 //!
-//! A layer is a qcow2 holding an ext4 file system, one per repository
-//! namespace and image recipe; the first is a copy of a blank one made on the
-//! host. It is a disk of its own, not a layer of the root disk, so that every
-//! run can start from the same saved guest state (see [`crate::states`]) and
-//! plug its repository's disk in. A run boots an overlay over the layer;
-//! afterwards the overlay's changes are folded into a *copy* of the layer,
-//! which is renamed into place. Layers are never written while a VM may be
-//! reading them, so two runs of one repository at once are safe (the later
-//! update wins). Layers unused for [`MAX_AGE`] are dropped.
+//! A layer is a qcow2 holding an ext4 file system; the first is a copy of a
+//! blank one made on the host. It is a disk of its own, not a layer of the
+//! root disk, so that every run can start from the same saved guest state
+//! (see [`crate::states`]) and plug its repository's disk in.
+//!
+//! Layers belong to a [`RepoId`]: the namespace *and* the root commit, so a
+//! repository that declares another's namespace does not get (or poison)
+//! its layers. Each layer is a *generation*, named by an id that chains from
+//! the generation it was made from ([`Generation`]); a run records the
+//! generation it started from (or `fresh`) in its manifest, so a policy can
+//! ask for results from a blank snapshot only. Only a run whose tests
+//! passed writes a new generation: a failed, timed-out or interrupted run
+//! leaves nothing behind.
+//!
+//! ```text
+//! layers/<repo id>-<recipe>/<generation>.qcow2   immutable once written
+//! layers/<repo id>-<recipe>/current              symlink to the newest
+//! layers/blank-v1.qcow2
+//! ```
+//!
+//! A run holds a shared lock on the generation it boots on; a new
+//! generation is a copy of the one its run booted on with the run's overlay
+//! committed into it, renamed into place, then `current` is swapped to it.
+//! Generations nobody holds are removed after each update. Layers unused
+//! for [`MAX_AGE`] are dropped.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
+use nix::fcntl::{Flock, FlockArg};
+use reprise_protocol::digest::{RunKey, Sha256Digest};
+use reprise_protocol::manifest::Snapshot;
 use thiserror::Error;
 
 use crate::image::Image;
@@ -27,8 +47,8 @@ pub const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// written).
 pub const STATE_DISK_BYTES: u64 = 32 << 30;
 
-const LAYER_SUFFIX: &str = ".state.qcow2";
 const BLANK: &str = "blank-v1.qcow2";
+const CURRENT: &str = "current";
 
 /// Why a layer could not be made or updated.
 #[derive(Debug, Error)]
@@ -43,6 +63,80 @@ pub enum LayerError {
         #[source]
         source: std::io::Error,
     },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LayerError + '_ {
+    move |source| LayerError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Which repository a layer belongs to: what it declares (its namespace)
+/// together with what it cannot choose without sharing the history (its
+/// root commit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoId {
+    pub namespace: String,
+    pub root_commit: String,
+}
+
+impl RepoId {
+    fn id(&self) -> String {
+        let mut bytes = Vec::new();
+        for part in [self.namespace.as_bytes(), self.root_commit.as_bytes()] {
+            reprise_protocol::hex::put_field(&mut bytes, part);
+        }
+        Sha256Digest::of(&bytes).hex()[..24].to_string()
+    }
+}
+
+/// The id of a new generation: made from `parent` by the run with `key`,
+/// at `nanos` since the epoch. Ids chain, so a generation names its whole
+/// history, and no two runs make the same one.
+pub fn next_generation(parent: Snapshot, key: &RunKey, nanos: u128) -> Sha256Digest {
+    let mut bytes = b"reprise-snapshot-generation".to_vec();
+    match parent {
+        Snapshot::Fresh => bytes.extend_from_slice(b"fresh"),
+        Snapshot::Generation(g) => bytes.extend_from_slice(g.as_bytes()),
+    }
+    bytes.extend_from_slice(key.as_bytes());
+    bytes.extend_from_slice(&nanos.to_be_bytes());
+    bytes.extend_from_slice(&std::process::id().to_be_bytes());
+    Sha256Digest::of(&bytes)
+}
+
+/// A layer a run boots on: its file, its generation, and a shared lock that
+/// keeps it from being removed while the run needs it.
+#[derive(Debug)]
+pub struct Layer {
+    pub path: PathBuf,
+    pub generation: Sha256Digest,
+    _lock: Flock<File>,
+}
+
+/// What a run's state disk starts from.
+#[derive(Debug)]
+pub enum Base {
+    /// The blank disk: a fresh snapshot.
+    Blank(PathBuf),
+    Layer(Layer),
+}
+
+impl Base {
+    pub fn path(&self) -> &Path {
+        match self {
+            Base::Blank(p) => p,
+            Base::Layer(l) => &l.path,
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        match self {
+            Base::Blank(_) => Snapshot::Fresh,
+            Base::Layer(l) => Snapshot::Generation(l.generation),
+        }
+    }
 }
 
 /// The folder of layers.
@@ -61,31 +155,44 @@ impl Layers {
         Layers::new(crate::paths::cache_dir().join("layers"))
     }
 
-    fn prefix(namespace: &str) -> String {
-        reprise_protocol::hex::sha256(namespace.as_bytes())[..16].to_string()
-    }
-
-    /// The layer file of `namespace` on `image`.
-    pub fn path(&self, namespace: &str, image: &Image) -> PathBuf {
+    /// The folder of `repo`'s layers on `image`.
+    fn folder(&self, repo: &RepoId, image: &Image) -> PathBuf {
         self.root.join(format!(
-            "{}-{}{LAYER_SUFFIX}",
-            Self::prefix(namespace),
+            "{}-{}",
+            repo.id(),
             &image.manifest.recipe_hash[..16]
         ))
     }
 
-    /// The layer to boot on, if one exists and is fresh enough.
-    pub fn current(&self, namespace: &str, image: &Image) -> Option<PathBuf> {
-        let path = self.path(namespace, image);
-        let age = std::fs::metadata(&path)
+    /// The layer to boot on, if one exists and is fresh enough, locked
+    /// (shared) until the returned value drops.
+    pub fn current(&self, repo: &RepoId, image: &Image) -> Option<Layer> {
+        let folder = self.folder(repo, image);
+        let target = std::fs::read_link(folder.join(CURRENT)).ok()?;
+        let name = target.file_name()?.to_str()?;
+        let generation: Sha256Digest = name.strip_suffix(".qcow2")?.parse().ok()?;
+        let path = folder.join(name);
+        let file = File::open(&path).ok()?;
+        let age = file
+            .metadata()
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| SystemTime::now().duration_since(t).ok())?;
         if age > MAX_AGE {
-            let _ = std::fs::remove_file(&path);
+            drop(file);
+            let _ = std::fs::remove_dir_all(&folder);
             return None;
         }
-        Some(path)
+        let lock = Flock::lock(file, FlockArg::LockSharedNonblock).ok()?;
+        // An update may have removed it between the link and the lock.
+        if !path.exists() {
+            return None;
+        }
+        Some(Layer {
+            path,
+            generation,
+            _lock: lock,
+        })
     }
 
     /// The blank state disk (an empty ext4 file system), made on first use.
@@ -94,63 +201,63 @@ impl Layers {
         if path.is_file() {
             return Ok(path);
         }
-        std::fs::create_dir_all(&self.root).map_err(|source| LayerError::Io {
-            path: self.root.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
         let scratch = self
             .root
             .join(format!(".{BLANK}.tmp-{}", std::process::id()));
         crate::vm::disk::make_blank_ext4(&scratch, STATE_DISK_BYTES, "reprise-state")
             .map_err(LayerError::Blank)?;
-        std::fs::rename(&scratch, &path).map_err(|source| LayerError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        std::fs::rename(&scratch, &path).map_err(io(&path))?;
         Ok(path)
     }
 
-    /// Removes the layers of `namespace` (every image), or all layers (and
-    /// the blank disk). Returns how many layers were removed.
-    pub fn drop_layers(&self, namespace: Option<&str>) -> std::io::Result<usize> {
-        let prefix = namespace.map(Self::prefix);
+    /// Removes the layers of `repo` (every image), or all layers (and the
+    /// blank disk). Returns how many repositories' layers were removed.
+    pub fn drop_layers(&self, repo: Option<&RepoId>) -> std::io::Result<usize> {
+        let prefix = repo.map(RepoId::id);
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return Ok(0);
         };
         let mut n = 0;
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let is_layer = name.ends_with(".qcow2") && name != BLANK;
-            if prefix.as_ref().is_none_or(|p| name.starts_with(p.as_str())) {
+            if !prefix.as_ref().is_none_or(|p| name.starts_with(p.as_str())) {
+                continue;
+            }
+            if e.file_type()?.is_dir() {
+                std::fs::remove_dir_all(e.path())?;
+                n += 1;
+            } else if prefix.is_none() {
                 std::fs::remove_file(e.path())?;
-                n += usize::from(is_layer);
             }
         }
         Ok(n)
     }
 
-    /// Folds a stopped VM's state-disk `overlay` into the layer of
-    /// `namespace`. The overlay must have been booted on `base_of_overlay`
-    /// (the current layer, or the blank disk for a fresh start). The overlay
-    /// is consumed.
+    /// Folds a stopped VM's state-disk `overlay`, booted on `base`, into a
+    /// new generation of `repo`'s layer made by the run with `key`, and
+    /// makes it current. The overlay and the base (and its lock) are
+    /// consumed. Returns the new generation.
     pub fn update(
         &self,
-        namespace: &str,
+        repo: &RepoId,
         image: &Image,
         overlay: &Path,
-        base_of_overlay: &Path,
-    ) -> Result<PathBuf, LayerError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| LayerError::Io { path, source }
-        };
-        std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
-        let dest = self.path(namespace, image);
-        let new = dest.with_extension(format!("tmp-{}", std::process::id()));
+        base: Base,
+        key: &RunKey,
+    ) -> Result<Sha256Digest, LayerError> {
+        let folder = self.folder(repo, image);
+        std::fs::create_dir_all(&folder).map_err(io(&folder))?;
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let generation = next_generation(base.snapshot(), key, nanos);
+        let dest = folder.join(format!("{generation}.qcow2"));
+        let new = folder.join(format!(".{generation}.tmp"));
         let result = (|| {
             let out = Command::new("cp")
                 .args(["--reflink=auto", "--sparse=always"])
-                .arg(base_of_overlay)
+                .arg(base.path())
                 .arg(&new)
                 .output()
                 .map_err(io(&new))?;
@@ -165,12 +272,42 @@ impl Layers {
             let abs_new = std::path::absolute(&new).map_err(io(&new))?;
             qemu_img(&["rebase", "-u", "-F", "qcow2", "-b"], &[&abs_new, overlay])?;
             qemu_img(&["commit", "-q"], &[overlay])?;
-            std::fs::rename(&new, &dest).map_err(io(&dest))
+            std::fs::rename(&new, &dest).map_err(io(&dest))?;
+            // Swap `current` in one step: a new link renamed over the old.
+            let link = folder.join(format!(".{CURRENT}.{generation}"));
+            std::os::unix::fs::symlink(format!("{generation}.qcow2"), &link).map_err(io(&link))?;
+            std::fs::rename(&link, folder.join(CURRENT)).map_err(io(&link))
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&new);
+            return result.map(|()| generation);
         }
-        result.map(|()| dest)
+        drop(base);
+        self.remove_unused(&folder, &generation);
+        Ok(generation)
+    }
+
+    /// Removes the generations of `folder` other than `keep` that no run
+    /// holds.
+    fn remove_unused(&self, folder: &Path, keep: &Sha256Digest) {
+        let Ok(entries) = std::fs::read_dir(folder) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(generation) = name.strip_suffix(".qcow2") else {
+                continue;
+            };
+            if generation == keep.hex() {
+                continue;
+            }
+            let Ok(file) = File::open(e.path()) else {
+                continue;
+            };
+            if let Ok(_held) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 }
 
@@ -272,23 +409,50 @@ mod tests {
         };
         let base_sha = crate::image::sha256_file(&base).unwrap();
         let layers = Layers::new(dir.path().join("layers"));
-        assert!(layers.current("ns", &image).is_none());
+        let repo = RepoId {
+            namespace: "ns".into(),
+            root_commit: "r1".into(),
+        };
+        let key = RunKey::from_bytes([7; 32]);
+        assert!(layers.current(&repo, &image).is_none());
 
         // First run: an overlay on the base writes 0x22 at 1M.
         let run1 = dir.path().join("run1.qcow2");
         crate::vm::disk::create_overlay(&base, &run1).unwrap();
         qemu_io(&["-c", "write -P 0x22 1M 64k"], &run1);
-        let layer = layers.update("ns", &image, &run1, &base).unwrap();
-        assert_eq!(layers.current("ns", &image), Some(layer.clone()));
+        let first = layers
+            .update(&repo, &image, &run1, Base::Blank(base.clone()), &key)
+            .unwrap();
+        let layer = layers.current(&repo, &image).expect("a current layer");
+        assert_eq!(layer.generation, first);
+
+        // Another repository declaring the same namespace does not see it.
+        let impostor = RepoId {
+            namespace: "ns".into(),
+            root_commit: "r2".into(),
+        };
+        assert!(layers.current(&impostor, &image).is_none());
 
         // Second run: on the layer, sees the first run's write, adds another.
         let run2 = dir.path().join("run2.qcow2");
-        crate::vm::disk::create_overlay(&layer, &run2).unwrap();
+        crate::vm::disk::create_overlay(&layer.path, &run2).unwrap();
         assert!(qemu_io(&["-c", "read -P 0x22 1M 64k"], &run2).contains("read 65536"));
         qemu_io(&["-c", "write -P 0x33 2M 64k"], &run2);
-        layers.update("ns", &image, &run2, &layer).unwrap();
+        let first_path = layer.path.clone();
+        let second = layers
+            .update(&repo, &image, &run2, Base::Layer(layer), &key)
+            .unwrap();
+        assert_ne!(second, first, "every update is a new generation");
+        assert_ne!(
+            second,
+            next_generation(Snapshot::Fresh, &key, 0),
+            "chained from its parent"
+        );
+        let now = layers.current(&repo, &image).unwrap();
+        assert_eq!(now.generation, second);
+        assert!(!first_path.exists(), "a generation nobody holds is removed");
         let check = dir.path().join("check.qcow2");
-        crate::vm::disk::create_overlay(&layers.current("ns", &image).unwrap(), &check).unwrap();
+        crate::vm::disk::create_overlay(&now.path, &check).unwrap();
         for pattern in [
             "read -P 0x11 0 64k",
             "read -P 0x22 1M 64k",
@@ -302,9 +466,18 @@ mod tests {
             base_sha,
             "the base is never written"
         );
+        // A generation a run holds survives the next update.
+        let run3 = dir.path().join("run3.qcow2");
+        crate::vm::disk::create_overlay(&now.path, &run3).unwrap();
+        let held = layers.current(&repo, &image).unwrap();
+        layers
+            .update(&repo, &image, &run3, Base::Layer(now), &key)
+            .unwrap();
+        assert!(held.path.exists(), "held by a run");
+        drop(held);
 
-        assert_eq!(layers.drop_layers(Some("other")).unwrap(), 0);
-        assert_eq!(layers.drop_layers(Some("ns")).unwrap(), 1);
-        assert!(layers.current("ns", &image).is_none());
+        assert_eq!(layers.drop_layers(Some(&impostor)).unwrap(), 0);
+        assert_eq!(layers.drop_layers(Some(&repo)).unwrap(), 1);
+        assert!(layers.current(&repo, &image).is_none());
     }
 }

@@ -3,6 +3,7 @@
 //! glue over this library.
 
 pub mod accel;
+pub mod beneath;
 pub mod connected;
 pub mod image;
 pub mod layers;
@@ -12,6 +13,7 @@ pub mod pipeline;
 pub mod redact;
 pub mod replay;
 pub mod repo;
+pub mod settings;
 pub mod states;
 pub mod store;
 pub mod vm;

@@ -11,11 +11,12 @@ use clap::{Parser, Subcommand};
 use reprise_executor::accel::{self, Accel, AccelFacts};
 use reprise_executor::connected;
 use reprise_executor::image::{ImageCache, ImageError};
-use reprise_executor::peer::Settings;
 use reprise_executor::pipeline::{self, RunError, Ui};
+use reprise_executor::settings;
 use reprise_executor::states::States;
 use reprise_executor::store::{Lookup, Retention, Store};
 use reprise_executor::vm::{BootError, GuestCommand, Stream, Vm, VmConfig};
+use reprise_protocol::digest::KeyPrefix;
 use reprise_protocol::exit;
 use reprise_protocol::local::{Answer, Ask, Link};
 
@@ -136,6 +137,9 @@ struct KeyArgs {
     target: String,
     #[arg(long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// The key of a run whose tests have the network (`reprise run --network`).
+    #[arg(long)]
+    network: bool,
     /// Print every input, and on a miss what differs from the nearest result.
     #[arg(long)]
     explain: bool,
@@ -148,8 +152,13 @@ struct KeyArgs {
 enum ResultsCmd {
     /// List stored results, newest first.
     List,
-    /// Show one result's manifest (by key or key prefix).
-    Show { key: String },
+    /// Show one result: who produced and sealed it, whether it counts for
+    /// CI (asked of the orchestrator when one is configured), and its
+    /// manifest (by key or key prefix).
+    Show {
+        #[arg(value_parser = parse_key_prefix)]
+        key: KeyPrefix,
+    },
     /// Drop results beyond the retention.
     Gc {
         /// Results kept per repository and target.
@@ -205,6 +214,11 @@ enum VmCmd {
         #[arg(long)]
         rev: Option<String>,
     },
+}
+
+fn parse_key_prefix(s: &str) -> Result<KeyPrefix, String> {
+    s.parse()
+        .map_err(|e: reprise_protocol::digest::DigestError| e.to_string())
 }
 
 fn parse_accel(s: &str) -> Result<Accel, String> {
@@ -379,24 +393,24 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Key(args) => key(args),
         Cmd::Daemon(args) => daemon(args).await,
-        Cmd::Results(cmd) => results(cmd),
+        Cmd::Results(cmd) => results(cmd).await,
         Cmd::Cache(CacheCmd::Drop { all }) => {
             let layers = reprise_executor::layers::Layers::default_location();
-            let namespace = if all {
+            let repo = if all {
                 None
             } else {
                 let dir = std::env::current_dir().context("while finding the current folder")?;
-                Some(
-                    pipeline::compute_key(&dir, None, "test", &[], None)?
-                        .inputs
-                        .namespace,
-                )
+                let keyed = pipeline::compute_key(&dir, None, "test", &[], false, None)?;
+                Some(reprise_executor::layers::RepoId {
+                    namespace: keyed.inputs.namespace,
+                    root_commit: keyed.revision.root_commit,
+                })
             };
             let n = layers
-                .drop_layers(namespace.as_deref())
+                .drop_layers(repo.as_ref())
                 .context("while removing snapshots")?;
-            match namespace {
-                Some(ns) => println!("dropped {n} snapshot(s) of {ns}"),
+            match repo {
+                Some(repo) => println!("dropped {n} snapshot(s) of {}", repo.namespace),
                 None => {
                     let states = States::default_location()
                         .drop_all()
@@ -478,9 +492,11 @@ async fn serve_after_run(outcome: &pipeline::RunOutcome, remote: &mut pipeline::
     let data = reprise_executor::paths::data_dir();
     let store = Store::default_location();
     let result = outcome.result();
-    let ask = if result.manifest.outcome == reprise_protocol::manifest::Outcome::Passed {
+    // Sealed results, passed or failed, are announced (a failed one so
+    // that a disagreement between producers shows).
+    let ask = if result.seal.is_some() {
         Ask::Held {
-            key: result.manifest.key.clone(),
+            key: result.manifest.key,
             namespace: result.manifest.inputs.namespace.clone(),
             store: store.root().display().to_string(),
         }
@@ -606,26 +622,27 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<i32> {
         }
         None => {}
     }
-    let dir = std::env::current_dir().context("while finding the current folder")?;
-    let root = reprise_executor::repo::Checkout::discover(&dir)
-        .ok()
-        .map(|c| c.root());
-    let from_env = Settings::from_env(root.as_deref());
-    let settings = match (args.orchestrator, args.credentials, from_env) {
-        (Some(orchestrator), Some(credentials), _) => Settings {
-            orchestrator,
-            credentials,
-        },
-        (o, c, Some(env)) => Settings {
-            orchestrator: o.unwrap_or(env.orchestrator),
-            credentials: c.unwrap_or(env.credentials),
-        },
-        _ => {
-            eprintln!(
-                "reprise: error: the daemon needs an orchestrator: pass --orchestrator HOST:PORT and --credentials FILE, or set REPRISE_ORCHESTRATOR and REPRISE_CREDENTIALS (environment or .env)"
-            );
-            return Ok(exit::USAGE);
-        }
+    // The daemon serves the whole store: it takes its settings from the
+    // user (flags, environment, user config), never from a repository.
+    let mut facts = settings::gather(None);
+    if let Some(o) = args.orchestrator {
+        facts.env.insert(settings::ORCHESTRATOR_VAR.into(), o);
+    }
+    if let Some(c) = args.credentials {
+        facts
+            .env
+            .insert(settings::CREDENTIALS_VAR.into(), c.display().to_string());
+    }
+    let resolved = settings::resolve(&facts);
+    for note in &resolved.notes {
+        Terminal.note(note);
+    }
+    let Some(settings) = resolved.settings else {
+        eprintln!(
+            "reprise: error: the daemon needs an orchestrator: pass --orchestrator HOST:PORT and --credentials FILE, set REPRISE_ORCHESTRATOR and REPRISE_CREDENTIALS, or write them in {}",
+            settings::user_config_path().display()
+        );
+        return Ok(exit::USAGE);
     };
     let connector = match connected::Connector::new(settings) {
         Ok(c) => c,
@@ -726,7 +743,14 @@ async fn detach(data: &std::path::Path, connector: &connected::Connector) -> any
 
 fn key(args: KeyArgs) -> anyhow::Result<i32> {
     let dir = std::env::current_dir().context("while finding the current folder")?;
-    let keyed = pipeline::compute_key(&dir, args.rev.as_deref(), &args.target, &args.env, None)?;
+    let keyed = pipeline::compute_key(
+        &dir,
+        args.rev.as_deref(),
+        &args.target,
+        &args.env,
+        args.network,
+        None,
+    )?;
     let key = keyed.inputs.key();
     let lookup = Store::default_location().lookup(&keyed.inputs);
     if args.json {
@@ -759,7 +783,7 @@ fn key(args: KeyArgs) -> anyhow::Result<i32> {
         } => {
             println!(
                 "stored: no; the nearest stored result {} differs in:",
-                short(&near.manifest.key)
+                near.manifest.key.short()
             );
             for (name, here, there) in diff {
                 println!("  {name}: {here} here, {there} there");
@@ -769,7 +793,92 @@ fn key(args: KeyArgs) -> anyhow::Result<i32> {
     Ok(exit::SUCCESS)
 }
 
-fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
+/// The head of `reprise results show`: what the result is, who sealed it,
+/// and whether it counts for CI.
+async fn show_result(r: &reprise_executor::store::StoredResult) {
+    let m = &r.manifest;
+    println!("key:         {}", m.key);
+    println!("outcome:     {:?} (exit {})", m.outcome, m.exit_code);
+    println!(
+        "repository:  {} target {} commit {}",
+        m.inputs.namespace,
+        m.inputs.target,
+        short(&m.commit)
+    );
+    println!(
+        "ran:         {} on {}@{}, {:.1}s under {} ({}), snapshot {}, network {}",
+        connected::utc_timestamp(m.created_at),
+        m.producer.user,
+        m.producer.host,
+        m.total_ms as f64 / 1000.0,
+        m.accel,
+        m.inputs.driver,
+        pipeline::short_snapshot(&m.snapshot),
+        if m.inputs.network { "yes" } else { "none" }
+    );
+    let dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    let mut remote = pipeline::Remote::new(&dir);
+    let Some(seal) = &r.seal else {
+        println!("sealed by:   nobody (made without credentials)");
+        println!(
+            "counts:      no: a result without its producer's seal is never served and never counts"
+        );
+        return;
+    };
+    let roots = remote
+        .connector(&Terminal)
+        .map(|c| vec![c.credentials().ca().clone()]);
+    let now = rustls::pki_types::UnixTime::now();
+    match &roots {
+        Some(roots) => {
+            match reprise_protocol::seal::verify(seal, m, roots, now, &Default::default()) {
+                Ok(who) => println!(
+                    "sealed by:   {} (certificate {}, valid until {}; checked against the team CA)",
+                    who.name,
+                    who.fingerprint.short(),
+                    connected::utc_timestamp(who.not_after)
+                ),
+                Err(e) => {
+                    println!("sealed by:   a seal that does not hold: {e}");
+                    println!("counts:      no: its seal does not hold");
+                    return;
+                }
+            }
+        }
+        None => match seal.claimed() {
+            Ok(who) => println!(
+                "sealed by:   {} (certificate {}; unchecked: no credentials configured)",
+                who.name,
+                who.fingerprint.short()
+            ),
+            Err(e) => println!("sealed by:   an unreadable certificate: {e}"),
+        },
+    }
+    let Some(peer) = remote.get(&Terminal).await else {
+        println!(
+            "counts:      unknown: only the orchestrator's policy can say, and none is reachable"
+        );
+        return;
+    };
+    let sealed = r.sealed().expect("has a seal");
+    match reprise_protocol::seal::verify(
+        seal,
+        m,
+        roots.as_deref().unwrap_or(&[]),
+        now,
+        peer.revoked(),
+    ) {
+        Err(e) => println!("counts:      no: {e}"),
+        Ok(_) => match peer.assess(sealed).await {
+            Ok((true, why)) => println!("counts:      yes: {why}"),
+            Ok((false, why)) => println!("counts:      no: {why}"),
+            Err(e) => println!("counts:      unknown: the orchestrator did not answer ({e})"),
+        },
+    }
+    peer.close().await;
+}
+
+async fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
     let store = Store::default_location();
     match cmd {
         ResultsCmd::List => {
@@ -783,7 +892,7 @@ fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
                 let m = &r.manifest;
                 println!(
                     "{} {} {} {} {} {:.1}s {}",
-                    short(&m.key),
+                    m.key.short(),
                     status,
                     m.inputs.namespace,
                     m.inputs.target,
@@ -795,9 +904,28 @@ fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
             Ok(exit::SUCCESS)
         }
         ResultsCmd::Show { key } => {
-            let found = store.find(&key);
+            let mut found = store.find(&key);
+            if key.whole().is_some() && found.len() > 1 {
+                // A whole key names one result: the newest (a passed one
+                // first, as lookups see it), the others listed.
+                found.sort_by_key(|r| {
+                    (
+                        r.manifest.outcome != reprise_protocol::manifest::Outcome::Passed,
+                        std::cmp::Reverse(r.manifest.created_at),
+                    )
+                });
+                for older in &found[1..] {
+                    eprintln!(
+                        "reprise: also stored: a {:?} run of this key from {}",
+                        older.manifest.outcome,
+                        connected::utc_timestamp(older.manifest.created_at)
+                    );
+                }
+                found.truncate(1);
+            }
             match found.as_slice() {
                 [one] => {
+                    show_result(one).await;
                     println!(
                         "{}",
                         serde_json::to_string_pretty(&one.manifest).expect("json")

@@ -25,6 +25,12 @@ pub fn data_dir() -> PathBuf {
     xdg("XDG_DATA_HOME", ".local/share").join("reprise")
 }
 
+/// `$XDG_CONFIG_HOME/reprise` (default `~/.config/reprise`): the user's
+/// settings and credentials.
+pub fn config_dir() -> PathBuf {
+    xdg("XDG_CONFIG_HOME", ".config").join("reprise")
+}
+
 /// A folder for sockets of running VMs. Unix socket paths are limited to
 /// 107 bytes, so this is short: `$XDG_RUNTIME_DIR` if set, else `/tmp`.
 pub fn runtime_dir() -> PathBuf {

@@ -1,29 +1,43 @@
 //! The executor's side of the orchestrator protocol: credentials, the
 //! connection, announcing held results, looking up and fetching a result
 //! from a peer (verified in full before anything is committed), and serving
-//! the local store to peers (each result signed with the certificate's key).
+//! the local store to peers.
 //!
-//! What a fetch checks before it commits: the producer's certificate chains
-//! to the team CA and may authenticate clients; its signature over the
-//! manifest's canonical encoding ([`reprise_protocol::sign`]); the manifest
-//! is for the key asked and its inputs are the ones this checkout computed;
-//! the result passed; every artifact path stays inside the artifacts folder;
-//! the output record's and every artifact's sha256 and size while they
-//! stream; nothing follows the last artifact. Everything is staged in the
-//! store's `tmp/` and committed with [`Store::commit`] only at the end, so a
-//! failure anywhere leaves the store as it was.
+//! A result travels with its *producer's* seal, stored with it when its run
+//! ended; nothing here signs on another's behalf. What a fetch checks before
+//! it commits: the producer's seal ([`reprise_protocol::seal::verify`]: the
+//! certificate chains to the team CA, may authenticate clients, is valid
+//! now and not on the revocation list the orchestrator sent at `Welcome`,
+//! and its signature covers the manifest's canonical encoding); the
+//! manifest's own consistency ([`ResultManifest::check`]: its key is its
+//! inputs' key, artifact paths are plain relative paths, no file twice);
+//! the manifest is for the key asked and its inputs are the ones this
+//! checkout computed; the result passed; the output record's size is under
+//! the limit; the output record's and every artifact's sha256 and size
+//! while they stream; nothing follows the last artifact. Everything is
+//! staged in the store's `tmp/` and committed with
+//! [`Store::commit_received`] only at the end, so a failure anywhere leaves
+//! the store as it was.
+//!
+//! What serving checks: the request decodes (keys are typed: a path-like
+//! key does not), the result is stored under that key, passed, sealed, of
+//! the namespace asked, and of a namespace this executor's certificate
+//! grants. Only such results are announced too (with the failed ones of
+//! granted namespaces, sealed, so a disagreement shows).
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use quinn::{Connection, RecvStream, SendStream};
+use reprise_protocol::digest::{RunKey, Sha256Digest};
 use reprise_protocol::key::KeyInputs;
-use reprise_protocol::manifest::{MANIFEST_VERSION, Outcome, ResultManifest};
+use reprise_protocol::manifest::{ManifestError, Outcome, ResultManifest};
+use reprise_protocol::seal::{SEAL_VERSION, Seal, SealError, SignedBy};
 use reprise_protocol::wire::{
-    self, ErrorCode, FrameError, Held, MAX_CHUNK, Message, PROTOCOL_VERSION, Transfer,
+    self, ErrorCode, FrameError, MAX_CHUNK, MAX_FRAME, Message, PROTOCOL_VERSION, Sealed,
 };
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
@@ -33,7 +47,8 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use crate::store::{Store, StoreError, StoredResult};
+use crate::beneath::{Beneath, BeneathError};
+use crate::store::{Sealer, Store, StoreError, StoredResult};
 
 /// Largest output record a fetch accepts (it is held in memory to commit).
 pub const MAX_RECORD: u64 = 256 << 20;
@@ -99,27 +114,23 @@ pub enum FetchError {
     Peer(#[from] PeerError),
     #[error("the producer could not serve the result: {0}")]
     Unavailable(String),
-    #[error("the producer's certificate is not from the team CA (or expired)")]
-    ProducerCert(#[source] webpki::Error),
-    #[error("the producer's certificate is not valid PEM")]
-    ProducerCertPem,
-    #[error("the result's signature does not verify under the producer's certificate")]
-    BadSignature,
+    #[error("the producer's seal does not hold")]
+    Seal(#[from] SealError),
+    #[error("the result's manifest is refused")]
+    Manifest(#[from] ManifestError),
     #[error("the producer sent a result for key {got}, not {asked}")]
-    WrongKey { asked: String, got: String },
+    WrongKey { asked: RunKey, got: RunKey },
     #[error("the result's inputs differ from this checkout's ({0})")]
     InputsDiffer(String),
-    #[error("the producer sent a result that did not pass, or of an unknown manifest version")]
+    #[error("the producer sent a result that did not pass")]
     NotPassed,
-    #[error("the result names an unsafe artifact path or mode: {0:?}")]
-    UnsafeArtifact(String),
     #[error("the {part} of the result is {found} bytes or more, over the limit of {max}")]
     TooLarge { part: String, found: u64, max: u64 },
     #[error("the {part} does not match its manifest (sha256 {found}, expected {expected})")]
     Digest {
         part: String,
-        expected: String,
-        found: String,
+        expected: Sha256Digest,
+        found: Sha256Digest,
     },
     #[error("the transfer broke off in the {part}")]
     Truncated {
@@ -137,6 +148,8 @@ pub enum FetchError {
         #[source]
         source: std::io::Error,
     },
+    #[error("staging the fetched result")]
+    Stage(#[from] BeneathError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -192,20 +205,19 @@ impl Credentials {
         })
     }
 
-    /// Signs a manifest's canonical encoding; the signature as hex.
-    pub fn sign(&self, manifest: &ResultManifest) -> String {
-        let rng = SystemRandom::new();
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &self.key_pkcs8, &rng)
-            .expect("checked when loaded");
-        let sig = key
-            .sign(&rng, &reprise_protocol::sign::signing_bytes(manifest))
-            .expect("ECDSA signing");
-        reprise_protocol::hex::encode(sig.as_ref())
-    }
-
     /// The client certificate, PEM.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// The team CA that seals and the orchestrator are checked against.
+    pub fn ca(&self) -> &CertificateDer<'static> {
+        &self.ca
+    }
+
+    /// Who this certificate names (its common name, fingerprint, expiry).
+    pub fn identity(&self) -> Result<SignedBy, SealError> {
+        reprise_protocol::seal::describe(&self.cert)
     }
 
     /// The QUIC client configuration: TLS 1.3, ALPN `reprise/1`, this
@@ -232,6 +244,23 @@ impl Credentials {
         transport.keep_alive_interval(Some(std::time::Duration::from_secs(3)));
         config.transport_config(Arc::new(transport));
         Ok(config)
+    }
+}
+
+impl Sealer for Credentials {
+    /// Signs the manifest's canonical encoding with this certificate's key.
+    fn seal(&self, manifest: &ResultManifest) -> Seal {
+        let rng = SystemRandom::new();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &self.key_pkcs8, &rng)
+            .expect("checked when loaded");
+        let sig = key
+            .sign(&rng, &reprise_protocol::sign::signing_bytes(manifest))
+            .expect("ECDSA signing");
+        Seal {
+            version: SEAL_VERSION,
+            signature: reprise_protocol::hex::encode(sig.as_ref()),
+            producer_cert: self.cert_pem.clone(),
+        }
     }
 }
 
@@ -264,77 +293,6 @@ fn base64_encode(data: &[u8]) -> String {
     out
 }
 
-fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-/// Where the orchestrator is and which credentials to present.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Settings {
-    /// `HOST:PORT`.
-    pub orchestrator: String,
-    pub credentials: PathBuf,
-}
-
-impl Settings {
-    /// `REPRISE_ORCHESTRATOR` and `REPRISE_CREDENTIALS` from the environment,
-    /// else from the `.env` file at `repo_root` (a relative credentials path
-    /// there is taken from the repository root). `None` when either is unset
-    /// (peer replay is off).
-    pub fn from_env(repo_root: Option<&Path>) -> Option<Settings> {
-        let dotenv = repo_root
-            .and_then(|root| std::fs::read_to_string(root.join(".env")).ok())
-            .map(|t| parse_dotenv(&t))
-            .unwrap_or_default();
-        let get = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .map(|v| (v, false))
-                .or_else(|| dotenv.get(name).cloned().map(|v| (v, true)))
-        };
-        let (orchestrator, _) = get("REPRISE_ORCHESTRATOR")?;
-        let (creds, from_file) = get("REPRISE_CREDENTIALS")?;
-        let mut credentials = PathBuf::from(creds);
-        if let Some(root) = repo_root.filter(|_| from_file && credentials.is_relative()) {
-            credentials = root.join(credentials);
-        }
-        Some(Settings {
-            orchestrator,
-            credentials,
-        })
-    }
-}
-
-/// `NAME=VALUE` lines (`export ` allowed, `#` comments, values optionally in
-/// single or double quotes).
-pub fn parse_dotenv(text: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let line = line.strip_prefix("export ").unwrap_or(line);
-        let Some((name, value)) = line.split_once('=') else {
-            continue;
-        };
-        let value = value.trim();
-        let value = ['"', '\'']
-            .iter()
-            .find_map(|q| value.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)))
-            .unwrap_or(value);
-        out.insert(name.trim().to_string(), value.to_string());
-    }
-    out
-}
-
 /// Reads one control message frame, refusing an oversized length before
 /// reading the body.
 pub async fn read_message(recv: &mut RecvStream) -> Result<Message, ReadError> {
@@ -360,10 +318,20 @@ pub async fn write_message(send: &mut SendStream, message: &Message) -> Result<(
     Ok(())
 }
 
-/// A producer the orchestrator offered.
+/// The orchestrator's answer to a lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Offer {
-    pub producer: String,
+pub enum Found {
+    /// A result that counts is held; `producer` sealed it, `counts` says
+    /// why it counts.
+    Offer {
+        producer: String,
+        counts: String,
+    },
+    /// Trusted producers disagree on the key; nothing counts.
+    Conflict {
+        producers: Vec<String>,
+    },
+    NotFound,
 }
 
 /// A connection to the orchestrator.
@@ -374,6 +342,8 @@ pub struct Peer {
     creds: Arc<Credentials>,
     identity: String,
     repos: Vec<String>,
+    /// Fingerprints of revoked certificates, as of the connection.
+    revoked: BTreeSet<Sha256Digest>,
 }
 
 impl Peer {
@@ -412,15 +382,19 @@ impl Peer {
         let answer = exchange(&conn, &Message::Hello { version }).await;
         match answer {
             Ok(Message::Welcome {
-                identity, repos, ..
+                identity,
+                repos,
+                revoked,
+                ..
             }) => {
-                debug!(%identity, "connected to the orchestrator");
+                debug!(%identity, revoked = revoked.len(), "connected to the orchestrator");
                 Ok(Peer {
                     endpoint,
                     conn,
                     creds,
                     identity,
                     repos,
+                    revoked: revoked.into_iter().collect(),
                 })
             }
             Ok(other) => Err(unexpected(other)),
@@ -452,32 +426,87 @@ impl Peer {
         exchange(&self.conn, message).await
     }
 
-    /// Announces every passed result of `store`; returns how many the
-    /// orchestrator indexed.
-    pub async fn announce(&self, store: &Store) -> Result<u32, PeerError> {
-        let results = store
-            .list()
-            .into_iter()
-            .map(|r| Held {
-                key: r.manifest.key,
-                namespace: r.manifest.inputs.namespace,
-            })
-            .collect();
-        match self.request(&Message::Announce { results }).await? {
-            Message::Announced { accepted } => Ok(accepted),
+    /// Whether this executor's certificate grants `namespace`.
+    pub fn grants(&self, namespace: &str) -> bool {
+        self.repos.iter().any(|r| r == namespace)
+    }
+
+    /// The revocation list the orchestrator sent when this connected.
+    pub fn revoked(&self) -> &BTreeSet<Sha256Digest> {
+        &self.revoked
+    }
+
+    /// Announces every sealed result of `store` in a namespace this
+    /// executor is granted (passed ones to serve, failed ones so that a
+    /// disagreement shows), in as many messages as the frame limit needs.
+    /// Returns how many passed results the orchestrator indexed (the ones
+    /// served), and how many results it refused.
+    pub async fn announce(&self, store: &Store) -> Result<(u32, u32), PeerError> {
+        let sealed = |results: Vec<StoredResult>| -> Vec<Sealed> {
+            results
+                .iter()
+                .filter(|r| self.grants(&r.manifest.inputs.namespace))
+                .filter_map(StoredResult::sealed)
+                .collect()
+        };
+        let (served, refused) = self.announce_sealed(sealed(store.list())).await?;
+        let (_, refused_failed) = self.announce_sealed(sealed(store.list_failed())).await?;
+        Ok((served, refused + refused_failed))
+    }
+
+    /// Announces `results` (already filtered), batched under the frame
+    /// limit.
+    pub async fn announce_sealed(&self, results: Vec<Sealed>) -> Result<(u32, u32), PeerError> {
+        let (mut accepted, mut refused) = (0, 0);
+        let mut batch: Vec<Sealed> = Vec::new();
+        let mut size = 0;
+        let mut results = results.into_iter().peekable();
+        while let Some(r) = results.next() {
+            size += serde_json::to_vec(&r).map_or(MAX_FRAME, |v| v.len()) + 1;
+            batch.push(r);
+            let next_size = results
+                .peek()
+                .map_or(0, |n| serde_json::to_vec(n).map_or(MAX_FRAME, |v| v.len()));
+            if results.peek().is_none() || size + next_size + 64 > MAX_FRAME {
+                let results = std::mem::take(&mut batch);
+                size = 0;
+                match self.request(&Message::Announce { results }).await? {
+                    Message::Announced {
+                        accepted: a,
+                        refused: r,
+                    } => {
+                        accepted += a;
+                        refused += r;
+                    }
+                    other => return Err(unexpected(other)),
+                }
+            }
+        }
+        Ok((accepted, refused))
+    }
+
+    /// Asks whether a result for `key` that counts for CI is held.
+    pub async fn lookup(&self, key: &RunKey, namespace: &str) -> Result<Found, PeerError> {
+        let m = Message::Lookup {
+            key: *key,
+            namespace: namespace.to_string(),
+        };
+        match self.request(&m).await? {
+            Message::Offer { producer, counts } => Ok(Found::Offer { producer, counts }),
+            Message::Conflict { producers } => Ok(Found::Conflict { producers }),
+            Message::NotFound => Ok(Found::NotFound),
             other => Err(unexpected(other)),
         }
     }
 
-    /// Asks whether a trusted peer holds `key`.
-    pub async fn lookup(&self, key: &str, namespace: &str) -> Result<Option<Offer>, PeerError> {
-        let m = Message::Lookup {
-            key: key.to_string(),
-            namespace: namespace.to_string(),
+    /// Asks whether `result` would count for CI under its repository's
+    /// policy: `(counts, why)`.
+    pub async fn assess(&self, result: Sealed) -> Result<(bool, String), PeerError> {
+        let m = Message::Assess {
+            result: Box::new(result),
         };
         match self.request(&m).await? {
-            Message::Offer { producer } => Ok(Some(Offer { producer })),
-            Message::NotFound => Ok(None),
+            Message::Assessed { counts, reason } => Ok((counts, reason)),
             other => Err(unexpected(other)),
         }
     }
@@ -487,30 +516,37 @@ impl Peer {
     /// and commits it to `store`.
     pub async fn fetch_into(
         &self,
-        key: &str,
+        key: &RunKey,
         namespace: &str,
         expected: &KeyInputs,
         store: &Store,
-    ) -> Result<StoredResult, FetchError> {
+    ) -> Result<(StoredResult, SignedBy), FetchError> {
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(PeerError::from)?;
         let fetch = Message::Fetch {
-            key: key.to_string(),
+            key: *key,
             namespace: namespace.to_string(),
         };
         write_message(&mut send, &fetch)
             .await
             .map_err(PeerError::from)?;
         let _ = send.finish();
-        let transfer = match read_message(&mut recv).await.map_err(PeerError::from)? {
+        let sealed = match read_message(&mut recv).await.map_err(PeerError::from)? {
             Message::Transfer(t) => t,
             Message::NotFound => return Err(FetchError::NotFound),
             Message::Error { message, .. } => return Err(FetchError::Unavailable(message)),
             other => return Err(unexpected(other).into()),
         };
-        check_transfer(&self.creds.ca, &transfer, key, expected)?;
-        let stored = receive(&mut recv, &transfer, store).await?;
-        info!(key, producer = ?transfer.manifest.producer, "fetched a result from a peer");
-        Ok(stored)
+        let who = check_transfer(
+            std::slice::from_ref(&self.creds.ca),
+            &sealed,
+            key,
+            expected,
+            &self.revoked,
+            UnixTime::now(),
+        )?;
+        let stored = receive(&mut recv, *sealed, store).await?;
+        info!(key = %key, producer = %who.name, "fetched a result from a peer");
+        Ok((stored, who))
     }
 
     /// Serves `Serve` requests from `store` until the connection closes.
@@ -522,9 +558,9 @@ impl Peer {
                 Err(e) => return Err(e.into()),
             };
             let store = store.clone();
-            let creds = self.creds.clone();
+            let repos = self.repos.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_one(send, recv, &store, &creds).await {
+                if let Err(e) = serve_one(send, recv, &store, &repos).await {
                     warn!("serving a peer failed: {e}");
                 }
             });
@@ -565,15 +601,6 @@ async fn exchange(conn: &Connection, message: &Message) -> Result<Message, PeerE
     Ok(read_message(&mut recv).await?)
 }
 
-/// The signed transfer header for a stored result.
-pub fn signed_transfer(stored: &StoredResult, creds: &Credentials) -> Transfer {
-    Transfer {
-        signature: creds.sign(&stored.manifest),
-        manifest: stored.manifest.clone(),
-        producer_cert_pem: creds.cert_pem().to_string(),
-    }
-}
-
 /// The files whose bytes follow a transfer header, in order.
 pub fn transfer_files(store: &Store, stored: &StoredResult) -> Vec<PathBuf> {
     std::iter::once(stored.output_path())
@@ -584,7 +611,7 @@ pub fn transfer_files(store: &Store, stored: &StoredResult) -> Vec<PathBuf> {
 /// Writes a transfer: its header, then each file as chunk frames.
 pub async fn write_transfer(
     send: &mut SendStream,
-    transfer: &Transfer,
+    transfer: &Sealed,
     files: &[PathBuf],
 ) -> Result<(), ServeError> {
     use tokio::io::AsyncReadExt;
@@ -633,69 +660,60 @@ async fn serve_one(
     mut send: SendStream,
     mut recv: RecvStream,
     store: &Store,
-    creds: &Credentials,
+    repos: &[String],
 ) -> Result<(), ServeError> {
-    let (key, namespace) = match read_message(&mut recv).await? {
-        Message::Serve { key, namespace } => (key, namespace),
-        _ => {
+    let (key, namespace) = match read_message(&mut recv).await {
+        Ok(Message::Serve { key, namespace }) => (key, namespace),
+        Ok(_) => {
             let m = Message::error(ErrorCode::Unexpected, "expected serve");
             write_message(&mut send, &m).await?;
             let _ = send.finish();
             return Ok(());
         }
+        Err(e) => {
+            // A path-like key or digest does not even decode.
+            let m = Message::error(ErrorCode::Malformed, e.to_string());
+            let _ = write_message(&mut send, &m).await;
+            let _ = send.finish();
+            return Err(e.into());
+        }
     };
+    let granted = repos.contains(&namespace);
     let found = store
         .get(&key)
+        .filter(|_| granted)
         .filter(|r| r.manifest.inputs.namespace == namespace)
         .filter(|r| crate::replay::verify(r).is_ok());
-    let Some(stored) = found else {
-        let m = Message::error(ErrorCode::NotFound, "the result is no longer held");
+    let Some((stored, sealed)) = found.and_then(|r| r.sealed().map(|s| (r, s))) else {
+        let m = Message::error(ErrorCode::NotFound, "the result is not held");
         write_message(&mut send, &m).await?;
         let _ = send.finish();
         return Ok(());
     };
-    let transfer = signed_transfer(&stored, creds);
-    write_transfer(&mut send, &transfer, &transfer_files(store, &stored)).await?;
+    write_transfer(&mut send, &sealed, &transfer_files(store, &stored)).await?;
     let _ = send.finish();
-    debug!(key, "served a result");
+    debug!(key = %key, "served a result");
     Ok(())
 }
 
-/// Checks a transfer header before any data is read: the producer's
-/// certificate, its signature, the key, the inputs, the outcome, the
-/// artifact paths.
+/// Checks a transfer header before any data is read: the producer's seal,
+/// the manifest, the key, the inputs, the outcome, the record's size.
+/// Returns who sealed it.
 pub fn check_transfer(
-    ca: &CertificateDer<'_>,
-    transfer: &Transfer,
-    key: &str,
+    roots: &[CertificateDer<'_>],
+    sealed: &Sealed,
+    key: &RunKey,
     expected: &KeyInputs,
-) -> Result<(), FetchError> {
-    let m = &transfer.manifest;
-    let cert = CertificateDer::from_pem_slice(transfer.producer_cert_pem.as_bytes())
-        .map_err(|_| FetchError::ProducerCertPem)?;
-    let ee = webpki::EndEntityCert::try_from(&cert).map_err(FetchError::ProducerCert)?;
-    let anchor = webpki::anchor_from_trusted_cert(ca).map_err(FetchError::ProducerCert)?;
-    ee.verify_for_usage(
-        webpki::ALL_VERIFICATION_ALGS,
-        &[anchor],
-        &[],
-        UnixTime::now(),
-        webpki::KeyUsage::client_auth(),
-        None,
-        None,
-    )
-    .map_err(FetchError::ProducerCert)?;
-    let sig = hex_decode(&transfer.signature).ok_or(FetchError::BadSignature)?;
-    ee.verify_signature(
-        webpki::ring::ECDSA_P256_SHA256,
-        &reprise_protocol::sign::signing_bytes(m),
-        &sig,
-    )
-    .map_err(|_| FetchError::BadSignature)?;
-    if m.key != key || expected.key() != key {
+    revoked: &BTreeSet<Sha256Digest>,
+    now: UnixTime,
+) -> Result<SignedBy, FetchError> {
+    let m = &sealed.manifest;
+    let who = reprise_protocol::seal::verify(&sealed.seal, m, roots, now, revoked)?;
+    m.check()?;
+    if m.key != *key || expected.key() != *key {
         return Err(FetchError::WrongKey {
-            asked: key.to_string(),
-            got: m.key.clone(),
+            asked: *key,
+            got: m.key,
         });
     }
     if m.inputs != *expected {
@@ -703,13 +721,7 @@ pub fn check_transfer(
         let names: Vec<String> = diff.into_iter().map(|d| d.0).collect();
         return Err(FetchError::InputsDiffer(names.join(", ")));
     }
-    if m.inputs.key() != m.key {
-        return Err(FetchError::WrongKey {
-            asked: key.to_string(),
-            got: m.inputs.key(),
-        });
-    }
-    if m.outcome != Outcome::Passed || m.version != MANIFEST_VERSION {
+    if m.outcome != Outcome::Passed {
         return Err(FetchError::NotPassed);
     }
     if m.output_bytes > MAX_RECORD {
@@ -719,39 +731,18 @@ pub fn check_transfer(
             max: MAX_RECORD,
         });
     }
-    let mut seen = std::collections::BTreeSet::new();
-    for a in &m.artifacts {
-        let safe = !a.path.is_empty()
-            && Path::new(&a.path)
-                .components()
-                .all(|c| matches!(c, Component::Normal(_)))
-            && seen.insert(Path::new(&a.path).components().collect::<PathBuf>())
-            && a.mode & !0o777 == 0;
-        if !safe {
-            return Err(FetchError::UnsafeArtifact(a.path.clone()));
-        }
-    }
-    Ok(())
+    Ok(who)
 }
 
 /// Reads the data of a checked transfer into a staging folder, checking
 /// every part's size and sha256, then commits it.
 async fn receive(
     recv: &mut RecvStream,
-    transfer: &Transfer,
+    sealed: Sealed,
     store: &Store,
 ) -> Result<StoredResult, FetchError> {
-    let m = &transfer.manifest;
-    let tmp = store.root().join("tmp");
-    let stage_io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| FetchError::Io { path, source }
-    };
-    std::fs::create_dir_all(&tmp).map_err(stage_io(&tmp))?;
-    let stage = tempfile::Builder::new()
-        .prefix("fetch-")
-        .tempdir_in(&tmp)
-        .map_err(stage_io(&tmp))?;
+    let m = &sealed.manifest;
+    let stage = store.stage("fetch-")?;
     let mut record = Vec::with_capacity(m.output_bytes.min(1 << 20) as usize);
     receive_part(
         recv,
@@ -762,16 +753,16 @@ async fn receive(
     )
     .await?;
     let arts = stage.path().join("artifacts");
+    let beneath = Beneath::open(&arts)?;
     for a in &m.artifacts {
-        let path = arts.join(&a.path);
-        let parent = path.parent().expect("under the artifacts folder");
-        std::fs::create_dir_all(parent).map_err(stage_io(parent))?;
-        let mut f = std::fs::File::create(&path).map_err(stage_io(&path))?;
+        let mut pending = beneath.create(&a.path, a.mode)?;
         let part = format!("artifact {}", a.path);
-        receive_part(recv, &part, a.bytes, &a.sha256, &mut f).await?;
-        f.sync_all().map_err(stage_io(&path))?;
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(a.mode))
-            .map_err(stage_io(&path))?;
+        receive_part(recv, &part, a.bytes, &a.sha256, &mut pending.file).await?;
+        pending.file.sync_all().map_err(|source| FetchError::Io {
+            path: pending.path().to_path_buf(),
+            source,
+        })?;
+        pending.commit()?;
     }
     let mut extra = [0u8; 1];
     match recv.read(&mut extra).await {
@@ -784,15 +775,14 @@ async fn receive(
             });
         }
     }
-    let dir = (!m.artifacts.is_empty()).then_some(arts.as_path());
-    Ok(store.commit(m.clone(), &record, dir)?)
+    Ok(store.commit_received(stage, sealed, &record, &arts)?)
 }
 
 async fn receive_part(
     recv: &mut RecvStream,
     part: &str,
     len: u64,
-    sha256: &str,
+    sha256: &Sha256Digest,
     out: &mut dyn Write,
 ) -> Result<(), FetchError> {
     let truncated = |source: Option<ReadError>| FetchError::Truncated {
@@ -822,11 +812,11 @@ async fn receive_part(
         })?;
         left -= n as u64;
     }
-    let found = reprise_protocol::hex::encode(&hasher.finalize());
-    if found != sha256 {
+    let found = Sha256Digest::finish(hasher);
+    if found != *sha256 {
         return Err(FetchError::Digest {
             part: part.to_string(),
-            expected: sha256.to_string(),
+            expected: *sha256,
             found,
         });
     }
@@ -855,75 +845,44 @@ mod tests {
     }
 
     fn manifest() -> ResultManifest {
-        let inputs = KeyInputs {
-            version: 1,
-            namespace: "ns".into(),
-            tree: "t".into(),
-            target: "test".into(),
-            env: Default::default(),
-            image_digest: "i".into(),
-            driver: "qemu".into(),
-        };
-        ResultManifest {
-            version: MANIFEST_VERSION,
-            key: inputs.key(),
-            inputs,
-            commit: "c".into(),
-            outcome: Outcome::Passed,
-            exit_code: 0,
-            phases: vec![],
-            total_ms: 1,
-            accel: "kvm".into(),
-            tool_version: "0".into(),
-            producer: reprise_protocol::manifest::Producer {
-                host: "h".into(),
-                user: "u".into(),
-            },
-            created_at: 1,
-            output_sha256: "o".into(),
-            output_bytes: 1,
-            artifacts: vec![reprise_protocol::manifest::Artifact {
-                path: "a/b.txt".into(),
-                sha256: "s".into(),
-                bytes: 1,
-                mode: 0o644,
-            }],
-        }
+        let inputs = crate::store::tests::inputs("t");
+        let mut m = crate::store::tests::manifest(inputs, Outcome::Passed, 1);
+        m.output_bytes = 1;
+        m.artifacts = vec![reprise_protocol::manifest::Artifact {
+            path: "a/b.txt".parse().unwrap(),
+            sha256: Sha256Digest::of(b"s"),
+            bytes: 1,
+            mode: 0o644,
+        }];
+        m
     }
 
     #[test]
     fn transfer_headers_are_checked_before_any_data() {
         let (ca, creds) = team();
+        let roots = [ca];
         let expected = manifest().inputs;
         let key = expected.key();
-        let check = |m: ResultManifest| {
-            let t = Transfer {
-                signature: creds.sign(&m),
+        let none = BTreeSet::new();
+        let check = |m: ResultManifest, revoked: &BTreeSet<Sha256Digest>| {
+            let t = Sealed {
+                seal: creds.seal(&m),
                 manifest: m,
-                producer_cert_pem: creds.cert_pem().to_string(),
             };
-            check_transfer(&ca, &t, &key, &expected)
+            check_transfer(&roots, &t, &key, &expected, revoked, UnixTime::now())
         };
-        check(manifest()).expect("a good header passes");
-        let art = |path: &str, mode: u32| {
-            let mut m = manifest();
-            m.artifacts[0].path = path.into();
-            m.artifacts[0].mode = mode;
-            m
-        };
+        check(manifest(), &none).expect("a good header passes");
         let dup = {
             let mut m = manifest();
-            let mut again = m.artifacts[0].clone();
-            again.path = "a/./b.txt".into();
-            m.artifacts.push(again);
+            m.artifacts.push(m.artifacts[0].clone());
             m
         };
         let table: Vec<(&str, ResultManifest)> = vec![
-            ("parent dir", art("../x", 0o644)),
-            ("absolute", art("/etc/passwd", 0o644)),
-            ("climbs out", art("a/../../b", 0o644)),
-            ("empty", art("", 0o644)),
-            ("setuid", art("a/b", 0o4755)),
+            ("setuid", {
+                let mut m = manifest();
+                m.artifacts[0].mode = 0o4755;
+                m
+            }),
             ("the same file twice", dup),
             ("failed", {
                 let mut m = manifest();
@@ -937,49 +896,52 @@ mod tests {
             }),
             ("another key", {
                 let mut m = manifest();
-                m.key = "0".repeat(64);
+                m.inputs.tree = "other".into();
+                m.key = m.inputs.key();
+                m
+            }),
+            ("a key that is not its inputs'", {
+                let mut m = manifest();
+                m.key = Sha256Digest::of(b"k").hex().parse().unwrap();
+                m
+            }),
+            ("networked where this checkout is not", {
+                let mut m = manifest();
+                m.inputs.network = true;
+                m.key = m.inputs.key();
                 m
             }),
         ];
         for (name, m) in table {
-            assert!(check(m).is_err(), "{name} was accepted");
+            assert!(check(m, &none).is_err(), "{name} was accepted");
         }
-        // Signed over one manifest, sent with another.
-        let mut t = Transfer {
-            signature: creds.sign(&manifest()),
-            manifest: manifest(),
-            producer_cert_pem: creds.cert_pem().to_string(),
-        };
-        t.manifest.artifacts[0].sha256 = "forged".into();
+        // Revoked producer.
+        let fingerprint = creds.identity().unwrap().fingerprint;
         assert!(matches!(
-            check_transfer(&ca, &t, &key, &expected),
-            Err(FetchError::BadSignature)
+            check(manifest(), &BTreeSet::from([fingerprint])),
+            Err(FetchError::Seal(SealError::Revoked { .. }))
+        ));
+        // Sealed over one manifest, sent with another.
+        let mut t = Sealed {
+            seal: creds.seal(&manifest()),
+            manifest: manifest(),
+        };
+        t.manifest.artifacts[0].sha256 = Sha256Digest::of(b"forged");
+        assert!(matches!(
+            check_transfer(&roots, &t, &key, &expected, &none, UnixTime::now()),
+            Err(FetchError::Seal(SealError::Signature))
         ));
         // A producer from another CA.
         let (other_ca, _) = team();
         t.manifest = manifest();
         assert!(matches!(
-            check_transfer(&other_ca, &t, &key, &expected),
-            Err(FetchError::ProducerCert(_))
+            check_transfer(&[other_ca], &t, &key, &expected, &none, UnixTime::now()),
+            Err(FetchError::Seal(SealError::Certificate(_)))
         ));
     }
 
     #[test]
-    fn dotenv_lines() {
-        let env = parse_dotenv(
-            "# comment\nREPRISE_ORCHESTRATOR=127.0.0.1:4433\nexport REPRISE_CREDENTIALS=\"creds.pem\"\n\nBAD LINE\nQ='x=y'\n",
-        );
-        assert_eq!(env["REPRISE_ORCHESTRATOR"], "127.0.0.1:4433");
-        assert_eq!(env["REPRISE_CREDENTIALS"], "creds.pem");
-        assert_eq!(env["Q"], "x=y");
-        assert_eq!(env.len(), 3);
-    }
-
-    #[test]
-    fn hex_and_base64() {
-        assert_eq!(hex_decode("00ab"), Some(vec![0, 0xab]));
-        assert_eq!(hex_decode("0"), None);
-        assert_eq!(hex_decode("zz"), None);
+    fn base64() {
         assert_eq!(base64_encode(b""), "");
         assert_eq!(base64_encode(b"f"), "Zg==");
         assert_eq!(base64_encode(b"fo"), "Zm8=");

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use reprise_protocol::digest::RunKey;
 use reprise_protocol::exit;
 use reprise_protocol::key::{KEY_VERSION, KeyInputs};
 use reprise_protocol::manifest::{Outcome, Phase, Producer, ResultManifest};
@@ -16,13 +17,13 @@ use thiserror::Error;
 use crate::accel::{self, Accel, AccelFacts};
 use crate::connected::Connector;
 use crate::image::{Image, ImageCache, ImageError};
-use crate::layers::{LayerError, Layers};
-use crate::peer::{Peer, Settings};
+use crate::layers::{Base, LayerError, Layers, RepoId};
+use crate::peer::{Found, Peer};
 use crate::redact::Redactor;
 use crate::replay::{self, ReplayError};
 use crate::repo::{Checkout, RepoError, Revision};
 use crate::states::States;
-use crate::store::{Lookup, Retention, Store, StoreError, StoredResult};
+use crate::store::{Lookup, Retention, Sealer, Store, StoreError, StoredResult};
 use crate::vm::{
     BootError, GUEST_STATE_DEVICE, GuestCommand, STATE_OVERLAY, StateDisk, Stream, Vm, VmConfig,
     VmError,
@@ -111,6 +112,8 @@ impl RunError {
             RunError::Timeout(_) => exit::TIMEOUT,
             RunError::Store(StoreError::Full(_)) => exit::STORE_FULL,
             RunError::Image(ImageError::DiskFull { .. }) => exit::STORE_FULL,
+            // A symlink in the artifacts folder: the repository's doing.
+            RunError::Replay(ReplayError::Unsafe(_)) => exit::CONTRACT,
             _ => exit::INFRA,
         }
     }
@@ -167,6 +170,7 @@ pub fn compute_key(
     rev: Option<&str>,
     target: &str,
     cli_env: &[(String, String)],
+    network: bool,
     check_dirty: Option<&Path>,
 ) -> Result<Keyed, RunError> {
     let checkout = Checkout::discover(dir)?;
@@ -198,6 +202,7 @@ pub fn compute_key(
             crate::image::recipe_hash(crate::image::RECIPE_FILES)
         ),
         driver: DRIVER.into(),
+        network,
     };
     Ok(Keyed {
         checkout_root: checkout.root(),
@@ -231,12 +236,15 @@ pub fn mkfile_defines(mkfile: &str, target: &str) -> bool {
 }
 
 /// The orchestrator connection, made on first need: a local hit with
-/// `--no-serve` never connects.
+/// `--no-serve` never connects. The credentials are loaded on first need
+/// too, and seal the run's result whether or not the orchestrator is
+/// reachable.
 #[derive(Debug)]
 pub struct Remote {
     dir: PathBuf,
     connector: Option<Connector>,
     peer: Option<Peer>,
+    loaded: bool,
     tried: bool,
 }
 
@@ -246,8 +254,19 @@ impl Remote {
             dir: dir.to_path_buf(),
             connector: None,
             peer: None,
+            loaded: false,
             tried: false,
         }
+    }
+
+    /// The configured orchestrator and loaded credentials, if any (notes
+    /// say what was ignored, once).
+    pub fn connector(&mut self, ui: &dyn Ui) -> Option<&Connector> {
+        if !self.loaded {
+            self.loaded = true;
+            self.connector = connector_from_settings(&self.dir, ui);
+        }
+        self.connector.as_ref()
     }
 
     /// The connection, if an orchestrator is configured and reachable.
@@ -256,8 +275,7 @@ impl Remote {
     pub async fn get(&mut self, ui: &dyn Ui) -> Option<&Peer> {
         if !self.tried {
             self.tried = true;
-            self.connector = connector_from_env(&self.dir, ui);
-            if let Some(connector) = &self.connector {
+            if let Some(connector) = self.connector(ui).cloned() {
                 match connector.connect().await {
                     Ok(peer) => self.peer = Some(peer),
                     Err(e) => ui.note(&format!(
@@ -281,14 +299,16 @@ impl Remote {
     }
 }
 
-/// The orchestrator named by `REPRISE_ORCHESTRATOR` and
-/// `REPRISE_CREDENTIALS` (environment, else `.env` at the repository root),
-/// with its credentials loaded; `None` when nothing is configured, or with
-/// a note when the credentials cannot be used.
-pub fn connector_from_env(dir: &Path, ui: &dyn Ui) -> Option<Connector> {
+/// The orchestrator and credentials the user configured
+/// ([`crate::settings`]), with the credentials loaded; `None` when nothing
+/// is configured, or with a note when the credentials cannot be used.
+pub fn connector_from_settings(dir: &Path, ui: &dyn Ui) -> Option<Connector> {
     let root = Checkout::discover(dir).ok().map(|c| c.root());
-    let settings = Settings::from_env(root.as_deref())?;
-    match Connector::new(settings) {
+    let resolved = crate::settings::resolve(&crate::settings::gather(root.as_deref()));
+    for note in &resolved.notes {
+        ui.note(note);
+    }
+    match Connector::new(resolved.settings?) {
         Ok(c) => Some(c),
         Err(e) => {
             ui.note(&format!(
@@ -300,19 +320,28 @@ pub fn connector_from_env(dir: &Path, ui: &dyn Ui) -> Option<Connector> {
     }
 }
 
-/// Asks the orchestrator for a trusted peer's result and fetches it; every
+/// Asks the orchestrator for a result that counts and fetches it; every
 /// check happens in [`Peer::fetch_into`] before anything is committed. Any
-/// failure is a note and a real run.
+/// failure is a note and a real run; so is a conflict between trusted
+/// producers.
 async fn fetch_from_peers(
     peer: &Peer,
     inputs: &KeyInputs,
     store: &Store,
     ui: &dyn Ui,
-) -> Option<(StoredResult, String)> {
+) -> Option<(StoredResult, Source)> {
     let key = inputs.key();
-    let offer = match peer.lookup(&key, &inputs.namespace).await {
-        Ok(Some(offer)) => offer,
-        Ok(None) => return None,
+    let (producer, counts) = match peer.lookup(&key, &inputs.namespace).await {
+        Ok(Found::Offer { producer, counts }) => (producer, counts),
+        Ok(Found::NotFound) => return None,
+        Ok(Found::Conflict { producers }) => {
+            ui.note(&format!(
+                "trusted producers disagree on result {} ({}): neither counts for CI until one is revoked or the repository's policy prefers one; running the tests here",
+                key.short(),
+                producers.join(", ")
+            ));
+            return None;
+        }
         Err(e) => {
             ui.note(&format!(
                 "orchestrator lookup failed: {e}; running the tests here"
@@ -324,11 +353,17 @@ async fn fetch_from_peers(
         .fetch_into(&key, &inputs.namespace, inputs, store)
         .await
     {
-        Ok(result) => Some((result, offer.producer)),
+        Ok((result, signed_by)) => Some((
+            result,
+            Source::Peer {
+                producer: signed_by.name,
+                counts,
+            },
+        )),
         Err(e) => {
             ui.note(&format!(
-                "the result offered by {} was refused: {e}; running the tests here",
-                offer.producer
+                "the result offered by {producer} was refused: {}; running the tests here",
+                error_chain(&e)
             ));
             None
         }
@@ -348,6 +383,7 @@ pub async fn run(
         req.rev.as_deref(),
         &req.target,
         &req.env,
+        req.network,
         Some(&req.artifacts_dir),
     )?;
     if keyed.dirty {
@@ -357,32 +393,38 @@ pub async fn run(
     let store = Store::default_location();
     let key = keyed.inputs.key();
     match store.lookup(&keyed.inputs) {
-        Lookup::Hit(result) => {
-            replay_result(&store, &result, &req.artifacts_dir, Source::Local, ui)?;
-            return Ok(RunOutcome::Replayed(result));
-        }
+        Lookup::Hit(result) => match local_seal(&result, remote, ui) {
+            Ok(sealed_by) => {
+                replay_result(
+                    &store,
+                    &result,
+                    &req.artifacts_dir,
+                    Source::Local { sealed_by },
+                    ui,
+                )?;
+                return Ok(RunOutcome::Replayed(result));
+            }
+            Err(why) => ui.note(&format!(
+                "the stored result {} is not replayed: its seal does not hold ({why})",
+                key.short()
+            )),
+        },
         Lookup::Miss { nearest } => {
             if let Some((near, diff)) = nearest {
                 let what: Vec<&str> = diff.iter().map(|d| d.0.as_str()).collect();
                 ui.note(&format!(
                     "no stored result for {}; nearest ({}) differs in: {}",
-                    &key[..12],
-                    &near.manifest.key[..12],
+                    key.short(),
+                    near.manifest.key.short(),
                     what.join(", ")
                 ));
             }
         }
     }
     if let Some(peer) = remote.get(ui).await
-        && let Some((result, producer)) = fetch_from_peers(peer, &keyed.inputs, &store, ui).await
+        && let Some((result, source)) = fetch_from_peers(peer, &keyed.inputs, &store, ui).await
     {
-        replay_result(
-            &store,
-            &result,
-            &req.artifacts_dir,
-            Source::Peer(producer),
-            ui,
-        )?;
+        replay_result(&store, &result, &req.artifacts_dir, source, ui)?;
         return Ok(RunOutcome::Replayed(result));
     }
     let mkfile = keyed.revision.mkfile.as_deref().ok_or_else(|| {
@@ -415,22 +457,29 @@ pub async fn run(
     checkout.export(&keyed.revision.tree, &tree)?;
 
     let layers = Layers::default_location();
+    let repo_id = RepoId {
+        namespace: keyed.inputs.namespace.clone(),
+        root_commit: keyed.revision.root_commit.clone(),
+    };
     let layer = if req.fresh {
         None
     } else {
-        layers.current(&keyed.inputs.namespace, &image)
+        layers.current(&repo_id, &image)
     };
-    if layer.is_some() {
-        ui.note("using this repository's snapshot (--fresh for a blank one)");
-    }
-    let state_base = match &layer {
-        Some(layer) => layer.clone(),
-        None => tokio::task::block_in_place(|| layers.blank())?,
+    let state_base = match layer {
+        Some(layer) => {
+            ui.note(&format!(
+                "using this repository's snapshot (generation {}; --fresh for a blank one)",
+                layer.generation.short()
+            ));
+            Base::Layer(layer)
+        }
+        None => Base::Blank(tokio::task::block_in_place(|| layers.blank())?),
     };
     let mut config = VmConfig::new(image.clone(), choice.accel);
     config.tree = Some(tree);
     config.network = req.network;
-    config.state_disk = Some(StateDisk::On(state_base.clone()));
+    config.state_disk = Some(StateDisk::On(state_base.path().to_path_buf()));
     let states = States::default_location();
     // A run with network boots cold: the saved guest has no network card.
     // REPRISE_COLD_BOOT=1 boots cold too (to compare, or to rule the saved
@@ -464,14 +513,17 @@ pub async fn run(
             .map_err(|_| RunError::Timeout(limit))?,
         None => in_vm.await,
     }?;
-    update_layer(
-        &layers,
-        &keyed.inputs.namespace,
-        &image,
-        &state_base,
-        work.path(),
-        ui,
-    );
+    // Only a run whose tests passed writes the repository's snapshot: a
+    // failed run could have planted anything (an image that makes later
+    // tests pass); a timed-out or interrupted one never gets here.
+    let snapshot = state_base.snapshot();
+    let overlay = work.path().join("vm").join(STATE_OVERLAY);
+    if ran.exit_code == 0 {
+        update_layer(&layers, &repo_id, &image, state_base, &overlay, &key, ui);
+    } else {
+        drop(state_base);
+    }
+    let _ = std::fs::remove_file(&overlay);
     if req.keep_work {
         let kept = work.keep();
         ui.note(&format!("kept the run's work folder: {}", kept.display()));
@@ -490,7 +542,7 @@ pub async fn run(
     });
     let manifest = ResultManifest {
         version: reprise_protocol::manifest::MANIFEST_VERSION,
-        key: key.clone(),
+        key,
         inputs: keyed.inputs.clone(),
         commit: keyed.revision.commit.clone(),
         outcome,
@@ -501,48 +553,60 @@ pub async fn run(
         tool_version: env!("CARGO_PKG_VERSION").into(),
         producer: producer(),
         created_at: crate::store::now_secs(),
-        output_sha256: String::new(),
+        snapshot,
+        output_sha256: reprise_protocol::digest::Sha256Digest::of(b""),
         output_bytes: 0,
         artifacts: Vec::new(),
     };
-    let stored = store.commit(manifest, &ran.record, ran.artifacts.as_deref())?;
+    // Sealed now, by this producer, once: the seal travels with the result.
+    let sealer = remote.connector(ui).map(|c| c.credentials());
+    let stored = store.commit(
+        manifest,
+        &ran.record,
+        ran.artifacts.as_deref(),
+        sealer.map(|c| c as &dyn Sealer),
+    )?;
     if outcome == Outcome::Passed {
         replay::restore_artifacts(&store, &stored, &req.artifacts_dir)?;
         let _ = store.gc(req.retention);
         ui.note(&format!(
-            "passed in {:.1}s; result {} stored{}",
+            "passed in {:.1}s; result {} stored{}{}",
             total_ms as f64 / 1000.0,
-            &key[..12],
+            key.short(),
+            if stored.seal.is_some() {
+                ""
+            } else {
+                " (not sealed: no credentials are configured, so it is never served and never counts for CI)"
+            },
             artifacts_note(&stored, &req.artifacts_dir)
         ));
     } else {
         ui.note(&format!(
             "tests failed (status {}); the run is kept for inspection as {} and will not be replayed",
             ran.exit_code,
-            &key[..12]
+            key.short()
         ));
     }
     Ok(RunOutcome::Ran(stored))
 }
 
-/// Folds the stopped VM's disk changes into the repository's snapshot. A
-/// failure here costs the next run time, not this run its result: it is a
-/// note, not an error.
+/// Folds the stopped VM's disk changes into a new generation of the
+/// repository's snapshot. A failure here costs the next run time, not this
+/// run its result: it is a note, not an error.
 fn update_layer(
     layers: &Layers,
-    namespace: &str,
+    repo: &RepoId,
     image: &Image,
-    base: &Path,
-    work: &Path,
+    base: Base,
+    overlay: &Path,
+    key: &RunKey,
     ui: &dyn Ui,
 ) {
     let t = Instant::now();
-    let overlay = work.join("vm").join(STATE_OVERLAY);
-    match layers.update(namespace, image, &overlay, base) {
+    match layers.update(repo, image, overlay, base, key) {
         Ok(_) => ui.phase("snapshot", t.elapsed()),
         Err(e) => ui.note(&format!("could not update the repository's snapshot: {e}")),
     }
-    let _ = std::fs::remove_file(&overlay);
 }
 
 fn artifacts_note(result: &StoredResult, dir: &Path) -> String {
@@ -552,15 +616,53 @@ fn artifacts_note(result: &StoredResult, dir: &Path) -> String {
     }
 }
 
-/// Replays a stored result and says where it came from.
 /// Where a replayed result came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    Local,
-    /// Through the orchestrator, from the named identity.
-    Peer(String),
+    /// The local store; `sealed_by` names who sealed it (`None`: made here
+    /// without credentials).
+    Local { sealed_by: Option<String> },
+    /// Through the orchestrator: sealed by `producer`, counting for CI for
+    /// the reason `counts`.
+    Peer { producer: String, counts: String },
 }
 
+/// Checks the seal of a locally stored result before it is replayed: who
+/// sealed it, if anyone. A seal that does not hold (a store changed by
+/// hand, a certificate from another team) keeps it from being replayed.
+/// Without credentials nothing can be checked against the team CA, so the
+/// name is the certificate's claim, and said to be one.
+fn local_seal(
+    result: &StoredResult,
+    remote: &mut Remote,
+    ui: &dyn Ui,
+) -> Result<Option<String>, String> {
+    let Some(seal) = &result.seal else {
+        return Ok(None);
+    };
+    match remote.connector(ui) {
+        Some(connector) => reprise_protocol::seal::verify(
+            seal,
+            &result.manifest,
+            &[connector.credentials().ca().clone()],
+            rustls::pki_types::UnixTime::now(),
+            &Default::default(),
+        )
+        .map(|who| Some(who.name))
+        .map_err(|e| e.to_string()),
+        None => seal
+            .claimed()
+            .map(|who| {
+                Some(format!(
+                    "{} (unchecked: no credentials configured)",
+                    who.name
+                ))
+            })
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Replays a stored result and says where it came from.
 pub fn replay_result(
     store: &Store,
     result: &StoredResult,
@@ -574,25 +676,45 @@ pub fn replay_result(
     replay::write_output(&entries, &mut std::io::stdout(), &mut std::io::stderr())
         .map_err(|e| RunError::Infra(format!("writing the replayed output: {e}")))?;
     let m = &result.manifest;
-    let (from, counts) = match source {
-        Source::Local => ("the local store".to_string(), "a local result"),
-        Source::Peer(identity) => (
-            format!("peer '{identity}' through the orchestrator"),
-            "counts for CI: the producer is trusted for this repository",
+    let (from, sealed) = match source {
+        Source::Local { sealed_by: None } => (
+            "the local store".to_string(),
+            "not sealed: made here without credentials, never served, does not count for CI"
+                .to_string(),
+        ),
+        Source::Local {
+            sealed_by: Some(name),
+        } => (
+            "the local store".to_string(),
+            format!("sealed by {name}; `reprise results show` asks whether it counts for CI"),
+        ),
+        Source::Peer { producer, counts } => (
+            format!("peer '{producer}' through the orchestrator"),
+            format!("sealed by {producer}; counts for CI: {counts}"),
         ),
     };
     ui.note(&format!(
-        "replayed result {} from {from}: produced by {}@{} {} ago, took {:.1}s under {} ({}; {counts}){}",
-        &m.key[..12],
+        "replayed result {} from {from}: produced by {}@{} {} ago, took {:.1}s under {} ({}, snapshot {}, network {}; {sealed}){}",
+        m.key.short(),
         m.producer.user,
         m.producer.host,
         ago(crate::store::now_secs().saturating_sub(m.created_at)),
         m.total_ms as f64 / 1000.0,
         m.accel,
         m.inputs.driver,
+        short_snapshot(&m.snapshot),
+        if m.inputs.network { "yes" } else { "none" },
         artifacts_note(result, artifacts)
     ));
     Ok(())
+}
+
+/// `fresh`, or the first digits of a generation.
+pub fn short_snapshot(s: &reprise_protocol::manifest::Snapshot) -> String {
+    match s {
+        reprise_protocol::manifest::Snapshot::Fresh => "fresh".into(),
+        reprise_protocol::manifest::Snapshot::Generation(g) => g.short(),
+    }
 }
 
 fn ago(secs: u64) -> String {
@@ -924,7 +1046,11 @@ async fn in_guest(
             if !out.success() {
                 return Err(RunError::Contract(format!(
                     "making the artifacts {} (`mk {}`) failed:\n{}{}",
-                    declared.join(", "),
+                    declared
+                        .iter()
+                        .map(|a| a.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     argv[1..].join(" "),
                     String::from_utf8_lossy(&out.stdout),
                     String::from_utf8_lossy(&out.stderr)

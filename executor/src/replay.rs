@@ -1,13 +1,18 @@
 //! Replaying a stored result: its output, byte for byte and in order, to the
 //! same streams, and its artifacts back into a folder. Everything is checked
-//! against the manifest's sha256s before a byte is written.
+//! against the manifest's sha256s before a byte is written, and artifacts
+//! are written only beneath the folder, through no symlink
+//! ([`crate::beneath`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use reprise_protocol::digest::{RunKey, Sha256Digest};
+use reprise_protocol::manifest::ArtifactPath;
 use reprise_protocol::record::{self, RecordError, StreamId};
 use thiserror::Error;
 
+use crate::beneath::{Beneath, BeneathError};
 use crate::store::{Store, StoredResult};
 
 /// Why a result could not be replayed.
@@ -17,18 +22,20 @@ pub enum ReplayError {
         "the stored output of {key} does not match its manifest (sha256 {found}, expected {expected})"
     )]
     OutputMismatch {
-        key: String,
-        found: String,
-        expected: String,
+        key: RunKey,
+        found: Sha256Digest,
+        expected: Sha256Digest,
     },
     #[error("the stored output of {key} is damaged")]
     Record {
-        key: String,
+        key: RunKey,
         #[source]
         source: RecordError,
     },
     #[error("artifact {path} of {key} is missing or damaged in the store")]
-    Artifact { key: String, path: String },
+    Artifact { key: RunKey, path: ArtifactPath },
+    #[error("restoring the artifacts")]
+    Unsafe(#[from] BeneathError),
     #[error("replay io on {}", path.display())]
     Io {
         path: PathBuf,
@@ -41,24 +48,21 @@ pub enum ReplayError {
 /// the decoded output. Artifacts are checked by [`restore_artifacts`], which
 /// hashes them as it copies (one read of each file, not two).
 pub fn verify(result: &StoredResult) -> Result<Vec<record::Entry>, ReplayError> {
-    let key = &result.manifest.key;
+    let key = result.manifest.key;
     let path = result.output_path();
     let data = std::fs::read(&path).map_err(|source| ReplayError::Io {
         path: path.clone(),
         source,
     })?;
-    let found = reprise_protocol::hex::sha256(&data);
+    let found = Sha256Digest::of(&data);
     if found != result.manifest.output_sha256 {
         return Err(ReplayError::OutputMismatch {
-            key: key.clone(),
+            key,
             found,
-            expected: result.manifest.output_sha256.clone(),
+            expected: result.manifest.output_sha256,
         });
     }
-    record::decode(&data).map_err(|source| ReplayError::Record {
-        key: key.clone(),
-        source,
-    })
+    record::decode(&data).map_err(|source| ReplayError::Record { key, source })
 }
 
 /// Writes the recorded output to `stdout` and `stderr` in recorded order.
@@ -82,68 +86,49 @@ pub fn write_output(
     Ok(())
 }
 
-/// Copies the result's artifacts into `dest` (created if needed). Each is
-/// hashed while it is copied to a temporary file beside its final name;
-/// only when every one matched its manifest are they renamed into place, so
-/// a damaged store leaves `dest` as it was.
+/// Copies the result's artifacts into `dest` (created if needed), beneath
+/// it and through no symlink. Each is hashed while it is copied to a
+/// temporary file beside its final name; only when every one matched its
+/// manifest are they renamed into place, so a damaged store leaves `dest`
+/// as it was.
 pub fn restore_artifacts(
     store: &Store,
     result: &StoredResult,
     dest: &Path,
 ) -> Result<usize, ReplayError> {
-    let mut staged = Vec::new();
-    let outcome = (|| {
-        for a in &result.manifest.artifacts {
-            let target = dest.join(&a.path);
-            let tmp = target.with_file_name(format!(
-                ".{}.reprise-tmp",
-                target.file_name().unwrap_or_default().to_string_lossy()
-            ));
-            let io = |source| ReplayError::Io {
-                path: target.clone(),
-                source,
-            };
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent).map_err(io)?;
-            }
-            staged.push((tmp.clone(), target.clone()));
-            let sha = copy_hashing(&store.blob_path(a), &tmp, a.mode).map_err(io)?;
-            if sha != a.sha256 {
-                return Err(ReplayError::Artifact {
-                    key: result.manifest.key.clone(),
-                    path: a.path.clone(),
-                });
-            }
-        }
-        for (tmp, target) in &staged {
-            std::fs::rename(tmp, target).map_err(|source| ReplayError::Io {
-                path: target.clone(),
-                source,
-            })?;
-        }
-        Ok(result.manifest.artifacts.len())
-    })();
-    if outcome.is_err() {
-        for (tmp, _) in &staged {
-            let _ = std::fs::remove_file(tmp);
-        }
+    let artifacts = &result.manifest.artifacts;
+    if artifacts.is_empty() {
+        return Ok(0);
     }
-    outcome
+    let beneath = Beneath::open(dest)?;
+    let mut staged = Vec::with_capacity(artifacts.len());
+    for a in artifacts {
+        let mut pending = beneath.create(&a.path, a.mode)?;
+        let blob = store.blob_path(a);
+        let sha = copy_hashing(&blob, &mut pending.file).map_err(|source| ReplayError::Io {
+            path: blob.clone(),
+            source,
+        })?;
+        if sha != a.sha256 {
+            return Err(ReplayError::Artifact {
+                key: result.manifest.key,
+                path: a.path.clone(),
+            });
+        }
+        staged.push(pending);
+    }
+    // Dropping the rest on an error removes their temporary files.
+    for pending in staged {
+        pending.commit()?;
+    }
+    Ok(artifacts.len())
 }
 
-/// Copies `from` to `to` with permissions `mode`, returning the sha256 of
-/// what was copied.
-fn copy_hashing(from: &Path, to: &Path, mode: u32) -> std::io::Result<String> {
+/// Copies `from` into `to`, returning the sha256 of what was copied.
+fn copy_hashing(from: &Path, to: &mut std::fs::File) -> std::io::Result<Sha256Digest> {
     use sha2::Digest;
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
     let mut src = std::fs::File::open(from)?;
-    let mut dst = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(to)?;
     let mut hash = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -152,11 +137,9 @@ fn copy_hashing(from: &Path, to: &Path, mode: u32) -> std::io::Result<String> {
             break;
         }
         hash.update(&buf[..n]);
-        dst.write_all(&buf[..n])?;
+        to.write_all(&buf[..n])?;
     }
-    // The mode given at creation is masked by the umask; set it exactly.
-    std::fs::set_permissions(to, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-    Ok(reprise_protocol::hex::encode(&hash.finalize()))
+    Ok(Sha256Digest::finish(hash))
 }
 
 #[cfg(test)]
@@ -177,7 +160,12 @@ mod tests {
         std::fs::create_dir_all(&arts).unwrap();
         std::fs::write(arts.join("bin"), [0u8, 1, 2]).unwrap();
         let stored = store
-            .commit(manifest(inputs("t"), Outcome::Passed, 1), &rec, Some(&arts))
+            .commit(
+                manifest(inputs("t"), Outcome::Passed, 1),
+                &rec,
+                Some(&arts),
+                None,
+            )
             .unwrap();
         let entries = verify(&stored).unwrap();
         let (mut out, mut err) = (Vec::new(), Vec::new());
@@ -197,7 +185,12 @@ mod tests {
         std::fs::create_dir_all(&arts).unwrap();
         std::fs::write(arts.join("f"), "content").unwrap();
         let stored = store
-            .commit(manifest(inputs("t"), Outcome::Passed, 1), b"", Some(&arts))
+            .commit(
+                manifest(inputs("t"), Outcome::Passed, 1),
+                b"",
+                Some(&arts),
+                None,
+            )
             .unwrap();
         std::fs::write(store.blob_path(&stored.manifest.artifacts[0]), "c0ntent").unwrap();
         let dest = dir.path().join("restored");
@@ -210,7 +203,7 @@ mod tests {
             "a damaged artifact is not restored"
         );
         assert_eq!(
-            std::fs::read_dir(&dest).unwrap().count(),
+            std::fs::read_dir(&dest).map(|d| d.count()).unwrap_or(0),
             0,
             "no temporary file is left"
         );

@@ -51,6 +51,10 @@ impl std::fmt::Debug for Checkout {
 pub struct Revision {
     pub commit: String,
     pub tree: String,
+    /// The commit reached by following first parents to the start of
+    /// history: shared by every clone, and not something a repository can
+    /// choose without sharing this history.
+    pub root_commit: String,
     pub config: RepoConfig,
     pub namespace: String,
     /// The mkfile at the root of the tree, if there is one.
@@ -103,13 +107,19 @@ impl Checkout {
             })?,
             None => RepoConfig::default(),
         };
+        let mut root = commit.clone();
+        while let Ok(parent) = root.parent(0) {
+            root = parent;
+        }
+        let root_commit = root.id().to_string();
         let namespace = match &config.namespace {
             Some(ns) => ns.clone(),
-            None => self.derived_namespace(commit.id())?,
+            None => self.derived_namespace(&root_commit),
         };
         Ok(Revision {
             commit: commit.id().to_string(),
             tree: tree.id().to_string(),
+            root_commit,
             mkfile: read("mkfile")?,
             config,
             namespace,
@@ -118,17 +128,29 @@ impl Checkout {
 
     /// The namespace from the origin URL, or, for a repository without
     /// one, `local/` and its root commit (shared by every clone).
-    fn derived_namespace(&self, commit: Oid) -> Result<String, RepoError> {
+    fn derived_namespace(&self, root_commit: &str) -> String {
         if let Ok(origin) = self.repo.find_remote("origin")
             && let Some(ns) = origin.url().ok().and_then(repo_config::namespace_from_url)
         {
-            return Ok(ns);
+            return ns;
         }
-        let mut c = self.repo.find_commit(commit)?;
-        while let Ok(parent) = c.parent(0) {
-            c = parent;
-        }
-        Ok(format!("local/{}", &c.id().to_string()[..16]))
+        format!("local/{}", &root_commit[..16])
+    }
+
+    /// Whether git tracks `path` (relative to the root): it is in the
+    /// index or in HEAD's tree. What a repository commits is the
+    /// repository's, not the user's.
+    pub fn tracks(&self, path: &Path) -> bool {
+        let in_index = self
+            .repo
+            .index()
+            .is_ok_and(|index| index.get_path(path, 0).is_some());
+        let in_head = self
+            .repo
+            .head()
+            .and_then(|h| h.peel_to_tree())
+            .is_ok_and(|tree| tree.get_path(path).is_ok());
+        in_index || in_head
     }
 
     /// Whether the working tree has changes that a run would not see
@@ -248,6 +270,9 @@ mod tests {
         let rev = co.resolve(None).unwrap();
         assert_eq!(rev.mkfile.as_deref(), Some("test:V:\n\techo hi\n"));
         assert!(rev.namespace.starts_with("local/"), "{}", rev.namespace);
+        assert_eq!(rev.root_commit, rev.commit, "one commit: it is the root");
+        assert!(co.tracks(Path::new("mkfile")));
+        assert!(!co.tracks(Path::new("reprise-artifacts")));
         assert!(!co.is_dirty(None));
         std::fs::create_dir(d.join("reprise-artifacts")).unwrap();
         std::fs::write(d.join("reprise-artifacts/r.txt"), "x").unwrap();

@@ -3,6 +3,7 @@
 //! ```text
 //! results/<key>/manifest.json   passed results, the only ones replayed
 //! results/<key>/output.rec
+//! results/<key>/seal.json       the producer's seal (absent: never served)
 //! failed/<key>-<time>/...       failed runs, kept for inspection
 //! blobs/<sha256>                artifacts, content-addressed
 //! tmp/                          staging; never read
@@ -12,6 +13,12 @@
 //! `results/` in one step (exchanged with an older copy when there is one),
 //! so a reader sees a whole result or none. Running out of space anywhere on
 //! the way leaves nothing behind but the staging folder, which is removed.
+//!
+//! The store on disk is read as untrusted input: results and blobs are
+//! addressed only by [`RunKey`] and [`Sha256Digest`] (which print as hex and
+//! nothing else), a manifest must parse with its typed fields and pass
+//! [`ResultManifest::check`], and a result is returned for a key only if it
+//! is stored under that key and its inputs hash to it.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -19,11 +26,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use reprise_protocol::digest::{KeyPrefix, RunKey, Sha256Digest};
 use reprise_protocol::key::{Differences, KeyInputs};
-use reprise_protocol::manifest::{Artifact, MANIFEST_VERSION, Outcome, ResultManifest};
+use reprise_protocol::manifest::{
+    Artifact, ArtifactPath, MANIFEST_VERSION, Outcome, ResultManifest,
+};
+use reprise_protocol::seal::Seal;
+use reprise_protocol::wire::Sealed;
 use thiserror::Error;
-
-use crate::image::sha256_file;
 
 /// Why the store failed.
 #[derive(Debug, Error)]
@@ -38,6 +48,8 @@ pub enum StoreError {
     },
     #[error("stored result {0} is damaged: {1}")]
     Damaged(String, String),
+    #[error("artifact file {} cannot be kept: {reason}", path.display())]
+    BadArtifactFile { path: PathBuf, reason: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -58,12 +70,28 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 pub struct StoredResult {
     pub dir: PathBuf,
     pub manifest: ResultManifest,
+    /// The producer's seal; `None` for a result made without credentials
+    /// (replayed here, never served, never counts).
+    pub seal: Option<Seal>,
 }
 
 impl StoredResult {
     pub fn output_path(&self) -> PathBuf {
         self.dir.join("output.rec")
     }
+
+    /// The result as it travels: manifest and seal, if it has a seal.
+    pub fn sealed(&self) -> Option<Sealed> {
+        Some(Sealed {
+            manifest: self.manifest.clone(),
+            seal: self.seal.clone()?,
+        })
+    }
+}
+
+/// Seals a result with a producer's key when its run ends.
+pub trait Sealer {
+    fn seal(&self, manifest: &ResultManifest) -> Seal;
 }
 
 /// What a lookup found.
@@ -119,8 +147,8 @@ impl Store {
         self.root.join("results")
     }
 
-    fn blob(&self, sha: &str) -> PathBuf {
-        self.root.join("blobs").join(sha)
+    fn blob(&self, sha: &Sha256Digest) -> PathBuf {
+        self.root.join("blobs").join(sha.hex())
     }
 
     /// The path of an artifact's content.
@@ -128,9 +156,11 @@ impl Store {
         self.blob(&artifact.sha256)
     }
 
-    /// Loads the passed result for `key`, if stored.
-    pub fn get(&self, key: &str) -> Option<StoredResult> {
-        load(&self.results().join(key)).filter(|r| r.manifest.outcome == Outcome::Passed)
+    /// Loads the passed result for `key`, if stored (under that key, for
+    /// that key, whole).
+    pub fn get(&self, key: &RunKey) -> Option<StoredResult> {
+        load(&self.results().join(key.hex()))
+            .filter(|r| r.manifest.outcome == Outcome::Passed && r.manifest.key == *key)
     }
 
     /// Looks a key up; on a miss, finds the nearest result of the same
@@ -162,49 +192,99 @@ impl Store {
     }
 
     /// Finds a result (passed or failed) by key or key prefix.
-    pub fn find(&self, prefix: &str) -> Vec<StoredResult> {
+    pub fn find(&self, prefix: &KeyPrefix) -> Vec<StoredResult> {
         self.list()
             .into_iter()
             .chain(self.list_failed())
-            .filter(|r| r.manifest.key.starts_with(prefix))
+            .filter(|r| prefix.matches(&r.manifest.key))
             .collect()
     }
 
-    /// Commits a result: the manifest (its artifact list and output fields
-    /// are filled in here), the output record, and the files under
-    /// `artifacts` (a folder; may be absent). Passed results go where
+    /// A staging folder in the store's `tmp/` (same file system, so its
+    /// files can be renamed into place).
+    pub fn stage(&self, prefix: &str) -> Result<tempfile::TempDir, StoreError> {
+        let tmp = self.root.join("tmp");
+        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(&tmp)
+            .map_err(io_err(&tmp))
+    }
+
+    /// Commits the result of a run made here: the manifest (its artifact
+    /// list and output fields are filled in here), the output record, and
+    /// the files under `artifacts` (a folder; may be absent), sealed by
+    /// `sealer` once the manifest is complete. Passed results go where
     /// lookups find them; failed ones to `failed/`.
     pub fn commit(
         &self,
         mut manifest: ResultManifest,
         record: &[u8],
         artifacts: Option<&Path>,
+        sealer: Option<&dyn Sealer>,
     ) -> Result<StoredResult, StoreError> {
-        let tmp = self.root.join("tmp");
-        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        let stage = tempfile::Builder::new()
-            .prefix("stage-")
-            .tempdir_in(&tmp)
-            .map_err(io_err(&tmp))?;
-        let output = stage.path().join("output.rec");
-        write_synced(&output, record)?;
-        manifest.output_sha256 = reprise_protocol::hex::sha256(record);
+        let stage = self.stage("stage-")?;
+        manifest.output_sha256 = Sha256Digest::of(record);
         manifest.output_bytes = record.len() as u64;
         manifest.artifacts = match artifacts {
             Some(dir) if dir.is_dir() => self.store_artifacts(dir)?,
             _ => Vec::new(),
         };
         manifest.version = MANIFEST_VERSION;
+        let seal = sealer.map(|s| s.seal(&manifest));
+        write_synced(&stage.path().join("output.rec"), record)?;
+        self.finish(stage, manifest, seal)
+    }
+
+    /// Commits a result received from a peer: `sealed` exactly as its
+    /// producer sealed it, the output record, and the artifacts staged in
+    /// `artifacts` (a folder of this store's `tmp/`) at their manifest
+    /// paths, each already checked against its sha256 while it arrived.
+    /// The artifacts are moved into the blobs, not copied.
+    pub fn commit_received(
+        &self,
+        stage: tempfile::TempDir,
+        sealed: Sealed,
+        record: &[u8],
+        artifacts: &Path,
+    ) -> Result<StoredResult, StoreError> {
+        let blobs = self.root.join("blobs");
+        fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
+        for a in &sealed.manifest.artifacts {
+            let staged = artifacts.join(a.path.as_str());
+            let blob = self.blob(&a.sha256);
+            if !blob.exists() {
+                fs::rename(&staged, &blob).map_err(io_err(&blob))?;
+            }
+        }
+        sync_dir(&blobs)?;
+        write_synced(&stage.path().join("output.rec"), record)?;
+        self.finish(stage, sealed.manifest, Some(sealed.seal))
+    }
+
+    /// Writes the manifest and seal into `stage`, syncs it, and renames it
+    /// into place.
+    fn finish(
+        &self,
+        stage: tempfile::TempDir,
+        manifest: ResultManifest,
+        seal: Option<Seal>,
+    ) -> Result<StoredResult, StoreError> {
         let text = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
         write_synced(&stage.path().join("manifest.json"), &text)?;
+        if let Some(seal) = &seal {
+            let text = serde_json::to_vec_pretty(seal).expect("seal serialises");
+            write_synced(&stage.path().join("seal.json"), &text)?;
+        }
         sync_dir(stage.path())?;
 
         let dest = match manifest.outcome {
-            Outcome::Passed => self.results().join(&manifest.key),
-            Outcome::Failed => self
-                .root
-                .join("failed")
-                .join(format!("{}-{}", manifest.key, manifest.created_at)),
+            Outcome::Passed => self.results().join(manifest.key.hex()),
+            Outcome::Failed => self.root.join("failed").join(format!(
+                "{}-{}",
+                manifest.key.hex(),
+                manifest.created_at
+            )),
         };
         let parent = dest.parent().expect("dest has a parent");
         fs::create_dir_all(parent).map_err(io_err(parent))?;
@@ -228,6 +308,7 @@ impl Store {
         Ok(StoredResult {
             dir: dest,
             manifest,
+            seal,
         })
     }
 
@@ -236,12 +317,15 @@ impl Store {
         fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
         let mut artifacts = Vec::new();
         let mut files = Vec::new();
-        walk_files(dir, dir, &mut files).map_err(io_err(dir))?;
+        walk_files(dir, dir, &mut files)?;
         files.sort();
         for rel in files {
-            let path = dir.join(&rel);
-            let sha = sha256_file(&path).map_err(io_err(&path))?;
-            let meta = fs::metadata(&path).map_err(io_err(&path))?;
+            let path = dir.join(rel.as_str());
+            let sha = crate::image::sha256_file(&path)
+                .map_err(io_err(&path))?
+                .parse::<Sha256Digest>()
+                .expect("sha256_file gives 64 hex digits");
+            let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
             let blob = self.blob(&sha);
             if !blob.exists() {
                 let tmp = blobs.join(format!(".{sha}.{}", std::process::id()));
@@ -257,7 +341,8 @@ impl Store {
                 path: rel,
                 sha256: sha,
                 bytes: meta.len(),
-                mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777,
+                // Permission bits only: a set-id bit from the guest is not kept.
+                mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
             });
         }
         Ok(artifacts)
@@ -290,7 +375,7 @@ impl Store {
             .list()
             .into_iter()
             .chain(self.list_failed())
-            .flat_map(|r| r.manifest.artifacts.into_iter().map(|a| a.sha256))
+            .flat_map(|r| r.manifest.artifacts.into_iter().map(|a| a.sha256.hex()))
             .collect();
         if let Ok(entries) = fs::read_dir(self.root.join("blobs")) {
             for e in entries.flatten() {
@@ -314,28 +399,51 @@ fn list_dir(dir: &Path) -> Vec<StoredResult> {
     out
 }
 
+/// Reads a stored result, or `None` if anything about it does not hold: a
+/// manifest that does not parse or check, a folder name that is not its
+/// key, a seal file that does not parse.
 fn load(dir: &Path) -> Option<StoredResult> {
     let text = fs::read(dir.join("manifest.json")).ok()?;
     let manifest: ResultManifest = serde_json::from_slice(&text).ok()?;
-    (manifest.version == MANIFEST_VERSION).then(|| StoredResult {
+    manifest.check().ok()?;
+    let name = dir.file_name()?.to_str()?;
+    let named_key = name.split('-').next()?.parse::<RunKey>().ok()?;
+    if named_key != manifest.key {
+        return None;
+    }
+    let seal = match fs::read(dir.join("seal.json")) {
+        Ok(text) => Some(serde_json::from_slice(&text).ok()?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(_) => return None,
+    };
+    Some(StoredResult {
         dir: dir.to_path_buf(),
         manifest,
+        seal,
     })
 }
 
-fn walk_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
-    for e in fs::read_dir(dir)? {
-        let e = e?;
-        let t = e.file_type()?;
+/// The regular files under `root`, as artifact paths. Symlinks and other
+/// special files are not artifacts and are skipped; a name that cannot be
+/// an artifact path (not UTF-8) is an error rather than a silently renamed
+/// file.
+fn walk_files(root: &Path, dir: &Path, out: &mut Vec<ArtifactPath>) -> Result<(), StoreError> {
+    for e in fs::read_dir(dir).map_err(io_err(dir))? {
+        let e = e.map_err(io_err(dir))?;
+        let path = e.path();
+        let t = e.file_type().map_err(io_err(&path))?;
         if t.is_dir() {
-            walk_files(root, &e.path(), out)?;
+            walk_files(root, &path, out)?;
         } else if t.is_file() {
-            let rel = e
-                .path()
-                .strip_prefix(root)
-                .expect("under root")
-                .to_path_buf();
-            out.push(rel.to_string_lossy().into_owned());
+            let rel = path.strip_prefix(root).expect("under root");
+            let parsed = rel
+                .to_str()
+                .ok_or_else(|| "the name is not UTF-8".to_string())
+                .and_then(|r| r.parse::<ArtifactPath>().map_err(|e| e.to_string()));
+            match parsed {
+                Ok(p) => out.push(p),
+                Err(reason) => return Err(StoreError::BadArtifactFile { path, reason }),
+            }
         }
     }
     Ok(())
@@ -386,7 +494,8 @@ pub(crate) mod tests {
                 user: "u".into(),
             },
             created_at,
-            output_sha256: String::new(),
+            snapshot: reprise_protocol::manifest::Snapshot::Fresh,
+            output_sha256: Sha256Digest::of(b""),
             output_bytes: 0,
             artifacts: vec![],
         }
@@ -394,13 +503,14 @@ pub(crate) mod tests {
 
     pub(crate) fn inputs(tree: &str) -> KeyInputs {
         KeyInputs {
-            version: 1,
+            version: reprise_protocol::key::KEY_VERSION,
             namespace: "ns".into(),
             tree: tree.into(),
             target: "test".into(),
             env: Default::default(),
             image_digest: "img".into(),
             driver: "qemu".into(),
+            network: false,
         }
     }
 
@@ -416,10 +526,11 @@ pub(crate) mod tests {
                 manifest(inputs("t1"), Outcome::Passed, 10),
                 b"rec",
                 Some(&arts),
+                None,
             )
             .unwrap();
         assert_eq!(stored.manifest.artifacts.len(), 1);
-        assert_eq!(stored.manifest.artifacts[0].path, "sub/r.txt");
+        assert_eq!(stored.manifest.artifacts[0].path.as_str(), "sub/r.txt");
         assert_eq!(
             fs::read(store.blob_path(&stored.manifest.artifacts[0])).unwrap(),
             b"report"
@@ -436,7 +547,12 @@ pub(crate) mod tests {
         }
         // Committing the same key again replaces the result whole.
         store
-            .commit(manifest(inputs("t1"), Outcome::Passed, 11), b"rec2", None)
+            .commit(
+                manifest(inputs("t1"), Outcome::Passed, 11),
+                b"rec2",
+                None,
+                None,
+            )
             .unwrap();
         let again = store.get(&inputs("t1").key()).unwrap();
         assert_eq!(again.manifest.created_at, 11);
@@ -474,6 +590,7 @@ pub(crate) mod tests {
                 manifest(inputs("t1"), Outcome::Passed, 1),
                 b"rec",
                 Some(&arts),
+                None,
             )
             .unwrap_err();
         assert!(matches!(err, StoreError::Full(_)), "{err:?}");
@@ -496,11 +613,16 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path().to_path_buf());
         store
-            .commit(manifest(inputs("t1"), Outcome::Failed, 10), b"", None)
+            .commit(manifest(inputs("t1"), Outcome::Failed, 10), b"", None, None)
             .unwrap();
         assert!(matches!(store.lookup(&inputs("t1")), Lookup::Miss { .. }));
         assert_eq!(store.list_failed().len(), 1);
-        assert_eq!(store.find(&inputs("t1").key()[..8]).len(), 1);
+        assert_eq!(
+            store
+                .find(&inputs("t1").key().hex()[..8].parse().unwrap())
+                .len(),
+            1
+        );
     }
 
     #[test]
@@ -515,10 +637,11 @@ pub(crate) mod tests {
                 manifest(inputs("t1"), Outcome::Passed, 10),
                 b"",
                 Some(&arts),
+                None,
             )
             .unwrap();
         store
-            .commit(manifest(inputs("t2"), Outcome::Passed, 20), b"", None)
+            .commit(manifest(inputs("t2"), Outcome::Passed, 20), b"", None, None)
             .unwrap();
         assert_eq!(store.gc(Retention::default()).unwrap(), 1);
         let left = store.list();
@@ -530,5 +653,48 @@ pub(crate) mod tests {
             max_age: Some(Duration::from_secs(1)),
         };
         assert_eq!(store.gc(aged).unwrap(), 1, "an old result goes");
+    }
+
+    #[test]
+    fn a_hostile_store_is_read_as_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        let arts = dir.path().join("arts");
+        fs::create_dir_all(&arts).unwrap();
+        fs::write(arts.join("r.txt"), "report").unwrap();
+        let stored = store
+            .commit(
+                manifest(inputs("t1"), Outcome::Passed, 10),
+                b"rec",
+                Some(&arts),
+                None,
+            )
+            .unwrap();
+        let results = dir.path().join("store/results");
+        // A result copied under another key's name is not that key's.
+        let other = inputs("t2").key();
+        let copy = std::process::Command::new("cp")
+            .arg("-r")
+            .arg(&stored.dir)
+            .arg(results.join(other.hex()))
+            .status()
+            .unwrap();
+        assert!(copy.success());
+        assert!(store.get(&other).is_none(), "served under a key it is not");
+        fs::remove_dir_all(results.join(other.hex())).unwrap();
+        // A manifest whose digest is a path is not a manifest.
+        let path = stored.dir.join("manifest.json");
+        let text = fs::read_to_string(&path).unwrap();
+        let sha = stored.manifest.artifacts[0].sha256.hex();
+        fs::write(&path, text.replace(&sha, "../../../credentials.pem")).unwrap();
+        assert!(store.get(&inputs("t1").key()).is_none());
+        assert!(store.list().is_empty());
+        // Nor is one whose artifact path climbs out, or whose seal is garbage.
+        fs::write(&path, text.replace("\"r.txt\"", "\"../../.bashrc\"")).unwrap();
+        assert!(store.list().is_empty());
+        fs::write(&path, &text).unwrap();
+        assert!(store.get(&inputs("t1").key()).is_some(), "restored");
+        fs::write(stored.dir.join("seal.json"), "{not a seal").unwrap();
+        assert!(store.get(&inputs("t1").key()).is_none());
     }
 }

@@ -8,6 +8,7 @@
 //! DIR/ca.pem ca.key   the team CA (client certificates chain to it)
 //! DIR/server.pem .key the service's certificate, signed by the CA
 //! DIR/state.jsonl     identities, grants, revocations, audit log
+//! DIR/orchestrator.toml  settings: the repositories' trust policy
 //! ```
 
 pub mod matcher;
@@ -20,6 +21,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use reprise_protocol::policy::{self, OrchestratorSettings};
 use reprise_protocol::wire::{OrchestratorConfig, STATE_VERSION, StateEvent};
 use thiserror::Error;
 
@@ -54,6 +56,8 @@ pub enum FolderError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Settings(#[from] reprise_protocol::policy::SettingsError),
+    #[error(transparent)]
     Pki(#[from] PkiError),
     #[error(transparent)]
     State(#[from] StateError),
@@ -65,6 +69,22 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FolderError + '_ {
         source,
     }
 }
+
+/// What `init` writes as `orchestrator.toml`: the defaults, explained.
+const SETTINGS_TEMPLATE: &str = "\
+# reprise-orchestrator settings. Read when `serve` starts.
+
+# What a result must show to count for CI, beyond a producer that is trusted
+# for the repository (`issue --trusted`), not revoked, and not expired.
+[policy]
+require_fresh = false   # count only runs that started from a blank snapshot
+allow_network = false   # count runs whose tests had the network (--network)
+prefer = []             # when trusted producers disagree, these win, in order
+
+# One repository's own rules (only what is set overrides the defaults):
+# [policy.repos.\"example.com/team/project\"]
+# require_fresh = true
+";
 
 /// Writes a file readable by its owner only.
 fn write_private(path: &Path, text: &str) -> Result<(), FolderError> {
@@ -115,6 +135,7 @@ impl Folder {
         )?;
         write_private(&dir.join("server.key"), &server.key)?;
         State::open(&dir.join(&config.state_log))?;
+        write_private(&dir.join(policy::FILE_NAME), SETTINGS_TEMPLATE)?;
         let text = serde_json::to_string_pretty(&config).expect("config serialises");
         write_private(&config_path, &text)?;
         Ok(Folder {
@@ -149,6 +170,25 @@ impl Folder {
     /// The state store.
     pub fn state(&self) -> Result<State, FolderError> {
         Ok(State::open(&self.dir.join(&self.config.state_log))?)
+    }
+
+    /// The settings (`orchestrator.toml`; absent means the defaults).
+    pub fn settings(&self) -> Result<OrchestratorSettings, FolderError> {
+        let path = self.dir.join(policy::FILE_NAME);
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(OrchestratorSettings::parse(&text)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Everything [`server::run`] needs: the state, the policy and the CA.
+    pub fn service(&self) -> Result<server::Service, FolderError> {
+        Ok(server::Service {
+            state: self.state()?,
+            policy: self.settings()?.policy,
+            client_ca: pki::certs(&self.ca_pem()?)?,
+        })
     }
 
     /// The QUIC server configuration (mTLS against the configured CA).
@@ -190,6 +230,7 @@ impl Folder {
             repos: repos.to_vec(),
             trusted,
             at: state::now_secs(),
+            not_after: Some(leaf.not_after),
         })?;
         Ok(format!("{}{}{}", leaf.cert, leaf.key, ca.cert))
     }
@@ -240,6 +281,11 @@ mod tests {
         assert_eq!(certs.len(), 2, "client and CA certificates");
         pki::private_key(&creds).unwrap();
         let sha = pki::fingerprint(&certs[0]);
+        assert_eq!(
+            f.settings().unwrap(),
+            Default::default(),
+            "the template is the defaults"
+        );
         assert!(matches!(f.state().unwrap().admit(&sha), Admission::Admitted(g) if g.trusted));
         f.revoke("ci").unwrap();
         assert_eq!(

@@ -109,13 +109,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = folder
                 .server_config()
                 .context("while loading the certificates")?;
-            let state = folder.state().context("while reading the state log")?;
+            let service = folder
+                .service()
+                .context("while reading the state log, the settings and the CA")?;
             let rt = tokio::runtime::Runtime::new().context("while starting the runtime")?;
             rt.block_on(async {
                 let endpoint = quinn::Endpoint::server(config, listen)
                     .with_context(|| format!("while binding {listen}"))?;
                 tracing::info!("serving on {}", endpoint.local_addr()?);
-                server::run(endpoint, state, shutdown_signal())
+                server::run(endpoint, service, shutdown_signal())
                     .await
                     .context("while serving")
             })?;

@@ -1,33 +1,149 @@
-//! Matching a lookup to a producer, without IO: an index from a result to
-//! the connected executors that announced it, and the trust policy.
+//! Matching a lookup to a result that counts, without IO: an index from a
+//! result to the connected executors that announced it (with the facts its
+//! producer sealed), and the trust policy.
 //!
-//! Policy: a producer is offered only when the asker may read the
-//! repository, and the producer was granted the repository *and* is trusted
-//! (issued with `--trusted`). Results from untrusted producers are indexed
-//! but never offered. Every refusal is the same `None` as "nobody holds it",
-//! so an asker learns nothing about repositories it may not read.
+//! Trust is decided by the result's *producer* (the identity whose
+//! certificate sealed it), never by the executor that holds and relays it.
+//! A result counts for CI when its producer is known, not revoked, its
+//! certificate unexpired, trusted for the repository, and the result meets
+//! the repository's policy (a fresh snapshot if required; no network
+//! unless allowed). A lookup is answered:
+//!
+//! - `Offer` when the counting producers agree (outcome and artifacts) and
+//!   the result passed, naming a connected executor that holds it;
+//! - `Conflict` when trusted producers disagree and the policy prefers none
+//!   of them: neither counts, and the caller is told who disagrees;
+//! - `NotFound` otherwise, including every refusal to an asker that may not
+//!   read the repository, so an asker learns nothing about repositories it
+//!   may not read (no oracle).
+//!
+//! Every function takes what it needs (the trust lookup, the policy, `now`)
+//! as arguments.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use reprise_protocol::wire::Held;
+use reprise_protocol::digest::Sha256Digest;
+use reprise_protocol::manifest::Snapshot;
+use reprise_protocol::policy::RepoPolicy;
+use reprise_protocol::wire::{Held, Sealed};
 
-use crate::state::Grant;
+use crate::state::{Admission, Grant};
 
 /// A connection's id, unique for the service's lifetime.
 pub type ConnId = usize;
+
+/// What a connected executor's announcement says about one result, taken
+/// from the sealed manifest (whose seal was verified on announce).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The connection that holds it (and would serve it).
+    pub conn: ConnId,
+    /// The fingerprint of the certificate that sealed it.
+    pub producer: Sha256Digest,
+    /// [`reprise_protocol::manifest::ResultManifest::outputs_digest`].
+    pub outputs: Sha256Digest,
+    pub passed: bool,
+    pub snapshot: Snapshot,
+    pub network: bool,
+    pub created_at: u64,
+}
+
+impl Claim {
+    /// The claim a sealed result makes, held by `conn`, sealed by
+    /// `producer`.
+    pub fn of(conn: ConnId, producer: Sha256Digest, sealed: &Sealed) -> Claim {
+        let m = &sealed.manifest;
+        Claim {
+            conn,
+            producer,
+            outputs: m.outputs_digest(),
+            passed: sealed.passed(),
+            snapshot: m.snapshot,
+            network: m.inputs.network,
+            created_at: m.created_at,
+        }
+    }
+}
+
+/// What the orchestrator knows of a certificate: its admission (whose, and
+/// whether revoked) and when it expires.
+pub type TrustLookup<'a> = &'a dyn Fn(&Sha256Digest) -> (Admission, Option<u64>);
+
+/// The answer to a lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Offer {
+        /// The connection to fetch it from.
+        conn: ConnId,
+        /// Who sealed it, and the result's outputs: what the relayed
+        /// header must show.
+        producer: Sha256Digest,
+        producer_name: String,
+        outputs: Sha256Digest,
+        /// Why it counts.
+        counts: String,
+    },
+    Conflict {
+        producers: Vec<String>,
+    },
+    NotFound,
+}
+
+/// Whether a claim on `namespace` counts under `policy`: who produced it
+/// and why it counts, or why not.
+pub fn counts(
+    claim: &Claim,
+    namespace: &str,
+    trust: TrustLookup<'_>,
+    policy: &RepoPolicy,
+    now: u64,
+) -> Result<(String, String), String> {
+    let (admission, not_after) = trust(&claim.producer);
+    let grant = match admission {
+        Admission::Admitted(g) => g,
+        Admission::Revoked(name) => return Err(format!("its producer {name} was revoked")),
+        Admission::Unknown => {
+            return Err("its producer's certificate is unknown to this orchestrator".into());
+        }
+    };
+    if not_after.is_some_and(|t| now > t) {
+        return Err(format!(
+            "the certificate of its producer {} expired",
+            grant.name
+        ));
+    }
+    if !grant.trusted || !grant.repos.contains(namespace) {
+        return Err(format!(
+            "its producer {} is not trusted for {namespace}",
+            grant.name
+        ));
+    }
+    if policy.require_fresh && claim.snapshot != Snapshot::Fresh {
+        return Err(format!(
+            "{namespace} counts only runs from a fresh snapshot, and this one started from generation {}",
+            match claim.snapshot {
+                Snapshot::Generation(g) => g.short(),
+                Snapshot::Fresh => unreachable!(),
+            }
+        ));
+    }
+    if claim.network && !policy.allow_network {
+        return Err(format!(
+            "its tests had the network, which {namespace}'s policy does not count"
+        ));
+    }
+    let mut why = format!("{} is trusted for {namespace}", grant.name);
+    if policy.require_fresh {
+        why.push_str(", from a fresh snapshot");
+    }
+    Ok((grant.name, why))
+}
 
 /// The index of connected executors and what they hold.
 #[derive(Debug, Default)]
 pub struct Matcher {
     conns: BTreeMap<ConnId, Grant>,
-    held: BTreeMap<Held, BTreeSet<ConnId>>,
-}
-
-/// The producer chosen for a lookup.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Match {
-    pub conn: ConnId,
-    pub name: String,
+    held: BTreeMap<Held, Vec<Claim>>,
 }
 
 impl Matcher {
@@ -43,49 +159,116 @@ impl Matcher {
     /// An executor went away: it serves nothing any more.
     pub fn disconnect(&mut self, conn: ConnId) {
         self.conns.remove(&conn);
-        self.held.retain(|_, holders| {
-            holders.remove(&conn);
-            !holders.is_empty()
+        self.held.retain(|_, claims| {
+            claims.retain(|c| c.conn != conn);
+            !claims.is_empty()
         });
     }
 
-    /// An executor announced results; those for repositories it was not
-    /// granted are dropped. Returns how many were indexed.
-    pub fn announce(&mut self, conn: ConnId, results: &[Held]) -> usize {
-        let Some(grant) = self.conns.get(&conn) else {
-            return 0;
-        };
-        let mut accepted = 0;
-        for h in results {
-            if grant.repos.contains(&h.namespace) {
-                self.held.entry(h.clone()).or_default().insert(conn);
-                accepted += 1;
-            }
-        }
-        accepted
+    /// Whether `conn`'s grant lets it read and announce `namespace`.
+    pub fn grants(&self, conn: ConnId, namespace: &str) -> bool {
+        self.conns
+            .get(&conn)
+            .is_some_and(|g| g.repos.contains(namespace))
     }
 
-    /// A producer `asker` may fetch `wanted` from, if any.
-    pub fn lookup(&self, asker: ConnId, wanted: &Held) -> Option<Match> {
-        let may_read = self
-            .conns
-            .get(&asker)
-            .is_some_and(|g| g.repos.contains(&wanted.namespace));
-        if !may_read {
-            return None;
+    /// An executor announced a verified result. Refused (false) for a
+    /// repository it was not granted.
+    pub fn announce(&mut self, held: Held, claim: Claim) -> bool {
+        if !self.grants(claim.conn, &held.namespace) {
+            return false;
         }
-        // The newest connection first: it is the likeliest to be alive.
-        self.held
-            .get(wanted)?
+        let claims = self.held.entry(held).or_default();
+        // One claim per connection and producer: the newest.
+        claims.retain(|c| !(c.conn == claim.conn && c.producer == claim.producer));
+        claims.push(claim);
+        true
+    }
+
+    /// What `asker` is told about `wanted`.
+    pub fn lookup(
+        &self,
+        asker: ConnId,
+        wanted: &Held,
+        trust: TrustLookup<'_>,
+        policy: &RepoPolicy,
+        now: u64,
+    ) -> Decision {
+        if !self.grants(asker, &wanted.namespace) {
+            return Decision::NotFound;
+        }
+        self.decide(wanted, Some(asker), trust, policy, now)
+    }
+
+    /// The decision on `wanted` for anyone but `asker` (whose own claims
+    /// are not offered back to it).
+    pub fn decide(
+        &self,
+        wanted: &Held,
+        asker: Option<ConnId>,
+        trust: TrustLookup<'_>,
+        policy: &RepoPolicy,
+        now: u64,
+    ) -> Decision {
+        let Some(claims) = self.held.get(wanted) else {
+            return Decision::NotFound;
+        };
+        // The counting claims, and each producer's newest one.
+        let mut newest: BTreeMap<String, (&Claim, String)> = BTreeMap::new();
+        for claim in claims.iter().filter(|c| self.conns.contains_key(&c.conn)) {
+            let Ok((name, why)) = counts(claim, &wanted.namespace, trust, policy, now) else {
+                continue;
+            };
+            match newest.get(&name) {
+                Some((c, _)) if c.created_at >= claim.created_at => {}
+                _ => {
+                    newest.insert(name, (claim, why));
+                }
+            }
+        }
+        let verdicts: BTreeSet<&Sha256Digest> = newest.values().map(|(c, _)| &c.outputs).collect();
+        let winner = match verdicts.len() {
+            0 => return Decision::NotFound,
+            // They agree: the one on the newest connection, the likeliest
+            // to be alive.
+            1 => newest.iter().max_by_key(|(_, (c, _))| c.conn),
+            _ => match policy.prefer.iter().find_map(|p| newest.get_key_value(p)) {
+                Some(preferred) => Some(preferred),
+                None => {
+                    return Decision::Conflict {
+                        producers: newest.keys().cloned().collect(),
+                    };
+                }
+            },
+        };
+        let Some((name, (chosen, why))) = winner else {
+            return Decision::NotFound;
+        };
+        if !chosen.passed {
+            return Decision::NotFound;
+        }
+        // Any connected holder of that very result (the newest connection
+        // first: it is the likeliest to be alive), but not the asker.
+        let holder = claims
             .iter()
             .rev()
-            .filter(|c| **c != asker)
-            .filter_map(|c| self.conns.get(c).map(|g| (c, g)))
-            .find(|(_, g)| g.trusted && g.repos.contains(&wanted.namespace))
-            .map(|(c, g)| Match {
-                conn: *c,
-                name: g.name.clone(),
-            })
+            .filter(|c| Some(c.conn) != asker && self.conns.contains_key(&c.conn))
+            .filter(|c| c.producer == chosen.producer && c.outputs == chosen.outputs)
+            .max_by_key(|c| c.conn);
+        match holder {
+            Some(h) => Decision::Offer {
+                conn: h.conn,
+                producer: h.producer,
+                producer_name: name.clone(),
+                outputs: h.outputs,
+                counts: if verdicts.len() > 1 {
+                    format!("{why}; the policy prefers it over the other producers")
+                } else {
+                    why.clone()
+                },
+            },
+            None => Decision::NotFound,
+        }
     }
 
     /// How many executors are connected.
@@ -97,6 +280,7 @@ impl Matcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use reprise_protocol::digest::RunKey;
 
     fn grant(name: &str, repos: &[&str], trusted: bool) -> Grant {
         Grant {
@@ -106,86 +290,267 @@ mod tests {
         }
     }
 
+    fn fp(name: &str) -> Sha256Digest {
+        Sha256Digest::of(name.as_bytes())
+    }
+
     fn held(key: &str, ns: &str) -> Held {
         Held {
-            key: key.into(),
+            key: RunKey::from_bytes(*Sha256Digest::of(key.as_bytes()).as_bytes()),
             namespace: ns.into(),
         }
     }
 
-    #[test]
-    fn lookups_follow_grants_and_trust() {
+    /// The team: producers by certificate fingerprint.
+    fn trust(fingerprint: &Sha256Digest) -> (Admission, Option<u64>) {
+        let table = [
+            ("ci", grant("ci", &["a", "b"], true), Some(1000)),
+            ("ci2", grant("ci2", &["a"], true), None),
+            ("laptop", grant("laptop", &["a"], false), None),
+            ("old", grant("old", &["a"], true), Some(10)),
+        ];
+        for (name, g, not_after) in table {
+            if *fingerprint == fp(name) {
+                return (Admission::Admitted(g), not_after);
+            }
+        }
+        if *fingerprint == fp("gone") {
+            return (Admission::Revoked("gone".into()), None);
+        }
+        (Admission::Unknown, None)
+    }
+
+    fn claim(conn: ConnId, producer: &str, outputs: &str) -> Claim {
+        Claim {
+            conn,
+            producer: fp(producer),
+            outputs: fp(outputs),
+            passed: outputs != "failed",
+            snapshot: Snapshot::Fresh,
+            network: false,
+            created_at: 1,
+        }
+    }
+
+    fn team() -> Matcher {
         let mut m = Matcher::new();
         m.connect(1, grant("ci", &["a", "b"], true));
         m.connect(2, grant("laptop", &["a"], false));
         m.connect(3, grant("asker", &["a"], false));
         m.connect(4, grant("outsider", &["z"], false));
-        assert_eq!(m.announce(1, &[held("k1", "a"), held("k2", "b")]), 2);
-        assert_eq!(m.announce(2, &[held("k3", "a"), held("k9", "z")]), 1);
-        let ci = Some(Match {
-            conn: 1,
-            name: "ci".into(),
-        });
-        let table = [
+        m
+    }
+
+    const NOW: u64 = 100;
+
+    fn offer(conn: ConnId, producer: &str) -> impl Fn(&Decision) -> bool + '_ {
+        move |d| matches!(d, Decision::Offer { conn: c, producer_name, .. } if *c == conn && producer_name == producer)
+    }
+
+    #[test]
+    fn lookups_follow_grants_and_the_producers_trust() {
+        let mut m = team();
+        let policy = RepoPolicy::default();
+        assert!(m.announce(held("k1", "a"), claim(1, "ci", "out")));
+        assert!(m.announce(held("k2", "b"), claim(1, "ci", "out")));
+        // The laptop is not trusted: its own result is indexed, never offered.
+        assert!(m.announce(held("k3", "a"), claim(2, "laptop", "out")));
+        // ...but a trusted producer's result it relays is.
+        assert!(m.announce(held("k4", "a"), claim(2, "ci", "out")));
+        // Revoked, unknown and expired producers, relayed by the laptop.
+        assert!(m.announce(held("k5", "a"), claim(2, "gone", "out")));
+        assert!(m.announce(held("k6", "a"), claim(2, "stranger", "out")));
+        assert!(m.announce(held("k7", "a"), claim(2, "old", "out")));
+        assert!(
+            !m.announce(held("k9", "z"), claim(2, "ci", "out")),
+            "z is not granted to 2"
+        );
+        type Case<'a> = (&'a str, ConnId, Held, Box<dyn Fn(&Decision) -> bool>);
+        let not_found = |d: &Decision| *d == Decision::NotFound;
+        let table: Vec<Case> = vec![
             (
                 "trusted producer, granted asker",
                 3,
                 held("k1", "a"),
-                ci.clone(),
+                Box::new(offer(1, "ci")),
             ),
-            ("asker not granted the repository", 4, held("k1", "a"), None),
+            (
+                "asker not granted the repository",
+                4,
+                held("k1", "a"),
+                Box::new(not_found),
+            ),
             (
                 "asker not granted, nothing held",
                 4,
                 held("nope", "a"),
-                None,
+                Box::new(not_found),
             ),
-            ("asker not granted b", 3, held("k2", "b"), None),
             (
-                "untrusted producer is not offered",
+                "asker not granted b",
+                3,
+                held("k2", "b"),
+                Box::new(not_found),
+            ),
+            (
+                "untrusted producer",
                 3,
                 held("k3", "a"),
-                None,
+                Box::new(not_found),
             ),
             (
-                "announce for an ungranted repo dropped",
-                4,
-                held("k9", "z"),
-                None,
+                "a trusted producer's result relayed by an untrusted holder",
+                3,
+                held("k4", "a"),
+                Box::new(offer(2, "ci")),
             ),
-            ("same key, other namespace", 3, held("k1", "b"), None),
-            ("nobody holds it", 3, held("k0", "a"), None),
             (
-                "a producer is not offered to itself",
+                "revoked producer, relayed",
+                3,
+                held("k5", "a"),
+                Box::new(not_found),
+            ),
+            (
+                "unknown producer, relayed",
+                3,
+                held("k6", "a"),
+                Box::new(not_found),
+            ),
+            (
+                "expired producer, relayed",
+                3,
+                held("k7", "a"),
+                Box::new(not_found),
+            ),
+            (
+                "same key, other namespace",
+                3,
+                held("k1", "b"),
+                Box::new(not_found),
+            ),
+            ("nobody holds it", 3, held("k0", "a"), Box::new(not_found)),
+            (
+                "a holder is not offered to itself",
                 1,
                 held("k1", "a"),
-                None,
+                Box::new(not_found),
             ),
-            ("unknown asker", 99, held("k1", "a"), None),
+            ("unknown asker", 99, held("k1", "a"), Box::new(not_found)),
         ];
         for (name, asker, wanted, want) in table {
-            assert_eq!(m.lookup(asker, &wanted), want, "{name}");
+            let got = m.lookup(asker, &wanted, &trust, &policy, NOW);
+            assert!(want(&got), "{name}: {got:?}");
         }
     }
 
     #[test]
-    fn a_disconnected_producer_is_forgotten() {
-        let mut m = Matcher::new();
-        m.connect(1, grant("ci", &["a"], true));
-        m.connect(2, grant("ci2", &["a"], true));
-        m.connect(3, grant("asker", &["a"], false));
-        m.announce(1, &[held("k", "a")]);
-        m.announce(2, &[held("k", "a")]);
+    fn the_policy_decides_on_snapshots_and_network() {
+        let mut m = team();
+        let mut stale = claim(1, "ci", "out");
+        stale.snapshot = Snapshot::Generation(fp("gen"));
+        let mut networked = claim(1, "ci", "out");
+        networked.network = true;
+        m.announce(held("stale", "a"), stale.clone());
+        m.announce(held("net", "a"), networked.clone());
+        let default = RepoPolicy::default();
+        let fresh = RepoPolicy {
+            require_fresh: true,
+            ..RepoPolicy::default()
+        };
+        let network = RepoPolicy {
+            allow_network: true,
+            ..RepoPolicy::default()
+        };
+        let table = [
+            ("stale counts by default", "stale", &default, true),
+            (
+                "stale refused when fresh is required",
+                "stale",
+                &fresh,
+                false,
+            ),
+            ("networked refused by default", "net", &default, false),
+            ("networked allowed", "net", &network, true),
+        ];
+        for (name, key, policy, offered) in table {
+            let got = m.lookup(3, &held(key, "a"), &trust, policy, NOW);
+            assert_eq!(
+                matches!(got, Decision::Offer { .. }),
+                offered,
+                "{name}: {got:?}"
+            );
+        }
+        let why = counts(&stale, "a", &trust, &fresh, NOW).unwrap_err();
+        assert!(why.contains("fresh snapshot"), "{why}");
+        let why = counts(&networked, "a", &trust, &default, NOW).unwrap_err();
+        assert!(why.contains("network"), "{why}");
+        let (who, why) = counts(&stale, "a", &trust, &default, NOW).unwrap();
+        assert_eq!(who, "ci");
+        assert!(why.contains("trusted for a"), "{why}");
+    }
+
+    #[test]
+    fn trusted_producers_that_disagree_are_a_conflict_unless_the_policy_prefers_one() {
+        let mut m = team();
+        m.connect(5, grant("ci2", &["a"], true));
+        let k = held("k", "a");
+        m.announce(k.clone(), claim(1, "ci", "out-1"));
+        // The same result from a second producer agrees: no conflict.
+        m.announce(k.clone(), claim(5, "ci2", "out-1"));
+        let policy = RepoPolicy::default();
+        assert!(matches!(
+            m.lookup(3, &k, &trust, &policy, NOW),
+            Decision::Offer { .. }
+        ));
+        // Other artifacts from ci2: neither counts.
+        m.announce(k.clone(), claim(5, "ci2", "out-2"));
         assert_eq!(
-            m.lookup(3, &held("k", "a")).unwrap().conn,
-            2,
+            m.lookup(3, &k, &trust, &policy, NOW),
+            Decision::Conflict {
+                producers: vec!["ci".into(), "ci2".into()]
+            }
+        );
+        // An untrusted producer's disagreement does not count.
+        m.announce(k.clone(), claim(2, "laptop", "out-3"));
+        let prefer = RepoPolicy {
+            prefer: vec!["ci2".into()],
+            ..RepoPolicy::default()
+        };
+        let got = m.lookup(3, &k, &trust, &prefer, NOW);
+        assert!(offer(5, "ci2")(&got), "{got:?}");
+        assert!(matches!(&got, Decision::Offer { counts, .. } if counts.contains("prefers")));
+        // A trusted producer whose run failed disagrees on the outcome.
+        let k2 = held("k2", "a");
+        m.announce(k2.clone(), claim(1, "ci", "out"));
+        m.announce(k2.clone(), claim(5, "ci2", "failed"));
+        assert!(matches!(
+            m.lookup(3, &k2, &trust, &policy, NOW),
+            Decision::Conflict { .. }
+        ));
+        // Preferring the failed one: nothing to offer.
+        assert_eq!(m.lookup(3, &k2, &trust, &prefer, NOW), Decision::NotFound);
+        // The conflict ends when ci2 goes away.
+        m.disconnect(5);
+        assert!(offer(1, "ci")(&m.lookup(3, &k2, &trust, &policy, NOW)));
+    }
+
+    #[test]
+    fn a_disconnected_holder_is_forgotten() {
+        let mut m = team();
+        m.connect(5, grant("ci2", &["a"], true));
+        let k = held("k", "a");
+        m.announce(k.clone(), claim(1, "ci", "out"));
+        m.announce(k.clone(), claim(5, "ci", "out"));
+        let policy = RepoPolicy::default();
+        assert!(
+            offer(5, "ci")(&m.lookup(3, &k, &trust, &policy, NOW)),
             "newest first"
         );
-        m.disconnect(2);
-        assert_eq!(m.lookup(3, &held("k", "a")).unwrap().conn, 1);
+        m.disconnect(5);
+        assert!(offer(1, "ci")(&m.lookup(3, &k, &trust, &policy, NOW)));
         m.disconnect(1);
-        assert_eq!(m.lookup(3, &held("k", "a")), None);
-        assert_eq!(m.connected(), 1);
-        assert_eq!(m.announce(1, &[held("k", "a")]), 0, "gone");
+        assert_eq!(m.lookup(3, &k, &trust, &policy, NOW), Decision::NotFound);
+        assert_eq!(m.connected(), 3);
+        assert!(!m.announce(k, claim(1, "ci", "out")), "gone");
     }
 }

@@ -8,10 +8,10 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
+use reprise_protocol::digest::Sha256Digest;
 use reprise_protocol::wire::ALPN;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 /// Why a certificate could not be made or loaded.
@@ -70,8 +70,10 @@ pub fn new_ca() -> Result<CaPem, PkiError> {
 pub struct LeafPem {
     pub cert: String,
     pub key: String,
-    /// sha256 of the certificate's DER, hex: how the orchestrator knows it.
-    pub sha256: String,
+    /// sha256 of the certificate's DER: how the orchestrator knows it.
+    pub sha256: Sha256Digest,
+    /// When it expires, seconds since the Unix epoch.
+    pub not_after: u64,
 }
 
 /// Which kind of leaf to make.
@@ -110,18 +112,20 @@ pub fn issue(
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(365);
     }
+    let not_after = u64::try_from(params.not_after.unix_timestamp()).unwrap_or(0);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
     Ok(LeafPem {
         sha256: fingerprint(cert.der()),
+        not_after,
         cert: cert.pem(),
         key: key.serialize_pem(),
     })
 }
 
-/// sha256 of a certificate's DER encoding, hex.
-pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
-    reprise_protocol::hex::encode(&Sha256::digest(cert.as_ref()))
+/// sha256 of a certificate's DER encoding.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> Sha256Digest {
+    Sha256Digest::of(cert.as_ref())
 }
 
 /// The certificates of a PEM text.

@@ -1,7 +1,14 @@
 //! The QUIC service: admits executors by client certificate (refusing
-//! unknown and revoked ones after the handshake), answers announce, lookup
-//! and fetch requests, and relays a result from its producer's connection
-//! to the asker as a stream.
+//! unknown and revoked ones after the handshake), answers announce, lookup,
+//! assess and fetch requests, and relays a result from the connection that
+//! holds it to the asker as a stream.
+//!
+//! Announced results arrive sealed by their producers; each seal is
+//! verified against the team CA and the revocation list before the result
+//! is indexed, so every decision ([`crate::matcher`]) is made on what the
+//! producer signed, never on what the announcing executor claims. A relayed
+//! transfer's header is checked again against the offer (same producer,
+//! same outputs, a seal that holds) before a byte reaches the asker.
 //!
 //! Streams: the executor's first bi stream carries `Hello` → `Welcome`;
 //! every later bi stream it opens carries one request and its answer. To
@@ -15,12 +22,15 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
-use reprise_protocol::wire::{self, ErrorCode, FrameError, Held, Message, StateEvent};
-use rustls::pki_types::CertificateDer;
+use reprise_protocol::digest::Sha256Digest;
+use reprise_protocol::policy::PolicyConfig;
+use reprise_protocol::seal::{SealError, SignedBy};
+use reprise_protocol::wire::{self, ErrorCode, FrameError, Held, Message, Sealed, StateEvent};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use thiserror::Error;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::matcher::{ConnId, Matcher};
+use crate::matcher::{Claim, ConnId, Decision, Matcher};
 use crate::state::{Admission, Grant, State, now_secs};
 
 /// Connection close codes.
@@ -116,20 +126,33 @@ pub enum ServeError {
 /// How long a new connection has to say `Hello`.
 pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// What the service runs on: its state, the repositories' policy, and the
+/// CA that client certificates (and so every seal) must chain to.
+#[derive(Debug)]
+pub struct Service {
+    pub state: State,
+    pub policy: PolicyConfig,
+    pub client_ca: Vec<CertificateDer<'static>>,
+}
+
 struct Shared {
     /// Connection ids are counted, not taken from quinn's `stable_id` (an
     /// address, which a new connection may reuse after an old one is freed).
     next_id: std::sync::atomic::AtomicUsize,
     state: Mutex<State>,
+    policy: PolicyConfig,
+    client_ca: Vec<CertificateDer<'static>>,
     matcher: Mutex<Matcher>,
     conns: Mutex<BTreeMap<ConnId, Live>>,
+    /// Conflicts already written to the audit log: (result, producers).
+    logged_conflicts: Mutex<std::collections::BTreeSet<(Held, Vec<String>)>>,
 }
 
 /// A connected executor: its connection and its certificate's sha256, by
 /// which a later revocation finds it.
 struct Live {
     conn: Connection,
-    cert_sha256: String,
+    cert_sha256: Option<Sha256Digest>,
 }
 
 /// How often the state log is re-read for revocations of connected
@@ -149,10 +172,16 @@ impl Shared {
             let conns = self.conns.lock().expect("conns");
             conns
                 .iter()
-                .filter_map(|(id, live)| match state.admit(&live.cert_sha256) {
-                    Admission::Admitted(_) => None,
-                    Admission::Revoked(name) => Some((*id, name)),
-                    Admission::Unknown => Some((*id, String::from("an unknown identity"))),
+                .filter_map(|(id, live)| {
+                    let admission = live
+                        .cert_sha256
+                        .as_ref()
+                        .map_or(Admission::Unknown, |fp| state.admit(fp));
+                    match admission {
+                        Admission::Admitted(_) => None,
+                        Admission::Revoked(name) => Some((*id, name)),
+                        Admission::Unknown => Some((*id, String::from("an unknown identity"))),
+                    }
                 })
                 .collect()
         };
@@ -167,6 +196,71 @@ impl Shared {
             }
         }
     }
+
+    /// What the orchestrator knows of a certificate, for the matcher.
+    fn trust(&self, fp: &Sha256Digest) -> (Admission, Option<u64>) {
+        let state = self.state.lock().expect("state lock");
+        (state.admit(fp), state.not_after(fp))
+    }
+
+    /// Checks a sealed result's seal (team CA, validity, revocation) and
+    /// manifest. Returns who sealed it.
+    fn verify(&self, sealed: &Sealed) -> Result<SignedBy, String> {
+        let revoked = self.state.lock().expect("state lock").revoked_certs();
+        let who = reprise_protocol::seal::verify(
+            &sealed.seal,
+            &sealed.manifest,
+            &self.client_ca,
+            UnixTime::now(),
+            &revoked,
+        )
+        .map_err(|e: SealError| e.to_string())?;
+        sealed.manifest.check().map_err(|e| e.to_string())?;
+        Ok(who)
+    }
+
+    /// The decision on `wanted` for `asker`.
+    fn lookup(&self, asker: ConnId, wanted: &Held) -> Decision {
+        let policy = self.policy.for_repo(&wanted.namespace);
+        let trust = |fp: &Sha256Digest| self.trust(fp);
+        self.matcher
+            .lock()
+            .expect("matcher")
+            .lookup(asker, wanted, &trust, &policy, now_secs())
+    }
+
+    /// Writes a conflict on `held` to the audit log, once per set of
+    /// producers.
+    fn note_conflict(&self, held: &Held) {
+        let policy = self.policy.for_repo(&held.namespace);
+        let trust = |fp: &Sha256Digest| self.trust(fp);
+        let decision =
+            self.matcher
+                .lock()
+                .expect("matcher")
+                .decide(held, None, &trust, &policy, now_secs());
+        let Decision::Conflict { producers } = decision else {
+            return;
+        };
+        let new = self
+            .logged_conflicts
+            .lock()
+            .expect("conflicts")
+            .insert((held.clone(), producers.clone()));
+        if !new {
+            return;
+        }
+        warn!(key = %held.key, namespace = %held.namespace, ?producers, "trusted producers disagree");
+        let event = StateEvent::Conflict {
+            key: held.key,
+            namespace: held.namespace.clone(),
+            producers,
+            at: now_secs(),
+        };
+        if let Err(e) = self.state.lock().expect("state").append(event) {
+            warn!("cannot write the audit log: {e}");
+        }
+    }
 }
 
 /// Serves on `endpoint` (bound, with [`crate::pki::server_config`]) until
@@ -174,14 +268,17 @@ impl Shared {
 /// be told.
 pub async fn run(
     endpoint: quinn::Endpoint,
-    state: State,
+    service: Service,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let shared = Arc::new(Shared {
         next_id: std::sync::atomic::AtomicUsize::new(1),
-        state: Mutex::new(state),
+        state: Mutex::new(service.state),
+        policy: service.policy,
+        client_ca: service.client_ca,
         matcher: Mutex::new(Matcher::new()),
         conns: Mutex::new(BTreeMap::new()),
+        logged_conflicts: Mutex::new(Default::default()),
     });
     tokio::pin!(shutdown);
     let mut sweep = tokio::time::interval(REVOCATION_SWEEP);
@@ -225,7 +322,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // The TLS verifier already refused certificates from another CA and
     // expired ones; here the identity must be one we issued and not revoked.
-    let cert_sha256 = peer_cert(&conn).map(|cert| crate::pki::fingerprint(&cert));
+    let cert_sha256 = peer_cert(&conn).map(|cert| Sha256Digest::of(cert.as_ref()));
     let admission = match &cert_sha256 {
         None => Admission::Unknown,
         Some(sha) => {
@@ -260,7 +357,14 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
     };
     let span = info_span!("executor", name = %grant.name, id);
     async {
-        let said = tokio::time::timeout(HELLO_TIMEOUT, hello(&conn, &grant)).await;
+        let revoked: Vec<Sha256Digest> = shared
+            .state
+            .lock()
+            .expect("state lock")
+            .revoked_certs()
+            .into_iter()
+            .collect();
+        let said = tokio::time::timeout(HELLO_TIMEOUT, hello(&conn, &grant, revoked)).await;
         if let Err(reason) = said.unwrap_or_else(|_| Err("no hello in time".into())) {
             info!("refused: {reason}");
             conn.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
@@ -268,7 +372,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
         }
         let live = Live {
             conn: conn.clone(),
-            cert_sha256: cert_sha256.unwrap_or_default(),
+            cert_sha256,
         };
         shared.conns.lock().expect("conns").insert(id, live);
         shared
@@ -302,7 +406,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
 
 /// The first stream: `Hello` → `Welcome`, or the refusal (sent, and
 /// returned as the close reason).
-async fn hello(conn: &Connection, grant: &Grant) -> Result<(), String> {
+async fn hello(conn: &Connection, grant: &Grant, revoked: Vec<Sha256Digest>) -> Result<(), String> {
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
     let refusal = match read_message(&mut recv).await {
         Ok(Message::Hello { version }) => Message::check_version(version),
@@ -316,6 +420,7 @@ async fn hello(conn: &Connection, grant: &Grant) -> Result<(), String> {
         identity: grant.name.clone(),
         repos: grant.repos.iter().cloned().collect(),
         trusted: grant.trusted,
+        revoked,
     });
     let _ = write_message(&mut send, &answer).await;
     let _ = send.finish();
@@ -350,21 +455,102 @@ async fn request(
     };
     let answer = match message {
         Message::Announce { results } => {
-            let accepted = shared
-                .matcher
-                .lock()
-                .expect("matcher")
-                .announce(id, &results);
-            debug!(accepted, offered = results.len(), "announce");
-            Message::Announced {
-                accepted: accepted as u32,
+            let (mut accepted, mut refused) = (0u32, 0u32);
+            let mut indexed = Vec::new();
+            for sealed in &results {
+                let held = sealed.held();
+                let claim = shared
+                    .verify(sealed)
+                    .map(|who| Claim::of(id, who.fingerprint, sealed));
+                let ok = match claim {
+                    Ok(claim) => shared
+                        .matcher
+                        .lock()
+                        .expect("matcher")
+                        .announce(held.clone(), claim),
+                    Err(why) => {
+                        debug!(key = %held.key, "announce refused: {why}");
+                        false
+                    }
+                };
+                if ok {
+                    accepted += 1;
+                    indexed.push(held);
+                } else {
+                    refused += 1;
+                }
             }
+            for held in &indexed {
+                shared.note_conflict(held);
+            }
+            if refused > 0 {
+                info!(
+                    accepted,
+                    refused, "announce: results refused (seal, manifest or repository not granted)"
+                );
+            }
+            debug!(accepted, refused, "announce");
+            Message::Announced { accepted, refused }
         }
         Message::Lookup { key, namespace } => {
             let wanted = Held { key, namespace };
-            match shared.matcher.lock().expect("matcher").lookup(id, &wanted) {
-                Some(m) => Message::Offer { producer: m.name },
-                None => Message::NotFound,
+            match shared.lookup(id, &wanted) {
+                Decision::Offer {
+                    producer_name,
+                    counts,
+                    ..
+                } => Message::Offer {
+                    producer: producer_name,
+                    counts,
+                },
+                Decision::Conflict { producers } => Message::Conflict { producers },
+                Decision::NotFound => Message::NotFound,
+            }
+        }
+        Message::Assess { result } => {
+            let namespace = result.manifest.inputs.namespace.clone();
+            if !shared
+                .matcher
+                .lock()
+                .expect("matcher")
+                .grants(id, &namespace)
+            {
+                Message::Assessed {
+                    counts: false,
+                    reason: format!("this certificate does not grant {namespace}"),
+                }
+            } else {
+                match shared.verify(&result) {
+                    Err(why) => Message::Assessed {
+                        counts: false,
+                        reason: why,
+                    },
+                    Ok(who) => {
+                        let claim = Claim::of(id, who.fingerprint, &result);
+                        let policy = shared.policy.for_repo(&namespace);
+                        let trust = |fp: &Sha256Digest| shared.trust(fp);
+                        match crate::matcher::counts(
+                            &claim,
+                            &namespace,
+                            &trust,
+                            &policy,
+                            now_secs(),
+                        ) {
+                            Ok((_, why)) if claim.passed => Message::Assessed {
+                                counts: true,
+                                reason: why,
+                            },
+                            Ok(_) => Message::Assessed {
+                                counts: false,
+                                reason: "the run failed".into(),
+                            },
+                            Err(why) => Message::Assessed {
+                                counts: false,
+                                reason: why,
+                            },
+                        }
+                    }
+                }
             }
         }
         Message::Fetch { key, namespace } => {
@@ -387,34 +573,45 @@ fn tag(m: &Message) -> String {
         .unwrap_or_default()
 }
 
-/// Relays `wanted` from a producer to the asker's `send`.
+/// Relays `wanted` from the executor holding it to the asker's `send`.
 async fn relay(shared: &Shared, asker: ConnId, grant: &Grant, wanted: Held, mut send: SendStream) {
-    let found = shared
-        .matcher
-        .lock()
-        .expect("matcher")
-        .lookup(asker, &wanted);
-    let producer = found.and_then(|m| {
-        let conn = shared
-            .conns
-            .lock()
-            .expect("conns")
-            .get(&m.conn)
-            .map(|live| live.conn.clone());
-        conn.map(|c| (m.name, c))
-    });
-    let Some((producer, conn)) = producer else {
+    let decision = shared.lookup(asker, &wanted);
+    let offer = match decision {
+        Decision::Offer {
+            conn,
+            producer,
+            producer_name,
+            outputs,
+            ..
+        } => {
+            let live = shared
+                .conns
+                .lock()
+                .expect("conns")
+                .get(&conn)
+                .map(|live| live.conn.clone());
+            live.map(|c| (c, producer, producer_name, outputs))
+        }
+        Decision::Conflict { .. } | Decision::NotFound => None,
+    };
+    let Some((conn, producer, producer_name, outputs)) = offer else {
         let _ = write_message(&mut send, &Message::NotFound).await;
         let _ = send.finish();
         return;
     };
-    match pipe(&conn, &wanted, &mut send).await {
-        Ok(()) => {
+    let expected = Expected {
+        held: &wanted,
+        producer,
+        outputs,
+    };
+    match pipe(shared, &conn, &expected, &mut send).await {
+        Ok(relayer) => {
             let _ = send.finish();
-            info!(%producer, key = %wanted.key, "relayed");
+            info!(producer = %producer_name, %relayer, key = %wanted.key, "relayed");
             let event = StateEvent::Replayed {
                 asker: grant.name.clone(),
-                producer,
+                producer: producer_name,
+                relayer: Some(relayer),
                 key: wanted.key,
                 namespace: wanted.namespace,
                 at: now_secs(),
@@ -424,20 +621,27 @@ async fn relay(shared: &Shared, asker: ConnId, grant: &Grant, wanted: Held, mut 
             }
         }
         Err(PipeError::BeforeData(reason)) => {
-            info!(%producer, "producer could not serve: {reason}");
+            info!(producer = %producer_name, "the holder could not serve: {reason}");
             let m = Message::error(
                 ErrorCode::Unavailable,
-                format!("the producer {producer} could not serve the result: {reason}"),
+                format!("the result of {producer_name} could not be served: {reason}"),
             );
             let _ = write_message(&mut send, &m).await;
             let _ = send.finish();
         }
         Err(PipeError::Midway(reason)) => {
             // The asker must not take a partial result for a whole one.
-            warn!(%producer, "transfer broke off: {reason}");
+            warn!(producer = %producer_name, "transfer broke off: {reason}");
             let _ = send.reset(VarInt::from_u32(1));
         }
     }
+}
+
+/// What the relayed header must show.
+struct Expected<'a> {
+    held: &'a Held,
+    producer: Sha256Digest,
+    outputs: Sha256Digest,
 }
 
 enum PipeError {
@@ -445,12 +649,20 @@ enum PipeError {
     Midway(String),
 }
 
-async fn pipe(conn: &Connection, wanted: &Held, send: &mut SendStream) -> Result<(), PipeError> {
+/// Asks `conn` to serve the result, checks its header against what was
+/// offered, and copies the transfer to `send`. Returns the name of the
+/// connection's identity (the relayer).
+async fn pipe(
+    shared: &Shared,
+    conn: &Connection,
+    expected: &Expected<'_>,
+    send: &mut SendStream,
+) -> Result<String, PipeError> {
     let before = |e: &dyn std::fmt::Display| PipeError::BeforeData(e.to_string());
     let (mut psend, mut precv) = conn.open_bi().await.map_err(|e| before(&e))?;
     let serve = Message::Serve {
-        key: wanted.key.clone(),
-        namespace: wanted.namespace.clone(),
+        key: expected.held.key,
+        namespace: expected.held.namespace.clone(),
     };
     write_message(&mut psend, &serve)
         .await
@@ -458,9 +670,18 @@ async fn pipe(conn: &Connection, wanted: &Held, send: &mut SendStream) -> Result
     let _ = psend.finish();
     let header = read_message(&mut precv).await.map_err(|e| before(&e))?;
     match &header {
-        Message::Transfer(t) if t.manifest.key == wanted.key => {}
-        Message::Transfer(_) => {
-            return Err(PipeError::BeforeData("sent another result".into()));
+        Message::Transfer(t) => {
+            if t.held() != *expected.held {
+                return Err(PipeError::BeforeData("sent another result".into()));
+            }
+            let who = shared.verify(t).map_err(|e| before(&e))?;
+            if who.fingerprint != expected.producer
+                || t.manifest.outputs_digest() != expected.outputs
+            {
+                return Err(PipeError::BeforeData(
+                    "sent a result other than the one it announced".into(),
+                ));
+            }
         }
         Message::Error { message, .. } => return Err(PipeError::BeforeData(message.clone())),
         other => {
@@ -473,5 +694,12 @@ async fn pipe(conn: &Connection, wanted: &Held, send: &mut SendStream) -> Result
     tokio::io::copy(&mut precv, send)
         .await
         .map_err(|e| PipeError::Midway(e.to_string()))?;
-    Ok(())
+    let relayer = peer_cert(conn)
+        .map(|c| Sha256Digest::of(c.as_ref()))
+        .and_then(|fp| match shared.state.lock().expect("state").admit(&fp) {
+            Admission::Admitted(g) => Some(g.name),
+            _ => None,
+        })
+        .unwrap_or_else(|| "an executor".into());
+    Ok(relayer)
 }

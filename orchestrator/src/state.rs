@@ -9,6 +9,7 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use reprise_protocol::digest::Sha256Digest;
 use reprise_protocol::wire::{STATE_VERSION, StateEvent, StateRecord};
 use thiserror::Error;
 
@@ -54,16 +55,25 @@ pub enum Admission {
     Unknown,
 }
 
+/// A certificate this orchestrator issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Cert {
+    name: String,
+    not_after: Option<u64>,
+    revoked: bool,
+}
+
 /// The state, backed by its log file.
 #[derive(Debug)]
 pub struct State {
     path: PathBuf,
     read_len: u64,
-    /// Certificate sha256 → name.
-    certs: BTreeMap<String, String>,
+    /// Certificate sha256 → whose, until when, whether revoked.
+    certs: BTreeMap<Sha256Digest, Cert>,
     grants: BTreeMap<String, Grant>,
     revoked: BTreeSet<String>,
     replays: usize,
+    conflicts: usize,
 }
 
 impl State {
@@ -96,6 +106,7 @@ impl State {
             grants: BTreeMap::new(),
             revoked: BTreeSet::new(),
             replays: 0,
+            conflicts: 0,
         };
         state.reload()?;
         Ok(state)
@@ -124,6 +135,7 @@ impl State {
         self.grants.clear();
         self.revoked.clear();
         self.replays = 0;
+        self.conflicts = 0;
         // A torn last line (a writer in the middle of an append) is not read.
         let complete = match text.rfind('\n') {
             Some(end) => &text[..=end],
@@ -159,10 +171,18 @@ impl State {
                 cert_sha256,
                 repos,
                 trusted,
+                not_after,
                 ..
             } => {
                 self.revoked.remove(&name);
-                self.certs.insert(cert_sha256, name.clone());
+                self.certs.insert(
+                    cert_sha256,
+                    Cert {
+                        name: name.clone(),
+                        not_after,
+                        revoked: false,
+                    },
+                );
                 self.grants.insert(
                     name.clone(),
                     Grant {
@@ -175,18 +195,13 @@ impl State {
             StateEvent::Revoked { name, .. } => {
                 // Revoking kills every certificate issued so far; a later
                 // issue makes a new one that is admitted again.
-                let old: Vec<String> = self
-                    .certs
-                    .iter()
-                    .filter(|(_, n)| **n == name)
-                    .map(|(c, _)| c.clone())
-                    .collect();
-                for c in old {
-                    self.certs.insert(c, format!("\0revoked:{name}"));
+                for cert in self.certs.values_mut().filter(|c| c.name == name) {
+                    cert.revoked = true;
                 }
                 self.revoked.insert(name);
             }
             StateEvent::Replayed { .. } => self.replays += 1,
+            StateEvent::Conflict { .. } => self.conflicts += 1,
         }
     }
 
@@ -215,18 +230,35 @@ impl State {
     }
 
     /// Who holds the certificate with this sha256.
-    pub fn admit(&self, cert_sha256: &str) -> Admission {
+    pub fn admit(&self, cert_sha256: &Sha256Digest) -> Admission {
         match self.certs.get(cert_sha256) {
             None => Admission::Unknown,
-            Some(n) => match n.strip_prefix("\0revoked:") {
-                Some(name) => Admission::Revoked(name.to_string()),
-                None => self
-                    .grants
-                    .get(n)
-                    .cloned()
-                    .map_or(Admission::Unknown, Admission::Admitted),
-            },
+            Some(c) if c.revoked => Admission::Revoked(c.name.clone()),
+            Some(c) => self
+                .grants
+                .get(&c.name)
+                .cloned()
+                .map_or(Admission::Unknown, Admission::Admitted),
         }
+    }
+
+    /// When the certificate with this sha256 expires, if recorded.
+    pub fn not_after(&self, cert_sha256: &Sha256Digest) -> Option<u64> {
+        self.certs.get(cert_sha256).and_then(|c| c.not_after)
+    }
+
+    /// The fingerprints of every revoked certificate.
+    pub fn revoked_certs(&self) -> BTreeSet<Sha256Digest> {
+        self.certs
+            .iter()
+            .filter(|(_, c)| c.revoked)
+            .map(|(fp, _)| *fp)
+            .collect()
+    }
+
+    /// How many conflicts the audit log holds.
+    pub fn conflicts(&self) -> usize {
+        self.conflicts
     }
 
     /// Whether `name` was ever issued a certificate.
@@ -252,13 +284,18 @@ pub fn now_secs() -> u64 {
 mod tests {
     use super::*;
 
+    fn fp(cert: &str) -> Sha256Digest {
+        Sha256Digest::of(cert.as_bytes())
+    }
+
     fn issued(name: &str, cert: &str, trusted: bool) -> StateEvent {
         StateEvent::Issued {
             name: name.into(),
-            cert_sha256: cert.into(),
+            cert_sha256: fp(cert),
             repos: vec!["ns".into()],
             trusted,
             at: 1,
+            not_after: Some(99),
         }
     }
 
@@ -275,9 +312,11 @@ mod tests {
         })
         .unwrap();
         let s = State::open(&path).unwrap();
-        assert!(matches!(s.admit("c1"), Admission::Admitted(g) if g.trusted && g.name == "a"));
-        assert_eq!(s.admit("c2"), Admission::Revoked("b".into()));
-        assert_eq!(s.admit("c3"), Admission::Unknown);
+        assert!(matches!(s.admit(&fp("c1")), Admission::Admitted(g) if g.trusted && g.name == "a"));
+        assert_eq!(s.admit(&fp("c2")), Admission::Revoked("b".into()));
+        assert_eq!(s.admit(&fp("c3")), Admission::Unknown);
+        assert_eq!(s.revoked_certs(), BTreeSet::from([fp("c2")]));
+        assert_eq!(s.not_after(&fp("c1")), Some(99));
     }
 
     #[test]
@@ -287,16 +326,16 @@ mod tests {
         let mut server = State::open(&path).unwrap();
         let mut cli = State::open(&path).unwrap();
         cli.append(issued("a", "c1", true)).unwrap();
-        assert_eq!(server.admit("c1"), Admission::Unknown);
+        assert_eq!(server.admit(&fp("c1")), Admission::Unknown);
         server.refresh().unwrap();
-        assert!(matches!(server.admit("c1"), Admission::Admitted(_)));
+        assert!(matches!(server.admit(&fp("c1")), Admission::Admitted(_)));
         cli.append(StateEvent::Revoked {
             name: "a".into(),
             at: 3,
         })
         .unwrap();
         server.refresh().unwrap();
-        assert_eq!(server.admit("c1"), Admission::Revoked("a".into()));
+        assert_eq!(server.admit(&fp("c1")), Admission::Revoked("a".into()));
     }
 
     #[test]
@@ -308,11 +347,11 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(br#"{"version":1,"event":"rev"#).unwrap();
         let mut s = State::open(&path).unwrap();
-        assert!(matches!(s.admit("c1"), Admission::Admitted(_)));
+        assert!(matches!(s.admit(&fp("c1")), Admission::Admitted(_)));
         s.append(issued("b", "c2", true)).unwrap();
         let s = State::open(&path).unwrap();
         assert!(
-            matches!(s.admit("c2"), Admission::Admitted(_)),
+            matches!(s.admit(&fp("c2")), Admission::Admitted(_)),
             "the torn line was cut off"
         );
         fs::write(&path, "garbage\n").unwrap();

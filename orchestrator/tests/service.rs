@@ -7,14 +7,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use reprise_executor::peer::{
-    Credentials, FetchError, Peer, PeerError, read_message, signed_transfer, transfer_files,
-    write_message,
+    Credentials, FetchError, Found, Peer, PeerError, read_message, transfer_files, write_message,
 };
-use reprise_executor::store::{Store, StoredResult};
+use reprise_executor::store::{Sealer, Store, StoredResult};
 use reprise_orchestrator::{Folder, server};
+use reprise_protocol::digest::Sha256Digest;
 use reprise_protocol::key::{KEY_VERSION, KeyInputs};
-use reprise_protocol::manifest::{MANIFEST_VERSION, Outcome, Phase, Producer, ResultManifest};
-use reprise_protocol::wire::{self, ErrorCode, Message, Transfer};
+use reprise_protocol::manifest::{
+    MANIFEST_VERSION, Outcome, Phase, Producer, ResultManifest, Snapshot,
+};
+use reprise_protocol::seal::SealError;
+use reprise_protocol::wire::{self, ErrorCode, Message, Sealed};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 
@@ -30,8 +33,14 @@ struct Team {
 
 impl Team {
     async fn start() -> Team {
+        Team::with_settings("").await
+    }
+
+    /// A team whose `orchestrator.toml` is `settings`.
+    async fn with_settings(settings: &str) -> Team {
         let dir = tempfile::tempdir().unwrap();
         let folder = Folder::init(&dir.path().join("orch"), &[]).unwrap();
+        fs::write(dir.path().join("orch/orchestrator.toml"), settings).unwrap();
         let endpoint = quinn::Endpoint::server(
             folder.server_config().unwrap(),
             "127.0.0.1:0".parse().unwrap(),
@@ -39,8 +48,8 @@ impl Team {
         .unwrap();
         let addr = endpoint.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
-        let state = folder.state().unwrap();
-        let task = tokio::spawn(server::run(endpoint, state, async {
+        let service = folder.service().unwrap();
+        let task = tokio::spawn(server::run(endpoint, service, async {
             let _ = rx.await;
         }));
         Team {
@@ -69,8 +78,8 @@ impl Team {
         let endpoint =
             quinn::Endpoint::server(self.folder.server_config().unwrap(), self.addr).unwrap();
         let (tx, rx) = oneshot::channel();
-        let state = self.folder.state().unwrap();
-        self.task = Some(tokio::spawn(server::run(endpoint, state, async {
+        let service = self.folder.service().unwrap();
+        self.task = Some(tokio::spawn(server::run(endpoint, service, async {
             let _ = rx.await;
         })));
         self.stop = Some(tx);
@@ -91,11 +100,23 @@ fn inputs(tree: &str) -> KeyInputs {
         env: Default::default(),
         image_digest: "recipe:abc".into(),
         driver: "qemu".into(),
+        network: false,
     }
 }
 
-/// A store holding one passed result for `inputs("t1")` with two artifacts.
-fn producer_store(dir: &Path) -> (Store, StoredResult) {
+/// A store holding one passed result for `inputs("t1")` with two artifacts,
+/// sealed by `producer`.
+fn producer_store(dir: &Path, producer: &Credentials) -> (Store, StoredResult) {
+    producer_store_with(dir, Some(producer), |_| {})
+}
+
+/// The same, unsealed if `producer` is `None`, and with `change` made to
+/// the manifest before it is committed.
+fn producer_store_with(
+    dir: &Path,
+    producer: Option<&Credentials>,
+    change: impl FnOnce(&mut ResultManifest),
+) -> (Store, StoredResult) {
     let store = Store::new(dir.join("store-b"));
     let arts = dir.join("arts");
     fs::create_dir_all(arts.join("sub")).unwrap();
@@ -137,11 +158,21 @@ fn producer_store(dir: &Path) -> (Store, StoredResult) {
             user: "ci".into(),
         },
         created_at: 1_700_000_000,
-        output_sha256: String::new(),
+        snapshot: Snapshot::Fresh,
+        output_sha256: Sha256Digest::of(b""),
         output_bytes: 0,
         artifacts: vec![],
     };
-    let stored = store.commit(manifest, &record, Some(&arts)).unwrap();
+    let mut manifest = manifest;
+    change(&mut manifest);
+    let stored = store
+        .commit(
+            manifest,
+            &record,
+            Some(&arts),
+            producer.map(|p| p as &dyn Sealer),
+        )
+        .unwrap();
     (store, stored)
 }
 
@@ -160,14 +191,11 @@ fn assert_nothing_committed(store: &Store) {
 async fn a_result_is_replayed_from_a_peer_byte_for_byte() {
     let team = Team::start().await;
     let work = tempfile::tempdir().unwrap();
-    let (store_b, stored_b) = producer_store(work.path());
-    let b = Arc::new(
-        team.connect(&team.creds("builder", &[NS], true))
-            .await
-            .unwrap(),
-    );
+    let builder = team.creds("builder", &[NS], true);
+    let (store_b, stored_b) = producer_store(work.path(), &builder);
+    let b = Arc::new(team.connect(&builder).await.unwrap());
     assert_eq!(b.identity(), "builder");
-    assert_eq!(b.announce(&store_b).await.unwrap(), 1);
+    assert_eq!(b.announce(&store_b).await.unwrap(), (1, 0));
     let serving = {
         let (b, store_b) = (b.clone(), store_b.clone());
         tokio::spawn(async move { b.serve(&store_b).await })
@@ -178,16 +206,29 @@ async fn a_result_is_replayed_from_a_peer_byte_for_byte() {
         .await
         .unwrap();
     let key = inputs("t1").key();
-    let offer = a.lookup(&key, NS).await.unwrap().expect("an offer");
-    assert_eq!(offer.producer, "builder");
-    assert_eq!(a.lookup(&inputs("t2").key(), NS).await.unwrap(), None);
+    match a.lookup(&key, NS).await.unwrap() {
+        Found::Offer { producer, counts } => {
+            assert_eq!(producer, "builder");
+            assert!(counts.contains("builder is trusted for"), "{counts}");
+        }
+        other => panic!("expected an offer, got {other:?}"),
+    }
+    assert_eq!(
+        a.lookup(&inputs("t2").key(), NS).await.unwrap(),
+        Found::NotFound
+    );
 
     let store_a = Store::new(work.path().join("store-a"));
-    let got = a
+    let (got, who) = a
         .fetch_into(&key, NS, &inputs("t1"), &store_a)
         .await
         .unwrap();
+    assert_eq!(who.name, "builder");
     assert_eq!(got.manifest, stored_b.manifest);
+    assert_eq!(
+        got.seal, stored_b.seal,
+        "the producer's seal, byte for byte"
+    );
     assert_eq!(
         fs::read(got.output_path()).unwrap(),
         fs::read(stored_b.output_path()).unwrap()
@@ -295,15 +336,16 @@ async fn revoked_identities_are_refused_at_connection() {
 async fn a_connected_identity_that_is_revoked_is_cut_off_and_no_longer_offered() {
     let team = Team::start().await;
     let work = tempfile::tempdir().unwrap();
-    let (store_b, stored) = producer_store(work.path());
-    let producer = team
-        .connect(&team.creds("leaver", &[NS], true))
-        .await
-        .unwrap();
+    let leaver = team.creds("leaver", &[NS], true);
+    let (store_b, stored) = producer_store(work.path(), &leaver);
+    let producer = team.connect(&leaver).await.unwrap();
     producer.announce(&store_b).await.unwrap();
     let asker = team.connect(&team.creds("ci", &[NS], true)).await.unwrap();
-    let key = stored.manifest.key.clone();
-    assert!(asker.lookup(&key, NS).await.unwrap().is_some());
+    let key = stored.manifest.key;
+    assert!(matches!(
+        asker.lookup(&key, NS).await.unwrap(),
+        Found::Offer { .. }
+    ));
 
     // `reprise-orchestrator revoke` runs as another process: it only
     // appends to the state log, which the service re-reads.
@@ -321,7 +363,7 @@ async fn a_connected_identity_that_is_revoked_is_cut_off_and_no_longer_offered()
         }
         other => panic!("expected a close for revocation, got {other:?}"),
     }
-    assert_eq!(asker.lookup(&key, NS).await.unwrap(), None);
+    assert_eq!(asker.lookup(&key, NS).await.unwrap(), Found::NotFound);
     // Others stay connected.
     assert!(asker.connection().close_reason().is_none());
     team.stop().await;
@@ -331,11 +373,9 @@ async fn a_connected_identity_that_is_revoked_is_cut_off_and_no_longer_offered()
 async fn a_namespace_not_granted_looks_exactly_like_no_result() {
     let team = Team::start().await;
     let work = tempfile::tempdir().unwrap();
-    let (store_b, _) = producer_store(work.path());
-    let b = team
-        .connect(&team.creds("builder", &[NS], true))
-        .await
-        .unwrap();
+    let builder = team.creds("builder", &[NS], true);
+    let (store_b, _) = producer_store(work.path(), &builder);
+    let b = team.connect(&builder).await.unwrap();
     b.announce(&store_b).await.unwrap();
     let c = team
         .connect(&team.creds("other-team", &["example.com/other/x"], false))
@@ -361,14 +401,9 @@ async fn a_namespace_not_granted_looks_exactly_like_no_result() {
     assert!(matches!(err, FetchError::NotFound), "{err:?}");
     assert_nothing_committed(&store_c);
     // An untrusted producer in the same namespace is not offered either.
-    let u = team
-        .connect(&team.creds("laptop", &[NS], false))
-        .await
-        .unwrap();
-    let (store_u, _) = {
-        let d = work.path().join("u");
-        producer_store(&d)
-    };
+    let laptop = team.creds("laptop", &[NS], false);
+    let u = team.connect(&laptop).await.unwrap();
+    let (store_u, _) = producer_store(&work.path().join("u"), &laptop);
     u.announce(&store_u).await.unwrap();
     drop(b);
     let asker = team
@@ -378,17 +413,15 @@ async fn a_namespace_not_granted_looks_exactly_like_no_result() {
     // b's connection may take a moment to be noticed as gone: closing it
     // explicitly would be the same; poll until the index forgot it.
     for _ in 0..100 {
-        if asker
-            .lookup(&inputs("t1").key(), NS)
-            .await
-            .unwrap()
-            .is_none()
-        {
+        if asker.lookup(&inputs("t1").key(), NS).await.unwrap() == Found::NotFound {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert_eq!(asker.lookup(&inputs("t1").key(), NS).await.unwrap(), None);
+    assert_eq!(
+        asker.lookup(&inputs("t1").key(), NS).await.unwrap(),
+        Found::NotFound
+    );
     team.stop().await;
 }
 
@@ -439,7 +472,10 @@ async fn bad_frames_are_refused_with_a_clear_error() {
         assert_eq!(code(&answer), want, "{name}: {answer:?}");
     }
     // The connection is still usable after refused requests.
-    assert_eq!(p.lookup("k", NS).await.unwrap(), None);
+    assert_eq!(
+        p.lookup(&inputs("k").key(), NS).await.unwrap(),
+        Found::NotFound
+    );
     team.stop().await;
 }
 
@@ -466,7 +502,7 @@ async fn unknown_versions_and_a_missing_hello_are_refused() {
             code: ErrorCode::UnsupportedVersion,
             message,
         } => assert!(
-            message.contains("99") && message.contains("[1]"),
+            message.contains("99") && message.contains("[2]"),
             "{message}"
         ),
         other => panic!("{other:?}"),
@@ -476,7 +512,7 @@ async fn unknown_versions_and_a_missing_hello_are_refused() {
     write_message(
         &mut send,
         &Message::Lookup {
-            key: "k".into(),
+            key: inputs("k").key(),
             namespace: NS.into(),
         },
     )
@@ -497,14 +533,16 @@ enum Fault {
     DieMidway,
     /// Flips one byte of the big artifact.
     FlipByte,
-    /// Sends a manifest (correctly signed) with the key asked but the
+    /// Sends a manifest (correctly sealed) with the key asked but the
     /// inputs of another run.
     OtherInputs,
-    /// Sends a correctly signed manifest of another key.
+    /// Sends a correctly sealed manifest of another key.
     OtherKey,
+    /// Sends a correctly sealed result other than the one it announced.
+    OtherOutputs,
     /// Sends no signature.
     Unsigned,
-    /// Signs with another identity's key.
+    /// Seals with another identity's key under its own certificate.
     SignedByAnother,
     /// Presents a certificate (and signature) from another CA.
     ForeignCert,
@@ -512,13 +550,16 @@ enum Fault {
     Trailing,
 }
 
-/// Bytes of `artifact` staged by a fetch into the store at `root`.
-fn staged_bytes(root: &Path, artifact: &str) -> u64 {
+/// Bytes staged in `folder` (of the artifacts) by a fetch into the store
+/// at `root` (files are written under temporary names until whole).
+fn staged_bytes(root: &Path, folder: &str) -> u64 {
     let Ok(dirs) = fs::read_dir(root.join("tmp")) else {
         return 0;
     };
     dirs.flatten()
-        .filter_map(|d| fs::metadata(d.path().join("artifacts").join(artifact)).ok())
+        .filter_map(|d| fs::read_dir(d.path().join("artifacts").join(folder)).ok())
+        .flat_map(|files| files.flatten())
+        .filter_map(|f| f.metadata().ok())
         .map(|m| m.len())
         .sum()
 }
@@ -533,26 +574,24 @@ async fn wait_until(mut cond: impl FnMut() -> bool) {
     panic!("condition not met within 5 s");
 }
 
-async fn rogue_producer(
-    team: &Team,
-    store: Store,
-    stored: StoredResult,
-    fault: Fault,
-    name: &str,
-    asker_store: PathBuf,
-) -> Arc<Peer> {
+/// A producer named `name` that announces its honest result and then, asked
+/// to serve it, commits `fault`.
+async fn rogue_producer(team: &Team, fault: Fault, name: &str, asker_store: PathBuf) -> Arc<Peer> {
     let creds = team.creds(name, &[NS], true);
-    let other = team.creds("someone", &[NS], true);
+    let other = team.creds(&format!("{name}-someone"), &[NS], true);
     let foreign_dir = tempfile::tempdir().unwrap();
     let foreign = Folder::init(foreign_dir.path(), &[]).unwrap();
     let foreign = Credentials::from_pem(&foreign.issue("f", &[], true, None).unwrap()).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let (store, stored) = producer_store(work.path(), &creds);
     let peer = Arc::new(team.connect(&creds).await.unwrap());
-    peer.announce(&store).await.unwrap();
+    assert_eq!(peer.announce(&store).await.unwrap(), (1, 0));
     let p = peer.clone();
     tokio::spawn(async move {
+        let _work = work;
         let (mut send, mut recv) = p.connection().accept_bi().await.unwrap();
         let _serve = read_message(&mut recv).await.unwrap();
-        let mut transfer: Transfer = signed_transfer(&stored, &creds);
+        let mut transfer: Sealed = stored.sealed().unwrap();
         let mut data: Vec<Vec<u8>> = transfer_files(&store, &stored)
             .iter()
             .map(|f| fs::read(f).unwrap())
@@ -561,19 +600,22 @@ async fn rogue_producer(
             Fault::FlipByte => data[2][1_234_567] ^= 0x20,
             Fault::OtherInputs => {
                 transfer.manifest.inputs = inputs("t-other");
-                transfer.signature = creds.sign(&transfer.manifest);
+                transfer.seal = creds.seal(&transfer.manifest);
             }
             Fault::OtherKey => {
                 transfer.manifest.inputs = inputs("t-other");
                 transfer.manifest.key = inputs("t-other").key();
-                transfer.signature = creds.sign(&transfer.manifest);
+                transfer.seal = creds.seal(&transfer.manifest);
             }
-            Fault::Unsigned => transfer.signature = String::new(),
-            Fault::SignedByAnother => transfer.signature = other.sign(&transfer.manifest),
-            Fault::ForeignCert => {
-                transfer.producer_cert_pem = foreign.cert_pem().to_string();
-                transfer.signature = foreign.sign(&transfer.manifest);
+            Fault::OtherOutputs => {
+                transfer.manifest.artifacts[0].mode = 0o700;
+                transfer.seal = creds.seal(&transfer.manifest);
             }
+            Fault::Unsigned => transfer.seal.signature = String::new(),
+            Fault::SignedByAnother => {
+                transfer.seal.signature = other.seal(&transfer.manifest).signature;
+            }
+            Fault::ForeignCert => transfer.seal = foreign.seal(&transfer.manifest),
             Fault::Trailing => data.push(b"more".to_vec()),
             Fault::DieMidway => {}
         }
@@ -586,7 +628,7 @@ async fn rogue_producer(
                 if matches!(fault, Fault::DieMidway) && sent > 1_000_000 {
                     // Killed once the asker is streaming the big artifact:
                     // the connection goes away with the data half sent.
-                    wait_until(|| staged_bytes(&asker_store, "sub/big.bin") > 0).await;
+                    wait_until(|| staged_bytes(&asker_store, "sub") > 0).await;
                     p.connection().close(quinn::VarInt::from_u32(9), b"killed");
                     return;
                 }
@@ -606,54 +648,72 @@ async fn rogue_producer(
 async fn bad_transfers_are_never_committed() {
     let team = Team::start().await;
     let work = tempfile::tempdir().unwrap();
-    let (store_b, stored_b) = producer_store(work.path());
     let key = inputs("t1").key();
     let asker = team
         .connect(&team.creds("asker", &[NS], false))
         .await
         .unwrap();
-    // (fault, what the asker must say)
-    type Case = (Fault, fn(&FetchError) -> bool);
+    // The orchestrator checks a relayed header against what was announced
+    // (a seal that holds, the same producer and outputs) and refuses before
+    // any data; the asker checks everything again, and the data.
+    let refused_by_the_orchestrator = |e: &FetchError| matches!(e, FetchError::Unavailable(m) if m.contains("could not be served"));
+    type Case = (Fault, Box<dyn Fn(&FetchError) -> bool>);
     let table: Vec<Case> = vec![
-        (Fault::DieMidway, |e| {
-            matches!(e, FetchError::Truncated { .. })
-        }),
+        (
+            Fault::DieMidway,
+            Box::new(|e| matches!(e, FetchError::Truncated { .. })),
+        ),
         (
             Fault::FlipByte,
-            |e| matches!(e, FetchError::Digest { part, .. } if part == "artifact sub/big.bin"),
+            Box::new(
+                |e| matches!(e, FetchError::Digest { part, .. } if part == "artifact sub/big.bin"),
+            ),
         ),
-        (
-            Fault::OtherInputs,
-            |e| matches!(e, FetchError::InputsDiffer(d) if d.contains("tree")),
-        ),
+        (Fault::OtherInputs, Box::new(refused_by_the_orchestrator)),
         (
             Fault::OtherKey,
-            |e| matches!(e, FetchError::Unavailable(m) if m.contains("another result")),
+            Box::new(|e| matches!(e, FetchError::Unavailable(m) if m.contains("another result"))),
         ),
-        (Fault::Unsigned, |e| matches!(e, FetchError::BadSignature)),
-        (Fault::SignedByAnother, |e| {
-            matches!(e, FetchError::BadSignature)
-        }),
-        (Fault::ForeignCert, |e| {
-            matches!(e, FetchError::ProducerCert(_))
-        }),
-        (Fault::Trailing, |e| matches!(e, FetchError::TrailingData)),
+        (
+            Fault::OtherOutputs,
+            Box::new(
+                |e| matches!(e, FetchError::Unavailable(m) if m.contains("other than the one it announced")),
+            ),
+        ),
+        (Fault::Unsigned, Box::new(refused_by_the_orchestrator)),
+        (
+            Fault::SignedByAnother,
+            Box::new(refused_by_the_orchestrator),
+        ),
+        (Fault::ForeignCert, Box::new(refused_by_the_orchestrator)),
+        (
+            Fault::Trailing,
+            Box::new(|e| matches!(e, FetchError::TrailingData)),
+        ),
     ];
     for (n, (fault, expected)) in table.into_iter().enumerate() {
         let store_a = Store::new(work.path().join(format!("store-a-{n}")));
         let producer = rogue_producer(
             &team,
-            store_b.clone(),
-            stored_b.clone(),
             fault,
             &format!("builder-{n}"),
             store_a.root().to_path_buf(),
         )
         .await;
         // Producers of earlier rounds may linger in the index until the
-        // orchestrator notices they are gone; the newest is offered first.
-        let offer = asker.lookup(&key, NS).await.unwrap().unwrap();
-        assert_eq!(offer.producer, format!("builder-{n}"));
+        // orchestrator notices they are gone; wait for this one's offer.
+        let want = format!("builder-{n}");
+        let mut offered = None;
+        for _ in 0..100 {
+            match asker.lookup(&key, NS).await.unwrap() {
+                Found::Offer { producer, .. } if producer == want => {
+                    offered = Some(producer);
+                    break;
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+        assert_eq!(offered.as_deref(), Some(want.as_str()), "{fault:?}");
         let err = asker
             .fetch_into(&key, NS, &inputs("t1"), &store_a)
             .await
@@ -669,6 +729,258 @@ async fn bad_transfers_are_never_committed() {
     team.stop().await;
 }
 
+/// An executor that holds a copy of another's store and serves it.
+async fn relayer(team: &Team, creds: &Arc<Credentials>, store: &Store) -> Arc<Peer> {
+    let peer = Arc::new(team.connect(creds).await.unwrap());
+    peer.announce(store).await.unwrap();
+    let (p, s) = (peer.clone(), store.clone());
+    tokio::spawn(async move { p.serve(&s).await });
+    peer
+}
+
+#[tokio::test]
+async fn a_result_counts_by_its_producer_never_by_who_relays_it() {
+    let team = Team::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let key = inputs("t1").key();
+    let alice = team.creds("alice", &[NS], true);
+    let asker = team
+        .connect(&team.creds("asker", &[NS], false))
+        .await
+        .unwrap();
+
+    // Alice's sealed result, held and served by an untrusted laptop while
+    // alice is offline: it counts, as alice's.
+    let laptop = team.creds("laptop", &[NS], false);
+    let (store_l, stored) = producer_store(&work.path().join("l"), &alice);
+    let l = relayer(&team, &laptop, &store_l).await;
+    match asker.lookup(&key, NS).await.unwrap() {
+        Found::Offer { producer, .. } => assert_eq!(producer, "alice"),
+        other => panic!("{other:?}"),
+    }
+    let store_a = Store::new(work.path().join("a1"));
+    let (got, who) = asker
+        .fetch_into(&key, NS, &inputs("t1"), &store_a)
+        .await
+        .unwrap();
+    assert_eq!(who.name, "alice");
+    assert_eq!(got.seal, stored.seal);
+    l.close().await;
+
+    // A hand-made result (no seal) in a trusted executor's store is never
+    // announced, served, or offered.
+    let carol = team.creds("carol", &[NS], true);
+    let (store_c, _) = producer_store_with(&work.path().join("c"), None, |_| {});
+    let c = relayer(&team, &carol, &store_c).await;
+    assert_eq!(
+        c.announce(&store_c).await.unwrap(),
+        (0, 0),
+        "nothing to announce"
+    );
+    assert_eq!(asker.lookup(&key, NS).await.unwrap(), Found::NotFound);
+    c.close().await;
+
+    // A result sealed by bob, who was revoked since: a trusted relayer's
+    // announcement of it is refused, and nothing is offered.
+    let bob = team.creds("bob", &[NS], true);
+    let (store_r, _) = producer_store(&work.path().join("r"), &bob);
+    team.folder.revoke("bob").unwrap();
+    tokio::time::sleep(server::REVOCATION_SWEEP * 2).await;
+    let dave = team.creds("dave", &[NS], true);
+    let d = Arc::new(team.connect(&dave).await.unwrap());
+    assert_eq!(d.announce(&store_r).await.unwrap(), (0, 1), "refused");
+    assert!(d.revoked().contains(&bob.identity().unwrap().fingerprint));
+    assert_eq!(asker.lookup(&key, NS).await.unwrap(), Found::NotFound);
+    // An executor that connected before the revocation still has bob in
+    // no list; a fresh connection gets the list, and its own check refuses
+    // bob's seal even if something offered it.
+    let sealed = stored.sealed().unwrap();
+    let bobs = Sealed {
+        seal: bob.seal(&sealed.manifest),
+        manifest: sealed.manifest,
+    };
+    let err = reprise_executor::peer::check_transfer(
+        &[bob.ca().clone()],
+        &bobs,
+        &key,
+        &inputs("t1"),
+        d.revoked(),
+        rustls::pki_types::UnixTime::now(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, FetchError::Seal(SealError::Revoked { .. })),
+        "{err:?}"
+    );
+    assert_nothing_committed(&Store::new(work.path().join("nothing")));
+    team.stop().await;
+}
+
+#[tokio::test]
+async fn trusted_producers_that_disagree_are_a_conflict_shown_and_audited() {
+    let team = Team::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let key = inputs("t1").key();
+    let ci = team.creds("ci", &[NS], true);
+    let alice = team.creds("alice", &[NS], true);
+    let (store_ci, _) = producer_store(&work.path().join("ci"), &ci);
+    // Alice's run of the same key failed.
+    let (store_al, _) = producer_store_with(&work.path().join("al"), Some(&alice), |m| {
+        m.outcome = Outcome::Failed;
+        m.exit_code = 1;
+    });
+    let _c = relayer(&team, &ci, &store_ci).await;
+    let asker = team
+        .connect(&team.creds("asker", &[NS], false))
+        .await
+        .unwrap();
+    assert!(matches!(
+        asker.lookup(&key, NS).await.unwrap(),
+        Found::Offer { .. }
+    ));
+    let _a = relayer(&team, &alice, &store_al).await;
+    assert_eq!(
+        asker.lookup(&key, NS).await.unwrap(),
+        Found::Conflict {
+            producers: vec!["alice".into(), "ci".into()]
+        }
+    );
+    let err = asker
+        .fetch_into(&key, NS, &inputs("t1"), &Store::new(work.path().join("a")))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FetchError::NotFound), "{err:?}");
+    // Written to the audit log, once.
+    let _ = alice;
+    assert_eq!(team.folder.state().unwrap().conflicts(), 1);
+    team.stop().await;
+
+    // The repository's policy can say which producer wins.
+    let team = Team::with_settings("[policy]\nprefer = [\"ci\"]\n").await;
+    let ci = team.creds("ci", &[NS], true);
+    let alice = team.creds("alice", &[NS], true);
+    let (store_ci, _) = producer_store(&work.path().join("ci2"), &ci);
+    let (store_al, _) = producer_store_with(&work.path().join("al2"), Some(&alice), |m| {
+        m.outcome = Outcome::Failed;
+        m.exit_code = 1;
+    });
+    let _c = relayer(&team, &ci, &store_ci).await;
+    let _a = relayer(&team, &alice, &store_al).await;
+    let asker = team
+        .connect(&team.creds("asker", &[NS], false))
+        .await
+        .unwrap();
+    match asker.lookup(&key, NS).await.unwrap() {
+        Found::Offer { producer, counts } => {
+            assert_eq!(producer, "ci");
+            assert!(counts.contains("prefers"), "{counts}");
+        }
+        other => panic!("{other:?}"),
+    }
+    team.stop().await;
+}
+
+#[tokio::test]
+async fn the_policy_can_require_fresh_snapshots_and_refuse_networked_runs() {
+    let ns_fresh = "example.com/team/strict";
+    let team = Team::with_settings(&format!(
+        "[policy.repos.\"{ns_fresh}\"]\nrequire_fresh = true\n"
+    ))
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let ci = team.creds("ci", &[NS, ns_fresh], true);
+    let asker = team
+        .connect(&team.creds("asker", &[NS, ns_fresh], false))
+        .await
+        .unwrap();
+    let generation = Snapshot::Generation(Sha256Digest::of(b"an earlier run's images"));
+    let reinputs = |m: &mut ResultManifest, ns: &str, network: bool| {
+        m.inputs.namespace = ns.into();
+        m.inputs.network = network;
+        m.key = m.inputs.key();
+    };
+    let stale_strict = producer_store_with(&work.path().join("1"), Some(&ci), |m| {
+        reinputs(m, ns_fresh, false);
+        m.snapshot = generation;
+    });
+    let stale_default = producer_store_with(&work.path().join("2"), Some(&ci), |m| {
+        m.inputs.tree = "t2".into();
+        reinputs(m, NS, false);
+        m.snapshot = generation;
+    });
+    let networked = producer_store_with(&work.path().join("3"), Some(&ci), |m| {
+        m.inputs.tree = "t3".into();
+        reinputs(m, NS, true);
+    });
+    let mut holders = Vec::new();
+    for (store, _) in [&stale_strict, &stale_default, &networked] {
+        holders.push(relayer(&team, &ci, store).await);
+    }
+    let cases = [
+        (
+            "a stale snapshot where fresh is required",
+            &stale_strict,
+            false,
+            "fresh snapshot",
+        ),
+        (
+            "a stale snapshot where the default holds",
+            &stale_default,
+            true,
+            "trusted",
+        ),
+        ("tests with the network", &networked, false, "network"),
+    ];
+    for (name, (_, stored), offered, why) in cases {
+        let m = &stored.manifest;
+        let found = asker.lookup(&m.key, &m.inputs.namespace).await.unwrap();
+        assert_eq!(
+            matches!(found, Found::Offer { .. }),
+            offered,
+            "{name}: {found:?}"
+        );
+        let (counts, reason) = asker.assess(stored.sealed().unwrap()).await.unwrap();
+        assert_eq!(counts, offered, "{name}");
+        assert!(reason.contains(why), "{name}: {reason}");
+    }
+    team.stop().await;
+}
+
+#[tokio::test]
+async fn an_executor_announces_only_what_its_certificate_grants() {
+    let team = Team::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let other_ns = "example.com/private/secret";
+    let ci = team.creds("ci", &[NS, other_ns], true);
+    // A store holding a result of a repository the connecting identity is
+    // not granted: the executor does not announce it, and the orchestrator
+    // would refuse it if it did.
+    let (store, stored) = producer_store_with(&work.path().join("s"), Some(&ci), |m| {
+        m.inputs.namespace = other_ns.into();
+        m.key = m.inputs.key();
+    });
+    let narrow = team.creds("narrow", &[NS], true);
+    let p = team.connect(&narrow).await.unwrap();
+    assert!(!p.grants(other_ns));
+    assert_eq!(p.announce(&store).await.unwrap(), (0, 0));
+    assert_eq!(
+        p.announce_sealed(vec![stored.sealed().unwrap()])
+            .await
+            .unwrap(),
+        (0, 1),
+        "the orchestrator refuses it too"
+    );
+    let asker = team
+        .connect(&team.creds("asker", &[other_ns], false))
+        .await
+        .unwrap();
+    assert_eq!(
+        asker.lookup(&stored.manifest.key, other_ns).await.unwrap(),
+        Found::NotFound
+    );
+    team.stop().await;
+}
+
 #[tokio::test]
 async fn a_restarted_orchestrator_keeps_its_state_and_connected_peers_see_a_clear_error() {
     let mut team = Team::start().await;
@@ -680,7 +992,7 @@ async fn a_restarted_orchestrator_keeps_its_state_and_connected_peers_see_a_clea
     team.restart().await;
     // The old connection was closed by the shutdown: a lookup fails with an
     // error the caller can fall back on, and does not hang.
-    let err = p.lookup("k", NS).await.unwrap_err();
+    let err = p.lookup(&inputs("k").key(), NS).await.unwrap_err();
     assert!(
         matches!(
             &err,
@@ -692,7 +1004,10 @@ async fn a_restarted_orchestrator_keeps_its_state_and_connected_peers_see_a_clea
     // Identities and revocations survive the restart.
     let again = team.connect(&ci).await.unwrap();
     assert_eq!(again.identity(), "ci");
-    assert_eq!(again.lookup("k", NS).await.unwrap(), None);
+    assert_eq!(
+        again.lookup(&inputs("k").key(), NS).await.unwrap(),
+        Found::NotFound
+    );
     assert!(team.connect(&gone).await.is_err());
     team.stop().await;
 }

@@ -3,17 +3,19 @@
 //! sha256 over a canonical encoding of the inputs: every field is written as
 //! a big-endian u64 length followed by its bytes, in a fixed order, after a
 //! format version, so no two different sets of inputs can encode alike (as
-//! plain concatenation could). Secrets are never inputs.
+//! plain concatenation could). Secrets are never inputs. Whether the tests
+//! had the network is an input: a networked run is not hermetic, so it never
+//! shares a key with the hermetic run of the same tree.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::hex;
+use crate::digest::RunKey;
 
 /// Version of the key encoding; part of every key.
-pub const KEY_VERSION: u32 = 1;
+pub const KEY_VERSION: u32 = 2;
 
 /// Inputs that differ between two keys: (input, this value, other value).
 pub type Differences = Vec<(String, String, String)>;
@@ -35,16 +37,15 @@ pub struct KeyInputs {
     pub image_digest: String,
     /// The driver class: `qemu`, `host-podman`, ...
     pub driver: String,
+    /// Whether the test container could reach the network (`--network`).
+    pub network: bool,
 }
 
 impl KeyInputs {
     /// The canonical encoding that the key hashes.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        let mut put = |bytes: &[u8]| {
-            out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
-            out.extend_from_slice(bytes);
-        };
+        let mut put = |bytes: &[u8]| crate::hex::put_field(&mut out, bytes);
         put(b"reprise-run-key");
         put(&self.version.to_be_bytes());
         put(self.namespace.as_bytes());
@@ -57,12 +58,13 @@ impl KeyInputs {
         }
         put(self.image_digest.as_bytes());
         put(self.driver.as_bytes());
+        put(&[u8::from(self.network)]);
         out
     }
 
-    /// The run key: sha256 of the encoding, as hex.
-    pub fn key(&self) -> String {
-        hex::encode(&Sha256::digest(self.encode()))
+    /// The run key: sha256 of the encoding.
+    pub fn key(&self) -> RunKey {
+        RunKey::from_bytes(Sha256::digest(self.encode()).into())
     }
 
     /// One line per input, for `reprise key --explain`.
@@ -78,6 +80,7 @@ impl KeyInputs {
         }
         lines.push(("image".into(), self.image_digest.clone()));
         lines.push(("driver".into(), self.driver.clone()));
+        lines.push(("network".into(), network_word(self.network).into()));
         lines
     }
 
@@ -110,8 +113,17 @@ impl KeyInputs {
         }
         field("image", &self.image_digest, &other.image_digest);
         field("driver", &self.driver, &other.driver);
+        field(
+            "network",
+            network_word(self.network),
+            network_word(other.network),
+        );
         out
     }
+}
+
+fn network_word(network: bool) -> &'static str {
+    if network { "yes" } else { "none" }
 }
 
 #[cfg(test)]
@@ -127,14 +139,19 @@ mod tests {
             env: BTreeMap::from([("CC".into(), "gcc".into())]),
             image_digest: "abc".into(),
             driver: "qemu".into(),
+            network: false,
         }
     }
 
     #[test]
-    fn key_is_stable_and_hex() {
-        let k = inputs().key();
-        assert_eq!(k.len(), 64);
-        assert_eq!(k, inputs().key());
+    fn key_is_stable_and_has_a_golden_value() {
+        assert_eq!(inputs().key(), inputs().key());
+        // A change to the encoding changes every key in every store: it
+        // must come with a new KEY_VERSION, never by accident.
+        assert_eq!(
+            inputs().key().to_string(),
+            "5907405fcc159c83cb7aa67bce0a189638376dcfcdc3e418af3dcc056008b468"
+        );
     }
 
     #[test]
@@ -153,6 +170,7 @@ mod tests {
             },
             |i| i.image_digest = "abd".into(),
             |i| i.driver = "host-podman".into(),
+            |i| i.network = true,
         ];
         for (n, change) in changes.into_iter().enumerate() {
             let mut i = inputs();

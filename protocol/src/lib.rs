@@ -3,6 +3,7 @@
 //! repository's declarations, exit codes. Nothing here does IO; every
 //! persisted or wire format carries a version.
 
+pub mod digest;
 pub mod exit;
 pub mod guest_stream;
 pub mod hex;
@@ -10,7 +11,9 @@ pub mod image;
 pub mod key;
 pub mod local;
 pub mod manifest;
+pub mod policy;
 pub mod record;
 pub mod repo_config;
+pub mod seal;
 pub mod sign;
 pub mod wire;

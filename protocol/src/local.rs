@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::digest::RunKey;
+
 /// The version of this protocol; a daemon answers any other with an error.
 pub const LOCAL_VERSION: u32 = 1;
 
@@ -25,7 +27,7 @@ pub enum Ask {
     /// A passed result was committed to the store at `store`: announce it
     /// to the orchestrator and serve it.
     Held {
-        key: String,
+        key: RunKey,
         namespace: String,
         store: String,
     },
@@ -117,7 +119,7 @@ mod tests {
         let req = Request {
             version: LOCAL_VERSION,
             body: Ask::Held {
-                key: "ab".into(),
+                key: crate::digest::Sha256Digest::of(b"k").hex().parse().unwrap(),
                 namespace: "example.com/a/b".into(),
                 store: "/s".into(),
             },
@@ -165,6 +167,15 @@ mod tests {
             decode_request(b"not json"),
             Err(LineError::Malformed(_))
         ));
+        assert!(
+            matches!(
+                decode_request(
+                    br#"{"version":1,"type":"held","key":"../../x","namespace":"n","store":"/s"}"#
+                ),
+                Err(LineError::Malformed(_))
+            ),
+            "a path-like key is refused"
+        );
         let long = vec![b' '; MAX_LINE + 1];
         assert!(matches!(decode_request(&long), Err(LineError::TooLong)));
     }

@@ -11,6 +11,8 @@
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::manifest::ArtifactPath;
+
 /// The file's name at the repository root.
 pub const FILE_NAME: &str = "reprise.toml";
 
@@ -24,7 +26,7 @@ pub struct RepoConfig {
     #[serde(default)]
     pub secrets: Vec<String>,
     #[serde(default)]
-    pub artifacts: Vec<String>,
+    pub artifacts: Vec<ArtifactPath>,
 }
 
 /// Why `reprise.toml` was refused.
@@ -36,8 +38,6 @@ pub enum ConfigError {
     BadName(String),
     #[error("{FILE_NAME}: '{0}' is both counted and secret")]
     Both(String),
-    #[error("{FILE_NAME}: artifact '{0}' must be a relative path without '..'")]
-    BadArtifact(String),
 }
 
 /// Whether `name` can be an environment variable name.
@@ -59,14 +59,6 @@ impl RepoConfig {
         }
         if let Some(both) = config.env.iter().find(|n| config.secrets.contains(n)) {
             return Err(ConfigError::Both(both.clone()));
-        }
-        for a in &config.artifacts {
-            let bad = a.is_empty()
-                || a.starts_with('/')
-                || a.split('/').any(|part| part == ".." || part.is_empty());
-            if bad {
-                return Err(ConfigError::BadArtifact(a.clone()));
-            }
         }
         Ok(config)
     }
@@ -107,7 +99,7 @@ mod tests {
         assert_eq!(c.namespace.as_deref(), Some("x/y"));
         assert_eq!(c.env, ["CC"]);
         assert_eq!(c.secrets, ["TOKEN"]);
-        assert_eq!(c.artifacts, ["out/r.txt"]);
+        assert_eq!(c.artifacts, ["out/r.txt".parse().unwrap()]);
         assert_eq!(RepoConfig::parse("").unwrap(), RepoConfig::default());
     }
 
@@ -118,6 +110,7 @@ mod tests {
             ("env = [\"A\"]\nsecrets = [\"A\"]", "both"),
             ("artifacts = [\"../x\"]", "relative"),
             ("artifacts = [\"/etc/passwd\"]", "relative"),
+            ("artifacts = [\"a//b\"]", "relative"),
             ("colour = 1", "not valid"),
             ("env = \"CC\"", "not valid"),
         ];

@@ -5,21 +5,18 @@
 //! signature covers this encoding instead: a domain tag, then every field in
 //! a fixed order, each as a big-endian u64 length followed by its bytes
 //! (numbers as fixed-width big-endian), lists preceded by their count. No two
-//! different manifests encode alike. The crypto itself (ECDSA P-256 with
-//! the key of the producer's client certificate) lives in the executor.
+//! different manifests encode alike. The seal that carries the signature,
+//! and its verification, are [`crate::seal`].
 
-use crate::manifest::{Outcome, ResultManifest};
+use crate::manifest::{Outcome, ResultManifest, Snapshot};
 
 /// Version of the signed encoding; part of the signed bytes.
-pub const SIGNATURE_VERSION: u32 = 1;
+pub const SIGNATURE_VERSION: u32 = 2;
 
 /// The bytes a producer signs for `manifest`.
 pub fn signing_bytes(manifest: &ResultManifest) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut put = |bytes: &[u8]| {
-        out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
-        out.extend_from_slice(bytes);
-    };
+    let mut put = |bytes: &[u8]| crate::hex::put_field(&mut out, bytes);
     put(b"reprise-result-signature");
     put(&SIGNATURE_VERSION.to_be_bytes());
     put(&manifest.version.to_be_bytes());
@@ -42,11 +39,15 @@ pub fn signing_bytes(manifest: &ResultManifest) -> Vec<u8> {
     put(manifest.producer.host.as_bytes());
     put(manifest.producer.user.as_bytes());
     put(&manifest.created_at.to_be_bytes());
+    match manifest.snapshot {
+        Snapshot::Fresh => put(b"fresh"),
+        Snapshot::Generation(g) => put(g.as_bytes()),
+    }
     put(manifest.output_sha256.as_bytes());
     put(&manifest.output_bytes.to_be_bytes());
     put(&(manifest.artifacts.len() as u64).to_be_bytes());
     for a in &manifest.artifacts {
-        put(a.path.as_bytes());
+        put(a.path.as_str().as_bytes());
         put(a.sha256.as_bytes());
         put(&a.bytes.to_be_bytes());
         put(&a.mode.to_be_bytes());
@@ -57,48 +58,8 @@ pub fn signing_bytes(manifest: &ResultManifest) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::{KEY_VERSION, KeyInputs};
-    use crate::manifest::{Artifact, MANIFEST_VERSION, Phase, Producer};
-
-    fn manifest() -> ResultManifest {
-        let inputs = KeyInputs {
-            version: KEY_VERSION,
-            namespace: "example.com/t/p".into(),
-            tree: "t".into(),
-            target: "test".into(),
-            env: Default::default(),
-            image_digest: "img".into(),
-            driver: "qemu".into(),
-        };
-        ResultManifest {
-            version: MANIFEST_VERSION,
-            key: inputs.key(),
-            inputs,
-            commit: "c".into(),
-            outcome: Outcome::Passed,
-            exit_code: 0,
-            phases: vec![Phase {
-                name: "test".into(),
-                ms: 5,
-            }],
-            total_ms: 5,
-            accel: "kvm".into(),
-            tool_version: "0.1.0".into(),
-            producer: Producer {
-                host: "h".into(),
-                user: "u".into(),
-            },
-            created_at: 10,
-            output_sha256: "aa".into(),
-            output_bytes: 3,
-            artifacts: vec![Artifact {
-                path: "a/b".into(),
-                sha256: "bb".into(),
-                bytes: 2,
-                mode: 0o644,
-            }],
-        }
-    }
+    use crate::digest::Sha256Digest;
+    use crate::manifest::tests::manifest;
 
     #[test]
     fn every_field_changes_the_signed_bytes() {
@@ -106,8 +67,9 @@ mod tests {
         assert_eq!(base, signing_bytes(&manifest()), "the encoding is stable");
         let changes: Vec<fn(&mut ResultManifest)> = vec![
             |m| m.version += 1,
-            |m| m.key.push('0'),
+            |m| m.key = Sha256Digest::of(b"k").hex().parse().unwrap(),
             |m| m.inputs.tree.push('x'),
+            |m| m.inputs.network = true,
             |m| m.commit.push('x'),
             |m| m.outcome = Outcome::Failed,
             |m| m.exit_code = 1,
@@ -120,10 +82,11 @@ mod tests {
             |m| m.producer.host.push('x'),
             |m| m.producer.user.push('x'),
             |m| m.created_at += 1,
-            |m| m.output_sha256.push('0'),
+            |m| m.snapshot = Snapshot::Generation(Sha256Digest::of(b"g")),
+            |m| m.output_sha256 = Sha256Digest::of(b"o2"),
             |m| m.output_bytes += 1,
-            |m| m.artifacts[0].path.push('x'),
-            |m| m.artifacts[0].sha256.push('0'),
+            |m| m.artifacts[0].path = "a/c".parse().unwrap(),
+            |m| m.artifacts[0].sha256 = Sha256Digest::of(b"a2"),
             |m| m.artifacts[0].bytes += 1,
             |m| m.artifacts[0].mode = 0o755,
             |m| m.artifacts.clear(),

@@ -2,7 +2,7 @@
 //! orchestrator, their framing, and the records the orchestrator persists.
 //!
 //! Every message is a frame: a big-endian u32 length and a JSON body of at
-//! most [`MAX_FRAME`] bytes. A result's data follows its [`Transfer`] header
+//! most [`MAX_FRAME`] bytes. A result's data follows its [`Sealed`] header
 //! as binary chunk frames (a big-endian u32 length and at most
 //! [`MAX_CHUNK`] bytes): first the output record, then every artifact in
 //! the manifest's order, the sizes given by the manifest. Every connection
@@ -12,13 +12,16 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::manifest::ResultManifest;
+use crate::digest::{RunKey, Sha256Digest};
+use crate::manifest::{Outcome, ResultManifest};
+use crate::seal::Seal;
 
 /// The ALPN protocol id of the orchestrator protocol.
 pub const ALPN: &[u8] = b"reprise/1";
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks. Version 2: results travel
+/// sealed by their producer, keys and digests are typed.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Every protocol version this build accepts in a `Hello`.
 pub const SUPPORTED_VERSIONS: &[u32] = &[PROTOCOL_VERSION];
@@ -32,10 +35,10 @@ pub const MAX_CHUNK: usize = 1 << 20;
 /// Length of a frame header.
 pub const HEADER_LEN: usize = 4;
 
-/// A result held by an executor: its key and repository namespace.
+/// A result asked for: its key and repository namespace.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Held {
-    pub key: String,
+    pub key: RunKey,
     pub namespace: String,
 }
 
@@ -64,31 +67,37 @@ pub enum ErrorCode {
     Other,
 }
 
-/// The header of a result transfer; the output record and the artifacts
-/// follow as chunk frames, sized by the manifest.
+/// A result as its producer sealed it: announced in full (so the
+/// orchestrator decides on signed facts, not on claims) and sent as the
+/// header of a transfer, the output record and the artifacts following as
+/// chunk frames, sized by the manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Transfer {
+pub struct Sealed {
     pub manifest: ResultManifest,
-    /// The producer's ECDSA signature (ASN.1 DER, hex) over
-    /// [`crate::sign::signing_bytes`] of the manifest.
-    pub signature: String,
-    /// The producer's client certificate, PEM.
-    pub producer_cert_pem: String,
+    pub seal: Seal,
 }
 
-impl Transfer {
-    /// The data that follows the header, in order: (what, bytes, sha256).
-    pub fn parts(&self) -> Vec<(String, u64, String)> {
+impl Sealed {
+    /// The data that follows a transfer header, in order: (what, bytes,
+    /// sha256).
+    pub fn parts(&self) -> Vec<(String, u64, Sha256Digest)> {
         let m = &self.manifest;
-        let mut parts = vec![(
-            "output record".to_string(),
-            m.output_bytes,
-            m.output_sha256.clone(),
-        )];
+        let mut parts = vec![("output record".to_string(), m.output_bytes, m.output_sha256)];
         for a in &m.artifacts {
-            parts.push((format!("artifact {}", a.path), a.bytes, a.sha256.clone()));
+            parts.push((format!("artifact {}", a.path), a.bytes, a.sha256));
         }
         parts
+    }
+
+    pub fn held(&self) -> Held {
+        Held {
+            key: self.manifest.key,
+            namespace: self.manifest.inputs.namespace.clone(),
+        }
+    }
+
+    pub fn passed(&self) -> bool {
+        self.manifest.outcome == Outcome::Passed
     }
 }
 
@@ -100,45 +109,69 @@ pub enum Message {
     Hello {
         version: u32,
     },
-    /// The answer to `Hello`: who the orchestrator takes the executor for.
+    /// The answer to `Hello`: who the orchestrator takes the executor for,
+    /// and the fingerprints of every revoked certificate (a result sealed
+    /// by one of them never counts).
     Welcome {
         identity: String,
         repos: Vec<String>,
         trusted: bool,
+        revoked: Vec<Sha256Digest>,
     },
-    /// Results the executor holds and will serve.
+    /// Results the executor holds, sealed by their producers: passed ones
+    /// it will serve, failed ones so that a disagreement shows.
     Announce {
-        results: Vec<Held>,
+        results: Vec<Sealed>,
     },
-    /// The answer to `Announce`: how many were indexed (results for
-    /// repositories the executor was not granted are not).
+    /// The answer to `Announce`: how many were indexed; the others were
+    /// refused (a repository the executor was not granted, a seal that does
+    /// not verify).
     Announced {
         accepted: u32,
+        refused: u32,
     },
-    /// Is there a producer for this result?
+    /// Is there a result for this key that counts for CI?
     Lookup {
-        key: String,
+        key: RunKey,
         namespace: String,
     },
-    /// A trusted producer holds it.
+    /// A result that counts is held by a connected executor; `producer`
+    /// sealed it, and `counts` says why it counts under the repository's
+    /// policy.
     Offer {
         producer: String,
+        counts: String,
+    },
+    /// Trusted producers disagree on this key (outcome or artifacts);
+    /// neither counts until one is revoked or the policy prefers one.
+    Conflict {
+        producers: Vec<String>,
+    },
+    /// Would this result count for CI?
+    Assess {
+        result: Box<Sealed>,
+    },
+    /// The answer to `Assess`.
+    Assessed {
+        counts: bool,
+        reason: String,
     },
     /// No result the asker may read: the same answer whether a result
     /// exists in a repository the asker may not read or not at all.
     NotFound,
     /// Send me the result (answered with a `Transfer` and chunks).
     Fetch {
-        key: String,
+        key: RunKey,
         namespace: String,
     },
-    /// Orchestrator to producer, on a stream it opens: send this result.
+    /// Orchestrator to the executor holding it, on a stream it opens: send
+    /// this result.
     Serve {
-        key: String,
+        key: RunKey,
         namespace: String,
     },
     /// A result's header; chunk frames follow.
-    Transfer(Box<Transfer>),
+    Transfer(Box<Sealed>),
     Error {
         code: ErrorCode,
         message: String,
@@ -153,6 +186,9 @@ const KNOWN: &[&str] = &[
     "announced",
     "lookup",
     "offer",
+    "conflict",
+    "assess",
+    "assessed",
     "not-found",
     "fetch",
     "serve",
@@ -263,19 +299,34 @@ pub enum StateEvent {
     /// sha256 of its DER encoding. Re-issuing replaces the grants.
     Issued {
         name: String,
-        cert_sha256: String,
+        cert_sha256: Sha256Digest,
         repos: Vec<String>,
         trusted: bool,
         at: u64,
+        /// When the certificate expires (absent in logs written before
+        /// this was recorded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        not_after: Option<u64>,
     },
     /// Every certificate of `name` is refused from now on.
     Revoked { name: String, at: u64 },
-    /// `asker` was sent `key` of `namespace` produced by `producer`.
+    /// `asker` was sent `key` of `namespace`, sealed by `producer` and
+    /// relayed from `relayer`'s connection.
     Replayed {
         asker: String,
         producer: String,
-        key: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        relayer: Option<String>,
+        key: RunKey,
         namespace: String,
+        at: u64,
+    },
+    /// Trusted producers announced different outcomes or artifacts for
+    /// `key`: both are kept, neither is offered.
+    Conflict {
+        key: RunKey,
+        namespace: String,
+        producers: Vec<String>,
         at: u64,
     },
 }
@@ -314,43 +365,84 @@ mod tests {
         assert_eq!(used, frame.len());
     }
 
+    fn sealed() -> Sealed {
+        Sealed {
+            manifest: crate::manifest::tests::manifest(),
+            seal: Seal {
+                version: crate::seal::SEAL_VERSION,
+                signature: "3045".into(),
+                producer_cert: "pem".into(),
+            },
+        }
+    }
+
     #[test]
     fn every_message_round_trips() {
+        let key = sealed().manifest.key;
         let table = vec![
             Message::Hello { version: 1 },
             Message::Welcome {
                 identity: "ci".into(),
                 repos: vec!["a/b".into()],
                 trusted: true,
+                revoked: vec![Sha256Digest::of(b"cert")],
             },
             Message::Announce {
-                results: vec![Held {
-                    key: "k".into(),
-                    namespace: "n".into(),
-                }],
+                results: vec![sealed()],
             },
-            Message::Announced { accepted: 1 },
+            Message::Announced {
+                accepted: 1,
+                refused: 2,
+            },
             Message::Lookup {
-                key: "k".into(),
+                key,
                 namespace: "n".into(),
             },
             Message::Offer {
                 producer: "ci".into(),
+                counts: "trusted".into(),
+            },
+            Message::Conflict {
+                producers: vec!["a".into(), "b".into()],
+            },
+            Message::Assess {
+                result: Box::new(sealed()),
+            },
+            Message::Assessed {
+                counts: false,
+                reason: "why".into(),
             },
             Message::NotFound,
             Message::Fetch {
-                key: "k".into(),
+                key,
                 namespace: "n".into(),
             },
             Message::Serve {
-                key: "k".into(),
+                key,
                 namespace: "n".into(),
             },
+            Message::Transfer(Box::new(sealed())),
             Message::error(ErrorCode::FrameTooLarge, "too big"),
         ];
-        assert_eq!(table.len() + 1, KNOWN.len(), "transfer is tested below");
+        assert_eq!(table.len(), KNOWN.len(), "every message is in the table");
         for m in table {
             roundtrip(m);
+        }
+    }
+
+    #[test]
+    fn path_like_keys_do_not_decode() {
+        // What a hostile orchestrator would ask an executor to serve.
+        for body in [
+            &br#"{"type":"serve","key":"../../../../root/.config/reprise/credentials.pem","namespace":"n"}"#[..],
+            br#"{"type":"serve","key":"/etc/shadow","namespace":"n"}"#,
+            br#"{"type":"lookup","key":"..","namespace":"n"}"#,
+        ] {
+            assert!(
+                matches!(decode(body), Err(FrameError::Malformed(_))),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 
@@ -457,7 +549,7 @@ mod tests {
                 code: ErrorCode::UnsupportedVersion,
                 message,
             }) => assert!(
-                message.contains("99") && message.contains("[1]"),
+                message.contains("99") && message.contains("[2]"),
                 "{message}"
             ),
             other => panic!("{other:?}"),
@@ -465,55 +557,18 @@ mod tests {
     }
 
     #[test]
-    fn transfers_round_trip_and_list_their_parts() {
-        use crate::key::KeyInputs;
-        use crate::manifest::{Artifact, Outcome, Producer};
-        let inputs = KeyInputs {
-            version: 1,
-            namespace: "n".into(),
-            tree: "t".into(),
-            target: "test".into(),
-            env: Default::default(),
-            image_digest: "i".into(),
-            driver: "qemu".into(),
-        };
-        let t = Transfer {
-            manifest: ResultManifest {
-                version: 1,
-                key: inputs.key(),
-                inputs,
-                commit: "c".into(),
-                outcome: Outcome::Passed,
-                exit_code: 0,
-                phases: vec![],
-                total_ms: 1,
-                accel: "kvm".into(),
-                tool_version: "0".into(),
-                producer: Producer {
-                    host: "h".into(),
-                    user: "u".into(),
-                },
-                created_at: 1,
-                output_sha256: "o".into(),
-                output_bytes: 3,
-                artifacts: vec![Artifact {
-                    path: "x".into(),
-                    sha256: "s".into(),
-                    bytes: 2,
-                    mode: 0o644,
-                }],
-            },
-            signature: "3045".into(),
-            producer_cert_pem: "pem".into(),
-        };
+    fn sealed_results_list_their_parts() {
+        let t = sealed();
+        let m = &t.manifest;
         assert_eq!(
             t.parts(),
             vec![
-                ("output record".to_string(), 3, "o".to_string()),
-                ("artifact x".to_string(), 2, "s".to_string())
+                ("output record".to_string(), m.output_bytes, m.output_sha256),
+                ("artifact a/b".to_string(), 2, m.artifacts[0].sha256)
             ]
         );
-        roundtrip(Message::Transfer(Box::new(t)));
+        assert!(t.passed());
+        assert_eq!(t.held().key, m.key);
     }
 
     #[test]

@@ -8,126 +8,25 @@
     reason = "the support module is shared with run.rs; this file uses part of it"
 )]
 mod run_support;
+#[expect(
+    dead_code,
+    reason = "the support module is shared with trust.rs; this file uses part of it"
+)]
+mod team_support;
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
-use run_support::{Run, Sandbox, example_hello, reprise_bin, wait_until};
+use run_support::{Run, Sandbox, wait_until};
+use team_support::{
+    Killed, Team, clone_of, fabricate_result, free_udp_port, nix_kill, orchestrator, serve_on,
+    with_orchestrator,
+};
 
 /// What the hello example's test target records on stdout.
 const HELLO_STDOUT: &[u8] =
     b"sh ./test.sh\n\x1b[32mok\x1b[0m greet.sh says: hello, world\n1 passed, 0 failed\n";
-
-fn orchestrator_bin() -> PathBuf {
-    let bin = reprise_bin().with_file_name("reprise-orchestrator");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build --workspace` first",
-        bin.display()
-    );
-    bin
-}
-
-/// A child process killed when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn orchestrator(args: &[&str]) {
-    let out = Command::new(orchestrator_bin())
-        .args(args)
-        .output()
-        .expect("orchestrator runs");
-    assert!(
-        out.status.success(),
-        "reprise-orchestrator {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-fn namespace(s: &Sandbox) -> String {
-    let r = Run::from(s.reprise(&["key", "--json"]).output().expect("key"));
-    r.expect_code(0, "reprise key --json");
-    let at = r
-        .stdout
-        .find("\"namespace\": \"")
-        .expect("namespace in key --json")
-        + 14;
-    r.stdout[at..]
-        .split('"')
-        .next()
-        .expect("quoted")
-        .to_string()
-}
-
-fn with_orchestrator(cmd: &mut Command, addr: &str, creds: &Path) {
-    cmd.env("REPRISE_ORCHESTRATOR", addr)
-        .env("REPRISE_CREDENTIALS", creds);
-}
-
-/// An orchestrator state folder, executor A's repository (the hello
-/// example over an empty root commit) and two identities for its
-/// namespace: `alice` (trusted) and `ci` (not).
-struct Team {
-    dir: tempfile::TempDir,
-    state: String,
-    a: Sandbox,
-    alice: PathBuf,
-    ci: PathBuf,
-}
-
-impl Team {
-    fn new() -> Team {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let state = dir
-            .path()
-            .join("orchestrator")
-            .to_str()
-            .expect("utf-8 path")
-            .to_string();
-        orchestrator(&["init", "--dir", &state]);
-        let a = Sandbox::new();
-        a.git_init();
-        a.git(&["commit", "-q", "--allow-empty", "-m", "root"]);
-        a.copy_from(&example_hello()).commit("hello");
-        let ns = namespace(&a);
-        let issue = |name: &str, trusted: bool| {
-            let file = dir.path().join(format!("{name}.pem"));
-            let out = file.to_str().expect("utf-8");
-            let mut args = vec![
-                "issue", "--dir", &state, "--name", name, "--repo", &ns, "--out", out,
-            ];
-            if trusted {
-                args.push("--trusted");
-            }
-            orchestrator(&args);
-            file
-        };
-        let alice = issue("alice", true);
-        let ci = issue("ci", false);
-        Team {
-            dir,
-            state,
-            a,
-            alice,
-            ci,
-        }
-    }
-}
 
 #[test]
 fn a_second_executor_replays_a_peer_result_through_the_orchestrator() {
@@ -249,74 +148,6 @@ fn an_unreachable_orchestrator_falls_back_to_running_with_a_notice() {
     );
 }
 
-/// Commits a passed result for the repository's HEAD to `sandbox`'s store,
-/// as a real run would have, without booting a VM. Returns its stdout.
-fn fabricate_result(sandbox: &Sandbox, text: &str) -> Vec<u8> {
-    use reprise_protocol::manifest::{MANIFEST_VERSION, Outcome, Phase, Producer, ResultManifest};
-    use reprise_protocol::record::{self, StreamId};
-    let keyed = reprise_executor::pipeline::compute_key(&sandbox.repo(), None, "test", &[], None)
-        .expect("key");
-    let stdout = format!("{text}\n").into_bytes();
-    let mut rec = Vec::new();
-    record::push(&mut rec, StreamId::Stdout, 0, &stdout);
-    let arts = sandbox.dir.path().join("staged-artifacts");
-    fs::create_dir_all(&arts).expect("artifacts");
-    fs::write(arts.join("report.txt"), format!("report of {text}\n")).expect("artifact");
-    let manifest = ResultManifest {
-        version: MANIFEST_VERSION,
-        key: keyed.inputs.key(),
-        inputs: keyed.inputs.clone(),
-        commit: keyed.revision.commit.clone(),
-        outcome: Outcome::Passed,
-        exit_code: 0,
-        phases: vec![Phase {
-            name: "test".into(),
-            ms: 1200,
-        }],
-        total_ms: 1200,
-        accel: "tcg".into(),
-        tool_version: "test".into(),
-        producer: Producer {
-            host: "laptop".into(),
-            user: "alice".into(),
-        },
-        created_at: reprise_executor::store::now_secs(),
-        output_sha256: String::new(),
-        output_bytes: 0,
-        artifacts: Vec::new(),
-    };
-    reprise_executor::store::Store::new(sandbox.store())
-        .commit(manifest, &rec, Some(&arts))
-        .expect("commit");
-    fs::remove_dir_all(&arts).expect("remove staging");
-    stdout
-}
-
-fn serve_on(state: &str, addr: &str) -> Killed {
-    Killed(
-        Command::new(orchestrator_bin())
-            .args(["serve", "--dir", state, "--listen", addr])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("orchestrator serves"),
-    )
-}
-
-fn clone_of(a: &Sandbox) -> Sandbox {
-    let b = Sandbox::new();
-    let cloned = Command::new("git")
-        .arg("clone")
-        .arg("-q")
-        .arg(a.repo())
-        .arg(".")
-        .current_dir(b.repo())
-        .status()
-        .expect("git clone");
-    assert!(cloned.success());
-    b
-}
-
 #[test]
 fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart() {
     let Team {
@@ -327,7 +158,7 @@ fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart
         ci,
     } = Team::new();
     let state_s = state.as_str();
-    let first_stdout = fabricate_result(&a, "first result");
+    let first_stdout = fabricate_result(&a, "first result", Some(&alice));
     let addr = format!("127.0.0.1:{}", free_udp_port());
     let server = serve_on(state_s, &addr);
 
@@ -402,7 +233,7 @@ fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart
     // run returns instead of staying connected.
     a.write("extra.txt", "another tree\n")
         .commit("another tree");
-    let second_stdout = fabricate_result(&a, "second result");
+    let second_stdout = fabricate_result(&a, "second result", Some(&alice));
     let mut cmd = a.reprise(&["run"]);
     with_orchestrator(&mut cmd, &addr, &alice);
     let handed = Run::from(cmd.output().expect("reprise run"));
@@ -437,13 +268,4 @@ fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart
     assert!(!a.data().join("reprise/daemon.sock").exists());
     let status = Run::from(a.reprise(&["daemon", "status"]).output().expect("status"));
     status.expect_code(1, "no daemon any more");
-}
-
-fn nix_kill(pid: u32, signal: &str) {
-    let ok = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill -{signal} {pid}");
 }

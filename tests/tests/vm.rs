@@ -5,11 +5,12 @@
 
 use std::time::{Duration, Instant};
 
-use reprise_executor::layers::{Layers, STATE_DISK_BYTES};
+use reprise_executor::layers::{Base, Layers, RepoId, STATE_DISK_BYTES};
 use reprise_executor::states::States;
 use reprise_executor::vm::{
     AgentError, BootError, GuestCommand, STATE_OVERLAY, StateDisk, Stream, Vm, VmError,
 };
+use reprise_protocol::digest::RunKey;
 use reprise_system_tests::{
     TestVm, random_tree, tree_listing, vm_config, wait_until, workspace_bin,
 };
@@ -409,12 +410,23 @@ async fn a_repository_state_disk_is_plugged_into_restored_guests() {
     let kept = scratch.path().join("kept");
     first.into_vm().stop_keeping(&kept).await.expect("stop");
     let image = config.image.clone();
-    let layer = layers
-        .update("ns", &image, &kept.join(STATE_OVERLAY), &blank)
+    let repo = RepoId {
+        namespace: "ns".into(),
+        root_commit: "root".into(),
+    };
+    layers
+        .update(
+            &repo,
+            &image,
+            &kept.join(STATE_OVERLAY),
+            Base::Blank(blank),
+            &RunKey::from_bytes([1; 32]),
+        )
         .expect("fold the run into the layer");
+    let layer = layers.current(&repo, &image).expect("the new layer");
 
     // Second run: restored from the same state, on the layer.
-    config.state_disk = Some(StateDisk::On(layer));
+    config.state_disk = Some(StateDisk::On(layer.path.clone()));
     let second = TestVm::boot("second", &config).await;
     assert_eq!(
         second

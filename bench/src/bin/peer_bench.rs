@@ -37,9 +37,13 @@ use std::time::{Duration, Instant};
 
 use quinn::{Connection, Endpoint, RecvStream};
 use reprise_bench::{hello_repo, median, ms, sibling_bin, store_large_result};
-use reprise_executor::peer::{Credentials, Peer, read_message, write_message};
-use reprise_executor::store::Store;
-use reprise_protocol::wire::{Held, Message, PROTOCOL_VERSION};
+use reprise_executor::peer::{Credentials, Found, Peer, read_message, write_message};
+use reprise_executor::pipeline;
+use reprise_executor::store::{Sealer, Store};
+use reprise_protocol::digest::{RunKey, Sha256Digest};
+use reprise_protocol::key::KeyInputs;
+use reprise_protocol::manifest::ResultManifest;
+use reprise_protocol::wire::{Held, Message, PROTOCOL_VERSION, Sealed};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// Identities issued for the light clients; each is used by many
@@ -282,7 +286,7 @@ async fn raw_relay_fetch(peer: &Peer, held: &Held) -> (u64, Duration) {
     let start = Instant::now();
     let (mut send, mut recv) = peer.connection().open_bi().await.expect("open");
     let fetch = Message::Fetch {
-        key: held.key.clone(),
+        key: held.key,
         namespace: held.namespace.clone(),
     };
     write_message(&mut send, &fetch).await.expect("write fetch");
@@ -437,21 +441,62 @@ async fn relay_streams(conn: Connection, upstream: Connection) {
 }
 
 /// The keys light client `i` announces.
-fn client_keys(i: usize, namespace: &str) -> Vec<Held> {
+/// The results light client `i` holds, sealed by `creds`: small passed
+/// results of made-up trees.
+fn client_results(i: usize, namespace: &str, creds: &Credentials) -> Vec<Sealed> {
     (0..KEYS_PER_CLIENT)
-        .map(|j| Held {
-            key: format!("{:064x}", ((i as u128) << 8) | j as u128),
-            namespace: namespace.to_string(),
+        .map(|j| {
+            let manifest = light_manifest(i, j, namespace);
+            Sealed {
+                seal: creds.seal(&manifest),
+                manifest,
+            }
         })
         .collect()
 }
 
-/// A key nobody announced.
-fn missing_key(n: usize, namespace: &str) -> Held {
-    Held {
-        key: format!("f{:063x}", n),
+fn light_manifest(i: usize, j: usize, namespace: &str) -> ResultManifest {
+    let inputs = KeyInputs {
+        version: reprise_protocol::key::KEY_VERSION,
         namespace: namespace.to_string(),
+        tree: format!("light-{i}-{j}"),
+        target: "test".into(),
+        env: Default::default(),
+        image_digest: "bench".into(),
+        driver: "qemu".into(),
+        network: false,
+    };
+    ResultManifest {
+        version: reprise_protocol::manifest::MANIFEST_VERSION,
+        key: inputs.key(),
+        inputs,
+        commit: "bench".into(),
+        outcome: reprise_protocol::manifest::Outcome::Passed,
+        exit_code: 0,
+        phases: Vec::new(),
+        total_ms: 1,
+        accel: "bench".into(),
+        tool_version: "bench".into(),
+        producer: reprise_protocol::manifest::Producer {
+            host: "bench".into(),
+            user: "bench".into(),
+        },
+        created_at: 1,
+        snapshot: reprise_protocol::manifest::Snapshot::Fresh,
+        output_sha256: Sha256Digest::of(b""),
+        output_bytes: 0,
+        artifacts: Vec::new(),
     }
+}
+
+/// The key of light client `i`'s `j`th result.
+fn client_key(i: usize, j: usize, namespace: &str) -> RunKey {
+    light_manifest(i, j, namespace).key
+}
+
+/// A key nobody announced.
+fn missing_key(n: usize) -> RunKey {
+    RunKey::from_bytes(*Sha256Digest::of(format!("missing {n}").as_bytes()).as_bytes())
 }
 
 /// Connects `count` light clients: QUIC with a certificate of one of
@@ -478,7 +523,7 @@ async fn connect_light_clients(
         let config = configs[i % configs.len()].clone();
         let creds = creds[i % creds.len()].clone();
         let gate = gate.clone();
-        let results = client_keys(i, namespace);
+        let results = client_results(i, namespace, &creds);
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await.expect("semaphore");
             let conn = endpoint
@@ -491,7 +536,7 @@ async fn connect_light_clients(
                 .unwrap_or_else(|e| panic!("light client {i} was refused: {e}"));
             let wanted = results.len() as u32;
             match peer.request(&Message::Announce { results }).await {
-                Ok(Message::Announced { accepted }) if accepted == wanted => {}
+                Ok(Message::Announced { accepted, .. }) if accepted == wanted => {}
                 other => panic!("light client {i}'s announce was answered {other:?}"),
             }
             (i, peer)
@@ -549,12 +594,13 @@ async fn main() {
     let clone = t.join("clone");
     let producer_data = t.join("producer-data");
     hello_repo(&repo);
-    let keyed = store_large_result(&repo, &producer_data);
-    let held = Held {
-        key: keyed.inputs.key(),
-        namespace: keyed.inputs.namespace.clone(),
-    };
-    let ns = held.namespace.as_str();
+    // The namespace, for the identities; the result is stored once the
+    // producer's credentials exist, sealed by them.
+    let namespace = pipeline::compute_key(&repo, None, "test", &[], false, None)
+        .expect("key")
+        .inputs
+        .namespace;
+    let ns = namespace.as_str();
     let cloned = Command::new("git")
         .arg("clone")
         .arg("-q")
@@ -563,15 +609,6 @@ async fn main() {
         .status()
         .expect("git clone");
     assert!(cloned.success(), "git clone failed");
-    for dir in [&repo, &clone] {
-        let got = reprise_key(&reprise, dir, &t.join("key-data"));
-        assert_eq!(
-            got,
-            (held.key.clone(), held.namespace.clone()),
-            "reprise key in {} differs from the stored result's",
-            dir.display()
-        );
-    }
 
     // The orchestrator's folder and identities.
     let state = t.join("orchestrator");
@@ -582,6 +619,21 @@ async fn main() {
         &["init", "--dir", state.to_str().expect("utf-8 path")],
     );
     let producer_pem = issue(&orch_bin, &state, &creds_dir, "producer", ns, true);
+    let keyed = store_large_result(&repo, &producer_data, Some(&*load(&producer_pem)));
+    let held = Held {
+        key: keyed.inputs.key(),
+        namespace: keyed.inputs.namespace.clone(),
+    };
+    for dir in [&repo, &clone] {
+        let got = reprise_key(&reprise, dir, &t.join("key-data"));
+        assert_eq!(
+            got,
+            (held.key.to_string(), held.namespace.clone()),
+            "reprise key in {} differs from the stored result's",
+            dir.display()
+        );
+    }
+
     let consumer_pem = issue(&orch_bin, &state, &creds_dir, "consumer", ns, false);
     let asker_pem = issue(&orch_bin, &state, &creds_dir, "asker", ns, false);
     let light_pems: Vec<PathBuf> = (0..IDENTITIES.min(o.clients))
@@ -613,7 +665,8 @@ async fn main() {
         producer
             .announce(&Store::new(producer_data.join("reprise/store")))
             .await
-            .expect("announce"),
+            .expect("announce")
+            .0,
         1,
         "the producer's result was not indexed"
     );
@@ -662,7 +715,10 @@ async fn main() {
         let start = Instant::now();
         let offer = peer.lookup(&held.key, ns).await.expect("lookup");
         lookups.push(start.elapsed());
-        assert!(offer.is_some(), "the producer's result is not offered");
+        assert!(
+            matches!(offer, Found::Offer { .. }),
+            "the producer's result is not offered: {offer:?}"
+        );
         let start = Instant::now();
         peer.close().await;
         closes.push(start.elapsed());
@@ -784,10 +840,7 @@ async fn main() {
     let asker = Peer::connect(&orch.addr, load(&asker_pem))
         .await
         .expect("the asker connects");
-    let _ = asker
-        .lookup(&missing_key(0, ns).key, ns)
-        .await
-        .expect("lookup");
+    let _ = asker.lookup(&missing_key(0), ns).await.expect("lookup");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_before = orch.rss_kib();
     let light_creds: Vec<Arc<Credentials>> = light_pems.iter().map(|p| load(p)).collect();
@@ -805,18 +858,17 @@ async fn main() {
         let hit = n % 2 == 0;
         let wanted = if hit {
             let i = (n / 2 * 7919) % o.clients;
-            client_keys(i, ns).swap_remove((n / 2) % KEYS_PER_CLIENT)
+            client_key(i, (n / 2) % KEYS_PER_CLIENT, ns)
         } else {
-            missing_key(n, ns)
+            missing_key(n)
         };
         let start = Instant::now();
-        let answer = asker.lookup(&wanted.key, ns).await.expect("lookup");
+        let answer = asker.lookup(&wanted, ns).await.expect("lookup");
         let d = start.elapsed();
         assert_eq!(
-            answer.is_some(),
+            matches!(answer, Found::Offer { .. }),
             hit,
-            "lookup {n} of {} answered {answer:?}",
-            wanted.key
+            "lookup {n} of {wanted} answered {answer:?}"
         );
         lat.push(d);
         if hit {
@@ -898,7 +950,7 @@ async fn main() {
 }
 
 /// Bytes of the stored result's output record and artifacts.
-fn keyed_payload(data: &Path, key: &str) -> u64 {
+fn keyed_payload(data: &Path, key: &RunKey) -> u64 {
     let stored = Store::new(data.join("reprise/store"))
         .get(key)
         .expect("the stored result");

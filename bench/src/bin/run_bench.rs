@@ -110,7 +110,7 @@ fn time_reprise_with(
 /// Adds the phase durations of the result just stored for `repo` (the
 /// latest run of its HEAD) to `into`, by phase name.
 fn record_phases(repo: &Path, data: &Path, into: &mut BTreeMap<String, Vec<Duration>>) {
-    let keyed = pipeline::compute_key(repo, None, "test", &[], None).expect("key");
+    let keyed = pipeline::compute_key(repo, None, "test", &[], false, None).expect("key");
     let store = Store::new(data.join("reprise").join("store"));
     let result = store
         .get(&keyed.inputs.key())
@@ -199,7 +199,7 @@ fn main() {
     let repo = tmp.path().join("replay-repo");
     let data = tmp.path().join("replay-data");
     hello_repo(&repo);
-    store_large_result(&repo, &data);
+    store_large_result(&repo, &data, None);
     let mut times = Vec::new();
     for _ in 0..o.runs {
         let (t, code) = time_reprise(&bin, &repo, &data, &["run"]);

@@ -65,6 +65,12 @@ impl Sandbox {
         self.dir.path().join("data")
     }
 
+    /// The user's config home (`XDG_CONFIG_HOME`): empty unless a test
+    /// writes a user config there.
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
     pub fn store(&self) -> PathBuf {
         self.data().join("reprise/store")
     }
@@ -129,6 +135,9 @@ impl Sandbox {
         cmd.args(args)
             .current_dir(self.repo())
             .env("XDG_DATA_HOME", self.data())
+            .env("XDG_CONFIG_HOME", self.config())
+            .env_remove("REPRISE_ORCHESTRATOR")
+            .env_remove("REPRISE_CREDENTIALS")
             .env_remove("GREETING_STYLE")
             .env_remove("HELLO_TOKEN")
             .env_remove("REPRISE_KEEP")

@@ -1,0 +1,232 @@
+//! Helpers for the system tests that involve an orchestrator: the real
+//! `reprise-orchestrator` binary, a team of identities, results committed
+//! to a store as a real run would (sealed or not), and clones.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::run_support::{Run, Sandbox, example_hello, reprise_bin};
+
+pub fn orchestrator_bin() -> PathBuf {
+    let bin = reprise_bin().with_file_name("reprise-orchestrator");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build --workspace` first",
+        bin.display()
+    );
+    bin
+}
+
+/// A child process killed when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn orchestrator(args: &[&str]) {
+    let out = Command::new(orchestrator_bin())
+        .args(args)
+        .output()
+        .expect("orchestrator runs");
+    assert!(
+        out.status.success(),
+        "reprise-orchestrator {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+pub fn namespace(s: &Sandbox) -> String {
+    let r = Run::from(s.reprise(&["key", "--json"]).output().expect("key"));
+    r.expect_code(0, "reprise key --json");
+    let at = r
+        .stdout
+        .find("\"namespace\": \"")
+        .expect("namespace in key --json")
+        + 14;
+    r.stdout[at..]
+        .split('"')
+        .next()
+        .expect("quoted")
+        .to_string()
+}
+
+pub fn with_orchestrator(cmd: &mut Command, addr: &str, creds: &Path) {
+    cmd.env("REPRISE_ORCHESTRATOR", addr)
+        .env("REPRISE_CREDENTIALS", creds);
+}
+
+/// An orchestrator state folder, executor A's repository (the hello
+/// example over an empty root commit) and two identities for its
+/// namespace: `alice` (trusted) and `ci` (not).
+pub struct Team {
+    pub dir: tempfile::TempDir,
+    pub state: String,
+    pub a: Sandbox,
+    pub alice: PathBuf,
+    pub ci: PathBuf,
+}
+
+impl Team {
+    pub fn new() -> Team {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = dir
+            .path()
+            .join("orchestrator")
+            .to_str()
+            .expect("utf-8 path")
+            .to_string();
+        orchestrator(&["init", "--dir", &state]);
+        let a = Sandbox::new();
+        a.git_init();
+        a.git(&["commit", "-q", "--allow-empty", "-m", "root"]);
+        a.copy_from(&example_hello()).commit("hello");
+        let ns = namespace(&a);
+        let issue = |name: &str, trusted: bool| {
+            let file = dir.path().join(format!("{name}.pem"));
+            let out = file.to_str().expect("utf-8");
+            let mut args = vec![
+                "issue", "--dir", &state, "--name", name, "--repo", &ns, "--out", out,
+            ];
+            if trusted {
+                args.push("--trusted");
+            }
+            orchestrator(&args);
+            file
+        };
+        let alice = issue("alice", true);
+        let ci = issue("ci", false);
+        Team {
+            dir,
+            state,
+            a,
+            alice,
+            ci,
+        }
+    }
+}
+
+/// Commits a passed result for the repository's HEAD to `sandbox`'s store,
+/// as a real run would have, without booting a VM, sealed with the
+/// credentials in `sealer` (none: unsealed). Returns its stdout.
+pub fn fabricate_result(sandbox: &Sandbox, text: &str, sealer: Option<&Path>) -> Vec<u8> {
+    use reprise_protocol::manifest::{MANIFEST_VERSION, Outcome, Phase, Producer, ResultManifest};
+    use reprise_protocol::record::{self, StreamId};
+    let keyed =
+        reprise_executor::pipeline::compute_key(&sandbox.repo(), None, "test", &[], false, None)
+            .expect("key");
+    let stdout = format!("{text}\n").into_bytes();
+    let mut rec = Vec::new();
+    record::push(&mut rec, StreamId::Stdout, 0, &stdout);
+    let arts = sandbox.dir.path().join("staged-artifacts");
+    fs::create_dir_all(&arts).expect("artifacts");
+    fs::write(arts.join("report.txt"), format!("report of {text}\n")).expect("artifact");
+    let manifest = ResultManifest {
+        version: MANIFEST_VERSION,
+        key: keyed.inputs.key(),
+        inputs: keyed.inputs.clone(),
+        commit: keyed.revision.commit.clone(),
+        outcome: Outcome::Passed,
+        exit_code: 0,
+        phases: vec![Phase {
+            name: "test".into(),
+            ms: 1200,
+        }],
+        total_ms: 1200,
+        accel: "tcg".into(),
+        tool_version: "test".into(),
+        producer: Producer {
+            host: "laptop".into(),
+            user: "alice".into(),
+        },
+        created_at: reprise_executor::store::now_secs(),
+        snapshot: reprise_protocol::manifest::Snapshot::Fresh,
+        output_sha256: reprise_protocol::digest::Sha256Digest::of(b""),
+        output_bytes: 0,
+        artifacts: Vec::new(),
+    };
+    let creds = sealer.map(|p| reprise_executor::peer::Credentials::load(p).expect("credentials"));
+    reprise_executor::store::Store::new(sandbox.store())
+        .commit(
+            manifest,
+            &rec,
+            Some(&arts),
+            creds
+                .as_ref()
+                .map(|c| c as &dyn reprise_executor::store::Sealer),
+        )
+        .expect("commit");
+    fs::remove_dir_all(&arts).expect("remove staging");
+    stdout
+}
+
+/// `reprise-orchestrator serve` on `addr`, its log (info level) in `log`.
+pub fn serve_logged(state: &str, addr: &str, log: &Path) -> Killed {
+    Killed(
+        Command::new(orchestrator_bin())
+            .args(["serve", "--dir", state, "--listen", addr])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(log).expect("orchestrator log"))
+            .spawn()
+            .expect("orchestrator serves"),
+    )
+}
+
+/// Issues credentials for `name` on `repos` into `out`.
+pub fn issue(state: &str, name: &str, repos: &[&str], trusted: bool, out: &Path) {
+    let out = out.to_str().expect("utf-8 path");
+    let mut args = vec!["issue", "--dir", state, "--name", name, "--out", out];
+    for r in repos {
+        args.extend(["--repo", r]);
+    }
+    if trusted {
+        args.push("--trusted");
+    }
+    orchestrator(&args);
+}
+
+pub fn serve_on(state: &str, addr: &str) -> Killed {
+    Killed(
+        Command::new(orchestrator_bin())
+            .args(["serve", "--dir", state, "--listen", addr])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("orchestrator serves"),
+    )
+}
+
+pub fn clone_of(a: &Sandbox) -> Sandbox {
+    let b = Sandbox::new();
+    let cloned = Command::new("git")
+        .arg("clone")
+        .arg("-q")
+        .arg(a.repo())
+        .arg(".")
+        .current_dir(b.repo())
+        .status()
+        .expect("git clone");
+    assert!(cloned.success());
+    b
+}
+
+pub fn nix_kill(pid: u32, signal: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{signal} {pid}");
+}
