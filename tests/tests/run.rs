@@ -518,6 +518,19 @@ fn ctrl_c_during_the_tests_stops_the_vm_and_keeps_nothing() {
     assert_nothing_kept(&s, &run, "interrupted");
 }
 
+/// `reprise results show` of the result a run stored.
+fn show_stored(s: &Sandbox, run: &Run) -> String {
+    let key = run
+        .stderr
+        .split("; result ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the stored result's key");
+    let shown = s.run(&["results", "show", key]);
+    shown.expect_code(code::SUCCESS, "results show");
+    shown.stdout
+}
+
 #[test]
 fn a_second_real_run_reuses_the_repository_snapshot() {
     let s = copy_of_fixture();
@@ -547,6 +560,13 @@ fn a_second_real_run_reuses_the_repository_snapshot() {
         !second.stderr.contains("Getting image source signatures"),
         "the container image comes from the snapshot, not a new import:\n{}",
         second.stderr
+    );
+    // Each result records the snapshot generation it started from (shown
+    // now: retention keeps only the newest result of a target).
+    let shown = show_stored(&s, &second);
+    assert!(
+        shown.contains(", snapshot ") && !shown.contains("snapshot fresh"),
+        "a generation: {shown}"
     );
 
     // Booted cold instead of restored, the run still gets the snapshot.
@@ -589,6 +609,12 @@ fn a_second_real_run_reuses_the_repository_snapshot() {
         fresh.stderr
     );
 
+    assert!(
+        show_stored(&s, &fresh).contains("snapshot fresh"),
+        "{}",
+        show_stored(&s, &fresh)
+    );
+
     let dropped = s.run(&["cache", "drop"]);
     dropped.expect_code(code::SUCCESS, "cache drop");
     assert!(
@@ -614,10 +640,14 @@ fn the_tests_have_no_network_unless_asked_for() {
         hermetic.stdout
     );
 
-    s.write("test.sh", &format!("{probe}# networked\n"))
-        .commit("probe again");
+    // The same tree with the network is another key: a networked run is
+    // not hermetic, so it neither replays the hermetic result nor is
+    // replayed as one.
+    let keys = [s.run(&["key"]), s.run(&["key", "--network"])];
+    assert_ne!(keys[0].stdout, keys[1].stdout, "network is a key input");
     let networked = s.run(&["run", "--network"]);
     networked.expect_code(code::SUCCESS, "run with --network");
+    assert!(!networked.replayed(), "{}", networked.stderr);
     assert!(
         networked.stdout.contains("eth0"),
         "--network gives the tests the guest's network:\n{}",
@@ -664,5 +694,142 @@ fn the_realistic_example_builds_its_image_from_a_containerfile_and_passes() {
         replay.stdout.ends_with("5 passed, 0 failed\n"),
         "{}",
         replay.stdout
+    );
+}
+
+#[test]
+fn a_committed_artifacts_symlink_is_never_written_through() {
+    let s = Sandbox::new();
+    s.copy_from(&example_hello()).git_init();
+    let outside = s.dir.path().join("outside");
+    fs::create_dir(&outside).expect("outside");
+    std::os::unix::fs::symlink("../outside", s.repo().join("reprise-artifacts")).expect("symlink");
+    s.commit("artifacts go elsewhere");
+    let _vm = vm_lock();
+    // A real run: the tests pass and the result is kept, but its artifacts
+    // are not written through the symlink.
+    let run = s.run(&["run", "--no-serve"]);
+    run.expect_code(code::CONTRACT, "artifacts folder is a symlink");
+    assert!(run.booted(), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("reprise-artifacts is a symbolic link"),
+        "says why and what to do:\n{}",
+        run.stderr
+    );
+    assert_eq!(fs::read_dir(&outside).expect("outside").count(), 0);
+    // Its replay refuses the same way.
+    let replay = s.run(&["run", "--no-serve"]);
+    replay.expect_code(code::CONTRACT, "replay into a symlink");
+    assert!(replay.replayed() || !replay.booted(), "{}", replay.stderr);
+    assert_eq!(fs::read_dir(&outside).expect("outside").count(), 0);
+    // A symlink at the artifact's own name is replaced, not written through.
+    fs::remove_file(s.repo().join("reprise-artifacts")).expect("rm");
+    fs::create_dir(s.repo().join("reprise-artifacts")).expect("mkdir");
+    fs::write(outside.join("report.txt"), "precious").expect("write");
+    std::os::unix::fs::symlink(
+        "../../outside/report.txt",
+        s.repo().join("reprise-artifacts/report.txt"),
+    )
+    .expect("symlink");
+    let replay = s.run(&["run", "--no-serve"]);
+    replay.expect_code(code::SUCCESS, "replay beside a symlink");
+    assert_eq!(
+        fs::read_to_string(outside.join("report.txt")).unwrap(),
+        "precious"
+    );
+    let report = s.repo().join("reprise-artifacts/report.txt");
+    assert!(
+        !report.is_symlink(),
+        "the link was replaced by the artifact"
+    );
+    assert!(
+        fs::read_to_string(&report).unwrap().contains("1 passed"),
+        "{:?}",
+        fs::read_to_string(&report)
+    );
+}
+
+/// An mkfile whose test image is busybox with a `/bin/verdict` that exits
+/// with `$VERDICT`; `build` is how base-image decides to build it.
+fn verdict_mkfile(build: &str, verdict: u8, test: &str) -> String {
+    format!(
+        "</usr/lib/reprise/ci.mk\n\
+         CONTAINERIMAGE=localhost/verdict-test\n\
+         base-image:V:\n\
+         \tif {build}; then\n\
+         \t\troot=`mktemp -d`\n\
+         \t\tmkdir -p $root/bin $root/tmp\n\
+         \t\tcp /bin/busybox $root/bin/busybox\n\
+         \t\tfor applet in `$root/bin/busybox --list`; do\n\
+         \t\t\t[ $applet = busybox ] || ln -s busybox $root/bin/$applet\n\
+         \t\tdone\n\
+         \t\tprintf '#!/bin/sh\\nexit {verdict}\\n' > $root/bin/verdict\n\
+         \t\tchmod +x $root/bin/verdict\n\
+         \t\ttar -C $root -c . | podman import - $CONTAINERIMAGE\n\
+         \t\trm -rf $root\n\
+         \tfi\n\
+         test:V:\n\
+         \t{test}\n"
+    )
+}
+
+/// Builds the image whatever podman holds.
+const ALWAYS: &str = "true";
+/// Builds it only if podman does not hold it yet.
+const IF_MISSING: &str = "! podman image exists $CONTAINERIMAGE";
+
+#[test]
+fn a_repository_declaring_anothers_namespace_cannot_plant_an_image_in_its_snapshot() {
+    let ns = "namespace = \"example.com/shared/project\"\n";
+    // The attacker's repository: an image whose verdict always passes.
+    let planter = Sandbox::new();
+    planter
+        .write("mkfile", &verdict_mkfile(ALWAYS, 0, "verdict"))
+        .write("reprise.toml", ns)
+        .git_init()
+        .commit("plant");
+    // The victim: honest tests that fail, building its image only when
+    // podman has none (as the examples do).
+    let victim = Sandbox::new();
+    victim
+        .write("mkfile", &verdict_mkfile(IF_MISSING, 1, "verdict"))
+        .write("reprise.toml", ns)
+        .git_init()
+        .commit("honest");
+    let _vm = vm_lock();
+    let planted = planter.run(&["run", "--no-serve"]);
+    planted.expect_code(code::SUCCESS, "the planter's run passes");
+    let honest = victim.run(&["run", "--no-serve"]);
+    honest.expect_code(
+        code::TESTS_FAILED,
+        "the victim's own image, its own verdict",
+    );
+    assert!(
+        !honest.stderr.contains("using this repository's snapshot"),
+        "the planter's snapshot was used:\n{}",
+        honest.stderr
+    );
+}
+
+#[test]
+fn a_failed_run_leaves_nothing_in_the_snapshot_for_the_next_run() {
+    let s = Sandbox::new();
+    s.write("mkfile", &verdict_mkfile(ALWAYS, 0, "false"))
+        .git_init()
+        .commit("plants an image, then fails");
+    let _vm = vm_lock();
+    let first = s.run(&["run", "--no-serve"]);
+    first.expect_code(code::TESTS_FAILED, "the planting run fails");
+    s.write("mkfile", &verdict_mkfile(IF_MISSING, 1, "verdict"))
+        .commit("honest tests");
+    let second = s.run(&["run", "--no-serve"]);
+    second.expect_code(
+        code::TESTS_FAILED,
+        "built its own image, got its own verdict",
+    );
+    assert!(
+        !second.stderr.contains("using this repository's snapshot"),
+        "the failed run's snapshot was kept:\n{}",
+        second.stderr
     );
 }
