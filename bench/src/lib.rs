@@ -85,7 +85,12 @@ pub fn store_large_result(
     data: &Path,
     sealer: Option<&dyn reprise_executor::store::Sealer>,
 ) -> pipeline::Keyed {
-    let keyed = pipeline::compute_key(repo, None, "test", &[], false, None).expect("key");
+    let keyed = pipeline::compute_key(
+        &pipeline::KeyRequest::at(repo),
+        &reprise_executor::inputs::process_env(),
+        None,
+    )
+    .expect("key");
     let mut rec = Vec::new();
     let line = b"ok some test passed with a reasonably long line of output\n";
     let mut written = 0;
@@ -139,6 +144,7 @@ pub fn store_large_result(
         output_sha256: reprise_protocol::digest::Sha256Digest::of(b""),
         output_bytes: 0,
         artifacts: Vec::new(),
+        crontab: None,
     };
     Store::new(data.join("reprise/store"))
         .commit(manifest, &rec, Some(&artifacts), sealer)

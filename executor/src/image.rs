@@ -375,8 +375,8 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
 /// Turns a failed build into the error that says what to do.
 fn diagnose(cache: &Path, log: &Path, status: String) -> ImageError {
     let text = fs::read_to_string(log).unwrap_or_default();
-    let mirror =
-        std::env::var("REPRISE_MIRROR").unwrap_or_else(|_| "http://deb.debian.org/debian".into());
+    let mirror = std::env::var(crate::vars::MIRROR_VAR)
+        .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
     let disk_full =
         text.contains("No space left on device") || free_bytes(cache).is_some_and(|f| f < 64 << 20);
     if disk_full {

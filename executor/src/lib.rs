@@ -1,19 +1,31 @@
-//! The reprise executor: the base image, the qemu VM driver, the run
-//! pipeline, the local result store and replay. The `reprise` binary is
-//! glue over this library.
+//! The reprise executor: the run pipeline and its drivers (qemu, host
+//! podman, dry run), the base image, the local result store and replay,
+//! the link to the orchestrator and the daemon. The `reprise` binary is
+//! glue over this library; ARCHITECTURE.md has the code map and glossary.
 
 pub mod accel;
 pub mod beneath;
-pub mod connected;
+pub mod check;
+pub mod daemon;
+pub mod driver;
+pub mod error;
 pub mod image;
-pub mod layers;
+pub mod inputs;
+pub mod link;
 pub mod paths;
-pub mod peer;
 pub mod pipeline;
+pub mod recorder;
 pub mod redact;
 pub mod replay;
 pub mod repo;
-pub mod settings;
-pub mod states;
+pub mod saved_guests;
+pub mod schedule;
+pub mod serving;
+pub mod signals;
+pub mod snapshots;
+pub mod steps;
 pub mod store;
+pub mod text;
+pub mod ui;
+pub mod vars;
 pub mod vm;

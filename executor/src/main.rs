@@ -9,16 +9,20 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use reprise_executor::accel::{self, Accel, AccelFacts};
-use reprise_executor::connected;
+use reprise_executor::daemon;
+use reprise_executor::driver::DriverKind;
 use reprise_executor::image::{ImageCache, ImageError};
-use reprise_executor::pipeline::{self, RunError, Ui};
-use reprise_executor::settings;
-use reprise_executor::states::States;
+use reprise_executor::link::RunLink;
+use reprise_executor::link::provenance::{self, Counts, SealedBy};
+use reprise_executor::pipeline::{self, RunError};
+use reprise_executor::saved_guests::SavedGuests;
+use reprise_executor::signals;
 use reprise_executor::store::{Lookup, Retention, Store};
+use reprise_executor::vars;
 use reprise_executor::vm::{BootError, GuestCommand, Stream, Vm, VmConfig};
 use reprise_protocol::digest::KeyPrefix;
 use reprise_protocol::exit;
-use reprise_protocol::local::{Answer, Ask, Link};
+use reprise_protocol::local::Answer;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,6 +48,10 @@ enum Cmd {
     Run(RunArgs),
     /// Print the run key of a revision.
     Key(KeyArgs),
+    /// Check a revision's mkfile and reprise.toml without running anything:
+    /// the contract's targets, CONTAINERIMAGE, artifacts, recipes. Problems
+    /// are printed as FILE:LINE: what is wrong; exit 5 if there are any.
+    Check(CheckArgs),
     /// The local result store.
     #[command(subcommand)]
     Results(ResultsCmd),
@@ -77,6 +85,8 @@ struct DaemonArgs {
 enum DaemonAction {
     /// Whether a daemon serves this store, and its link to the orchestrator.
     Status,
+    /// The scheduled targets the daemon runs, when next and when last.
+    Schedule,
     /// Stop the daemon serving this store.
     Stop,
 }
@@ -127,6 +137,21 @@ struct RunArgs {
     /// serve results to peers (for CI).
     #[arg(long)]
     no_serve: bool,
+    /// Where the run happens: qemu (a VM, the default), podman (a
+    /// privileged container on the host's podman, no VM), dry-run (print
+    /// the plan, run nothing). Default: REPRISE_DRIVER, else qemu.
+    #[arg(long, value_parser = parse_driver)]
+    driver: Option<DriverKind>,
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// The revision to check (default: HEAD).
+    #[arg(long)]
+    rev: Option<String>,
+    /// The target the run would make.
+    #[arg(long, default_value = "test")]
+    target: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -140,6 +165,9 @@ struct KeyArgs {
     /// The key of a run whose tests have the network (`reprise run --network`).
     #[arg(long)]
     network: bool,
+    /// The key of a run with this driver (qemu, podman).
+    #[arg(long, value_parser = parse_driver)]
+    driver: Option<DriverKind>,
     /// Print every input, and on a miss what differs from the nearest result.
     #[arg(long)]
     explain: bool,
@@ -221,6 +249,10 @@ fn parse_key_prefix(s: &str) -> Result<KeyPrefix, String> {
         .map_err(|e: reprise_protocol::digest::DigestError| e.to_string())
 }
 
+fn parse_driver(s: &str) -> Result<DriverKind, String> {
+    s.parse()
+}
+
 fn parse_accel(s: &str) -> Result<Accel, String> {
     s.parse()
 }
@@ -269,7 +301,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("REPRISE_LOG")
+            tracing_subscriber::EnvFilter::try_from_env(vars::LOG_VAR)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
@@ -278,23 +310,7 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let code = runtime.block_on(async {
-        let run = run(cli);
-        tokio::pin!(run);
-        tokio::select! {
-            code = &mut run => code,
-            _ = interrupted() => {
-                if SERVING.load(std::sync::atomic::Ordering::SeqCst) {
-                    // Connected mode ends on the same signal, with the run's
-                    // own exit code.
-                    run.await
-                } else {
-                    eprintln!("reprise: interrupted; stopping the VM, nothing was kept");
-                    Ok(exit::INTERRUPTED)
-                }
-            }
-        }
-    });
+    let code = runtime.block_on(run(cli));
     // Shutting the runtime down drops any VM still running, which kills
     // qemu. It does not wait for a blocked read of stdin (vm shell).
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
@@ -307,16 +323,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// Set once `reprise run` has its result and only serves it to peers: a
-/// signal then ends the serving, not the run.
-static SERVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-async fn interrupted() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+/// Runs `work` until it ends or SIGINT/SIGTERM arrives; then says so and
+/// returns the interrupted exit code (dropping `work` stops any VM).
+async fn interruptible(
+    work: impl std::future::Future<Output = anyhow::Result<i32>>,
+) -> anyhow::Result<i32> {
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        code = work => code,
+        () = signals::interrupted() => {
+            eprintln!("reprise: interrupted; stopping the VM, nothing was kept");
+            Ok(exit::INTERRUPTED)
+        }
     }
 }
 
@@ -336,8 +353,18 @@ fn error_code(e: &anyhow::Error) -> i32 {
     exit::INFRA
 }
 
+/// Runs the command. `run` (which serves after its result) and `daemon`
+/// handle SIGINT and SIGTERM themselves; for every other command they
+/// interrupt the work (dropping a VM stops it).
 async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
+        cmd @ (Cmd::Run(_) | Cmd::Daemon(_)) => command(cmd).await,
+        cmd => interruptible(command(cmd)).await,
+    }
+}
+
+async fn command(cmd: Cmd) -> anyhow::Result<i32> {
+    match cmd {
         Cmd::Image(ImageCmd::Build) => {
             let image = ensure_image()?;
             println!(
@@ -349,12 +376,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             // first run.
             let choice = accel::choose(&AccelFacts::probe(), None);
             let config = VmConfig::new(image, choice.accel);
-            let saved = States::default_location()
+            let saved = SavedGuests::default_location()
                 .ensure(&config, &mut |step| eprintln!("reprise: image: {step}"))
                 .await
                 .context("while saving the booted guest that runs start from")?;
             println!(
-                "saved guest state ({}, {} MiB) ready at {}",
+                "saved guest ({}, {} MiB) ready at {}",
                 choice.accel,
                 saved.state_bytes() >> 20,
                 saved.dir().display()
@@ -379,43 +406,59 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 retention: retention_from_env(),
                 fresh: args.fresh,
                 keep_work: args.keep,
+                driver: DriverKind::choose(args.driver, &reprise_executor::inputs::process_env())?,
             };
-            let mut remote = pipeline::Remote::new(&req.dir);
-            let outcome = pipeline::run(&req, &mut remote, &Terminal).await?;
-            if args.no_serve {
-                if let Some(peer) = remote.connected() {
-                    peer.close().await;
+            let mut link = RunLink::new(&req.dir);
+            let outcome = tokio::select! {
+                outcome = pipeline::run(&req, &mut link, &Terminal) => outcome?,
+                () = signals::interrupted() => {
+                    eprintln!("reprise: interrupted; stopping the VM, nothing was kept");
+                    return Ok(exit::INTERRUPTED);
                 }
+            };
+            if args.no_serve {
+                link.close().await;
             } else {
-                serve_after_run(&outcome, &mut remote).await;
+                // Serving ends on SIGINT or SIGTERM, with the run's own code.
+                if let Some(result) = outcome.result() {
+                    daemon::hand_over_or_serve(result, &mut link, &Terminal).await;
+                }
             }
             Ok(outcome.exit_code())
         }
         Cmd::Key(args) => key(args),
+        Cmd::Check(args) => check(args),
         Cmd::Daemon(args) => daemon(args).await,
         Cmd::Results(cmd) => results(cmd).await,
         Cmd::Cache(CacheCmd::Drop { all }) => {
-            let layers = reprise_executor::layers::Layers::default_location();
+            let snapshots = reprise_executor::snapshots::Snapshots::default_location();
             let repo = if all {
                 None
             } else {
                 let dir = std::env::current_dir().context("while finding the current folder")?;
-                let keyed = pipeline::compute_key(&dir, None, "test", &[], false, None)?;
-                Some(reprise_executor::layers::RepoId {
+                let keyed = pipeline::compute_key(
+                    &pipeline::KeyRequest::at(&dir),
+                    &reprise_executor::inputs::process_env(),
+                    None,
+                )?;
+                Some(reprise_executor::snapshots::RepoId {
                     namespace: keyed.inputs.namespace,
                     root_commit: keyed.revision.root_commit,
                 })
             };
-            let n = layers
-                .drop_layers(repo.as_ref())
-                .context("while removing snapshots")?;
+            let n = snapshots
+                .drop_repo(repo.as_ref())
+                .context("while removing snapshots")?
+                + reprise_executor::snapshots::Snapshots::folders()
+                    .drop_repo(repo.as_ref())
+                    .context("while removing snapshots")?;
             match repo {
                 Some(repo) => println!("dropped {n} snapshot(s) of {}", repo.namespace),
                 None => {
-                    let states = States::default_location()
+                    let states = SavedGuests::default_location()
                         .drop_all()
-                        .context("while removing saved guest states")?;
-                    println!("dropped {n} snapshot(s) and {states} saved guest state(s)");
+                        .context("while removing saved guests")?;
+                    println!("dropped {n} snapshot(s) and {states} saved guest(s)");
                 }
             }
             Ok(exit::SUCCESS)
@@ -472,101 +515,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
 /// target (default 1), `REPRISE_MAX_AGE` (e.g. 7d).
 fn retention_from_env() -> Retention {
     let mut r = Retention::default();
-    if let Some(n) = std::env::var("REPRISE_KEEP")
+    if let Some(n) = std::env::var(vars::KEEP_VAR)
         .ok()
         .and_then(|v| v.parse().ok())
     {
         r.per_target = n;
     }
-    r.max_age = std::env::var("REPRISE_MAX_AGE")
+    r.max_age = std::env::var(vars::MAX_AGE_VAR)
         .ok()
         .and_then(|v| parse_duration(&v).ok());
     r
-}
-
-/// After a run: a running daemon for this store takes the result and
-/// serves it, and the run returns; otherwise the run stays connected and
-/// serves the store itself until SIGINT or SIGTERM (connected mode),
-/// reconnecting if the orchestrator restarts.
-async fn serve_after_run(outcome: &pipeline::RunOutcome, remote: &mut pipeline::Remote) {
-    let data = reprise_executor::paths::data_dir();
-    let store = Store::default_location();
-    let result = outcome.result();
-    // Sealed results, passed or failed, are announced (a failed one so
-    // that a disagreement between producers shows).
-    let ask = if result.seal.is_some() {
-        Ask::Held {
-            key: result.manifest.key,
-            namespace: result.manifest.inputs.namespace.clone(),
-            store: store.root().display().to_string(),
-        }
-    } else {
-        Ask::Status
-    };
-    let handed = match connected::ask_daemon(&data, ask).await {
-        Ok(Answer::Accepted { link }) => {
-            Terminal.note(&format!(
-                "handed the result to the reprise daemon, which serves it ({})",
-                describe_link(&link)
-            ));
-            true
-        }
-        Ok(Answer::Status { pid, link, .. }) => {
-            Terminal.note(&format!(
-                "the reprise daemon (pid {pid}) serves this store ({})",
-                describe_link(&link)
-            ));
-            true
-        }
-        Ok(Answer::Error { .. }) | Err(connected::AskError::NoDaemon) => false,
-        Err(e) => {
-            Terminal.note(&format!("{e}; serving from here instead"));
-            false
-        }
-    };
-    if handed {
-        if let Some(peer) = remote.connected() {
-            peer.close().await;
-        }
-        return;
-    }
-    // Connected mode, only when the orchestrator was reachable: a run that
-    // already fell back to working alone does not wait on it.
-    if remote.get(&Terminal).await.is_none() {
-        return;
-    }
-    let Some((connector, peer)) = remote.take() else {
-        return;
-    };
-    SERVING.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (_news, news_rx) = tokio::sync::mpsc::channel(1);
-    let (link, _) = tokio::sync::watch::channel(Link::Reconnecting {
-        last_error: String::new(),
-    });
-    connected::stay_connected(
-        &connector,
-        Some(peer),
-        &store,
-        news_rx,
-        &link,
-        interrupted(),
-        &|line| Terminal.note(line),
-    )
-    .await;
-}
-
-fn describe_link(link: &Link) -> String {
-    match link {
-        Link::Connected {
-            identity,
-            announced,
-        } => format!("connected as {identity}, {announced} result(s) announced"),
-        Link::Reconnecting { last_error } => {
-            format!(
-                "not connected to the orchestrator now: {last_error}; it announces everything when it is"
-            )
-        }
-    }
 }
 
 /// `reprise daemon [status|stop] [--detach]`.
@@ -574,8 +532,8 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<i32> {
     let data = reprise_executor::paths::data_dir();
     match args.action {
         Some(DaemonAction::Status) => {
-            return match connected::ask_daemon(&data, Ask::Status).await {
-                Ok(Answer::Status {
+            return match daemon::status(&data).await? {
+                Some(Answer::Status {
                     pid,
                     store,
                     orchestrator,
@@ -584,173 +542,138 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<i32> {
                     println!("pid:          {pid}");
                     println!("store:        {store}");
                     println!("orchestrator: {orchestrator}");
-                    println!("link:         {}", describe_link(&link));
+                    println!("link:         {}", daemon::describe(&link));
                     Ok(exit::SUCCESS)
                 }
-                Ok(other) => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
-                Err(connected::AskError::NoDaemon) => {
+                _ => {
                     println!("no reprise daemon serves the store in {}", data.display());
                     Ok(exit::TESTS_FAILED)
                 }
-                Err(e) => Err(e.into()),
             };
         }
-        Some(DaemonAction::Stop) => {
-            let pid = match connected::ask_daemon(&data, Ask::Status).await {
-                Ok(Answer::Status { pid, .. }) => pid,
-                Err(connected::AskError::NoDaemon) => {
-                    println!("no reprise daemon serves the store in {}", data.display());
-                    return Ok(exit::SUCCESS);
-                }
-                Ok(other) => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
-                Err(e) => return Err(e.into()),
-            };
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .with_context(|| format!("while stopping the daemon (pid {pid})"))?;
-            let socket = connected::socket_path(&data);
-            for _ in 0..100 {
-                if !socket.exists() {
-                    println!("stopped the reprise daemon (pid {pid})");
-                    return Ok(exit::SUCCESS);
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        Some(DaemonAction::Schedule) => {
+            let schedules = reprise_executor::schedule::Schedules::default_location().list();
+            if schedules.is_empty() {
+                println!(
+                    "nothing is scheduled (a run of a default branch's tip whose prepare-runtime writes /var/run/ci/crontab schedules its targets)"
+                );
             }
-            anyhow::bail!("the daemon (pid {pid}) did not stop within 10s");
+            let when =
+                |t: Option<u64>| t.map_or("-".to_string(), reprise_executor::text::utc_timestamp);
+            for s in &schedules {
+                println!(
+                    "{} on {} in {} (driver {})",
+                    s.namespace,
+                    s.branch,
+                    s.checkout.display(),
+                    s.driver
+                );
+                for e in &s.entries {
+                    let last = s.last.get(&e.target);
+                    let from = last.map_or(s.since, |l| l.at).max(s.since);
+                    println!(
+                        "  {:<12} {:<14} next {}  last {}{}",
+                        e.target,
+                        e.cron,
+                        when(reprise_executor::schedule::next_after(e, from)),
+                        when(last.map(|l| l.at)),
+                        last.map_or(String::new(), |l| format!(" (exit {})", l.exit_code))
+                    );
+                }
+            }
+            return Ok(exit::SUCCESS);
+        }
+        Some(DaemonAction::Stop) => {
+            match daemon::stop(&data).await? {
+                Some(pid) => println!("stopped the reprise daemon (pid {pid})"),
+                None => println!("no reprise daemon serves the store in {}", data.display()),
+            }
+            return Ok(exit::SUCCESS);
         }
         None => {}
     }
-    // The daemon serves the whole store: it takes its settings from the
-    // user (flags, environment, user config), never from a repository.
-    let mut facts = settings::gather(None);
-    if let Some(o) = args.orchestrator {
-        facts.env.insert(settings::ORCHESTRATOR_VAR.into(), o);
-    }
-    if let Some(c) = args.credentials {
-        facts
-            .env
-            .insert(settings::CREDENTIALS_VAR.into(), c.display().to_string());
-    }
-    let resolved = settings::resolve(&facts);
-    for note in &resolved.notes {
-        Terminal.note(note);
-    }
-    let Some(settings) = resolved.settings else {
-        eprintln!(
-            "reprise: error: the daemon needs an orchestrator: pass --orchestrator HOST:PORT and --credentials FILE, set REPRISE_ORCHESTRATOR and REPRISE_CREDENTIALS, or write them in {}",
-            settings::user_config_path().display()
-        );
-        return Ok(exit::USAGE);
-    };
-    let connector = match connected::Connector::new(settings) {
-        Ok(c) => c,
+    let orchestrator = match daemon::orchestrator((args.orchestrator, args.credentials), &Terminal)
+    {
+        Ok(o) => o,
         Err(e) => {
             eprintln!("reprise: error: {}", pipeline::error_chain(&e));
             return Ok(exit::USAGE);
         }
     };
-    if args.detach {
-        return detach(&data, &connector).await;
-    }
-    let daemon = match connected::Daemon::bind(&data) {
-        Ok(d) => d,
-        Err(e @ connected::DaemonError::AlreadyRunning { .. }) => {
-            eprintln!("reprise: error: {e}");
-            return Ok(exit::USAGE);
-        }
-        Err(e) => return Err(e.into()),
+    let served = if args.detach {
+        daemon::detach(&data, &orchestrator)
+            .await
+            .map(|(pid, log)| {
+                println!(
+                    "reprise daemon started (pid {pid}); log in {}",
+                    log.display()
+                );
+            })
+    } else {
+        daemon::serve_in_foreground(&data, orchestrator).await
     };
-    let store = Store::default_location();
-    eprintln!(
-        "reprise daemon: pid {}, store {}, socket {}, orchestrator {}",
-        std::process::id(),
-        store.root().display(),
-        daemon.socket().display(),
-        connector.settings.orchestrator
-    );
-    SERVING.store(true, std::sync::atomic::Ordering::SeqCst);
-    daemon
-        .run(connector, store, daemon_stop(), &|line| {
-            let now = reprise_executor::store::now_secs();
-            eprintln!("{} reprise daemon: {line}", connected::utc_timestamp(now));
-        })
-        .await;
-    eprintln!("reprise daemon: stopped");
-    Ok(exit::SUCCESS)
-}
-
-/// SIGINT or SIGTERM stop the daemon; SIGHUP (a closed terminal) does not.
-async fn daemon_stop() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    let stop = interrupted();
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            () = &mut stop => return,
-            _ = hup.recv() => {}
+    match served {
+        Ok(()) => Ok(exit::SUCCESS),
+        Err(e @ daemon::DaemonError::AlreadyRunning { .. }) => {
+            eprintln!("reprise: error: {e}");
+            Ok(exit::USAGE)
         }
+        Err(daemon::DaemonError::Exited { status, log }) => {
+            eprintln!("reprise: error: the daemon exited ({status}):\n{log}");
+            Ok(status.code().unwrap_or(exit::INFRA))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
-/// Starts this same command without `--detach` in a process group of its
-/// own, its output appended to `daemon.log`, and waits until it answers.
-async fn detach(data: &std::path::Path, connector: &connected::Connector) -> anyhow::Result<i32> {
-    use std::os::unix::process::CommandExt;
-    std::fs::create_dir_all(data).with_context(|| format!("while creating {}", data.display()))?;
-    let log_path = data.join("daemon.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("while opening {}", log_path.display()))?;
-    let exe = std::env::current_exe().context("while finding the reprise binary")?;
-    let mut child = std::process::Command::new(exe)
-        .args(["daemon", "--orchestrator", &connector.settings.orchestrator])
-        .arg("--credentials")
-        .arg(&connector.settings.credentials)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .context("while starting the daemon")?;
-    for _ in 0..100 {
-        if let Ok(Answer::Status { pid, .. }) = connected::ask_daemon(data, Ask::Status).await {
+/// `reprise check`.
+fn check(args: CheckArgs) -> anyhow::Result<i32> {
+    use reprise_executor::repo::{Checkout, RepoError};
+    let dir = std::env::current_dir().context("while finding the current folder")?;
+    let checkout = Checkout::discover(&dir).map_err(RunError::Repo)?;
+    let revision = match checkout.resolve(args.rev.as_deref()) {
+        Ok(r) => r,
+        Err(RepoError::Config { source, .. }) => {
+            println!("{source}");
+            return Ok(exit::CONTRACT);
+        }
+        Err(e) => return Err(RunError::Repo(e).into()),
+    };
+    match reprise_executor::check::check(&checkout, &revision, &args.target) {
+        Ok(checked) => {
             println!(
-                "reprise daemon started (pid {pid}); log in {}",
-                log_path.display()
+                "ok: the mkfile and reprise.toml of {} follow the contract for target {} (CONTAINERIMAGE {})",
+                short(&revision.commit),
+                args.target,
+                checked
+                    .container_image
+                    .as_deref()
+                    .unwrap_or("written by prepare-runtime")
             );
-            return Ok(exit::SUCCESS);
+            Ok(exit::SUCCESS)
         }
-        if let Some(status) = child.try_wait()? {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            eprintln!(
-                "reprise: error: the daemon exited ({status}):\n{}",
-                reprise_executor::paths::tail_lines(&log, 5)
-            );
-            return Ok(status.code().unwrap_or(exit::INFRA));
+        Err(problems) => {
+            for p in &problems {
+                println!("{p}");
+            }
+            Ok(exit::CONTRACT)
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    anyhow::bail!(
-        "the daemon did not answer within 10s; see {}",
-        log_path.display()
-    )
 }
 
 fn key(args: KeyArgs) -> anyhow::Result<i32> {
     let dir = std::env::current_dir().context("while finding the current folder")?;
-    let keyed = pipeline::compute_key(
-        &dir,
-        args.rev.as_deref(),
-        &args.target,
-        &args.env,
-        args.network,
-        None,
-    )?;
+    let env = reprise_executor::inputs::process_env();
+    let driver = DriverKind::choose(args.driver, &env)?;
+    let request = pipeline::KeyRequest {
+        dir,
+        rev: args.rev,
+        target: args.target,
+        cli_env: args.env,
+        driver: driver.class().into(),
+        network: args.network,
+    };
+    let keyed = pipeline::compute_key(&request, &env, None)?;
     let key = keyed.inputs.key();
     let lookup = Store::default_location().lookup(&keyed.inputs);
     if args.json {
@@ -807,7 +730,7 @@ async fn show_result(r: &reprise_executor::store::StoredResult) {
     );
     println!(
         "ran:         {} on {}@{}, {:.1}s under {} ({}), snapshot {}, network {}",
-        connected::utc_timestamp(m.created_at),
+        reprise_executor::text::utc_timestamp(m.created_at),
         m.producer.user,
         m.producer.host,
         m.total_ms as f64 / 1000.0,
@@ -817,65 +740,29 @@ async fn show_result(r: &reprise_executor::store::StoredResult) {
         if m.inputs.network { "yes" } else { "none" }
     );
     let dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-    let mut remote = pipeline::Remote::new(&dir);
-    let Some(seal) = &r.seal else {
-        println!("sealed by:   nobody (made without credentials)");
-        println!(
-            "counts:      no: a result without its producer's seal is never served and never counts"
-        );
-        return;
-    };
-    let roots = remote
-        .connector(&Terminal)
-        .map(|c| vec![c.credentials().ca().clone()]);
-    let now = rustls::pki_types::UnixTime::now();
-    match &roots {
-        Some(roots) => {
-            match reprise_protocol::seal::verify(seal, m, roots, now, &Default::default()) {
-                Ok(who) => println!(
-                    "sealed by:   {} (certificate {}, valid until {}; checked against the team CA)",
-                    who.name,
-                    who.fingerprint.short(),
-                    connected::utc_timestamp(who.not_after)
-                ),
-                Err(e) => {
-                    println!("sealed by:   a seal that does not hold: {e}");
-                    println!("counts:      no: its seal does not hold");
-                    return;
-                }
-            }
-        }
-        None => match seal.claimed() {
-            Ok(who) => println!(
-                "sealed by:   {} (certificate {}; unchecked: no credentials configured)",
-                who.name,
-                who.fingerprint.short()
-            ),
-            Err(e) => println!("sealed by:   an unreadable certificate: {e}"),
-        },
+    let mut link = RunLink::new(&dir);
+    let by = provenance::sealed_by(r, &mut link, &Terminal);
+    match &by {
+        SealedBy::Nobody => println!("sealed by:   nobody (made without credentials)"),
+        SealedBy::Checked(who) => println!(
+            "sealed by:   {} (certificate {}, valid until {}; checked against the team CA)",
+            who.name,
+            who.fingerprint.short(),
+            reprise_executor::text::utc_timestamp(who.not_after)
+        ),
+        SealedBy::Unchecked(who) => println!(
+            "sealed by:   {} (certificate {}; unchecked: no credentials configured)",
+            who.name,
+            who.fingerprint.short()
+        ),
+        SealedBy::Broken(why) => println!("sealed by:   a seal that does not hold: {why}"),
     }
-    let Some(peer) = remote.get(&Terminal).await else {
-        println!(
-            "counts:      unknown: only the orchestrator's policy can say, and none is reachable"
-        );
-        return;
-    };
-    let sealed = r.sealed().expect("has a seal");
-    match reprise_protocol::seal::verify(
-        seal,
-        m,
-        roots.as_deref().unwrap_or(&[]),
-        now,
-        peer.revoked(),
-    ) {
-        Err(e) => println!("counts:      no: {e}"),
-        Ok(_) => match peer.assess(sealed).await {
-            Ok((true, why)) => println!("counts:      yes: {why}"),
-            Ok((false, why)) => println!("counts:      no: {why}"),
-            Err(e) => println!("counts:      unknown: the orchestrator did not answer ({e})"),
-        },
+    match provenance::counts(r, &by, &mut link, &Terminal).await {
+        Counts::Yes(why) => println!("counts:      yes: {why}"),
+        Counts::No(why) => println!("counts:      no: {why}"),
+        Counts::Unknown(why) => println!("counts:      unknown: {why}"),
     }
-    peer.close().await;
+    link.close().await;
 }
 
 async fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
@@ -918,7 +805,7 @@ async fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
                     eprintln!(
                         "reprise: also stored: a {:?} run of this key from {}",
                         older.manifest.outcome,
-                        connected::utc_timestamp(older.manifest.created_at)
+                        reprise_executor::text::utc_timestamp(older.manifest.created_at)
                     );
                 }
                 found.truncate(1);
@@ -1025,9 +912,9 @@ fn image_info() {
             }
         );
     }
-    let states = States::default_location().list();
+    let states = SavedGuests::default_location().list();
     if !states.is_empty() {
-        println!("saved guest states (runs start from these):");
+        println!("saved guests (runs start from these):");
     }
     for (dir, bytes) in states {
         println!("{} {} MiB", dir.display(), bytes >> 20);

@@ -137,6 +137,33 @@ impl Checkout {
         format!("local/{}", &root_commit[..16])
     }
 
+    /// The repository's default branch and the commit at its tip:
+    /// `origin`'s HEAD when the clone knows it, else the branch checked out.
+    pub fn default_branch(&self) -> Option<(String, String)> {
+        if let Ok(r) = self.repo.find_reference("refs/remotes/origin/HEAD")
+            && let Ok(Some(target)) = r.symbolic_target()
+            && let Some(name) = target.strip_prefix("refs/remotes/origin/")
+        {
+            let tip = r.resolve().ok()?.target()?.to_string();
+            return Some((name.to_string(), tip));
+        }
+        let head = self.repo.head().ok()?;
+        if !head.is_branch() {
+            return None;
+        }
+        let name = head.shorthand().ok()?.to_string();
+        Some((name, head.target()?.to_string()))
+    }
+
+    /// The text of the file `path` (relative to the root) in the tree
+    /// `tree`, if it is a file there.
+    pub fn read_file(&self, tree: &str, path: &str) -> Option<String> {
+        let tree = self.repo.find_tree(Oid::from_str(tree).ok()?).ok()?;
+        let entry = tree.get_path(Path::new(path)).ok()?;
+        let blob = self.repo.find_blob(entry.id()).ok()?;
+        Some(String::from_utf8_lossy(blob.content()).into_owned())
+    }
+
     /// Whether git tracks `path` (relative to the root): it is in the
     /// index or in HEAD's tree. What a repository commits is the
     /// repository's, not the user's.

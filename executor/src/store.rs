@@ -498,6 +498,7 @@ pub(crate) mod tests {
             output_sha256: Sha256Digest::of(b""),
             output_bytes: 0,
             artifacts: vec![],
+            crontab: None,
         }
     }
 

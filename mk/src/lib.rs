@@ -39,7 +39,7 @@ mod word;
 
 pub use error::{ParseError, RunError};
 pub use eval::{Evaluator, Options};
-pub use parse::{Commands, Mkfile};
+pub use parse::{Commands, Mkfile, Recipe};
 
 use std::path::Path;
 

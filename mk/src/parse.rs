@@ -75,6 +75,34 @@ pub struct Mkfile {
     shell: Rc<Vec<String>>,
     shell_stack: Vec<Rc<Vec<String>>>,
     commands: Commands,
+    includes: Option<Includes>,
+}
+
+/// Reads an include file's text by path; `None` when it is missing.
+type IncludeReader = dyn Fn(&str) -> Option<String>;
+
+/// Where `<file` includes are read from, when not the file system.
+struct Includes(Box<IncludeReader>);
+
+impl std::fmt::Debug for Includes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Includes(..)")
+    }
+}
+
+/// A rule's recipe and where it was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipe {
+    /// The mkfile (or included file) name.
+    pub file: String,
+    /// The line of the rule's head.
+    pub line: usize,
+    /// The targets of that line.
+    pub targets: Vec<String>,
+    /// The shell that runs it (`MKSHELL` then).
+    pub shell: Vec<String>,
+    /// The recipe's text, lines without their leading tab.
+    pub text: String,
 }
 
 enum Head {
@@ -120,7 +148,45 @@ impl Mkfile {
             shell: default_shell(),
             shell_stack: Vec::new(),
             commands,
+            includes: None,
         }
+    }
+
+    /// Reads `<file` includes through `resolve` instead of the file system
+    /// (`None`: the file is missing, a warning as for a missing file). For
+    /// checking a mkfile of a revision, whose files are git objects.
+    pub fn set_includes(&mut self, resolve: impl Fn(&str) -> Option<String> + 'static) {
+        self.includes = Some(Includes(Box::new(resolve)));
+    }
+
+    /// Where the first explicit rule for `target` was written: (file, line).
+    pub fn rule_location(&self, target: &str) -> Option<(String, usize)> {
+        self.by_target.get(target)?.iter().find_map(|&i| {
+            let r = &self.rules[i];
+            (!r.is_meta()).then(|| (r.file.to_string(), r.line))
+        })
+    }
+
+    /// Every recipe, once per rule line, in the order written.
+    pub fn recipes(&self) -> Vec<Recipe> {
+        let mut out: Vec<Recipe> = Vec::new();
+        for r in &self.rules {
+            if r.recipe.is_empty()
+                || out
+                    .iter()
+                    .any(|o| o.line == r.line && *o.file == *r.file && o.text == *r.recipe)
+            {
+                continue;
+            }
+            out.push(Recipe {
+                file: r.file.to_string(),
+                line: r.line,
+                targets: (*r.alltargets).clone(),
+                shell: (*r.shell).clone(),
+                text: r.recipe.to_string(),
+            });
+        }
+        out
     }
 
     /// Warnings printed while parsing (missing include files and the like),
@@ -218,12 +284,19 @@ impl Mkfile {
                     if p.is_empty() {
                         return Err(syntax(name, lx.line, "missing include file name"));
                     }
-                    match std::fs::read(&p) {
-                        Err(e) => self.warnings.push(format!(
-                            "warning: skipping missing include file {p}: {}",
-                            os_reason(&e)
+                    let read = match &self.includes {
+                        Some(Includes(resolve)) => {
+                            resolve(&p).ok_or_else(|| "No such file or directory".to_string())
+                        }
+                        None => std::fs::read(&p)
+                            .map(|t| String::from_utf8_lossy(&t).into_owned())
+                            .map_err(|e| os_reason(&e)),
+                    };
+                    match read {
+                        Err(reason) => self.warnings.push(format!(
+                            "warning: skipping missing include file {p}: {reason}"
                         )),
-                        Ok(t) => self.parse_text(&p, &String::from_utf8_lossy(&t), false)?,
+                        Ok(t) => self.parse_text(&p, &t, false)?,
                     }
                 }
                 Head::Pipe(tail) => {

@@ -25,7 +25,7 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use reprise_protocol::digest::Sha256Digest;
 use reprise_protocol::policy::PolicyConfig;
 use reprise_protocol::seal::{SealError, SignedBy};
-use reprise_protocol::wire::{self, ErrorCode, FrameError, Held, Message, Sealed, StateEvent};
+use reprise_protocol::wire::{ErrorCode, Held, Message, Sealed, StateEvent};
 use rustls::pki_types::{CertificateDer, UnixTime};
 use thiserror::Error;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -45,76 +45,7 @@ pub mod close {
     pub const PROTOCOL: u32 = 3;
 }
 
-/// Why a frame could not be read from a stream.
-#[derive(Debug, Error)]
-pub enum ReadError {
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-    #[error("the stream ended in the middle of a frame")]
-    Truncated,
-    #[error("the stream ended before a message")]
-    Ended,
-    #[error("stream read")]
-    Stream(#[from] quinn::ReadError),
-}
-
-impl ReadError {
-    /// The refusal to send back, if one can be sent.
-    pub fn refusal(&self) -> Option<Message> {
-        match self {
-            ReadError::Frame(e) => Some(Message::error(
-                match e {
-                    FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
-                    FrameError::UnknownMessage(_) => ErrorCode::UnknownMessage,
-                    FrameError::Malformed(_) => ErrorCode::Malformed,
-                },
-                e.to_string(),
-            )),
-            ReadError::Truncated => Some(Message::error(ErrorCode::Malformed, self.to_string())),
-            ReadError::Ended | ReadError::Stream(_) => None,
-        }
-    }
-}
-
-fn from_exact(e: quinn::ReadExactError, started: bool) -> ReadError {
-    match e {
-        quinn::ReadExactError::FinishedEarly(_) if started => ReadError::Truncated,
-        quinn::ReadExactError::FinishedEarly(n) if n > 0 => ReadError::Truncated,
-        quinn::ReadExactError::FinishedEarly(_) => ReadError::Ended,
-        quinn::ReadExactError::ReadError(e) => ReadError::Stream(e),
-    }
-}
-
-/// Reads one control message frame; an oversized length is refused before
-/// any of the body is read.
-pub async fn read_message(recv: &mut RecvStream) -> Result<Message, ReadError> {
-    let mut header = [0u8; wire::HEADER_LEN];
-    recv.read_exact(&mut header)
-        .await
-        .map_err(|e| from_exact(e, false))?;
-    let len = wire::body_len(header, wire::MAX_FRAME)?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| from_exact(e, true))?;
-    Ok(wire::decode(&body)?)
-}
-
-/// Writes one control message frame.
-pub async fn write_message(send: &mut SendStream, message: &Message) -> Result<(), WriteError> {
-    let frame = wire::encode(message)?;
-    send.write_all(&frame).await?;
-    Ok(())
-}
-
-/// Why a frame could not be written.
-#[derive(Debug, Error)]
-pub enum WriteError {
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-    #[error("stream write")]
-    Stream(#[from] quinn::WriteError),
-}
+pub use reprise_frames::{ReadError, WriteError, read_message, write_message};
 
 /// Why the service stopped.
 #[derive(Debug, Error)]

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use reprise_executor::peer::{
-    Credentials, FetchError, Found, Peer, PeerError, read_message, transfer_files, write_message,
+use reprise_executor::link::{
+    Credentials, FetchError, Found, Link, LinkError, read_message, transfer_files, write_message,
 };
 use reprise_executor::store::{Sealer, Store, StoredResult};
 use reprise_orchestrator::{Folder, server};
@@ -67,8 +67,8 @@ impl Team {
         Arc::new(Credentials::from_pem(&pem).unwrap())
     }
 
-    async fn connect(&self, creds: &Arc<Credentials>) -> Result<Peer, PeerError> {
-        Peer::connect(&self.addr.to_string(), creds.clone()).await
+    async fn connect(&self, creds: &Arc<Credentials>) -> Result<Link, LinkError> {
+        Link::connect(&self.addr.to_string(), creds.clone()).await
     }
 
     /// Stops the service and starts it again on the same address and state.
@@ -162,6 +162,7 @@ fn producer_store_with(
         output_sha256: Sha256Digest::of(b""),
         output_bytes: 0,
         artifacts: vec![],
+        crontab: None,
     };
     let mut manifest = manifest;
     change(&mut manifest);
@@ -269,7 +270,7 @@ async fn certificates_from_another_ca_are_refused() {
     let eve = Arc::new(Credentials::from_pem(&pem).unwrap());
     let err = team.connect(&eve).await.unwrap_err();
     assert!(
-        matches!(err, PeerError::Connection(_) | PeerError::Connect(_)),
+        matches!(err, LinkError::Connection(_) | LinkError::Connect(_)),
         "{err:?}"
     );
     let chain = format!("{:?}", err);
@@ -316,7 +317,7 @@ async fn revoked_identities_are_refused_at_connection() {
     team.folder.revoke("leaver").unwrap();
     let err = team.connect(&creds).await.unwrap_err();
     match err {
-        PeerError::Connection(quinn::ConnectionError::ApplicationClosed(close)) => {
+        LinkError::Connection(quinn::ConnectionError::ApplicationClosed(close)) => {
             assert_eq!(
                 close.error_code,
                 quinn::VarInt::from_u32(server::close::REVOKED)
@@ -426,7 +427,7 @@ async fn a_namespace_not_granted_looks_exactly_like_no_result() {
 }
 
 /// Opens a raw request stream, writes `bytes`, finishes, reads the answer.
-async fn raw(peer: &Peer, bytes: &[u8]) -> Message {
+async fn raw(peer: &Link, bytes: &[u8]) -> Message {
     let (mut send, mut recv) = peer.connection().open_bi().await.unwrap();
     send.write_all(bytes).await.unwrap();
     send.finish().unwrap();
@@ -494,11 +495,11 @@ async fn unknown_versions_and_a_missing_hello_are_refused() {
         (endpoint, conn)
     };
     let (endpoint, conn) = connect().await;
-    let err = Peer::hello(endpoint, conn, creds.clone(), 99)
+    let err = Link::hello(endpoint, conn, creds.clone(), 99)
         .await
         .unwrap_err();
     match err {
-        PeerError::Refused {
+        LinkError::Refused {
             code: ErrorCode::UnsupportedVersion,
             message,
         } => assert!(
@@ -576,7 +577,7 @@ async fn wait_until(mut cond: impl FnMut() -> bool) {
 
 /// A producer named `name` that announces its honest result and then, asked
 /// to serve it, commits `fault`.
-async fn rogue_producer(team: &Team, fault: Fault, name: &str, asker_store: PathBuf) -> Arc<Peer> {
+async fn rogue_producer(team: &Team, fault: Fault, name: &str, asker_store: PathBuf) -> Arc<Link> {
     let creds = team.creds(name, &[NS], true);
     let other = team.creds(&format!("{name}-someone"), &[NS], true);
     let foreign_dir = tempfile::tempdir().unwrap();
@@ -730,7 +731,7 @@ async fn bad_transfers_are_never_committed() {
 }
 
 /// An executor that holds a copy of another's store and serves it.
-async fn relayer(team: &Team, creds: &Arc<Credentials>, store: &Store) -> Arc<Peer> {
+async fn relayer(team: &Team, creds: &Arc<Credentials>, store: &Store) -> Arc<Link> {
     let peer = Arc::new(team.connect(creds).await.unwrap());
     peer.announce(store).await.unwrap();
     let (p, s) = (peer.clone(), store.clone());
@@ -799,7 +800,7 @@ async fn a_result_counts_by_its_producer_never_by_who_relays_it() {
         seal: bob.seal(&sealed.manifest),
         manifest: sealed.manifest,
     };
-    let err = reprise_executor::peer::check_transfer(
+    let err = reprise_executor::link::check_transfer(
         &[bob.ca().clone()],
         &bobs,
         &key,
@@ -996,7 +997,7 @@ async fn a_restarted_orchestrator_keeps_its_state_and_connected_peers_see_a_clea
     assert!(
         matches!(
             &err,
-            PeerError::Connection(quinn::ConnectionError::ApplicationClosed(c))
+            LinkError::Connection(quinn::ConnectionError::ApplicationClosed(c))
                 if c.error_code == quinn::VarInt::from_u32(server::close::SHUTDOWN)
         ),
         "{err:?}"

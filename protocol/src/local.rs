@@ -42,13 +42,13 @@ pub enum Answer {
     /// The result is served (now, or as soon as the orchestrator is
     /// reachable again: every reconnection announces the whole store).
     Accepted {
-        link: Link,
+        link: LinkState,
     },
     Status {
         pid: u32,
         store: String,
         orchestrator: String,
-        link: Link,
+        link: LinkState,
     },
     Error {
         message: String,
@@ -58,7 +58,7 @@ pub enum Answer {
 /// The daemon's connection to the orchestrator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
-pub enum Link {
+pub enum LinkState {
     /// Connected and serving as `identity`; `announced` results indexed.
     Connected { identity: String, announced: u32 },
     /// Not connected; the next attempt is under way or scheduled.
@@ -132,7 +132,7 @@ mod tests {
 
         for answer in [
             Answer::Accepted {
-                link: Link::Connected {
+                link: LinkState::Connected {
                     identity: "alice".into(),
                     announced: 3,
                 },
@@ -141,7 +141,7 @@ mod tests {
                 pid: 7,
                 store: "/s".into(),
                 orchestrator: "h:1".into(),
-                link: Link::Reconnecting {
+                link: LinkState::Reconnecting {
                     last_error: "refused".into(),
                 },
             },

@@ -185,6 +185,10 @@ pub struct ResultManifest {
     pub output_sha256: Sha256Digest,
     pub output_bytes: u64,
     pub artifacts: Vec<Artifact>,
+    /// What `prepare-runtime` wrote to `/var/run/ci/crontab`, if anything:
+    /// the repository's scheduled targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crontab: Option<String>,
 }
 
 /// What is wrong with a manifest whose parts each parsed.
@@ -312,6 +316,7 @@ pub(crate) mod tests {
                 bytes: 2,
                 mode: 0o644,
             }],
+            crontab: None,
         }
     }
 

@@ -29,15 +29,45 @@ pub struct RepoConfig {
     pub artifacts: Vec<ArtifactPath>,
 }
 
-/// Why `reprise.toml` was refused.
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    #[error("{FILE_NAME} is not valid: {0}")]
+/// Why `reprise.toml` was refused, and where: `reprise.toml:LINE:COLUMN:`.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{FILE_NAME}:{line}:{column}: {what}")]
+pub struct ConfigError {
+    pub line: usize,
+    pub column: usize,
+    pub what: ConfigProblem,
+}
+
+/// What is wrong with `reprise.toml`.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigProblem {
+    #[error("{0}")]
     Syntax(String),
-    #[error("{FILE_NAME}: '{0}' is not a valid environment variable name")]
+    #[error("'{0}' is not a valid environment variable name")]
     BadName(String),
-    #[error("{FILE_NAME}: '{0}' is both counted and secret")]
+    #[error("'{0}' is both counted and secret")]
     Both(String),
+}
+
+/// The 1-based line and column of byte `offset` of `text`.
+pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+impl ConfigError {
+    /// A problem with `name`, placed at its first quoted occurrence in
+    /// `text` (counted names are written as TOML strings).
+    fn at_name(text: &str, name: &str, what: ConfigProblem) -> ConfigError {
+        let offset = text
+            .find(&format!("\"{name}\""))
+            .or_else(|| text.find(&format!("'{name}'")))
+            .map_or(0, |o| o + 1);
+        let (line, column) = line_column(text, offset);
+        ConfigError { line, column, what }
+    }
 }
 
 /// Whether `name` can be an environment variable name.
@@ -50,15 +80,36 @@ pub fn valid_env_name(name: &str) -> bool {
 impl RepoConfig {
     /// Parses and checks the file's text.
     pub fn parse(text: &str) -> Result<RepoConfig, ConfigError> {
-        let config: RepoConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Syntax(e.message().to_string()))?;
+        let config: RepoConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = line_column(text, e.span().map_or(0, |s| s.start));
+            ConfigError {
+                line,
+                column,
+                what: ConfigProblem::Syntax(e.message().to_string()),
+            }
+        })?;
         for name in config.env.iter().chain(&config.secrets) {
             if !valid_env_name(name) {
-                return Err(ConfigError::BadName(name.clone()));
+                return Err(ConfigError::at_name(
+                    text,
+                    name,
+                    ConfigProblem::BadName(name.clone()),
+                ));
             }
         }
         if let Some(both) = config.env.iter().find(|n| config.secrets.contains(n)) {
-            return Err(ConfigError::Both(both.clone()));
+            // The second mention is the one that makes it both.
+            let first = text.find(&format!("\"{both}\"")).unwrap_or(0);
+            let rest = &text[first + 1..];
+            let offset = rest
+                .find(&format!("\"{both}\""))
+                .map_or(first, |o| first + 1 + o);
+            let (line, column) = line_column(text, offset + 1);
+            return Err(ConfigError {
+                line,
+                column,
+                what: ConfigProblem::Both(both.clone()),
+            });
         }
         Ok(config)
     }
@@ -106,13 +157,17 @@ mod tests {
     #[test]
     fn refuses_bad_declarations() {
         let cases = [
-            ("env = [\"1X\"]", "not a valid"),
-            ("env = [\"A\"]\nsecrets = [\"A\"]", "both"),
-            ("artifacts = [\"../x\"]", "relative"),
-            ("artifacts = [\"/etc/passwd\"]", "relative"),
+            ("env = [\"1X\"]", "reprise.toml:1:9: '1X' is not a valid"),
+            (
+                "env = [\"A\"]\nsecrets = [\"A\"]",
+                "reprise.toml:2:13: 'A' is both counted and secret",
+            ),
+            ("artifacts = [\"../x\"]", "reprise.toml:1:13: artifact path"),
+            ("\nartifacts = [\"/etc/passwd\"]", "reprise.toml:2:13:"),
             ("artifacts = [\"a//b\"]", "relative"),
-            ("colour = 1", "not valid"),
-            ("env = \"CC\"", "not valid"),
+            ("colour = 1", "reprise.toml:1:1: unknown field `colour`"),
+            ("env = \"CC\"", "reprise.toml:1:7:"),
+            ("env = [\"CC\"\n", "reprise.toml:1:12: unclosed array"),
         ];
         for (text, want) in cases {
             let err = RepoConfig::parse(text).unwrap_err().to_string();

@@ -52,6 +52,13 @@ pub fn signing_bytes(manifest: &ResultManifest) -> Vec<u8> {
         put(&a.bytes.to_be_bytes());
         put(&a.mode.to_be_bytes());
     }
+    match &manifest.crontab {
+        None => put(b"no crontab"),
+        Some(text) => {
+            put(b"crontab");
+            put(text.as_bytes());
+        }
+    }
     out
 }
 
@@ -90,6 +97,8 @@ mod tests {
             |m| m.artifacts[0].bytes += 1,
             |m| m.artifacts[0].mode = 0o755,
             |m| m.artifacts.clear(),
+            |m| m.crontab = Some(String::new()),
+            |m| m.crontab = Some("* * * * * lint\n".into()),
         ];
         for (n, change) in changes.into_iter().enumerate() {
             let mut m = manifest();

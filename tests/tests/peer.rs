@@ -269,3 +269,81 @@ fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart
     let status = Run::from(a.reprise(&["daemon", "status"]).output().expect("status"));
     status.expect_code(1, "no daemon any more");
 }
+
+#[test]
+fn the_daemon_runs_a_scheduled_target_at_its_time() {
+    let Team {
+        dir, state, alice, ..
+    } = Team::new();
+    // A repository whose prepare-runtime schedules `lint` every minute.
+    let s = Sandbox::new();
+    s.write(
+        "mkfile",
+        "</usr/lib/reprise/ci.mk\n\
+         CONTAINERIMAGE=localhost/scheduled-test\n\
+         base-image:V:\n\
+         \tif ! podman image exists $CONTAINERIMAGE; then\n\
+         \t\troot=`mktemp -d`\n\
+         \t\tmkdir -p $root/bin\n\
+         \t\tcp /bin/busybox $root/bin/busybox\n\
+         \t\tln -s busybox $root/bin/sh\n\
+         \t\tln -s busybox $root/bin/echo\n\
+         \t\ttar -C $root -c . | podman import - $CONTAINERIMAGE\n\
+         \tfi\n\
+         prepare-runtime:V:\n\
+         \techo '* * * * * lint' > /var/run/ci/crontab\n\
+         test:V:\n\
+         \techo tests pass\n\
+         lint:V:\n\
+         \techo lint ran on schedule\n",
+    )
+    .git_init()
+    .commit("scheduled lint");
+    let run = s.run(&["run", "--no-serve", "--driver", "podman"]);
+    run.expect_code(0, "the run that records the schedule");
+    assert!(
+        run.stderr
+            .contains("1 scheduled target(s) of main recorded"),
+        "{}",
+        run.stderr
+    );
+    let listed = s.run(&["daemon", "schedule"]);
+    assert!(
+        listed.stdout.contains("lint") && listed.stdout.contains("* * * * *"),
+        "{}",
+        listed.stdout
+    );
+
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let _server = serve_on(&state, &addr);
+    let log = dir.path().join("daemon.log");
+    let mut cmd = s.reprise(&["daemon"]);
+    with_orchestrator(&mut cmd, &addr, &alice);
+    cmd.stderr(fs::File::create(&log).expect("log"));
+    let _daemon = Killed(cmd.spawn().expect("daemon starts"));
+    let read_log = || fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(150), || read_log()
+            .contains("scheduled lint of")
+            && read_log().contains("ended with exit code")),
+        "the scheduled target ran within a minute and a half:\n{}",
+        read_log()
+    );
+    let text = read_log();
+    assert!(text.contains("ended with exit code 0"), "{text}");
+    assert!(
+        text.contains("lint ran on schedule"),
+        "its output is in the daemon log:\n{text}"
+    );
+    let listed = s.run(&["daemon", "schedule"]);
+    assert!(
+        listed.stdout.contains("(exit 0)"),
+        "the last run is listed:\n{}",
+        listed.stdout
+    );
+    assert!(
+        s.results_list().iter().any(|l| l.contains(" lint ")),
+        "the scheduled run's result is stored: {:?}",
+        s.results_list()
+    );
+}

@@ -292,7 +292,18 @@ fn bad_repositories_are_refused_before_booting() {
             },
             args: &["run"],
             code: code::CONTRACT,
-            message: "has no 'test' target",
+            message: "no rule makes the target 'test'",
+        },
+        Case {
+            name: "CONTAINERIMAGE not set",
+            setup: |s| {
+                s.write("mkfile", "</usr/lib/reprise/ci.mk\ntest:V:\n\ttrue\n")
+                    .git_init()
+                    .commit("no image");
+            },
+            args: &["run"],
+            code: code::CONTRACT,
+            message: "mkfile:1: CONTAINERIMAGE is not set",
         },
     ];
     for case in cases {
@@ -322,8 +333,9 @@ fn broken_contracts_are_refused_after_booting() {
             "`mk prepare-runtime` failed with status",
         ),
         (
+            // It names the file, so the static check lets it through.
             "CONTAINERIMAGE missing",
-            "prepare-runtime:V:\n\ttrue\ntest:V:\n\ttrue\n",
+            "prepare-runtime:V:\n\ttrue || echo x > /var/run/ci/env/CONTAINERIMAGE\ntest:V:\n\ttrue\n",
             code::CONTRACT,
             "did not write /var/run/ci/env/CONTAINERIMAGE",
         ),
@@ -553,7 +565,7 @@ fn a_second_real_run_reuses_the_repository_snapshot() {
     );
     assert!(
         second.restored(),
-        "without --network a run starts from the saved guest state:\n{}",
+        "without --network a run starts from the saved guest:\n{}",
         second.stderr
     );
     assert!(
@@ -695,6 +707,80 @@ fn the_realistic_example_builds_its_image_from_a_containerfile_and_passes() {
         "{}",
         replay.stdout
     );
+
+    // The podman driver (no VM) runs the same tests to the same results.
+    fs::remove_dir_all(s.repo().join("reprise-artifacts")).expect("clean");
+    let podman = s.run(&["run", "--no-serve", "--driver", "podman"]);
+    podman.expect_code(code::SUCCESS, "wordfreq under the podman driver");
+    assert!(!podman.booted() && !podman.replayed(), "{}", podman.stderr);
+    assert!(
+        podman.stdout.contains("5 passed, 0 failed"),
+        "{}",
+        podman.stdout
+    );
+    assert_eq!(
+        fs::read_to_string(s.repo().join("reprise-artifacts/test-report.txt")).unwrap_or_default(),
+        report,
+        "the same report under both drivers"
+    );
+}
+
+#[test]
+fn the_podman_driver_agrees_with_qemu_and_a_dry_run_starts_nothing() {
+    let s = copy_of_fixture();
+    let qemu_report = fs::read(s.repo().join("reprise-artifacts/report.txt")).expect("report");
+    // A dry run of a new tree: a plan, no VM, nothing stored.
+    s.write("greet.sh", "#!/bin/sh\n# planned\necho \"hello, $1\"\n")
+        .commit("planned");
+    let before = s.results_list();
+    let dry = s.run(&["run", "--no-serve", "--driver", "dry-run"]);
+    dry.expect_code(code::SUCCESS, "dry run");
+    assert!(!dry.booted() && !dry.replayed(), "{}", dry.stderr);
+    for part in [
+        "plan of `reprise run` with the qemu driver",
+        "mk prepare-runtime",
+        "localhost/hello-test",
+        "--network none",
+        "report.txt",
+    ] {
+        assert!(dry.stdout.contains(part), "{part}:\n{}", dry.stdout);
+    }
+    assert_eq!(s.results_list(), before, "a dry run stores nothing");
+    // Back on the fixture's tree, the podman driver runs it for real (its
+    // key is another than the VM's) and agrees on output and artifacts.
+    s.git(&["reset", "-q", "--hard", "HEAD~1"]);
+    let keys = [s.run(&["key"]), s.run(&["key", "--driver", "podman"])];
+    assert_ne!(
+        keys[0].stdout, keys[1].stdout,
+        "the driver class is a key input"
+    );
+    // (The planned commit took the artifacts folder in; the reset took it out.)
+    let _ = fs::remove_file(s.repo().join("reprise-artifacts/report.txt"));
+    let podman = s.run(&["run", "--no-serve", "--driver", "podman"]);
+    podman.expect_code(code::SUCCESS, "hello under the podman driver");
+    assert!(
+        !podman.booted() && !podman.replayed(),
+        "no VM:\n{}",
+        podman.stderr
+    );
+    assert!(podman.stderr.contains("start done"), "{}", podman.stderr);
+    assert!(
+        podman
+            .stdout_bytes
+            .windows(HELLO_STDOUT.len())
+            .any(|w| w == HELLO_STDOUT),
+        "the tests' stdout as under qemu:\n{:?}",
+        podman.stdout
+    );
+    assert_eq!(
+        fs::read(s.repo().join("reprise-artifacts/report.txt")).expect("report"),
+        qemu_report
+    );
+    let shown = show_stored(&s, &podman);
+    assert!(shown.contains("under container (podman)"), "{shown}");
+    let again = s.run(&["run", "--no-serve", "--driver", "podman"]);
+    again.expect_code(code::SUCCESS, "podman replay");
+    assert!(again.replayed(), "{}", again.stderr);
 }
 
 #[test]

@@ -5,10 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use reprise_executor::layers::{Base, Layers, RepoId, STATE_DISK_BYTES};
-use reprise_executor::states::States;
+use reprise_executor::saved_guests::SavedGuests;
+use reprise_executor::snapshots::{Form, RepoId, STATE_DISK_BYTES, SnapshotStart, Snapshots};
 use reprise_executor::vm::{
-    AgentError, BootError, GuestCommand, STATE_OVERLAY, StateDisk, Stream, Vm, VmError,
+    AgentError, BootError, GuestCommand, SNAPSHOT_OVERLAY, SnapshotDisk, Stream, Vm, VmError,
 };
 use reprise_protocol::digest::RunKey;
 use reprise_system_tests::{
@@ -380,26 +380,26 @@ async fn a_saved_state_boots_again_with_a_new_data_disk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repository_state_disk_is_plugged_into_restored_guests() {
     let scratch = tempfile::tempdir().expect("tempdir");
-    let states = States::new(scratch.path().join("states"));
-    let layers = Layers::new(scratch.path().join("layers"));
+    let states = SavedGuests::new(scratch.path().join("states"));
+    let snapshots = Snapshots::new(scratch.path().join("snapshots"), Form::Disk);
     let mut config = vm_config();
     let mut steps = Vec::new();
     let saved = states
         .ensure(&config, &mut |s| steps.push(s.to_string()))
         .await
-        .expect("make the saved state");
+        .expect("make the saved guest");
     assert_eq!(steps.len(), 1, "made once: {steps:?}");
-    assert!(saved.has_state_slot());
+    assert!(saved.has_snapshot_slot());
     let again = states
         .ensure(&config, &mut |s| panic!("made twice: {s}"))
         .await
-        .expect("the saved state again");
+        .expect("the saved guest again");
     assert_eq!(again.dir(), saved.dir());
 
-    // First run: a blank state disk, written by the guest.
-    let blank = layers.blank().expect("blank state disk");
+    // First run: a blank snapshot disk, written by the guest.
+    let blank = snapshots.blank().expect("blank snapshot disk");
     config.restore = Some(saved.clone());
-    config.state_disk = Some(StateDisk::On(blank.clone()));
+    config.snapshot_disk = Some(SnapshotDisk::On(blank.clone()));
     let first = TestVm::boot("first", &config).await;
     first
         .sh_ok(
@@ -414,19 +414,21 @@ async fn a_repository_state_disk_is_plugged_into_restored_guests() {
         namespace: "ns".into(),
         root_commit: "root".into(),
     };
-    layers
+    snapshots
         .update(
             &repo,
             &image,
-            &kept.join(STATE_OVERLAY),
-            Base::Blank(blank),
+            &kept.join(SNAPSHOT_OVERLAY),
+            SnapshotStart::Fresh(blank),
             &RunKey::from_bytes([1; 32]),
         )
-        .expect("fold the run into the layer");
-    let layer = layers.current(&repo, &image).expect("the new layer");
+        .expect("fold the run into the generation");
+    let generation = snapshots
+        .current(&repo, &image)
+        .expect("the new generation");
 
-    // Second run: restored from the same state, on the layer.
-    config.state_disk = Some(StateDisk::On(layer.path.clone()));
+    // Second run: restored from the same state, on the generation.
+    config.snapshot_disk = Some(SnapshotDisk::On(generation.path.clone()));
     let second = TestVm::boot("second", &config).await;
     assert_eq!(
         second

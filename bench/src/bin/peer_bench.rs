@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use quinn::{Connection, Endpoint, RecvStream};
 use reprise_bench::{hello_repo, median, ms, sibling_bin, store_large_result};
-use reprise_executor::peer::{Credentials, Found, Peer, read_message, write_message};
+use reprise_executor::link::{Credentials, Found, Link, read_message, write_message};
 use reprise_executor::pipeline;
 use reprise_executor::store::{Sealer, Store};
 use reprise_protocol::digest::{RunKey, Sha256Digest};
@@ -282,7 +282,7 @@ async fn drain(recv: &mut RecvStream) -> u64 {
 /// Fetches `key` through the orchestrator on a raw stream and reads the
 /// data to its end without checking or storing it: the relay alone.
 /// Returns the bytes after the header and the time.
-async fn raw_relay_fetch(peer: &Peer, held: &Held) -> (u64, Duration) {
+async fn raw_relay_fetch(peer: &Link, held: &Held) -> (u64, Duration) {
     let start = Instant::now();
     let (mut send, mut recv) = peer.connection().open_bi().await.expect("open");
     let fetch = Message::Fetch {
@@ -486,6 +486,7 @@ fn light_manifest(i: usize, j: usize, namespace: &str) -> ResultManifest {
         output_sha256: Sha256Digest::of(b""),
         output_bytes: 0,
         artifacts: Vec::new(),
+        crontab: None,
     }
 }
 
@@ -507,7 +508,7 @@ async fn connect_light_clients(
     creds: &[Arc<Credentials>],
     count: usize,
     namespace: &str,
-) -> Vec<Peer> {
+) -> Vec<Link> {
     let remote: SocketAddr = addr.parse().expect("loopback address");
     let endpoints: Vec<Endpoint> = (0..CLIENT_ENDPOINTS.min(count))
         .map(|_| Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint"))
@@ -531,7 +532,7 @@ async fn connect_light_clients(
                 .expect("connect")
                 .await
                 .unwrap_or_else(|e| panic!("light client {i} could not connect: {e}"));
-            let peer = Peer::hello(endpoint, conn, creds, PROTOCOL_VERSION)
+            let peer = Link::hello(endpoint, conn, creds, PROTOCOL_VERSION)
                 .await
                 .unwrap_or_else(|e| panic!("light client {i} was refused: {e}"));
             let wanted = results.len() as u32;
@@ -542,7 +543,7 @@ async fn connect_light_clients(
             (i, peer)
         });
     }
-    let mut peers: Vec<Option<Peer>> = (0..count).map(|_| None).collect();
+    let mut peers: Vec<Option<Link>> = (0..count).map(|_| None).collect();
     while let Some(joined) = tasks.join_next().await {
         let (i, peer) = joined.expect("a light client task");
         peers[i] = Some(peer);
@@ -596,10 +597,14 @@ async fn main() {
     hello_repo(&repo);
     // The namespace, for the identities; the result is stored once the
     // producer's credentials exist, sealed by them.
-    let namespace = pipeline::compute_key(&repo, None, "test", &[], false, None)
-        .expect("key")
-        .inputs
-        .namespace;
+    let namespace = pipeline::compute_key(
+        &pipeline::KeyRequest::at(&repo),
+        &reprise_executor::inputs::process_env(),
+        None,
+    )
+    .expect("key")
+    .inputs
+    .namespace;
     let ns = namespace.as_str();
     let cloned = Command::new("git")
         .arg("clone")
@@ -657,7 +662,7 @@ async fn main() {
     }
     let orch = Orchestrator::start(&orch_bin, &state, &t.join("orchestrator-1.log"));
     let producer = Arc::new(
-        Peer::connect(&orch.addr, load(&producer_pem))
+        Link::connect(&orch.addr, load(&producer_pem))
             .await
             .expect("the producer connects"),
     );
@@ -708,7 +713,7 @@ async fn main() {
     let (mut connects, mut lookups, mut closes) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..o.runs {
         let start = Instant::now();
-        let peer = Peer::connect(&orch.addr, load(&consumer_pem))
+        let peer = Link::connect(&orch.addr, load(&consumer_pem))
             .await
             .expect("the consumer connects");
         connects.push(start.elapsed());
@@ -726,18 +731,18 @@ async fn main() {
     table.row(
         "  in process: connect + hello",
         ms(median(connects)),
-        "Peer::connect: new endpoint, QUIC + mTLS handshake, Hello",
+        "Link::connect: new endpoint, QUIC + mTLS handshake, Hello",
     );
     table.row("  in process: lookup", ms(median(lookups)), "");
     table.row(
         "  in process: close",
         ms(median(closes)),
-        "Peer::close (as --no-serve does): the close leaves, a bounded wait",
+        "Link::close (as --no-serve does): the close leaves, a bounded wait",
     );
 
     // 3. Transfer rates: the relay, then plain quinn.
     progress("transfer rates");
-    let consumer = Peer::connect(&orch.addr, load(&consumer_pem))
+    let consumer = Link::connect(&orch.addr, load(&consumer_pem))
         .await
         .expect("the consumer connects");
     let payload = keyed_payload(&producer_data, &held.key);
@@ -837,7 +842,7 @@ async fn main() {
     // 2 and 4. Many connected executors: memory, then lookups.
     progress(&format!("connecting {} light clients", o.clients));
     let orch = Orchestrator::start(&orch_bin, &state, &t.join("orchestrator-2.log"));
-    let asker = Peer::connect(&orch.addr, load(&asker_pem))
+    let asker = Link::connect(&orch.addr, load(&asker_pem))
         .await
         .expect("the asker connects");
     let _ = asker.lookup(&missing_key(0), ns).await.expect("lookup");

@@ -1,7 +1,8 @@
 //! Benchmark of `reprise run` and `reprise key`: replaying a large stored
 //! result, computing the key of a 100,000-file repository beside a
-//! 1,000-file one, and a trivial real run in a VM beside `podman run` of a
-//! similar image on the host. Prints medians; asserts nothing about them.
+//! 1,000-file one, and a trivial real run with each driver (qemu, podman,
+//! dry-run) beside `podman run` of a similar image on the host. Prints
+//! medians; asserts nothing about them.
 //!
 //! Usage: `run_bench [--runs N] [--real-runs N] [--no-vm]` (`--real-runs`
 //! counts the restored second runs; as many cold ones run beside them). The `reprise`
@@ -110,7 +111,12 @@ fn time_reprise_with(
 /// Adds the phase durations of the result just stored for `repo` (the
 /// latest run of its HEAD) to `into`, by phase name.
 fn record_phases(repo: &Path, data: &Path, into: &mut BTreeMap<String, Vec<Duration>>) {
-    let keyed = pipeline::compute_key(repo, None, "test", &[], false, None).expect("key");
+    let keyed = pipeline::compute_key(
+        &pipeline::KeyRequest::at(repo),
+        &reprise_executor::inputs::process_env(),
+        None,
+    )
+    .expect("key");
     let store = Store::new(data.join("reprise").join("store"));
     let result = store
         .get(&keyed.inputs.key())
@@ -186,6 +192,63 @@ fn host_image(dir: &Path) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// `podman run --rm` of a similar image on the host: the floor a run is
+/// compared with. `None` when it cannot run here.
+fn host_podman(tmp: &Path, runs: usize) -> Option<Duration> {
+    if !host_image(tmp) {
+        return None;
+    }
+    let mut host = Vec::new();
+    for _ in 0..runs {
+        let start = Instant::now();
+        let ok = Command::new("podman")
+            .args(["run", "--rm", "--network", "none"])
+            .args(PODMAN_FLAGS)
+            .args([HOST_IMAGE, "sh", "-c", "echo hello, world"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            host.push(start.elapsed());
+        }
+    }
+    let _ = Command::new("podman")
+        .args(["rmi", "-f", HOST_IMAGE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    (!host.is_empty()).then(|| median(host))
+}
+
+/// Real runs of the hello repository with `driver`: the first from a blank
+/// snapshot, then `later` more, each on another tree. Returns the first
+/// run's time and the median of the later ones.
+fn driver_runs(bin: &Path, tmp: &Path, driver: &str, later: usize) -> (Duration, Duration) {
+    let repo = tmp.join(format!("{driver}-repo"));
+    let data = tmp.join(format!("{driver}-data"));
+    hello_repo(&repo);
+    let (first, code) = time_reprise(bin, &repo, &data, &["run", "--fresh", "--driver", driver]);
+    assert_eq!(code, 0, "the first {driver} run failed");
+    let mut times = Vec::new();
+    for i in 0..later.max(1) {
+        fs::write(repo.join("NOTES"), format!("tree {i}\n")).expect("notes");
+        git(&repo, &["add", "-A"]);
+        git(&repo, &["commit", "-q", "-m", "another tree"]);
+        let (t, code) = time_reprise(bin, &repo, &data, &["run", "--driver", driver]);
+        assert_eq!(code, 0, "{driver} run {i} failed");
+        times.push(t);
+    }
+    let _ = Command::new(bin)
+        .args(["cache", "drop"])
+        .current_dir(&repo)
+        .env("XDG_DATA_HOME", &data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    (first, median(times))
+}
+
 fn main() {
     let o = options();
     let bin = reprise_bin();
@@ -241,6 +304,7 @@ fn main() {
         "reads the tree id, not the files".into(),
     ));
 
+    let (mut qemu_first, mut qemu_second) = (None, None);
     if o.vm {
         // Real runs: each a different tree, so each misses and boots.
         let repo = tmp.path().join("real-repo");
@@ -283,15 +347,17 @@ fn main() {
             .stderr(Stdio::null())
             .status();
         rows.push((
-            "real run: first (blank snapshot)".into(),
+            "qemu driver: first real run (blank snapshot)".into(),
             secs(times[0]),
             "one run; builds the container image".into(),
         ));
+        qemu_first = Some(times[0]);
         let later = times[1..].to_vec();
         let second = (!later.is_empty()).then(|| median(later.clone()));
+        qemu_second = second;
         if let Some(second) = second {
             rows.push((
-                "real run: second (repository snapshot)".into(),
+                "qemu driver: second real run (snapshot)".into(),
                 secs(second),
                 format!(
                     "median of {}, each another tree, saved guest restored; target < 6 s under TCG",
@@ -300,7 +366,7 @@ fn main() {
             ));
             let cold = median(cold.clone());
             rows.push((
-                "real run: second, booted cold".into(),
+                "qemu driver: second, booted cold".into(),
                 secs(cold),
                 "REPRISE_COLD_BOOT=1, alternating with the restored runs".into(),
             ));
@@ -319,60 +385,55 @@ fn main() {
                 }
             }
         }
-        if host_image(tmp.path()) {
-            let mut host = Vec::new();
-            for _ in 0..o.runs {
-                let start = Instant::now();
-                let ok = Command::new("podman")
-                    .args(["run", "--rm", "--network", "none"])
-                    .args(PODMAN_FLAGS)
-                    .args([HOST_IMAGE, "sh", "-c", "echo hello, world"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success());
-                if ok {
-                    host.push(start.elapsed());
-                }
-            }
-            let _ = Command::new("podman")
-                .args(["rmi", "-f", HOST_IMAGE])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-            if host.is_empty() {
-                rows.push((
-                    "podman run --rm on the host".into(),
-                    "failed".into(),
-                    String::new(),
-                ));
-            } else {
-                let h = median(host.clone());
-                rows.push((
-                    "podman run --rm on the host".into(),
-                    ms(h),
-                    format!("median of {}", host.len()),
-                ));
-                rows.push((
-                    "  first real run / host podman".into(),
-                    format!("{:.0}x", times[0].as_secs_f64() / h.as_secs_f64()),
-                    String::new(),
-                ));
-                if let Some(second) = second {
-                    rows.push((
-                        "  second real run / host podman".into(),
-                        format!("{:.0}x", second.as_secs_f64() / h.as_secs_f64()),
-                        String::new(),
-                    ));
-                }
-            }
-        } else {
+    }
+
+    // Per driver, beside plain podman on the host.
+    let host = host_podman(tmp.path(), o.runs);
+    let (podman_first, podman_second) = driver_runs(&bin, tmp.path(), "podman", o.real_runs);
+    rows.push((
+        "podman driver: first real run (blank snapshot)".into(),
+        secs(podman_first),
+        "no VM: a privileged container of the base image".into(),
+    ));
+    rows.push((
+        "podman driver: second real run (snapshot)".into(),
+        secs(podman_second),
+        format!("median of {}, each another tree", o.real_runs.max(1)),
+    ));
+    let (_, dry) = driver_runs(&bin, tmp.path(), "dry-run", o.runs);
+    rows.push((
+        "dry-run driver: plan of a new tree".into(),
+        ms(dry),
+        format!("median of {}", o.runs),
+    ));
+    match host {
+        Some(h) => {
             rows.push((
                 "podman run --rm on the host".into(),
-                "skipped".into(),
-                "no /bin/busybox or podman import failed".into(),
+                ms(h),
+                format!("median of {}", o.runs),
             ));
+            let mut ratio = |name: &str, t: Duration| {
+                rows.push((
+                    format!("  {name} / host podman"),
+                    format!("{:.0}x", t.as_secs_f64() / h.as_secs_f64()),
+                    String::new(),
+                ));
+            };
+            if let Some(first) = qemu_first {
+                ratio("qemu first real run", first);
+            }
+            if let Some(second) = qemu_second {
+                ratio("qemu second real run", second);
+            }
+            ratio("podman driver first real run", podman_first);
+            ratio("podman driver second real run", podman_second);
         }
+        None => rows.push((
+            "podman run --rm on the host".into(),
+            "skipped".into(),
+            "no /bin/busybox or podman import failed".into(),
+        )),
     }
 
     let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);

@@ -1,7 +1,7 @@
 //! `vm_bench`: figures for the qemu VM driver on this host: cold boot to a
 //! guest agent that answers, the agent's exec round trip, `podman run` in
 //! the guest, a 50 MB tree in (data disk) and out (`copy_out`), and booting
-//! from a saved guest state beside a cold boot.
+//! from a saved guest beside a cold boot.
 //!
 //! Usage: `vm_bench [RUNS]` (default 5; the exec round trip always takes 20
 //! samples). Run `cargo build --workspace` first: the guest helper and mk
@@ -129,7 +129,7 @@ async fn bench(runs: usize) -> BenchResult<()> {
         Err(e) => failures.push(format!("tree in/out: {e}")),
     }
 
-    // Boot from a saved state.
+    // Boot from a saved guest.
     let mut ratio = None;
     match saved_state(&config, scratch.path(), runs).await {
         Ok((mut r, restore)) => {
@@ -138,7 +138,7 @@ async fn bench(runs: usize) -> BenchResult<()> {
             }
             rows.append(&mut r);
         }
-        Err(e) => failures.push(format!("saved state: {e}")),
+        Err(e) => failures.push(format!("saved guest: {e}")),
     }
 
     println!(
@@ -149,7 +149,7 @@ async fn bench(runs: usize) -> BenchResult<()> {
         row.print();
     }
     if let Some(r) = ratio {
-        println!("\ncold boot / restore from saved state: {r:.1}x");
+        println!("\ncold boot / restore from saved guest: {r:.1}x");
     }
     for f in &failures {
         println!("FAILED: {f}");
@@ -284,7 +284,7 @@ async fn saved_state(
     let save_time = t.elapsed();
     source.shutdown().await;
     println!(
-        "saved state: {} MB machine state, {} KB root disk overlay",
+        "saved guest: {} MB machine state, {} KB root disk overlay",
         saved.state_bytes() >> 20,
         std::fs::metadata(saved.disk())?.len() >> 10
     );
@@ -311,7 +311,7 @@ async fn saved_state(
                 samples: vec![save_time],
             },
             Row {
-                name: "restore saved state to ready (data mounted)".into(),
+                name: "restore saved guest to ready (data mounted)".into(),
                 samples: restores.clone(),
             },
             Row {

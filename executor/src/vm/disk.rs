@@ -153,7 +153,7 @@ pub fn dump_dir(disk: &Path, from: &str, to: &Path) -> Result<(), DiskError> {
 }
 
 /// Makes `disk`, a small sparse raw file, for a disk slot the guest never
-/// reads (the state slot of a saved state, when a VM has no state disk).
+/// reads (the snapshot slot of a saved guest, when a VM has no snapshot disk).
 pub fn make_placeholder(disk: &Path) -> Result<(), DiskError> {
     let io = |source| DiskError::Io {
         path: disk.display().to_string(),

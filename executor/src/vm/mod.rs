@@ -8,8 +8,8 @@
 
 pub mod agent;
 pub mod disk;
+pub mod saved;
 pub mod shell;
-pub mod snapshot;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,17 +35,17 @@ use crate::accel::Accel;
 use crate::image::Image;
 pub use agent::{Agent, AgentError};
 pub use disk::DiskError;
-pub use snapshot::{SavedState, SnapshotError};
+pub use saved::{SavedGuest, SavedGuestError};
 
 /// Where the data disk is mounted in the guest.
 pub const GUEST_DATA: &str = "/reprise";
 /// Where the tree put into the guest appears (a link into the data disk).
 pub const GUEST_REPO: &str = "/repo";
 const GUEST_HELPER: &str = "/reprise/bin/reprise-guest";
-/// The guest device of the state disk ([`VmConfig::state_disk`]).
-pub const GUEST_STATE_DEVICE: &str = "/dev/vdc";
-/// The state disk's overlay in a VM's work folder.
-pub const STATE_OVERLAY: &str = "state.qcow2";
+/// The guest device of the snapshot disk ([`VmConfig::snapshot_disk`]).
+pub const GUEST_SNAPSHOT_DEVICE: &str = "/dev/vdc";
+/// The snapshot disk's overlay in a VM's work folder.
+pub const SNAPSHOT_OVERLAY: &str = "state.qcow2";
 
 /// How many missed deadlines in a row end a status poll (see
 /// [`Vm::exec_status`]).
@@ -58,11 +58,11 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 pub struct VmConfig {
     pub image: Image,
     /// The disk the root overlay is made on; the image's disk unless a
-    /// saved state is restored.
+    /// saved guest is restored.
     pub backing: Option<PathBuf>,
     /// A third disk (`/dev/vdc`) for the repository's state. The guest
     /// mounts nothing of it by itself.
-    pub state_disk: Option<StateDisk>,
+    pub snapshot_disk: Option<SnapshotDisk>,
     pub accel: Accel,
     pub memory_mib: u32,
     pub cpus: u32,
@@ -80,9 +80,9 @@ pub struct VmConfig {
     pub kernel_args: Vec<String>,
     /// Folder for the VM's work files (a fresh sub-folder is made in it).
     pub work_root: PathBuf,
-    /// Boot from a saved guest state instead of cold (see [`snapshot`]);
+    /// Boot from a saved guest instead of cold (see [`snapshot`]);
     /// its accelerator, memory and CPUs replace this config's.
-    pub restore: Option<SavedState>,
+    pub restore: Option<SavedGuest>,
     /// A second serial port (`/dev/ttyS1` in the guest) on a host socket,
     /// for an interactive shell (see [`shell`]).
     pub tty: bool,
@@ -96,7 +96,7 @@ impl VmConfig {
         VmConfig {
             image,
             backing: None,
-            state_disk: None,
+            snapshot_disk: None,
             accel,
             memory_mib: 2048,
             cpus: std::thread::available_parallelism().map_or(2, |n| n.get().min(4) as u32),
@@ -117,7 +117,7 @@ impl VmConfig {
 /// The static guest helper and mk, found beside this executable (or named by
 /// `REPRISE_GUEST_BIN_DIR`).
 pub fn default_guest_bins() -> Vec<PathBuf> {
-    let dir = std::env::var_os("REPRISE_GUEST_BIN_DIR").map(PathBuf::from);
+    let dir = std::env::var_os(crate::vars::GUEST_BIN_DIR_VAR).map(PathBuf::from);
     ["reprise-guest", "mk"]
         .iter()
         .filter_map(|name| match &dir {
@@ -127,13 +127,13 @@ pub fn default_guest_bins() -> Vec<PathBuf> {
         .collect()
 }
 
-/// What is in the state disk slot ([`VmConfig::state_disk`]).
+/// What is in the snapshot disk slot ([`VmConfig::snapshot_disk`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StateDisk {
+pub enum SnapshotDisk {
     /// A fresh overlay (`state.qcow2` in the work folder) on this qcow2.
     On(PathBuf),
     /// A small blank disk that is never used (so that the machine has the
-    /// slot, e.g. when saving a state that runs restore with a state disk).
+    /// slot, e.g. when saving a state that runs restore with a snapshot disk).
     Empty,
 }
 
@@ -165,8 +165,8 @@ pub enum BootError {
     Qmp(#[source] std::io::Error),
     #[error("the guest agent did not answer after the guest came up")]
     Agent(#[from] AgentError),
-    #[error("restoring the saved guest state")]
-    Restore(#[source] Box<SnapshotError>),
+    #[error("restoring the saved guest")]
+    Restore(#[source] Box<SavedGuestError>),
     #[error("io on {path}")]
     Io {
         path: PathBuf,
@@ -299,11 +299,11 @@ pub struct Vm {
     boot_time: Duration,
     next_id: AtomicU64,
     span: tracing::Span,
-    /// The file in the state-disk slot, if the machine has one.
+    /// The file in the snapshot-disk slot, if the machine has one.
     state_slot: Option<SlotFile>,
 }
 
-/// The file qemu was given for the state-disk slot (`/dev/vdc`).
+/// The file qemu was given for the snapshot-disk slot (`/dev/vdc`).
 #[derive(Debug)]
 struct SlotFile {
     path: PathBuf,
@@ -314,17 +314,17 @@ struct SlotFile {
 
 impl SlotFile {
     /// Makes the file for `disk` in the VM's work folder.
-    fn make(disk: &StateDisk, work: &Path) -> Result<SlotFile, DiskError> {
+    fn make(disk: &SnapshotDisk, work: &Path) -> Result<SlotFile, DiskError> {
         match disk {
-            StateDisk::On(base) => {
-                let path = work.join(STATE_OVERLAY);
+            SnapshotDisk::On(base) => {
+                let path = work.join(SNAPSHOT_OVERLAY);
                 disk::create_overlay(base, &path)?;
                 Ok(SlotFile {
                     path,
                     format: "qcow2",
                 })
             }
-            StateDisk::Empty => {
+            SnapshotDisk::Empty => {
                 let path = work.join("state.raw");
                 disk::make_placeholder(&path)?;
                 Ok(SlotFile {
@@ -397,11 +397,11 @@ impl Vm {
         let _enter = span.clone().entered();
 
         if let Some(saved) = &config.restore
-            && !saved.has_state_slot()
-            && config.state_disk.is_some()
+            && !saved.has_snapshot_slot()
+            && config.snapshot_disk.is_some()
         {
-            return Err(BootError::Restore(Box::new(SnapshotError::Prepare(
-                "the saved state has no slot for a state disk".into(),
+            return Err(BootError::Restore(Box::new(SavedGuestError::Prepare(
+                "the saved guest has no slot for a snapshot disk".into(),
             ))));
         }
         let overlay = work.path().join("overlay.qcow2");
@@ -410,10 +410,10 @@ impl Vm {
             .clone()
             .unwrap_or_else(|| config.image.disk());
         disk::create_overlay(&backing, &overlay)?;
-        let slot = match (&config.state_disk, &config.restore) {
+        let slot = match (&config.snapshot_disk, &config.restore) {
             (Some(disk), _) => Some(disk),
-            // A saved state with a state slot needs a disk in it.
-            (None, Some(saved)) if saved.has_state_slot() => Some(&StateDisk::Empty),
+            // A saved guest with a snapshot slot needs a disk in it.
+            (None, Some(saved)) if saved.has_snapshot_slot() => Some(&SnapshotDisk::Empty),
             (None, _) => None,
         };
         let state_slot = slot
@@ -508,7 +508,7 @@ impl Vm {
         // the socket before then would fill its buffer and block. A restored
         // guest has it open already, once the incoming state is loaded.
         tokio::select! {
-            running = snapshot::wait_running(&qmp), if config.restore.is_some() => {
+            running = saved::wait_running(&qmp), if config.restore.is_some() => {
                 running.map_err(BootError::Qmp)?;
             }
             got = ready_rx.recv(), if config.restore.is_none() => {
@@ -807,7 +807,7 @@ impl Vm {
     }
 
     /// Stops the VM and moves its disk overlays (`overlay.qcow2`, and
-    /// `state.qcow2` if it has a state disk) and console log (`console.log`)
+    /// `state.qcow2` if it has a snapshot disk) and console log (`console.log`)
     /// into `dest`, for the repository's snapshot and for inspection. Run
     /// `fsfreeze` in the guest first if an overlay must be consistent.
     pub async fn stop_keeping(self, dest: &Path) -> Result<(), VmError> {
@@ -820,7 +820,7 @@ impl Vm {
             .is_some_and(|slot| slot.format == "qcow2");
         let names = ["overlay.qcow2", "console.log"]
             .into_iter()
-            .chain(kept_state.then_some(STATE_OVERLAY));
+            .chain(kept_state.then_some(SNAPSHOT_OVERLAY));
         for name in names {
             std::fs::rename(work.join(name), dest.join(name)).map_err(VmError::Keep)?;
         }
@@ -989,7 +989,7 @@ fn qemu_args(
         format!(
             "file={},if=virtio,format=raw,cache=unsafe,id={}",
             p(data),
-            snapshot::DATA_DRIVE
+            saved::DATA_DRIVE
         ),
     ];
     if let Some((path, format)) = state {
@@ -998,7 +998,7 @@ fn qemu_args(
             format!(
                 "file={},if=virtio,format={format},cache=unsafe,id={}",
                 p(path),
-                snapshot::STATE_DRIVE
+                saved::SNAPSHOT_DRIVE
             ),
         ]);
     }
@@ -1196,7 +1196,7 @@ mod tests {
         assert!(kvm.contains("file=/img/disk.qcow2").not() && kvm.contains("file=/w/o.qcow2"));
         assert!(
             kvm.contains("id=state").not(),
-            "no state disk unless asked: {kvm}"
+            "no snapshot disk unless asked: {kvm}"
         );
     }
 

@@ -225,7 +225,7 @@ impl Run {
             .any(|l| l.starts_with("reprise: boot done") || l.starts_with("reprise: restore done"))
     }
 
-    /// Whether the VM was restored from the saved guest state.
+    /// Whether the VM was restored from the saved guest.
     pub fn restored(&self) -> bool {
         self.stderr
             .lines()

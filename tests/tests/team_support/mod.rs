@@ -123,9 +123,12 @@ impl Team {
 pub fn fabricate_result(sandbox: &Sandbox, text: &str, sealer: Option<&Path>) -> Vec<u8> {
     use reprise_protocol::manifest::{MANIFEST_VERSION, Outcome, Phase, Producer, ResultManifest};
     use reprise_protocol::record::{self, StreamId};
-    let keyed =
-        reprise_executor::pipeline::compute_key(&sandbox.repo(), None, "test", &[], false, None)
-            .expect("key");
+    let keyed = reprise_executor::pipeline::compute_key(
+        &reprise_executor::pipeline::KeyRequest::at(&sandbox.repo()),
+        &reprise_executor::inputs::process_env(),
+        None,
+    )
+    .expect("key");
     let stdout = format!("{text}\n").into_bytes();
     let mut rec = Vec::new();
     record::push(&mut rec, StreamId::Stdout, 0, &stdout);
@@ -155,8 +158,9 @@ pub fn fabricate_result(sandbox: &Sandbox, text: &str, sealer: Option<&Path>) ->
         output_sha256: reprise_protocol::digest::Sha256Digest::of(b""),
         output_bytes: 0,
         artifacts: Vec::new(),
+        crontab: None,
     };
-    let creds = sealer.map(|p| reprise_executor::peer::Credentials::load(p).expect("credentials"));
+    let creds = sealer.map(|p| reprise_executor::link::Credentials::load(p).expect("credentials"));
     reprise_executor::store::Store::new(sandbox.store())
         .commit(
             manifest,

@@ -1,271 +1,24 @@
-//! Connected mode and the daemon: staying connected to the orchestrator to
-//! serve the local store, reconnecting with backoff when the connection is
-//! lost (an orchestrator restart, a network change), and the local socket
-//! over which `reprise run` hands its new results to a running
-//! `reprise daemon`.
-//!
-//! Every (re)connection announces the whole store, so nothing committed
-//! while the link was down is missed; results handed over while connected
-//! are announced at once.
+//! `reprise daemon`: one per store, it serves the whole store to peers
+//! ([`crate::serving`]) and answers a local socket over which `reprise run`
+//! hands over its new results and `reprise daemon status` asks how it is.
 
 use std::path::{Path, PathBuf};
-use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
-use reprise_protocol::local::{self, Answer, Ask, Link, Request};
-use reprise_protocol::wire::Sealed;
+use reprise_protocol::local::{self, Answer, Ask, LinkState, Request};
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::peer::{Credentials, Peer, PeerError};
-use crate::settings::Settings;
-use crate::store::Store;
-
-/// How long one connection attempt may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Where the orchestrator is, with the credentials loaded.
-#[derive(Debug, Clone)]
-pub struct Connector {
-    pub settings: Settings,
-    creds: Arc<Credentials>,
-}
-
-/// Why a connector could not be made.
-#[derive(Debug, Error)]
-#[error("cannot use the credentials {}", .path.display())]
-pub struct CredentialsError {
-    path: PathBuf,
-    #[source]
-    source: PeerError,
-}
-
-impl Connector {
-    pub fn new(settings: Settings) -> Result<Connector, CredentialsError> {
-        let creds =
-            Credentials::load(&settings.credentials).map_err(|source| CredentialsError {
-                path: settings.credentials.clone(),
-                source,
-            })?;
-        Ok(Connector {
-            settings,
-            creds: Arc::new(creds),
-        })
-    }
-
-    /// The loaded credentials (they seal results made here).
-    pub fn credentials(&self) -> &Credentials {
-        &self.creds
-    }
-
-    /// One attempt, bounded by [`CONNECT_TIMEOUT`].
-    pub async fn connect(&self) -> Result<Peer, String> {
-        let attempt = Peer::connect(&self.settings.orchestrator, self.creds.clone());
-        match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
-            Ok(Ok(peer)) => Ok(peer),
-            Ok(Err(e)) => Err(crate::pipeline::error_chain(&e)),
-            Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
-        }
-    }
-}
-
-/// Exponential backoff with jitter between reconnection attempts.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    first: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    pub fn new(first: Duration, max: Duration) -> Backoff {
-        Backoff {
-            first,
-            max,
-            next: first,
-        }
-    }
-
-    /// The delay before the next attempt: doubling up to the maximum, then
-    /// spread by ±25% so executors cut off together do not all come back
-    /// in the same instant.
-    pub fn next_delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(self.max);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let spread = f64::from(nanos % 1000) / 1000.0 * 0.5 + 0.75;
-        base.mul_f64(spread)
-    }
-
-    /// A connection worked: start again from the first delay.
-    pub fn reset(&mut self) {
-        self.next = self.first;
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Backoff {
-        Backoff::new(Duration::from_millis(250), Duration::from_secs(30))
-    }
-}
-
-/// A sealed result to announce, and where to say how it went.
-pub type News = (Sealed, oneshot::Sender<Link>);
-
-/// Serves `store` to peers through the orchestrator until `stop` resolves,
-/// starting with `first` if a connection is already open. A lost
-/// connection is noted and made again with backoff; each new connection
-/// announces the whole store. `news` carries results to announce as they
-/// are committed (answered with the link's state once announced, or at
-/// once while disconnected: the next connection announces them); `link`
-/// reports the connection's state.
-pub async fn stay_connected(
-    connector: &Connector,
-    first: Option<Peer>,
-    store: &Store,
-    mut news: mpsc::Receiver<News>,
-    link: &watch::Sender<Link>,
-    stop: impl std::future::Future<Output = ()>,
-    note: &(dyn Fn(&str) + Sync),
-) {
-    let mut stop = pin!(stop);
-    let mut backoff = Backoff::default();
-    let mut first = first;
-    let mut was_connected = false;
-    let mut quiet_failures = false;
-    // While disconnected, `news` is answered with the link as it is.
-    macro_rules! until {
-        ($fut:expr) => {{
-            let fut = $fut;
-            let mut fut = pin!(fut);
-            loop {
-                tokio::select! {
-                    () = &mut stop => return,
-                    out = &mut fut => break out,
-                    Some((_, reply)) = news.recv() => {
-                        let _ = reply.send(link.borrow().clone());
-                    }
-                }
-            }
-        }};
-    }
-    loop {
-        let peer = match first.take() {
-            Some(peer) => Ok(peer),
-            None => until!(connector.connect()),
-        };
-        let peer = match peer {
-            Ok(peer) => Arc::new(peer),
-            Err(e) => {
-                let delay = backoff.next_delay();
-                // One line per outage, not one per attempt.
-                if !quiet_failures {
-                    note(&format!(
-                        "cannot reach the orchestrator at {}: {e}; retrying with backoff",
-                        connector.settings.orchestrator
-                    ));
-                    quiet_failures = true;
-                }
-                link.send_replace(Link::Reconnecting { last_error: e });
-                until!(tokio::time::sleep(delay));
-                continue;
-            }
-        };
-        let announced = match until!(peer.announce(store)) {
-            Ok((served, refused)) => {
-                if refused > 0 {
-                    note(&format!(
-                        "the orchestrator refused {refused} result(s) of this store (unverifiable seals, or repositories this certificate does not grant)"
-                    ));
-                }
-                served
-            }
-            Err(e) => {
-                let e = crate::pipeline::error_chain(&e);
-                note(&format!(
-                    "announcing results to the orchestrator failed: {e}"
-                ));
-                link.send_replace(Link::Reconnecting { last_error: e });
-                peer.close().await;
-                until!(tokio::time::sleep(backoff.next_delay()));
-                continue;
-            }
-        };
-        backoff.reset();
-        quiet_failures = false;
-        note(&format!(
-            "{} {announced} result(s) to peers as {}{}",
-            if was_connected {
-                "reconnected; serving"
-            } else {
-                "serving"
-            },
-            peer.identity(),
-            if was_connected {
-                ""
-            } else {
-                "; Ctrl-C to stop"
-            }
-        ));
-        was_connected = true;
-        let mut announced_total = announced;
-        link.send_replace(Link::Connected {
-            identity: peer.identity().to_string(),
-            announced: announced_total,
-        });
-
-        let serving = {
-            let peer = peer.clone();
-            let store = store.clone();
-            tokio::spawn(async move { peer.serve(&store).await })
-        };
-        let mut serving = pin!(serving);
-        let lost = loop {
-            tokio::select! {
-                () = &mut stop => {
-                    peer.close().await;
-                    return;
-                }
-                ended = &mut serving => {
-                    break match ended {
-                        Ok(Ok(())) => String::from("closed"),
-                        Ok(Err(e)) => crate::pipeline::error_chain(&e),
-                        Err(e) => e.to_string(),
-                    };
-                }
-                Some((sealed, reply)) = news.recv() => {
-                    let passed = sealed.passed();
-                    // A failure means the connection is failing: the serve
-                    // task ends too, and the reconnection announces all.
-                    if peer.grants(&sealed.manifest.inputs.namespace)
-                        && let Ok((accepted, _)) = peer.announce_sealed(vec![sealed]).await
-                    {
-                        if passed {
-                            announced_total += accepted;
-                        }
-                        link.send_replace(Link::Connected {
-                            identity: peer.identity().to_string(),
-                            announced: announced_total,
-                        });
-                    }
-                    let _ = reply.send(link.borrow().clone());
-                }
-            }
-        };
-        note(&format!(
-            "the orchestrator connection was lost ({lost}); reconnecting"
-        ));
-        link.send_replace(Link::Reconnecting { last_error: lost });
-    }
-}
+use crate::link::settings::{self, CREDENTIALS_VAR, ORCHESTRATOR_VAR};
+use crate::link::{Orchestrator, RunLink};
+use crate::serving::{News, serve_until};
+use crate::store::{Store, StoredResult};
+use crate::ui::Ui;
 
 /// The daemon's socket for the store under `data_dir`: one daemon per store.
 pub fn socket_path(data_dir: &Path) -> PathBuf {
@@ -290,6 +43,32 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the daemon needs an orchestrator: pass --orchestrator HOST:PORT and --credentials FILE, set {ORCHESTRATOR_VAR} and {CREDENTIALS_VAR}, or write them in {}",
+        .0.display()
+    )]
+    NoOrchestrator(PathBuf),
+    #[error(transparent)]
+    Credentials(#[from] crate::link::CredentialsError),
+    #[error("the daemon (pid {0}) did not stop within 10s")]
+    DidNotStop(u32),
+    #[error("the daemon did not answer within 10s; see {}", .0.display())]
+    NoAnswer(PathBuf),
+    #[error("the daemon exited ({status}):\n{log}")]
+    Exited {
+        status: std::process::ExitStatus,
+        log: String,
+    },
+    #[error("signalling the daemon (pid {pid})")]
+    Signal {
+        pid: u32,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("starting the daemon")]
+    Spawn(#[source] std::io::Error),
+    #[error(transparent)]
+    Ask(#[from] AskError),
 }
 
 /// The running daemon: holds the lock for the store's data folder and its
@@ -354,18 +133,18 @@ impl Daemon {
     /// answers the local socket.
     pub async fn run(
         self,
-        connector: Connector,
+        orchestrator: Orchestrator,
         store: Store,
         stop: impl std::future::Future<Output = ()>,
         note: &(dyn Fn(&str) + Sync),
     ) {
         let (news_tx, news_rx) = mpsc::channel(256);
-        let (link_tx, link_rx) = watch::channel(Link::Reconnecting {
+        let (link_tx, link_rx) = watch::channel(LinkState::Reconnecting {
             last_error: String::from("not connected yet"),
         });
         let ctx = Arc::new(LocalCtx {
             store: store.clone(),
-            orchestrator: connector.settings.orchestrator.clone(),
+            orchestrator: orchestrator.settings.orchestrator.clone(),
             news: news_tx,
             link: link_rx,
         });
@@ -385,8 +164,9 @@ impl Daemon {
             }
         };
         tokio::select! {
-            () = stay_connected(&connector, None, &store, news_rx, &link_tx, stop, note) => {}
+            () = serve_until(&orchestrator, None, &store, news_rx, &link_tx, stop, note) => {}
             () = accept => {}
+            () = run_schedules(note) => {}
         }
         let _ = std::fs::remove_file(&self.socket);
     }
@@ -396,7 +176,7 @@ struct LocalCtx {
     store: Store,
     orchestrator: String,
     news: mpsc::Sender<News>,
-    link: watch::Receiver<Link>,
+    link: watch::Receiver<LinkState>,
 }
 
 async fn answer_local(stream: UnixStream, ctx: &LocalCtx) {
@@ -528,55 +308,278 @@ pub async fn ask_daemon(data_dir: &Path, ask: Ask) -> Result<Answer, AskError> {
     }
 }
 
-/// `secs` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ`, for log lines.
-pub fn utc_timestamp(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Days to a civil date (proleptic Gregorian), era by era of 400 years.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
+/// How often the daemon looks for scheduled targets that are due.
+pub const SCHEDULE_TICK: Duration = Duration::from_secs(15);
+
+/// Runs the scheduled targets of every recorded schedule when they are
+/// due, one at a time, each as `reprise run --rev BRANCH --target TARGET`
+/// in the repository's checkout (which hands its result to this daemon).
+async fn run_schedules(note: &(dyn Fn(&str) + Sync)) {
+    let schedules = crate::schedule::Schedules::default_location();
+    let mut tick = tokio::time::interval(SCHEDULE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for schedule in schedules.list() {
+            for entry in crate::schedule::due(&schedule, crate::store::now_secs()) {
+                let started = crate::store::now_secs();
+                note(&format!(
+                    "scheduled {} of {} ({}) starts on {}",
+                    entry.target, schedule.namespace, entry.cron, schedule.branch
+                ));
+                let code = run_scheduled(&schedule, &entry.target).await;
+                note(&format!(
+                    "scheduled {} of {} ended with exit code {code}",
+                    entry.target, schedule.namespace
+                ));
+                if let Err(e) = schedules.ran(&schedule, &entry.target, started, code) {
+                    note(&crate::text::error_chain(&e));
+                }
+            }
+        }
+    }
+}
+
+/// `reprise run` of one scheduled target; its exit code (`-1` when it
+/// could not start).
+async fn run_scheduled(schedule: &crate::schedule::Schedule, target: &str) -> i32 {
+    let Ok(exe) = std::env::current_exe() else {
+        return -1;
+    };
+    let status = tokio::process::Command::new(exe)
+        .args(["run", "--rev", &schedule.branch, "--target", target])
+        .args(["--driver", &schedule.driver])
+        .current_dir(&schedule.checkout)
+        .stdin(std::process::Stdio::null())
+        // Its output, the tests' too, goes to the daemon's log.
+        .stdout(std::process::Stdio::from(std::io::stderr()))
+        .status()
+        .await;
+    status.ok().and_then(|s| s.code()).unwrap_or(-1)
+}
+
+/// One line about the daemon's link to the orchestrator.
+pub fn describe(link: &LinkState) -> String {
+    match link {
+        LinkState::Connected {
+            identity,
+            announced,
+        } => format!("connected as {identity}, {announced} result(s) announced"),
+        LinkState::Reconnecting { last_error } => {
+            format!(
+                "not connected to the orchestrator now: {last_error}; it announces everything when it is"
+            )
+        }
+    }
+}
+
+/// After a run: a running daemon for this store takes the result and
+/// serves it, and the run returns; otherwise the run stays connected and
+/// serves the store itself until SIGINT or SIGTERM (connected mode),
+/// reconnecting if the orchestrator restarts. A run that could not reach
+/// the orchestrator does not wait on it.
+pub async fn hand_over_or_serve(result: &StoredResult, link: &mut RunLink, ui: &dyn Ui) {
+    let data = crate::paths::data_dir();
+    let store = Store::default_location();
+    // Sealed results, passed or failed, are announced (a failed one so
+    // that a disagreement between producers shows).
+    let ask = if result.seal.is_some() {
+        Ask::Held {
+            key: result.manifest.key,
+            namespace: result.manifest.inputs.namespace.clone(),
+            store: store.root().display().to_string(),
+        }
+    } else {
+        Ask::Status
+    };
+    let handed = match ask_daemon(&data, ask).await {
+        Ok(Answer::Accepted { link }) => {
+            ui.note(&format!(
+                "handed the result to the reprise daemon, which serves it ({})",
+                describe(&link)
+            ));
+            true
+        }
+        Ok(Answer::Status { pid, link, .. }) => {
+            ui.note(&format!(
+                "the reprise daemon (pid {pid}) serves this store ({})",
+                describe(&link)
+            ));
+            true
+        }
+        Ok(Answer::Error { .. }) | Err(AskError::NoDaemon) => false,
+        Err(e) => {
+            ui.note(&format!("{e}; serving from here instead"));
+            false
+        }
+    };
+    if handed {
+        link.close().await;
+        return;
+    }
+    if link.get(ui).await.is_none() {
+        return;
+    }
+    let Some((orchestrator, first)) = link.take() else {
+        return;
+    };
+    let (_news, news_rx) = mpsc::channel(1);
+    let (state, _) = watch::channel(LinkState::Reconnecting {
+        last_error: String::new(),
+    });
+    serve_until(
+        &orchestrator,
+        Some(first),
+        &store,
+        news_rx,
+        &state,
+        crate::signals::interrupted(),
+        &|line| ui.note(line),
     )
+    .await;
+}
+
+/// How a running daemon is doing, or `None` when none serves the store
+/// under `data_dir`.
+pub async fn status(data_dir: &Path) -> Result<Option<Answer>, AskError> {
+    match ask_daemon(data_dir, Ask::Status).await {
+        Ok(answer @ Answer::Status { .. }) => Ok(Some(answer)),
+        Ok(other) => Err(AskError::Broken(format!("answered {other:?}"))),
+        Err(AskError::NoDaemon) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Stops the daemon serving the store under `data_dir` and waits until it
+/// is gone. Returns its pid, or `None` when none was running.
+pub async fn stop(data_dir: &Path) -> Result<Option<u32>, DaemonError> {
+    let Some(Answer::Status { pid, .. }) = status(data_dir).await? else {
+        return Ok(None);
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .map_err(|source| DaemonError::Signal { pid, source })?;
+    let socket = socket_path(data_dir);
+    for _ in 0..100 {
+        if !socket.exists() {
+            return Ok(Some(pid));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(DaemonError::DidNotStop(pid))
+}
+
+/// The orchestrator the daemon serves: from `flags` (address, credentials)
+/// over the user's settings. Never from a repository: the daemon serves
+/// the whole store.
+pub fn orchestrator(
+    flags: (Option<String>, Option<PathBuf>),
+    ui: &dyn Ui,
+) -> Result<Orchestrator, DaemonError> {
+    let mut facts = settings::gather(None);
+    if let Some(o) = flags.0 {
+        facts.env.insert(ORCHESTRATOR_VAR.into(), o);
+    }
+    if let Some(c) = flags.1 {
+        facts
+            .env
+            .insert(CREDENTIALS_VAR.into(), c.display().to_string());
+    }
+    let resolved = settings::resolve(&facts);
+    for note in &resolved.notes {
+        ui.note(note);
+    }
+    let settings = resolved
+        .settings
+        .ok_or_else(|| DaemonError::NoOrchestrator(settings::user_config_path()))?;
+    Ok(Orchestrator::new(settings)?)
+}
+
+/// Serves the store under `data_dir` in the foreground until SIGINT or
+/// SIGTERM (SIGHUP is ignored), logging with UTC timestamps to stderr.
+pub async fn serve_in_foreground(
+    data_dir: &Path,
+    orchestrator: Orchestrator,
+) -> Result<(), DaemonError> {
+    let daemon = Daemon::bind(data_dir)?;
+    let store = Store::default_location();
+    eprintln!(
+        "reprise daemon: pid {}, store {}, socket {}, orchestrator {}",
+        std::process::id(),
+        store.root().display(),
+        daemon.socket().display(),
+        orchestrator.settings.orchestrator
+    );
+    daemon
+        .run(
+            orchestrator,
+            store,
+            crate::signals::interrupted_not_hung_up(),
+            &|line| {
+                let now = crate::store::now_secs();
+                eprintln!("{} reprise daemon: {line}", crate::text::utc_timestamp(now));
+            },
+        )
+        .await;
+    eprintln!("reprise daemon: stopped");
+    Ok(())
+}
+
+/// Starts `reprise daemon` for `orchestrator` in the background, in a
+/// process group of its own, its output appended to `daemon.log`, and waits
+/// until it answers. Returns its pid and the log's path.
+pub async fn detach(
+    data_dir: &Path,
+    orchestrator: &Orchestrator,
+) -> Result<(u32, PathBuf), DaemonError> {
+    use std::os::unix::process::CommandExt;
+    let log_path = data_dir.join("daemon.log");
+    let io = |source| DaemonError::Socket {
+        path: log_path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(data_dir).map_err(io)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io)?;
+    let exe = std::env::current_exe().map_err(DaemonError::Spawn)?;
+    let mut child = std::process::Command::new(exe)
+        .args([
+            "daemon",
+            "--orchestrator",
+            &orchestrator.settings.orchestrator,
+        ])
+        .arg("--credentials")
+        .arg(&orchestrator.settings.credentials)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map_err(io)?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(DaemonError::Spawn)?;
+    for _ in 0..100 {
+        if let Ok(Some(Answer::Status { pid, .. })) = status(data_dir).await {
+            return Ok((pid, log_path));
+        }
+        if let Some(status) = child.try_wait().map_err(DaemonError::Spawn)? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(DaemonError::Exited {
+                status,
+                log: crate::paths::tail_lines(&log, 5),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(DaemonError::NoAnswer(log_path))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn timestamps_are_utc_calendar_dates() {
-        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(utc_timestamp(1_795_000_000), "2026-11-18T11:06:40Z");
-        assert_eq!(utc_timestamp(4_107_542_399), "2100-02-28T23:59:59Z");
-    }
-
-    #[test]
-    fn backoff_doubles_to_its_cap_with_jitter_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
-        let delays: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
-        let bases = [100, 200, 400, 800, 800, 800];
-        for (d, base) in delays.iter().zip(bases) {
-            let base = Duration::from_millis(base);
-            assert!(
-                *d >= base.mul_f64(0.75) && *d <= base.mul_f64(1.25),
-                "{d:?} for {base:?}"
-            );
-        }
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(125));
-    }
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
@@ -621,7 +624,7 @@ mod tests {
             let daemon = Daemon::bind(dir.path()).unwrap();
             let store = Store::new(dir.path().join("store"));
             let (news, mut news_rx) = mpsc::channel(4);
-            let (_link_tx, link) = watch::channel(Link::Reconnecting {
+            let (_link_tx, link) = watch::channel(LinkState::Reconnecting {
                 last_error: "x".into(),
             });
             let ctx = Arc::new(LocalCtx {

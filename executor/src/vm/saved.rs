@@ -25,15 +25,15 @@ use crate::accel::Accel;
 
 /// The `-drive` id of the data disk.
 pub(super) const DATA_DRIVE: &str = "data";
-/// The `-drive` id of the state disk.
-pub(super) const STATE_DRIVE: &str = "state";
+/// The `-drive` id of the snapshot disk.
+pub(super) const SNAPSHOT_DRIVE: &str = "state";
 const STATE_FILE: &str = "state.bin";
 const DISK_FILE: &str = "disk.qcow2";
 const META_FILE: &str = "meta.json";
 
 /// Why a guest state could not be saved or restored.
 #[derive(Debug, Error)]
-pub enum SnapshotError {
+pub enum SavedGuestError {
     #[error("preparing the guest for saving: {0}")]
     Prepare(String),
     #[error("saving the guest state failed: {0}")]
@@ -55,7 +55,7 @@ pub enum SnapshotError {
 /// A guest state saved by [`Vm::save_state`]: the machine state and the
 /// root disk as they were, and the machine shape they need.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SavedState {
+pub struct SavedGuest {
     #[serde(skip)]
     dir: PathBuf,
     accel: Accel,
@@ -65,21 +65,21 @@ pub struct SavedState {
     tty: bool,
     kernel_args: Vec<String>,
     bytes: u64,
-    /// Whether the saved machine has a state disk slot (`/dev/vdc`).
+    /// Whether the saved machine has a snapshot disk slot (`/dev/vdc`).
     state_slot: bool,
 }
 
-impl SavedState {
+impl SavedGuest {
     /// The state saved in `dir` by [`Vm::save_state`], if it is complete.
-    pub fn load(dir: &Path) -> Option<SavedState> {
+    pub fn load(dir: &Path) -> Option<SavedGuest> {
         let meta = std::fs::read(dir.join(META_FILE)).ok()?;
-        let mut saved: SavedState = serde_json::from_slice(&meta).ok()?;
+        let mut saved: SavedGuest = serde_json::from_slice(&meta).ok()?;
         saved.dir = dir.to_path_buf();
         (saved.state_file().is_file() && saved.disk().is_file()).then_some(saved)
     }
 
-    /// Whether VMs restored from it can have a state disk.
-    pub fn has_state_slot(&self) -> bool {
+    /// Whether VMs restored from it can have a snapshot disk.
+    pub fn has_snapshot_slot(&self) -> bool {
         self.state_slot
     }
 
@@ -166,10 +166,10 @@ impl Vm {
         &self,
         dir: &Path,
         config: &VmConfig,
-    ) -> Result<SavedState, SnapshotError> {
+    ) -> Result<SavedGuest, SavedGuestError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| SnapshotError::Io { path, source }
+            move |source| SavedGuestError::Io { path, source }
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let dir = std::path::absolute(dir).map_err(io(dir))?;
@@ -179,11 +179,11 @@ impl Vm {
             )))
             .await?;
         if !out.success() {
-            return Err(SnapshotError::Prepare(
+            return Err(SavedGuestError::Prepare(
                 String::from_utf8_lossy(&out.stderr).trim().to_string(),
             ));
         }
-        // Nothing of an agent connection survives into the saved state.
+        // Nothing of an agent connection survives into the saved guest.
         self.agent.disconnect().await;
 
         let state = dir.join(STATE_FILE);
@@ -197,7 +197,7 @@ impl Vm {
         let overlay = self.work.path().join("overlay.qcow2");
         std::fs::copy(&overlay, dir.join(DISK_FILE)).map_err(io(&overlay))?;
         let bytes = std::fs::metadata(&state).map_err(io(&state))?.len();
-        let saved = SavedState {
+        let saved = SavedGuest {
             dir: dir.clone(),
             accel: config.accel,
             memory_mib: config.memory_mib,
@@ -206,7 +206,7 @@ impl Vm {
             tty: config.tty,
             kernel_args: config.kernel_args.clone(),
             bytes,
-            state_slot: config.state_disk.is_some(),
+            state_slot: config.snapshot_disk.is_some(),
         };
         // Written last: a folder with it is complete.
         let meta = dir.join(META_FILE);
@@ -214,7 +214,7 @@ impl Vm {
         Ok(saved)
     }
 
-    async fn migrate_to(&self, state: &Path) -> Result<(), SnapshotError> {
+    async fn migrate_to(&self, state: &Path) -> Result<(), SavedGuestError> {
         self.qmp_call(qmp::migrate {
             uri: Some(format!("exec:cat > {}", shell_quote(state))),
             channels: None,
@@ -229,7 +229,7 @@ impl Vm {
             match info.status {
                 Some(qmp::MigrationStatus::completed) => return Ok(()),
                 Some(qmp::MigrationStatus::failed | qmp::MigrationStatus::cancelled) => {
-                    return Err(SnapshotError::Migrate(
+                    return Err(SavedGuestError::Migrate(
                         info.error_desc.unwrap_or_else(|| "no reason given".into()),
                     ));
                 }
@@ -237,7 +237,7 @@ impl Vm {
             }
             if started.elapsed() > limit {
                 let _ = self.qmp_call(qmp::migrate_cancel {}).await;
-                return Err(SnapshotError::Timeout(limit));
+                return Err(SavedGuestError::Timeout(limit));
             }
             sleep(Duration::from_millis(20)).await;
         }
@@ -246,18 +246,18 @@ impl Vm {
     /// After an incoming state is loaded: tell the guest the new disks'
     /// sizes, mount the data disk where the saved guest had its old one, and
     /// set the guest's clock (it still reads the time of the save). The
-    /// state disk, if any, is left for the caller to mount.
-    pub(super) async fn finish_restore(&self) -> Result<(), SnapshotError> {
+    /// snapshot disk, if any, is left for the caller to mount.
+    pub(super) async fn finish_restore(&self) -> Result<(), SavedGuestError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| SnapshotError::Io { path, source }
+            move |source| SavedGuestError::Io { path, source }
         };
         let data = self.work.path().join("data.raw");
         let size = std::fs::metadata(&data).map_err(io(&data))?.len();
         let mut disks = vec![(DATA_DRIVE, "vdb", size)];
         if let Some(slot) = &self.state_slot {
             let size = slot.guest_bytes().map_err(io(&slot.path))?;
-            disks.push((STATE_DRIVE, "vdc", size));
+            disks.push((SNAPSHOT_DRIVE, "vdc", size));
         }
         // Resizing to the current size still raises the config-change
         // interrupt, after which the guest reads the capacity anew.
@@ -296,7 +296,7 @@ impl Vm {
         ));
         let out = self.exec(&GuestCommand::shell(&script)).await?;
         if !out.success() {
-            return Err(SnapshotError::Attach(
+            return Err(SavedGuestError::Attach(
                 String::from_utf8_lossy(&out.stderr).trim().to_string(),
             ));
         }

@@ -23,16 +23,13 @@ use serde::Deserialize;
 
 /// Where the orchestrator is and which credentials to present.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Settings {
+pub struct LinkSettings {
     /// `HOST:PORT`.
     pub orchestrator: String,
     pub credentials: PathBuf,
 }
 
-/// The environment variable naming the orchestrator.
-pub const ORCHESTRATOR_VAR: &str = "REPRISE_ORCHESTRATOR";
-/// The environment variable naming the credentials file.
-pub const CREDENTIALS_VAR: &str = "REPRISE_CREDENTIALS";
+pub use crate::vars::{CREDENTIALS_VAR, ORCHESTRATOR_VAR};
 
 /// The user config file, as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +62,7 @@ pub struct Facts {
 /// thing that was ignored or is missing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resolved {
-    pub settings: Option<Settings>,
+    pub settings: Option<LinkSettings>,
     pub notes: Vec<String>,
 }
 
@@ -131,7 +128,7 @@ pub fn resolve(facts: &Facts) -> Resolved {
     }
 
     let settings = match (orchestrator, credentials) {
-        (Some(orchestrator), Some(credentials)) => Some(Settings {
+        (Some(orchestrator), Some(credentials)) => Some(LinkSettings {
             orchestrator,
             credentials,
         }),
@@ -236,8 +233,8 @@ mod tests {
         })
     }
 
-    fn settings(o: &str, c: &str) -> Option<Settings> {
-        Some(Settings {
+    fn settings(o: &str, c: &str) -> Option<LinkSettings> {
+        Some(LinkSettings {
             orchestrator: o.into(),
             credentials: c.into(),
         })
@@ -249,7 +246,7 @@ mod tests {
     fn only_the_user_chooses_the_orchestrator_and_credentials() {
         let user = "orchestrator = \"team:7443\"\ncredentials = \"me.pem\"\n";
         // (case, facts, settings, a note containing)
-        let table: Vec<(&str, Facts, Option<Settings>, Option<&str>)> = vec![
+        let table: Vec<(&str, Facts, Option<LinkSettings>, Option<&str>)> = vec![
             ("nothing set", Facts::default(), None, None),
             (
                 "environment",

@@ -1,31 +1,31 @@
-//! Per-repository state disks: what a repository's runs keep between runs
+//! Per-repository snapshots: what a repository's runs keep between runs
 //! (its container images in `/var/lib/containers`, `/var/run/ci/cache`), so
 //! a second real run does not rebuild its container image.
 //!
-//! A layer is a qcow2 holding an ext4 file system; the first is a copy of a
-//! blank one made on the host. It is a disk of its own, not a layer of the
-//! root disk, so that every run can start from the same saved guest state
-//! (see [`crate::states`]) and plug its repository's disk in.
+//! A snapshot is a qcow2 disk holding an ext4 file system; the first is a
+//! copy of a blank one made on the host. It is a disk of its own, not a
+//! layer of the root disk, so that every run can start from the same saved
+//! guest (see [`crate::saved_guests`]) and plug its repository's disk in.
 //!
-//! Layers belong to a [`RepoId`]: the namespace *and* the root commit, so a
-//! repository that declares another's namespace does not get (or poison)
-//! its layers. Each layer is a *generation*, named by an id that chains from
-//! the generation it was made from ([`Generation`]); a run records the
-//! generation it started from (or `fresh`) in its manifest, so a policy can
-//! ask for results from a blank snapshot only. Only a run whose tests
-//! passed writes a new generation: a failed, timed-out or interrupted run
-//! leaves nothing behind.
+//! Snapshots belong to a [`RepoId`]: the namespace *and* the root commit, so
+//! a repository that declares another's namespace does not get (or poison)
+//! its snapshot. Each state of a snapshot is a *generation*, named by an id
+//! that chains from the generation it was made from ([`next_generation`]);
+//! a run records the generation it started from (or `fresh`) in its
+//! manifest, so a policy can ask for results from a blank snapshot only.
+//! Only a run whose tests passed writes a new generation: a failed,
+//! timed-out or interrupted run leaves nothing behind.
 //!
 //! ```text
-//! layers/<repo id>-<recipe>/<generation>.qcow2   immutable once written
-//! layers/<repo id>-<recipe>/current              symlink to the newest
-//! layers/blank-v1.qcow2
+//! snapshots/<repo id>-<recipe>/<generation>.qcow2   immutable once written
+//! snapshots/<repo id>-<recipe>/current              symlink to the newest
+//! snapshots/blank-v1.qcow2
 //! ```
 //!
 //! A run holds a shared lock on the generation it boots on; a new
 //! generation is a copy of the one its run booted on with the run's overlay
 //! committed into it, renamed into place, then `current` is swapped to it.
-//! Generations nobody holds are removed after each update. Layers unused
+//! Generations nobody holds are removed after each update. Snapshots unused
 //! for [`MAX_AGE`] are dropped.
 
 use std::fs::File;
@@ -40,22 +40,22 @@ use thiserror::Error;
 
 use crate::image::Image;
 
-/// Layers older than this are not used, and are removed.
+/// Snapshots older than this are not used, and are removed.
 pub const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// The size the guest sees of a state disk (sparse: it costs what is
+/// The size the guest sees of a snapshot disk (sparse: it costs what is
 /// written).
 pub const STATE_DISK_BYTES: u64 = 32 << 30;
 
 const BLANK: &str = "blank-v1.qcow2";
 const CURRENT: &str = "current";
 
-/// Why a layer could not be made or updated.
+/// Why a snapshot could not be made or updated.
 #[derive(Debug, Error)]
-pub enum LayerError {
+pub enum SnapshotError {
     #[error("{tool} failed while updating the repository's snapshot: {stderr}")]
     Tool { tool: &'static str, stderr: String },
-    #[error("making a blank state disk")]
+    #[error("making a blank snapshot disk")]
     Blank(#[source] crate::vm::DiskError),
     #[error("snapshot io on {}", path.display())]
     Io {
@@ -65,14 +65,14 @@ pub enum LayerError {
     },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LayerError + '_ {
-    move |source| LayerError::Io {
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
         path: path.to_path_buf(),
         source,
     }
 }
 
-/// Which repository a layer belongs to: what it declares (its namespace)
+/// Which repository a snapshot belongs to: what it declares (its namespace)
 /// together with what it cannot choose without sharing the history (its
 /// root commit).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,56 +106,84 @@ pub fn next_generation(parent: Snapshot, key: &RunKey, nanos: u128) -> Sha256Dig
     Sha256Digest::of(&bytes)
 }
 
-/// A layer a run boots on: its file, its generation, and a shared lock that
+/// A generation a run boots on: its file, its id, and a shared lock that
 /// keeps it from being removed while the run needs it.
 #[derive(Debug)]
-pub struct Layer {
+pub struct SnapshotGeneration {
     pub path: PathBuf,
     pub generation: Sha256Digest,
     _lock: Flock<File>,
 }
 
-/// What a run's state disk starts from.
+/// What a run's snapshot disk starts from.
 #[derive(Debug)]
-pub enum Base {
+pub enum SnapshotStart {
     /// The blank disk: a fresh snapshot.
-    Blank(PathBuf),
-    Layer(Layer),
+    Fresh(PathBuf),
+    /// A generation of the repository's snapshot, held.
+    Generation(SnapshotGeneration),
 }
 
-impl Base {
+impl SnapshotStart {
     pub fn path(&self) -> &Path {
         match self {
-            Base::Blank(p) => p,
-            Base::Layer(l) => &l.path,
+            SnapshotStart::Fresh(p) => p,
+            SnapshotStart::Generation(l) => &l.path,
         }
     }
 
     pub fn snapshot(&self) -> Snapshot {
         match self {
-            Base::Blank(_) => Snapshot::Fresh,
-            Base::Layer(l) => Snapshot::Generation(l.generation),
+            SnapshotStart::Fresh(_) => Snapshot::Fresh,
+            SnapshotStart::Generation(l) => Snapshot::Generation(l.generation),
         }
     }
 }
 
-/// The folder of layers.
-#[derive(Debug, Clone)]
-pub struct Layers {
-    root: PathBuf,
+/// What a generation is on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// A qcow2 disk with an ext4 file system (the qemu driver's).
+    Disk,
+    /// A folder, bind-mounted into the OS (the podman driver's).
+    Folder,
 }
 
-impl Layers {
-    pub fn new(root: PathBuf) -> Layers {
-        Layers { root }
+impl Form {
+    fn suffix(self) -> &'static str {
+        match self {
+            Form::Disk => ".qcow2",
+            Form::Folder => ".d",
+        }
+    }
+}
+
+/// The folder of snapshots.
+#[derive(Debug, Clone)]
+pub struct Snapshots {
+    root: PathBuf,
+    form: Form,
+}
+
+impl Snapshots {
+    pub fn new(root: PathBuf, form: Form) -> Snapshots {
+        Snapshots { root, form }
     }
 
-    /// Under the user's cache folder.
-    pub fn default_location() -> Layers {
-        Layers::new(crate::paths::cache_dir().join("layers"))
+    /// The qemu driver's, under the user's cache folder.
+    pub fn default_location() -> Snapshots {
+        Snapshots::new(crate::paths::cache_dir().join("snapshots"), Form::Disk)
     }
 
-    /// The folder of `repo`'s layers on `image`.
+    /// The podman driver's, under the user's cache folder.
+    pub fn folders() -> Snapshots {
+        Snapshots::new(
+            crate::paths::cache_dir().join("snapshots-podman"),
+            Form::Folder,
+        )
+    }
+
+    /// The folder of `repo`'s snapshots on `image`.
     fn folder(&self, repo: &RepoId, image: &Image) -> PathBuf {
         self.root.join(format!(
             "{}-{}",
@@ -164,13 +192,13 @@ impl Layers {
         ))
     }
 
-    /// The layer to boot on, if one exists and is fresh enough, locked
+    /// The generation to boot on, if one exists and is fresh enough, locked
     /// (shared) until the returned value drops.
-    pub fn current(&self, repo: &RepoId, image: &Image) -> Option<Layer> {
+    pub fn current(&self, repo: &RepoId, image: &Image) -> Option<SnapshotGeneration> {
         let folder = self.folder(repo, image);
         let target = std::fs::read_link(folder.join(CURRENT)).ok()?;
         let name = target.file_name()?.to_str()?;
-        let generation: Sha256Digest = name.strip_suffix(".qcow2")?.parse().ok()?;
+        let generation: Sha256Digest = name.strip_suffix(self.form.suffix())?.parse().ok()?;
         let path = folder.join(name);
         let file = File::open(&path).ok()?;
         let age = file
@@ -188,15 +216,15 @@ impl Layers {
         if !path.exists() {
             return None;
         }
-        Some(Layer {
+        Some(SnapshotGeneration {
             path,
             generation,
             _lock: lock,
         })
     }
 
-    /// The blank state disk (an empty ext4 file system), made on first use.
-    pub fn blank(&self) -> Result<PathBuf, LayerError> {
+    /// The blank snapshot disk (an empty ext4 file system), made on first use.
+    pub fn blank(&self) -> Result<PathBuf, SnapshotError> {
         let path = self.root.join(BLANK);
         if path.is_file() {
             return Ok(path);
@@ -206,14 +234,14 @@ impl Layers {
             .root
             .join(format!(".{BLANK}.tmp-{}", std::process::id()));
         crate::vm::disk::make_blank_ext4(&scratch, STATE_DISK_BYTES, "reprise-state")
-            .map_err(LayerError::Blank)?;
+            .map_err(SnapshotError::Blank)?;
         std::fs::rename(&scratch, &path).map_err(io(&path))?;
         Ok(path)
     }
 
-    /// Removes the layers of `repo` (every image), or all layers (and the
-    /// blank disk). Returns how many repositories' layers were removed.
-    pub fn drop_layers(&self, repo: Option<&RepoId>) -> std::io::Result<usize> {
+    /// Removes the snapshots of `repo` (every image), or all snapshots (and the
+    /// blank disk). Returns how many repositories' snapshots were removed.
+    pub fn drop_repo(&self, repo: Option<&RepoId>) -> std::io::Result<usize> {
         let prefix = repo.map(RepoId::id);
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return Ok(0);
@@ -234,8 +262,72 @@ impl Layers {
         Ok(n)
     }
 
-    /// Folds a stopped VM's state-disk `overlay`, booted on `base`, into a
-    /// new generation of `repo`'s layer made by the run with `key`, and
+    /// A folder beside `repo`'s generations holding a copy of `start` (or
+    /// nothing, for a fresh start): what a run of the podman driver mounts
+    /// and changes. [`Snapshots::commit_folder`] makes it a generation.
+    pub fn stage_folder(
+        &self,
+        repo: &RepoId,
+        image: &Image,
+        start: &SnapshotStart,
+    ) -> Result<PathBuf, SnapshotError> {
+        let folder = self.folder(repo, image);
+        std::fs::create_dir_all(&folder).map_err(io(&folder))?;
+        let staged = tempfile::Builder::new()
+            .prefix(".stage-")
+            .tempdir_in(&folder)
+            .map_err(io(&folder))?
+            .keep();
+        if let SnapshotStart::Generation(g) = start {
+            let out = Command::new("cp")
+                .args(["-a", "--reflink=auto"])
+                .arg(g.path.join("."))
+                .arg(&staged)
+                .output()
+                .map_err(io(&staged))?;
+            if !out.status.success() {
+                let _ = std::fs::remove_dir_all(&staged);
+                return Err(SnapshotError::Tool {
+                    tool: "cp",
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().into(),
+                });
+            }
+        }
+        Ok(staged)
+    }
+
+    /// Makes the folder `staged` (from [`Snapshots::stage_folder`]) a new
+    /// generation of `repo`'s snapshot made by the run with `key` from
+    /// `start`, and makes it current.
+    pub fn commit_folder(
+        &self,
+        repo: &RepoId,
+        image: &Image,
+        staged: &Path,
+        start: SnapshotStart,
+        key: &RunKey,
+    ) -> Result<Sha256Digest, SnapshotError> {
+        let folder = self.folder(repo, image);
+        let generation = next_generation(start.snapshot(), key, now_nanos());
+        let dest = folder.join(format!("{generation}{}", self.form.suffix()));
+        std::fs::rename(staged, &dest).map_err(io(&dest))?;
+        self.make_current(&folder, &generation)?;
+        drop(start);
+        self.remove_unused(&folder, &generation);
+        Ok(generation)
+    }
+
+    /// Swaps `current` to `generation` in one step: a new link renamed
+    /// over the old.
+    fn make_current(&self, folder: &Path, generation: &Sha256Digest) -> Result<(), SnapshotError> {
+        let link = folder.join(format!(".{CURRENT}.{generation}"));
+        std::os::unix::fs::symlink(format!("{generation}{}", self.form.suffix()), &link)
+            .map_err(io(&link))?;
+        std::fs::rename(&link, folder.join(CURRENT)).map_err(io(&link))
+    }
+
+    /// Folds a stopped VM's snapshot-disk `overlay`, booted on `base`, into a
+    /// new generation of `repo`'s snapshot made by the run with `key`, and
     /// makes it current. The overlay and the base (and its lock) are
     /// consumed. Returns the new generation.
     pub fn update(
@@ -243,15 +335,12 @@ impl Layers {
         repo: &RepoId,
         image: &Image,
         overlay: &Path,
-        base: Base,
+        base: SnapshotStart,
         key: &RunKey,
-    ) -> Result<Sha256Digest, LayerError> {
+    ) -> Result<Sha256Digest, SnapshotError> {
         let folder = self.folder(repo, image);
         std::fs::create_dir_all(&folder).map_err(io(&folder))?;
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let generation = next_generation(base.snapshot(), key, nanos);
+        let generation = next_generation(base.snapshot(), key, now_nanos());
         let dest = folder.join(format!("{generation}.qcow2"));
         let new = folder.join(format!(".{generation}.tmp"));
         let result = (|| {
@@ -262,7 +351,7 @@ impl Layers {
                 .output()
                 .map_err(io(&new))?;
             if !out.status.success() {
-                return Err(LayerError::Tool {
+                return Err(SnapshotError::Tool {
                     tool: "cp",
                     stderr: String::from_utf8_lossy(&out.stderr).trim().into(),
                 });
@@ -273,10 +362,7 @@ impl Layers {
             qemu_img(&["rebase", "-u", "-F", "qcow2", "-b"], &[&abs_new, overlay])?;
             qemu_img(&["commit", "-q"], &[overlay])?;
             std::fs::rename(&new, &dest).map_err(io(&dest))?;
-            // Swap `current` in one step: a new link renamed over the old.
-            let link = folder.join(format!(".{CURRENT}.{generation}"));
-            std::os::unix::fs::symlink(format!("{generation}.qcow2"), &link).map_err(io(&link))?;
-            std::fs::rename(&link, folder.join(CURRENT)).map_err(io(&link))
+            self.make_current(&folder, &generation)
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&new);
@@ -295,7 +381,7 @@ impl Layers {
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(generation) = name.strip_suffix(".qcow2") else {
+            let Some(generation) = name.strip_suffix(self.form.suffix()) else {
                 continue;
             };
             if generation == keep.hex() {
@@ -305,25 +391,34 @@ impl Layers {
                 continue;
             };
             if let Ok(_held) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                let _ = std::fs::remove_file(e.path());
+                let _ = match self.form {
+                    Form::Disk => std::fs::remove_file(e.path()),
+                    Form::Folder => std::fs::remove_dir_all(e.path()),
+                };
             }
         }
     }
 }
 
-fn qemu_img(args: &[&str], paths: &[&Path]) -> Result<(), LayerError> {
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+fn qemu_img(args: &[&str], paths: &[&Path]) -> Result<(), SnapshotError> {
     let out = Command::new("qemu-img")
         .args(args)
         .args(paths)
         .output()
-        .map_err(|source| LayerError::Io {
+        .map_err(|source| SnapshotError::Io {
             path: PathBuf::from("qemu-img"),
             source,
         })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(LayerError::Tool {
+        Err(SnapshotError::Tool {
             tool: "qemu-img",
             stderr: String::from_utf8_lossy(&out.stderr).trim().into(),
         })
@@ -352,8 +447,8 @@ mod tests {
     #[test]
     fn the_blank_state_disk_is_an_empty_ext4_made_once() {
         let dir = tempfile::tempdir().unwrap();
-        let layers = Layers::new(dir.path().join("layers"));
-        let blank = layers.blank().expect("blank");
+        let snapshots = Snapshots::new(dir.path().join("snapshots"), Form::Disk);
+        let blank = snapshots.blank().expect("blank");
         let info = Command::new("qemu-img")
             .args(["info", "--output=json"])
             .arg(&blank)
@@ -377,10 +472,10 @@ mod tests {
         assert!(header.contains("reprise-state"), "{header}");
         // Made once: a second call returns the same file untouched.
         let made = std::fs::metadata(&blank).unwrap().modified().unwrap();
-        assert_eq!(layers.blank().unwrap(), blank);
+        assert_eq!(snapshots.blank().unwrap(), blank);
         assert_eq!(std::fs::metadata(&blank).unwrap().modified().unwrap(), made);
-        // Dropping every layer removes it too, but counts only layers.
-        assert_eq!(layers.drop_layers(None).unwrap(), 0);
+        // Dropping every generation removes it too, but counts only snapshots.
+        assert_eq!(snapshots.drop_repo(None).unwrap(), 0);
         assert!(!blank.exists());
     }
 
@@ -408,39 +503,53 @@ mod tests {
             },
         };
         let base_sha = crate::image::sha256_file(&base).unwrap();
-        let layers = Layers::new(dir.path().join("layers"));
+        let snapshots = Snapshots::new(dir.path().join("snapshots"), Form::Disk);
         let repo = RepoId {
             namespace: "ns".into(),
             root_commit: "r1".into(),
         };
         let key = RunKey::from_bytes([7; 32]);
-        assert!(layers.current(&repo, &image).is_none());
+        assert!(snapshots.current(&repo, &image).is_none());
 
         // First run: an overlay on the base writes 0x22 at 1M.
         let run1 = dir.path().join("run1.qcow2");
         crate::vm::disk::create_overlay(&base, &run1).unwrap();
         qemu_io(&["-c", "write -P 0x22 1M 64k"], &run1);
-        let first = layers
-            .update(&repo, &image, &run1, Base::Blank(base.clone()), &key)
+        let first = snapshots
+            .update(
+                &repo,
+                &image,
+                &run1,
+                SnapshotStart::Fresh(base.clone()),
+                &key,
+            )
             .unwrap();
-        let layer = layers.current(&repo, &image).expect("a current layer");
-        assert_eq!(layer.generation, first);
+        let generation = snapshots
+            .current(&repo, &image)
+            .expect("a current generation");
+        assert_eq!(generation.generation, first);
 
         // Another repository declaring the same namespace does not see it.
         let impostor = RepoId {
             namespace: "ns".into(),
             root_commit: "r2".into(),
         };
-        assert!(layers.current(&impostor, &image).is_none());
+        assert!(snapshots.current(&impostor, &image).is_none());
 
-        // Second run: on the layer, sees the first run's write, adds another.
+        // Second run: on the generation, sees the first run's write, adds another.
         let run2 = dir.path().join("run2.qcow2");
-        crate::vm::disk::create_overlay(&layer.path, &run2).unwrap();
+        crate::vm::disk::create_overlay(&generation.path, &run2).unwrap();
         assert!(qemu_io(&["-c", "read -P 0x22 1M 64k"], &run2).contains("read 65536"));
         qemu_io(&["-c", "write -P 0x33 2M 64k"], &run2);
-        let first_path = layer.path.clone();
-        let second = layers
-            .update(&repo, &image, &run2, Base::Layer(layer), &key)
+        let first_path = generation.path.clone();
+        let second = snapshots
+            .update(
+                &repo,
+                &image,
+                &run2,
+                SnapshotStart::Generation(generation),
+                &key,
+            )
             .unwrap();
         assert_ne!(second, first, "every update is a new generation");
         assert_ne!(
@@ -448,7 +557,7 @@ mod tests {
             next_generation(Snapshot::Fresh, &key, 0),
             "chained from its parent"
         );
-        let now = layers.current(&repo, &image).unwrap();
+        let now = snapshots.current(&repo, &image).unwrap();
         assert_eq!(now.generation, second);
         assert!(!first_path.exists(), "a generation nobody holds is removed");
         let check = dir.path().join("check.qcow2");
@@ -469,15 +578,15 @@ mod tests {
         // A generation a run holds survives the next update.
         let run3 = dir.path().join("run3.qcow2");
         crate::vm::disk::create_overlay(&now.path, &run3).unwrap();
-        let held = layers.current(&repo, &image).unwrap();
-        layers
-            .update(&repo, &image, &run3, Base::Layer(now), &key)
+        let held = snapshots.current(&repo, &image).unwrap();
+        snapshots
+            .update(&repo, &image, &run3, SnapshotStart::Generation(now), &key)
             .unwrap();
         assert!(held.path.exists(), "held by a run");
         drop(held);
 
-        assert_eq!(layers.drop_layers(Some(&impostor)).unwrap(), 0);
-        assert_eq!(layers.drop_layers(Some(&repo)).unwrap(), 1);
-        assert!(layers.current(&repo, &image).is_none());
+        assert_eq!(snapshots.drop_repo(Some(&impostor)).unwrap(), 0);
+        assert_eq!(snapshots.drop_repo(Some(&repo)).unwrap(), 1);
+        assert!(snapshots.current(&repo, &image).is_none());
     }
 }

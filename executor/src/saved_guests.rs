@@ -1,9 +1,9 @@
-//! The saved guest states that runs start from instead of booting.
+//! The saved guests that runs start from instead of booting.
 //!
 //! One state per base image, accelerator, machine shape and qemu version,
 //! kept under the user's cache folder: made once by booting the image cold
-//! with an empty state-disk slot and saving it ([`Vm::save_state`]), then
-//! restored by every run that fits it (see [`crate::vm::snapshot`]). Under
+//! with an empty snapshot-disk slot and saving it ([`Vm::save_state`]), then
+//! restored by every run that fits it (see [`crate::vm::saved`]). Under
 //! TCG here a restore reaches a ready guest in about 2 s against 5–8 s for a
 //! cold boot.
 
@@ -14,9 +14,9 @@ use std::time::SystemTime;
 use nix::fcntl::{Flock, FlockArg};
 use thiserror::Error;
 
-use crate::vm::{BootError, GuestCommand, SavedState, SnapshotError, StateDisk, Vm, VmConfig};
+use crate::vm::{BootError, GuestCommand, SavedGuest, SavedGuestError, SnapshotDisk, Vm, VmConfig};
 
-/// Bumped when what a saved state holds changes (the guest's state at the
+/// Bumped when what a saved guest holds changes (the guest's state at the
 /// save, the device set).
 const FORMAT: u32 = 2;
 
@@ -25,13 +25,13 @@ const WARM_UP: &str = "set -e; bins='/usr/bin/podman /usr/bin/conmon /usr/bin/cr
     cat $bins /etc/containers/* /usr/share/containers/* > /dev/null 2>&1 || true; \
     for b in $bins; do ldd $b; done | awk '/=> \\//{print $3}' | sort -u | xargs cat > /dev/null";
 
-/// Why no saved state could be made.
+/// Why no saved guest could be made.
 #[derive(Debug, Error)]
-pub enum StateError {
+pub enum SavedGuestsError {
     #[error("booting the guest to save its state")]
     Boot(#[from] BootError),
     #[error(transparent)]
-    Save(#[from] SnapshotError),
+    Save(#[from] SavedGuestError),
     #[error("io on {}", path.display())]
     Io {
         path: PathBuf,
@@ -40,23 +40,23 @@ pub enum StateError {
     },
 }
 
-/// The folder of saved states.
+/// The folder of saved guests.
 #[derive(Debug, Clone)]
-pub struct States {
+pub struct SavedGuests {
     root: PathBuf,
 }
 
-impl States {
-    pub fn new(root: PathBuf) -> States {
-        States { root }
+impl SavedGuests {
+    pub fn new(root: PathBuf) -> SavedGuests {
+        SavedGuests { root }
     }
 
     /// Under the user's cache folder.
-    pub fn default_location() -> States {
-        States::new(crate::paths::cache_dir().join("states"))
+    pub fn default_location() -> SavedGuests {
+        SavedGuests::new(crate::paths::cache_dir().join("saved-guests"))
     }
 
-    /// The machine a saved state is made on for `config`: its image,
+    /// The machine a saved guest is made on for `config`: its image,
     /// accelerator, memory and CPUs, no tree, no network, an empty state
     /// slot.
     fn source_config(config: &VmConfig) -> VmConfig {
@@ -66,7 +66,7 @@ impl States {
         source.tty = false;
         source.backing = None;
         source.restore = None;
-        source.state_disk = Some(StateDisk::Empty);
+        source.snapshot_disk = Some(SnapshotDisk::Empty);
         source
     }
 
@@ -87,17 +87,17 @@ impl States {
         reprise_protocol::hex::sha256(text.as_bytes())[..24].to_string()
     }
 
-    /// The saved state for `config` if it was made already. Marks it used.
-    pub fn get(&self, config: &VmConfig) -> Option<SavedState> {
+    /// The saved guest for `config` if it was made already. Marks it used.
+    pub fn get(&self, config: &VmConfig) -> Option<SavedGuest> {
         let dir = self.root.join(Self::key(config));
-        let saved = SavedState::load(&dir)?;
+        let saved = SavedGuest::load(&dir)?;
         if let Ok(f) = std::fs::File::open(&dir) {
             let _ = f.set_modified(SystemTime::now());
         }
         Some(saved)
     }
 
-    /// Removes states unused for [`crate::layers::MAX_AGE`] (made for
+    /// Removes states unused for [`crate::snapshots::MAX_AGE`] (made for
     /// another image, accelerator or qemu, they are never used again).
     fn remove_unused(&self) {
         let Ok(entries) = std::fs::read_dir(&self.root) else {
@@ -109,7 +109,7 @@ impl States {
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| SystemTime::now().duration_since(t).ok())
-                .is_some_and(|age| age > crate::layers::MAX_AGE);
+                .is_some_and(|age| age > crate::snapshots::MAX_AGE);
             if unused {
                 let _ = match e.path().is_dir() {
                     true => std::fs::remove_dir_all(e.path()),
@@ -119,19 +119,19 @@ impl States {
         }
     }
 
-    /// The saved state for `config`, made now if there is none (a cold boot
+    /// The saved guest for `config`, made now if there is none (a cold boot
     /// and a save, once; `step` is told). Safe against concurrent callers.
     pub async fn ensure(
         &self,
         config: &VmConfig,
         step: &mut (dyn FnMut(&str) + Send),
-    ) -> Result<SavedState, StateError> {
+    ) -> Result<SavedGuest, SavedGuestsError> {
         if let Some(saved) = self.get(config) {
             return Ok(saved);
         }
         let io = |path: &std::path::Path| {
             let path = path.to_path_buf();
-            move |source| StateError::Io { path, source }
+            move |source| SavedGuestsError::Io { path, source }
         };
         std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
         let key = Self::key(config);
@@ -139,11 +139,11 @@ impl States {
         let file = std::fs::File::create(&lock_path).map_err(io(&lock_path))?;
         let _lock = tokio::task::spawn_blocking(move || Flock::lock(file, FlockArg::LockExclusive))
             .await
-            .map_err(|e| StateError::Io {
+            .map_err(|e| SavedGuestsError::Io {
                 path: lock_path.clone(),
                 source: std::io::Error::other(e),
             })?
-            .map_err(|(_, errno)| StateError::Io {
+            .map_err(|(_, errno)| SavedGuestsError::Io {
                 path: lock_path.clone(),
                 source: errno.into(),
             })?;
@@ -162,10 +162,10 @@ impl States {
             // the saved page cache instead of being read in every run.
             vm.exec(&GuestCommand::shell(WARM_UP))
                 .await
-                .map_err(SnapshotError::from)?;
+                .map_err(SavedGuestError::from)?;
             let saved = vm.save_state(&scratch, &source_config).await;
             vm.shutdown().await;
-            saved.map_err(StateError::from)
+            saved.map_err(SavedGuestsError::from)
         }
         .await;
         if let Err(e) = made {
@@ -174,21 +174,21 @@ impl States {
         }
         let _ = std::fs::remove_dir_all(&dest);
         std::fs::rename(&scratch, &dest).map_err(io(&dest))?;
-        SavedState::load(&dest).ok_or_else(|| StateError::Io {
+        SavedGuest::load(&dest).ok_or_else(|| SavedGuestsError::Io {
             path: dest,
-            source: std::io::Error::other("the saved state is incomplete"),
+            source: std::io::Error::other("the saved guest is incomplete"),
         })
     }
 
-    /// Removes a saved state that failed to restore, so the next run makes
+    /// Removes a saved guest that failed to restore, so the next run makes
     /// it anew.
-    pub fn discard(&self, saved: &SavedState) {
+    pub fn discard(&self, saved: &SavedGuest) {
         if saved.dir().starts_with(&self.root) {
             let _ = std::fs::remove_dir_all(saved.dir());
         }
     }
 
-    /// The saved states on disk: folder and bytes used.
+    /// The saved guests on disk: folder and bytes used.
     pub fn list(&self) -> Vec<(PathBuf, u64)> {
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return Vec::new();
@@ -196,7 +196,7 @@ impl States {
         let mut states: Vec<(PathBuf, u64)> = entries
             .flatten()
             .map(|e| e.path())
-            .filter(|p| SavedState::load(p).is_some())
+            .filter(|p| SavedGuest::load(p).is_some())
             .map(|p| {
                 let bytes = crate::vm::disk::tree_bytes(&p);
                 (p, bytes)
@@ -206,12 +206,12 @@ impl States {
         states
     }
 
-    /// Removes every saved state. Returns how many there were.
+    /// Removes every saved guest. Returns how many there were.
     pub fn drop_all(&self) -> std::io::Result<usize> {
         let n = std::fs::read_dir(&self.root).map_or(0, |entries| {
             entries
                 .flatten()
-                .filter(|e| SavedState::load(&e.path()).is_some())
+                .filter(|e| SavedGuest::load(&e.path()).is_some())
                 .count()
         });
         match std::fs::remove_dir_all(&self.root) {
@@ -221,7 +221,7 @@ impl States {
     }
 }
 
-/// The first line of `qemu-system-x86_64 --version` (a saved state only
+/// The first line of `qemu-system-x86_64 --version` (a saved guest only
 /// loads into the qemu that made it), or "unknown".
 fn qemu_version() -> &'static str {
     static VERSION: OnceLock<String> = OnceLock::new();
@@ -247,7 +247,7 @@ mod tests {
     #[test]
     fn states_unused_for_a_week_are_removed_and_used_ones_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let states = States::new(dir.path().to_path_buf());
+        let states = SavedGuests::new(dir.path().to_path_buf());
         let old = dir.path().join("old");
         let recent = dir.path().join("recent");
         for d in [&old, &recent] {
@@ -256,7 +256,7 @@ mod tests {
         }
         std::fs::write(dir.path().join("old.lock"), b"").unwrap();
         let long_ago =
-            SystemTime::now() - crate::layers::MAX_AGE - std::time::Duration::from_secs(60);
+            SystemTime::now() - crate::snapshots::MAX_AGE - std::time::Duration::from_secs(60);
         for p in [old.clone(), dir.path().join("old.lock")] {
             std::fs::File::open(&p)
                 .unwrap()

@@ -1,0 +1,245 @@
+//! The qemu driver: the OS is a VM of the base image, restored from the
+//! saved guest (or booted cold with `--network`, `REPRISE_COLD_BOOT=1`, or
+//! when no saved guest loads), KVM when usable and TCG otherwise. The
+//! repository's snapshot is a qcow2 disk of its own ([`crate::snapshots`]),
+//! plugged in as `/dev/vdc` over a generation (or the blank disk) and
+//! folded into a new generation after a pass.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use reprise_protocol::digest::RunKey;
+use reprise_protocol::manifest::Snapshot;
+
+use super::{ARTIFACTS, REPO, SNAPSHOT};
+use super::{Driver, Output, Prepared, Session, Stream};
+use crate::accel::{self, AccelFacts};
+use crate::error::RunError;
+use crate::image::{Image, ImageCache};
+use crate::saved_guests::SavedGuests;
+use crate::snapshots::{RepoId, SnapshotStart, Snapshots};
+use crate::text::error_chain;
+use crate::ui::Ui;
+use crate::vm::{
+    GUEST_SNAPSHOT_DEVICE, GuestCommand, SNAPSHOT_OVERLAY, SnapshotDisk, Vm, VmConfig, VmError,
+};
+
+/// Boots cold instead of restoring the saved guest (to compare, or to rule
+/// it out when something looks wrong).
+pub use crate::vars::COLD_BOOT_VAR;
+
+/// Flushes and checkpoints the snapshot disk's file system, so the disk
+/// file is consistent once qemu stops.
+fn freeze_snapshot() -> String {
+    format!("sync; fsfreeze -f {SNAPSHOT} && fsfreeze -u {SNAPSHOT}")
+}
+
+/// Runs in a qemu VM.
+#[derive(Debug, Default)]
+pub struct Qemu;
+
+/// A running VM of a run.
+#[derive(Debug)]
+pub struct QemuSession {
+    vm: Vm,
+    start: SnapshotStart,
+    snapshots: Snapshots,
+    repo: RepoId,
+    image: Image,
+    work: PathBuf,
+}
+
+impl Driver for Qemu {
+    type Session = QemuSession;
+
+    async fn start(
+        &self,
+        run: &Prepared<'_>,
+        ui: &dyn Ui,
+    ) -> Result<(QemuSession, &'static str), RunError> {
+        let image = tokio::task::block_in_place(|| {
+            ImageCache::default_location().ensure(&mut |step| ui.image_step(step))
+        })?;
+        let choice = accel::choose(&AccelFacts::probe(), run.accel);
+        ui.note(&format!("accelerator {}", choice.reason));
+        let snapshots = Snapshots::default_location();
+        let repo = RepoId {
+            namespace: run.keyed.inputs.namespace.clone(),
+            root_commit: run.keyed.revision.root_commit.clone(),
+        };
+        let start = match (!run.fresh)
+            .then(|| snapshots.current(&repo, &image))
+            .flatten()
+        {
+            Some(generation) => {
+                ui.note(&format!(
+                    "using this repository's snapshot (generation {}; --fresh for a blank one)",
+                    generation.generation.short()
+                ));
+                SnapshotStart::Generation(generation)
+            }
+            None => SnapshotStart::Fresh(tokio::task::block_in_place(|| snapshots.blank())?),
+        };
+        let mut config = VmConfig::new(image.clone(), choice.accel);
+        config.tree = Some(run.tree.clone());
+        config.network = run.network;
+        config.snapshot_disk = Some(SnapshotDisk::On(start.path().to_path_buf()));
+        // A run with network boots cold: the saved guest has no network card.
+        let saved_guests = SavedGuests::default_location();
+        let cold = std::env::var_os(COLD_BOOT_VAR).is_some_and(|v| !v.is_empty() && v != "0");
+        if !run.network && !cold {
+            match saved_guests
+                .ensure(&config, &mut |step| ui.image_step(step))
+                .await
+            {
+                Ok(saved) => config.restore = Some(saved),
+                Err(e) => ui.note(&format!(
+                    "booting cold: no saved guest ({})",
+                    error_chain(&e)
+                )),
+            }
+        }
+        let vm = match Vm::boot(&config).await {
+            Err(e) if config.restore.is_some() => {
+                // A saved guest that does not load (qemu changed under it, a
+                // damaged file) is made anew next time; this run boots cold.
+                ui.note(&format!(
+                    "the saved guest did not restore ({}); booting cold",
+                    error_chain(&e)
+                ));
+                if let Some(saved) = &config.restore {
+                    saved_guests.discard(saved);
+                }
+                let mut cold = config.clone();
+                cold.restore = None;
+                Vm::boot(&cold).await?
+            }
+            booted => booted?,
+        };
+        let phase = if config.restore.is_some() {
+            "restore"
+        } else {
+            "boot"
+        };
+        let session = QemuSession {
+            vm,
+            start,
+            snapshots,
+            repo,
+            image,
+            work: run.work.to_path_buf(),
+        };
+        let mount = format!(
+            "mkdir -p {SNAPSHOT} && mount -t ext4 -o rw,noatime {GUEST_SNAPSHOT_DEVICE} {SNAPSHOT}"
+        );
+        let out = session.capture(&shell(&mount), &BTreeMap::new()).await?;
+        if !out.success() {
+            return Err(RunError::Infra(format!(
+                "mounting the repository's snapshot in the guest failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok((session, phase))
+    }
+}
+
+fn shell(script: &str) -> Vec<String> {
+    vec!["/bin/sh".into(), "-c".into(), script.into()]
+}
+
+impl QemuSession {
+    fn command(&self, argv: &[String], env: &BTreeMap<String, String>) -> GuestCommand {
+        let mut cmd = GuestCommand::new(argv.iter().cloned()).cwd(REPO);
+        cmd.env = env.clone();
+        cmd
+    }
+
+    /// A guest failure with the console's last lines, which usually say why.
+    fn guest(&self, error: VmError) -> RunError {
+        RunError::Guest {
+            error,
+            console: self.vm.console_tail(15),
+        }
+    }
+}
+
+impl Session for QemuSession {
+    async fn exec(
+        &self,
+        argv: &[String],
+        env: &BTreeMap<String, String>,
+        sink: &mut (dyn FnMut(Stream, &[u8]) + Send),
+    ) -> Result<i32, RunError> {
+        self.vm
+            .exec_streaming(&self.command(argv, env), sink)
+            .await
+            .map_err(|e| self.guest(e))
+    }
+
+    async fn capture(
+        &self,
+        argv: &[String],
+        env: &BTreeMap<String, String>,
+    ) -> Result<Output, RunError> {
+        self.vm
+            .exec(&self.command(argv, env))
+            .await
+            .map_err(|e| self.guest(e))
+    }
+
+    async fn collect(&self, dest: &Path) -> Result<(), RunError> {
+        self.vm
+            .copy_out(ARTIFACTS, dest)
+            .await
+            .map_err(|e| self.guest(e))
+    }
+
+    fn settle_snapshot(&self) -> Option<String> {
+        Some(freeze_snapshot())
+    }
+
+    fn console_tail(&self) -> String {
+        self.vm.console_tail(20)
+    }
+
+    fn isolation(&self) -> String {
+        self.vm.accel().to_string()
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        self.start.snapshot()
+    }
+
+    async fn finish(
+        self,
+        passed: bool,
+        settled: bool,
+        key: &RunKey,
+        ui: &dyn Ui,
+    ) -> Result<(), RunError> {
+        // A consistent snapshot disk: freeze (flush and checkpoint the file
+        // system), thaw, then stop qemu and keep the overlay.
+        if passed && !settled {
+            let _ = self.vm.exec(&GuestCommand::shell(&freeze_snapshot())).await;
+        }
+        let kept = self.work.join("vm");
+        self.vm.stop_keeping(&kept).await?;
+        let overlay = kept.join(SNAPSHOT_OVERLAY);
+        // Only a run whose tests passed writes the repository's snapshot: a
+        // failed run could have planted anything (an image that makes
+        // later tests pass).
+        if passed {
+            let t = Instant::now();
+            match self
+                .snapshots
+                .update(&self.repo, &self.image, &overlay, self.start, key)
+            {
+                Ok(_) => ui.phase("snapshot", t.elapsed()),
+                Err(e) => ui.note(&format!("could not update the repository's snapshot: {e}")),
+            }
+        }
+        let _ = std::fs::remove_file(&overlay);
+        Ok(())
+    }
+}

@@ -1,0 +1,169 @@
+//! An executor's credentials: its client certificate and key, and the
+//! team CA, from the one PEM file `reprise-orchestrator issue` writes. The
+//! key seals the results of runs made here.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use reprise_protocol::manifest::ResultManifest;
+use reprise_protocol::seal::{SEAL_VERSION, Seal, SealError, SignedBy};
+use reprise_protocol::wire;
+use ring::rand::SystemRandom;
+use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::LinkError;
+use crate::store::Sealer;
+
+/// An executor's credentials: its client certificate and key, and the team
+/// CA, from the one PEM file `reprise-orchestrator issue` writes.
+#[derive(Debug)]
+pub struct Credentials {
+    cert_pem: String,
+    cert: CertificateDer<'static>,
+    key_pkcs8: Vec<u8>,
+    ca: CertificateDer<'static>,
+}
+
+impl Credentials {
+    /// Reads a credentials file.
+    pub fn load(path: &Path) -> Result<Credentials, LinkError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LinkError::CredentialsIo {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Credentials::from_pem(&text)
+    }
+
+    /// Parses credentials: the client certificate first, its PKCS#8 key, and
+    /// the CA certificate last.
+    pub fn from_pem(text: &str) -> Result<Credentials, LinkError> {
+        let bad = |what: &str| LinkError::Credentials(what.to_string());
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(text.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(&format!("bad certificate PEM: {e}")))?;
+        let [cert, .., ca] = certs.as_slice() else {
+            return Err(bad("expected a client certificate and the CA certificate"));
+        };
+        let key = PrivateKeyDer::from_pem_slice(text.as_bytes())
+            .map_err(|e| bad(&format!("no private key: {e}")))?;
+        let PrivateKeyDer::Pkcs8(pkcs8) = key else {
+            return Err(bad("the private key must be PKCS#8"));
+        };
+        let key_pkcs8 = pkcs8.secret_pkcs8_der().to_vec();
+        EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_ASN1_SIGNING,
+            &key_pkcs8,
+            &SystemRandom::new(),
+        )
+        .map_err(|e| bad(&format!("the key is not an ECDSA P-256 key: {e}")))?;
+        let cert_pem = pem_of(cert);
+        Ok(Credentials {
+            cert_pem,
+            cert: cert.clone(),
+            key_pkcs8,
+            ca: ca.clone(),
+        })
+    }
+
+    /// The client certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The team CA that seals and the orchestrator are checked against.
+    pub fn ca(&self) -> &CertificateDer<'static> {
+        &self.ca
+    }
+
+    /// Who this certificate names (its common name, fingerprint, expiry).
+    pub fn identity(&self) -> Result<SignedBy, SealError> {
+        reprise_protocol::seal::describe(&self.cert)
+    }
+
+    /// The QUIC client configuration: TLS 1.3, ALPN `reprise/1`, this
+    /// certificate presented, the orchestrator checked against the team CA.
+    pub fn client_config(&self) -> Result<quinn::ClientConfig, LinkError> {
+        let bad = |e: &dyn std::fmt::Display| LinkError::Credentials(e.to_string());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.clone()).map_err(|e| bad(&e))?;
+        let key = PrivateKeyDer::Pkcs8(self.key_pkcs8.clone().into());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| bad(&e))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![self.cert.clone()], key)
+            .map_err(|e| bad(&e))?;
+        tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| bad(&e))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(std::time::Duration::from_secs(10)).expect("in range"),
+        ));
+        transport.keep_alive_interval(Some(std::time::Duration::from_secs(3)));
+        config.transport_config(Arc::new(transport));
+        Ok(config)
+    }
+}
+
+impl Sealer for Credentials {
+    /// Signs the manifest's canonical encoding with this certificate's key.
+    fn seal(&self, manifest: &ResultManifest) -> Seal {
+        let rng = SystemRandom::new();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &self.key_pkcs8, &rng)
+            .expect("checked when loaded");
+        let sig = key
+            .sign(&rng, &reprise_protocol::sign::signing_bytes(manifest))
+            .expect("ECDSA signing");
+        Seal {
+            version: SEAL_VERSION,
+            signature: reprise_protocol::hex::encode(sig.as_ref()),
+            producer_cert: self.cert_pem.clone(),
+        }
+    }
+}
+
+fn pem_of(cert: &CertificateDer<'_>) -> String {
+    use std::fmt::Write as _;
+    let b64 = base64_encode(cert.as_ref());
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        let _ = writeln!(out, "{}", std::str::from_utf8(line).expect("ascii"));
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64() {
+        assert_eq!(base64_encode(b""), "");
+        assert_eq!(base64_encode(b"f"), "Zg==");
+        assert_eq!(base64_encode(b"fo"), "Zm8=");
+        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
+    }
+}

@@ -1,0 +1,327 @@
+//! Fetching a result through the orchestrator: what a fetch checks before
+//! it commits: the producer's seal ([`reprise_protocol::seal::verify`]: the
+//! certificate chains to the team CA, may authenticate clients, is valid
+//! now and not on the revocation list the orchestrator sent at `Welcome`,
+//! and its signature covers the manifest's canonical encoding); the
+//! manifest's own consistency ([`ResultManifest::check`]: its key is its
+//! inputs' key, artifact paths are plain relative paths, no file twice);
+//! the manifest is for the key asked and its inputs are the ones this
+//! checkout computed; the result passed; the output record's size is under
+//! the limit; the output record's and every artifact's sha256 and size
+//! while they stream; nothing follows the last artifact. Everything is
+//! staged in the store's `tmp/` and committed with
+//! [`Store::commit_received`] only at the end, so a failure anywhere leaves
+//! the store as it was.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::PathBuf;
+
+use quinn::RecvStream;
+use reprise_frames::{ChunkError, ReadError, read_chunk};
+use reprise_protocol::digest::{RunKey, Sha256Digest};
+use reprise_protocol::key::KeyInputs;
+use reprise_protocol::manifest::{ManifestError, Outcome};
+use reprise_protocol::seal::{SealError, SignedBy};
+use reprise_protocol::wire::Sealed;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use super::LinkError;
+use crate::beneath::{Beneath, BeneathError};
+use crate::store::{Store, StoreError, StoredResult};
+
+/// Largest output record a fetch accepts (it is held in memory to commit).
+pub const MAX_RECORD: u64 = 256 << 20;
+
+/// Why a fetched result was not committed. Whatever the reason, nothing
+/// was committed and the caller runs the tests for real.
+#[derive(Debug, Error)]
+pub enum FetchError {
+    #[error("no peer holds the result")]
+    NotFound,
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("the producer could not serve the result: {0}")]
+    Unavailable(String),
+    #[error("the producer's seal does not hold")]
+    Seal(#[from] SealError),
+    #[error("the result's manifest is refused")]
+    Manifest(#[from] ManifestError),
+    #[error("the producer sent a result for key {got}, not {asked}")]
+    WrongKey { asked: RunKey, got: RunKey },
+    #[error("the result's inputs differ from this checkout's ({0})")]
+    InputsDiffer(String),
+    #[error("the producer sent a result that did not pass")]
+    NotPassed,
+    #[error("the {part} of the result is {found} bytes or more, over the limit of {max}")]
+    TooLarge { part: String, found: u64, max: u64 },
+    #[error("the {part} does not match its manifest (sha256 {found}, expected {expected})")]
+    Digest {
+        part: String,
+        expected: Sha256Digest,
+        found: Sha256Digest,
+    },
+    #[error("the transfer broke off in the {part}")]
+    Truncated {
+        part: String,
+        #[source]
+        source: Option<ReadError>,
+    },
+    #[error("the producer sent a chunk of {0} bytes that overruns its part")]
+    BadChunk(usize),
+    #[error("the producer sent data after the last artifact")]
+    TrailingData,
+    #[error("staging the fetched result in {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("staging the fetched result")]
+    Stage(#[from] BeneathError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Checks a transfer header before any data is read: the producer's seal,
+/// the manifest, the key, the inputs, the outcome, the record's size.
+/// Returns who sealed it.
+pub fn check_transfer(
+    roots: &[CertificateDer<'_>],
+    sealed: &Sealed,
+    key: &RunKey,
+    expected: &KeyInputs,
+    revoked: &BTreeSet<Sha256Digest>,
+    now: UnixTime,
+) -> Result<SignedBy, FetchError> {
+    let m = &sealed.manifest;
+    let who = reprise_protocol::seal::verify(&sealed.seal, m, roots, now, revoked)?;
+    m.check()?;
+    if m.key != *key || expected.key() != *key {
+        return Err(FetchError::WrongKey {
+            asked: *key,
+            got: m.key,
+        });
+    }
+    if m.inputs != *expected {
+        let diff = expected.diff(&m.inputs);
+        let names: Vec<String> = diff.into_iter().map(|d| d.0).collect();
+        return Err(FetchError::InputsDiffer(names.join(", ")));
+    }
+    if m.outcome != Outcome::Passed {
+        return Err(FetchError::NotPassed);
+    }
+    if m.output_bytes > MAX_RECORD {
+        return Err(FetchError::TooLarge {
+            part: "output record".into(),
+            found: m.output_bytes,
+            max: MAX_RECORD,
+        });
+    }
+    Ok(who)
+}
+
+/// Reads the data of a checked transfer into a staging folder, checking
+/// every part's size and sha256, then commits it.
+pub(super) async fn receive(
+    recv: &mut RecvStream,
+    sealed: Sealed,
+    store: &Store,
+) -> Result<StoredResult, FetchError> {
+    let m = &sealed.manifest;
+    let stage = store.stage("fetch-")?;
+    let mut record = Vec::with_capacity(m.output_bytes.min(1 << 20) as usize);
+    receive_part(
+        recv,
+        "output record",
+        m.output_bytes,
+        &m.output_sha256,
+        &mut record,
+    )
+    .await?;
+    let arts = stage.path().join("artifacts");
+    let beneath = Beneath::open(&arts)?;
+    for a in &m.artifacts {
+        let mut pending = beneath.create(&a.path, a.mode)?;
+        let part = format!("artifact {}", a.path);
+        receive_part(recv, &part, a.bytes, &a.sha256, &mut pending.file).await?;
+        pending.file.sync_all().map_err(|source| FetchError::Io {
+            path: pending.path().to_path_buf(),
+            source,
+        })?;
+        pending.commit()?;
+    }
+    let mut extra = [0u8; 1];
+    match recv.read(&mut extra).await {
+        Ok(None) => {}
+        Ok(Some(_)) => return Err(FetchError::TrailingData),
+        Err(e) => {
+            return Err(FetchError::Truncated {
+                part: "end of the transfer".into(),
+                source: Some(ReadError::Stream(e)),
+            });
+        }
+    }
+    Ok(store.commit_received(stage, sealed, &record, &arts)?)
+}
+
+async fn receive_part(
+    recv: &mut RecvStream,
+    part: &str,
+    len: u64,
+    sha256: &Sha256Digest,
+    out: &mut dyn Write,
+) -> Result<(), FetchError> {
+    let truncated = |source: Option<ReadError>| FetchError::Truncated {
+        part: part.to_string(),
+        source,
+    };
+    let mut hasher = Sha256::new();
+    let mut left = len;
+    let mut buf = Vec::new();
+    while left > 0 {
+        match read_chunk(recv, left, &mut buf).await {
+            Ok(()) => {}
+            Err(ChunkError::Overrun(n)) => return Err(FetchError::BadChunk(n)),
+            Err(ChunkError::Read(e)) => return Err(truncated(Some(e))),
+        }
+        hasher.update(&buf);
+        out.write_all(&buf).map_err(|source| FetchError::Io {
+            path: PathBuf::from(part),
+            source,
+        })?;
+        left -= buf.len() as u64;
+    }
+    let found = Sha256Digest::finish(hasher);
+    if found != *sha256 {
+        return Err(FetchError::Digest {
+            part: part.to_string(),
+            expected: *sha256,
+            found,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::Credentials;
+    use crate::store::Sealer;
+    use reprise_protocol::manifest::ResultManifest;
+
+    /// A CA and credentials it issued, made with rcgen.
+    fn team() -> (CertificateDer<'static>, Credentials) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let pem = format!("{}{}{}", leaf.pem(), key.serialize_pem(), ca.pem());
+        (ca.der().clone(), Credentials::from_pem(&pem).unwrap())
+    }
+
+    fn manifest() -> ResultManifest {
+        let inputs = crate::store::tests::inputs("t");
+        let mut m = crate::store::tests::manifest(inputs, Outcome::Passed, 1);
+        m.output_bytes = 1;
+        m.artifacts = vec![reprise_protocol::manifest::Artifact {
+            path: "a/b.txt".parse().unwrap(),
+            sha256: Sha256Digest::of(b"s"),
+            bytes: 1,
+            mode: 0o644,
+        }];
+        m
+    }
+
+    #[test]
+    fn transfer_headers_are_checked_before_any_data() {
+        let (ca, creds) = team();
+        let roots = [ca];
+        let expected = manifest().inputs;
+        let key = expected.key();
+        let none = BTreeSet::new();
+        let check = |m: ResultManifest, revoked: &BTreeSet<Sha256Digest>| {
+            let t = Sealed {
+                seal: creds.seal(&m),
+                manifest: m,
+            };
+            check_transfer(&roots, &t, &key, &expected, revoked, UnixTime::now())
+        };
+        check(manifest(), &none).expect("a good header passes");
+        let dup = {
+            let mut m = manifest();
+            m.artifacts.push(m.artifacts[0].clone());
+            m
+        };
+        let table: Vec<(&str, ResultManifest)> = vec![
+            ("setuid", {
+                let mut m = manifest();
+                m.artifacts[0].mode = 0o4755;
+                m
+            }),
+            ("the same file twice", dup),
+            ("failed", {
+                let mut m = manifest();
+                m.outcome = Outcome::Failed;
+                m
+            }),
+            ("huge record", {
+                let mut m = manifest();
+                m.output_bytes = MAX_RECORD + 1;
+                m
+            }),
+            ("another key", {
+                let mut m = manifest();
+                m.inputs.tree = "other".into();
+                m.key = m.inputs.key();
+                m
+            }),
+            ("a key that is not its inputs'", {
+                let mut m = manifest();
+                m.key = Sha256Digest::of(b"k").hex().parse().unwrap();
+                m
+            }),
+            ("networked where this checkout is not", {
+                let mut m = manifest();
+                m.inputs.network = true;
+                m.key = m.inputs.key();
+                m
+            }),
+        ];
+        for (name, m) in table {
+            assert!(check(m, &none).is_err(), "{name} was accepted");
+        }
+        // Revoked producer.
+        let fingerprint = creds.identity().unwrap().fingerprint;
+        assert!(matches!(
+            check(manifest(), &BTreeSet::from([fingerprint])),
+            Err(FetchError::Seal(SealError::Revoked { .. }))
+        ));
+        // Sealed over one manifest, sent with another.
+        let mut t = Sealed {
+            seal: creds.seal(&manifest()),
+            manifest: manifest(),
+        };
+        t.manifest.artifacts[0].sha256 = Sha256Digest::of(b"forged");
+        assert!(matches!(
+            check_transfer(&roots, &t, &key, &expected, &none, UnixTime::now()),
+            Err(FetchError::Seal(SealError::Signature))
+        ));
+        // A producer from another CA.
+        let (other_ca, _) = team();
+        t.manifest = manifest();
+        assert!(matches!(
+            check_transfer(&[other_ca], &t, &key, &expected, &none, UnixTime::now()),
+            Err(FetchError::Seal(SealError::Certificate(_)))
+        ));
+    }
+}

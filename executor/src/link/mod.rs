@@ -1,0 +1,492 @@
+//! The executor's link to the orchestrator: where it is and the
+//! credentials to present ([`Orchestrator`], from the user's
+//! [`settings`]), a live connection ([`LinkState`]: hello, announce, lookup,
+//! assess, fetch, serve), and the two trust boundaries a result crosses:
+//! [`fetch`] (everything a received result must pass before it is
+//! committed) and [`serve`] (what this executor hands out, and to whom).
+//!
+//! A result travels with its *producer's* seal, stored with it when its run
+//! ended ([`credentials`]); nothing here signs on another's behalf.
+
+pub mod credentials;
+pub mod fetch;
+pub mod provenance;
+pub mod serve;
+pub mod settings;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::Connection;
+use reprise_protocol::digest::{RunKey, Sha256Digest};
+use reprise_protocol::key::KeyInputs;
+use reprise_protocol::seal::SignedBy;
+use reprise_protocol::wire::{ErrorCode, MAX_FRAME, Message, PROTOCOL_VERSION, Sealed};
+use rustls::pki_types::UnixTime;
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+pub use credentials::Credentials;
+use fetch::receive;
+pub use fetch::{FetchError, check_transfer};
+pub use reprise_frames::{ReadError, WriteError, read_message, write_message};
+use serve::serve_one;
+pub use serve::{transfer_files, write_transfer};
+pub use settings::LinkSettings;
+
+use crate::store::{Store, StoredResult};
+
+/// How long one connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the orchestrator is, with the credentials loaded.
+#[derive(Debug, Clone)]
+pub struct Orchestrator {
+    pub settings: LinkSettings,
+    creds: Arc<Credentials>,
+}
+
+/// Why a orchestrator could not be made.
+#[derive(Debug, Error)]
+#[error("cannot use the credentials {}", .path.display())]
+pub struct CredentialsError {
+    path: PathBuf,
+    #[source]
+    source: LinkError,
+}
+
+impl Orchestrator {
+    pub fn new(settings: LinkSettings) -> Result<Orchestrator, CredentialsError> {
+        let creds =
+            Credentials::load(&settings.credentials).map_err(|source| CredentialsError {
+                path: settings.credentials.clone(),
+                source,
+            })?;
+        Ok(Orchestrator {
+            settings,
+            creds: Arc::new(creds),
+        })
+    }
+
+    /// The loaded credentials (they seal results made here).
+    pub fn credentials(&self) -> &Credentials {
+        &self.creds
+    }
+
+    /// One attempt, bounded by [`CONNECT_TIMEOUT`].
+    pub async fn connect(&self) -> Result<Link, String> {
+        let attempt = Link::connect(&self.settings.orchestrator, self.creds.clone());
+        match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+            Ok(Ok(link)) => Ok(link),
+            Ok(Err(e)) => Err(crate::text::error_chain(&e)),
+            Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+        }
+    }
+}
+
+/// Why talking to the orchestrator failed.
+#[derive(Debug, Error)]
+pub enum LinkError {
+    #[error("credentials file {}", path.display())]
+    CredentialsIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("credentials: {0}")]
+    Credentials(String),
+    #[error("cannot resolve orchestrator address {0:?}")]
+    Resolve(String),
+    #[error("cannot start a QUIC endpoint")]
+    Endpoint(#[source] std::io::Error),
+    #[error("cannot connect to the orchestrator")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection to the orchestrator")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("the orchestrator refused ({code:?}): {message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("reading from the orchestrator")]
+    Read(#[from] ReadError),
+    #[error("writing to the orchestrator")]
+    Write(#[from] WriteError),
+    #[error("the orchestrator answered {0} where it should not")]
+    Unexpected(String),
+}
+
+/// The orchestrator's answer to a lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// A result that counts is held; `producer` sealed it, `counts` says
+    /// why it counts.
+    Offer {
+        producer: String,
+        counts: String,
+    },
+    /// Trusted producers disagree on the key; nothing counts.
+    Conflict {
+        producers: Vec<String>,
+    },
+    NotFound,
+}
+
+/// A connection to the orchestrator.
+#[derive(Debug)]
+pub struct Link {
+    endpoint: quinn::Endpoint,
+    conn: Connection,
+    creds: Arc<Credentials>,
+    identity: String,
+    repos: Vec<String>,
+    /// Fingerprints of revoked certificates, as of the connection.
+    revoked: BTreeSet<Sha256Digest>,
+}
+
+impl Link {
+    /// Connects to `addr` (`HOST:PORT`; HOST must be a name or address in
+    /// the orchestrator's certificate), presents the client certificate and
+    /// says `Hello`.
+    pub async fn connect(addr: &str, creds: Arc<Credentials>) -> Result<Link, LinkError> {
+        let (host, _) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| LinkError::Resolve(addr.to_string()))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let remote: SocketAddr = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|_| LinkError::Resolve(addr.to_string()))?
+            .next()
+            .ok_or_else(|| LinkError::Resolve(addr.to_string()))?;
+        let local: SocketAddr = if remote.is_ipv4() {
+            "0.0.0.0:0".parse().expect("addr")
+        } else {
+            "[::]:0".parse().expect("addr")
+        };
+        let mut endpoint = quinn::Endpoint::client(local).map_err(LinkError::Endpoint)?;
+        endpoint.set_default_client_config(creds.client_config()?);
+        let conn = endpoint.connect(remote, host)?.await?;
+        Link::hello(endpoint, conn, creds, PROTOCOL_VERSION).await
+    }
+
+    /// Says `Hello` with `version` on a fresh connection (tests use other
+    /// versions to see them refused).
+    pub async fn hello(
+        endpoint: quinn::Endpoint,
+        conn: Connection,
+        creds: Arc<Credentials>,
+        version: u32,
+    ) -> Result<Link, LinkError> {
+        let answer = exchange(&conn, &Message::Hello { version }).await;
+        match answer {
+            Ok(Message::Welcome {
+                identity,
+                repos,
+                revoked,
+                ..
+            }) => {
+                debug!(%identity, revoked = revoked.len(), "connected to the orchestrator");
+                Ok(Link {
+                    endpoint,
+                    conn,
+                    creds,
+                    identity,
+                    repos,
+                    revoked: revoked.into_iter().collect(),
+                })
+            }
+            Ok(other) => Err(unexpected(other)),
+            // A refused connection shows as closed with the reason.
+            Err(LinkError::Read(ReadError::Stream(quinn::ReadError::ConnectionLost(e)))) => {
+                Err(LinkError::Connection(e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The identity the orchestrator knows this executor by.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// The repositories this executor may read.
+    pub fn repos(&self) -> &[String] {
+        &self.repos
+    }
+
+    /// The underlying connection.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Sends one request on its own stream and reads the answer.
+    pub async fn request(&self, message: &Message) -> Result<Message, LinkError> {
+        exchange(&self.conn, message).await
+    }
+
+    /// Whether this executor's certificate grants `namespace`.
+    pub fn grants(&self, namespace: &str) -> bool {
+        self.repos.iter().any(|r| r == namespace)
+    }
+
+    /// The revocation list the orchestrator sent when this connected.
+    pub fn revoked(&self) -> &BTreeSet<Sha256Digest> {
+        &self.revoked
+    }
+
+    /// Announces every sealed result of `store` in a namespace this
+    /// executor is granted (passed ones to serve, failed ones so that a
+    /// disagreement shows), in as many messages as the frame limit needs.
+    /// Returns how many passed results the orchestrator indexed (the ones
+    /// served), and how many results it refused.
+    pub async fn announce(&self, store: &Store) -> Result<(u32, u32), LinkError> {
+        let sealed = |results: Vec<StoredResult>| -> Vec<Sealed> {
+            results
+                .iter()
+                .filter(|r| self.grants(&r.manifest.inputs.namespace))
+                .filter_map(StoredResult::sealed)
+                .collect()
+        };
+        let (served, refused) = self.announce_sealed(sealed(store.list())).await?;
+        let (_, refused_failed) = self.announce_sealed(sealed(store.list_failed())).await?;
+        Ok((served, refused + refused_failed))
+    }
+
+    /// Announces `results` (already filtered), batched under the frame
+    /// limit.
+    pub async fn announce_sealed(&self, results: Vec<Sealed>) -> Result<(u32, u32), LinkError> {
+        let (mut accepted, mut refused) = (0, 0);
+        let mut batch: Vec<Sealed> = Vec::new();
+        let mut size = 0;
+        let mut results = results.into_iter().peekable();
+        while let Some(r) = results.next() {
+            size += serde_json::to_vec(&r).map_or(MAX_FRAME, |v| v.len()) + 1;
+            batch.push(r);
+            let next_size = results
+                .peek()
+                .map_or(0, |n| serde_json::to_vec(n).map_or(MAX_FRAME, |v| v.len()));
+            if results.peek().is_none() || size + next_size + 64 > MAX_FRAME {
+                let results = std::mem::take(&mut batch);
+                size = 0;
+                match self.request(&Message::Announce { results }).await? {
+                    Message::Announced {
+                        accepted: a,
+                        refused: r,
+                    } => {
+                        accepted += a;
+                        refused += r;
+                    }
+                    other => return Err(unexpected(other)),
+                }
+            }
+        }
+        Ok((accepted, refused))
+    }
+
+    /// Asks whether a result for `key` that counts for CI is held.
+    pub async fn lookup(&self, key: &RunKey, namespace: &str) -> Result<Found, LinkError> {
+        let m = Message::Lookup {
+            key: *key,
+            namespace: namespace.to_string(),
+        };
+        match self.request(&m).await? {
+            Message::Offer { producer, counts } => Ok(Found::Offer { producer, counts }),
+            Message::Conflict { producers } => Ok(Found::Conflict { producers }),
+            Message::NotFound => Ok(Found::NotFound),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks whether `result` would count for CI under its repository's
+    /// policy: `(counts, why)`.
+    pub async fn assess(&self, result: Sealed) -> Result<(bool, String), LinkError> {
+        let m = Message::Assess {
+            result: Box::new(result),
+        };
+        match self.request(&m).await? {
+            Message::Assessed { counts, reason } => Ok((counts, reason)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Fetches `key` through the orchestrator, checks everything (see the
+    /// module's doc) against `expected` (the inputs this checkout computed)
+    /// and commits it to `store`.
+    pub async fn fetch_into(
+        &self,
+        key: &RunKey,
+        namespace: &str,
+        expected: &KeyInputs,
+        store: &Store,
+    ) -> Result<(StoredResult, SignedBy), FetchError> {
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(LinkError::from)?;
+        let fetch = Message::Fetch {
+            key: *key,
+            namespace: namespace.to_string(),
+        };
+        write_message(&mut send, &fetch)
+            .await
+            .map_err(LinkError::from)?;
+        let _ = send.finish();
+        let sealed = match read_message(&mut recv).await.map_err(LinkError::from)? {
+            Message::Transfer(t) => t,
+            Message::NotFound => return Err(FetchError::NotFound),
+            Message::Error { message, .. } => return Err(FetchError::Unavailable(message)),
+            other => return Err(unexpected(other).into()),
+        };
+        let who = check_transfer(
+            std::slice::from_ref(self.creds.ca()),
+            &sealed,
+            key,
+            expected,
+            &self.revoked,
+            UnixTime::now(),
+        )?;
+        let stored = receive(&mut recv, *sealed, store).await?;
+        info!(key = %key, producer = %who.name, "fetched a result from a link");
+        Ok((stored, who))
+    }
+
+    /// Serves `Serve` requests from `store` until the connection closes.
+    pub async fn serve(&self, store: &Store) -> Result<(), LinkError> {
+        loop {
+            let (send, recv) = match self.conn.accept_bi().await {
+                Ok(s) => s,
+                Err(quinn::ConnectionError::LocallyClosed) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            let store = store.clone();
+            let repos = self.repos.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve_one(send, recv, &store, &repos).await {
+                    warn!("serving a link failed: {e}");
+                }
+            });
+        }
+    }
+
+    /// Closes the connection, giving the close a moment to reach the
+    /// orchestrator. Waiting for the endpoint to go fully idle would cost
+    /// QUIC's draining period (three probe timeouts, ~80 ms even on
+    /// loopback; measured by `peer_bench`), which nothing here needs: the
+    /// close frame leaves at once.
+    pub async fn close(&self) {
+        self.conn.close(0u32.into(), b"bye");
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(15),
+            self.endpoint.wait_idle(),
+        )
+        .await;
+    }
+}
+
+fn unexpected(m: Message) -> LinkError {
+    match m {
+        Message::Error { code, message } => LinkError::Refused { code, message },
+        other => LinkError::Unexpected(
+            serde_json::to_value(&other)
+                .ok()
+                .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
+                .unwrap_or_default(),
+        ),
+    }
+}
+
+async fn exchange(conn: &Connection, message: &Message) -> Result<Message, LinkError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_message(&mut send, message).await?;
+    let _ = send.finish();
+    Ok(read_message(&mut recv).await?)
+}
+
+/// The orchestrator connection, made on first need: a local hit with
+/// `--no-serve` never connects. The credentials are loaded on first need
+/// too, and seal the run's result whether or not the orchestrator is
+/// reachable.
+#[derive(Debug)]
+pub struct RunLink {
+    dir: PathBuf,
+    orchestrator: Option<Orchestrator>,
+    link: Option<Link>,
+    loaded: bool,
+    tried: bool,
+}
+
+impl RunLink {
+    pub fn new(dir: &Path) -> RunLink {
+        RunLink {
+            dir: dir.to_path_buf(),
+            orchestrator: None,
+            link: None,
+            loaded: false,
+            tried: false,
+        }
+    }
+
+    /// The configured orchestrator and loaded credentials, if any (notes
+    /// say what was ignored, once).
+    pub fn orchestrator(&mut self, ui: &dyn crate::ui::Ui) -> Option<&Orchestrator> {
+        if !self.loaded {
+            self.loaded = true;
+            self.orchestrator = orchestrator_from_settings(&self.dir, ui);
+        }
+        self.orchestrator.as_ref()
+    }
+
+    /// The connection, if an orchestrator is configured and reachable.
+    /// Configured but unusable (bad credentials, unreachable) is a one-line
+    /// note: a run never fails for want of an orchestrator.
+    pub async fn get(&mut self, ui: &dyn crate::ui::Ui) -> Option<&Link> {
+        if !self.tried {
+            self.tried = true;
+            if let Some(orchestrator) = self.orchestrator(ui).cloned() {
+                match orchestrator.connect().await {
+                    Ok(link) => self.link = Some(link),
+                    Err(e) => ui.note(&format!(
+                        "cannot reach the orchestrator at {}: {e}; running without it",
+                        orchestrator.settings.orchestrator
+                    )),
+                }
+            }
+        }
+        self.link.as_ref()
+    }
+
+    /// The connection if one was made.
+    pub fn connected(&self) -> Option<&Link> {
+        self.link.as_ref()
+    }
+
+    /// Takes the connection and what made it (to stay connected).
+    pub fn take(&mut self) -> Option<(Orchestrator, Link)> {
+        Some((self.orchestrator.clone()?, self.link.take()?))
+    }
+
+    /// Closes the connection, if one was made.
+    pub async fn close(&self) {
+        if let Some(link) = &self.link {
+            link.close().await;
+        }
+    }
+}
+
+/// The orchestrator and credentials the user configured
+/// ([`crate::link::settings`]), with the credentials loaded; `None` when nothing
+/// is configured, or with a note when the credentials cannot be used.
+pub fn orchestrator_from_settings(dir: &Path, ui: &dyn crate::ui::Ui) -> Option<Orchestrator> {
+    let root = crate::repo::Checkout::discover(dir).ok().map(|c| c.root());
+    let resolved = crate::link::settings::resolve(&crate::link::settings::gather(root.as_deref()));
+    for note in &resolved.notes {
+        ui.note(note);
+    }
+    match Orchestrator::new(resolved.settings?) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            ui.note(&format!(
+                "{}; running without the orchestrator",
+                crate::text::error_chain(&e)
+            ));
+            None
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Serving the local store to peers through the orchestrator. What
+//! serving checks: the request decodes (keys are typed: a path-like
+//! key does not), the result is stored under that key, passed, sealed, of
+//! the namespace asked, and of a namespace this executor's certificate
+//! grants. Only such results are announced too (with the failed ones of
+//! granted namespaces, sealed, so a disagreement shows).
+
+use std::path::PathBuf;
+
+use quinn::{RecvStream, SendStream};
+use reprise_frames::{ReadError, WriteError, read_message, write_chunk, write_message};
+use reprise_protocol::wire::{ErrorCode, MAX_CHUNK, Message, Sealed};
+use thiserror::Error;
+use tracing::debug;
+
+use crate::store::{Store, StoredResult};
+
+/// The files whose bytes follow a transfer header, in order.
+pub fn transfer_files(store: &Store, stored: &StoredResult) -> Vec<PathBuf> {
+    std::iter::once(stored.output_path())
+        .chain(stored.manifest.artifacts.iter().map(|a| store.blob_path(a)))
+        .collect()
+}
+
+/// Writes a transfer: its header, then each file as chunk frames.
+pub async fn write_transfer(
+    send: &mut SendStream,
+    transfer: &Sealed,
+    files: &[PathBuf],
+) -> Result<(), ServeError> {
+    use tokio::io::AsyncReadExt;
+    write_message(send, &Message::Transfer(Box::new(transfer.clone()))).await?;
+    let mut buf = vec![0u8; MAX_CHUNK.min(256 << 10)];
+    for path in files {
+        let mut f = tokio::fs::File::open(path)
+            .await
+            .map_err(|source| ServeError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        loop {
+            let n = f.read(&mut buf).await.map_err(|source| ServeError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            if n == 0 {
+                break;
+            }
+            write_chunk(send, &buf[..n]).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Why serving a result to a peer failed.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error("reading {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub(super) async fn serve_one(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    store: &Store,
+    repos: &[String],
+) -> Result<(), ServeError> {
+    let (key, namespace) = match read_message(&mut recv).await {
+        Ok(Message::Serve { key, namespace }) => (key, namespace),
+        Ok(_) => {
+            let m = Message::error(ErrorCode::Unexpected, "expected serve");
+            write_message(&mut send, &m).await?;
+            let _ = send.finish();
+            return Ok(());
+        }
+        Err(e) => {
+            // A path-like key or digest does not even decode.
+            let m = Message::error(ErrorCode::Malformed, e.to_string());
+            let _ = write_message(&mut send, &m).await;
+            let _ = send.finish();
+            return Err(e.into());
+        }
+    };
+    let granted = repos.contains(&namespace);
+    let found = store
+        .get(&key)
+        .filter(|_| granted)
+        .filter(|r| r.manifest.inputs.namespace == namespace)
+        .filter(|r| crate::replay::verify(r).is_ok());
+    let Some((stored, sealed)) = found.and_then(|r| r.sealed().map(|s| (r, s))) else {
+        let m = Message::error(ErrorCode::NotFound, "the result is not held");
+        write_message(&mut send, &m).await?;
+        let _ = send.finish();
+        return Ok(());
+    };
+    write_transfer(&mut send, &sealed, &transfer_files(store, &stored)).await?;
+    let _ = send.finish();
+    debug!(key = %key, "served a result");
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! The repository contract's steps, driven through a [`Session`] the same
+//! way whatever the driver: set up `/var/run/ci` on the repository's
+//! snapshot, `mk prepare-runtime` as root in the OS, the target in the
+//! container named by `CONTAINERIMAGE` (podman in the OS, the repository
+//! bind-mounted as its working directory), and after a pass the artifact
+//! rules, the artifacts collected and `post-test`. The OS layout it relies
+//! on is the drivers' contract ([`crate::driver`]).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use reprise_protocol::manifest::Phase;
+
+use crate::driver::{
+    ARTIFACTS, CI, CRONTAB, OS_MK, OS_PATH, SNAPSHOT, Session, Stream, test_command,
+};
+use crate::error::RunError;
+use crate::inputs::Keyed;
+use crate::recorder::Recorder;
+use crate::ui::Ui;
+
+/// What the steps did.
+#[derive(Debug)]
+pub struct Ran {
+    /// Exit status of the test command.
+    pub exit_code: i32,
+    /// The tests' output record.
+    pub record: Vec<u8>,
+    pub phases: Vec<Phase>,
+    /// The collected artifacts on the host, after a pass.
+    pub artifacts: Option<std::path::PathBuf>,
+    /// [`Session::settle_snapshot`] already ran.
+    pub settled: bool,
+    /// What prepare-runtime wrote to `/var/run/ci/crontab`.
+    pub crontab: Option<String>,
+}
+
+/// What the steps need besides the session.
+#[derive(Debug)]
+pub struct StepInputs<'a> {
+    pub keyed: &'a Keyed,
+    pub target: &'a str,
+    /// Whether the test container gets the network.
+    pub network: bool,
+    pub secrets: &'a [(String, String)],
+    /// The run's work folder on the host (artifacts are collected there).
+    pub work: &'a Path,
+    /// Whether the mkfile defines these targets (directly or by `ci.mk`).
+    pub has_prepare_runtime: bool,
+    pub has_post_test: bool,
+}
+
+/// Runs the steps; `phase` reports each one as it ends.
+pub async fn run<S: Session>(
+    session: &S,
+    inputs: &StepInputs<'_>,
+    ui: &dyn Ui,
+) -> Result<Ran, RunError> {
+    let mut phases = Vec::new();
+    let phase = |name: &str, since: Instant, phases: &mut Vec<Phase>| {
+        let took = since.elapsed();
+        ui.phase(name, took);
+        phases.push(Phase {
+            name: name.into(),
+            ms: took.as_millis() as u64,
+        });
+    };
+    let secret_values: Vec<String> = inputs.secrets.iter().map(|(_, v)| v.clone()).collect();
+    let mut env: BTreeMap<String, String> = inputs.keyed.inputs.env.clone();
+    env.extend(inputs.secrets.iter().cloned());
+    env.insert("PATH".into(), OS_PATH.into());
+
+    // prepare-runtime, as root in the OS, from the repository root. The
+    // snapshot holds podman's storage and /var/run/ci (a tmpfs otherwise),
+    // so container images and cache/ persist; env/ starts empty every run;
+    // artifacts/ is the folder the driver collects.
+    let t = Instant::now();
+    let setup = format!(
+        "mkdir -p {SNAPSHOT}/containers {SNAPSHOT}/ci /var/lib/containers && \
+         mount --bind {SNAPSHOT}/containers /var/lib/containers && \
+         ln -sfn {SNAPSHOT}/ci /run/ci && \
+         rm -rf {CI}/env {CI}/artifacts {CRONTAB} && mkdir -p {CI}/env {CI}/cache {ARTIFACTS} && \
+         ln -s {ARTIFACTS} {CI}/artifacts"
+    );
+    let out = session.capture(&shell(&setup), &env).await?;
+    if !out.success() {
+        return Err(RunError::Infra(format!(
+            "setting up {CI} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    if inputs.has_prepare_runtime {
+        let code = mk(session, "prepare-runtime", None, &env, &secret_values).await?;
+        if code != 0 {
+            return Err(RunError::Prepare {
+                code,
+                console: session.console_tail(),
+            });
+        }
+    }
+    phase("prepare-runtime", t, &mut phases);
+
+    // /var/run/ci/env: each file a variable of the container; and the
+    // crontab, in the same command (a process start costs time under TCG).
+    let listing = session
+        .capture(
+            &shell(&format!(
+                "cd {CI}/env && for f in *; do [ -f \"$f\" ] || continue; printf '%s\\0' \"$f\"; cat \"$f\"; printf '\\0'; done; \
+                 if [ -f {CRONTAB} ]; then printf '%s\\0' {CRONTAB}; head -c {max} {CRONTAB}; printf '\\0'; fi",
+                max = crate::schedule::MAX_CRONTAB + 1
+            )),
+            &env,
+        )
+        .await?;
+    let (ci_env, crontab) = parse_env_listing(&listing.stdout);
+    let image = ci_env.get("CONTAINERIMAGE").cloned().ok_or_else(|| {
+        RunError::Contract(format!(
+            "prepare-runtime did not write {CI}/env/CONTAINERIMAGE (include </usr/lib/reprise/ci.mk and set CONTAINERIMAGE, or write the file in prepare-runtime)"
+        ))
+    })?;
+
+    // The target, in the container, with the repository as working directory.
+    let t = Instant::now();
+    let mut container_env = env.clone();
+    container_env.remove("PATH");
+    container_env.extend(ci_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let mut argv = test_command(inputs.network, &image, inputs.target, &container_env);
+    // podman itself needs a PATH; the container does not get this one.
+    let mut podman_env = container_env.clone();
+    podman_env.insert("PATH".into(), OS_PATH.into());
+    let mut recorder = Recorder::new(&secret_values, true);
+    let exit_code = session
+        .exec(&argv, &podman_env, &mut |s, b| recorder.feed(s, b))
+        .await?;
+    recorder.finish();
+    // podman's own failures exit 125; only then is it worth asking (one
+    // podman start costs about a second under TCG) whether the image is
+    // missing, which is the repository's mistake and not a test failure.
+    if exit_code == 125 {
+        argv = ["podman", "image", "exists", &image]
+            .map(String::from)
+            .to_vec();
+        let exists = session.capture(&argv, &env).await?;
+        if !exists.success() {
+            return Err(RunError::Contract(format!(
+                "CONTAINERIMAGE names '{image}', which is not an image in the OS's podman (does base-image build it with that name?)"
+            )));
+        }
+    }
+    phase(inputs.target, t, &mut phases);
+
+    let mut artifacts = None;
+    let mut settled = false;
+    if exit_code == 0 {
+        let t = Instant::now();
+        let declared = &inputs.keyed.revision.config.artifacts;
+        if !declared.is_empty() {
+            // One mk for every artifact: a process start costs time under TCG.
+            let mut argv = vec![OS_MK.to_string()];
+            argv.extend(declared.iter().map(|path| format!("{CI}/artifacts/{path}")));
+            let out = session.capture(&argv, &env).await?;
+            if !out.success() {
+                let names: Vec<&str> = declared.iter().map(|a| a.as_str()).collect();
+                return Err(RunError::Contract(format!(
+                    "making the artifacts {} (`mk {}`) failed:\n{}{}",
+                    names.join(", "),
+                    argv[1..].join(" "),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+        }
+        let host = inputs.work.join("artifacts");
+        session.collect(&host).await?;
+        artifacts = Some(host);
+        if inputs.has_post_test {
+            // The snapshot is settled in the same command.
+            let settle = session.settle_snapshot();
+            let code = mk(
+                session,
+                "post-test",
+                settle.as_deref(),
+                &env,
+                &secret_values,
+            )
+            .await?;
+            settled = settle.is_some();
+            if code != 0 {
+                return Err(RunError::Contract(format!(
+                    "`mk post-test` failed with status {code}"
+                )));
+            }
+        }
+        phase("collect", t, &mut phases);
+    }
+    Ok(Ran {
+        exit_code,
+        record: recorder.record,
+        phases,
+        artifacts,
+        settled,
+        crontab,
+    })
+}
+
+fn shell(script: &str) -> Vec<String> {
+    vec!["/bin/sh".into(), "-c".into(), script.into()]
+}
+
+/// Runs `mk TARGET` as root in the OS from the repository root, its output
+/// shown live (redacted) but not part of the result, then the shell script
+/// `after` if given (whatever mk's status; its output is shown too).
+/// Returns mk's status.
+async fn mk<S: Session>(
+    session: &S,
+    target: &str,
+    after: Option<&str>,
+    env: &BTreeMap<String, String>,
+    secrets: &[String],
+) -> Result<i32, RunError> {
+    let argv = match after {
+        None => vec![OS_MK.to_string(), target.to_string()],
+        Some(script) => vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            format!("{OS_MK} \"$0\"; c=$?; {script}; exit $c"),
+            target.into(),
+        ],
+    };
+    let mut shown = Recorder::new(secrets, false);
+    let code = session
+        .exec(&argv, env, &mut |s: Stream, b: &[u8]| shown.feed(s, b))
+        .await?;
+    shown.finish();
+    Ok(code)
+}
+
+/// Parses `name\0value\0` pairs; one trailing newline of a value is dropped
+/// (files written with `echo`). A pair named [`CRONTAB`] is the crontab.
+fn parse_env_listing(data: &[u8]) -> (BTreeMap<String, String>, Option<String>) {
+    let mut out = BTreeMap::new();
+    let mut crontab = None;
+    let mut parts = data.split(|b| *b == 0);
+    while let (Some(name), Some(value)) = (parts.next(), parts.next()) {
+        let name = String::from_utf8_lossy(name).into_owned();
+        let value = String::from_utf8_lossy(value);
+        if name == CRONTAB {
+            crontab = Some(value.into_owned());
+            continue;
+        }
+        if !reprise_protocol::repo_config::valid_env_name(&name) {
+            continue;
+        }
+        out.insert(name, value.strip_suffix('\n').unwrap_or(&value).to_string());
+    }
+    (out, crontab)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_listing_becomes_variables() {
+        let data = b"CONTAINERIMAGE\0localhost/x\n\0EMPTY\0\0bad name\0v\0/var/run/ci/crontab\0* * * * * lint\n\0";
+        let (env, crontab) = parse_env_listing(data);
+        assert_eq!(crontab.as_deref(), Some("* * * * * lint\n"));
+        assert_eq!(
+            env.get("CONTAINERIMAGE").map(String::as_str),
+            Some("localhost/x")
+        );
+        assert_eq!(env.get("EMPTY").map(String::as_str), Some(""));
+        assert_eq!(env.len(), 2);
+    }
+}

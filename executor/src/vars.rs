@@ -1,0 +1,38 @@
+//! Every environment variable the `reprise` binary reads, in one place.
+//! (The `reprise-orchestrator` binary reads only `RUST_LOG`.)
+//!
+//! | variable | read by | meaning |
+//! | --- | --- | --- |
+//! | `REPRISE_ORCHESTRATOR` | [`crate::link::settings`] | the orchestrator, `HOST:PORT` |
+//! | `REPRISE_CREDENTIALS` | [`crate::link::settings`] | the credentials file |
+//! | `REPRISE_DRIVER` | [`crate::driver`] | `qemu`, `podman` or `dry-run` when `--driver` is not given |
+//! | `REPRISE_COLD_BOOT` | [`crate::driver::qemu`] | `1`: boot VMs cold instead of restoring the saved guest |
+//! | `REPRISE_KEEP` | `main` | passed results kept per repository and target (default 1) |
+//! | `REPRISE_MAX_AGE` | `main` | results older than this are dropped (`7d`, `12h`) |
+//! | `REPRISE_LOG` | `main` | the log filter (`tracing`'s `EnvFilter` syntax; default `warn`) |
+//! | `REPRISE_GUEST_BIN_DIR` | [`crate::vm`] | where `reprise-guest` and `mk` are, if not beside `reprise` |
+//! | `REPRISE_MIRROR`, `REPRISE_SUITE`, `REPRISE_IMAGE_SIZE` | `image/build.sh` | the Debian mirror, suite and disk size of the base image |
+//! | `XDG_CACHE_HOME`, `XDG_DATA_HOME`, `XDG_CONFIG_HOME`, `XDG_RUNTIME_DIR`, `HOME` | [`crate::paths`] | where things are kept |
+//! | `USER`, `LOGNAME` | [`crate::pipeline`] | the producer's user name in a manifest |
+//! | the repository's counted and secret variables | [`crate::inputs`] | declared in `reprise.toml` or given with `--env`/`--secret` |
+
+/// The orchestrator, `HOST:PORT`.
+pub const ORCHESTRATOR_VAR: &str = "REPRISE_ORCHESTRATOR";
+/// The credentials file.
+pub const CREDENTIALS_VAR: &str = "REPRISE_CREDENTIALS";
+/// The driver when `--driver` is not given.
+pub const DRIVER_VAR: &str = "REPRISE_DRIVER";
+/// Boot VMs cold instead of restoring the saved guest.
+pub const COLD_BOOT_VAR: &str = "REPRISE_COLD_BOOT";
+
+/// Passed results kept per repository and target.
+pub const KEEP_VAR: &str = "REPRISE_KEEP";
+/// Results older than this are dropped.
+pub const MAX_AGE_VAR: &str = "REPRISE_MAX_AGE";
+/// The log filter.
+pub const LOG_VAR: &str = "REPRISE_LOG";
+/// Where the guest binaries are.
+pub const GUEST_BIN_DIR_VAR: &str = "REPRISE_GUEST_BIN_DIR";
+/// The Debian mirror the base image is built from (also read by
+/// `image/build.sh`, with `REPRISE_SUITE` and `REPRISE_IMAGE_SIZE`).
+pub const MIRROR_VAR: &str = "REPRISE_MIRROR";

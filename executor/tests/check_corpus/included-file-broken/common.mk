@@ -1,0 +1,2 @@
+A=1
+not a rule at all
