@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Installs what Reprise needs on a fresh Debian 12 machine (as root, or with
-# sudo): qemu, the image build tools, podman for the host tests, and 9base
+# sudo): qemu and passt, the image build tools, podman for the host tests, and 9base
 # (the reference mk the differential tests compare against).
 set -euo pipefail
 sudo=
 [ "$(id -u)" -eq 0 ] || sudo=sudo
 packages=(
   qemu-system-x86 qemu-utils      # the VM and its disks
+  passt                           # the guest's user-mode network
   mmdebstrap e2fsprogs kmod       # building the base image, data disks, debugfs
   podman runc crun uidmap         # host podman for the mk container test and benches
   9base busybox-static            # reference mk; a static shell for container tests
-  git ca-certificates
+  git ca-certificates curl        # curl: scripts/pypi-project.sh fetches from PyPI
 )
 missing_packages() {
   for p in "${packages[@]}"; do

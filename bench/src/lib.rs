@@ -145,6 +145,7 @@ pub fn store_large_result(
         output_bytes: 0,
         artifacts: Vec::new(),
         crontab: None,
+        container_image: None,
     };
     Store::new(data.join("reprise/store"))
         .commit(manifest, &rec, Some(&artifacts), sealer)

@@ -375,7 +375,9 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
             // The guest state runs start from, made now rather than in the
             // first run.
             let choice = accel::choose(&AccelFacts::probe(), None);
-            let config = VmConfig::new(image, choice.accel);
+            let mut config = VmConfig::new(image, choice.accel);
+            // Runs' VMs have a network card; so does the guest they restore.
+            config.network = true;
             let saved = SavedGuests::default_location()
                 .ensure(&config, &mut |step| eprintln!("reprise: image: {step}"))
                 .await
@@ -739,6 +741,12 @@ async fn show_result(r: &reprise_executor::store::StoredResult) {
         pipeline::short_snapshot(&m.snapshot),
         if m.inputs.network { "yes" } else { "none" }
     );
+    match &m.container_image {
+        Some(image) => println!(
+            "image:       the tests ran in container image sha256:{image} (its podman image id)"
+        ),
+        None => println!("image:       not recorded"),
+    }
     let dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
     let mut link = RunLink::new(&dir);
     let by = provenance::sealed_by(r, &mut link, &Terminal);

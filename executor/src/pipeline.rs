@@ -196,6 +196,7 @@ pub async fn run(
         keyed: &keyed,
         target: &req.target,
         network: req.network,
+        prepare_network: keyed.revision.config.network.prepare,
         secrets: &secrets,
         work,
         has_prepare_runtime: checked.has_prepare_runtime,
@@ -272,6 +273,7 @@ async fn execute<D: Driver>(
         tree,
         work: work.path(),
         network: req.network,
+        prepare_network: inputs.prepare_network,
         fresh: req.fresh,
         accel: req.accel,
     };
@@ -339,6 +341,7 @@ async fn execute<D: Driver>(
         output_bytes: 0,
         artifacts: Vec::new(),
         crontab: ran.crontab.clone(),
+        container_image: ran.container_image,
     };
     // Sealed now, by this producer, once: the seal travels with the result.
     let sealer = link.orchestrator(ui).map(|c| c.credentials());
@@ -469,7 +472,7 @@ pub fn replay_result(
         ),
     };
     ui.note(&format!(
-        "replayed result {} from {from}: produced by {}@{} {} ago, took {:.1}s under {} ({}, snapshot {}, network {}; {sealed}){}",
+        "replayed result {} from {from}: produced by {}@{} {} ago, took {:.1}s under {} ({}, snapshot {}, network {}, image {}; {sealed}){}",
         m.key.short(),
         m.producer.user,
         m.producer.host,
@@ -479,6 +482,9 @@ pub fn replay_result(
         m.inputs.driver,
         short_snapshot(&m.snapshot),
         if m.inputs.network { "yes" } else { "none" },
+        m.container_image
+            .as_ref()
+            .map_or_else(|| "not recorded".into(), |d| d.short()),
         artifacts_note(result, artifacts)
     ));
     Ok(())

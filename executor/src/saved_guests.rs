@@ -57,12 +57,11 @@ impl SavedGuests {
     }
 
     /// The machine a saved guest is made on for `config`: its image,
-    /// accelerator, memory and CPUs, no tree, no network, an empty state
-    /// slot.
+    /// accelerator, memory and CPUs, network card or not, no tree, an empty
+    /// snapshot slot.
     fn source_config(config: &VmConfig) -> VmConfig {
         let mut source = config.clone();
         source.tree = None;
-        source.network = false;
         source.tty = false;
         source.backing = None;
         source.restore = None;
@@ -73,12 +72,13 @@ impl SavedGuests {
     /// The name of the state that fits `config`.
     pub fn key(config: &VmConfig) -> String {
         let mut text = format!(
-            "reprise-state/{FORMAT}\nimage {}\naccel {}\nmemory {}\ncpus {}\nqemu {}\n",
+            "reprise-state/{FORMAT}\nimage {}\naccel {}\nmemory {}\ncpus {}\nqemu {}\nnetwork {}\n",
             config.image.manifest.digest,
             config.accel,
             config.memory_mib,
             config.cpus,
-            qemu_version()
+            qemu_version(),
+            config.network
         );
         for arg in &config.kernel_args {
             text.push_str(&format!("arg {}\n", arg.len()));

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
+use reprise_protocol::digest::Sha256Digest;
 use reprise_protocol::manifest::Phase;
 
 use crate::driver::{
@@ -34,6 +35,8 @@ pub struct Ran {
     pub settled: bool,
     /// What prepare-runtime wrote to `/var/run/ci/crontab`.
     pub crontab: Option<String>,
+    /// The id of the container image the tests ran in.
+    pub container_image: Option<Sha256Digest>,
 }
 
 /// What the steps need besides the session.
@@ -43,6 +46,9 @@ pub struct StepInputs<'a> {
     pub target: &'a str,
     /// Whether the test container gets the network.
     pub network: bool,
+    /// Whether preparation (base-image, prepare-runtime, post-test) gets
+    /// the OS's network (`[network] prepare` in reprise.toml).
+    pub prepare_network: bool,
     pub secrets: &'a [(String, String)],
     /// The run's work folder on the host (artifacts are collected there).
     pub work: &'a Path,
@@ -76,8 +82,17 @@ pub async fn run<S: Session>(
     // so container images and cache/ persist; env/ starts empty every run;
     // artifacts/ is the folder the driver collects.
     let t = Instant::now();
+    // Preparation without the network (`[network] prepare = false`): the
+    // OS's card goes down, its default route kept aside for a run that
+    // gives the tests the network.
+    let offline = if inputs.prepare_network {
+        ""
+    } else {
+        "{ [ ! -e /sys/class/net/eth0 ] || { set -- $(ip route show default) && \
+           echo \"${3:-}\" > /run/reprise-gateway && ip link set eth0 down; }; } && "
+    };
     let setup = format!(
-        "mkdir -p {SNAPSHOT}/containers {SNAPSHOT}/ci /var/lib/containers && \
+        "{offline}mkdir -p {SNAPSHOT}/containers {SNAPSHOT}/ci /var/lib/containers && \
          mount --bind {SNAPSHOT}/containers /var/lib/containers && \
          ln -sfn {SNAPSHOT}/ci /run/ci && \
          rm -rf {CI}/env {CI}/artifacts {CRONTAB} && mkdir -p {CI}/env {CI}/cache {ARTIFACTS} && \
@@ -103,10 +118,17 @@ pub async fn run<S: Session>(
 
     // /var/run/ci/env: each file a variable of the container; and the
     // crontab, in the same command (a process start costs time under TCG).
+    // A run that asked for the network gives it back to the tests.
+    let online = if inputs.network && !inputs.prepare_network {
+        "{ [ ! -e /sys/class/net/eth0 ] || { ip link set eth0 up && gw=$(cat /run/reprise-gateway) && \
+           { [ -z \"$gw\" ] || ip route replace default via \"$gw\"; }; }; } && "
+    } else {
+        ""
+    };
     let listing = session
         .capture(
             &shell(&format!(
-                "cd {CI}/env && for f in *; do [ -f \"$f\" ] || continue; printf '%s\\0' \"$f\"; cat \"$f\"; printf '\\0'; done; \
+                "{online}cd {CI}/env && for f in *; do [ -f \"$f\" ] || continue; printf '%s\\0' \"$f\"; cat \"$f\"; printf '\\0'; done; \
                  if [ -f {CRONTAB} ]; then printf '%s\\0' {CRONTAB}; head -c {max} {CRONTAB}; printf '\\0'; fi",
                 max = crate::schedule::MAX_CRONTAB + 1
             )),
@@ -152,24 +174,34 @@ pub async fn run<S: Session>(
 
     let mut artifacts = None;
     let mut settled = false;
+    let t = Instant::now();
+    // The image the tests ran in, and after a pass every artifact: one
+    // command (a process start costs time under TCG), the image's id on the
+    // first line of its output.
+    let declared = &inputs.keyed.revision.config.artifacts;
+    let mut argv = shell(
+        "podman image inspect --format '{{.Id}}' \"$1\" 2>/dev/null | head -n 1; shift; \
+         [ $# -eq 0 ] || exec \"$@\"",
+    );
+    argv.extend(["sh".into(), image.clone()]);
+    if exit_code == 0 && !declared.is_empty() {
+        argv.push(OS_MK.into());
+        argv.extend(declared.iter().map(|path| format!("{CI}/artifacts/{path}")));
+    }
+    let out = session.capture(&argv, &env).await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (first, rest) = stdout.split_once('\n').unwrap_or((&stdout, ""));
+    let container_image = first.trim().parse::<Sha256Digest>().ok();
     if exit_code == 0 {
-        let t = Instant::now();
-        let declared = &inputs.keyed.revision.config.artifacts;
-        if !declared.is_empty() {
-            // One mk for every artifact: a process start costs time under TCG.
-            let mut argv = vec![OS_MK.to_string()];
-            argv.extend(declared.iter().map(|path| format!("{CI}/artifacts/{path}")));
-            let out = session.capture(&argv, &env).await?;
-            if !out.success() {
-                let names: Vec<&str> = declared.iter().map(|a| a.as_str()).collect();
-                return Err(RunError::Contract(format!(
-                    "making the artifacts {} (`mk {}`) failed:\n{}{}",
-                    names.join(", "),
-                    argv[1..].join(" "),
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                )));
-            }
+        if !out.success() {
+            let names: Vec<&str> = declared.iter().map(|a| a.as_str()).collect();
+            return Err(RunError::Contract(format!(
+                "making the artifacts {} (`mk {}`) failed:\n{}{}",
+                names.join(", "),
+                argv[5..].join(" "),
+                rest,
+                String::from_utf8_lossy(&out.stderr)
+            )));
         }
         let host = inputs.work.join("artifacts");
         session.collect(&host).await?;
@@ -201,6 +233,7 @@ pub async fn run<S: Session>(
         artifacts,
         settled,
         crontab,
+        container_image,
     })
 }
 

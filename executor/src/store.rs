@@ -499,6 +499,7 @@ pub(crate) mod tests {
             output_bytes: 0,
             artifacts: vec![],
             crontab: None,
+            container_image: None,
         }
     }
 

@@ -163,6 +163,7 @@ fn producer_store_with(
         output_bytes: 0,
         artifacts: vec![],
         crontab: None,
+        container_image: None,
     };
     let mut manifest = manifest;
     change(&mut manifest);

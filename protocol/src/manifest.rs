@@ -189,6 +189,10 @@ pub struct ResultManifest {
     /// the repository's scheduled targets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crontab: Option<String>,
+    /// The id (sha256) of the container image the tests ran in, as the
+    /// OS's podman reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_image: Option<Sha256Digest>,
 }
 
 /// What is wrong with a manifest whose parts each parsed.
@@ -317,6 +321,7 @@ pub(crate) mod tests {
                 mode: 0o644,
             }],
             crontab: None,
+            container_image: None,
         }
     }
 

@@ -6,6 +6,9 @@
 //! env = ["CC", "RUST_LOG"]                # counted in the key
 //! secrets = ["NPM_TOKEN"]                 # passed in, never counted or kept
 //! artifacts = ["report.txt"]              # built with /var/run/ci/artifacts/%
+//!
+//! [network]
+//! prepare = true    # base-image and prepare-runtime may fetch (the tests never do)
 //! ```
 
 use serde::Deserialize;
@@ -27,6 +30,29 @@ pub struct RepoConfig {
     pub secrets: Vec<String>,
     #[serde(default)]
     pub artifacts: Vec<ArtifactPath>,
+    #[serde(default)]
+    pub network: NetworkConfig,
+}
+
+/// The `[network]` section: who may reach the network.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// `base-image`, `prepare-runtime` and `post-test` may reach the
+    /// outside network (never the host's own services). Off for fully
+    /// offline builds.
+    #[serde(default = "yes")]
+    pub prepare: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for NetworkConfig {
+    fn default() -> NetworkConfig {
+        NetworkConfig { prepare: true }
+    }
 }
 
 /// Why `reprise.toml` was refused, and where: `reprise.toml:LINE:COLUMN:`.
@@ -151,6 +177,9 @@ mod tests {
         assert_eq!(c.env, ["CC"]);
         assert_eq!(c.secrets, ["TOKEN"]);
         assert_eq!(c.artifacts, ["out/r.txt".parse().unwrap()]);
+        assert!(c.network.prepare, "preparation has the network by default");
+        let offline = RepoConfig::parse("[network]\nprepare = false\n").unwrap();
+        assert!(!offline.network.prepare);
         assert_eq!(RepoConfig::parse("").unwrap(), RepoConfig::default());
     }
 

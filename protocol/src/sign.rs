@@ -59,6 +59,13 @@ pub fn signing_bytes(manifest: &ResultManifest) -> Vec<u8> {
             put(text.as_bytes());
         }
     }
+    match &manifest.container_image {
+        None => put(b"no container image"),
+        Some(id) => {
+            put(b"container image");
+            put(id.as_bytes());
+        }
+    }
     out
 }
 
@@ -99,6 +106,7 @@ mod tests {
             |m| m.artifacts.clear(),
             |m| m.crontab = Some(String::new()),
             |m| m.crontab = Some("* * * * * lint\n".into()),
+            |m| m.container_image = Some(Sha256Digest::of(b"image")),
         ];
         for (n, change) in changes.into_iter().enumerate() {
             let mut m = manifest();

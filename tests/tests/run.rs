@@ -636,25 +636,79 @@ fn a_second_real_run_reuses_the_repository_snapshot() {
     );
 }
 
+/// Answers every connection on the host's loopback with `token`, the way
+/// a developer's local service would; returns its port.
+fn host_service(token: &'static str) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let port = listener.local_addr().expect("address").port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            use std::io::Write;
+            let mut conn = conn;
+            let _ = write!(conn, "HTTP/1.0 200 OK\r\n\r\n{token}\n");
+        }
+    });
+    port
+}
+
+/// A preparation step that says what it can reach: the outside network
+/// (Debian's mirror) and a service on the host's loopback through the
+/// guest's gateway. Prints `<name>: reachable` with the answer's first
+/// line, or `<name>: unreachable`.
+fn probe_script(port: u16) -> String {
+    format!(
+        r#"#!/bin/bash
+probe() {{
+  answer=$(timeout 20 bash -c "exec 3<>/dev/tcp/$2/$3 && printf 'GET /debian/ HTTP/1.1\r\nHost: $2\r\nConnection: close\r\n\r\n' >&3 && head -c 200 <&3" 2>/dev/null)
+  if [ -n "$answer" ]; then echo "$1: reachable, answered: $answer"; else echo "$1: unreachable"; fi
+}}
+probe outside deb.debian.org 80
+probe host-loopback 10.0.2.2 {port}
+"#
+    )
+}
+
 #[test]
-fn the_tests_have_no_network_unless_asked_for() {
+fn preparation_has_the_network_the_tests_and_the_host_do_not() {
+    const TOKEN: &str = "reprise-test-host-service-7f3c";
+    let port = host_service(TOKEN);
     let s = copy_of_fixture();
     let _vm = vm_lock();
-    let probe = "#!/bin/sh\n# network probe\n\
+    let mkfile = fs::read_to_string(example_hello().join("mkfile")).expect("hello mkfile");
+    let mkfile = mkfile.replacen("base-image:V:\n", "base-image:V:\n\tbash ./probe.sh\n", 1);
+    assert!(mkfile.contains("probe.sh"), "{mkfile}");
+    let test = "#!/bin/sh\n# network probe\n\
         echo \"interfaces: $(sed 1,2d /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort | tr '\\n' ' ')\"\n\
+        awk '$2 == \"00000000\" { up = 1 } END { print \"default route:\", up ? \"yes\" : \"no\" }' /proc/net/route\n\
         echo probed > report.txt\n";
-    s.write("test.sh", probe).commit("probe the network");
+    s.write("mkfile", &mkfile)
+        .write("probe.sh", &probe_script(port))
+        .write("test.sh", test)
+        .commit("probe the network");
+
+    // Preparation reaches the outside network, and nothing of the host:
+    // the gateway is not the host's loopback. The tests have only loopback.
     let hermetic = s.run(&["run"]);
     hermetic.expect_code(code::SUCCESS, "hermetic run");
+    let said = format!("{}{}", hermetic.stdout, hermetic.stderr);
+    assert!(
+        said.contains("outside: reachable, answered: HTTP/1."),
+        "base-image reaches Debian's mirror:\n{said}"
+    );
+    assert!(
+        !said.contains(TOKEN),
+        "the host's loopback service must not be reachable from the guest:\n{said}"
+    );
     assert!(
         hermetic.stdout.contains("interfaces: lo \n"),
         "by default the container has only loopback:\n{}",
         hermetic.stdout
     );
+    assert!(hermetic.restored(), "{}", hermetic.stderr);
 
     // The same tree with the network is another key: a networked run is
     // not hermetic, so it neither replays the hermetic result nor is
-    // replayed as one.
+    // replayed as one. It restores the saved guest like any run.
     let keys = [s.run(&["key"]), s.run(&["key", "--network"])];
     assert_ne!(keys[0].stdout, keys[1].stdout, "network is a key input");
     let networked = s.run(&["run", "--network"]);
@@ -666,9 +720,39 @@ fn the_tests_have_no_network_unless_asked_for() {
         networked.stdout
     );
     assert!(
-        networked.booted() && !networked.restored(),
-        "the saved guest has no network card, so --network boots cold:\n{}",
+        networked.stdout.contains("default route: yes"),
+        "{}",
+        networked.stdout
+    );
+    assert!(
+        networked.restored(),
+        "the saved guest has its network card, so --network restores:\n{}",
         networked.stderr
+    );
+
+    // A repository that builds offline turns preparation's network off.
+    let toml = fs::read_to_string(s.repo().join("reprise.toml")).expect("reprise.toml");
+    s.write(
+        "reprise.toml",
+        &format!("{toml}\n[network]\nprepare = false\n"),
+    )
+    .commit("offline preparation");
+    let offline = s.run(&["run"]);
+    offline.expect_code(code::SUCCESS, "offline preparation");
+    let said = format!("{}{}", offline.stdout, offline.stderr);
+    assert!(
+        said.contains("outside: unreachable"),
+        "[network] prepare = false takes the network from preparation:\n{said}"
+    );
+    // ... and a run that asks for the network still gives it to the tests.
+    let asked = s.run(&["run", "--network"]);
+    asked.expect_code(code::SUCCESS, "offline preparation, networked tests");
+    let said = format!("{}{}", asked.stdout, asked.stderr);
+    assert!(said.contains("outside: unreachable"), "{said}");
+    assert!(
+        asked.stdout.contains("default route: yes"),
+        "the network is back up for the tests:\n{}",
+        asked.stdout
     );
 }
 

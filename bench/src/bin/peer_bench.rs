@@ -487,6 +487,7 @@ fn light_manifest(i: usize, j: usize, namespace: &str) -> ResultManifest {
         output_bytes: 0,
         artifacts: Vec::new(),
         crontab: None,
+        container_image: None,
     }
 }
 

@@ -4,8 +4,12 @@
 //! dry-run) beside `podman run` of a similar image on the host. Prints
 //! medians; asserts nothing about them.
 //!
-//! Usage: `run_bench [--runs N] [--real-runs N] [--no-vm]` (`--real-runs`
-//! counts the restored second runs; as many cold ones run beside them). The `reprise`
+//! Also a real project's first and second real runs (six from PyPI,
+//! `scripts/pypi-project.sh`; up to 3 second runs).
+//!
+//! Usage: `run_bench [--runs N] [--real-runs N] [--no-vm] [--no-real-project]`
+//! (`--real-runs` counts the restored second runs; as many cold ones run
+//! beside them). The `reprise`
 //! binary (with `reprise-guest` and `mk`) is looked for next to this one:
 //! build with `cargo build --workspace`. The base image cache is the
 //! default one; results go to a temp store.
@@ -35,6 +39,7 @@ struct Options {
     runs: usize,
     real_runs: usize,
     vm: bool,
+    real_project: bool,
 }
 
 fn options() -> Options {
@@ -42,6 +47,7 @@ fn options() -> Options {
         runs: 7,
         real_runs: 6,
         vm: true,
+        real_project: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -54,7 +60,10 @@ fn options() -> Options {
             "--runs" => o.runs = number().max(1),
             "--real-runs" => o.real_runs = number().max(1),
             "--no-vm" => o.vm = false,
-            _ => panic!("usage: run_bench [--runs N] [--real-runs N] [--no-vm]"),
+            "--no-real-project" => o.real_project = false,
+            _ => {
+                panic!("usage: run_bench [--runs N] [--real-runs N] [--no-vm] [--no-real-project]")
+            }
         }
     }
     o
@@ -221,6 +230,61 @@ fn host_podman(tmp: &Path, runs: usize) -> Option<Duration> {
     (!host.is_empty()).then(|| median(host))
 }
 
+/// A real project: six from PyPI with its mkfile (`scripts/pypi-project.sh`),
+/// its first run building the test image from Debian's mirror, then
+/// `later` real runs of new commits on the repository's snapshot.
+fn real_project(bin: &Path, tmp: &Path, later: usize) -> Vec<(String, String, String)> {
+    let repo = tmp.join("six-repo");
+    let data = tmp.join("six-data");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pypi-project.sh");
+    let made = Command::new("bash")
+        .arg(&script)
+        .arg(&repo)
+        .stdout(Stdio::null())
+        .status()
+        .expect("pypi-project.sh runs");
+    assert!(made.success(), "fetching six from PyPI failed");
+    let (first, code) = time_reprise(bin, &repo, &data, &["run", "--fresh", "--no-serve"]);
+    assert_eq!(code, 0, "six's first run failed");
+    let mut first_phases = BTreeMap::new();
+    record_phases(&repo, &data, &mut first_phases);
+    let mut times = Vec::new();
+    for i in 0..later.max(1) {
+        fs::write(repo.join("NOTES"), format!("tree {i}\n")).expect("notes");
+        git(&repo, &["add", "-A"]);
+        git(&repo, &["commit", "-q", "-m", "another tree"]);
+        let (t, code) = time_reprise(bin, &repo, &data, &["run", "--no-serve"]);
+        assert_eq!(code, 0, "six's real run {i} failed");
+        times.push(t);
+    }
+    let _ = Command::new(bin)
+        .args(["cache", "drop"])
+        .current_dir(&repo)
+        .env("XDG_DATA_HOME", &data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let mut rows = vec![(
+        "six from PyPI: first real run".into(),
+        secs(first),
+        "one run; base-image builds python3 + pytest from Debian's mirror".into(),
+    )];
+    if let Some(prepare) = first_phases.get("prepare-runtime") {
+        rows.push((
+            "  of which prepare-runtime (the image)".into(),
+            secs(prepare[0]),
+            String::new(),
+        ));
+    }
+    let n = times.len();
+    rows.push((
+        "six from PyPI: second real run (snapshot)".into(),
+        secs(median(times)),
+        format!("median of {n}, each a new commit, the image from the snapshot"),
+    ));
+    rows
+}
+
 /// Real runs of the hello repository with `driver`: the first from a blank
 /// snapshot, then `later` more, each on another tree. Returns the first
 /// run's time and the median of the later ones.
@@ -385,6 +449,10 @@ fn main() {
                 }
             }
         }
+    }
+
+    if o.vm && o.real_project {
+        rows.extend(real_project(&bin, tmp.path(), o.real_runs.min(3)));
     }
 
     // Per driver, beside plain podman on the host.

@@ -84,7 +84,12 @@ pub fn plan(req: &PlanRequest<'_>) -> String {
         }
     ));
     line(format!(
-        "network      tests: {}",
+        "network      preparation: {}; tests: {}",
+        if keyed.revision.config.network.prepare {
+            "the outside network through passt (nothing of the host)"
+        } else {
+            "none ([network] prepare = false)"
+        },
         if req.network {
             "yes (--network: the run is not hermetic)"
         } else {

@@ -152,6 +152,8 @@ pub struct Prepared<'a> {
     pub work: &'a Path,
     /// Whether the tests get the network.
     pub network: bool,
+    /// Whether preparation gets the network.
+    pub prepare_network: bool,
     /// Start from a blank snapshot, not the repository's.
     pub fresh: bool,
     /// A forced accelerator (qemu).

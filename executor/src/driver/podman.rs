@@ -200,8 +200,9 @@ impl Driver for Podman {
             .map(String::from)
             .to_vec();
         args.extend(podman_run_options());
-        // The OS has the network only when the tests may have it.
-        if !run.network {
+        // The OS has the network when preparation or the tests may use it
+        // (the test container itself runs with --network none unless asked).
+        if !run.network && !run.prepare_network {
             args.extend(["--network".into(), "none".into()]);
         }
         for (host, os, ro) in [

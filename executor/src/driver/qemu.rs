@@ -1,6 +1,7 @@
 //! The qemu driver: the OS is a VM of the base image, restored from the
-//! saved guest (or booted cold with `--network`, `REPRISE_COLD_BOOT=1`, or
-//! when no saved guest loads), KVM when usable and TCG otherwise. The
+//! saved guest (or booted cold with `REPRISE_COLD_BOOT=1`, or when no saved
+//! guest loads), KVM when usable and TCG otherwise. Its network card is on
+//! passt ([`crate::vm`]): the outside network, nothing of the host. The
 //! repository's snapshot is a qcow2 disk of its own ([`crate::snapshots`]),
 //! plugged in as `/dev/vdc` over a generation (or the blank disk) and
 //! folded into a new generation after a pass.
@@ -83,12 +84,13 @@ impl Driver for Qemu {
         };
         let mut config = VmConfig::new(image.clone(), choice.accel);
         config.tree = Some(run.tree.clone());
-        config.network = run.network;
+        // Every run's VM has a network card (the saved guest has one):
+        // preparation may use it, the tests get it only with --network.
+        config.network = true;
         config.snapshot_disk = Some(SnapshotDisk::On(start.path().to_path_buf()));
-        // A run with network boots cold: the saved guest has no network card.
         let saved_guests = SavedGuests::default_location();
         let cold = std::env::var_os(COLD_BOOT_VAR).is_some_and(|v| !v.is_empty() && v != "0");
-        if !run.network && !cold {
+        if !cold {
             match saved_guests
                 .ensure(&config, &mut |step| ui.image_step(step))
                 .await

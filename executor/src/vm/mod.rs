@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod disk;
+mod net;
 pub mod saved;
 pub mod shell;
 
@@ -66,7 +67,8 @@ pub struct VmConfig {
     pub accel: Accel,
     pub memory_mib: u32,
     pub cpus: u32,
-    /// User-mode networking for the guest; off unless asked for.
+    /// A network card, on user-mode networking through passt (the outside
+    /// network, nothing of the host's); off unless asked for.
     pub network: bool,
     /// A host folder whose contents appear at `/repo` in the guest.
     pub tree: Option<PathBuf>,
@@ -142,6 +144,10 @@ pub enum SnapshotDisk {
 pub enum BootError {
     #[error("cannot start qemu-system-x86_64 (install it with: apt-get install qemu-system-x86)")]
     QemuMissing(#[source] std::io::Error),
+    #[error("cannot start passt, the guest's network (install it with: apt-get install passt)")]
+    PasstMissing(#[source] std::io::Error),
+    #[error("passt did not open its socket: {0}")]
+    Passt(String),
     #[error(
         "the guest helper reprise-guest was not found beside the reprise binary (build the workspace, or set REPRISE_GUEST_BIN_DIR)"
     )]
@@ -301,6 +307,8 @@ pub struct Vm {
     span: tracing::Span,
     /// The file in the snapshot-disk slot, if the machine has one.
     state_slot: Option<SlotFile>,
+    /// The guest's network, if it has one (stopped with the VM).
+    _net: Option<net::Passt>,
 }
 
 /// The file qemu was given for the snapshot-disk slot (`/dev/vdc`).
@@ -430,6 +438,10 @@ impl Vm {
         let stream_path = sockets.path().join("stream.sock");
         let console = work.path().join("console.log");
         let qemu_log = work.path().join("qemu.log");
+        let net = match config.network {
+            true => Some(net::Passt::start(&work.path().join("passt.log")).await?),
+            false => None,
+        };
         let args = qemu_args(
             config,
             &overlay,
@@ -439,6 +451,7 @@ impl Vm {
             &qmp_path,
             &qga_path,
             &stream_path,
+            net.as_ref().map(|n| n.socket()),
         );
         debug!(?args, "starting qemu");
         let log = std::fs::File::create(&qemu_log).map_err(io(&qemu_log))?;
@@ -541,6 +554,7 @@ impl Vm {
             next_id: AtomicU64::new(1),
             span,
             state_slot,
+            _net: net,
         };
         if config.restore.is_some() {
             vm.finish_restore()
@@ -940,6 +954,7 @@ fn qemu_args(
     qmp: &Path,
     qga: &Path,
     stream: &Path,
+    net: Option<&Path>,
 ) -> Vec<String> {
     let p = |p: &Path| p.display().to_string();
     let (machine, cpu) = match config.accel {
@@ -959,7 +974,7 @@ fn qemu_args(
     .into_iter()
     .map(String::from)
     .collect::<Vec<_>>();
-    if config.network {
+    if net.is_some() {
         cmdline.push("reprise.net=1".into());
     }
     cmdline.extend(config.kernel_args.iter().cloned());
@@ -1020,8 +1035,16 @@ fn qemu_args(
         "-device".into(),
         "virtserialport,chardev=stream,name=reprise.stream,id=streamport".into(),
     ]);
-    if config.network {
-        args.extend(["-nic".into(), "user,model=virtio-net-pci".into()]);
+    if let Some(net) = net {
+        args.extend([
+            "-netdev".into(),
+            format!(
+                "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+                p(net)
+            ),
+            "-device".into(),
+            "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56".into(),
+        ]);
     } else {
         args.extend(["-nic".into(), "none".into()]);
     }
@@ -1045,7 +1068,7 @@ fn qemu_args(
     unsafe_code,
     reason = "pre_exec is unsafe; prctl(PR_SET_PDEATHSIG) is async-signal-safe"
 )]
-fn die_with_parent(cmd: &mut Command) {
+pub(crate) fn die_with_parent(cmd: &mut Command) {
     unsafe {
         cmd.pre_exec(|| {
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
@@ -1180,6 +1203,7 @@ mod tests {
             p("/s/q"),
             p("/s/g"),
             p("/s/s"),
+            c.network.then_some(p("/s/passt.sock")),
         )
     }
 
@@ -1191,7 +1215,12 @@ mod tests {
         assert!(!tcg.contains("reprise.net=1"));
         let kvm = args(&config(Accel::Kvm, true)).join(" ");
         assert!(kvm.contains("-machine q35,accel=kvm -cpu host"), "{kvm}");
-        assert!(kvm.contains("-nic user,model=virtio-net-pci"));
+        assert!(
+            kvm.contains(
+                "-netdev stream,id=net0,server=off,addr.type=unix,addr.path=/s/passt.sock"
+            ),
+            "{kvm}"
+        );
         assert!(kvm.contains("reprise.net=1"));
         assert!(kvm.contains("file=/img/disk.qcow2").not() && kvm.contains("file=/w/o.qcow2"));
         assert!(
@@ -1213,6 +1242,7 @@ mod tests {
             p("/s/q"),
             p("/s/g"),
             p("/s/s"),
+            None,
         );
         let drives: Vec<&String> = args
             .iter()

@@ -159,6 +159,7 @@ pub fn fabricate_result(sandbox: &Sandbox, text: &str, sealer: Option<&Path>) ->
         output_bytes: 0,
         artifacts: Vec::new(),
         crontab: None,
+        container_image: None,
     };
     let creds = sealer.map(|p| reprise_executor::link::Credentials::load(p).expect("credentials"));
     reprise_executor::store::Store::new(sandbox.store())

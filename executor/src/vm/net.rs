@@ -1,0 +1,102 @@
+//! The guest's network: passt, user-mode networking through the host's
+//! own sockets. The guest reaches the outside network and nothing of the
+//! host itself: the gateway is not mapped to the host's loopback and no
+//! port is forwarded in.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use super::BootError;
+
+/// The guest's address, gateway and DNS server; the guest's init sets them
+/// statically (`reprise.net=1`, image/init), so no DHCP exchange costs boot
+/// time.
+pub const ADDRESS: &str = "10.0.2.15";
+pub const GATEWAY: &str = "10.0.2.2";
+pub const DNS: &str = "10.0.2.3";
+
+/// The user passt drops to when started as root. It binds its socket after
+/// dropping, so the socket's folder must be that user's.
+const NOBODY: u32 = 65534;
+
+/// A running passt and the private folder of its socket; both go with it.
+pub struct Passt {
+    _child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Passt {
+    /// Starts passt, its messages in `log`, and waits for its socket.
+    pub async fn start(log: &Path) -> Result<Passt, BootError> {
+        let runtime = crate::paths::runtime_dir();
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BootError::Io { path, source }
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("reprise-net-")
+            .tempdir_in(&runtime)
+            .map_err(io(&runtime))?;
+        let root = nix::unistd::geteuid().is_root();
+        if root {
+            std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY))
+                .map_err(io(dir.path()))?;
+        }
+        let socket = dir.path().join("passt.sock");
+        let log_file = std::fs::File::create(log).map_err(io(log))?;
+        let mut cmd = Command::new("passt");
+        cmd.args(["--foreground", "--quiet", "-4", "--socket"])
+            .arg(&socket)
+            .args([
+                "--address",
+                ADDRESS,
+                "--netmask",
+                "24",
+                "--gateway",
+                GATEWAY,
+            ])
+            .args(["--dns-forward", DNS, "--no-map-gw"])
+            .args(["--tcp-ports", "none", "--udp-ports", "none"]);
+        if root {
+            cmd.args(["--runas", &format!("{NOBODY}:{NOBODY}")]);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .process_group(0);
+        super::die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().map_err(BootError::PasstMissing)?;
+        for _ in 0..500 {
+            if socket.exists() {
+                return Ok(Passt {
+                    _child: child,
+                    socket,
+                    _dir: dir,
+                });
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let said = std::fs::read_to_string(log).unwrap_or_default();
+                return Err(BootError::Passt(format!(
+                    "it exited ({status}): {}",
+                    said.trim()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // This passt reports its socket bound even when bind failed.
+        Err(BootError::Passt(format!(
+            "no socket at {} after 5 s",
+            socket.display()
+        )))
+    }
+
+    /// The socket qemu connects its network card to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
