@@ -642,9 +642,18 @@ fn host_service(token: &'static str) -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
     let port = listener.local_addr().expect("address").port();
     std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            use std::io::Write;
-            let mut conn = conn;
+        for mut conn in listener.incoming().flatten() {
+            use std::io::{Read, Write};
+            // The request first: a reply to a socket that was never read
+            // is reset, and the probe would see nothing.
+            let mut request = Vec::new();
+            let mut buf = [0u8; 512];
+            while !request.ends_with(b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
             let _ = write!(conn, "HTTP/1.0 200 OK\r\n\r\n{token}\n");
         }
     });
@@ -659,7 +668,7 @@ fn probe_script(port: u16) -> String {
     format!(
         r#"#!/bin/bash
 probe() {{
-  answer=$(timeout 20 bash -c "exec 3<>/dev/tcp/$2/$3 && printf 'GET /debian/ HTTP/1.1\r\nHost: $2\r\nConnection: close\r\n\r\n' >&3 && head -c 200 <&3" 2>/dev/null)
+  answer=$(timeout 20 bash -c "exec 3<>/dev/tcp/$2/$3 || exit; printf 'GET /debian/ HTTP/1.1\r\nHost: $2\r\nConnection: close\r\n\r\n' >&3; head -c 200 <&3" 2>/dev/null)
   if [ -n "$answer" ]; then echo "$1: reachable, answered: $answer"; else echo "$1: unreachable"; fi
 }}
 probe outside deb.debian.org 80
