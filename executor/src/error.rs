@@ -62,6 +62,8 @@ impl RunError {
             RunError::Prepare { .. } => exit::PREPARE_FAILED,
             RunError::Timeout(_) => exit::TIMEOUT,
             RunError::Store(StoreError::Full(_)) => exit::STORE_FULL,
+            // Tests that make more output or artifacts than a result holds.
+            RunError::Store(StoreError::TooLarge(_)) => exit::CONTRACT,
             RunError::Image(ImageError::DiskFull { .. }) => exit::STORE_FULL,
             // A symlink in the artifacts folder: the repository's doing.
             RunError::Replay(ReplayError::Unsafe(_)) => exit::CONTRACT,

@@ -187,6 +187,10 @@ enum ResultsCmd {
         #[arg(value_parser = parse_key_prefix)]
         key: KeyPrefix,
     },
+    /// Check every stored result against its sha256s; move the damaged
+    /// ones aside (quarantine) so no run replays them. Exits 9 when it
+    /// quarantined anything.
+    Verify,
     /// Drop results beyond the retention.
     Gc {
         /// Results kept per repository and target.
@@ -839,6 +843,22 @@ async fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
                     Ok(exit::USAGE)
                 }
             }
+        }
+        ResultsCmd::Verify => {
+            let check = reprise_executor::replay::verify_store(&store)?;
+            for (to, why) in &check.quarantined {
+                println!("quarantined {}: {why}", to.display());
+            }
+            println!(
+                "{} result(s) sound, {} quarantined",
+                check.sound,
+                check.quarantined.len()
+            );
+            Ok(if check.quarantined.is_empty() {
+                exit::SUCCESS
+            } else {
+                exit::DAMAGED
+            })
         }
         ResultsCmd::Gc { keep, max_age } => {
             let dropped = store.gc(Retention {

@@ -164,10 +164,11 @@ pub async fn run(
                 "the stored result {} is not replayed: its seal does not hold ({why})",
                 key.short()
             )),
-            by => {
-                replay_result(&store, &result, &req.artifacts_dir, Source::Local(by), ui)?;
-                return Ok(RunOutcome::Replayed(result));
-            }
+            by => match replay_result(&store, &result, &req.artifacts_dir, Source::Local(by), ui) {
+                Ok(()) => return Ok(RunOutcome::Replayed(result)),
+                Err(RunError::Replay(e)) if e.is_damage() => quarantine(&store, &result, &e, ui),
+                Err(e) => return Err(e),
+            },
         },
         Lookup::Miss { nearest } => {
             if let Some((near, diff)) = nearest {
@@ -345,12 +346,19 @@ async fn execute<D: Driver>(
     };
     // Sealed now, by this producer, once: the seal travels with the result.
     let sealer = link.orchestrator(ui).map(|c| c.credentials());
-    let stored = store.commit(
+    let mut record = std::fs::File::open(&ran.record.path).map_err(|e| {
+        RunError::Infra(format!(
+            "reading the recorded output {}: {e}",
+            ran.record.path.display()
+        ))
+    })?;
+    let stored = store.commit_from(
         manifest,
-        &ran.record,
+        &mut record,
         ran.artifacts.as_deref(),
         sealer.map(|c| c as &dyn Sealer),
     )?;
+
     record_schedule(keyed, req.driver, ran.crontab.as_deref(), ui);
     if outcome == Outcome::Passed {
         replay::restore_artifacts(store, &stored, &req.artifacts_dir)?;
@@ -424,6 +432,24 @@ fn artifacts_note(result: &StoredResult, dir: &Path) -> String {
     }
 }
 
+/// Moves a damaged stored result aside and says so in one line; the run
+/// goes on as a miss.
+fn quarantine(store: &Store, result: &StoredResult, damage: &replay::ReplayError, ui: &dyn Ui) {
+    let why = error_chain(damage);
+    match store.quarantine(result, &why) {
+        Ok(dest) => ui.note(&format!(
+            "the stored result {} is damaged ({why}); quarantined in {}; running as a miss",
+            result.manifest.key.short(),
+            dest.display()
+        )),
+        Err(e) => ui.note(&format!(
+            "the stored result {} is damaged ({why}) and could not be quarantined ({}); running as a miss",
+            result.manifest.key.short(),
+            error_chain(&e)
+        )),
+    }
+}
+
 /// Where a replayed result came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -443,10 +469,9 @@ pub fn replay_result(
     ui: &dyn Ui,
 ) -> Result<(), RunError> {
     // Everything is checked before a byte reaches the user's streams.
-    let entries = replay::verify(result)?;
+    replay::verify(result)?;
     replay::restore_artifacts(store, result, artifacts)?;
-    replay::write_output(&entries, &mut std::io::stdout(), &mut std::io::stderr())
-        .map_err(|e| RunError::Infra(format!("writing the replayed output: {e}")))?;
+    replay::write_output(result, &mut std::io::stdout(), &mut std::io::stderr())?;
     let m = &result.manifest;
     let (from, sealed) = match source {
         Source::Local(by) => (

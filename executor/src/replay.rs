@@ -32,6 +32,12 @@ pub enum ReplayError {
         #[source]
         source: RecordError,
     },
+    #[error("the stored output of {key} is {found} bytes, not the {expected} of its manifest")]
+    OutputSize {
+        key: RunKey,
+        found: u64,
+        expected: u64,
+    },
     #[error("artifact {path} of {key} is missing or damaged in the store")]
     Artifact { key: RunKey, path: ArtifactPath },
     #[error("restoring the artifacts")]
@@ -44,17 +50,45 @@ pub enum ReplayError {
     },
 }
 
-/// Checks a stored result's output record against its manifest and returns
-/// the decoded output. Artifacts are checked by [`restore_artifacts`], which
-/// hashes them as it copies (one read of each file, not two).
-pub fn verify(result: &StoredResult) -> Result<Vec<record::Entry>, ReplayError> {
+impl ReplayError {
+    /// Whether the store's copy is damaged (as opposed to the destination
+    /// refusing it, or the disk failing): such a result is quarantined.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            ReplayError::OutputMismatch { .. }
+                | ReplayError::OutputSize { .. }
+                | ReplayError::Record { .. }
+                | ReplayError::Artifact { .. }
+        ) || matches!(self, ReplayError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
+/// Checks a stored result's output record against its manifest (size,
+/// sha256, and that it decodes), reading it as it streams. Artifacts are
+/// checked by [`restore_artifacts`], which hashes them as it copies (one
+/// read of each file, not two), or by [`verify_artifacts`].
+pub fn verify(result: &StoredResult) -> Result<(), ReplayError> {
+    use sha2::Digest;
     let key = result.manifest.key;
     let path = result.output_path();
-    let data = std::fs::read(&path).map_err(|source| ReplayError::Io {
+    let io = |source| ReplayError::Io {
         path: path.clone(),
         source,
+    };
+    let file = std::fs::File::open(&path).map_err(io)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut bytes = 0u64;
+    let hashing = Tee {
+        inner: file,
+        hasher: &mut hasher,
+        bytes: &mut bytes,
+    };
+    record::decode_stream(hashing, |_, _| Ok(())).map_err(|e| match e {
+        record::StreamError::Record(source) => ReplayError::Record { key, source },
+        record::StreamError::Io(source) => io(source),
     })?;
-    let found = Sha256Digest::of(&data);
+    let found = Sha256Digest::finish(hasher);
     if found != result.manifest.output_sha256 {
         return Err(ReplayError::OutputMismatch {
             key,
@@ -62,28 +96,120 @@ pub fn verify(result: &StoredResult) -> Result<Vec<record::Entry>, ReplayError> 
             expected: result.manifest.output_sha256,
         });
     }
-    record::decode(&data).map_err(|source| ReplayError::Record { key, source })
+    if bytes != result.manifest.output_bytes {
+        return Err(ReplayError::OutputSize {
+            key,
+            found: bytes,
+            expected: result.manifest.output_bytes,
+        });
+    }
+    Ok(())
 }
 
-/// Writes the recorded output to `stdout` and `stderr` in recorded order.
-pub fn write_output(
-    entries: &[record::Entry],
-    stdout: &mut dyn Write,
-    stderr: &mut dyn Write,
-) -> std::io::Result<()> {
-    for e in entries {
-        match e.stream {
-            StreamId::Stdout => {
-                stdout.write_all(&e.bytes)?;
-                stdout.flush()?;
-            }
-            StreamId::Stderr => {
-                stderr.write_all(&e.bytes)?;
-                stderr.flush()?;
-            }
+/// A reader that hashes and counts what it reads.
+struct Tee<'a, R> {
+    inner: R,
+    hasher: &'a mut sha2::Sha256,
+    bytes: &'a mut u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        *self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// Checks every artifact's blob against its sha256, without copying.
+pub fn verify_artifacts(store: &Store, result: &StoredResult) -> Result<(), ReplayError> {
+    for a in &result.manifest.artifacts {
+        let blob = store.blob_path(a);
+        let sha = crate::image::sha256_file(&blob)
+            .map_err(|source| ReplayError::Io {
+                path: blob.clone(),
+                source,
+            })?
+            .parse::<Sha256Digest>()
+            .expect("sha256_file gives 64 hex digits");
+        if sha != a.sha256 {
+            return Err(ReplayError::Artifact {
+                key: result.manifest.key,
+                path: a.path.clone(),
+            });
         }
     }
     Ok(())
+}
+
+/// What `reprise results verify` found.
+#[derive(Debug, Default)]
+pub struct StoreCheck {
+    /// Results that verified.
+    pub sound: usize,
+    /// Where each damaged result went, and why.
+    pub quarantined: Vec<(PathBuf, String)>,
+}
+
+/// Checks every stored result (passed and failed): its manifest loads, its
+/// output record and every artifact blob match their sha256. A result that
+/// does not is quarantined ([`Store::quarantine`]), so no lookup finds it.
+pub fn verify_store(store: &Store) -> Result<StoreCheck, crate::store::StoreError> {
+    let mut check = StoreCheck::default();
+    for folder in store.unreadable() {
+        let reason = "its manifest does not load or does not match its folder's key".to_string();
+        let to = store.quarantine_folder(&folder, &reason)?;
+        check.quarantined.push((to, reason));
+    }
+    for result in store.list().into_iter().chain(store.list_failed()) {
+        let damage = verify(&result).and_then(|()| verify_artifacts(store, &result));
+        match damage {
+            Ok(()) => check.sound += 1,
+            Err(e) if e.is_damage() => {
+                let reason = crate::text::error_chain(&e);
+                let to = store.quarantine(&result, &reason)?;
+                check.quarantined.push((to, reason));
+            }
+            // Not the store's copy at fault (a read error): say so, keep it.
+            Err(e) => {
+                return Err(crate::store::StoreError::Io {
+                    path: result.dir.clone(),
+                    source: std::io::Error::other(crate::text::error_chain(&e)),
+                });
+            }
+        }
+    }
+    Ok(check)
+}
+
+/// Writes the recorded output of a verified result to `stdout` and
+/// `stderr` in recorded order, streaming it from the store.
+pub fn write_output(
+    result: &StoredResult,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> Result<(), ReplayError> {
+    let key = result.manifest.key;
+    let path = result.output_path();
+    let io = |source| ReplayError::Io {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::File::open(&path).map_err(io)?;
+    record::decode_stream(file, |stream, bytes| {
+        let out: &mut dyn Write = match stream {
+            StreamId::Stdout => stdout,
+            StreamId::Stderr => stderr,
+        };
+        out.write_all(bytes)?;
+        out.flush()
+    })
+    .map_err(|e| match e {
+        record::StreamError::Record(source) => ReplayError::Record { key, source },
+        record::StreamError::Io(source) => io(source),
+    })
 }
 
 /// Copies the result's artifacts into `dest` (created if needed), beneath
@@ -167,9 +293,10 @@ mod tests {
                 None,
             )
             .unwrap();
-        let entries = verify(&stored).unwrap();
+        verify(&stored).unwrap();
+        verify_artifacts(&store, &stored).unwrap();
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        write_output(&entries, &mut out, &mut err).unwrap();
+        write_output(&stored, &mut out, &mut err).unwrap();
         assert_eq!(out, b"one\nthree\n");
         assert_eq!(err, b"\x1b[31mtwo\x1b[0m\n");
         let dest = dir.path().join("restored");
@@ -193,6 +320,8 @@ mod tests {
             )
             .unwrap();
         std::fs::write(store.blob_path(&stored.manifest.artifacts[0]), "c0ntent").unwrap();
+        let damage = verify_artifacts(&store, &stored).unwrap_err();
+        assert!(damage.is_damage(), "{damage:?}");
         let dest = dir.path().join("restored");
         assert!(matches!(
             restore_artifacts(&store, &stored, &dest),
@@ -208,9 +337,12 @@ mod tests {
             "no temporary file is left"
         );
         std::fs::write(stored.output_path(), "x").unwrap();
-        assert!(matches!(
-            verify(&stored),
-            Err(ReplayError::OutputMismatch { .. })
-        ));
+        assert!(matches!(verify(&stored), Err(ReplayError::Record { .. })));
+        std::fs::write(stored.output_path(), record::MAGIC).unwrap();
+        let err = verify(&stored).unwrap_err();
+        assert!(
+            matches!(err, ReplayError::OutputMismatch { .. }) && err.is_damage(),
+            "{err:?}"
+        );
     }
 }

@@ -26,8 +26,8 @@ use crate::ui::Ui;
 pub struct Ran {
     /// Exit status of the test command.
     pub exit_code: i32,
-    /// The tests' output record.
-    pub record: Vec<u8>,
+    /// The tests' output record, in the run's work folder.
+    pub record: crate::recorder::Recorded,
     pub phases: Vec<Phase>,
     /// The collected artifacts on the host, after a pass.
     pub artifacts: Option<std::path::PathBuf>,
@@ -151,11 +151,16 @@ pub async fn run<S: Session>(
     // podman itself needs a PATH; the container does not get this one.
     let mut podman_env = container_env.clone();
     podman_env.insert("PATH".into(), OS_PATH.into());
-    let mut recorder = Recorder::new(&secret_values, true);
+    let record_path = inputs.work.join("output.rec");
+    let mut recorder = Recorder::to_file(&secret_values, &record_path)
+        .map_err(|e| recording_failed(&record_path, e))?;
     let exit_code = session
         .exec(&argv, &podman_env, &mut |s, b| recorder.feed(s, b))
         .await?;
-    recorder.finish();
+    let record = recorder
+        .finish()
+        .map_err(|e| recording_failed(&record_path, e))?
+        .expect("a recorder to a file records");
     // podman's own failures exit 125; only then is it worth asking (one
     // podman start costs about a second under TCG) whether the image is
     // missing, which is the repository's mistake and not a test failure.
@@ -228,7 +233,7 @@ pub async fn run<S: Session>(
     }
     Ok(Ran {
         exit_code,
-        record: recorder.record,
+        record,
         phases,
         artifacts,
         settled,
@@ -261,12 +266,24 @@ async fn mk<S: Session>(
             target.into(),
         ],
     };
-    let mut shown = Recorder::new(secrets, false);
+    let mut shown = Recorder::shown(secrets);
     let code = session
         .exec(&argv, env, &mut |s: Stream, b: &[u8]| shown.feed(s, b))
         .await?;
-    shown.finish();
+    let _ = shown.finish();
     Ok(code)
+}
+
+/// A recording that could not be written: a full disk is said so.
+fn recording_failed(path: &Path, e: std::io::Error) -> RunError {
+    if e.raw_os_error() == Some(nix::libc::ENOSPC) {
+        RunError::Store(crate::store::StoreError::Full(path.to_path_buf()))
+    } else {
+        RunError::Infra(format!(
+            "recording the tests' output in {}: {e}",
+            path.display()
+        ))
+    }
 }
 
 /// Parses `name\0value\0` pairs; one trailing newline of a value is dropped

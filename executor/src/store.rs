@@ -40,6 +40,8 @@ use thiserror::Error;
 pub enum StoreError {
     #[error("the result store at {} is full (free some space, or run `reprise results gc`); nothing was kept", .0.display())]
     Full(PathBuf),
+    #[error("{0}: nothing was kept (a result this large could not be replayed or served)")]
+    TooLarge(#[from] reprise_protocol::manifest::Oversize),
     #[error("result store io on {}", path.display())]
     Io {
         path: PathBuf,
@@ -218,26 +220,41 @@ impl Store {
     /// lookups find them; failed ones to `failed/`.
     pub fn commit(
         &self,
-        mut manifest: ResultManifest,
+        manifest: ResultManifest,
         record: &[u8],
         artifacts: Option<&Path>,
         sealer: Option<&dyn Sealer>,
     ) -> Result<StoredResult, StoreError> {
+        self.commit_from(manifest, &mut &record[..], artifacts, sealer)
+    }
+
+    /// [`Store::commit`] with the output record read from `record` as it
+    /// is copied (and hashed) into the store, never held whole.
+    pub fn commit_from(
+        &self,
+        mut manifest: ResultManifest,
+        record: &mut dyn std::io::Read,
+        artifacts: Option<&Path>,
+        sealer: Option<&dyn Sealer>,
+    ) -> Result<StoredResult, StoreError> {
         let stage = self.stage("stage-")?;
-        manifest.output_sha256 = Sha256Digest::of(record);
-        manifest.output_bytes = record.len() as u64;
+        let out = stage.path().join("output.rec");
+        let (sha256, bytes) = copy_synced(record, &out)?;
+        manifest.output_sha256 = sha256;
+        manifest.output_bytes = bytes;
         manifest.artifacts = match artifacts {
-            Some(dir) if dir.is_dir() => self.store_artifacts(dir)?,
+            Some(dir) if dir.is_dir() => self.store_artifacts(dir, bytes)?,
             _ => Vec::new(),
         };
+        manifest.check_sizes()?;
         manifest.version = MANIFEST_VERSION;
         let seal = sealer.map(|s| s.seal(&manifest));
-        write_synced(&stage.path().join("output.rec"), record)?;
         self.finish(stage, manifest, seal)
     }
 
     /// Commits a result received from a peer: `sealed` exactly as its
-    /// producer sealed it, the output record, and the artifacts staged in
+    /// producer sealed it, the output record already written to
+    /// `output.rec` in `stage` (synced), and the artifacts staged in
     /// `artifacts` (a folder of this store's `tmp/`) at their manifest
     /// paths, each already checked against its sha256 while it arrived.
     /// The artifacts are moved into the blobs, not copied.
@@ -245,7 +262,6 @@ impl Store {
         &self,
         stage: tempfile::TempDir,
         sealed: Sealed,
-        record: &[u8],
         artifacts: &Path,
     ) -> Result<StoredResult, StoreError> {
         let blobs = self.root.join("blobs");
@@ -258,7 +274,6 @@ impl Store {
             }
         }
         sync_dir(&blobs)?;
-        write_synced(&stage.path().join("output.rec"), record)?;
         self.finish(stage, sealed.manifest, Some(sealed.seal))
     }
 
@@ -312,13 +327,24 @@ impl Store {
         })
     }
 
-    fn store_artifacts(&self, dir: &Path) -> Result<Vec<Artifact>, StoreError> {
+    /// Copies the files under `dir` into the blobs, once they are known to
+    /// fit the size limits beside a record of `record_bytes`.
+    fn store_artifacts(&self, dir: &Path, record_bytes: u64) -> Result<Vec<Artifact>, StoreError> {
         let blobs = self.root.join("blobs");
         fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
         let mut artifacts = Vec::new();
         let mut files = Vec::new();
         walk_files(dir, dir, &mut files)?;
         files.sort();
+        let mut sizes = Vec::with_capacity(files.len());
+        for rel in &files {
+            let path = dir.join(rel.as_str());
+            sizes.push(fs::symlink_metadata(&path).map_err(io_err(&path))?.len());
+        }
+        reprise_protocol::manifest::check_sizes(
+            record_bytes,
+            files.iter().map(|f| f.as_str()).zip(sizes.iter().copied()),
+        )?;
         for rel in files {
             let path = dir.join(rel.as_str());
             let sha = crate::image::sha256_file(&path)
@@ -346,6 +372,75 @@ impl Store {
             });
         }
         Ok(artifacts)
+    }
+
+    /// Moves a damaged result aside into `quarantine/<key>-<now>/`, with
+    /// `reason.txt` saying why, and beside it every blob of its artifacts
+    /// that no longer matches its sha256. Nothing looks it up again.
+    /// Returns where it went.
+    pub fn quarantine(&self, result: &StoredResult, reason: &str) -> Result<PathBuf, StoreError> {
+        let dir = self.root.join("quarantine");
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let dest = dir.join(format!("{}-{}", result.manifest.key.hex(), now_secs()));
+        fs::rename(&result.dir, &dest).map_err(io_err(&dest))?;
+        for a in &result.manifest.artifacts {
+            let blob = self.blob_path(a);
+            let matches = crate::image::sha256_file(&blob)
+                .ok()
+                .and_then(|sha| sha.parse::<Sha256Digest>().ok())
+                == Some(a.sha256);
+            if blob.exists() && !matches {
+                let aside = dest.join("damaged-blobs");
+                fs::create_dir_all(&aside).map_err(io_err(&aside))?;
+                fs::rename(&blob, aside.join(a.sha256.hex())).map_err(io_err(&blob))?;
+            }
+        }
+        fs::write(dest.join("reason.txt"), format!("{reason}\n")).map_err(io_err(&dest))?;
+        Ok(dest)
+    }
+
+    /// Result folders that do not load (a manifest that does not parse or
+    /// check, a folder not named by its key): lookups skip them, `results
+    /// verify` moves them aside.
+    pub fn unreadable(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for dir in [self.results(), self.root.join("failed")] {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if load(&e.path()).is_none() {
+                    out.push(e.path());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Moves a result folder that does not load into the quarantine, with
+    /// its reason. Its blobs stay: they are checked by content, and `gc`
+    /// drops those nothing refers to.
+    pub fn quarantine_folder(&self, folder: &Path, reason: &str) -> Result<PathBuf, StoreError> {
+        let dir = self.root.join("quarantine");
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let name = folder
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dest = dir.join(format!("{name}-{}", now_secs()));
+        fs::rename(folder, &dest).map_err(io_err(&dest))?;
+        fs::write(dest.join("reason.txt"), format!("{reason}\n")).map_err(io_err(&dest))?;
+        Ok(dest)
+    }
+
+    /// The quarantined results' folders.
+    pub fn quarantined(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = fs::read_dir(self.root.join("quarantine"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        out.sort();
+        out
     }
 
     /// Drops results beyond the retention, then blobs no result refers to.
@@ -453,6 +548,32 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let mut f = fs::File::create(path).map_err(io_err(path))?;
     f.write_all(bytes).map_err(io_err(path))?;
     f.sync_all().map_err(io_err(path))
+}
+
+/// Copies `from` into a new file at `path`, synced; returns its sha256 and
+/// size.
+fn copy_synced(
+    from: &mut dyn std::io::Read,
+    path: &Path,
+) -> Result<(Sha256Digest, u64), StoreError> {
+    use sha2::Digest;
+    let mut f = fs::File::create(path).map_err(io_err(path))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut bytes = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        hasher.update(&buf[..n]);
+        f.write_all(&buf[..n]).map_err(io_err(path))?;
+        bytes += n as u64;
+    }
+    f.sync_all().map_err(io_err(path))?;
+    Ok((Sha256Digest::finish(hasher), bytes))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {

@@ -62,14 +62,22 @@ pub async fn read_exact(
     })
 }
 
+/// How much of a frame's body is read (and allocated) at a time: a peer
+/// that announces a long frame and stalls holds only what it sent.
+const BODY_STEP: usize = 64 * 1024;
+
 /// Reads one control message frame, refusing an oversized length before
-/// reading the body.
+/// reading the body, and growing the body only as its bytes arrive.
 pub async fn read_message(recv: &mut RecvStream) -> Result<Message, ReadError> {
     let mut header = [0u8; wire::HEADER_LEN];
     read_exact(recv, &mut header, false).await?;
     let len = wire::body_len(header, wire::MAX_FRAME)?;
-    let mut body = vec![0u8; len];
-    read_exact(recv, &mut body, true).await?;
+    let mut body = Vec::with_capacity(len.min(BODY_STEP));
+    while body.len() < len {
+        let start = body.len();
+        body.resize(start + (len - start).min(BODY_STEP), 0);
+        read_exact(recv, &mut body[start..], true).await?;
+    }
     Ok(wire::decode(&body)?)
 }
 

@@ -11,6 +11,7 @@
 //! DIR/orchestrator.toml  settings: the repositories' trust policy
 //! ```
 
+pub mod limits;
 pub mod matcher;
 pub mod pki;
 pub mod server;
@@ -25,6 +26,7 @@ use reprise_protocol::policy::{self, OrchestratorSettings};
 use reprise_protocol::wire::{OrchestratorConfig, STATE_VERSION, StateEvent};
 use thiserror::Error;
 
+pub use crate::limits::Limits;
 use crate::pki::{CaPem, LeafKind, PkiError};
 use crate::state::{State, StateError};
 
@@ -188,15 +190,23 @@ impl Folder {
             state: self.state()?,
             policy: self.settings()?.policy,
             client_ca: pki::certs(&self.ca_pem()?)?,
+            limits: Limits::default(),
         })
     }
 
-    /// The QUIC server configuration (mTLS against the configured CA).
+    /// The QUIC server configuration (mTLS against the configured CA),
+    /// with the default limits.
     pub fn server_config(&self) -> Result<quinn::ServerConfig, FolderError> {
+        self.server_config_with(&Limits::default())
+    }
+
+    /// The QUIC server configuration, its transport bounded by `limits`.
+    pub fn server_config_with(&self, limits: &Limits) -> Result<quinn::ServerConfig, FolderError> {
         Ok(pki::server_config(
             &self.read(&self.config.client_ca)?,
             &self.read(&self.config.server_cert)?,
             &self.read(&self.config.server_key)?,
+            limits.transport(),
         )?)
     }
 

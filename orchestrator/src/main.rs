@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use reprise_orchestrator::{Folder, server};
+use reprise_orchestrator::{Folder, Limits, limits, server};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,6 +37,8 @@ enum Command {
         dir: PathBuf,
         #[arg(long, default_value = "127.0.0.1:4433")]
         listen: SocketAddr,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Issue a client certificate to an executor.
     Issue {
@@ -61,6 +63,43 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+}
+
+/// What one executor may take of the service (ARCHITECTURE.md lists them).
+#[derive(Debug, clap::Args)]
+struct LimitArgs {
+    /// Largest result relayed, output record and artifacts together
+    /// (bytes, or with K, M, G, T).
+    #[arg(long, value_parser = limits::parse_size, default_value = "4G")]
+    max_transfer: u64,
+    /// Connections one identity may have open at once.
+    #[arg(long, default_value_t = Limits::default().connections_per_identity)]
+    max_connections: usize,
+    /// Requests open at once on one connection.
+    #[arg(long, default_value_t = Limits::default().streams_per_connection)]
+    max_streams: u32,
+    /// Results one identity may have indexed, over all its connections.
+    #[arg(long, default_value_t = Limits::default().announced_per_identity)]
+    max_announced: usize,
+    /// How long a request stream may take to deliver its request.
+    #[arg(long, value_parser = limits::parse_duration, default_value = "10s")]
+    request_timeout: std::time::Duration,
+    /// How long a relayed transfer may go without a byte from its holder.
+    #[arg(long, value_parser = limits::parse_duration, default_value = "30s")]
+    transfer_idle_timeout: std::time::Duration,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            request_timeout: self.request_timeout,
+            transfer_idle: self.transfer_idle_timeout,
+            streams_per_connection: self.max_streams.max(1),
+            connections_per_identity: self.max_connections.max(1),
+            announced_per_identity: self.max_announced,
+            max_transfer: self.max_transfer,
+        }
+    }
 }
 
 fn main() {
@@ -104,14 +143,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 server::REVOCATION_SWEEP.as_secs()
             );
         }
-        Command::Serve { dir, listen } => {
+        Command::Serve {
+            dir,
+            listen,
+            limits,
+        } => {
+            let limits = limits.limits();
             let folder = Folder::open(&dir)?;
             let config = folder
-                .server_config()
+                .server_config_with(&limits)
                 .context("while loading the certificates")?;
-            let service = folder
+            let mut service = folder
                 .service()
                 .context("while reading the state log, the settings and the CA")?;
+            service.limits = limits;
             let rt = tokio::runtime::Runtime::new().context("while starting the runtime")?;
             rt.block_on(async {
                 let endpoint = quinn::Endpoint::server(config, listen)

@@ -140,15 +140,34 @@ pub fn counts(
 }
 
 /// The index of connected executors and what they hold.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Matcher {
     conns: BTreeMap<ConnId, Grant>,
     held: BTreeMap<Held, Vec<Claim>>,
+    /// Claims indexed per identity, over all its connections.
+    per_identity: BTreeMap<String, usize>,
+    /// The most claims one identity may have indexed.
+    cap: usize,
+}
+
+/// Why an announced result was not indexed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotIndexed {
+    /// The executor's certificate does not grant the repository.
+    NotGranted,
+    /// The identity has `cap` results indexed already.
+    Full { identity: String, cap: usize },
 }
 
 impl Matcher {
-    pub fn new() -> Matcher {
-        Matcher::default()
+    /// An empty index that keeps at most `cap` results per identity.
+    pub fn new(cap: usize) -> Matcher {
+        Matcher {
+            conns: BTreeMap::new(),
+            held: BTreeMap::new(),
+            per_identity: BTreeMap::new(),
+            cap,
+        }
     }
 
     /// An executor connected with `grant`.
@@ -158,11 +177,27 @@ impl Matcher {
 
     /// An executor went away: it serves nothing any more.
     pub fn disconnect(&mut self, conn: ConnId) {
-        self.conns.remove(&conn);
+        let Some(grant) = self.conns.remove(&conn) else {
+            return;
+        };
+        let mut dropped = 0;
         self.held.retain(|_, claims| {
+            let before = claims.len();
             claims.retain(|c| c.conn != conn);
+            dropped += before - claims.len();
             !claims.is_empty()
         });
+        if let Some(n) = self.per_identity.get_mut(&grant.name) {
+            *n = n.saturating_sub(dropped);
+            if *n == 0 {
+                self.per_identity.remove(&grant.name);
+            }
+        }
+    }
+
+    /// How many results `identity` has indexed.
+    pub fn indexed_by(&self, identity: &str) -> usize {
+        self.per_identity.get(identity).copied().unwrap_or(0)
     }
 
     /// Whether `conn`'s grant lets it read and announce `namespace`.
@@ -172,17 +207,35 @@ impl Matcher {
             .is_some_and(|g| g.repos.contains(namespace))
     }
 
-    /// An executor announced a verified result. Refused (false) for a
-    /// repository it was not granted.
-    pub fn announce(&mut self, held: Held, claim: Claim) -> bool {
+    /// An executor announced a verified result. Refused for a repository
+    /// it was not granted, and once its identity has the most results
+    /// indexed that one identity may have.
+    pub fn announce(&mut self, held: Held, claim: Claim) -> Result<(), NotIndexed> {
         if !self.grants(claim.conn, &held.namespace) {
-            return false;
+            return Err(NotIndexed::NotGranted);
+        }
+        let identity = self.conns[&claim.conn].name.clone();
+        let same = |c: &Claim| c.conn == claim.conn && c.producer == claim.producer;
+        // One claim per connection and producer: the newest replaces the
+        // older, which costs nothing more.
+        let replaces = self
+            .held
+            .get(&held)
+            .is_some_and(|claims| claims.iter().any(same));
+        let count = self.per_identity.entry(identity.clone()).or_insert(0);
+        if !replaces {
+            if *count >= self.cap {
+                return Err(NotIndexed::Full {
+                    identity,
+                    cap: self.cap,
+                });
+            }
+            *count += 1;
         }
         let claims = self.held.entry(held).or_default();
-        // One claim per connection and producer: the newest.
-        claims.retain(|c| !(c.conn == claim.conn && c.producer == claim.producer));
+        claims.retain(|c| !same(c));
         claims.push(claim);
-        true
+        Ok(())
     }
 
     /// What `asker` is told about `wanted`.
@@ -333,7 +386,7 @@ mod tests {
     }
 
     fn team() -> Matcher {
-        let mut m = Matcher::new();
+        let mut m = Matcher::new(1000);
         m.connect(1, grant("ci", &["a", "b"], true));
         m.connect(2, grant("laptop", &["a"], false));
         m.connect(3, grant("asker", &["a"], false));
@@ -351,18 +404,24 @@ mod tests {
     fn lookups_follow_grants_and_the_producers_trust() {
         let mut m = team();
         let policy = RepoPolicy::default();
-        assert!(m.announce(held("k1", "a"), claim(1, "ci", "out")));
-        assert!(m.announce(held("k2", "b"), claim(1, "ci", "out")));
+        assert!(m.announce(held("k1", "a"), claim(1, "ci", "out")).is_ok());
+        assert!(m.announce(held("k2", "b"), claim(1, "ci", "out")).is_ok());
         // The laptop is not trusted: its own result is indexed, never offered.
-        assert!(m.announce(held("k3", "a"), claim(2, "laptop", "out")));
-        // ...but a trusted producer's result it relays is.
-        assert!(m.announce(held("k4", "a"), claim(2, "ci", "out")));
-        // Revoked, unknown and expired producers, relayed by the laptop.
-        assert!(m.announce(held("k5", "a"), claim(2, "gone", "out")));
-        assert!(m.announce(held("k6", "a"), claim(2, "stranger", "out")));
-        assert!(m.announce(held("k7", "a"), claim(2, "old", "out")));
         assert!(
-            !m.announce(held("k9", "z"), claim(2, "ci", "out")),
+            m.announce(held("k3", "a"), claim(2, "laptop", "out"))
+                .is_ok()
+        );
+        // ...but a trusted producer's result it relays is.
+        assert!(m.announce(held("k4", "a"), claim(2, "ci", "out")).is_ok());
+        // Revoked, unknown and expired producers, relayed by the laptop.
+        assert!(m.announce(held("k5", "a"), claim(2, "gone", "out")).is_ok());
+        assert!(
+            m.announce(held("k6", "a"), claim(2, "stranger", "out"))
+                .is_ok()
+        );
+        assert!(m.announce(held("k7", "a"), claim(2, "old", "out")).is_ok());
+        assert!(
+            m.announce(held("k9", "z"), claim(2, "ci", "out")) == Err(NotIndexed::NotGranted),
             "z is not granted to 2"
         );
         type Case<'a> = (&'a str, ConnId, Held, Box<dyn Fn(&Decision) -> bool>);
@@ -450,8 +509,10 @@ mod tests {
         stale.snapshot = Snapshot::Generation(fp("gen"));
         let mut networked = claim(1, "ci", "out");
         networked.network = true;
-        m.announce(held("stale", "a"), stale.clone());
-        m.announce(held("net", "a"), networked.clone());
+        m.announce(held("stale", "a"), stale.clone())
+            .expect("indexed");
+        m.announce(held("net", "a"), networked.clone())
+            .expect("indexed");
         let default = RepoPolicy::default();
         let fresh = RepoPolicy {
             require_fresh: true,
@@ -494,16 +555,19 @@ mod tests {
         let mut m = team();
         m.connect(5, grant("ci2", &["a"], true));
         let k = held("k", "a");
-        m.announce(k.clone(), claim(1, "ci", "out-1"));
+        m.announce(k.clone(), claim(1, "ci", "out-1"))
+            .expect("indexed");
         // The same result from a second producer agrees: no conflict.
-        m.announce(k.clone(), claim(5, "ci2", "out-1"));
+        m.announce(k.clone(), claim(5, "ci2", "out-1"))
+            .expect("indexed");
         let policy = RepoPolicy::default();
         assert!(matches!(
             m.lookup(3, &k, &trust, &policy, NOW),
             Decision::Offer { .. }
         ));
         // Other artifacts from ci2: neither counts.
-        m.announce(k.clone(), claim(5, "ci2", "out-2"));
+        m.announce(k.clone(), claim(5, "ci2", "out-2"))
+            .expect("indexed");
         assert_eq!(
             m.lookup(3, &k, &trust, &policy, NOW),
             Decision::Conflict {
@@ -511,7 +575,8 @@ mod tests {
             }
         );
         // An untrusted producer's disagreement does not count.
-        m.announce(k.clone(), claim(2, "laptop", "out-3"));
+        m.announce(k.clone(), claim(2, "laptop", "out-3"))
+            .expect("indexed");
         let prefer = RepoPolicy {
             prefer: vec!["ci2".into()],
             ..RepoPolicy::default()
@@ -521,8 +586,10 @@ mod tests {
         assert!(matches!(&got, Decision::Offer { counts, .. } if counts.contains("prefers")));
         // A trusted producer whose run failed disagrees on the outcome.
         let k2 = held("k2", "a");
-        m.announce(k2.clone(), claim(1, "ci", "out"));
-        m.announce(k2.clone(), claim(5, "ci2", "failed"));
+        m.announce(k2.clone(), claim(1, "ci", "out"))
+            .expect("indexed");
+        m.announce(k2.clone(), claim(5, "ci2", "failed"))
+            .expect("indexed");
         assert!(matches!(
             m.lookup(3, &k2, &trust, &policy, NOW),
             Decision::Conflict { .. }
@@ -539,8 +606,10 @@ mod tests {
         let mut m = team();
         m.connect(5, grant("ci2", &["a"], true));
         let k = held("k", "a");
-        m.announce(k.clone(), claim(1, "ci", "out"));
-        m.announce(k.clone(), claim(5, "ci", "out"));
+        m.announce(k.clone(), claim(1, "ci", "out"))
+            .expect("indexed");
+        m.announce(k.clone(), claim(5, "ci", "out"))
+            .expect("indexed");
         let policy = RepoPolicy::default();
         assert!(
             offer(5, "ci")(&m.lookup(3, &k, &trust, &policy, NOW)),
@@ -551,6 +620,42 @@ mod tests {
         m.disconnect(1);
         assert_eq!(m.lookup(3, &k, &trust, &policy, NOW), Decision::NotFound);
         assert_eq!(m.connected(), 3);
-        assert!(!m.announce(k, claim(1, "ci", "out")), "gone");
+        assert!(m.announce(k, claim(1, "ci", "out")).is_err(), "gone");
+    }
+
+    #[test]
+    fn an_identity_indexes_at_most_its_cap_over_all_its_connections() {
+        let mut m = Matcher::new(3);
+        m.connect(1, grant("ci", &["a"], true));
+        m.connect(2, grant("ci", &["a"], true));
+        m.connect(3, grant("ci2", &["a"], true));
+        m.announce(held("k1", "a"), claim(1, "ci", "out"))
+            .expect("1");
+        m.announce(held("k2", "a"), claim(1, "ci", "out"))
+            .expect("2");
+        // A newer claim on the same result replaces the older: no more room.
+        m.announce(held("k2", "a"), claim(1, "ci", "out-2"))
+            .expect("again");
+        m.announce(held("k3", "a"), claim(2, "ci", "out"))
+            .expect("3");
+        assert_eq!(m.indexed_by("ci"), 3);
+        assert_eq!(
+            m.announce(held("k4", "a"), claim(2, "ci", "out")),
+            Err(NotIndexed::Full {
+                identity: "ci".into(),
+                cap: 3
+            }),
+            "the cap counts every connection of the identity"
+        );
+        // Another identity has its own room.
+        m.announce(held("k4", "a"), claim(3, "ci2", "out"))
+            .expect("other");
+        // A connection that goes frees what it held.
+        m.disconnect(1);
+        assert_eq!(m.indexed_by("ci"), 1);
+        m.announce(held("k5", "a"), claim(2, "ci", "out"))
+            .expect("room again");
+        m.disconnect(2);
+        assert_eq!(m.indexed_by("ci"), 0);
     }
 }

@@ -145,11 +145,12 @@ pub fn private_key(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
 /// The QUIC server configuration: TLS 1.3 only, ALPN `reprise/1`, a client
 /// certificate chained to `client_ca_pem` required. 0-RTT is not enabled
 /// (rustls's `max_early_data_size` stays 0), so no message is ever taken
-/// from early data.
+/// from early data. `transport` bounds what a connection may hold.
 pub fn server_config(
     client_ca_pem: &str,
     cert_pem: &str,
     key_pem: &str,
+    transport: quinn::TransportConfig,
 ) -> Result<quinn::ServerConfig, PkiError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -169,18 +170,8 @@ pub fn server_config(
     debug_assert_eq!(tls.max_early_data_size, 0, "no 0-RTT");
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport()));
+    config.transport_config(Arc::new(transport));
     Ok(config)
-}
-
-/// Transport settings: a dead peer is noticed within ten seconds.
-pub fn transport() -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(10)).expect("in range"),
-    ));
-    t.keep_alive_interval(Some(std::time::Duration::from_secs(3)));
-    t
 }
 
 #[cfg(test)]

@@ -28,9 +28,11 @@ use reprise_protocol::seal::{SealError, SignedBy};
 use reprise_protocol::wire::{ErrorCode, Held, Message, Sealed, StateEvent};
 use rustls::pki_types::{CertificateDer, UnixTime};
 use thiserror::Error;
+use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::matcher::{Claim, ConnId, Decision, Matcher};
+use crate::limits::Limits;
+use crate::matcher::{Claim, ConnId, Decision, Matcher, NotIndexed};
 use crate::state::{Admission, Grant, State, now_secs};
 
 /// Connection close codes.
@@ -43,9 +45,12 @@ pub mod close {
     pub const REVOKED: u32 = 2;
     /// The executor broke the protocol (no `Hello`, bad frame, version).
     pub const PROTOCOL: u32 = 3;
+    /// The identity has as many connections open as it may.
+    pub const LIMIT: u32 = 4;
 }
 
 pub use reprise_frames::{ReadError, WriteError, read_message, write_message};
+use reprise_frames::{read_chunk, write_chunk};
 
 /// Why the service stopped.
 #[derive(Debug, Error)]
@@ -64,6 +69,7 @@ pub struct Service {
     pub state: State,
     pub policy: PolicyConfig,
     pub client_ca: Vec<CertificateDer<'static>>,
+    pub limits: Limits,
 }
 
 struct Shared {
@@ -73,16 +79,18 @@ struct Shared {
     state: Mutex<State>,
     policy: PolicyConfig,
     client_ca: Vec<CertificateDer<'static>>,
+    limits: Limits,
     matcher: Mutex<Matcher>,
     conns: Mutex<BTreeMap<ConnId, Live>>,
     /// Conflicts already written to the audit log: (result, producers).
     logged_conflicts: Mutex<std::collections::BTreeSet<(Held, Vec<String>)>>,
 }
 
-/// A connected executor: its connection and its certificate's sha256, by
-/// which a later revocation finds it.
+/// A connected executor: its connection, its identity, and its
+/// certificate's sha256, by which a later revocation finds it.
 struct Live {
     conn: Connection,
+    identity: String,
     cert_sha256: Option<Sha256Digest>,
 }
 
@@ -206,8 +214,9 @@ pub async fn run(
         next_id: std::sync::atomic::AtomicUsize::new(1),
         state: Mutex::new(service.state),
         policy: service.policy,
+        matcher: Mutex::new(Matcher::new(service.limits.announced_per_identity)),
         client_ca: service.client_ca,
-        matcher: Mutex::new(Matcher::new()),
+        limits: service.limits,
         conns: Mutex::new(BTreeMap::new()),
         logged_conflicts: Mutex::new(Default::default()),
     });
@@ -288,6 +297,37 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
     };
     let span = info_span!("executor", name = %grant.name, id);
     async {
+        // A place among the identity's connections, taken before Hello so
+        // that the count and the insert are one step.
+        let full = {
+            let mut conns = shared.conns.lock().expect("conns");
+            let open = conns.values().filter(|l| l.identity == grant.name).count();
+            let full = open >= shared.limits.connections_per_identity;
+            if !full {
+                conns.insert(
+                    id,
+                    Live {
+                        conn: conn.clone(),
+                        identity: grant.name.clone(),
+                        cert_sha256,
+                    },
+                );
+            }
+            full
+        };
+        if full {
+            let cap = shared.limits.connections_per_identity;
+            warn!(cap, "refused: the identity has as many connections open as it may");
+            conn.close(
+                VarInt::from_u32(close::LIMIT),
+                format!(
+                    "{} has {cap} connections open, the most this orchestrator allows one identity (serve --max-connections)",
+                    grant.name
+                )
+                .as_bytes(),
+            );
+            return;
+        }
         let revoked: Vec<Sha256Digest> = shared
             .state
             .lock()
@@ -299,31 +339,43 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
         if let Err(reason) = said.unwrap_or_else(|_| Err("no hello in time".into())) {
             info!("refused: {reason}");
             conn.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
+            shared.conns.lock().expect("conns").remove(&id);
             return;
         }
-        let live = Live {
-            conn: conn.clone(),
-            cert_sha256,
-        };
-        shared.conns.lock().expect("conns").insert(id, live);
         shared
             .matcher
             .lock()
             .expect("matcher")
             .connect(id, grant.clone());
         info!("connected");
+        let open = Arc::new(Semaphore::new(shared.limits.streams_per_connection as usize));
+        let mut over_limit = 0u64;
         loop {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {
+                    let Ok(permit) = open.clone().try_acquire_owned() else {
+                        if over_limit == 0 {
+                            warn!(
+                                cap = shared.limits.streams_per_connection,
+                                "refusing requests over the open-request limit of a connection"
+                            );
+                        }
+                        over_limit += 1;
+                        tokio::spawn(refuse_over_limit(send, recv, shared.limits.streams_per_connection));
+                        continue;
+                    };
                     let shared = shared.clone();
                     let grant = grant.clone();
                     tokio::spawn(
-                        async move { request(shared, id, &grant, send, recv).await }
-                            .in_current_span(),
+                        async move {
+                            request(shared, id, &grant, send, recv).await;
+                            drop(permit);
+                        }
+                        .in_current_span(),
                     );
                 }
                 Err(e) => {
-                    info!("disconnected: {e}");
+                    info!(refused_over_limit = over_limit, "disconnected: {e}");
                     break;
                 }
             }
@@ -366,6 +418,19 @@ async fn hello(conn: &Connection, grant: &Grant, revoked: Vec<Sha256Digest>) -> 
     }
 }
 
+/// Answers a request stream over the connection's limit of open requests.
+async fn refuse_over_limit(mut send: SendStream, mut recv: RecvStream, cap: u32) {
+    let m = Message::error(
+        ErrorCode::Limit,
+        format!(
+            "this connection has {cap} requests open, the most this orchestrator allows (serve --max-streams); wait for one to finish"
+        ),
+    );
+    let _ = recv.stop(VarInt::from_u32(0));
+    let _ = write_message(&mut send, &m).await;
+    let _ = send.finish();
+}
+
 async fn request(
     shared: Arc<Shared>,
     id: ConnId,
@@ -373,9 +438,27 @@ async fn request(
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
-    let message = match read_message(&mut recv).await {
-        Ok(m) => m,
-        Err(e) => {
+    let deadline = shared.limits.request_timeout;
+    let message = match tokio::time::timeout(deadline, read_message(&mut recv)).await {
+        Err(_) => {
+            info!(
+                after_secs = deadline.as_secs(),
+                "request stream timed out before its request arrived"
+            );
+            let m = Message::error(
+                ErrorCode::TimedOut,
+                format!(
+                    "no whole request within {}s (serve --request-timeout)",
+                    deadline.as_secs()
+                ),
+            );
+            let _ = recv.stop(VarInt::from_u32(0));
+            let _ = write_message(&mut send, &m).await;
+            let _ = send.finish();
+            return;
+        }
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
             debug!("bad request: {e}");
             if let Some(refusal) = e.refusal() {
                 let _ = write_message(&mut send, &refusal).await;
@@ -388,17 +471,26 @@ async fn request(
         Message::Announce { results } => {
             let (mut accepted, mut refused) = (0u32, 0u32);
             let mut indexed = Vec::new();
+            let mut full = None;
             for sealed in &results {
                 let held = sealed.held();
                 let claim = shared
                     .verify(sealed)
                     .map(|who| Claim::of(id, who.fingerprint, sealed));
                 let ok = match claim {
-                    Ok(claim) => shared
+                    Ok(claim) => match shared
                         .matcher
                         .lock()
                         .expect("matcher")
-                        .announce(held.clone(), claim),
+                        .announce(held.clone(), claim)
+                    {
+                        Ok(()) => true,
+                        Err(NotIndexed::NotGranted) => false,
+                        Err(NotIndexed::Full { identity, cap }) => {
+                            full = Some((identity, cap));
+                            false
+                        }
+                    },
                     Err(why) => {
                         debug!(key = %held.key, "announce refused: {why}");
                         false
@@ -414,14 +506,33 @@ async fn request(
             for held in &indexed {
                 shared.note_conflict(held);
             }
-            if refused > 0 {
-                info!(
-                    accepted,
-                    refused, "announce: results refused (seal, manifest or repository not granted)"
-                );
-            }
             debug!(accepted, refused, "announce");
-            Message::Announced { accepted, refused }
+            match full {
+                Some((identity, cap)) => {
+                    warn!(
+                        accepted,
+                        refused,
+                        cap,
+                        "announce: the identity has as many results indexed as it may"
+                    );
+                    Message::error(
+                        ErrorCode::Limit,
+                        format!(
+                            "{identity} has {cap} results indexed, the most this orchestrator keeps for one identity (serve --max-announced); {accepted} of this announce indexed, {refused} refused"
+                        ),
+                    )
+                }
+                None => {
+                    if refused > 0 {
+                        info!(
+                            accepted,
+                            refused,
+                            "announce: results refused (seal, manifest or repository not granted)"
+                        );
+                    }
+                    Message::Announced { accepted, refused }
+                }
+            }
         }
         Message::Lookup { key, namespace } => {
             let wanted = Held { key, namespace };
@@ -560,6 +671,12 @@ async fn relay(shared: &Shared, asker: ConnId, grant: &Grant, wanted: Held, mut 
             let _ = write_message(&mut send, &m).await;
             let _ = send.finish();
         }
+        Err(PipeError::TooLarge(reason)) => {
+            warn!(producer = %producer_name, "not relayed: {reason}");
+            let m = Message::error(ErrorCode::Limit, reason);
+            let _ = write_message(&mut send, &m).await;
+            let _ = send.finish();
+        }
         Err(PipeError::Midway(reason)) => {
             // The asker must not take a partial result for a whole one.
             warn!(producer = %producer_name, "transfer broke off: {reason}");
@@ -577,6 +694,8 @@ struct Expected<'a> {
 
 enum PipeError {
     BeforeData(String),
+    /// The result is over the transfer limit.
+    TooLarge(String),
     Midway(String),
 }
 
@@ -599,8 +718,12 @@ async fn pipe(
         .await
         .map_err(|e| before(&e))?;
     let _ = psend.finish();
-    let header = read_message(&mut precv).await.map_err(|e| before(&e))?;
-    match &header {
+    let idle = shared.limits.transfer_idle;
+    let header = tokio::time::timeout(idle, read_message(&mut precv))
+        .await
+        .map_err(|_| PipeError::BeforeData(format!("no answer within {}s", idle.as_secs())))?
+        .map_err(|e| before(&e))?;
+    let parts = match &header {
         Message::Transfer(t) => {
             if t.held() != *expected.held {
                 return Err(PipeError::BeforeData("sent another result".into()));
@@ -613,18 +736,57 @@ async fn pipe(
                     "sent a result other than the one it announced".into(),
                 ));
             }
+            let parts: Vec<u64> = t.parts().iter().map(|(_, bytes, _)| *bytes).collect();
+            let total = parts.iter().fold(0u64, |a, b| a.saturating_add(*b));
+            let max = shared.limits.max_transfer;
+            if total > max {
+                return Err(PipeError::TooLarge(format!(
+                    "the result is {total} bytes, over this orchestrator's limit of {max} (serve --max-transfer)"
+                )));
+            }
+            parts
         }
         Message::Error { message, .. } => return Err(PipeError::BeforeData(message.clone())),
         other => {
             return Err(PipeError::BeforeData(format!("answered {}", tag(other))));
         }
-    }
+    };
     write_message(send, &header)
         .await
         .map_err(|e| PipeError::Midway(e.to_string()))?;
-    tokio::io::copy(&mut precv, send)
-        .await
-        .map_err(|e| PipeError::Midway(e.to_string()))?;
+    // The parts, chunk by chunk: each chunk within what its part has left,
+    // none slower to come than the idle limit; nothing past the last part.
+    let midway = |e: &dyn std::fmt::Display| PipeError::Midway(e.to_string());
+    let mut buf = Vec::new();
+    for mut left in parts {
+        while left > 0 {
+            tokio::time::timeout(idle, read_chunk(&mut precv, left, &mut buf))
+                .await
+                .map_err(|_| {
+                    PipeError::Midway(format!("the holder sent nothing for {}s", idle.as_secs()))
+                })?
+                .map_err(|e| midway(&e))?;
+            write_chunk(send, &buf).await.map_err(|e| midway(&e))?;
+            left -= buf.len() as u64;
+        }
+    }
+    // ... and then the end of the stream: trailing bytes mean a broken
+    // holder, whose transfer the asker must not take.
+    let mut probe = [0u8; 1];
+    match tokio::time::timeout(idle, precv.read(&mut probe)).await {
+        Ok(Ok(None)) => {}
+        Ok(Ok(Some(_))) => {
+            return Err(PipeError::Midway(
+                "the holder sent more than the result's parts".into(),
+            ));
+        }
+        Ok(Err(e)) => return Err(midway(&e)),
+        Err(_) => {
+            return Err(PipeError::Midway(
+                "the holder did not end the transfer".into(),
+            ));
+        }
+    }
     let relayer = peer_cert(conn)
         .map(|c| Sha256Digest::of(c.as_ref()))
         .and_then(|fp| match shared.state.lock().expect("state").admit(&fp) {

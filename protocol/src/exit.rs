@@ -23,3 +23,5 @@ pub const TIMEOUT: i32 = 7;
 pub const STORE_FULL: i32 = 8;
 /// Interrupted (SIGINT/SIGTERM); nothing was committed.
 pub const INTERRUPTED: i32 = 130;
+/// `reprise results verify` found damaged results and quarantined them.
+pub const DAMAGED: i32 = 9;

@@ -210,7 +210,54 @@ pub enum ManifestError {
     Mode { path: ArtifactPath, mode: u32 },
 }
 
+/// Largest output record a result may have.
+pub const MAX_RECORD_BYTES: u64 = 256 << 20;
+/// Largest artifact a result may have.
+pub const MAX_ARTIFACT_BYTES: u64 = 4 << 30;
+/// Largest result: output record and artifacts together.
+pub const MAX_RESULT_BYTES: u64 = 8 << 30;
+
+/// A part of a result over its size limit.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("the {part} is {found} bytes, over the limit of {max}")]
+pub struct Oversize {
+    pub part: String,
+    pub found: u64,
+    pub max: u64,
+}
+
+/// Checks sizes against the limits: the record, each artifact (`(path,
+/// bytes)`), then their total.
+pub fn check_sizes<'a>(
+    record: u64,
+    artifacts: impl IntoIterator<Item = (&'a str, u64)>,
+) -> Result<(), Oversize> {
+    let over = |part: String, found, max| Err(Oversize { part, found, max });
+    if record > MAX_RECORD_BYTES {
+        return over("output record".into(), record, MAX_RECORD_BYTES);
+    }
+    let mut total = record;
+    for (path, bytes) in artifacts {
+        if bytes > MAX_ARTIFACT_BYTES {
+            return over(format!("artifact {path}"), bytes, MAX_ARTIFACT_BYTES);
+        }
+        total = total.saturating_add(bytes);
+    }
+    if total > MAX_RESULT_BYTES {
+        return over("result".into(), total, MAX_RESULT_BYTES);
+    }
+    Ok(())
+}
+
 impl ResultManifest {
+    /// Whether the record and artifacts the manifest lists fit the limits.
+    pub fn check_sizes(&self) -> Result<(), Oversize> {
+        check_sizes(
+            self.output_bytes,
+            self.artifacts.iter().map(|a| (a.path.as_str(), a.bytes)),
+        )
+    }
+
     /// Checks what the types alone do not: the version, that the key is
     /// the key of the inputs, and that the artifacts can all be written
     /// (no path twice, no file that is another's folder, no special bits).
@@ -430,5 +477,20 @@ pub(crate) mod tests {
             change(&mut m);
             assert_ne!(m.outputs_digest(), base, "change {n}");
         }
+    }
+
+    #[test]
+    fn sizes_over_the_limits_are_named() {
+        assert_eq!(check_sizes(10, [("a", 20)]), Ok(()));
+        let err = check_sizes(MAX_RECORD_BYTES + 1, []).unwrap_err();
+        assert_eq!(err.part, "output record");
+        let err = check_sizes(0, [("big.bin", MAX_ARTIFACT_BYTES + 1)]).unwrap_err();
+        assert_eq!(err.part, "artifact big.bin");
+        let err =
+            check_sizes(1, [("a", MAX_ARTIFACT_BYTES), ("b", MAX_ARTIFACT_BYTES)]).unwrap_err();
+        assert_eq!(
+            (err.part.as_str(), err.found),
+            ("result", MAX_RESULT_BYTES + 1)
+        );
     }
 }

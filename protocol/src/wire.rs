@@ -62,6 +62,12 @@ pub enum ErrorCode {
     Unavailable,
     /// The result is not (or no longer) held.
     NotFound,
+    /// A limit of the service was reached (open requests, connections or
+    /// announced results of an identity, a transfer's size); the message
+    /// names it.
+    Limit,
+    /// The request did not arrive in time.
+    TimedOut,
     /// A code from a newer peer.
     #[serde(other)]
     Other,

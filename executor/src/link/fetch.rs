@@ -6,8 +6,8 @@
 //! manifest's own consistency ([`ResultManifest::check`]: its key is its
 //! inputs' key, artifact paths are plain relative paths, no file twice);
 //! the manifest is for the key asked and its inputs are the ones this
-//! checkout computed; the result passed; the output record's size is under
-//! the limit; the output record's and every artifact's sha256 and size
+//! checkout computed; the result passed; the record's and artifacts' sizes are
+//! under the limits ([`ResultManifest::check_sizes`]); the output record's and every artifact's sha256 and size
 //! while they stream; nothing follows the last artifact. Everything is
 //! staged in the store's `tmp/` and committed with
 //! [`Store::commit_received`] only at the end, so a failure anywhere leaves
@@ -21,7 +21,7 @@ use quinn::RecvStream;
 use reprise_frames::{ChunkError, ReadError, read_chunk};
 use reprise_protocol::digest::{RunKey, Sha256Digest};
 use reprise_protocol::key::KeyInputs;
-use reprise_protocol::manifest::{ManifestError, Outcome};
+use reprise_protocol::manifest::{ManifestError, Outcome, Oversize};
 use reprise_protocol::seal::{SealError, SignedBy};
 use reprise_protocol::wire::Sealed;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -31,9 +31,6 @@ use thiserror::Error;
 use super::LinkError;
 use crate::beneath::{Beneath, BeneathError};
 use crate::store::{Store, StoreError, StoredResult};
-
-/// Largest output record a fetch accepts (it is held in memory to commit).
-pub const MAX_RECORD: u64 = 256 << 20;
 
 /// Why a fetched result was not committed. Whatever the reason, nothing
 /// was committed and the caller runs the tests for real.
@@ -55,8 +52,8 @@ pub enum FetchError {
     InputsDiffer(String),
     #[error("the producer sent a result that did not pass")]
     NotPassed,
-    #[error("the {part} of the result is {found} bytes or more, over the limit of {max}")]
-    TooLarge { part: String, found: u64, max: u64 },
+    #[error(transparent)]
+    TooLarge(#[from] Oversize),
     #[error("the {part} does not match its manifest (sha256 {found}, expected {expected})")]
     Digest {
         part: String,
@@ -73,6 +70,8 @@ pub enum FetchError {
     BadChunk(usize),
     #[error("the producer sent data after the last artifact")]
     TrailingData,
+    #[error("the disk is full: staging the fetched result in {} failed (free some space: `reprise results gc`, `reprise cache drop`)", .0.display())]
+    DiskFull(PathBuf),
     #[error("staging the fetched result in {}", path.display())]
     Io {
         path: PathBuf,
@@ -83,6 +82,25 @@ pub enum FetchError {
     Stage(#[from] BeneathError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl FetchError {
+    /// Whether the disk ran out of space somewhere beneath this error.
+    fn is_disk_full(&self) -> bool {
+        if matches!(self, FetchError::Store(StoreError::Full(_))) {
+            return true;
+        }
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = next {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && io.raw_os_error() == Some(nix::libc::ENOSPC)
+            {
+                return true;
+            }
+            next = e.source();
+        }
+        false
+    }
 }
 
 /// Checks a transfer header before any data is read: the producer's seal,
@@ -113,13 +131,7 @@ pub fn check_transfer(
     if m.outcome != Outcome::Passed {
         return Err(FetchError::NotPassed);
     }
-    if m.output_bytes > MAX_RECORD {
-        return Err(FetchError::TooLarge {
-            part: "output record".into(),
-            found: m.output_bytes,
-            max: MAX_RECORD,
-        });
-    }
+    m.check_sizes()?;
     Ok(who)
 }
 
@@ -130,9 +142,28 @@ pub(super) async fn receive(
     sealed: Sealed,
     store: &Store,
 ) -> Result<StoredResult, FetchError> {
+    receive_staged(recv, sealed, store).await.map_err(|e| {
+        if e.is_disk_full() {
+            FetchError::DiskFull(store.root().join("tmp"))
+        } else {
+            e
+        }
+    })
+}
+
+async fn receive_staged(
+    recv: &mut RecvStream,
+    sealed: Sealed,
+    store: &Store,
+) -> Result<StoredResult, FetchError> {
     let m = &sealed.manifest;
     let stage = store.stage("fetch-")?;
-    let mut record = Vec::with_capacity(m.output_bytes.min(1 << 20) as usize);
+    let record_path = stage.path().join("output.rec");
+    let io = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| FetchError::Io { path, source }
+    };
+    let mut record = std::fs::File::create(&record_path).map_err(io(&record_path))?;
     receive_part(
         recv,
         "output record",
@@ -141,6 +172,7 @@ pub(super) async fn receive(
         &mut record,
     )
     .await?;
+    record.sync_all().map_err(io(&record_path))?;
     let arts = stage.path().join("artifacts");
     let beneath = Beneath::open(&arts)?;
     for a in &m.artifacts {
@@ -164,7 +196,7 @@ pub(super) async fn receive(
             });
         }
     }
-    Ok(store.commit_received(stage, sealed, &record, &arts)?)
+    Ok(store.commit_received(stage, sealed, &arts)?)
 }
 
 async fn receive_part(
@@ -210,7 +242,7 @@ mod tests {
     use super::*;
     use crate::link::Credentials;
     use crate::store::Sealer;
-    use reprise_protocol::manifest::ResultManifest;
+    use reprise_protocol::manifest::{MAX_RECORD_BYTES, ResultManifest};
 
     /// A CA and credentials it issued, made with rcgen.
     fn team() -> (CertificateDer<'static>, Credentials) {
@@ -276,7 +308,7 @@ mod tests {
             }),
             ("huge record", {
                 let mut m = manifest();
-                m.output_bytes = MAX_RECORD + 1;
+                m.output_bytes = MAX_RECORD_BYTES + 1;
                 m
             }),
             ("another key", {

@@ -3,15 +3,18 @@
 //! key does not), the result is stored under that key, passed, sealed, of
 //! the namespace asked, and of a namespace this executor's certificate
 //! grants. Only such results are announced too (with the failed ones of
-//! granted namespaces, sealed, so a disagreement shows).
+//! granted namespaces, sealed, so a disagreement shows). A result whose
+//! record or artifact no longer matches its sha256 is quarantined, never
+//! sent whole.
 
 use std::path::PathBuf;
 
 use quinn::{RecvStream, SendStream};
 use reprise_frames::{ReadError, WriteError, read_message, write_chunk, write_message};
+use reprise_protocol::digest::Sha256Digest;
 use reprise_protocol::wire::{ErrorCode, MAX_CHUNK, Message, Sealed};
 use thiserror::Error;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::store::{Store, StoredResult};
 
@@ -22,16 +25,21 @@ pub fn transfer_files(store: &Store, stored: &StoredResult) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Writes a transfer: its header, then each file as chunk frames.
+/// Writes a transfer: its header, then each file as chunk frames, each
+/// hashed as it goes: a file that no longer matches its part's sha256
+/// stops the transfer before its end ([`ServeError::Damaged`]), so the
+/// asker never takes it.
 pub async fn write_transfer(
     send: &mut SendStream,
     transfer: &Sealed,
     files: &[PathBuf],
 ) -> Result<(), ServeError> {
+    use sha2::Digest;
     use tokio::io::AsyncReadExt;
     write_message(send, &Message::Transfer(Box::new(transfer.clone()))).await?;
     let mut buf = vec![0u8; MAX_CHUNK.min(256 << 10)];
-    for path in files {
+    for (path, (_, _, sha256)) in files.iter().zip(transfer.parts()) {
+        let mut hasher = sha2::Sha256::new();
         let mut f = tokio::fs::File::open(path)
             .await
             .map_err(|source| ServeError::Io {
@@ -46,10 +54,28 @@ pub async fn write_transfer(
             if n == 0 {
                 break;
             }
+            hasher.update(&buf[..n]);
             write_chunk(send, &buf[..n]).await?;
+        }
+        if Sha256Digest::finish(hasher) != sha256 {
+            return Err(ServeError::Damaged(path.clone()));
         }
     }
     Ok(())
+}
+
+/// Moves a result found damaged while serving aside, with a log line.
+fn quarantine(store: &Store, result: &StoredResult, why: &str) {
+    match store.quarantine(result, why) {
+        Ok(dest) => warn!(
+            key = %result.manifest.key,
+            "a damaged stored result was quarantined in {}: {why}",
+            dest.display()
+        ),
+        Err(e) => {
+            warn!(key = %result.manifest.key, "a damaged stored result could not be quarantined: {e}")
+        }
+    }
 }
 
 /// Why serving a result to a peer failed.
@@ -59,6 +85,8 @@ pub enum ServeError {
     Read(#[from] ReadError),
     #[error(transparent)]
     Write(#[from] WriteError),
+    #[error("{} no longer matches its sha256 in the store", .0.display())]
+    Damaged(PathBuf),
     #[error("reading {}", path.display())]
     Io {
         path: PathBuf,
@@ -94,15 +122,35 @@ pub(super) async fn serve_one(
         .get(&key)
         .filter(|_| granted)
         .filter(|r| r.manifest.inputs.namespace == namespace)
-        .filter(|r| crate::replay::verify(r).is_ok());
+        .filter(|r| match crate::replay::verify(r) {
+            Ok(()) => true,
+            Err(e) => {
+                quarantine(store, r, &e.to_string());
+                false
+            }
+        });
     let Some((stored, sealed)) = found.and_then(|r| r.sealed().map(|s| (r, s))) else {
         let m = Message::error(ErrorCode::NotFound, "the result is not held");
         write_message(&mut send, &m).await?;
         let _ = send.finish();
         return Ok(());
     };
-    write_transfer(&mut send, &sealed, &transfer_files(store, &stored)).await?;
-    let _ = send.finish();
-    debug!(key = %key, "served a result");
-    Ok(())
+    match write_transfer(&mut send, &sealed, &transfer_files(store, &stored)).await {
+        Ok(()) => {
+            let _ = send.finish();
+            debug!(key = %key, "served a result");
+            Ok(())
+        }
+        Err(ServeError::Damaged(path)) => {
+            // Cut off: the asker must see a broken transfer, not a whole one.
+            let _ = send.reset(quinn::VarInt::from_u32(1));
+            quarantine(
+                store,
+                &stored,
+                &format!("{} no longer matches its sha256", path.display()),
+            );
+            Err(ServeError::Damaged(path))
+        }
+        Err(e) => Err(e),
+    }
 }
