@@ -106,6 +106,13 @@ pub fn counts(
             return Err("its producer's certificate is unknown to this orchestrator".into());
         }
     };
+    if let Err(e) = reprise_protocol::clock::not_from_the_future(
+        "the result's creation time",
+        claim.created_at,
+        now,
+    ) {
+        return Err(e.to_string());
+    }
     if not_after.is_some_and(|t| now > t) {
         return Err(format!(
             "the certificate of its producer {} expired",
@@ -541,6 +548,13 @@ mod tests {
                 "{name}: {got:?}"
             );
         }
+        let mut future = stale.clone();
+        future.created_at = NOW + 3600;
+        let why = counts(&future, "a", &trust, &default, NOW).unwrap_err();
+        assert!(
+            why.contains("60 min ahead of this machine's clock"),
+            "{why}"
+        );
         let why = counts(&stale, "a", &trust, &fresh, NOW).unwrap_err();
         assert!(why.contains("fresh snapshot"), "{why}");
         let why = counts(&networked, "a", &trust, &default, NOW).unwrap_err();

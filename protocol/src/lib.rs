@@ -3,6 +3,7 @@
 //! repository's declarations, exit codes. Nothing here does IO; every
 //! persisted or wire format carries a version.
 
+pub mod clock;
 pub mod digest;
 pub mod exit;
 pub mod guest_stream;

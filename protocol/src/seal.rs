@@ -58,6 +58,8 @@ pub enum SealError {
     Revoked { name: String },
     #[error("the signature does not verify under the producer's certificate")]
     Signature,
+    #[error(transparent)]
+    Clock(#[from] crate::clock::FromTheFuture),
 }
 
 /// The identity a certificate names, and when it expires, without checking
@@ -115,16 +117,43 @@ pub fn verify(
         .map(|ca| webpki::anchor_from_trusted_cert(ca).map(|a| a.to_owned()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| SealError::Certificate(format!("the team CA: {e}")))?;
-    ee.verify_for_usage(
-        webpki::ALL_VERIFICATION_ALGS,
-        &anchors,
-        &[],
-        now,
-        webpki::KeyUsage::client_auth(),
-        None,
-        None,
-    )
-    .map_err(|e| SealError::Certificate(e.to_string()))?;
+    let chain_at = |time: UnixTime| {
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &[],
+            time,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map(|_| ())
+    };
+    // The producer's clock may differ from ours: a certificate that starts
+    // or ends within the tolerance of now is checked at that edge instead.
+    let tolerance = crate::clock::TOLERANCE.as_secs();
+    let chained = match chain_at(now) {
+        Err(webpki::Error::CertNotValidYet { time, not_before }) => {
+            crate::clock::not_from_the_future(
+                "the start of the producer's certificate",
+                not_before.as_secs(),
+                time.as_secs(),
+            )?;
+            chain_at(not_before)
+        }
+        Err(webpki::Error::CertExpired { time, not_after })
+            if time.as_secs().saturating_sub(not_after.as_secs()) <= tolerance =>
+        {
+            chain_at(not_after)
+        }
+        other => other,
+    };
+    chained.map_err(|e| SealError::Certificate(e.to_string()))?;
+    crate::clock::not_from_the_future(
+        "the result's creation time",
+        manifest.created_at,
+        now.as_secs(),
+    )?;
     if revoked.contains(&who.fingerprint) {
         return Err(SealError::Revoked { name: who.name });
     }
@@ -261,16 +290,6 @@ mod tests {
                 ),
             ),
             (
-                "future",
-                producer(
-                    &team,
-                    "new",
-                    ExtendedKeyUsagePurpose::ClientAuth,
-                    3600,
-                    7200,
-                ),
-            ),
-            (
                 "server",
                 producer(&team, "srv", ExtendedKeyUsagePurpose::ServerAuth, -60, 3600),
             ),
@@ -283,6 +302,45 @@ mod tests {
                 "{name}"
             );
         }
+        // A certificate that starts an hour from now: a clock an hour
+        // apart, named as such.
+        let ahead = producer(
+            &team,
+            "new",
+            ExtendedKeyUsagePurpose::ClientAuth,
+            3600,
+            7200,
+        );
+        match verify(&ahead(&m), &m, &roots, now, &none) {
+            Err(SealError::Clock(e)) => assert!((3590..=3600).contains(&e.ahead), "{e}"),
+            other => panic!("a certificate from the future: {other:?}"),
+        }
+        // Within the tolerance either way, it holds.
+        for (from, until) in [(120, 7200), (-7200, -120)] {
+            let skewed = producer(
+                &team,
+                "skew",
+                ExtendedKeyUsagePurpose::ClientAuth,
+                from,
+                until,
+            );
+            assert!(
+                verify(&skewed(&m), &m, &roots, now, &none).is_ok(),
+                "valid {from}..{until} s from now"
+            );
+        }
+        // A result made three hours from now.
+        let mut later = m.clone();
+        later.created_at = now.as_secs() + 3 * 3600;
+        match verify(&alice(&later), &later, &roots, now, &none) {
+            Err(SealError::Clock(e)) => {
+                assert_eq!(e.ahead, 3 * 3600);
+                assert!(e.to_string().contains("3 h 0 min ahead"), "{e}");
+            }
+            other => panic!("a result from the future: {other:?}"),
+        }
+        later.created_at = now.as_secs() + 200;
+        assert!(verify(&alice(&later), &later, &roots, now, &none).is_ok());
         // Garbage in every field.
         let mut bad = seal.clone();
         bad.signature = "zz".into();
