@@ -138,7 +138,7 @@ impl Beneath {
             })?,
         };
         shown.push(name);
-        let tmp = format!(".reprise-tmp-{}-{}", std::process::id(), unique());
+        let tmp = format!("{TEMPORARY}{}-{}", std::process::id(), unique());
         let how = OpenHow::new()
             .flags(
                 OFlag::O_WRONLY
@@ -161,6 +161,41 @@ impl Beneath {
             shown,
         })
     }
+}
+
+/// The start of a pending file's name; its creator's pid follows.
+const TEMPORARY: &str = ".reprise-tmp-";
+
+/// Removes the pending files under `root` whose creator is gone (killed
+/// before it committed or dropped them). Symlinked folders are not
+/// entered. Returns how many.
+pub fn sweep_dead_temporaries(root: &Path) -> usize {
+    let mut removed = 0;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(kind) = e.file_type() else { continue };
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if kind.is_dir() {
+                dirs.push(e.path());
+            } else if kind.is_file()
+                && let Some(pid) = name
+                    .strip_prefix(TEMPORARY)
+                    .and_then(|rest| rest.split('-').next())
+                    .and_then(|pid| pid.parse::<i32>().ok())
+                && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                    == Err(nix::errno::Errno::ESRCH)
+                && std::fs::remove_file(e.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+    }
+    removed
 }
 
 /// Opens the relative folder `path` from `start`, one part at a time,

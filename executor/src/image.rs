@@ -210,8 +210,9 @@ impl ImageCache {
         progress: &mut dyn FnMut(&str),
     ) -> Result<Image, ImageError> {
         let started = Instant::now();
-        let scratch = self.root.join(format!(".build-{hash}"));
-        let _ = fs::remove_dir_all(&scratch);
+        let work = crate::workdir::WorkDir::new_in(&self.root, crate::workdir::BUILD_PREFIX)
+            .map_err(io_err(&self.root))?;
+        let scratch = work.path();
         let recipe = scratch.join("recipe");
         let out = scratch.join("out");
         fs::create_dir_all(&recipe).map_err(io_err(&recipe))?;
@@ -285,7 +286,7 @@ impl ImageCache {
         fs::write(&manifest_path, text).map_err(io_err(&manifest_path))?;
         let _ = fs::rename(&log_path, out.join("build.log"));
         fs::rename(&out, dest).map_err(io_err(dest))?;
-        let _ = fs::remove_dir_all(&scratch);
+        drop(work);
         Ok(Image {
             dir: dest.to_path_buf(),
             manifest,

@@ -310,6 +310,11 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // What killed commands left behind goes first (never a live one's).
+    let swept = reprise_executor::workdir::sweep_all(Store::default_location().root());
+    if swept > 0 {
+        tracing::info!("removed {swept} work folder(s) of commands that are gone");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -470,7 +475,11 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
             Ok(exit::SUCCESS)
         }
         Cmd::Vm(VmCmd::Shell { mut vm, rev }) => {
-            let work = tempfile::tempdir().context("while making a work folder")?;
+            let work = reprise_executor::workdir::WorkDir::new_in(
+                &std::env::temp_dir(),
+                reprise_executor::workdir::RUN_PREFIX,
+            )
+            .context("while making a work folder")?;
             if vm.tree.is_none() {
                 let dir = std::env::current_dir().context("while finding the current folder")?;
                 let checkout = reprise_executor::repo::Checkout::discover(&dir)
@@ -750,6 +759,9 @@ async fn show_result(r: &reprise_executor::store::StoredResult) {
             "image:       the tests ran in container image sha256:{image} (its podman image id)"
         ),
         None => println!("image:       not recorded"),
+    }
+    if let Some(why) = r.kept_local() {
+        println!("shared:      no, {why}");
     }
     let dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
     let mut link = RunLink::new(&dir);

@@ -23,6 +23,7 @@ use crate::steps::{self, StepInputs};
 use crate::store::{Lookup, Retention, Sealer, Store, StoredResult};
 pub use crate::text::error_chain;
 pub use crate::ui::Ui;
+use crate::workdir::WorkDir;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -203,9 +204,7 @@ pub async fn run(
         has_prepare_runtime: checked.has_prepare_runtime,
         has_post_test: checked.has_post_test,
     };
-    let work = tempfile::Builder::new()
-        .prefix("run-")
-        .tempdir_in(std::env::temp_dir())
+    let work = WorkDir::new_in(&std::env::temp_dir(), crate::workdir::RUN_PREFIX)
         .map_err(|e| RunError::Infra(format!("cannot make a work folder: {e}")))?;
     let work_path = work.path().to_path_buf();
     match req.driver {
@@ -259,7 +258,7 @@ async fn execute<D: Driver>(
     driver: &D,
     req: &RunRequest,
     inputs: &StepInputs<'_>,
-    work: tempfile::TempDir,
+    work: WorkDir,
     link: &mut RunLink,
     store: &Store,
     started: Instant,
@@ -344,8 +343,23 @@ async fn execute<D: Driver>(
         crontab: ran.crontab.clone(),
         container_image: ran.container_image,
     };
+    crate::faults::pause_point("collect");
+    // An artifact holding a secret keeps the result on this machine: not
+    // sealed, so never announced, served or counted.
+    let leaks = secrets_in_artifacts(inputs.secrets, ran.artifacts.as_deref())?;
+    for (path, found) in &leaks {
+        ui.note(&format!(
+            "artifact {} holds the value of the secret {} ({}); the result is kept on this machine: not sealed, never announced or served, never counts for CI",
+            req.artifacts_dir.join(path).display(),
+            found.secret,
+            found.form
+        ));
+    }
     // Sealed now, by this producer, once: the seal travels with the result.
-    let sealer = link.orchestrator(ui).map(|c| c.credentials());
+    let sealer = match leaks.is_empty() {
+        true => link.orchestrator(ui).map(|c| c.credentials()),
+        false => None,
+    };
     let mut record = std::fs::File::open(&ran.record.path).map_err(|e| {
         RunError::Infra(format!(
             "reading the recorded output {}: {e}",
@@ -359,6 +373,15 @@ async fn execute<D: Driver>(
         sealer.map(|c| c as &dyn Sealer),
     )?;
 
+    if let Some((path, found)) = leaks.first() {
+        let why = format!(
+            "kept on this machine: artifact {path} holds the value of the secret {} ({})\n",
+            found.secret, found.form
+        );
+        let marker = stored.dir.join(crate::store::KEPT_LOCAL);
+        std::fs::write(&marker, why)
+            .map_err(|e| RunError::Infra(format!("writing {}: {e}", marker.display())))?;
+    }
     record_schedule(keyed, req.driver, ran.crontab.as_deref(), ui);
     if outcome == Outcome::Passed {
         replay::restore_artifacts(store, &stored, &req.artifacts_dir)?;
@@ -367,10 +390,11 @@ async fn execute<D: Driver>(
             "passed in {:.1}s; result {} stored{}{}",
             total_ms as f64 / 1000.0,
             key.short(),
-            if stored.seal.is_some() {
-                ""
-            } else {
-                " (not sealed: no credentials are configured, so it is never served and never counts for CI)"
+            match (stored.seal.is_some(), leaks.is_empty()) {
+                (true, _) => "",
+                (false, false) => " (kept on this machine: an artifact holds a secret)",
+                (false, true) =>
+                    " (not sealed: no credentials are configured, so it is never served and never counts for CI)",
             },
             artifacts_note(&stored, &req.artifacts_dir)
         ));
@@ -382,6 +406,44 @@ async fn execute<D: Driver>(
         ));
     }
     Ok(RunOutcome::Ran(stored))
+}
+
+/// The collected artifacts (relative paths) that hold a form of a
+/// secret's value, each with the first secret found in it.
+fn secrets_in_artifacts(
+    secrets: &[(String, String)],
+    artifacts: Option<&std::path::Path>,
+) -> Result<Vec<(String, crate::redact::Found)>, RunError> {
+    let (Some(root), false) = (artifacts, secrets.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let patterns = crate::redact::Patterns::new(secrets);
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| RunError::Infra(format!("reading {}: {e}", dir.display())))?;
+        for e in entries {
+            let e = e.map_err(|e| RunError::Infra(format!("reading {}: {e}", dir.display())))?;
+            let path = e.path();
+            let kind = e
+                .file_type()
+                .map_err(|e| RunError::Infra(format!("reading {}: {e}", path.display())))?;
+            if kind.is_dir() {
+                dirs.push(path);
+            } else if kind.is_file() {
+                let found = patterns
+                    .find_in_file(&path)
+                    .map_err(|e| RunError::Infra(format!("reading {}: {e}", path.display())))?;
+                if let Some(found) = found {
+                    let rel = path.strip_prefix(root).unwrap_or(&path);
+                    out.push((rel.display().to_string(), found));
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
 }
 
 /// Records the repository's scheduled targets for `reprise daemon` when

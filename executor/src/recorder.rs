@@ -11,7 +11,7 @@ use reprise_protocol::digest::Sha256Digest;
 use reprise_protocol::record::{self, StreamId};
 use sha2::{Digest, Sha256};
 
-use crate::redact::Redactor;
+use crate::redact::{Patterns, Redactor};
 use crate::vm::Stream;
 
 /// Output of a command: live to the terminal, redacted, and maybe recorded.
@@ -43,7 +43,7 @@ pub struct Recorded {
 
 impl Recorder {
     /// Shows output without keeping it.
-    pub fn shown(secrets: &[String]) -> Recorder {
+    pub fn shown(secrets: &Patterns) -> Recorder {
         Recorder {
             sink: None,
             start: Instant::now(),
@@ -52,7 +52,7 @@ impl Recorder {
     }
 
     /// Shows output and records it into a new file at `path`.
-    pub fn to_file(secrets: &[String], path: &Path) -> std::io::Result<Recorder> {
+    pub fn to_file(secrets: &Patterns, path: &Path) -> std::io::Result<Recorder> {
         let file = File::create(path)?;
         Ok(Recorder {
             sink: Some(Sink {
@@ -143,7 +143,8 @@ mod tests {
     fn a_recording_is_the_encoded_record_with_its_digest() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("output.rec");
-        let mut r = Recorder::to_file(&["hunter2".into()], &path).unwrap();
+        let mut r =
+            Recorder::to_file(&Patterns::new(&[("PW".into(), "hunter2".into())]), &path).unwrap();
         r.feed(Stream::Stdout, b"one\n");
         r.feed(Stream::Stderr, b"pass=hunter2\n");
         let done = r.finish().unwrap().expect("recorded");
@@ -163,6 +164,9 @@ mod tests {
         };
         assert_eq!(text(StreamId::Stdout), "one\n");
         assert_eq!(text(StreamId::Stderr), "pass=[redacted]\n");
-        assert_eq!(Recorder::shown(&[]).finish().unwrap(), None);
+        assert_eq!(
+            Recorder::shown(&Patterns::default()).finish().unwrap(),
+            None
+        );
     }
 }

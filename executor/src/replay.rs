@@ -227,8 +227,13 @@ pub fn restore_artifacts(
         return Ok(0);
     }
     let beneath = Beneath::open(dest)?;
+    // What a killed restore left here.
+    crate::beneath::sweep_dead_temporaries(dest);
     let mut staged = Vec::with_capacity(artifacts.len());
     for a in artifacts {
+        if !staged.is_empty() {
+            crate::faults::pause_point("replay");
+        }
         let mut pending = beneath.create(&a.path, a.mode)?;
         let blob = store.blob_path(a);
         let sha = copy_hashing(&blob, &mut pending.file).map_err(|source| ReplayError::Io {

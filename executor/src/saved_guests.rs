@@ -66,6 +66,7 @@ impl SavedGuests {
         source.backing = None;
         source.restore = None;
         source.snapshot_disk = Some(SnapshotDisk::Empty);
+        source.may_spawn = true;
         source
     }
 

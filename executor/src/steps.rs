@@ -19,6 +19,7 @@ use crate::driver::{
 use crate::error::RunError;
 use crate::inputs::Keyed;
 use crate::recorder::Recorder;
+use crate::redact::Patterns;
 use crate::ui::Ui;
 
 /// What the steps did.
@@ -72,7 +73,7 @@ pub async fn run<S: Session>(
             ms: took.as_millis() as u64,
         });
     };
-    let secret_values: Vec<String> = inputs.secrets.iter().map(|(_, v)| v.clone()).collect();
+    let secret_values = Patterns::new(inputs.secrets);
     let mut env: BTreeMap<String, String> = inputs.keyed.inputs.env.clone();
     env.extend(inputs.secrets.iter().cloned());
     env.insert("PATH".into(), OS_PATH.into());
@@ -255,7 +256,7 @@ async fn mk<S: Session>(
     target: &str,
     after: Option<&str>,
     env: &BTreeMap<String, String>,
-    secrets: &[String],
+    secrets: &Patterns,
 ) -> Result<i32, RunError> {
     let argv = match after {
         None => vec![OS_MK.to_string(), target.to_string()],

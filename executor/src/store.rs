@@ -20,6 +20,7 @@
 //! [`ResultManifest::check`], and a result is returned for a key only if it
 //! is stored under that key and its inputs hash to it.
 
+use crate::workdir::WorkDir;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
@@ -77,7 +78,18 @@ pub struct StoredResult {
     pub seal: Option<Seal>,
 }
 
+/// The file in a result's folder saying why it is kept on this machine
+/// (an artifact holds a secret).
+pub const KEPT_LOCAL: &str = "kept-local.txt";
+
 impl StoredResult {
+    /// Why the result is kept on this machine, if it is.
+    pub fn kept_local(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir.join(KEPT_LOCAL))
+            .ok()
+            .map(|t| t.trim().to_string())
+    }
+
     pub fn output_path(&self) -> PathBuf {
         self.dir.join("output.rec")
     }
@@ -204,13 +216,9 @@ impl Store {
 
     /// A staging folder in the store's `tmp/` (same file system, so its
     /// files can be renamed into place).
-    pub fn stage(&self, prefix: &str) -> Result<tempfile::TempDir, StoreError> {
+    pub fn stage(&self, prefix: &str) -> Result<WorkDir, StoreError> {
         let tmp = self.root.join("tmp");
-        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        tempfile::Builder::new()
-            .prefix(prefix)
-            .tempdir_in(&tmp)
-            .map_err(io_err(&tmp))
+        WorkDir::new_in(&tmp, prefix).map_err(io_err(&tmp))
     }
 
     /// Commits the result of a run made here: the manifest (its artifact
@@ -249,6 +257,7 @@ impl Store {
         manifest.check_sizes()?;
         manifest.version = MANIFEST_VERSION;
         let seal = sealer.map(|s| s.seal(&manifest));
+        crate::faults::pause_point("commit");
         self.finish(stage, manifest, seal)
     }
 
@@ -260,7 +269,7 @@ impl Store {
     /// The artifacts are moved into the blobs, not copied.
     pub fn commit_received(
         &self,
-        stage: tempfile::TempDir,
+        stage: WorkDir,
         sealed: Sealed,
         artifacts: &Path,
     ) -> Result<StoredResult, StoreError> {
@@ -281,7 +290,7 @@ impl Store {
     /// into place.
     fn finish(
         &self,
-        stage: tempfile::TempDir,
+        stage: WorkDir,
         manifest: ResultManifest,
         seal: Option<Seal>,
     ) -> Result<StoredResult, StoreError> {
@@ -480,7 +489,9 @@ impl Store {
                 }
             }
         }
-        let _ = fs::remove_dir_all(self.root.join("tmp"));
+        // Staging folders of commits and fetches that were killed; those
+        // of live ones are theirs.
+        crate::workdir::sweep(&self.root.join("tmp"), "");
         Ok(dropped)
     }
 }

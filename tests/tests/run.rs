@@ -498,6 +498,9 @@ fn ctrl_c_during_the_tests_stops_the_vm_and_keeps_nothing() {
     }
     let qemus = children_named(child.id(), "qemu-system");
     assert!(!qemus.is_empty(), "reprise runs qemu as its child");
+    for qemu in &qemus {
+        assert_least_privilege(*qemu);
+    }
 
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -528,6 +531,46 @@ fn ctrl_c_during_the_tests_stops_the_vm_and_keeps_nothing() {
     );
     assert!(run.stderr.contains("interrupted"), "{}", run.stderr);
     assert_nothing_kept(&s, &run, "interrupted");
+}
+
+/// qemu runs under its seccomp sandbox (mode 2: filter), may not start
+/// processes, and holds no capabilities and cannot gain any.
+fn assert_least_privilege(qemu: u32) {
+    let status = fs::read_to_string(format!("/proc/{qemu}/status")).expect("qemu's status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(field("Seccomp:"), "2", "qemu's seccomp mode:\n{status}");
+    assert_eq!(field("NoNewPrivs:"), "1", "qemu's no_new_privs");
+    for set in ["CapEff:", "CapPrm:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(field(set), "0000000000000000", "qemu's {set}");
+    }
+    let cmdline = fs::read(format!("/proc/{qemu}/cmdline")).expect("qemu's cmdline");
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let sandbox = args
+        .iter()
+        .position(|a| a == "-sandbox")
+        .and_then(|i| args.get(i + 1))
+        .unwrap_or_else(|| panic!("qemu runs without -sandbox: {args:?}"));
+    for option in [
+        "on",
+        "spawn=deny",
+        "elevateprivileges=deny",
+        "obsolete=deny",
+    ] {
+        assert!(
+            sandbox.split(',').any(|o| o == option),
+            "-sandbox {sandbox} lacks {option}"
+        );
+    }
 }
 
 /// `reprise results show` of the result a run stored.

@@ -33,8 +33,8 @@ use reprise_orchestrator::Folder;
 use reprise_protocol::wire::{self, Message};
 use run_support::{Run, Sandbox, wait_until};
 use team_support::{
-    Killed, clone_of, fabricate_result, free_udp_port, issue, namespace, nix_kill, orchestrator,
-    serve_logged, with_orchestrator,
+    Killed, Team, clone_of, fabricate_result, free_udp_port, issue, namespace, nix_kill,
+    orchestrator, serve_logged, with_orchestrator,
 };
 
 /// Writes credentials where a user keeps them: readable by the user only.
@@ -543,6 +543,96 @@ fn a_trusted_relayer_cannot_launder_a_hand_made_or_a_revoked_producers_result() 
     assert!(
         out.contains("sealed by:   alice") && out.contains("counts:      yes"),
         "{out}"
+    );
+    nix_kill(daemon.0.id(), "TERM");
+}
+
+#[test]
+fn a_result_whose_artifact_holds_a_secret_stays_on_this_machine() {
+    const TOKEN: &str = "tok-3x4mple/value";
+    let team = Team::new();
+    let a = &team.a;
+    let test_sh = fs::read_to_string(a.repo().join("test.sh")).expect("test.sh");
+    // The tests print the token URL-encoded and write it base64-encoded
+    // into an artifact, as a careless test might.
+    a.write(
+        "test.sh",
+        &format!(
+            "{test_sh}printf 'url: https://x.invalid/?t=%s\\n' \"$(printf '%s' \"$HELLO_TOKEN\" | sed 's|/|%2F|g')\"\n\
+             printf 'auth: %s\\n' \"$(printf 'user:%s' \"$HELLO_TOKEN\" | base64)\" > leak.txt\n"
+        ),
+    )
+    .write(
+        "reprise.toml",
+        "secrets = [\"HELLO_TOKEN\"]\nartifacts = [\"report.txt\", \"leak.txt\"]\n",
+    )
+    .commit("leaks its token into an artifact");
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let _server = serve_logged(&team.state, &addr, &team.dir.path().join("orch.log"));
+
+    let mut cmd = a.reprise(&["run", "--no-serve", "--driver", "podman"]);
+    with_orchestrator(&mut cmd, &addr, &team.alice);
+    cmd.env("HELLO_TOKEN", TOKEN);
+    let run = Run::from(cmd.output().expect("run"));
+    run.expect_code(0, "a passing run whose artifact holds its secret");
+    assert!(
+        run.stdout.contains("url: https://x.invalid/?t=[redacted]"),
+        "the URL-encoded token is masked:\n{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr
+            .contains("leak.txt holds the value of the secret HELLO_TOKEN (base64-encoded)")
+            && run.stderr.contains("kept on this machine"),
+        "the run names the artifact:\n{}",
+        run.stderr
+    );
+    let key = run
+        .stderr
+        .split("; result ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the stored result's key")
+        .to_string();
+    let shown = a.run(&["results", "show", &key]);
+    shown.expect_code(0, "results show");
+    assert!(
+        shown
+            .stdout
+            .contains("shared:      no, kept on this machine: artifact leak.txt")
+            && shown.stdout.contains("sealed by:   nobody"),
+        "{}",
+        shown.stdout
+    );
+
+    // A's daemon, with credentials, does not announce it...
+    let mut cmd = a.reprise(&["daemon"]);
+    with_orchestrator(&mut cmd, &addr, &team.alice);
+    let log = team.dir.path().join("a-daemon.log");
+    cmd.stderr(fs::File::create(&log).expect("log"));
+    let daemon = Killed(cmd.spawn().expect("daemon"));
+    let read_log = || fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(30), || read_log().contains("serving")),
+        "{}",
+        read_log()
+    );
+    assert!(
+        read_log().contains("serving 0 result(s)"),
+        "nothing to announce: {}",
+        read_log()
+    );
+    // ...so a peer runs the tests itself rather than receive the artifact.
+    let b = clone_of(a);
+    let mut cmd = b.reprise(&["run", "--no-serve", "--driver", "podman"]);
+    with_orchestrator(&mut cmd, &addr, &team.ci);
+    cmd.env("HELLO_TOKEN", TOKEN);
+    let r = Run::from(cmd.output().expect("run"));
+    r.expect_code(0, "the peer's own run");
+    assert!(
+        !r.replayed() && r.stderr.contains("start done"),
+        "the peer ran it:\n{}",
+        r.stderr
     );
     nix_kill(daemon.0.id(), "TERM");
 }

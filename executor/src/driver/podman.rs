@@ -106,9 +106,7 @@ async fn ensure_os_image(image: &Image, ui: &dyn Ui) -> Result<String, RunError>
         return Ok(name);
     }
     ui.image_step("importing the base image's root file system into podman (once per image)");
-    let scratch = tempfile::Builder::new()
-        .prefix("import-")
-        .tempdir_in(&cache)
+    let scratch = crate::workdir::WorkDir::new_in(&cache, crate::workdir::IMPORT_PREFIX)
         .map_err(|e| RunError::Podman(e.to_string()))?;
     let raw = scratch.path().join("disk.raw");
     let out = tokio::process::Command::new("qemu-img")

@@ -178,6 +178,7 @@ async fn receive_staged(
     for a in &m.artifacts {
         let mut pending = beneath.create(&a.path, a.mode)?;
         let part = format!("artifact {}", a.path);
+        crate::faults::pause_point("fetch");
         receive_part(recv, &part, a.bytes, &a.sha256, &mut pending.file).await?;
         pending.file.sync_all().map_err(|source| FetchError::Io {
             path: pending.path().to_path_buf(),

@@ -38,7 +38,10 @@ pub async fn write_transfer(
     use tokio::io::AsyncReadExt;
     write_message(send, &Message::Transfer(Box::new(transfer.clone()))).await?;
     let mut buf = vec![0u8; MAX_CHUNK.min(256 << 10)];
-    for (path, (_, _, sha256)) in files.iter().zip(transfer.parts()) {
+    for (i, (path, (_, _, sha256))) in files.iter().zip(transfer.parts()).enumerate() {
+        if i > 0 {
+            crate::faults::pause_point("serve");
+        }
         let mut hasher = sha2::Sha256::new();
         let mut f = tokio::fs::File::open(path)
             .await

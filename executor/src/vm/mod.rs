@@ -13,6 +13,7 @@ pub mod saved;
 pub mod shell;
 
 use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +35,7 @@ use tracing::{debug, info_span, warn};
 
 use crate::accel::Accel;
 use crate::image::Image;
+use crate::workdir::WorkDir;
 pub use agent::{Agent, AgentError};
 pub use disk::DiskError;
 pub use saved::{SavedGuest, SavedGuestError};
@@ -88,6 +90,11 @@ pub struct VmConfig {
     /// A second serial port (`/dev/ttyS1` in the guest) on a host socket,
     /// for an interactive shell (see [`shell`]).
     pub tty: bool,
+    /// qemu may start a process: only the machine that writes a saved
+    /// guest needs to (its state goes out through `exec:cat`), and it runs
+    /// nothing but the bare base image. Every other qemu runs with
+    /// `spawn=deny` in its seccomp filter.
+    pub may_spawn: bool,
 }
 
 impl VmConfig {
@@ -112,6 +119,7 @@ impl VmConfig {
             work_root: crate::paths::cache_dir().join("vms"),
             restore: None,
             tty: false,
+            may_spawn: false,
         }
     }
 }
@@ -294,8 +302,8 @@ pub enum Stream {
 /// A running VM.
 pub struct Vm {
     child: Child,
-    work: tempfile::TempDir,
-    sockets: tempfile::TempDir,
+    work: WorkDir,
+    sockets: WorkDir,
     agent: Agent,
     qmp: QapiService<QmpStreamTokio<tokio::io::WriteHalf<UnixStream>>>,
     qmp_events: tokio::task::JoinHandle<()>,
@@ -388,13 +396,9 @@ impl Vm {
             return Err(BootError::HelperMissing);
         }
         std::fs::create_dir_all(&config.work_root).map_err(io(&config.work_root))?;
-        let work = tempfile::Builder::new()
-            .prefix("vm-")
-            .tempdir_in(&config.work_root)
+        let work = WorkDir::new_in(&config.work_root, crate::workdir::VM_PREFIX)
             .map_err(io(&config.work_root))?;
-        let sockets = tempfile::Builder::new()
-            .prefix("reprise-")
-            .tempdir_in(crate::paths::runtime_dir())
+        let sockets = WorkDir::new_in(&crate::paths::runtime_dir(), crate::workdir::SOCKETS_PREFIX)
             .map_err(io(&crate::paths::runtime_dir()))?;
         let vm_id = format!(
             "{}-{}",
@@ -451,7 +455,7 @@ impl Vm {
             &qmp_path,
             &qga_path,
             &stream_path,
-            net.as_ref().map(|n| n.socket()),
+            net.is_some(),
         );
         debug!(?args, "starting qemu");
         let log = std::fs::File::create(&qemu_log).map_err(io(&qemu_log))?;
@@ -463,7 +467,24 @@ impl Vm {
             .kill_on_drop(true)
             .process_group(0);
         die_with_parent(&mut cmd);
+        // A restore reads its state from this file, handed over open.
+        let incoming = match &config.restore {
+            Some(saved) => {
+                let path = saved.state_path();
+                Some(std::fs::File::open(&path).map_err(io(&path))?)
+            }
+            None => None,
+        };
+        let handed: Vec<(RawFd, RawFd)> = [
+            incoming.as_ref().map(|f| (f.as_raw_fd(), INCOMING_FD)),
+            net.as_ref().map(|n| (n.connection(), NET_FD)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        least_privilege(&mut cmd, handed);
         let mut child = cmd.spawn().map_err(BootError::QemuMissing)?;
+        drop(incoming);
 
         let failed = |child: &mut Child, status: Option<std::process::ExitStatus>| {
             let _ = child.start_kill();
@@ -954,7 +975,7 @@ fn qemu_args(
     qmp: &Path,
     qga: &Path,
     stream: &Path,
-    net: Option<&Path>,
+    net: bool,
 ) -> Vec<String> {
     let p = |p: &Path| p.display().to_string();
     let (machine, cpu) = match config.accel {
@@ -974,7 +995,7 @@ fn qemu_args(
     .into_iter()
     .map(String::from)
     .collect::<Vec<_>>();
-    if net.is_some() {
+    if net {
         cmdline.push("reprise.net=1".into());
     }
     cmdline.extend(config.kernel_args.iter().cloned());
@@ -1035,13 +1056,10 @@ fn qemu_args(
         "-device".into(),
         "virtserialport,chardev=stream,name=reprise.stream,id=streamport".into(),
     ]);
-    if let Some(net) = net {
+    if net {
         args.extend([
             "-netdev".into(),
-            format!(
-                "stream,id=net0,server=off,addr.type=unix,addr.path={}",
-                p(net)
-            ),
+            format!("stream,id=net0,server=off,addr.type=fd,addr.str={NET_FD}"),
             "-device".into(),
             "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56".into(),
         ]);
@@ -1057,10 +1075,102 @@ fn qemu_args(
             "chardev:tty".into(),
         ]);
     }
-    if let Some(saved) = &config.restore {
-        args.extend(["-incoming".into(), saved.incoming_uri()]);
+    if config.restore.is_some() {
+        args.extend(["-incoming".into(), format!("fd:{INCOMING_FD}")]);
     }
+    // seccomp: no obsolete system calls, no set*id, no scheduler or
+    // priority changes, and no new processes unless it must save a state.
+    let spawn = if config.may_spawn { "allow" } else { "deny" };
+    args.extend([
+        "-sandbox".into(),
+        format!("on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny,spawn={spawn}"),
+    ]);
     args
+}
+
+/// The descriptor a restoring qemu reads its saved state from.
+const INCOMING_FD: RawFd = 3;
+/// The descriptor of the guest network card's connection to passt.
+const NET_FD: RawFd = 4;
+
+/// What qemu keeps of this process's privileges: no capabilities at all
+/// (when the executor runs as root, qemu stays uid 0 for its own files but
+/// loses every capability, bounding and ambient sets included), no way to
+/// gain any back (`no_new_privs`), and the descriptors it is handed, each
+/// `(open here, number in qemu)`: what it needs of files and sockets it
+/// gets open, rather than by path.
+#[expect(
+    unsafe_code,
+    reason = "pre_exec is unsafe; prctl, capset, dup2 and fcntl are async-signal-safe system calls"
+)]
+fn least_privilege(cmd: &mut Command, handed: Vec<(RawFd, RawFd)>) {
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |rc: libc::c_long| {
+                if rc < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            // Out of the way first (a source may sit on another's target),
+            // then into place; dup2 leaves the targets open across exec.
+            let mut moved = [-1; 4];
+            for (i, (from, _)) in handed.iter().enumerate().take(moved.len()) {
+                moved[i] = libc::fcntl(*from, libc::F_DUPFD_CLOEXEC, 100);
+                check(moved[i] as libc::c_long)?;
+            }
+            for (i, (_, to)) in handed.iter().enumerate().take(moved.len()) {
+                check(libc::dup2(moved[i], *to) as libc::c_long)?;
+            }
+            // Bounding set: every capability this kernel knows (EINVAL past
+            // the last one ends the loop).
+            for cap in 0..64 {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 {
+                    let e = std::io::Error::last_os_error();
+                    match e.raw_os_error() {
+                        Some(libc::EINVAL) => break,
+                        // Not allowed to drop (not root): nothing to drop.
+                        Some(libc::EPERM) => break,
+                        _ => return Err(e),
+                    }
+                }
+            }
+            check(libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ) as libc::c_long)?;
+            // capset(2), version 3: effective, permitted and inheritable
+            // all empty.
+            #[repr(C)]
+            struct Header {
+                version: u32,
+                pid: i32,
+            }
+            #[repr(C)]
+            #[derive(Clone, Copy)]
+            struct Data {
+                effective: u32,
+                permitted: u32,
+                inheritable: u32,
+            }
+            let header = Header {
+                version: 0x2008_0522,
+                pid: 0,
+            };
+            let data = [Data {
+                effective: 0,
+                permitted: 0,
+                inheritable: 0,
+            }; 2];
+            check(libc::syscall(libc::SYS_capset, &header, data.as_ptr()))?;
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
+            Ok(())
+        });
+    }
 }
 
 /// Makes the kernel kill qemu when this process dies, however it dies.
@@ -1203,7 +1313,7 @@ mod tests {
             p("/s/q"),
             p("/s/g"),
             p("/s/s"),
-            c.network.then_some(p("/s/passt.sock")),
+            c.network,
         )
     }
 
@@ -1216,12 +1326,16 @@ mod tests {
         let kvm = args(&config(Accel::Kvm, true)).join(" ");
         assert!(kvm.contains("-machine q35,accel=kvm -cpu host"), "{kvm}");
         assert!(
-            kvm.contains(
-                "-netdev stream,id=net0,server=off,addr.type=unix,addr.path=/s/passt.sock"
-            ),
+            kvm.contains("-netdev stream,id=net0,server=off,addr.type=fd,addr.str=4"),
             "{kvm}"
         );
         assert!(kvm.contains("reprise.net=1"));
+        for a in [&tcg, &kvm] {
+            assert!(
+                a.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny,spawn=deny"),
+                "{a}"
+            );
+        }
         assert!(kvm.contains("file=/img/disk.qcow2").not() && kvm.contains("file=/w/o.qcow2"));
         assert!(
             kvm.contains("id=state").not(),
@@ -1242,7 +1356,7 @@ mod tests {
             p("/s/q"),
             p("/s/g"),
             p("/s/s"),
-            None,
+            false,
         );
         let drives: Vec<&String> = args
             .iter()

@@ -3,7 +3,7 @@
 //! host itself: the gateway is not mapped to the host's loopback and no
 //! port is forwarded in.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -25,8 +25,10 @@ const NOBODY: u32 = 65534;
 /// A running passt and the private folder of its socket; both go with it.
 pub struct Passt {
     _child: Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
+    /// The connection qemu's network card uses, made here: qemu is handed
+    /// it open and needs no access to the socket's folder.
+    connection: std::os::unix::net::UnixStream,
+    _dir: crate::workdir::WorkDir,
 }
 
 impl Passt {
@@ -37,9 +39,7 @@ impl Passt {
             let path = path.to_path_buf();
             move |source| BootError::Io { path, source }
         };
-        let dir = tempfile::Builder::new()
-            .prefix("reprise-net-")
-            .tempdir_in(&runtime)
+        let dir = crate::workdir::WorkDir::new_in(&runtime, crate::workdir::NET_PREFIX)
             .map_err(io(&runtime))?;
         let root = nix::unistd::geteuid().is_root();
         if root {
@@ -72,10 +72,12 @@ impl Passt {
         super::die_with_parent(&mut cmd);
         let mut child = cmd.spawn().map_err(BootError::PasstMissing)?;
         for _ in 0..500 {
-            if socket.exists() {
+            if socket.exists()
+                && let Ok(connection) = std::os::unix::net::UnixStream::connect(&socket)
+            {
                 return Ok(Passt {
                     _child: child,
-                    socket,
+                    connection,
                     _dir: dir,
                 });
             }
@@ -95,8 +97,8 @@ impl Passt {
         )))
     }
 
-    /// The socket qemu connects its network card to.
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// The descriptor of the connection qemu's network card uses.
+    pub fn connection(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.connection)
     }
 }

@@ -117,9 +117,9 @@ impl SavedGuest {
         c
     }
 
-    /// qemu's `-incoming` argument; `exec:` runs it with `/bin/sh -c`.
-    pub(super) fn incoming_uri(&self) -> String {
-        format!("exec:cat {}", shell_quote(&self.state_file()))
+    /// The machine state file, which a restoring qemu is handed open.
+    pub(super) fn state_path(&self) -> PathBuf {
+        self.state_file()
     }
 }
 

@@ -1,0 +1,393 @@
+//! The kill matrix: `reprise` is killed with SIGKILL at each phase of a
+//! run, of a fetch and of a replay, and a producer while it serves. After
+//! each kill the store verifies (`results verify` quarantines nothing),
+//! nothing of the killed command is stored, replayed or served, no work
+//! folder of a dead owner is left once the next command has started, and
+//! the next run succeeds.
+//!
+//! Phases inside the guest are reached by watching the run's output (a VM
+//! in the process tree, a phase announced, the tests' own output); phases
+//! that pass in milliseconds by `REPRISE_PAUSE_AT` (`executor/src/faults.rs`),
+//! which makes the command wait there to be killed.
+
+#[expect(
+    dead_code,
+    reason = "the support module is shared with run.rs; this file uses part of it"
+)]
+mod run_support;
+#[expect(
+    dead_code,
+    reason = "the support module is shared with peer.rs; this file uses part of it"
+)]
+mod team_support;
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use run_support::{Run, Sandbox, alive, children_named, example_hello, vm_lock, wait_until};
+use team_support::{Team, clone_of, free_udp_port, serve_logged, with_orchestrator};
+
+/// A command started in the background, its output in files.
+struct Started {
+    child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Started {
+    fn new(mut cmd: Command, dir: &Path, name: &str) -> Started {
+        let stdout = dir.join(format!("{name}.out"));
+        let stderr = dir.join(format!("{name}.err"));
+        let child = cmd
+            .stdout(File::create(&stdout).expect("stdout file"))
+            .stderr(File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("reprise starts");
+        Started {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn out(&self) -> String {
+        fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    fn err(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits until `reached` holds of (stdout, stderr), then SIGKILLs the
+    /// command and reaps it. Panics if it ends or never gets there.
+    fn kill_when(mut self, what: &str, mut reached: impl FnMut(&str, &str) -> bool) -> String {
+        let got_there = wait_until(Duration::from_secs(300), || {
+            reached(&self.out(), &self.err()) || self.child.try_wait().ok().flatten().is_some()
+        });
+        let ended = self.child.try_wait().ok().flatten();
+        if !got_there || ended.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            panic!(
+                "{what}: never reached ({ended:?}):\n--- stdout\n{}\n--- stderr\n{}",
+                self.out(),
+                self.err()
+            );
+        }
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+        self.err()
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `reprise` with the sandbox's own temporary folder, so what a killed run
+/// leaves there is this test's to see.
+fn reprise(s: &Sandbox, args: &[&str]) -> Command {
+    let mut cmd = s.reprise(args);
+    cmd.env("TMPDIR", tmp(s));
+    cmd
+}
+
+fn tmp(s: &Sandbox) -> PathBuf {
+    let t = s.dir.path().join("tmp");
+    fs::create_dir_all(&t).expect("tmp");
+    t
+}
+
+/// Every work folder whose owner is gone, in the places commands make
+/// them.
+fn abandoned(s: &Sandbox) -> Vec<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache"))
+        .join("reprise");
+    let places = [
+        (tmp(s), "reprise-work-"),
+        (cache.join("vms"), "vm-"),
+        (PathBuf::from("/tmp"), "reprise-vm-"),
+        (PathBuf::from("/tmp"), "reprise-net-"),
+        (s.store().join("tmp"), ""),
+    ];
+    let mut out = Vec::new();
+    for (dir, prefix) in places {
+        for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(prefix) && reprise_executor::workdir::abandoned(&e.path()) {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// What must hold after a kill: the next command (`results verify`)
+/// removes what the killed one left, finds the store sound, and nothing of
+/// the killed run is stored.
+fn after_kill(s: &Sandbox, what: &str, stored_before: usize) {
+    let verify = Run::from(reprise(s, &["results", "verify"]).output().expect("verify"));
+    verify.expect_code(0, &format!("{what}: results verify"));
+    assert!(
+        verify.stdout.contains(", 0 quarantined"),
+        "{what}: {}",
+        verify.stdout
+    );
+    assert_eq!(
+        abandoned(s),
+        Vec::<PathBuf>::new(),
+        "{what}: work folders of dead owners after the next command"
+    );
+    assert_eq!(
+        s.results_list().len(),
+        stored_before,
+        "{what}: the killed command stored nothing"
+    );
+}
+
+/// Whether the sandbox's temporary folder holds a run's work folder now.
+fn has_work_folder(s: &Sandbox) -> bool {
+    fs::read_dir(tmp(s))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("reprise-work-"))
+}
+
+#[test]
+fn a_run_killed_in_the_vm_at_any_phase_leaves_nothing_and_the_next_run_passes() {
+    let _vm = vm_lock();
+    let s = Sandbox::new();
+    s.copy_from(&example_hello()).git_init().commit("hello");
+
+    // Restore or boot: qemu has started, the guest is not up yet.
+    let run = Started::new(reprise(&s, &["run", "--no-serve"]), s.dir.path(), "boot");
+    let pid = run.child.id();
+    let mut qemus = Vec::new();
+    let err = run.kill_when("boot", |_, err| {
+        qemus = children_named(pid, "qemu-system");
+        !qemus.is_empty() && !err.contains(" done in ")
+    });
+    assert!(has_work_folder(&s), "the killed run had a work folder");
+    assert!(
+        wait_until(Duration::from_secs(10), || !qemus.iter().any(|q| alive(*q))),
+        "qemu outlived the killed run:\n{err}"
+    );
+    after_kill(&s, "killed while booting", 0);
+
+    // prepare-runtime, in the guest.
+    let run = Started::new(reprise(&s, &["run", "--no-serve"]), s.dir.path(), "prepare");
+    run.kill_when("prepare-runtime", |_, err| {
+        (err.contains("restore done") || err.contains("boot done"))
+            && !err.contains("prepare-runtime done")
+    });
+    after_kill(&s, "killed in prepare-runtime", 0);
+
+    // The tests, in the container.
+    let test_sh = fs::read_to_string(s.repo().join("test.sh")).expect("test.sh");
+    s.write("test.sh", &format!("echo sleeping\nsleep 120\n{test_sh}"))
+        .commit("slow tests");
+    let run = Started::new(reprise(&s, &["run", "--no-serve"]), s.dir.path(), "test");
+    run.kill_when("test", |out, _| out.contains("sleeping"));
+    after_kill(&s, "killed in the tests", 0);
+
+    // The next run, of the same tree as the first kills, passes and
+    // leaves nothing behind; a second one replays it.
+    s.write("test.sh", &test_sh).commit("quick tests");
+    let next = Run::from(reprise(&s, &["run", "--no-serve"]).output().expect("run"));
+    next.expect_code(0, "the run after the kills");
+    assert!(!next.replayed(), "{}", next.stderr);
+    assert_eq!(abandoned(&s), Vec::<PathBuf>::new(), "after the good run");
+    let again = Run::from(reprise(&s, &["run", "--no-serve"]).output().expect("run"));
+    again.expect_code(0, "its replay");
+    assert!(again.replayed(), "{}", again.stderr);
+}
+
+#[test]
+fn a_run_killed_while_collecting_or_committing_stores_nothing() {
+    let s = Sandbox::new();
+    s.copy_from(&example_hello()).git_init().commit("hello");
+    for point in ["collect", "commit"] {
+        let mut cmd = reprise(&s, &["run", "--no-serve", "--driver", "podman"]);
+        cmd.env("REPRISE_PAUSE_AT", point);
+        let run = Started::new(cmd, s.dir.path(), point);
+        run.kill_when(point, |_, err| {
+            err.contains(&format!("reprise: paused at {point}"))
+        });
+        assert!(has_work_folder(&s), "{point}: the killed run's work folder");
+        after_kill(&s, &format!("killed at {point}"), 0);
+        // The artifacts folder got nothing of it.
+        assert!(
+            !s.repo().join("reprise-artifacts/report.txt").exists(),
+            "{point}: an artifact of a killed run was restored"
+        );
+    }
+    let next = Run::from(
+        reprise(&s, &["run", "--no-serve", "--driver", "podman"])
+            .output()
+            .expect("run"),
+    );
+    next.expect_code(0, "the run after the kills");
+    assert!(!next.replayed(), "{}", next.stderr);
+    assert_eq!(s.results_list().len(), 1);
+    assert_eq!(abandoned(&s), Vec::<PathBuf>::new(), "after the good run");
+}
+
+#[test]
+fn fetches_replays_and_producers_killed_midway_leave_nothing_half_received() {
+    let team = Team::new();
+    let a = &team.a;
+    // Three artifacts, so a transfer and a replay have a middle.
+    let test_sh = fs::read_to_string(a.repo().join("test.sh")).expect("test.sh");
+    a.write(
+        "test.sh",
+        &format!(
+            "{test_sh}mkdir -p more\nhead -c 3000000 /dev/urandom > more/one.bin\nhead -c 3000000 /dev/urandom > more/two.bin\n"
+        ),
+    )
+    .write(
+        "reprise.toml",
+        "artifacts = [\"report.txt\", \"more/one.bin\", \"more/two.bin\"]\n",
+    )
+    .commit("three artifacts");
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let _server = serve_logged(&team.state, &addr, &team.dir.path().join("orch.log"));
+    let as_ = |s: &Sandbox, args: &[&str], creds: &Path| {
+        let mut cmd = reprise(s, args);
+        with_orchestrator(&mut cmd, &addr, creds);
+        cmd
+    };
+    let made = Run::from(
+        as_(a, &["run", "--no-serve", "--driver", "podman"], &team.alice)
+            .output()
+            .expect("run"),
+    );
+    made.expect_code(0, "alice's run");
+    let daemon = |pause: Option<&str>, name: &str| {
+        let mut cmd = as_(a, &["daemon"], &team.alice);
+        if let Some(p) = pause {
+            cmd.env("REPRISE_PAUSE_AT", p);
+        }
+        let d = Started::new(cmd, team.dir.path(), name);
+        assert!(
+            wait_until(Duration::from_secs(30), || d
+                .err()
+                .contains("serving 1 result(s)")),
+            "{name}: {}",
+            d.err()
+        );
+        d
+    };
+
+    // The daemon, killed while it serves; the next one serves again.
+    let d = daemon(None, "daemon-1");
+    d.kill_when("a serving daemon", |_, _| true);
+    after_kill(a, "the daemon killed while serving", 1);
+
+    // A consumer killed in the middle of receiving: nothing is kept.
+    let d = daemon(None, "daemon-2");
+    let b = clone_of(a);
+    let mut cmd = as_(&b, &["run", "--no-serve", "--driver", "podman"], &team.ci);
+    cmd.env("REPRISE_PAUSE_AT", "fetch");
+    Started::new(cmd, b.dir.path(), "fetch")
+        .kill_when("fetch", |_, err| err.contains("reprise: paused at fetch"));
+    assert!(
+        fs::read_dir(b.store().join("tmp"))
+            .into_iter()
+            .flatten()
+            .count()
+            > 0,
+        "the killed fetch had a staging folder"
+    );
+    after_kill(&b, "killed while fetching", 0);
+    drop(d);
+
+    // The producer killed in the middle of sending: the consumer takes
+    // nothing of it and runs the tests itself.
+    let d = daemon(Some("serve"), "daemon-3");
+    let consumer = Started::new(
+        as_(&b, &["run", "--no-serve", "--driver", "podman"], &team.ci),
+        b.dir.path(),
+        "consumer",
+    );
+    let d_err = d.stderr.clone();
+    let paused = wait_until(Duration::from_secs(60), || {
+        fs::read_to_string(&d_err)
+            .unwrap_or_default()
+            .contains("reprise: paused at serve")
+    });
+    assert!(paused, "the producer never paused: {}", consumer.err());
+    d.kill_when("the producer mid-transfer", |_, _| true);
+    let mut consumer = consumer;
+    let status = consumer.child.wait().expect("consumer ends");
+    let said = consumer.err();
+    assert_eq!(status.code(), Some(0), "the consumer's run:\n{said}");
+    assert!(
+        !said.contains("reprise: replayed result"),
+        "a half-sent result was replayed:\n{said}"
+    );
+    after_kill(&b, "its producer killed mid-transfer", 1);
+    after_kill(a, "killed mid-transfer", 1);
+
+    // The producer back: a new consumer replays its whole result, then is
+    // killed in the middle of restoring it from its own store.
+    let _d = daemon(None, "daemon-4");
+    let c = clone_of(a);
+    let fetched = Run::from(
+        as_(&c, &["run", "--no-serve", "--driver", "podman"], &team.ci)
+            .output()
+            .expect("run"),
+    );
+    fetched.expect_code(0, "a replay from the producer");
+    assert!(fetched.replayed(), "{}", fetched.stderr);
+    let arts = c.repo().join("reprise-artifacts");
+    let whole: Vec<Vec<u8>> = ["report.txt", "more/one.bin", "more/two.bin"]
+        .iter()
+        .map(|p| fs::read(arts.join(p)).expect("restored artifact"))
+        .collect();
+    fs::remove_dir_all(&arts).expect("clear artifacts");
+    let mut cmd = as_(&c, &["run", "--no-serve", "--driver", "podman"], &team.ci);
+    cmd.env("REPRISE_PAUSE_AT", "replay");
+    Started::new(cmd, c.dir.path(), "replay")
+        .kill_when("replay", |_, err| err.contains("reprise: paused at replay"));
+    let mut pending = Vec::new();
+    run_support::walk(&arts, &mut pending);
+    assert!(
+        pending
+            .iter()
+            .any(|p| p.to_string_lossy().contains(".reprise-tmp-")),
+        "the killed replay had files pending: {pending:?}"
+    );
+    after_kill(&c, "killed while replaying", 1);
+    let again = Run::from(
+        as_(&c, &["run", "--no-serve", "--driver", "podman"], &team.ci)
+            .output()
+            .expect("run"),
+    );
+    again.expect_code(0, "the replay after the kill");
+    assert!(again.replayed(), "{}", again.stderr);
+    let mut files = Vec::new();
+    run_support::walk(&arts, &mut files);
+    files.sort();
+    assert_eq!(
+        files,
+        ["more/one.bin", "more/two.bin", "report.txt"]
+            .iter()
+            .map(|p| arts.join(p))
+            .collect::<Vec<_>>(),
+        "the artifacts and nothing pending"
+    );
+    for (p, bytes) in ["report.txt", "more/one.bin", "more/two.bin"]
+        .iter()
+        .zip(&whole)
+    {
+        assert_eq!(&fs::read(arts.join(p)).expect("artifact"), bytes, "{p}");
+    }
+}
