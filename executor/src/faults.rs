@@ -7,12 +7,9 @@
 
 use std::time::Duration;
 
-/// The variable naming the point to pause at.
-pub const PAUSE_VAR: &str = "REPRISE_PAUSE_AT";
-
 /// Pauses here if `REPRISE_PAUSE_AT` names this point.
 pub fn pause_point(name: &str) {
-    if std::env::var(PAUSE_VAR).is_ok_and(|v| v == name) {
+    if std::env::var(crate::vars::PAUSE_VAR).is_ok_and(|v| v == name) {
         eprintln!("reprise: paused at {name}");
         std::thread::sleep(Duration::from_secs(3600));
     }

@@ -11,9 +11,11 @@
 //! | `REPRISE_MAX_AGE` | `main` | results older than this are dropped (`7d`, `12h`) |
 //! | `REPRISE_LOG` | `main` | the log filter (`tracing`'s `EnvFilter` syntax; default `warn`) |
 //! | `REPRISE_GUEST_BIN_DIR` | [`crate::vm`] | where `reprise-guest` and `mk` are, if not beside `reprise` |
+//! | `REPRISE_PAUSE_AT` | [`crate::faults`] | tests only: the point a command waits at to be killed |
 //! | `REPRISE_MIRROR`, `REPRISE_SUITE`, `REPRISE_IMAGE_SIZE` | `image/build.sh` | the Debian mirror, suite and disk size of the base image |
 //! | `XDG_CACHE_HOME`, `XDG_DATA_HOME`, `XDG_CONFIG_HOME`, `XDG_RUNTIME_DIR`, `HOME` | [`crate::paths`] | where things are kept |
 //! | `USER`, `LOGNAME` | [`crate::pipeline`] | the producer's user name in a manifest |
+//! | `TMPDIR` | [`crate::workdir`] | where runs make their work folders |
 //! | the repository's counted and secret variables | [`crate::inputs`] | declared in `reprise.toml` or given with `--env`/`--secret` |
 
 /// The orchestrator, `HOST:PORT`.
@@ -36,3 +38,5 @@ pub const GUEST_BIN_DIR_VAR: &str = "REPRISE_GUEST_BIN_DIR";
 /// The Debian mirror the base image is built from (also read by
 /// `image/build.sh`, with `REPRISE_SUITE` and `REPRISE_IMAGE_SIZE`).
 pub const MIRROR_VAR: &str = "REPRISE_MIRROR";
+/// Tests only: the pause point a command waits at ([`crate::faults`]).
+pub const PAUSE_VAR: &str = "REPRISE_PAUSE_AT";

@@ -391,3 +391,93 @@ fn fetches_replays_and_producers_killed_midway_leave_nothing_half_received() {
         assert_eq!(&fs::read(arts.join(p)).expect("artifact"), bytes, "{p}");
     }
 }
+
+#[test]
+fn a_damaged_result_is_quarantined_and_the_run_goes_on_as_a_miss() {
+    let s = Sandbox::new();
+    s.copy_from(&example_hello()).git_init().commit("hello");
+    let podman = |s: &Sandbox| {
+        Run::from(
+            reprise(s, &["run", "--no-serve", "--driver", "podman"])
+                .output()
+                .expect("run"),
+        )
+    };
+    podman(&s).expect_code(0, "the first run");
+    // One flipped bit in the artifact's blob.
+    let mut blobs = Vec::new();
+    run_support::walk(&s.store().join("blobs"), &mut blobs);
+    assert_eq!(blobs.len(), 1, "{blobs:?}");
+    let mut bytes = fs::read(&blobs[0]).expect("blob");
+    bytes[0] ^= 1;
+    fs::write(&blobs[0], &bytes).expect("damage the blob");
+
+    let next = podman(&s);
+    next.expect_code(0, "the run after the damage");
+    let notes: Vec<&str> = next
+        .stderr
+        .lines()
+        .filter(|l| l.contains("is damaged"))
+        .collect();
+    assert_eq!(notes.len(), 1, "one line says so:\n{}", next.stderr);
+    assert!(
+        notes[0].contains("quarantined in") && notes[0].contains("running as a miss"),
+        "{}",
+        notes[0]
+    );
+    assert!(!next.replayed(), "{}", next.stderr);
+    assert_eq!(
+        fs::read_to_string(s.repo().join("reprise-artifacts/report.txt")).unwrap_or_default(),
+        "greet: 1 passed, 0 failed\n",
+        "the artifact, from the new run"
+    );
+    let quarantine = s.store().join("quarantine");
+    let aside: Vec<_> = fs::read_dir(&quarantine)
+        .expect("a quarantine folder")
+        .flatten()
+        .collect();
+    assert_eq!(aside.len(), 1);
+    assert!(
+        fs::read_to_string(aside[0].path().join("reason.txt"))
+            .unwrap_or_default()
+            .contains("report.txt"),
+        "the reason names the artifact"
+    );
+
+    // The new result's output record damaged: `results verify` finds it,
+    // moves it aside, says so and exits 9; then the store is sound.
+    let records: Vec<PathBuf> = fs::read_dir(s.store().join("results"))
+        .expect("results")
+        .flatten()
+        .map(|e| e.path().join("output.rec"))
+        .collect();
+    assert_eq!(records.len(), 1);
+    let mut rec = fs::read(&records[0]).expect("record");
+    let last = rec.len() - 2;
+    rec[last] ^= 0x20;
+    fs::write(&records[0], &rec).expect("damage the record");
+    let verify = Run::from(
+        reprise(&s, &["results", "verify"])
+            .output()
+            .expect("verify"),
+    );
+    verify.expect_code(9, "results verify of a damaged store");
+    assert!(
+        verify.stdout.contains("quarantined ")
+            && verify.stdout.contains("0 result(s) sound, 1 quarantined"),
+        "{}",
+        verify.stdout
+    );
+    assert_eq!(
+        s.results_list(),
+        Vec::<String>::new(),
+        "nothing left to replay"
+    );
+    let verify = Run::from(
+        reprise(&s, &["results", "verify"])
+            .output()
+            .expect("verify"),
+    );
+    verify.expect_code(0, "results verify of a sound store");
+    podman(&s).expect_code(0, "a run after the quarantine");
+}
