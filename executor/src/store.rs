@@ -790,6 +790,19 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn gc_leaves_the_staging_of_a_live_fetch_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().to_path_buf());
+        let live = store.stage("fetch-").unwrap();
+        fs::write(live.path().join("output.rec"), "half").unwrap();
+        store.gc(Retention::default()).unwrap();
+        assert!(
+            live.path().join("output.rec").exists(),
+            "a fetch in progress keeps its staging"
+        );
+    }
+
+    #[test]
     fn a_hostile_store_is_read_as_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path().join("store"));
