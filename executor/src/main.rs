@@ -272,18 +272,17 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration like 90s, 10m, 2h, 7d"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => return Err(format!("'{s}' is not a duration like 90s, 10m, 2h, 7d")),
-    };
-    Ok(std::time::Duration::from_secs(secs))
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}' is not a duration like 90s, 10m, 2h or 7d ({e})"))?;
+    // Past a century a deadline means nothing, and adding it to a clock
+    // would overflow.
+    const LONGEST: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
+    if d > LONGEST {
+        return Err(format!(
+            "'{s}' is longer than the 100 years a duration may be"
+        ));
+    }
+    Ok(d)
 }
 
 /// What the user reads besides the tests' output: one line each, on stderr.
@@ -414,7 +413,7 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
                 timeout: args.timeout,
                 accel: args.accel,
                 artifacts_dir: args.artifacts,
-                retention: retention_from_env(),
+                retention: retention_from_env()?,
                 fresh: args.fresh,
                 keep_work: args.keep,
                 driver: DriverKind::choose(args.driver, &reprise_executor::inputs::process_env())?,
@@ -527,19 +526,28 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
 }
 
 /// Retention after each run: `REPRISE_KEEP` results per repository and
-/// target (default 1), `REPRISE_MAX_AGE` (e.g. 7d).
-fn retention_from_env() -> Retention {
+/// target (default 1), `REPRISE_MAX_AGE` (e.g. 7d). A value that does not
+/// parse is refused, saying what is accepted.
+fn retention_from_env() -> Result<Retention, RunError> {
     let mut r = Retention::default();
-    if let Some(n) = std::env::var(vars::KEEP_VAR)
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        r.per_target = n;
+    if let Ok(v) = std::env::var(vars::KEEP_VAR) {
+        r.per_target = match v.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                return Err(RunError::Usage(format!(
+                    "{}={v:?}: give how many results to keep per repository and target, a whole number of at least 1",
+                    vars::KEEP_VAR
+                )));
+            }
+        };
     }
-    r.max_age = std::env::var(vars::MAX_AGE_VAR)
-        .ok()
-        .and_then(|v| parse_duration(&v).ok());
-    r
+    if let Ok(v) = std::env::var(vars::MAX_AGE_VAR) {
+        r.max_age = Some(
+            parse_duration(v.trim())
+                .map_err(|e| RunError::Usage(format!("{}: {e}", vars::MAX_AGE_VAR)))?,
+        );
+    }
+    Ok(r)
 }
 
 /// `reprise daemon [status|stop] [--detach]`.

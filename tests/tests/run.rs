@@ -236,6 +236,59 @@ fn changed_inputs_miss_and_explain_while_the_same_tree_hits() {
 }
 
 #[test]
+fn bad_settings_are_refused_saying_what_is_accepted() {
+    let s = Sandbox::new();
+    s.copy_from(&example_hello()).git_init().commit("hello");
+    /// (what, arguments, environment, what stderr says)
+    type Case = (
+        &'static str,
+        &'static [&'static str],
+        &'static [(&'static str, &'static str)],
+        &'static str,
+    );
+    let cases: [Case; 4] = [
+        (
+            "REPRISE_KEEP not a number",
+            &["run"],
+            &[("REPRISE_KEEP", "abc")],
+            "REPRISE_KEEP=\"abc\": give how many results to keep",
+        ),
+        (
+            "REPRISE_MAX_AGE not a duration",
+            &["run"],
+            &[("REPRISE_MAX_AGE", "forever")],
+            "REPRISE_MAX_AGE: 'forever' is not a duration like 90s, 10m, 2h or 7d",
+        ),
+        (
+            "a timeout that overflows",
+            &["run", "--timeout", "300000000000000d"],
+            &[],
+            "is not a duration like",
+        ),
+        (
+            "a timeout past a century",
+            &["run", "--timeout", "40000d"],
+            &[],
+            "longer than the 100 years",
+        ),
+    ];
+    for (name, args, env, message) in cases {
+        let mut cmd = s.reprise(args);
+        cmd.envs(env.iter().copied());
+        let run = Run::from(cmd.output().expect("reprise starts"));
+        run.expect_code(2, name);
+        assert!(run.stderr.contains(message), "{name}:\n{}", run.stderr);
+        assert!(!run.stderr.contains("panicked"), "{name}:\n{}", run.stderr);
+        assert!(!run.booted(), "{name}");
+    }
+    assert_nothing_kept(
+        &s,
+        &Run::from(s.reprise(&["results", "list"]).output().unwrap()),
+        "bad settings",
+    );
+}
+
+#[test]
 fn bad_repositories_are_refused_before_booting() {
     struct Case {
         name: &'static str,

@@ -100,6 +100,8 @@ pub enum LinkError {
     Credentials(String),
     #[error("cannot resolve orchestrator address {0:?}")]
     Resolve(String),
+    #[error("the orchestrator address {0:?} has no port: give HOST:PORT (e.g. {0}:4433)")]
+    NoPort(String),
     #[error("cannot start a QUIC endpoint")]
     Endpoint(#[source] std::io::Error),
     #[error("cannot connect to the orchestrator")]
@@ -149,9 +151,7 @@ impl Link {
     /// the orchestrator's certificate), presents the client certificate and
     /// says `Hello`.
     pub async fn connect(addr: &str, creds: Arc<Credentials>) -> Result<Link, LinkError> {
-        let (host, _) = addr
-            .rsplit_once(':')
-            .ok_or_else(|| LinkError::Resolve(addr.to_string()))?;
+        let host = host_of(addr)?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let remote: SocketAddr = tokio::net::lookup_host(addr)
             .await
@@ -487,6 +487,35 @@ pub fn orchestrator_from_settings(dir: &Path, ui: &dyn crate::ui::Ui) -> Option<
                 crate::text::error_chain(&e)
             ));
             None
+        }
+    }
+}
+
+/// The host of a `HOST:PORT` address. "host", "[::1]" and "::1" name no
+/// port (nor does "host:http"); "host:4433" and "[::1]:4433" do.
+fn host_of(addr: &str) -> Result<&str, LinkError> {
+    match addr.rsplit_once(':') {
+        Some((host, port))
+            if (host.ends_with(']') || !host.contains(':')) && port.parse::<u16>().is_ok() =>
+        {
+            Ok(host)
+        }
+        _ => Err(LinkError::NoPort(addr.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_without_a_port_says_so() {
+        for good in ["localhost:4433", "10.0.0.1:1", "[::1]:4433"] {
+            assert!(host_of(good).is_ok(), "{good}");
+        }
+        for bad in ["localhost", "::1", "[::1]", "host:http", "host:99999"] {
+            let e = host_of(bad).unwrap_err().to_string();
+            assert!(e.contains("has no port: give HOST:PORT"), "{bad}: {e}");
         }
     }
 }
