@@ -178,14 +178,22 @@ struct KeyArgs {
 
 #[derive(Debug, Subcommand)]
 enum ResultsCmd {
-    /// List stored results, newest first.
-    List,
+    /// List stored results, passed then failed, newest first.
+    List {
+        /// Only the failed runs kept for inspection.
+        #[arg(long)]
+        failed: bool,
+    },
     /// Show one result: who produced and sealed it, whether it counts for
     /// CI (asked of the orchestrator when one is configured), and its
     /// manifest (by key or key prefix).
     Show {
         #[arg(value_parser = parse_key_prefix)]
         key: KeyPrefix,
+        /// Print the run's recorded output instead (stdout and stderr as the
+        /// run printed them), e.g. of a failed run kept for inspection.
+        #[arg(long)]
+        output: bool,
     },
     /// Check every stored result against its sha256s; move the damaged
     /// ones aside (quarantine) so no run replays them. Exits 9 when it
@@ -800,10 +808,21 @@ async fn show_result(r: &reprise_executor::store::StoredResult) {
 async fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
     let store = Store::default_location();
     match cmd {
-        ResultsCmd::List => {
+        ResultsCmd::List {
+            failed: only_failed,
+        } => {
+            let passed = if only_failed {
+                Vec::new()
+            } else {
+                store.list()
+            };
             let failed = store.list_failed();
-            for (r, status) in store
-                .list()
+            if passed.is_empty() && failed.is_empty() {
+                eprintln!("reprise: no stored results");
+                return Ok(exit::SUCCESS);
+            }
+            println!("KEY STATUS NAMESPACE TARGET COMMIT TOOK ISOLATION");
+            for (r, status) in passed
                 .iter()
                 .map(|r| (r, "passed"))
                 .chain(failed.iter().map(|r| (r, "failed")))
@@ -822,11 +841,15 @@ async fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
             }
             Ok(exit::SUCCESS)
         }
-        ResultsCmd::Show { key } => {
+        ResultsCmd::Show { key, output } => {
             let mut found = store.find(&key);
-            if key.whole().is_some() && found.len() > 1 {
-                // A whole key names one result: the newest (a passed one
-                // first, as lookups see it), the others listed.
+            let one_key = found
+                .iter()
+                .all(|r| r.manifest.key == found[0].manifest.key);
+            if found.len() > 1 && one_key {
+                // One key (whole, or a prefix of only it) names one result:
+                // the newest (a passed one first, as lookups see it), the
+                // others listed.
                 found.sort_by_key(|r| {
                     (
                         r.manifest.outcome != reprise_protocol::manifest::Outcome::Passed,
@@ -843,6 +866,15 @@ async fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
                 found.truncate(1);
             }
             match found.as_slice() {
+                [one] if output => {
+                    reprise_executor::replay::verify(one)?;
+                    reprise_executor::replay::write_output(
+                        one,
+                        &mut std::io::stdout().lock(),
+                        &mut std::io::stderr().lock(),
+                    )?;
+                    Ok(exit::SUCCESS)
+                }
                 [one] => {
                     show_result(one).await;
                     println!(

@@ -248,9 +248,10 @@ fn shell(script: &str) -> Vec<String> {
 }
 
 /// Runs `mk TARGET` as root in the OS from the repository root, its output
-/// shown live (redacted) but not part of the result, then the shell script
-/// `after` if given (whatever mk's status; its output is shown too).
-/// Returns mk's status.
+/// shown live (redacted) on stderr, not part of the result, then the shell
+/// script `after` if given (whatever mk's status; its output is shown too).
+/// stdout stays the tests' own, so `reprise run > log` keeps what a replay
+/// prints. Returns mk's status.
 async fn mk<S: Session>(
     session: &S,
     target: &str,
@@ -269,7 +270,9 @@ async fn mk<S: Session>(
     };
     let mut shown = Recorder::shown(secrets);
     let code = session
-        .exec(&argv, env, &mut |s: Stream, b: &[u8]| shown.feed(s, b))
+        .exec(&argv, env, &mut |_: Stream, b: &[u8]| {
+            shown.feed(Stream::Stderr, b)
+        })
         .await?;
     let _ = shown.finish();
     Ok(code)

@@ -79,10 +79,11 @@ fn a_pypi_packages_own_tests_pass_offline_replay_and_reuse_the_snapshot() {
     let shown = show(&s, &first);
     assert!(shown.contains("network none"), "{shown}");
     let image = image_of(&shown);
+    // Preparation's output goes to stderr (stdout is the tests' alone).
     assert!(
-        first.stdout.contains(&format!("sha256:{image}")),
+        first.stderr.contains(&format!("sha256:{image}")),
         "base-image imported the image the tests ran in ({image}):\n{}",
-        first.stdout
+        first.stderr
     );
 
     // The same tree again: a replay, which names the image too.
@@ -113,8 +114,8 @@ fn a_pypi_packages_own_tests_pass_offline_replay_and_reuse_the_snapshot() {
         "the second run's tests ran in the snapshot's image"
     );
     assert!(
-        !second.stdout.contains(&format!("sha256:{image}")),
+        !second.stderr.contains(&format!("sha256:{image}")),
         "the image was not imported again:\n{}",
-        second.stdout
+        second.stderr
     );
 }

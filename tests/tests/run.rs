@@ -110,13 +110,9 @@ fn first_run_executes_and_second_replays_the_same_output() {
         "{}",
         first.stdout
     );
-    assert!(
-        first
-            .stdout_bytes
-            .windows(HELLO_STDOUT.len())
-            .any(|w| w == HELLO_STDOUT),
-        "the first run shows the tests' stdout:\n{:?}",
-        first.stdout
+    assert_eq!(
+        first.stdout_bytes, HELLO_STDOUT,
+        "the first run's stdout is the tests' alone (preparation's goes to stderr)"
     );
     assert_eq!(
         first.test_stderr(),
@@ -447,6 +443,23 @@ fn failing_tests_are_kept_for_inspection_but_never_replayed() {
     assert!(
         !s.repo().join("reprise-artifacts/report.txt").exists(),
         "a failed run restores no artifacts"
+    );
+    // The kept runs, and the output of one, to see why it failed.
+    let failed = s.run(&["results", "list", "--failed"]);
+    failed.expect_code(code::SUCCESS, "results list --failed");
+    let key = failed
+        .stdout
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .expect("a failed run listed")
+        .to_string();
+    let shown = s.run(&["results", "show", &key, "--output"]);
+    shown.expect_code(code::SUCCESS, "results show --output");
+    assert!(
+        shown.stderr.contains("FAIL: got 'goodbye, world'"),
+        "the failed run's own stderr:\n{}",
+        shown.stderr
     );
 }
 

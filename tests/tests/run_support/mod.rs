@@ -156,7 +156,8 @@ impl Sandbox {
     pub fn results_list(&self) -> Vec<String> {
         let r = self.run(&["results", "list"]);
         assert_eq!(r.code, 0, "results list failed:\n{}", r.stderr);
-        r.stdout.lines().map(String::from).collect()
+        // Without the header line.
+        r.stdout.lines().skip(1).map(String::from).collect()
     }
 
     /// Every file under the store's `results/` and `failed/` folders.
@@ -239,16 +240,17 @@ impl Run {
             .any(|l| l.starts_with("reprise: replayed result "))
     }
 
-    /// The tests' own stderr: after the prepare-runtime phase for a real run
-    /// (everything for a replay), without reprise's own lines.
+    /// The tests' own stderr: between the prepare-runtime and the test
+    /// phases for a real run (everything for a replay; preparation,
+    /// artifacts and post-test print on stderr too), without reprise's own
+    /// lines.
     pub fn test_stderr(&self) -> Vec<u8> {
         let text = &self.stderr_bytes;
-        let marker = b"reprise: prepare-runtime done";
-        let start = text
-            .windows(marker.len())
-            .position(|w| w == marker)
-            .map_or(0, |at| at + marker.len());
-        text[start..]
+        let find = |marker: &[u8]| text.windows(marker.len()).position(|w| w == marker);
+        let start = find(b"reprise: prepare-runtime done")
+            .map_or(0, |at| at + b"reprise: prepare-runtime done".len());
+        let end = find(b"reprise: test done").unwrap_or(text.len());
+        text[start..end.max(start)]
             .split_inclusive(|b| *b == b'\n')
             .skip(usize::from(start > 0))
             .filter(|line| !line.starts_with(b"reprise: "))
