@@ -315,6 +315,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env(vars::LOG_VAR)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     // What killed commands left behind goes first (never a live one's).
@@ -425,6 +426,7 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
                 fresh: args.fresh,
                 keep_work: args.keep,
                 driver: DriverKind::choose(args.driver, &reprise_executor::inputs::process_env())?,
+                colour_term: colour_term(),
             };
             let mut link = RunLink::new(&req.dir);
             let outcome = tokio::select! {
@@ -530,6 +532,21 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
             vm.shutdown().await;
             Ok(code)
         }
+    }
+}
+
+/// The user's terminal type when the tests' output goes to a terminal that
+/// shows colour (`NO_COLOR` unset, `TERM` not `dumb`).
+fn colour_term() -> Option<String> {
+    if !std::io::IsTerminal::is_terminal(&std::io::stdout())
+        || std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
+    {
+        return None;
+    }
+    match std::env::var("TERM") {
+        Ok(t) if t == "dumb" => None,
+        Ok(t) if !t.is_empty() => Some(t),
+        _ => Some("xterm-256color".into()),
     }
 }
 

@@ -47,6 +47,10 @@ pub struct RunRequest {
     pub keep_work: bool,
     /// Where the run happens.
     pub driver: DriverKind,
+    /// The terminal the output goes to, if it shows colour: the tests get
+    /// its `TERM` and the usual force-colour variables, so what they
+    /// record (and a replay shows) keeps its colour.
+    pub colour_term: Option<String>,
 }
 
 /// How a run ended.
@@ -203,6 +207,7 @@ pub async fn run(
         work,
         has_prepare_runtime: checked.has_prepare_runtime,
         has_post_test: checked.has_post_test,
+        colour_term: req.colour_term.as_deref(),
     };
     let work = WorkDir::new_in(&std::env::temp_dir(), crate::workdir::RUN_PREFIX)
         .map_err(|e| RunError::Infra(format!("cannot make a work folder: {e}")))?;

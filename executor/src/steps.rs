@@ -56,6 +56,8 @@ pub struct StepInputs<'a> {
     /// Whether the mkfile defines these targets (directly or by `ci.mk`).
     pub has_prepare_runtime: bool,
     pub has_post_test: bool,
+    /// The user's terminal, when it shows colour ([`colour_env`]).
+    pub colour_term: Option<&'a str>,
 }
 
 /// Runs the steps; `phase` reports each one as it ends.
@@ -148,6 +150,11 @@ pub async fn run<S: Session>(
     let mut container_env = env.clone();
     container_env.remove("PATH");
     container_env.extend(ci_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if let Some(term) = inputs.colour_term {
+        for (k, v) in colour_env(term) {
+            container_env.entry(k.into()).or_insert(v);
+        }
+    }
     let mut argv = test_command(inputs.network, &image, inputs.target, &container_env);
     // podman itself needs a PATH; the container does not get this one.
     let mut podman_env = container_env.clone();
@@ -245,6 +252,20 @@ pub async fn run<S: Session>(
 
 fn shell(script: &str) -> Vec<String> {
     vec!["/bin/sh".into(), "-c".into(), script.into()]
+}
+
+/// What tests that colour only on a terminal read to colour anyway: the
+/// terminal's type and the force-colour switches of the common tools
+/// (the `FORCE_COLOR` of Node and Python's tools, `CLICOLOR_FORCE`,
+/// cargo's and pytest's own). A repository's own value wins.
+pub fn colour_env(term: &str) -> [(&'static str, String); 5] {
+    [
+        ("TERM", term.to_string()),
+        ("FORCE_COLOR", "1".into()),
+        ("CLICOLOR_FORCE", "1".into()),
+        ("CARGO_TERM_COLOR", "always".into()),
+        ("PY_COLORS", "1".into()),
+    ]
 }
 
 /// Runs `mk TARGET` as root in the OS from the repository root, its output

@@ -1,5 +1,5 @@
 //! Every environment variable the `reprise` binary reads, in one place.
-//! (The `reprise-orchestrator` binary reads only `RUST_LOG`.)
+//! (The `reprise-orchestrator` binary reads only `REPRISE_LOG`, or `RUST_LOG` when it is unset.)
 //!
 //! | variable | read by | meaning |
 //! | --- | --- | --- |

@@ -103,10 +103,14 @@ impl LimitArgs {
 }
 
 fn main() {
+    // REPRISE_LOG, as for `reprise` (RUST_LOG still read when it is unset);
+    // colour only on a terminal, so a log file holds plain text.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REPRISE_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -1121,3 +1121,63 @@ fn a_failed_run_leaves_nothing_in_the_snapshot_for_the_next_run() {
         second.stderr
     );
 }
+
+#[test]
+fn the_tests_colour_when_the_users_terminal_does() {
+    let s = Sandbox::new();
+    let test_sh = fs::read_to_string(example_hello().join("test.sh")).expect("test.sh");
+    s.copy_from(&example_hello())
+        .write(
+            "test.sh",
+            &format!("echo \"term=${{TERM:-none}} force=${{FORCE_COLOR:-none}}\"\n{test_sh}"),
+        )
+        .git_init()
+        .commit("says what colour it was given");
+    // On a terminal (a pseudo-terminal from script(1)): the tests get the
+    // terminal's type and the force-colour switches, and record them.
+    let log = s.dir.path().join("typescript");
+    let command = format!(
+        "{} run --no-serve --driver podman",
+        run_support::reprise_bin().display()
+    );
+    let mut on_tty = s.reprise(&[]);
+    on_tty.env("TERM", "xterm-256color").env_remove("NO_COLOR");
+    let on_tty = Command::new("script")
+        .args(["-q", "-e", "-c", &command])
+        .arg(&log)
+        .current_dir(s.repo())
+        .envs(
+            on_tty
+                .get_envs()
+                .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
+        )
+        .env("TERM", "xterm-256color")
+        .env_remove("NO_COLOR")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script runs");
+    let shown = fs::read_to_string(&log).unwrap_or_default();
+    assert!(on_tty.status.success(), "{shown}");
+    assert!(
+        shown.contains("term=xterm-256color force=1"),
+        "on a terminal:\n{shown}"
+    );
+    // The replay, into a pipe, shows what was recorded: with colour.
+    let replay = s.run(&["run", "--no-serve", "--driver", "podman"]);
+    replay.expect_code(code::SUCCESS, "replay");
+    assert!(replay.replayed(), "{}", replay.stderr);
+    assert!(
+        replay.stdout.contains("term=xterm-256color force=1"),
+        "{}",
+        replay.stdout
+    );
+    // Not on a terminal: nothing is forced (podman's own TERM=xterm stays).
+    s.write("README", "another tree\n").commit("another tree");
+    let piped = s.run(&["run", "--no-serve", "--driver", "podman"]);
+    piped.expect_code(code::SUCCESS, "piped run");
+    assert!(
+        piped.stdout.contains(" force=none") && !piped.stdout.contains("xterm-256color"),
+        "{}",
+        piped.stdout
+    );
+}

@@ -635,4 +635,8 @@ fn a_result_whose_artifact_holds_a_secret_stays_on_this_machine() {
         r.stderr
     );
     nix_kill(daemon.0.id(), "TERM");
+    // The service's log (REPRISE_LOG=info, to a file): plain text.
+    let log = fs::read_to_string(team.dir.path().join("orch.log")).expect("orchestrator log");
+    assert!(log.contains("INFO"), "REPRISE_LOG=info is read:\n{log}");
+    assert!(!log.contains('\x1b'), "no colour codes in a file:\n{log}");
 }

@@ -325,7 +325,9 @@ async fn the_cli_runs_a_command_and_exits_with_its_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saved_state_boots_again_with_a_new_data_disk() {
     let scratch = tempfile::tempdir().expect("tempdir");
-    let config = vm_config();
+    let mut config = vm_config();
+    // The machine that writes a state is the one qemu may spawn from.
+    config.may_spawn = true;
     let source = TestVm::boot("source", &config).await;
     source
         .sh_ok("echo before-save > /root/saved && echo x > /reprise/old-disk")

@@ -278,9 +278,13 @@ async fn saved_state(
     scratch: &Path,
     runs: usize,
 ) -> BenchResult<(Vec<Row>, Vec<Duration>)> {
-    let source = Vm::boot(config).await?;
+    let mut source_config = config.clone();
+    source_config.may_spawn = true;
+    let source = Vm::boot(&source_config).await?;
     let t = Instant::now();
-    let saved = source.save_state(&scratch.join("saved"), config).await?;
+    let saved = source
+        .save_state(&scratch.join("saved"), &source_config)
+        .await?;
     let save_time = t.elapsed();
     source.shutdown().await;
     println!(

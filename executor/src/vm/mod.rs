@@ -310,6 +310,9 @@ pub struct Vm {
     frames: Mutex<mpsc::UnboundedReceiver<Frame>>,
     stream_task: tokio::task::JoinHandle<()>,
     accel: Accel,
+    /// Started with [`VmConfig::may_spawn`]: only such a qemu can save its
+    /// state.
+    may_spawn: bool,
     boot_time: Duration,
     next_id: AtomicU64,
     span: tracing::Span,
@@ -571,6 +574,7 @@ impl Vm {
             frames: Mutex::new(frames_rx),
             stream_task,
             accel: config.accel,
+            may_spawn: config.may_spawn,
             boot_time: Duration::ZERO,
             next_id: AtomicU64::new(1),
             span,

@@ -158,7 +158,9 @@ impl Vm {
     /// VMs can boot from it (set [`VmConfig::restore`]). The guest's data
     /// disk is unmounted first (the restored guests mount their own), and
     /// this VM keeps running afterwards without it: use it for nothing but
-    /// saving. Boot it without a tree so the data disk is small. What the
+    /// saving. Boot it without a tree so the data disk is small, and with
+    /// [`VmConfig::may_spawn`] (qemu 7.2 writes the state through `exec:`,
+    /// which its sandbox otherwise forbids). What the
     /// guest has cached of its root disk is saved with it (and stays true:
     /// restored guests run on a copy of that disk), so reading files in
     /// beforehand makes them instant for every restored guest.
@@ -167,6 +169,12 @@ impl Vm {
         dir: &Path,
         config: &VmConfig,
     ) -> Result<SavedGuest, SavedGuestError> {
+        if !self.may_spawn {
+            return Err(SavedGuestError::Prepare(
+                "this VM was started without may_spawn, so its sandbox forbids writing a state"
+                    .into(),
+            ));
+        }
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| SavedGuestError::Io { path, source }

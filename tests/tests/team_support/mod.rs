@@ -181,7 +181,7 @@ pub fn serve_logged(state: &str, addr: &str, log: &Path) -> Killed {
     Killed(
         Command::new(orchestrator_bin())
             .args(["serve", "--dir", state, "--listen", addr])
-            .env("RUST_LOG", "info")
+            .env("REPRISE_LOG", "info")
             .stdout(Stdio::null())
             .stderr(fs::File::create(log).expect("orchestrator log"))
             .spawn()
