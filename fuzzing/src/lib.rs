@@ -14,6 +14,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use reprise_executor::check;
 use reprise_executor::link::Credentials;
 use reprise_executor::link::fetch::check_transfer;
 use reprise_executor::link::settings::{self, DotEnv, Facts, UserConfig};
@@ -24,10 +25,11 @@ use reprise_protocol::digest::{KeyPrefix, RunKey, Sha256Digest};
 use reprise_protocol::guest_stream::{self, Frame};
 use reprise_protocol::key::{KEY_VERSION, KeyInputs};
 use reprise_protocol::manifest::{
-    Artifact, ArtifactPath, MANIFEST_VERSION, MAX_ARTIFACT_PATH, Outcome, Phase, Producer,
-    ResultManifest, Snapshot,
+    Artifact, ArtifactPath, MANIFEST_VERSION, MAX_ARTIFACT_BYTES, MAX_ARTIFACT_PATH,
+    MAX_RECORD_BYTES, MAX_RESULT_BYTES, Outcome, Phase, Producer, ResultManifest, Snapshot,
 };
 use reprise_protocol::policy::OrchestratorSettings;
+use reprise_protocol::record::StreamId;
 use reprise_protocol::repo_config::{self, RepoConfig};
 use reprise_protocol::wire::{self, FrameError, Message, Sealed};
 use reprise_protocol::{hex, local, record, seal, sign};
@@ -105,7 +107,10 @@ fn message_round_trips(message: &Message) {
             let (back, used) = wire::decode_frame(&frame)
                 .expect("an encoded message decodes")
                 .expect("an encoded frame is whole");
-            assert_eq!(&back, message, "a message changed through encode and decode");
+            assert_eq!(
+                &back, message,
+                "a message changed through encode and decode"
+            );
             assert_eq!(used, frame.len());
         }
         // Escapes can make the encoding longer than what was read.
@@ -134,11 +139,27 @@ pub fn result_manifest(data: &[u8]) {
     let digest = m.outputs_digest();
     let signed = sign::signing_bytes(&m);
     let _ = m.inputs.explain();
+    if m.check_sizes().is_ok() {
+        let total = m
+            .artifacts
+            .iter()
+            .try_fold(m.output_bytes, |t, a| t.checked_add(a.bytes));
+        assert!(
+            m.output_bytes <= MAX_RECORD_BYTES
+                && m.artifacts.iter().all(|a| a.bytes <= MAX_ARTIFACT_BYTES)
+                && total.is_some_and(|t| t <= MAX_RESULT_BYTES),
+            "sizes over the limits passed"
+        );
+    }
     if m.check().is_err() {
         return;
     }
     let paths: BTreeSet<&str> = m.artifacts.iter().map(|a| a.path.as_str()).collect();
-    assert_eq!(paths.len(), m.artifacts.len(), "a checked manifest lists a path twice");
+    assert_eq!(
+        paths.len(),
+        m.artifacts.len(),
+        "a checked manifest lists a path twice"
+    );
     for a in &m.artifacts {
         assert_eq!(a.mode & !0o777, 0, "a checked manifest keeps special bits");
         for (i, _) in a.path.as_str().match_indices('/') {
@@ -150,8 +171,7 @@ pub fn result_manifest(data: &[u8]) {
         }
     }
     let json = serde_json::to_vec(&m).expect("manifests serialise");
-    let back: ResultManifest =
-        serde_json::from_slice(&json).expect("a serialised manifest parses");
+    let back: ResultManifest = serde_json::from_slice(&json).expect("a serialised manifest parses");
     assert_eq!(back, m, "a manifest changed through JSON");
     back.check().expect("a manifest that checked checks again");
     assert_eq!(back.outputs_digest(), digest);
@@ -159,10 +179,43 @@ pub fn result_manifest(data: &[u8]) {
     assert!(back.inputs.diff(&m.inputs).is_empty());
 }
 
-/// `record.rs`: an output record as stored or fetched. A record that
-/// decodes is the encoding of its entries, byte for byte.
+/// `record.rs`: an output record as stored or fetched, read by the
+/// streaming decoder `replay` uses (`decode_stream`, fed in uneven pieces)
+/// and by the whole one (`decode`). Both agree on the bytes of each stream
+/// and on the error; a record that decodes is the encoding of its
+/// entries, byte for byte.
 pub fn output_record(data: &[u8]) {
-    let Ok(entries) = record::decode(data) else {
+    let whole = record::decode(data);
+    let mut streamed: Vec<(StreamId, Vec<u8>)> = Vec::new();
+    let result = record::decode_stream(
+        Uneven {
+            data,
+            at: 0,
+            step: 0,
+        },
+        |stream, bytes| {
+            match streamed.last_mut() {
+                Some((s, b)) if *s == stream => b.extend_from_slice(bytes),
+                _ => streamed.push((stream, bytes.to_vec())),
+            }
+            Ok(())
+        },
+    );
+    match (&whole, result) {
+        (Ok(entries), Ok(())) => {
+            let mut merged: Vec<(StreamId, Vec<u8>)> = Vec::new();
+            for e in entries.iter().filter(|e| !e.bytes.is_empty()) {
+                match merged.last_mut() {
+                    Some((s, b)) if *s == e.stream => b.extend_from_slice(&e.bytes),
+                    _ => merged.push((e.stream, e.bytes.clone())),
+                }
+            }
+            assert_eq!(merged, streamed, "the streaming decoder read other bytes");
+        }
+        (Err(w), Err(record::StreamError::Record(s))) => assert_eq!(w, &s),
+        (w, s) => panic!("the decoders disagree: {w:?} and {s:?}"),
+    }
+    let Ok(entries) = whole else {
         return;
     };
     let mut again = Vec::new();
@@ -173,6 +226,24 @@ pub fn output_record(data: &[u8]) {
         assert!(data.is_empty() || data == record::MAGIC);
     } else {
         assert_eq!(again, data, "a record is not the encoding of its entries");
+    }
+}
+
+/// A reader that hands out its bytes in pieces of 1 to 7 bytes, as a pipe
+/// or a slow disk might.
+struct Uneven<'a> {
+    data: &'a [u8],
+    at: usize,
+    step: usize,
+}
+
+impl std::io::Read for Uneven<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.step = self.step % 7 + 1;
+        let n = self.step.min(buf.len()).min(self.data.len() - self.at);
+        buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }
 
@@ -224,9 +295,9 @@ pub fn daemon_line(data: &[u8]) {
 /// names valid variables, never one both counted and secret, and plain
 /// artifact paths; a refusal points inside the text.
 pub fn repo_config(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
+    // As `repo.rs` reads the blob.
+    let text = String::from_utf8_lossy(data);
+    let text = text.as_ref();
     match RepoConfig::parse(text) {
         Ok(config) => {
             for name in config.env.iter().chain(&config.secrets) {
@@ -271,7 +342,10 @@ pub fn dotenv(data: &[u8]) {
     assert_eq!(alone.settings, None, "a .env alone gave credentials");
     let env = BTreeMap::from([
         (settings::ORCHESTRATOR_VAR.to_string(), "user:1".to_string()),
-        (settings::CREDENTIALS_VAR.to_string(), "/user.pem".to_string()),
+        (
+            settings::CREDENTIALS_VAR.to_string(),
+            "/user.pem".to_string(),
+        ),
     ]);
     for tracked in [true, false] {
         let r = settings::resolve(&Facts {
@@ -394,7 +468,9 @@ fn path_is_plain(path: &ArtifactPath) {
     assert!(!s.starts_with('/') && !s.contains('\0'), "{s:?}");
     let parts: Vec<&str> = path.parts().collect();
     assert!(
-        parts.iter().all(|p| !p.is_empty() && *p != "." && *p != ".."),
+        parts
+            .iter()
+            .all(|p| !p.is_empty() && *p != "." && *p != ".."),
         "{s:?}"
     );
     let components: Vec<Component<'_>> = Path::new(s).components().collect();
@@ -403,7 +479,11 @@ fn path_is_plain(path: &ArtifactPath) {
         components.iter().all(|c| matches!(c, Component::Normal(_))),
         "{s:?}"
     );
-    assert!(Path::new("/store/artifacts").join(s).starts_with("/store/artifacts/"));
+    assert!(
+        Path::new("/store/artifacts")
+            .join(s)
+            .starts_with("/store/artifacts/")
+    );
 }
 
 /// `seal.rs` and `fetch.rs` `check_transfer`: a transfer header (manifest
@@ -504,6 +584,9 @@ pub fn mkfile(data: &[u8]) {
         let _ = mk.has_target(probe);
         let _ = mk.prerequisites(probe);
     }
+    // And as `reprise check` reads it: with the contract's ci.mk to include.
+    let artifacts: Vec<ArtifactPath> = vec!["report.txt".parse().expect("a plain path")];
+    let _ = check::check_text(&text, "test", &artifacts, &BTreeMap::new());
 }
 
 /// `policy.rs`: the orchestrator's `orchestrator.toml`. What parses gives

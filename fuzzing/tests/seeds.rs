@@ -69,8 +69,14 @@ fn write_seeds() {
     let creds_pem = format!("{}{}{}", leaf.cert, leaf.key, ca.cert);
     let creds = Credentials::from_pem(&creds_pem).unwrap();
     let expired = pki::issue(&ca, LeafKind::Client, "old", &[], Some((from, from))).unwrap();
-    let server = pki::issue(&ca, LeafKind::Server, "orch", &["orch".into()], Some((from, until)))
-        .unwrap();
+    let server = pki::issue(
+        &ca,
+        LeafKind::Server,
+        "orch",
+        &["orch".into()],
+        Some((from, until)),
+    )
+    .unwrap();
 
     let manifest = sample_manifest();
     manifest.check().unwrap();
@@ -183,14 +189,25 @@ fn write_seeds() {
     write(
         "result_manifest",
         vec![
-            ("passed".into(), serde_json::to_vec_pretty(&manifest).unwrap()),
-            ("failed".into(), serde_json::to_vec(&failed.manifest).unwrap()),
+            (
+                "passed".into(),
+                serde_json::to_vec_pretty(&manifest).unwrap(),
+            ),
+            (
+                "failed".into(),
+                serde_json::to_vec(&failed.manifest).unwrap(),
+            ),
         ],
     );
 
     // The output record and the guest stream.
     let mut rec = Vec::new();
-    record::push(&mut rec, StreamId::Stdout, 0, b"\x1b[32mok\x1b[0m 1 - add\n");
+    record::push(
+        &mut rec,
+        StreamId::Stdout,
+        0,
+        b"\x1b[32mok\x1b[0m 1 - add\n",
+    );
     record::push(&mut rec, StreamId::Stderr, 15, b"warning: slow\n");
     record::push(&mut rec, StreamId::Stdout, 40, b"");
     write(
