@@ -67,7 +67,10 @@ pub fn parse_crontab(text: &str) -> Result<Vec<Entry>, CrontabError> {
             )));
         };
         let cron = [*m, *h, *dom, *mon, *dow].join(" ");
-        Cron::from_str(&cron).map_err(|e| err(format!("'{cron}': {e}")))?;
+        let parsed = Cron::from_str(&cron).map_err(|e| err(format!("'{cron}': {e}")))?;
+        if !occurs(&parsed) {
+            return Err(err(format!("'{cron}' never occurs (no such day)")));
+        }
         let valid_target = !target.is_empty()
             && target
                 .chars()
@@ -118,8 +121,23 @@ fn at(secs: u64) -> DateTime<Utc> {
 }
 
 /// The next time `entry` is due after `after` (seconds since the epoch).
+/// Whether `cron` ever occurs. An expression that names no real day
+/// (`0 0 31 2 *`) makes croner search up to its year limit, tens of
+/// milliseconds each time (seconds under a sanitizer), and the daemon asks
+/// every 15 s. Every calendar case (leap year or not, the weekday of the
+/// 1st) comes within 28 years that hold no century year, so searching the
+/// 28 years before the limit answers quickly and for good.
+fn occurs(cron: &Cron) -> bool {
+    Utc.with_ymd_and_hms(croner::YEAR_UPPER_LIMIT - 28, 1, 1, 0, 0, 0)
+        .single()
+        .is_some_and(|from| cron.find_next_occurrence(&from, true).is_ok())
+}
+
 pub fn next_after(entry: &Entry, after: u64) -> Option<u64> {
     let cron = Cron::from_str(&entry.cron).ok()?;
+    if !occurs(&cron) {
+        return None;
+    }
     let next = cron.find_next_occurrence(&at(after), false).ok()?;
     u64::try_from(next.timestamp()).ok()
 }
@@ -280,6 +298,14 @@ mod tests {
             ("\n61 * * * * lint\n", "crontab:2: '61 * * * *'"),
             ("* * * * * two words\n", "crontab:1: expected five"),
             ("* * * * * rm;-rf\n", "crontab:1: 'rm;-rf' is not a target"),
+            (
+                "59 23 31 2 * leap.day\n",
+                "crontab:1: '59 23 31 2 *' never occurs",
+            ),
+            (
+                "0 0 31 4,6,9,11 * x\n",
+                "crontab:1: '0 0 31 4,6,9,11 *' never occurs",
+            ),
         ] {
             let e = parse_crontab(text).unwrap_err().to_string();
             assert!(e.contains(want), "{text:?}: {e}");

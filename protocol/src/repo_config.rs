@@ -124,13 +124,17 @@ impl RepoConfig {
             }
         }
         if let Some(both) = config.env.iter().find(|n| config.secrets.contains(n)) {
-            // The second mention is the one that makes it both.
-            let first = text.find(&format!("\"{both}\"")).unwrap_or(0);
-            let rest = &text[first + 1..];
-            let offset = rest
-                .find(&format!("\"{both}\""))
-                .map_or(first, |o| first + 1 + o);
-            let (line, column) = line_column(text, offset + 1);
+            // The second mention is the one that makes it both. A name may
+            // be written in either quotes (or escaped, and not found): never
+            // slice the text where no quote was found.
+            let mut mentions: Vec<usize> = Vec::new();
+            for q in ['"', '\''] {
+                let quoted = format!("{q}{both}{q}");
+                mentions.extend(text.match_indices(&quoted).map(|(o, _)| o));
+            }
+            mentions.sort_unstable();
+            let offset = mentions.get(1).or(mentions.first()).map_or(0, |o| o + 1);
+            let (line, column) = line_column(text, offset);
             return Err(ConfigError {
                 line,
                 column,
@@ -190,6 +194,14 @@ mod tests {
             (
                 "env = [\"A\"]\nsecrets = [\"A\"]",
                 "reprise.toml:2:13: 'A' is both counted and secret",
+            ),
+            (
+                "\u{feff}env = ['A']\nsecrets = ['A']",
+                "reprise.toml:2:13: 'A' is both counted and secret",
+            ),
+            (
+                "env = [\"\\u0041\"]\nsecrets = [\"\\u0041\"]",
+                "reprise.toml:1:1: 'A' is both counted and secret",
             ),
             ("artifacts = [\"../x\"]", "reprise.toml:1:13: artifact path"),
             ("\nartifacts = [\"/etc/passwd\"]", "reprise.toml:2:13:"),
