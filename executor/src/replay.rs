@@ -71,23 +71,17 @@ impl ReplayError {
 pub fn verify(result: &StoredResult) -> Result<(), ReplayError> {
     use sha2::Digest;
     let key = result.manifest.key;
-    let path = result.output_path();
-    let io = |source| ReplayError::Io {
-        path: path.clone(),
-        source,
-    };
-    let file = std::fs::File::open(&path).map_err(io)?;
     let mut hasher = sha2::Sha256::new();
     let mut bytes = 0u64;
-    let hashing = Tee {
-        inner: file,
-        hasher: &mut hasher,
-        bytes: &mut bytes,
-    };
-    record::decode_stream(hashing, |_, _| Ok(())).map_err(|e| match e {
-        record::StreamError::Record(source) => ReplayError::Record { key, source },
-        record::StreamError::Io(source) => io(source),
-    })?;
+    decode_record(
+        result,
+        |file| Tee {
+            inner: file,
+            hasher: &mut hasher,
+            bytes: &mut bytes,
+        },
+        |_, _| Ok(()),
+    )?;
     let found = Sha256Digest::finish(hasher);
     if found != result.manifest.output_sha256 {
         return Err(ReplayError::OutputMismatch {
@@ -191,6 +185,27 @@ pub fn write_output(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> Result<(), ReplayError> {
+    decode_record(
+        result,
+        |file| file,
+        |stream, bytes| {
+            let out: &mut dyn Write = match stream {
+                StreamId::Stdout => &mut *stdout,
+                StreamId::Stderr => &mut *stderr,
+            };
+            out.write_all(bytes)?;
+            out.flush()
+        },
+    )
+}
+
+/// Streams a stored result's output record through `each`, read through
+/// what `reader` makes of the file; its errors as [`ReplayError`]s.
+fn decode_record<R: std::io::Read>(
+    result: &StoredResult,
+    reader: impl FnOnce(std::fs::File) -> R,
+    each: impl FnMut(StreamId, &[u8]) -> std::io::Result<()>,
+) -> Result<(), ReplayError> {
     let key = result.manifest.key;
     let path = result.output_path();
     let io = |source| ReplayError::Io {
@@ -198,15 +213,7 @@ pub fn write_output(
         source,
     };
     let file = std::fs::File::open(&path).map_err(io)?;
-    record::decode_stream(file, |stream, bytes| {
-        let out: &mut dyn Write = match stream {
-            StreamId::Stdout => stdout,
-            StreamId::Stderr => stderr,
-        };
-        out.write_all(bytes)?;
-        out.flush()
-    })
-    .map_err(|e| match e {
+    record::decode_stream(reader(file), each).map_err(|e| match e {
         record::StreamError::Record(source) => ReplayError::Record { key, source },
         record::StreamError::Io(source) => io(source),
     })
