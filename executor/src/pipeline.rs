@@ -414,7 +414,8 @@ async fn execute<D: Driver>(
 }
 
 /// The collected artifacts (relative paths) that hold a form of a
-/// secret's value, each with the first secret found in it.
+/// secret's value, each with the first secret found in it: the files a
+/// commit would store.
 fn secrets_in_artifacts(
     secrets: &[(String, String)],
     artifacts: Option<&std::path::Path>,
@@ -422,32 +423,20 @@ fn secrets_in_artifacts(
     let (Some(root), false) = (artifacts, secrets.is_empty()) else {
         return Ok(Vec::new());
     };
+    if !root.is_dir() {
+        return Ok(Vec::new());
+    }
     let patterns = crate::redact::Patterns::new(secrets);
     let mut out = Vec::new();
-    let mut dirs = vec![root.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| RunError::Infra(format!("reading {}: {e}", dir.display())))?;
-        for e in entries {
-            let e = e.map_err(|e| RunError::Infra(format!("reading {}: {e}", dir.display())))?;
-            let path = e.path();
-            let kind = e
-                .file_type()
-                .map_err(|e| RunError::Infra(format!("reading {}: {e}", path.display())))?;
-            if kind.is_dir() {
-                dirs.push(path);
-            } else if kind.is_file() {
-                let found = patterns
-                    .find_in_file(&path)
-                    .map_err(|e| RunError::Infra(format!("reading {}: {e}", path.display())))?;
-                if let Some(found) = found {
-                    let rel = path.strip_prefix(root).unwrap_or(&path);
-                    out.push((rel.display().to_string(), found));
-                }
-            }
+    for rel in crate::store::artifact_files(root)? {
+        let path = root.join(rel.as_str());
+        let found = patterns
+            .find_in_file(&path)
+            .map_err(|e| RunError::Infra(format!("reading {}: {e}", path.display())))?;
+        if let Some(found) = found {
+            out.push((rel.as_str().to_string(), found));
         }
     }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 

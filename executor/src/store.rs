@@ -342,9 +342,7 @@ impl Store {
         let blobs = self.root.join("blobs");
         fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
         let mut artifacts = Vec::new();
-        let mut files = Vec::new();
-        walk_files(dir, dir, &mut files)?;
-        files.sort();
+        let files = artifact_files(dir)?;
         let mut sizes = Vec::with_capacity(files.len());
         for rel in &files {
             let path = dir.join(rel.as_str());
@@ -388,10 +386,7 @@ impl Store {
     /// that no longer matches its sha256. Nothing looks it up again.
     /// Returns where it went.
     pub fn quarantine(&self, result: &StoredResult, reason: &str) -> Result<PathBuf, StoreError> {
-        let dir = self.root.join("quarantine");
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let dest = dir.join(format!("{}-{}", result.manifest.key.hex(), now_secs()));
-        fs::rename(&result.dir, &dest).map_err(io_err(&dest))?;
+        let dest = self.quarantine_folder(&result.dir, reason)?;
         for a in &result.manifest.artifacts {
             let blob = self.blob_path(a);
             let matches = crate::image::sha256_file(&blob)
@@ -404,7 +399,6 @@ impl Store {
                 fs::rename(&blob, aside.join(a.sha256.hex())).map_err(io_err(&blob))?;
             }
         }
-        fs::write(dest.join("reason.txt"), format!("{reason}\n")).map_err(io_err(&dest))?;
         Ok(dest)
     }
 
@@ -427,9 +421,11 @@ impl Store {
         out
     }
 
-    /// Moves a result folder that does not load into the quarantine, with
-    /// its reason. Its blobs stay: they are checked by content, and `gc`
-    /// drops those nothing refers to.
+    /// Moves a result folder into the quarantine (`quarantine/<name>-<now>/`),
+    /// with its reason. Its blobs stay: they are checked by content, and
+    /// `gc` drops those nothing refers to. A result folder that does not
+    /// load goes this way as it is; [`Store::quarantine`] adds the damaged
+    /// blobs of one that does.
     pub fn quarantine_folder(&self, folder: &Path, reason: &str) -> Result<PathBuf, StoreError> {
         let dir = self.root.join("quarantine");
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -527,6 +523,15 @@ fn load(dir: &Path) -> Option<StoredResult> {
         manifest,
         seal,
     })
+}
+
+/// The files a run's artifacts folder `dir` holds, as artifact paths,
+/// sorted: what a commit stores ([`walk_files`]).
+pub fn artifact_files(dir: &Path) -> Result<Vec<ArtifactPath>, StoreError> {
+    let mut files = Vec::new();
+    walk_files(dir, dir, &mut files)?;
+    files.sort();
+    Ok(files)
 }
 
 /// The regular files under `root`, as artifact paths. Symlinks and other
