@@ -34,7 +34,7 @@ use reprise_protocol::wire::{self, Message};
 use run_support::{Run, Sandbox, wait_until};
 use team_support::{
     Killed, Team, clone_of, fabricate_result, free_udp_port, issue, namespace, nix_kill,
-    orchestrator, serve_logged, with_orchestrator,
+    orchestrator, serve_logged, serving_daemon, with_orchestrator,
 };
 
 /// Writes credentials where a user keeps them: readable by the user only.
@@ -483,18 +483,7 @@ fn a_trusted_relayer_cannot_launder_a_hand_made_or_a_revoked_producers_result() 
 
     let addr = format!("127.0.0.1:{}", free_udp_port());
     let _server = serve_logged(state, &addr, &dir.path().join("orch.log"));
-    let mut cmd = carol.reprise(&["daemon"]);
-    with_orchestrator(&mut cmd, &addr, &carol_pem);
-    let log = dir.path().join("carol.log");
-    cmd.stderr(fs::File::create(&log).expect("log"));
-    let daemon = Killed(cmd.spawn().expect("daemon"));
-    let read_log = || fs::read_to_string(&log).unwrap_or_default();
-    assert!(
-        wait_until(Duration::from_secs(30), || read_log().contains("serving")),
-        "{}",
-        read_log()
-    );
-    let text = read_log();
+    let (daemon, text) = serving_daemon(&carol, &addr, &carol_pem, &dir.path().join("carol.log"));
     assert!(text.contains("serving 1 result(s)"), "only alice's: {text}");
     assert!(text.contains("refused 1 result(s)"), "bob's: {text}");
 
@@ -606,21 +595,11 @@ fn a_result_whose_artifact_holds_a_secret_stays_on_this_machine() {
     );
 
     // A's daemon, with credentials, does not announce it...
-    let mut cmd = a.reprise(&["daemon"]);
-    with_orchestrator(&mut cmd, &addr, &team.alice);
-    let log = team.dir.path().join("a-daemon.log");
-    cmd.stderr(fs::File::create(&log).expect("log"));
-    let daemon = Killed(cmd.spawn().expect("daemon"));
-    let read_log = || fs::read_to_string(&log).unwrap_or_default();
+    let (daemon, said) =
+        serving_daemon(a, &addr, &team.alice, &team.dir.path().join("a-daemon.log"));
     assert!(
-        wait_until(Duration::from_secs(30), || read_log().contains("serving")),
-        "{}",
-        read_log()
-    );
-    assert!(
-        read_log().contains("serving 0 result(s)"),
-        "nothing to announce: {}",
-        read_log()
+        said.contains("serving 0 result(s)"),
+        "nothing to announce: {said}"
     );
     // ...so a peer runs the tests itself rather than receive the artifact.
     let b = clone_of(a);

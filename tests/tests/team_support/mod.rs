@@ -5,6 +5,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use crate::run_support::{Run, Sandbox, example_hello, reprise_bin};
 
@@ -234,4 +235,20 @@ pub fn nix_kill(pid: u32, signal: &str) {
         .status()
         .is_ok_and(|s| s.success());
     assert!(ok, "kill -{signal} {pid}");
+}
+
+/// `reprise daemon` in `s` with credentials `creds`, its stderr in `log`;
+/// returns it once it says it is serving, with what it said by then.
+pub fn serving_daemon(s: &Sandbox, addr: &str, creds: &Path, log: &Path) -> (Killed, String) {
+    let mut cmd = s.reprise(&["daemon"]);
+    with_orchestrator(&mut cmd, addr, creds);
+    cmd.stderr(fs::File::create(log).expect("daemon log"));
+    let daemon = Killed(cmd.spawn().expect("daemon"));
+    let read_log = || fs::read_to_string(log).unwrap_or_default();
+    assert!(
+        crate::run_support::wait_until(Duration::from_secs(30), || read_log().contains("serving")),
+        "{}",
+        read_log()
+    );
+    (daemon, read_log())
 }
