@@ -81,13 +81,23 @@ pub struct StoredResult {
 /// The file in a result's folder saying why it is kept on this machine
 /// (an artifact holds a secret).
 pub const KEPT_LOCAL: &str = "kept-local.txt";
+/// What of [`KEPT_LOCAL`] is read.
+pub const KEPT_LOCAL_MAX: u64 = 4096;
 
 impl StoredResult {
     /// Why the result is kept on this machine, if it is.
+    /// One line, at most [`KEPT_LOCAL_MAX`] bytes of it, whatever the file
+    /// holds.
     pub fn kept_local(&self) -> Option<String> {
-        std::fs::read_to_string(self.dir.join(KEPT_LOCAL))
-            .ok()
-            .map(|t| t.trim().to_string())
+        use std::io::Read;
+        let mut text = Vec::new();
+        fs::File::open(self.dir.join(KEPT_LOCAL))
+            .ok()?
+            .take(KEPT_LOCAL_MAX)
+            .read_to_end(&mut text)
+            .ok()?;
+        let text = String::from_utf8_lossy(&text);
+        Some(text.lines().next().unwrap_or_default().trim().to_string())
     }
 
     pub fn output_path(&self) -> PathBuf {
@@ -804,6 +814,28 @@ pub(crate) mod tests {
         assert!(
             live.path().join("output.rec").exists(),
             "a fetch in progress keeps its staging"
+        );
+    }
+
+    #[test]
+    fn a_kept_local_reason_is_read_as_one_bounded_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().to_path_buf());
+        let stored = store
+            .commit(manifest(inputs("t1"), Outcome::Passed, 10), b"", None, None)
+            .unwrap();
+        assert_eq!(stored.kept_local(), None);
+        let mut huge = b"kept on this machine: x\nsecond line\n".to_vec();
+        huge.extend(std::iter::repeat_n(b'y', 1 << 20));
+        fs::write(stored.dir.join(KEPT_LOCAL), &huge).unwrap();
+        assert_eq!(
+            stored.kept_local().as_deref(),
+            Some("kept on this machine: x")
+        );
+        fs::write(stored.dir.join(KEPT_LOCAL), vec![b'z'; 1 << 20]).unwrap();
+        assert_eq!(
+            stored.kept_local().map(|t| t.len()),
+            Some(KEPT_LOCAL_MAX as usize)
         );
     }
 
