@@ -50,9 +50,15 @@ pub const GUEST_SNAPSHOT_DEVICE: &str = "/dev/vdc";
 /// The snapshot disk's overlay in a VM's work folder.
 pub const SNAPSHOT_OVERLAY: &str = "state.qcow2";
 
-/// How many missed deadlines in a row end a status poll (see
-/// [`Vm::exec_status`]).
-const AGENT_STALLS: u32 = 3;
+/// How many missed deadlines in a row end a status poll while qemu does
+/// no work (a hung guest), and while it keeps working (a guest starved of
+/// host CPU under emulation, which answers late, not never): see
+/// [`Vm::exec_status`].
+const AGENT_IDLE_STALLS: u32 = 3;
+const AGENT_BUSY_STALLS: u32 = 20;
+/// CPU time qemu must have used during a missed deadline for the guest to
+/// count as working.
+const BUSY_CPU: Duration = Duration::from_secs(1);
 const AGENT_PORT_ID: &str = "qgaport";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -320,6 +326,29 @@ pub struct Vm {
     state_slot: Option<SlotFile>,
     /// The guest's network, if it has one (stopped with the VM).
     _net: Option<net::Passt>,
+}
+
+/// Missed agent deadlines in a row, and qemu's CPU time at the last one.
+#[derive(Debug, Default)]
+struct Stalls {
+    busy: u32,
+    idle: u32,
+    cpu: Option<Duration>,
+}
+
+/// The CPU time (user and system) process `pid` has used, from
+/// `/proc/PID/stat`.
+fn process_cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses; fields resume after
+    // the last ')'. utime and stime are the 14th and 15th fields.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    let ticks = u64::try_from(ticks).ok().filter(|t| *t > 0)?;
+    Some(Duration::from_millis((utime + stime) * 1000 / ticks))
 }
 
 /// The file qemu was given for the snapshot-disk slot (`/dev/vdc`).
@@ -637,7 +666,7 @@ impl Vm {
             .pid;
         let started = Instant::now();
         let mut pause = Duration::from_millis(2);
-        let mut stalls = 0;
+        let mut stalls = Stalls::default();
         loop {
             let status = self.exec_status(pid, &mut stalls).await?;
             if let Some(status) = status.filter(|s| s.exited) {
@@ -688,7 +717,7 @@ impl Vm {
             .await?
             .pid;
         let started = Instant::now();
-        let mut stalls = 0;
+        let mut stalls = Stalls::default();
         let mut running = false;
         let mut helper_exited_at: Option<Instant> = None;
         let mut helper_stderr = Vec::new();
@@ -700,8 +729,14 @@ impl Vm {
                     None => return Err(VmError::StreamClosed),
                     Some(Frame::Start(got)) => running = got == id,
                     Some(_) if !running => {}
-                    Some(Frame::Stdout(bytes)) => sink(Stream::Stdout, &bytes),
-                    Some(Frame::Stderr(bytes)) => sink(Stream::Stderr, &bytes),
+                    Some(Frame::Stdout(bytes)) => {
+                        stalls = Stalls::default();
+                        sink(Stream::Stdout, &bytes)
+                    }
+                    Some(Frame::Stderr(bytes)) => {
+                        stalls = Stalls::default();
+                        sink(Stream::Stderr, &bytes)
+                    }
                     Some(Frame::Exit(code)) => {
                         debug!(took = ?started.elapsed(), argv = ?command.argv.first(), "streamed exec ended");
                         return Ok(code);
@@ -738,30 +773,56 @@ impl Vm {
     }
 
     /// The status of a command the agent started; `None` when the agent
-    /// missed its deadline but fewer than [`AGENT_STALLS`] times in a row.
-    /// Under TCG on a busy host a guest starting podman can starve the agent
-    /// for a long while: it answers late, not never.
+    /// missed its deadline but the poll goes on. Under TCG on a busy host a
+    /// guest starting podman can starve the agent for minutes (its kernel
+    /// reports soft lockups): while qemu keeps using CPU the guest is
+    /// working and up to [`AGENT_BUSY_STALLS`] deadlines are missed; while
+    /// it uses none, [`AGENT_IDLE_STALLS`] end the poll.
     async fn exec_status(
         &self,
         pid: i64,
-        stalls: &mut u32,
+        stalls: &mut Stalls,
     ) -> Result<Option<qga::GuestExecStatus>, VmError> {
         match self.agent.call(qga::guest_exec_status { pid }).await {
             Ok(status) => {
-                *stalls = 0;
+                *stalls = Stalls {
+                    cpu: self.qemu_cpu_time(),
+                    ..Stalls::default()
+                };
                 Ok(Some(status))
             }
-            Err(AgentError::Timeout { .. }) if *stalls + 1 < AGENT_STALLS => {
-                *stalls += 1;
+            Err(AgentError::Timeout { .. }) => {
+                // Without an earlier reading, the first miss counts as idle.
+                let cpu = self.qemu_cpu_time();
+                let busy =
+                    matches!((cpu, stalls.cpu), (Some(now), Some(then)) if now >= then + BUSY_CPU);
+                stalls.cpu = cpu;
+                if busy {
+                    stalls.busy += 1;
+                } else {
+                    stalls.idle += 1;
+                }
+                if stalls.busy >= AGENT_BUSY_STALLS || stalls.idle >= AGENT_IDLE_STALLS {
+                    return Err(AgentError::Timeout {
+                        command: "guest-exec-status",
+                        after: self.agent.timeout() * (stalls.busy + stalls.idle),
+                    }
+                    .into());
+                }
                 warn!(
                     pid,
-                    stalls = *stalls,
+                    busy = stalls.busy,
+                    idle = stalls.idle,
                     "the guest agent is slow to answer; waiting on"
                 );
                 Ok(None)
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    fn qemu_cpu_time(&self) -> Option<Duration> {
+        self.child.id().and_then(process_cpu_time)
     }
 
     /// Kills a process the agent started and every process under it. The
@@ -1284,6 +1345,31 @@ fn excerpt(text: &str, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_processs_cpu_time_is_read_from_proc_and_grows_with_work() {
+        let me = std::process::id();
+        let before = process_cpu_time(me).expect("this process's CPU time");
+        // Work until the kernel has counted 200 ms more (a busy machine
+        // gives this thread only part of the wall time).
+        let spin = Instant::now();
+        let mut x = 0u64;
+        let mut after = before;
+        while after < before + Duration::from_millis(200)
+            && spin.elapsed() < Duration::from_secs(20)
+        {
+            for _ in 0..1_000_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+            after = process_cpu_time(me).expect("this process's CPU time");
+        }
+        assert!(
+            after >= before + Duration::from_millis(200),
+            "{before:?} → {after:?}"
+        );
+        assert_eq!(process_cpu_time(u32::MAX), None, "no such process");
+    }
+
     use reprise_protocol::image::ImageManifest;
 
     fn config(accel: Accel, network: bool) -> VmConfig {
