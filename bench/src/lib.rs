@@ -76,6 +76,33 @@ pub fn hello_repo(dir: &Path) {
     git(dir, &["commit", "-q", "-m", "hello"]);
 }
 
+/// `len` bytes that no compressor shrinks (xorshift64), the same for the
+/// same `seed`.
+pub fn incompressible(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut bytes = Vec::with_capacity(len + 8);
+    while bytes.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    bytes.truncate(len);
+    bytes
+}
+
+/// The 20 artifacts of [`store_large_result`], written into `dir` as
+/// `artifact-<i>.bin`.
+pub fn write_large_artifacts(dir: &Path) {
+    fs::create_dir_all(dir).expect("artifacts dir");
+    for i in 0..20u64 {
+        let bytes = incompressible(0x9e37_79b9_7f4a_7c15 ^ i, ARTIFACT_BYTES / 20);
+        fs::File::create(dir.join(format!("artifact-{i}.bin")))
+            .and_then(|mut f| f.write_all(&bytes))
+            .expect("artifact");
+    }
+}
+
 /// A stored result of 1 MiB of output and 20 MiB of artifacts for the
 /// repository in `repo`, committed straight through the library to the
 /// store under `data` (an `XDG_DATA_HOME`), sealed by `sealer` if given.
@@ -85,12 +112,6 @@ pub fn store_large_result(
     data: &Path,
     sealer: Option<&dyn reprise_executor::store::Sealer>,
 ) -> pipeline::Keyed {
-    let keyed = pipeline::compute_key(
-        &pipeline::KeyRequest::at(repo),
-        &reprise_executor::inputs::process_env(),
-        None,
-    )
-    .expect("key");
     let mut rec = Vec::new();
     let line = b"ok some test passed with a reasonably long line of output\n";
     let mut written = 0;
@@ -107,20 +128,29 @@ pub fn store_large_result(
         at += 1;
     }
     let artifacts = data.join("staging-artifacts");
-    fs::create_dir_all(&artifacts).expect("artifacts dir");
-    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-    for i in 0..20 {
-        let mut bytes = Vec::with_capacity(ARTIFACT_BYTES / 20);
-        while bytes.len() < ARTIFACT_BYTES / 20 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            bytes.extend_from_slice(&seed.to_le_bytes());
-        }
-        fs::File::create(artifacts.join(format!("artifact-{i}.bin")))
-            .and_then(|mut f| f.write_all(&bytes))
-            .expect("artifact");
-    }
+    write_large_artifacts(&artifacts);
+    let keyed = store_result(repo, data, sealer, &rec, &artifacts);
+    fs::remove_dir_all(&artifacts).expect("remove staging");
+    keyed
+}
+
+/// A passed result of the output record `rec` and the files under
+/// `artifacts` for the repository in `repo`, committed straight through the
+/// library to the store under `data` (an `XDG_DATA_HOME`) as a real run
+/// would, sealed by `sealer` if given. Returns its key inputs.
+pub fn store_result(
+    repo: &Path,
+    data: &Path,
+    sealer: Option<&dyn reprise_executor::store::Sealer>,
+    rec: &[u8],
+    artifacts: &Path,
+) -> pipeline::Keyed {
+    let keyed = pipeline::compute_key(
+        &pipeline::KeyRequest::at(repo),
+        &reprise_executor::inputs::process_env(),
+        None,
+    )
+    .expect("key");
     let manifest = ResultManifest {
         version: reprise_protocol::manifest::MANIFEST_VERSION,
         key: keyed.inputs.key(),
@@ -148,8 +178,7 @@ pub fn store_large_result(
         container_image: None,
     };
     Store::new(data.join("reprise/store"))
-        .commit(manifest, &rec, Some(&artifacts), sealer)
-        .expect("commit the large result");
-    fs::remove_dir_all(&artifacts).expect("remove staging");
+        .commit(manifest, rec, Some(artifacts), sealer)
+        .expect("commit the result");
     keyed
 }

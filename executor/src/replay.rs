@@ -6,13 +6,15 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use reprise_protocol::digest::{RunKey, Sha256Digest};
-use reprise_protocol::manifest::ArtifactPath;
+use reprise_protocol::manifest::{Artifact, ArtifactPath};
 use reprise_protocol::record::{self, RecordError, StreamId};
 use thiserror::Error;
 
-use crate::beneath::{Beneath, BeneathError};
+use crate::beneath::{Beneath, BeneathError, PendingFile};
 use crate::store::{Store, StoredResult};
 
 /// Why a result could not be replayed.
@@ -179,25 +181,53 @@ pub fn verify_store(store: &Store) -> Result<StoreCheck, crate::store::StoreErro
 }
 
 /// Writes the recorded output of a verified result to `stdout` and
-/// `stderr` in recorded order, streaming it from the store.
+/// `stderr` in recorded order, streaming it from the store. Consecutive
+/// pieces of one stream are written together (up to [`OUTPUT_BATCH`]), and
+/// a stream is flushed before the other is written, so the interleaving
+/// is the recorded one with a write per run of a stream, not per piece.
 pub fn write_output(
     result: &StoredResult,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> Result<(), ReplayError> {
+    let mut batch: Vec<u8> = Vec::with_capacity(OUTPUT_BATCH);
+    let mut current = StreamId::Stdout;
+    let mut flush = |stream: StreamId, batch: &mut Vec<u8>| -> std::io::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let out: &mut dyn Write = match stream {
+            StreamId::Stdout => &mut *stdout,
+            StreamId::Stderr => &mut *stderr,
+        };
+        out.write_all(batch)?;
+        batch.clear();
+        out.flush()
+    };
     decode_record(
         result,
         |file| file,
         |stream, bytes| {
-            let out: &mut dyn Write = match stream {
-                StreamId::Stdout => &mut *stdout,
-                StreamId::Stderr => &mut *stderr,
-            };
-            out.write_all(bytes)?;
-            out.flush()
+            if stream != current || batch.len() + bytes.len() > OUTPUT_BATCH {
+                flush(current, &mut batch)?;
+                current = stream;
+            }
+            batch.extend_from_slice(bytes);
+            Ok(())
         },
-    )
+    )?;
+    flush(current, &mut batch).map_err(|source| ReplayError::Io {
+        path: result.output_path(),
+        source,
+    })
 }
+
+/// The most of one stream's output written at once by [`write_output`].
+pub const OUTPUT_BATCH: usize = 256 << 10;
+
+/// How much of an output record is read at once: its pieces are small (a
+/// line, often), and each is read as a header and a body.
+const RECORD_READ: usize = 256 << 10;
 
 /// Streams a stored result's output record through `each`, read through
 /// what `reader` makes of the file; its errors as [`ReplayError`]s.
@@ -213,17 +243,22 @@ fn decode_record<R: std::io::Read>(
         source,
     };
     let file = std::fs::File::open(&path).map_err(io)?;
-    record::decode_stream(reader(file), each).map_err(|e| match e {
+    let input = std::io::BufReader::with_capacity(RECORD_READ, reader(file));
+    record::decode_stream(input, each).map_err(|e| match e {
         record::StreamError::Record(source) => ReplayError::Record { key, source },
         record::StreamError::Io(source) => io(source),
     })
 }
 
 /// Copies the result's artifacts into `dest` (created if needed), beneath
-/// it and through no symlink. Each is hashed while it is copied to a
-/// temporary file beside its final name; only when every one matched its
-/// manifest are they renamed into place, so a damaged store leaves `dest`
-/// as it was.
+/// it and through no symlink. Each is copied to a temporary file beside its
+/// final name, and hashed while it is copied, unless this process checked
+/// that very blob while it arrived a moment ago
+/// ([`StoredResult::verified_blob`]: a fetch), which is copied by the
+/// kernel (`copy_file_range`) without being hashed twice. Up to one
+/// artifact per CPU at a time. Only when every one matched its manifest
+/// are they renamed into place, so a damaged store leaves `dest` as it
+/// was.
 pub fn restore_artifacts(
     store: &Store,
     result: &StoredResult,
@@ -236,30 +271,100 @@ pub fn restore_artifacts(
     let beneath = Beneath::open(dest)?;
     // What a killed restore left here.
     crate::beneath::sweep_dead_temporaries(dest);
-    let mut staged = Vec::with_capacity(artifacts.len());
-    for a in artifacts {
-        if !staged.is_empty() {
-            crate::faults::pause_point("replay");
-        }
-        let mut pending = beneath.create(&a.path, a.mode)?;
-        let blob = store.blob_path(a);
-        let sha = copy_hashing(&blob, &mut pending.file).map_err(|source| ReplayError::Io {
-            path: blob.clone(),
-            source,
-        })?;
-        if sha != a.sha256 {
-            return Err(ReplayError::Artifact {
-                key: result.manifest.key,
-                path: a.path.clone(),
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_RESTORE_THREADS)
+        .min(artifacts.len());
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let slots: Vec<Mutex<Option<Result<PendingFile, ReplayError>>>> =
+        artifacts.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= artifacts.len() || failed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let staged = restore_one(&beneath, store, result, &artifacts[i]);
+                    if staged.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    *slots[i].lock().expect("slot") = Some(staged);
+                    if i + 1 < artifacts.len() {
+                        crate::faults::pause_point("replay");
+                    }
+                }
             });
         }
-        staged.push(pending);
+    });
+    let mut staged = Vec::with_capacity(artifacts.len());
+    let mut error = None;
+    for slot in slots {
+        match slot.into_inner().expect("slot") {
+            Some(Ok(pending)) => staged.push(pending),
+            Some(Err(e)) => {
+                error.get_or_insert(e);
+            }
+            // Not started: another artifact failed first.
+            None => {}
+        }
+    }
+    if let Some(e) = error {
+        // Dropping `staged` removes the temporary files.
+        return Err(e);
     }
     // Dropping the rest on an error removes their temporary files.
     for pending in staged {
         pending.commit()?;
     }
     Ok(artifacts.len())
+}
+
+/// Artifacts restored at once, at most (one per CPU up to this).
+const MAX_RESTORE_THREADS: usize = 4;
+
+/// Copies one artifact to a temporary file beside its name, checking it.
+fn restore_one(
+    beneath: &Beneath,
+    store: &Store,
+    result: &StoredResult,
+    a: &Artifact,
+) -> Result<PendingFile, ReplayError> {
+    let mut pending = beneath.create(&a.path, a.mode)?;
+    let damaged = || ReplayError::Artifact {
+        key: result.manifest.key,
+        path: a.path.clone(),
+    };
+    if let Some(blob) = result.verified_blob(&a.sha256) {
+        let path = pending.path().to_path_buf();
+        let copied = copy_verified(blob, a.bytes, &mut pending.file)
+            .map_err(|source| ReplayError::Io { path, source })?;
+        if copied != a.bytes {
+            return Err(damaged());
+        }
+        return Ok(pending);
+    }
+    let blob = store.blob_path(a);
+    let sha = copy_hashing(&blob, &mut pending.file).map_err(|source| ReplayError::Io {
+        path: blob.clone(),
+        source,
+    })?;
+    if sha != a.sha256 {
+        return Err(damaged());
+    }
+    Ok(pending)
+}
+
+/// Copies the first `len` bytes of a blob checked by this process into
+/// `to` (the kernel copies: `std::io::copy` between files is
+/// `copy_file_range` on Linux). Returns how many bytes were copied.
+fn copy_verified(blob: &std::fs::File, len: u64, to: &mut std::fs::File) -> std::io::Result<u64> {
+    use std::io::{Read, Seek};
+    let mut from = blob.try_clone()?;
+    from.seek(std::io::SeekFrom::Start(0))?;
+    std::io::copy(&mut from.take(len), to)
 }
 
 /// Copies `from` into `to`, returning the sha256 of what was copied.
@@ -314,6 +419,107 @@ mod tests {
         let dest = dir.path().join("restored");
         assert_eq!(restore_artifacts(&store, &stored, &dest).unwrap(), 1);
         assert_eq!(std::fs::read(dest.join("bin")).unwrap(), [0, 1, 2]);
+    }
+
+    #[test]
+    fn output_is_written_in_runs_of_one_stream_in_recorded_order() {
+        /// Logs every write with the stream it went to.
+        struct Log<'a>(&'a std::cell::RefCell<Vec<(char, Vec<u8>)>>, char);
+        impl Write for Log<'_> {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.borrow_mut().push((self.1, buf.to_vec()));
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("s"));
+        let mut rec = Vec::new();
+        record::push(&mut rec, StreamId::Stdout, 0, b"a");
+        record::push(&mut rec, StreamId::Stdout, 1, b"b");
+        record::push(&mut rec, StreamId::Stderr, 2, b"c");
+        record::push(&mut rec, StreamId::Stdout, 3, b"d");
+        let big = vec![b'x'; 3 * OUTPUT_BATCH];
+        record::push(&mut rec, StreamId::Stderr, 4, &big);
+        let stored = store
+            .commit(manifest(inputs("t"), Outcome::Passed, 1), &rec, None, None)
+            .unwrap();
+        let log = std::cell::RefCell::new(Vec::new());
+        write_output(&stored, &mut Log(&log, 'o'), &mut Log(&log, 'e')).unwrap();
+        let got: Vec<(char, Vec<u8>)> = log.into_inner();
+        assert_eq!(
+            got[..3],
+            [
+                ('o', b"ab".to_vec()),
+                ('e', b"c".to_vec()),
+                ('o', b"d".to_vec()),
+            ]
+        );
+        assert!(
+            got[3..]
+                .iter()
+                .all(|(s, w)| *s == 'e' && w.len() <= OUTPUT_BATCH)
+        );
+        assert_eq!(got[3..].concat_bytes(), big);
+    }
+
+    trait ConcatBytes {
+        fn concat_bytes(&self) -> Vec<u8>;
+    }
+
+    impl ConcatBytes for [(char, Vec<u8>)] {
+        fn concat_bytes(&self) -> Vec<u8> {
+            self.iter().flat_map(|(_, w)| w.iter().copied()).collect()
+        }
+    }
+
+    #[test]
+    fn a_fetched_result_restores_from_the_blobs_it_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("s"));
+        let arts = dir.path().join("a");
+        std::fs::create_dir_all(arts.join("sub")).unwrap();
+        std::fs::write(arts.join("sub/f"), "content").unwrap();
+        let local = store
+            .commit(
+                manifest(inputs("t"), Outcome::Passed, 1),
+                b"",
+                Some(&arts),
+                None,
+            )
+            .unwrap();
+        // Received: the same result through a Receiving, as a fetch does.
+        let other = Store::new(dir.path().join("fetched"));
+        let sealed = reprise_protocol::wire::Sealed {
+            manifest: local.manifest.clone(),
+            seal: reprise_protocol::seal::Seal {
+                version: reprise_protocol::seal::SEAL_VERSION,
+                signature: "00".into(),
+                producer_cert: String::new(),
+            },
+        };
+        let mut incoming = other.receive(sealed).unwrap();
+        let f = incoming.record_file().unwrap();
+        incoming.record_done(f).unwrap();
+        let mut blob = incoming.blob_file().unwrap();
+        blob.write_all(b"content").unwrap();
+        incoming
+            .blob_done(local.manifest.artifacts[0].sha256, blob)
+            .unwrap();
+        let fetched = incoming.commit().unwrap();
+        let dest = dir.path().join("restored");
+        assert_eq!(restore_artifacts(&other, &fetched, &dest).unwrap(), 1);
+        assert_eq!(std::fs::read(dest.join("sub/f")).unwrap(), b"content");
+        // Read back from disk, the same result is hashed as it is restored:
+        // a blob damaged since is refused.
+        std::fs::write(other.blob_path(&fetched.manifest.artifacts[0]), "c0ntent").unwrap();
+        let from_disk = other.get(&fetched.manifest.key).unwrap();
+        assert!(matches!(
+            restore_artifacts(&other, &from_disk, &dir.path().join("again")),
+            Err(ReplayError::Artifact { .. })
+        ));
     }
 
     #[test]

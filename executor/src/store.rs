@@ -11,7 +11,10 @@
 //!
 //! A result is staged in `tmp/`, every file synced, and then renamed into
 //! `results/` in one step (exchanged with an older copy when there is one),
-//! so a reader sees a whole result or none. Running out of space anywhere on
+//! so a reader sees a whole result or none. A result received from a peer
+//! ([`Store::receive`]) is written into its staging folder as it arrives,
+//! each file synced in the background once whole, and committed by
+//! renames: its bytes are read from the wire once, never copied. Running out of space anywhere on
 //! the way leaves nothing behind but the staging folder, which is removed.
 //!
 //! The store on disk is read as untrusted input: results and blobs are
@@ -25,6 +28,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reprise_protocol::digest::{KeyPrefix, RunKey, Sha256Digest};
@@ -76,7 +80,18 @@ pub struct StoredResult {
     /// The producer's seal; `None` for a result made without credentials
     /// (replayed here, never served, never counts).
     pub seal: Option<Seal>,
+    /// The artifacts' blobs as this process wrote them from bytes it had
+    /// just checked against their sha256 (a fetch), still open; `None` for
+    /// a result read from disk, whose blobs a replay hashes again.
+    verified: Option<Arc<VerifiedBlobs>>,
 }
+
+/// Blobs a fetch wrote and checked, by sha256, open for reading: the
+/// replay that follows copies them without hashing the same bytes again
+/// (and from the very file it checked, whatever the store's folder holds
+/// by then).
+#[derive(Debug, Default)]
+pub struct VerifiedBlobs(BTreeMap<Sha256Digest, fs::File>);
 
 /// The file in a result's folder saying why it is kept on this machine
 /// (an artifact holds a secret).
@@ -102,6 +117,12 @@ impl StoredResult {
 
     pub fn output_path(&self) -> PathBuf {
         self.dir.join("output.rec")
+    }
+
+    /// The blob of `sha256` if this process checked it while it arrived
+    /// ([`Receiving`]), open for reading.
+    pub fn verified_blob(&self, sha256: &Sha256Digest) -> Option<&fs::File> {
+        self.verified.as_ref()?.0.get(sha256)
     }
 
     /// The result as it travels: manifest and seal, if it has a seal.
@@ -271,29 +292,33 @@ impl Store {
         self.finish(stage, manifest, seal)
     }
 
-    /// Commits a result received from a peer: `sealed` exactly as its
-    /// producer sealed it, the output record already written to
-    /// `output.rec` in `stage` (synced), and the artifacts staged in
-    /// `artifacts` (a folder of this store's `tmp/`) at their manifest
-    /// paths, each already checked against its sha256 while it arrived.
-    /// The artifacts are moved into the blobs, not copied.
-    pub fn commit_received(
-        &self,
-        stage: WorkDir,
-        sealed: Sealed,
-        artifacts: &Path,
-    ) -> Result<StoredResult, StoreError> {
-        let blobs = self.root.join("blobs");
-        fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
-        for a in &sealed.manifest.artifacts {
-            let staged = artifacts.join(a.path.as_str());
-            let blob = self.blob(&a.sha256);
-            if !blob.exists() {
-                fs::rename(&staged, &blob).map_err(io_err(&blob))?;
-            }
+    /// Starts receiving a result from a peer, `sealed` exactly as its
+    /// producer sealed it (checked by the caller): a staging folder in
+    /// `tmp/` with the manifest and seal written at once. The caller writes
+    /// the output record and each artifact through the [`Receiving`],
+    /// checking their sha256s as they arrive, and then commits it.
+    pub fn receive(&self, sealed: Sealed) -> Result<Receiving, StoreError> {
+        let stage = self.stage("fetch-")?;
+        let blobs = stage.path().join("blobs");
+        fs::create_dir(&blobs).map_err(io_err(&blobs))?;
+        let mut receiving = Receiving {
+            store: self.clone(),
+            stage,
+            sealed,
+            staged: Vec::new(),
+            syncs: Syncs::default(),
+        };
+        let dir = receiving.stage.path().to_path_buf();
+        let manifest =
+            serde_json::to_vec_pretty(&receiving.sealed.manifest).expect("manifest serialises");
+        let seal = serde_json::to_vec_pretty(&receiving.sealed.seal).expect("seal serialises");
+        for (name, text) in [("manifest.json", manifest), ("seal.json", seal)] {
+            let path = dir.join(name);
+            let mut f = fs::File::create(&path).map_err(io_err(&path))?;
+            f.write_all(&text).map_err(io_err(&path))?;
+            receiving.syncs.start(f, path)?;
         }
-        sync_dir(&blobs)?;
-        self.finish(stage, sealed.manifest, Some(sealed.seal))
+        Ok(receiving)
     }
 
     /// Writes the manifest and seal into `stage`, syncs it, and renames it
@@ -311,7 +336,17 @@ impl Store {
             write_synced(&stage.path().join("seal.json"), &text)?;
         }
         sync_dir(stage.path())?;
+        self.place(stage, manifest, seal)
+    }
 
+    /// Renames a staging folder whose every file and entry is synced into
+    /// place, and syncs its new parent.
+    fn place(
+        &self,
+        stage: WorkDir,
+        manifest: ResultManifest,
+        seal: Option<Seal>,
+    ) -> Result<StoredResult, StoreError> {
         let dest = match manifest.outcome {
             Outcome::Passed => self.results().join(manifest.key.hex()),
             Outcome::Failed => self.root.join("failed").join(format!(
@@ -343,6 +378,7 @@ impl Store {
             dir: dest,
             manifest,
             seal,
+            verified: None,
         })
     }
 
@@ -502,6 +538,144 @@ impl Store {
     }
 }
 
+/// A result being received into a staging folder ([`Store::receive`]).
+/// Every file is synced in the background as soon as it is whole, while
+/// the next one arrives; [`Receiving::commit`] waits for those syncs, moves
+/// the blobs into place, syncs the two folders that changed and renames
+/// the result into `results/` and syncs that: a result is never visible
+/// before all of it is durable. Dropped uncommitted, it removes the
+/// staging folder.
+#[derive(Debug)]
+pub struct Receiving {
+    store: Store,
+    stage: WorkDir,
+    sealed: Sealed,
+    /// Staged blobs in arrival order: (sha256, staged path, open file).
+    staged: Vec<(Sha256Digest, PathBuf, fs::File)>,
+    syncs: Syncs,
+}
+
+impl Receiving {
+    /// The staging folder.
+    pub fn path(&self) -> &Path {
+        self.stage.path()
+    }
+
+    /// A new file for the output record.
+    pub fn record_file(&self) -> Result<fs::File, StoreError> {
+        let path = self.stage.path().join("output.rec");
+        fs::File::create_new(&path).map_err(io_err(&path))
+    }
+
+    /// The output record, whole and checked: its sync starts now.
+    pub fn record_done(&mut self, file: fs::File) -> Result<(), StoreError> {
+        let path = self.stage.path().join("output.rec");
+        self.syncs.start(file, path)
+    }
+
+    /// A new staged file for the next artifact's blob, open for reading
+    /// too (the replay copies from it). Artifacts of the same content each
+    /// get one; only the first becomes the blob.
+    pub fn blob_file(&self) -> Result<fs::File, StoreError> {
+        let path = self.staged_blob(self.staged.len());
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err(&path))
+    }
+
+    /// The blob of `sha256`, whole and checked against it: its sync
+    /// starts now.
+    pub fn blob_done(&mut self, sha256: Sha256Digest, file: fs::File) -> Result<(), StoreError> {
+        let path = self.staged_blob(self.staged.len());
+        let synced = file.try_clone().map_err(io_err(&path))?;
+        self.syncs.start(synced, path.clone())?;
+        self.staged.push((sha256, path, file));
+        Ok(())
+    }
+
+    fn staged_blob(&self, i: usize) -> PathBuf {
+        self.stage.path().join("blobs").join(i.to_string())
+    }
+
+    /// Commits the received result: waits until every staged file is
+    /// synced, renames the blobs into `blobs/` (a blob already there is
+    /// kept), syncs `blobs/` and the staging folder, renames it into
+    /// `results/` and syncs that. Only call this once every part was
+    /// checked.
+    pub fn commit(mut self) -> Result<StoredResult, StoreError> {
+        self.syncs.wait()?;
+        let store = self.store.clone();
+        let blobs = store.root.join("blobs");
+        fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
+        let mut verified = BTreeMap::new();
+        for (sha, staged, file) in std::mem::take(&mut self.staged) {
+            let blob = store.blob(&sha);
+            if verified.contains_key(&sha) || blob.exists() {
+                fs::remove_file(&staged).map_err(io_err(&staged))?;
+            } else {
+                fs::rename(&staged, &blob).map_err(io_err(&blob))?;
+            }
+            verified.entry(sha).or_insert(file);
+        }
+        let staged_blobs = self.stage.path().join("blobs");
+        fs::remove_dir(&staged_blobs).map_err(io_err(&staged_blobs))?;
+        // The two folders at once: their syncs share a journal commit.
+        let stage_dir = self.stage.path().to_path_buf();
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| sync_dir(&blobs));
+            (a.join(), sync_dir(&stage_dir))
+        });
+        a.expect("sync thread")?;
+        b?;
+        let Receiving { stage, sealed, .. } = self;
+        let mut stored = store.place(stage, sealed.manifest, Some(sealed.seal))?;
+        stored.verified = Some(Arc::new(VerifiedBlobs(verified)));
+        Ok(stored)
+    }
+}
+
+/// Files being synced in the background, one thread each: their syncs
+/// overlap with what comes next, and with each other (the file system
+/// commits them together).
+#[derive(Debug, Default)]
+struct Syncs(Vec<(PathBuf, std::thread::JoinHandle<std::io::Result<()>>)>);
+
+impl Syncs {
+    fn start(&mut self, file: fs::File, path: PathBuf) -> Result<(), StoreError> {
+        let handle = std::thread::Builder::new()
+            .name("reprise-sync".into())
+            .spawn(move || file.sync_all())
+            .map_err(io_err(&path))?;
+        self.0.push((path, handle));
+        Ok(())
+    }
+
+    /// Waits for every sync; the first failure is the error.
+    fn wait(&mut self) -> Result<(), StoreError> {
+        let mut first = Ok(());
+        for (path, handle) in self.0.drain(..) {
+            let done = handle
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the sync thread panicked")));
+            if let (Err(e), Ok(())) = (done, &first) {
+                first = Err(io_err(&path)(e));
+            }
+        }
+        first
+    }
+}
+
+impl Drop for Syncs {
+    fn drop(&mut self) {
+        // Never leave a sync running on a folder about to be removed
+        // unwaited: the staging folder goes when its WorkDir drops.
+        let _ = self.wait();
+    }
+}
+
 fn list_dir(dir: &Path) -> Vec<StoredResult> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Vec::new();
@@ -532,6 +706,7 @@ fn load(dir: &Path) -> Option<StoredResult> {
         dir: dir.to_path_buf(),
         manifest,
         seal,
+        verified: None,
     })
 }
 
@@ -706,6 +881,111 @@ pub(crate) mod tests {
         let again = store.get(&inputs("t1").key()).unwrap();
         assert_eq!(again.manifest.created_at, 11);
         assert_eq!(fs::read(again.output_path()).unwrap(), b"rec2");
+    }
+
+    fn sealed_with(artifacts: &[(&str, &[u8])], record: &[u8]) -> Sealed {
+        use reprise_protocol::seal::{SEAL_VERSION, Seal};
+        let mut m = manifest(inputs("r1"), Outcome::Passed, 10);
+        m.output_sha256 = Sha256Digest::of(record);
+        m.output_bytes = record.len() as u64;
+        m.artifacts = artifacts
+            .iter()
+            .map(|(path, bytes)| Artifact {
+                path: path.parse().unwrap(),
+                sha256: Sha256Digest::of(bytes),
+                bytes: bytes.len() as u64,
+                mode: 0o644,
+            })
+            .collect();
+        Sealed {
+            manifest: m,
+            seal: Seal {
+                version: SEAL_VERSION,
+                signature: "00".into(),
+                producer_cert: "not checked by the store".into(),
+            },
+        }
+    }
+
+    /// Writes a result through a [`Receiving`] as a fetch does.
+    fn receive(store: &Store, sealed: &Sealed, record: &[u8], artifacts: &[&[u8]]) -> Receiving {
+        let mut incoming = store.receive(sealed.clone()).unwrap();
+        let mut f = incoming.record_file().unwrap();
+        f.write_all(record).unwrap();
+        incoming.record_done(f).unwrap();
+        for (a, bytes) in sealed.manifest.artifacts.iter().zip(artifacts) {
+            let mut f = incoming.blob_file().unwrap();
+            f.write_all(bytes).unwrap();
+            incoming.blob_done(a.sha256, f).unwrap();
+        }
+        incoming
+    }
+
+    #[test]
+    fn a_received_result_is_committed_whole_with_its_blobs_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        // Two artifacts of the same content share one blob.
+        let arts: [(&str, &[u8]); 3] = [("a.txt", b"same"), ("b/c.bin", b"other"), ("d", b"same")];
+        let sealed = sealed_with(&arts, b"rec");
+        let bytes: Vec<&[u8]> = arts.iter().map(|a| a.1).collect();
+        let stored = receive(&store, &sealed, b"rec", &bytes).commit().unwrap();
+        assert_eq!(stored.manifest, sealed.manifest);
+        assert_eq!(stored.seal.as_ref(), Some(&sealed.seal));
+        assert_eq!(fs::read(stored.output_path()).unwrap(), b"rec");
+        for a in &stored.manifest.artifacts {
+            assert!(stored.verified_blob(&a.sha256).is_some(), "{}", a.path);
+        }
+        assert_eq!(
+            fs::read_dir(dir.path().join("store/blobs"))
+                .unwrap()
+                .count(),
+            2
+        );
+        assert_eq!(
+            fs::read(store.blob_path(&stored.manifest.artifacts[2])).unwrap(),
+            b"same"
+        );
+        // Read back from disk, it is the same result, and nothing says it
+        // was checked: a replay hashes its blobs again.
+        let got = store
+            .get(&sealed.manifest.key)
+            .expect("stored under its key");
+        assert_eq!(got.manifest, sealed.manifest);
+        assert!(
+            got.verified_blob(&sealed.manifest.artifacts[0].sha256)
+                .is_none()
+        );
+        // Nothing is left staged.
+        assert_eq!(
+            fs::read_dir(dir.path().join("store/tmp")).unwrap().count(),
+            0
+        );
+        assert!(
+            !stored.dir.join("blobs").exists(),
+            "the staged blobs' folder does not stay in the result"
+        );
+    }
+
+    #[test]
+    fn an_uncommitted_receive_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        let arts: [(&str, &[u8]); 1] = [("a.txt", b"half")];
+        let sealed = sealed_with(&arts, b"rec");
+        drop(receive(&store, &sealed, b"rec", &[b"half"]));
+        assert!(store.get(&sealed.manifest.key).is_none());
+        assert_eq!(
+            fs::read_dir(dir.path().join("store/tmp")).unwrap().count(),
+            0
+        );
+        assert_eq!(
+            fs::read_dir(dir.path().join("store/blobs"))
+                .map(|d| d.count())
+                .unwrap_or(0),
+            0,
+            "no blob of an uncommitted result"
+        );
     }
 
     #[test]

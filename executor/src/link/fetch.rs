@@ -8,10 +8,10 @@
 //! the manifest is for the key asked and its inputs are the ones this
 //! checkout computed; the result passed; the record's and artifacts' sizes are
 //! under the limits ([`ResultManifest::check_sizes`]); the output record's and every artifact's sha256 and size
-//! while they stream; nothing follows the last artifact. Everything is
-//! staged in the store's `tmp/` and committed with
-//! [`Store::commit_received`] only at the end, so a failure anywhere leaves
-//! the store as it was.
+//! while they stream (each byte hashed once, as it arrives); nothing
+//! follows the last artifact. Everything is staged in the store's `tmp/`
+//! ([`Store::receive`]) and committed only at the end, so a failure
+//! anywhere leaves the store as it was.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -27,9 +27,9 @@ use reprise_protocol::wire::Sealed;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
+use tracing::debug;
 
 use super::LinkError;
-use crate::beneath::{Beneath, BeneathError};
 use crate::store::{Store, StoreError, StoredResult};
 
 /// Why a fetched result was not committed. Whatever the reason, nothing
@@ -78,8 +78,6 @@ pub enum FetchError {
         #[source]
         source: std::io::Error,
     },
-    #[error("staging the fetched result")]
-    Stage(#[from] BeneathError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -156,14 +154,10 @@ async fn receive_staged(
     sealed: Sealed,
     store: &Store,
 ) -> Result<StoredResult, FetchError> {
-    let m = &sealed.manifest;
-    let stage = store.stage("fetch-")?;
-    let record_path = stage.path().join("output.rec");
-    let io = |path: &std::path::Path| {
-        let path = path.to_path_buf();
-        move |source| FetchError::Io { path, source }
-    };
-    let mut record = std::fs::File::create(&record_path).map_err(io(&record_path))?;
+    let started = std::time::Instant::now();
+    let m = sealed.manifest.clone();
+    let mut incoming = store.receive(sealed)?;
+    let mut record = incoming.record_file()?;
     receive_part(
         recv,
         "output record",
@@ -172,19 +166,13 @@ async fn receive_staged(
         &mut record,
     )
     .await?;
-    record.sync_all().map_err(io(&record_path))?;
-    let arts = stage.path().join("artifacts");
-    let beneath = Beneath::open(&arts)?;
+    incoming.record_done(record)?;
     for a in &m.artifacts {
-        let mut pending = beneath.create(&a.path, a.mode)?;
+        let mut blob = incoming.blob_file()?;
         let part = format!("artifact {}", a.path);
         crate::faults::pause_point("fetch");
-        receive_part(recv, &part, a.bytes, &a.sha256, &mut pending.file).await?;
-        pending.file.sync_all().map_err(|source| FetchError::Io {
-            path: pending.path().to_path_buf(),
-            source,
-        })?;
-        pending.commit()?;
+        receive_part(recv, &part, a.bytes, &a.sha256, &mut blob).await?;
+        incoming.blob_done(a.sha256, blob)?;
     }
     let mut extra = [0u8; 1];
     match recv.read(&mut extra).await {
@@ -197,7 +185,14 @@ async fn receive_staged(
             });
         }
     }
-    Ok(store.commit_received(stage, sealed, &arts)?)
+    let received = started.elapsed();
+    let stored = incoming.commit()?;
+    debug!(
+        received_ms = received.as_millis() as u64,
+        committed_ms = (started.elapsed() - received).as_millis() as u64,
+        "received and committed a result"
+    );
+    Ok(stored)
 }
 
 async fn receive_part(

@@ -37,7 +37,7 @@ pub async fn write_transfer(
     use sha2::Digest;
     use tokio::io::AsyncReadExt;
     write_message(send, &Message::Transfer(Box::new(transfer.clone()))).await?;
-    let mut buf = vec![0u8; MAX_CHUNK.min(256 << 10)];
+    let mut buf = vec![0u8; MAX_CHUNK];
     for (i, (path, (_, _, sha256))) in files.iter().zip(transfer.parts()).enumerate() {
         if i > 0 {
             crate::faults::pause_point("serve");

@@ -1,0 +1,907 @@
+//! Reprise beside Turborepo on the same workload: a remote-cache hit with
+//! an empty local cache, and then a local hit, each tool interleaved with
+//! the other round by round on loopback. Prints medians and the ratios;
+//! asserts nothing about times, only that every timed round really was the
+//! hit it is counted as and restored exactly the workload.
+//!
+//! Usage: `turbo_bench [--rounds N] [--npm-dir DIR]` (at least 11 rounds;
+//! default 11). Build first with `cargo build --release --workspace`:
+//! `reprise` and `reprise-orchestrator` are looked for next to this binary.
+//! Needs `node` and `npm` (`bench/scripts/install-node.sh` installs
+//! Debian's); `turbo` and `turborepo-remote-cache`, at the versions pinned
+//! below, are installed from npm into `--npm-dir` (default: a folder of the
+//! system's temp folder named by the versions, reused by later runs).
+//!
+//! The workload, the same bytes for both: 1 MiB of test output on stdout
+//! and 20 incompressible artifacts of 1 MiB.
+//!
+//! - **Turborepo**: a one-package npm workspace whose `build` task prints
+//!   the output and copies the artifacts into `out/` (its `outputs`), run
+//!   with the native `turbo` binary (no node shim in front of it) against
+//!   `turborepo-remote-cache` (local file storage, plain HTTP, bearer
+//!   token) on 127.0.0.1. Remote hit: `.turbo/cache` and `out/` removed
+//!   first; checked by `cache hit, replaying logs HASH` on stdout, the
+//!   task not run (it leaves a mark when it runs), and one more
+//!   `GET /v8/artifacts/HASH` answered 200 in the cache server's log. Local
+//!   hit: `out/` removed, the same checks, and no request to the server.
+//! - **Reprise**: a result of the same output and artifacts committed to a
+//!   producer's store as a real run would commit it (no VM is booted),
+//!   sealed by a trusted identity and served by a real `reprise daemon`
+//!   through a real `reprise-orchestrator serve` (QUIC, mutual TLS). Remote
+//!   hit: the real `reprise run --no-serve` in a clone, with a fresh empty
+//!   store and the consumer's credentials; checked by "through the
+//!   orchestrator" on stderr and one more relay in the orchestrator's log.
+//!   Local hit: the same command again on the store the remote hit filled;
+//!   checked by "from the local store" and no relay.
+//!
+//! Every round of both tools checks that stdout carried the whole output
+//! (Reprise: byte for byte; Turborepo: every line, behind its
+//! `app:build: ` prefix) and that every artifact was restored with the
+//! workload's bytes. One untimed round of each comes first (page cache,
+//! binaries). The order of the tools alternates from round to round.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use reprise_bench::{git, hello_repo, incompressible, median, ms, sibling_bin, store_result};
+use reprise_protocol::record::{self, StreamId};
+
+/// The pinned npm packages.
+const TURBO: &str = "turbo@2.11.11";
+const TURBO_VERSION: &str = "2.11.11";
+const REMOTE_CACHE: &str = "turborepo-remote-cache@2.12.0";
+/// Lines of the workload's test output, at least this many bytes.
+const OUTPUT_BYTES: usize = 1 << 20;
+const ARTIFACTS: usize = 20;
+const ARTIFACT_BYTES: usize = 1 << 20;
+const MIN_ROUNDS: usize = 11;
+/// A hit that takes longer missed and ran for real.
+const RUN_DEADLINE: Duration = Duration::from_secs(60);
+/// The bearer token of the Turborepo remote cache (loopback only).
+const TOKEN: &str = "turbo-bench-token";
+
+fn progress(what: &str) {
+    eprintln!("turbo_bench: {what}");
+}
+
+struct Options {
+    rounds: usize,
+    npm_dir: PathBuf,
+    /// Keep everything running this long after the rounds, for profiling
+    /// one tool by hand (the commands are printed).
+    hold: Option<Duration>,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        rounds: MIN_ROUNDS,
+        npm_dir: std::env::temp_dir().join(format!(
+            "reprise-turbo-bench-npm-{}-{}",
+            TURBO.replace('@', "-"),
+            REMOTE_CACHE.replace('@', "-")
+        )),
+        hold: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        match a.as_str() {
+            "--rounds" => {
+                let n: usize = value().parse().expect("--rounds needs a number");
+                assert!(n >= MIN_ROUNDS, "--rounds: at least {MIN_ROUNDS}");
+                o.rounds = n;
+            }
+            "--npm-dir" => o.npm_dir = PathBuf::from(value()),
+            "--hold" => {
+                let secs: u64 = value().parse().expect("--hold needs seconds");
+                o.hold = Some(Duration::from_secs(secs));
+            }
+            _ => panic!("usage: turbo_bench [--rounds N] [--npm-dir DIR] [--hold SECONDS]"),
+        }
+    }
+    o
+}
+
+/// The workload both tools restore.
+struct Workload {
+    dir: PathBuf,
+    stdout: Vec<u8>,
+    /// (file name, bytes)
+    artifacts: Vec<(String, Vec<u8>)>,
+}
+
+impl Workload {
+    fn write(dir: &Path) -> Workload {
+        let mut stdout = Vec::with_capacity(OUTPUT_BYTES + 128);
+        let mut n = 0;
+        while stdout.len() < OUTPUT_BYTES {
+            writeln!(
+                stdout,
+                "ok {n} tests::case_{n} passed with a reasonably long line of output"
+            )
+            .expect("in memory");
+            n += 1;
+        }
+        let artifacts: Vec<(String, Vec<u8>)> = (0..ARTIFACTS)
+            .map(|i| {
+                let seed = 0x51ed_2701_f00d_cafe_u64 ^ ((i as u64) << 32);
+                (
+                    format!("artifact-{i:02}.bin"),
+                    incompressible(seed, ARTIFACT_BYTES),
+                )
+            })
+            .collect();
+        fs::create_dir_all(dir.join("artifacts")).expect("workload dir");
+        fs::write(dir.join("stdout.txt"), &stdout).expect("workload stdout");
+        for (name, bytes) in &artifacts {
+            fs::write(dir.join("artifacts").join(name), bytes).expect("workload artifact");
+        }
+        Workload {
+            dir: dir.to_path_buf(),
+            stdout,
+            artifacts,
+        }
+    }
+
+    /// Panics unless `dir` holds exactly the workload's artifacts.
+    fn check_restored(&self, dir: &Path, who: &str) {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("{who}: no artifacts in {}: {e}", dir.display()))
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let expected: Vec<&String> = self.artifacts.iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names.iter().collect::<Vec<_>>(),
+            expected,
+            "{who}: the restored files differ"
+        );
+        for (name, bytes) in &self.artifacts {
+            let got = fs::read(dir.join(name)).expect("restored artifact");
+            assert!(got == *bytes, "{who}: {name} was not restored identically");
+        }
+    }
+}
+
+/// Runs `cmd` to its end with stdout and stderr captured; returns the wall
+/// time and the output. Panics past [`RUN_DEADLINE`] or on a failure.
+fn timed(mut cmd: Command, who: &str) -> (Duration, Output) {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("{who} starts: {e}"));
+    let out = wait_bounded(child, who);
+    let took = start.elapsed();
+    assert!(
+        out.status.success(),
+        "{who} exited {:?}:\n{}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr),
+        tail(&out.stdout)
+    );
+    (took, out)
+}
+
+fn wait_bounded(child: Child, who: &str) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(RUN_DEADLINE) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("{who}: {e}")),
+        Err(_) => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            panic!("{who} took over {RUN_DEADLINE:?}: it probably missed and ran for real");
+        }
+    }
+}
+
+fn tail(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// A child process killed when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn free_port(udp: bool) -> u16 {
+    if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("a free port")
+            .port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("a free port")
+            .port()
+    }
+}
+
+fn check_tool(cmd: &str) {
+    let found = Command::new(cmd)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "`{cmd}` is not installed: run bench/scripts/install-node.sh (Debian's nodejs and npm)"
+    );
+}
+
+// ---------------------------------------------------------------- Turborepo
+
+/// The pinned npm packages in `dir`, installed if missing; returns the
+/// native `turbo` binary and the cache server's entry point.
+fn install_npm_tools(dir: &Path) -> (PathBuf, PathBuf) {
+    let platform = match std::env::consts::ARCH {
+        "x86_64" => "linux-64",
+        "aarch64" => "linux-arm64",
+        other => panic!("turbo has no package for {other}"),
+    };
+    let turbo = dir.join(format!("node_modules/@turbo/{platform}/bin/turbo"));
+    let server = dir.join("node_modules/turborepo-remote-cache/dist/cli.js");
+    let version = |turbo: &Path| {
+        Command::new(turbo)
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    if version(&turbo).as_deref() != Some(TURBO_VERSION) || !server.is_file() {
+        progress(&format!(
+            "installing {TURBO} and {REMOTE_CACHE} from npm into {}",
+            dir.display()
+        ));
+        fs::create_dir_all(dir).expect("npm dir");
+        let status = Command::new("npm")
+            .args([
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+                "--prefix",
+            ])
+            .arg(dir)
+            .args([TURBO, REMOTE_CACHE])
+            .status()
+            .expect("npm runs");
+        assert!(
+            status.success(),
+            "npm install {TURBO} {REMOTE_CACHE} failed"
+        );
+    }
+    assert_eq!(
+        version(&turbo).as_deref(),
+        Some(TURBO_VERSION),
+        "{} is not turbo {TURBO_VERSION}",
+        turbo.display()
+    );
+    (turbo, server)
+}
+
+/// The npm workspace of one package whose `build` prints the workload's
+/// output and copies its artifacts into `out/`, committed to git.
+fn turbo_workspace(dir: &Path, workload: &Workload) {
+    let app = dir.join("packages/app");
+    fs::create_dir_all(&app).expect("workspace");
+    let npm_version = String::from_utf8_lossy(
+        &Command::new("npm")
+            .arg("--version")
+            .output()
+            .expect("npm --version")
+            .stdout,
+    )
+    .trim()
+    .to_string();
+    let files = [
+        (
+            dir.join("package.json"),
+            format!(
+                r#"{{"name":"bench-root","private":true,"packageManager":"npm@{npm_version}","workspaces":["packages/*"]}}"#
+            ),
+        ),
+        (
+            dir.join("turbo.json"),
+            r#"{"$schema":"https://turbo.build/schema.json","tasks":{"build":{"outputs":["out/**"]}}}"#
+                .to_string(),
+        ),
+        (
+            dir.join(".gitignore"),
+            "node_modules/\n.turbo/\nout/\n".to_string(),
+        ),
+        (
+            app.join("package.json"),
+            r#"{"name":"app","version":"1.0.0","private":true,"scripts":{"build":"node build.js"}}"#
+                .to_string(),
+        ),
+        (
+            app.join("build.js"),
+            format!(
+                "// The bench's task: the workload's output and artifacts.\n\
+                 const fs = require('fs');\n\
+                 const wl = {:?};\n\
+                 fs.appendFileSync(wl + '/ran', 'ran\\n');\n\
+                 fs.mkdirSync('out', {{ recursive: true }});\n\
+                 for (const f of fs.readdirSync(wl + '/artifacts')) fs.copyFileSync(wl + '/artifacts/' + f, 'out/' + f);\n\
+                 process.stdout.write(fs.readFileSync(wl + '/stdout.txt'));\n",
+                workload.dir.to_str().expect("utf-8 path")
+            ),
+        ),
+    ];
+    for (path, text) in files {
+        fs::write(&path, text).expect("workspace file");
+    }
+    let status = Command::new("npm")
+        .args([
+            "install",
+            "--offline",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+        ])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .status()
+        .expect("npm install in the workspace");
+    assert!(status.success(), "npm install in the workspace failed");
+    git(dir, &["init", "-q", "-b", "main"]);
+    git(dir, &["add", "-A"]);
+    git(dir, &["commit", "-q", "-m", "bench workspace"]);
+}
+
+/// `turborepo-remote-cache` on 127.0.0.1, storing in `storage`, logging
+/// requests into `log`.
+struct CacheServer {
+    _child: Killed,
+    url: String,
+    log: PathBuf,
+}
+
+impl CacheServer {
+    fn start(server: &Path, storage: &Path, log: &Path) -> CacheServer {
+        let port = free_port(false);
+        let child = Command::new("node")
+            .arg(server)
+            .env("HOST", "127.0.0.1")
+            .env("PORT", port.to_string())
+            .env("TURBO_TOKEN", TOKEN)
+            .env("STORAGE_PROVIDER", "local")
+            .env("STORAGE_PATH", storage)
+            .env("STORAGE_PATH_USE_TMP_FOLDER", "false")
+            .env("LOG_LEVEL", "info")
+            .env("NODE_ENV", "production")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(log).expect("cache server log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("turborepo-remote-cache starts");
+        let server = CacheServer {
+            _child: Killed(child),
+            url: format!("http://127.0.0.1:{port}"),
+            log: log.to_path_buf(),
+        };
+        wait_until(
+            "turborepo-remote-cache answers",
+            Duration::from_secs(30),
+            || http_status(port, "/v8/artifacts/status") == Some(200),
+        );
+        server
+    }
+
+    /// Requests `GET /v8/artifacts/HASH` answered 200, from its log.
+    fn hits(&self, hash: &str) -> usize {
+        let wanted = format!("/v8/artifacts/{hash}");
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        // pino logs the request and, in another line with its id, the reply.
+        let mut asked = std::collections::BTreeSet::new();
+        let mut answered = 0;
+        for line in log.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let id = v["reqId"].to_string();
+            if v["req"]["method"] == "GET"
+                && v["req"]["url"]
+                    .as_str()
+                    .is_some_and(|u| u.starts_with(&wanted))
+            {
+                asked.insert(id);
+            } else if v["res"]["statusCode"] == 200 && asked.contains(&id) {
+                answered += 1;
+            }
+        }
+        answered
+    }
+}
+
+/// The status of `GET path` on 127.0.0.1:`port`, with the bearer token.
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+struct Turbo {
+    bin: PathBuf,
+    ws: PathBuf,
+    workload_dir: PathBuf,
+    server: CacheServer,
+    hash: String,
+}
+
+impl Turbo {
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["run", "build"])
+            .current_dir(&self.ws)
+            .env("TURBO_API", &self.server.url)
+            .env("TURBO_TOKEN", TOKEN)
+            .env("TURBO_TEAM", "bench")
+            .env("TURBO_TELEMETRY_DISABLED", "1")
+            .env("TURBO_NO_UPDATE_NOTIFIER", "1")
+            .env("DO_NOT_TRACK", "1");
+        cmd
+    }
+
+    fn marker(&self) -> PathBuf {
+        self.workload_dir.join("ran")
+    }
+
+    /// The first run: a miss that fills both caches. Returns the task hash.
+    fn prime(&mut self) {
+        let (_, out) = timed(self.command(), "turbo (first run)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let hash = text
+            .lines()
+            .find_map(|l| {
+                l.split_once("cache miss, executing ")
+                    .map(|(_, h)| h.trim())
+            })
+            .unwrap_or_else(|| panic!("turbo's first run did not miss:\n{}", tail(&out.stdout)))
+            .to_string();
+        assert!(
+            self.marker().is_file(),
+            "turbo's first run did not run the task"
+        );
+        // The upload ends before turbo exits; the stored artifact shows it.
+        let stored = self.ws.parent().expect("parent").join("turbo-remote/bench");
+        assert!(
+            fs::read_dir(&stored).is_ok_and(|d| d
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(&hash))),
+            "turbo's first run did not upload {hash} to the remote cache"
+        );
+        self.hash = hash;
+    }
+
+    /// One hit: `remote` with the local cache emptied first. Checks it and
+    /// returns its wall time.
+    fn hit(&self, remote: bool, workload: &Workload) -> Duration {
+        let _ = fs::remove_dir_all(self.ws.join("packages/app/out"));
+        if remote {
+            let _ = fs::remove_dir_all(self.ws.join(".turbo/cache"));
+        }
+        let _ = fs::remove_file(self.marker());
+        let before = self.server.hits(&self.hash);
+        let who = if remote {
+            "turbo (remote hit)"
+        } else {
+            "turbo (local hit)"
+        };
+        let (took, out) = timed(self.command(), who);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("cache hit, replaying logs {}", self.hash)),
+            "{who} did not hit:\n{}",
+            tail(&out.stdout)
+        );
+        assert!(!self.marker().exists(), "{who} ran the task");
+        let expected_hits = before + usize::from(remote);
+        wait_until(
+            &format!(
+                "{who}: the cache server logs {expected_hits} hits of {}",
+                self.hash
+            ),
+            Duration::from_secs(5),
+            || self.server.hits(&self.hash) >= expected_hits,
+        );
+        assert_eq!(
+            self.server.hits(&self.hash),
+            expected_hits,
+            "{who}: remote cache requests"
+        );
+        // Every line of the output, behind turbo's prefix, in order.
+        let replayed: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("app:build: "))
+            .fold(String::new(), |mut s, l| {
+                s.push_str(l);
+                s.push('\n');
+                s
+            });
+        assert!(
+            replayed.contains(std::str::from_utf8(&workload.stdout).expect("utf-8")),
+            "{who}: the replayed output is not the workload's"
+        );
+        workload.check_restored(&self.ws.join("packages/app/out"), who);
+        took
+    }
+}
+
+// ------------------------------------------------------------------ Reprise
+
+fn orchestrator_cli(bin: &Path, args: &[&str]) {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .expect("reprise-orchestrator runs");
+    assert!(
+        out.status.success(),
+        "reprise-orchestrator {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+struct Reprise {
+    bin: PathBuf,
+    clone: PathBuf,
+    config: PathBuf,
+    addr: String,
+    consumer_pem: PathBuf,
+    orchestrator_log: PathBuf,
+    _orchestrator: Killed,
+    _daemon: Killed,
+}
+
+impl Reprise {
+    /// Relays the orchestrator logged.
+    fn relays(&self) -> usize {
+        fs::read_to_string(&self.orchestrator_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("relayed"))
+            .count()
+    }
+
+    /// One hit in the clone with the store under `data`: `remote` when it
+    /// is empty. Checks it and returns its wall time.
+    fn hit(&self, remote: bool, data: &Path, workload: &Workload) -> Duration {
+        let artifacts = self.clone.join("reprise-artifacts");
+        let _ = fs::remove_dir_all(&artifacts);
+        let before = self.relays();
+        let who = if remote {
+            "reprise (remote hit)"
+        } else {
+            "reprise (local hit)"
+        };
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["run", "--no-serve"])
+            .current_dir(&self.clone)
+            .env("XDG_DATA_HOME", data)
+            .env("XDG_CONFIG_HOME", &self.config)
+            .env("REPRISE_ORCHESTRATOR", &self.addr)
+            .env("REPRISE_CREDENTIALS", &self.consumer_pem);
+        let (took, out) = timed(cmd, who);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let said = if remote {
+            "through the orchestrator"
+        } else {
+            "from the local store"
+        };
+        assert!(
+            stderr.contains(said),
+            "{who} did not say {said:?}:\n{stderr}"
+        );
+        let expected = before + usize::from(remote);
+        wait_until(
+            &format!("{who}: the orchestrator logs {expected} relays"),
+            Duration::from_secs(5),
+            || self.relays() >= expected,
+        );
+        assert_eq!(self.relays(), expected, "{who}: relays");
+        assert!(
+            out.stdout == workload.stdout,
+            "{who}: stdout is not the workload's output"
+        );
+        workload.check_restored(&artifacts, who);
+        took
+    }
+}
+
+fn setup_reprise(t: &Path, workload: &Workload) -> Reprise {
+    let bin = sibling_bin("reprise");
+    let orch_bin = sibling_bin("reprise-orchestrator");
+    let repo = t.join("repo");
+    let clone = t.join("clone");
+    let producer_data = t.join("producer-data");
+    let config = t.join("config");
+    fs::create_dir_all(&config).expect("config dir");
+    hello_repo(&repo);
+    let cloned = Command::new("git")
+        .args(["clone", "-q"])
+        .arg(&repo)
+        .arg(&clone)
+        .status()
+        .expect("git clone");
+    assert!(cloned.success(), "git clone failed");
+    let namespace = reprise_executor::pipeline::compute_key(
+        &reprise_executor::pipeline::KeyRequest::at(&repo),
+        &reprise_executor::inputs::process_env(),
+        None,
+    )
+    .expect("key")
+    .inputs
+    .namespace;
+
+    let state = t.join("orchestrator");
+    let state_s = state.to_str().expect("utf-8 path");
+    orchestrator_cli(&orch_bin, &["init", "--dir", state_s]);
+    let issue = |name: &str, trusted: bool| {
+        let out = t.join(format!("{name}.pem"));
+        let mut args = vec![
+            "issue",
+            "--dir",
+            state_s,
+            "--name",
+            name,
+            "--repo",
+            &namespace,
+            "--out",
+            out.to_str().expect("utf-8 path"),
+        ];
+        if trusted {
+            args.push("--trusted");
+        }
+        orchestrator_cli(&orch_bin, &args);
+        out
+    };
+    let producer_pem = issue("producer", true);
+    let consumer_pem = issue("consumer", false);
+
+    let mut rec = Vec::new();
+    for (at, chunk) in workload.stdout.chunks(4096).enumerate() {
+        record::push(&mut rec, StreamId::Stdout, at as u32, chunk);
+    }
+    let creds =
+        reprise_executor::link::Credentials::load(&producer_pem).expect("producer credentials");
+    store_result(
+        &repo,
+        &producer_data,
+        Some(&creds),
+        &rec,
+        &workload.dir.join("artifacts"),
+    );
+
+    let addr = format!("127.0.0.1:{}", free_port(true));
+    let orchestrator_log = t.join("orchestrator.log");
+    let orchestrator = Killed(
+        Command::new(&orch_bin)
+            .args(["serve", "--dir", state_s, "--listen", &addr])
+            .env("REPRISE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&orchestrator_log).expect("orchestrator log"))
+            .spawn()
+            .expect("reprise-orchestrator serve starts"),
+    );
+    wait_until(
+        "reprise-orchestrator serves",
+        Duration::from_secs(10),
+        || {
+            fs::read_to_string(&orchestrator_log)
+                .unwrap_or_default()
+                .contains("serving on")
+        },
+    );
+    let daemon_log = t.join("daemon.log");
+    let daemon = Killed(
+        Command::new(&bin)
+            .arg("daemon")
+            .env("XDG_DATA_HOME", &producer_data)
+            .env("XDG_CONFIG_HOME", &config)
+            .env("REPRISE_ORCHESTRATOR", &addr)
+            .env("REPRISE_CREDENTIALS", &producer_pem)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&daemon_log).expect("daemon log"))
+            .spawn()
+            .expect("reprise daemon starts"),
+    );
+    wait_until(
+        "the producer's reprise daemon serves its result",
+        Duration::from_secs(30),
+        || {
+            fs::read_to_string(&daemon_log)
+                .unwrap_or_default()
+                .contains("serving 1 result")
+        },
+    );
+    Reprise {
+        bin,
+        clone,
+        config,
+        addr,
+        consumer_pem,
+        orchestrator_log,
+        _orchestrator: orchestrator,
+        _daemon: daemon,
+    }
+}
+
+// -------------------------------------------------------------------- main
+
+fn machine() -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+}
+
+fn ratio(a: Duration, b: Duration) -> String {
+    format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64())
+}
+
+fn main() {
+    let o = options();
+    let started = Instant::now();
+    check_tool("node");
+    check_tool("npm");
+    let (turbo_bin, server_js) = install_npm_tools(&o.npm_dir);
+    let tmp = tempfile::Builder::new()
+        .prefix("turbo-bench-")
+        .tempdir()
+        .expect("temp dir");
+    let t = tmp.path();
+
+    progress("writing the workload: 1 MiB of output, 20 x 1 MiB incompressible artifacts");
+    let workload = Workload::write(&t.join("workload"));
+
+    progress("Turborepo: workspace, remote cache server, first run");
+    let ws = t.join("turbo");
+    turbo_workspace(&ws, &workload);
+    let server = CacheServer::start(
+        &server_js,
+        &t.join("turbo-remote"),
+        &t.join("turbo-remote.log"),
+    );
+    let mut turbo = Turbo {
+        bin: turbo_bin,
+        ws,
+        workload_dir: workload.dir.clone(),
+        server,
+        hash: String::new(),
+    };
+    turbo.prime();
+
+    progress("Reprise: orchestrator, producer's result and daemon");
+    let reprise = setup_reprise(t, &workload);
+
+    progress("one untimed round of each");
+    let data = |i: usize| t.join(format!("consumer-{i}"));
+    turbo.hit(true, &workload);
+    turbo.hit(false, &workload);
+    reprise.hit(true, &data(0), &workload);
+    reprise.hit(false, &data(0), &workload);
+    let _ = fs::remove_dir_all(data(0));
+
+    let (mut t_remote, mut t_local, mut r_remote, mut r_local) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 1..=o.rounds {
+        let mut turbo_round = || {
+            t_remote.push(turbo.hit(true, &workload));
+            t_local.push(turbo.hit(false, &workload));
+        };
+        let mut reprise_round = || {
+            r_remote.push(reprise.hit(true, &data(i), &workload));
+            r_local.push(reprise.hit(false, &data(i), &workload));
+            let _ = fs::remove_dir_all(data(i));
+        };
+        if i % 2 == 0 {
+            turbo_round();
+            reprise_round();
+        } else {
+            reprise_round();
+            turbo_round();
+        }
+        progress(&format!(
+            "round {i}/{}: remote turbo {} reprise {}; local turbo {} reprise {}",
+            o.rounds,
+            ms(*t_remote.last().expect("timed")),
+            ms(*r_remote.last().expect("timed")),
+            ms(*t_local.last().expect("timed")),
+            ms(*r_local.last().expect("timed")),
+        ));
+    }
+    let spread = |v: &[Duration]| {
+        let min = v.iter().min().expect("rounds");
+        let max = v.iter().max().expect("rounds");
+        format!("{} – {}", ms(*min), ms(*max))
+    };
+    let rows = [
+        ("remote hit", &t_remote, &r_remote),
+        ("local hit", &t_local, &r_local),
+    ];
+    println!(
+        "turbo_bench: {} interleaved rounds on 127.0.0.1; {}.\n\
+         Workload: {} bytes of output on stdout, {ARTIFACTS} x {ARTIFACT_BYTES} bytes of incompressible artifacts.\n\
+         Turborepo {TURBO_VERSION} (native binary) with {REMOTE_CACHE} (HTTP, local storage);\n\
+         Reprise: `reprise run --no-serve` in a clone, remote = a fresh store relayed from a\n\
+         `reprise daemon` through `reprise-orchestrator serve` (QUIC, mutual TLS).\n",
+        o.rounds,
+        machine(),
+        workload.stdout.len(),
+    );
+    println!(
+        "{:<12}  {:>10}  {:>10}  {:>7}   {:<21}  {:<21}",
+        "what", "turborepo", "reprise", "ratio", "turborepo min – max", "reprise min – max"
+    );
+    for (what, turbo_times, reprise_times) in rows {
+        let (tm, rm) = (median(turbo_times.clone()), median(reprise_times.clone()));
+        println!(
+            "{what:<12}  {:>10}  {:>10}  {:>7}   {:<21}  {:<21}",
+            ms(tm),
+            ms(rm),
+            ratio(rm, tm),
+            spread(turbo_times),
+            spread(reprise_times)
+        );
+    }
+    println!("\nratio = Reprise's median / Turborepo's median (lower is faster).");
+    if let Some(hold) = o.hold {
+        eprintln!(
+            "turbo_bench: holding for {hold:?}; a remote hit by hand:\n  \
+             cd {} && rm -rf reprise-artifacts && XDG_DATA_HOME=$(mktemp -d) XDG_CONFIG_HOME={} \
+             REPRISE_ORCHESTRATOR={} REPRISE_CREDENTIALS={} {} run --no-serve >/dev/null\n  \
+             turbo: cd {} && rm -rf .turbo/cache packages/app/out && TURBO_API={} TURBO_TOKEN={TOKEN} \
+             TURBO_TEAM=bench {} run build >/dev/null",
+            reprise.clone.display(),
+            reprise.config.display(),
+            reprise.addr,
+            reprise.consumer_pem.display(),
+            reprise.bin.display(),
+            turbo.ws.display(),
+            turbo.server.url,
+            turbo.bin.display(),
+        );
+        std::thread::sleep(hold);
+    }
+    progress(&format!("took {:.1} s", started.elapsed().as_secs_f64()));
+}
