@@ -7,15 +7,26 @@
 //! DIR/config.json     which files below play which part
 //! DIR/ca.pem ca.key   the team CA (client certificates chain to it)
 //! DIR/server.pem .key the service's certificate, signed by the CA
-//! DIR/state.jsonl     identities, grants, revocations, audit log
+//! DIR/state.db        identities, grants, certificates, revocations,
+//!                     the audit log (SQLite, WAL: also state.db-wal, -shm)
 //! DIR/orchestrator.toml  settings: the repositories' trust policy
 //! ```
+//!
+//! A folder made before the database (config version 1) names a JSON-lines
+//! `state_log` instead; the first command to open it imports the log into
+//! `state.db`, keeps the log as `state.jsonl.migrated`, and rewrites the
+//! config.
 
+pub mod dashboard;
+pub mod http;
 pub mod limits;
 pub mod matcher;
+pub mod migrate;
+pub mod oidc;
 pub mod pki;
 pub mod server;
 pub mod state;
+pub mod telemetry;
 
 use std::fs;
 use std::io::Write;
@@ -23,12 +34,16 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use reprise_protocol::policy::{self, OrchestratorSettings};
-use reprise_protocol::wire::{OrchestratorConfig, STATE_VERSION, StateEvent};
+use reprise_protocol::wire::{CONFIG_VERSION, OrchestratorConfig, StateEvent};
 use thiserror::Error;
+use tracing::{info, warn};
 
 pub use crate::limits::Limits;
 use crate::pki::{CaPem, LeafKind, PkiError};
-use crate::state::{State, StateError};
+use crate::state::{Grant, Recorded, State, StateError};
+
+/// The database's file name in a new folder, and in a migrated one.
+pub const DATABASE: &str = "state.db";
 
 /// Why a command on the state folder failed.
 #[derive(Debug, Error)]
@@ -47,8 +62,17 @@ pub enum FolderError {
         "this orchestrator does not hold its CA's key (externally managed CA); issue certificates with that CA"
     )]
     NoCaKey,
+    #[error("config {} has version {found}, and this build reads up to {CONFIG_VERSION}: a newer reprise-orchestrator wrote it", path.display())]
+    ConfigVersion { path: PathBuf, found: u32 },
     #[error("no identity named {0:?} was ever issued")]
     UnknownName(String),
+    #[error(
+        "an identity named {:?} exists already ({}, repositories: {}); pass --replace to issue it a new certificate and replace its grants (its earlier certificates stay valid, with the new grants, until revoked)",
+        .0.name,
+        if .0.trusted { "trusted" } else { "not trusted" },
+        .0.repos.iter().cloned().collect::<Vec<_>>().join(", ")
+    )]
+    NameTaken(Grant),
     #[error("an identity name must be non-empty and printable, without spaces")]
     BadName,
     #[error("io on {}", path.display())]
@@ -122,12 +146,13 @@ impl Folder {
         sans.extend(hosts.iter().cloned());
         let server = pki::issue(&ca, LeafKind::Server, "reprise orchestrator", &sans, None)?;
         let config = OrchestratorConfig {
-            version: STATE_VERSION,
+            version: CONFIG_VERSION,
             client_ca: "ca.pem".into(),
             ca_key: Some("ca.key".into()),
             server_cert: "server.pem".into(),
             server_key: "server.key".into(),
-            state_log: "state.jsonl".into(),
+            database: Some(DATABASE.into()),
+            state_log: None,
         };
         write_private(&dir.join("ca.pem"), &ca.cert)?;
         write_private(&dir.join("ca.key"), &ca.key)?;
@@ -136,7 +161,7 @@ impl Folder {
             &format!("{}{}", server.cert, ca.cert),
         )?;
         write_private(&dir.join("server.key"), &server.key)?;
-        State::open(&dir.join(&config.state_log))?;
+        State::open(&dir.join(DATABASE))?;
         write_private(&dir.join(policy::FILE_NAME), SETTINGS_TEMPLATE)?;
         let text = serde_json::to_string_pretty(&config).expect("config serialises");
         write_private(&config_path, &text)?;
@@ -146,7 +171,8 @@ impl Folder {
         })
     }
 
-    /// Opens an existing folder.
+    /// Opens an existing folder. A folder of config version 1 has its
+    /// state log imported into the database first (see [`migrate`]).
     pub fn open(dir: &Path) -> Result<Folder, FolderError> {
         let path = dir.join("config.json");
         let text = match fs::read(&path) {
@@ -156,12 +182,77 @@ impl Folder {
             }
             Err(e) => return Err(io(&path)(e)),
         };
-        let config =
-            serde_json::from_slice(&text).map_err(|source| FolderError::Config { path, source })?;
-        Ok(Folder {
+        let config: OrchestratorConfig =
+            serde_json::from_slice(&text).map_err(|source| FolderError::Config {
+                path: path.clone(),
+                source,
+            })?;
+        if config.version > CONFIG_VERSION {
+            return Err(FolderError::ConfigVersion {
+                path,
+                found: config.version,
+            });
+        }
+        let mut folder = Folder {
             dir: dir.to_path_buf(),
             config,
-        })
+        };
+        folder.migrate()?;
+        Ok(folder)
+    }
+
+    /// Imports a version 1 folder's state log into the database (once),
+    /// and rewrites the config to name the database.
+    fn migrate(&mut self) -> Result<(), FolderError> {
+        let Some(log_name) = self.config.state_log.clone() else {
+            return Ok(());
+        };
+        let db = self.database();
+        let log = self.dir.join(&log_name);
+        if log.exists() {
+            if db.exists() {
+                warn!(
+                    log = %log.display(),
+                    database = %db.display(),
+                    "the state log is not read: the database holds the state (the log was imported before); remove the log"
+                );
+            } else if let Some(done) = migrate::import(&log, &db)? {
+                info!(
+                    events = done.events,
+                    "imported the state log {} into {}; the log is kept as {}",
+                    log.display(),
+                    db.display(),
+                    done.kept_as.display()
+                );
+                if done.torn_tail {
+                    warn!(
+                        "the log's last line was cut short by a crash and never acknowledged; it was left out"
+                    );
+                }
+            }
+        }
+        let mut config = self.config.clone();
+        config.version = CONFIG_VERSION;
+        config.database = Some(
+            db.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or(DATABASE)
+                .to_string(),
+        );
+        config.state_log = None;
+        let text = serde_json::to_string_pretty(&config).expect("config serialises");
+        let path = self.dir.join("config.json");
+        let staged = self.dir.join(format!("config.json.{}", std::process::id()));
+        write_private(&staged, &text)?;
+        fs::rename(&staged, &path).map_err(io(&path))?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// The state database's path.
+    pub fn database(&self) -> PathBuf {
+        self.dir
+            .join(self.config.database.as_deref().unwrap_or(DATABASE))
     }
 
     fn read(&self, name: &str) -> Result<String, FolderError> {
@@ -169,9 +260,9 @@ impl Folder {
         fs::read_to_string(&path).map_err(io(&path))
     }
 
-    /// The state store.
+    /// The state store (a connection of its own to the database).
     pub fn state(&self) -> Result<State, FolderError> {
-        Ok(State::open(&self.dir.join(&self.config.state_log))?)
+        Ok(State::open(&self.database())?)
     }
 
     /// The settings (`orchestrator.toml`; absent means the defaults).
@@ -191,6 +282,7 @@ impl Folder {
             policy: self.settings()?.policy,
             client_ca: pki::certs(&self.ca_pem()?)?,
             limits: Limits::default(),
+            telemetry: Default::default(),
         })
     }
 
@@ -215,9 +307,11 @@ impl Folder {
         self.read(&self.config.client_ca)
     }
 
-    /// Issues a client certificate to `name` for `repos` and records it;
-    /// returns the credentials file's text (client certificate, its key,
-    /// the CA certificate). `validity` overrides the default of a year.
+    /// Issues a client certificate to a new identity `name` for `repos`
+    /// and records it; returns the credentials file's text (client
+    /// certificate, its key, the CA certificate). `validity` overrides the
+    /// default of a year. A name that exists is refused
+    /// ([`FolderError::NameTaken`]); see [`Folder::reissue`].
     pub fn issue(
         &self,
         name: &str,
@@ -225,8 +319,38 @@ impl Folder {
         trusted: bool,
         validity: Option<(time::OffsetDateTime, time::OffsetDateTime)>,
     ) -> Result<String, FolderError> {
+        self.issue_as(name, repos, trusted, validity, false)
+    }
+
+    /// Like [`Folder::issue`] for a name that may exist: its grants are
+    /// replaced by these (its earlier certificates stay valid, with the new
+    /// grants, unless revoked) and a revocation is lifted for the new
+    /// certificate.
+    pub fn reissue(
+        &self,
+        name: &str,
+        repos: &[String],
+        trusted: bool,
+        validity: Option<(time::OffsetDateTime, time::OffsetDateTime)>,
+    ) -> Result<String, FolderError> {
+        self.issue_as(name, repos, trusted, validity, true)
+    }
+
+    fn issue_as(
+        &self,
+        name: &str,
+        repos: &[String],
+        trusted: bool,
+        validity: Option<(time::OffsetDateTime, time::OffsetDateTime)>,
+        replace: bool,
+    ) -> Result<String, FolderError> {
         if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(FolderError::BadName);
+        }
+        let mut state = self.state()?;
+        // Refused before a key is made; checked again when recorded.
+        if !replace && let Some(existing) = state.grant(name) {
+            return Err(FolderError::NameTaken(existing.clone()));
         }
         let key_file = self.config.ca_key.as_ref().ok_or(FolderError::NoCaKey)?;
         let ca = CaPem {
@@ -234,26 +358,31 @@ impl Folder {
             key: self.read(key_file)?,
         };
         let leaf = pki::issue(&ca, LeafKind::Client, name, &[], validity)?;
-        self.state()?.append(StateEvent::Issued {
+        let event = StateEvent::Issued {
             name: name.to_string(),
             cert_sha256: leaf.sha256,
             repos: repos.to_vec(),
             trusted,
             at: state::now_secs(),
             not_after: Some(leaf.not_after),
-        })?;
-        Ok(format!("{}{}{}", leaf.cert, leaf.key, ca.cert))
+        };
+        match state.record_issue(event, replace)? {
+            Recorded::Done => Ok(format!("{}{}{}", leaf.cert, leaf.key, ca.cert)),
+            Recorded::NameTaken(existing) => Err(FolderError::NameTaken(existing)),
+        }
     }
 
-    /// Like [`Folder::issue`], writing the credentials to `out` (mode 0600).
+    /// Like [`Folder::issue`] (or [`Folder::reissue`] when `replace`),
+    /// writing the credentials to `out` (mode 0600).
     pub fn issue_to(
         &self,
         name: &str,
         repos: &[String],
         trusted: bool,
+        replace: bool,
         out: &Path,
     ) -> Result<(), FolderError> {
-        let text = self.issue(name, repos, trusted, None)?;
+        let text = self.issue_as(name, repos, trusted, None, replace)?;
         write_private(out, &text)
     }
 
@@ -273,6 +402,8 @@ impl Folder {
 
 #[cfg(test)]
 mod tests {
+    use reprise_protocol::digest::Sha256Digest;
+
     use super::*;
     use crate::state::Admission;
 
@@ -310,10 +441,93 @@ mod tests {
             f.issue("two words", &[], false, None),
             Err(FolderError::BadName)
         ));
+        // The revoked name exists: issuing it again needs replacing.
+        let taken = f.issue("ci", &["other".into()], false, None).unwrap_err();
+        assert!(
+            matches!(&taken, FolderError::NameTaken(g) if g.trusted && g.repos.contains("ns")),
+            "{taken:?}"
+        );
+        assert!(taken.to_string().contains("--replace"), "{taken}");
+        let creds = f.reissue("ci", &["other".into()], false, None).unwrap();
+        let sha2 = pki::fingerprint(&pki::certs(&creds).unwrap()[0]);
+        assert!(
+            matches!(f.state().unwrap().admit(&sha2), Admission::Admitted(g) if !g.trusted && g.repos.contains("other"))
+        );
         let empty = tempfile::tempdir().unwrap();
         assert!(matches!(
             Folder::open(empty.path()),
             Err(FolderError::NotInitialised(_))
         ));
+    }
+
+    /// A version 1 folder, as `init` made it before the database: its
+    /// config names only `state_log`, which holds `lines`.
+    fn version_1_folder(dir: &Path, lines: &str) {
+        Folder::init(dir, &[]).unwrap();
+        fs::remove_file(dir.join(DATABASE)).unwrap();
+        fs::write(
+            dir.join("config.json"),
+            r#"{"version":1,"client_ca":"ca.pem","ca_key":"ca.key","server_cert":"server.pem","server_key":"server.key","state_log":"state.jsonl"}"#,
+        )
+        .unwrap();
+        fs::write(dir.join("state.jsonl"), lines).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_folder_is_migrated_on_first_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let orch = dir.path().join("orch");
+        let sha = Sha256Digest::of(b"old cert");
+        let log = format!(
+            "{{\"version\":1,\"event\":\"issued\",\"name\":\"old\",\"cert_sha256\":\"{sha}\",\"repos\":[\"ns\"],\"trusted\":true,\"at\":1}}\n"
+        );
+        version_1_folder(&orch, &log);
+        let f = Folder::open(&orch).unwrap();
+        assert!(matches!(f.state().unwrap().admit(&sha), Admission::Admitted(g) if g.trusted));
+        assert!(!orch.join("state.jsonl").exists());
+        assert_eq!(
+            fs::read_to_string(orch.join("state.jsonl.migrated")).unwrap(),
+            log
+        );
+        let config: OrchestratorConfig =
+            serde_json::from_slice(&fs::read(orch.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config.version, CONFIG_VERSION);
+        assert_eq!(config.database.as_deref(), Some(DATABASE));
+        assert_eq!(config.state_log, None);
+        // Opened again: nothing more to do, the state is kept.
+        let f = Folder::open(&orch).unwrap();
+        assert!(f.state().unwrap().knows("old"));
+        assert!(matches!(
+            f.issue("old", &[], false, None),
+            Err(FolderError::NameTaken(_))
+        ));
+    }
+
+    #[test]
+    fn a_damaged_version_1_log_refuses_to_open_and_leaves_the_folder_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let orch = dir.path().join("orch");
+        version_1_folder(&orch, "{\"version\":1,\"event\":\"revoked\"}\n");
+        let config_before = fs::read(orch.join("config.json")).unwrap();
+        let err = Folder::open(&orch).unwrap_err();
+        let text = anyhow_like(&err);
+        assert!(
+            text.contains("damaged at line 1") && text.contains("nothing was imported"),
+            "{text}"
+        );
+        assert!(!orch.join(DATABASE).exists());
+        assert!(orch.join("state.jsonl").exists());
+        assert_eq!(fs::read(orch.join("config.json")).unwrap(), config_before);
+    }
+
+    /// The error and its sources, as `main` prints them.
+    fn anyhow_like(e: &dyn std::error::Error) -> String {
+        let mut text = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        text
     }
 }

@@ -1,13 +1,16 @@
 //! `reprise-orchestrator`: parses arguments and calls the library.
 //!
-//! Exit codes: 0 success, 1 the command failed, 2 bad usage (clap).
+//! Exit codes: 0 success, 1 the command failed, 2 bad usage (clap), 3
+//! `issue` refused a name that exists (pass `--replace`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use reprise_orchestrator::{Folder, Limits, limits, server};
+use reprise_orchestrator::dashboard;
+use reprise_orchestrator::state::{self, AuditEntry, AuditFilter, Identity, rfc3339};
+use reprise_orchestrator::{Folder, FolderError, Limits, http, limits, server};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,15 +35,32 @@ enum Command {
         hosts: Vec<String>,
     },
     /// Serve executors over QUIC until SIGINT or SIGTERM.
+    #[command(after_help = "Examples:\n  \
+        reprise-orchestrator serve --dir /srv/reprise --listen 0.0.0.0:7443\n  \
+        reprise-orchestrator serve --dir /srv/reprise --listen 0.0.0.0:7443 --http\n\n\
+        With --http, http://127.0.0.1:9464/ is the dashboard and /metrics the counters \
+        for Prometheus (OpenMetrics text). Without --http nothing listens on HTTP.")]
     Serve {
+        /// The state folder (made by `init`).
         #[arg(long)]
         dir: PathBuf,
+        /// The QUIC address executors connect to.
         #[arg(long, default_value = "127.0.0.1:4433")]
         listen: SocketAddr,
+        /// Serve the dashboard (/) and Prometheus metrics (/metrics) over
+        /// HTTP on ADDR; 127.0.0.1:9464 when given without a value. Off when
+        /// absent. There is no authentication: keep it on loopback or behind
+        /// a proxy that has some.
+        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = http::DEFAULT_ADDR)]
+        http: Option<SocketAddr>,
         #[command(flatten)]
         limits: LimitArgs,
     },
-    /// Issue a client certificate to an executor.
+    /// Issue a client certificate to a new executor identity.
+    #[command(after_help = "Examples:\n  \
+        reprise-orchestrator issue --dir /srv/reprise --name ci --repo example.com/team/app --out ci.pem\n  \
+        reprise-orchestrator issue --dir /srv/reprise --name alice --repo example.com/team/app --trusted --replace --out alice.pem\n\n\
+        A name that exists is refused (exit code 3) unless --replace.")]
     Issue {
         #[arg(long)]
         dir: PathBuf,
@@ -55,6 +75,12 @@ enum Command {
         /// Where to write the credentials (certificate, key, CA).
         #[arg(long)]
         out: PathBuf,
+        /// The name may exist: give it a new certificate and replace its
+        /// grants with these (its earlier certificates stay valid, with the
+        /// new grants, unless revoked; a revocation is lifted for the new
+        /// certificate).
+        #[arg(long)]
+        replace: bool,
     },
     /// Revoke every certificate of an identity.
     Revoke {
@@ -63,6 +89,46 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+    /// The identities this orchestrator issued certificates to.
+    Identities {
+        #[command(subcommand)]
+        command: IdentitiesCommand,
+    },
+    /// The audit log: replays and conflicts, oldest first.
+    #[command(after_help = "Examples:\n  \
+        reprise-orchestrator audit --dir /srv/reprise --since 24h\n  \
+        reprise-orchestrator audit --dir /srv/reprise --repo example.com/team/app --since 2026-05-01T00:00:00Z --json")]
+    Audit {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Only this repository namespace.
+        #[arg(long = "repo", value_name = "NAMESPACE")]
+        repo: Option<String>,
+        /// Only entries since then: a duration back from now (90m, 24h,
+        /// 7days) or an RFC 3339 time (2026-05-01T12:00:00Z).
+        #[arg(long, value_name = "DURATION|TIME", value_parser = parse_since)]
+        since: Option<u64>,
+        /// One JSON document on stdout (`version`, `entries`).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum IdentitiesCommand {
+    /// Each identity: its repositories, whether trusted or revoked, and its
+    /// certificates with their expiry.
+    List {
+        #[arg(long)]
+        dir: PathBuf,
+        /// One JSON document on stdout (`version`, `identities`).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_since(text: &str) -> Result<u64, String> {
+    state::parse_since(text, state::now_secs())
 }
 
 /// What one executor may take of the service (ARCHITECTURE.md lists them).
@@ -116,7 +182,8 @@ fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        let taken = matches!(e.downcast_ref(), Some(FolderError::NameTaken(_)));
+        std::process::exit(if taken { 3 } else { 1 });
     }
 }
 
@@ -132,11 +199,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             repos,
             trusted,
             out,
+            replace,
         } => {
             Folder::open(&dir)?
-                .issue_to(&name, &repos, trusted, &out)
+                .issue_to(&name, &repos, trusted, replace, &out)
                 .with_context(|| format!("while issuing a certificate to {name}"))?;
             println!("credentials for {name} written to {}", out.display());
+        }
+        Command::Identities {
+            command: IdentitiesCommand::List { dir, json },
+        } => {
+            let identities = Folder::open(&dir)?
+                .state()?
+                .identities()
+                .context("while reading the identities")?;
+            if json {
+                print_json(&identities_json(&identities));
+            } else {
+                print_identities(&identities);
+            }
+        }
+        Command::Audit {
+            dir,
+            repo,
+            since,
+            json,
+        } => {
+            let filter = AuditFilter {
+                namespace: repo,
+                since,
+                newest: None,
+            };
+            let entries = Folder::open(&dir)?
+                .state()?
+                .audit(&filter)
+                .context("while reading the audit log")?;
+            if json {
+                print_json(&audit_json(&entries));
+            } else {
+                print_audit(&entries);
+            }
         }
         Command::Revoke { dir, name } => {
             Folder::open(&dir)?
@@ -150,6 +252,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve {
             dir,
             listen,
+            http: http_addr,
             limits,
         } => {
             let limits = limits.limits();
@@ -159,20 +262,236 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("while loading the certificates")?;
             let mut service = folder
                 .service()
-                .context("while reading the state log, the settings and the CA")?;
+                .context("while reading the state database, the settings and the CA")?;
             service.limits = limits;
+            let telemetry = service.telemetry.clone();
             let rt = tokio::runtime::Runtime::new().context("while starting the runtime")?;
             rt.block_on(async {
                 let endpoint = quinn::Endpoint::server(config, listen)
                     .with_context(|| format!("while binding {listen}"))?;
                 tracing::info!("serving on {}", endpoint.local_addr()?);
-                server::run(endpoint, service, shutdown_signal())
-                    .await
-                    .context("while serving")
+                let (stop, stopped) = tokio::sync::watch::channel(());
+                let web = match http_addr {
+                    None => None,
+                    Some(addr) => {
+                        let listener = tokio::net::TcpListener::bind(addr)
+                            .await
+                            .with_context(|| format!("while binding {addr} for --http"))?;
+                        let local = listener.local_addr()?;
+                        tracing::info!(
+                            "dashboard on http://{local}/ and metrics on http://{local}/metrics"
+                        );
+                        if !local.ip().is_loopback() {
+                            tracing::warn!(
+                                "the dashboard and /metrics have no authentication; anyone who reaches {local} sees identity names and repositories"
+                            );
+                        }
+                        let pages_state = folder
+                            .state()
+                            .context("while opening the state database for the dashboard")?;
+                        let mut stopped = stopped.clone();
+                        Some(tokio::spawn(http::run(
+                            listener,
+                            telemetry,
+                            pages_state,
+                            async move {
+                                let _ = stopped.changed().await;
+                            },
+                        )))
+                    }
+                };
+                let served = server::run(endpoint, service, shutdown_signal()).await;
+                let _ = stop.send(());
+                if let Some(web) = web {
+                    match web.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!("the HTTP listener failed: {e}"),
+                        Err(e) => tracing::warn!("the HTTP listener failed: {e}"),
+                    }
+                }
+                served.context("while serving")
             })?;
         }
     }
     Ok(())
+}
+
+/// Writes `text` to stdout; a reader that went away (`| head`) ends the
+/// output quietly.
+fn print(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("error: cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+        _ => {}
+    }
+}
+
+fn print_json(value: &serde_json::Value) {
+    let mut text = serde_json::to_string_pretty(value).expect("json values serialise");
+    text.push('\n');
+    print(&text);
+}
+
+/// The version of `identities list --json` and `audit --json`.
+const JSON_VERSION: u32 = 1;
+
+fn identities_json(identities: &[Identity]) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = identities
+        .iter()
+        .map(|i| {
+            serde_json::json!({
+                "name": i.grant.name,
+                "repos": i.grant.repos,
+                "trusted": i.grant.trusted,
+                "issued_at": rfc3339(i.issued_at),
+                "revoked": i.revoked_at.is_some(),
+                "revoked_at": i.revoked_at.map(rfc3339),
+                "certificates": i.certificates.iter().map(|c| serde_json::json!({
+                    "sha256": c.sha256,
+                    "issued_at": rfc3339(c.issued_at),
+                    "not_after": c.not_after.map(rfc3339),
+                    "revoked": c.revoked,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    serde_json::json!({ "version": JSON_VERSION, "identities": list })
+}
+
+fn print_identities(identities: &[Identity]) {
+    use std::fmt::Write;
+    if identities.is_empty() {
+        eprintln!("no identities yet; `reprise-orchestrator issue` makes one");
+        return;
+    }
+    let mut text = String::new();
+    let width = identities
+        .iter()
+        .map(|i| i.grant.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(4);
+    let _ = writeln!(
+        text,
+        "{:width$}  TRUSTED  STATUS                         REPOSITORIES",
+        "NAME"
+    );
+    for i in identities {
+        let status = match i.revoked_at {
+            Some(at) => format!("revoked {}", rfc3339(at)),
+            None => "active".to_string(),
+        };
+        let _ = writeln!(
+            text,
+            "{:width$}  {:7}  {:29}  {}",
+            i.grant.name,
+            if i.grant.trusted { "yes" } else { "no" },
+            status,
+            i.grant.repos.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
+        for c in &i.certificates {
+            let _ = writeln!(
+                text,
+                "{:width$}  certificate {} issued {}, {}{}",
+                "",
+                c.sha256.short(),
+                rfc3339(c.issued_at),
+                c.not_after
+                    .map_or("no recorded expiry".to_string(), |t| format!(
+                        "expires {}",
+                        rfc3339(t)
+                    )),
+                if c.revoked { ", revoked" } else { "" }
+            );
+        }
+    }
+    print(&text);
+}
+
+fn audit_json(entries: &[AuditEntry]) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| match e {
+            AuditEntry::Replay(r) => serde_json::json!({
+                "kind": "replay",
+                "at": rfc3339(r.at),
+                "namespace": r.namespace,
+                "key": r.key,
+                "asker": r.asker,
+                "producer": r.producer,
+                "relayer": r.relayer,
+                "run_ms": r.run_ms,
+                "relay_ms": r.relay_ms,
+                "bytes": r.bytes,
+            }),
+            AuditEntry::Conflict(c) => serde_json::json!({
+                "kind": "conflict",
+                "at": rfc3339(c.at),
+                "namespace": c.namespace,
+                "key": c.key,
+                "producers": c.producers,
+            }),
+        })
+        .collect();
+    serde_json::json!({ "version": JSON_VERSION, "entries": list })
+}
+
+fn print_audit(entries: &[AuditEntry]) {
+    use std::fmt::Write;
+    if entries.is_empty() {
+        eprintln!("no replays or conflicts recorded (for this filter)");
+        return;
+    }
+    let mut text = String::new();
+    let width = entries
+        .iter()
+        .map(|e| e.namespace().len())
+        .max()
+        .unwrap_or(0)
+        .max(10);
+    let _ = writeln!(
+        text,
+        "{:20}  {:8}  {:width$}  {:12}  DETAIL",
+        "WHEN", "WHAT", "REPOSITORY", "KEY"
+    );
+    for e in entries {
+        let (what, key, detail) = match e {
+            AuditEntry::Replay(r) => {
+                let mut d = format!("{} replayed {}'s result", r.asker, r.producer);
+                if let Some(by) = r.relayer.as_ref().filter(|by| **by != r.producer) {
+                    d.push_str(&format!(" (relayed by {by})"));
+                }
+                if let Some(ms) = r.run_ms {
+                    d.push_str(&format!(", its run took {}", dashboard::duration(ms)));
+                }
+                if let Some(ms) = r.relay_ms {
+                    d.push_str(&format!(", relayed in {}", dashboard::duration(ms)));
+                }
+                if let Some(b) = r.bytes {
+                    d.push_str(&format!(", {}", dashboard::bytes(b)));
+                }
+                ("replay", r.key.short(), d)
+            }
+            AuditEntry::Conflict(c) => (
+                "conflict",
+                c.key.short(),
+                format!("{} disagree", c.producers.join(", ")),
+            ),
+        };
+        let _ = writeln!(
+            text,
+            "{:20}  {:8}  {:width$}  {:12}  {detail}",
+            rfc3339(e.at()),
+            what,
+            e.namespace(),
+            key
+        );
+    }
+    print(&text);
 }
 
 async fn shutdown_signal() {

@@ -34,6 +34,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::limits::Limits;
 use crate::matcher::{Claim, ConnId, Decision, Matcher, NotIndexed};
 use crate::state::{Admission, Grant, State, now_secs};
+use crate::telemetry::{Answer, Refusal, Telemetry};
 
 /// Connection close codes.
 pub mod close {
@@ -70,6 +71,8 @@ pub struct Service {
     pub policy: PolicyConfig,
     pub client_ca: Vec<CertificateDer<'static>>,
     pub limits: Limits,
+    /// What `/metrics` and the dashboard read ([`crate::http`]).
+    pub telemetry: Arc<Telemetry>,
 }
 
 struct Shared {
@@ -80,6 +83,7 @@ struct Shared {
     policy: PolicyConfig,
     client_ca: Vec<CertificateDer<'static>>,
     limits: Limits,
+    telemetry: Arc<Telemetry>,
     matcher: Mutex<Matcher>,
     conns: Mutex<BTreeMap<ConnId, Live>>,
     /// Conflicts already written to the audit log: (result, producers).
@@ -94,8 +98,9 @@ struct Live {
     cert_sha256: Option<Sha256Digest>,
 }
 
-/// How often the state log is re-read for revocations of connected
-/// executors (`reprise-orchestrator revoke` is another process).
+/// How often the state is checked for revocations of connected executors
+/// (`reprise-orchestrator revoke` is another process); the check reads the
+/// identities again only when the database changed.
 pub const REVOCATION_SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Shared {
@@ -105,7 +110,7 @@ impl Shared {
         let revoked: Vec<(ConnId, String)> = {
             let mut state = self.state.lock().expect("state lock");
             if let Err(e) = state.refresh() {
-                warn!("cannot read the state log: {e}");
+                warn!("cannot read the state database: {e}");
                 return;
             }
             let conns = self.conns.lock().expect("conns");
@@ -126,7 +131,9 @@ impl Shared {
         };
         for (id, name) in revoked {
             self.matcher.lock().expect("matcher").disconnect(id);
+            self.telemetry.disconnected(id);
             if let Some(live) = self.conns.lock().expect("conns").remove(&id) {
+                self.telemetry.refused(Refusal::Revoked);
                 info!(%name, id, "closing a revoked executor's connection");
                 live.conn.close(
                     VarInt::from_u32(close::REVOKED),
@@ -189,6 +196,7 @@ impl Shared {
         if !new {
             return;
         }
+        self.telemetry.conflict();
         warn!(key = %held.key, namespace = %held.namespace, ?producers, "trusted producers disagree");
         let event = StateEvent::Conflict {
             key: held.key,
@@ -217,6 +225,7 @@ pub async fn run(
         matcher: Mutex::new(Matcher::new(service.limits.announced_per_identity)),
         client_ca: service.client_ca,
         limits: service.limits,
+        telemetry: service.telemetry,
         conns: Mutex::new(BTreeMap::new()),
         logged_conflicts: Mutex::new(Default::default()),
     });
@@ -270,7 +279,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
             match state.refresh() {
                 Ok(()) => state.admit(sha),
                 Err(e) => {
-                    warn!("cannot read the state log: {e}");
+                    warn!("cannot read the state database: {e}");
                     Admission::Unknown
                 }
             }
@@ -279,6 +288,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
     let grant = match admission {
         Admission::Admitted(g) => g,
         Admission::Revoked(name) => {
+            shared.telemetry.refused(Refusal::Revoked);
             info!(%name, "refused: revoked");
             conn.close(
                 VarInt::from_u32(close::REVOKED),
@@ -287,6 +297,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
             return;
         }
         Admission::Unknown => {
+            shared.telemetry.refused(Refusal::UnknownCertificate);
             info!("refused: unknown certificate");
             conn.close(
                 VarInt::from_u32(close::UNKNOWN_IDENTITY),
@@ -317,6 +328,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
         };
         if full {
             let cap = shared.limits.connections_per_identity;
+            shared.telemetry.refused(Refusal::ConnectionLimit);
             warn!(cap, "refused: the identity has as many connections open as it may");
             conn.close(
                 VarInt::from_u32(close::LIMIT),
@@ -337,6 +349,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
             .collect();
         let said = tokio::time::timeout(HELLO_TIMEOUT, hello(&conn, &grant, revoked)).await;
         if let Err(reason) = said.unwrap_or_else(|_| Err("no hello in time".into())) {
+            shared.telemetry.refused(Refusal::Hello);
             info!("refused: {reason}");
             conn.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
             shared.conns.lock().expect("conns").remove(&id);
@@ -347,6 +360,9 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
             .lock()
             .expect("matcher")
             .connect(id, grant.clone());
+        shared
+            .telemetry
+            .connected(id, &grant.name, conn.remote_address(), now_secs());
         info!("connected");
         let open = Arc::new(Semaphore::new(shared.limits.streams_per_connection as usize));
         let mut over_limit = 0u64;
@@ -354,6 +370,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {
                     let Ok(permit) = open.clone().try_acquire_owned() else {
+                        shared.telemetry.refused(Refusal::StreamLimit);
                         if over_limit == 0 {
                             warn!(
                                 cap = shared.limits.streams_per_connection,
@@ -381,6 +398,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
             }
         }
         shared.matcher.lock().expect("matcher").disconnect(id);
+        shared.telemetry.disconnected(id);
         shared.conns.lock().expect("conns").remove(&id);
     }
     .instrument(span)
@@ -441,6 +459,7 @@ async fn request(
     let deadline = shared.limits.request_timeout;
     let message = match tokio::time::timeout(deadline, read_message(&mut recv)).await {
         Err(_) => {
+            shared.telemetry.refused(Refusal::RequestTimeout);
             info!(
                 after_secs = deadline.as_secs(),
                 "request stream timed out before its request arrived"
@@ -459,6 +478,7 @@ async fn request(
         }
         Ok(Ok(m)) => m,
         Ok(Err(e)) => {
+            shared.telemetry.refused(Refusal::BadRequest);
             debug!("bad request: {e}");
             if let Some(refusal) = e.refusal() {
                 let _ = write_message(&mut send, &refusal).await;
@@ -469,7 +489,7 @@ async fn request(
     };
     let answer = match message {
         Message::Announce { results } => {
-            let (mut accepted, mut refused) = (0u32, 0u32);
+            let (mut accepted, mut refused, mut over_cap) = (0u32, 0u32, 0u64);
             let mut indexed = Vec::new();
             let mut full = None;
             for sealed in &results {
@@ -488,6 +508,7 @@ async fn request(
                         Err(NotIndexed::NotGranted) => false,
                         Err(NotIndexed::Full { identity, cap }) => {
                             full = Some((identity, cap));
+                            over_cap += 1;
                             false
                         }
                     },
@@ -506,6 +527,11 @@ async fn request(
             for held in &indexed {
                 shared.note_conflict(held);
             }
+            shared.telemetry.indexed(id, u64::from(accepted));
+            shared.telemetry.refused_n(Refusal::AnnounceLimit, over_cap);
+            shared
+                .telemetry
+                .refused_n(Refusal::AnnounceRefused, u64::from(refused) - over_cap);
             debug!(accepted, refused, "announce");
             match full {
                 Some((identity, cap)) => {
@@ -536,18 +562,25 @@ async fn request(
         }
         Message::Lookup { key, namespace } => {
             let wanted = Held { key, namespace };
-            match shared.lookup(id, &wanted) {
+            let (answer, message) = match shared.lookup(id, &wanted) {
                 Decision::Offer {
                     producer_name,
                     counts,
                     ..
-                } => Message::Offer {
-                    producer: producer_name,
-                    counts,
-                },
-                Decision::Conflict { producers } => Message::Conflict { producers },
-                Decision::NotFound => Message::NotFound,
-            }
+                } => (
+                    Answer::Hit,
+                    Message::Offer {
+                        producer: producer_name,
+                        counts,
+                    },
+                ),
+                Decision::Conflict { producers } => {
+                    (Answer::Conflict, Message::Conflict { producers })
+                }
+                Decision::NotFound => (Answer::Miss, Message::NotFound),
+            };
+            shared.telemetry.lookup(answer);
+            message
         }
         Message::Assess { result } => {
             let namespace = result.manifest.inputs.namespace.clone();
@@ -599,10 +632,13 @@ async fn request(
             relay(&shared, id, grant, Held { key, namespace }, send).await;
             return;
         }
-        other => Message::error(
-            ErrorCode::Unexpected,
-            format!("{} is not a request", tag(&other)),
-        ),
+        other => {
+            shared.telemetry.refused(Refusal::BadRequest);
+            Message::error(
+                ErrorCode::Unexpected,
+                format!("{} is not a request", tag(&other)),
+            )
+        }
     };
     let _ = write_message(&mut send, &answer).await;
     let _ = send.finish();
@@ -646,17 +682,30 @@ async fn relay(shared: &Shared, asker: ConnId, grant: &Grant, wanted: Held, mut 
         producer,
         outputs,
     };
+    let started = std::time::Instant::now();
     match pipe(shared, &conn, &expected, &mut send).await {
-        Ok(relayer) => {
+        Ok(relayed) => {
             let _ = send.finish();
-            info!(producer = %producer_name, %relayer, key = %wanted.key, "relayed");
+            let relay_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            shared.telemetry.replayed();
+            info!(
+                producer = %producer_name,
+                relayer = %relayed.relayer,
+                key = %wanted.key,
+                bytes = relayed.bytes,
+                relay_ms,
+                "relayed"
+            );
             let event = StateEvent::Replayed {
                 asker: grant.name.clone(),
                 producer: producer_name,
-                relayer: Some(relayer),
+                relayer: Some(relayed.relayer),
                 key: wanted.key,
                 namespace: wanted.namespace,
                 at: now_secs(),
+                run_ms: Some(relayed.run_ms),
+                relay_ms: Some(relay_ms),
+                bytes: Some(relayed.bytes),
             };
             if let Err(e) = shared.state.lock().expect("state").append(event) {
                 warn!("cannot write the audit log: {e}");
@@ -672,6 +721,7 @@ async fn relay(shared: &Shared, asker: ConnId, grant: &Grant, wanted: Held, mut 
             let _ = send.finish();
         }
         Err(PipeError::TooLarge(reason)) => {
+            shared.telemetry.refused(Refusal::TransferLimit);
             warn!(producer = %producer_name, "not relayed: {reason}");
             let m = Message::error(ErrorCode::Limit, reason);
             let _ = write_message(&mut send, &m).await;
@@ -699,15 +749,24 @@ enum PipeError {
     Midway(String),
 }
 
+/// A transfer copied whole.
+struct Relayed {
+    /// The name of the holder's identity.
+    relayer: String,
+    /// The output record's and the artifacts' bytes.
+    bytes: u64,
+    /// The producer's recorded run time (the manifest's `total_ms`).
+    run_ms: u64,
+}
+
 /// Asks `conn` to serve the result, checks its header against what was
-/// offered, and copies the transfer to `send`. Returns the name of the
-/// connection's identity (the relayer).
+/// offered, and copies the transfer to `send`.
 async fn pipe(
     shared: &Shared,
     conn: &Connection,
     expected: &Expected<'_>,
     send: &mut SendStream,
-) -> Result<String, PipeError> {
+) -> Result<Relayed, PipeError> {
     let before = |e: &dyn std::fmt::Display| PipeError::BeforeData(e.to_string());
     let (mut psend, mut precv) = conn.open_bi().await.map_err(|e| before(&e))?;
     let serve = Message::Serve {
@@ -723,7 +782,7 @@ async fn pipe(
         .await
         .map_err(|_| PipeError::BeforeData(format!("no answer within {}s", idle.as_secs())))?
         .map_err(|e| before(&e))?;
-    let parts = match &header {
+    let (parts, run_ms) = match &header {
         Message::Transfer(t) => {
             if t.held() != *expected.held {
                 return Err(PipeError::BeforeData("sent another result".into()));
@@ -744,7 +803,7 @@ async fn pipe(
                     "the result is {total} bytes, over this orchestrator's limit of {max} (serve --max-transfer)"
                 )));
             }
-            parts
+            (parts, t.manifest.total_ms)
         }
         Message::Error { message, .. } => return Err(PipeError::BeforeData(message.clone())),
         other => {
@@ -758,6 +817,7 @@ async fn pipe(
     // none slower to come than the idle limit; nothing past the last part.
     let midway = |e: &dyn std::fmt::Display| PipeError::Midway(e.to_string());
     let mut buf = Vec::new();
+    let mut bytes = 0u64;
     for mut left in parts {
         while left > 0 {
             tokio::time::timeout(idle, read_chunk(&mut precv, left, &mut buf))
@@ -767,6 +827,8 @@ async fn pipe(
                 })?
                 .map_err(|e| midway(&e))?;
             write_chunk(send, &buf).await.map_err(|e| midway(&e))?;
+            shared.telemetry.relayed(buf.len() as u64);
+            bytes += buf.len() as u64;
             left -= buf.len() as u64;
         }
     }
@@ -794,5 +856,9 @@ async fn pipe(
             _ => None,
         })
         .unwrap_or_else(|| "an executor".into());
-    Ok(relayer)
+    Ok(Relayed {
+        relayer,
+        bytes,
+        run_ms,
+    })
 }

@@ -10,7 +10,9 @@ use reprise_executor::link::{
     Credentials, FetchError, Found, Link, LinkError, read_message, transfer_files, write_message,
 };
 use reprise_executor::store::{Sealer, Store, StoredResult};
-use reprise_orchestrator::{Folder, Limits, server};
+use reprise_orchestrator::state::{AuditEntry, AuditFilter};
+use reprise_orchestrator::telemetry::{Refusal, Telemetry};
+use reprise_orchestrator::{Folder, FolderError, Limits, server};
 use reprise_protocol::digest::Sha256Digest;
 use reprise_protocol::key::{KEY_VERSION, KeyInputs};
 use reprise_protocol::manifest::{
@@ -27,6 +29,8 @@ struct Team {
     _dir: TempDir,
     folder: Folder,
     addr: SocketAddr,
+    /// What the running service counts.
+    telemetry: Arc<Telemetry>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), server::ServeError>>>,
 }
@@ -55,6 +59,7 @@ impl Team {
         let (tx, rx) = oneshot::channel();
         let mut service = folder.service().unwrap();
         service.limits = limits;
+        let telemetry = service.telemetry.clone();
         let task = tokio::spawn(server::run(endpoint, service, async {
             let _ = rx.await;
         }));
@@ -62,6 +67,7 @@ impl Team {
             _dir: dir,
             folder,
             addr,
+            telemetry,
             stop: Some(tx),
             task: Some(task),
         }
@@ -78,6 +84,13 @@ impl Team {
         Arc::new(Credentials::from_pem(&pem).unwrap())
     }
 
+    /// A new certificate for a name that exists (`issue --replace`).
+    fn reissued(&self, name: &str, repos: &[&str], trusted: bool) -> Arc<Credentials> {
+        let repos: Vec<String> = repos.iter().map(|r| r.to_string()).collect();
+        let pem = self.folder.reissue(name, &repos, trusted, None).unwrap();
+        Arc::new(Credentials::from_pem(&pem).unwrap())
+    }
+
     async fn connect(&self, creds: &Arc<Credentials>) -> Result<Link, LinkError> {
         Link::connect(&self.addr.to_string(), creds.clone()).await
     }
@@ -90,6 +103,7 @@ impl Team {
             quinn::Endpoint::server(self.folder.server_config().unwrap(), self.addr).unwrap();
         let (tx, rx) = oneshot::channel();
         let service = self.folder.service().unwrap();
+        self.telemetry = service.telemetry.clone();
         self.task = Some(tokio::spawn(server::run(endpoint, service, async {
             let _ = rx.await;
         })));
@@ -256,8 +270,39 @@ async fn a_result_is_replayed_from_a_peer_byte_for_byte() {
         );
     }
     assert!(store_a.get(&key).is_some(), "A now holds it locally");
-    // The relay is in the audit log.
-    assert_eq!(team.folder.state().unwrap().replays(), 1);
+    // The relay is in the audit log, with the producer's run time and
+    // the bytes relayed.
+    let audit = team
+        .folder
+        .state()
+        .unwrap()
+        .audit(&AuditFilter::default())
+        .unwrap();
+    let data_bytes: u64 =
+        got.manifest.output_bytes + got.manifest.artifacts.iter().map(|a| a.bytes).sum::<u64>();
+    match &audit[..] {
+        [AuditEntry::Replay(r)] => {
+            assert_eq!(
+                (r.asker.as_str(), r.producer.as_str()),
+                ("asker", "builder")
+            );
+            assert_eq!(r.relayer.as_deref(), Some("builder"));
+            assert_eq!(r.namespace, NS);
+            assert_eq!(r.key, key);
+            assert_eq!(r.run_ms, Some(40), "the manifest's total_ms");
+            assert_eq!(r.bytes, Some(data_bytes));
+            assert!(r.relay_ms.is_some());
+        }
+        other => panic!("one replay expected: {other:?}"),
+    }
+    // And counted: two lookups (a hit and a miss), the bytes relayed.
+    let live = team.telemetry.snapshot();
+    assert_eq!((live.lookups, live.hits, live.misses), (2, 1, 1));
+    assert_eq!(live.replays, 1);
+    assert_eq!(live.relayed_bytes, data_bytes);
+    let names: Vec<&str> = live.executors.iter().map(|e| e.identity.as_str()).collect();
+    assert_eq!(names, ["builder", "asker"]);
+    assert_eq!(live.executors[0].indexed, 1);
 
     drop(a);
     serving.abort();
@@ -338,8 +383,20 @@ async fn revoked_identities_are_refused_at_connection() {
         }
         other => panic!("expected a close for revocation, got {other:?}"),
     }
-    // A new certificate for the same name is admitted again.
-    team.connect(&team.creds("leaver", &[NS], true))
+    assert!(
+        team.telemetry
+            .snapshot()
+            .refusals
+            .contains(&(Refusal::Revoked, 1))
+    );
+    // The name exists: a plain issue is refused, a replacing one makes a
+    // new certificate that is admitted again.
+    let repos = vec![NS.to_string()];
+    assert!(matches!(
+        team.folder.issue("leaver", &repos, true, None),
+        Err(FolderError::NameTaken(_))
+    ));
+    team.connect(&team.reissued("leaver", &[NS], true))
         .await
         .unwrap();
     team.stop().await;
@@ -361,7 +418,7 @@ async fn a_connected_identity_that_is_revoked_is_cut_off_and_no_longer_offered()
     ));
 
     // `reprise-orchestrator revoke` runs as another process: it only
-    // appends to the state log, which the service re-reads.
+    // writes the database, whose change the service notices.
     team.folder.revoke("leaver").unwrap();
     let closed = tokio::time::timeout(server::REVOCATION_SWEEP * 5, producer.connection().closed())
         .await
@@ -740,7 +797,7 @@ async fn bad_transfers_are_never_committed() {
     }
     // The relay that completed (the flipped byte) is audited; the asker
     // refused it itself.
-    assert_eq!(team.folder.state().unwrap().replays(), 1);
+    assert_eq!(team.folder.state().unwrap().replays().unwrap(), 1);
     team.stop().await;
 }
 
@@ -751,6 +808,92 @@ async fn relayer(team: &Team, creds: &Arc<Credentials>, store: &Store) -> Arc<Li
     let (p, s) = (peer.clone(), store.clone());
     tokio::spawn(async move { p.serve(&s).await });
     peer
+}
+
+/// A GET over plain HTTP/1.1: the status line, the headers and the body.
+async fn http_get(addr: SocketAddr, path: &str) -> (String, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a header");
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    (status.to_string(), headers.to_lowercase(), body.to_string())
+}
+
+#[tokio::test]
+async fn the_http_listener_serves_metrics_and_a_dashboard_of_the_replays() {
+    let team = Team::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let builder = team.creds("builder", &[NS], true);
+    let (store_b, _) = producer_store(work.path(), &builder);
+    let _b = relayer(&team, &builder, &store_b).await;
+    let asker = team
+        .connect(&team.creds("asker", &[NS], false))
+        .await
+        .unwrap();
+    let key = inputs("t1").key();
+    assert!(matches!(
+        asker.lookup(&key, NS).await.unwrap(),
+        Found::Offer { .. }
+    ));
+    asker
+        .fetch_into(&key, NS, &inputs("t1"), &Store::new(work.path().join("a")))
+        .await
+        .unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let web = tokio::spawn(reprise_orchestrator::http::run(
+        listener,
+        team.telemetry.clone(),
+        team.folder.state().unwrap(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let (status, headers, body) = http_get(addr, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    assert!(
+        headers.contains("content-type: application/openmetrics-text"),
+        "{headers}"
+    );
+    for line in [
+        "reprise_executors_connected 2",
+        "reprise_lookups_total 1",
+        "reprise_lookup_hits_total 1",
+        "reprise_replays_total 1",
+        "reprise_refusals_total{reason=\"revoked\"} 0",
+    ] {
+        assert!(body.contains(line), "{line:?} missing:\n{body}");
+    }
+    assert!(
+        !body.contains("reprise_relayed_bytes_total 0\n"),
+        "bytes were relayed:\n{body}"
+    );
+    let (status, headers, page) = http_get(addr, "/").await;
+    assert!(status.contains("200"), "{status}");
+    assert!(
+        headers.contains("content-security-policy: default-src 'none'"),
+        "{headers}"
+    );
+    assert!(page.contains(NS), "the repository is listed:\n{page}");
+    assert!(page.contains("asker replayed builder's result"), "{page}");
+    assert!(
+        page.contains("<dd id=\"executors-connected\">2</dd>"),
+        "{page}"
+    );
+    let (status, _, _) = http_get(addr, "/../state.db").await;
+    assert!(status.contains("404"), "{status}");
+    let _ = stop.send(());
+    web.await.unwrap().unwrap();
+    team.stop().await;
 }
 
 #[tokio::test]
@@ -867,7 +1010,9 @@ async fn trusted_producers_that_disagree_are_a_conflict_shown_and_audited() {
     assert!(matches!(err, FetchError::NotFound), "{err:?}");
     // Written to the audit log, once.
     let _ = alice;
-    assert_eq!(team.folder.state().unwrap().conflicts(), 1);
+    assert_eq!(team.folder.state().unwrap().conflicts().unwrap(), 1);
+    let live = team.telemetry.snapshot();
+    assert_eq!((live.conflicts, live.lookup_conflicts), (1, 1));
     team.stop().await;
 
     // The repository's policy can say which producer wins.
@@ -1114,6 +1259,7 @@ async fn a_flood_from_an_untrusted_identity_leaves_replays_working_and_memory_bo
             .args(["--listen", &addr])
             .args(["--max-connections", "4", "--max-announced", "2000"])
             .args(["--request-timeout", "3s"])
+            .args(["--http", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
@@ -1226,6 +1372,30 @@ async fn a_flood_from_an_untrusted_identity_leaves_replays_working_and_memory_bo
     ] {
         assert!(text.contains(line), "log line {line:?} missing:\n{text}");
     }
+    // Each refusal is counted by its reason on /metrics.
+    let http: SocketAddr = text
+        .split("metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no metrics address in the log:\n{text}"))
+        .parse()
+        .unwrap();
+    let (_, _, metrics) = http_get(http, "/metrics").await;
+    let count = |reason: &str| -> u64 {
+        let prefix = format!("reprise_refusals_total{{reason=\"{reason}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("{reason} missing:\n{metrics}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(count("connection-limit"), 1, "{metrics}");
+    assert_eq!(count("stream-limit") as usize, limited, "{metrics}");
+    assert_eq!(count("request-timeout") as usize, timed_out, "{metrics}");
+    // The executor stops announcing at the first refusal of a batch.
+    assert!(count("announce-limit") > 0, "{metrics}");
+    assert!(metrics.contains("reprise_replays_total 5\n"), "{metrics}");
     serving.abort();
     drop(server);
     team.stop().await;

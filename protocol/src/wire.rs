@@ -294,10 +294,17 @@ pub fn chunk_header(len: usize) -> [u8; HEADER_LEN] {
     (len as u32).to_be_bytes()
 }
 
-/// Version of the orchestrator's persisted records.
+/// Version of the records of the orchestrator's state log (the JSON-lines
+/// log of configs before version 2, imported into the database on first
+/// start; the same events are what the state records).
 pub const STATE_VERSION: u32 = 1;
 
-/// One line of the orchestrator's append-only state log.
+/// Version of `config.json`. Version 2 names a SQLite database; version 1
+/// named only a JSON-lines state log.
+pub const CONFIG_VERSION: u32 = 2;
+
+/// One event of the orchestrator's state: a line of the JSON-lines state
+/// log of version 1 configs, and what the database records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum StateEvent {
@@ -326,6 +333,17 @@ pub enum StateEvent {
         key: RunKey,
         namespace: String,
         at: u64,
+        /// The producer's recorded run time (the sealed manifest's
+        /// `total_ms`): what the replay spared the asker. Absent in
+        /// records made before it was kept.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run_ms: Option<u64>,
+        /// How long the relay took, from the fetch to the last byte.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        relay_ms: Option<u64>,
+        /// Bytes relayed: the output record and the artifacts.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bytes: Option<u64>,
     },
     /// Trusted producers announced different outcomes or artifacts for
     /// `key`: both are kept, neither is offered.
@@ -345,19 +363,27 @@ pub struct StateRecord {
     pub event: StateEvent,
 }
 
-/// The orchestrator's config file (`config.json` in its folder).
+/// The orchestrator's config file (`config.json` in its folder). File
+/// names are relative to the folder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrchestratorConfig {
+    /// [`CONFIG_VERSION`], or 1 for a folder made before the database.
     pub version: u32,
-    /// The CA that client certificates must chain to (PEM file, relative to
-    /// the folder); an externally managed CA may be put here instead.
+    /// The CA that client certificates must chain to (PEM file); an
+    /// externally managed CA may be put here instead.
     pub client_ca: String,
     /// The CA's key, when this orchestrator issues certificates itself.
     pub ca_key: Option<String>,
     pub server_cert: String,
     pub server_key: String,
-    /// The append-only state log.
-    pub state_log: String,
+    /// The SQLite database of identities, grants, revocations and the
+    /// audit log (version 2 on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// The JSON-lines state log of version 1, imported into the database
+    /// (and renamed aside) on first start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_log: Option<String>,
 }
 
 #[cfg(test)]
@@ -589,5 +615,33 @@ mod tests {
         let line = serde_json::to_string(&r).unwrap();
         assert_eq!(line, r#"{"version":1,"event":"revoked","name":"x","at":3}"#);
         assert_eq!(serde_json::from_str::<StateRecord>(&line).unwrap(), r);
+        // A replay recorded before run times were kept still reads.
+        let old = r#"{"version":1,"event":"replayed","asker":"a","producer":"p","key":"0000000000000000000000000000000000000000000000000000000000000000","namespace":"n","at":5}"#;
+        match serde_json::from_str::<StateRecord>(old).unwrap().event {
+            StateEvent::Replayed {
+                run_ms, relayer, ..
+            } => assert_eq!((run_ms, relayer), (None, None)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_version_1_config_naming_only_the_state_log_reads() {
+        let old = r#"{"version":1,"client_ca":"ca.pem","ca_key":"ca.key","server_cert":"server.pem","server_key":"server.key","state_log":"state.jsonl"}"#;
+        let c: OrchestratorConfig = serde_json::from_str(old).unwrap();
+        assert_eq!(c.state_log.as_deref(), Some("state.jsonl"));
+        assert_eq!(c.database, None);
+        let new = OrchestratorConfig {
+            version: CONFIG_VERSION,
+            database: Some("state.db".into()),
+            state_log: None,
+            ..c
+        };
+        let text = serde_json::to_string(&new).unwrap();
+        assert!(!text.contains("state_log"), "{text}");
+        assert_eq!(
+            serde_json::from_str::<OrchestratorConfig>(&text).unwrap(),
+            new
+        );
     }
 }

@@ -252,3 +252,65 @@ pub fn serving_daemon(s: &Sandbox, addr: &str, creds: &Path, log: &Path) -> (Kil
     );
     (daemon, read_log())
 }
+
+/// `reprise-orchestrator serve` on `addr` with its HTTP listener on a port
+/// of its choosing (`--http 127.0.0.1:0`), its log in `log`; returns it
+/// once it says where the dashboard is, with that address.
+pub fn serve_with_http(state: &str, addr: &str, log: &Path) -> (Killed, std::net::SocketAddr) {
+    let server = Killed(
+        Command::new(orchestrator_bin())
+            .args(["serve", "--dir", state, "--listen", addr])
+            .args(["--http", "127.0.0.1:0"])
+            .env("REPRISE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(log).expect("orchestrator log"))
+            .spawn()
+            .expect("orchestrator serves"),
+    );
+    let read_log = || fs::read_to_string(log).unwrap_or_default();
+    let http = |text: &str| -> Option<std::net::SocketAddr> {
+        text.split("dashboard on http://")
+            .nth(1)?
+            .split('/')
+            .next()?
+            .parse()
+            .ok()
+    };
+    assert!(
+        crate::run_support::wait_until(Duration::from_secs(30), || http(&read_log()).is_some()),
+        "the orchestrator did not say where its dashboard is:\n{}",
+        read_log()
+    );
+    let at = http(&read_log()).expect("the dashboard's address");
+    (server, at)
+}
+
+/// A GET of `path` over plain HTTP/1.1: (status code, body).
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP listener");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send the request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read the answer");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {head}"));
+    (code, body.to_string())
+}
+
+/// The value of the sample `name` (with its labels, if any) in an
+/// OpenMetrics text exposition.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
