@@ -56,8 +56,8 @@ pub struct RunRequest {
 /// How a run ended.
 #[derive(Debug)]
 pub enum RunOutcome {
-    /// A stored result was replayed; no VM was booted.
-    Replayed(StoredResult),
+    /// A stored result was replayed (from where it came); no VM was booted.
+    Replayed(StoredResult, Source),
     /// The tests ran; the result is stored (passed or failed).
     Ran(StoredResult),
     /// A dry run: the plan was printed (and the stored result that would
@@ -69,7 +69,7 @@ impl RunOutcome {
     /// The stored result, replayed or made (none for a dry run).
     pub fn result(&self) -> Option<&StoredResult> {
         match self {
-            RunOutcome::Replayed(r) | RunOutcome::Ran(r) => Some(r),
+            RunOutcome::Replayed(r, _) | RunOutcome::Ran(r) => Some(r),
             RunOutcome::Planned(_) => None,
         }
     }
@@ -169,11 +169,16 @@ pub async fn run(
                 "the stored result {} is not replayed: its seal does not hold ({why})",
                 key.short()
             )),
-            by => match replay_result(&store, &result, &req.artifacts_dir, Source::Local(by), ui) {
-                Ok(()) => return Ok(RunOutcome::Replayed(result)),
-                Err(RunError::Replay(e)) if e.is_damage() => quarantine(&store, &result, &e, ui),
-                Err(e) => return Err(e),
-            },
+            by => {
+                let source = Source::Local(by);
+                match replay_result(&store, &result, &req.artifacts_dir, &source, ui) {
+                    Ok(()) => return Ok(RunOutcome::Replayed(result, source)),
+                    Err(RunError::Replay(e)) if e.is_damage() => {
+                        quarantine(&store, &result, &e, ui)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         },
         Lookup::Miss { nearest } => {
             if let Some((near, diff)) = nearest {
@@ -191,8 +196,8 @@ pub async fn run(
         && let Some(peer) = link.get(ui).await
         && let Some((result, source)) = fetch_from_peers(peer, &keyed.inputs, &store, ui).await
     {
-        replay_result(&store, &result, &req.artifacts_dir, source, ui)?;
-        return Ok(RunOutcome::Replayed(result));
+        replay_result(&store, &result, &req.artifacts_dir, &source, ui)?;
+        return Ok(RunOutcome::Replayed(result, source));
     }
     // Before anything starts: the same check as `reprise check`.
     let checkout = Checkout::discover(&keyed.checkout_root)?;
@@ -284,6 +289,7 @@ async fn execute<D: Driver>(
     };
     let in_os = async {
         let t = Instant::now();
+        ui.begin("start");
         let (session, phase) = driver.start(&prepared, ui).await?;
         let took = t.elapsed();
         ui.phase(phase, took);
@@ -391,7 +397,7 @@ async fn execute<D: Driver>(
     if outcome == Outcome::Passed {
         replay::restore_artifacts(store, &stored, &req.artifacts_dir)?;
         let _ = store.gc(req.retention);
-        ui.note(&format!(
+        ui.verdict(&format!(
             "passed in {:.1}s; result {} stored{}{}",
             total_ms as f64 / 1000.0,
             key.short(),
@@ -404,7 +410,7 @@ async fn execute<D: Driver>(
             artifacts_note(&stored, &req.artifacts_dir)
         ));
     } else {
-        ui.note(&format!(
+        ui.verdict(&format!(
             "tests failed (status {}); the run is kept for inspection as {} and will not be replayed",
             ran.exit_code,
             key.short()
@@ -521,7 +527,7 @@ pub fn replay_result(
     store: &Store,
     result: &StoredResult,
     artifacts: &Path,
-    source: Source,
+    source: &Source,
     ui: &dyn Ui,
 ) -> Result<(), RunError> {
     // Everything is checked before a byte reaches the user's streams.
@@ -552,7 +558,7 @@ pub fn replay_result(
             format!("sealed by {producer}; counts for CI: {counts}"),
         ),
     };
-    ui.note(&format!(
+    ui.verdict(&format!(
         "replayed result {} from {from}: produced by {}@{} {} ago, took {:.1}s under {} ({}, snapshot {}, network {}, image {}; {sealed}){}",
         m.key.short(),
         m.producer.user,

@@ -226,6 +226,16 @@ impl Run {
             .any(|l| l.starts_with("reprise: boot done") || l.starts_with("reprise: restore done"))
     }
 
+    /// Whether the tests ran here: a VM booted or restored, or the podman
+    /// driver's OS container started.
+    pub fn ran_here(&self) -> bool {
+        self.booted()
+            || self
+                .stderr
+                .lines()
+                .any(|l| l.starts_with("reprise: start done"))
+    }
+
     /// Whether the VM was restored from the saved guest.
     pub fn restored(&self) -> bool {
         self.stderr
