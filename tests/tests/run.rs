@@ -1265,6 +1265,7 @@ fn the_tests_colour_when_the_users_terminal_does() {
         )
         .env("TERM", "xterm-256color")
         .env_remove("NO_COLOR")
+        .env_remove("CI")
         .stdin(std::process::Stdio::null())
         .output()
         .expect("script runs");

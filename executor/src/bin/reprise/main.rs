@@ -24,6 +24,7 @@ use reprise_protocol::digest::KeyPrefix;
 use reprise_protocol::exit;
 use reprise_protocol::local::Answer;
 
+mod summary;
 mod terminal;
 
 use terminal::{ColorChoice, Verbosity, terminal};
@@ -214,9 +215,22 @@ struct RunArgs {
     #[arg(long, value_parser = parse_driver)]
     driver: Option<DriverKind>,
     /// Also write the run's summary as JSON to FILE: ran here or replayed,
-    /// from whom, under which isolation, the exit code.
+    /// from whom, under which isolation, whether it counts, the exit code.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
+    /// Without a result that counts for CI: replay-or-run (run here),
+    /// replay-only (fail with exit 10), verify (replay, and run a sample of
+    /// the replays that count here again; a different verdict exits 11).
+    #[arg(long, default_value = "replay-or-run")]
+    mode: String,
+    /// With --mode verify: the fraction of replays run again (0 to 1).
+    #[arg(long)]
+    sample: Option<f64>,
+    /// A CI job (also when CI=true): replay only a result that counts for
+    /// CI, never stay connected to serve, no animation, end with a summary
+    /// (also to $GITHUB_STEP_SUMMARY on GitHub).
+    #[arg(long)]
+    ci: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -389,7 +403,8 @@ fn main() -> ExitCode {
         (false, 0) => Verbosity::Normal,
         (false, _) => Verbosity::Verbose,
     };
-    terminal::init(verbosity, cli.color);
+    let ci = matches!(&cli.command, Cmd::Run(args) if args.ci) || in_ci();
+    terminal::init(verbosity, cli.color, ci);
     // REPRISE_LOG decides; else warnings (errors only with -q, debug with -vv).
     let default_level = match (cli.quiet, cli.verbose) {
         (true, _) => "error",
@@ -526,6 +541,8 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
                 keep_work: args.keep,
                 driver: DriverKind::choose(args.driver, &reprise_executor::inputs::process_env())?,
                 colour_term: colour_term(),
+                mode: pipeline::Mode::parse(&args.mode, args.sample).map_err(RunError::Usage)?,
+                ci: args.ci || in_ci(),
             };
             let mut link = RunLink::new(&req.dir);
             let started = std::time::Instant::now();
@@ -536,17 +553,27 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
                     return Ok(exit::INTERRUPTED);
                 }
             };
-            if let Some(path) = &args.report {
-                let summary = run_summary(&outcome, started.elapsed());
-                write_report(path, &summary)?;
-            }
-            if args.no_serve {
-                link.close().await;
-            } else {
-                // Serving ends on SIGINT or SIGTERM, with the run's own code.
-                if let Some(result) = outcome.result() {
-                    daemon::hand_over_or_serve(result, &mut link, terminal()).await;
+            let summary = summary::of(&outcome, req.mode, started.elapsed());
+            if req.ci {
+                eprint!("{}", summary::text(&summary));
+                if let Some(path) =
+                    std::env::var_os("GITHUB_STEP_SUMMARY").filter(|p| !p.is_empty())
+                {
+                    summary::append_step_summary(std::path::Path::new(&path), &summary)?;
                 }
+            }
+            if let Some(path) = &args.report {
+                summary::write_report(path, &summary)?;
+            }
+            // A running daemon takes the result either way; only an
+            // interactive run without --no-serve stays connected to serve
+            // it, until SIGINT or SIGTERM, with the run's own code.
+            match outcome.result() {
+                Some(result) => {
+                    let serve = !args.no_serve && !req.ci;
+                    daemon::hand_over_or_serve(result, &mut link, terminal(), serve).await;
+                }
+                None => link.close().await,
             }
             Ok(outcome.exit_code())
         }
@@ -639,69 +666,10 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
     }
 }
 
-/// The run's summary for `--report`: what happened, to which result, from
-/// whom.
-fn run_summary(outcome: &pipeline::RunOutcome, took: std::time::Duration) -> serde_json::Value {
-    use pipeline::{RunOutcome, Source};
-    let (how, source) = match outcome {
-        RunOutcome::Replayed(_, Source::Local(by)) => (
-            "replayed",
-            serde_json::json!({ "from": "local store", "sealed_by": match by {
-                SealedBy::Checked(w) | SealedBy::Unchecked(w) => Some(w.name.clone()),
-                SealedBy::Nobody | SealedBy::Broken(_) => None,
-            } }),
-        ),
-        RunOutcome::Replayed(_, Source::Link { producer, counts }) => (
-            "replayed",
-            serde_json::json!({ "from": "orchestrator", "sealed_by": producer, "counts": counts }),
-        ),
-        RunOutcome::Ran(_) => ("ran", serde_json::Value::Null),
-        RunOutcome::Planned(_) => ("planned", serde_json::Value::Null),
-    };
-    let result = outcome.result().map(|r| {
-        let m = &r.manifest;
-        serde_json::json!({
-            "key": m.key,
-            "outcome": m.outcome,
-            "exit_code": m.exit_code,
-            "namespace": m.inputs.namespace,
-            "target": m.inputs.target,
-            "commit": m.commit,
-            "producer": m.producer,
-            "produced_at": reprise_executor::text::utc_timestamp(m.created_at),
-            "isolation": m.accel,
-            "driver": m.inputs.driver,
-            "network": m.inputs.network,
-            "container_image": m.container_image,
-            "took_ms": m.total_ms,
-            "sealed": r.seal.is_some(),
-        })
-    });
-    serde_json::json!({
-        "version": 1,
-        "how": how,
-        "exit_code": outcome.exit_code(),
-        "elapsed_ms": took.as_millis() as u64,
-        "source": source,
-        "result": result,
-    })
-}
-
-/// Writes `value` to `path` whole or not at all (a temporary file renamed).
-fn write_report(path: &std::path::Path, value: &serde_json::Value) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => std::path::Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("while writing the report {}", path.display()))?;
-    serde_json::to_writer_pretty(&mut tmp, value)
-        .map_err(std::io::Error::from)
-        .and_then(|()| tmp.write_all(b"\n"))
-        .with_context(|| format!("while writing the report {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("while writing the report {}", path.display()))?;
-    Ok(())
+/// Whether this is a CI job: `CI` set to something other than empty,
+/// `false` or `0` (GitHub, GitLab, Buildkite and most others set `CI=true`).
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "false" | "0"))
 }
 
 /// The terminal type the tests are told about when their output shows

@@ -47,12 +47,13 @@ impl ColorChoice {
 
 /// The process's terminal, set once from the command line.
 pub fn terminal() -> &'static Terminal {
-    TERMINAL.get_or_init(|| Terminal::new(Verbosity::Normal, ColorChoice::Auto))
+    TERMINAL.get_or_init(|| Terminal::new(Verbosity::Normal, ColorChoice::Auto, false))
 }
 
-/// Sets the terminal's verbosity and colour; the first call wins.
-pub fn init(verbosity: Verbosity, color: ColorChoice) -> &'static Terminal {
-    TERMINAL.get_or_init(|| Terminal::new(verbosity, color))
+/// Sets the terminal's verbosity and colour, and whether this is a CI job
+/// (no animation there, whatever the terminal); the first call wins.
+pub fn init(verbosity: Verbosity, color: ColorChoice, ci: bool) -> &'static Terminal {
+    TERMINAL.get_or_init(|| Terminal::new(verbosity, color, ci))
 }
 
 static TERMINAL: OnceLock<Terminal> = OnceLock::new();
@@ -111,8 +112,8 @@ impl Live {
 }
 
 impl Terminal {
-    fn new(verbosity: Verbosity, color: ColorChoice) -> Terminal {
-        let err_tty = std::io::stderr().is_terminal();
+    fn new(verbosity: Verbosity, color: ColorChoice, ci: bool) -> Terminal {
+        let err_tty = std::io::stderr().is_terminal() && !ci;
         Terminal {
             verbosity,
             color,
