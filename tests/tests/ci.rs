@@ -219,3 +219,80 @@ fn verify_catches_a_producer_whose_result_the_tests_contradict() {
         logged()
     );
 }
+
+#[test]
+fn the_shell_stub_runs_only_a_pinned_executor_and_replays_what_counts() {
+    let team = Team::new();
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let log = team.dir.path().join("orchestrator.log");
+    let _orch = serve_logged(&team.state, &addr, &log);
+    fabricate_result(&team.a, "hello from alice", Some(&team.alice));
+    let (_daemon, _) = serving_daemon(
+        &team.a,
+        &addr,
+        &team.alice,
+        &team.dir.path().join("daemon.log"),
+    );
+    // A release archive of the binaries under test, as scripts/release.sh
+    // makes it, served from a file:// mirror.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let archive = team.dir.path().join("reprise.tar.gz");
+    let made = std::process::Command::new("bash")
+        .arg(root.join("scripts/release.sh"))
+        .arg(&archive)
+        // Debug binaries are large: compress fast.
+        .env("GZIP_LEVEL", "1")
+        .env(
+            "PROFILE_DIR",
+            run_support::reprise_bin().parent().expect("bin dir"),
+        )
+        .output()
+        .expect("release.sh");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let sha256 = String::from_utf8_lossy(&made.stdout).trim().to_string();
+    assert_eq!(sha256.len(), 64, "{sha256}");
+
+    let job = clone_of(&team.a);
+    let stub = |sha: &str, vars: &str| {
+        let env = job.reprise(&[]);
+        let out = std::process::Command::new("sh")
+            .arg(root.join("shims/ci.sh"))
+            .current_dir(job.repo())
+            .envs(
+                env.get_envs()
+                    .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
+            )
+            .env_remove("CI")
+            .env("XDG_CACHE_HOME", job.dir.path().join("cache"))
+            .env("REPRISE_URL", format!("file://{}", archive.display()))
+            .env("REPRISE_SHA256", sha)
+            .env("REPRISE_VARS", vars)
+            .env("REPRISE_REPORT", job.dir.path().join("report.json"))
+            .env("REPRISE_ORCHESTRATOR", &addr)
+            .env("REPRISE_CREDENTIALS", &team.ci)
+            .stdin(Stdio::null())
+            .output()
+            .expect("ci.sh");
+        Run::from(out)
+    };
+    // A different sha256: the download is not run, nothing is reported.
+    let wrong = stub(&"0".repeat(64), "");
+    wrong.expect_code(code::INFRA, "a download whose sha256 differs");
+    assert!(wrong.stderr.contains("not running it"), "{}", wrong.stderr);
+    assert!(!job.dir.path().join("report.json").exists());
+    let bad = stub(&sha256, "NOT-A-PAIR");
+    bad.expect_code(code::USAGE, "REPRISE_VARS without =");
+    // The pinned one: CI mode, replayed from alice through the orchestrator.
+    let run = stub(&sha256, "");
+    run.expect_code(code::SUCCESS, "ci.sh");
+    assert!(run.replayed(), "{}", run.stderr);
+    assert_eq!(run.stdout, "hello from alice\n");
+    assert!(run.stderr.contains("reprise: summary"), "{}", run.stderr);
+    let r = report(&job);
+    assert_eq!(r["source"]["counts"]["answer"], "yes", "{r}");
+    assert_eq!(r["mode"], "replay-or-run", "{r}");
+}
