@@ -433,12 +433,16 @@ fn bad_repositories_are_refused_before_booting() {
 
 #[test]
 fn broken_contracts_are_refused_after_booting() {
+    // (case, mkfile, exit code, message, driver): the contract's checks
+    // after starting are the steps', the same for every driver, so two
+    // cases use the podman driver (no VM) and one the VM.
     let cases = [
         (
             "prepare-runtime fails",
             "</usr/lib/reprise/ci.mk\nCONTAINERIMAGE=localhost/x\nbase-image:V:\n\texit 3\ntest:V:\n\ttrue\n",
             code::PREPARE_FAILED,
             "`mk prepare-runtime` failed with status",
+            "qemu",
         ),
         (
             // It names the file, so the static check lets it through.
@@ -446,21 +450,27 @@ fn broken_contracts_are_refused_after_booting() {
             "prepare-runtime:V:\n\ttrue || echo x > /var/run/ci/env/CONTAINERIMAGE\ntest:V:\n\ttrue\n",
             code::CONTRACT,
             "did not write /var/run/ci/env/CONTAINERIMAGE",
+            "podman",
         ),
         (
             "CONTAINERIMAGE unknown",
             "</usr/lib/reprise/ci.mk\nCONTAINERIMAGE=localhost/does-not-exist\ntest:V:\n\ttrue\n",
             code::CONTRACT,
             "'localhost/does-not-exist', which is not an image",
+            "podman",
         ),
     ];
     let _vm = vm_lock();
-    for (name, mkfile, exit, message) in cases {
+    for (name, mkfile, exit, message, driver) in cases {
         let s = Sandbox::new();
         s.write("mkfile", mkfile).git_init().commit(name);
-        let run = s.run(&["run"]);
+        let run = s.run(&["run", "--driver", driver]);
         run.expect_code(exit, name);
-        assert!(run.booted(), "{name}: found in the VM:\n{}", run.stderr);
+        assert!(
+            run.ran_here(),
+            "{name}: found after starting:\n{}",
+            run.stderr
+        );
         assert!(
             run.stderr.contains(message),
             "{name}: stderr should say '{message}':\n{}",
@@ -1107,10 +1117,12 @@ fn a_committed_artifacts_symlink_is_never_written_through() {
     s.commit("artifacts go elsewhere");
     let _vm = vm_lock();
     // A real run: the tests pass and the result is kept, but its artifacts
-    // are not written through the symlink.
-    let run = s.run(&["run", "--no-serve"]);
+    // are not written through the symlink. Restoring artifacts is the
+    // pipeline's, whatever the driver: the podman one (no VM) runs it.
+    let run_args = ["run", "--no-serve", "--driver", "podman"];
+    let run = s.run(&run_args);
     run.expect_code(code::CONTRACT, "artifacts folder is a symlink");
-    assert!(run.booted(), "{}", run.stderr);
+    assert!(run.ran_here(), "{}", run.stderr);
     assert!(
         run.stderr.contains("reprise-artifacts is a symbolic link"),
         "says why and what to do:\n{}",
@@ -1118,9 +1130,9 @@ fn a_committed_artifacts_symlink_is_never_written_through() {
     );
     assert_eq!(fs::read_dir(&outside).expect("outside").count(), 0);
     // Its replay refuses the same way.
-    let replay = s.run(&["run", "--no-serve"]);
+    let replay = s.run(&run_args);
     replay.expect_code(code::CONTRACT, "replay into a symlink");
-    assert!(replay.replayed() || !replay.booted(), "{}", replay.stderr);
+    assert!(replay.replayed() || !replay.ran_here(), "{}", replay.stderr);
     assert_eq!(fs::read_dir(&outside).expect("outside").count(), 0);
     // A symlink at the artifact's own name is replaced, not written through.
     fs::remove_file(s.repo().join("reprise-artifacts")).expect("rm");
@@ -1131,7 +1143,7 @@ fn a_committed_artifacts_symlink_is_never_written_through() {
         s.repo().join("reprise-artifacts/report.txt"),
     )
     .expect("symlink");
-    let replay = s.run(&["run", "--no-serve"]);
+    let replay = s.run(&run_args);
     replay.expect_code(code::SUCCESS, "replay beside a symlink");
     assert_eq!(
         fs::read_to_string(outside.join("report.txt")).unwrap(),
