@@ -56,7 +56,7 @@ enum Cmd {
     #[command(subcommand, after_help = IMAGE_EXAMPLES)]
     Image(ImageCmd),
     /// Fresh VMs for debugging.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = VM_EXAMPLES)]
     Vm(VmCmd),
     /// Run the tests of the current revision in a fresh VM, or replay a
     /// stored successful result of the same key.
@@ -68,12 +68,13 @@ enum Cmd {
     /// Check a revision's mkfile and reprise.toml without running anything:
     /// the contract's targets, CONTAINERIMAGE, artifacts, recipes. Problems
     /// are printed as FILE:LINE: what is wrong; exit 5 if there are any.
+    #[command(after_help = CHECK_EXAMPLES)]
     Check(CheckArgs),
     /// The local result store.
     #[command(subcommand, after_help = RESULTS_EXAMPLES)]
     Results(ResultsCmd),
     /// The per-repository snapshots (container images, /var/run/ci/cache).
-    #[command(subcommand)]
+    #[command(subcommand, after_help = CACHE_EXAMPLES)]
     Cache(CacheCmd),
     /// Stay connected to the orchestrator and serve the whole local store
     /// to peers; `reprise run` hands its new results to it.
@@ -96,6 +97,22 @@ Examples:
   reprise run -q > test.log        only the tests' output, and the verdict
   reprise run --driver podman      no VM: a privileged container on the host
   reprise run --report out.json    also write the run's summary as JSON";
+
+const CHECK_EXAMPLES: &str = "\
+Examples:
+  reprise check                    HEAD's mkfile and reprise.toml, for target test
+  reprise check --rev main --target lint";
+
+const CACHE_EXAMPLES: &str = "\
+Examples:
+  reprise cache drop               this repository's snapshot: the next run starts blank
+  reprise cache drop --all         every snapshot and saved guest";
+
+const VM_EXAMPLES: &str = "\
+Examples:
+  reprise vm exec -- uname -a      a command in a fresh VM, its status as ours
+  reprise vm exec --network -- apt-get update
+  reprise vm shell                 a shell with HEAD's tree at /repo";
 
 const KEY_EXAMPLES: &str = "\
 Examples:
@@ -134,8 +151,8 @@ Examples:
 struct DaemonArgs {
     #[command(subcommand)]
     action: Option<DaemonAction>,
-    /// The orchestrator, HOST:PORT (default: REPRISE_ORCHESTRATOR from the
-    /// environment or the current repository's .env).
+    /// The orchestrator, HOST:PORT (default: REPRISE_ORCHESTRATOR, else
+    /// `orchestrator` in your user config).
     #[arg(long)]
     orchestrator: Option<String>,
     /// The credentials file from `reprise-orchestrator issue` (default:

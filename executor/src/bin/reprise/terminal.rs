@@ -25,7 +25,9 @@ pub enum Verbosity {
 pub enum ColorChoice {
     /// Colour when writing to a terminal and `NO_COLOR` is unset.
     Auto,
+    /// Colour even when writing to a file or a pipe.
     Always,
+    /// No colour, and the tests are not told of one.
     Never,
 }
 
