@@ -223,7 +223,7 @@ struct RunArgs {
     #[arg(long)]
     keep: bool,
     /// Return at once instead of staying connected to the orchestrator to
-    /// serve results to peers (for CI).
+    /// serve results to peers (a running daemon still takes the result).
     #[arg(long)]
     no_serve: bool,
     /// Where the run happens: qemu (a VM, the default), podman (a
