@@ -5,9 +5,12 @@
 #      serving its result;
 #   3. A runs again: the same key, replayed from its local store;
 #   4. executor B, on another clone with its own store, replays A's result
-#      through the orchestrator without booting anything.
+#      through the orchestrator without booting anything;
+#   5. a CI job (shims/ci.sh, CI mode) passes by replaying it, with a summary
+#      saying who produced it and why it counts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$PWD
 ./scripts/setup.sh
 cargo build --workspace --locked
 bin=$PWD/target/x86_64-unknown-linux-gnu/debug
@@ -68,8 +71,19 @@ peer_replay=$(ms "$start")
 cmp "$work/a/reprise-artifacts/report.txt" "$work/b/reprise-artifacts/report.txt"
 
 echo
+echo "== a CI job (shims/ci.sh): passes by replaying A's result, and says why it counts"
+git clone -q "$work/a" "$work/c"
+cd "$work/c"
+start=$(date +%s%N)
+XDG_DATA_HOME=$work/data-c REPRISE_CREDENTIALS=$work/ci.pem REPRISE_BIN=$bin/reprise \
+  REPRISE_REPORT=$work/ci-report.json sh "$root/shims/ci.sh" 2>&1 | tee "$work/ci.err"
+ci_replay=$(ms "$start")
+grep -q '"how": "replayed"' "$work/ci-report.json" || { echo "the CI job did not replay"; exit 1; }
+cd "$work/b"
+
+echo
 echo "== the key and its inputs"
 XDG_DATA_HOME=$work/data-b "$bin/reprise" key --explain
 echo
-echo "real run (A, until serving): ${first} ms; local replay (A): ${local_replay} ms; replay through the orchestrator (B): ${peer_replay} ms"
+echo "real run (A, until serving): ${first} ms; local replay (A): ${local_replay} ms; replay through the orchestrator (B): ${peer_replay} ms; CI job by replay (C): ${ci_replay} ms"
 kill -INT "${pids[1]}" 2>/dev/null || true

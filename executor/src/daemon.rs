@@ -374,11 +374,16 @@ pub fn describe(link: &LinkState) -> String {
 }
 
 /// After a run: a running daemon for this store takes the result and
-/// serves it, and the run returns; otherwise the run stays connected and
-/// serves the store itself until SIGINT or SIGTERM (connected mode),
-/// reconnecting if the orchestrator restarts. A run that could not reach
-/// the orchestrator does not wait on it.
-pub async fn hand_over_or_serve(result: &StoredResult, link: &mut RunLink, ui: &dyn Ui) {
+/// serves it, and the run returns; otherwise, if `serve`, the run stays
+/// connected and serves the store itself until SIGINT or SIGTERM
+/// (connected mode), reconnecting if the orchestrator restarts. A run that
+/// could not reach the orchestrator does not wait on it.
+pub async fn hand_over_or_serve(
+    result: &StoredResult,
+    link: &mut RunLink,
+    ui: &dyn Ui,
+    serve: bool,
+) {
     let data = crate::paths::data_dir();
     let store = Store::default_location();
     // Sealed results, passed or failed, are announced (a failed one so
@@ -413,7 +418,7 @@ pub async fn hand_over_or_serve(result: &StoredResult, link: &mut RunLink, ui: &
             false
         }
     };
-    if handed {
+    if handed || !serve {
         link.close().await;
         return;
     }

@@ -48,6 +48,18 @@ pub enum RunError {
     Podman(String),
     #[error("{0}")]
     Infra(String),
+    /// `--mode replay-only` found no result that counts.
+    #[error(
+        "nobody whose results count for CI in {namespace} has run target {target} of {commit} yet (key {key}); on such a machine, `reprise run --rev {commit} --target {target}` produces it{why}"
+    )]
+    NotCounted {
+        namespace: String,
+        commit: String,
+        target: String,
+        key: String,
+        /// Why a stored result did not count, if one was found.
+        why: String,
+    },
 }
 
 impl RunError {
@@ -67,6 +79,7 @@ impl RunError {
             RunError::Image(ImageError::DiskFull { .. }) => exit::STORE_FULL,
             // A symlink in the artifacts folder: the repository's doing.
             RunError::Replay(ReplayError::Unsafe(_)) => exit::CONTRACT,
+            RunError::NotCounted { .. } => exit::NOT_COUNTED,
             _ => exit::INFRA,
         }
     }
@@ -90,6 +103,14 @@ mod tests {
             RunError::Timeout(Duration::from_secs(1)).exit_code(),
             RunError::Store(StoreError::Full("/".into())).exit_code(),
             RunError::Infra("x".into()).exit_code(),
+            RunError::NotCounted {
+                namespace: "n".into(),
+                commit: "c".into(),
+                target: "t".into(),
+                key: "k".into(),
+                why: String::new(),
+            }
+            .exit_code(),
         ];
         let unique: std::collections::BTreeSet<i32> = codes.iter().copied().collect();
         assert_eq!(unique.len(), codes.len(), "{codes:?}");

@@ -2,33 +2,30 @@
 
 use std::path::{Path, PathBuf};
 
-fn xdg(var: &str, fallback: &str) -> PathBuf {
-    match std::env::var_os(var) {
-        Some(v) if Path::new(&v).is_absolute() => PathBuf::from(v),
-        _ => home().join(fallback),
+/// One of the user's base folders (`directories`: the XDG variable when it
+/// is an absolute path, else under the home folder); under `/root` when
+/// there is no home at all.
+fn base(pick: fn(&directories::BaseDirs) -> &Path, under_home: &str) -> PathBuf {
+    match directories::BaseDirs::new() {
+        Some(dirs) => pick(&dirs).to_path_buf(),
+        None => Path::new("/root").join(under_home),
     }
-}
-
-fn home() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
 /// `$XDG_CACHE_HOME/reprise` (default `~/.cache/reprise`): rebuildable things.
 pub fn cache_dir() -> PathBuf {
-    xdg("XDG_CACHE_HOME", ".cache").join("reprise")
+    base(directories::BaseDirs::cache_dir, ".cache").join("reprise")
 }
 
 /// `$XDG_DATA_HOME/reprise` (default `~/.local/share/reprise`): results.
 pub fn data_dir() -> PathBuf {
-    xdg("XDG_DATA_HOME", ".local/share").join("reprise")
+    base(directories::BaseDirs::data_dir, ".local/share").join("reprise")
 }
 
 /// `$XDG_CONFIG_HOME/reprise` (default `~/.config/reprise`): the user's
 /// settings and credentials.
 pub fn config_dir() -> PathBuf {
-    xdg("XDG_CONFIG_HOME", ".config").join("reprise")
+    base(directories::BaseDirs::config_dir, ".config").join("reprise")
 }
 
 /// A folder for sockets of running VMs. Unix socket paths are limited to
@@ -40,14 +37,13 @@ pub fn runtime_dir() -> PathBuf {
     }
 }
 
-/// The first `name` on `PATH` (or in the sbin folders, which a non-root
-/// `PATH` often lacks).
+/// The first executable `name` on `PATH` (or in the sbin folders, which a
+/// non-root `PATH` often lacks).
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
+    let dirs = std::env::split_paths(&path).chain(["/usr/sbin", "/sbin"].map(PathBuf::from));
+    let search = std::env::join_paths(dirs).ok()?;
+    which::which_in(name, Some(search), "/").ok()
 }
 
 /// The last `n` lines of `text`.
@@ -69,6 +65,12 @@ pub fn sibling_exe(name: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn executables_are_found_on_path_and_in_sbin() {
+        assert!(which("sh").is_some_and(|p| p.is_absolute() && p.ends_with("sh")));
+        assert_eq!(which("no-such-tool-reprise"), None);
+    }
 
     #[test]
     fn tail_keeps_the_last_lines() {

@@ -15,7 +15,7 @@ use crate::driver::{Driver, DriverKind, Prepared, Session};
 pub use crate::error::RunError;
 pub use crate::inputs::{KeyRequest, Keyed, compute_key};
 use crate::inputs::{process_env, secret_values};
-use crate::link::provenance::{self, SealedBy};
+use crate::link::provenance::{self, Counts, SealedBy};
 use crate::link::{Found, Link, RunLink};
 use crate::replay;
 use crate::repo::Checkout;
@@ -47,34 +47,98 @@ pub struct RunRequest {
     pub keep_work: bool,
     /// Where the run happens.
     pub driver: DriverKind,
+    /// What to do without a result that counts for CI.
+    pub mode: Mode,
+    /// A CI job (`CI=true` or `--ci`): a local result is replayed only if
+    /// it counts for CI.
+    pub ci: bool,
     /// The terminal the output goes to, if it shows colour: the tests get
     /// its `TERM` and the usual force-colour variables, so what they
     /// record (and a replay shows) keeps its colour.
     pub colour_term: Option<String>,
 }
 
+/// What a run does when no result that counts for CI is found (`--mode`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// Replay a result (one that counts, in CI), else run the tests here.
+    ReplayOrRun,
+    /// Replay a result that counts, else fail with [`exit::NOT_COUNTED`].
+    ReplayOnly,
+    /// Replay, and run this fraction (0 to 1) of the replays that count
+    /// here again; a different verdict fails with [`exit::MISMATCH`].
+    Verify { sample: f64 },
+}
+
+impl Mode {
+    /// `replay-or-run`, `replay-only`, `verify` (its sample given apart).
+    pub fn parse(name: &str, sample: Option<f64>) -> Result<Mode, String> {
+        let mode = match name {
+            "replay-or-run" => Mode::ReplayOrRun,
+            "replay-only" => Mode::ReplayOnly,
+            "verify" => Mode::Verify {
+                sample: sample.unwrap_or(0.05),
+            },
+            other => {
+                return Err(format!(
+                    "'{other}' is not a mode: replay-or-run, replay-only or verify"
+                ));
+            }
+        };
+        match (mode, sample) {
+            (Mode::Verify { sample }, _) if !(0.0..=1.0).contains(&sample) => Err(format!(
+                "--sample {sample} is not a fraction between 0 and 1"
+            )),
+            (Mode::Verify { .. }, _) | (_, None) => Ok(mode),
+            (_, Some(_)) => Err("--sample goes with --mode verify".into()),
+        }
+    }
+}
+
+impl RunRequest {
+    /// Whether a stored result must count for CI to be replayed.
+    fn wants_counting(&self) -> bool {
+        self.ci || self.mode != Mode::ReplayOrRun
+    }
+}
+
 /// How a run ended.
 #[derive(Debug)]
 pub enum RunOutcome {
-    /// A stored result was replayed; no VM was booted.
-    Replayed(StoredResult),
+    /// A stored result was replayed (from where it came); no VM was booted.
+    Replayed(StoredResult, Source),
     /// The tests ran; the result is stored (passed or failed).
     Ran(StoredResult),
     /// A dry run: the plan was printed (and the stored result that would
     /// be replayed instead, if there is one).
     Planned(Option<StoredResult>),
+    /// `--mode verify`: a result that counts was replayed and the tests ran
+    /// here again; `mismatch` says how the verdicts differ, if they do.
+    Verified {
+        replayed: Box<StoredResult>,
+        source: Source,
+        ran: Box<StoredResult>,
+        mismatch: Option<String>,
+    },
 }
 
 impl RunOutcome {
     /// The stored result, replayed or made (none for a dry run).
     pub fn result(&self) -> Option<&StoredResult> {
         match self {
-            RunOutcome::Replayed(r) | RunOutcome::Ran(r) => Some(r),
+            RunOutcome::Replayed(r, _) | RunOutcome::Ran(r) => Some(r),
+            RunOutcome::Verified { ran, .. } => Some(ran),
             RunOutcome::Planned(_) => None,
         }
     }
 
     pub fn exit_code(&self) -> i32 {
+        if let RunOutcome::Verified {
+            mismatch: Some(_), ..
+        } = self
+        {
+            return exit::MISMATCH;
+        }
         match self.result().map(|r| r.manifest.outcome) {
             Some(Outcome::Failed) => exit::TESTS_FAILED,
             Some(Outcome::Passed) | None => exit::SUCCESS,
@@ -133,11 +197,96 @@ async fn fetch_from_peers(
 }
 
 /// Runs (or replays) the request. `link` is the orchestrator, asked on a
-/// local miss.
+/// local miss. With `--mode verify`, a sample of the replays that count
+/// runs here again and the verdicts are compared.
 pub async fn run(
     req: &RunRequest,
     link: &mut RunLink,
     ui: &dyn Ui,
+) -> Result<RunOutcome, RunError> {
+    let first = run_once(req, link, ui, true).await?;
+    let Mode::Verify { sample } = req.mode else {
+        return Ok(first);
+    };
+    let RunOutcome::Replayed(replayed, source) = first else {
+        return Ok(first);
+    };
+    if !source.counts_for_ci() || !sampled(sample) {
+        return Ok(RunOutcome::Replayed(replayed, source));
+    }
+    ui.note(&format!(
+        "verify: running the tests of result {} here too (sample {sample})",
+        replayed.manifest.key.short()
+    ));
+    let ran = match run_once(req, link, ui, false).await? {
+        RunOutcome::Ran(ran) => ran,
+        other => return Ok(other),
+    };
+    let mismatch = disagreement(&replayed, &ran);
+    match &mismatch {
+        Some(why) => {
+            // The orchestrator learns of it from this run's sealed result:
+            // two trusted producers disagreeing is recorded in its audit
+            // log as a conflict, and neither is offered any more.
+            let reported = match (ran.sealed(), link.get(ui).await) {
+                (Some(sealed), Some(live)) => match live.announce_sealed(vec![sealed]).await {
+                    Ok(_) => "reported to the orchestrator".to_string(),
+                    Err(e) => format!("not reported: {e}"),
+                },
+                (None, _) => "not reported: this run is not sealed (no credentials)".into(),
+                (_, None) => "not reported: the orchestrator is not reachable".into(),
+            };
+            ui.verdict(&format!(
+                "verify failed: the replayed result {} of {} {why}; {reported}",
+                replayed.manifest.key.short(),
+                source.producer_name(&replayed)
+            ));
+        }
+        None => ui.verdict(&format!(
+            "verified: the tests ran here to the same verdict as the replayed result {} of {}",
+            replayed.manifest.key.short(),
+            source.producer_name(&replayed)
+        )),
+    }
+    Ok(RunOutcome::Verified {
+        replayed: Box::new(replayed),
+        source,
+        ran: Box::new(ran),
+        mismatch,
+    })
+}
+
+/// Whether to verify this replay: true for a fraction `sample` of calls.
+fn sampled(sample: f64) -> bool {
+    if sample >= 1.0 {
+        return true;
+    }
+    let mut bytes = [0u8; 8];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        return false;
+    }
+    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64 <= sample && sample > 0.0
+}
+
+/// How a run here differs from the replayed result in verdict (outcome or
+/// exit status), or `None` when it agrees. Output and artifacts may differ
+/// between honest runs (times, paths), so they are not compared.
+fn disagreement(replayed: &StoredResult, ran: &StoredResult) -> Option<String> {
+    let (a, b) = (&replayed.manifest, &ran.manifest);
+    (a.outcome != b.outcome || a.exit_code != b.exit_code).then(|| {
+        format!(
+            "says {:?} (exit {}), and here the tests {:?} (exit {})",
+            a.outcome, a.exit_code, b.outcome, b.exit_code
+        )
+    })
+}
+
+/// One pass: look up (unless `lookups` is false) and replay, else run.
+async fn run_once(
+    req: &RunRequest,
+    link: &mut RunLink,
+    ui: &dyn Ui,
+    lookups: bool,
 ) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
     let env = process_env();
@@ -156,7 +305,14 @@ pub async fn run(
     let secrets = secret_values(&keyed.revision, &req.secrets, &env)?;
     let store = Store::default_location();
     let key = keyed.inputs.key();
-    match store.lookup(&keyed.inputs) {
+    // Why a stored result was not replayed in a mode that needs it to count.
+    let mut not_counting = String::new();
+    let lookup = if lookups {
+        store.lookup(&keyed.inputs)
+    } else {
+        Lookup::Miss { nearest: None }
+    };
+    match lookup {
         Lookup::Hit(result) if req.driver == DriverKind::DryRun => {
             ui.note(&format!(
                 "dry run: result {} is stored, so `reprise run` would replay it and run nothing",
@@ -169,11 +325,32 @@ pub async fn run(
                 "the stored result {} is not replayed: its seal does not hold ({why})",
                 key.short()
             )),
-            by => match replay_result(&store, &result, &req.artifacts_dir, Source::Local(by), ui) {
-                Ok(()) => return Ok(RunOutcome::Replayed(result)),
-                Err(RunError::Replay(e)) if e.is_damage() => quarantine(&store, &result, &e, ui),
-                Err(e) => return Err(e),
-            },
+            by => {
+                let counts = match req.wants_counting() {
+                    true => Some(provenance::counts(&result, &by, link, ui).await),
+                    false => None,
+                };
+                let source = Source::Local { by, counts };
+                match &source {
+                    Source::Local {
+                        counts: Some(Counts::No(why) | Counts::Unknown(why)),
+                        ..
+                    } => {
+                        ui.note(&format!(
+                            "the stored result {} is not replayed: it does not count for CI ({why})",
+                            key.short()
+                        ));
+                        not_counting = format!("; the stored result does not count: {why}");
+                    }
+                    _ => match replay_result(&store, &result, &req.artifacts_dir, &source, ui) {
+                        Ok(()) => return Ok(RunOutcome::Replayed(result, source)),
+                        Err(RunError::Replay(e)) if e.is_damage() => {
+                            quarantine(&store, &result, &e, ui)
+                        }
+                        Err(e) => return Err(e),
+                    },
+                }
+            }
         },
         Lookup::Miss { nearest } => {
             if let Some((near, diff)) = nearest {
@@ -187,12 +364,22 @@ pub async fn run(
             }
         }
     }
-    if req.driver != DriverKind::DryRun
+    if lookups
+        && req.driver != DriverKind::DryRun
         && let Some(peer) = link.get(ui).await
         && let Some((result, source)) = fetch_from_peers(peer, &keyed.inputs, &store, ui).await
     {
-        replay_result(&store, &result, &req.artifacts_dir, source, ui)?;
-        return Ok(RunOutcome::Replayed(result));
+        replay_result(&store, &result, &req.artifacts_dir, &source, ui)?;
+        return Ok(RunOutcome::Replayed(result, source));
+    }
+    if req.mode == Mode::ReplayOnly && req.driver != DriverKind::DryRun {
+        return Err(RunError::NotCounted {
+            namespace: keyed.inputs.namespace.clone(),
+            commit: keyed.revision.commit.clone(),
+            target: req.target.clone(),
+            key: key.to_string(),
+            why: not_counting,
+        });
     }
     // Before anything starts: the same check as `reprise check`.
     let checkout = Checkout::discover(&keyed.checkout_root)?;
@@ -284,6 +471,7 @@ async fn execute<D: Driver>(
     };
     let in_os = async {
         let t = Instant::now();
+        ui.begin("start");
         let (session, phase) = driver.start(&prepared, ui).await?;
         let took = t.elapsed();
         ui.phase(phase, took);
@@ -391,7 +579,7 @@ async fn execute<D: Driver>(
     if outcome == Outcome::Passed {
         replay::restore_artifacts(store, &stored, &req.artifacts_dir)?;
         let _ = store.gc(req.retention);
-        ui.note(&format!(
+        ui.verdict(&format!(
             "passed in {:.1}s; result {} stored{}{}",
             total_ms as f64 / 1000.0,
             key.short(),
@@ -404,7 +592,7 @@ async fn execute<D: Driver>(
             artifacts_note(&stored, &req.artifacts_dir)
         ));
     } else {
-        ui.note(&format!(
+        ui.verdict(&format!(
             "tests failed (status {}); the run is kept for inspection as {} and will not be replayed",
             ran.exit_code,
             key.short()
@@ -509,11 +697,44 @@ fn quarantine(store: &Store, result: &StoredResult, damage: &replay::ReplayError
 /// Where a replayed result came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    /// The local store, sealed as said.
-    Local(SealedBy),
+    /// The local store, sealed as said; whether it counts for CI when the
+    /// run had to ask.
+    Local {
+        by: SealedBy,
+        counts: Option<Counts>,
+    },
     /// Through the orchestrator: sealed by `producer`, counting for CI for
     /// the reason `counts`.
     Link { producer: String, counts: String },
+}
+
+impl Source {
+    /// Whether the orchestrator said the result counts for CI.
+    pub fn counts_for_ci(&self) -> bool {
+        matches!(
+            self,
+            Source::Link { .. }
+                | Source::Local {
+                    counts: Some(Counts::Yes(_)),
+                    ..
+                }
+        )
+    }
+
+    /// Who produced `result`: the sealing identity if known, else user@host.
+    pub fn producer_name(&self, result: &StoredResult) -> String {
+        match self {
+            Source::Link { producer, .. } => producer.clone(),
+            Source::Local {
+                by: SealedBy::Checked(who) | SealedBy::Unchecked(who),
+                ..
+            } => who.name.clone(),
+            Source::Local { .. } => format!(
+                "{}@{}",
+                result.manifest.producer.user, result.manifest.producer.host
+            ),
+        }
+    }
 }
 
 /// Replays a stored result and says where it came from.
@@ -521,7 +742,7 @@ pub fn replay_result(
     store: &Store,
     result: &StoredResult,
     artifacts: &Path,
-    source: Source,
+    source: &Source,
     ui: &dyn Ui,
 ) -> Result<(), RunError> {
     // Everything is checked before a byte reaches the user's streams.
@@ -530,9 +751,13 @@ pub fn replay_result(
     replay::write_output(result, &mut std::io::stdout(), &mut std::io::stderr())?;
     let m = &result.manifest;
     let (from, sealed) = match source {
-        Source::Local(by) => (
+        Source::Local { by, counts } => (
             "the local store".to_string(),
-            match by {
+            match (by, counts) {
+                (SealedBy::Checked(who) | SealedBy::Unchecked(who), Some(Counts::Yes(why))) => {
+                    format!("sealed by {}; counts for CI: {why}", who.name)
+                }
+                (by, _) => match by {
                 SealedBy::Checked(who) => format!(
                     "sealed by {}; `reprise results show` asks whether it counts for CI",
                     who.name
@@ -541,10 +766,11 @@ pub fn replay_result(
                     "sealed by {} (unchecked: no credentials configured)",
                     who.name
                 ),
-                SealedBy::Nobody | SealedBy::Broken(_) => {
-                    "not sealed: made here without credentials, never served, does not count for CI"
-                        .to_string()
-                }
+                    SealedBy::Nobody | SealedBy::Broken(_) => {
+                        "not sealed: made here without credentials, never served, does not count for CI"
+                            .to_string()
+                    }
+                },
             },
         ),
         Source::Link { producer, counts } => (
@@ -552,7 +778,7 @@ pub fn replay_result(
             format!("sealed by {producer}; counts for CI: {counts}"),
         ),
     };
-    ui.note(&format!(
+    ui.verdict(&format!(
         "replayed result {} from {from}: produced by {}@{} {} ago, took {:.1}s under {} ({}, snapshot {}, network {}, image {}; {sealed}){}",
         m.key.short(),
         m.producer.user,

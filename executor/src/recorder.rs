@@ -12,14 +12,25 @@ use reprise_protocol::record::{self, StreamId};
 use sha2::{Digest, Sha256};
 
 use crate::redact::{Patterns, Redactor};
+use crate::ui::Ui;
 use crate::vm::Stream;
 
-/// Output of a command: live to the terminal, redacted, and maybe recorded.
-#[derive(Debug)]
-pub struct Recorder {
+/// Output of a command: live to the terminal (through the [`Ui`], which
+/// keeps its progress line out of the way), redacted, and maybe recorded.
+pub struct Recorder<'u> {
     sink: Option<Sink>,
     start: Instant,
     redact: [Redactor; 2],
+    ui: &'u dyn Ui,
+}
+
+impl std::fmt::Debug for Recorder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder")
+            .field("sink", &self.sink)
+            .field("start", &self.start)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where a recording goes: the file, and what has been written to it.
@@ -41,18 +52,23 @@ pub struct Recorded {
     pub bytes: u64,
 }
 
-impl Recorder {
+impl<'u> Recorder<'u> {
     /// Shows output without keeping it.
-    pub fn shown(secrets: &Patterns) -> Recorder {
+    pub fn shown(secrets: &Patterns, ui: &'u dyn Ui) -> Recorder<'u> {
         Recorder {
             sink: None,
             start: Instant::now(),
             redact: [Redactor::new(secrets), Redactor::new(secrets)],
+            ui,
         }
     }
 
     /// Shows output and records it into a new file at `path`.
-    pub fn to_file(secrets: &Patterns, path: &Path) -> std::io::Result<Recorder> {
+    pub fn to_file(
+        secrets: &Patterns,
+        path: &Path,
+        ui: &'u dyn Ui,
+    ) -> std::io::Result<Recorder<'u>> {
         let file = File::create(path)?;
         Ok(Recorder {
             sink: Some(Sink {
@@ -62,7 +78,7 @@ impl Recorder {
                 bytes: 0,
                 error: None,
             }),
-            ..Recorder::shown(secrets)
+            ..Recorder::shown(secrets, ui)
         })
     }
 
@@ -71,13 +87,7 @@ impl Recorder {
             return;
         }
         let at = self.start.elapsed().as_millis() as u32;
-        let _ = match stream {
-            Stream::Stdout => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(bytes).and_then(|()| out.flush())
-            }
-            Stream::Stderr => std::io::stderr().lock().write_all(bytes),
-        };
+        self.ui.output(stream, bytes);
         if let Some(sink) = &mut self.sink {
             let id = match stream {
                 Stream::Stdout => StreamId::Stdout,
@@ -138,13 +148,18 @@ impl Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ui::Silent;
 
     #[test]
     fn a_recording_is_the_encoded_record_with_its_digest() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("output.rec");
-        let mut r =
-            Recorder::to_file(&Patterns::new(&[("PW".into(), "hunter2".into())]), &path).unwrap();
+        let mut r = Recorder::to_file(
+            &Patterns::new(&[("PW".into(), "hunter2".into())]),
+            &path,
+            &Silent,
+        )
+        .unwrap();
         r.feed(Stream::Stdout, b"one\n");
         r.feed(Stream::Stderr, b"pass=hunter2\n");
         let done = r.finish().unwrap().expect("recorded");
@@ -165,7 +180,9 @@ mod tests {
         assert_eq!(text(StreamId::Stdout), "one\n");
         assert_eq!(text(StreamId::Stderr), "pass=[redacted]\n");
         assert_eq!(
-            Recorder::shown(&Patterns::default()).finish().unwrap(),
+            Recorder::shown(&Patterns::default(), &Silent)
+                .finish()
+                .unwrap(),
             None
         );
     }

@@ -85,6 +85,7 @@ pub async fn run<S: Session>(
     // so container images and cache/ persist; env/ starts empty every run;
     // artifacts/ is the folder the driver collects.
     let t = Instant::now();
+    ui.begin("prepare-runtime");
     // Preparation without the network (`[network] prepare = false`): the
     // OS's card goes down, its default route kept aside for a run that
     // gives the tests the network.
@@ -101,7 +102,7 @@ pub async fn run<S: Session>(
          rm -rf {CI}/env {CI}/artifacts {CRONTAB} && mkdir -p {CI}/env {CI}/cache {ARTIFACTS} && \
          ln -s {ARTIFACTS} {CI}/artifacts"
     );
-    let out = session.capture(&shell(&setup), &env).await?;
+    let out = capture(session, &shell(&setup), &env, ui).await?;
     if !out.success() {
         return Err(RunError::Infra(format!(
             "setting up {CI} failed: {}",
@@ -109,7 +110,7 @@ pub async fn run<S: Session>(
         )));
     }
     if inputs.has_prepare_runtime {
-        let code = mk(session, "prepare-runtime", None, &env, &secret_values).await?;
+        let code = mk(session, "prepare-runtime", None, &env, &secret_values, ui).await?;
         if code != 0 {
             return Err(RunError::Prepare {
                 code,
@@ -128,16 +129,17 @@ pub async fn run<S: Session>(
     } else {
         ""
     };
-    let listing = session
-        .capture(
-            &shell(&format!(
+    let listing = capture(
+        session,
+        &shell(&format!(
                 "{online}cd {CI}/env && for f in *; do [ -f \"$f\" ] || continue; printf '%s\\0' \"$f\"; cat \"$f\"; printf '\\0'; done; \
                  if [ -f {CRONTAB} ]; then printf '%s\\0' {CRONTAB}; head -c {max} {CRONTAB}; printf '\\0'; fi",
-                max = crate::schedule::MAX_CRONTAB + 1
-            )),
-            &env,
-        )
-        .await?;
+            max = crate::schedule::MAX_CRONTAB + 1
+        )),
+        &env,
+        ui,
+    )
+    .await?;
     let (ci_env, crontab) = parse_env_listing(&listing.stdout);
     let image = ci_env.get("CONTAINERIMAGE").cloned().ok_or_else(|| {
         RunError::Contract(format!(
@@ -147,6 +149,7 @@ pub async fn run<S: Session>(
 
     // The target, in the container, with the repository as working directory.
     let t = Instant::now();
+    ui.begin(inputs.target);
     let mut container_env = env.clone();
     container_env.remove("PATH");
     container_env.extend(ci_env.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -160,8 +163,9 @@ pub async fn run<S: Session>(
     let mut podman_env = container_env.clone();
     podman_env.insert("PATH".into(), OS_PATH.into());
     let record_path = inputs.work.join("output.rec");
-    let mut recorder = Recorder::to_file(&secret_values, &record_path)
+    let mut recorder = Recorder::to_file(&secret_values, &record_path, ui)
         .map_err(|e| recording_failed(&record_path, e))?;
+    ui.command(&argv);
     let exit_code = session
         .exec(&argv, &podman_env, &mut |s, b| recorder.feed(s, b))
         .await?;
@@ -176,7 +180,7 @@ pub async fn run<S: Session>(
         argv = ["podman", "image", "exists", &image]
             .map(String::from)
             .to_vec();
-        let exists = session.capture(&argv, &env).await?;
+        let exists = capture(session, &argv, &env, ui).await?;
         if !exists.success() {
             return Err(RunError::Contract(format!(
                 "CONTAINERIMAGE names '{image}', which is not an image in the OS's podman (does base-image build it with that name?)"
@@ -188,6 +192,9 @@ pub async fn run<S: Session>(
     let mut artifacts = None;
     let mut settled = false;
     let t = Instant::now();
+    if exit_code == 0 {
+        ui.begin("collect");
+    }
     // The image the tests ran in, and after a pass every artifact: one
     // command (a process start costs time under TCG), the image's id on the
     // first line of its output.
@@ -201,7 +208,7 @@ pub async fn run<S: Session>(
         argv.push(OS_MK.into());
         argv.extend(declared.iter().map(|path| format!("{CI}/artifacts/{path}")));
     }
-    let out = session.capture(&argv, &env).await?;
+    let out = capture(session, &argv, &env, ui).await?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let (first, rest) = stdout.split_once('\n').unwrap_or((&stdout, ""));
     let container_image = first.trim().parse::<Sha256Digest>().ok();
@@ -228,6 +235,7 @@ pub async fn run<S: Session>(
                 settle.as_deref(),
                 &env,
                 &secret_values,
+                ui,
             )
             .await?;
             settled = settle.is_some();
@@ -279,6 +287,7 @@ async fn mk<S: Session>(
     after: Option<&str>,
     env: &BTreeMap<String, String>,
     secrets: &Patterns,
+    ui: &dyn Ui,
 ) -> Result<i32, RunError> {
     let argv = match after {
         None => vec![OS_MK.to_string(), target.to_string()],
@@ -289,7 +298,8 @@ async fn mk<S: Session>(
             target.into(),
         ],
     };
-    let mut shown = Recorder::shown(secrets);
+    let mut shown = Recorder::shown(secrets, ui);
+    ui.command(&argv);
     let code = session
         .exec(&argv, env, &mut |_: Stream, b: &[u8]| {
             shown.feed(Stream::Stderr, b)
@@ -297,6 +307,17 @@ async fn mk<S: Session>(
         .await?;
     let _ = shown.finish();
     Ok(code)
+}
+
+/// Runs `argv` in the OS and captures its output, shown first with `-v`.
+async fn capture<S: Session>(
+    session: &S,
+    argv: &[String],
+    env: &BTreeMap<String, String>,
+    ui: &dyn Ui,
+) -> Result<crate::driver::Output, RunError> {
+    ui.command(argv);
+    session.capture(argv, env).await
 }
 
 /// A recording that could not be written: a full disk is said so.

@@ -25,3 +25,9 @@ pub const STORE_FULL: i32 = 8;
 pub const INTERRUPTED: i32 = 130;
 /// `reprise results verify` found damaged results and quarantined them.
 pub const DAMAGED: i32 = 9;
+/// `--mode replay-only`: no result that counts for CI exists for the key,
+/// so nothing was run.
+pub const NOT_COUNTED: i32 = 10;
+/// `--mode verify`: the tests, run here again, disagreed with the replayed
+/// result (reported to the orchestrator against its producer).
+pub const MISMATCH: i32 = 11;

@@ -285,6 +285,65 @@ fn bad_settings_are_refused_saying_what_is_accepted() {
 }
 
 #[test]
+fn scripts_get_json_and_completions_without_a_vm() {
+    let s = Sandbox::new();
+    s.copy_from(&example_hello()).git_init().commit("hello");
+    let json = |args: &[&str], code: i32| -> serde_json::Value {
+        let r = s.run(args);
+        r.expect_code(code, &args.join(" "));
+        serde_json::from_str(&r.stdout)
+            .unwrap_or_else(|e| panic!("{args:?} prints JSON ({e}):\n{}", r.stdout))
+    };
+    assert_eq!(
+        json(&["results", "list", "--json"], 0),
+        serde_json::json!([])
+    );
+    let info = json(&["image", "info", "--json"], 0);
+    assert_eq!(
+        info["recipe"].as_str().map(str::len),
+        Some(64),
+        "the recipe hash: {info}"
+    );
+    assert!(info["images"].is_array(), "{info}");
+    let status = json(&["daemon", "status", "--json"], code::TESTS_FAILED);
+    assert_eq!(status["running"], serde_json::json!(false), "{status}");
+    let key = json(&["key", "--json"], 0);
+    assert_eq!(key["stored"], serde_json::json!(false), "{key}");
+
+    for (shell, marker) in [
+        ("bash", "_reprise()"),
+        ("zsh", "#compdef reprise"),
+        ("fish", "complete -c reprise"),
+    ] {
+        let r = s.run(&["completions", shell]);
+        r.expect_code(0, shell);
+        assert!(
+            r.stdout.contains(marker),
+            "{shell}: {}",
+            &r.stdout[..r.stdout.len().min(400)]
+        );
+        assert!(
+            r.stdout.contains("results"),
+            "{shell} completes subcommands"
+        );
+    }
+    let help = s.run(&["run", "--help"]);
+    help.expect_code(0, "run --help");
+    assert!(
+        help.stdout.contains("Examples:") && help.stdout.contains("--report"),
+        "{}",
+        help.stdout
+    );
+    let bad = s.run(&["--color", "sometimes", "key"]);
+    bad.expect_code(2, "--color sometimes");
+    assert!(
+        bad.stderr.contains("always"),
+        "the accepted values: {}",
+        bad.stderr
+    );
+}
+
+#[test]
 fn bad_repositories_are_refused_before_booting() {
     struct Case {
         name: &'static str,
@@ -374,12 +433,16 @@ fn bad_repositories_are_refused_before_booting() {
 
 #[test]
 fn broken_contracts_are_refused_after_booting() {
+    // (case, mkfile, exit code, message, driver): the contract's checks
+    // after starting are the steps', the same for every driver, so two
+    // cases use the podman driver (no VM) and one the VM.
     let cases = [
         (
             "prepare-runtime fails",
             "</usr/lib/reprise/ci.mk\nCONTAINERIMAGE=localhost/x\nbase-image:V:\n\texit 3\ntest:V:\n\ttrue\n",
             code::PREPARE_FAILED,
             "`mk prepare-runtime` failed with status",
+            "qemu",
         ),
         (
             // It names the file, so the static check lets it through.
@@ -387,21 +450,27 @@ fn broken_contracts_are_refused_after_booting() {
             "prepare-runtime:V:\n\ttrue || echo x > /var/run/ci/env/CONTAINERIMAGE\ntest:V:\n\ttrue\n",
             code::CONTRACT,
             "did not write /var/run/ci/env/CONTAINERIMAGE",
+            "podman",
         ),
         (
             "CONTAINERIMAGE unknown",
             "</usr/lib/reprise/ci.mk\nCONTAINERIMAGE=localhost/does-not-exist\ntest:V:\n\ttrue\n",
             code::CONTRACT,
             "'localhost/does-not-exist', which is not an image",
+            "podman",
         ),
     ];
     let _vm = vm_lock();
-    for (name, mkfile, exit, message) in cases {
+    for (name, mkfile, exit, message, driver) in cases {
         let s = Sandbox::new();
         s.write("mkfile", mkfile).git_init().commit(name);
-        let run = s.run(&["run"]);
+        let run = s.run(&["run", "--driver", driver]);
         run.expect_code(exit, name);
-        assert!(run.booted(), "{name}: found in the VM:\n{}", run.stderr);
+        assert!(
+            run.ran_here(),
+            "{name}: found after starting:\n{}",
+            run.stderr
+        );
         assert!(
             run.stderr.contains(message),
             "{name}: stderr should say '{message}':\n{}",
@@ -413,6 +482,8 @@ fn broken_contracts_are_refused_after_booting() {
 
 #[test]
 fn failing_tests_are_kept_for_inspection_but_never_replayed() {
+    // What is kept is the pipeline's doing, not the driver's: the podman
+    // driver (no VM) runs it in a fraction of the time.
     let _vm = vm_lock();
     let s = Sandbox::new();
     s.copy_from(&example_hello())
@@ -420,10 +491,10 @@ fn failing_tests_are_kept_for_inspection_but_never_replayed() {
         .git_init()
         .commit("broken greeting");
     for attempt in 1..=2 {
-        let run = s.run(&["run"]);
+        let run = s.run(&["run", "--driver", "podman"]);
         run.expect_code(code::TESTS_FAILED, "failing tests");
         assert!(
-            run.booted() && !run.replayed(),
+            run.ran_here() && !run.replayed(),
             "run {attempt} runs the tests again:\n{}",
             run.stderr
         );
@@ -461,6 +532,37 @@ fn failing_tests_are_kept_for_inspection_but_never_replayed() {
         "the failed run's own stderr:\n{}",
         shown.stderr
     );
+    let listed: serde_json::Value =
+        serde_json::from_str(&s.run(&["results", "list", "--failed", "--json"]).stdout)
+            .expect("results list --json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    assert_eq!(listed[0]["status"], "failed", "{listed}");
+    let shown = s.run(&["results", "show", &key, "--json"]);
+    shown.expect_code(code::SUCCESS, "results show --json");
+    let shown: serde_json::Value = serde_json::from_str(&shown.stdout).expect("show --json");
+    assert_eq!(shown["manifest"]["outcome"], "failed", "{shown}");
+    assert_eq!(shown["counts"]["answer"], "no", "{shown}");
+
+    // -q: the tests' output and the verdict, nothing of Reprise's phases.
+    s.write("README", "again\n")
+        .commit("a new commit runs again");
+    let quiet = s.run(&["-q", "run", "--driver", "podman"]);
+    quiet.expect_code(code::TESTS_FAILED, "quiet failing run");
+    assert!(
+        quiet.stderr.contains("FAIL: got 'goodbye, world'"),
+        "{}",
+        quiet.stderr
+    );
+    let ours: Vec<&str> = quiet
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("reprise: "))
+        .collect();
+    assert_eq!(ours.len(), 1, "only the verdict: {ours:?}");
+    assert!(
+        ours[0].starts_with("reprise: tests failed (status "),
+        "{ours:?}"
+    );
 }
 
 #[test]
@@ -491,9 +593,12 @@ fn secrets_are_redacted_on_screen_in_the_record_and_in_the_replay() {
         )
         .git_init()
         .commit("prints its token");
-    let run = |s: &Sandbox| {
+    // Redaction is the pipeline's (the podman driver, no VM, runs it).
+    let run = |s: &Sandbox, extra: &[&str]| {
+        let mut args = vec!["run", "--driver", "podman", "--secret", "HELLO_TOKEN"];
+        args.extend(extra);
         Run::from(
-            s.reprise(&["run", "--secret", "HELLO_TOKEN"])
+            s.reprise(&args)
                 .env("HELLO_TOKEN", VALUE)
                 .output()
                 .expect("reprise starts"),
@@ -501,12 +606,29 @@ fn secrets_are_redacted_on_screen_in_the_record_and_in_the_replay() {
     };
     let first = {
         let _vm = vm_lock();
-        run(&s)
+        run(&s, &["-v"])
     };
     first.expect_code(code::SUCCESS, "run with a secret");
-    let replay = run(&s);
+    // -v shows each command run in the OS (names of variables, never values).
+    assert!(
+        first
+            .stderr
+            .contains("reprise: $ podman run --rm --pull=never --network none")
+            && first.stderr.contains("--env HELLO_TOKEN"),
+        "{}",
+        first.stderr
+    );
+    let report = s.repo().join("report.json");
+    let replay = run(&s, &["--report", report.to_str().expect("utf-8 path")]);
     replay.expect_code(code::SUCCESS, "replay with a secret");
     assert!(replay.replayed(), "{}", replay.stderr);
+    let report: serde_json::Value =
+        serde_json::from_slice(&fs::read(&report).expect("the report is written"))
+            .expect("the report is JSON");
+    assert_eq!(report["how"], "replayed", "{report}");
+    assert_eq!(report["exit_code"], 0, "{report}");
+    assert_eq!(report["source"]["from"], "local store", "{report}");
+    assert_eq!(report["result"]["isolation"], "container", "{report}");
     for (what, r) in [("run", &first), ("replay", &replay)] {
         assert!(
             r.stdout.contains("token is [redacted]"),
@@ -995,10 +1117,12 @@ fn a_committed_artifacts_symlink_is_never_written_through() {
     s.commit("artifacts go elsewhere");
     let _vm = vm_lock();
     // A real run: the tests pass and the result is kept, but its artifacts
-    // are not written through the symlink.
-    let run = s.run(&["run", "--no-serve"]);
+    // are not written through the symlink. Restoring artifacts is the
+    // pipeline's, whatever the driver: the podman one (no VM) runs it.
+    let run_args = ["run", "--no-serve", "--driver", "podman"];
+    let run = s.run(&run_args);
     run.expect_code(code::CONTRACT, "artifacts folder is a symlink");
-    assert!(run.booted(), "{}", run.stderr);
+    assert!(run.ran_here(), "{}", run.stderr);
     assert!(
         run.stderr.contains("reprise-artifacts is a symbolic link"),
         "says why and what to do:\n{}",
@@ -1006,9 +1130,9 @@ fn a_committed_artifacts_symlink_is_never_written_through() {
     );
     assert_eq!(fs::read_dir(&outside).expect("outside").count(), 0);
     // Its replay refuses the same way.
-    let replay = s.run(&["run", "--no-serve"]);
+    let replay = s.run(&run_args);
     replay.expect_code(code::CONTRACT, "replay into a symlink");
-    assert!(replay.replayed() || !replay.booted(), "{}", replay.stderr);
+    assert!(replay.replayed() || !replay.ran_here(), "{}", replay.stderr);
     assert_eq!(fs::read_dir(&outside).expect("outside").count(), 0);
     // A symlink at the artifact's own name is replaced, not written through.
     fs::remove_file(s.repo().join("reprise-artifacts")).expect("rm");
@@ -1019,7 +1143,7 @@ fn a_committed_artifacts_symlink_is_never_written_through() {
         s.repo().join("reprise-artifacts/report.txt"),
     )
     .expect("symlink");
-    let replay = s.run(&["run", "--no-serve"]);
+    let replay = s.run(&run_args);
     replay.expect_code(code::SUCCESS, "replay beside a symlink");
     assert_eq!(
         fs::read_to_string(outside.join("report.txt")).unwrap(),
@@ -1153,6 +1277,7 @@ fn the_tests_colour_when_the_users_terminal_does() {
         )
         .env("TERM", "xterm-256color")
         .env_remove("NO_COLOR")
+        .env_remove("CI")
         .stdin(std::process::Stdio::null())
         .output()
         .expect("script runs");

@@ -372,6 +372,7 @@ impl Session for PodmanSession {
         let start = self.start.take().expect("finished once");
         if passed {
             let t = std::time::Instant::now();
+            ui.begin("snapshot");
             match self
                 .snapshots
                 .commit_folder(&self.repo, &self.image, &self.staged, start, key)

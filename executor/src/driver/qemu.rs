@@ -233,6 +233,7 @@ impl Session for QemuSession {
         // later tests pass).
         if passed {
             let t = Instant::now();
+            ui.begin("snapshot");
             match self
                 .snapshots
                 .update(&self.repo, &self.image, &overlay, self.start, key)

@@ -183,27 +183,13 @@ pub fn gather(repo_root: Option<&Path>) -> Facts {
     }
 }
 
-/// `NAME=VALUE` lines (`export ` allowed, `#` comments, values optionally in
-/// single or double quotes).
+/// The variables of a `.env` file, parsed as `dotenvy` reads them
+/// (`export ` allowed, `#` comments, quoted values); lines that do not
+/// parse are skipped.
 pub fn parse_dotenv(text: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let line = line.strip_prefix("export ").unwrap_or(line);
-        let Some((name, value)) = line.split_once('=') else {
-            continue;
-        };
-        let value = value.trim();
-        let value = ['"', '\'']
-            .iter()
-            .find_map(|q| value.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)))
-            .unwrap_or(value);
-        out.insert(name.trim().to_string(), value.to_string());
-    }
-    out
+    dotenvy::from_read_iter(text.as_bytes())
+        .filter_map(Result::ok)
+        .collect()
 }
 
 #[cfg(test)]

@@ -143,6 +143,10 @@ impl Sandbox {
             .env_remove("REPRISE_KEEP")
             .env_remove("REPRISE_MAX_AGE")
             .env_remove("REPRISE_COLD_BOOT")
+            // The machine running the tests may be a CI job: CI mode is
+            // asked for by the tests that test it.
+            .env_remove("CI")
+            .env_remove("GITHUB_STEP_SUMMARY")
             .stdin(Stdio::null());
         cmd
     }
@@ -224,6 +228,16 @@ impl Run {
         self.stderr
             .lines()
             .any(|l| l.starts_with("reprise: boot done") || l.starts_with("reprise: restore done"))
+    }
+
+    /// Whether the tests ran here: a VM booted or restored, or the podman
+    /// driver's OS container started.
+    pub fn ran_here(&self) -> bool {
+        self.booted()
+            || self
+                .stderr
+                .lines()
+                .any(|l| l.starts_with("reprise: start done"))
     }
 
     /// Whether the VM was restored from the saved guest.

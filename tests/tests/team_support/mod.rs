@@ -122,10 +122,22 @@ impl Team {
 /// as a real run would have, without booting a VM, sealed with the
 /// credentials in `sealer` (none: unsealed). Returns its stdout.
 pub fn fabricate_result(sandbox: &Sandbox, text: &str, sealer: Option<&Path>) -> Vec<u8> {
+    fabricate_result_for(sandbox, text, sealer, "qemu")
+}
+
+/// [`fabricate_result`] for the key of a run with driver class `driver`.
+pub fn fabricate_result_for(
+    sandbox: &Sandbox,
+    text: &str,
+    sealer: Option<&Path>,
+    driver: &str,
+) -> Vec<u8> {
     use reprise_protocol::manifest::{MANIFEST_VERSION, Outcome, Phase, Producer, ResultManifest};
     use reprise_protocol::record::{self, StreamId};
+    let mut request = reprise_executor::pipeline::KeyRequest::at(&sandbox.repo());
+    request.driver = driver.into();
     let keyed = reprise_executor::pipeline::compute_key(
-        &reprise_executor::pipeline::KeyRequest::at(&sandbox.repo()),
+        &request,
         &reprise_executor::inputs::process_env(),
         None,
     )

@@ -24,6 +24,11 @@ use reprise_protocol::digest::KeyPrefix;
 use reprise_protocol::exit;
 use reprise_protocol::local::Answer;
 
+mod summary;
+mod terminal;
+
+use terminal::{ColorChoice, Verbosity, terminal};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "reprise",
@@ -31,6 +36,16 @@ use reprise_protocol::local::Answer;
     about = "Run a repository's tests once, in a hermetic VM, and replay the result everywhere else"
 )]
 struct Cli {
+    /// Show only the tests' output and the verdict.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Show each command run in the OS; twice, also debug logs.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Colour: auto (on a terminal, unless NO_COLOR is set), always, never.
+    /// Also decides whether the tests are told their output has colour.
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
+    color: ColorChoice,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -38,37 +53,106 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// The base OS image the VMs boot.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = IMAGE_EXAMPLES)]
     Image(ImageCmd),
     /// Fresh VMs for debugging.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = VM_EXAMPLES)]
     Vm(VmCmd),
     /// Run the tests of the current revision in a fresh VM, or replay a
     /// stored successful result of the same key.
+    #[command(after_help = RUN_EXAMPLES)]
     Run(RunArgs),
     /// Print the run key of a revision.
+    #[command(after_help = KEY_EXAMPLES)]
     Key(KeyArgs),
     /// Check a revision's mkfile and reprise.toml without running anything:
     /// the contract's targets, CONTAINERIMAGE, artifacts, recipes. Problems
     /// are printed as FILE:LINE: what is wrong; exit 5 if there are any.
+    #[command(after_help = CHECK_EXAMPLES)]
     Check(CheckArgs),
     /// The local result store.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = RESULTS_EXAMPLES)]
     Results(ResultsCmd),
     /// The per-repository snapshots (container images, /var/run/ci/cache).
-    #[command(subcommand)]
+    #[command(subcommand, after_help = CACHE_EXAMPLES)]
     Cache(CacheCmd),
     /// Stay connected to the orchestrator and serve the whole local store
     /// to peers; `reprise run` hands its new results to it.
+    #[command(after_help = DAEMON_EXAMPLES)]
     Daemon(DaemonArgs),
+    /// Print a shell completion script.
+    #[command(after_help = COMPLETIONS_EXAMPLES)]
+    Completions {
+        /// The shell: bash, zsh, fish, elvish, powershell.
+        shell: clap_complete::Shell,
+    },
 }
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  reprise run                      run (or replay) the tests of HEAD
+  reprise run --rev main~1         another revision
+  reprise run --env PY=3.12        a counted variable: part of the key
+  reprise run --secret API_TOKEN   passed in, never stored, redacted
+  reprise run -q > test.log        only the tests' output, and the verdict
+  reprise run --driver podman      no VM: a privileged container on the host
+  reprise run --report out.json    also write the run's summary as JSON";
+
+const CHECK_EXAMPLES: &str = "\
+Examples:
+  reprise check                    HEAD's mkfile and reprise.toml, for target test
+  reprise check --rev main --target lint";
+
+const CACHE_EXAMPLES: &str = "\
+Examples:
+  reprise cache drop               this repository's snapshot: the next run starts blank
+  reprise cache drop --all         every snapshot and saved guest";
+
+const VM_EXAMPLES: &str = "\
+Examples:
+  reprise vm exec -- uname -a      a command in a fresh VM, its status as ours
+  reprise vm exec --network -- apt-get update
+  reprise vm shell                 a shell with HEAD's tree at /repo";
+
+const KEY_EXAMPLES: &str = "\
+Examples:
+  reprise key                      the key of HEAD's test run
+  reprise key --explain            every input, and on a miss what differs
+  reprise key --json | jq .key";
+
+const RESULTS_EXAMPLES: &str = "\
+Examples:
+  reprise results list --failed    runs kept for inspection
+  reprise results show 3f2a        a result by key prefix
+  reprise results show 3f2a --output   its recorded output, as it ran
+  reprise results list --json | jq '.[].key'
+  reprise results verify           check every sha256, quarantine damage
+  reprise results gc --keep 3 --max-age 14d";
+
+const DAEMON_EXAMPLES: &str = "\
+Examples:
+  reprise daemon --detach          serve the store in the background
+  reprise daemon status --json
+  reprise daemon schedule          scheduled targets, next and last
+  reprise daemon stop";
+
+const IMAGE_EXAMPLES: &str = "\
+Examples:
+  reprise image build              build (or find cached) the base image
+  reprise image info --json";
+
+const COMPLETIONS_EXAMPLES: &str = "\
+Examples:
+  reprise completions bash > ~/.local/share/bash-completion/completions/reprise
+  reprise completions zsh > ~/.zfunc/_reprise
+  reprise completions fish > ~/.config/fish/completions/reprise.fish";
 
 #[derive(Debug, clap::Args)]
 struct DaemonArgs {
     #[command(subcommand)]
     action: Option<DaemonAction>,
-    /// The orchestrator, HOST:PORT (default: REPRISE_ORCHESTRATOR from the
-    /// environment or the current repository's .env).
+    /// The orchestrator, HOST:PORT (default: REPRISE_ORCHESTRATOR, else
+    /// `orchestrator` in your user config).
     #[arg(long)]
     orchestrator: Option<String>,
     /// The credentials file from `reprise-orchestrator issue` (default:
@@ -84,7 +168,11 @@ struct DaemonArgs {
 #[derive(Debug, Subcommand)]
 enum DaemonAction {
     /// Whether a daemon serves this store, and its link to the orchestrator.
-    Status,
+    Status {
+        /// Print it as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The scheduled targets the daemon runs, when next and when last.
     Schedule,
     /// Stop the daemon serving this store.
@@ -96,6 +184,7 @@ enum CacheCmd {
     /// Drop this repository's snapshot (or every snapshot with --all), so
     /// the next run starts from the bare base image.
     Drop {
+        /// Every repository's snapshot, and the saved guests.
         #[arg(long)]
         all: bool,
     },
@@ -134,7 +223,7 @@ struct RunArgs {
     #[arg(long)]
     keep: bool,
     /// Return at once instead of staying connected to the orchestrator to
-    /// serve results to peers (for CI).
+    /// serve results to peers (a running daemon still takes the result).
     #[arg(long)]
     no_serve: bool,
     /// Where the run happens: qemu (a VM, the default), podman (a
@@ -142,6 +231,23 @@ struct RunArgs {
     /// the plan, run nothing). Default: REPRISE_DRIVER, else qemu.
     #[arg(long, value_parser = parse_driver)]
     driver: Option<DriverKind>,
+    /// Also write the run's summary as JSON to FILE: ran here or replayed,
+    /// from whom, under which isolation, whether it counts, the exit code.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Without a result that counts for CI: replay-or-run (run here),
+    /// replay-only (fail with exit 10), verify (replay, and run a sample of
+    /// the replays that count here again; a different verdict exits 11).
+    #[arg(long, default_value = "replay-or-run")]
+    mode: String,
+    /// With --mode verify: the fraction of replays run again (0 to 1).
+    #[arg(long)]
+    sample: Option<f64>,
+    /// A CI job (also when CI=true): replay only a result that counts for
+    /// CI, never stay connected to serve, no animation, end with a summary
+    /// (also to $GITHUB_STEP_SUMMARY on GitHub).
+    #[arg(long)]
+    ci: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -156,10 +262,13 @@ struct CheckArgs {
 
 #[derive(Debug, clap::Args)]
 struct KeyArgs {
+    /// The revision (default: HEAD).
     #[arg(long)]
     rev: Option<String>,
+    /// The mk target the run would make.
     #[arg(long, default_value = "test")]
     target: String,
+    /// A counted variable, NAME=VALUE, as `reprise run --env` gives it.
     #[arg(long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
     /// The key of a run whose tests have the network (`reprise run --network`).
@@ -183,17 +292,24 @@ enum ResultsCmd {
         /// Only the failed runs kept for inspection.
         #[arg(long)]
         failed: bool,
+        /// Print them as a JSON array.
+        #[arg(long)]
+        json: bool,
     },
     /// Show one result: who produced and sealed it, whether it counts for
     /// CI (asked of the orchestrator when one is configured), and its
     /// manifest (by key or key prefix).
     Show {
+        /// The key, or the first hex digits of it.
         #[arg(value_parser = parse_key_prefix)]
         key: KeyPrefix,
         /// Print the run's recorded output instead (stdout and stderr as the
         /// run printed them), e.g. of a failed run kept for inspection.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "json")]
         output: bool,
+        /// Print it as JSON: the manifest, who sealed it, whether it counts.
+        #[arg(long)]
+        json: bool,
     },
     /// Check every stored result against its sha256s; move the damaged
     /// ones aside (quarantine) so no run replays them. Exits 9 when it
@@ -215,7 +331,11 @@ enum ImageCmd {
     /// Build the base image (cached: instant when already built).
     Build,
     /// Show the cached images.
-    Info,
+    Info {
+        /// Print it as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -293,29 +413,30 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
-/// What the user reads besides the tests' output: one line each, on stderr.
-struct Terminal;
-
-impl pipeline::Ui for Terminal {
-    fn note(&self, line: &str) {
-        eprintln!("reprise: {line}");
-    }
-    fn phase(&self, name: &str, took: std::time::Duration) {
-        eprintln!("reprise: {name} done in {:.1}s", took.as_secs_f64());
-    }
-    fn image_step(&self, step: &str) {
-        eprintln!("reprise: image: {step}");
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let verbosity = match (cli.quiet, cli.verbose) {
+        (true, _) => Verbosity::Quiet,
+        (false, 0) => Verbosity::Normal,
+        (false, _) => Verbosity::Verbose,
+    };
+    let ci = matches!(&cli.command, Cmd::Run(args) if args.ci) || in_ci();
+    terminal::init(verbosity, cli.color, ci);
+    // REPRISE_LOG decides; else warnings (errors only with -q, debug with -vv).
+    let default_level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (false, 0 | 1) => "warn",
+        (false, _) => "debug",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env(vars::LOG_VAR)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(
+            cli.color
+                .colours(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .with_writer(std::io::stderr)
         .init();
     // What killed commands left behind goes first (never a live one's).
@@ -334,6 +455,7 @@ fn main() -> ExitCode {
     match code {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
+            terminal().clear();
             eprintln!("reprise: error: {e:#}");
             ExitCode::from(error_code(&e) as u8)
         }
@@ -407,8 +529,17 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
             );
             Ok(exit::SUCCESS)
         }
-        Cmd::Image(ImageCmd::Info) => {
-            image_info();
+        Cmd::Image(ImageCmd::Info { json }) => {
+            image_info(json);
+            Ok(exit::SUCCESS)
+        }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "reprise",
+                &mut std::io::stdout(),
+            );
             Ok(exit::SUCCESS)
         }
         Cmd::Run(args) => {
@@ -427,22 +558,39 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
                 keep_work: args.keep,
                 driver: DriverKind::choose(args.driver, &reprise_executor::inputs::process_env())?,
                 colour_term: colour_term(),
+                mode: pipeline::Mode::parse(&args.mode, args.sample).map_err(RunError::Usage)?,
+                ci: args.ci || in_ci(),
             };
             let mut link = RunLink::new(&req.dir);
+            let started = std::time::Instant::now();
             let outcome = tokio::select! {
-                outcome = pipeline::run(&req, &mut link, &Terminal) => outcome?,
+                outcome = pipeline::run(&req, &mut link, terminal()) => outcome?,
                 () = signals::interrupted() => {
                     eprintln!("reprise: interrupted; stopping the VM, nothing was kept");
                     return Ok(exit::INTERRUPTED);
                 }
             };
-            if args.no_serve {
-                link.close().await;
-            } else {
-                // Serving ends on SIGINT or SIGTERM, with the run's own code.
-                if let Some(result) = outcome.result() {
-                    daemon::hand_over_or_serve(result, &mut link, &Terminal).await;
+            let summary = summary::of(&outcome, req.mode, started.elapsed());
+            if req.ci {
+                eprint!("{}", summary::text(&summary));
+                if let Some(path) =
+                    std::env::var_os("GITHUB_STEP_SUMMARY").filter(|p| !p.is_empty())
+                {
+                    summary::append_step_summary(std::path::Path::new(&path), &summary)?;
                 }
+            }
+            if let Some(path) = &args.report {
+                summary::write_report(path, &summary)?;
+            }
+            // A running daemon takes the result either way; only an
+            // interactive run without --no-serve stays connected to serve
+            // it, until SIGINT or SIGTERM, with the run's own code.
+            match outcome.result() {
+                Some(result) => {
+                    let serve = !args.no_serve && !req.ci;
+                    daemon::hand_over_or_serve(result, &mut link, terminal(), serve).await;
+                }
+                None => link.close().await,
             }
             Ok(outcome.exit_code())
         }
@@ -535,17 +683,24 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
     }
 }
 
-/// The user's terminal type when the tests' output goes to a terminal that
-/// shows colour (`NO_COLOR` unset, `TERM` not `dumb`).
+/// Whether this is a CI job: `CI` set to something other than empty,
+/// `false` or `0` (GitHub, GitLab, Buildkite and most others set `CI=true`).
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "false" | "0"))
+}
+
+/// The terminal type the tests are told about when their output shows
+/// colour: on a terminal (stdout) with `--color auto` and `NO_COLOR` unset,
+/// or always with `--color always`.
 fn colour_term() -> Option<String> {
-    if !std::io::IsTerminal::is_terminal(&std::io::stdout())
-        || std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
+    if !terminal()
+        .color()
+        .colours(std::io::IsTerminal::is_terminal(&std::io::stdout()))
     {
         return None;
     }
     match std::env::var("TERM") {
-        Ok(t) if t == "dumb" => None,
-        Ok(t) if !t.is_empty() => Some(t),
+        Ok(t) if !t.is_empty() && t != "dumb" => Some(t),
         _ => Some("xterm-256color".into()),
     }
 }
@@ -579,8 +734,30 @@ fn retention_from_env() -> Result<Retention, RunError> {
 async fn daemon(args: DaemonArgs) -> anyhow::Result<i32> {
     let data = reprise_executor::paths::data_dir();
     match args.action {
-        Some(DaemonAction::Status) => {
-            return match daemon::status(&data).await? {
+        Some(DaemonAction::Status { json }) => {
+            let status = daemon::status(&data).await?;
+            if json {
+                let value = match &status {
+                    Some(Answer::Status {
+                        pid,
+                        store,
+                        orchestrator,
+                        link,
+                    }) => serde_json::json!({
+                        "running": true, "pid": pid, "store": store,
+                        "orchestrator": orchestrator, "link": link,
+                        "link_text": daemon::describe(link),
+                    }),
+                    _ => serde_json::json!({ "running": false, "store": data }),
+                };
+                println!("{}", serde_json::to_string_pretty(&value).expect("json"));
+                return Ok(if status.is_some() {
+                    exit::SUCCESS
+                } else {
+                    exit::TESTS_FAILED
+                });
+            }
+            return match status {
                 Some(Answer::Status {
                     pid,
                     store,
@@ -640,7 +817,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<i32> {
         }
         None => {}
     }
-    let orchestrator = match daemon::orchestrator((args.orchestrator, args.credentials), &Terminal)
+    let orchestrator = match daemon::orchestrator((args.orchestrator, args.credentials), terminal())
     {
         Ok(o) => o,
         Err(e) => {
@@ -764,10 +941,62 @@ fn key(args: KeyArgs) -> anyhow::Result<i32> {
     Ok(exit::SUCCESS)
 }
 
-/// The head of `reprise results show`: what the result is, who sealed it,
-/// and whether it counts for CI.
-async fn show_result(r: &reprise_executor::store::StoredResult) {
+/// `reprise results show`: what the result is, who sealed it, whether it
+/// counts for CI, then its manifest; or all of it as one JSON object.
+async fn show_result(r: &reprise_executor::store::StoredResult, json: bool) {
     let m = &r.manifest;
+    let dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    let mut link = RunLink::new(&dir);
+    let by = provenance::sealed_by(r, &mut link, terminal());
+    let counts = provenance::counts(r, &by, &mut link, terminal()).await;
+    link.close().await;
+    let (sealed, sealed_json) = match &by {
+        SealedBy::Nobody => (
+            "nobody (made without credentials)".to_string(),
+            serde_json::json!({ "by": null }),
+        ),
+        SealedBy::Checked(who) => (
+            format!(
+                "{} (certificate {}, valid until {}; checked against the team CA)",
+                who.name,
+                who.fingerprint.short(),
+                reprise_executor::text::utc_timestamp(who.not_after)
+            ),
+            serde_json::json!({
+                "by": who.name, "certificate": who.fingerprint,
+                "not_after": who.not_after, "checked": true,
+            }),
+        ),
+        SealedBy::Unchecked(who) => (
+            format!(
+                "{} (certificate {}; unchecked: no credentials configured)",
+                who.name,
+                who.fingerprint.short()
+            ),
+            serde_json::json!({
+                "by": who.name, "certificate": who.fingerprint, "checked": false,
+            }),
+        ),
+        SealedBy::Broken(why) => (
+            format!("a seal that does not hold: {why}"),
+            serde_json::json!({ "broken": why }),
+        ),
+    };
+    let (counts_word, why) = match &counts {
+        Counts::Yes(why) => ("yes", why),
+        Counts::No(why) => ("no", why),
+        Counts::Unknown(why) => ("unknown", why),
+    };
+    if json {
+        let value = serde_json::json!({
+            "manifest": m,
+            "sealed": sealed_json,
+            "counts": { "answer": counts_word, "why": why },
+            "kept_local": r.kept_local(),
+        });
+        println!("{}", serde_json::to_string_pretty(&value).expect("json"));
+        return;
+    }
     println!("key:         {}", m.key);
     println!("outcome:     {:?} (exit {})", m.outcome, m.exit_code);
     println!(
@@ -796,30 +1025,9 @@ async fn show_result(r: &reprise_executor::store::StoredResult) {
     if let Some(why) = r.kept_local() {
         println!("shared:      no, {why}");
     }
-    let dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-    let mut link = RunLink::new(&dir);
-    let by = provenance::sealed_by(r, &mut link, &Terminal);
-    match &by {
-        SealedBy::Nobody => println!("sealed by:   nobody (made without credentials)"),
-        SealedBy::Checked(who) => println!(
-            "sealed by:   {} (certificate {}, valid until {}; checked against the team CA)",
-            who.name,
-            who.fingerprint.short(),
-            reprise_executor::text::utc_timestamp(who.not_after)
-        ),
-        SealedBy::Unchecked(who) => println!(
-            "sealed by:   {} (certificate {}; unchecked: no credentials configured)",
-            who.name,
-            who.fingerprint.short()
-        ),
-        SealedBy::Broken(why) => println!("sealed by:   a seal that does not hold: {why}"),
-    }
-    match provenance::counts(r, &by, &mut link, &Terminal).await {
-        Counts::Yes(why) => println!("counts:      yes: {why}"),
-        Counts::No(why) => println!("counts:      no: {why}"),
-        Counts::Unknown(why) => println!("counts:      unknown: {why}"),
-    }
-    link.close().await;
+    println!("sealed by:   {sealed}");
+    println!("counts:      {counts_word}: {why}");
+    println!("{}", serde_json::to_string_pretty(m).expect("json"));
 }
 
 async fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
@@ -827,6 +1035,7 @@ async fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
     match cmd {
         ResultsCmd::List {
             failed: only_failed,
+            json,
         } => {
             let passed = if only_failed {
                 Vec::new()
@@ -834,16 +1043,38 @@ async fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
                 store.list()
             };
             let failed = store.list_failed();
+            let rows = passed
+                .iter()
+                .map(|r| (r, "passed"))
+                .chain(failed.iter().map(|r| (r, "failed")));
+            if json {
+                let list: Vec<serde_json::Value> = rows
+                    .map(|(r, status)| {
+                        let m = &r.manifest;
+                        serde_json::json!({
+                            "key": m.key,
+                            "status": status,
+                            "namespace": m.inputs.namespace,
+                            "target": m.inputs.target,
+                            "commit": m.commit,
+                            "total_ms": m.total_ms,
+                            "isolation": m.accel,
+                            "driver": m.inputs.driver,
+                            "created_at": m.created_at,
+                            "producer": m.producer,
+                            "sealed": r.seal.is_some(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list).expect("json"));
+                return Ok(exit::SUCCESS);
+            }
             if passed.is_empty() && failed.is_empty() {
                 eprintln!("reprise: no stored results");
                 return Ok(exit::SUCCESS);
             }
             println!("KEY STATUS NAMESPACE TARGET COMMIT TOOK ISOLATION");
-            for (r, status) in passed
-                .iter()
-                .map(|r| (r, "passed"))
-                .chain(failed.iter().map(|r| (r, "failed")))
-            {
+            for (r, status) in rows {
                 let m = &r.manifest;
                 println!(
                     "{} {} {} {} {} {:.1}s {}",
@@ -858,7 +1089,7 @@ async fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
             }
             Ok(exit::SUCCESS)
         }
-        ResultsCmd::Show { key, output } => {
+        ResultsCmd::Show { key, output, json } => {
             let mut found = store.find(&key);
             let one_key = found
                 .iter()
@@ -893,11 +1124,7 @@ async fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
                     Ok(exit::SUCCESS)
                 }
                 [one] => {
-                    show_result(one).await;
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&one.manifest).expect("json")
-                    );
+                    show_result(one, json).await;
                     Ok(exit::SUCCESS)
                 }
                 [] => {
@@ -984,12 +1211,32 @@ fn ensure_image() -> anyhow::Result<reprise_executor::image::Image> {
     Ok(image)
 }
 
-fn image_info() {
+fn image_info(json: bool) {
     let cache = ImageCache::default_location();
     let current = reprise_executor::image::recipe_hash(reprise_executor::image::RECIPE_FILES);
+    let images = cache.list();
+    let states = SavedGuests::default_location().list();
+    if json {
+        let value = serde_json::json!({
+            "cache": cache.root(),
+            "recipe": current,
+            "images": images.iter().map(|image| serde_json::json!({
+                "dir": image.dir,
+                "recipe": image.manifest.recipe_hash,
+                "digest": image.manifest.digest,
+                "disk_bytes": image.manifest.disk_bytes,
+                "build_ms": image.manifest.build_ms,
+                "current": image.manifest.recipe_hash == current,
+            })).collect::<Vec<_>>(),
+            "saved_guests": states.iter().map(|(dir, bytes)| serde_json::json!({
+                "dir": dir, "bytes": bytes,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&value).expect("json"));
+        return;
+    }
     println!("image cache: {}", cache.root().display());
     println!("recipe of this build: {}", short(&current));
-    let images = cache.list();
     if images.is_empty() {
         println!("no image built yet (run `reprise image build`)");
     }
@@ -1009,7 +1256,6 @@ fn image_info() {
             }
         );
     }
-    let states = SavedGuests::default_location().list();
     if !states.is_empty() {
         println!("saved guests (runs start from these):");
     }
