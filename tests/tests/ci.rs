@@ -18,15 +18,15 @@ mod run_support;
 mod team_support;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use reprise_protocol::exit as code;
 use run_support::{Run, Sandbox, vm_lock, wait_until};
 use team_support::{
-    Team, clone_of, fabricate_result, fabricate_result_for, free_udp_port, issue, namespace,
-    serve_logged, serving_daemon, with_orchestrator,
+    Killed, Team, clone_of, fabricate_result, fabricate_result_for, free_udp_port, issue,
+    namespace, serve_logged, serving_daemon, with_orchestrator,
 };
 
 /// `reprise ARGS` in `s` as a CI job of `creds` on `addr`, which must
@@ -57,20 +57,44 @@ fn report(s: &Sandbox) -> serde_json::Value {
     serde_json::from_str(&text).expect("the report is JSON")
 }
 
-#[test]
-fn a_ci_job_replays_what_counts_says_why_and_returns() {
+/// A team whose orchestrator serves on loopback (its log in `log`), and
+/// whose trusted `alice` holds a result of HEAD of `team.a` (after
+/// `change`; the key of driver class `driver`) that her daemon serves.
+struct Served {
+    team: Team,
+    addr: String,
+    log: PathBuf,
+    _orchestrator: Killed,
+    _daemon: Killed,
+}
+
+fn alice_serves(change: impl FnOnce(&Sandbox), driver: &str, text: &str) -> Served {
     let team = Team::new();
     let addr = format!("127.0.0.1:{}", free_udp_port());
     let log = team.dir.path().join("orchestrator.log");
-    let _orch = serve_logged(&team.state, &addr, &log);
-    // alice (trusted) produced the result of HEAD; her daemon serves it.
-    fabricate_result(&team.a, "hello from alice", Some(&team.alice));
-    let (_daemon, _) = serving_daemon(
+    let orchestrator = serve_logged(&team.state, &addr, &log);
+    change(&team.a);
+    fabricate_result_for(&team.a, text, Some(&team.alice), driver);
+    let (daemon, _) = serving_daemon(
         &team.a,
         &addr,
         &team.alice,
         &team.dir.path().join("daemon.log"),
     );
+    Served {
+        team,
+        addr,
+        log,
+        _orchestrator: orchestrator,
+        _daemon: daemon,
+    }
+}
+
+#[test]
+fn a_ci_job_replays_what_counts_says_why_and_returns() {
+    // alice (trusted) produced the result of HEAD; her daemon serves it.
+    let served = alice_serves(|_| {}, "qemu", "hello from alice");
+    let (team, addr) = (&served.team, &served.addr);
 
     // The CI job: a clone, its own credentials (`ci`, granted the
     // repository, not trusted: its own runs would not count).
@@ -79,7 +103,7 @@ fn a_ci_job_replays_what_counts_says_why_and_returns() {
     let run = ci_job(
         &job,
         &["run", "--report", report_path.to_str().expect("utf-8")],
-        &addr,
+        addr,
         &team.ci,
         Duration::from_secs(60),
     );
@@ -106,7 +130,7 @@ fn a_ci_job_replays_what_counts_says_why_and_returns() {
 
     // The same job again: now the result is in the job's own store, and
     // it is replayed because the orchestrator says it counts.
-    let again = ci_job(&job, &["run"], &addr, &team.ci, Duration::from_secs(60));
+    let again = ci_job(&job, &["run"], addr, &team.ci, Duration::from_secs(60));
     again.expect_code(code::SUCCESS, "CI local replay");
     assert!(
         again.stderr.contains("from the local store") && again.stderr.contains("counts for CI:"),
@@ -123,7 +147,7 @@ fn a_ci_job_replays_what_counts_says_why_and_returns() {
     let only = ci_job(
         &job,
         &["run", "--mode", "replay-only"],
-        &addr,
+        addr,
         &team.ci,
         Duration::from_secs(60),
     );
@@ -142,7 +166,7 @@ fn a_ci_job_replays_what_counts_says_why_and_returns() {
     );
     // Outside CI (a developer's run) the local result replays as always.
     let mut dev = job.reprise(&["run", "--no-serve"]);
-    with_orchestrator(&mut dev, &addr, &team.ci);
+    with_orchestrator(&mut dev, addr, &team.ci);
     let dev = Run::from(dev.output().expect("reprise"));
     dev.expect_code(code::SUCCESS, "developer replay");
     assert_eq!(dev.stdout, "made here\n");
@@ -152,21 +176,13 @@ fn a_ci_job_replays_what_counts_says_why_and_returns() {
 
 #[test]
 fn verify_catches_a_producer_whose_result_the_tests_contradict() {
-    let team = Team::new();
-    let addr = format!("127.0.0.1:{}", free_udp_port());
-    let log = team.dir.path().join("orchestrator.log");
-    let _orch = serve_logged(&team.state, &addr, &log);
     // The tests of HEAD fail, yet alice (trusted) announces a pass.
-    team.a
-        .write("greet.sh", "#!/bin/sh\necho \"goodbye, $1\"\n")
-        .commit("a broken greeting");
-    fabricate_result_for(&team.a, "all good, trust me", Some(&team.alice), "podman");
-    let (_daemon, _) = serving_daemon(
-        &team.a,
-        &addr,
-        &team.alice,
-        &team.dir.path().join("daemon.log"),
-    );
+    let broken = |a: &Sandbox| {
+        a.write("greet.sh", "#!/bin/sh\necho \"goodbye, $1\"\n")
+            .commit("a broken greeting");
+    };
+    let served = alice_serves(broken, "podman", "all good, trust me");
+    let (team, addr, log) = (&served.team, &served.addr, &served.log);
     // A trusted CI identity verifies every replay (sample 1).
     let ci_bot = team.dir.path().join("ci-bot.pem");
     issue(&team.state, "ci-bot", &[&namespace(&team.a)], true, &ci_bot);
@@ -186,7 +202,7 @@ fn verify_catches_a_producer_whose_result_the_tests_contradict() {
             "--report",
             report_path.to_str().expect("utf-8"),
         ],
-        &addr,
+        addr,
         &ci_bot,
         Duration::from_secs(300),
     );
@@ -206,7 +222,7 @@ fn verify_catches_a_producer_whose_result_the_tests_contradict() {
     assert!(r["verify"]["mismatch"].is_string(), "{r}");
     assert_eq!(r["exit_code"], code::MISMATCH, "{r}");
     // The orchestrator recorded the disagreement against alice.
-    let logged = || fs::read_to_string(&log).unwrap_or_default();
+    let logged = || fs::read_to_string(log).unwrap_or_default();
     assert!(
         wait_until(Duration::from_secs(10), || logged()
             .contains("trusted producers disagree")),
@@ -222,17 +238,8 @@ fn verify_catches_a_producer_whose_result_the_tests_contradict() {
 
 #[test]
 fn the_shell_stub_runs_only_a_pinned_executor_and_replays_what_counts() {
-    let team = Team::new();
-    let addr = format!("127.0.0.1:{}", free_udp_port());
-    let log = team.dir.path().join("orchestrator.log");
-    let _orch = serve_logged(&team.state, &addr, &log);
-    fabricate_result(&team.a, "hello from alice", Some(&team.alice));
-    let (_daemon, _) = serving_daemon(
-        &team.a,
-        &addr,
-        &team.alice,
-        &team.dir.path().join("daemon.log"),
-    );
+    let served = alice_serves(|_| {}, "qemu", "hello from alice");
+    let (team, addr) = (&served.team, &served.addr);
     // A release archive of the binaries under test, as scripts/release.sh
     // makes it, served from a file:// mirror.
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -272,7 +279,7 @@ fn the_shell_stub_runs_only_a_pinned_executor_and_replays_what_counts() {
             .env("REPRISE_SHA256", sha)
             .env("REPRISE_VARS", vars)
             .env("REPRISE_REPORT", job.dir.path().join("report.json"))
-            .env("REPRISE_ORCHESTRATOR", &addr)
+            .env("REPRISE_ORCHESTRATOR", addr)
             .env("REPRISE_CREDENTIALS", &team.ci)
             .stdin(Stdio::null())
             .output()

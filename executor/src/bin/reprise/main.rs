@@ -190,9 +190,11 @@ enum CacheCmd {
     },
 }
 
+/// Which run: the revision, the target and the counted variables, the
+/// inputs `reprise run` and `reprise key` share.
 #[derive(Debug, clap::Args)]
-struct RunArgs {
-    /// The revision to run (default: HEAD). The working tree is never used.
+struct Which {
+    /// The revision (default: HEAD). The working tree is never used.
     #[arg(long)]
     rev: Option<String>,
     /// The mk target to run in the container.
@@ -201,6 +203,12 @@ struct RunArgs {
     /// A counted variable (part of the key), NAME=VALUE.
     #[arg(long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    what: Which,
     /// Pass the caller's variable NAME in, not counted, not stored, redacted.
     #[arg(long = "secret")]
     secrets: Vec<String>,
@@ -262,15 +270,8 @@ struct CheckArgs {
 
 #[derive(Debug, clap::Args)]
 struct KeyArgs {
-    /// The revision (default: HEAD).
-    #[arg(long)]
-    rev: Option<String>,
-    /// The mk target the run would make.
-    #[arg(long, default_value = "test")]
-    target: String,
-    /// A counted variable, NAME=VALUE, as `reprise run --env` gives it.
-    #[arg(long = "env", value_parser = parse_env)]
-    env: Vec<(String, String)>,
+    #[command(flatten)]
+    what: Which,
     /// The key of a run whose tests have the network (`reprise run --network`).
     #[arg(long)]
     network: bool,
@@ -545,9 +546,9 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
         Cmd::Run(args) => {
             let req = pipeline::RunRequest {
                 dir: std::env::current_dir().context("while finding the current folder")?,
-                rev: args.rev,
-                target: args.target,
-                env: args.env,
+                rev: args.what.rev,
+                target: args.what.target,
+                env: args.what.env,
                 secrets: args.secrets,
                 network: args.network,
                 timeout: args.timeout,
@@ -892,9 +893,9 @@ fn key(args: KeyArgs) -> anyhow::Result<i32> {
     let driver = DriverKind::choose(args.driver, &env)?;
     let request = pipeline::KeyRequest {
         dir,
-        rev: args.rev,
-        target: args.target,
-        cli_env: args.env,
+        rev: args.what.rev,
+        target: args.what.target,
+        cli_env: args.what.env,
         driver: driver.class().into(),
         network: args.network,
     };
