@@ -317,9 +317,9 @@ async fn a_token_of_another_issuer_is_refused() {
     );
 }
 
-#[tokio::test]
-async fn a_key_the_issuer_never_published_is_refused_after_one_refresh() {
-    let mut issuer = TestIssuer::start();
+/// A GitHub verifier of `issuer` that may refresh its keys at any time,
+/// after one token verified (so its key set is cached).
+async fn refreshing_verifier(issuer: &mut TestIssuer) -> Verifier {
     let limits = VerifierLimits {
         refresh_interval: Duration::ZERO,
         ..Default::default()
@@ -329,6 +329,13 @@ async fn a_key_the_issuer_never_published_is_refused_after_one_refresh() {
         .verify(&issuer.github_token(json!({})))
         .await
         .unwrap();
+    verifier
+}
+
+#[tokio::test]
+async fn a_key_the_issuer_never_published_is_refused_after_one_refresh() {
+    let mut issuer = TestIssuer::start();
+    let verifier = refreshing_verifier(&mut issuer).await;
     assert_eq!(issuer.fetches(), (1, 1));
     let mut claims = github_claims();
     claims["iss"] = json!(issuer.url);
@@ -348,15 +355,7 @@ async fn a_key_the_issuer_never_published_is_refused_after_one_refresh() {
 #[tokio::test]
 async fn a_rotated_key_is_fetched_when_a_token_names_it() {
     let mut issuer = TestIssuer::start();
-    let limits = VerifierLimits {
-        refresh_interval: Duration::ZERO,
-        ..Default::default()
-    };
-    let verifier = issuer.verifier(CiKind::Github, limits);
-    verifier
-        .verify(&issuer.github_token(json!({})))
-        .await
-        .unwrap();
+    let verifier = refreshing_verifier(&mut issuer).await;
     issuer.ask(json!({"op": "add_key", "alg": "RS256", "kid": "rs256-2"}));
     let mut claims = github_claims();
     claims["ref"] = json!("refs/heads/next");
