@@ -16,6 +16,8 @@ packages=(
                                   # with scripts/install-node-tools.sh (a NodeSource
                                   # nodejs holds npm and conflicts with Debian's package)
   chromium                        # headless, loads the orchestrator's dashboard in tests/tests/dashboard.rs
+  rsync                           # gitlab-ci-local's shell executor (tests/tests/shims.rs)
+  python3-venv                    # zizmor's venv (scripts/install-zizmor.sh)
 )
 missing_packages() {
   for p in "${packages[@]}"; do

@@ -9,17 +9,32 @@
 #                          makes one: reprise, reprise-guest, mk) and
 #   REPRISE_SHA256         its sha256 (required with REPRISE_URL)
 #   REPRISE_ORCHESTRATOR   HOST:PORT of the team's orchestrator
-#   REPRISE_CREDENTIALS    the job's credentials file
+#   REPRISE_CREDENTIALS    the job's credentials file; when unset and the
+#                          job has an OIDC token (GitHub Actions with
+#                          `id-token: write`: ACTIONS_ID_TOKEN_REQUEST_URL;
+#                          GitLab CI: REPRISE_ID_TOKEN from `id_tokens:`),
+#                          `reprise login REPRISE_ORCHESTRATOR --ci` first
+#                          exchanges it for a short-lived certificate
+#   REPRISE_CA_FINGERPRINT the orchestrator CA's sha256 (hex), which that
+#                          login trusts (or REPRISE_CA: the CA's PEM file)
+#   REPRISE_AUDIENCE       the token's audience (default, by reprise login:
+#                          reprise://REPRISE_ORCHESTRATOR)
 #   REPRISE_TARGET         the mk target (default: test)
 #   REPRISE_MODE           replay-or-run (default), replay-only, verify
 #   REPRISE_SAMPLE         with verify: the fraction re-run (default 0.05)
 #   REPRISE_VARS           counted variables, NAME=VALUE separated by spaces
+#                          or newlines (a value holds neither)
 #   REPRISE_REPORT         where to write the JSON summary (default:
 #                          reprise-report.json)
 #   REPRISE_DRIVER         qemu (default) or podman
 #
 # Exits with reprise's exit code (README: Exit codes); 2 when a setting is
 # wrong, before anything runs.
+#
+#   sh ci.sh             log in if need be, then reprise run --ci
+#   sh ci.sh executor    only print the executor's path (downloaded and
+#                        checked if need be), for a caller that asks it
+#                        something first (shims/github: the recipe hash)
 set -eu
 
 say() { printf 'reprise ci: %s\n' "$*" >&2; }
@@ -63,6 +78,12 @@ executor() {
   printf '%s\n' "$dir/reprise"
 }
 
+case ${1:-} in
+  '') ;;
+  executor) executor; exit 0 ;;
+  *) fail "unknown argument '$1' (none, or executor)" ;;
+esac
+
 bin=$(executor)
 set -- run --ci --target "${REPRISE_TARGET:-test}" --mode "${REPRISE_MODE:-replay-or-run}" \
   --report "${REPRISE_REPORT:-reprise-report.json}"
@@ -70,12 +91,43 @@ case ${REPRISE_MODE:-replay-or-run} in
   verify) set -- "$@" --sample "${REPRISE_SAMPLE:-0.05}" ;;
 esac
 [ -z "${REPRISE_DRIVER:-}" ] || set -- "$@" --driver "$REPRISE_DRIVER"
+# Split on blanks and newlines only: no pathname expansion of a value.
+set -f
 for var in ${REPRISE_VARS:-}; do
   case $var in
     *=*) set -- "$@" --env "$var" ;;
     *) fail "REPRISE_VARS: '$var' is not NAME=VALUE" ;;
   esac
 done
+set +f
+
+# The job's OIDC token for a short-lived certificate, unless credentials
+# were given. reprise login reads the token itself (never from its command
+# line) and writes the certificate under $XDG_CONFIG_HOME/reprise/, where
+# the run below finds it.
+login() {
+  set -- login "$REPRISE_ORCHESTRATOR" --ci
+  if [ -n "${REPRISE_CA_FINGERPRINT:-}" ]; then
+    set -- "$@" --ca-fingerprint "$REPRISE_CA_FINGERPRINT"
+  elif [ -n "${REPRISE_CA:-}" ]; then
+    set -- "$@" --ca "$REPRISE_CA"
+  else
+    fail "logging in to REPRISE_ORCHESTRATOR=$REPRISE_ORCHESTRATOR needs REPRISE_CA_FINGERPRINT (the sha256 of the orchestrator's CA) or REPRISE_CA"
+  fi
+  [ -z "${REPRISE_AUDIENCE:-}" ] || set -- "$@" --audience "$REPRISE_AUDIENCE"
+  say "$bin $*"
+  status=0
+  "$bin" "$@" </dev/null || status=$?
+  [ "$status" -eq 0 ] || { say "reprise login failed (exit $status)"; exit "$status"; }
+}
+if [ -z "${REPRISE_CREDENTIALS:-}" ] && [ -n "${REPRISE_ORCHESTRATOR:-}" ]; then
+  if [ -n "${ACTIONS_ID_TOKEN_REQUEST_URL:-}" ] || [ -n "${REPRISE_ID_TOKEN:-}" ]; then
+    login
+  else
+    say "no REPRISE_CREDENTIALS and no OIDC token to log in with (GitHub: permissions id-token: write; GitLab: id_tokens REPRISE_ID_TOKEN); using the credentials of the user's config, if any"
+  fi
+fi
+
 say "$bin $*"
 status=0
 CI=true "$bin" "$@" || status=$?
