@@ -32,6 +32,7 @@ use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::limits::Limits;
+use crate::login::{self, CiLogin};
 use crate::matcher::{Claim, ConnId, Decision, Matcher, NotIndexed};
 use crate::state::{Admission, Grant, State, now_secs};
 use crate::telemetry::{Answer, Refusal, Telemetry};
@@ -60,6 +61,9 @@ pub enum ServeError {
     EndpointClosed,
 }
 
+/// How many logins are answered at once; more are refused at once.
+pub const MAX_LOGINS: usize = 16;
+
 /// How long a new connection has to say `Hello`.
 pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -73,6 +77,9 @@ pub struct Service {
     pub limits: Limits,
     /// What `/metrics` and the dashboard read ([`crate::http`]).
     pub telemetry: Arc<Telemetry>,
+    /// What answers CI logins (none: connections without a client
+    /// certificate are told that this orchestrator takes none).
+    pub login: Option<CiLogin>,
 }
 
 struct Shared {
@@ -85,6 +92,10 @@ struct Shared {
     limits: Limits,
     telemetry: Arc<Telemetry>,
     matcher: Mutex<Matcher>,
+    login: Option<CiLogin>,
+    /// Logins being answered at once are bounded: each may fetch an
+    /// issuer's keys and signs a certificate.
+    logins: Semaphore,
     conns: Mutex<BTreeMap<ConnId, Live>>,
     /// Conflicts already written to the audit log: (result, producers).
     logged_conflicts: Mutex<std::collections::BTreeSet<(Held, Vec<String>)>>,
@@ -226,6 +237,8 @@ pub async fn run(
         client_ca: service.client_ca,
         limits: service.limits,
         telemetry: service.telemetry,
+        login: service.login,
+        logins: Semaphore::new(MAX_LOGINS),
         conns: Mutex::new(BTreeMap::new()),
         logged_conflicts: Mutex::new(Default::default()),
     });
@@ -272,6 +285,24 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
     // The TLS verifier already refused certificates from another CA and
     // expired ones; here the identity must be one we issued and not revoked.
     let cert_sha256 = peer_cert(&conn).map(|cert| Sha256Digest::of(cert.as_ref()));
+    if cert_sha256.is_none() {
+        // No certificate: the connection may only log in (a CI job).
+        let Ok(_permit) = shared.logins.try_acquire() else {
+            shared.telemetry.refused(Refusal::LoginLimit);
+            info!("refused: {MAX_LOGINS} logins are being answered");
+            conn.close(
+                VarInt::from_u32(close::LIMIT),
+                b"too many logins at once; try again",
+            );
+            return;
+        };
+        let logged_in =
+            login::answer(&conn, shared.login.as_ref(), &shared.state, &shared.policy).await;
+        if !logged_in {
+            shared.telemetry.refused(Refusal::Login);
+        }
+        return;
+    }
     let admission = match &cert_sha256 {
         None => Admission::Unknown,
         Some(sha) => {
