@@ -414,7 +414,7 @@ impl Folder {
             cert: self.read(&self.config.client_ca)?,
             key: self.read(key_file)?,
         };
-        let leaf = pki::issue(&ca, LeafKind::Client, name, &[], validity)?;
+        let leaf = pki::issue_client(&ca, name, repos, validity)?;
         let event = StateEvent::Issued {
             name: name.to_string(),
             cert_sha256: leaf.sha256,

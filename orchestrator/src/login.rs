@@ -165,14 +165,20 @@ async fn log_in(
     let until_secs = now_secs() + login.config.lifetime.as_secs();
     let until =
         time::OffsetDateTime::from_unix_timestamp(until_secs as i64).expect("a near-future time");
-    let (certificate, sha256) =
-        pki::issue_for_key(&login.ca, &grant.name, &P256Point(point), until).map_err(|e| {
-            warn!("cannot sign a job certificate: {e}");
-            refuse(
-                ErrorCode::Unavailable,
-                "the orchestrator could not sign a certificate".into(),
-            )
-        })?;
+    let (certificate, sha256) = pki::issue_for_key(
+        &login.ca,
+        &grant.name,
+        std::slice::from_ref(&grant.namespace),
+        &P256Point(point),
+        until,
+    )
+    .map_err(|e| {
+        warn!("cannot sign a job certificate: {e}");
+        refuse(
+            ErrorCode::Unavailable,
+            "the orchestrator could not sign a certificate".into(),
+        )
+    })?;
     let event = StateEvent::Issued {
         name: grant.name.clone(),
         cert_sha256: sha256,

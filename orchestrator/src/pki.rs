@@ -93,7 +93,26 @@ pub fn issue(
     validity: Option<(time::OffsetDateTime, time::OffsetDateTime)>,
 ) -> Result<LeafPem, PkiError> {
     let key = KeyPair::generate()?;
-    let (cert, sha256, not_after) = sign_leaf(ca, kind, name, sans, validity, &key)?;
+    let (cert, sha256, not_after) = sign_leaf(ca, kind, name, sans, &[], validity, &key)?;
+    Ok(LeafPem {
+        sha256,
+        not_after,
+        cert,
+        key: key.serialize_pem(),
+    })
+}
+
+/// Signs a client certificate for `name` with a new key, granting `repos`
+/// in the certificate itself ([`reprise_protocol::grants`]).
+pub fn issue_client(
+    ca: &CaPem,
+    name: &str,
+    repos: &[String],
+    validity: Option<(time::OffsetDateTime, time::OffsetDateTime)>,
+) -> Result<LeafPem, PkiError> {
+    let key = KeyPair::generate()?;
+    let (cert, sha256, not_after) =
+        sign_leaf(ca, LeafKind::Client, name, &[], repos, validity, &key)?;
     Ok(LeafPem {
         sha256,
         not_after,
@@ -124,6 +143,7 @@ impl PublicKeyData for P256Point {
 pub fn issue_for_key(
     ca: &CaPem,
     name: &str,
+    repos: &[String],
     public_key: &P256Point,
     until: time::OffsetDateTime,
 ) -> Result<(String, Sha256Digest), PkiError> {
@@ -133,6 +153,7 @@ pub fn issue_for_key(
         LeafKind::Client,
         name,
         &[],
+        repos,
         Some((from, until)),
         public_key,
     )?;
@@ -145,12 +166,19 @@ fn sign_leaf(
     kind: LeafKind,
     name: &str,
     sans: &[String],
+    repos: &[String],
     validity: Option<(time::OffsetDateTime, time::OffsetDateTime)>,
     public_key: &impl PublicKeyData,
 ) -> Result<(String, Sha256Digest, u64), PkiError> {
     let ca_key = KeyPair::from_pem(&ca.key)?;
     let issuer = Issuer::new(ca_params()?, ca_key);
     let mut params = CertificateParams::new(sans.to_vec())?;
+    for repo in repos {
+        let uri = reprise_protocol::grants::namespace_uri(repo);
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI(uri.try_into()?));
+    }
     params
         .distinguished_name
         .push(DnType::CommonName, name.to_string());
@@ -243,8 +271,13 @@ mod tests {
     #[test]
     fn issued_certificates_chain_to_the_ca_and_reload() {
         let ca = new_ca().unwrap();
-        let leaf = issue(&ca, LeafKind::Client, "alice", &[], None).unwrap();
+        let leaf = issue_client(&ca, "alice", &["example.com/a/b".into()], None).unwrap();
         assert_eq!(fingerprint(&certs(&leaf.cert).unwrap()[0]), leaf.sha256);
+        assert_eq!(
+            reprise_protocol::grants::namespaces(&certs(&leaf.cert).unwrap()[0]).unwrap(),
+            ["example.com/a/b"],
+            "the grant is in the certificate"
+        );
         // A second issue from the same stored CA key still chains: the
         // verifier accepts both.
         let again = issue(&ca, LeafKind::Client, "bob", &[], None).unwrap();

@@ -206,7 +206,10 @@ async fn a_hostile_orchestrator_gets_nothing_outside_the_store_and_cannot_plant_
     let log = a.dir.path().join("daemon.log");
     cmd.stderr(fs::File::create(&log).expect("log"));
     let daemon = Killed(cmd.spawn().expect("daemon starts"));
-    let conn = stand_in.accept("victim", &[&ns]).await;
+    // The stand-in's Welcome also names the private repository: the
+    // certificate does not grant it, so the executor serves it no more
+    // than before (the grant is read from the certificate itself).
+    let conn = stand_in.accept("victim", &[&ns, private]).await;
     // Its announcements, answered as accepted.
     let announced = Arc::new(std::sync::Mutex::new(Vec::new()));
     {
@@ -238,7 +241,12 @@ async fn a_hostile_orchestrator_gets_nothing_outside_the_store_and_cannot_plant_
     assert_eq!(
         announced.lock().unwrap().len(),
         1,
-        "the planted result is not announced"
+        "neither the planted result nor the private one is announced"
+    );
+    let said = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        said.contains("do not grant") && said.contains(private),
+        "the executor says it refused the orchestrator's extra repository:\n{said}"
     );
 
     let serve = |key: &str, namespace: &str| {

@@ -24,6 +24,8 @@ pub struct Credentials {
     cert: CertificateDer<'static>,
     key_pkcs8: Vec<u8>,
     ca: CertificateDer<'static>,
+    /// The namespaces the certificate itself grants.
+    namespaces: Vec<String>,
 }
 
 impl Credentials {
@@ -59,11 +61,14 @@ impl Credentials {
         )
         .map_err(|e| bad(&format!("the key is not an ECDSA P-256 key: {e}")))?;
         let cert_pem = pem_of(cert);
+        let namespaces = reprise_protocol::grants::namespaces(cert)
+            .map_err(|e| bad(&format!("the certificate does not parse: {e}")))?;
         Ok(Credentials {
             cert_pem,
             cert: cert.clone(),
             key_pkcs8,
             ca: ca.clone(),
+            namespaces,
         })
     }
 
@@ -80,6 +85,12 @@ impl Credentials {
             return Err(LinkError::Expired(not_after));
         }
         Ok(self)
+    }
+
+    /// The repository namespaces the certificate grants: all this
+    /// executor ever serves or announces, whatever the orchestrator says.
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
     }
 
     /// The client certificate, PEM.

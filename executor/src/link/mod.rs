@@ -183,6 +183,17 @@ impl Link {
                 trusted,
             }) => {
                 debug!(%identity, revoked = revoked.len(), "connected to the orchestrator");
+                // The orchestrator's word cannot widen what this executor
+                // serves: only namespaces its own certificate grants.
+                let (repos, refused): (Vec<String>, Vec<String>) = repos
+                    .into_iter()
+                    .partition(|r| creds.namespaces().contains(r));
+                if !refused.is_empty() {
+                    warn!(
+                        "the orchestrator names repositories these credentials do not grant, which are not served or announced: {} (credentials issued before grants were written into certificates need `reprise-orchestrator issue --replace`)",
+                        refused.join(", ")
+                    );
+                }
                 Ok(Link {
                     _endpoint: endpoint,
                     conn,
