@@ -180,10 +180,63 @@ impl Shared {
     fn lookup(&self, asker: ConnId, wanted: &Held) -> Decision {
         let policy = self.policy.for_repo(&wanted.namespace);
         let trust = |fp: &Sha256Digest| self.trust(fp);
-        self.matcher
-            .lock()
-            .expect("matcher")
-            .lookup(asker, wanted, &trust, &policy, now_secs())
+        let decision = self.matcher.lock().expect("matcher").lookup(
+            asker,
+            wanted,
+            &trust,
+            &policy,
+            now_secs(),
+        );
+        match &decision {
+            Decision::Offer { producer_name, .. } => self
+                .standing_conflict(wanted, producer_name, &policy.prefer)
+                .unwrap_or(decision),
+            _ => decision,
+        }
+    }
+
+    /// A conflict recorded on `held` that still stands against an offer of
+    /// `producer`'s result: the matcher sees only connected executors, so
+    /// once the other side (say, a CI job's `verify` run) disconnects, its
+    /// disagreement would otherwise be forgotten. It stands while another
+    /// producer of it is still trusted for the namespace and not revoked,
+    /// unless `prefer` names `producer` before the others.
+    fn standing_conflict(
+        &self,
+        held: &Held,
+        producer: &str,
+        prefer: &[String],
+    ) -> Option<Decision> {
+        let mut state = self.state.lock().expect("state lock");
+        // A revocation by another process counts at once.
+        if let Err(e) = state.refresh() {
+            warn!("cannot read the state database: {e}");
+            return Some(Decision::NotFound);
+        }
+        let recorded = match state.conflicts_on(&held.namespace, &held.key) {
+            Ok(recorded) => recorded,
+            Err(e) => {
+                // Fail closed: an unreadable audit log offers nothing.
+                warn!("cannot read the audit log's conflicts: {e}");
+                return Some(Decision::NotFound);
+            }
+        };
+        for producers in recorded {
+            if !producers.iter().any(|p| p == producer) {
+                continue;
+            }
+            let other_stands = producers.iter().filter(|p| *p != producer).any(|p| {
+                !state.is_revoked(p)
+                    && state
+                        .grant(p)
+                        .is_some_and(|g| g.trusted && g.repos.contains(&held.namespace))
+            });
+            let preferred = prefer.iter().find(|p| producers.contains(p));
+            if other_stands && preferred.is_none_or(|p| p != producer) {
+                return Some(Decision::Conflict { producers });
+            }
+        }
+        None
     }
 
     /// Writes a conflict on `held` to the audit log, once per set of
@@ -642,10 +695,29 @@ async fn request(
                             &policy,
                             now_secs(),
                         ) {
-                            Ok((_, why)) if claim.passed => Message::Assessed {
-                                counts: true,
-                                reason: why,
-                            },
+                            Ok((name, why)) if claim.passed => {
+                                let held = Held {
+                                    key: result.manifest.key,
+                                    namespace: namespace.clone(),
+                                };
+                                match shared.standing_conflict(&held, &name, &policy.prefer) {
+                                    Some(Decision::Conflict { producers }) => Message::Assessed {
+                                        counts: false,
+                                        reason: format!(
+                                            "trusted producers disagree on it ({}): neither counts until one is revoked or the policy prefers one",
+                                            producers.join(", ")
+                                        ),
+                                    },
+                                    Some(_) => Message::Assessed {
+                                        counts: false,
+                                        reason: "the audit log cannot be read".into(),
+                                    },
+                                    None => Message::Assessed {
+                                        counts: true,
+                                        reason: why,
+                                    },
+                                }
+                            }
                             Ok(_) => Message::Assessed {
                                 counts: false,
                                 reason: "the run failed".into(),

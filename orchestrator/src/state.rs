@@ -487,6 +487,39 @@ impl State {
             .collect()
     }
 
+    /// Whether every certificate `name` was issued is revoked.
+    pub fn is_revoked(&self, name: &str) -> bool {
+        let mut any = false;
+        for cert in self.certs.values().filter(|c| c.name == name) {
+            if !cert.revoked {
+                return false;
+            }
+            any = true;
+        }
+        any
+    }
+
+    /// The producer sets of every conflict recorded on `key` of
+    /// `namespace`, oldest first.
+    pub fn conflicts_on(
+        &self,
+        namespace: &str,
+        key: &reprise_protocol::digest::RunKey,
+    ) -> Result<Vec<Vec<String>>, StateError> {
+        let read = || -> rusqlite::Result<Vec<Vec<String>>> {
+            let mut stmt = self.conn.prepare(
+                "SELECT producers FROM conflicts WHERE namespace = ?1 AND key = ?2 ORDER BY id",
+            )?;
+            let rows = stmt.query_map(params![namespace, key.hex()], |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(serde_json::from_str(&row?).unwrap_or_default());
+            }
+            Ok(out)
+        };
+        read().map_err(self.sql())
+    }
+
     /// Whether `name` was ever issued a certificate.
     pub fn knows(&self, name: &str) -> bool {
         self.grants.contains_key(name)
