@@ -159,7 +159,14 @@ async fn fetch_from_peers(
     let key = inputs.key();
     let (producer, counts) = match peer.lookup(&key, &inputs.namespace).await {
         Ok(Found::Offer { producer, counts }) => (producer, counts),
-        Ok(Found::NotFound) => return None,
+        Ok(Found::NotFound) => {
+            ui.note(&format!(
+                "the orchestrator offers no result of {} that counts for CI (only results sealed by producers trusted for {} are offered); running the tests here",
+                key.short(),
+                inputs.namespace
+            ));
+            return None;
+        }
         Ok(Found::Conflict { producers }) => {
             ui.note(&format!(
                 "trusted producers disagree on result {} ({}): neither counts for CI until one is revoked or the repository's policy prefers one; running the tests here",

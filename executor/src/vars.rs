@@ -5,6 +5,12 @@
 //! | --- | --- | --- |
 //! | `REPRISE_ORCHESTRATOR` | [`crate::link::settings`] | the orchestrator, `HOST:PORT` |
 //! | `REPRISE_CREDENTIALS` | [`crate::link::settings`] | the credentials file |
+//! | `REPRISE_CA_FINGERPRINT`, `REPRISE_AUDIENCE` | `reprise login` | the team CA's sha256 the orchestrator must present; the token's audience |
+//! | `ACTIONS_ID_TOKEN_REQUEST_URL`, `ACTIONS_ID_TOKEN_REQUEST_TOKEN` | [`crate::link::login`] | GitHub Actions: where and how to ask for the job's ID token |
+//! | `REPRISE_ID_TOKEN` | [`crate::link::login`] | GitLab CI (or any CI): the job's ID token itself |
+//! | `CI`, `GITHUB_STEP_SUMMARY` | `main` | CI mode (`CI=true`); where GitHub wants the job's Markdown summary |
+//! | `NO_COLOR`, `TERM` | `main` (terminal) | no colour; a terminal that cannot draw a spinner (`dumb`) |
+//! | `PATH` | [`crate::paths`], [`crate::vm`] | where qemu, podman and the guest binaries are found |
 //! | `REPRISE_DRIVER` | [`crate::driver`] | `qemu`, `podman` or `dry-run` when `--driver` is not given |
 //! | `REPRISE_COLD_BOOT` | [`crate::driver::qemu`] | `1`: boot VMs cold instead of restoring the saved guest |
 //! | `REPRISE_KEEP` | `main` | passed results kept per repository and target (default 1) |

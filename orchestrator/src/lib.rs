@@ -20,6 +20,7 @@
 pub mod dashboard;
 pub mod http;
 pub mod limits;
+pub mod login;
 pub mod matcher;
 pub mod migrate;
 pub mod oidc;
@@ -73,7 +74,9 @@ pub enum FolderError {
         .0.repos.iter().cloned().collect::<Vec<_>>().join(", ")
     )]
     NameTaken(Grant),
-    #[error("an identity name must be non-empty and printable, without spaces")]
+    #[error(
+        "an identity name must be non-empty and printable, without spaces, and not begin with `ci:` (the names of CI jobs that log in)"
+    )]
     BadName,
     #[error("io on {}", path.display())]
     Io {
@@ -85,6 +88,10 @@ pub enum FolderError {
     Settings(#[from] reprise_protocol::policy::SettingsError),
     #[error(transparent)]
     Pki(#[from] PkiError),
+    #[error(transparent)]
+    Ci(#[from] oidc::ConfigError),
+    #[error("cannot make the HTTP client that fetches the CI issuers' keys")]
+    Http(#[source] reqwest::Error),
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -106,10 +113,24 @@ const SETTINGS_TEMPLATE: &str = "\
 require_fresh = false   # count only runs that started from a blank snapshot
 allow_network = false   # count runs whose tests had the network (--network)
 prefer = []             # when trusted producers disagree, these win, in order
+ci_jobs = \"protected\"  # CI jobs (reprise login --ci) whose results count:
+                        # \"protected\" refs only, \"all\", or \"none\"
 
 # One repository's own rules (only what is set overrides the defaults):
 # [policy.repos.\"example.com/team/project\"]
 # require_fresh = true
+
+# CI jobs log in with their OIDC ID token (reprise login --ci). A job of
+# repository owner/name is granted the namespace HOST/owner/name only.
+# [ci]
+# certificate_lifetime = \"1h\"   # how long a job's certificate lasts (at most 24h)
+# [ci.github]
+# audience = \"reprise://reprise.example.com:4433\"   # what jobs ask their token for
+# issuer = \"https://token.actions.githubusercontent.com\"  # the default
+# host = \"github.com\"           # the default
+# [ci.gitlab]
+# audience = \"reprise://reprise.example.com:4433\"
+# issuer = \"https://gitlab.com\"  # the default; host defaults to the issuer's
 ";
 
 /// Writes a file readable by its owner only.
@@ -283,7 +304,34 @@ impl Folder {
             client_ca: pki::certs(&self.ca_pem()?)?,
             limits: Limits::default(),
             telemetry: Default::default(),
+            login: self.ci_login()?,
         })
+    }
+
+    /// What answers CI logins, when `[ci.github]` or `[ci.gitlab]` is
+    /// configured; the CA key must then be in the folder.
+    pub fn ci_login(&self) -> Result<Option<login::CiLogin>, FolderError> {
+        let path = self.dir.join(policy::FILE_NAME);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let config = oidc::CiConfig::from_toml(&text)?;
+        if config.issuers.is_empty() {
+            return Ok(None);
+        }
+        let key_file = self.config.ca_key.as_ref().ok_or(FolderError::NoCaKey)?;
+        let ca = CaPem {
+            cert: self.read(&self.config.client_ca)?,
+            key: self.read(key_file)?,
+        };
+        let verifier = oidc::Verifier::new(&config).map_err(FolderError::Http)?;
+        Ok(Some(login::CiLogin {
+            config,
+            verifier,
+            ca,
+        }))
     }
 
     /// The QUIC server configuration (mTLS against the configured CA),
@@ -300,6 +348,12 @@ impl Folder {
             &self.read(&self.config.server_key)?,
             limits.transport(),
         )?)
+    }
+
+    /// The sha256 of the CA certificate's DER: what CI jobs pin.
+    pub fn ca_fingerprint(&self) -> Result<reprise_protocol::digest::Sha256Digest, FolderError> {
+        let ca = pki::certs(&self.ca_pem()?)?;
+        Ok(pki::fingerprint(&ca[0]))
     }
 
     /// The CA certificate, PEM.
@@ -344,7 +398,10 @@ impl Folder {
         validity: Option<(time::OffsetDateTime, time::OffsetDateTime)>,
         replace: bool,
     ) -> Result<String, FolderError> {
-        if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if name.is_empty()
+            || name.chars().any(|c| c.is_whitespace() || c.is_control())
+            || name.starts_with("ci:")
+        {
             return Err(FolderError::BadName);
         }
         let mut state = self.state()?;
@@ -357,7 +414,7 @@ impl Folder {
             cert: self.read(&self.config.client_ca)?,
             key: self.read(key_file)?,
         };
-        let leaf = pki::issue(&ca, LeafKind::Client, name, &[], validity)?;
+        let leaf = pki::issue_client(&ca, name, repos, validity)?;
         let event = StateEvent::Issued {
             name: name.to_string(),
             cert_sha256: leaf.sha256,

@@ -34,6 +34,12 @@ enum Command {
         #[arg(long = "host")]
         hosts: Vec<String>,
     },
+    /// Print the team CA's sha256, which CI jobs pin (`reprise login --ci
+    /// --ca-fingerprint`) to know they reached this orchestrator.
+    Fingerprint {
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Serve executors over QUIC until SIGINT or SIGTERM.
     #[command(after_help = "Examples:\n  \
         reprise-orchestrator serve --dir /srv/reprise --listen 0.0.0.0:7443\n  \
@@ -190,8 +196,9 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Init { dir, hosts } => {
-            Folder::init(&dir, &hosts).context("while making the state folder")?;
+            let folder = Folder::init(&dir, &hosts).context("while making the state folder")?;
             println!("orchestrator state folder ready in {}", dir.display());
+            println!("team CA sha256: {}", folder.ca_fingerprint()?);
         }
         Command::Issue {
             dir,
@@ -239,6 +246,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print_audit(&entries);
             }
+        }
+        Command::Fingerprint { dir } => {
+            println!("{}", Folder::open(&dir)?.ca_fingerprint()?);
         }
         Command::Revoke { dir, name } => {
             Folder::open(&dir)?

@@ -11,7 +11,16 @@
 //! [ci.gitlab]
 //! issuer = "https://gitlab.com"                            # the default
 //! audience = "https://reprise.example.com"
+//! host = "gitlab.com"               # namespaces' first part (default: the issuer's host;
+//!                                   # github.com for GitHub)
+//!
+//! [ci]
+//! certificate_lifetime = "1h"       # how long a job's certificate lasts (at most 24h)
 //! ```
+//!
+//! A job of repository `owner/name` is granted the namespace
+//! `{host}/owner/name` (what the executor derives from a clone's origin
+//! URL), and nothing else.
 //!
 //! Every check a token passes, in order ([`Verifier::verify`]):
 //!
@@ -131,6 +140,10 @@ pub struct IssuerSettings {
     /// loopback address. Never set it for a real forge.
     #[serde(default)]
     pub allow_http_loopback: bool,
+    /// The forge's host as it begins the namespaces of its repositories
+    /// (default: `github.com` for GitHub, the issuer's host for GitLab).
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 /// The `[ci]` table, as written.
@@ -141,7 +154,16 @@ pub struct CiSettings {
     pub github: Option<IssuerSettings>,
     #[serde(default)]
     pub gitlab: Option<IssuerSettings>,
+    /// How long a job's certificate lasts (`humantime`: `1h`, `90m`).
+    #[serde(default)]
+    pub certificate_lifetime: Option<String>,
 }
+
+/// A job certificate's lifetime when `[ci] certificate_lifetime` is unset.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// The longest lifetime `[ci] certificate_lifetime` may ask for.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// A configured issuer, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +173,8 @@ pub struct Issuer {
     pub issuer: String,
     pub audience: String,
     pub allow_http_loopback: bool,
+    /// The first part of the namespaces its jobs are granted.
+    pub host: String,
 }
 
 impl Issuer {
@@ -176,12 +200,29 @@ impl Issuer {
         if settings.audience.trim().is_empty() {
             return Err(ConfigError::NoAudience(kind));
         }
+        let host = match (&settings.host, kind) {
+            (Some(host), _) => host.clone(),
+            (None, CiKind::Github) => "github.com".to_string(),
+            (None, CiKind::Gitlab) => url
+                .host_str()
+                .ok_or_else(|| bad("it has no host"))?
+                .to_string(),
+        };
+        if host.is_empty() || host.contains(['/', ' ']) || host.chars().any(char::is_control) {
+            return Err(bad(&format!("host {host:?} is not a host name")));
+        }
         Ok(Issuer {
             kind,
             issuer,
             audience: settings.audience.clone(),
             allow_http_loopback: settings.allow_http_loopback,
+            host,
         })
+    }
+
+    /// The namespace a job of `repository` (`owner/name`) is granted.
+    pub fn namespace(&self, repository: &str) -> String {
+        format!("{}/{}", self.host, repository)
     }
 
     fn discovery_url(&self) -> String {
@@ -218,9 +259,20 @@ fn is_loopback(url: &Url) -> bool {
 }
 
 /// The configured CI issuers (none: no CI job can log in).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CiConfig {
     pub issuers: Vec<Issuer>,
+    /// How long a job's certificate lasts.
+    pub lifetime: Duration,
+}
+
+impl Default for CiConfig {
+    fn default() -> CiConfig {
+        CiConfig {
+            issuers: Vec::new(),
+            lifetime: DEFAULT_LIFETIME,
+        }
+    }
 }
 
 impl CiConfig {
@@ -242,7 +294,26 @@ impl CiConfig {
                 issuers.push(issuer);
             }
         }
-        Ok(CiConfig { issuers })
+        let lifetime = match &settings.certificate_lifetime {
+            None => DEFAULT_LIFETIME,
+            Some(text) => {
+                let d = humantime::parse_duration(text)
+                    .map_err(|e| ConfigError::BadLifetime(format!("{text:?}: {e}")))?;
+                if d.is_zero() || d > MAX_LIFETIME {
+                    return Err(ConfigError::BadLifetime(format!(
+                        "{text:?} is not between a second and {}",
+                        humantime::format_duration(MAX_LIFETIME)
+                    )));
+                }
+                d
+            }
+        };
+        Ok(CiConfig { issuers, lifetime })
+    }
+
+    /// The issuer of `kind`, if configured.
+    pub fn of_kind(&self, kind: CiKind) -> Option<&Issuer> {
+        self.issuers.iter().find(|i| i.kind == kind)
     }
 
     /// Reads the `[ci]` table of `orchestrator.toml`'s text; other tables
@@ -278,6 +349,8 @@ pub enum ConfigError {
         "[ci.{0}] has no audience; set `audience` to this orchestrator's name and ask for it in the CI job's token"
     )]
     NoAudience(CiKind),
+    #[error("[ci] certificate_lifetime {0}")]
+    BadLifetime(String),
     #[error("[ci.{}] and [ci.{}] both name the issuer {issuer:?}", .kinds.0, .kinds.1)]
     SameIssuer {
         issuer: String,
@@ -1315,6 +1388,7 @@ mod tests {
                 issuer: None,
                 audience: "https://reprise.example".into(),
                 allow_http_loopback: false,
+                host: None,
             },
         )
         .unwrap()
@@ -1327,6 +1401,7 @@ mod tests {
                 issuer: Some("https://gitlab.example.com".into()),
                 audience: "reprise".into(),
                 allow_http_loopback: false,
+                host: None,
             },
         )
         .unwrap()
@@ -1357,6 +1432,15 @@ mod tests {
         )
         .unwrap();
         assert!(loopback.issuers[0].allow_http_loopback);
+        assert_eq!(github().namespace("o/r"), "github.com/o/r");
+        assert_eq!(gitlab().namespace("g/s/p"), "gitlab.example.com/g/s/p");
+        assert_eq!(config.lifetime, DEFAULT_LIFETIME);
+        let custom = CiConfig::from_toml(
+            "[ci]\ncertificate_lifetime = \"20m\"\n[ci.github]\naudience = \"a\"\nhost = \"ghe.example\"\n",
+        )
+        .unwrap();
+        assert_eq!(custom.lifetime, Duration::from_secs(1200));
+        assert_eq!(custom.issuers[0].namespace("o/r"), "ghe.example/o/r");
     }
 
     #[test]
@@ -1389,6 +1473,15 @@ mod tests {
             (
                 "[ci.github]\naudience = \"a\"\n[ci.gitlab]\nissuer = \"https://token.actions.githubusercontent.com\"\naudience = \"a\"\n",
                 "both name the issuer",
+            ),
+            ("[ci]\ncertificate_lifetime = \"2days\"\n", "not between"),
+            (
+                "[ci]\ncertificate_lifetime = \"soon\"\n",
+                "certificate_lifetime",
+            ),
+            (
+                "[ci.github]\naudience = \"a\"\nhost = \"evil/x\"\n",
+                "not a host name",
             ),
         ];
         for (text, expected) in cases {

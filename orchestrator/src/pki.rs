@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
 };
 use reprise_protocol::digest::Sha256Digest;
 use reprise_protocol::wire::ALPN;
@@ -84,7 +84,7 @@ pub enum LeafKind {
 }
 
 /// Signs a leaf certificate for `name` (the common name; for a server, also
-/// every subject alternative name in `sans`).
+/// every subject alternative name in `sans`) with a new key.
 pub fn issue(
     ca: &CaPem,
     kind: LeafKind,
@@ -92,9 +92,93 @@ pub fn issue(
     sans: &[String],
     validity: Option<(time::OffsetDateTime, time::OffsetDateTime)>,
 ) -> Result<LeafPem, PkiError> {
+    let key = KeyPair::generate()?;
+    let (cert, sha256, not_after) = sign_leaf(ca, kind, name, sans, &[], validity, &key)?;
+    Ok(LeafPem {
+        sha256,
+        not_after,
+        cert,
+        key: key.serialize_pem(),
+    })
+}
+
+/// Signs a client certificate for `name` with a new key, granting `repos`
+/// in the certificate itself ([`reprise_protocol::grants`]).
+pub fn issue_client(
+    ca: &CaPem,
+    name: &str,
+    repos: &[String],
+    validity: Option<(time::OffsetDateTime, time::OffsetDateTime)>,
+) -> Result<LeafPem, PkiError> {
+    let key = KeyPair::generate()?;
+    let (cert, sha256, not_after) =
+        sign_leaf(ca, LeafKind::Client, name, &[], repos, validity, &key)?;
+    Ok(LeafPem {
+        sha256,
+        not_after,
+        cert,
+        key: key.serialize_pem(),
+    })
+}
+
+/// A P-256 public key as an uncompressed point (65 bytes), the form a
+/// `Login` carries: what a client certificate made by [`issue_for_key`]
+/// names.
+#[derive(Debug)]
+pub struct P256Point(pub Vec<u8>);
+
+impl PublicKeyData for P256Point {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// Signs a client certificate for `name` naming `public_key` (whose holder
+/// proved possession), valid from a minute ago until `until`. Returns the
+/// certificate (PEM) and its sha256.
+pub fn issue_for_key(
+    ca: &CaPem,
+    name: &str,
+    repos: &[String],
+    public_key: &P256Point,
+    until: time::OffsetDateTime,
+) -> Result<(String, Sha256Digest), PkiError> {
+    let from = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    let (cert, sha256, _) = sign_leaf(
+        ca,
+        LeafKind::Client,
+        name,
+        &[],
+        repos,
+        Some((from, until)),
+        public_key,
+    )?;
+    Ok((cert, sha256))
+}
+
+/// Signs a leaf certificate naming `public_key`: (PEM, sha256, not after).
+fn sign_leaf(
+    ca: &CaPem,
+    kind: LeafKind,
+    name: &str,
+    sans: &[String],
+    repos: &[String],
+    validity: Option<(time::OffsetDateTime, time::OffsetDateTime)>,
+    public_key: &impl PublicKeyData,
+) -> Result<(String, Sha256Digest, u64), PkiError> {
     let ca_key = KeyPair::from_pem(&ca.key)?;
     let issuer = Issuer::new(ca_params()?, ca_key);
     let mut params = CertificateParams::new(sans.to_vec())?;
+    for repo in repos {
+        let uri = reprise_protocol::grants::namespace_uri(repo);
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI(uri.try_into()?));
+    }
     params
         .distinguished_name
         .push(DnType::CommonName, name.to_string());
@@ -113,14 +197,8 @@ pub fn issue(
         params.not_after = now + time::Duration::days(365);
     }
     let not_after = u64::try_from(params.not_after.unix_timestamp()).unwrap_or(0);
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &issuer)?;
-    Ok(LeafPem {
-        sha256: fingerprint(cert.der()),
-        not_after,
-        cert: cert.pem(),
-        key: key.serialize_pem(),
-    })
+    let cert = params.signed_by(public_key, &issuer)?;
+    Ok((cert.pem(), fingerprint(cert.der()), not_after))
 }
 
 /// sha256 of a certificate's DER encoding.
@@ -143,7 +221,8 @@ pub fn private_key(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
 }
 
 /// The QUIC server configuration: TLS 1.3 only, ALPN `reprise/1`, a client
-/// certificate chained to `client_ca_pem` required. 0-RTT is not enabled
+/// certificate chained to `client_ca_pem` checked when presented (a
+/// connection without one may only log in). 0-RTT is not enabled
 /// (rustls's `max_early_data_size` stays 0), so no message is ever taken
 /// from early data. `transport` bounds what a connection may hold.
 pub fn server_config(
@@ -157,15 +236,26 @@ pub fn server_config(
     for ca in certs(client_ca_pem)? {
         roots.add(ca)?;
     }
+    // A client without a certificate is let in to ask for one (a CI job's
+    // login, crate::login) and for nothing else.
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
     )
+    .allow_unauthenticated()
     .build()?;
+    // The chain ends with the CA, so that a client that pinned the CA's
+    // fingerprint (`reprise login --ca-fingerprint`) can check it.
+    let mut chain = certs(cert_pem)?;
+    for ca in certs(client_ca_pem)? {
+        if !chain.contains(&ca) {
+            chain.push(ca);
+        }
+    }
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs(cert_pem)?, private_key(key_pem)?)?;
+        .with_single_cert(chain, private_key(key_pem)?)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     debug_assert_eq!(tls.max_early_data_size, 0, "no 0-RTT");
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
@@ -181,8 +271,13 @@ mod tests {
     #[test]
     fn issued_certificates_chain_to_the_ca_and_reload() {
         let ca = new_ca().unwrap();
-        let leaf = issue(&ca, LeafKind::Client, "alice", &[], None).unwrap();
+        let leaf = issue_client(&ca, "alice", &["example.com/a/b".into()], None).unwrap();
         assert_eq!(fingerprint(&certs(&leaf.cert).unwrap()[0]), leaf.sha256);
+        assert_eq!(
+            reprise_protocol::grants::namespaces(&certs(&leaf.cert).unwrap()[0]).unwrap(),
+            ["example.com/a/b"],
+            "the grant is in the certificate"
+        );
         // A second issue from the same stored CA key still chains: the
         // verifier accepts both.
         let again = issue(&ca, LeafKind::Client, "bob", &[], None).unwrap();

@@ -32,6 +32,7 @@ use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::limits::Limits;
+use crate::login::{self, CiLogin};
 use crate::matcher::{Claim, ConnId, Decision, Matcher, NotIndexed};
 use crate::state::{Admission, Grant, State, now_secs};
 use crate::telemetry::{Answer, Refusal, Telemetry};
@@ -60,6 +61,9 @@ pub enum ServeError {
     EndpointClosed,
 }
 
+/// How many logins are answered at once; more are refused at once.
+pub const MAX_LOGINS: usize = 16;
+
 /// How long a new connection has to say `Hello`.
 pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -73,6 +77,9 @@ pub struct Service {
     pub limits: Limits,
     /// What `/metrics` and the dashboard read ([`crate::http`]).
     pub telemetry: Arc<Telemetry>,
+    /// What answers CI logins (none: connections without a client
+    /// certificate are told that this orchestrator takes none).
+    pub login: Option<CiLogin>,
 }
 
 struct Shared {
@@ -85,6 +92,10 @@ struct Shared {
     limits: Limits,
     telemetry: Arc<Telemetry>,
     matcher: Mutex<Matcher>,
+    login: Option<CiLogin>,
+    /// Logins being answered at once are bounded: each may fetch an
+    /// issuer's keys and signs a certificate.
+    logins: Semaphore,
     conns: Mutex<BTreeMap<ConnId, Live>>,
     /// Conflicts already written to the audit log: (result, producers).
     logged_conflicts: Mutex<std::collections::BTreeSet<(Held, Vec<String>)>>,
@@ -169,10 +180,63 @@ impl Shared {
     fn lookup(&self, asker: ConnId, wanted: &Held) -> Decision {
         let policy = self.policy.for_repo(&wanted.namespace);
         let trust = |fp: &Sha256Digest| self.trust(fp);
-        self.matcher
-            .lock()
-            .expect("matcher")
-            .lookup(asker, wanted, &trust, &policy, now_secs())
+        let decision = self.matcher.lock().expect("matcher").lookup(
+            asker,
+            wanted,
+            &trust,
+            &policy,
+            now_secs(),
+        );
+        match &decision {
+            Decision::Offer { producer_name, .. } => self
+                .standing_conflict(wanted, producer_name, &policy.prefer)
+                .unwrap_or(decision),
+            _ => decision,
+        }
+    }
+
+    /// A conflict recorded on `held` that still stands against an offer of
+    /// `producer`'s result: the matcher sees only connected executors, so
+    /// once the other side (say, a CI job's `verify` run) disconnects, its
+    /// disagreement would otherwise be forgotten. It stands while another
+    /// producer of it is still trusted for the namespace and not revoked,
+    /// unless `prefer` names `producer` before the others.
+    fn standing_conflict(
+        &self,
+        held: &Held,
+        producer: &str,
+        prefer: &[String],
+    ) -> Option<Decision> {
+        let mut state = self.state.lock().expect("state lock");
+        // A revocation by another process counts at once.
+        if let Err(e) = state.refresh() {
+            warn!("cannot read the state database: {e}");
+            return Some(Decision::NotFound);
+        }
+        let recorded = match state.conflicts_on(&held.namespace, &held.key) {
+            Ok(recorded) => recorded,
+            Err(e) => {
+                // Fail closed: an unreadable audit log offers nothing.
+                warn!("cannot read the audit log's conflicts: {e}");
+                return Some(Decision::NotFound);
+            }
+        };
+        for producers in recorded {
+            if !producers.iter().any(|p| p == producer) {
+                continue;
+            }
+            let other_stands = producers.iter().filter(|p| *p != producer).any(|p| {
+                !state.is_revoked(p)
+                    && state
+                        .grant(p)
+                        .is_some_and(|g| g.trusted && g.repos.contains(&held.namespace))
+            });
+            let preferred = prefer.iter().find(|p| producers.contains(p));
+            if other_stands && preferred.is_none_or(|p| p != producer) {
+                return Some(Decision::Conflict { producers });
+            }
+        }
+        None
     }
 
     /// Writes a conflict on `held` to the audit log, once per set of
@@ -226,6 +290,8 @@ pub async fn run(
         client_ca: service.client_ca,
         limits: service.limits,
         telemetry: service.telemetry,
+        login: service.login,
+        logins: Semaphore::new(MAX_LOGINS),
         conns: Mutex::new(BTreeMap::new()),
         logged_conflicts: Mutex::new(Default::default()),
     });
@@ -272,6 +338,24 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
     // The TLS verifier already refused certificates from another CA and
     // expired ones; here the identity must be one we issued and not revoked.
     let cert_sha256 = peer_cert(&conn).map(|cert| Sha256Digest::of(cert.as_ref()));
+    if cert_sha256.is_none() {
+        // No certificate: the connection may only log in (a CI job).
+        let Ok(_permit) = shared.logins.try_acquire() else {
+            shared.telemetry.refused(Refusal::LoginLimit);
+            info!("refused: {MAX_LOGINS} logins are being answered");
+            conn.close(
+                VarInt::from_u32(close::LIMIT),
+                b"too many logins at once; try again",
+            );
+            return;
+        };
+        let logged_in =
+            login::answer(&conn, shared.login.as_ref(), &shared.state, &shared.policy).await;
+        if !logged_in {
+            shared.telemetry.refused(Refusal::Login);
+        }
+        return;
+    }
     let admission = match &cert_sha256 {
         None => Admission::Unknown,
         Some(sha) => {
@@ -611,10 +695,29 @@ async fn request(
                             &policy,
                             now_secs(),
                         ) {
-                            Ok((_, why)) if claim.passed => Message::Assessed {
-                                counts: true,
-                                reason: why,
-                            },
+                            Ok((name, why)) if claim.passed => {
+                                let held = Held {
+                                    key: result.manifest.key,
+                                    namespace: namespace.clone(),
+                                };
+                                match shared.standing_conflict(&held, &name, &policy.prefer) {
+                                    Some(Decision::Conflict { producers }) => Message::Assessed {
+                                        counts: false,
+                                        reason: format!(
+                                            "trusted producers disagree on it ({}): neither counts until one is revoked or the policy prefers one",
+                                            producers.join(", ")
+                                        ),
+                                    },
+                                    Some(_) => Message::Assessed {
+                                        counts: false,
+                                        reason: "the audit log cannot be read".into(),
+                                    },
+                                    None => Message::Assessed {
+                                        counts: true,
+                                        reason: why,
+                                    },
+                                }
+                            }
                             Ok(_) => Message::Assessed {
                                 counts: false,
                                 reason: "the run failed".into(),

@@ -425,6 +425,41 @@ impl State {
         Ok(Recorded::Done)
     }
 
+    /// Records a CI job's login (an `Issued` event for a `ci:` identity,
+    /// its grants replaced) unless an administrator revoked that identity:
+    /// a revoked job identity stays refused until `issue --replace` lifts
+    /// it. The check and the write are one transaction.
+    pub fn record_login(&mut self, event: StateEvent) -> Result<Option<u64>, StateError> {
+        let StateEvent::Issued { name, .. } = &event else {
+            unreachable!("a login records an issue");
+        };
+        let path = self.path.clone();
+        let sql = |source| StateError::Sql {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
+        let revoked_at: Option<i64> = tx
+            .query_row(
+                "SELECT revoked_at FROM identities WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql)?
+            .flatten();
+        if let Some(at) = revoked_at {
+            return Ok(Some(as_u64(at)));
+        }
+        apply(&tx, &event).map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        self.reload()?;
+        Ok(None)
+    }
+
     /// Who holds the certificate with this sha256.
     pub fn admit(&self, cert_sha256: &Sha256Digest) -> Admission {
         match self.certs.get(cert_sha256) {
@@ -450,6 +485,39 @@ impl State {
             .filter(|(_, c)| c.revoked)
             .map(|(fp, _)| *fp)
             .collect()
+    }
+
+    /// Whether every certificate `name` was issued is revoked.
+    pub fn is_revoked(&self, name: &str) -> bool {
+        let mut any = false;
+        for cert in self.certs.values().filter(|c| c.name == name) {
+            if !cert.revoked {
+                return false;
+            }
+            any = true;
+        }
+        any
+    }
+
+    /// The producer sets of every conflict recorded on `key` of
+    /// `namespace`, oldest first.
+    pub fn conflicts_on(
+        &self,
+        namespace: &str,
+        key: &reprise_protocol::digest::RunKey,
+    ) -> Result<Vec<Vec<String>>, StateError> {
+        let read = || -> rusqlite::Result<Vec<Vec<String>>> {
+            let mut stmt = self.conn.prepare(
+                "SELECT producers FROM conflicts WHERE namespace = ?1 AND key = ?2 ORDER BY id",
+            )?;
+            let rows = stmt.query_map(params![namespace, key.hex()], |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(serde_json::from_str(&row?).unwrap_or_default());
+            }
+            Ok(out)
+        };
+        read().map_err(self.sql())
     }
 
     /// Whether `name` was ever issued a certificate.

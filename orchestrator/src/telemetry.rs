@@ -53,10 +53,15 @@ pub enum Refusal {
     AnnounceLimit,
     /// A result over the transfer limit (`--max-transfer`).
     TransferLimit,
+    /// A CI login refused (token, proof, revoked identity, not configured).
+    Login,
+    /// A connection without a certificate while [`crate::server::MAX_LOGINS`]
+    /// logins were being answered.
+    LoginLimit,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 10] = [
+    pub const ALL: [Refusal; 12] = [
         Refusal::UnknownCertificate,
         Refusal::Revoked,
         Refusal::ConnectionLimit,
@@ -67,6 +72,8 @@ impl Refusal {
         Refusal::AnnounceRefused,
         Refusal::AnnounceLimit,
         Refusal::TransferLimit,
+        Refusal::Login,
+        Refusal::LoginLimit,
     ];
 
     /// The `reason` label.
@@ -82,6 +89,8 @@ impl Refusal {
             Refusal::AnnounceRefused => "announce-refused",
             Refusal::AnnounceLimit => "announce-limit",
             Refusal::TransferLimit => "transfer-limit",
+            Refusal::Login => "login",
+            Refusal::LoginLimit => "login-limit",
         }
     }
 }

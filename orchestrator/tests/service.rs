@@ -996,7 +996,7 @@ async fn trusted_producers_that_disagree_are_a_conflict_shown_and_audited() {
         asker.lookup(&key, NS).await.unwrap(),
         Found::Offer { .. }
     ));
-    let _a = relayer(&team, &alice, &store_al).await;
+    let a = relayer(&team, &alice, &store_al).await;
     assert_eq!(
         asker.lookup(&key, NS).await.unwrap(),
         Found::Conflict {
@@ -1013,6 +1013,23 @@ async fn trusted_producers_that_disagree_are_a_conflict_shown_and_audited() {
     assert_eq!(team.folder.state().unwrap().conflicts().unwrap(), 1);
     let live = team.telemetry.snapshot();
     assert_eq!((live.conflicts, live.lookup_conflicts), (1, 1));
+    // Alice goes away (as a CI job that verified and disagreed does): the
+    // disagreement stands, ci's result is still not offered...
+    a.close().await;
+    wait_until(|| team.telemetry.snapshot().executors.len() == 2).await;
+    assert_eq!(
+        asker.lookup(&key, NS).await.unwrap(),
+        Found::Conflict {
+            producers: vec!["alice".into(), "ci".into()]
+        },
+        "a recorded conflict outlives the connection of one side"
+    );
+    // ... until one side is revoked.
+    team.folder.revoke("alice").unwrap();
+    assert!(matches!(
+        asker.lookup(&key, NS).await.unwrap(),
+        Found::Offer { producer, .. } if producer == "ci"
+    ));
     team.stop().await;
 
     // The repository's policy can say which producer wins.

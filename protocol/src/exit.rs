@@ -31,3 +31,6 @@ pub const NOT_COUNTED: i32 = 10;
 /// `--mode verify`: the tests, run here again, disagreed with the replayed
 /// result (reported to the orchestrator against its producer).
 pub const MISMATCH: i32 = 11;
+/// `reprise login`: the CI system gave no token or the orchestrator refused
+/// the login; `reprise whoami`: no credentials, or they expired.
+pub const LOGIN_REFUSED: i32 = 12;

@@ -6,6 +6,7 @@
 pub mod clock;
 pub mod digest;
 pub mod exit;
+pub mod grants;
 pub mod guest_stream;
 pub mod hex;
 pub mod image;

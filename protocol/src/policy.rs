@@ -7,6 +7,8 @@
 //! require_fresh = false           # count only runs from a blank snapshot
 //! allow_network = false           # count runs whose tests had the network
 //! prefer = []                     # on a conflict, these identities win, in order
+//! ci_jobs = "protected"           # CI jobs whose results count: protected refs only,
+//!                                 # "all" refs, or "none"
 //!
 //! [policy.repos."example.com/team/project"]
 //! require_fresh = true            # only what is set here overrides
@@ -31,6 +33,33 @@ pub struct RepoPolicy {
     /// When trusted producers disagree, the first of these that holds a
     /// result wins; with none of them involved, the conflict stands.
     pub prefer: Vec<String>,
+    /// Which CI jobs (logged in with their OIDC token) produce results
+    /// that count.
+    pub ci_jobs: CiJobs,
+}
+
+/// Which CI jobs' results count for CI. A job on an unprotected ref runs
+/// whatever workflow its branch carries (a pull request can change it),
+/// and that job holds the key that seals its results: by default only
+/// jobs on protected refs count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CiJobs {
+    #[default]
+    Protected,
+    All,
+    None,
+}
+
+impl CiJobs {
+    /// Whether a job on a ref that is (or is not) protected counts.
+    pub fn counts(self, protected: bool) -> bool {
+        match self {
+            CiJobs::Protected => protected,
+            CiJobs::All => true,
+            CiJobs::None => false,
+        }
+    }
 }
 
 /// One repository's overrides.
@@ -40,6 +69,7 @@ pub struct RepoOverrides {
     pub require_fresh: Option<bool>,
     pub allow_network: Option<bool>,
     pub prefer: Option<Vec<String>>,
+    pub ci_jobs: Option<CiJobs>,
 }
 
 /// The `[policy]` section.
@@ -52,6 +82,8 @@ pub struct PolicyConfig {
     pub allow_network: bool,
     #[serde(default)]
     pub prefer: Vec<String>,
+    #[serde(default)]
+    pub ci_jobs: CiJobs,
     /// By repository namespace.
     #[serde(default)]
     pub repos: BTreeMap<String, RepoOverrides>,
@@ -65,16 +97,21 @@ impl PolicyConfig {
             require_fresh: o.require_fresh.unwrap_or(self.require_fresh),
             allow_network: o.allow_network.unwrap_or(self.allow_network),
             prefer: o.prefer.unwrap_or_else(|| self.prefer.clone()),
+            ci_jobs: o.ci_jobs.unwrap_or(self.ci_jobs),
         }
     }
 }
 
 /// The whole settings file (other sections come with other features).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OrchestratorSettings {
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// The `[ci]` table (which CI issuers may log in), read and checked by
+    /// the orchestrator's `oidc` module.
+    #[serde(default)]
+    pub ci: Option<toml::Table>,
 }
 
 /// Why the settings file was refused.
@@ -116,6 +153,7 @@ prefer = []
                 require_fresh: true,
                 allow_network: true,
                 prefer: vec!["ci".into()],
+                ci_jobs: CiJobs::Protected,
             }
         );
         assert_eq!(
@@ -124,6 +162,7 @@ prefer = []
                 require_fresh: false,
                 allow_network: false,
                 prefer: vec![],
+                ci_jobs: CiJobs::Protected,
             }
         );
         assert_eq!(p.for_repo("other").prefer, ["ci"]);

@@ -35,6 +35,27 @@ pub const MAX_CHUNK: usize = 1 << 20;
 /// Length of a frame header.
 pub const HEADER_LEN: usize = 4;
 
+/// A secret carried by a message (a CI job's ID token): its `Debug` never
+/// shows it, so it reaches no log or error text.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret([{} bytes])", self.0.len())
+    }
+}
+
+/// What a `Login`'s proof signs: a fixed context and the sha256 of the
+/// token, so a proof made for one token proves nothing for another.
+pub fn login_proof_bytes(token: &str) -> Vec<u8> {
+    use sha2::Digest as _;
+    let mut out = b"reprise login proof v1\0".to_vec();
+    out.extend_from_slice(&sha2::Sha256::digest(token.as_bytes()));
+    out
+}
+
 /// A result asked for: its key and repository namespace.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Held {
@@ -178,6 +199,28 @@ pub enum Message {
     },
     /// A result's header; chunk frames follow.
     Transfer(Box<Sealed>),
+    /// The first and only request of a connection that presents no client
+    /// certificate: a CI job exchanges its OIDC ID token for a short-lived
+    /// client certificate of `public_key`, an uncompressed P-256 point
+    /// (hex). `proof` (hex, ECDSA P-256 SHA-256, ASN.1) signs
+    /// [`login_proof_bytes`] of the token with that key: the asker holds
+    /// the key the certificate will name.
+    Login {
+        version: u32,
+        token: Secret,
+        public_key: String,
+        proof: String,
+    },
+    /// The answer to `Login`: the certificate (PEM, chained to the team CA
+    /// the connection was made to) and what it grants until it expires
+    /// (seconds since the Unix epoch).
+    LoggedIn {
+        certificate: String,
+        identity: String,
+        repos: Vec<String>,
+        trusted: bool,
+        expires_at: u64,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -199,6 +242,8 @@ const KNOWN: &[&str] = &[
     "fetch",
     "serve",
     "transfer",
+    "login",
+    "logged-in",
     "error",
 ];
 
@@ -454,12 +499,39 @@ mod tests {
                 namespace: "n".into(),
             },
             Message::Transfer(Box::new(sealed())),
+            Message::Login {
+                version: PROTOCOL_VERSION,
+                token: Secret("header.claims.signature".into()),
+                public_key: "04ab".into(),
+                proof: "3045".into(),
+            },
+            Message::LoggedIn {
+                certificate: "pem".into(),
+                identity: "ci:github:o/r@refs/heads/main".into(),
+                repos: vec!["github.com/o/r".into()],
+                trusted: true,
+                expires_at: 1,
+            },
             Message::error(ErrorCode::FrameTooLarge, "too big"),
         ];
         assert_eq!(table.len(), KNOWN.len(), "every message is in the table");
         for m in table {
             roundtrip(m);
         }
+    }
+
+    #[test]
+    fn a_login_token_never_shows_in_debug_output() {
+        let m = Message::Login {
+            version: PROTOCOL_VERSION,
+            token: Secret("eyJhbGciOi.secret-claims.signature".into()),
+            public_key: "04".into(),
+            proof: "30".into(),
+        };
+        let shown = format!("{m:?}");
+        assert!(!shown.contains("secret-claims"), "{shown}");
+        assert!(shown.contains("Secret([34 bytes])"), "{shown}");
+        assert_ne!(login_proof_bytes("a"), login_proof_bytes("b"));
     }
 
     #[test]

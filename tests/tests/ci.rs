@@ -234,6 +234,24 @@ fn verify_catches_a_producer_whose_result_the_tests_contradict() {
         "{}",
         logged()
     );
+    // The next job is told the producers disagree, and nothing counts.
+    let next = clone_of(&team.a);
+    let run = ci_job(
+        &next,
+        &["run", "--driver", "podman", "--mode", "replay-only"],
+        addr,
+        &team.ci,
+        Duration::from_secs(60),
+    );
+    run.expect_code(code::NOT_COUNTED, "nothing counts during a conflict");
+    assert!(
+        run.stderr.contains("trusted producers disagree on result")
+            && run.stderr.contains("alice")
+            && run.stderr.contains("ci-bot"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.replayed(), "{}", run.stderr);
 }
 
 #[test]

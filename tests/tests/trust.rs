@@ -206,7 +206,10 @@ async fn a_hostile_orchestrator_gets_nothing_outside_the_store_and_cannot_plant_
     let log = a.dir.path().join("daemon.log");
     cmd.stderr(fs::File::create(&log).expect("log"));
     let daemon = Killed(cmd.spawn().expect("daemon starts"));
-    let conn = stand_in.accept("victim", &[&ns]).await;
+    // The stand-in's Welcome also names the private repository: the
+    // certificate does not grant it, so the executor serves it no more
+    // than before (the grant is read from the certificate itself).
+    let conn = stand_in.accept("victim", &[&ns, private]).await;
     // Its announcements, answered as accepted.
     let announced = Arc::new(std::sync::Mutex::new(Vec::new()));
     {
@@ -238,7 +241,12 @@ async fn a_hostile_orchestrator_gets_nothing_outside_the_store_and_cannot_plant_
     assert_eq!(
         announced.lock().unwrap().len(),
         1,
-        "the planted result is not announced"
+        "neither the planted result nor the private one is announced"
+    );
+    let said = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        said.contains("do not grant") && said.contains(private),
+        "the executor says it refused the orchestrator's extra repository:\n{said}"
     );
 
     let serve = |key: &str, namespace: &str| {
@@ -283,6 +291,14 @@ async fn a_hostile_orchestrator_gets_nothing_outside_the_store_and_cannot_plant_
             "{name}: a private result leaked"
         );
     }
+    // The victim is told, in the daemon's log, what was refused and why.
+    let said = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        said.contains("refused a request to serve that does not decode")
+            && said.contains(&format!("this certificate does not grant {private}"))
+            && said.contains("this certificate does not grant example.com/someone/else"),
+        "{said}"
+    );
     // The same stream, asked for what it may serve, serves it: the
     // refusals above are refusals, not a broken executor.
     let got = ask(&conn, &serve(&key, &ns)).await;
@@ -499,6 +515,14 @@ fn a_trusted_relayer_cannot_launder_a_hand_made_or_a_revoked_producers_result() 
         let r = at(commit);
         r.expect_code(5, name);
         assert!(!r.replayed(), "{name} was replayed:\n{}", r.stderr);
+        // Told that nothing counts (the same answer whether a result
+        // exists or not: no oracle), and why the tests run here.
+        assert!(
+            r.stderr.contains("the orchestrator offers no result of")
+                && r.stderr.contains("running the tests here"),
+            "{name}:\n{}",
+            r.stderr
+        );
     }
     let r = at(&alices);
     r.expect_code(0, "alice's result replays");

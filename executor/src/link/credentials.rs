@@ -24,6 +24,8 @@ pub struct Credentials {
     cert: CertificateDer<'static>,
     key_pkcs8: Vec<u8>,
     ca: CertificateDer<'static>,
+    /// The namespaces the certificate itself grants.
+    namespaces: Vec<String>,
 }
 
 impl Credentials {
@@ -59,12 +61,36 @@ impl Credentials {
         )
         .map_err(|e| bad(&format!("the key is not an ECDSA P-256 key: {e}")))?;
         let cert_pem = pem_of(cert);
+        let namespaces = reprise_protocol::grants::namespaces(cert)
+            .map_err(|e| bad(&format!("the certificate does not parse: {e}")))?;
         Ok(Credentials {
             cert_pem,
             cert: cert.clone(),
             key_pkcs8,
             ca: ca.clone(),
+            namespaces,
         })
+    }
+
+    /// These credentials, if their certificate has not expired.
+    pub fn unexpired(self) -> Result<Credentials, LinkError> {
+        let not_after = self
+            .identity()
+            .map_err(|e| LinkError::Credentials(e.to_string()))?
+            .not_after;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if not_after <= now {
+            return Err(LinkError::Expired(not_after));
+        }
+        Ok(self)
+    }
+
+    /// The repository namespaces the certificate grants: all this
+    /// executor ever serves or announces, whatever the orchestrator says.
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
     }
 
     /// The client certificate, PEM.
@@ -90,22 +116,13 @@ impl Credentials {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca.clone()).map_err(|e| bad(&e))?;
         let key = PrivateKeyDer::Pkcs8(self.key_pkcs8.clone().into());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| bad(&e))?
             .with_root_certificates(roots)
             .with_client_auth_cert(vec![self.cert.clone()], key)
             .map_err(|e| bad(&e))?;
-        tls.alpn_protocols = vec![wire::ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| bad(&e))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
-        transport.max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(std::time::Duration::from_secs(10)).expect("in range"),
-        ));
-        transport.keep_alive_interval(Some(std::time::Duration::from_secs(3)));
-        config.transport_config(Arc::new(transport));
-        Ok(config)
+        quic_client(tls)
     }
 }
 
@@ -126,7 +143,24 @@ impl Sealer for Credentials {
     }
 }
 
-fn pem_of(cert: &CertificateDer<'_>) -> String {
+/// A QUIC client configuration over `tls`: ALPN `reprise/1`, idle
+/// timeout and keep-alive as every link to the orchestrator has them.
+pub(crate) fn quic_client(mut tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, LinkError> {
+    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| LinkError::Credentials(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(10)).expect("in range"),
+    ));
+    transport.keep_alive_interval(Some(std::time::Duration::from_secs(3)));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// A certificate as PEM text.
+pub(crate) fn pem_of(cert: &CertificateDer<'_>) -> String {
     use std::fmt::Write as _;
     let b64 = base64_encode(cert.as_ref());
     let mut out = String::from("-----BEGIN CERTIFICATE-----\n");

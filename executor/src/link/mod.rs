@@ -10,6 +10,7 @@
 
 pub mod credentials;
 pub mod fetch;
+pub mod login;
 pub mod provenance;
 pub mod serve;
 pub mod settings;
@@ -60,8 +61,9 @@ pub struct CredentialsError {
 
 impl Orchestrator {
     pub fn new(settings: LinkSettings) -> Result<Orchestrator, CredentialsError> {
-        let creds =
-            Credentials::load(&settings.credentials).map_err(|source| CredentialsError {
+        let creds = Credentials::load(&settings.credentials)
+            .and_then(Credentials::unexpired)
+            .map_err(|source| CredentialsError {
                 path: settings.credentials.clone(),
                 source,
             })?;
@@ -98,6 +100,11 @@ pub enum LinkError {
     },
     #[error("credentials: {0}")]
     Credentials(String),
+    #[error(
+        "they expired at {}: log in again (`reprise login`) or ask your administrator for new credentials",
+        crate::text::utc_timestamp(*.0)
+    )]
+    Expired(u64),
     #[error("cannot resolve orchestrator address {0:?}")]
     Resolve(String),
     #[error("the orchestrator address {0:?} has no port: give HOST:PORT (e.g. {0}:4433)")]
@@ -143,6 +150,9 @@ pub struct Link {
     creds: Arc<Credentials>,
     identity: String,
     repos: Vec<String>,
+    /// Whether this identity's results count for CI (under each
+    /// repository's policy).
+    trusted: bool,
     /// Fingerprints of revoked certificates, as of the connection.
     revoked: BTreeSet<Sha256Digest>,
 }
@@ -152,21 +162,7 @@ impl Link {
     /// the orchestrator's certificate), presents the client certificate and
     /// says `Hello`.
     pub async fn connect(addr: &str, creds: Arc<Credentials>) -> Result<Link, LinkError> {
-        let host = host_of(addr)?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let remote: SocketAddr = tokio::net::lookup_host(addr)
-            .await
-            .map_err(|_| LinkError::Resolve(addr.to_string()))?
-            .next()
-            .ok_or_else(|| LinkError::Resolve(addr.to_string()))?;
-        let local: SocketAddr = if remote.is_ipv4() {
-            "0.0.0.0:0".parse().expect("addr")
-        } else {
-            "[::]:0".parse().expect("addr")
-        };
-        let mut endpoint = quinn::Endpoint::client(local).map_err(LinkError::Endpoint)?;
-        endpoint.set_default_client_config(creds.client_config()?);
-        let conn = endpoint.connect(remote, host)?.await?;
+        let (endpoint, conn) = dial(addr, creds.client_config()?).await?;
         Link::hello(endpoint, conn, creds, PROTOCOL_VERSION).await
     }
 
@@ -184,15 +180,27 @@ impl Link {
                 identity,
                 repos,
                 revoked,
-                ..
+                trusted,
             }) => {
                 debug!(%identity, revoked = revoked.len(), "connected to the orchestrator");
+                // The orchestrator's word cannot widen what this executor
+                // serves: only namespaces its own certificate grants.
+                let (repos, refused): (Vec<String>, Vec<String>) = repos
+                    .into_iter()
+                    .partition(|r| creds.namespaces().contains(r));
+                if !refused.is_empty() {
+                    warn!(
+                        "the orchestrator names repositories these credentials do not grant, which are not served or announced: {} (credentials issued before grants were written into certificates need `reprise-orchestrator issue --replace`)",
+                        refused.join(", ")
+                    );
+                }
                 Ok(Link {
                     _endpoint: endpoint,
                     conn,
                     creds,
                     identity,
                     repos,
+                    trusted,
                     revoked: revoked.into_iter().collect(),
                 })
             }
@@ -213,6 +221,12 @@ impl Link {
     /// The repositories this executor may read.
     pub fn repos(&self) -> &[String] {
         &self.repos
+    }
+
+    /// Whether this identity's results count for CI, under each
+    /// repository's policy.
+    pub fn trusted(&self) -> bool {
+        self.trusted
     }
 
     /// The underlying connection.
@@ -398,7 +412,7 @@ fn unexpected(m: Message) -> LinkError {
     }
 }
 
-async fn exchange(conn: &Connection, message: &Message) -> Result<Message, LinkError> {
+pub(crate) async fn exchange(conn: &Connection, message: &Message) -> Result<Message, LinkError> {
     let (mut send, mut recv) = conn.open_bi().await?;
     write_message(&mut send, message).await?;
     let _ = send.finish();
@@ -495,6 +509,30 @@ pub fn orchestrator_from_settings(dir: &Path, ui: &dyn crate::ui::Ui) -> Option<
             None
         }
     }
+}
+
+/// Opens a QUIC connection to `addr` (`HOST:PORT`; HOST must be a name or
+/// address in the orchestrator's certificate) on an endpoint of its own.
+pub(crate) async fn dial(
+    addr: &str,
+    config: quinn::ClientConfig,
+) -> Result<(quinn::Endpoint, Connection), LinkError> {
+    let host = host_of(addr)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let remote: SocketAddr = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|_| LinkError::Resolve(addr.to_string()))?
+        .next()
+        .ok_or_else(|| LinkError::Resolve(addr.to_string()))?;
+    let local: SocketAddr = if remote.is_ipv4() {
+        "0.0.0.0:0".parse().expect("addr")
+    } else {
+        "[::]:0".parse().expect("addr")
+    };
+    let mut endpoint = quinn::Endpoint::client(local).map_err(LinkError::Endpoint)?;
+    endpoint.set_default_client_config(config);
+    let conn = endpoint.connect(remote, host)?.await?;
+    Ok((endpoint, conn))
 }
 
 /// The host of a `HOST:PORT` address. "host", "[::1]" and "::1" name no

@@ -114,6 +114,7 @@ pub(super) async fn serve_one(
         }
         Err(e) => {
             // A path-like key or digest does not even decode.
+            warn!("refused a request to serve that does not decode (a path for a key?): {e}");
             let m = Message::error(ErrorCode::Malformed, e.to_string());
             let _ = write_message(&mut send, &m).await;
             let _ = send.finish();
@@ -121,10 +122,19 @@ pub(super) async fn serve_one(
         }
     };
     let granted = repos.contains(&namespace);
+    if !granted {
+        warn!(key = %key.short(), "refused to serve: this certificate does not grant {namespace}");
+    }
     let found = store
         .get(&key)
         .filter(|_| granted)
-        .filter(|r| r.manifest.inputs.namespace == namespace)
+        .filter(|r| {
+            let own = r.manifest.inputs.namespace == namespace;
+            if !own {
+                warn!(key = %key.short(), "refused to serve: the result belongs to {}, not {namespace}", r.manifest.inputs.namespace);
+            }
+            own
+        })
         .filter(|r| match crate::replay::verify(r) {
             Ok(()) => true,
             Err(e) => {

@@ -24,6 +24,7 @@ use reprise_protocol::digest::KeyPrefix;
 use reprise_protocol::exit;
 use reprise_protocol::local::Answer;
 
+mod account;
 mod summary;
 mod terminal;
 
@@ -80,6 +81,21 @@ enum Cmd {
     /// to peers; `reprise run` hands its new results to it.
     #[command(after_help = DAEMON_EXAMPLES)]
     Daemon(DaemonArgs),
+    /// Log in to the orchestrator: a CI job exchanges its OIDC ID token
+    /// for a short-lived certificate.
+    #[command(after_help = account::LOGIN_EXAMPLES)]
+    Login(account::LoginArgs),
+    /// Who the orchestrator takes this machine for, until when, and which
+    /// repositories' results it may read and make count.
+    #[command(after_help = account::WHOAMI_EXAMPLES)]
+    Whoami {
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the credentials `reprise login` wrote.
+    #[command(after_help = account::LOGOUT_EXAMPLES)]
+    Logout,
     /// Print a shell completion script.
     #[command(after_help = COMPLETIONS_EXAMPLES)]
     Completions {
@@ -534,6 +550,9 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
             image_info(json);
             Ok(exit::SUCCESS)
         }
+        Cmd::Login(args) => account::login(args).await,
+        Cmd::Whoami { json } => account::whoami(json).await,
+        Cmd::Logout => account::logout(),
         Cmd::Completions { shell } => {
             clap_complete::generate(
                 shell,
