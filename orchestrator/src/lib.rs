@@ -27,6 +27,7 @@ pub mod oidc;
 pub mod pki;
 pub mod server;
 pub mod state;
+pub mod status;
 pub mod telemetry;
 
 use std::fs;
@@ -90,7 +91,9 @@ pub enum FolderError {
     Pki(#[from] PkiError),
     #[error(transparent)]
     Ci(#[from] oidc::ConfigError),
-    #[error("cannot make the HTTP client that fetches the CI issuers' keys")]
+    #[error(transparent)]
+    Status(#[from] status::StatusConfigError),
+    #[error("cannot make an HTTP client (CI issuers' keys, commit statuses)")]
     Http(#[source] reqwest::Error),
     #[error(transparent)]
     State(#[from] StateError),
@@ -115,6 +118,7 @@ allow_network = false   # count runs whose tests had the network (--network)
 prefer = []             # when trusted producers disagree, these win, in order
 ci_jobs = \"protected\"  # CI jobs (reprise login --ci) whose results count:
                         # \"protected\" refs only, \"all\", or \"none\"
+commit_status = false   # post a commit status for each counting result ([status.*])
 
 # One repository's own rules (only what is set overrides the defaults):
 # [policy.repos.\"example.com/team/project\"]
@@ -131,6 +135,13 @@ ci_jobs = \"protected\"  # CI jobs (reprise login --ci) whose results count:
 # [ci.gitlab]
 # audience = \"reprise://reprise.example.com:4433\"
 # issuer = \"https://gitlab.com\"  # the default; host defaults to the issuer's
+
+# Where commit statuses go (token files in this folder, mode 0600):
+# [status.github]
+# token_file = \"github-status-token\"
+# [status.gitlab]
+# token_file = \"gitlab-status-token\"
+# url = \"https://gitlab.example.com\"
 ";
 
 /// Writes a file readable by its owner only.
@@ -305,7 +316,25 @@ impl Folder {
             limits: Limits::default(),
             telemetry: Default::default(),
             login: self.ci_login()?,
+            status: self.status_poster()?,
         })
+    }
+
+    /// What posts commit statuses, when `[status.github]` or
+    /// `[status.gitlab]` is configured.
+    pub fn status_poster(&self) -> Result<Option<std::sync::Arc<status::Poster>>, FolderError> {
+        let path = self.dir.join(policy::FILE_NAME);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let forges = status::forges(&text, &self.dir)?;
+        if forges.is_empty() {
+            return Ok(None);
+        }
+        let poster = status::Poster::new(forges).map_err(FolderError::Http)?;
+        Ok(Some(std::sync::Arc::new(poster)))
     }
 
     /// What answers CI logins, when `[ci.github]` or `[ci.gitlab]` is

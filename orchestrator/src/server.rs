@@ -35,6 +35,7 @@ use crate::limits::Limits;
 use crate::login::{self, CiLogin};
 use crate::matcher::{Claim, ConnId, Decision, Matcher, NotIndexed};
 use crate::state::{Admission, Grant, State, now_secs};
+use crate::status::{Poster, Status};
 use crate::telemetry::{Answer, Refusal, Telemetry};
 
 /// Connection close codes.
@@ -80,19 +81,22 @@ pub struct Service {
     /// What answers CI logins (none: connections without a client
     /// certificate are told that this orchestrator takes none).
     pub login: Option<CiLogin>,
+    /// What posts commit statuses (none: no `[status.*]` configured).
+    pub status: Option<Arc<Poster>>,
 }
 
 struct Shared {
     /// Connection ids are counted, not taken from quinn's `stable_id` (an
     /// address, which a new connection may reuse after an old one is freed).
     next_id: std::sync::atomic::AtomicUsize,
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
     policy: PolicyConfig,
     client_ca: Vec<CertificateDer<'static>>,
     limits: Limits,
     telemetry: Arc<Telemetry>,
     matcher: Mutex<Matcher>,
     login: Option<CiLogin>,
+    status: Option<Arc<Poster>>,
     /// Logins being answered at once are bounded: each may fetch an
     /// issuer's keys and signs a certificate.
     logins: Semaphore,
@@ -239,6 +243,45 @@ impl Shared {
         None
     }
 
+    /// Posts a commit status for `sealed` (just indexed as `held`) when
+    /// the repository's policy asks for one and the result counts: the
+    /// matcher offers its producer's result, and no recorded conflict
+    /// stands against it.
+    fn post_status(&self, held: &Held, sealed: &Sealed) {
+        let Some(poster) = &self.status else {
+            return;
+        };
+        let policy = self.policy.for_repo(&held.namespace);
+        if !policy.commit_status || !sealed.passed() {
+            return;
+        }
+        let trust = |fp: &Sha256Digest| self.trust(fp);
+        let decision =
+            self.matcher
+                .lock()
+                .expect("matcher")
+                .decide(held, None, &trust, &policy, now_secs());
+        let Decision::Offer { producer_name, .. } = decision else {
+            return;
+        };
+        if self
+            .standing_conflict(held, &producer_name, &policy.prefer)
+            .is_some()
+        {
+            return;
+        }
+        poster.post_once(
+            &self.state,
+            Status {
+                namespace: held.namespace.clone(),
+                key: held.key,
+                sha: sealed.manifest.commit.clone(),
+                target: sealed.manifest.inputs.target.clone(),
+                producer: producer_name,
+            },
+        );
+    }
+
     /// Writes a conflict on `held` to the audit log, once per set of
     /// producers.
     fn note_conflict(&self, held: &Held) {
@@ -284,13 +327,14 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let shared = Arc::new(Shared {
         next_id: std::sync::atomic::AtomicUsize::new(1),
-        state: Mutex::new(service.state),
+        state: Arc::new(Mutex::new(service.state)),
         policy: service.policy,
         matcher: Mutex::new(Matcher::new(service.limits.announced_per_identity)),
         client_ca: service.client_ca,
         limits: service.limits,
         telemetry: service.telemetry,
         login: service.login,
+        status: service.status,
         logins: Semaphore::new(MAX_LOGINS),
         conns: Mutex::new(BTreeMap::new()),
         logged_conflicts: Mutex::new(Default::default()),
@@ -603,13 +647,14 @@ async fn request(
                 };
                 if ok {
                     accepted += 1;
-                    indexed.push(held);
+                    indexed.push((held, sealed));
                 } else {
                     refused += 1;
                 }
             }
-            for held in &indexed {
+            for (held, sealed) in &indexed {
                 shared.note_conflict(held);
+                shared.post_status(held, sealed);
             }
             shared.telemetry.indexed(id, u64::from(accepted));
             shared.telemetry.refused_n(Refusal::AnnounceLimit, over_cap);

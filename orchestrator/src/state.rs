@@ -26,7 +26,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 use thiserror::Error;
 
 /// The schema this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// How long a writer waits for another process's write to finish.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -81,6 +81,15 @@ const MIGRATIONS: &[&str] = &[
          producers TEXT NOT NULL
      ) STRICT;
      CREATE INDEX conflicts_by_at ON conflicts(at);",
+    // 2: commit statuses posted to the forge, at most one per result.
+    "CREATE TABLE statuses (
+         namespace TEXT NOT NULL,
+         key       TEXT NOT NULL,
+         sha       TEXT NOT NULL,
+         claimed_at INTEGER NOT NULL,
+         posted_at INTEGER,
+         PRIMARY KEY (namespace, key)
+     ) STRICT;",
 ];
 
 /// Why the state could not be read or written.
@@ -518,6 +527,60 @@ impl State {
             Ok(out)
         };
         read().map_err(self.sql())
+    }
+
+    /// Takes the commit status of `key` of `namespace` (for commit `sha`)
+    /// to post: false when it was taken before, posted or being posted, so
+    /// a result gets at most one status however often it is announced.
+    pub fn claim_status(
+        &mut self,
+        namespace: &str,
+        key: &RunKey,
+        sha: &str,
+        now: u64,
+    ) -> Result<bool, StateError> {
+        let n = self
+            .conn
+            .execute(
+                "INSERT OR IGNORE INTO statuses (namespace, key, sha, claimed_at, posted_at)
+                 VALUES (?1, ?2, ?3, ?4, NULL)",
+                params![namespace, key.hex(), sha, as_i64(now)],
+            )
+            .map_err(self.sql())?;
+        Ok(n == 1)
+    }
+
+    /// Records that the status of `key` was posted, or (`posted` false)
+    /// gives the claim back so that a later announce tries again.
+    pub fn settle_status(
+        &mut self,
+        namespace: &str,
+        key: &RunKey,
+        posted: bool,
+        now: u64,
+    ) -> Result<(), StateError> {
+        let sql = if posted {
+            "UPDATE statuses SET posted_at = ?3 WHERE namespace = ?1 AND key = ?2"
+        } else {
+            "DELETE FROM statuses WHERE namespace = ?1 AND key = ?2 AND ?3 >= 0"
+        };
+        self.conn
+            .execute(sql, params![namespace, key.hex(), as_i64(now)])
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// When the status of `key` of `namespace` was posted, if it was.
+    pub fn status_posted(&self, namespace: &str, key: &RunKey) -> Result<Option<u64>, StateError> {
+        self.conn
+            .query_row(
+                "SELECT posted_at FROM statuses WHERE namespace = ?1 AND key = ?2",
+                params![namespace, key.hex()],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .optional()
+            .map(|v| v.flatten().map(as_u64))
+            .map_err(self.sql())
     }
 
     /// Whether `name` was ever issued a certificate.

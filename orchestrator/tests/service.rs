@@ -47,9 +47,15 @@ impl Team {
 
     /// A team whose service runs with `limits`.
     async fn with(settings: &str, limits: Limits) -> Team {
+        Team::prepared(settings, limits, |_| {}).await
+    }
+
+    /// A team whose state folder `prepare` adds files to before it serves.
+    async fn prepared(settings: &str, limits: Limits, prepare: impl FnOnce(&Path)) -> Team {
         let dir = tempfile::tempdir().unwrap();
         let folder = Folder::init(&dir.path().join("orch"), &[]).unwrap();
         fs::write(dir.path().join("orch/orchestrator.toml"), settings).unwrap();
+        prepare(&dir.path().join("orch"));
         let endpoint = quinn::Endpoint::server(
             folder.server_config_with(&limits).unwrap(),
             "127.0.0.1:0".parse().unwrap(),
@@ -1467,5 +1473,158 @@ async fn a_fetch_that_fills_the_disk_says_so_and_commits_nothing() {
     assert!(matches!(err, FetchError::DiskFull(_)), "{err:?}");
     assert!(err.to_string().contains("disk is full"), "{err}");
     assert_nothing_committed(&store_a);
+    team.stop().await;
+}
+
+/// A forge's commit status API as GitHub and GitLab document it, on
+/// loopback: records every request, and answers the first one with a 500
+/// (the orchestrator must retry).
+struct StandInForge {
+    base: String,
+    seen: Arc<std::sync::Mutex<Vec<(String, axum::http::HeaderMap, serde_json::Value)>>>,
+}
+
+impl StandInForge {
+    async fn start() -> StandInForge {
+        use axum::extract::State;
+        use axum::http::{HeaderMap, StatusCode, Uri};
+        type Seen = Arc<std::sync::Mutex<Vec<(String, HeaderMap, serde_json::Value)>>>;
+        async fn status(
+            State(seen): State<Seen>,
+            uri: Uri,
+            headers: HeaderMap,
+            body: String,
+        ) -> (StatusCode, String) {
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let mut seen = seen.lock().unwrap();
+            seen.push((uri.path().to_string(), headers, json));
+            if seen.len() == 1 {
+                (StatusCode::INTERNAL_SERVER_ERROR, "{}".into())
+            } else {
+                (StatusCode::CREATED, r#"{"state":"success"}"#.into())
+            }
+        }
+        let seen: Seen = Default::default();
+        let app = axum::Router::new()
+            .route(
+                "/repos/{owner}/{repo}/statuses/{sha}",
+                axum::routing::post(status),
+            )
+            .route(
+                "/api/v4/projects/{id}/statuses/{sha}",
+                axum::routing::post(status),
+            )
+            .with_state(seen.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        StandInForge { base, seen }
+    }
+
+    fn requests(&self) -> Vec<(String, axum::http::HeaderMap, serde_json::Value)> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test]
+async fn a_counting_result_gets_one_commit_status_on_its_forge() {
+    const GL_NS: &str = "gitlab.example/group/sub/app";
+    let forge = StandInForge::start().await;
+    let settings = format!(
+        "[policy]\ncommit_status = true\n\
+         [status.github]\ntoken_file = \"gh-token\"\napi_url = \"{0}\"\nhost = \"example.com\"\n\
+         [status.gitlab]\ntoken_file = \"gl-token\"\nurl = \"{0}\"\nhost = \"gitlab.example\"\n",
+        forge.base
+    );
+    let team = Team::prepared(&settings, Limits::default(), |dir| {
+        use std::os::unix::fs::PermissionsExt;
+        for (file, token) in [("gh-token", "gh-secret\n"), ("gl-token", "gl-secret\n")] {
+            fs::write(dir.join(file), token).unwrap();
+            fs::set_permissions(dir.join(file), fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    })
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let ci = team.creds("ci", &[NS, GL_NS], true);
+    let (store, stored) = producer_store(&work.path().join("ci"), &ci);
+    let _c = relayer(&team, &ci, &store).await;
+    let key = stored.manifest.key;
+    let posted = || {
+        team.folder
+            .state()
+            .unwrap()
+            .status_posted(NS, &key)
+            .unwrap()
+            .is_some()
+    };
+    wait_until(posted).await;
+    let requests = forge.requests();
+    assert_eq!(requests.len(), 2, "a 500, then the retry that was taken");
+    for (path, headers, body) in &requests {
+        assert_eq!(path, "/repos/team/app/statuses/c1");
+        assert_eq!(headers["authorization"], "Bearer gh-secret");
+        assert_eq!(headers["accept"], "application/vnd.github+json");
+        assert_eq!(headers["x-github-api-version"], "2022-11-28");
+        assert_eq!(body["state"], "success");
+        assert_eq!(body["context"], "reprise/test");
+        let description = body["description"].as_str().unwrap();
+        assert!(
+            description.contains("ci") && description.contains(&key.short()),
+            "{description}"
+        );
+    }
+
+    // The same result announced again, by its producer's new connection
+    // and by another trusted holder: no second status.
+    let alice = team.creds("alice", &[NS], true);
+    let (store_al, _) = producer_store(&work.path().join("al"), &alice);
+    let _a = relayer(&team, &alice, &store_al).await;
+    let _again = relayer(&team, &ci, &store).await;
+    // Results that do not count get none: an untrusted producer's, a
+    // failed run's.
+    let bob = team.creds("bob", &[NS], false);
+    let other = |tree: &'static str| {
+        move |m: &mut ResultManifest| {
+            m.inputs.tree = tree.into();
+            m.key = m.inputs.key();
+        }
+    };
+    let (store_bob, _) = producer_store_with(&work.path().join("bob"), Some(&bob), other("t2"));
+    let _b = relayer(&team, &bob, &store_bob).await;
+    let (store_failed, _) = producer_store_with(&work.path().join("f"), Some(&ci), |m| {
+        other("t3")(m);
+        m.outcome = Outcome::Failed;
+        m.exit_code = 1;
+    });
+    let _f = relayer(&team, &ci, &store_failed).await;
+
+    // A GitLab project: its path URL-encoded, the token as PRIVATE-TOKEN.
+    let (store_gl, stored_gl) = producer_store_with(&work.path().join("gl"), Some(&ci), |m| {
+        m.inputs.namespace = GL_NS.into();
+        m.key = m.inputs.key();
+    });
+    let _g = relayer(&team, &ci, &store_gl).await;
+    let gl_key = stored_gl.manifest.key;
+    wait_until(|| {
+        team.folder
+            .state()
+            .unwrap()
+            .status_posted(GL_NS, &gl_key)
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let requests = forge.requests();
+    assert_eq!(
+        requests.len(),
+        3,
+        "one more, for the GitLab project only: {requests:?}"
+    );
+    let (path, headers, body) = &requests[2];
+    assert_eq!(path, "/api/v4/projects/group%2Fsub%2Fapp/statuses/c1");
+    assert_eq!(headers["private-token"], "gl-secret");
+    assert_eq!(body["state"], "success");
+    assert_eq!(body["name"], "reprise/test");
     team.stop().await;
 }

@@ -9,6 +9,7 @@
 //! prefer = []                     # on a conflict, these identities win, in order
 //! ci_jobs = "protected"           # CI jobs whose results count: protected refs only,
 //!                                 # "all" refs, or "none"
+//! commit_status = false           # post a commit status for each counting result
 //!
 //! [policy.repos."example.com/team/project"]
 //! require_fresh = true            # only what is set here overrides
@@ -36,6 +37,9 @@ pub struct RepoPolicy {
     /// Which CI jobs (logged in with their OIDC token) produce results
     /// that count.
     pub ci_jobs: CiJobs,
+    /// Post a commit status to the forge when a result that counts is
+    /// announced (`[status.*]` says how to reach the forge).
+    pub commit_status: bool,
 }
 
 /// Which CI jobs' results count for CI. A job on an unprotected ref runs
@@ -70,6 +74,7 @@ pub struct RepoOverrides {
     pub allow_network: Option<bool>,
     pub prefer: Option<Vec<String>>,
     pub ci_jobs: Option<CiJobs>,
+    pub commit_status: Option<bool>,
 }
 
 /// The `[policy]` section.
@@ -84,6 +89,8 @@ pub struct PolicyConfig {
     pub prefer: Vec<String>,
     #[serde(default)]
     pub ci_jobs: CiJobs,
+    #[serde(default)]
+    pub commit_status: bool,
     /// By repository namespace.
     #[serde(default)]
     pub repos: BTreeMap<String, RepoOverrides>,
@@ -98,6 +105,7 @@ impl PolicyConfig {
             allow_network: o.allow_network.unwrap_or(self.allow_network),
             prefer: o.prefer.unwrap_or_else(|| self.prefer.clone()),
             ci_jobs: o.ci_jobs.unwrap_or(self.ci_jobs),
+            commit_status: o.commit_status.unwrap_or(self.commit_status),
         }
     }
 }
@@ -112,6 +120,10 @@ pub struct OrchestratorSettings {
     /// the orchestrator's `oidc` module.
     #[serde(default)]
     pub ci: Option<toml::Table>,
+    /// The `[status]` table (how commit statuses reach the forges), read
+    /// and checked by the orchestrator's `status` module.
+    #[serde(default)]
+    pub status: Option<toml::Table>,
 }
 
 /// Why the settings file was refused.
@@ -154,6 +166,7 @@ prefer = []
                 allow_network: true,
                 prefer: vec!["ci".into()],
                 ci_jobs: CiJobs::Protected,
+                commit_status: false,
             }
         );
         assert_eq!(
@@ -163,6 +176,7 @@ prefer = []
                 allow_network: false,
                 prefer: vec![],
                 ci_jobs: CiJobs::Protected,
+                commit_status: false,
             }
         );
         assert_eq!(p.for_repo("other").prefer, ["ci"]);
