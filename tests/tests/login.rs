@@ -20,86 +20,17 @@ mod run_support;
 mod team_support;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use issuer::TestIssuer;
 use reprise_protocol::exit as code;
 use run_support::{Run, Sandbox, example_hello};
 use serde_json::{Value, json};
 use team_support::{
-    Killed, clone_of, fabricate_result_for, free_udp_port, issue, namespace, orchestrator,
-    serve_logged, serving_daemon,
+    Killed, REQUEST_TOKEN, TokenEndpoint, clone_of, fabricate_result_for, free_udp_port, issue,
+    namespace, orchestrator, serve_logged, serving_daemon,
 };
-
-/// The request token the stand-in runner hands the job.
-const REQUEST_TOKEN: &str = "runner-request-token";
-
-/// GitHub Actions' ID token endpoint, as the runner serves it to a job
-/// with `id-token: write`: answers `token` to a bearer of
-/// [`REQUEST_TOKEN`] that asks for `audience`; 401/400 otherwise. Records
-/// each request line.
-struct TokenEndpoint {
-    url: String,
-    asked: Arc<Mutex<Vec<String>>>,
-}
-
-impl TokenEndpoint {
-    fn serve(token: String, audience: String) -> TokenEndpoint {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let url = format!(
-            "http://{}/_apis/token?api-version=2.0",
-            listener.local_addr().expect("addr")
-        );
-        let asked = Arc::new(Mutex::new(Vec::new()));
-        let log = asked.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { continue };
-                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() {
-                    continue;
-                }
-                let mut bearer = None;
-                loop {
-                    let mut header = String::new();
-                    if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
-                        break;
-                    }
-                    if let Some((name, value)) = header.split_once(':')
-                        && name.eq_ignore_ascii_case("authorization")
-                    {
-                        bearer = Some(value.trim().to_string());
-                    }
-                }
-                log.lock().expect("log").push(line.trim().to_string());
-                let wanted = format!(
-                    "audience={}",
-                    audience.replace(':', "%3A").replace('/', "%2F")
-                );
-                let (status, body) =
-                    if bearer.as_deref() != Some(&format!("Bearer {REQUEST_TOKEN}")) {
-                        ("401 Unauthorized", json!({"message": "bad request token"}))
-                    } else if !line.contains(&wanted) {
-                        ("400 Bad Request", json!({"message": "unexpected audience"}))
-                    } else {
-                        ("200 OK", json!({"count": token.len(), "value": token}))
-                    };
-                let body = body.to_string();
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        });
-        TokenEndpoint { url, asked }
-    }
-}
 
 /// A team whose orchestrator takes GitHub Actions logins of repository
 /// `team/app` (namespace `example.com/team/app`), and whose trusted

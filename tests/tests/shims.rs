@@ -10,13 +10,27 @@
 //! `scripts/install-zizmor.sh`; without Node, Python or the registries the
 //! tests fail, they never skip.
 //!
-//! What nothing here can be: GitHub or GitLab minting the job's OIDC token,
-//! and `reprise login` itself (issue 11). A stand-in executor plays login and
-//! run, records what each is given and sees of the job (which token
-//! variable, the config folder, the cache folder), and hands `image info` to
-//! the real `reprise`, so the recipe hash the cache is keyed by is the real
-//! one. `actions/cache` is not run: the harness checks the path and key it
-//! is given.
+//! What nothing here can be: GitHub or GitLab minting the job's OIDC token
+//! (a real OIDC issuer, `oauth2-mock-server`, signs the tokens instead).
+//! Most tests use a stand-in executor that plays login and run and records
+//! what each is given and sees of the job (which token variable, the config
+//! folder, the cache folder), handing `image info` to the real `reprise`,
+//! so the recipe hash the cache is keyed by is the real one; the pipeline
+//! test runs the real executor against a real orchestrator. `actions/cache`
+//! is not run: the harness checks the path and key it is given.
+
+#[path = "../../orchestrator/tests/issuer/mod.rs"]
+mod issuer;
+#[expect(
+    dead_code,
+    reason = "the support module is shared with run.rs; this file uses part of it"
+)]
+mod run_support;
+#[expect(
+    dead_code,
+    reason = "the support module is shared with trust.rs; this file uses part of it"
+)]
+mod team_support;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -972,4 +986,312 @@ fn gitlab_ci_local_runs_the_template_which_logs_in_with_the_id_token_then_runs()
     let calls = stub.calls();
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert!(calls[0].0.starts_with("run --ci "), "{calls:?}");
+}
+
+// ------------------------------------------ a pipeline, for real
+
+/// A GitLab project using the template, on a real orchestrator that takes
+/// GitLab CI logins (tokens from a real OIDC issuer), with a trusted
+/// `alice` whose daemon serves the project's results.
+struct RealPipeline {
+    dir: tempfile::TempDir,
+    state: String,
+    addr: String,
+    issuer: issuer::TestIssuer,
+    project: run_support::Sandbox,
+    jobs_yaml: String,
+    alice: PathBuf,
+    daemon: Option<team_support::Killed>,
+    _orchestrator: team_support::Killed,
+}
+
+impl RealPipeline {
+    fn new() -> RealPipeline {
+        use team_support::{free_udp_port, orchestrator, serve_logged};
+        let issuer = issuer::TestIssuer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir
+            .path()
+            .join("orchestrator")
+            .to_str()
+            .unwrap()
+            .to_string();
+        orchestrator(&["init", "--dir", &state]);
+        let addr = format!("127.0.0.1:{}", free_udp_port());
+        fs::write(
+            Path::new(&state).join("orchestrator.toml"),
+            format!(
+                "[ci.gitlab]\nissuer = \"{}\"\naudience = \"reprise://{addr}\"\nallow_http_loopback = true\nhost = \"example.com\"\n",
+                issuer.url
+            ),
+        )
+        .unwrap();
+        let fingerprint = {
+            let out = run(
+                Command::new(team_support::orchestrator_bin()).args([
+                    "fingerprint",
+                    "--dir",
+                    &state,
+                ]),
+                "reprise-orchestrator fingerprint",
+            );
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        let server = serve_logged(&state, &addr, &dir.path().join("orchestrator.log"));
+
+        let project = run_support::Sandbox::new();
+        project.git_init();
+        project.git(&[
+            "remote",
+            "add",
+            "origin",
+            "https://example.com/group/app.git",
+        ]);
+        project.git(&["commit", "-q", "--allow-empty", "-m", "root"]);
+        fs::create_dir_all(project.repo().join("shims/gitlab")).unwrap();
+        let jobs_yaml = format!(
+            "tests:\n  extends: .reprise\n  variables:\n    REPRISE_ORCHESTRATOR: \"{addr}\"\n    REPRISE_CA_FINGERPRINT: \"{fingerprint}\"\n    REPRISE_BIN: {}\n",
+            real_reprise().display()
+        );
+        project
+            .copy_from(&run_support::example_hello())
+            .write("shims/gitlab/reprise.gitlab-ci.yml", &read("shims/gitlab/reprise.gitlab-ci.yml"))
+            .write(
+                ".gitlab-ci.yml",
+                &format!("include:\n  - local: shims/gitlab/reprise.gitlab-ci.yml\n\n{jobs_yaml}"),
+            )
+            .write(
+                ".gitignore",
+                "/home/\n/.gitlab-ci-local/\n/.reprise-cache/\n/reprise-report.json\n/reprise-artifacts/\n",
+            )
+            .commit("tests with reprise");
+        assert_eq!(team_support::namespace(&project), "example.com/group/app");
+        let alice = dir.path().join("alice.pem");
+        team_support::issue(&state, "alice", &["example.com/group/app"], true, &alice);
+        fs::create_dir_all(project.repo().join("home")).unwrap();
+        RealPipeline {
+            dir,
+            state,
+            addr,
+            issuer,
+            project,
+            jobs_yaml,
+            alice,
+            daemon: None,
+            _orchestrator: server,
+        }
+    }
+
+    /// Alice's daemon, (re)started so that it announces the whole store.
+    fn alice_serves(&mut self) {
+        self.daemon = None;
+        let (daemon, _) = team_support::serving_daemon(
+            &self.project,
+            &self.addr,
+            &self.alice,
+            &self.dir.path().join("daemon.log"),
+        );
+        self.daemon = Some(daemon);
+    }
+
+    /// What GitLab would put in the job's `id_tokens:` variable: a token of
+    /// a pipeline of `group/app` on its protected main branch.
+    fn id_token(&mut self) -> String {
+        let claims = serde_json::json!({
+            "aud": format!("reprise://{}", self.addr),
+            "sub": "project_path:group/app:ref_type:branch:ref:main",
+            "project_path": "group/app",
+            "namespace_path": "group",
+            "ref": "main",
+            "ref_type": "branch",
+            "ref_protected": "true",
+            "pipeline_source": "push",
+        });
+        self.issuer
+            .token_of(serde_json::json!({"op": "sign", "claims": claims}))
+    }
+
+    /// `gitlab-ci-local tests` in the project, with `variables`.
+    fn job(&mut self, variables: &[(&str, &str)]) -> Output {
+        let token = self.id_token();
+        let mut args = vec![
+            "tests".to_string(),
+            "--variable".into(),
+            format!("REPRISE_ID_TOKEN={token}"),
+        ];
+        for (k, v) in variables {
+            args.push("--variable".into());
+            args.push(format!("{k}={v}"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let _ = &self.jobs_yaml;
+        let _ = &self.state;
+        gitlab_ci_local(&self.project.repo(), &args)
+    }
+}
+
+#[test]
+fn a_gitlab_pipeline_on_a_real_orchestrator_replays_refuses_and_verifies() {
+    let rsync = Command::new("rsync").arg("--version").output();
+    assert!(
+        rsync.is_ok_and(|o| o.status.success()),
+        "gitlab-ci-local runs jobs with rsync, which is missing: apt-get install rsync"
+    );
+    let mut p = RealPipeline::new();
+
+    // Alice ran this revision; the pipeline logs in with its ID token and
+    // passes by replaying her result.
+    team_support::fabricate_result_for(&p.project, "hello from alice", Some(&p.alice), "qemu");
+    p.alice_serves();
+    let out = p.job(&[]);
+    let said = both(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("logged in as ci:gitlab:group/app@refs/heads/main")
+            && said.contains("hello from alice")
+            && said.contains("replayed result"),
+        "{said}"
+    );
+
+    // A new commit that only an untrusted producer ran: replay-only fails
+    // the pipeline with its own exit code, and nothing runs.
+    p.project.write("README", "changed\n").commit("a change");
+    let bob = p.dir.path().join("bob.pem");
+    team_support::issue(&p.state, "bob", &["example.com/group/app"], false, &bob);
+    team_support::fabricate_result_for(&p.project, "hello from bob", Some(&bob), "qemu");
+    p.alice_serves();
+    let out = p.job(&[("REPRISE_MODE", "replay-only")]);
+    let said = both(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("FAIL 10"), "{said}");
+    assert!(
+        !said.contains("hello from bob"),
+        "bob's result does not count: {said}"
+    );
+
+    // Alice announces a pass for tests that fail; verify with sample 1 runs
+    // them again (podman driver) and fails the pipeline with the mismatch.
+    p.project
+        .write("greet.sh", "#!/bin/sh\necho \"goodbye, $1\"\n")
+        .commit("a broken greeting");
+    team_support::fabricate_result_for(&p.project, "all good, trust me", Some(&p.alice), "podman");
+    p.alice_serves();
+    let cache = std::env::var("XDG_CACHE_HOME")
+        .unwrap_or_else(|_| format!("{}/.cache", std::env::var("HOME").unwrap()));
+    let _vm = run_support::vm_lock();
+    let out = p.job(&[
+        ("REPRISE_MODE", "verify"),
+        ("REPRISE_SAMPLE", "1"),
+        ("REPRISE_DRIVER", "podman"),
+        // The base image the podman driver needs is in the user's cache.
+        ("XDG_CACHE_HOME", &cache),
+    ]);
+    let said = both(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("FAIL 11"), "{said}");
+    assert!(said.contains("verify failed"), "{said}");
+}
+
+#[test]
+fn the_action_logs_in_with_the_runners_token_and_replays_from_a_real_orchestrator() {
+    use team_support::{
+        REQUEST_TOKEN, TokenEndpoint, fabricate_result_for, free_udp_port, issue, namespace,
+        orchestrator, serve_logged, serving_daemon,
+    };
+    let mut issuer = issuer::TestIssuer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir
+        .path()
+        .join("orchestrator")
+        .to_str()
+        .unwrap()
+        .to_string();
+    orchestrator(&["init", "--dir", &state]);
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    fs::write(
+        Path::new(&state).join("orchestrator.toml"),
+        format!(
+            "[ci.github]\nissuer = \"{}\"\naudience = \"reprise://{addr}\"\nallow_http_loopback = true\nhost = \"example.com\"\n",
+            issuer.url
+        ),
+    )
+    .unwrap();
+    let fingerprint = String::from_utf8(
+        run(
+            Command::new(team_support::orchestrator_bin()).args(["fingerprint", "--dir", &state]),
+            "fingerprint",
+        )
+        .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    let _server = serve_logged(&state, &addr, &dir.path().join("orchestrator.log"));
+
+    // The checkout: alice (trusted) ran this revision and serves it.
+    let checkout = run_support::Sandbox::new();
+    checkout.git_init();
+    checkout.git(&[
+        "remote",
+        "add",
+        "origin",
+        "https://example.com/team/app.git",
+    ]);
+    checkout.git(&["commit", "-q", "--allow-empty", "-m", "root"]);
+    checkout
+        .copy_from(&run_support::example_hello())
+        .commit("hello");
+    assert_eq!(namespace(&checkout), "example.com/team/app");
+    let alice = dir.path().join("alice.pem");
+    issue(&state, "alice", &["example.com/team/app"], true, &alice);
+    fabricate_result_for(&checkout, "hello from alice", Some(&alice), "qemu");
+    let _daemon = serving_daemon(&checkout, &addr, &alice, &dir.path().join("daemon.log"));
+
+    // The runner's token endpoint answers with a token of this job.
+    let token = issuer.token_of(serde_json::json!({"op": "sign", "claims": {
+        "aud": format!("reprise://{addr}"),
+        "sub": "repo:team/app:ref:refs/heads/main",
+        "repository": "team/app",
+        "repository_owner": "team",
+        "ref": "refs/heads/main",
+        "ref_type": "branch",
+        "ref_protected": "true",
+        "event_name": "push",
+    }}));
+    let endpoint = TokenEndpoint::serve(token, format!("reprise://{addr}"));
+    let temp = dir.path().join("runner-temp");
+    fs::create_dir_all(&temp).unwrap();
+    let data = dir.path().join("runner-data");
+    let job = run_action(
+        &[
+            ("orchestrator", &addr),
+            ("ca-fingerprint", &fingerprint),
+            ("mode", "replay-only"),
+            ("cache", "false"),
+            ("executor-path", real_reprise().to_str().unwrap()),
+        ],
+        &[
+            ("ACTIONS_ID_TOKEN_REQUEST_URL", &endpoint.url),
+            ("ACTIONS_ID_TOKEN_REQUEST_TOKEN", REQUEST_TOKEN),
+            ("XDG_DATA_HOME", data.to_str().unwrap()),
+        ],
+        &checkout.repo(),
+        &temp,
+    );
+    assert_eq!(job.failed, None, "{}", job.log);
+    assert!(
+        job.log
+            .contains("logged in as ci:github:team/app@refs/heads/main")
+            && job.log.contains("hello from alice"),
+        "{}",
+        job.log
+    );
+    assert_eq!(job.outputs["verdict"], "passed", "{}", job.log);
+    assert_eq!(job.outputs["how"], "replayed", "{}", job.log);
+    assert_eq!(endpoint.asked.lock().unwrap().len(), 1);
+    // The job's certificate was written under the runner's temp folder.
+    assert!(
+        temp.join("reprise-config/reprise/credentials.pem")
+            .is_file()
+    );
 }

@@ -326,3 +326,79 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
 }
+
+/// The request token the stand-in runner hands the job.
+pub const REQUEST_TOKEN: &str = "runner-request-token";
+
+/// GitHub Actions' ID token endpoint, as the runner serves it to a job
+/// with `id-token: write`: answers `token` to a bearer of
+/// [`REQUEST_TOKEN`] that asks for `audience`; 401/400 otherwise. Records
+/// each request line.
+pub struct TokenEndpoint {
+    pub url: String,
+    pub asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl TokenEndpoint {
+    pub fn serve(token: String, audience: String) -> TokenEndpoint {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!(
+            "http://{}/_apis/token?api-version=2.0",
+            listener.local_addr().expect("addr")
+        );
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = asked.clone();
+        std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let mut bearer = None;
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((name, value)) = header.split_once(':')
+                        && name.eq_ignore_ascii_case("authorization")
+                    {
+                        bearer = Some(value.trim().to_string());
+                    }
+                }
+                log.lock().expect("log").push(line.trim().to_string());
+                let wanted = format!(
+                    "audience={}",
+                    audience.replace(':', "%3A").replace('/', "%2F")
+                );
+                let (status, body) =
+                    if bearer.as_deref() != Some(&format!("Bearer {REQUEST_TOKEN}")) {
+                        (
+                            "401 Unauthorized",
+                            serde_json::json!({"message": "bad request token"}),
+                        )
+                    } else if !line.contains(&wanted) {
+                        (
+                            "400 Bad Request",
+                            serde_json::json!({"message": "unexpected audience"}),
+                        )
+                    } else {
+                        (
+                            "200 OK",
+                            serde_json::json!({"count": token.len(), "value": token}),
+                        )
+                    };
+                let body = body.to_string();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        TokenEndpoint { url, asked }
+    }
+}

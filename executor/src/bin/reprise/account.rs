@@ -40,7 +40,7 @@ pub struct LoginArgs {
     /// The team CA's sha256 (64 hex digits), as `reprise-orchestrator
     /// init` printed it: the orchestrator must present that CA.
     #[arg(long, env = "REPRISE_CA_FINGERPRINT", value_name = "SHA256")]
-    ca_fingerprint: Option<Sha256Digest>,
+    ca_fingerprint: Option<String>,
     /// What the token is asked for (its `aud`); the orchestrator's
     /// `[ci.*] audience` (default: reprise://HOST:PORT).
     #[arg(long, env = "REPRISE_AUDIENCE")]
@@ -58,7 +58,21 @@ Exit codes: 0 logged in, 2 no CA pinned, 3 orchestrator unreachable,
 12 the CI system or the orchestrator refused the login.";
 
 pub async fn login(args: LoginArgs) -> anyhow::Result<i32> {
-    let pin = match (&args.ca, args.ca_fingerprint) {
+    // A variable set to nothing (a CI input left empty) is not set.
+    let set = |v: Option<String>| v.filter(|v| !v.trim().is_empty());
+    let fingerprint = match set(args.ca_fingerprint) {
+        None => None,
+        Some(text) => match text.trim().to_ascii_lowercase().parse::<Sha256Digest>() {
+            Ok(fp) => Some(fp),
+            Err(_) => {
+                eprintln!(
+                    "reprise: error: the CA fingerprint {text:?} is not a sha256 (64 hex digits)"
+                );
+                return Ok(exit::USAGE);
+            }
+        },
+    };
+    let pin = match (&args.ca, fingerprint) {
         (Some(file), _) => {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("while reading the CA file {}", file.display()))?;
@@ -67,9 +81,7 @@ pub async fn login(args: LoginArgs) -> anyhow::Result<i32> {
         (None, Some(fp)) => Some(CaPin(fp)),
         (None, None) => None,
     };
-    let audience = args
-        .audience
-        .unwrap_or_else(|| format!("reprise://{}", args.orchestrator));
+    let audience = set(args.audience).unwrap_or_else(|| format!("reprise://{}", args.orchestrator));
     let token = match pin {
         Some(_) => match login::ci_token(&audience, &|name| std::env::var(name).ok()).await {
             Ok(token) => Some(token),
