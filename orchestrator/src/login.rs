@@ -23,7 +23,7 @@ use reprise_protocol::wire::{ErrorCode, Message, login_proof_bytes};
 use ring::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
 use tracing::{info, warn};
 
-use crate::oidc::{CiConfig, CiIdentity, Verifier};
+use crate::oidc::{CiConfig, CiIdentity, Verifier, error_chain};
 use crate::pki::{self, CaPem, P256Point};
 use crate::state::{State, now_secs};
 use reprise_frames::{read_message, write_message};
@@ -223,17 +223,6 @@ async fn log_in(
         trusted: grant.trusted,
         expires_at: until_secs,
     })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

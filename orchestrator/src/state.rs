@@ -92,6 +92,13 @@ const MIGRATIONS: &[&str] = &[
      ) STRICT;",
 ];
 
+/// What a write in [`State::transact`] did: refused (rolled back), or
+/// written (committed), and whether it changed identities.
+enum Outcome<T> {
+    Refused(T),
+    Written { value: T, identities: bool },
+}
+
 /// Why the state could not be read or written.
 #[derive(Debug, Error)]
 pub enum StateError {
@@ -381,9 +388,15 @@ impl State {
         Ok(())
     }
 
-    /// Records an event in one transaction, on disk when this returns.
-    /// An `Issued` for an existing name replaces its grants.
-    pub fn append(&mut self, event: StateEvent) -> Result<(), StateError> {
+    /// Runs `write` in one immediate transaction (so a check and the
+    /// write it allows cannot be split by another writer), committing it
+    /// when `write` says so; reloads identities when an `Issued` or
+    /// `Revoked` was written (this connection's own commits do not move
+    /// `data_version`).
+    fn transact<T>(
+        &mut self,
+        write: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<Outcome<T>>,
+    ) -> Result<T, StateError> {
         let path = self.path.clone();
         let sql = |source| StateError::Sql {
             path: path.clone(),
@@ -393,16 +406,32 @@ impl State {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql)?;
-        apply(&tx, &event).map_err(sql)?;
-        tx.commit().map_err(sql)?;
-        if matches!(
+        match write(&tx).map_err(sql)? {
+            Outcome::Refused(value) => Ok(value),
+            Outcome::Written { value, identities } => {
+                tx.commit().map_err(sql)?;
+                if identities {
+                    self.reload()?;
+                }
+                Ok(value)
+            }
+        }
+    }
+
+    /// Records an event in one transaction, on disk when this returns.
+    /// An `Issued` for an existing name replaces its grants.
+    pub fn append(&mut self, event: StateEvent) -> Result<(), StateError> {
+        let identities = matches!(
             event,
             StateEvent::Issued { .. } | StateEvent::Revoked { .. }
-        ) {
-            // This connection's own commits do not move data_version.
-            self.reload()?;
-        }
-        Ok(())
+        );
+        self.transact(|tx| {
+            apply(tx, &event)?;
+            Ok(Outcome::Written {
+                value: (),
+                identities,
+            })
+        })
     }
 
     /// Records an `Issued` event unless its name exists and `replace` is
@@ -416,57 +445,45 @@ impl State {
         let StateEvent::Issued { name, .. } = &event else {
             return self.append(event).map(|()| Recorded::Done);
         };
-        let path = self.path.clone();
-        let sql = |source| StateError::Sql {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
-        if !replace && let Some(existing) = grant_in(&tx, name).map_err(sql)? {
-            return Ok(Recorded::NameTaken(existing));
-        }
-        apply(&tx, &event).map_err(sql)?;
-        tx.commit().map_err(sql)?;
-        self.reload()?;
-        Ok(Recorded::Done)
+        self.transact(|tx| {
+            if !replace && let Some(existing) = grant_in(tx, name)? {
+                return Ok(Outcome::Refused(Recorded::NameTaken(existing)));
+            }
+            apply(tx, &event)?;
+            Ok(Outcome::Written {
+                value: Recorded::Done,
+                identities: true,
+            })
+        })
     }
 
     /// Records a CI job's login (an `Issued` event for a `ci:` identity,
     /// its grants replaced) unless an administrator revoked that identity:
     /// a revoked job identity stays refused until `issue --replace` lifts
-    /// it. The check and the write are one transaction.
+    /// it (`Some(when it was revoked)`). The check and the write are one
+    /// transaction.
     pub fn record_login(&mut self, event: StateEvent) -> Result<Option<u64>, StateError> {
         let StateEvent::Issued { name, .. } = &event else {
             unreachable!("a login records an issue");
         };
-        let path = self.path.clone();
-        let sql = |source| StateError::Sql {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
-        let revoked_at: Option<i64> = tx
-            .query_row(
-                "SELECT revoked_at FROM identities WHERE name = ?1",
-                [name],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql)?
-            .flatten();
-        if let Some(at) = revoked_at {
-            return Ok(Some(as_u64(at)));
-        }
-        apply(&tx, &event).map_err(sql)?;
-        tx.commit().map_err(sql)?;
-        self.reload()?;
-        Ok(None)
+        self.transact(|tx| {
+            let revoked_at: Option<i64> = tx
+                .query_row(
+                    "SELECT revoked_at FROM identities WHERE name = ?1",
+                    [name],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .flatten();
+            if let Some(at) = revoked_at {
+                return Ok(Outcome::Refused(Some(as_u64(at))));
+            }
+            apply(tx, &event)?;
+            Ok(Outcome::Written {
+                value: None,
+                identities: true,
+            })
+        })
     }
 
     /// Who holds the certificate with this sha256.

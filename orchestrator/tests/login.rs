@@ -89,6 +89,14 @@ impl Service {
     }
 }
 
+/// The orchestrator's reason for refusing a login that must be refused.
+fn refusal(got: Result<login::LoggedIn, LoginError>) -> String {
+    match got {
+        Err(LoginError::Refused(message)) => message,
+        other => panic!("a refusal, not {other:?}"),
+    }
+}
+
 fn settings(issuer: &TestIssuer, extra: &str) -> String {
     format!(
         "[ci.github]\nissuer = \"{}\"\naudience = \"{AUDIENCE}\"\nallow_http_loopback = true\nhost = \"example.com\"\n{extra}",
@@ -232,13 +240,11 @@ async fn logins_that_must_fail_are_refused_and_say_why() {
         ("not a JWT", "not-a-token".to_string(), "not a JWT"),
     ];
     for (what, token, expected) in &cases {
-        match service.login(token).await {
-            Err(LoginError::Refused(message)) => assert!(
-                message.to_lowercase().contains(&expected.to_lowercase()),
-                "{what}: {message}"
-            ),
-            other => panic!("{what}: {other:?}"),
-        }
+        let message = refusal(service.login(token).await);
+        assert!(
+            message.to_lowercase().contains(&expected.to_lowercase()),
+            "{what}: {message}"
+        );
     }
     assert_eq!(service.refused(Refusal::Login), cases.len() as u64);
     let ids = service.folder.state().unwrap().identities().unwrap();
@@ -252,15 +258,11 @@ async fn logins_that_must_fail_are_refused_and_say_why() {
         .revoke("ci:github:team/app@refs/heads/main")
         .unwrap();
     let again = token(&mut issuer, "refs/heads/main", true, json!({}));
-    match service.login(&again).await {
-        Err(LoginError::Refused(message)) => {
-            assert!(
-                message.contains("was revoked") && message.contains("issue --replace"),
-                "{message}"
-            )
-        }
-        other => panic!("{other:?}"),
-    }
+    let message = refusal(service.login(&again).await);
+    assert!(
+        message.contains("was revoked") && message.contains("issue --replace"),
+        "{message}"
+    );
     service.stop().await;
 }
 
@@ -418,12 +420,8 @@ async fn a_connection_without_a_certificate_may_only_log_in_with_its_own_key() {
     // An orchestrator without [ci] says it takes no CI logins.
     let plain = Service::start("").await;
     let main = token(&mut issuer, "refs/heads/main", true, json!({}));
-    match plain.login(&main).await {
-        Err(LoginError::Refused(message)) => {
-            assert!(message.contains("takes no CI logins"), "{message}")
-        }
-        other => panic!("{other:?}"),
-    }
+    let message = refusal(plain.login(&main).await);
+    assert!(message.contains("takes no CI logins"), "{message}");
     plain.stop().await;
 }
 
