@@ -74,6 +74,11 @@ impl Service {
         .await
     }
 
+    /// The identities the orchestrator recorded (logins included).
+    fn identities(&self) -> Vec<reprise_orchestrator::state::Identity> {
+        self.folder.state().unwrap().identities().unwrap()
+    }
+
     fn refused(&self, why: Refusal) -> u64 {
         self.telemetry
             .snapshot()
@@ -165,7 +170,7 @@ async fn a_ci_job_gets_a_short_lived_certificate_for_its_repository_only() {
     assert_eq!(pr.repos, ["example.com/team/app"]);
 
     // The identities are recorded like hand-issued ones, with their expiry.
-    let ids = service.folder.state().unwrap().identities().unwrap();
+    let ids = service.identities();
     let main_id = ids
         .iter()
         .find(|i| i.grant.name == "ci:github:team/app@refs/heads/main")
@@ -247,7 +252,7 @@ async fn logins_that_must_fail_are_refused_and_say_why() {
         );
     }
     assert_eq!(service.refused(Refusal::Login), cases.len() as u64);
-    let ids = service.folder.state().unwrap().identities().unwrap();
+    let ids = service.identities();
     assert!(ids.is_empty(), "no refused login is recorded: {ids:?}");
 
     // An administrator revoked the job identity: later jobs stay out.
@@ -293,15 +298,7 @@ async fn the_wrong_orchestrator_never_sees_the_token() {
         "{got:?}"
     );
     assert_eq!(service.refused(Refusal::Login), 0, "no login reached it");
-    assert!(
-        service
-            .folder
-            .state()
-            .unwrap()
-            .identities()
-            .unwrap()
-            .is_empty()
-    );
+    assert!(service.identities().is_empty());
     service.stop().await;
 }
 
@@ -406,15 +403,7 @@ async fn a_connection_without_a_certificate_may_only_log_in_with_its_own_key() {
     )
     .await;
     assert!(matches!(&answer, Message::Error { .. }), "{answer:?}");
-    assert!(
-        service
-            .folder
-            .state()
-            .unwrap()
-            .identities()
-            .unwrap()
-            .is_empty()
-    );
+    assert!(service.identities().is_empty());
     service.stop().await;
 
     // An orchestrator without [ci] says it takes no CI logins.

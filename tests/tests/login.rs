@@ -28,21 +28,21 @@ use reprise_protocol::exit as code;
 use run_support::{Run, Sandbox, example_hello};
 use serde_json::{Value, json};
 use team_support::{
-    Killed, REQUEST_TOKEN, TokenEndpoint, clone_of, fabricate_result_for, free_udp_port, issue,
-    namespace, orchestrator, serve_logged, serving_daemon,
+    CiOrchestrator, Killed, REQUEST_TOKEN, TokenEndpoint, ci_orchestrator, clone_of,
+    fabricate_result_for, issue, namespace, serving_daemon,
 };
 
 /// A team whose orchestrator takes GitHub Actions logins of repository
 /// `team/app` (namespace `example.com/team/app`), and whose trusted
 /// `alice` serves a result of HEAD from her daemon.
 struct Team {
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
     state: String,
     addr: String,
     fingerprint: String,
     issuer: TestIssuer,
     a: Sandbox,
-    _orchestrator: Killed,
+    _orchestrator: CiOrchestrator,
     _daemon: Killed,
 }
 
@@ -52,21 +52,12 @@ impl Team {
     fn new() -> Team {
         let issuer = TestIssuer::start();
         let dir = tempfile::tempdir().expect("temp dir");
-        let state = dir.path().join("orchestrator");
-        let state = state.to_str().expect("utf-8").to_string();
-        orchestrator(&["init", "--dir", &state]);
-        let addr = format!("127.0.0.1:{}", free_udp_port());
-        fs::write(
-            Path::new(&state).join("orchestrator.toml"),
-            format!(
-                "[ci.github]\nissuer = \"{}\"\naudience = \"reprise://{addr}\"\nallow_http_loopback = true\nhost = \"example.com\"\n",
-                issuer.url
-            ),
-        )
-        .expect("settings");
-        let fingerprint = orchestrator_out(&["fingerprint", "--dir", &state]);
-        assert_eq!(fingerprint.len(), 64, "{fingerprint}");
-        let orchestrator = serve_logged(&state, &addr, &dir.path().join("orchestrator.log"));
+        let orchestrator = ci_orchestrator(dir.path(), "github", &issuer.url);
+        let (state, addr, fingerprint) = (
+            orchestrator.state.clone(),
+            orchestrator.addr.clone(),
+            orchestrator.fingerprint.clone(),
+        );
 
         let a = Sandbox::new();
         a.git_init();
@@ -79,7 +70,7 @@ impl Team {
         fabricate_result_for(&a, "hello from alice", Some(&alice), "qemu");
         let (daemon, _) = serving_daemon(&a, &addr, &alice, &dir.path().join("daemon.log"));
         Team {
-            dir,
+            _dir: dir,
             state,
             addr,
             fingerprint,
@@ -111,7 +102,7 @@ impl Team {
     }
 
     fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("orchestrator.log")).unwrap_or_default()
+        fs::read_to_string(&self._orchestrator.log).unwrap_or_default()
     }
 
     /// A CI job's checkout of the repository, its origin the forge's.
@@ -136,22 +127,6 @@ impl Team {
             .expect("reprise");
         Run::from(out)
     }
-}
-
-fn orchestrator_out(args: &[&str]) -> String {
-    let out = std::process::Command::new(team_support::orchestrator_bin())
-        .args(args)
-        .output()
-        .expect("reprise-orchestrator");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("utf-8")
-        .trim()
-        .to_string()
 }
 
 #[test]

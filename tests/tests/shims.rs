@@ -224,43 +224,34 @@ fn zizmor_passes_the_action_and_the_workflow_and_flags_an_injection_and_an_unpin
     // An input pasted into a script: what every input of the action avoids
     // by going through env:.
     let text = read("shims/github/action.yml");
-    let dir = tempfile::tempdir().unwrap();
-    let injected = dir.path().join("injected/action.yml");
-    fs::create_dir_all(injected.parent().unwrap()).unwrap();
-    fs::write(
-        &injected,
-        broken(
+    zizmor_flags(
+        &broken(
             &text,
             "        bin=$(sh \"$GITHUB_ACTION_PATH/../ci.sh\" executor)\n",
             "        echo \"the executor for ${{ inputs.target }}\"\n        bin=$(sh \"$GITHUB_ACTION_PATH/../ci.sh\" executor)\n",
         ),
-    )
-    .unwrap();
-    let (code, findings) = zizmor(&[&injected]);
-    assert_ne!(code, 0, "zizmor passed an injection: {findings:#?}");
-    assert!(
-        idents(&findings).contains(&"template-injection"),
-        "{findings:#?}"
+        "template-injection",
     );
-
     // actions/cache by a tag that can move instead of its commit.
-    let unpinned = dir.path().join("unpinned/action.yml");
-    fs::create_dir_all(unpinned.parent().unwrap()).unwrap();
-    fs::write(
-        &unpinned,
-        broken(
+    zizmor_flags(
+        &broken(
             &text,
             "actions/cache@5a3ec84eff668545956fd18022155c47e93e2684 # v4.2.3",
             "actions/cache@v4",
         ),
-    )
-    .unwrap();
-    let (code, findings) = zizmor(&[&unpinned]);
-    assert_ne!(code, 0, "zizmor passed an unpinned action: {findings:#?}");
-    assert!(
-        idents(&findings).contains(&"unpinned-uses"),
-        "{findings:#?}"
+        "unpinned-uses",
     );
+}
+
+/// zizmor fails on `action` (the text of an action.yml) with `ident`.
+fn zizmor_flags(action: &str, ident: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken/action.yml");
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(&path, action).unwrap();
+    let (code, findings) = zizmor(&[&path]);
+    assert_ne!(code, 0, "zizmor passed what has {ident}: {findings:#?}");
+    assert!(idents(&findings).contains(&ident), "{ident}: {findings:#?}");
 }
 
 // --------------------------------------------------------- action-validator
@@ -1002,42 +993,19 @@ struct RealPipeline {
     jobs_yaml: String,
     alice: PathBuf,
     daemon: Option<team_support::Killed>,
-    _orchestrator: team_support::Killed,
+    _orchestrator: team_support::CiOrchestrator,
 }
 
 impl RealPipeline {
     fn new() -> RealPipeline {
-        use team_support::{free_udp_port, orchestrator, serve_logged};
         let issuer = issuer::TestIssuer::start();
         let dir = tempfile::tempdir().unwrap();
-        let state = dir
-            .path()
-            .join("orchestrator")
-            .to_str()
-            .unwrap()
-            .to_string();
-        orchestrator(&["init", "--dir", &state]);
-        let addr = format!("127.0.0.1:{}", free_udp_port());
-        fs::write(
-            Path::new(&state).join("orchestrator.toml"),
-            format!(
-                "[ci.gitlab]\nissuer = \"{}\"\naudience = \"reprise://{addr}\"\nallow_http_loopback = true\nhost = \"example.com\"\n",
-                issuer.url
-            ),
-        )
-        .unwrap();
-        let fingerprint = {
-            let out = run(
-                Command::new(team_support::orchestrator_bin()).args([
-                    "fingerprint",
-                    "--dir",
-                    &state,
-                ]),
-                "reprise-orchestrator fingerprint",
-            );
-            String::from_utf8(out.stdout).unwrap().trim().to_string()
-        };
-        let server = serve_logged(&state, &addr, &dir.path().join("orchestrator.log"));
+        let server = team_support::ci_orchestrator(dir.path(), "gitlab", &issuer.url);
+        let (state, addr, fingerprint) = (
+            server.state.clone(),
+            server.addr.clone(),
+            server.fingerprint.clone(),
+        );
 
         let project = run_support::Sandbox::new();
         project.git_init();
@@ -1195,38 +1163,13 @@ fn a_gitlab_pipeline_on_a_real_orchestrator_replays_refuses_and_verifies() {
 #[test]
 fn the_action_logs_in_with_the_runners_token_and_replays_from_a_real_orchestrator() {
     use team_support::{
-        REQUEST_TOKEN, TokenEndpoint, fabricate_result_for, free_udp_port, issue, namespace,
-        orchestrator, serve_logged, serving_daemon,
+        REQUEST_TOKEN, TokenEndpoint, ci_orchestrator, fabricate_result_for, issue, namespace,
+        serving_daemon,
     };
     let mut issuer = issuer::TestIssuer::start();
     let dir = tempfile::tempdir().unwrap();
-    let state = dir
-        .path()
-        .join("orchestrator")
-        .to_str()
-        .unwrap()
-        .to_string();
-    orchestrator(&["init", "--dir", &state]);
-    let addr = format!("127.0.0.1:{}", free_udp_port());
-    fs::write(
-        Path::new(&state).join("orchestrator.toml"),
-        format!(
-            "[ci.github]\nissuer = \"{}\"\naudience = \"reprise://{addr}\"\nallow_http_loopback = true\nhost = \"example.com\"\n",
-            issuer.url
-        ),
-    )
-    .unwrap();
-    let fingerprint = String::from_utf8(
-        run(
-            Command::new(team_support::orchestrator_bin()).args(["fingerprint", "--dir", &state]),
-            "fingerprint",
-        )
-        .stdout,
-    )
-    .unwrap()
-    .trim()
-    .to_string();
-    let _server = serve_logged(&state, &addr, &dir.path().join("orchestrator.log"));
+    let server = ci_orchestrator(dir.path(), "github", &issuer.url);
+    let (state, addr, fingerprint) = (&server.state, &server.addr, &server.fingerprint);
 
     // The checkout: alice (trusted) ran this revision and serves it.
     let checkout = run_support::Sandbox::new();
@@ -1243,9 +1186,9 @@ fn the_action_logs_in_with_the_runners_token_and_replays_from_a_real_orchestrato
         .commit("hello");
     assert_eq!(namespace(&checkout), "example.com/team/app");
     let alice = dir.path().join("alice.pem");
-    issue(&state, "alice", &["example.com/team/app"], true, &alice);
+    issue(state, "alice", &["example.com/team/app"], true, &alice);
     fabricate_result_for(&checkout, "hello from alice", Some(&alice), "qemu");
-    let _daemon = serving_daemon(&checkout, &addr, &alice, &dir.path().join("daemon.log"));
+    let _daemon = serving_daemon(&checkout, addr, &alice, &dir.path().join("daemon.log"));
 
     // The runner's token endpoint answers with a token of this job.
     let token = issuer.token_of(serde_json::json!({"op": "sign", "claims": {
@@ -1264,8 +1207,8 @@ fn the_action_logs_in_with_the_runners_token_and_replays_from_a_real_orchestrato
     let data = dir.path().join("runner-data");
     let job = run_action(
         &[
-            ("orchestrator", &addr),
-            ("ca-fingerprint", &fingerprint),
+            ("orchestrator", addr),
+            ("ca-fingerprint", fingerprint),
             ("mode", "replay-only"),
             ("cache", "false"),
             ("executor-path", real_reprise().to_str().unwrap()),

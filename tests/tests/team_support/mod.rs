@@ -402,3 +402,57 @@ impl TokenEndpoint {
         TokenEndpoint { url, asked }
     }
 }
+
+/// A running orchestrator that takes CI logins: its state folder, address,
+/// team CA fingerprint and log.
+pub struct CiOrchestrator {
+    pub state: String,
+    pub addr: String,
+    pub fingerprint: String,
+    pub log: PathBuf,
+    _server: Killed,
+}
+
+/// An orchestrator in `dir` on loopback whose `[ci.FORGE]` (`github` or
+/// `gitlab`) takes tokens of the issuer at `issuer_url` with the audience
+/// `reprise login` asks for by default, granting namespaces on the host
+/// `example.com`.
+pub fn ci_orchestrator(dir: &Path, forge: &str, issuer_url: &str) -> CiOrchestrator {
+    let state = dir
+        .join("orchestrator")
+        .to_str()
+        .expect("utf-8")
+        .to_string();
+    orchestrator(&["init", "--dir", &state]);
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    fs::write(
+        Path::new(&state).join("orchestrator.toml"),
+        format!(
+            "[ci.{forge}]\nissuer = \"{issuer_url}\"\naudience = \"reprise://{addr}\"\nallow_http_loopback = true\nhost = \"example.com\"\n"
+        ),
+    )
+    .expect("settings");
+    let out = Command::new(orchestrator_bin())
+        .args(["fingerprint", "--dir", &state])
+        .output()
+        .expect("reprise-orchestrator fingerprint");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fingerprint = String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string();
+    assert_eq!(fingerprint.len(), 64, "{fingerprint}");
+    let log = dir.join("orchestrator.log");
+    let server = serve_logged(&state, &addr, &log);
+    CiOrchestrator {
+        state,
+        addr,
+        fingerprint,
+        log,
+        _server: server,
+    }
+}
