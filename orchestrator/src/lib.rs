@@ -18,6 +18,7 @@
 //! config.
 
 pub mod dashboard;
+pub mod explain;
 pub mod http;
 pub mod limits;
 pub mod login;

@@ -100,6 +100,11 @@ enum Command {
         #[command(subcommand)]
         command: IdentitiesCommand,
     },
+    /// The repositories' trust policy.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// The audit log: replays and conflicts, oldest first.
     #[command(after_help = "Examples:\n  \
         reprise-orchestrator audit --dir /srv/reprise --since 24h\n  \
@@ -115,6 +120,28 @@ enum Command {
         #[arg(long, value_name = "DURATION|TIME", value_parser = parse_since)]
         since: Option<u64>,
         /// One JSON document on stdout (`version`, `entries`).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Why an identity's results do or do not count for CI in a
+    /// repository, and what its results must also show. Exit 0 when they
+    /// count, 1 when not.
+    #[command(after_help = "Examples:\n  \
+        reprise-orchestrator policy check --dir /srv/reprise --identity alice --repo example.com/team/app\n  \
+        reprise-orchestrator policy check --dir /srv/reprise --identity ci:github:team/app@refs/heads/main --repo github.com/team/app --json")]
+    Check {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        identity: String,
+        /// The repository namespace.
+        #[arg(long = "repo", value_name = "NAMESPACE")]
+        repo: String,
+        /// One JSON document on stdout.
         #[arg(long)]
         json: bool,
     },
@@ -245,6 +272,59 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print_json(&audit_json(&entries));
             } else {
                 print_audit(&entries);
+            }
+        }
+        Command::Policy {
+            command:
+                PolicyCommand::Check {
+                    dir,
+                    identity,
+                    repo,
+                    json,
+                },
+        } => {
+            let folder = Folder::open(&dir)?;
+            let policy = folder.settings()?.policy.for_repo(&repo);
+            let e = reprise_orchestrator::explain::explain(
+                &folder.state()?,
+                &policy,
+                &identity,
+                &repo,
+                state::now_secs(),
+            )
+            .context("while reading the state database")?;
+            if json {
+                print_json(&serde_json::json!({
+                    "version": JSON_VERSION,
+                    "identity": e.identity,
+                    "repo": e.namespace,
+                    "may_read": e.may_read,
+                    "counts": e.counts,
+                    "reasons": e.reasons,
+                    "conditions": e.conditions,
+                }));
+            } else {
+                let mut text = format!(
+                    "{} in {}: {}\n",
+                    e.identity,
+                    e.namespace,
+                    match (e.counts, e.may_read) {
+                        (true, _) => "its results count for CI",
+                        (false, true) => "may read and replay; its results do not count",
+                        (false, false) => "may not read; nothing it produces counts",
+                    }
+                );
+                for r in &e.reasons {
+                    text.push_str(&format!("  because {r}\n"));
+                }
+                text.push_str("a result counts only if it is\n");
+                for c in &e.conditions {
+                    text.push_str(&format!("  {c}\n"));
+                }
+                print(&text);
+            }
+            if !e.counts {
+                std::process::exit(1);
             }
         }
         Command::Fingerprint { dir } => {

@@ -229,3 +229,73 @@ fn a_damaged_version_1_state_log_refuses_to_start_and_changes_nothing() {
     assert!(d.join("state.jsonl").exists());
     assert_eq!(fs::read(d.join("config.json")).unwrap(), before);
 }
+
+#[test]
+fn policy_check_explains_whose_results_count_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("orch");
+    let d = d.to_str().unwrap();
+    ok(&["init", "--dir", d]);
+    fs::write(
+        dir.path().join("orch/orchestrator.toml"),
+        "[policy.repos.\"ns/app\"]\nrequire_fresh = true\n",
+    )
+    .unwrap();
+    let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    for (name, trusted) in [("alice", true), ("bob", false)] {
+        let file = out(&format!("{name}.pem"));
+        let mut args = vec![
+            "issue", "--dir", d, "--name", name, "--repo", "ns/app", "--out", &file,
+        ];
+        if trusted {
+            args.push("--trusted");
+        }
+        ok(&args);
+    }
+    let check = |who: &str, repo: &str| {
+        orchestrator(&[
+            "policy",
+            "check",
+            "--dir",
+            d,
+            "--identity",
+            who,
+            "--repo",
+            repo,
+        ])
+    };
+    let alice = check("alice", "ns/app");
+    let said = String::from_utf8_lossy(&alice.stdout);
+    assert!(alice.status.success(), "{said}");
+    assert!(
+        said.contains("alice in ns/app: its results count for CI")
+            && said.contains("trusted (issued with --trusted)")
+            && said.contains("fresh snapshot"),
+        "{said}"
+    );
+    let bob = check("bob", "ns/app");
+    assert_eq!(bob.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bob.stdout).contains("not trusted"));
+    let elsewhere = check("alice", "ns/other");
+    assert_eq!(elsewhere.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&elsewhere.stdout).contains("may not read"));
+    ok(&["revoke", "--dir", d, "--name", "alice"]);
+    let revoked = orchestrator(&[
+        "policy",
+        "check",
+        "--dir",
+        d,
+        "--identity",
+        "alice",
+        "--repo",
+        "ns/app",
+        "--json",
+    ]);
+    assert_eq!(revoked.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&revoked.stdout).unwrap();
+    assert_eq!(doc["counts"], false);
+    assert!(
+        doc["reasons"][0].as_str().unwrap().contains("revoked"),
+        "{doc}"
+    );
+}
