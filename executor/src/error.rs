@@ -46,6 +46,12 @@ pub enum RunError {
     Snapshot(#[from] SnapshotError),
     #[error("the podman driver: {0}")]
     Podman(String),
+    /// The tests wrote more output than a result may hold; recording
+    /// stopped at the limit.
+    #[error(
+        "{0}: the tests wrote more output than a result holds; recording stopped at the limit and nothing was kept (a result this large could not be replayed or served)"
+    )]
+    OutputTooLarge(reprise_protocol::manifest::Oversize),
     #[error("{0}")]
     Infra(String),
     /// `--mode replay-only` found no result that counts.
@@ -75,7 +81,9 @@ impl RunError {
             RunError::Timeout(_) => exit::TIMEOUT,
             RunError::Store(StoreError::Full(_)) => exit::STORE_FULL,
             // Tests that make more output or artifacts than a result holds.
-            RunError::Store(StoreError::TooLarge(_)) => exit::CONTRACT,
+            RunError::Store(StoreError::TooLarge(_)) | RunError::OutputTooLarge(_) => {
+                exit::CONTRACT
+            }
             RunError::Image(ImageError::DiskFull { .. }) => exit::STORE_FULL,
             // A symlink in the artifacts folder: the repository's doing.
             RunError::Replay(ReplayError::Unsafe(_)) => exit::CONTRACT,

@@ -194,13 +194,22 @@ async fn fetch_from_peers(
             },
         )),
         Err(e) => {
-            ui.note(&format!(
-                "the result offered by {producer} was refused: {}; running the tests here",
-                error_chain(&e)
-            ));
+            ui.note(&fetch_failed(&producer, &e));
             None
         }
     }
+}
+
+/// The note of a fetch that failed: the run goes on as a miss.
+fn fetch_failed(producer: &str, e: &crate::link::fetch::FetchError) -> String {
+    let what = match e {
+        crate::link::fetch::FetchError::DiskFull(_) => "could not be kept",
+        _ => "was refused",
+    };
+    format!(
+        "the result offered by {producer} {what}: {}; running the tests here",
+        error_chain(e)
+    )
 }
 
 /// Runs (or replays) the request. `link` is the orchestrator, asked on a

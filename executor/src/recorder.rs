@@ -1,6 +1,9 @@
 //! A command's output, as the user sees it and as the result keeps it:
 //! shown live on the terminal, redacted of the secrets' values, and (for
-//! the tests) recorded with its timing into a file, never whole in memory.
+//! the tests) recorded with its timing into a file, never whole in memory
+//! and never past a size limit: once the record would outgrow it, nothing
+//! more is written (the output is still shown) and the recording ends in
+//! [`RecordError::TooLarge`].
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -8,8 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use reprise_protocol::digest::Sha256Digest;
+use reprise_protocol::manifest::Oversize;
 use reprise_protocol::record::{self, StreamId};
 use sha2::{Digest, Sha256};
+use thiserror::Error;
 
 use crate::redact::{Patterns, Redactor};
 use crate::ui::Ui;
@@ -40,8 +45,24 @@ struct Sink {
     file: BufWriter<File>,
     hasher: Sha256,
     bytes: u64,
+    /// The most the file may hold.
+    limit: u64,
+    /// What the record would hold without the limit; over it, nothing
+    /// more is written.
+    wanted: u64,
     /// The first write that failed; the recording is then unusable.
     error: Option<std::io::Error>,
+}
+
+/// Why a recording is unusable.
+#[derive(Debug, Error)]
+pub enum RecordError {
+    /// The disk the recording is on.
+    #[error("writing the output record")]
+    Io(#[from] std::io::Error),
+    /// The output outgrew the limit; what was recorded is a prefix.
+    #[error(transparent)]
+    TooLarge(Oversize),
 }
 
 /// A finished recording.
@@ -63,10 +84,13 @@ impl<'u> Recorder<'u> {
         }
     }
 
-    /// Shows output and records it into a new file at `path`.
+    /// Shows output and records it into a new file at `path`, which is
+    /// never written past `limit` bytes (a result's limit is
+    /// [`reprise_protocol::manifest::MAX_RECORD_BYTES`]).
     pub fn to_file(
         secrets: &Patterns,
         path: &Path,
+        limit: u64,
         ui: &'u dyn Ui,
     ) -> std::io::Result<Recorder<'u>> {
         let file = File::create(path)?;
@@ -76,6 +100,8 @@ impl<'u> Recorder<'u> {
                 file: BufWriter::with_capacity(64 * 1024, file),
                 hasher: Sha256::new(),
                 bytes: 0,
+                limit,
+                wanted: 0,
                 error: None,
             }),
             ..Recorder::shown(secrets, ui)
@@ -107,9 +133,9 @@ impl<'u> Recorder<'u> {
         self.emit(stream, &clean);
     }
 
-    /// Flushes what the redactors held back, and closes the recording.
-    /// An error here is an error of the disk the recording is on.
-    pub fn finish(mut self) -> std::io::Result<Option<Recorded>> {
+    /// Flushes what the redactors held back, and closes the recording:
+    /// an error of the disk the recording is on, or output over the limit.
+    pub fn finish(mut self) -> Result<Option<Recorded>, RecordError> {
         for stream in [Stream::Stdout, Stream::Stderr] {
             let rest = self.redact[stream as usize].finish();
             self.emit(stream, &rest);
@@ -118,7 +144,14 @@ impl<'u> Recorder<'u> {
             return Ok(None);
         };
         if let Some(e) = sink.error.take() {
-            return Err(e);
+            return Err(e.into());
+        }
+        if sink.wanted > sink.limit {
+            return Err(RecordError::TooLarge(Oversize {
+                part: "output record".into(),
+                found: sink.wanted,
+                max: sink.limit,
+            }));
         }
         sink.file.flush()?;
         sink.file.get_ref().sync_all()?;
@@ -132,7 +165,10 @@ impl<'u> Recorder<'u> {
 
 impl Sink {
     fn write(&mut self, data: &[u8]) {
-        if self.error.is_some() {
+        self.wanted = self.wanted.saturating_add(data.len() as u64);
+        // Once over the limit, nothing more: the file stays a prefix of
+        // whole entries, and no larger than the limit.
+        if self.error.is_some() || self.wanted > self.limit {
             return;
         }
         match self.file.write_all(data) {
@@ -157,6 +193,7 @@ mod tests {
         let mut r = Recorder::to_file(
             &Patterns::new(&[("PW".into(), "hunter2".into())]),
             &path,
+            1 << 20,
             &Silent,
         )
         .unwrap();
@@ -185,5 +222,65 @@ mod tests {
                 .unwrap(),
             None
         );
+    }
+
+    /// Counts the live output it is shown.
+    #[derive(Debug, Default)]
+    struct Shown(std::sync::atomic::AtomicU64);
+
+    impl Ui for Shown {
+        fn note(&self, _line: &str) {}
+        fn phase(&self, _name: &str, _took: std::time::Duration) {}
+        fn image_step(&self, _step: &str) {}
+        fn output(&self, _stream: Stream, bytes: &[u8]) {
+            self.0
+                .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Regression: the record grew without a bound while the tests ran; the
+    /// 256 MiB limit was checked only at the commit, with all of it on disk.
+    #[test]
+    fn a_recording_stops_at_its_limit_and_says_how_large_it_would_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("output.rec");
+        let shown = Shown::default();
+        let limit = 1024;
+        let mut r = Recorder::to_file(&Patterns::default(), &path, limit, &shown).unwrap();
+        let line = [b'x'; 99];
+        for _ in 0..100 {
+            r.feed(Stream::Stdout, &line);
+        }
+        let err = r.finish().unwrap_err();
+        let RecordError::TooLarge(over) = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(over.max, limit);
+        assert!(over.found > 99 * 100, "{over:?}");
+        assert_eq!(over.part, "output record");
+        assert!(
+            err.to_string()
+                .contains(&format!("over the limit of {limit}")),
+            "{err}"
+        );
+        let kept = std::fs::read(&path).unwrap();
+        assert!(kept.len() as u64 <= limit && !kept.is_empty());
+        // What was kept is whole entries, a prefix of the output.
+        let entries = record::decode(&kept).expect("a prefix of whole entries");
+        assert!(entries.iter().all(|e| e.bytes == line));
+        assert_eq!(
+            shown.0.load(std::sync::atomic::Ordering::Relaxed),
+            99 * 100,
+            "all of it was shown live"
+        );
+
+        // Up to the limit, a recording is kept whole.
+        let path = dir.path().join("small.rec");
+        let quiet = Shown::default();
+        let mut r = Recorder::to_file(&Patterns::default(), &path, limit, &quiet).unwrap();
+        r.feed(Stream::Stderr, &line);
+        let done = r.finish().unwrap().expect("recorded");
+        assert_eq!(done.bytes, std::fs::metadata(&path).unwrap().len());
+        assert!(done.bytes <= limit);
     }
 }

@@ -154,8 +154,11 @@ impl SavedGuests {
         step("saving a booted guest to start runs from (once per image and accelerator)");
         self.remove_unused();
         let dest = self.root.join(&key);
-        let scratch = self.root.join(format!(".{key}.tmp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&scratch);
+        // Made in a work folder of this process beside the saved guests
+        // (`.stage-*`), which the next command removes if this one dies.
+        let stage = crate::workdir::WorkDir::new_in(&self.root, crate::workdir::STAGE_PREFIX)
+            .map_err(io(&self.root))?;
+        let scratch = stage.path().join(&key);
         let source_config = Self::source_config(config);
         let made = async {
             let vm = Vm::boot(&source_config).await?;
@@ -169,12 +172,10 @@ impl SavedGuests {
             saved.map_err(SavedGuestsError::from)
         }
         .await;
-        if let Err(e) = made {
-            let _ = std::fs::remove_dir_all(&scratch);
-            return Err(e);
-        }
+        made?;
         let _ = std::fs::remove_dir_all(&dest);
         std::fs::rename(&scratch, &dest).map_err(io(&dest))?;
+        drop(stage);
         SavedGuest::load(&dest).ok_or_else(|| SavedGuestsError::Io {
             path: dest,
             source: std::io::Error::other("the saved guest is incomplete"),

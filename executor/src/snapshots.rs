@@ -25,6 +25,9 @@
 //! A run holds a shared lock on the generation it boots on; a new
 //! generation is a copy of the one its run booted on with the run's overlay
 //! committed into it, renamed into place, then `current` is swapped to it.
+//! Whatever is made (a generation, a podman run's folder, the blank disk)
+//! is made in a [`Stage`], a work folder beside the generations that the
+//! next command removes once its owner is gone ([`crate::workdir`]).
 //! Generations nobody holds are removed after each update. Snapshots unused
 //! for [`MAX_AGE`] are dropped.
 
@@ -39,6 +42,7 @@ use reprise_protocol::manifest::Snapshot;
 use thiserror::Error;
 
 use crate::image::Image;
+use crate::workdir::WorkDir;
 
 /// Snapshots older than this are not used, and are removed.
 pub const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -104,6 +108,30 @@ pub fn next_generation(parent: Snapshot, key: &RunKey, nanos: u128) -> Sha256Dig
     bytes.extend_from_slice(&nanos.to_be_bytes());
     bytes.extend_from_slice(&std::process::id().to_be_bytes());
     Sha256Digest::of(&bytes)
+}
+
+/// Something being made beside the generations: a work folder
+/// (`.stage-*`, owned and locked by this process) holding it, renamed out
+/// of it when done. Dropped, it goes with what is left in it.
+#[derive(Debug)]
+pub struct Stage {
+    /// Held for its lock; removes the folder when dropped.
+    _work: WorkDir,
+    path: PathBuf,
+}
+
+impl Stage {
+    /// A stage in `folder` for a file or folder called `name`.
+    fn new_in(folder: &Path, name: &str) -> Result<Stage, SnapshotError> {
+        let work = WorkDir::new_in(folder, crate::workdir::STAGE_PREFIX).map_err(io(folder))?;
+        let path = work.path().join(name);
+        Ok(Stage { _work: work, path })
+    }
+
+    /// What is being made (not there until it is made).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// A generation a run boots on: its file, its id, and a shared lock that
@@ -229,13 +257,10 @@ impl Snapshots {
         if path.is_file() {
             return Ok(path);
         }
-        std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
-        let scratch = self
-            .root
-            .join(format!(".{BLANK}.tmp-{}", std::process::id()));
-        crate::vm::disk::make_blank_ext4(&scratch, STATE_DISK_BYTES, "reprise-state")
+        let stage = Stage::new_in(&self.root, BLANK)?;
+        crate::vm::disk::make_blank_ext4(stage.path(), STATE_DISK_BYTES, "reprise-state")
             .map_err(SnapshotError::Blank)?;
-        std::fs::rename(&scratch, &path).map_err(io(&path))?;
+        std::fs::rename(stage.path(), &path).map_err(io(&path))?;
         Ok(path)
     }
 
@@ -264,36 +289,33 @@ impl Snapshots {
 
     /// A folder beside `repo`'s generations holding a copy of `start` (or
     /// nothing, for a fresh start): what a run of the podman driver mounts
-    /// and changes. [`Snapshots::commit_folder`] makes it a generation.
+    /// (at [`Stage::path`]) and changes. [`Snapshots::commit_folder`]
+    /// makes it a generation; dropped, it is removed.
     pub fn stage_folder(
         &self,
         repo: &RepoId,
         image: &Image,
         start: &SnapshotStart,
-    ) -> Result<PathBuf, SnapshotError> {
+    ) -> Result<Stage, SnapshotError> {
         let folder = self.folder(repo, image);
-        std::fs::create_dir_all(&folder).map_err(io(&folder))?;
-        let staged = tempfile::Builder::new()
-            .prefix(".stage-")
-            .tempdir_in(&folder)
-            .map_err(io(&folder))?
-            .keep();
+        let stage = Stage::new_in(&folder, "state")?;
+        let staged = stage.path();
+        std::fs::create_dir(staged).map_err(io(staged))?;
         if let SnapshotStart::Generation(g) = start {
             let out = Command::new("cp")
                 .args(["-a", "--reflink=auto"])
                 .arg(g.path.join("."))
-                .arg(&staged)
+                .arg(staged)
                 .output()
-                .map_err(io(&staged))?;
+                .map_err(io(staged))?;
             if !out.status.success() {
-                let _ = std::fs::remove_dir_all(&staged);
                 return Err(SnapshotError::Tool {
                     tool: "cp",
                     stderr: String::from_utf8_lossy(&out.stderr).trim().into(),
                 });
             }
         }
-        Ok(staged)
+        Ok(stage)
     }
 
     /// Makes the folder `staged` (from [`Snapshots::stage_folder`]) a new
@@ -303,14 +325,15 @@ impl Snapshots {
         &self,
         repo: &RepoId,
         image: &Image,
-        staged: &Path,
+        staged: Stage,
         start: SnapshotStart,
         key: &RunKey,
     ) -> Result<Sha256Digest, SnapshotError> {
         let folder = self.folder(repo, image);
         let generation = next_generation(start.snapshot(), key, now_nanos());
         let dest = folder.join(format!("{generation}{}", self.form.suffix()));
-        std::fs::rename(staged, &dest).map_err(io(&dest))?;
+        std::fs::rename(staged.path(), &dest).map_err(io(&dest))?;
+        drop(staged);
         self.make_current(&folder, &generation)?;
         drop(start);
         self.remove_unused(&folder, &generation);
@@ -339,17 +362,17 @@ impl Snapshots {
         key: &RunKey,
     ) -> Result<Sha256Digest, SnapshotError> {
         let folder = self.folder(repo, image);
-        std::fs::create_dir_all(&folder).map_err(io(&folder))?;
         let generation = next_generation(base.snapshot(), key, now_nanos());
         let dest = folder.join(format!("{generation}.qcow2"));
-        let new = folder.join(format!(".{generation}.tmp"));
+        let stage = Stage::new_in(&folder, &format!("{generation}.qcow2"))?;
+        let new = stage.path();
         let result = (|| {
             let out = Command::new("cp")
                 .args(["--reflink=auto", "--sparse=always"])
                 .arg(base.path())
-                .arg(&new)
+                .arg(new)
                 .output()
-                .map_err(io(&new))?;
+                .map_err(io(new))?;
             if !out.status.success() {
                 return Err(SnapshotError::Tool {
                     tool: "cp",
@@ -358,14 +381,14 @@ impl Snapshots {
             }
             // Point the overlay at the copy (same contents as what it was
             // booted on), then write its changes into the copy.
-            let abs_new = std::path::absolute(&new).map_err(io(&new))?;
+            let abs_new = std::path::absolute(new).map_err(io(new))?;
             qemu_img(&["rebase", "-u", "-F", "qcow2", "-b"], &[&abs_new, overlay])?;
             qemu_img(&["commit", "-q"], &[overlay])?;
-            std::fs::rename(&new, &dest).map_err(io(&dest))?;
+            std::fs::rename(new, &dest).map_err(io(&dest))?;
             self.make_current(&folder, &generation)
         })();
+        drop(stage);
         if result.is_err() {
-            let _ = std::fs::remove_file(&new);
             return result.map(|()| generation);
         }
         drop(base);

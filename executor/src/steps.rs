@@ -18,7 +18,7 @@ use crate::driver::{
 };
 use crate::error::RunError;
 use crate::inputs::Keyed;
-use crate::recorder::Recorder;
+use crate::recorder::{RecordError, Recorder};
 use crate::redact::Patterns;
 use crate::ui::Ui;
 
@@ -163,16 +163,22 @@ pub async fn run<S: Session>(
     let mut podman_env = container_env.clone();
     podman_env.insert("PATH".into(), OS_PATH.into());
     let record_path = inputs.work.join("output.rec");
-    let mut recorder = Recorder::to_file(&secret_values, &record_path, ui)
-        .map_err(|e| recording_failed(&record_path, e))?;
+    let mut recorder = Recorder::to_file(
+        &secret_values,
+        &record_path,
+        reprise_protocol::manifest::MAX_RECORD_BYTES,
+        ui,
+    )
+    .map_err(|e| recording_failed(&record_path, e))?;
     ui.command(&argv);
     let exit_code = session
         .exec(&argv, &podman_env, &mut |s, b| recorder.feed(s, b))
         .await?;
-    let record = recorder
-        .finish()
-        .map_err(|e| recording_failed(&record_path, e))?
-        .expect("a recorder to a file records");
+    let record = match recorder.finish() {
+        Ok(record) => record.expect("a recorder to a file records"),
+        Err(RecordError::Io(e)) => return Err(recording_failed(&record_path, e)),
+        Err(RecordError::TooLarge(over)) => return Err(RunError::OutputTooLarge(over)),
+    };
     // podman's own failures exit 125; only then is it worth asking (one
     // podman start costs about a second under TCG) whether the image is
     // missing, which is the repository's mistake and not a test failure.

@@ -7,11 +7,16 @@
 //! failed/<key>-<time>/...       failed runs, kept for inspection
 //! blobs/<sha256>                artifacts, content-addressed
 //! tmp/                          staging; never read
+//! placing.lock                  held by commits placing blobs, and by gc
 //! ```
 //!
-//! A result is staged in `tmp/`, every file synced, and then renamed into
-//! `results/` in one step (exchanged with an older copy when there is one),
-//! so a reader sees a whole result or none. A result received from a peer
+//! A result is staged in `tmp/` (its blobs too), every file synced, and
+//! then renamed into `results/` in one step (exchanged with an older copy
+//! when there is one), so a reader sees a whole result or none. Its blobs
+//! move into `blobs/` just before, under the store's [`PLACING`] lock
+//! (shared), which [`Store::gc`] takes exclusive before it removes blobs no
+//! result refers to: a blob placed for a result not renamed into place yet
+//! is never taken for an orphan. A result received from a peer
 //! ([`Store::receive`]) is written into its staging folder as it arrives,
 //! each file synced in the background once whole, and committed by
 //! renames: its bytes are read from the wire once, never copied. Running out of space anywhere on
@@ -24,6 +29,7 @@
 //! is stored under that key and its inputs hash to it.
 
 use crate::workdir::WorkDir;
+use nix::fcntl::{Flock, FlockArg};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
@@ -99,6 +105,12 @@ pub const KEPT_LOCAL: &str = "kept-local.txt";
 /// What of [`KEPT_LOCAL`] is read.
 pub const KEPT_LOCAL_MAX: u64 = 4096;
 
+/// The lock, in the store's root, that a commit holds shared from when it
+/// moves its blobs into `blobs/` until its result is renamed into place,
+/// and that [`Store::gc`] holds exclusive while it decides which blobs
+/// nothing refers to and removes them.
+pub const PLACING: &str = "placing.lock";
+
 impl StoredResult {
     /// Why the result is kept on this machine, if it is.
     /// One line, at most [`KEPT_LOCAL_MAX`] bytes of it, whatever the file
@@ -166,6 +178,18 @@ impl Default for Retention {
             max_age: None,
         }
     }
+}
+
+/// What a [`Store::gc`] removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Collected {
+    /// Results dropped beyond the retention.
+    pub results: usize,
+    /// Blobs no result referred to.
+    pub blobs: usize,
+    /// A commit was placing its blobs, so none were removed: the next
+    /// `gc` does it.
+    pub blobs_deferred: bool,
 }
 
 /// The local store.
@@ -281,15 +305,16 @@ impl Store {
         let (sha256, bytes) = copy_synced(record, &out)?;
         manifest.output_sha256 = sha256;
         manifest.output_bytes = bytes;
-        manifest.artifacts = match artifacts {
-            Some(dir) if dir.is_dir() => self.store_artifacts(dir, bytes)?,
-            _ => Vec::new(),
+        let (artifacts, blobs) = match artifacts {
+            Some(dir) if dir.is_dir() => self.stage_artifacts(dir, bytes, &stage)?,
+            _ => (Vec::new(), Vec::new()),
         };
+        manifest.artifacts = artifacts;
         manifest.check_sizes()?;
         manifest.version = MANIFEST_VERSION;
         let seal = sealer.map(|s| s.seal(&manifest));
         crate::faults::pause_point("commit");
-        self.finish(stage, manifest, seal)
+        self.finish(stage, manifest, seal, blobs)
     }
 
     /// Starts receiving a result from a peer, `sealed` exactly as its
@@ -321,13 +346,14 @@ impl Store {
         Ok(receiving)
     }
 
-    /// Writes the manifest and seal into `stage`, syncs it, and renames it
-    /// into place.
+    /// Writes the manifest and seal into `stage`, syncs it, and places it
+    /// with its staged `blobs`.
     fn finish(
         &self,
         stage: WorkDir,
         manifest: ResultManifest,
         seal: Option<Seal>,
+        blobs: Vec<(Sha256Digest, PathBuf)>,
     ) -> Result<StoredResult, StoreError> {
         let text = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
         write_synced(&stage.path().join("manifest.json"), &text)?;
@@ -335,18 +361,78 @@ impl Store {
             let text = serde_json::to_vec_pretty(seal).expect("seal serialises");
             write_synced(&stage.path().join("seal.json"), &text)?;
         }
-        sync_dir(stage.path())?;
-        self.place(stage, manifest, seal)
+        self.place(stage, manifest, seal, blobs)
     }
 
-    /// Renames a staging folder whose every file and entry is synced into
-    /// place, and syncs its new parent.
+    /// Opens and locks the store's [`PLACING`] lock; `None` if `how` does
+    /// not wait and someone else holds it.
+    fn placing(&self, how: FlockArg) -> Result<Option<Flock<fs::File>>, StoreError> {
+        fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
+        let path = self.root.join(PLACING);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        match Flock::lock(file, how) {
+            Ok(lock) => Ok(Some(lock)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, errno)) => Err(io_err(&path)(errno.into())),
+        }
+    }
+
+    /// Places a staging folder whose every file is synced: under the
+    /// [`PLACING`] lock (shared), moves its staged `blobs` (synced files in
+    /// `stage/blobs/`, with the sha256 each was checked against) into
+    /// `blobs/` (one already there is kept and the staged copy dropped),
+    /// syncs both folders, renames the result into place and syncs its new
+    /// parent.
+    ///
+    /// Why a lock and not a grace period in `gc`: between a blob's move
+    /// and the result's rename, nothing on disk refers to the blob, and a
+    /// commit may also count on a blob that is already there (of an older
+    /// result `gc` is dropping this moment), whatever its age. Staging the
+    /// blobs in the locked staging folder keeps them from `gc` until the
+    /// move; the lock covers the move to the rename, and no longer: it is
+    /// held for renames and syncs only, never while artifacts are copied
+    /// or received.
     fn place(
         &self,
         stage: WorkDir,
         manifest: ResultManifest,
         seal: Option<Seal>,
+        blobs: Vec<(Sha256Digest, PathBuf)>,
     ) -> Result<StoredResult, StoreError> {
+        let _placing = self.placing(FlockArg::LockShared)?;
+        let store_blobs = self.root.join("blobs");
+        let staged_blobs = stage.path().join("blobs");
+        let mut moved = false;
+        if staged_blobs.exists() {
+            fs::create_dir_all(&store_blobs).map_err(io_err(&store_blobs))?;
+            for (sha, staged) in blobs {
+                let blob = self.blob(&sha);
+                if blob.exists() {
+                    fs::remove_file(&staged).map_err(io_err(&staged))?;
+                } else {
+                    fs::rename(&staged, &blob).map_err(io_err(&blob))?;
+                    moved = true;
+                }
+            }
+            fs::remove_dir(&staged_blobs).map_err(io_err(&staged_blobs))?;
+        }
+        // The two folders at once: their syncs share a journal commit.
+        let stage_dir = stage.path().to_path_buf();
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| match moved {
+                true => sync_dir(&store_blobs),
+                false => Ok(()),
+            });
+            (a.join(), sync_dir(&stage_dir))
+        });
+        a.expect("sync thread")?;
+        b?;
+        crate::faults::pause_point("place");
         let dest = match manifest.outcome {
             Outcome::Passed => self.results().join(manifest.key.hex()),
             Outcome::Failed => self.root.join("failed").join(format!(
@@ -382,11 +468,21 @@ impl Store {
         })
     }
 
-    /// Copies the files under `dir` into the blobs, once they are known to
-    /// fit the size limits beside a record of `record_bytes`.
-    fn store_artifacts(&self, dir: &Path, record_bytes: u64) -> Result<Vec<Artifact>, StoreError> {
-        let blobs = self.root.join("blobs");
-        fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
+    /// Stages the files under `dir` as blobs in `stage/blobs/`, synced,
+    /// once they are known to fit the size limits beside a record of
+    /// `record_bytes`: a blob the store holds already is linked (its name
+    /// may go while this commit runs; the staged link keeps its bytes), a
+    /// new one copied. Returns the artifacts and the staged blobs, one per
+    /// content.
+    #[expect(clippy::type_complexity, reason = "two lists, named at the caller")]
+    fn stage_artifacts(
+        &self,
+        dir: &Path,
+        record_bytes: u64,
+        stage: &WorkDir,
+    ) -> Result<(Vec<Artifact>, Vec<(Sha256Digest, PathBuf)>), StoreError> {
+        let staged_blobs = stage.path().join("blobs");
+        fs::create_dir(&staged_blobs).map_err(io_err(&staged_blobs))?;
         let mut artifacts = Vec::new();
         let files = artifact_files(dir)?;
         let mut sizes = Vec::with_capacity(files.len());
@@ -398,6 +494,7 @@ impl Store {
             record_bytes,
             files.iter().map(|f| f.as_str()).zip(sizes.iter().copied()),
         )?;
+        let mut staged: Vec<(Sha256Digest, PathBuf)> = Vec::new();
         for rel in files {
             let path = dir.join(rel.as_str());
             let sha = crate::image::sha256_file(&path)
@@ -405,16 +502,15 @@ impl Store {
                 .parse::<Sha256Digest>()
                 .expect("sha256_file gives 64 hex digits");
             let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
-            let blob = self.blob(&sha);
-            if !blob.exists() {
-                let tmp = blobs.join(format!(".{sha}.{}", std::process::id()));
-                let copied = fs::copy(&path, &tmp)
-                    .and_then(|_| fs::File::open(&tmp)?.sync_all())
-                    .and_then(|()| fs::rename(&tmp, &blob));
-                if let Err(e) = copied {
-                    let _ = fs::remove_file(&tmp);
-                    return Err(io_err(&blob)(e));
+            if !staged.iter().any(|(s, _)| *s == sha) {
+                let to = staged_blobs.join(staged.len().to_string());
+                let linked = fs::hard_link(self.blob(&sha), &to).is_ok();
+                if !linked {
+                    fs::copy(&path, &to)
+                        .and_then(|_| fs::File::open(&to)?.sync_all())
+                        .map_err(io_err(&to))?;
                 }
+                staged.push((sha, to));
             }
             artifacts.push(Artifact {
                 path: rel,
@@ -424,7 +520,7 @@ impl Store {
                 mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
             });
         }
-        Ok(artifacts)
+        Ok((artifacts, staged))
     }
 
     /// Moves a damaged result aside into `quarantine/<key>-<now>/`, with
@@ -494,9 +590,10 @@ impl Store {
         out
     }
 
-    /// Drops results beyond the retention, then blobs no result refers to.
-    /// Returns how many results were dropped.
-    pub fn gc(&self, retention: Retention) -> Result<usize, StoreError> {
+    /// Drops results beyond the retention, then blobs no result refers to
+    /// (unless a commit is placing its blobs right now: then they are left
+    /// for the next `gc`, see [`Store::place`]).
+    pub fn gc(&self, retention: Retention) -> Result<Collected, StoreError> {
         let now = now_secs();
         let mut dropped = 0;
         for results in [self.list(), self.list_failed()] {
@@ -517,24 +614,44 @@ impl Store {
                 }
             }
         }
+        // Staging folders of commits and fetches that were killed; those
+        // of live ones are theirs.
+        crate::workdir::sweep(&self.root.join("tmp"), "");
+        // Held while the blobs in use are listed and the others removed, so
+        // no commit moves a blob in meanwhile; a commit holding it now is
+        // not waited for.
+        let Some(_placing) = self.placing(FlockArg::LockExclusiveNonblock)? else {
+            return Ok(Collected {
+                results: dropped,
+                blobs: 0,
+                blobs_deferred: true,
+            });
+        };
         let used: std::collections::BTreeSet<String> = self
             .list()
             .into_iter()
             .chain(self.list_failed())
             .flat_map(|r| r.manifest.artifacts.into_iter().map(|a| a.sha256.hex()))
             .collect();
+        let mut blobs = 0;
         if let Ok(entries) = fs::read_dir(self.root.join("blobs")) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if !used.contains(&name) {
-                    let _ = fs::remove_file(e.path());
+                // A dot-file is a temporary of an older version's commit,
+                // never a blob.
+                if !name.starts_with('.')
+                    && !used.contains(&name)
+                    && fs::remove_file(e.path()).is_ok()
+                {
+                    blobs += 1;
                 }
             }
         }
-        // Staging folders of commits and fetches that were killed; those
-        // of live ones are theirs.
-        crate::workdir::sweep(&self.root.join("tmp"), "");
-        Ok(dropped)
+        Ok(Collected {
+            results: dropped,
+            blobs,
+            blobs_deferred: false,
+        })
     }
 }
 
@@ -601,37 +718,29 @@ impl Receiving {
     }
 
     /// Commits the received result: waits until every staged file is
-    /// synced, renames the blobs into `blobs/` (a blob already there is
-    /// kept), syncs `blobs/` and the staging folder, renames it into
-    /// `results/` and syncs that. Only call this once every part was
-    /// checked.
+    /// synced, then places it ([`Store::place`]: the blobs into `blobs/`, a
+    /// blob already there kept, the result into `results/`, each folder
+    /// synced). Only call this once every part was checked.
     pub fn commit(mut self) -> Result<StoredResult, StoreError> {
         self.syncs.wait()?;
-        let store = self.store.clone();
-        let blobs = store.root.join("blobs");
-        fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
         let mut verified = BTreeMap::new();
+        let mut blobs = Vec::new();
         for (sha, staged, file) in std::mem::take(&mut self.staged) {
-            let blob = store.blob(&sha);
-            if verified.contains_key(&sha) || blob.exists() {
+            if verified.contains_key(&sha) {
+                // The same content again: the first staged copy is its blob.
                 fs::remove_file(&staged).map_err(io_err(&staged))?;
-            } else {
-                fs::rename(&staged, &blob).map_err(io_err(&blob))?;
+                continue;
             }
-            verified.entry(sha).or_insert(file);
+            verified.insert(sha, file);
+            blobs.push((sha, staged));
         }
-        let staged_blobs = self.stage.path().join("blobs");
-        fs::remove_dir(&staged_blobs).map_err(io_err(&staged_blobs))?;
-        // The two folders at once: their syncs share a journal commit.
-        let stage_dir = self.stage.path().to_path_buf();
-        let (a, b) = std::thread::scope(|s| {
-            let a = s.spawn(|| sync_dir(&blobs));
-            (a.join(), sync_dir(&stage_dir))
-        });
-        a.expect("sync thread")?;
-        b?;
-        let Receiving { stage, sealed, .. } = self;
-        let mut stored = store.place(stage, sealed.manifest, Some(sealed.seal))?;
+        let Receiving {
+            store,
+            stage,
+            sealed,
+            ..
+        } = self;
+        let mut stored = store.place(stage, sealed.manifest, Some(sealed.seal), blobs)?;
         stored.verified = Some(Arc::new(VerifiedBlobs(verified)));
         Ok(stored)
     }
@@ -994,13 +1103,16 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mnt = dir.path().join("small");
         fs::create_dir(&mnt).unwrap();
-        let mounted = std::process::Command::new("mount")
+        let mount = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
             .arg(&mnt)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
-            eprintln!("skipped: mounting a tmpfs needs root");
+            .output();
+        if !mount.as_ref().is_ok_and(|o| o.status.success()) {
+            assert!(
+                !nix::unistd::geteuid().is_root(),
+                "mounting a 1 MiB tmpfs failed as root (CI runs this as root, so it must not skip): {mount:?}"
+            );
+            eprintln!("skipped: mounting a tmpfs needs root, and this test does not run as root");
             return;
         }
         struct Unmount<'a>(&'a Path);
@@ -1072,7 +1184,7 @@ pub(crate) mod tests {
         store
             .commit(manifest(inputs("t2"), Outcome::Passed, 20), b"", None, None)
             .unwrap();
-        assert_eq!(store.gc(Retention::default()).unwrap(), 1);
+        assert_eq!(store.gc(Retention::default()).unwrap().results, 1);
         let left = store.list();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].manifest.inputs.tree, "t2");
@@ -1081,7 +1193,97 @@ pub(crate) mod tests {
             per_target: 5,
             max_age: Some(Duration::from_secs(1)),
         };
-        assert_eq!(store.gc(aged).unwrap(), 1, "an old result goes");
+        assert_eq!(store.gc(aged).unwrap().results, 1, "an old result goes");
+    }
+
+    /// Regression: `gc` (which every passing run calls) removed the blobs
+    /// a commit or a fetch had just moved into `blobs/`, before its result
+    /// was renamed into place, so the new result lacked them.
+    #[test]
+    fn gc_in_the_middle_of_a_commit_or_fetch_leaves_their_blobs() {
+        use std::cell::Cell;
+        use std::rc::Rc;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        let blobs = dir.path().join("store/blobs");
+        fs::create_dir_all(&blobs).unwrap();
+        // A blob nothing refers to that the commit reuses, one that stays an
+        // orphan, and a temporary of an older version's commit.
+        let reused = Sha256Digest::of(b"reused");
+        let orphan = Sha256Digest::of(b"orphan");
+        fs::write(blobs.join(reused.hex()), b"reused").unwrap();
+        fs::write(blobs.join(orphan.hex()), b"orphan").unwrap();
+        let temporary = blobs.join(format!(".{}.4242", orphan.hex()));
+        fs::write(&temporary, b"half").unwrap();
+        let arts = dir.path().join("arts");
+        fs::create_dir_all(&arts).unwrap();
+        fs::write(arts.join("new.bin"), b"new").unwrap();
+        fs::write(arts.join("reused.bin"), b"reused").unwrap();
+
+        // gc runs when the commit has moved its blobs into `blobs/` and
+        // not yet renamed its result into place.
+        let during: Rc<Cell<Option<Collected>>> = Rc::default();
+        let hook = {
+            let (store, during) = (store.clone(), during.clone());
+            crate::faults::hook::at("place", move || {
+                let keep_all = Retention {
+                    per_target: 10,
+                    max_age: None,
+                };
+                during.set(Some(store.gc(keep_all).unwrap()));
+            })
+        };
+        let stored = store
+            .commit(
+                manifest(inputs("t1"), Outcome::Passed, 10),
+                b"rec",
+                Some(&arts),
+                None,
+            )
+            .expect("the commit succeeds");
+        let seen = during.take().expect("gc ran in the middle of the commit");
+        assert_eq!(seen.blobs, 0, "{seen:?}");
+        assert!(seen.blobs_deferred, "{seen:?}");
+        let got = store.get(&inputs("t1").key()).expect("committed");
+        assert_eq!(got.manifest.artifacts.len(), 2);
+        for (a, bytes) in got.manifest.artifacts.iter().zip([&b"new"[..], b"reused"]) {
+            assert_eq!(fs::read(store.blob_path(a)).unwrap(), bytes, "{}", a.path);
+        }
+
+        // The same in the middle of a fetch's commit.
+        let sealed = sealed_with(&[("f.bin", b"fetched"), ("g.bin", b"reused")], b"rec");
+        let fetched = receive(&store, &sealed, b"rec", &[b"fetched", b"reused"])
+            .commit()
+            .expect("the fetch commits");
+        assert!(during.take().expect("gc ran").blobs_deferred);
+        drop(hook);
+        for a in &fetched.manifest.artifacts {
+            assert!(store.blob_path(a).is_file(), "{}", a.path);
+        }
+
+        // Once nothing is placing, gc removes the orphan only.
+        let after = store.gc(Retention {
+            per_target: 10,
+            max_age: None,
+        });
+        assert_eq!(
+            after.unwrap(),
+            Collected {
+                results: 0,
+                blobs: 1,
+                blobs_deferred: false
+            }
+        );
+        assert!(!blobs.join(orphan.hex()).exists());
+        assert!(temporary.exists(), "a dot-file is not a blob");
+        for r in [&stored, &fetched] {
+            for a in &r.manifest.artifacts {
+                assert!(store.blob_path(a).is_file(), "{}", a.path);
+            }
+        }
+        for r in [&stored, &fetched] {
+            crate::replay::verify_artifacts(&store, r).expect("every blob whole");
+        }
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //! dead one's (lockable) without trusting a pid that may have been reused,
 //! and removes only the latter. A folder kept on purpose (`--keep-work`)
 //! carries a `.kept` file and is never swept.
+//!
+//! A work folder may also own what is not in it: the podman containers its
+//! owner runs ([`owns_container`], listed in `.containers`). The sweep
+//! removes those first, and the folder only once they are gone.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -21,6 +25,9 @@ use nix::fcntl::{Flock, FlockArg};
 const OWNER: &str = ".owner";
 /// The file marking a work folder kept for inspection.
 const KEPT: &str = ".kept";
+/// The file listing the podman containers a work folder's owner runs, one
+/// name a line.
+const CONTAINERS: &str = ".containers";
 /// How long a folder without an owner file is left alone: its creator may
 /// be between making it and locking it.
 const GRACE: Duration = Duration::from_secs(60);
@@ -99,8 +106,75 @@ pub fn abandoned(dir: &Path) -> bool {
     }
 }
 
+/// The podman containers whose names start with this are a run's OS
+/// containers; no other name is ever removed by a sweep.
+pub const CONTAINER_PREFIX: &str = "reprise-run-";
+
+/// Records in the work folder `dir` (this process's) that this process
+/// runs the podman container `name`, before it starts it: if the process
+/// dies without removing the container, the sweep that removes the folder
+/// removes the container first.
+pub fn owns_container(dir: &Path, name: &str) -> std::io::Result<()> {
+    if !is_container_name(name) {
+        return Err(std::io::Error::other(format!(
+            "'{name}' is not a run's container name"
+        )));
+    }
+    let mut list = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(CONTAINERS))?;
+    writeln!(list, "{name}")?;
+    list.sync_all()
+}
+
+/// A run's container name: [`CONTAINER_PREFIX`], then letters, digits and
+/// dashes.
+fn is_container_name(name: &str) -> bool {
+    name.strip_prefix(CONTAINER_PREFIX).is_some_and(|rest| {
+        !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    })
+}
+
+/// The containers the abandoned folder `dir` lists, if the folder is this
+/// user's: a folder in a shared temporary folder may be anyone's, and
+/// another user's list must not name containers for us to remove.
+fn owned_containers(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let ours = fs::symlink_metadata(dir).is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw());
+    if !ours {
+        return Vec::new();
+    }
+    fs::read_to_string(dir.join(CONTAINERS))
+        .unwrap_or_default()
+        .lines()
+        .filter(|n| is_container_name(n))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Removes the containers the abandoned folder `dir` owns. False if one
+/// could not be removed (the folder then stays, so a later sweep tries
+/// again).
+fn release(dir: &Path) -> bool {
+    owned_containers(dir).iter().all(|name| {
+        match std::process::Command::new("podman")
+            .args(["rm", "-f", "-t", "0", name])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+        {
+            // `rm -f` of a container that is not there succeeds.
+            Ok(status) => status.success(),
+            // No podman here: it runs no container either.
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        }
+    })
+}
+
 /// Removes the folders in `parent` whose names start with `prefix` and
-/// whose owners are gone. Returns how many.
+/// whose owners are gone, and the containers they own. Returns how many.
 pub fn sweep(parent: &Path, prefix: &str) -> usize {
     let Ok(entries) = fs::read_dir(parent) else {
         return 0;
@@ -112,6 +186,7 @@ pub fn sweep(parent: &Path, prefix: &str) -> usize {
         if is_dir
             && name.to_string_lossy().starts_with(prefix)
             && abandoned(&e.path())
+            && release(&e.path())
             && fs::remove_dir_all(e.path()).is_ok()
         {
             removed += 1;
@@ -120,24 +195,66 @@ pub fn sweep(parent: &Path, prefix: &str) -> usize {
     removed
 }
 
-/// The places work folders are made in, and the prefix of each kind.
-pub fn places(store_root: &Path) -> Vec<(PathBuf, &'static str)> {
-    let cache = crate::paths::cache_dir();
-    vec![
-        (std::env::temp_dir(), RUN_PREFIX),
-        (cache.join("vms"), VM_PREFIX),
-        (crate::paths::runtime_dir(), SOCKETS_PREFIX),
-        (crate::paths::runtime_dir(), NET_PREFIX),
-        (cache.join("images"), BUILD_PREFIX),
-        (cache.join("podman"), IMPORT_PREFIX),
-        (store_root.join("tmp"), ""),
-    ]
+/// Where a host keeps what commands make: the folders [`places`] looks in.
+#[derive(Debug, Clone)]
+pub struct Roots {
+    /// The temporary folder (`TMPDIR`).
+    pub temp: PathBuf,
+    /// The user's cache folder for reprise.
+    pub cache: PathBuf,
+    /// The folder of sockets.
+    pub runtime: PathBuf,
+    /// The result store.
+    pub store: PathBuf,
 }
 
-/// Every kind of work folder of every owner that is gone. Returns how many
-/// were removed.
+impl Roots {
+    /// This user's, with the store at `store_root`.
+    pub fn of_user(store_root: &Path) -> Roots {
+        Roots {
+            temp: std::env::temp_dir(),
+            cache: crate::paths::cache_dir(),
+            runtime: crate::paths::runtime_dir(),
+            store: store_root.to_path_buf(),
+        }
+    }
+}
+
+/// The places work folders are made in, and the prefix of each kind: a
+/// new snapshot generation and a saved guest are made in a [`STAGE_PREFIX`]
+/// folder beside the finished ones (in every repository's snapshot
+/// folder, of both forms) and renamed out of it.
+pub fn places(roots: &Roots) -> Vec<(PathBuf, &'static str)> {
+    let cache = &roots.cache;
+    let mut places = vec![
+        (roots.temp.clone(), RUN_PREFIX),
+        (cache.join("vms"), VM_PREFIX),
+        (roots.runtime.clone(), SOCKETS_PREFIX),
+        (roots.runtime.clone(), NET_PREFIX),
+        (cache.join("images"), BUILD_PREFIX),
+        (cache.join("podman"), IMPORT_PREFIX),
+        (cache.join("saved-guests"), STAGE_PREFIX),
+        (roots.store.join("tmp"), ""),
+    ];
+    for snapshots in [cache.join("snapshots"), cache.join("snapshots-podman")] {
+        let repos = fs::read_dir(&snapshots)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| (e.path(), STAGE_PREFIX))
+            .collect::<Vec<_>>();
+        places.push((snapshots, STAGE_PREFIX));
+        places.extend(repos);
+    }
+    places
+}
+
+/// Every kind of work folder of every owner that is gone, with the
+/// containers they own. Returns how many were removed.
 pub fn sweep_all(store_root: &Path) -> usize {
-    places(store_root)
+    places(&Roots::of_user(store_root))
         .iter()
         .map(|(parent, prefix)| sweep(parent, prefix))
         .sum()
@@ -155,6 +272,9 @@ pub const NET_PREFIX: &str = "reprise-net-";
 pub const BUILD_PREFIX: &str = ".build-";
 /// The podman driver's import of the base image.
 pub const IMPORT_PREFIX: &str = "import-";
+/// A snapshot generation or a saved guest being made, beside the finished
+/// ones.
+pub const STAGE_PREFIX: &str = ".stage-";
 
 #[cfg(test)]
 mod tests {
@@ -192,5 +312,85 @@ mod tests {
         let live_path = live.path().to_path_buf();
         drop(live);
         assert!(!live_path.exists(), "dropped, removed");
+    }
+
+    /// A work folder whose owner died: its lock is gone, as when the
+    /// kernel reaps a killed process.
+    fn dead_in(parent: &Path, prefix: &str) -> PathBuf {
+        let mut dead = WorkDir::new_in(parent, prefix).unwrap();
+        dead._owner = None;
+        dead.remove = false;
+        dead.path().to_path_buf()
+    }
+
+    /// Regression: a snapshot generation or saved guest being made by a
+    /// killed run (`.stage-*` beside the finished ones, in the snapshot
+    /// folders of both drivers) was never removed.
+    #[test]
+    fn stage_folders_of_dead_owners_are_swept_beside_snapshots_and_saved_guests() {
+        let dir = tempfile::tempdir().unwrap();
+        let roots = Roots {
+            temp: dir.path().join("tmp"),
+            cache: dir.path().join("cache"),
+            runtime: dir.path().join("run"),
+            store: dir.path().join("store"),
+        };
+        let cache = &roots.cache;
+        let repo_disks = cache.join("snapshots/0123abcd-recipe");
+        let repo_folders = cache.join("snapshots-podman/0123abcd-recipe");
+        let generation = repo_folders.join("f00d.d");
+        fs::create_dir_all(&generation).unwrap();
+        fs::create_dir_all(&repo_disks).unwrap();
+        fs::write(repo_disks.join("beef.qcow2"), b"disk").unwrap();
+        let mut dead = Vec::new();
+        let mut live = Vec::new();
+        for parent in [
+            &repo_disks,
+            &repo_folders,
+            &cache.join("snapshots"),
+            &cache.join("saved-guests"),
+        ] {
+            dead.push(dead_in(parent, STAGE_PREFIX));
+            live.push(WorkDir::new_in(parent, STAGE_PREFIX).unwrap());
+        }
+        let swept: usize = places(&roots)
+            .iter()
+            .map(|(parent, prefix)| sweep(parent, prefix))
+            .sum();
+        assert_eq!(swept, dead.len());
+        for d in &dead {
+            assert!(!d.exists(), "{}", d.display());
+        }
+        for l in &live {
+            assert!(l.path().exists(), "a live owner's: {}", l.path().display());
+        }
+        assert!(generation.is_dir() && repo_disks.join("beef.qcow2").is_file());
+    }
+
+    /// Only a run's container names are recorded and read back, and only
+    /// from a folder of this user.
+    #[test]
+    fn a_work_folder_owns_only_run_containers() {
+        let parent = tempfile::tempdir().unwrap();
+        let work = WorkDir::new_in(parent.path(), RUN_PREFIX).unwrap();
+        owns_container(work.path(), "reprise-run-123-abcdef").unwrap();
+        for bad in [
+            "my-database",
+            "reprise-run-",
+            "reprise-run-1;rm -rf /",
+            "reprise-run-a b",
+        ] {
+            assert!(owns_container(work.path(), bad).is_err(), "{bad}");
+        }
+        // A list written by someone else names whatever it likes.
+        fs::write(
+            work.path().join(CONTAINERS),
+            "reprise-run-123-abcdef\nmy-database\n--all\nreprise-run-9-x\n",
+        )
+        .unwrap();
+        assert_eq!(
+            owned_containers(work.path()),
+            ["reprise-run-123-abcdef", "reprise-run-9-x"]
+        );
     }
 }

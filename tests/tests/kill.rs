@@ -9,6 +9,10 @@
 //! in the process tree, a phase announced, the tests' own output); phases
 //! that pass in milliseconds by `REPRISE_PAUSE_AT` (`executor/src/faults.rs`),
 //! which makes the command wait there to be killed.
+//!
+//! "Left behind" covers every work folder of a dead owner (the run's, the
+//! VM's, a fetch's staging, a snapshot generation or saved guest being
+//! made) and the OS container of a killed podman-driver run.
 
 #[expect(
     dead_code,
@@ -24,6 +28,7 @@ mod team_support;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use run_support::{Run, Sandbox, alive, children_named, example_hello, vm_lock, wait_until};
@@ -36,6 +41,11 @@ struct Started {
     stderr: PathBuf,
 }
 
+/// The commands started in the background so far: their `TMPDIR` (which
+/// names the sandbox) and pid, so what a killed one left (its OS container
+/// is named by its pid) is told apart from another test's.
+static STARTED: Mutex<Vec<(PathBuf, u32)>> = Mutex::new(Vec::new());
+
 impl Started {
     fn new(mut cmd: Command, dir: &Path, name: &str) -> Started {
         let stdout = dir.join(format!("{name}.out"));
@@ -45,6 +55,16 @@ impl Started {
             .stderr(File::create(&stderr).expect("stderr file"))
             .spawn()
             .expect("reprise starts");
+        let tmpdir = cmd
+            .get_envs()
+            .find(|(k, _)| *k == "TMPDIR")
+            .and_then(|(_, v)| v)
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        STARTED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((tmpdir, child.id()));
         Started {
             child,
             stdout,
@@ -103,30 +123,92 @@ fn tmp(s: &Sandbox) -> PathBuf {
     t
 }
 
+/// The folders in `dir`.
+fn folders(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect()
+}
+
 /// Every work folder whose owner is gone, in the places commands make
-/// them.
+/// them (a snapshot generation or a saved guest is made in a `.stage-*`
+/// folder beside the others), and every OS container of a command of
+/// this sandbox that is dead (`podman ps -a`, named
+/// `reprise-run-<pid>-<key>`).
 fn abandoned(s: &Sandbox) -> Vec<PathBuf> {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache"))
         .join("reprise");
-    let places = [
+    let mut places = vec![
         (tmp(s), "reprise-work-"),
         (cache.join("vms"), "vm-"),
         (PathBuf::from("/tmp"), "reprise-vm-"),
         (PathBuf::from("/tmp"), "reprise-net-"),
         (s.store().join("tmp"), ""),
+        (cache.join("saved-guests"), ".stage-"),
     ];
+    for snapshots in [cache.join("snapshots"), cache.join("snapshots-podman")] {
+        for repo in folders(&snapshots) {
+            places.push((repo, ".stage-"));
+        }
+        places.push((snapshots, ".stage-"));
+    }
     let mut out = Vec::new();
     for (dir, prefix) in places {
-        for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(prefix) && reprise_executor::workdir::abandoned(&e.path()) {
-                out.push(e.path());
+        for path in folders(&dir) {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if name.starts_with(prefix) && reprise_executor::workdir::abandoned(&path) {
+                out.push(path);
             }
         }
     }
+    let dead: Vec<u32> = STARTED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|(tmpdir, pid)| *tmpdir == tmp(s) && !alive(*pid))
+        .map(|(_, pid)| *pid)
+        .collect();
+    for name in os_containers() {
+        let pid = name
+            .strip_prefix("reprise-run-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if pid.is_some_and(|pid| dead.contains(&pid)) {
+            out.push(PathBuf::from(format!("podman container {name}")));
+        }
+    }
     out
+}
+
+/// The names of the podman driver's OS containers on this host, running
+/// or not.
+fn os_containers() -> Vec<String> {
+    let out = Command::new("podman")
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            "name=reprise-run-",
+            "--format",
+            "{{.Names}}",
+        ])
+        .output()
+        .expect("podman runs");
+    assert!(
+        out.status.success(),
+        "podman ps: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 /// What must hold after a kill: the next command (`results verify`)
@@ -211,9 +293,39 @@ fn a_run_killed_in_the_vm_at_any_phase_leaves_nothing_and_the_next_run_passes() 
 }
 
 #[test]
-fn a_run_killed_while_collecting_or_committing_stores_nothing() {
+fn a_podman_run_killed_in_its_tests_or_while_collecting_or_committing_leaves_nothing() {
     let s = Sandbox::new();
     s.copy_from(&example_hello()).git_init().commit("hello");
+
+    // In the tests: the OS container runs, and the repository's snapshot
+    // is being made in a `.stage-*` folder (regression: both were left
+    // for ever).
+    let test_sh = fs::read_to_string(s.repo().join("test.sh")).expect("test.sh");
+    s.write("test.sh", &format!("echo sleeping\nsleep 120\n{test_sh}"))
+        .commit("slow tests");
+    let run = Started::new(
+        reprise(&s, &["run", "--no-serve", "--driver", "podman"]),
+        s.dir.path(),
+        "podman-test",
+    );
+    let pid = run.child.id();
+    run.kill_when("podman test", |out, _| out.contains("sleeping"));
+    let container = format!("reprise-run-{pid}-");
+    assert!(
+        os_containers().iter().any(|n| n.starts_with(&container)),
+        "the killed run's OS container is there until the next command: {:?}",
+        os_containers()
+    );
+    assert!(
+        abandoned(&s)
+            .iter()
+            .any(|p| p.to_string_lossy().contains("/snapshots-podman/")),
+        "the killed run's snapshot stage is there until the next command: {:?}",
+        abandoned(&s)
+    );
+    after_kill(&s, "podman run killed in the tests", 0);
+    s.write("test.sh", &test_sh).commit("quick tests");
+
     for point in ["collect", "commit"] {
         let mut cmd = reprise(&s, &["run", "--no-serve", "--driver", "podman"]);
         cmd.env("REPRISE_PAUSE_AT", point);

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use run_support::{Run, Sandbox, wait_until};
 use team_support::{
-    Killed, Team, clone_of, fabricate_result, free_udp_port, nix_kill, orchestrator, serve_on,
-    with_orchestrator,
+    Killed, Team, clone_of, fabricate_result, fabricate_result_with, free_udp_port, nix_kill,
+    orchestrator, serve_on, serving_daemon, with_orchestrator,
 };
 
 /// What the hello example's test target records on stdout.
@@ -145,6 +145,87 @@ fn an_unreachable_orchestrator_falls_back_to_running_with_a_notice() {
         r.stderr.contains("cannot use the credentials"),
         "{}",
         r.stderr
+    );
+}
+
+/// Regression (issue 10): a fetch that ran out of disk was refused with
+/// "the disk is full", and nothing showed that the run then went on. Here
+/// the asker's store is on a 1 MiB tmpfs and the offered result holds a
+/// 3 MiB artifact; the run says "disk full", runs the tests itself (podman
+/// driver, no VM) and keeps its own, smaller result.
+#[test]
+fn a_fetch_that_fills_the_disk_says_disk_full_and_the_run_goes_on() {
+    let team = Team::new();
+    let a = &team.a;
+    let big = vec![7u8; 3 << 20];
+    fabricate_result_with(
+        a,
+        "alice's",
+        Some(&team.alice),
+        "podman",
+        &[("big.bin", &big)],
+    );
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let _server = serve_on(&team.state, &addr);
+    let (_daemon, said) = serving_daemon(a, &addr, &team.alice, &team.dir.path().join("a.log"));
+    assert!(said.contains("serving 1 result(s)"), "{said}");
+
+    let b = clone_of(a);
+    let mount = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(b.data())
+        .output();
+    if !mount.as_ref().is_ok_and(|o| o.status.success()) {
+        // /proc/self belongs to this process's effective user.
+        let root = std::os::unix::fs::MetadataExt::uid(&fs::metadata("/proc/self").unwrap()) == 0;
+        assert!(
+            !root,
+            "mounting a 1 MiB tmpfs failed as root (CI runs this as root, so it must not skip): {mount:?}"
+        );
+        eprintln!("skipped: mounting a tmpfs needs root, and this test does not run as root");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(b.data());
+
+    let mut cmd = b.reprise(&["run", "--no-serve", "--driver", "podman"]);
+    with_orchestrator(&mut cmd, &addr, &team.ci);
+    let r = Run::from(cmd.output().expect("reprise run"));
+    r.expect_code(0, "B runs the tests itself after the fetch ran out of disk");
+    let notes: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("disk full"))
+        .collect();
+    assert_eq!(notes.len(), 1, "one line says so:\n{}", r.stderr);
+    assert!(
+        notes[0].contains("offered by alice") && notes[0].contains("running the tests here"),
+        "{}",
+        notes[0]
+    );
+    assert!(!r.replayed(), "{}", r.stderr);
+    assert!(r.ran_here(), "{}", r.stderr);
+    assert_eq!(
+        fs::read_to_string(b.repo().join("reprise-artifacts/report.txt")).unwrap_or_default(),
+        "greet: 1 passed, 0 failed\n",
+        "B's own artifact"
+    );
+    assert!(
+        !b.repo().join("reprise-artifacts/big.bin").exists(),
+        "nothing of the fetched result was restored"
+    );
+    assert_eq!(b.results_list().len(), 1, "B's own result is stored");
+    assert_eq!(
+        fs::read_dir(b.store().join("tmp"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0,
+        "no staging is left"
     );
 }
 

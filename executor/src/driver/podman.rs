@@ -25,7 +25,7 @@ use super::{ARTIFACTS, OS_MK, REPO, SNAPSHOT};
 use super::{Driver, Output, Prepared, Session, Stream};
 use crate::error::RunError;
 use crate::image::{Image, ImageCache};
-use crate::snapshots::{RepoId, SnapshotStart, Snapshots};
+use crate::snapshots::{RepoId, SnapshotStart, Snapshots, Stage};
 use crate::ui::Ui;
 
 /// Runs in a privileged container on the host's podman.
@@ -142,7 +142,9 @@ async fn ensure_os_image(image: &Image, ui: &dyn Ui) -> Result<String, RunError>
 pub struct PodmanSession {
     container: String,
     start: Option<SnapshotStart>,
-    staged: PathBuf,
+    /// The snapshot folder the container mounts; `None` once committed or
+    /// discarded.
+    staged: Option<Stage>,
     artifacts: PathBuf,
     snapshots: Snapshots,
     repo: RepoId,
@@ -187,10 +189,15 @@ impl Driver for Podman {
             RunError::Infra("the static mk is missing beside the reprise binary".into())
         })?;
         let container = format!(
-            "reprise-run-{}-{}",
+            "{}{}-{}",
+            crate::workdir::CONTAINER_PREFIX,
             std::process::id(),
             &run.keyed.inputs.key().short()
         );
+        // Owned by the run's work folder before it exists: if this process
+        // is killed, the next command's sweep removes it with the folder.
+        crate::workdir::owns_container(run.work, &container)
+            .map_err(|e| RunError::Podman(format!("recording the OS container's owner: {e}")))?;
         let mount = |host: &Path, os: &str, ro: bool| {
             format!("{}:{os}{}", host.display(), if ro { ":ro" } else { "" })
         };
@@ -207,7 +214,7 @@ impl Driver for Podman {
             (run.tree.as_path(), "/reprise/repo", false),
             (mk.as_path(), OS_MK, true),
             (artifacts.as_path(), ARTIFACTS, false),
-            (staged.as_path(), SNAPSHOT, false),
+            (staged.path(), SNAPSHOT, false),
         ] {
             args.extend(["-v".into(), mount(host, os, ro)]);
         }
@@ -215,7 +222,7 @@ impl Driver for Podman {
         let mut session = PodmanSession {
             container,
             start: Some(start),
-            staged,
+            staged: Some(staged),
             artifacts,
             snapshots,
             repo,
@@ -267,7 +274,7 @@ impl PodmanSession {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
-        let _ = std::fs::remove_dir_all(&self.staged);
+        self.staged = None;
     }
 }
 
@@ -370,21 +377,17 @@ impl Session for PodmanSession {
         }
         self.finished = true;
         let start = self.start.take().expect("finished once");
+        let staged = self.staged.take().expect("finished once");
         if passed {
             let t = std::time::Instant::now();
             ui.begin("snapshot");
             match self
                 .snapshots
-                .commit_folder(&self.repo, &self.image, &self.staged, start, key)
+                .commit_folder(&self.repo, &self.image, staged, start, key)
             {
                 Ok(_) => ui.phase("snapshot", t.elapsed()),
-                Err(e) => {
-                    ui.note(&format!("could not update the repository's snapshot: {e}"));
-                    let _ = std::fs::remove_dir_all(&self.staged);
-                }
+                Err(e) => ui.note(&format!("could not update the repository's snapshot: {e}")),
             }
-        } else {
-            let _ = std::fs::remove_dir_all(&self.staged);
         }
         Ok(())
     }

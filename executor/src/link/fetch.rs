@@ -70,7 +70,7 @@ pub enum FetchError {
     BadChunk(usize),
     #[error("the producer sent data after the last artifact")]
     TrailingData,
-    #[error("the disk is full: staging the fetched result in {} failed (free some space: `reprise results gc`, `reprise cache drop`)", .0.display())]
+    #[error("disk full: staging the fetched result in {} failed (free some space: `reprise results gc`, `reprise cache drop`)", .0.display())]
     DiskFull(PathBuf),
     #[error("staging the fetched result in {}", path.display())]
     Io {

@@ -132,6 +132,18 @@ pub fn fabricate_result_for(
     sealer: Option<&Path>,
     driver: &str,
 ) -> Vec<u8> {
+    fabricate_result_with(sandbox, text, sealer, driver, &[])
+}
+
+/// [`fabricate_result_for`] with `more` artifacts (path, content) beside
+/// `report.txt`.
+pub fn fabricate_result_with(
+    sandbox: &Sandbox,
+    text: &str,
+    sealer: Option<&Path>,
+    driver: &str,
+    more: &[(&str, &[u8])],
+) -> Vec<u8> {
     use reprise_protocol::manifest::{MANIFEST_VERSION, Outcome, Phase, Producer, ResultManifest};
     use reprise_protocol::record::{self, StreamId};
     let mut request = reprise_executor::pipeline::KeyRequest::at(&sandbox.repo());
@@ -148,6 +160,9 @@ pub fn fabricate_result_for(
     let arts = sandbox.dir.path().join("staged-artifacts");
     fs::create_dir_all(&arts).expect("artifacts");
     fs::write(arts.join("report.txt"), format!("report of {text}\n")).expect("artifact");
+    for (path, bytes) in more {
+        fs::write(arts.join(path), bytes).expect("artifact");
+    }
     let manifest = ResultManifest {
         version: MANIFEST_VERSION,
         key: keyed.inputs.key(),

@@ -1177,11 +1177,19 @@ async fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
             })
         }
         ResultsCmd::Gc { keep, max_age } => {
-            let dropped = store.gc(Retention {
+            let collected = store.gc(Retention {
                 per_target: keep,
                 max_age,
             })?;
-            println!("dropped {dropped} result(s)");
+            println!(
+                "dropped {} result(s) and {} blob(s) no result refers to",
+                collected.results, collected.blobs
+            );
+            if collected.blobs_deferred {
+                println!(
+                    "blobs were left for the next gc: a commit was placing its result meanwhile"
+                );
+            }
             Ok(exit::SUCCESS)
         }
     }
