@@ -774,7 +774,7 @@ pub fn replay_result(
             },
         ),
         Source::Link { producer, counts } => (
-            format!("peer '{producer}' through the orchestrator"),
+            format!("producer '{producer}' through the orchestrator"),
             format!("sealed by {producer}; counts for CI: {counts}"),
         ),
     };

@@ -74,7 +74,7 @@ fn a_second_executor_replays_a_peer_result_through_the_orchestrator() {
     assert!(
         replay
             .stderr
-            .contains("from peer 'alice' through the orchestrator"),
+            .contains("from producer 'alice' through the orchestrator"),
         "provenance names the producer:\n{}",
         replay.stderr
     );
@@ -205,7 +205,7 @@ fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart
     replay.expect_code(0, "B replays from the daemon");
     assert!(!replay.booted(), "{}", replay.stderr);
     assert!(
-        replay.stderr.contains("from peer 'alice'"),
+        replay.stderr.contains("from producer 'alice'"),
         "{}",
         replay.stderr
     );
@@ -251,7 +251,7 @@ fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart
     let replay = Run::from(cmd.output().expect("reprise run"));
     replay.expect_code(0, "C replays the handed-over result");
     assert!(
-        replay.stderr.contains("from peer 'alice'"),
+        replay.stderr.contains("from producer 'alice'"),
         "{}",
         replay.stderr
     );

@@ -442,7 +442,7 @@ fn a_tracked_env_file_cannot_choose_the_orchestrator_or_the_credentials() {
     let chosen = Run::from(cmd.output().expect("run"));
     chosen.expect_code(0, "replayed when the user points at it");
     assert!(
-        chosen.stderr.contains("from peer 'mallory'"),
+        chosen.stderr.contains("from producer 'mallory'"),
         "{}",
         chosen.stderr
     );
@@ -511,7 +511,7 @@ fn a_trusted_relayer_cannot_launder_a_hand_made_or_a_revoked_producers_result() 
     let r = at(&alices);
     r.expect_code(0, "alice's result replays");
     assert!(
-        r.stderr.contains("from peer 'alice'") && r.stderr.contains("sealed by alice"),
+        r.stderr.contains("from producer 'alice'") && r.stderr.contains("sealed by alice"),
         "the producer, not the relayer:\n{}",
         r.stderr
     );
