@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use run_support::{Run, Sandbox, wait_until};
 use team_support::{
-    Killed, Team, clone_of, fabricate_result, free_udp_port, nix_kill, orchestrator, serve_on,
-    with_orchestrator,
+    CHECKED_MKFILE, Killed, NOT_COUNTED, Team, clone_of, fabricate_result, free_udp_port, nix_kill,
+    orchestrator, serve_on, with_orchestrator,
 };
 
 /// What the hello example's test target records on stdout.
@@ -105,7 +105,7 @@ fn a_second_executor_replays_a_peer_result_through_the_orchestrator() {
 }
 
 #[test]
-fn an_unreachable_orchestrator_falls_back_to_running_with_a_notice() {
+fn an_unreachable_orchestrator_is_a_notice_and_the_run_goes_on_without_it() {
     let dir = tempfile::tempdir().expect("temp dir");
     let state = dir.path().join("orchestrator");
     let state_s = state.to_str().expect("utf-8 path");
@@ -122,25 +122,29 @@ fn an_unreachable_orchestrator_falls_back_to_running_with_a_notice() {
         "--out",
         creds.to_str().expect("utf-8"),
     ]);
-    // A repository without a mkfile: reaching the contract check (exit 5)
-    // proves the run went on without the orchestrator, without a VM.
+    // A repository whose mkfile passes the check (made before any lookup),
+    // run in replay-only mode: reaching "nothing counts" (exit 10) proves
+    // the run went on past the lookup without the orchestrator, where a
+    // replay-or-run would start the tests, and starts nothing.
     let s = Sandbox::new();
     s.git_init();
-    s.write("README", "no mkfile here\n").commit("one");
-    let mut cmd = s.reprise(&["run", "--no-serve"]);
+    s.write("mkfile", CHECKED_MKFILE).commit("one");
+    let args = ["run", "--no-serve", "--mode", "replay-only"];
+    let mut cmd = s.reprise(&args);
     with_orchestrator(&mut cmd, &format!("127.0.0.1:{}", free_udp_port()), &creds);
     let r = Run::from(cmd.output().expect("reprise run"));
-    r.expect_code(5, "no mkfile, after the orchestrator notice");
+    r.expect_code(NOT_COUNTED, "nothing counts, after the orchestrator notice");
     assert!(
-        r.stderr.contains("running without it"),
+        r.stderr.contains("cannot reach the orchestrator")
+            && r.stderr.contains("running without it"),
         "a one-line notice:\n{}",
         r.stderr
     );
     // Credentials that cannot be read are a notice too.
-    let mut cmd = s.reprise(&["run", "--no-serve"]);
+    let mut cmd = s.reprise(&args);
     with_orchestrator(&mut cmd, "127.0.0.1:1", Path::new("/nonexistent.pem"));
     let r = Run::from(cmd.output().expect("reprise run"));
-    r.expect_code(5, "bad credentials path");
+    r.expect_code(NOT_COUNTED, "bad credentials path");
     assert!(
         r.stderr.contains("cannot use the credentials"),
         "{}",
