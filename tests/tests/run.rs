@@ -432,6 +432,81 @@ fn bad_repositories_are_refused_before_booting() {
 }
 
 #[test]
+fn a_dry_run_exits_with_the_contract_code_when_its_plan_is_not_valid() {
+    struct Case {
+        name: &'static str,
+        mkfile: Option<&'static str>,
+        args: &'static [&'static str],
+        code: i32,
+        message: &'static str,
+    }
+    const VALID: &str = "</usr/lib/reprise/ci.mk\nCONTAINERIMAGE=localhost/x\ntest:V:\n\ttrue\n";
+    // The last is a valid plan, so the others' code is the contract's
+    // verdict, not the dry run's.
+    let cases = [
+        Case {
+            name: "no mkfile",
+            mkfile: None,
+            args: &[],
+            code: code::CONTRACT,
+            message: "has no mkfile at its root",
+        },
+        Case {
+            name: "unknown target",
+            mkfile: Some(VALID),
+            args: &["--target", "nope"],
+            code: code::CONTRACT,
+            message: "no rule makes the target 'nope'",
+        },
+        Case {
+            name: "CONTAINERIMAGE not set",
+            mkfile: Some("</usr/lib/reprise/ci.mk\ntest:V:\n\ttrue\n"),
+            args: &[],
+            code: code::CONTRACT,
+            message: "mkfile:1: CONTAINERIMAGE is not set",
+        },
+        Case {
+            name: "a valid plan",
+            mkfile: Some(VALID),
+            args: &[],
+            code: code::SUCCESS,
+            message: "",
+        },
+    ];
+    for case in cases {
+        let name = case.name;
+        let s = Sandbox::new();
+        s.write("README", "a repository\n");
+        if let Some(mkfile) = case.mkfile {
+            s.write("mkfile", mkfile);
+        }
+        s.git_init().commit(name);
+        let mut args = vec!["run", "--no-serve", "--driver", "dry-run"];
+        args.extend(case.args);
+        let run = s.run(&args);
+        run.expect_code(case.code, name);
+        assert!(
+            run.stderr.contains(case.message),
+            "{name}: stderr should say '{}':\n{}",
+            case.message,
+            run.stderr
+        );
+        assert!(
+            !run.ran_here() && !run.replayed(),
+            "{name}: a dry run starts nothing:\n{}",
+            run.stderr
+        );
+        assert_eq!(
+            run.stdout.contains("plan of `reprise run`"),
+            case.code == code::SUCCESS,
+            "{name}: a plan is printed only when it is valid:\n{}",
+            run.stdout
+        );
+        assert_nothing_kept(&s, &run, name);
+    }
+}
+
+#[test]
 fn broken_contracts_are_refused_after_booting() {
     // (case, mkfile, exit code, message, driver): the contract's checks
     // after starting are the steps', the same for every driver, so two
