@@ -91,6 +91,32 @@ fn assert_nothing_kept(s: &Sandbox, run: &Run, what: &str) {
 }
 
 #[test]
+fn the_sandbox_leaves_out_the_settings_that_change_a_run() {
+    // What the developer running the tests has set must not change what a
+    // test's run does: another driver, an orchestrator, CI mode, a cold
+    // boot or another retention.
+    use reprise_executor::vars;
+    let s = Sandbox::new();
+    let cmd = s.reprise(&["run"]);
+    let envs: std::collections::BTreeMap<_, _> = cmd.get_envs().collect();
+    for var in [
+        vars::DRIVER_VAR,
+        vars::ORCHESTRATOR_VAR,
+        vars::CREDENTIALS_VAR,
+        vars::COLD_BOOT_VAR,
+        vars::KEEP_VAR,
+        vars::MAX_AGE_VAR,
+        "CI",
+    ] {
+        assert_eq!(
+            envs.get(std::ffi::OsStr::new(var)),
+            Some(&None),
+            "{var} is removed from a sandboxed command's environment"
+        );
+    }
+}
+
+#[test]
 fn first_run_executes_and_second_replays_the_same_output() {
     let fixture = hello_fixture();
     let first = &fixture.first;
