@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use run_support::{Run, Sandbox, wait_until};
 use team_support::{
-    CHECKED_MKFILE, Killed, NOT_COUNTED, Team, clone_of, fabricate_result, free_udp_port, nix_kill,
-    orchestrator, serve_on, with_orchestrator,
+    CHECKED_MKFILE, Killed, NOT_COUNTED, Team, clone_of, fabricate_result, free_udp_port, issue,
+    namespace, nix_kill, orchestrator, serve_on, with_orchestrator,
 };
 
 /// What the hello example's test target records on stdout.
@@ -275,10 +275,8 @@ fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart
 }
 
 #[test]
-fn the_daemon_runs_a_scheduled_target_at_its_time() {
-    let Team {
-        dir, state, alice, ..
-    } = Team::new();
+fn the_daemon_runs_a_scheduled_target_at_its_time_and_announces_its_result() {
+    let Team { dir, state, .. } = Team::new();
     // A repository whose prepare-runtime schedules `lint` every minute.
     let s = Sandbox::new();
     s.write(
@@ -317,12 +315,19 @@ fn the_daemon_runs_a_scheduled_target_at_its_time() {
         "{}",
         listed.stdout
     );
+    // The daemon's identity is trusted for this repository (its results
+    // count); another executor's may only look them up.
+    let ns = namespace(&s);
+    let scheduler = dir.path().join("scheduler.pem");
+    issue(&state, "scheduler", &[&ns], true, &scheduler);
+    let asker = dir.path().join("asker.pem");
+    issue(&state, "asker", &[&ns], false, &asker);
 
     let addr = format!("127.0.0.1:{}", free_udp_port());
     let _server = serve_on(&state, &addr);
     let log = dir.path().join("daemon.log");
     let mut cmd = s.reprise(&["daemon"]);
-    with_orchestrator(&mut cmd, &addr, &alice);
+    with_orchestrator(&mut cmd, &addr, &scheduler);
     cmd.stderr(fs::File::create(&log).expect("log"));
     let _daemon = Killed(cmd.spawn().expect("daemon starts"));
     let read_log = || fs::read_to_string(&log).unwrap_or_default();
@@ -349,5 +354,35 @@ fn the_daemon_runs_a_scheduled_target_at_its_time() {
         s.results_list().iter().any(|l| l.contains(" lint ")),
         "the scheduled run's result is stored: {:?}",
         s.results_list()
+    );
+    // It was announced like any run's: a clone of the repository, with
+    // its own store, replays it through the orchestrator (replay-only, so
+    // a result that was not announced fails here instead of running).
+    let b = clone_of(&s);
+    let mut cmd = b.reprise(&[
+        "run",
+        "--no-serve",
+        "--driver",
+        "podman",
+        "--target",
+        "lint",
+        "--mode",
+        "replay-only",
+    ]);
+    with_orchestrator(&mut cmd, &addr, &asker);
+    let replay = Run::from(cmd.output().expect("reprise run"));
+    replay.expect_code(0, "a clone replays the scheduled run's result");
+    assert!(replay.replayed() && !replay.ran_here(), "{}", replay.stderr);
+    assert!(
+        replay
+            .stderr
+            .contains("from producer 'scheduler' through the orchestrator"),
+        "{}",
+        replay.stderr
+    );
+    assert!(
+        replay.stdout.contains("lint ran on schedule"),
+        "{}",
+        replay.stdout
     );
 }
