@@ -37,7 +37,7 @@ impl KeyRequest {
             cli_env: Vec::new(),
             // The default driver's class (`DriverKind::Qemu`; a test of
             // the driver module holds them equal).
-            driver: "qemu".into(),
+            driver: reprise_protocol::key::DRIVER_QEMU.into(),
             network: false,
         }
     }

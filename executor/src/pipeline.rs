@@ -1,5 +1,6 @@
-//! `reprise run`: resolve, key, replay on a hit (local, or a peer's through
-//! the orchestrator), otherwise run the contract's steps ([`crate::steps`])
+//! `reprise run`: resolve, key, the static check ([`crate::check`]), replay
+//! on a hit (local, or a peer's through the orchestrator), otherwise run the
+//! contract's steps ([`crate::steps`])
 //! with the chosen [`crate::driver`], and commit the result, sealed by this
 //! producer.
 
@@ -318,6 +319,16 @@ async fn run_once(
     if keyed.dirty {
         ui.note("the working tree has uncommitted changes; they are ignored (the run uses the committed tree)");
     }
+    // Before any lookup: the same check as `reprise check`, so a broken
+    // mkfile is reported before the orchestrator is contacted. Everything
+    // the check reads is a key input (the tree's mkfile, the files it
+    // includes and `reprise.toml`; the target; `ci.mk`, part of the image
+    // recipe whose hash is the key's image), so no result stored under this
+    // key can be of a revision that fails it, and checking first costs no
+    // replay it could have allowed.
+    let checkout = Checkout::discover(&keyed.checkout_root)?;
+    let checked =
+        crate::check::check(&checkout, &keyed.revision, &req.target).map_err(RunError::Check)?;
     let secrets = secret_values(&keyed.revision, &req.secrets, &env)?;
     let store = Store::default_location();
     let key = keyed.inputs.key();
@@ -397,10 +408,6 @@ async fn run_once(
             why: not_counting,
         });
     }
-    // Before anything starts: the same check as `reprise check`.
-    let checkout = Checkout::discover(&keyed.checkout_root)?;
-    let checked =
-        crate::check::check(&checkout, &keyed.revision, &req.target).map_err(RunError::Check)?;
     let steps_of = |work| StepInputs {
         keyed: &keyed,
         target: &req.target,
@@ -790,7 +797,7 @@ pub fn replay_result(
             },
         ),
         Source::Link { producer, counts } => (
-            format!("peer '{producer}' through the orchestrator"),
+            format!("producer '{producer}' through the orchestrator"),
             format!("sealed by {producer}; counts for CI: {counts}"),
         ),
     };

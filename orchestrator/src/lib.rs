@@ -120,10 +120,13 @@ prefer = []             # when trusted producers disagree, these win, in order
 ci_jobs = \"protected\"  # CI jobs (reprise login --ci) whose results count:
                         # \"protected\" refs only, \"all\", or \"none\"
 commit_status = false   # post a commit status for each counting result ([status.*])
+count_drivers = \"all\"  # whose results count by driver (reprise run --driver):
+                        # \"all\", or the classes listed, e.g. [\"qemu\"] for VM runs only
 
 # One repository's own rules (only what is set overrides the defaults):
 # [policy.repos.\"example.com/team/project\"]
 # require_fresh = true
+# count_drivers = [\"qemu\"]
 
 # CI jobs log in with their OIDC ID token (reprise login --ci). A job of
 # repository owner/name is granted the namespace HOST/owner/name only.

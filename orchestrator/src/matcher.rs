@@ -7,7 +7,8 @@
 //! A result counts for CI when its producer is known, not revoked, its
 //! certificate unexpired, trusted for the repository, and the result meets
 //! the repository's policy (a fresh snapshot if required; no network
-//! unless allowed). A lookup is answered:
+//! unless allowed; a driver whose results the repository counts). A lookup
+//! is answered:
 //!
 //! - `Offer` when the counting producers agree (outcome and artifacts) and
 //!   the result passed, naming a connected executor that holds it;
@@ -24,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use reprise_protocol::digest::Sha256Digest;
 use reprise_protocol::manifest::Snapshot;
-use reprise_protocol::policy::RepoPolicy;
+use reprise_protocol::policy::{CountDrivers, RepoPolicy};
 use reprise_protocol::wire::{Held, Sealed};
 
 use crate::state::{Admission, Grant};
@@ -45,6 +46,9 @@ pub struct Claim {
     pub passed: bool,
     pub snapshot: Snapshot,
     pub network: bool,
+    /// The driver class the run key and the sealed manifest carry
+    /// (`inputs.driver`: `qemu`, `podman`).
+    pub driver: String,
     pub created_at: u64,
 }
 
@@ -60,6 +64,7 @@ impl Claim {
             passed: sealed.passed(),
             snapshot: m.snapshot,
             network: m.inputs.network,
+            driver: m.inputs.driver.clone(),
             created_at: m.created_at,
         }
     }
@@ -139,9 +144,18 @@ pub fn counts(
             "its tests had the network, which {namespace}'s policy does not count"
         ));
     }
+    if !policy.count_drivers.counts(&claim.driver) {
+        return Err(format!(
+            "it ran under the {} driver, and {namespace}'s policy counts only the results of count_drivers = {}",
+            claim.driver, policy.count_drivers
+        ));
+    }
     let mut why = format!("{} is trusted for {namespace}", grant.name);
     if policy.require_fresh {
         why.push_str(", from a fresh snapshot");
+    }
+    if policy.count_drivers != CountDrivers::All {
+        why.push_str(&format!(", under the {} driver", claim.driver));
     }
     Ok((grant.name, why))
 }
@@ -388,6 +402,7 @@ mod tests {
             passed: outputs != "failed",
             snapshot: Snapshot::Fresh,
             network: false,
+            driver: "qemu".into(),
             created_at: 1,
         }
     }
@@ -562,6 +577,50 @@ mod tests {
         let (who, why) = counts(&stale, "a", &trust, &default, NOW).unwrap();
         assert_eq!(who, "ci");
         assert!(why.contains("trusted for a"), "{why}");
+    }
+
+    #[test]
+    fn the_policy_decides_which_drivers_results_count() {
+        let mut m = team();
+        let mut podman = claim(1, "ci", "out");
+        podman.driver = "podman".into();
+        m.announce(held("vm", "a"), claim(1, "ci", "out"))
+            .expect("indexed");
+        m.announce(held("podman", "a"), podman.clone())
+            .expect("indexed");
+        let default = RepoPolicy::default();
+        let vm_only = RepoPolicy {
+            count_drivers: CountDrivers::Only(["qemu".to_string()].into()),
+            ..RepoPolicy::default()
+        };
+        let table = [
+            ("a VM run counts by default", "vm", &default, true),
+            ("a podman run counts by default", "podman", &default, true),
+            ("a VM run counts for qemu only", "vm", &vm_only, true),
+            (
+                "a podman run does not count for qemu only",
+                "podman",
+                &vm_only,
+                false,
+            ),
+        ];
+        for (name, key, policy, offered) in table {
+            let got = m.lookup(3, &held(key, "a"), &trust, policy, NOW);
+            assert_eq!(
+                matches!(got, Decision::Offer { .. }),
+                offered,
+                "{name}: {got:?}"
+            );
+        }
+        let why = counts(&podman, "a", &trust, &vm_only, NOW).unwrap_err();
+        assert!(
+            why.contains("under the podman driver") && why.contains("count_drivers = [\"qemu\"]"),
+            "says which driver and which setting: {why}"
+        );
+        let (_, why) = counts(&claim(1, "ci", "out"), "a", &trust, &vm_only, NOW).unwrap();
+        assert!(why.contains("under the qemu driver"), "{why}");
+        let (_, why) = counts(&podman, "a", &trust, &default, NOW).unwrap();
+        assert!(!why.contains("driver"), "{why}");
     }
 
     #[test]

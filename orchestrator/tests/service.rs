@@ -1130,6 +1130,73 @@ async fn the_policy_can_require_fresh_snapshots_and_refuse_networked_runs() {
 }
 
 #[tokio::test]
+async fn the_policy_can_count_only_the_results_of_vm_runs() {
+    let ns_vm = "example.com/team/vm-only";
+    let team = Team::with_settings(&format!(
+        "[policy.repos.\"{ns_vm}\"]\ncount_drivers = [\"qemu\"]\n"
+    ))
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let ci = team.creds("ci", &[NS, ns_vm], true);
+    let asker = team
+        .connect(&team.creds("asker", &[NS, ns_vm], false))
+        .await
+        .unwrap();
+    let reinputs = |m: &mut ResultManifest, ns: &str, tree: &str, driver: &str| {
+        m.inputs.namespace = ns.into();
+        m.inputs.tree = tree.into();
+        m.inputs.driver = driver.into();
+        m.key = m.inputs.key();
+    };
+    let podman_strict = producer_store_with(&work.path().join("1"), Some(&ci), |m| {
+        reinputs(m, ns_vm, "t1", "podman")
+    });
+    let qemu_strict = producer_store_with(&work.path().join("2"), Some(&ci), |m| {
+        reinputs(m, ns_vm, "t2", "qemu")
+    });
+    let podman_default = producer_store_with(&work.path().join("3"), Some(&ci), |m| {
+        reinputs(m, NS, "t3", "podman")
+    });
+    let mut holders = Vec::new();
+    for (store, _) in [&podman_strict, &qemu_strict, &podman_default] {
+        holders.push(relayer(&team, &ci, store).await);
+    }
+    let cases = [
+        (
+            "a podman run where only qemu counts",
+            &podman_strict,
+            false,
+            "under the podman driver",
+        ),
+        (
+            "a qemu run where only qemu counts",
+            &qemu_strict,
+            true,
+            "under the qemu driver",
+        ),
+        (
+            "a podman run where the default holds",
+            &podman_default,
+            true,
+            "trusted",
+        ),
+    ];
+    for (name, (_, stored), offered, why) in cases {
+        let m = &stored.manifest;
+        let found = asker.lookup(&m.key, &m.inputs.namespace).await.unwrap();
+        assert_eq!(
+            matches!(found, Found::Offer { .. }),
+            offered,
+            "{name}: {found:?}"
+        );
+        let (counts, reason) = asker.assess(stored.sealed().unwrap()).await.unwrap();
+        assert_eq!(counts, offered, "{name}");
+        assert!(reason.contains(why), "{name}: {reason}");
+    }
+    team.stop().await;
+}
+
+#[tokio::test]
 async fn an_executor_announces_only_what_its_certificate_grants() {
     let team = Team::start().await;
     let work = tempfile::tempdir().unwrap();

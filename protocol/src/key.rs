@@ -17,6 +17,14 @@ use crate::digest::RunKey;
 /// Version of the key encoding; part of every key.
 pub const KEY_VERSION: u32 = 2;
 
+/// The driver class of a run in a VM (the `qemu` driver; a dry run plans one).
+pub const DRIVER_QEMU: &str = "qemu";
+/// The driver class of a run in a privileged container on the host's
+/// podman (the `podman` driver).
+pub const DRIVER_PODMAN: &str = "podman";
+/// Every driver class a key's `driver` input takes.
+pub const DRIVER_CLASSES: [&str; 2] = [DRIVER_QEMU, DRIVER_PODMAN];
+
 /// Inputs that differ between two keys: (input, this value, other value).
 pub type Differences = Vec<(String, String, String)>;
 
@@ -35,7 +43,8 @@ pub struct KeyInputs {
     pub env: BTreeMap<String, String>,
     /// The base image's digest.
     pub image_digest: String,
-    /// The driver class: `qemu`, `host-podman`, ...
+    /// The driver class, one of [`DRIVER_CLASSES`]: results of different
+    /// classes never share a key.
     pub driver: String,
     /// Whether the test container could reach the network (`--network`).
     pub network: bool,
@@ -169,7 +178,7 @@ mod tests {
                 i.env.insert("NEW".into(), String::new());
             },
             |i| i.image_digest = "abd".into(),
-            |i| i.driver = "host-podman".into(),
+            |i| i.driver = DRIVER_PODMAN.into(),
             |i| i.network = true,
         ];
         for (n, change) in changes.into_iter().enumerate() {

@@ -10,15 +10,20 @@
 //! ci_jobs = "protected"           # CI jobs whose results count: protected refs only,
 //!                                 # "all" refs, or "none"
 //! commit_status = false           # post a commit status for each counting result
+//! count_drivers = "all"           # whose results count by driver: "all", or the
+//!                                 # driver classes listed, e.g. ["qemu"] (VM runs only)
 //!
 //! [policy.repos."example.com/team/project"]
 //! require_fresh = true            # only what is set here overrides
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 
 use serde::Deserialize;
 use thiserror::Error;
+
+use crate::key::DRIVER_CLASSES;
 
 /// The orchestrator's settings file's name in its folder.
 pub const FILE_NAME: &str = "orchestrator.toml";
@@ -40,6 +45,8 @@ pub struct RepoPolicy {
     /// Post a commit status to the forge when a result that counts is
     /// announced (`[status.*]` says how to reach the forge).
     pub commit_status: bool,
+    /// Which drivers' results count.
+    pub count_drivers: CountDrivers,
 }
 
 /// Which CI jobs' results count for CI. A job on an unprotected ref runs
@@ -66,6 +73,77 @@ impl CiJobs {
     }
 }
 
+/// Which drivers' results count for CI (`count_drivers`), by the driver
+/// class the run key and the sealed manifest carry. A podman run shares
+/// the host's kernel and can reach services on podman's bridge, so a
+/// repository may count only VM runs (`["qemu"]`); by default every
+/// driver's results count.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "DriversToml")]
+pub enum CountDrivers {
+    #[default]
+    All,
+    /// Only these driver classes (never empty, each one of
+    /// [`DRIVER_CLASSES`]).
+    Only(BTreeSet<String>),
+}
+
+impl CountDrivers {
+    /// Whether results of driver class `driver` count.
+    pub fn counts(&self, driver: &str) -> bool {
+        match self {
+            CountDrivers::All => true,
+            CountDrivers::Only(classes) => classes.contains(driver),
+        }
+    }
+}
+
+impl fmt::Display for CountDrivers {
+    /// `all`, or the classes as TOML writes them: `["qemu"]`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CountDrivers::All => f.write_str("all"),
+            CountDrivers::Only(classes) => {
+                let quoted: Vec<String> = classes.iter().map(|c| format!("\"{c}\"")).collect();
+                write!(f, "[{}]", quoted.join(", "))
+            }
+        }
+    }
+}
+
+/// `count_drivers` as written: `"all"` or a list of driver classes.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DriversToml {
+    Word(String),
+    List(Vec<String>),
+}
+
+impl TryFrom<DriversToml> for CountDrivers {
+    type Error = String;
+
+    fn try_from(value: DriversToml) -> Result<CountDrivers, String> {
+        let known = DRIVER_CLASSES.join(", ");
+        match value {
+            DriversToml::Word(w) if w == "all" => Ok(CountDrivers::All),
+            DriversToml::Word(w) => Err(format!(
+                "count_drivers is \"all\" or a list of driver classes ({known}), not \"{w}\""
+            )),
+            DriversToml::List(list) if list.is_empty() => Err(format!(
+                "count_drivers = [] would count no result at all: list the driver classes whose results count ({known}), or write \"all\""
+            )),
+            DriversToml::List(list) => {
+                if let Some(bad) = list.iter().find(|c| !DRIVER_CLASSES.contains(&c.as_str())) {
+                    return Err(format!(
+                        "count_drivers: \"{bad}\" is not a driver class ({known})"
+                    ));
+                }
+                Ok(CountDrivers::Only(list.into_iter().collect()))
+            }
+        }
+    }
+}
+
 /// One repository's overrides.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,6 +153,7 @@ pub struct RepoOverrides {
     pub prefer: Option<Vec<String>>,
     pub ci_jobs: Option<CiJobs>,
     pub commit_status: Option<bool>,
+    pub count_drivers: Option<CountDrivers>,
 }
 
 /// The `[policy]` section.
@@ -91,6 +170,7 @@ pub struct PolicyConfig {
     pub ci_jobs: CiJobs,
     #[serde(default)]
     pub commit_status: bool,
+    pub count_drivers: CountDrivers,
     /// By repository namespace.
     #[serde(default)]
     pub repos: BTreeMap<String, RepoOverrides>,
@@ -106,6 +186,9 @@ impl PolicyConfig {
             prefer: o.prefer.unwrap_or_else(|| self.prefer.clone()),
             ci_jobs: o.ci_jobs.unwrap_or(self.ci_jobs),
             commit_status: o.commit_status.unwrap_or(self.commit_status),
+            count_drivers: o
+                .count_drivers
+                .unwrap_or_else(|| self.count_drivers.clone()),
         }
     }
 }
@@ -148,6 +231,7 @@ mod tests {
 [policy]
 allow_network = true
 prefer = ["ci"]
+count_drivers = ["qemu"]
 
 [policy.repos."example.com/a/b"]
 require_fresh = true
@@ -155,10 +239,12 @@ require_fresh = true
 [policy.repos."example.com/c/d"]
 allow_network = false
 prefer = []
+count_drivers = "all"
 "#,
         )
         .unwrap();
         let p = &s.policy;
+        let vm_only = CountDrivers::Only(BTreeSet::from(["qemu".to_string()]));
         assert_eq!(
             p.for_repo("example.com/a/b"),
             RepoPolicy {
@@ -167,6 +253,7 @@ prefer = []
                 prefer: vec!["ci".into()],
                 ci_jobs: CiJobs::Protected,
                 commit_status: false,
+                count_drivers: vm_only.clone(),
             }
         );
         assert_eq!(
@@ -177,9 +264,11 @@ prefer = []
                 prefer: vec![],
                 ci_jobs: CiJobs::Protected,
                 commit_status: false,
+                count_drivers: CountDrivers::All,
             }
         );
         assert_eq!(p.for_repo("other").prefer, ["ci"]);
+        assert_eq!(p.for_repo("other").count_drivers, vm_only);
         assert_eq!(
             OrchestratorSettings::parse("")
                 .unwrap()
@@ -188,6 +277,37 @@ prefer = []
             RepoPolicy::default(),
             "by default: neither fresh nor network required or allowed"
         );
+    }
+
+    #[test]
+    fn count_drivers_is_all_or_known_driver_classes() {
+        let parse = |value: &str| {
+            OrchestratorSettings::parse(&format!("[policy]\ncount_drivers = {value}\n"))
+                .map(|s| s.policy.for_repo("x").count_drivers)
+        };
+        assert_eq!(
+            RepoPolicy::default().count_drivers,
+            CountDrivers::All,
+            "every driver's results count unless the policy says otherwise"
+        );
+        assert_eq!(parse("\"all\"").unwrap(), CountDrivers::All);
+        let both = parse("[\"podman\", \"qemu\"]").unwrap();
+        assert!(both.counts("qemu") && both.counts("podman"));
+        let vm = parse("[\"qemu\"]").unwrap();
+        assert!(vm.counts("qemu"));
+        assert!(!vm.counts("podman"), "{vm}");
+        assert_eq!(vm.to_string(), "[\"qemu\"]");
+        assert!(CountDrivers::All.counts("podman"));
+        for (value, says) in [
+            ("[\"vm\"]", "\"vm\" is not a driver class (qemu, podman)"),
+            ("[\"qemu\", \"host-podman\"]", "\"host-podman\" is not"),
+            ("[]", "would count no result"),
+            ("\"qemu\"", "\"all\" or a list"),
+            ("true", "orchestrator.toml"),
+        ] {
+            let e = parse(value).unwrap_err().to_string();
+            assert!(e.contains(says), "{value}: {e}");
+        }
     }
 
     #[test]

@@ -127,7 +127,7 @@ fn the_dashboard_shows_a_replay_between_two_executors_and_metrics_count_it() {
     replay.expect_code(0, "B replays through the orchestrator");
     assert!(!replay.booted(), "{}", replay.stderr);
     assert!(
-        replay.stderr.contains("from peer 'alice'"),
+        replay.stderr.contains("from producer 'alice'"),
         "{}",
         replay.stderr
     );

@@ -20,8 +20,9 @@ use std::time::Duration;
 
 use run_support::{Run, Sandbox, wait_until};
 use team_support::{
-    Killed, Team, clone_of, fabricate_result, fabricate_result_with, free_udp_port, nix_kill,
-    orchestrator, serve_on, serving_daemon, with_orchestrator,
+    CHECKED_MKFILE, Killed, NOT_COUNTED, Team, clone_of, fabricate_result, fabricate_result_with,
+    free_udp_port, issue, namespace, nix_kill, orchestrator, serve_on, serving_daemon,
+    with_orchestrator,
 };
 
 /// What the hello example's test target records on stdout.
@@ -74,7 +75,7 @@ fn a_second_executor_replays_a_peer_result_through_the_orchestrator() {
     assert!(
         replay
             .stderr
-            .contains("from peer 'alice' through the orchestrator"),
+            .contains("from producer 'alice' through the orchestrator"),
         "provenance names the producer:\n{}",
         replay.stderr
     );
@@ -105,7 +106,7 @@ fn a_second_executor_replays_a_peer_result_through_the_orchestrator() {
 }
 
 #[test]
-fn an_unreachable_orchestrator_falls_back_to_running_with_a_notice() {
+fn an_unreachable_orchestrator_is_a_notice_and_the_run_goes_on_without_it() {
     let dir = tempfile::tempdir().expect("temp dir");
     let state = dir.path().join("orchestrator");
     let state_s = state.to_str().expect("utf-8 path");
@@ -122,25 +123,29 @@ fn an_unreachable_orchestrator_falls_back_to_running_with_a_notice() {
         "--out",
         creds.to_str().expect("utf-8"),
     ]);
-    // A repository without a mkfile: reaching the contract check (exit 5)
-    // proves the run went on without the orchestrator, without a VM.
+    // A repository whose mkfile passes the check (made before any lookup),
+    // run in replay-only mode: reaching "nothing counts" (exit 10) proves
+    // the run went on past the lookup without the orchestrator, where a
+    // replay-or-run would start the tests, and starts nothing.
     let s = Sandbox::new();
     s.git_init();
-    s.write("README", "no mkfile here\n").commit("one");
-    let mut cmd = s.reprise(&["run", "--no-serve"]);
+    s.write("mkfile", CHECKED_MKFILE).commit("one");
+    let args = ["run", "--no-serve", "--mode", "replay-only"];
+    let mut cmd = s.reprise(&args);
     with_orchestrator(&mut cmd, &format!("127.0.0.1:{}", free_udp_port()), &creds);
     let r = Run::from(cmd.output().expect("reprise run"));
-    r.expect_code(5, "no mkfile, after the orchestrator notice");
+    r.expect_code(NOT_COUNTED, "nothing counts, after the orchestrator notice");
     assert!(
-        r.stderr.contains("running without it"),
+        r.stderr.contains("cannot reach the orchestrator")
+            && r.stderr.contains("running without it"),
         "a one-line notice:\n{}",
         r.stderr
     );
     // Credentials that cannot be read are a notice too.
-    let mut cmd = s.reprise(&["run", "--no-serve"]);
+    let mut cmd = s.reprise(&args);
     with_orchestrator(&mut cmd, "127.0.0.1:1", Path::new("/nonexistent.pem"));
     let r = Run::from(cmd.output().expect("reprise run"));
-    r.expect_code(5, "bad credentials path");
+    r.expect_code(NOT_COUNTED, "bad credentials path");
     assert!(
         r.stderr.contains("cannot use the credentials"),
         "{}",
@@ -286,7 +291,7 @@ fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart
     replay.expect_code(0, "B replays from the daemon");
     assert!(!replay.booted(), "{}", replay.stderr);
     assert!(
-        replay.stderr.contains("from peer 'alice'"),
+        replay.stderr.contains("from producer 'alice'"),
         "{}",
         replay.stderr
     );
@@ -332,7 +337,7 @@ fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart
     let replay = Run::from(cmd.output().expect("reprise run"));
     replay.expect_code(0, "C replays the handed-over result");
     assert!(
-        replay.stderr.contains("from peer 'alice'"),
+        replay.stderr.contains("from producer 'alice'"),
         "{}",
         replay.stderr
     );
@@ -352,10 +357,8 @@ fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart
 }
 
 #[test]
-fn the_daemon_runs_a_scheduled_target_at_its_time() {
-    let Team {
-        dir, state, alice, ..
-    } = Team::new();
+fn the_daemon_runs_a_scheduled_target_at_its_time_and_announces_its_result() {
+    let Team { dir, state, .. } = Team::new();
     // A repository whose prepare-runtime schedules `lint` every minute.
     let s = Sandbox::new();
     s.write(
@@ -394,12 +397,19 @@ fn the_daemon_runs_a_scheduled_target_at_its_time() {
         "{}",
         listed.stdout
     );
+    // The daemon's identity is trusted for this repository (its results
+    // count); another executor's may only look them up.
+    let ns = namespace(&s);
+    let scheduler = dir.path().join("scheduler.pem");
+    issue(&state, "scheduler", &[&ns], true, &scheduler);
+    let asker = dir.path().join("asker.pem");
+    issue(&state, "asker", &[&ns], false, &asker);
 
     let addr = format!("127.0.0.1:{}", free_udp_port());
     let _server = serve_on(&state, &addr);
     let log = dir.path().join("daemon.log");
     let mut cmd = s.reprise(&["daemon"]);
-    with_orchestrator(&mut cmd, &addr, &alice);
+    with_orchestrator(&mut cmd, &addr, &scheduler);
     cmd.stderr(fs::File::create(&log).expect("log"));
     let _daemon = Killed(cmd.spawn().expect("daemon starts"));
     let read_log = || fs::read_to_string(&log).unwrap_or_default();
@@ -426,5 +436,35 @@ fn the_daemon_runs_a_scheduled_target_at_its_time() {
         s.results_list().iter().any(|l| l.contains(" lint ")),
         "the scheduled run's result is stored: {:?}",
         s.results_list()
+    );
+    // It was announced like any run's: a clone of the repository, with
+    // its own store, replays it through the orchestrator (replay-only, so
+    // a result that was not announced fails here instead of running).
+    let b = clone_of(&s);
+    let mut cmd = b.reprise(&[
+        "run",
+        "--no-serve",
+        "--driver",
+        "podman",
+        "--target",
+        "lint",
+        "--mode",
+        "replay-only",
+    ]);
+    with_orchestrator(&mut cmd, &addr, &asker);
+    let replay = Run::from(cmd.output().expect("reprise run"));
+    replay.expect_code(0, "a clone replays the scheduled run's result");
+    assert!(replay.replayed() && !replay.ran_here(), "{}", replay.stderr);
+    assert!(
+        replay
+            .stderr
+            .contains("from producer 'scheduler' through the orchestrator"),
+        "{}",
+        replay.stderr
+    );
+    assert!(
+        replay.stdout.contains("lint ran on schedule"),
+        "{}",
+        replay.stdout
     );
 }

@@ -91,6 +91,32 @@ fn assert_nothing_kept(s: &Sandbox, run: &Run, what: &str) {
 }
 
 #[test]
+fn the_sandbox_leaves_out_the_settings_that_change_a_run() {
+    // What the developer running the tests has set must not change what a
+    // test's run does: another driver, an orchestrator, CI mode, a cold
+    // boot or another retention.
+    use reprise_executor::vars;
+    let s = Sandbox::new();
+    let cmd = s.reprise(&["run"]);
+    let envs: std::collections::BTreeMap<_, _> = cmd.get_envs().collect();
+    for var in [
+        vars::DRIVER_VAR,
+        vars::ORCHESTRATOR_VAR,
+        vars::CREDENTIALS_VAR,
+        vars::COLD_BOOT_VAR,
+        vars::KEEP_VAR,
+        vars::MAX_AGE_VAR,
+        "CI",
+    ] {
+        assert_eq!(
+            envs.get(std::ffi::OsStr::new(var)),
+            Some(&None),
+            "{var} is removed from a sandboxed command's environment"
+        );
+    }
+}
+
+#[test]
 fn first_run_executes_and_second_replays_the_same_output() {
     let fixture = hello_fixture();
     let first = &fixture.first;
@@ -428,6 +454,81 @@ fn bad_repositories_are_refused_before_booting() {
         );
         assert!(!run.booted(), "{}: no VM:\n{}", case.name, run.stderr);
         assert_nothing_kept(&s, &run, case.name);
+    }
+}
+
+#[test]
+fn a_dry_run_exits_with_the_contract_code_when_its_plan_is_not_valid() {
+    struct Case {
+        name: &'static str,
+        mkfile: Option<&'static str>,
+        args: &'static [&'static str],
+        code: i32,
+        message: &'static str,
+    }
+    const VALID: &str = "</usr/lib/reprise/ci.mk\nCONTAINERIMAGE=localhost/x\ntest:V:\n\ttrue\n";
+    // The last is a valid plan, so the others' code is the contract's
+    // verdict, not the dry run's.
+    let cases = [
+        Case {
+            name: "no mkfile",
+            mkfile: None,
+            args: &[],
+            code: code::CONTRACT,
+            message: "has no mkfile at its root",
+        },
+        Case {
+            name: "unknown target",
+            mkfile: Some(VALID),
+            args: &["--target", "nope"],
+            code: code::CONTRACT,
+            message: "no rule makes the target 'nope'",
+        },
+        Case {
+            name: "CONTAINERIMAGE not set",
+            mkfile: Some("</usr/lib/reprise/ci.mk\ntest:V:\n\ttrue\n"),
+            args: &[],
+            code: code::CONTRACT,
+            message: "mkfile:1: CONTAINERIMAGE is not set",
+        },
+        Case {
+            name: "a valid plan",
+            mkfile: Some(VALID),
+            args: &[],
+            code: code::SUCCESS,
+            message: "",
+        },
+    ];
+    for case in cases {
+        let name = case.name;
+        let s = Sandbox::new();
+        s.write("README", "a repository\n");
+        if let Some(mkfile) = case.mkfile {
+            s.write("mkfile", mkfile);
+        }
+        s.git_init().commit(name);
+        let mut args = vec!["run", "--no-serve", "--driver", "dry-run"];
+        args.extend(case.args);
+        let run = s.run(&args);
+        run.expect_code(case.code, name);
+        assert!(
+            run.stderr.contains(case.message),
+            "{name}: stderr should say '{}':\n{}",
+            case.message,
+            run.stderr
+        );
+        assert!(
+            !run.ran_here() && !run.replayed(),
+            "{name}: a dry run starts nothing:\n{}",
+            run.stderr
+        );
+        assert_eq!(
+            run.stdout.contains("plan of `reprise run`"),
+            case.code == code::SUCCESS,
+            "{name}: a plan is printed only when it is valid:\n{}",
+            run.stdout
+        );
+        assert_nothing_kept(&s, &run, name);
     }
 }
 

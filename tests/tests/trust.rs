@@ -33,8 +33,8 @@ use reprise_orchestrator::Folder;
 use reprise_protocol::wire::{self, Message};
 use run_support::{Run, Sandbox, wait_until};
 use team_support::{
-    Killed, Team, clone_of, fabricate_result, free_udp_port, issue, namespace, nix_kill,
-    orchestrator, serve_logged, serving_daemon, with_orchestrator,
+    CHECKED_MKFILE, Killed, NOT_COUNTED, Team, clone_of, fabricate_result, free_udp_port, issue,
+    namespace, nix_kill, orchestrator, serve_logged, serving_daemon, with_orchestrator,
 };
 
 /// Writes credentials where a user keeps them: readable by the user only.
@@ -150,6 +150,7 @@ async fn a_hostile_orchestrator_gets_nothing_outside_the_store_and_cannot_plant_
     let a = Sandbox::new();
     a.git_init();
     a.write("README", "a repository whose results are served\n")
+        .write("mkfile", CHECKED_MKFILE)
         .commit("one");
     let ns = namespace(&a);
     // The victim's credentials, kept as a user would, and the secret in
@@ -329,7 +330,7 @@ async fn a_hostile_orchestrator_gets_nothing_outside_the_store_and_cannot_plant_
             fs::read(a.store().join("blobs").join(report)).expect("blob"),
         ]
     };
-    let mut cmd = b.reprise(&["run", "--no-serve"]);
+    let mut cmd = b.reprise(&["run", "--no-serve", "--mode", "replay-only"]);
     with_orchestrator(&mut cmd, &stand_in.addr(), &b_creds);
     let run = tokio::task::spawn_blocking(move || Run::from(cmd.output().expect("run")));
     let conn_b = stand_in.accept("consumer", &[&ns]).await;
@@ -362,7 +363,7 @@ async fn a_hostile_orchestrator_gets_nothing_outside_the_store_and_cannot_plant_
         }
     }
     let run = run.await.expect("run");
-    run.expect_code(5, "refused, then run here: no mkfile");
+    run.expect_code(NOT_COUNTED, "refused, and nothing else counts");
     assert!(
         run.stderr.contains("refused") && run.stderr.contains("not a plain relative path"),
         "{}",
@@ -384,12 +385,14 @@ fn a_tracked_env_file_cannot_choose_the_orchestrator_or_the_credentials() {
     let state = dir.path().join("foreign");
     let state = state.to_str().expect("utf-8");
     orchestrator(&["init", "--dir", state]);
-    // The victim's repository: its tests would fail (it has no mkfile at
-    // all, which makes a real run stop at once with exit 5).
+    // The victim's repository: its tests would fail. Its runs ask for a
+    // replay only, so they stop (exit 10) instead of running the tests
+    // when no result counts.
     let victim = Sandbox::new();
     victim.git_init();
     victim
         .write("README", "tests that do not pass\n")
+        .write("mkfile", CHECKED_MKFILE)
         .commit("root");
     let ns = namespace(&victim);
     // The attacker's team trusts its own producer for the namespace, and
@@ -429,8 +432,11 @@ fn a_tracked_env_file_cannot_choose_the_orchestrator_or_the_credentials() {
     );
 
     // The victim runs its tests. The .env is ignored, and said to be.
-    let r = victim.run(&["run", "--no-serve"]);
-    r.expect_code(5, "not replayed: the run goes on here and finds no mkfile");
+    let r = victim.run(&["run", "--no-serve", "--mode", "replay-only"]);
+    r.expect_code(
+        NOT_COUNTED,
+        "not replayed: nothing counts without an orchestrator",
+    );
     assert!(!r.replayed(), "{}", r.stderr);
     assert!(
         r.stderr.contains(".env") && r.stderr.contains("git tracks it"),
@@ -445,12 +451,12 @@ fn a_tracked_env_file_cannot_choose_the_orchestrator_or_the_credentials() {
 
     // The same setup chosen by the user (environment) does replay: the
     // attack above was real, and only the source of the settings changed.
-    let mut cmd = victim.reprise(&["run", "--no-serve"]);
+    let mut cmd = victim.reprise(&["run", "--no-serve", "--mode", "replay-only"]);
     with_orchestrator(&mut cmd, &addr, &victim.repo().join("planted.pem"));
     let chosen = Run::from(cmd.output().expect("run"));
     chosen.expect_code(0, "replayed when the user points at it");
     assert!(
-        chosen.stderr.contains("from peer 'mallory'"),
+        chosen.stderr.contains("from producer 'mallory'"),
         "{}",
         chosen.stderr
     );
@@ -471,7 +477,10 @@ fn a_trusted_relayer_cannot_launder_a_hand_made_or_a_revoked_producers_result() 
     orchestrator(&["init", "--dir", state]);
     let carol = Sandbox::new();
     carol.git_init();
-    carol.write("README", "one\n").commit("root");
+    carol
+        .write("README", "one\n")
+        .write("mkfile", CHECKED_MKFILE)
+        .commit("root");
     let ns = namespace(&carol);
     let cred = |name: &str, trusted: bool| {
         let path = dir.path().join(format!("{name}.pem"));
@@ -507,13 +516,13 @@ fn a_trusted_relayer_cannot_launder_a_hand_made_or_a_revoked_producers_result() 
     let consumer = clone_of(&carol);
     let at = |commit: &str| {
         consumer.git(&["checkout", "-q", commit]);
-        let mut cmd = consumer.reprise(&["run", "--no-serve"]);
+        let mut cmd = consumer.reprise(&["run", "--no-serve", "--mode", "replay-only"]);
         with_orchestrator(&mut cmd, &addr, &ci);
         Run::from(cmd.output().expect("run"))
     };
     for (name, commit) in [("hand-made", &hand_made), ("bob's", &bobs)] {
         let r = at(commit);
-        r.expect_code(5, name);
+        r.expect_code(NOT_COUNTED, name);
         assert!(!r.replayed(), "{name} was replayed:\n{}", r.stderr);
         // Told that nothing counts (the same answer whether a result
         // exists or not: no oracle), and why the tests run here.
@@ -527,7 +536,7 @@ fn a_trusted_relayer_cannot_launder_a_hand_made_or_a_revoked_producers_result() 
     let r = at(&alices);
     r.expect_code(0, "alice's result replays");
     assert!(
-        r.stderr.contains("from peer 'alice'") && r.stderr.contains("sealed by alice"),
+        r.stderr.contains("from producer 'alice'") && r.stderr.contains("sealed by alice"),
         "the producer, not the relayer:\n{}",
         r.stderr
     );

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use reprise_protocol::digest::RunKey;
+use reprise_protocol::key::{DRIVER_PODMAN, DRIVER_QEMU};
 use reprise_protocol::manifest::Snapshot;
 
 use crate::accel::Accel;
@@ -98,8 +99,8 @@ impl DriverKind {
     /// never replay as each other. A dry run plans a qemu run.
     pub fn class(self) -> &'static str {
         match self {
-            DriverKind::Qemu | DriverKind::DryRun => "qemu",
-            DriverKind::Podman => "podman",
+            DriverKind::Qemu | DriverKind::DryRun => DRIVER_QEMU,
+            DriverKind::Podman => DRIVER_PODMAN,
         }
     }
 

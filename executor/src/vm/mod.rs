@@ -90,7 +90,7 @@ pub struct VmConfig {
     pub kernel_args: Vec<String>,
     /// Folder for the VM's work files (a fresh sub-folder is made in it).
     pub work_root: PathBuf,
-    /// Boot from a saved guest instead of cold (see [`snapshot`]);
+    /// Boot from a saved guest instead of cold (see [`saved`]);
     /// its accelerator, memory and CPUs replace this config's.
     pub restore: Option<SavedGuest>,
     /// A second serial port (`/dev/ttyS1` in the guest) on a host socket,

@@ -138,6 +138,10 @@ impl Sandbox {
             .env("XDG_CONFIG_HOME", self.config())
             .env_remove("REPRISE_ORCHESTRATOR")
             .env_remove("REPRISE_CREDENTIALS")
+            // A developer's REPRISE_DRIVER=podman would turn the VM runs
+            // into podman runs (and their keys into others) unnoticed: the
+            // tests that want a driver say so with --driver.
+            .env_remove("REPRISE_DRIVER")
             .env_remove("GREETING_STYLE")
             .env_remove("HELLO_TOKEN")
             .env_remove("REPRISE_KEEP")

@@ -63,6 +63,16 @@ pub fn namespace(s: &Sandbox) -> String {
         .to_string()
 }
 
+/// An mkfile that passes `reprise run`'s check (which comes before any
+/// lookup) and whose tests fail: for repositories whose results the tests
+/// make by hand. Their runs use `--mode replay-only`, so when no result
+/// counts they stop with exit 10 instead of starting anything.
+pub const CHECKED_MKFILE: &str =
+    "</usr/lib/reprise/ci.mk\nCONTAINERIMAGE=localhost/never-built\ntest:V:\n\tfalse\n";
+
+/// The exit code of `--mode replay-only` when no result counts.
+pub const NOT_COUNTED: i32 = 10;
+
 pub fn with_orchestrator(cmd: &mut Command, addr: &str, creds: &Path) {
     cmd.env("REPRISE_ORCHESTRATOR", addr)
         .env("REPRISE_CREDENTIALS", creds);
