@@ -127,6 +127,13 @@ fn conditions(policy: &RepoPolicy, namespace: &str) -> Vec<String> {
             "a run from a fresh snapshot (require_fresh = true for {namespace})"
         ));
     }
+    if let reprise_protocol::policy::CountDrivers::Only(drivers) = &policy.count_drivers {
+        out.push(format!(
+            "a run under the driver{} {} (count_drivers)",
+            if drivers.len() == 1 { "" } else { "s" },
+            drivers.iter().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
     if !policy.allow_network {
         out.push("tests without the network (allow_network = false)".to_string());
     }
