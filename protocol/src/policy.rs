@@ -170,6 +170,7 @@ pub struct PolicyConfig {
     pub ci_jobs: CiJobs,
     #[serde(default)]
     pub commit_status: bool,
+    #[serde(default)]
     pub count_drivers: CountDrivers,
     /// By repository namespace.
     #[serde(default)]
@@ -223,6 +224,19 @@ impl OrchestratorSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_setting_may_be_left_out() {
+        for text in [
+            "",
+            "[policy]\n",
+            "[policy]\nrequire_fresh = true\n",
+            "[policy.repos.\"a/b\"]\n",
+        ] {
+            let parsed = OrchestratorSettings::parse(text);
+            assert!(parsed.is_ok(), "{text:?}: {parsed:?}");
+        }
+    }
 
     #[test]
     fn repositories_override_the_defaults_field_by_field() {
