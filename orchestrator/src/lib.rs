@@ -313,8 +313,17 @@ impl Folder {
 
     /// Everything [`server::run`] needs: the state, the policy and the CA.
     pub fn service(&self) -> Result<server::Service, FolderError> {
+        let mut state = self.state()?;
+        // Statuses claimed by an earlier process and never posted: its
+        // poster tasks are gone, so a later announce may try again.
+        let released = state.release_unposted_statuses()?;
+        if released > 0 {
+            info!(
+                "{released} commit status(es) claimed before a restart were never posted; they will be posted at the next announce"
+            );
+        }
         Ok(server::Service {
-            state: self.state()?,
+            state,
             policy: self.settings()?.policy,
             client_ca: pki::certs(&self.ca_pem()?)?,
             limits: Limits::default(),

@@ -587,6 +587,15 @@ impl State {
         Ok(())
     }
 
+    /// Gives back every status claim that was never posted: the process
+    /// that took it is gone (a service starting holds none yet), so a
+    /// later announce of the result tries again. Returns how many.
+    pub fn release_unposted_statuses(&mut self) -> Result<usize, StateError> {
+        self.conn
+            .execute("DELETE FROM statuses WHERE posted_at IS NULL", [])
+            .map_err(self.sql())
+    }
+
     /// When the status of `key` of `namespace` was posted, if it was.
     pub fn status_posted(&self, namespace: &str, key: &RunKey) -> Result<Option<u64>, StateError> {
         self.conn
@@ -1288,5 +1297,25 @@ mod tests {
                 .contains("RFC 3339")
         );
         assert_eq!(rfc3339(1_777_636_800), "2026-05-01T12:00:00Z");
+    }
+
+    #[test]
+    fn a_status_is_claimed_once_and_an_unposted_claim_can_be_given_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(&dir.path().join("s.db")).unwrap();
+        let (a, b) = (key(1), key(2));
+        assert!(s.claim_status("x", &a, "c1", 10).unwrap());
+        assert!(
+            !s.claim_status("x", &a, "c1", 11).unwrap(),
+            "once per result"
+        );
+        assert!(s.claim_status("x", &b, "c2", 12).unwrap());
+        s.settle_status("x", &b, true, 13).unwrap();
+        assert_eq!(s.status_posted("x", &b).unwrap(), Some(13));
+        // A restart gives back the claim that never got through, not the
+        // posted one.
+        assert_eq!(s.release_unposted_statuses().unwrap(), 1);
+        assert!(s.claim_status("x", &a, "c1", 20).unwrap());
+        assert!(!s.claim_status("x", &b, "c2", 20).unwrap());
     }
 }
