@@ -298,11 +298,7 @@ impl Poster {
     async fn post(&self, forge: &Forge, path: &str, status: &Status) -> Result<(), (bool, String)> {
         let (url, body, request) = match forge.kind {
             ForgeKind::Github => {
-                let url = format!(
-                    "{}/repos/{path}/statuses/{}",
-                    forge.base.as_str().trim_end_matches('/'),
-                    status.sha
-                );
+                let url = status_url(forge, path, &status.sha).map_err(|why| (false, why))?;
                 let body = serde_json::json!({
                     "state": "success",
                     "context": status.context(),
@@ -317,12 +313,7 @@ impl Poster {
                 (url, body, request)
             }
             ForgeKind::Gitlab => {
-                let id = percent_encode_path(path);
-                let url = format!(
-                    "{}/api/v4/projects/{id}/statuses/{}",
-                    forge.base.as_str().trim_end_matches('/'),
-                    status.sha
-                );
+                let url = status_url(forge, path, &status.sha).map_err(|why| (false, why))?;
                 let body = serde_json::json!({
                     "state": "success",
                     "name": status.context(),
@@ -345,6 +336,34 @@ impl Poster {
             let retry = code.is_server_error() || code.as_u16() == 429;
             Err((retry, format!("{url}: HTTP {code}")))
         }
+    }
+}
+
+/// The status URL of commit `sha` of the repository at `path` on `forge`.
+/// The commit comes from a producer's manifest and the path from a
+/// namespace: each goes into the URL as escaped path segments, so neither
+/// can steer the orchestrator's token to another API path (`..`, `?`, `/`).
+fn status_url(forge: &Forge, path: &str, sha: &str) -> Result<String, String> {
+    // One segment of a URL path, escaped; "", "." and ".." would move it.
+    let segment = |text: &str| match text {
+        "" | "." | ".." => Err(format!("{text:?} cannot be a part of a status URL")),
+        _ => Ok(percent_encode_path(text)),
+    };
+    let base = forge.base.as_str().trim_end_matches('/');
+    let sha = segment(sha)?;
+    match forge.kind {
+        ForgeKind::Github => match path.split('/').collect::<Vec<_>>().as_slice() {
+            [owner, repo] => Ok(format!(
+                "{base}/repos/{}/{}/statuses/{sha}",
+                segment(owner)?,
+                segment(repo)?
+            )),
+            _ => Err(format!("{path:?} is not OWNER/REPO on GitHub")),
+        },
+        ForgeKind::Gitlab => Ok(format!(
+            "{base}/api/v4/projects/{}/statuses/{sha}",
+            percent_encode_path(path)
+        )),
     }
 }
 
@@ -391,6 +410,30 @@ mod tests {
         assert_eq!(percent_encode_path("g/sub/p"), "g%2Fsub%2Fp");
         let shown = format!("{poster:?}");
         assert!(!shown.contains("secret-token"), "{shown}");
+    }
+
+    #[test]
+    fn hostile_commits_and_paths_stay_inside_the_status_url() {
+        let dir = tempfile::tempdir().unwrap();
+        token_file(dir.path(), 0o600);
+        let forges = forges(
+            "[status.github]\ntoken_file = \"t\"\n[status.gitlab]\ntoken_file = \"t\"\nurl = \"https://gitlab.example\"\n",
+            dir.path(),
+        )
+        .unwrap();
+        let (gh, gl) = (&forges[0], &forges[1]);
+        assert_eq!(
+            status_url(gh, "o/r", "../../../orgs/o/members?x=1").unwrap(),
+            "https://api.github.com/repos/o/r/statuses/..%2F..%2F..%2Forgs%2Fo%2Fmembers%3Fx%3D1"
+        );
+        assert_eq!(
+            status_url(gl, "g/../p", "c1").unwrap(),
+            "https://gitlab.example/api/v4/projects/g%2F..%2Fp/statuses/c1"
+        );
+        assert!(status_url(gh, "o/r/../../x", "c1").is_err());
+        assert!(status_url(gh, "o", "c1").is_err());
+        assert!(status_url(gh, "o/..", "c1").is_err());
+        assert!(status_url(gl, "g/p", "..").is_err());
     }
 
     #[test]
