@@ -19,6 +19,7 @@
 
 pub mod dashboard;
 pub mod explain;
+pub mod forge;
 pub mod http;
 pub mod limits;
 pub mod login;
