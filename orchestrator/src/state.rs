@@ -26,7 +26,12 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 use thiserror::Error;
 
 /// The schema this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
+
+/// The conflicts recorded on one result: asked on every lookup, so it
+/// must use the `conflicts_by_result` index.
+const CONFLICTS_ON: &str =
+    "SELECT producers FROM conflicts WHERE namespace = ?1 AND key = ?2 ORDER BY id";
 
 /// How long a writer waits for another process's write to finish.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,6 +95,9 @@ const MIGRATIONS: &[&str] = &[
          posted_at INTEGER,
          PRIMARY KEY (namespace, key)
      ) STRICT;",
+    // 3: every lookup asks whether its result stands in a conflict, by
+    // namespace and key.
+    "CREATE INDEX conflicts_by_result ON conflicts(namespace, key);",
 ];
 
 /// What a write in [`State::transact`] did: refused (rolled back), or
@@ -533,9 +541,7 @@ impl State {
         key: &reprise_protocol::digest::RunKey,
     ) -> Result<Vec<Vec<String>>, StateError> {
         let read = || -> rusqlite::Result<Vec<Vec<String>>> {
-            let mut stmt = self.conn.prepare(
-                "SELECT producers FROM conflicts WHERE namespace = ?1 AND key = ?2 ORDER BY id",
-            )?;
+            let mut stmt = self.conn.prepare_cached(CONFLICTS_ON)?;
             let rows = stmt.query_map(params![namespace, key.hex()], |r| r.get::<_, String>(0))?;
             let mut out = Vec::new();
             for row in rows {
@@ -1283,6 +1289,28 @@ mod tests {
         let err = State::open(&path).unwrap_err();
         assert!(matches!(err, StateError::Newer { found, .. } if found == SCHEMA_VERSION + 1));
         assert!(err.to_string().contains("newer"), "{err}");
+    }
+
+    #[test]
+    fn a_lookup_finds_a_results_conflicts_by_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = State::open(&dir.path().join("state.db")).unwrap();
+        let plan: Vec<String> = s
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {CONFLICTS_ON}"))
+            .unwrap()
+            .query_map(params!["h/o/r", "00"], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter().any(|step| step.contains("conflicts_by_result")),
+            "{plan:?}"
+        );
+        assert!(
+            !plan.iter().any(|step| step.starts_with("SCAN conflicts")),
+            "{plan:?}"
+        );
     }
 
     #[test]
