@@ -33,6 +33,10 @@ pub const SCHEMA_VERSION: i64 = 3;
 const CONFLICTS_ON: &str =
     "SELECT producers FROM conflicts WHERE namespace = ?1 AND key = ?2 ORDER BY id";
 
+/// How long after its expiry a certificate is forgotten (at the next
+/// login); TLS refuses it from its expiry on.
+pub const PRUNE_AFTER: Duration = Duration::from_secs(24 * 3600);
+
 /// How long a writer waits for another process's write to finish.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -96,8 +100,9 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (namespace, key)
      ) STRICT;",
     // 3: every lookup asks whether its result stands in a conflict, by
-    // namespace and key.
-    "CREATE INDEX conflicts_by_result ON conflicts(namespace, key);",
+    // namespace and key; every login prunes certificates long expired.
+    "CREATE INDEX conflicts_by_result ON conflicts(namespace, key);
+     CREATE INDEX certificates_by_expiry ON certificates(not_after);",
 ];
 
 /// What a write in [`State::transact`] did: refused (rolled back), or
@@ -471,7 +476,7 @@ impl State {
     /// it (`Some(when it was revoked)`). The check and the write are one
     /// transaction.
     pub fn record_login(&mut self, event: StateEvent) -> Result<Option<u64>, StateError> {
-        let StateEvent::Issued { name, .. } = &event else {
+        let StateEvent::Issued { name, at, .. } = &event else {
             unreachable!("a login records an issue");
         };
         self.transact(|tx| {
@@ -486,6 +491,13 @@ impl State {
             if let Some(at) = revoked_at {
                 return Ok(Outcome::Refused(Some(as_u64(at))));
             }
+            // Logins add a certificate each, hours long: those expired for
+            // a day go, so the table (and the cache of every serving
+            // process) stays the size of what is in use.
+            tx.execute(
+                "DELETE FROM certificates WHERE not_after < ?1",
+                [at.saturating_sub(PRUNE_AFTER.as_secs()) as i64],
+            )?;
             apply(tx, &event)?;
             Ok(Outcome::Written {
                 value: None,
@@ -1195,6 +1207,31 @@ mod tests {
                 revoked: true
             }]
         );
+    }
+
+    #[test]
+    fn a_login_forgets_certificates_expired_for_a_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(&dir.path().join("state.db")).unwrap();
+        let day = PRUNE_AFTER.as_secs();
+        let login = |cert: &str, at: u64| StateEvent::Issued {
+            name: "ci:github:o/r@refs/heads/main".into(),
+            cert_sha256: fp(cert),
+            repos: vec!["github.com/o/r".into()],
+            trusted: true,
+            at,
+            not_after: Some(at + 3600),
+        };
+        s.append(issued("hand", "h", true)).unwrap();
+        s.record_login(login("old", 1000)).unwrap();
+        s.record_login(login("recent", 1000 + day)).unwrap();
+        assert!(matches!(s.admit(&fp("old")), Admission::Admitted(_)));
+        // A day after "old" and "hand" expired, and "recent" still in use.
+        s.record_login(login("new", 1000 + 3600 + day + 1)).unwrap();
+        assert!(matches!(s.admit(&fp("old")), Admission::Unknown));
+        assert!(matches!(s.admit(&fp("hand")), Admission::Unknown));
+        assert!(matches!(s.admit(&fp("recent")), Admission::Admitted(_)));
+        assert!(matches!(s.admit(&fp("new")), Admission::Admitted(_)));
     }
 
     #[test]
