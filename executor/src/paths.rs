@@ -79,3 +79,42 @@ mod tests {
         assert_eq!(tail_lines("", 5), "");
     }
 }
+
+/// Writes `bytes` to `path` whole or not at all: a temporary file in the
+/// same folder (created with `mode`), synced, then renamed over `path`, so
+/// a reader sees the old file or the new one and never a part.
+pub fn write_whole(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".reprise-")
+        .permissions(std::fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod write_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_whole_write_replaces_the_file_with_the_mode_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials.pem");
+        std::fs::write(&path, "old").unwrap();
+        write_whole(&path, b"new", 0o600).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left behind");
+    }
+}

@@ -7,8 +7,6 @@
 //! atomically, so every later command finds them as it finds credentials
 //! an administrator issued by hand.
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -140,31 +138,12 @@ fn toml_string(text: &str) -> String {
     serde_json::to_string(text).expect("a string serialises")
 }
 
-/// Writes `text` to `path` (mode 0600) through a temporary file renamed
-/// over it, so a reader sees the old file or the new one.
+/// Writes `text` to `path` (mode 0600) whole or not at all.
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     let dir = path.parent().expect("a file in a folder");
     std::fs::create_dir_all(dir).with_context(|| format!("while making {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.with_context(|| format!("while writing {}", path.display()))
+    reprise_executor::paths::write_whole(path, text.as_bytes(), 0o600)
+        .with_context(|| format!("while writing {}", path.display()))
 }
 
 pub const WHOAMI_EXAMPLES: &str = "\

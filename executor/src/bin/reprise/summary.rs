@@ -199,20 +199,12 @@ pub fn markdown(summary: &Value) -> String {
     out
 }
 
-/// Writes `value` to `path` whole or not at all (a temporary file renamed).
+/// Writes `value` to `path` whole or not at all.
 pub fn write_report(path: &Path, value: &Value) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let context = || format!("while writing the report {}", path.display());
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(context)?;
-    serde_json::to_writer_pretty(&mut tmp, value)
-        .map_err(std::io::Error::from)
-        .and_then(|()| tmp.write_all(b"\n"))
-        .with_context(context)?;
-    tmp.persist(path).with_context(context)?;
-    Ok(())
+    let mut text = serde_json::to_vec_pretty(value).expect("a JSON value serialises");
+    text.push(b'\n');
+    reprise_executor::paths::write_whole(path, &text, 0o644)
+        .with_context(|| format!("while writing the report {}", path.display()))
 }
 
 /// Appends the Markdown summary to the file GitHub names in
