@@ -61,6 +61,7 @@ impl Limits {
         t.stream_receive_window(quinn::VarInt::from_u32(WINDOW));
         t.receive_window(quinn::VarInt::from_u32(4 * WINDOW));
         t.send_window(u64::from(4 * WINDOW));
+        reprise_frames::discover_mtu(&mut t);
         t
     }
 }

@@ -357,7 +357,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let telemetry = service.telemetry.clone();
             let rt = tokio::runtime::Runtime::new().context("while starting the runtime")?;
             rt.block_on(async {
-                let endpoint = quinn::Endpoint::server(config, listen)
+                let endpoint = reprise_frames::server_endpoint(config, listen)
                     .with_context(|| format!("while binding {listen}"))?;
                 tracing::info!("serving on {}", endpoint.local_addr()?);
                 let (stop, stopped) = tokio::sync::watch::channel(());

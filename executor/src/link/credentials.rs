@@ -155,6 +155,7 @@ pub(crate) fn quic_client(mut tls: rustls::ClientConfig) -> Result<quinn::Client
         quinn::IdleTimeout::try_from(std::time::Duration::from_secs(10)).expect("in range"),
     ));
     transport.keep_alive_interval(Some(std::time::Duration::from_secs(3)));
+    reprise_frames::discover_mtu(&mut transport);
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

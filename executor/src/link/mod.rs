@@ -529,7 +529,7 @@ pub(crate) async fn dial(
     } else {
         "[::]:0".parse().expect("addr")
     };
-    let mut endpoint = quinn::Endpoint::client(local).map_err(LinkError::Endpoint)?;
+    let mut endpoint = reprise_frames::client_endpoint(local).map_err(LinkError::Endpoint)?;
     endpoint.set_default_client_config(config);
     let conn = endpoint.connect(remote, host)?.await?;
     Ok((endpoint, conn))
