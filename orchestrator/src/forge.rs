@@ -99,6 +99,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest device-flow polling interval honoured (a forge asking for
 /// more is capped, so a login cannot hang for its whole expiry on one poll).
 const MAX_INTERVAL: Duration = Duration::from_secs(60);
+/// The longest device flow waited for, whatever `expires_in` says
+/// (GitHub's codes last 15 minutes, GitLab's 5).
+const MAX_EXPIRY: Duration = Duration::from_secs(3600);
 /// The scope asked of GitHub (see the module doc).
 pub const GITHUB_SCOPE: &str = "repo";
 /// The scope asked of GitLab (see the module doc).
@@ -680,7 +683,7 @@ impl Forge {
             RequestTokenError::Request(e) => ForgeError::Unreachable(e.0),
             RequestTokenError::Parse(e, body) => ForgeError::Protocol(format!(
                 "POST {url}: not a device authorization ({}; {} bytes, status {})",
-                clip(&e.to_string()),
+                parse_failure(e.inner(), e.path()),
                 body.len(),
                 status.map_or_else(|| "?".to_string(), |s| s.to_string()),
             )),
@@ -694,13 +697,17 @@ impl Forge {
         &self,
         device: &DeviceAuthorization,
     ) -> Result<ForgeToken, ForgeError> {
+        // A forge's word, bounded: at least 1 s between polls, at most
+        // MAX_INTERVAL, and no flow longer than MAX_EXPIRY.
+        let interval = device.interval.clamp(Duration::from_secs(1), MAX_INTERVAL);
+        let expires_in = device.expires_in.min(MAX_EXPIRY);
         let answer: StandardDeviceAuthorizationResponse =
             serde_json::from_value(serde_json::json!({
                 "device_code": device.device_code,
                 "user_code": device.user_code,
                 "verification_uri": device.verification_uri,
-                "expires_in": device.expires_in.as_secs(),
-                "interval": device.interval.as_secs(),
+                "expires_in": expires_in.as_secs(),
+                "interval": interval.as_secs(),
             }))
             .map_err(|e| ForgeError::Protocol(format!("the device authorization: {e}")))?;
         let state = Arc::new(Mutex::new(PollState::default()));
@@ -718,16 +725,12 @@ impl Forge {
             }
         };
         // The first poll waits one interval too (nobody approves faster).
-        tokio::time::sleep(device.interval.min(MAX_INTERVAL)).await;
+        tokio::time::sleep(interval).await;
         let client = self.oauth();
         let result = client
             .exchange_device_access_token(&answer)
             .set_max_backoff_interval(MAX_INTERVAL)
-            .request_async(
-                &http,
-                sleep,
-                Some(device.expires_in.saturating_sub(device.interval)),
-            )
+            .request_async(&http, sleep, Some(expires_in))
             .await;
         let token_url = &self.endpoints.token;
         match result {
@@ -766,17 +769,22 @@ impl Forge {
                     DeviceCodeErrorResponseType::Basic(BasicErrorResponseType::Extension(
                         other,
                     )) if is_client_error(other) => Err(ForgeError::Client(text)),
-                    // GitHub's name for a code it no longer knows.
+                    // The forge no longer knows the code (GitLab
+                    // `invalid_grant`, GitHub `incorrect_device_code`):
+                    // the flow is over, the person logs in again.
                     DeviceCodeErrorResponseType::Basic(BasicErrorResponseType::InvalidGrant) => {
                         Err(ForgeError::Expired)
                     }
+                    DeviceCodeErrorResponseType::Basic(BasicErrorResponseType::Extension(
+                        other,
+                    )) if other == "incorrect_device_code" => Err(ForgeError::Expired),
                     _ => Err(ForgeError::Protocol(text)),
                 }
             }
             Err(RequestTokenError::Request(e)) => Err(ForgeError::Unreachable(e.0)),
             Err(RequestTokenError::Parse(e, body)) => Err(ForgeError::Protocol(format!(
                 "POST {token_url}: not a token answer ({}; {} bytes)",
-                clip(&e.to_string()),
+                parse_failure(e.inner(), e.path()),
                 body.len()
             ))),
             Err(RequestTokenError::Other(text)) => {
@@ -785,8 +793,8 @@ impl Forge {
         }
     }
 
-    /// `GET url` with the person's token; `None` for a 404.
-    async fn get(&self, token: &ForgeToken, url: &Url) -> Result<Option<Value>, ForgeError> {
+    /// `GET url` with the person's token.
+    async fn get(&self, token: &ForgeToken, url: &Url) -> Result<Answer, ForgeError> {
         let mut request = self.http.get(url.clone()).bearer_auth(&token.0);
         if self.provider == Provider::Github {
             request = request
@@ -812,7 +820,8 @@ impl Forge {
         }
         match status.as_u16() {
             200 => {}
-            404 => return Ok(None),
+            404 => return Ok(Answer::NotFound),
+            403 => return Ok(Answer::Forbidden),
             401 => {
                 return Err(ForgeError::Denied);
             }
@@ -824,8 +833,14 @@ impl Forge {
             .await
             .map_err(|e| ForgeError::Unreachable(format!("GET {url}: {e}")))?;
         serde_json::from_slice(&body)
-            .map(Some)
-            .map_err(|e| ForgeError::Protocol(format!("GET {url}: not JSON ({e})")))
+            .map(Answer::Json)
+            .map_err(|e| {
+                ForgeError::Protocol(format!(
+                    "GET {url}: not JSON (line {}, column {})",
+                    e.line(),
+                    e.column()
+                ))
+            })
     }
 
     /// Who the token belongs to (GitHub `GET {api}/user`, GitLab `GET
@@ -833,10 +848,13 @@ impl Forge {
     /// [`ForgeError::Denied`].
     pub async fn person(&self, token: &ForgeToken) -> Result<Person, ForgeError> {
         let url = &self.endpoints.user;
-        let answer = self
-            .get(token, url)
-            .await?
-            .ok_or_else(|| ForgeError::Protocol(format!("GET {url}: status 404")))?;
+        let answer = match self.get(token, url).await? {
+            Answer::Json(answer) => answer,
+            Answer::NotFound => return Err(ForgeError::Protocol(format!("GET {url}: status 404"))),
+            Answer::Forbidden => {
+                return Err(ForgeError::Protocol(format!("GET {url}: status 403")));
+            }
+        };
         person_of(self.provider, &answer)
             .map_err(|reason| ForgeError::Protocol(format!("GET {url}: {reason}")))
     }
@@ -858,17 +876,27 @@ impl Forge {
     /// {api}/repos/{owner}/{repo}` and its `permissions`; GitLab `GET
     /// {url}/api/v4/projects/{url-encoded path}` and the higher of
     /// `permissions.project_access` and `permissions.group_access`. A 404
-    /// is [`Access::None`]. A name that cannot be a repository of this
+    /// is [`Access::None`], and so is a 403 that is not rate limiting (e.g.
+    /// an organization whose SAML single sign-on the token has not been
+    /// authorized for: the forge will not show this person the
+    /// repository). A name that cannot be a repository of this
     /// forge ([`check_repository`]) is a [`ForgeError::Config`], and is
     /// never sent.
     pub async fn access(&self, token: &ForgeToken, repository: &str) -> Result<Access, ForgeError> {
         let url = self.repository_url(repository)?;
         match self.get(token, &url).await? {
-            None => Ok(Access::None),
-            Some(answer) => access_of(self.provider, &answer)
+            Answer::NotFound | Answer::Forbidden => Ok(Access::None),
+            Answer::Json(answer) => access_of(self.provider, &answer)
                 .map_err(|reason| ForgeError::Protocol(format!("GET {url}: {reason}"))),
         }
     }
+}
+
+/// What an API `GET` got.
+enum Answer {
+    Json(Value),
+    NotFound,
+    Forbidden,
 }
 
 /// Reads a body up to [`MAX_ANSWER_BYTES`].
@@ -902,6 +930,18 @@ fn oauth_error(body: &[u8]) -> Option<(String, Option<u64>)> {
     Some((error, interval))
 }
 
+/// Where and how an answer failed to parse, without quoting any of its
+/// values (a token's answer holds the token).
+fn parse_failure(e: &serde_json::Error, path: &dyn std::fmt::Display) -> String {
+    let kind = match e.classify() {
+        serde_json::error::Category::Io => "unreadable",
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Data => "unexpected fields",
+        serde_json::error::Category::Eof => "cut short",
+    };
+    format!("{kind} at {path}")
+}
+
 /// Errors that mean the OAuth application is wrong, not the person.
 fn is_client_error(error: &str) -> bool {
     matches!(
@@ -911,7 +951,6 @@ fn is_client_error(error: &str) -> bool {
             | "unauthorized_client"
             | "invalid_client"
             | "unsupported_grant_type"
-            | "incorrect_device_code"
     )
 }
 
@@ -1299,6 +1338,19 @@ mod tests {
             None
         );
         assert_eq!(oauth_error(b"error=slow_down"), None);
+    }
+
+    #[test]
+    fn a_parse_failure_quotes_nothing_of_the_answer() {
+        let e = serde_json::from_str::<oauth2::basic::BasicTokenResponse>(
+            r#"{"access_token":"gho_secret","token_type":7}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains('7'), "{e}");
+        let text = parse_failure(&e, &"token_type");
+        assert_eq!(text, "unexpected fields at token_type");
+        let e = serde_json::from_str::<Value>(r#"{"access_token":"gho_secret""#).unwrap_err();
+        assert!(!parse_failure(&e, &".").contains("gho_"));
     }
 
     #[test]

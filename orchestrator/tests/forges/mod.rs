@@ -247,6 +247,13 @@ macro_rules! common_api {
         /// Queues what the person does with the next device code issued
         /// (codes issued with no script queued are never acted on).
         pub fn next_login(&self, script: Script) -> &Self {
+            if let Script::Approve { user, .. } | Script::SlowDownThenApprove { user, .. } = &script
+            {
+                assert!(
+                    self.stand.with(|c| c.users.contains_key(*user)),
+                    "register {user:?} with .user() before scripting a login as them"
+                );
+            }
             self.stand.with(|c| c.scripts.push_back(script));
             self
         }
