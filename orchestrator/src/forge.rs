@@ -32,7 +32,7 @@
 //! | start | `POST {web}/login/device/code` | `POST {url}/oauth/authorize_device` |
 //! | poll | `POST {web}/login/oauth/access_token` | `POST {url}/oauth/token` |
 //! | who | `GET {api}/user` (`login`, `id`) | `GET {url}/api/v4/user` (`username`, `id`) |
-//! | access | `GET {api}/repos/{owner}/{repo}` `permissions` | `GET {url}/api/v4/projects/{path}` `permissions` |
+//! | access | `GET {api}/repos/{owner}/{repo}` `permissions` | `GET {url}/api/v4/projects/{path}` `permissions`, `…/members/all/{id}` |
 //!
 //! Scopes: GitLab `read_api` (read-only, covers `/user` and the projects'
 //! access levels; `read_user` alone cannot read a project). GitHub `repo`:
@@ -884,10 +884,45 @@ impl Forge {
     /// never sent.
     pub async fn access(&self, token: &ForgeToken, repository: &str) -> Result<Access, ForgeError> {
         let url = self.repository_url(repository)?;
+        let answer = match self.get(token, &url).await? {
+            Answer::NotFound | Answer::Forbidden => return Ok(Access::None),
+            Answer::Json(answer) => answer,
+        };
+        let bad = |reason: String| ForgeError::Protocol(format!("GET {url}: {reason}"));
+        if self.provider == Provider::Gitlab && gitlab_shown_level(&answer).map_err(bad)?.is_none()
+        {
+            // Seen, but neither a project nor a parent-group membership is
+            // shown: the membership may be inherited from a group higher up
+            // (or a group the project is shared with), which only
+            // `members/all` tells.
+            if let Some(level) = self.gitlab_inherited_level(token, repository).await? {
+                return Ok(gitlab_level(level));
+            }
+        }
+        access_of(self.provider, &answer).map_err(bad)
+    }
+
+    /// GitLab `GET {url}/api/v4/projects/{path}/members/all/{user id}`: the
+    /// person's effective access level, inherited memberships included;
+    /// `None` when they are no member at all.
+    async fn gitlab_inherited_level(
+        &self,
+        token: &ForgeToken,
+        repository: &str,
+    ) -> Result<Option<u64>, ForgeError> {
+        let person = self.person(token).await?;
+        let id = person.id.to_string();
+        let url = with_segments(
+            &self.endpoints.api,
+            ["projects", repository, "members", "all", id.as_str()],
+        );
         match self.get(token, &url).await? {
-            Answer::NotFound | Answer::Forbidden => Ok(Access::None),
-            Answer::Json(answer) => access_of(self.provider, &answer)
-                .map_err(|reason| ForgeError::Protocol(format!("GET {url}: {reason}"))),
+            Answer::NotFound | Answer::Forbidden => Ok(None),
+            Answer::Json(member) => member
+                .get("access_level")
+                .and_then(Value::as_u64)
+                .map(Some)
+                .ok_or_else(|| ForgeError::Protocol(format!("GET {url}: no access_level"))),
         }
     }
 }
@@ -993,6 +1028,26 @@ pub fn gitlab_level(level: u64) -> Access {
     }
 }
 
+/// The higher of a GitLab project answer's `permissions.project_access`
+/// and `permissions.group_access` levels (`None`: both `null`).
+pub fn gitlab_shown_level(answer: &Value) -> Result<Option<u64>, String> {
+    let permissions = answer
+        .get("permissions")
+        .filter(|p| p.is_object())
+        .ok_or("no \"permissions\" (was the request authenticated?)")?;
+    let level = |name: &str| -> Result<Option<u64>, String> {
+        match permissions.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .get("access_level")
+                .and_then(Value::as_u64)
+                .map(Some)
+                .ok_or_else(|| format!("permissions.{name} has no access_level")),
+        }
+    };
+    Ok(level("project_access")?.max(level("group_access")?))
+}
+
 /// The access a repository answer gives the person who asked.
 ///
 /// GitHub: the highest of `permissions` that is true (`admin`, `maintain`,
@@ -1000,12 +1055,12 @@ pub fn gitlab_level(level: u64) -> Access {
 /// (an unauthenticated answer) is an error.
 ///
 /// GitLab: the higher of `permissions.project_access.access_level` and
-/// `permissions.group_access.access_level`. When both are `null` the
-/// person sees the project without a direct membership of it or its group
-/// (a public or internal project, or a membership inherited from a parent
-/// group, which GitLab does not show here): a `public` or `internal`
-/// project is `Read` (anyone signed in may read its code), a `private`
-/// one `Guest` (seen, level unknown: fail closed).
+/// `permissions.group_access.access_level` (the project's own group only).
+/// When both are `null` ([`Forge::access`] has then asked `members/all`,
+/// which shows memberships inherited from groups higher up, and found
+/// none) the person sees the project without being a member: a `public`
+/// or `internal` project is `Read` (anyone signed in may read its code), a
+/// `private` one `Guest` (seen, level unknown: fail closed).
 pub fn access_of(provider: Provider, answer: &Value) -> Result<Access, String> {
     let permissions = answer
         .get("permissions")
@@ -1029,17 +1084,7 @@ pub fn access_of(provider: Provider, answer: &Value) -> Result<Access, String> {
             })
         }
         Provider::Gitlab => {
-            let level = |name: &str| -> Result<Option<u64>, String> {
-                match permissions.get(name) {
-                    None | Some(Value::Null) => Ok(None),
-                    Some(v) => v
-                        .get("access_level")
-                        .and_then(Value::as_u64)
-                        .map(Some)
-                        .ok_or_else(|| format!("permissions.{name} has no access_level")),
-                }
-            };
-            let best = level("project_access")?.max(level("group_access")?);
+            let best = gitlab_shown_level(answer)?;
             Ok(match best {
                 Some(level) => gitlab_level(level),
                 None => match answer.get("visibility").and_then(Value::as_str) {

@@ -88,15 +88,16 @@ async fn gitlab_approve_maps_project_and_nested_group_access() {
     let gitlab = FakeGitlab::start().await;
     gitlab
         .user("bob", 2002)
+        .user("eve", 2003)
         .project("acme/tools/app")
-        .project("acme/tools/cli")
+        .project("labs/x/proj")
         .project("other/thing")
         .set_access("bob", "acme/site", "maintainer")
-        .set_access("bob", "acme/tools/cli", "guest")
         .set_access("bob", "acme/blog", "owner")
         .set_access("bob", "acme/wiki", "planner")
         .set_group_access("bob", "acme", "developer")
-        .set_group_access("bob", "acme/tools", "reporter")
+        .set_group_access("bob", "labs/x", "reporter")
+        .set_group_access("eve", "other", "owner")
         .next_login(Script::Approve {
             user: "bob",
             after_polls: 1,
@@ -121,42 +122,39 @@ async fn gitlab_approve_maps_project_and_nested_group_access() {
     let person = forge.person(&token).await.unwrap();
     assert_eq!((person.username.as_str(), person.id), ("bob", 2002));
     for (repo, want) in [
-        // project_access 40, group_access 30 (acme)
+        // project_access 40, group_access (acme) 30: the higher
         ("acme/site", Access::Maintain),
-        // no project membership: group_access, the highest of acme (30)
-        // and acme/tools (20)
+        // nested, no membership of the project or of acme/tools: both
+        // levels null, the developer role inherited from acme comes from
+        // members/all
         ("acme/tools/app", Access::Write),
-        // project guest (10), group 30: the higher
-        ("acme/tools/cli", Access::Write),
+        // group_access of the project's own (nested) group
+        ("labs/x/proj", Access::Read),
         ("acme/blog", Access::Admin),
+        // project planner (15), group acme 30: the higher
+        ("acme/wiki", Access::Write),
+        // eve's group, not bob's
         ("other/thing", Access::None),
         ("acme/missing/deep/project", Access::None),
     ] {
         assert_eq!(forge.access(&token, repo).await.unwrap(), want, "{repo}");
     }
-    assert!(
-        gitlab
-            .requests()
-            .contains(&"GET /api/v4/projects/acme%2Ftools%2Fapp".to_string()),
-        "{:?}",
-        gitlab.requests()
-    );
-    // Leaving the groups: only the direct memberships remain.
-    gitlab
-        .set_group_access("bob", "acme", "none")
-        .set_group_access("bob", "acme/tools", "none");
-    assert_eq!(
-        forge.access(&token, "acme/tools/cli").await.unwrap(),
-        Access::Guest
-    );
-    assert_eq!(
-        forge.access(&token, "acme/wiki").await.unwrap(),
-        Access::Guest
-    );
-    assert_eq!(
-        forge.access(&token, "acme/tools/app").await.unwrap(),
-        Access::None
-    );
+    let requests = gitlab.requests();
+    for path in [
+        "GET /api/v4/projects/acme%2Ftools%2Fapp",
+        "GET /api/v4/projects/acme%2Ftools%2Fapp/members/all/2002",
+    ] {
+        assert!(requests.contains(&path.to_string()), "{path}: {requests:?}");
+    }
+    // Leaving the group: only the direct memberships remain.
+    gitlab.set_group_access("bob", "acme", "none");
+    for (repo, want) in [
+        ("acme/wiki", Access::Guest),
+        ("acme/site", Access::Maintain),
+        ("acme/tools/app", Access::None),
+    ] {
+        assert_eq!(forge.access(&token, repo).await.unwrap(), want, "{repo}");
+    }
 }
 
 #[tokio::test]

@@ -37,8 +37,10 @@
 //!   `permissions` (404 without access: repositories are private);
 //!   GitLab `GET /api/v4/user`, `GET /api/v4/projects/{url-encoded path}`
 //!   with `permissions.project_access` and `permissions.group_access`
-//!   (404 `{"message":"404 Project Not Found"}` without access; an
-//!   unencoded path is not a project, as on GitLab).
+//!   (the project's own group only), `GET /api/v4/projects/{id}/members/all/{user
+//!   id}` (the effective level, inherited memberships included); 404
+//!   `{"message":"404 Project Not Found"}` without access; an unencoded
+//!   path is not a project, as on GitLab.
 //!
 //! Every request is recorded (`requests()`, `"GET /api/v3/user"`), so a
 //! test can show where a token was sent.
@@ -349,8 +351,10 @@ impl FakeGitlab {
     }
 
     /// Sets `user`'s membership of `group` (a group path, e.g. `acme` or
-    /// `acme/tools`); `"none"` removes it. A project's `group_access` is
-    /// the highest membership of its parent groups.
+    /// `acme/tools`); `"none"` removes it. As on GitLab, a project's
+    /// `permissions.group_access` shows only the membership of the
+    /// project's own group; one inherited from a group higher up shows
+    /// only in `GET /api/v4/projects/{id}/members/all/{user id}`.
     pub fn set_group_access(&self, user: &str, group: &str, level: &str) -> &Self {
         assert!(
             level == "none" || gitlab_number(level).is_some(),
@@ -964,6 +968,62 @@ fn percent_decode(segment: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+fn project_not_found() -> Response {
+    json_response(
+        StatusCode::NOT_FOUND,
+        &json!({"message": "404 Project Not Found"}),
+    )
+}
+
+/// What GitLab knows of `user` and the project named by the (encoded) id.
+struct Membership {
+    full: String,
+    /// The project's own membership.
+    project: Option<u64>,
+    /// The membership of the project's own group (what
+    /// `permissions.group_access` shows; ancestors are not shown there).
+    direct_group: Option<u64>,
+    /// The highest of the project's and all its ancestor groups'
+    /// memberships (what `members/all` shows).
+    effective: Option<u64>,
+}
+
+/// `None` when the project does not exist or `user` may not see it (every
+/// project is private: only members see it).
+fn membership(core: &Core, user: &str, encoded: &str) -> Option<Membership> {
+    let full = percent_decode(encoded)?;
+    if !core.repositories.contains(&full) {
+        return None;
+    }
+    let project = core
+        .access
+        .get(&(user.to_string(), full.clone()))
+        .and_then(|l| gitlab_number(l));
+    let namespace = full.rsplit_once('/').map_or("", |(n, _)| n);
+    let group_level = |group: &str| {
+        core.group_access
+            .get(&(user.to_string(), group.to_string()))
+            .and_then(|l| gitlab_number(l))
+    };
+    let direct_group = group_level(namespace);
+    let mut effective = project;
+    let mut prefix = String::new();
+    for part in namespace.split('/') {
+        if !prefix.is_empty() {
+            prefix.push('/');
+        }
+        prefix.push_str(part);
+        effective = effective.max(group_level(&prefix));
+    }
+    effective?;
+    Some(Membership {
+        full,
+        project,
+        direct_group,
+        effective,
+    })
+}
+
 fn gitlab_api(core: &Core, headers: &HeaderMap, path: &str) -> Response {
     let Some((user, id)) = core.bearer(headers) else {
         return json_response(
@@ -987,42 +1047,16 @@ fn gitlab_api(core: &Core, headers: &HeaderMap, path: &str) -> Response {
             }),
         ),
         ["projects", encoded] => {
-            let not_found = || {
-                json_response(
-                    StatusCode::NOT_FOUND,
-                    &json!({"message": "404 Project Not Found"}),
-                )
+            let Some(Membership {
+                full,
+                project,
+                direct_group,
+                ..
+            }) = membership(core, &user, encoded)
+            else {
+                return project_not_found();
             };
-            let Some(full) = percent_decode(encoded) else {
-                return not_found();
-            };
-            if !core.repositories.contains(&full) {
-                return not_found();
-            }
-            let project = core
-                .access
-                .get(&(user.clone(), full.clone()))
-                .and_then(|l| gitlab_number(l));
             let (namespace, name) = full.rsplit_once('/').unwrap_or(("", &full));
-            // The highest membership of the project's group or its parents.
-            let mut group = None::<u64>;
-            let mut prefix = String::new();
-            for part in namespace.split('/') {
-                if !prefix.is_empty() {
-                    prefix.push('/');
-                }
-                prefix.push_str(part);
-                if let Some(n) = core
-                    .group_access
-                    .get(&(user.clone(), prefix.clone()))
-                    .and_then(|l| gitlab_number(l))
-                {
-                    group = Some(group.map_or(n, |g| g.max(n)));
-                }
-            }
-            if project.is_none() && group.is_none() {
-                return not_found();
-            }
             let level = |n: Option<u64>| match n {
                 Some(n) => json!({"access_level": n, "notification_level": 3}),
                 None => Value::Null,
@@ -1042,10 +1076,44 @@ fn gitlab_api(core: &Core, headers: &HeaderMap, path: &str) -> Response {
                     "namespace": {"full_path": namespace, "kind": "group"},
                     "permissions": {
                         "project_access": level(project),
-                        "group_access": level(group),
+                        "group_access": level(direct_group),
                     },
                 }),
             )
+        }
+        ["projects", encoded, "members", "all", member] => {
+            let Some(found) = membership(core, &user, encoded) else {
+                return project_not_found();
+            };
+            // The member asked about (any user id; here only the caller's
+            // own memberships are kept, which is what the client asks).
+            let Some((name, member_id)) = core
+                .users
+                .iter()
+                .find(|(_, uid)| uid.to_string() == *member)
+            else {
+                return json_response(StatusCode::NOT_FOUND, &json!({"message": "404 Not found"}));
+            };
+            let effective = if *name == user {
+                found.effective
+            } else {
+                membership(core, name, encoded).and_then(|m| m.effective)
+            };
+            match effective {
+                None => json_response(StatusCode::NOT_FOUND, &json!({"message": "404 Not found"})),
+                Some(level) => json_response(
+                    StatusCode::OK,
+                    &json!({
+                        "id": member_id,
+                        "username": name,
+                        "name": name,
+                        "state": "active",
+                        "access_level": level,
+                        "created_at": "2024-01-01T00:00:00.000Z",
+                        "expires_at": null,
+                    }),
+                ),
+            }
         }
         _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "404 Not Found"})),
     }
