@@ -330,9 +330,10 @@ fn check_client_id(provider: Provider, id: &str) -> Result<(), ForgeError> {
     Ok(())
 }
 
-/// Checks a repository name before any part of it goes into a URL: at
-/// least `min` segments (GitHub exactly two, GitLab two or more for nested
-/// groups) of `[A-Za-z0-9._-]`, none empty, `.` or `..`.
+/// Checks a repository name before any part of it goes into a URL:
+/// GitHub exactly two segments (`owner/name`), GitLab 2 to 21 (nested
+/// groups, at most 20 levels), each of `[A-Za-z0-9._-]`, none empty, `.`
+/// or `..`. Returns the segments.
 pub fn check_repository(provider: Provider, repository: &str) -> Result<Vec<&str>, ForgeError> {
     let segments: Vec<&str> = repository.split('/').collect();
     let count_ok = match provider {
@@ -640,9 +641,14 @@ impl Forge {
             expires_in: answer.expires_in(),
             interval: answer.interval(),
         };
-        if device.expires_in.is_zero() || device.user_code.is_empty() {
+        // What the person is shown: no terminal control characters.
+        let shown = [&device.user_code, &device.verification_uri]
+            .into_iter()
+            .chain(device.verification_uri_complete.as_ref());
+        let printable = shown.into_iter().all(|s| !s.chars().any(char::is_control));
+        if device.expires_in.is_zero() || device.user_code.is_empty() || !printable {
             return Err(ForgeError::Protocol(format!(
-                "{}: an empty user code or an expiry of 0",
+                "POST {}: an empty or unprintable user code or URL, or an expiry of 0",
                 self.endpoints.device_authorization
             )));
         }
