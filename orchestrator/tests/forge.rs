@@ -70,6 +70,19 @@ async fn github_approve_gives_the_person_and_their_access() {
             .contains(&"GET /api/v3/repos/acme/app".to_string())
     );
 
+    // An organization enforcing SAML single sign-on the token is not
+    // authorized for hides the repository: no access, not an error.
+    github.sso_protect("acme/ops");
+    assert_eq!(
+        forge.access(&token, "acme/ops").await.unwrap(),
+        Access::None
+    );
+    // Over the rate limit is "try again later", not "no access".
+    github.rate_limit(true);
+    let error = forge.access(&token, "acme/app").await.unwrap_err();
+    assert!(matches!(error, ForgeError::Unreachable(_)), "{error:?}");
+    github.rate_limit(false);
+
     // Access lost on the forge shows at the next question.
     github.set_access("alice", "acme/app", "none");
     assert_eq!(
@@ -146,6 +159,10 @@ async fn gitlab_approve_maps_project_and_nested_group_access() {
     ] {
         assert!(requests.contains(&path.to_string()), "{path}: {requests:?}");
     }
+    gitlab.rate_limit(true);
+    let error = forge.access(&token, "acme/site").await.unwrap_err();
+    assert!(matches!(error, ForgeError::Unreachable(_)), "{error:?}");
+    gitlab.rate_limit(false);
     // Leaving the group: only the direct memberships remain.
     gitlab.set_group_access("bob", "acme", "none");
     for (repo, want) in [

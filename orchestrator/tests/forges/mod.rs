@@ -42,6 +42,11 @@
 //!   `{"message":"404 Project Not Found"}` without access; an unencoded
 //!   path is not a project, as on GitLab.
 //!
+//! Knobs for the unhappy paths: `rate_limit(true)` (GitHub 403 with
+//! `x-ratelimit-remaining: 0`, GitLab 429), `FakeGithub::sso_protect(repo)`
+//! (GitHub's 403 for an organization enforcing SAML single sign-on),
+//! `revoke_tokens(user)` (401), `expires_in`/`interval` of the next codes.
+//!
 //! Every request is recorded (`requests()`, `"GET /api/v3/user"`), so a
 //! test can show where a token was sent.
 
@@ -135,6 +140,11 @@ struct Core {
     /// GitLab: (user, group path) → level name.
     group_access: HashMap<(String, String), String>,
     repositories: HashSet<String>,
+    /// GitHub: repositories of an organization that enforces SAML single
+    /// sign-on the tokens are not authorized for (403).
+    sso_protected: HashSet<String>,
+    /// Answer every API request as rate limited.
+    rate_limited: bool,
     tokens: HashMap<String, String>,
     codes: HashMap<String, Code>,
     scripts: VecDeque<Script>,
@@ -168,6 +178,8 @@ impl Stand {
             access: HashMap::new(),
             group_access: HashMap::new(),
             repositories: HashSet::new(),
+            sso_protected: HashSet::new(),
+            rate_limited: false,
             tokens: HashMap::new(),
             codes: HashMap::new(),
             scripts: VecDeque::new(),
@@ -278,6 +290,14 @@ macro_rules! common_api {
             self
         }
 
+        /// From now on every API request is refused as over the rate limit
+        /// (GitHub: 403 with `x-ratelimit-remaining: 0`; GitLab: 429), or
+        /// no longer.
+        pub fn rate_limit(&self, on: bool) -> &Self {
+            self.stand.with(|c| c.rate_limited = on);
+            self
+        }
+
         /// Every request so far, as `"METHOD /path?query"` (raw, as sent).
         pub fn requests(&self) -> Vec<String> {
             self.stand.with(|c| c.requests.clone())
@@ -306,6 +326,14 @@ impl FakeGithub {
 
     fn level_known(&self, level: &str) -> bool {
         github_rank(level).is_some()
+    }
+
+    /// `repository`'s organization enforces SAML single sign-on and the
+    /// tokens are not authorized for it: GitHub answers 403.
+    pub fn sso_protect(&self, repository: &str) -> &Self {
+        self.stand
+            .with(|c| c.sso_protected.insert(repository.to_string()));
+        self
     }
 
     /// `http://127.0.0.1:PORT/api/v3`.
@@ -793,6 +821,17 @@ fn github_api(core: &Core, headers: &HeaderMap, path: &str) -> Response {
         )
             .into_response();
     }
+    if core.rate_limited {
+        let mut answer = json_response(
+            StatusCode::FORBIDDEN,
+            &json!({"message": "API rate limit exceeded for user ID 1.", "documentation_url": "https://docs.github.com/rest/overview/resources-in-the-rest-api#rate-limiting", "status": "403"}),
+        );
+        let headers = answer.headers_mut();
+        headers.insert("x-ratelimit-limit", "5000".parse().unwrap());
+        headers.insert("x-ratelimit-remaining", "0".parse().unwrap());
+        headers.insert("x-ratelimit-reset", "1700000000".parse().unwrap());
+        return answer;
+    }
     let Some((user, id)) = core.bearer(headers) else {
         return json_response(
             StatusCode::UNAUTHORIZED,
@@ -824,6 +863,12 @@ fn github_api(core: &Core, headers: &HeaderMap, path: &str) -> Response {
         ["repos", owner, name] => {
             // Raw segments: GitHub does not decode %2F into a path separator.
             let full = format!("{owner}/{name}");
+            if core.sso_protected.contains(&full) {
+                return json_response(
+                    StatusCode::FORBIDDEN,
+                    &json!({"message": "Resource protected by organization SAML enforcement. You must grant your Personal Access token access to this organization.", "documentation_url": "https://docs.github.com/articles/authenticating-to-a-github-organization-with-saml-single-sign-on/", "status": "403"}),
+                );
+            }
             let level = core.access.get(&(user.clone(), full.clone()));
             match level.and_then(|l| github_rank(l)) {
                 None => not_found("https://docs.github.com/rest/repos/repos#get-a-repository"),
@@ -1025,6 +1070,17 @@ fn membership(core: &Core, user: &str, encoded: &str) -> Option<Membership> {
 }
 
 fn gitlab_api(core: &Core, headers: &HeaderMap, path: &str) -> Response {
+    if core.rate_limited {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [
+                (header::CONTENT_TYPE, "text/plain"),
+                (header::RETRY_AFTER, "60"),
+            ],
+            "Retry later\n",
+        )
+            .into_response();
+    }
     let Some((user, id)) = core.bearer(headers) else {
         return json_response(
             StatusCode::UNAUTHORIZED,
