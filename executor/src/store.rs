@@ -949,20 +949,50 @@ impl Partial {
             Err(e) => return Err(io_err(&path)(e)),
         };
         if let Some(mut file) = file {
-            let mut buf = vec![0u8; wire::CHUNK_BYTES as usize];
+            // Batches of chunks, each checked against its record on this
+            // thread while the part's sha256 goes over the batch on
+            // another (a mismatch, rare, redoes the latter up to it).
+            const BATCH: u64 = 16;
+            let mut buf = vec![0u8; (BATCH * wire::CHUNK_BYTES) as usize];
             let most = wire::chunk_count(bytes).min((recorded.len() / wire::CHUNK_SHA_LEN) as u64);
-            for index in 0..most {
-                let len = wire::chunk_len(bytes, index) as usize;
-                let chunk = &mut buf[..len];
-                if file.read_exact(chunk).is_err() {
+            while progress.chunks < most {
+                let first = progress.chunks;
+                let mut ends = Vec::new();
+                let mut filled = 0;
+                for index in first..most.min(first + BATCH) {
+                    let len = wire::chunk_len(bytes, index) as usize;
+                    if file.read_exact(&mut buf[filled..filled + len]).is_err() {
+                        break;
+                    }
+                    filled += len;
+                    ends.push(filled);
+                }
+                let read = &buf[..filled];
+                let before = progress.hasher.clone();
+                let hasher = &mut progress.hasher;
+                let good = std::thread::scope(|s| {
+                    s.spawn(|| hasher.update(read));
+                    let mut start = 0;
+                    ends.iter()
+                        .enumerate()
+                        .take_while(|(k, end)| {
+                            let at = (first as usize + k) * wire::CHUNK_SHA_LEN;
+                            let ok = sha2::Sha256::digest(&read[start..**end])[..]
+                                == recorded[at..at + wire::CHUNK_SHA_LEN];
+                            start = **end;
+                            ok
+                        })
+                        .count()
+                });
+                progress.chunks += good as u64;
+                if good < ends.len() || ends.len() < (most - first).min(BATCH) as usize {
+                    let kept = if good == 0 { 0 } else { ends[good - 1] };
+                    if good < ends.len() {
+                        progress.hasher = before;
+                        progress.hasher.update(&read[..kept]);
+                    }
                     break;
                 }
-                let at = index as usize * wire::CHUNK_SHA_LEN;
-                if sha2::Sha256::digest(&*chunk)[..] != recorded[at..at + wire::CHUNK_SHA_LEN] {
-                    break;
-                }
-                progress.hasher.update(&*chunk);
-                progress.chunks += 1;
             }
             let verified = progress.chunks.saturating_mul(wire::CHUNK_BYTES).min(bytes);
             file.set_len(verified).map_err(io_err(&path))?;
@@ -1075,14 +1105,23 @@ impl PartWriter {
         if self.whole() || bytes.len() as u64 != wire::chunk_len(self.bytes, index) {
             return Err(ChunkRefused::PastEnd { index });
         }
-        if sha2::Sha256::digest(bytes)[..] != sha256[..] {
+        // The chunk's sha256 on another thread while the part's goes on
+        // here: each byte is hashed twice, in the wall time of once.
+        let before = self.progress.hasher.clone();
+        let hasher = &mut self.progress.hasher;
+        let matches = std::thread::scope(|s| {
+            let chunk = s.spawn(|| sha2::Sha256::digest(bytes)[..] == sha256[..]);
+            hasher.update(bytes);
+            chunk.join().expect("a hashing thread")
+        });
+        if !matches {
+            self.progress.hasher = before;
             return Err(ChunkRefused::Mismatch { index });
         }
         self.file.write_all(bytes).map_err(io_err(&self.path))?;
         self.record
             .write_all(sha256)
             .map_err(io_err(&self.record_path))?;
-        self.progress.hasher.update(bytes);
         self.progress.chunks += 1;
         Ok(())
     }
