@@ -1736,6 +1736,49 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_second_fetch_of_a_result_whose_partial_is_held_receives_into_its_own_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        let sealed = sealed_with(&[("a", b"aaa")], b"rec");
+        let mut first = store.receive(sealed.clone(), None).unwrap();
+        first.put_part(0, b"rec").unwrap();
+        let held = first.path().to_path_buf();
+        assert!(
+            held.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(PARTIAL_PREFIX)
+        );
+        // Meanwhile another fetch of the same result, to its end.
+        let mut second = store.receive(sealed.clone(), None).unwrap();
+        let own = second.path().to_path_buf();
+        assert_ne!(own, held);
+        assert!(
+            own.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("fetch-")
+        );
+        second.put_part(0, b"rec").unwrap();
+        second.put_part(1, b"aaa").unwrap();
+        second.commit().unwrap();
+        assert!(store.get(&sealed.manifest.key).is_some());
+        // The first is cut: its partial stays; a cut second one would not.
+        first.keep();
+        drop(first);
+        assert!(held.join("output.rec").exists());
+        let mut third = store
+            .receive(sealed.clone(), store.resumable(&sealed.manifest.key))
+            .unwrap();
+        let mut fourth = store.receive(sealed, None).unwrap();
+        let fourth_dir = fourth.path().to_path_buf();
+        fourth.keep();
+        drop(fourth);
+        assert!(!fourth_dir.exists(), "a folder of its own is never kept");
+        third.keep();
+    }
+
+    #[test]
     fn a_partial_of_another_result_is_not_resumed_and_old_ones_are_collected() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path().join("store"));

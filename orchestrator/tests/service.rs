@@ -889,9 +889,12 @@ async fn bad_transfers_are_never_committed() {
         }
         producer.close().await;
     }
-    // The relays that completed (the flipped byte, the hostile chunk
-    // hashes) are audited; the asker refused them itself.
-    assert_eq!(team.folder.state().unwrap().replays().unwrap(), 2);
+    // The relays that completed are audited, though the asker refused them
+    // itself: the hostile chunk hashes' (refused once every byte was in);
+    // the flipped byte's too unless the asker, refusing its chunk, stopped
+    // the stream before the relay had written the rest.
+    let replays = team.folder.state().unwrap().replays().unwrap();
+    assert!((1..=2).contains(&replays), "{replays} relays audited");
     team.stop().await;
 }
 
