@@ -147,8 +147,9 @@ impl RunOutcome {
     }
 }
 
-/// Asks the orchestrator for a result that counts and fetches it; every
-/// check happens in [`Link::fetch_into`] before anything is committed. Any
+/// Asks the orchestrator for a result that counts and fetches it (the rest
+/// of it, when a transfer of it was cut before); every check happens in
+/// [`Link::fetch`] before anything is committed. Any
 /// failure is a note and a real run; so is a conflict between trusted
 /// producers.
 async fn fetch_from_peers(
@@ -183,17 +184,22 @@ async fn fetch_from_peers(
             return None;
         }
     };
-    match peer
-        .fetch_into(&key, &inputs.namespace, inputs, store)
-        .await
-    {
-        Ok((result, signed_by)) => Some((
-            result,
-            Source::Link {
-                producer: signed_by.name,
-                counts,
-            },
-        )),
+    match peer.fetch(&key, &inputs.namespace, inputs, store).await {
+        Ok(fetched) => {
+            if fetched.resumed > 0 {
+                ui.note(&format!(
+                    "resumed a transfer that was cut: {} bytes kept from before, {} bytes fetched now",
+                    fetched.resumed, fetched.received
+                ));
+            }
+            Some((
+                fetched.stored,
+                Source::Link {
+                    producer: fetched.signed_by.name,
+                    counts,
+                },
+            ))
+        }
         Err(e) => {
             ui.note(&fetch_failed(&producer, &e));
             None

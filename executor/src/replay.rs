@@ -500,14 +500,9 @@ mod tests {
                 producer_cert: String::new(),
             },
         };
-        let mut incoming = other.receive(sealed).unwrap();
-        let f = incoming.record_file().unwrap();
-        incoming.record_done(f).unwrap();
-        let mut blob = incoming.blob_file().unwrap();
-        blob.write_all(b"content").unwrap();
-        incoming
-            .blob_done(local.manifest.artifacts[0].sha256, blob)
-            .unwrap();
+        let mut incoming = other.receive(sealed, None).unwrap();
+        incoming.put_part(0, b"").unwrap();
+        incoming.put_part(1, b"content").unwrap();
         let fetched = incoming.commit().unwrap();
         let dest = dir.path().join("restored");
         assert_eq!(restore_artifacts(&other, &fetched, &dest).unwrap(), 1);

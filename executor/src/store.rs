@@ -43,7 +43,7 @@ use reprise_protocol::manifest::{
     Artifact, ArtifactPath, MANIFEST_VERSION, Outcome, ResultManifest,
 };
 use reprise_protocol::seal::Seal;
-use reprise_protocol::wire::Sealed;
+use reprise_protocol::wire::{self, Sealed};
 use thiserror::Error;
 
 /// Why the store failed.
@@ -190,6 +190,8 @@ pub struct Collected {
     /// A commit was placing its blobs, so none were removed: the next
     /// `gc` does it.
     pub blobs_deferred: bool,
+    /// Partial transfers nobody resumed for [`PARTIAL_MAX_AGE`].
+    pub partials: usize,
 }
 
 /// The local store.
@@ -318,22 +320,40 @@ impl Store {
     }
 
     /// Starts receiving a result from a peer, `sealed` exactly as its
-    /// producer sealed it (checked by the caller): a staging folder in
-    /// `tmp/` with the manifest and seal written at once. The caller writes
-    /// the output record and each artifact through the [`Receiving`],
-    /// checking their sha256s as they arrive, and then commits it.
-    pub fn receive(&self, sealed: Sealed) -> Result<Receiving, StoreError> {
-        let stage = self.stage("fetch-")?;
-        let blobs = stage.path().join("blobs");
-        fs::create_dir(&blobs).map_err(io_err(&blobs))?;
+    /// producer sealed it (checked by the caller), into its partial folder
+    /// `tmp/partial-<digest>/` ([`Partial`]): `resumed`, the partial
+    /// [`Store::resumable`] found, if the transfer continues it; otherwise a
+    /// fresh one (a stale partial of the same result is emptied). When
+    /// another fetch holds that folder, a folder of its own that is never
+    /// kept. The manifest and seal are written at once. The caller writes
+    /// every part through the [`Receiving`], checking each chunk's and each
+    /// part's sha256 as they arrive, and then commits it.
+    pub fn receive(
+        &self,
+        sealed: Sealed,
+        resumed: Option<Partial>,
+    ) -> Result<Receiving, StoreError> {
+        let digest = sealed.digest();
+        let parts = sealed.parts().len();
+        let partial = match resumed {
+            Some(p) if p.digest == Some(digest) && p.progress.len() == parts => p,
+            other => {
+                // A partial of another result of this key, or one the
+                // holder would not resume: it is dropped.
+                if let Some(mut old) = other {
+                    old.keep = false;
+                }
+                Partial::fresh(self, &digest, parts)?
+            }
+        };
         let mut receiving = Receiving {
             store: self.clone(),
-            stage,
+            partial,
             sealed,
-            staged: Vec::new(),
+            files: Vec::new(),
             syncs: Syncs::default(),
         };
-        let dir = receiving.stage.path().to_path_buf();
+        let dir = receiving.partial.dir.clone();
         let manifest =
             serde_json::to_vec_pretty(&receiving.sealed.manifest).expect("manifest serialises");
         let seal = serde_json::to_vec_pretty(&receiving.sealed.seal).expect("seal serialises");
@@ -344,6 +364,29 @@ impl Store {
             receiving.syncs.start(f, path)?;
         }
         Ok(receiving)
+    }
+
+    /// The partial transfer of a result of `key` this store keeps
+    /// ([`Partial`]), locked for this fetch, its chunks checked again
+    /// against the sha256s recorded when they arrived (and cut back to the
+    /// last one that still matches): what a fetch asks the rest of. `None`
+    /// when there is none (or another fetch holds it).
+    pub fn resumable(&self, key: &RunKey) -> Option<Partial> {
+        let tmp = self.root.join("tmp");
+        let mut found: Vec<(SystemTime, PathBuf, ResultManifest)> = fs::read_dir(&tmp)
+            .ok()?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(PARTIAL_PREFIX))
+            .filter_map(|e| {
+                let m = read_partial_manifest(&e.path())?;
+                let at = fs::metadata(e.path().join(OWNER)).and_then(|m| m.modified());
+                (m.key == *key).then(|| (at.unwrap_or(UNIX_EPOCH), e.path(), m))
+            })
+            .collect();
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
+        found
+            .into_iter()
+            .find_map(|(_, dir, m)| Partial::reopen(dir, m).ok().flatten())
     }
 
     /// Writes the manifest and seal into `stage`, syncs it, and places it
@@ -399,7 +442,7 @@ impl Store {
     /// or received.
     fn place(
         &self,
-        stage: WorkDir,
+        stage: impl Staged,
         manifest: ResultManifest,
         seal: Option<Seal>,
         blobs: Vec<(Sha256Digest, PathBuf)>,
@@ -617,6 +660,7 @@ impl Store {
         // Staging folders of commits and fetches that were killed; those
         // of live ones are theirs.
         crate::workdir::sweep(&self.root.join("tmp"), "");
+        let partials = self.sweep_partials(PARTIAL_MAX_AGE);
         // Held while the blobs in use are listed and the others removed, so
         // no commit moves a blob in meanwhile; a commit holding it now is
         // not waited for.
@@ -625,6 +669,7 @@ impl Store {
                 results: dropped,
                 blobs: 0,
                 blobs_deferred: true,
+                partials,
             });
         };
         let used: std::collections::BTreeSet<String> = self
@@ -651,70 +696,540 @@ impl Store {
             results: dropped,
             blobs,
             blobs_deferred: false,
+            partials,
         })
+    }
+
+    /// Removes the partial transfers no fetch holds that no fetch took for
+    /// `max_age` (by their lock file's time, set whenever a fetch takes
+    /// one). Returns how many.
+    pub fn sweep_partials(&self, max_age: Duration) -> usize {
+        let Ok(entries) = fs::read_dir(self.root.join("tmp")) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            if !e.file_name().to_string_lossy().starts_with(PARTIAL_PREFIX) {
+                continue;
+            }
+            let owner = e.path().join(OWNER);
+            let taken = fs::metadata(&owner)
+                .or_else(|_| fs::metadata(e.path()))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok());
+            if taken.is_none_or(|age| age <= max_age) {
+                continue;
+            }
+            // Held by a fetch right now: not abandoned, whatever its age.
+            let free = match fs::File::open(&owner) {
+                Ok(f) => Flock::lock(f, FlockArg::LockExclusiveNonblock).is_ok(),
+                Err(_) => true,
+            };
+            if free && fs::remove_dir_all(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
     }
 }
 
-/// A result being received into a staging folder ([`Store::receive`]).
-/// Every file is synced in the background as soon as it is whole, while
-/// the next one arrives; [`Receiving::commit`] waits for those syncs, moves
-/// the blobs into place, syncs the two folders that changed and renames
-/// the result into `results/` and syncs that: a result is never visible
-/// before all of it is durable. Dropped uncommitted, it removes the
-/// staging folder.
+/// Where partial transfers are kept, in the store's `tmp/`:
+/// `partial-<digest>/`, the digest of the result's manifest
+/// ([`Sealed::digest`]), so only that very result resumes.
+pub const PARTIAL_PREFIX: &str = "partial-";
+
+/// How long a partial transfer nobody resumes is kept ([`Store::gc`]).
+pub const PARTIAL_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// The lock file of a partial folder, held by the fetch writing it; its
+/// modification time is when a fetch last took the folder.
+const OWNER: &str = ".owner";
+
+/// The folder of a partial's progress records: `chunks/<part>` holds the
+/// sha256 (32 bytes each) of every chunk of that part checked so far.
+const CHUNKS: &str = "chunks";
+
+/// A result being received ([`Store::receive`]), staged in its partial
+/// folder. Every chunk is checked against its sha256 before it is written
+/// and recorded ([`PartWriter`]), every part against the manifest's sha256
+/// once whole, and every file is synced in the background as soon as its
+/// part is whole, while the next one arrives; [`Receiving::commit`] waits
+/// for those syncs, moves the blobs into place, syncs the two folders that
+/// changed and renames the result into `results/` and syncs that: a
+/// result is never visible before all of it is durable. Dropped
+/// uncommitted, it removes its folder, unless [`Receiving::keep`] kept it
+/// for the rest of the transfer.
 #[derive(Debug)]
 pub struct Receiving {
     store: Store,
-    stage: WorkDir,
+    partial: Partial,
     sealed: Sealed,
-    /// Staged blobs in arrival order: (sha256, staged path, open file).
-    staged: Vec<(Sha256Digest, PathBuf, fs::File)>,
+    /// The artifacts' staged files, open, by artifact, once whole.
+    files: Vec<Option<fs::File>>,
     syncs: Syncs,
+}
+
+/// What a partial holds of one part: its chunks checked so far, and the
+/// part's sha256 over them.
+#[derive(Debug, Clone)]
+struct Progress {
+    chunks: u64,
+    hasher: sha2::Sha256,
+}
+
+/// A partial transfer's folder (`tmp/partial-<digest>/`), locked by the
+/// fetch using it:
+///
+/// ```text
+/// manifest.json, seal.json   as the transfer's header gave them
+/// output.rec, blobs/<i>      the parts, each its checked chunks so far
+/// chunks/<part>              the sha256 of each of those chunks
+/// .owner                     locked while a fetch writes the folder
+/// ```
+///
+/// Nothing in it is synced until the result is committed: a partial is
+/// never trusted as it lies on disk. Before a fetch asks for the rest,
+/// every chunk kept is read back and checked against the sha256 recorded
+/// when it arrived ([`Store::resumable`]); the first that does not match
+/// (a crash lost or tore it) and all after it are dropped. Reading them
+/// back also gives each part's sha256 over the bytes actually on disk, so
+/// the whole-part check at the end covers every byte committed. Dropped,
+/// the folder is removed unless kept ([`Receiving::keep`]); `gc` removes
+/// kept ones nobody took for [`PARTIAL_MAX_AGE`].
+#[derive(Debug)]
+pub struct Partial {
+    dir: PathBuf,
+    _owner: Flock<fs::File>,
+    /// The result's digest; `None` for a folder of one fetch's own (when
+    /// another fetch holds the result's partial), never kept.
+    digest: Option<Sha256Digest>,
+    progress: Vec<Progress>,
+    keep: bool,
+    placed: bool,
+}
+
+impl Partial {
+    /// Takes the partial folder of `digest` and empties it, or, when
+    /// another fetch holds it, makes a folder of this fetch's own.
+    fn fresh(store: &Store, digest: &Sha256Digest, parts: usize) -> Result<Partial, StoreError> {
+        let tmp = store.root.join("tmp");
+        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        let dir = tmp.join(format!("{PARTIAL_PREFIX}{}", digest.hex()));
+        let (dir, digest) = match fs::create_dir(&dir) {
+            Ok(()) => (dir, Some(*digest)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (dir, Some(*digest)),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        let taken = Partial::lock(dir.clone(), digest, parts)?;
+        let mut partial = match taken {
+            Some(p) => p,
+            None => {
+                let own = tempfile::Builder::new()
+                    .prefix("fetch-")
+                    .tempdir_in(&tmp)
+                    .map_err(io_err(&tmp))?
+                    .keep();
+                Partial::lock(own, None, parts)?.ok_or_else(|| {
+                    io_err(&tmp)(std::io::Error::other("a fresh folder is locked"))
+                })?
+            }
+        };
+        // Whatever an earlier fetch left is dropped: this one starts over.
+        for name in ["output.rec", "blobs", CHUNKS] {
+            let path = partial.dir.join(name);
+            let gone = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
+            if let Err(e) = gone
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(io_err(&path)(e));
+            }
+        }
+        for name in ["blobs", CHUNKS] {
+            let path = partial.dir.join(name);
+            fs::create_dir(&path).map_err(io_err(&path))?;
+        }
+        partial.keep = false;
+        Ok(partial)
+    }
+
+    /// Locks `dir` (`None` when another fetch holds it); marks it kept for
+    /// the work-folder sweep (a partial's age is `gc`'s to judge) and its
+    /// lock file as just taken.
+    fn lock(
+        dir: PathBuf,
+        digest: Option<Sha256Digest>,
+        parts: usize,
+    ) -> Result<Option<Partial>, StoreError> {
+        // The sweep of abandoned work folders leaves kept ones alone.
+        let kept = dir.join(".kept");
+        if digest.is_some() && !kept.exists() {
+            fs::write(&kept, b"").map_err(io_err(&kept))?;
+        }
+        let path = dir.join(OWNER);
+        // A folder of this fetch's own is swept like any work folder once
+        // its owner is gone: its lock file is locked under another name
+        // and then renamed, so no sweep sees it unlocked.
+        let opened = match digest {
+            Some(_) => dir.join(OWNER),
+            None => dir.join(".owner.new"),
+        };
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&opened)
+            .map_err(io_err(&opened))?;
+        let owner = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
+            Err((_, errno)) => return Err(io_err(&path)(errno.into())),
+        };
+        if opened != path {
+            fs::rename(&opened, &path).map_err(io_err(&path))?;
+        }
+        let _ = owner.set_modified(SystemTime::now());
+        use sha2::Digest;
+        Ok(Some(Partial {
+            dir,
+            _owner: owner,
+            digest,
+            progress: vec![
+                Progress {
+                    chunks: 0,
+                    hasher: sha2::Sha256::new(),
+                };
+                parts
+            ],
+            keep: true,
+            placed: false,
+        }))
+    }
+
+    /// Takes the partial folder `dir` of a result with `manifest` and
+    /// checks its chunks again; `None` if another fetch holds it.
+    fn reopen(dir: PathBuf, manifest: ResultManifest) -> Result<Option<Partial>, StoreError> {
+        let sealed_digest = Sha256Digest::of(&reprise_protocol::sign::signing_bytes(&manifest));
+        let named = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(PARTIAL_PREFIX))
+            .and_then(|n| n.parse::<Sha256Digest>().ok());
+        if named != Some(sealed_digest) {
+            return Ok(None);
+        }
+        let sizes: Vec<u64> = std::iter::once(manifest.output_bytes)
+            .chain(manifest.artifacts.iter().map(|a| a.bytes))
+            .collect();
+        let Some(mut partial) = Partial::lock(dir, Some(sealed_digest), sizes.len())? else {
+            return Ok(None);
+        };
+        for (i, bytes) in sizes.into_iter().enumerate() {
+            partial.progress[i] = partial.recheck(i, bytes)?;
+        }
+        Ok(Some(partial))
+    }
+
+    /// Reads back the chunks of part `i` (of `bytes` bytes) kept, checking
+    /// each against its recorded sha256; cuts the part and its record back
+    /// to the last that matches.
+    fn recheck(&self, i: usize, bytes: u64) -> Result<Progress, StoreError> {
+        use sha2::Digest;
+        use std::io::Read;
+        let mut progress = Progress {
+            chunks: 0,
+            hasher: sha2::Sha256::new(),
+        };
+        let record_path = self.chunks_path(i);
+        let recorded = fs::read(&record_path).unwrap_or_default();
+        let path = self.part_path(i);
+        let file = match fs::OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        if let Some(mut file) = file {
+            // Batches of chunks, each checked against its record on this
+            // thread while the part's sha256 goes over the batch on
+            // another (a mismatch, rare, redoes the latter up to it).
+            const BATCH: u64 = 16;
+            let mut buf = vec![0u8; (BATCH * wire::CHUNK_BYTES) as usize];
+            let most = wire::chunk_count(bytes).min((recorded.len() / wire::CHUNK_SHA_LEN) as u64);
+            while progress.chunks < most {
+                let first = progress.chunks;
+                let mut ends = Vec::new();
+                let mut filled = 0;
+                for index in first..most.min(first + BATCH) {
+                    let len = wire::chunk_len(bytes, index) as usize;
+                    if file.read_exact(&mut buf[filled..filled + len]).is_err() {
+                        break;
+                    }
+                    filled += len;
+                    ends.push(filled);
+                }
+                let read = &buf[..filled];
+                let before = progress.hasher.clone();
+                let hasher = &mut progress.hasher;
+                let good = std::thread::scope(|s| {
+                    s.spawn(|| hasher.update(read));
+                    let mut start = 0;
+                    ends.iter()
+                        .enumerate()
+                        .take_while(|(k, end)| {
+                            let at = (first as usize + k) * wire::CHUNK_SHA_LEN;
+                            let ok = sha2::Sha256::digest(&read[start..**end])[..]
+                                == recorded[at..at + wire::CHUNK_SHA_LEN];
+                            start = **end;
+                            ok
+                        })
+                        .count()
+                });
+                progress.chunks += good as u64;
+                if good < ends.len() || ends.len() < (most - first).min(BATCH) as usize {
+                    let kept = if good == 0 { 0 } else { ends[good - 1] };
+                    if good < ends.len() {
+                        progress.hasher = before;
+                        progress.hasher.update(&read[..kept]);
+                    }
+                    break;
+                }
+            }
+            let verified = progress.chunks.saturating_mul(wire::CHUNK_BYTES).min(bytes);
+            file.set_len(verified).map_err(io_err(&path))?;
+        }
+        let keep = progress.chunks as usize * wire::CHUNK_SHA_LEN;
+        if recorded.len() > keep {
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(&record_path)
+                .map_err(io_err(&record_path))?;
+            f.set_len(keep as u64).map_err(io_err(&record_path))?;
+        }
+        Ok(progress)
+    }
+
+    /// The file of part `i`: the output record, then each artifact's.
+    fn part_path(&self, i: usize) -> PathBuf {
+        match i {
+            0 => self.dir.join("output.rec"),
+            i => self.dir.join("blobs").join((i - 1).to_string()),
+        }
+    }
+
+    fn chunks_path(&self, i: usize) -> PathBuf {
+        self.dir.join(CHUNKS).join(i.to_string())
+    }
+
+    /// The result's digest, `None` for a folder of this fetch's own.
+    pub fn digest(&self) -> Option<Sha256Digest> {
+        self.digest
+    }
+
+    /// The chunk each part's rest starts at.
+    pub fn from(&self) -> Vec<u64> {
+        self.progress.iter().map(|p| p.chunks).collect()
+    }
+
+    /// Removes the folder: its chunks are of no use any more.
+    pub fn discard(mut self) {
+        self.keep = false;
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        let kept = self.keep && self.digest.is_some();
+        if !(self.placed || kept) {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The manifest a partial folder holds, if it parses and checks (the
+/// folder is untrusted input like the rest of the store).
+fn read_partial_manifest(dir: &Path) -> Option<ResultManifest> {
+    use std::io::Read;
+    let mut text = Vec::new();
+    fs::File::open(dir.join("manifest.json"))
+        .ok()?
+        .take(reprise_protocol::wire::MAX_FRAME as u64)
+        .read_to_end(&mut text)
+        .ok()?;
+    let m: ResultManifest = serde_json::from_slice(&text).ok()?;
+    m.check().ok()?;
+    m.check_sizes().ok()?;
+    Some(m)
+}
+
+/// Why a chunk was not written.
+#[derive(Debug, Error)]
+pub enum ChunkRefused {
+    #[error("chunk {index} does not match the sha256 sent with it")]
+    Mismatch { index: u64 },
+    #[error("chunk {index} is past the part's end")]
+    PastEnd { index: u64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Writes one part of a [`Receiving`] chunk by chunk from where its
+/// partial ends: each chunk is checked against its sha256 before a byte
+/// of it is written, then written and recorded.
+#[derive(Debug)]
+pub struct PartWriter {
+    part: usize,
+    bytes: u64,
+    path: PathBuf,
+    file: fs::File,
+    record_path: PathBuf,
+    record: fs::File,
+    progress: Progress,
+}
+
+impl PartWriter {
+    /// The next chunk's index.
+    pub fn next_chunk(&self) -> u64 {
+        self.progress.chunks
+    }
+
+    /// Whether every chunk of the part is written.
+    pub fn whole(&self) -> bool {
+        self.progress.chunks >= wire::chunk_count(self.bytes)
+    }
+
+    /// Checks `bytes` against `sha256` (the next chunk's, as sent), and
+    /// keeps it.
+    pub fn write_chunk(&mut self, sha256: &[u8; 32], bytes: &[u8]) -> Result<(), ChunkRefused> {
+        use sha2::Digest;
+        let index = self.progress.chunks;
+        if self.whole() || bytes.len() as u64 != wire::chunk_len(self.bytes, index) {
+            return Err(ChunkRefused::PastEnd { index });
+        }
+        // The chunk's sha256 on another thread while the part's goes on
+        // here: each byte is hashed twice, in the wall time of once.
+        let before = self.progress.hasher.clone();
+        let hasher = &mut self.progress.hasher;
+        let matches = std::thread::scope(|s| {
+            let chunk = s.spawn(|| sha2::Sha256::digest(bytes)[..] == sha256[..]);
+            hasher.update(bytes);
+            chunk.join().expect("a hashing thread")
+        });
+        if !matches {
+            self.progress.hasher = before;
+            return Err(ChunkRefused::Mismatch { index });
+        }
+        self.file.write_all(bytes).map_err(io_err(&self.path))?;
+        self.record
+            .write_all(sha256)
+            .map_err(io_err(&self.record_path))?;
+        self.progress.chunks += 1;
+        Ok(())
+    }
 }
 
 impl Receiving {
     /// The staging folder.
     pub fn path(&self) -> &Path {
-        self.stage.path()
+        &self.partial.dir
     }
 
-    /// A new file for the output record.
-    pub fn record_file(&self) -> Result<fs::File, StoreError> {
-        let path = self.stage.path().join("output.rec");
-        fs::File::create_new(&path).map_err(io_err(&path))
+    /// The chunk each part starts at: where the partial ends.
+    pub fn from(&self) -> Vec<u64> {
+        self.partial.from()
     }
 
-    /// The output record, whole and checked: its sync starts now.
-    pub fn record_done(&mut self, file: fs::File) -> Result<(), StoreError> {
-        let path = self.stage.path().join("output.rec");
-        self.syncs.start(file, path)
+    /// The result being received, as its header gave it.
+    pub fn sealed(&self) -> &Sealed {
+        &self.sealed
     }
 
-    /// A new staged file for the next artifact's blob, open for reading
-    /// too (the replay copies from it). Artifacts of the same content each
-    /// get one; only the first becomes the blob.
-    pub fn blob_file(&self) -> Result<fs::File, StoreError> {
-        let path = self.staged_blob(self.staged.len());
-        fs::OpenOptions::new()
+    /// The bytes the partial held when this receive started.
+    pub fn resumed_bytes(&self) -> u64 {
+        let all = self
+            .sealed
+            .bytes_from(&vec![0; self.partial.progress.len()]);
+        all - self.sealed.bytes_from(&self.partial.from())
+    }
+
+    /// Keeps the partial folder when this is dropped uncommitted: the
+    /// transfer was cut, and what was checked serves the next fetch.
+    pub fn keep(&mut self) {
+        self.partial.keep = true;
+    }
+
+    /// Opens part `i` (0 the output record, then each artifact) where its
+    /// partial ends.
+    pub fn part(&mut self, i: usize) -> Result<PartWriter, StoreError> {
+        let parts = self.sealed.parts();
+        let bytes = parts[i].1;
+        let path = self.partial.part_path(i);
+        let file = fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(false)
             .open(&path)
-            .map_err(io_err(&path))
+            .map_err(io_err(&path))?;
+        let progress = self.partial.progress[i].clone();
+        let at = progress.chunks.saturating_mul(wire::CHUNK_BYTES).min(bytes);
+        file.set_len(at).map_err(io_err(&path))?;
+        use std::io::Seek;
+        (&file)
+            .seek(std::io::SeekFrom::Start(at))
+            .map_err(io_err(&path))?;
+        let record_path = self.partial.chunks_path(i);
+        let record = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&record_path)
+            .map_err(io_err(&record_path))?;
+        Ok(PartWriter {
+            part: i,
+            bytes,
+            path,
+            file,
+            record_path,
+            record,
+            progress,
+        })
     }
 
-    /// The blob of `sha256`, whole and checked against it: its sync
-    /// starts now.
-    pub fn blob_done(&mut self, sha256: Sha256Digest, file: fs::File) -> Result<(), StoreError> {
-        let path = self.staged_blob(self.staged.len());
+    /// Part `writer` is whole: returns its sha256 (over every byte in its
+    /// file, for the caller to check against the manifest) and starts its
+    /// sync.
+    pub fn part_done(&mut self, writer: PartWriter) -> Result<Sha256Digest, StoreError> {
+        let PartWriter {
+            part,
+            path,
+            file,
+            progress,
+            ..
+        } = writer;
+        self.partial.progress[part] = progress.clone();
+        let found = Sha256Digest::finish(progress.hasher);
         let synced = file.try_clone().map_err(io_err(&path))?;
-        self.syncs.start(synced, path.clone())?;
-        self.staged.push((sha256, path, file));
-        Ok(())
+        self.syncs.start(synced, path)?;
+        if part > 0 {
+            let i = part - 1;
+            if self.files.len() <= i {
+                self.files.resize_with(i + 1, || None);
+            }
+            self.files[i] = Some(file);
+        }
+        Ok(found)
     }
 
-    fn staged_blob(&self, i: usize) -> PathBuf {
-        self.stage.path().join("blobs").join(i.to_string())
+    /// Writes part `i` whole from `bytes`, cut into chunks here (for tests
+    /// and for a store filling another); returns its sha256.
+    pub fn put_part(&mut self, i: usize, bytes: &[u8]) -> Result<Sha256Digest, ChunkRefused> {
+        use sha2::Digest;
+        let mut w = self.part(i)?;
+        let from = (w.next_chunk() * wire::CHUNK_BYTES) as usize;
+        for chunk in bytes[from.min(bytes.len())..].chunks(wire::CHUNK_BYTES as usize) {
+            let sha: [u8; 32] = sha2::Sha256::digest(chunk).into();
+            w.write_chunk(&sha, chunk)?;
+        }
+        Ok(self.part_done(w)?)
     }
 
     /// Commits the received result: waits until every staged file is
@@ -723,26 +1238,60 @@ impl Receiving {
     /// synced). Only call this once every part was checked.
     pub fn commit(mut self) -> Result<StoredResult, StoreError> {
         self.syncs.wait()?;
+        let chunks = self.partial.dir.join(CHUNKS);
+        fs::remove_dir_all(&chunks).map_err(io_err(&chunks))?;
         let mut verified = BTreeMap::new();
         let mut blobs = Vec::new();
-        for (sha, staged, file) in std::mem::take(&mut self.staged) {
-            if verified.contains_key(&sha) {
+        let mut files = std::mem::take(&mut self.files);
+        for (i, a) in self.sealed.manifest.artifacts.iter().enumerate() {
+            let staged = self.partial.part_path(i + 1);
+            let file = match files.get_mut(i).and_then(Option::take) {
+                Some(f) => f,
+                None => fs::File::open(&staged).map_err(io_err(&staged))?,
+            };
+            if verified.contains_key(&a.sha256) {
                 // The same content again: the first staged copy is its blob.
                 fs::remove_file(&staged).map_err(io_err(&staged))?;
                 continue;
             }
-            verified.insert(sha, file);
-            blobs.push((sha, staged));
+            verified.insert(a.sha256, file);
+            blobs.push((a.sha256, staged));
         }
         let Receiving {
             store,
-            stage,
+            partial,
             sealed,
             ..
         } = self;
-        let mut stored = store.place(stage, sealed.manifest, Some(sealed.seal), blobs)?;
+        let mut stored = store.place(partial, sealed.manifest, Some(sealed.seal), blobs)?;
         stored.verified = Some(Arc::new(VerifiedBlobs(verified)));
         Ok(stored)
+    }
+}
+
+/// A staging folder a result is placed from.
+trait Staged {
+    fn path(&self) -> &Path;
+    /// Leaves the folder to the caller, who renames it.
+    fn keep(self) -> PathBuf;
+}
+
+impl Staged for WorkDir {
+    fn path(&self) -> &Path {
+        WorkDir::path(self)
+    }
+    fn keep(self) -> PathBuf {
+        WorkDir::keep(self)
+    }
+}
+
+impl Staged for Partial {
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+    fn keep(mut self) -> PathBuf {
+        self.placed = true;
+        self.dir.clone()
     }
 }
 
@@ -1018,14 +1567,13 @@ pub(crate) mod tests {
 
     /// Writes a result through a [`Receiving`] as a fetch does.
     fn receive(store: &Store, sealed: &Sealed, record: &[u8], artifacts: &[&[u8]]) -> Receiving {
-        let mut incoming = store.receive(sealed.clone()).unwrap();
-        let mut f = incoming.record_file().unwrap();
-        f.write_all(record).unwrap();
-        incoming.record_done(f).unwrap();
-        for (a, bytes) in sealed.manifest.artifacts.iter().zip(artifacts) {
-            let mut f = incoming.blob_file().unwrap();
-            f.write_all(bytes).unwrap();
-            incoming.blob_done(a.sha256, f).unwrap();
+        let mut incoming = store.receive(sealed.clone(), None).unwrap();
+        assert_eq!(
+            incoming.put_part(0, record).unwrap(),
+            Sha256Digest::of(record)
+        );
+        for (i, bytes) in artifacts.iter().enumerate() {
+            incoming.put_part(i + 1, bytes).unwrap();
         }
         incoming
     }
@@ -1074,6 +1622,206 @@ pub(crate) mod tests {
             !stored.dir.join("blobs").exists(),
             "the staged blobs' folder does not stay in the result"
         );
+    }
+
+    /// `n` bytes that differ from chunk to chunk.
+    fn data(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i / 7) as u8 ^ seed).collect()
+    }
+
+    /// Writes the first `chunks` chunks of part `i` and leaves it there
+    /// (the writer returned, as a cut transfer leaves it).
+    fn write_chunks(incoming: &mut Receiving, i: usize, bytes: &[u8], chunks: usize) -> PartWriter {
+        use sha2::Digest;
+        let mut w = incoming.part(i).unwrap();
+        for chunk in bytes.chunks(wire::CHUNK_BYTES as usize).take(chunks) {
+            w.write_chunk(&sha2::Sha256::digest(chunk).into(), chunk)
+                .unwrap();
+        }
+        w
+    }
+
+    #[test]
+    fn a_cut_receive_keeps_its_checked_chunks_and_resumes_from_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        let big = data(3 * wire::CHUNK_BYTES as usize + 5, 1);
+        let small = data(10, 2);
+        let sealed = sealed_with(&[("big.bin", &big), ("small", &small)], b"rec");
+        let key = sealed.manifest.key;
+        assert!(store.resumable(&key).is_none(), "nothing to resume yet");
+        // Cut in the big artifact after two chunks; one chunk refused.
+        let mut incoming = store.receive(sealed.clone(), None).unwrap();
+        incoming.put_part(0, b"rec").unwrap();
+        {
+            let mut w = write_chunks(&mut incoming, 1, &big, 2);
+            let third = &big[2 << 20..3 << 20];
+            let wrong = [0u8; 32];
+            assert!(matches!(
+                w.write_chunk(&wrong, third),
+                Err(ChunkRefused::Mismatch { index: 2 })
+            ));
+            let short = &big[2 << 20..(3 << 20) - 1];
+            use sha2::Digest;
+            assert!(matches!(
+                w.write_chunk(&sha2::Sha256::digest(short).into(), short),
+                Err(ChunkRefused::PastEnd { .. })
+            ));
+        }
+        incoming.keep();
+        drop(incoming);
+        assert!(store.get(&key).is_none(), "nothing committed");
+        // Found again: the record whole, two chunks of the big artifact.
+        let partial = store.resumable(&key).expect("the partial is kept");
+        assert_eq!(partial.digest(), Some(sealed.digest()));
+        assert_eq!(partial.from(), vec![1, 2, 0]);
+        // Another fetch of the key does not get it while this one holds it.
+        assert!(store.resumable(&key).is_none(), "locked by the first");
+        let mut incoming = store.receive(sealed.clone(), Some(partial)).unwrap();
+        assert_eq!(incoming.resumed_bytes(), 3 + (2 << 20));
+        assert_eq!(
+            incoming.put_part(0, b"rec").unwrap(),
+            Sha256Digest::of(b"rec")
+        );
+        assert_eq!(incoming.put_part(1, &big).unwrap(), Sha256Digest::of(&big));
+        incoming.put_part(2, &small).unwrap();
+        let stored = incoming.commit().unwrap();
+        assert_eq!(
+            fs::read(store.blob_path(&stored.manifest.artifacts[0])).unwrap(),
+            big
+        );
+        assert!(
+            !stored.dir.join(CHUNKS).exists(),
+            "no progress record in a result"
+        );
+        assert_eq!(
+            fs::read_dir(dir.path().join("store/tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_partial_damaged_on_disk_is_cut_back_to_its_last_good_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        let big = data(4 * wire::CHUNK_BYTES as usize, 3);
+        let sealed = sealed_with(&[("big.bin", &big)], b"rec");
+        let key = sealed.manifest.key;
+        let mut incoming = store.receive(sealed.clone(), None).unwrap();
+        incoming.put_part(0, b"rec").unwrap();
+        write_chunks(&mut incoming, 1, &big, 3);
+        let blob = incoming.path().join("blobs/0");
+        incoming.keep();
+        drop(incoming);
+        // A byte of the second chunk changed since (a crash tore it, or
+        // someone wrote it): that chunk and the next go.
+        let mut bytes = fs::read(&blob).unwrap();
+        bytes[(1 << 20) + 17] ^= 1;
+        fs::write(&blob, &bytes).unwrap();
+        let partial = store.resumable(&key).unwrap();
+        assert_eq!(partial.from(), vec![1, 1]);
+        assert_eq!(fs::metadata(&blob).unwrap().len(), 1 << 20);
+        drop(partial);
+        // A file shorter than its record (its last writes lost).
+        let f = fs::OpenOptions::new().write(true).open(&blob).unwrap();
+        f.set_len(1000).unwrap();
+        drop(f);
+        let partial = store.resumable(&key).unwrap();
+        assert_eq!(partial.from(), vec![1, 0]);
+        // The rest completes it, and what was re-read counts in the sha256.
+        let mut incoming = store.receive(sealed, Some(partial)).unwrap();
+        incoming.put_part(0, b"rec").unwrap();
+        assert_eq!(incoming.put_part(1, &big).unwrap(), Sha256Digest::of(&big));
+        incoming.commit().unwrap();
+    }
+
+    #[test]
+    fn a_second_fetch_of_a_result_whose_partial_is_held_receives_into_its_own_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        let sealed = sealed_with(&[("a", b"aaa")], b"rec");
+        let mut first = store.receive(sealed.clone(), None).unwrap();
+        first.put_part(0, b"rec").unwrap();
+        let held = first.path().to_path_buf();
+        assert!(
+            held.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(PARTIAL_PREFIX)
+        );
+        // Meanwhile another fetch of the same result, to its end.
+        let mut second = store.receive(sealed.clone(), None).unwrap();
+        let own = second.path().to_path_buf();
+        assert_ne!(own, held);
+        assert!(
+            own.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("fetch-")
+        );
+        second.put_part(0, b"rec").unwrap();
+        second.put_part(1, b"aaa").unwrap();
+        second.commit().unwrap();
+        assert!(store.get(&sealed.manifest.key).is_some());
+        // The first is cut: its partial stays; a cut second one would not.
+        first.keep();
+        drop(first);
+        assert!(held.join("output.rec").exists());
+        let mut third = store
+            .receive(sealed.clone(), store.resumable(&sealed.manifest.key))
+            .unwrap();
+        let mut fourth = store.receive(sealed, None).unwrap();
+        let fourth_dir = fourth.path().to_path_buf();
+        fourth.keep();
+        drop(fourth);
+        assert!(!fourth_dir.exists(), "a folder of its own is never kept");
+        third.keep();
+    }
+
+    #[test]
+    fn a_partial_of_another_result_is_not_resumed_and_old_ones_are_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        let big = data(2 * wire::CHUNK_BYTES as usize, 4);
+        let sealed = sealed_with(&[("big.bin", &big)], b"rec");
+        let mut incoming = store.receive(sealed.clone(), None).unwrap();
+        write_chunks(&mut incoming, 0, b"rec", 1);
+        let folder = incoming.path().to_path_buf();
+        incoming.keep();
+        drop(incoming);
+        // Named by the digest of its manifest: a manifest changed on disk
+        // under that name is not that result's.
+        let text = fs::read_to_string(folder.join("manifest.json")).unwrap();
+        fs::write(
+            folder.join("manifest.json"),
+            text.replace("\"created_at\": 10", "\"created_at\": 11"),
+        )
+        .unwrap();
+        assert!(store.resumable(&sealed.manifest.key).is_none());
+        fs::write(folder.join("manifest.json"), &text).unwrap();
+        assert!(store.resumable(&sealed.manifest.key).is_some());
+        // The work-folder sweep leaves it alone; gc removes it once nobody
+        // took it for a day, and not while a fetch holds it.
+        crate::workdir::sweep(&dir.path().join("store/tmp"), "");
+        assert!(folder.exists());
+        assert_eq!(store.gc(Retention::default()).unwrap().partials, 0);
+        let old = SystemTime::now() - PARTIAL_MAX_AGE - Duration::from_secs(60);
+        let set_old = || {
+            fs::File::options()
+                .write(true)
+                .open(folder.join(OWNER))
+                .unwrap()
+                .set_modified(old)
+                .unwrap()
+        };
+        set_old();
+        let held = store.resumable(&sealed.manifest.key).unwrap();
+        set_old();
+        assert_eq!(store.sweep_partials(PARTIAL_MAX_AGE), 0, "held by a fetch");
+        drop(held);
+        set_old();
+        assert_eq!(store.gc(Retention::default()).unwrap().partials, 1);
+        assert!(!folder.exists());
     }
 
     #[test]
@@ -1271,7 +2019,8 @@ pub(crate) mod tests {
             Collected {
                 results: 0,
                 blobs: 1,
-                blobs_deferred: false
+                blobs_deferred: false,
+                partials: 0,
             }
         );
         assert!(!blobs.join(orphan.hex()).exists());

@@ -18,6 +18,7 @@
 //! | `REPRISE_LOG` | `main` | the log filter (`tracing`'s `EnvFilter` syntax; default `warn`) |
 //! | `REPRISE_GUEST_BIN_DIR` | [`crate::vm`] | where `reprise-guest` and `mk` are, if not beside `reprise` |
 //! | `REPRISE_PAUSE_AT` | [`crate::faults`] | tests only: the point a command waits at to be killed |
+//! | `REPRISE_TEST_STOP_SERVING_AT` | [`crate::link::serve`] | tests only: a producer cuts every transfer it serves at this chunk of the result (a resumed one starting past it is not cut) |
 //! | `REPRISE_MIRROR`, `REPRISE_SUITE`, `REPRISE_IMAGE_SIZE` | `image/build.sh` | the Debian mirror, suite and disk size of the base image |
 //! | `XDG_CACHE_HOME`, `XDG_DATA_HOME`, `XDG_CONFIG_HOME`, `XDG_RUNTIME_DIR`, `HOME` | [`crate::paths`] | where things are kept |
 //! | `USER`, `LOGNAME` | [`crate::pipeline`] | the producer's user name in a manifest |
@@ -46,3 +47,6 @@ pub const GUEST_BIN_DIR_VAR: &str = "REPRISE_GUEST_BIN_DIR";
 pub const MIRROR_VAR: &str = "REPRISE_MIRROR";
 /// Tests only: the pause point a command waits at ([`crate::faults`]).
 pub const PAUSE_VAR: &str = "REPRISE_PAUSE_AT";
+/// Tests only: the chunk at which a producer cuts every transfer it serves
+/// ([`crate::link::serve::stop_serving_at`]).
+pub const STOP_SERVING_AT_VAR: &str = "REPRISE_TEST_STOP_SERVING_AT";

@@ -87,23 +87,30 @@ pub async fn write_message(send: &mut SendStream, message: &Message) -> Result<(
     Ok(())
 }
 
-/// Reads one data chunk of at most `left` bytes (and at most
-/// [`MAX_CHUNK`]) into `buf`, resized to the chunk. An empty chunk or one
-/// that overruns `left` is refused as [`ChunkError::Overrun`].
+/// Reads one data chunk frame that must carry exactly `len` bytes (a
+/// transfer's chunk: its length is known from the manifest) after its
+/// sha256: returns the sha256 the sender gave, with the bytes in `buf`
+/// (resized to `len`). A frame of any other length is refused as
+/// [`ChunkError::Overrun`] before its body is read. The bytes are not
+/// checked against the sha256 here: the receiver does that, the relay
+/// passes both on.
 pub async fn read_chunk(
     recv: &mut RecvStream,
-    left: u64,
+    len: u64,
     buf: &mut Vec<u8>,
-) -> Result<(), ChunkError> {
+) -> Result<[u8; wire::CHUNK_SHA_LEN], ChunkError> {
     let mut header = [0u8; wire::HEADER_LEN];
     read_exact(recv, &mut header, true).await?;
     let n = wire::body_len(header, MAX_CHUNK).map_err(ReadError::from)?;
-    if n as u64 > left || n == 0 {
-        return Err(ChunkError::Overrun(n));
+    let want = len.min(wire::CHUNK_BYTES) as usize + wire::CHUNK_SHA_LEN;
+    if n != want || len == 0 {
+        return Err(ChunkError::Overrun(n.saturating_sub(wire::CHUNK_SHA_LEN)));
     }
-    buf.resize(n, 0);
+    let mut sha = [0u8; wire::CHUNK_SHA_LEN];
+    read_exact(recv, &mut sha, true).await?;
+    buf.resize(n - wire::CHUNK_SHA_LEN, 0);
     read_exact(recv, buf, true).await?;
-    Ok(())
+    Ok(sha)
 }
 
 /// Why a data chunk could not be read.
@@ -111,13 +118,20 @@ pub async fn read_chunk(
 pub enum ChunkError {
     #[error(transparent)]
     Read(#[from] ReadError),
-    #[error("a chunk of {0} bytes overruns its part")]
+    #[error("a chunk of {0} bytes where another length was due")]
     Overrun(usize),
 }
 
-/// Writes one data chunk.
-pub async fn write_chunk(send: &mut SendStream, bytes: &[u8]) -> Result<(), WriteError> {
-    send.write_all(&wire::chunk_header(bytes.len())).await?;
+/// Writes one data chunk frame: the chunk's sha256, then its bytes.
+pub async fn write_chunk(
+    send: &mut SendStream,
+    sha: &[u8; wire::CHUNK_SHA_LEN],
+    bytes: &[u8],
+) -> Result<(), WriteError> {
+    let mut head = [0u8; wire::HEADER_LEN + wire::CHUNK_SHA_LEN];
+    head[..wire::HEADER_LEN].copy_from_slice(&wire::chunk_header(bytes.len()));
+    head[wire::HEADER_LEN..].copy_from_slice(sha);
+    send.write_all(&head).await?;
     send.write_all(bytes).await?;
     Ok(())
 }

@@ -95,7 +95,7 @@ pub fn wire_frame(data: &[u8]) {
                 let _ = Message::check_version(*version);
             }
             Message::Announce { results } => results.iter().for_each(sealed_parts),
-            Message::Assess { result } | Message::Transfer(result) => sealed_parts(result),
+            Message::Assess { result } | Message::Transfer { result, .. } => sealed_parts(result),
             _ => {}
         }
     }

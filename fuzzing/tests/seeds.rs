@@ -164,12 +164,20 @@ fn write_seeds() {
         Message::Fetch {
             key,
             namespace: "n".into(),
+            resume: None,
         },
         Message::Serve {
             key,
             namespace: "n".into(),
+            resume: Some(wire::Resume {
+                manifest: sealed.digest(),
+                from: vec![1, 0],
+            }),
         },
-        Message::Transfer(Box::new(sealed.clone())),
+        Message::Transfer {
+            result: Box::new(sealed.clone()),
+            from: vec![0, 0],
+        },
         Message::error(ErrorCode::Unavailable, "gone"),
     ];
     let mut wire_seeds: Vec<(String, Vec<u8>)> = messages

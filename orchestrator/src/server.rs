@@ -15,7 +15,12 @@
 //! fetch from a producer the orchestrator opens a bi stream on the
 //! producer's connection with `Serve`; the producer answers with a
 //! `Transfer` header and chunk frames, which are copied to the asker as
-//! they come.
+//! they come. A fetch may ask for the rest of a transfer that was cut
+//! (`resume`: the result's digest and the chunk each part starts at); the
+//! request is passed on to whichever holder is chosen, which serves the
+//! rest if it holds that very result and everything otherwise, and the
+//! header must say one of the two. Every chunk frame must be the length
+//! its part's chunk is; the chunks' sha256s are the asker's to check.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -25,7 +30,9 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use reprise_protocol::digest::Sha256Digest;
 use reprise_protocol::policy::PolicyConfig;
 use reprise_protocol::seal::{SealError, SignedBy};
-use reprise_protocol::wire::{ErrorCode, Held, Message, Sealed, StateEvent};
+use reprise_protocol::wire::{
+    ErrorCode, Held, Message, Resume, Sealed, StateEvent, chunk_count, chunk_len,
+};
 use rustls::pki_types::{CertificateDer, UnixTime};
 use thiserror::Error;
 use tokio::sync::Semaphore;
@@ -52,8 +59,8 @@ pub mod close {
     pub const LIMIT: u32 = 4;
 }
 
+use reprise_frames::{ChunkError, read_chunk, write_chunk};
 pub use reprise_frames::{ReadError, WriteError, read_message, write_message};
-use reprise_frames::{read_chunk, write_chunk};
 
 /// Why the service stopped.
 #[derive(Debug, Error)]
@@ -776,8 +783,12 @@ async fn request(
                 }
             }
         }
-        Message::Fetch { key, namespace } => {
-            relay(&shared, id, grant, Held { key, namespace }, send).await;
+        Message::Fetch {
+            key,
+            namespace,
+            resume,
+        } => {
+            relay(&shared, id, grant, Held { key, namespace }, resume, send).await;
             return;
         }
         other => {
@@ -800,7 +811,14 @@ fn tag(m: &Message) -> String {
 }
 
 /// Relays `wanted` from the executor holding it to the asker's `send`.
-async fn relay(shared: &Shared, asker: ConnId, grant: &Grant, wanted: Held, mut send: SendStream) {
+async fn relay(
+    shared: &Shared,
+    asker: ConnId,
+    grant: &Grant,
+    wanted: Held,
+    resume: Option<Resume>,
+    mut send: SendStream,
+) {
     let decision = shared.lookup(asker, &wanted);
     let offer = match decision {
         Decision::Offer {
@@ -829,6 +847,7 @@ async fn relay(shared: &Shared, asker: ConnId, grant: &Grant, wanted: Held, mut 
         held: &wanted,
         producer,
         outputs,
+        resume,
     };
     let started = std::time::Instant::now();
     match pipe(shared, &conn, &expected, &mut send).await {
@@ -841,6 +860,7 @@ async fn relay(shared: &Shared, asker: ConnId, grant: &Grant, wanted: Held, mut 
                 relayer = %relayed.relayer,
                 key = %wanted.key,
                 bytes = relayed.bytes,
+                resumed = relayed.resumed,
                 relay_ms,
                 "relayed"
             );
@@ -875,6 +895,14 @@ async fn relay(shared: &Shared, asker: ConnId, grant: &Grant, wanted: Held, mut 
             let _ = write_message(&mut send, &m).await;
             let _ = send.finish();
         }
+        Err(PipeError::Cut(reason)) => {
+            // The holder's stream broke off between or inside chunks: the
+            // asker gets every chunk relayed so far and then the end of the
+            // stream, short of what the manifest says, so it keeps the
+            // checked chunks and asks for the rest later.
+            warn!(producer = %producer_name, "transfer cut: {reason}");
+            let _ = send.finish();
+        }
         Err(PipeError::Midway(reason)) => {
             // The asker must not take a partial result for a whole one.
             warn!(producer = %producer_name, "transfer broke off: {reason}");
@@ -888,12 +916,17 @@ struct Expected<'a> {
     held: &'a Held,
     producer: Sha256Digest,
     outputs: Sha256Digest,
+    /// Where the asker would have it start.
+    resume: Option<Resume>,
 }
 
 enum PipeError {
     BeforeData(String),
     /// The result is over the transfer limit.
     TooLarge(String),
+    /// The holder's data stopped coming before the last chunk.
+    Cut(String),
+    /// The holder broke the protocol after its data began.
     Midway(String),
 }
 
@@ -901,8 +934,10 @@ enum PipeError {
 struct Relayed {
     /// The name of the holder's identity.
     relayer: String,
-    /// The output record's and the artifacts' bytes.
+    /// The output record's and the artifacts' bytes relayed.
     bytes: u64,
+    /// Whether the transfer was the rest of one that was cut.
+    resumed: bool,
     /// The producer's recorded run time (the manifest's `total_ms`).
     run_ms: u64,
 }
@@ -920,6 +955,7 @@ async fn pipe(
     let serve = Message::Serve {
         key: expected.held.key,
         namespace: expected.held.namespace.clone(),
+        resume: expected.resume.clone(),
     };
     write_message(&mut psend, &serve)
         .await
@@ -930,8 +966,8 @@ async fn pipe(
         .await
         .map_err(|_| PipeError::BeforeData(format!("no answer within {}s", idle.as_secs())))?
         .map_err(|e| before(&e))?;
-    let (parts, run_ms) = match &header {
-        Message::Transfer(t) => {
+    let (parts, from, run_ms) = match &header {
+        Message::Transfer { result: t, from } => {
             if t.held() != *expected.held {
                 return Err(PipeError::BeforeData("sent another result".into()));
             }
@@ -943,6 +979,18 @@ async fn pipe(
                     "sent a result other than the one it announced".into(),
                 ));
             }
+            // From the start, or from exactly where the asker asked of
+            // this very result.
+            let whole = from.iter().all(|f| *f == 0);
+            let rest = expected
+                .resume
+                .as_ref()
+                .is_some_and(|r| r.manifest == t.digest() && r.from == *from);
+            if !t.fits(from) || !(whole || rest) {
+                return Err(PipeError::BeforeData(
+                    "started the transfer where the asker did not ask".into(),
+                ));
+            }
             let parts: Vec<u64> = t.parts().iter().map(|(_, bytes, _)| *bytes).collect();
             let total = parts.iter().fold(0u64, |a, b| a.saturating_add(*b));
             let max = shared.limits.max_transfer;
@@ -951,7 +999,7 @@ async fn pipe(
                     "the result is {total} bytes, over this orchestrator's limit of {max} (serve --max-transfer)"
                 )));
             }
-            (parts, t.manifest.total_ms)
+            (parts, from.clone(), t.manifest.total_ms)
         }
         Message::Error { message, .. } => return Err(PipeError::BeforeData(message.clone())),
         other => {
@@ -961,23 +1009,29 @@ async fn pipe(
     write_message(send, &header)
         .await
         .map_err(|e| PipeError::Midway(e.to_string()))?;
-    // The parts, chunk by chunk: each chunk within what its part has left,
-    // none slower to come than the idle limit; nothing past the last part.
+    // The parts, chunk by chunk from where each starts: each frame the
+    // length its chunk is, none slower to come than the idle limit;
+    // nothing past the last part.
     let midway = |e: &dyn std::fmt::Display| PipeError::Midway(e.to_string());
     let mut buf = Vec::new();
     let mut bytes = 0u64;
-    for mut left in parts {
-        while left > 0 {
-            tokio::time::timeout(idle, read_chunk(&mut precv, left, &mut buf))
+    for (part, start) in parts.into_iter().zip(from.iter().copied()) {
+        for index in start..chunk_count(part) {
+            let len = chunk_len(part, index);
+            let sha = tokio::time::timeout(idle, read_chunk(&mut precv, len, &mut buf))
                 .await
                 .map_err(|_| {
-                    PipeError::Midway(format!("the holder sent nothing for {}s", idle.as_secs()))
+                    PipeError::Cut(format!("the holder sent nothing for {}s", idle.as_secs()))
                 })?
+                .map_err(|e| match e {
+                    ChunkError::Read(e) => PipeError::Cut(e.to_string()),
+                    bad => midway(&bad),
+                })?;
+            write_chunk(send, &sha, &buf)
+                .await
                 .map_err(|e| midway(&e))?;
-            write_chunk(send, &buf).await.map_err(|e| midway(&e))?;
-            shared.telemetry.relayed(buf.len() as u64);
-            bytes += buf.len() as u64;
-            left -= buf.len() as u64;
+            shared.telemetry.relayed(len);
+            bytes += len;
         }
     }
     // ... and then the end of the stream: trailing bytes mean a broken
@@ -1007,6 +1061,7 @@ async fn pipe(
     Ok(Relayed {
         relayer,
         bytes,
+        resumed: from.iter().any(|f| *f > 0),
         run_ms,
     })
 }

@@ -210,14 +210,48 @@ fn producer_store_with(
 }
 
 fn assert_nothing_committed(store: &Store) {
+    assert_nothing_committed_but_a_partial(store);
+    let tmp = store.root().join("tmp");
+    let n = fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(n, 0, "staging was left in {}", tmp.display());
+}
+
+/// Nothing committed, and nothing staged but the partial transfer of a
+/// result (kept for the rest of a cut transfer).
+fn assert_nothing_committed_but_a_partial(store: &Store) {
     assert!(store.list().is_empty(), "a result was committed");
     assert!(store.list_failed().is_empty());
     let blobs = store.root().join("blobs");
     let n = fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
     assert_eq!(n, 0, "blobs were left in {}", blobs.display());
     let tmp = store.root().join("tmp");
-    let n = fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0);
-    assert_eq!(n, 0, "staging was left in {}", tmp.display());
+    for e in fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(name.starts_with("partial-"), "staging {name} was left");
+    }
+}
+
+/// The lengths of the files of the partial transfer kept in `store`: the
+/// output record's, then each artifact's staged so far.
+fn partial_files(store: &Store) -> Vec<u64> {
+    let tmp = store.root().join("tmp");
+    let dirs: Vec<PathBuf> = fs::read_dir(&tmp)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "one partial in {}", tmp.display());
+    let len = |p: PathBuf| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let mut out = vec![len(dirs[0].join("output.rec"))];
+    for i in 0.. {
+        let blob = dirs[0].join("blobs").join(i.to_string());
+        if !blob.exists() {
+            break;
+        }
+        out.push(len(blob));
+    }
+    out
 }
 
 #[tokio::test]
@@ -578,7 +612,7 @@ async fn unknown_versions_and_a_missing_hello_are_refused() {
             code: ErrorCode::UnsupportedVersion,
             message,
         } => assert!(
-            message.contains("99") && message.contains("[2]"),
+            message.contains("99") && message.contains("[3]"),
             "{message}"
         ),
         other => panic!("{other:?}"),
@@ -607,7 +641,8 @@ async fn unknown_versions_and_a_missing_hello_are_refused() {
 enum Fault {
     /// Dies after sending part of the data.
     DieMidway,
-    /// Flips one byte of the big artifact.
+    /// Flips one byte of the big artifact (in its second chunk, sent with
+    /// the sha256 of the chunk as it should be).
     FlipByte,
     /// Sends a manifest (correctly sealed) with the key asked but the
     /// inputs of another run.
@@ -624,16 +659,18 @@ enum Fault {
     ForeignCert,
     /// Sends more data after the last artifact.
     Trailing,
+    /// Sends a chunk of the big artifact with one byte changed, and the
+    /// sha256 of the changed chunk: every chunk checks, the artifact does not.
+    HostileChunkHash,
 }
 
-/// Bytes staged in `folder` (of the artifacts) by a fetch into the store
-/// at `root` (files are written under temporary names until whole).
-fn staged_bytes(root: &Path, folder: &str) -> u64 {
+/// Bytes of artifacts staged by a fetch into the store at `root`.
+fn staged_bytes(root: &Path) -> u64 {
     let Ok(dirs) = fs::read_dir(root.join("tmp")) else {
         return 0;
     };
     dirs.flatten()
-        .filter_map(|d| fs::read_dir(d.path().join("artifacts").join(folder)).ok())
+        .filter_map(|d| fs::read_dir(d.path().join("blobs")).ok())
         .flat_map(|files| files.flatten())
         .filter_map(|f| f.metadata().ok())
         .map(|m| m.len())
@@ -672,8 +709,23 @@ async fn rogue_producer(team: &Team, fault: Fault, name: &str, asker_store: Path
             .iter()
             .map(|f| fs::read(f).unwrap())
             .collect();
+        // The sha256 of every chunk as it should be.
+        let honest: Vec<Vec<[u8; 32]>> = data
+            .iter()
+            .map(|part| {
+                part.chunks(wire::CHUNK_BYTES as usize)
+                    .map(|c| Sha256Digest::of(c).as_bytes().to_owned())
+                    .collect()
+            })
+            .collect();
+        let mut shas = honest.clone();
         match fault {
             Fault::FlipByte => data[2][1_234_567] ^= 0x20,
+            Fault::HostileChunkHash => {
+                data[2][1_234_567] ^= 0x20;
+                let chunk = &data[2][1 << 20..2 << 20];
+                shas[2][1] = Sha256Digest::of(chunk).as_bytes().to_owned();
+            }
             Fault::OtherInputs => {
                 transfer.manifest.inputs = inputs("t-other");
                 transfer.seal = creds.seal(&transfer.manifest);
@@ -692,26 +744,34 @@ async fn rogue_producer(team: &Team, fault: Fault, name: &str, asker_store: Path
                 transfer.seal.signature = other.seal(&transfer.manifest).signature;
             }
             Fault::ForeignCert => transfer.seal = foreign.seal(&transfer.manifest),
-            Fault::Trailing => data.push(b"more".to_vec()),
-            Fault::DieMidway => {}
+            Fault::Trailing | Fault::DieMidway => {}
         }
-        write_message(&mut send, &Message::Transfer(Box::new(transfer)))
-            .await
-            .unwrap();
+        let parts = transfer.parts().len();
+        let header = Message::Transfer {
+            result: Box::new(transfer),
+            from: vec![0; parts],
+        };
+        write_message(&mut send, &header).await.unwrap();
         let mut sent = 0;
-        for part in &data {
-            for chunk in part.chunks(64 << 10) {
+        for (part, shas) in data.iter().zip(&shas) {
+            for (chunk, sha) in part.chunks(wire::CHUNK_BYTES as usize).zip(shas) {
                 if matches!(fault, Fault::DieMidway) && sent > 1_000_000 {
                     // Killed once the asker is streaming the big artifact:
                     // the connection goes away with the data half sent.
-                    wait_until(|| staged_bytes(&asker_store, "sub") > 0).await;
+                    wait_until(|| staged_bytes(&asker_store) > 0).await;
                     p.connection().close(quinn::VarInt::from_u32(9), b"killed");
                     return;
                 }
                 let _ = send.write_all(&wire::chunk_header(chunk.len())).await;
+                let _ = send.write_all(sha).await;
                 let _ = send.write_all(chunk).await;
                 sent += chunk.len();
             }
+        }
+        if matches!(fault, Fault::Trailing) {
+            let _ = send.write_all(&wire::chunk_header(4)).await;
+            let _ = send.write_all(&[0; 32]).await;
+            let _ = send.write_all(b"more").await;
         }
         let _ = send.finish();
         let _ = send.stopped().await;
@@ -741,6 +801,14 @@ async fn bad_transfers_are_never_committed() {
         ),
         (
             Fault::FlipByte,
+            Box::new(
+                |e| matches!(e, FetchError::ChunkDigest { part, index: 1 } if part == "artifact sub/big.bin"),
+            ),
+        ),
+        // A holder that sends bad bytes with sha256s that match them gets
+        // every chunk in, and the artifact refused as a whole.
+        (
+            Fault::HostileChunkHash,
             Box::new(
                 |e| matches!(e, FetchError::Digest { part, .. } if part == "artifact sub/big.bin"),
             ),
@@ -798,12 +866,206 @@ async fn bad_transfers_are_never_committed() {
             .unwrap_err();
         assert!(expected(&err), "{fault:?}: got {err:?}");
         assert!(!err.to_string().is_empty());
-        assert_nothing_committed(&store_a);
+        match fault {
+            // Cut: what was checked is kept for the rest, and nothing else.
+            Fault::DieMidway => {
+                assert_nothing_committed_but_a_partial(&store_a);
+                let kept = partial_files(&store_a);
+                assert!(kept[0] > 0 && kept[1] == 5, "{kept:?}");
+                assert_eq!(kept[2] % wire::CHUNK_BYTES, 0, "whole chunks: {kept:?}");
+            }
+            // The chunk that does not match its sha256 is not kept; the
+            // one before it is.
+            Fault::FlipByte => {
+                assert_nothing_committed_but_a_partial(&store_a);
+                assert_eq!(partial_files(&store_a)[2], wire::CHUNK_BYTES);
+            }
+            // Every part arrived and checked, and then the relay broke the
+            // stream off: the parts are kept (each matched the manifest),
+            // nothing is committed.
+            Fault::Trailing => assert_nothing_committed_but_a_partial(&store_a),
+            // The artifact did not match the manifest: the partial goes.
+            _ => assert_nothing_committed(&store_a),
+        }
         producer.close().await;
     }
-    // The relay that completed (the flipped byte) is audited; the asker
-    // refused it itself.
-    assert_eq!(team.folder.state().unwrap().replays().unwrap(), 1);
+    // The relays that completed are audited, though the asker refused them
+    // itself: the hostile chunk hashes' (refused once every byte was in);
+    // the flipped byte's too unless the asker, refusing its chunk, stopped
+    // the stream before the relay had written the rest.
+    let replays = team.folder.state().unwrap().replays().unwrap();
+    assert!((1..=2).contains(&replays), "{replays} relays audited");
+    team.stop().await;
+}
+
+/// A store holding one passed result for `inputs("t1")` whose big artifact
+/// is `mib` MiB, sealed by `producer`; the bytes of its parts.
+fn producer_store_of(dir: &Path, producer: &Credentials, mib: usize) -> (Store, StoredResult, u64) {
+    let (store, stored) = producer_store_with(dir, Some(producer), |_| {});
+    // The same result with a bigger artifact: committed again over it.
+    let arts = dir.join("arts");
+    let big: Vec<u8> = (0..mib << 20)
+        .map(|i| (i % 253) as u8 ^ (i >> 20) as u8)
+        .collect();
+    fs::write(arts.join("sub/big.bin"), &big).unwrap();
+    let record = fs::read(stored.output_path()).unwrap();
+    let stored = store
+        .commit(
+            stored.manifest.clone(),
+            &record,
+            Some(&arts),
+            Some(producer),
+        )
+        .unwrap();
+    let total = stored.sealed().unwrap().bytes_from(&[0, 0, 0]);
+    (store, stored, total)
+}
+
+#[tokio::test]
+async fn a_cut_transfer_resumes_from_its_last_checked_chunk_from_the_same_or_another_holder() {
+    let team = Team::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let builder = team.creds("builder", &[NS], true);
+    let (store_b, stored_b, total) = producer_store_of(work.path(), &builder, 8);
+    let key = inputs("t1").key();
+    let b = relayer(&team, &builder, &store_b).await;
+    // Parts: the record (1 chunk), report.xml (1 chunk), big.bin (8
+    // chunks). Cut at chunk 6 of the result: 4 chunks of big.bin arrive.
+    b.stop_serving_at(Some(6));
+    let asker = team
+        .connect(&team.creds("asker", &[NS], false))
+        .await
+        .unwrap();
+    let store_a = Store::new(work.path().join("store-a"));
+    let cut = asker
+        .fetch(&key, NS, &inputs("t1"), &store_a)
+        .await
+        .unwrap_err();
+    assert!(matches!(cut, FetchError::Truncated { .. }), "{cut:?}");
+    assert_nothing_committed_but_a_partial(&store_a);
+    let record = stored_b.manifest.output_bytes;
+    assert_eq!(partial_files(&store_a), [record, 5, 4 << 20]);
+
+    // Asked again, the same producer sends the rest only.
+    b.stop_serving_at(None);
+    let fetched = asker
+        .fetch(&key, NS, &inputs("t1"), &store_a)
+        .await
+        .unwrap();
+    assert_eq!(fetched.resumed, record + 5 + (4 << 20));
+    assert_eq!(fetched.received, 4 << 20, "only what was left came");
+    assert_eq!(fetched.resumed + fetched.received, total);
+    assert_eq!(fetched.stored.manifest, stored_b.manifest);
+    for a in &stored_b.manifest.artifacts {
+        assert_eq!(
+            fs::read(store_a.blob_path(a)).unwrap(),
+            fs::read(store_b.blob_path(a)).unwrap(),
+            "{}",
+            a.path
+        );
+    }
+    assert_eq!(
+        fs::read(fetched.stored.output_path()).unwrap(),
+        fs::read(stored_b.output_path()).unwrap()
+    );
+    assert_eq!(fs::read_dir(store_a.root().join("tmp")).unwrap().count(), 0);
+
+    // Cut again for another asker, and the rest from another executor
+    // holding the same result (a copy of the producer's store).
+    b.stop_serving_at(Some(3));
+    let store_c = Store::new(work.path().join("store-c"));
+    let cut = asker
+        .fetch(&key, NS, &inputs("t1"), &store_c)
+        .await
+        .unwrap_err();
+    assert!(matches!(cut, FetchError::Truncated { .. }), "{cut:?}");
+    assert_eq!(partial_files(&store_c), [record, 5, 1 << 20]);
+    b.close().await;
+    let mirror = team.creds("mirror", &[NS], false);
+    let copy = Store::new(work.path().join("store-copy"));
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(store_b.root())
+        .arg(copy.root())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _m = relayer(&team, &mirror, &copy).await;
+    let mut fetched = None;
+    for _ in 0..100 {
+        match asker.fetch(&key, NS, &inputs("t1"), &store_c).await {
+            Ok(f) => {
+                fetched = Some(f);
+                break;
+            }
+            // The orchestrator may not have noticed the producer is gone.
+            Err(FetchError::NotFound | FetchError::Unavailable(_)) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    let fetched = fetched.expect("the mirror serves the rest");
+    assert_eq!(fetched.resumed, record + 5 + (1 << 20));
+    assert_eq!(fetched.received, 7 << 20);
+    assert_eq!(fetched.stored.manifest, stored_b.manifest);
+    crate_verify(&store_c, &fetched.stored);
+    team.stop().await;
+}
+
+/// Every artifact of `stored` in `store` matches its sha256.
+fn crate_verify(store: &Store, stored: &StoredResult) {
+    for a in &stored.manifest.artifacts {
+        let bytes = fs::read(store.blob_path(a)).unwrap();
+        assert_eq!(Sha256Digest::of(&bytes), a.sha256, "{}", a.path);
+    }
+}
+
+#[tokio::test]
+async fn a_partial_is_not_resumed_into_another_result_of_the_key() {
+    let team = Team::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let builder = team.creds("builder", &[NS], true);
+    let (store_b, _, _) = producer_store_of(work.path(), &builder, 4);
+    let key = inputs("t1").key();
+    let b = relayer(&team, &builder, &store_b).await;
+    b.stop_serving_at(Some(4));
+    let asker = team
+        .connect(&team.creds("asker", &[NS], false))
+        .await
+        .unwrap();
+    let store_a = Store::new(work.path().join("store-a"));
+    asker
+        .fetch(&key, NS, &inputs("t1"), &store_a)
+        .await
+        .unwrap_err();
+    assert_eq!(partial_files(&store_a)[2], 2 << 20);
+    b.close().await;
+    // The same key produced again (another manifest: another time, other
+    // bytes) by another producer: nothing of the partial is used, and it
+    // goes.
+    let other = team.creds("other", &[NS], true);
+    let dir2 = work.path().join("second");
+    fs::create_dir_all(&dir2).unwrap();
+    let (store_o, stored_o, total) = producer_store_of(&dir2, &other, 3);
+    let _o = relayer(&team, &other, &store_o).await;
+    let mut fetched = None;
+    for _ in 0..100 {
+        match asker.fetch(&key, NS, &inputs("t1"), &store_a).await {
+            Ok(f) => {
+                fetched = Some(f);
+                break;
+            }
+            Err(FetchError::NotFound | FetchError::Unavailable(_)) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    let fetched = fetched.expect("fetched from the other producer");
+    assert_eq!((fetched.resumed, fetched.received), (0, total));
+    assert_eq!(fetched.stored.manifest, stored_o.manifest);
+    assert_eq!(fs::read_dir(store_a.root().join("tmp")).unwrap().count(), 0);
     team.stop().await;
 }
 

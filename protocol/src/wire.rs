@@ -2,10 +2,14 @@
 //! orchestrator, their framing, and the records the orchestrator persists.
 //!
 //! Every message is a frame: a big-endian u32 length and a JSON body of at
-//! most [`MAX_FRAME`] bytes. A result's data follows its [`Sealed`] header
-//! as binary chunk frames (a big-endian u32 length and at most
-//! [`MAX_CHUNK`] bytes): first the output record, then every artifact in
-//! the manifest's order, the sizes given by the manifest. Every connection
+//! most [`MAX_FRAME`] bytes. A result's data follows its `Transfer` header
+//! as binary chunk frames: each part (first the output record, then every
+//! artifact in the manifest's order, the sizes given by the manifest) is
+//! cut into chunks of [`CHUNK_BYTES`] (the last one shorter), and each
+//! chunk travels as one frame (a big-endian u32 length, the chunk's sha256,
+//! its bytes), so a receiver checks every chunk as it arrives and keeps
+//! only checked ones. A transfer may start each part at a chunk other than
+//! the first ([`Resume`]): the rest of a transfer that was cut. Every connection
 //! starts with [`Message::Hello`]; the ALPN is [`ALPN`]. Nothing here does
 //! IO: the readers and writers live in the orchestrator and the executor.
 
@@ -20,8 +24,9 @@ use crate::seal::Seal;
 pub const ALPN: &[u8] = b"reprise/1";
 
 /// The protocol version this build speaks. Version 2: results travel
-/// sealed by their producer, keys and digests are typed.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// sealed by their producer, keys and digests are typed. Version 3: a
+/// transfer's chunks carry their sha256, and a cut transfer resumes.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Every protocol version this build accepts in a `Hello`.
 pub const SUPPORTED_VERSIONS: &[u32] = &[PROTOCOL_VERSION];
@@ -29,8 +34,36 @@ pub const SUPPORTED_VERSIONS: &[u32] = &[PROTOCOL_VERSION];
 /// Largest body of a control message frame.
 pub const MAX_FRAME: usize = 1 << 20;
 
-/// Largest body of a data chunk frame.
-pub const MAX_CHUNK: usize = 1 << 20;
+/// The bytes of a transfer's chunk: every part is cut at multiples of it.
+pub const CHUNK_BYTES: u64 = 1 << 20;
+
+/// Length of the sha256 that starts a data chunk frame's body.
+pub const CHUNK_SHA_LEN: usize = 32;
+
+/// Largest body of a data chunk frame: a chunk's sha256 and its bytes.
+pub const MAX_CHUNK: usize = CHUNK_SHA_LEN + CHUNK_BYTES as usize;
+
+/// How many chunks a part of `bytes` bytes is cut into.
+pub fn chunk_count(bytes: u64) -> u64 {
+    bytes.div_ceil(CHUNK_BYTES)
+}
+
+/// The length of chunk `index` of a part of `bytes` bytes (0 past its end).
+pub fn chunk_len(bytes: u64, index: u64) -> u64 {
+    bytes
+        .saturating_sub(index.saturating_mul(CHUNK_BYTES))
+        .min(CHUNK_BYTES)
+}
+
+/// Where a fetch would have a transfer start: the rest of one that was
+/// cut. `manifest` is the [`Sealed::digest`] of the result whose chunks
+/// the asker holds (only that very result resumes); `from` the chunk each
+/// part would start at, one per part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    pub manifest: Sha256Digest,
+    pub from: Vec<u64>,
+}
 
 /// Length of a frame header.
 pub const HEADER_LEN: usize = 4;
@@ -126,6 +159,33 @@ impl Sealed {
     pub fn passed(&self) -> bool {
         self.manifest.outcome == Outcome::Passed
     }
+
+    /// The sha256 of the manifest's signed encoding: names this very
+    /// result (a partial transfer is kept under it).
+    pub fn digest(&self) -> Sha256Digest {
+        Sha256Digest::of(&crate::sign::signing_bytes(&self.manifest))
+    }
+
+    /// Whether `from` names a starting chunk for every part, none past the
+    /// part's end (a part wholly held starts at its chunk count).
+    pub fn fits(&self, from: &[u64]) -> bool {
+        let parts = self.parts();
+        from.len() == parts.len()
+            && parts
+                .iter()
+                .zip(from)
+                .all(|((_, bytes, _), f)| *f <= chunk_count(*bytes))
+    }
+
+    /// The bytes a transfer starting at `from` carries (of the parts'
+    /// data, without frame headers and chunk sha256s).
+    pub fn bytes_from(&self, from: &[u64]) -> u64 {
+        self.parts()
+            .iter()
+            .zip(from.iter().copied().chain(std::iter::repeat(0)))
+            .map(|((_, bytes, _), f)| bytes.saturating_sub(f.saturating_mul(CHUNK_BYTES)))
+            .fold(0u64, u64::saturating_add)
+    }
 }
 
 /// A message of the orchestrator protocol.
@@ -186,19 +246,28 @@ pub enum Message {
     /// No result the asker may read: the same answer whether a result
     /// exists in a repository the asker may not read or not at all.
     NotFound,
-    /// Send me the result (answered with a `Transfer` and chunks).
+    /// Send me the result (answered with a `Transfer` and chunks); with
+    /// `resume`, only the rest of it if the result served is that one.
     Fetch {
         key: RunKey,
         namespace: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<Resume>,
     },
     /// Orchestrator to the executor holding it, on a stream it opens: send
-    /// this result.
+    /// this result (from `resume`, as the asker's `Fetch` said).
     Serve {
         key: RunKey,
         namespace: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<Resume>,
     },
-    /// A result's header; chunk frames follow.
-    Transfer(Box<Sealed>),
+    /// A result's header; chunk frames follow, each part's from the chunk
+    /// `from` names (one per part; all 0 for the whole result).
+    Transfer {
+        result: Box<Sealed>,
+        from: Vec<u64>,
+    },
     /// The first and only request of a connection that presents no client
     /// certificate: a CI job exchanges its OIDC ID token for a short-lived
     /// client certificate of `public_key`, an uncompressed P-256 point
@@ -333,10 +402,14 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Message, usize)>, FrameError> 
     Ok(Some((decode(body)?, HEADER_LEN + len)))
 }
 
-/// The header of a data chunk of `len` bytes (at most [`MAX_CHUNK`]).
+/// The header of a data chunk frame carrying a chunk of `len` bytes (at
+/// most [`CHUNK_BYTES`]) after its sha256.
 pub fn chunk_header(len: usize) -> [u8; HEADER_LEN] {
-    assert!(len <= MAX_CHUNK, "chunk of {len} bytes over the limit");
-    (len as u32).to_be_bytes()
+    assert!(
+        len as u64 <= CHUNK_BYTES,
+        "chunk of {len} bytes over the limit"
+    );
+    ((CHUNK_SHA_LEN + len) as u32).to_be_bytes()
 }
 
 /// Version of the records of the orchestrator's state log (the JSON-lines
@@ -493,12 +566,20 @@ mod tests {
             Message::Fetch {
                 key,
                 namespace: "n".into(),
+                resume: None,
             },
             Message::Serve {
                 key,
                 namespace: "n".into(),
+                resume: Some(Resume {
+                    manifest: sealed().digest(),
+                    from: vec![1, 0],
+                }),
             },
-            Message::Transfer(Box::new(sealed())),
+            Message::Transfer {
+                result: Box::new(sealed()),
+                from: vec![0, 0],
+            },
             Message::Login {
                 version: PROTOCOL_VERSION,
                 token: Secret("header.claims.signature".into()),
@@ -653,7 +734,7 @@ mod tests {
                 code: ErrorCode::UnsupportedVersion,
                 message,
             }) => assert!(
-                message.contains("99") && message.contains("[2]"),
+                message.contains("99") && message.contains("[3]"),
                 "{message}"
             ),
             other => panic!("{other:?}"),
@@ -673,6 +754,63 @@ mod tests {
         );
         assert!(t.passed());
         assert_eq!(t.held().key, m.key);
+    }
+
+    #[test]
+    fn parts_are_cut_into_chunks_and_resume_points_are_checked() {
+        // (part bytes, chunks, length of each chunk)
+        let c = CHUNK_BYTES;
+        let table: [(u64, u64, Vec<u64>); 5] = [
+            (0, 0, vec![]),
+            (1, 1, vec![1]),
+            (c, 1, vec![c]),
+            (c + 1, 2, vec![c, 1]),
+            (3 * c - 5, 3, vec![c, c, c - 5]),
+        ];
+        for (bytes, count, lens) in table {
+            assert_eq!(chunk_count(bytes), count, "{bytes}");
+            let got: Vec<u64> = (0..count).map(|i| chunk_len(bytes, i)).collect();
+            assert_eq!(got, lens, "{bytes}");
+            assert_eq!(chunk_len(bytes, count), 0, "{bytes}");
+            assert_eq!(lens.iter().sum::<u64>(), bytes);
+        }
+        let mut t = sealed();
+        t.manifest.output_bytes = 2 * c + 1;
+        assert!(t.fits(&[3, 1]));
+        assert!(t.fits(&[0, 0]));
+        assert!(!t.fits(&[4, 0]), "past the record's end");
+        assert!(!t.fits(&[0, 2]), "past the artifact's end");
+        assert!(!t.fits(&[0]), "a part missing");
+        assert!(!t.fits(&[0, 0, 0]), "a part too many");
+        assert_eq!(t.bytes_from(&[0, 0]), 2 * c + 1 + 2);
+        assert_eq!(t.bytes_from(&[2, 1]), 1);
+        assert_eq!(t.bytes_from(&[3, 0]), 2);
+        // The digest names this very manifest.
+        let mut other = t.clone();
+        other.manifest.created_at += 1;
+        assert_ne!(other.digest(), t.digest());
+        other.seal.signature = "other".into();
+        other.manifest.created_at -= 1;
+        assert_eq!(other.digest(), t.digest(), "the seal is not part of it");
+    }
+
+    #[test]
+    fn a_transfer_header_names_where_each_part_starts() {
+        let frame = encode(&Message::Transfer {
+            result: Box::new(sealed()),
+            from: vec![2, 0],
+        })
+        .unwrap();
+        let text = String::from_utf8_lossy(&frame[4..]).into_owned();
+        assert!(
+            text.starts_with(r#"{"type":"transfer","result":{"manifest":"#),
+            "{text}"
+        );
+        assert!(text.ends_with(r#","from":[2,0]}"#), "{text}");
+        // A fetch without a resume point reads as before.
+        let fetch = decode(br#"{"type":"fetch","key":"0000000000000000000000000000000000000000000000000000000000000000","namespace":"n"}"#).unwrap();
+        assert!(matches!(fetch, Message::Fetch { resume: None, .. }));
+        assert_eq!(&chunk_header(5), &(37u32).to_be_bytes());
     }
 
     #[test]

@@ -403,7 +403,9 @@ fn fetches_replays_and_producers_killed_midway_leave_nothing_half_received() {
     d.kill_when("a serving daemon", |_, _| true);
     after_kill(a, "the daemon killed while serving", 1);
 
-    // A consumer killed in the middle of receiving: nothing is kept.
+    // A consumer killed in the middle of receiving: nothing is committed
+    // (what it checked stays in its partial folder, for the next fetch to
+    // resume; no sweep takes it for an abandoned work folder).
     let d = daemon(None, "daemon-2");
     let b = clone_of(a);
     let mut cmd = as_(&b, &["run", "--no-serve", "--driver", "podman"], &team.ci);
@@ -419,6 +421,13 @@ fn fetches_replays_and_producers_killed_midway_leave_nothing_half_received() {
         "the killed fetch had a staging folder"
     );
     after_kill(&b, "killed while fetching", 0);
+    let partials = fs::read_dir(b.store().join("tmp"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("partial-"))
+        .count();
+    assert_eq!(partials, 1, "the killed fetch's checked chunks are kept");
     drop(d);
 
     // The producer killed in the middle of sending: the consumer takes

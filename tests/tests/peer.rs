@@ -234,6 +234,136 @@ fn a_fetch_that_fills_the_disk_says_disk_full_and_the_run_goes_on() {
     );
 }
 
+/// Regression of nothing: a transfer cut midway used to be thrown away
+/// whole. Now the producer's daemon stops serving at chunk 4 of the result
+/// (as if killed there); B's fetch is cut, keeps the chunks it checked,
+/// and once the daemon is back the next run fetches only the rest.
+#[test]
+fn a_transfer_cut_midway_resumes_from_its_last_checked_chunk() {
+    let team = Team::new();
+    let a = &team.a;
+    // Parts in order: the record (1 chunk), big.bin (8 chunks), report.txt.
+    let big: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i % 251) as u8 ^ (i >> 20) as u8)
+        .collect();
+    fabricate_result_with(
+        a,
+        "alice's",
+        Some(&team.alice),
+        "podman",
+        &[("big.bin", &big)],
+    );
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let _server = serve_on(&team.state, &addr);
+    let log = team.dir.path().join("a.log");
+    let mut cmd = a.reprise(&["daemon"]);
+    with_orchestrator(&mut cmd, &addr, &team.alice);
+    cmd.env("REPRISE_TEST_STOP_SERVING_AT", "4")
+        .stderr(fs::File::create(&log).expect("daemon log"));
+    let daemon = Killed(cmd.spawn().expect("daemon"));
+    let read_log = || fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(30), || read_log().contains("serving")),
+        "{}",
+        read_log()
+    );
+
+    let b = clone_of(a);
+    let replay = || {
+        let mut cmd = b.reprise(&[
+            "run",
+            "--no-serve",
+            "--driver",
+            "podman",
+            "--mode",
+            "replay-only",
+        ]);
+        with_orchestrator(&mut cmd, &addr, &team.ci);
+        Run::from(cmd.output().expect("reprise run"))
+    };
+    let cut = replay();
+    cut.expect_code(
+        NOT_COUNTED,
+        "the cut fetch is refused, and replay-only runs nothing",
+    );
+    assert!(!cut.replayed(), "{}", cut.stderr);
+    assert!(cut.stderr.contains("broke off"), "{}", cut.stderr);
+    let partials: Vec<_> = fs::read_dir(b.store().join("tmp"))
+        .expect("B's staging")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        partials.len() == 1 && partials[0].starts_with("partial-"),
+        "{partials:?}"
+    );
+    assert!(b.results_list().is_empty(), "nothing committed");
+
+    // The producer's daemon, killed and started again (telling it nothing).
+    drop(daemon);
+    let (_daemon, said) = serving_daemon(a, &addr, &team.alice, &team.dir.path().join("a2.log"));
+    assert!(said.contains("serving 1 result(s)"), "{said}");
+    let mut rest = None;
+    for _ in 0..50 {
+        let r = replay();
+        if r.replayed() {
+            rest = Some(r);
+            break;
+        }
+        // The orchestrator may still offer the killed daemon's connection.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rest = rest.expect("B replays once the producer is back");
+    rest.expect_code(0, "B replays the resumed result");
+    let note = rest
+        .stderr
+        .lines()
+        .find(|l| l.contains("resumed a transfer that was cut"))
+        .unwrap_or_else(|| panic!("the run says it resumed:\n{}", rest.stderr));
+    let number = |after: &str| -> u64 {
+        note.split(after)
+            .next()
+            .and_then(|t| t.split_whitespace().last())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{note}"))
+    };
+    let (kept, fetched) = (number(" bytes kept"), number(" bytes fetched"));
+    let record_len = fs::metadata(
+        a.store()
+            .join("results")
+            .join(
+                fs::read_dir(a.store().join("results"))
+                    .unwrap()
+                    .next()
+                    .unwrap()
+                    .unwrap()
+                    .file_name(),
+            )
+            .join("output.rec"),
+    )
+    .unwrap()
+    .len();
+    let report_len = "report of alice's\n".len() as u64;
+    assert_eq!(kept, record_len + (3 << 20), "{note}");
+    assert_eq!(
+        fetched,
+        (5 << 20) + report_len,
+        "only the rest came: {note}"
+    );
+    assert_eq!(
+        fs::read(b.repo().join("reprise-artifacts/big.bin")).expect("restored"),
+        big,
+        "byte-identical artifact"
+    );
+    assert_eq!(
+        fs::read_dir(b.store().join("tmp"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0,
+        "the partial became the result"
+    );
+}
+
 #[test]
 fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart() {
     let Team {

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use quinn::{Connection, RecvStream, SendStream};
 use reprise_orchestrator::Folder;
+use reprise_protocol::digest::Sha256Digest;
 use reprise_protocol::wire::{self, Message};
 use run_support::{Run, Sandbox, wait_until};
 use team_support::{
@@ -304,7 +305,7 @@ async fn a_hostile_orchestrator_gets_nothing_outside_the_store_and_cannot_plant_
     // refusals above are refusals, not a broken executor.
     let got = ask(&conn, &serve(&key, &ns)).await;
     assert!(
-        matches!(first_message(&got), Some(Message::Transfer(_))),
+        matches!(first_message(&got), Some(Message::Transfer { .. })),
         "{}",
         String::from_utf8_lossy(&got)
     );
@@ -318,9 +319,12 @@ async fn a_hostile_orchestrator_gets_nothing_outside_the_store_and_cannot_plant_
     let outside = b.dir.path().join("outside");
     fs::create_dir_all(&outside).expect("outside");
     let sealed = announced.lock().unwrap()[0].clone();
-    let header = serde_json::to_string(&Message::Transfer(Box::new(sealed.clone())))
-        .expect("json")
-        .replace("\"report.txt\"", "\"../../outside/evil.txt\"");
+    let header = serde_json::to_string(&Message::Transfer {
+        result: Box::new(sealed.clone()),
+        from: vec![0; sealed.parts().len()],
+    })
+    .expect("json")
+    .replace("\"report.txt\"", "\"../../outside/evil.txt\"");
     assert!(header.contains("outside/evil.txt"));
     let data: Vec<Vec<u8>> = {
         let dir = a.store().join("results").join(&key);
@@ -352,8 +356,11 @@ async fn a_hostile_orchestrator_gets_nothing_outside_the_store_and_cannot_plant_
             Message::Fetch { .. } => {
                 let mut out = raw_frame(header.as_bytes());
                 for part in &data {
-                    out.extend_from_slice(&wire::chunk_header(part.len()));
-                    out.extend_from_slice(part);
+                    for chunk in part.chunks(wire::CHUNK_BYTES as usize) {
+                        out.extend_from_slice(&wire::chunk_header(chunk.len()));
+                        out.extend_from_slice(Sha256Digest::of(chunk).as_bytes());
+                        out.extend_from_slice(chunk);
+                    }
                 }
                 let _ = send.write_all(&out).await;
                 let _ = send.finish();

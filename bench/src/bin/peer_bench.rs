@@ -6,8 +6,8 @@
 //! replay really came through the orchestrator and every lookup answered
 //! what it should.
 //!
-//! Usage: `peer_bench [--runs N] [--clients N] [--lookups M]` (defaults 7,
-//! 1,000 and 2,000). Build first with `cargo build --release --workspace`:
+//! Usage: `peer_bench [--runs N] [--clients N] [--lookups M]
+//! [--resume-rounds N] [--resume-only]` (defaults 7, 1,000, 2,000 and 3). Build first with `cargo build --release --workspace`:
 //! `reprise` and `reprise-orchestrator` are looked for next to this binary.
 //! Everything runs on 127.0.0.1 in temp folders, with a real
 //! `reprise-orchestrator serve` process (killed when the bench ends), a
@@ -27,6 +27,13 @@
 //!    in-process relay.
 //! 4. The orchestrator's resident memory before and after the light clients
 //!    connected, per client.
+//! 5. A 1 GiB artifact fetched through the orchestrator (in process, from
+//!    an in-process producer) whole, beside the rest of the same transfer
+//!    cut at 50 % (the producer told to stop there): the resumed fetch
+//!    alone is timed, `--resume-rounds` rounds each (default 3),
+//!    interleaved. `--resume-only` runs this case alone. It needs about
+//!    3 GiB of free disk in the temp folder while it runs (the producer's
+//!    copy, one fetched copy at a time), all removed at the end.
 
 use std::fs;
 use std::net::SocketAddr;
@@ -64,6 +71,8 @@ struct Options {
     runs: usize,
     clients: usize,
     lookups: usize,
+    resume_rounds: usize,
+    resume_only: bool,
 }
 
 fn options() -> Options {
@@ -71,6 +80,8 @@ fn options() -> Options {
         runs: 7,
         clients: 1_000,
         lookups: 2_000,
+        resume_rounds: 3,
+        resume_only: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -83,7 +94,11 @@ fn options() -> Options {
             "--runs" => o.runs = number().max(1),
             "--clients" => o.clients = number().max(1),
             "--lookups" => o.lookups = number().max(2),
-            _ => panic!("usage: peer_bench [--runs N] [--clients N] [--lookups M]"),
+            "--resume-rounds" => o.resume_rounds = number().max(1),
+            "--resume-only" => o.resume_only = true,
+            _ => panic!(
+                "usage: peer_bench [--runs N] [--clients N] [--lookups M] [--resume-rounds N] [--resume-only]"
+            ),
         }
     }
     o
@@ -288,11 +303,12 @@ async fn raw_relay_fetch(peer: &Link, held: &Held) -> (u64, Duration) {
     let fetch = Message::Fetch {
         key: held.key,
         namespace: held.namespace.clone(),
+        resume: None,
     };
     write_message(&mut send, &fetch).await.expect("write fetch");
     let _ = send.finish();
     match read_message(&mut recv).await.expect("transfer header") {
-        Message::Transfer(_) => {}
+        Message::Transfer { .. } => {}
         other => panic!("the orchestrator answered {other:?} to a fetch"),
     }
     let n = drain(&mut recv).await;
@@ -589,6 +605,13 @@ async fn main() {
         .expect("temp dir");
     let t = tmp.path();
     let mut table = Table { rows: Vec::new() };
+    if o.resume_only {
+        resume_case(&orch_bin, t, o.resume_rounds, &mut table).await;
+        println!("{}", RESUME_HEADER);
+        table.print();
+        eprintln!("peer_bench: took {:.1} s", started.elapsed().as_secs_f64());
+        return;
+    }
 
     // The repository, the producer's store, and a clone for the consumer.
     progress("storing a result of 1 MiB output + 20 MiB artifacts");
@@ -942,13 +965,17 @@ async fn main() {
         format!("(after - before) / {}", o.clients),
     );
 
+    // 5. A cut transfer resumed, beside a whole one.
+    resume_case(&orch_bin, t, o.resume_rounds, &mut table).await;
+
     println!(
         "peer_bench: reprise's orchestrator on 127.0.0.1, {} runs per median.\n\
          Replays: wall time of the real `reprise run --no-serve`, local store vs a fresh store\n\
          fetching through a real `reprise-orchestrator serve` from an in-process producer.\n\
          Transfers: MB/s (10^6 bytes) of the relayed fetch vs plain quinn in this process.\n\
          Lookups: one request stream each from one client while the others stay connected.\n\
-         Memory: the orchestrator's resident set before and after the clients connected.\n",
+         Memory: the orchestrator's resident set before and after the clients connected.\n\
+         {RESUME_HEADER}",
         o.runs
     );
     table.print();
@@ -962,4 +989,152 @@ fn keyed_payload(data: &Path, key: &RunKey) -> u64 {
         .expect("the stored result");
     let m = &stored.manifest;
     m.output_bytes + m.artifacts.iter().map(|a| a.bytes).sum::<u64>()
+}
+
+const RESUME_HEADER: &str = "Resume: a 1 GiB artifact fetched through a real orchestrator in this process, whole vs\n\
+     the rest of the same transfer cut at 50 % (only the resumed fetch timed; verify, stage, commit included).\n";
+
+/// Size of the artifact of the resume case.
+const RESUME_BYTES: usize = 1 << 30;
+
+/// Writes `bytes` incompressible bytes to `path` (xorshift, 1 MiB writes).
+fn write_noise(path: &Path, bytes: usize) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(fs::File::create(path).expect("artifact"));
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..bytes / block.len() {
+        for word in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&block).expect("write artifact");
+    }
+    f.flush().expect("flush artifact");
+}
+
+/// Case 5: a 1 GiB artifact fetched whole, beside the rest of the same
+/// transfer cut at 50 %, through a real orchestrator of its own (its own
+/// folder, a producer and a consumer identity), `rounds` of each,
+/// interleaved. Adds its rows to `table`.
+async fn resume_case(orch_bin: &Path, t: &Path, rounds: usize, table: &mut Table) {
+    progress("resume: storing a result with a 1 GiB artifact");
+    let dir = t.join("resume");
+    let state = dir.join("orchestrator");
+    let creds_dir = dir.join("creds");
+    fs::create_dir_all(&creds_dir).expect("creds dir");
+    orchestrator_cli(
+        orch_bin,
+        &["init", "--dir", state.to_str().expect("utf-8 path")],
+    );
+    let ns = "bench.example/resume";
+    let producer_pem = issue(orch_bin, &state, &creds_dir, "resume-producer", ns, true);
+    let consumer_pem = issue(orch_bin, &state, &creds_dir, "resume-consumer", ns, false);
+    let producer_creds = load(&producer_pem);
+    let arts = dir.join("arts");
+    fs::create_dir_all(&arts).expect("artifacts dir");
+    write_noise(&arts.join("big.bin"), RESUME_BYTES);
+    let mut manifest = light_manifest(usize::MAX, 0, ns);
+    manifest.inputs.tree = "resume-1gib".into();
+    manifest.key = manifest.inputs.key();
+    let producer_store = Store::new(dir.join("producer-store"));
+    let stored = producer_store
+        .commit(manifest, b"", Some(&arts), Some(&*producer_creds))
+        .expect("commit the 1 GiB result");
+    fs::remove_dir_all(&arts).expect("remove the artifact's staging");
+    let expected = stored.manifest.inputs.clone();
+    let key = stored.manifest.key;
+    let total = stored.sealed().expect("sealed").bytes_from(&[0, 0]);
+    let chunks = total.div_ceil(reprise_protocol::wire::CHUNK_BYTES);
+
+    let orch = Orchestrator::start(orch_bin, &state, &dir.join("orchestrator.log"));
+    let producer = Arc::new(
+        Link::connect(&orch.addr, producer_creds.clone())
+            .await
+            .expect("the producer connects"),
+    );
+    assert_eq!(
+        producer
+            .announce(&producer_store)
+            .await
+            .expect("announce")
+            .0,
+        1
+    );
+    let serving = {
+        let (producer, store) = (producer.clone(), producer_store.clone());
+        tokio::spawn(async move { producer.serve(&store).await })
+    };
+    let consumer = Link::connect(&orch.addr, load(&consumer_pem))
+        .await
+        .expect("the consumer connects");
+    // The record is empty: chunk 0 of the result is the artifact's first.
+    let half = chunks / 2;
+    let (mut whole, mut rest, mut cut) = (Vec::new(), Vec::new(), Vec::new());
+    let mut resumed_bytes = 0;
+    for round in 0..rounds {
+        progress(&format!("resume: round {} of {rounds}", round + 1));
+        let store = Store::new(dir.join("consumer-store"));
+        producer.stop_serving_at(None);
+        let start = Instant::now();
+        let f = consumer
+            .fetch(&key, ns, &expected, &store)
+            .await
+            .expect("a whole fetch");
+        whole.push(start.elapsed());
+        assert_eq!((f.received, f.resumed), (total, 0), "a whole fetch");
+        drop(f);
+        fs::remove_dir_all(store.root()).expect("remove the fetched copy");
+
+        producer.stop_serving_at(Some(half));
+        let start = Instant::now();
+        let err = consumer
+            .fetch(&key, ns, &expected, &store)
+            .await
+            .expect_err("the transfer is cut");
+        cut.push(start.elapsed());
+        assert!(
+            matches!(err, reprise_executor::link::FetchError::Truncated { .. }),
+            "cut: {err:?}"
+        );
+        producer.stop_serving_at(None);
+        let start = Instant::now();
+        let f = consumer
+            .fetch(&key, ns, &expected, &store)
+            .await
+            .expect("the rest");
+        rest.push(start.elapsed());
+        assert_eq!(f.resumed + f.received, total, "resumed + received");
+        assert!(f.resumed > 0, "nothing of the cut transfer was kept");
+        resumed_bytes = f.resumed;
+        drop(f);
+        fs::remove_dir_all(store.root()).expect("remove the fetched copy");
+    }
+    consumer.close().await;
+    serving.abort();
+    producer.close().await;
+    drop(orch);
+    let _ = fs::remove_dir_all(&dir);
+    let (whole_m, rest_m) = (median(whole), median(rest));
+    table.row(
+        "1 GiB artifact, whole fetch",
+        ms(whole_m),
+        format!("Link::fetch through the orchestrator; {rounds} rounds"),
+    );
+    table.row(
+        "1 GiB artifact, rest after a cut at 50 %",
+        ms(rest_m),
+        format!(
+            "the same fetch again after one cut at chunk {half} of {chunks}; {:.0} % kept from the cut one",
+            resumed_bytes as f64 * 100.0 / total as f64
+        ),
+    );
+    table.row("  the cut transfer itself", ms(median(cut)), "");
+    table.row(
+        "  rest / whole",
+        format!("{:.2}x", rest_m.as_secs_f64() / whole_m.as_secs_f64()),
+        "",
+    );
 }

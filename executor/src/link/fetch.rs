@@ -7,14 +7,27 @@
 //! inputs' key, artifact paths are plain relative paths, no file twice);
 //! the manifest is for the key asked and its inputs are the ones this
 //! checkout computed; the result passed; the record's and artifacts' sizes are
-//! under the limits ([`ResultManifest::check_sizes`]); the output record's and every artifact's sha256 and size
-//! while they stream (each byte hashed once, as it arrives); nothing
-//! follows the last artifact. Everything is staged in the store's `tmp/`
-//! ([`Store::receive`]) and committed only at the end, so a failure
-//! anywhere leaves the store as it was.
+//! under the limits ([`ResultManifest::check_sizes`]); each part starts
+//! at chunk 0 or exactly where this fetch asked of this very result
+//! ([`Sealed::fits`]); every chunk is the length its place in its part
+//! says and matches the sha256 sent with it before a byte of it is kept;
+//! the output record's and every artifact's sha256 and size, over every
+//! byte of the part (kept from an earlier cut transfer or just arrived);
+//! nothing follows the last artifact. Everything is staged in the store's
+//! `tmp/` ([`Store::receive`]) and committed only at the end, so a failure
+//! anywhere leaves the store's results as they were.
+//!
+//! A transfer cut midway (the stream broke off, a chunk that does not
+//! match its sha256 or is not its length) keeps the chunks checked so far
+//! in the result's partial folder ([`crate::store::Partial`]), and the next
+//! fetch of the key asks for the rest ([`Resume`]), from whichever holder
+//! the orchestrator picks. The chunks' sha256s come from the holder, not
+//! from the producer's seal: a hostile holder can send bad bytes with
+//! sha256s that match them. So a part whose whole sha256 does not match
+//! the manifest drops the partial altogether, and nothing of it is ever
+//! committed.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::PathBuf;
 
 use quinn::RecvStream;
@@ -23,14 +36,13 @@ use reprise_protocol::digest::{RunKey, Sha256Digest};
 use reprise_protocol::key::KeyInputs;
 use reprise_protocol::manifest::{ManifestError, Outcome, Oversize};
 use reprise_protocol::seal::{SealError, SignedBy};
-use reprise_protocol::wire::Sealed;
+use reprise_protocol::wire::{Resume, Sealed, chunk_len};
 use rustls::pki_types::{CertificateDer, UnixTime};
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tracing::debug;
 
 use super::LinkError;
-use crate::store::{Store, StoreError, StoredResult};
+use crate::store::{ChunkRefused, Partial, Receiving, Store, StoreError, StoredResult};
 
 /// Why a fetched result was not committed. Whatever the reason, nothing
 /// was committed and the caller runs the tests for real.
@@ -66,8 +78,14 @@ pub enum FetchError {
         #[source]
         source: Option<ReadError>,
     },
-    #[error("the producer sent a chunk of {0} bytes that overruns its part")]
+    #[error("the producer sent a chunk of {0} bytes where another length was due")]
     BadChunk(usize),
+    #[error(
+        "the producer sent chunk {index} of the {part} that does not match the sha256 sent with it; the chunks before it are kept for the next fetch"
+    )]
+    ChunkDigest { part: String, index: u64 },
+    #[error("the holder started the transfer where this fetch did not ask")]
+    BadStart,
     #[error("the producer sent data after the last artifact")]
     TrailingData,
     #[error("disk full: staging the fetched result in {} failed (free some space: `reprise results gc`, `reprise cache drop`)", .0.display())]
@@ -83,6 +101,17 @@ pub enum FetchError {
 }
 
 impl FetchError {
+    /// Whether the chunks checked so far are worth keeping for the rest
+    /// of the transfer: the transfer was cut, or a chunk was refused. A
+    /// part that does not match the manifest, trailing data or a store
+    /// error drop them.
+    fn keeps_partial(&self) -> bool {
+        matches!(
+            self,
+            FetchError::Truncated { .. } | FetchError::BadChunk(_) | FetchError::ChunkDigest { .. }
+        )
+    }
+
     /// Whether the disk ran out of space somewhere beneath this error.
     fn is_disk_full(&self) -> bool {
         if matches!(self, FetchError::Store(StoreError::Full(_))) {
@@ -133,104 +162,129 @@ pub fn check_transfer(
     Ok(who)
 }
 
-/// Reads the data of a checked transfer into a staging folder, checking
-/// every part's size and sha256, then commits it.
+/// What a fetch brought: the result committed, who sealed it, and the
+/// bytes of its parts that came over the wire now and that were kept from
+/// an earlier transfer that was cut.
+#[derive(Debug)]
+pub struct Fetched {
+    pub stored: StoredResult,
+    pub signed_by: SignedBy,
+    pub received: u64,
+    pub resumed: u64,
+}
+
+/// Whether a transfer header's `from` is one this fetch accepts: every
+/// part from its start, or exactly the rest it asked for of this very
+/// result. Returns whether it is the rest.
+pub fn check_start(
+    sealed: &Sealed,
+    from: &[u64],
+    asked: Option<&Resume>,
+) -> Result<bool, FetchError> {
+    let whole = from.iter().all(|f| *f == 0);
+    let rest = asked.is_some_and(|r| r.manifest == sealed.digest() && r.from == from);
+    if !sealed.fits(from) || !(whole || rest) {
+        return Err(FetchError::BadStart);
+    }
+    Ok(rest && !whole)
+}
+
+/// Reads the data of a checked transfer into its partial folder (`resumed`
+/// when the transfer is its rest), checking every chunk, every part's size
+/// and sha256, then commits it. Returns the result and the bytes received
+/// and resumed.
 pub(super) async fn receive(
     recv: &mut RecvStream,
     sealed: Sealed,
+    resumed: Option<Partial>,
     store: &Store,
-) -> Result<StoredResult, FetchError> {
-    receive_staged(recv, sealed, store).await.map_err(|e| {
+) -> Result<(StoredResult, u64, u64), FetchError> {
+    let started = std::time::Instant::now();
+    let disk_full = |e: FetchError| {
         if e.is_disk_full() {
             FetchError::DiskFull(store.root().join("tmp"))
         } else {
             e
         }
-    })
+    };
+    let mut incoming = store
+        .receive(sealed, resumed)
+        .map_err(|e| disk_full(e.into()))?;
+    let resumed = incoming.resumed_bytes();
+    let mut received = 0;
+    if let Err(e) = receive_parts(recv, &mut incoming, &mut received).await {
+        if e.keeps_partial() {
+            incoming.keep();
+            debug!(
+                received,
+                resumed, "a transfer was cut; its checked chunks are kept: {e}"
+            );
+        }
+        return Err(disk_full(e));
+    }
+    let took = started.elapsed();
+    let stored = incoming.commit().map_err(|e| disk_full(e.into()))?;
+    debug!(
+        received_ms = took.as_millis() as u64,
+        committed_ms = (started.elapsed() - took).as_millis() as u64,
+        received,
+        resumed,
+        "received and committed a result"
+    );
+    Ok((stored, received, resumed))
 }
 
-async fn receive_staged(
+async fn receive_parts(
     recv: &mut RecvStream,
-    sealed: Sealed,
-    store: &Store,
-) -> Result<StoredResult, FetchError> {
-    let started = std::time::Instant::now();
-    let m = sealed.manifest.clone();
-    let mut incoming = store.receive(sealed)?;
-    let mut record = incoming.record_file()?;
-    receive_part(
-        recv,
-        "output record",
-        m.output_bytes,
-        &m.output_sha256,
-        &mut record,
-    )
-    .await?;
-    incoming.record_done(record)?;
-    for a in &m.artifacts {
-        let mut blob = incoming.blob_file()?;
-        let part = format!("artifact {}", a.path);
-        crate::faults::pause_point("fetch");
-        receive_part(recv, &part, a.bytes, &a.sha256, &mut blob).await?;
-        incoming.blob_done(a.sha256, blob)?;
-    }
-    let mut extra = [0u8; 1];
-    match recv.read(&mut extra).await {
-        Ok(None) => {}
-        Ok(Some(_)) => return Err(FetchError::TrailingData),
-        Err(e) => {
-            return Err(FetchError::Truncated {
-                part: "end of the transfer".into(),
-                source: Some(ReadError::Stream(e)),
+    incoming: &mut Receiving,
+    received: &mut u64,
+) -> Result<(), FetchError> {
+    let parts = incoming.sealed().parts();
+    let mut buf = Vec::new();
+    for (i, (part, bytes, sha256)) in parts.into_iter().enumerate() {
+        if i > 0 {
+            crate::faults::pause_point("fetch");
+        }
+        let truncated = |source: Option<ReadError>| FetchError::Truncated {
+            part: part.clone(),
+            source,
+        };
+        let mut w = incoming.part(i)?;
+        while !w.whole() {
+            let index = w.next_chunk();
+            let len = chunk_len(bytes, index);
+            let sha = match read_chunk(recv, len, &mut buf).await {
+                Ok(sha) => sha,
+                Err(ChunkError::Overrun(n)) => return Err(FetchError::BadChunk(n)),
+                Err(ChunkError::Read(e)) => return Err(truncated(Some(e))),
+            };
+            match w.write_chunk(&sha, &buf) {
+                Ok(()) => *received += len,
+                Err(ChunkRefused::Mismatch { index }) => {
+                    return Err(FetchError::ChunkDigest { part, index });
+                }
+                Err(ChunkRefused::PastEnd { .. }) => return Err(FetchError::BadChunk(buf.len())),
+                Err(ChunkRefused::Store(e)) => return Err(e.into()),
+            }
+        }
+        let found = incoming.part_done(w)?;
+        if found != sha256 {
+            return Err(FetchError::Digest {
+                part,
+                expected: sha256,
+                found,
             });
         }
     }
-    let received = started.elapsed();
-    let stored = incoming.commit()?;
-    debug!(
-        received_ms = received.as_millis() as u64,
-        committed_ms = (started.elapsed() - received).as_millis() as u64,
-        "received and committed a result"
-    );
-    Ok(stored)
-}
-
-async fn receive_part(
-    recv: &mut RecvStream,
-    part: &str,
-    len: u64,
-    sha256: &Sha256Digest,
-    out: &mut dyn Write,
-) -> Result<(), FetchError> {
-    let truncated = |source: Option<ReadError>| FetchError::Truncated {
-        part: part.to_string(),
-        source,
-    };
-    let mut hasher = Sha256::new();
-    let mut left = len;
-    let mut buf = Vec::new();
-    while left > 0 {
-        match read_chunk(recv, left, &mut buf).await {
-            Ok(()) => {}
-            Err(ChunkError::Overrun(n)) => return Err(FetchError::BadChunk(n)),
-            Err(ChunkError::Read(e)) => return Err(truncated(Some(e))),
-        }
-        hasher.update(&buf);
-        out.write_all(&buf).map_err(|source| FetchError::Io {
-            path: PathBuf::from(part),
-            source,
-        })?;
-        left -= buf.len() as u64;
+    let mut extra = [0u8; 1];
+    match recv.read(&mut extra).await {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => Err(FetchError::TrailingData),
+        Err(e) => Err(FetchError::Truncated {
+            part: "end of the transfer".into(),
+            source: Some(ReadError::Stream(e)),
+        }),
     }
-    let found = Sha256Digest::finish(hasher);
-    if found != *sha256 {
-        return Err(FetchError::Digest {
-            part: part.to_string(),
-            expected: *sha256,
-            found,
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -19,20 +19,21 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use quinn::Connection;
 use reprise_protocol::digest::{RunKey, Sha256Digest};
 use reprise_protocol::key::KeyInputs;
 use reprise_protocol::seal::SignedBy;
-use reprise_protocol::wire::{ErrorCode, MAX_FRAME, Message, PROTOCOL_VERSION, Sealed};
+use reprise_protocol::wire::{ErrorCode, MAX_FRAME, Message, PROTOCOL_VERSION, Resume, Sealed};
 use rustls::pki_types::UnixTime;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
 pub use credentials::Credentials;
 use fetch::receive;
-pub use fetch::{FetchError, check_transfer};
+pub use fetch::{FetchError, Fetched, check_start, check_transfer};
 pub use reprise_frames::{ReadError, WriteError, read_message, write_message};
 use serve::serve_one;
 pub use serve::{transfer_files, write_transfer};
@@ -155,6 +156,9 @@ pub struct Link {
     trusted: bool,
     /// Fingerprints of revoked certificates, as of the connection.
     revoked: BTreeSet<Sha256Digest>,
+    /// Tests and benchmarks only: the chunk of a result at which every
+    /// transfer served is cut ([`Link::stop_serving_at`]).
+    stop_serving_at: Arc<AtomicU64>,
 }
 
 impl Link {
@@ -202,6 +206,7 @@ impl Link {
                     repos,
                     trusted,
                     revoked: revoked.into_iter().collect(),
+                    stop_serving_at: Arc::new(AtomicU64::new(serve::stop_serving_at_from_env())),
                 })
             }
             Ok(other) => Err(unexpected(other)),
@@ -334,17 +339,40 @@ impl Link {
         expected: &KeyInputs,
         store: &Store,
     ) -> Result<(StoredResult, SignedBy), FetchError> {
+        let f = self.fetch(key, namespace, expected, store).await?;
+        Ok((f.stored, f.signed_by))
+    }
+
+    /// [`Link::fetch_into`], resuming a transfer of the key that was cut
+    /// if the store keeps one ([`Store::resumable`]), saying how many bytes
+    /// came now and how many were kept from before.
+    pub async fn fetch(
+        &self,
+        key: &RunKey,
+        namespace: &str,
+        expected: &KeyInputs,
+        store: &Store,
+    ) -> Result<Fetched, FetchError> {
+        let partial = store.resumable(key);
+        let resume = partial.as_ref().and_then(|p| {
+            let from = p.from();
+            from.iter().any(|f| *f > 0).then_some(Resume {
+                manifest: p.digest()?,
+                from,
+            })
+        });
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(LinkError::from)?;
         let fetch = Message::Fetch {
             key: *key,
             namespace: namespace.to_string(),
+            resume: resume.clone(),
         };
         write_message(&mut send, &fetch)
             .await
             .map_err(LinkError::from)?;
         let _ = send.finish();
-        let sealed = match read_message(&mut recv).await.map_err(LinkError::from)? {
-            Message::Transfer(t) => t,
+        let (sealed, from) = match read_message(&mut recv).await.map_err(LinkError::from)? {
+            Message::Transfer { result, from } => (result, from),
             Message::NotFound => return Err(FetchError::NotFound),
             Message::Error { message, .. } => return Err(FetchError::Unavailable(message)),
             other => return Err(unexpected(other).into()),
@@ -357,9 +385,36 @@ impl Link {
             &self.revoked,
             UnixTime::now(),
         )?;
-        let stored = receive(&mut recv, *sealed, store).await?;
-        info!(key = %key, producer = %who.name, "fetched a result from a link");
-        Ok((stored, who))
+        let rest = check_start(&sealed, &from, resume.as_ref())?;
+        let partial = match partial {
+            Some(p) if rest => Some(p),
+            Some(p) => {
+                // Another result of the key, or the holder would not give
+                // the rest: the chunks kept are of no use.
+                p.discard();
+                None
+            }
+            None => None,
+        };
+        let (stored, received, resumed) = receive(&mut recv, *sealed, partial, store).await?;
+        info!(key = %key, producer = %who.name, received, resumed, "fetched a result from a link");
+        Ok(Fetched {
+            stored,
+            signed_by: who,
+            received,
+            resumed,
+        })
+    }
+
+    /// Tests and benchmarks only: cuts every transfer this link serves
+    /// from now on at chunk `at` of its result (counted from the start of
+    /// its first part; `None`: never), as if the producer died there once
+    /// that chunk had left. A transfer that starts past it (the rest of a
+    /// cut one) is not cut. The default comes from
+    /// [`crate::vars::STOP_SERVING_AT_VAR`].
+    pub fn stop_serving_at(&self, at: Option<u64>) {
+        self.stop_serving_at
+            .store(at.unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// Serves `Serve` requests from `store` until the connection closes.
@@ -372,8 +427,9 @@ impl Link {
             };
             let store = store.clone();
             let repos = self.repos.clone();
+            let stop = self.stop_serving_at.load(Ordering::Relaxed);
             tokio::spawn(async move {
-                if let Err(e) = serve_one(send, recv, &store, &repos).await {
+                if let Err(e) = serve_one(send, recv, &store, &repos, stop).await {
                     warn!("serving a link failed: {e}");
                 }
             });

@@ -6,13 +6,20 @@
 //! granted namespaces, sealed, so a disagreement shows). A result whose
 //! record or artifact no longer matches its sha256 is quarantined, never
 //! sent whole.
+//!
+//! Each part goes in chunks of [`CHUNK_BYTES`], each with its sha256. A
+//! request to resume (`Serve` with `resume`) is honoured when it names
+//! this very result (its manifest's digest) and chunks within its parts;
+//! otherwise the whole result is sent, and the header says which. A part
+//! sent from a later chunk is not hashed whole here (its first chunks are
+//! not read): the asker checks its whole sha256, as for every part.
 
 use std::path::PathBuf;
 
 use quinn::{RecvStream, SendStream};
 use reprise_frames::{ReadError, WriteError, read_message, write_chunk, write_message};
 use reprise_protocol::digest::Sha256Digest;
-use reprise_protocol::wire::{ErrorCode, MAX_CHUNK, Message, Sealed};
+use reprise_protocol::wire::{CHUNK_BYTES, ErrorCode, Message, Sealed, chunk_count, chunk_len};
 use thiserror::Error;
 use tracing::{debug, warn};
 
@@ -25,42 +32,86 @@ pub fn transfer_files(store: &Store, stored: &StoredResult) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Writes a transfer: its header, then each file as chunk frames, each
-/// hashed as it goes: a file that no longer matches its part's sha256
-/// stops the transfer before its end ([`ServeError::Damaged`]), so the
-/// asker never takes it.
+/// Tests and benchmarks only: the chunk of a result (counted from the
+/// start of its first part) at which a producer cuts every transfer, as
+/// told by [`crate::vars::STOP_SERVING_AT_VAR`]; `u64::MAX` for never.
+/// [`super::Link::stop_serving_at`] sets it for one link.
+pub fn stop_serving_at_from_env() -> u64 {
+    std::env::var(crate::vars::STOP_SERVING_AT_VAR)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// Writes a transfer: its header, then each file as chunk frames from the
+/// chunk `from` names (one per part), each with its sha256. A file sent
+/// whole is hashed as it goes: one that no longer matches its part's
+/// sha256 stops the transfer before its end ([`ServeError::Damaged`]), so
+/// the asker never takes it. Tests and benchmarks only: the transfer stops
+/// before chunk `stop` of the result ([`ServeError::Stopped`]; `u64::MAX`
+/// for never).
 pub async fn write_transfer(
     send: &mut SendStream,
     transfer: &Sealed,
     files: &[PathBuf],
+    from: &[u64],
+    stop: u64,
 ) -> Result<(), ServeError> {
     use sha2::Digest;
-    use tokio::io::AsyncReadExt;
-    write_message(send, &Message::Transfer(Box::new(transfer.clone()))).await?;
-    let mut buf = vec![0u8; MAX_CHUNK];
-    for (i, (path, (_, _, sha256))) in files.iter().zip(transfer.parts()).enumerate() {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    write_message(
+        send,
+        &Message::Transfer {
+            result: Box::new(transfer.clone()),
+            from: from.to_vec(),
+        },
+    )
+    .await?;
+    let mut position = 0u64;
+    let mut buf = vec![0u8; CHUNK_BYTES as usize];
+    let parts = transfer.parts();
+    for (i, ((path, (_, bytes, sha256)), start)) in files
+        .iter()
+        .zip(parts)
+        .zip(from.iter().copied())
+        .enumerate()
+    {
         if i > 0 {
             crate::faults::pause_point("serve");
         }
-        let mut hasher = sha2::Sha256::new();
-        let mut f = tokio::fs::File::open(path)
-            .await
-            .map_err(|source| ServeError::Io {
-                path: path.clone(),
-                source,
-            })?;
-        loop {
-            let n = f.read(&mut buf).await.map_err(|source| ServeError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            write_chunk(send, &buf[..n]).await?;
+        let io = |source| ServeError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut whole = (start == 0).then(sha2::Sha256::new);
+        let mut f = tokio::fs::File::open(path).await.map_err(io)?;
+        if start > 0 {
+            f.seek(std::io::SeekFrom::Start(start * CHUNK_BYTES))
+                .await
+                .map_err(io)?;
         }
-        if Sha256Digest::finish(hasher) != sha256 {
+        for index in start..chunk_count(bytes) {
+            if position + index >= stop {
+                return Err(ServeError::Stopped(position + index));
+            }
+            let chunk = &mut buf[..chunk_len(bytes, index) as usize];
+            if let Err(e) = f.read_exact(chunk).await {
+                return Err(match e.kind() {
+                    // Shorter than its manifest says: damaged.
+                    std::io::ErrorKind::UnexpectedEof => ServeError::Damaged(path.clone()),
+                    _ => io(e),
+                });
+            }
+            let chunk_sha: [u8; 32] = sha2::Sha256::digest(&*chunk).into();
+            if let Some(h) = whole.as_mut() {
+                h.update(&*chunk);
+            }
+            write_chunk(send, &chunk_sha, chunk).await?;
+        }
+        position += chunk_count(bytes);
+        if let Some(h) = whole
+            && Sha256Digest::finish(h) != sha256
+        {
             return Err(ServeError::Damaged(path.clone()));
         }
     }
@@ -90,6 +141,8 @@ pub enum ServeError {
     Write(#[from] WriteError),
     #[error("{} no longer matches its sha256 in the store", .0.display())]
     Damaged(PathBuf),
+    #[error("stopped at chunk {0} as told (REPRISE_TEST_STOP_SERVING_AT)")]
+    Stopped(u64),
     #[error("reading {}", path.display())]
     Io {
         path: PathBuf,
@@ -103,9 +156,14 @@ pub(super) async fn serve_one(
     mut recv: RecvStream,
     store: &Store,
     repos: &[String],
+    stop: u64,
 ) -> Result<(), ServeError> {
-    let (key, namespace) = match read_message(&mut recv).await {
-        Ok(Message::Serve { key, namespace }) => (key, namespace),
+    let (key, namespace, resume) = match read_message(&mut recv).await {
+        Ok(Message::Serve {
+            key,
+            namespace,
+            resume,
+        }) => (key, namespace, resume),
         Ok(_) => {
             let m = Message::error(ErrorCode::Unexpected, "expected serve");
             write_message(&mut send, &m).await?;
@@ -148,7 +206,14 @@ pub(super) async fn serve_one(
         let _ = send.finish();
         return Ok(());
     };
-    match write_transfer(&mut send, &sealed, &transfer_files(store, &stored)).await {
+    // The rest of a cut transfer if the asker holds the start of this very
+    // result; otherwise all of it.
+    let from = resume
+        .filter(|r| r.manifest == sealed.digest() && sealed.fits(&r.from))
+        .map(|r| r.from)
+        .unwrap_or_else(|| vec![0; sealed.parts().len()]);
+    let files = transfer_files(store, &stored);
+    match write_transfer(&mut send, &sealed, &files, &from, stop).await {
         Ok(()) => {
             let _ = send.finish();
             debug!(key = %key, "served a result");
@@ -163,6 +228,13 @@ pub(super) async fn serve_one(
                 &format!("{} no longer matches its sha256", path.display()),
             );
             Err(ServeError::Damaged(path))
+        }
+        Err(ServeError::Stopped(at)) => {
+            // Ended where it stopped, as a producer that died there after
+            // its last chunk had left.
+            let _ = send.finish();
+            warn!(key = %key, "stopped serving at chunk {at}, as told");
+            Err(ServeError::Stopped(at))
         }
         Err(e) => Err(e),
     }

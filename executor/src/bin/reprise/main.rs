@@ -1182,8 +1182,8 @@ async fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
                 max_age,
             })?;
             println!(
-                "dropped {} result(s) and {} blob(s) no result refers to",
-                collected.results, collected.blobs
+                "dropped {} result(s), {} blob(s) no result refers to and {} partial transfer(s) nobody resumed for a day",
+                collected.results, collected.blobs, collected.partials
             );
             if collected.blobs_deferred {
                 println!(
