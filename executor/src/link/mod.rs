@@ -78,14 +78,50 @@ impl Orchestrator {
         &self.creds
     }
 
-    /// One attempt, bounded by [`CONNECT_TIMEOUT`].
+    /// One attempt, bounded by [`CONNECT_TIMEOUT`]. A person's
+    /// credentials in the last quarter of their lifetime are renewed on
+    /// the way (the new certificate is written over the credentials file
+    /// and used from the next connection on).
     pub async fn connect(&self) -> Result<Link, String> {
         let attempt = Link::connect(&self.settings.orchestrator, self.creds.clone());
-        match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
-            Ok(Ok(link)) => Ok(link),
-            Ok(Err(e)) => Err(crate::text::error_chain(&e)),
-            Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+        let link = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+            Ok(Ok(link)) => link,
+            Ok(Err(e)) => return Err(crate::text::error_chain(&e)),
+            Err(_) => return Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+        };
+        if let Ok((from, until)) = self.creds.validity()
+            && self.creds.is_person()
+            && login::renewal_due(from, until, crate::store::now_secs())
+        {
+            match self.renew(&link).await {
+                Ok(renewed) => info!(
+                    identity = %renewed.identity,
+                    "renewed the credentials until {}",
+                    crate::text::utc_timestamp(renewed.expires_at)
+                ),
+                Err(e) => warn!(
+                    "could not renew the credentials (they expire at {}): {}",
+                    crate::text::utc_timestamp(until),
+                    crate::text::error_chain(&e)
+                ),
+            }
         }
+        Ok(link)
+    }
+
+    /// Asks for a new certificate on `link` (a person's) and writes it
+    /// over the credentials file.
+    pub async fn renew(&self, link: &Link) -> Result<login::LoggedIn, login::LoginError> {
+        let renewed = tokio::time::timeout(CONNECT_TIMEOUT * 6, login::renew(link, &self.creds))
+            .await
+            .map_err(|_| login::LoginError::TimedOut(CONNECT_TIMEOUT * 6))??;
+        login::write_private(&self.settings.credentials, &renewed.credentials_pem).map_err(
+            |source| LinkError::CredentialsIo {
+                path: self.settings.credentials.clone(),
+                source,
+            },
+        )?;
+        Ok(renewed)
     }
 }
 
@@ -153,6 +189,8 @@ pub struct Link {
     /// Whether this identity's results count for CI (under each
     /// repository's policy).
     trusted: bool,
+    /// The granted repositories in which its results count for CI.
+    counts: Vec<String>,
     /// Fingerprints of revoked certificates, as of the connection.
     revoked: BTreeSet<Sha256Digest>,
 }
@@ -181,6 +219,7 @@ impl Link {
                 repos,
                 revoked,
                 trusted,
+                counts,
             }) => {
                 debug!(%identity, revoked = revoked.len(), "connected to the orchestrator");
                 // The orchestrator's word cannot widen what this executor
@@ -194,6 +233,11 @@ impl Link {
                         refused.join(", ")
                     );
                 }
+                let counts = match counts {
+                    Some(c) => c.into_iter().filter(|r| repos.contains(r)).collect(),
+                    None if trusted => repos.clone(),
+                    None => Vec::new(),
+                };
                 Ok(Link {
                     _endpoint: endpoint,
                     conn,
@@ -201,6 +245,7 @@ impl Link {
                     identity,
                     repos,
                     trusted,
+                    counts,
                     revoked: revoked.into_iter().collect(),
                 })
             }
@@ -227,6 +272,12 @@ impl Link {
     /// repository's policy.
     pub fn trusted(&self) -> bool {
         self.trusted
+    }
+
+    /// The granted repositories in which this identity's results count
+    /// for CI under their policy.
+    pub fn counts_in(&self) -> &[String] {
+        &self.counts
     }
 
     /// The underlying connection.
