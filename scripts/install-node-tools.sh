@@ -9,14 +9,19 @@
 #   scripts/install-node-tools.sh [FOLDER...]
 #
 # With no FOLDER, every tool the tests use:
-#   orchestrator/tests/fixtures/oidc-issuer   oauth2-mock-server (tests/oidc.rs)
+#   orchestrator/tests/fixtures/oidc-issuer     oauth2-mock-server (tests/oidc.rs)
+#   orchestrator/tests/fixtures/oidc-provider   oidc-provider (tests/device_flow.rs)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 folders=("$@")
-[ ${#folders[@]} -gt 0 ] || folders=("$root/orchestrator/tests/fixtures/oidc-issuer")
+[ ${#folders[@]} -gt 0 ] || folders=(
+  "$root/orchestrator/tests/fixtures/oidc-issuer"
+  "$root/orchestrator/tests/fixtures/oidc-provider"
+)
 
 # The oldest Node every pinned tool runs on (oauth2-mock-server 7.2.1:
-# ^18.12 || ^20 || ^22), so Debian 12's own nodejs (18.20) will do.
+# ^18.12 || ^20 || ^22; oidc-provider 8.8.1 and its dependencies: >= 18),
+# so Debian 12's own nodejs (18.20) will do.
 min_major=18
 min_minor=12
 

@@ -12,7 +12,8 @@ packages=(
   podman runc crun uidmap         # host podman for the mk container test and benches
   9base busybox-static            # reference mk; a static shell for container tests
   git ca-certificates curl        # curl: scripts/pypi-project.sh fetches from PyPI
-  nodejs                          # the OIDC issuer of orchestrator/tests/oidc.rs; npm comes
+  nodejs                          # the OIDC issuer of orchestrator/tests/oidc.rs and the
+                                  # authorization server of tests/device_flow.rs; npm comes
                                   # with scripts/install-node-tools.sh (a NodeSource
                                   # nodejs holds npm and conflicts with Debian's package)
   chromium                        # headless, loads the orchestrator's dashboard in tests/tests/dashboard.rs

@@ -234,7 +234,7 @@ impl Issuer {
 }
 
 /// `https`, or `http` on a loopback address when allowed.
-fn check_scheme(url: &Url, allow_http_loopback: bool) -> Result<(), String> {
+pub(crate) fn check_scheme(url: &Url, allow_http_loopback: bool) -> Result<(), String> {
     match url.scheme() {
         "https" => Ok(()),
         "http" if allow_http_loopback && is_loopback(url) => Ok(()),
@@ -1237,7 +1237,7 @@ impl Verifier {
 }
 
 /// A value read from a token, short enough to quote in a message.
-fn clip(s: &str) -> String {
+pub(crate) fn clip(s: &str) -> String {
     const MAX: usize = 100;
     match s.char_indices().nth(MAX) {
         Some((cut, _)) => format!("{}…", &s[..cut]),
