@@ -161,6 +161,22 @@ pub enum LinkError {
     Unexpected(String),
 }
 
+impl LinkError {
+    /// Whether the orchestrator closed the connection because it does not
+    /// take these credentials (revoked, or not issued by it): logging in
+    /// again is what helps, not trying later.
+    pub fn credentials_refused(&self) -> bool {
+        match self {
+            LinkError::Connection(quinn::ConnectionError::ApplicationClosed(close)) => {
+                // The orchestrator's close codes 1 (unknown identity) and
+                // 2 (revoked).
+                matches!(close.error_code.into_inner(), 1 | 2)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The orchestrator's answer to a lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Found {

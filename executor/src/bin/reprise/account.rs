@@ -312,10 +312,31 @@ async fn renew() -> anyhow::Result<i32> {
         return Ok(exit::USAGE);
     }
     let addr = orchestrator.settings.orchestrator.clone();
-    let link = match orchestrator.connect().await {
-        Ok(link) => link,
-        Err(e) => {
-            eprintln!("reprise: error: cannot reach the orchestrator at {addr}: {e}");
+    let creds = std::sync::Arc::new(
+        Credentials::load(&orchestrator.settings.credentials)
+            .with_context(|| "while reading the credentials")?,
+    );
+    let attempt = Link::connect(&addr, creds);
+    let link = match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+        Ok(Ok(link)) => link,
+        Ok(Err(e)) if e.credentials_refused() => {
+            eprintln!(
+                "reprise: error: the orchestrator refused these credentials ({}): log in again (reprise login {addr})",
+                reprise_executor::text::error_chain(&e)
+            );
+            return Ok(exit::LOGIN_REFUSED);
+        }
+        Ok(Err(e)) => {
+            eprintln!(
+                "reprise: error: cannot reach the orchestrator at {addr}: {}",
+                reprise_executor::text::error_chain(&e)
+            );
+            return Ok(exit::INFRA);
+        }
+        Err(_) => {
+            eprintln!(
+                "reprise: error: cannot reach the orchestrator at {addr}: no answer within 10s"
+            );
             return Ok(exit::INFRA);
         }
     };
