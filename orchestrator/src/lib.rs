@@ -127,6 +127,11 @@ commit_status = false   # post a commit status for each counting result ([status
 count_drivers = \"all\"  # whose results count by driver (reprise run --driver):
                         # \"all\", or the classes listed, e.g. [\"qemu\"] for VM runs only
 
+count_access = \"maintain\" # people (reprise login) whose results count: at least this
+                        # access on the forge (\"read\" … \"admin\"), or \"none\"
+count_people = []       # people (forge usernames) or identities that count anyway
+# readers = [\"alice\"]   # only these people may read; unset: anyone the forge lets read
+
 # One repository's own rules (only what is set overrides the defaults):
 # [policy.repos.\"example.com/team/project\"]
 # require_fresh = true
@@ -143,6 +148,17 @@ count_drivers = \"all\"  # whose results count by driver (reprise run --driver):
 # [ci.gitlab]
 # audience = \"reprise://reprise.example.com:4433\"
 # issuer = \"https://gitlab.com\"  # the default; host defaults to the issuer's
+
+# People log in with GitHub or GitLab (reprise login), through this
+# orchestrator's OAuth application (device flow enabled; see the README).
+# [login]
+# certificate_lifetime = \"12h\"  # a person's certificate (1m to 7days)
+# [login.github]
+# client_id = \"Iv1.0123456789abcdef\"
+# web_url = \"https://github.com\", api_url = \"https://api.github.com\", host = \"github.com\": the defaults
+# [login.gitlab]
+# client_id = \"…\"               # the application's id (not confidential, scope read_api)
+# url = \"https://gitlab.com\"    # host: the url's
 
 # Where commit statuses go (token files in this folder, mode 0600):
 # [status.github]

@@ -243,7 +243,7 @@ async fn log_in(
             return Err(refuse(
                 ErrorCode::Other,
                 format!(
-                    "{} was revoked at {}; an administrator lifts it with `reprise-orchestrator issue --replace`",
+                    "{} was revoked at {}; an administrator lifts it with `reprise-orchestrator revoke --lift`",
                     grant.name,
                     crate::state::rfc3339(at)
                 ),

@@ -270,7 +270,7 @@ async fn logins_that_must_fail_are_refused_and_say_why() {
     let again = token(&mut issuer, "refs/heads/main", true, json!({}));
     let message = refusal(service.login(&again).await);
     assert!(
-        message.contains("was revoked") && message.contains("issue --replace"),
+        message.contains("was revoked") && message.contains("revoke --lift"),
         "{message}"
     );
     service.stop().await;
