@@ -469,6 +469,33 @@ mod tests {
     }
 
     #[test]
+    fn a_person_left_out_by_readers_is_told_nothing_and_counts_by_forge_access() {
+        use reprise_protocol::policy::{ForgeAccess, OrchestratorSettings};
+        let settings = OrchestratorSettings::parse(
+            "[policy.repos.\"ns\"]\nreaders = [\"bob\"]\n[policy.repos.\"open\"]\n",
+        )
+        .unwrap()
+        .policy;
+        let mut carol = grant("github:carol", &["ns", "open"], false);
+        carol.access.insert("ns".into(), ForgeAccess::Admin);
+        carol.access.insert("open".into(), ForgeAccess::Write);
+        assert_eq!(counts_in(&carol, &settings), Vec::<String>::new());
+        carol.access.insert("open".into(), ForgeAccess::Maintain);
+        assert_eq!(counts_in(&carol, &settings), ["open"]);
+        let mut m = Matcher::new(10);
+        m.connect(1, carol);
+        let trust = |_: &Sha256Digest| (Admission::Unknown, None);
+        let wanted = Held {
+            key: RunKey::from_bytes([1; 32]),
+            namespace: "ns".into(),
+        };
+        assert_eq!(
+            m.lookup(1, &wanted, &trust, &settings.for_repo("ns"), 0),
+            Decision::NotFound
+        );
+    }
+
+    #[test]
     fn lookups_follow_grants_and_the_producers_trust() {
         let mut m = team();
         let policy = RepoPolicy::default();

@@ -605,6 +605,21 @@ mod tests {
     }
 
     #[test]
+    fn credentials_are_renewed_in_the_last_quarter_of_their_lifetime() {
+        // (not before, not after, now, due)
+        for (from, until, now, due) in [
+            (0, 400, 100, false),
+            (0, 400, 299, false),
+            (0, 400, 300, true),
+            (0, 400, 399, true),
+            (0, 400, 400, false),
+            (1000, 1000 + 12 * 3600, 1000 + 9 * 3600, true),
+        ] {
+            assert_eq!(renewal_due(from, until, now), due, "{from} {until} {now}");
+        }
+    }
+
+    #[test]
     fn a_pin_is_the_sha256_of_the_ca_file_certificate() {
         let ca = rcgen::generate_simple_self_signed(vec!["ca".into()]).unwrap();
         let pin = CaPin::from_pem(&ca.cert.pem()).unwrap();
