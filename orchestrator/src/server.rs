@@ -753,12 +753,14 @@ async fn request(
         }
         Message::Assess { result } => {
             let namespace = result.manifest.inputs.namespace.clone();
-            if !shared
+            let granted = shared
                 .matcher
                 .lock()
                 .expect("matcher")
-                .grants(id, &namespace)
-            {
+                .grants(id, &namespace);
+            // A person the repository's `readers` leaves out learns as
+            // little as one it does not grant.
+            if !granted || !shared.policy.for_repo(&namespace).may_read(&grant.name) {
                 Message::Assessed {
                     counts: false,
                     reason: format!("this certificate does not grant {namespace}"),
