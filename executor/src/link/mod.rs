@@ -47,7 +47,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct Orchestrator {
     pub settings: LinkSettings,
-    creds: Arc<Credentials>,
+    /// The credentials in use, shared by the clones: a renewal (here or by
+    /// another process writing the file) replaces them for the next
+    /// connection and the next seal.
+    creds: Arc<std::sync::Mutex<Arc<Credentials>>>,
 }
 
 /// Why a orchestrator could not be made.
@@ -69,13 +72,27 @@ impl Orchestrator {
             })?;
         Ok(Orchestrator {
             settings,
-            creds: Arc::new(creds),
+            creds: Arc::new(std::sync::Mutex::new(Arc::new(creds))),
         })
     }
 
     /// The loaded credentials (they seal results made here).
-    pub fn credentials(&self) -> &Credentials {
-        &self.creds
+    pub fn credentials(&self) -> Arc<Credentials> {
+        self.creds.lock().expect("credentials").clone()
+    }
+
+    /// Takes the credentials file's certificate when it is another,
+    /// unexpired one than in use (renewed by another process).
+    fn reload(&self) {
+        let current = self.credentials();
+        let Ok(fresh) =
+            Credentials::load(&self.settings.credentials).and_then(Credentials::unexpired)
+        else {
+            return;
+        };
+        if fresh.cert_pem() != current.cert_pem() {
+            *self.creds.lock().expect("credentials") = Arc::new(fresh);
+        }
     }
 
     /// One attempt, bounded by [`CONNECT_TIMEOUT`]. A person's
@@ -83,14 +100,16 @@ impl Orchestrator {
     /// the way (the new certificate is written over the credentials file
     /// and used from the next connection on).
     pub async fn connect(&self) -> Result<Link, String> {
-        let attempt = Link::connect(&self.settings.orchestrator, self.creds.clone());
+        self.reload();
+        let creds = self.credentials();
+        let attempt = Link::connect(&self.settings.orchestrator, creds.clone());
         let link = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
             Ok(Ok(link)) => link,
             Ok(Err(e)) => return Err(crate::text::error_chain(&e)),
             Err(_) => return Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
         };
-        if let Ok((from, until)) = self.creds.validity()
-            && self.creds.is_person()
+        if let Ok((from, until)) = creds.validity()
+            && creds.is_person()
             && login::renewal_due(from, until, crate::store::now_secs())
         {
             match self.renew(&link).await {
@@ -112,7 +131,8 @@ impl Orchestrator {
     /// Asks for a new certificate on `link` (a person's) and writes it
     /// over the credentials file.
     pub async fn renew(&self, link: &Link) -> Result<login::LoggedIn, login::LoginError> {
-        let renewed = tokio::time::timeout(CONNECT_TIMEOUT * 6, login::renew(link, &self.creds))
+        let creds = self.credentials();
+        let renewed = tokio::time::timeout(CONNECT_TIMEOUT * 6, login::renew(link, &creds))
             .await
             .map_err(|_| login::LoginError::TimedOut(CONNECT_TIMEOUT * 6))??;
         login::write_private(&self.settings.credentials, &renewed.credentials_pem).map_err(
@@ -121,6 +141,9 @@ impl Orchestrator {
                 source,
             },
         )?;
+        if let Ok(fresh) = Credentials::from_pem(&renewed.credentials_pem) {
+            *self.creds.lock().expect("credentials") = Arc::new(fresh);
+        }
         Ok(renewed)
     }
 }
