@@ -32,7 +32,7 @@
 //! | start | `POST {web}/login/device/code` | `POST {url}/oauth/authorize_device` |
 //! | poll | `POST {web}/login/oauth/access_token` | `POST {url}/oauth/token` |
 //! | who | `GET {api}/user` (`login`, `id`) | `GET {url}/api/v4/user` (`username`, `id`) |
-//! | access | `GET {api}/repos/{owner}/{repo}` `permissions` | `GET {url}/api/v4/projects/{path}` `permissions` |
+//! | access | `GET {api}/repos/{owner}/{repo}` `permissions` | `GET {url}/api/v4/projects/{path}` `permissions`, `…/members/all/{id}` |
 //!
 //! Scopes: GitLab `read_api` (read-only, covers `/user` and the projects'
 //! access levels; `read_user` alone cannot read a project). GitHub `repo`:
@@ -99,6 +99,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest device-flow polling interval honoured (a forge asking for
 /// more is capped, so a login cannot hang for its whole expiry on one poll).
 const MAX_INTERVAL: Duration = Duration::from_secs(60);
+/// The longest device flow waited for, whatever `expires_in` says
+/// (GitHub's codes last 15 minutes, GitLab's 5).
+const MAX_EXPIRY: Duration = Duration::from_secs(3600);
 /// The scope asked of GitHub (see the module doc).
 pub const GITHUB_SCOPE: &str = "repo";
 /// The scope asked of GitLab (see the module doc).
@@ -327,9 +330,10 @@ fn check_client_id(provider: Provider, id: &str) -> Result<(), ForgeError> {
     Ok(())
 }
 
-/// Checks a repository name before any part of it goes into a URL: at
-/// least `min` segments (GitHub exactly two, GitLab two or more for nested
-/// groups) of `[A-Za-z0-9._-]`, none empty, `.` or `..`.
+/// Checks a repository name before any part of it goes into a URL:
+/// GitHub exactly two segments (`owner/name`), GitLab 2 to 21 (nested
+/// groups, at most 20 levels), each of `[A-Za-z0-9._-]`, none empty, `.`
+/// or `..`. Returns the segments.
 pub fn check_repository(provider: Provider, repository: &str) -> Result<Vec<&str>, ForgeError> {
     let segments: Vec<&str> = repository.split('/').collect();
     let count_ok = match provider {
@@ -637,9 +641,14 @@ impl Forge {
             expires_in: answer.expires_in(),
             interval: answer.interval(),
         };
-        if device.expires_in.is_zero() || device.user_code.is_empty() {
+        // What the person is shown: no terminal control characters.
+        let shown = [&device.user_code, &device.verification_uri]
+            .into_iter()
+            .chain(device.verification_uri_complete.as_ref());
+        let printable = shown.into_iter().all(|s| !s.chars().any(char::is_control));
+        if device.expires_in.is_zero() || device.user_code.is_empty() || !printable {
             return Err(ForgeError::Protocol(format!(
-                "{}: an empty user code or an expiry of 0",
+                "POST {}: an empty or unprintable user code or URL, or an expiry of 0",
                 self.endpoints.device_authorization
             )));
         }
@@ -680,7 +689,7 @@ impl Forge {
             RequestTokenError::Request(e) => ForgeError::Unreachable(e.0),
             RequestTokenError::Parse(e, body) => ForgeError::Protocol(format!(
                 "POST {url}: not a device authorization ({}; {} bytes, status {})",
-                clip(&e.to_string()),
+                parse_failure(e.inner(), e.path()),
                 body.len(),
                 status.map_or_else(|| "?".to_string(), |s| s.to_string()),
             )),
@@ -694,13 +703,17 @@ impl Forge {
         &self,
         device: &DeviceAuthorization,
     ) -> Result<ForgeToken, ForgeError> {
+        // A forge's word, bounded: at least 1 s between polls, at most
+        // MAX_INTERVAL, and no flow longer than MAX_EXPIRY.
+        let interval = device.interval.clamp(Duration::from_secs(1), MAX_INTERVAL);
+        let expires_in = device.expires_in.min(MAX_EXPIRY);
         let answer: StandardDeviceAuthorizationResponse =
             serde_json::from_value(serde_json::json!({
                 "device_code": device.device_code,
                 "user_code": device.user_code,
                 "verification_uri": device.verification_uri,
-                "expires_in": device.expires_in.as_secs(),
-                "interval": device.interval.as_secs(),
+                "expires_in": expires_in.as_secs(),
+                "interval": interval.as_secs(),
             }))
             .map_err(|e| ForgeError::Protocol(format!("the device authorization: {e}")))?;
         let state = Arc::new(Mutex::new(PollState::default()));
@@ -718,16 +731,12 @@ impl Forge {
             }
         };
         // The first poll waits one interval too (nobody approves faster).
-        tokio::time::sleep(device.interval.min(MAX_INTERVAL)).await;
+        tokio::time::sleep(interval).await;
         let client = self.oauth();
         let result = client
             .exchange_device_access_token(&answer)
             .set_max_backoff_interval(MAX_INTERVAL)
-            .request_async(
-                &http,
-                sleep,
-                Some(device.expires_in.saturating_sub(device.interval)),
-            )
+            .request_async(&http, sleep, Some(expires_in))
             .await;
         let token_url = &self.endpoints.token;
         match result {
@@ -766,17 +775,22 @@ impl Forge {
                     DeviceCodeErrorResponseType::Basic(BasicErrorResponseType::Extension(
                         other,
                     )) if is_client_error(other) => Err(ForgeError::Client(text)),
-                    // GitHub's name for a code it no longer knows.
+                    // The forge no longer knows the code (GitLab
+                    // `invalid_grant`, GitHub `incorrect_device_code`):
+                    // the flow is over, the person logs in again.
                     DeviceCodeErrorResponseType::Basic(BasicErrorResponseType::InvalidGrant) => {
                         Err(ForgeError::Expired)
                     }
+                    DeviceCodeErrorResponseType::Basic(BasicErrorResponseType::Extension(
+                        other,
+                    )) if other == "incorrect_device_code" => Err(ForgeError::Expired),
                     _ => Err(ForgeError::Protocol(text)),
                 }
             }
             Err(RequestTokenError::Request(e)) => Err(ForgeError::Unreachable(e.0)),
             Err(RequestTokenError::Parse(e, body)) => Err(ForgeError::Protocol(format!(
                 "POST {token_url}: not a token answer ({}; {} bytes)",
-                clip(&e.to_string()),
+                parse_failure(e.inner(), e.path()),
                 body.len()
             ))),
             Err(RequestTokenError::Other(text)) => {
@@ -785,8 +799,8 @@ impl Forge {
         }
     }
 
-    /// `GET url` with the person's token; `None` for a 404.
-    async fn get(&self, token: &ForgeToken, url: &Url) -> Result<Option<Value>, ForgeError> {
+    /// `GET url` with the person's token.
+    async fn get(&self, token: &ForgeToken, url: &Url) -> Result<Answer, ForgeError> {
         let mut request = self.http.get(url.clone()).bearer_auth(&token.0);
         if self.provider == Provider::Github {
             request = request
@@ -812,7 +826,8 @@ impl Forge {
         }
         match status.as_u16() {
             200 => {}
-            404 => return Ok(None),
+            404 => return Ok(Answer::NotFound),
+            403 => return Ok(Answer::Forbidden),
             401 => {
                 return Err(ForgeError::Denied);
             }
@@ -824,8 +839,14 @@ impl Forge {
             .await
             .map_err(|e| ForgeError::Unreachable(format!("GET {url}: {e}")))?;
         serde_json::from_slice(&body)
-            .map(Some)
-            .map_err(|e| ForgeError::Protocol(format!("GET {url}: not JSON ({e})")))
+            .map(Answer::Json)
+            .map_err(|e| {
+                ForgeError::Protocol(format!(
+                    "GET {url}: not JSON (line {}, column {})",
+                    e.line(),
+                    e.column()
+                ))
+            })
     }
 
     /// Who the token belongs to (GitHub `GET {api}/user`, GitLab `GET
@@ -833,10 +854,13 @@ impl Forge {
     /// [`ForgeError::Denied`].
     pub async fn person(&self, token: &ForgeToken) -> Result<Person, ForgeError> {
         let url = &self.endpoints.user;
-        let answer = self
-            .get(token, url)
-            .await?
-            .ok_or_else(|| ForgeError::Protocol(format!("GET {url}: status 404")))?;
+        let answer = match self.get(token, url).await? {
+            Answer::Json(answer) => answer,
+            Answer::NotFound => return Err(ForgeError::Protocol(format!("GET {url}: status 404"))),
+            Answer::Forbidden => {
+                return Err(ForgeError::Protocol(format!("GET {url}: status 403")));
+            }
+        };
         person_of(self.provider, &answer)
             .map_err(|reason| ForgeError::Protocol(format!("GET {url}: {reason}")))
     }
@@ -858,17 +882,62 @@ impl Forge {
     /// {api}/repos/{owner}/{repo}` and its `permissions`; GitLab `GET
     /// {url}/api/v4/projects/{url-encoded path}` and the higher of
     /// `permissions.project_access` and `permissions.group_access`. A 404
-    /// is [`Access::None`]. A name that cannot be a repository of this
+    /// is [`Access::None`], and so is a 403 that is not rate limiting (e.g.
+    /// an organization whose SAML single sign-on the token has not been
+    /// authorized for: the forge will not show this person the
+    /// repository). A name that cannot be a repository of this
     /// forge ([`check_repository`]) is a [`ForgeError::Config`], and is
     /// never sent.
     pub async fn access(&self, token: &ForgeToken, repository: &str) -> Result<Access, ForgeError> {
         let url = self.repository_url(repository)?;
+        let answer = match self.get(token, &url).await? {
+            Answer::NotFound | Answer::Forbidden => return Ok(Access::None),
+            Answer::Json(answer) => answer,
+        };
+        let bad = |reason: String| ForgeError::Protocol(format!("GET {url}: {reason}"));
+        if self.provider == Provider::Gitlab && gitlab_shown_level(&answer).map_err(bad)?.is_none()
+        {
+            // Seen, but neither a project nor a parent-group membership is
+            // shown: the membership may be inherited from a group higher up
+            // (or a group the project is shared with), which only
+            // `members/all` tells.
+            if let Some(level) = self.gitlab_inherited_level(token, repository).await? {
+                return Ok(gitlab_level(level));
+            }
+        }
+        access_of(self.provider, &answer).map_err(bad)
+    }
+
+    /// GitLab `GET {url}/api/v4/projects/{path}/members/all/{user id}`: the
+    /// person's effective access level, inherited memberships included;
+    /// `None` when they are no member at all.
+    async fn gitlab_inherited_level(
+        &self,
+        token: &ForgeToken,
+        repository: &str,
+    ) -> Result<Option<u64>, ForgeError> {
+        let person = self.person(token).await?;
+        let id = person.id.to_string();
+        let url = with_segments(
+            &self.endpoints.api,
+            ["projects", repository, "members", "all", id.as_str()],
+        );
         match self.get(token, &url).await? {
-            None => Ok(Access::None),
-            Some(answer) => access_of(self.provider, &answer)
-                .map_err(|reason| ForgeError::Protocol(format!("GET {url}: {reason}"))),
+            Answer::NotFound | Answer::Forbidden => Ok(None),
+            Answer::Json(member) => member
+                .get("access_level")
+                .and_then(Value::as_u64)
+                .map(Some)
+                .ok_or_else(|| ForgeError::Protocol(format!("GET {url}: no access_level"))),
         }
     }
+}
+
+/// What an API `GET` got.
+enum Answer {
+    Json(Value),
+    NotFound,
+    Forbidden,
 }
 
 /// Reads a body up to [`MAX_ANSWER_BYTES`].
@@ -902,6 +971,18 @@ fn oauth_error(body: &[u8]) -> Option<(String, Option<u64>)> {
     Some((error, interval))
 }
 
+/// Where and how an answer failed to parse, without quoting any of its
+/// values (a token's answer holds the token).
+fn parse_failure(e: &serde_json::Error, path: &dyn std::fmt::Display) -> String {
+    let kind = match e.classify() {
+        serde_json::error::Category::Io => "unreadable",
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Data => "unexpected fields",
+        serde_json::error::Category::Eof => "cut short",
+    };
+    format!("{kind} at {path}")
+}
+
 /// Errors that mean the OAuth application is wrong, not the person.
 fn is_client_error(error: &str) -> bool {
     matches!(
@@ -911,7 +992,6 @@ fn is_client_error(error: &str) -> bool {
             | "unauthorized_client"
             | "invalid_client"
             | "unsupported_grant_type"
-            | "incorrect_device_code"
     )
 }
 
@@ -954,6 +1034,26 @@ pub fn gitlab_level(level: u64) -> Access {
     }
 }
 
+/// The higher of a GitLab project answer's `permissions.project_access`
+/// and `permissions.group_access` levels (`None`: both `null`).
+pub fn gitlab_shown_level(answer: &Value) -> Result<Option<u64>, String> {
+    let permissions = answer
+        .get("permissions")
+        .filter(|p| p.is_object())
+        .ok_or("no \"permissions\" (was the request authenticated?)")?;
+    let level = |name: &str| -> Result<Option<u64>, String> {
+        match permissions.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .get("access_level")
+                .and_then(Value::as_u64)
+                .map(Some)
+                .ok_or_else(|| format!("permissions.{name} has no access_level")),
+        }
+    };
+    Ok(level("project_access")?.max(level("group_access")?))
+}
+
 /// The access a repository answer gives the person who asked.
 ///
 /// GitHub: the highest of `permissions` that is true (`admin`, `maintain`,
@@ -961,12 +1061,12 @@ pub fn gitlab_level(level: u64) -> Access {
 /// (an unauthenticated answer) is an error.
 ///
 /// GitLab: the higher of `permissions.project_access.access_level` and
-/// `permissions.group_access.access_level`. When both are `null` the
-/// person sees the project without a direct membership of it or its group
-/// (a public or internal project, or a membership inherited from a parent
-/// group, which GitLab does not show here): a `public` or `internal`
-/// project is `Read` (anyone signed in may read its code), a `private`
-/// one `Guest` (seen, level unknown: fail closed).
+/// `permissions.group_access.access_level` (the project's own group only).
+/// When both are `null` ([`Forge::access`] has then asked `members/all`,
+/// which shows memberships inherited from groups higher up, and found
+/// none) the person sees the project without being a member: a `public`
+/// or `internal` project is `Read` (anyone signed in may read its code), a
+/// `private` one `Guest` (seen, level unknown: fail closed).
 pub fn access_of(provider: Provider, answer: &Value) -> Result<Access, String> {
     let permissions = answer
         .get("permissions")
@@ -990,17 +1090,7 @@ pub fn access_of(provider: Provider, answer: &Value) -> Result<Access, String> {
             })
         }
         Provider::Gitlab => {
-            let level = |name: &str| -> Result<Option<u64>, String> {
-                match permissions.get(name) {
-                    None | Some(Value::Null) => Ok(None),
-                    Some(v) => v
-                        .get("access_level")
-                        .and_then(Value::as_u64)
-                        .map(Some)
-                        .ok_or_else(|| format!("permissions.{name} has no access_level")),
-                }
-            };
-            let best = level("project_access")?.max(level("group_access")?);
+            let best = gitlab_shown_level(answer)?;
             Ok(match best {
                 Some(level) => gitlab_level(level),
                 None => match answer.get("visibility").and_then(Value::as_str) {
@@ -1299,6 +1389,19 @@ mod tests {
             None
         );
         assert_eq!(oauth_error(b"error=slow_down"), None);
+    }
+
+    #[test]
+    fn a_parse_failure_quotes_nothing_of_the_answer() {
+        let e = serde_json::from_str::<oauth2::basic::BasicTokenResponse>(
+            r#"{"access_token":"gho_secret","token_type":7}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains('7'), "{e}");
+        let text = parse_failure(&e, &"token_type");
+        assert_eq!(text, "unexpected fields at token_type");
+        let e = serde_json::from_str::<Value>(r#"{"access_token":"gho_secret""#).unwrap_err();
+        assert!(!parse_failure(&e, &".").contains("gho_"));
     }
 
     #[test]

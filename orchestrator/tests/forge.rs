@@ -70,6 +70,19 @@ async fn github_approve_gives_the_person_and_their_access() {
             .contains(&"GET /api/v3/repos/acme/app".to_string())
     );
 
+    // An organization enforcing SAML single sign-on the token is not
+    // authorized for hides the repository: no access, not an error.
+    github.sso_protect("acme/ops");
+    assert_eq!(
+        forge.access(&token, "acme/ops").await.unwrap(),
+        Access::None
+    );
+    // Over the rate limit is "try again later", not "no access".
+    github.rate_limit(true);
+    let error = forge.access(&token, "acme/app").await.unwrap_err();
+    assert!(matches!(error, ForgeError::Unreachable(_)), "{error:?}");
+    github.rate_limit(false);
+
     // Access lost on the forge shows at the next question.
     github.set_access("alice", "acme/app", "none");
     assert_eq!(
@@ -88,15 +101,16 @@ async fn gitlab_approve_maps_project_and_nested_group_access() {
     let gitlab = FakeGitlab::start().await;
     gitlab
         .user("bob", 2002)
+        .user("eve", 2003)
         .project("acme/tools/app")
-        .project("acme/tools/cli")
+        .project("labs/x/proj")
         .project("other/thing")
         .set_access("bob", "acme/site", "maintainer")
-        .set_access("bob", "acme/tools/cli", "guest")
         .set_access("bob", "acme/blog", "owner")
         .set_access("bob", "acme/wiki", "planner")
         .set_group_access("bob", "acme", "developer")
-        .set_group_access("bob", "acme/tools", "reporter")
+        .set_group_access("bob", "labs/x", "reporter")
+        .set_group_access("eve", "other", "owner")
         .next_login(Script::Approve {
             user: "bob",
             after_polls: 1,
@@ -121,42 +135,43 @@ async fn gitlab_approve_maps_project_and_nested_group_access() {
     let person = forge.person(&token).await.unwrap();
     assert_eq!((person.username.as_str(), person.id), ("bob", 2002));
     for (repo, want) in [
-        // project_access 40, group_access 30 (acme)
+        // project_access 40, group_access (acme) 30: the higher
         ("acme/site", Access::Maintain),
-        // no project membership: group_access, the highest of acme (30)
-        // and acme/tools (20)
+        // nested, no membership of the project or of acme/tools: both
+        // levels null, the developer role inherited from acme comes from
+        // members/all
         ("acme/tools/app", Access::Write),
-        // project guest (10), group 30: the higher
-        ("acme/tools/cli", Access::Write),
+        // group_access of the project's own (nested) group
+        ("labs/x/proj", Access::Read),
         ("acme/blog", Access::Admin),
+        // project planner (15), group acme 30: the higher
+        ("acme/wiki", Access::Write),
+        // eve's group, not bob's
         ("other/thing", Access::None),
         ("acme/missing/deep/project", Access::None),
     ] {
         assert_eq!(forge.access(&token, repo).await.unwrap(), want, "{repo}");
     }
-    assert!(
-        gitlab
-            .requests()
-            .contains(&"GET /api/v4/projects/acme%2Ftools%2Fapp".to_string()),
-        "{:?}",
-        gitlab.requests()
-    );
-    // Leaving the groups: only the direct memberships remain.
-    gitlab
-        .set_group_access("bob", "acme", "none")
-        .set_group_access("bob", "acme/tools", "none");
-    assert_eq!(
-        forge.access(&token, "acme/tools/cli").await.unwrap(),
-        Access::Guest
-    );
-    assert_eq!(
-        forge.access(&token, "acme/wiki").await.unwrap(),
-        Access::Guest
-    );
-    assert_eq!(
-        forge.access(&token, "acme/tools/app").await.unwrap(),
-        Access::None
-    );
+    let requests = gitlab.requests();
+    for path in [
+        "GET /api/v4/projects/acme%2Ftools%2Fapp",
+        "GET /api/v4/projects/acme%2Ftools%2Fapp/members/all/2002",
+    ] {
+        assert!(requests.contains(&path.to_string()), "{path}: {requests:?}");
+    }
+    gitlab.rate_limit(true);
+    let error = forge.access(&token, "acme/site").await.unwrap_err();
+    assert!(matches!(error, ForgeError::Unreachable(_)), "{error:?}");
+    gitlab.rate_limit(false);
+    // Leaving the group: only the direct memberships remain.
+    gitlab.set_group_access("bob", "acme", "none");
+    for (repo, want) in [
+        ("acme/wiki", Access::Guest),
+        ("acme/site", Access::Maintain),
+        ("acme/tools/app", Access::None),
+    ] {
+        assert_eq!(forge.access(&token, repo).await.unwrap(), want, "{repo}");
+    }
 }
 
 #[tokio::test]

@@ -37,8 +37,15 @@
 //!   `permissions` (404 without access: repositories are private);
 //!   GitLab `GET /api/v4/user`, `GET /api/v4/projects/{url-encoded path}`
 //!   with `permissions.project_access` and `permissions.group_access`
-//!   (404 `{"message":"404 Project Not Found"}` without access; an
-//!   unencoded path is not a project, as on GitLab).
+//!   (the project's own group only), `GET /api/v4/projects/{id}/members/all/{user
+//!   id}` (the effective level, inherited memberships included); 404
+//!   `{"message":"404 Project Not Found"}` without access; an unencoded
+//!   path is not a project, as on GitLab.
+//!
+//! Knobs for the unhappy paths: `rate_limit(true)` (GitHub 403 with
+//! `x-ratelimit-remaining: 0`, GitLab 429), `FakeGithub::sso_protect(repo)`
+//! (GitHub's 403 for an organization enforcing SAML single sign-on),
+//! `revoke_tokens(user)` (401), `expires_in`/`interval` of the next codes.
 //!
 //! Every request is recorded (`requests()`, `"GET /api/v3/user"`), so a
 //! test can show where a token was sent.
@@ -133,6 +140,11 @@ struct Core {
     /// GitLab: (user, group path) → level name.
     group_access: HashMap<(String, String), String>,
     repositories: HashSet<String>,
+    /// GitHub: repositories of an organization that enforces SAML single
+    /// sign-on the tokens are not authorized for (403).
+    sso_protected: HashSet<String>,
+    /// Answer every API request as rate limited.
+    rate_limited: bool,
     tokens: HashMap<String, String>,
     codes: HashMap<String, Code>,
     scripts: VecDeque<Script>,
@@ -166,6 +178,8 @@ impl Stand {
             access: HashMap::new(),
             group_access: HashMap::new(),
             repositories: HashSet::new(),
+            sso_protected: HashSet::new(),
+            rate_limited: false,
             tokens: HashMap::new(),
             codes: HashMap::new(),
             scripts: VecDeque::new(),
@@ -247,6 +261,13 @@ macro_rules! common_api {
         /// Queues what the person does with the next device code issued
         /// (codes issued with no script queued are never acted on).
         pub fn next_login(&self, script: Script) -> &Self {
+            if let Script::Approve { user, .. } | Script::SlowDownThenApprove { user, .. } = &script
+            {
+                assert!(
+                    self.stand.with(|c| c.users.contains_key(*user)),
+                    "register {user:?} with .user() before scripting a login as them"
+                );
+            }
             self.stand.with(|c| c.scripts.push_back(script));
             self
         }
@@ -266,6 +287,14 @@ macro_rules! common_api {
         /// The person revokes the application: their tokens stop working.
         pub fn revoke_tokens(&self, user: &str) -> &Self {
             self.stand.with(|c| c.tokens.retain(|_, who| who != user));
+            self
+        }
+
+        /// From now on every API request is refused as over the rate limit
+        /// (GitHub: 403 with `x-ratelimit-remaining: 0`; GitLab: 429), or
+        /// no longer.
+        pub fn rate_limit(&self, on: bool) -> &Self {
+            self.stand.with(|c| c.rate_limited = on);
             self
         }
 
@@ -297,6 +326,14 @@ impl FakeGithub {
 
     fn level_known(&self, level: &str) -> bool {
         github_rank(level).is_some()
+    }
+
+    /// `repository`'s organization enforces SAML single sign-on and the
+    /// tokens are not authorized for it: GitHub answers 403.
+    pub fn sso_protect(&self, repository: &str) -> &Self {
+        self.stand
+            .with(|c| c.sso_protected.insert(repository.to_string()));
+        self
     }
 
     /// `http://127.0.0.1:PORT/api/v3`.
@@ -342,8 +379,10 @@ impl FakeGitlab {
     }
 
     /// Sets `user`'s membership of `group` (a group path, e.g. `acme` or
-    /// `acme/tools`); `"none"` removes it. A project's `group_access` is
-    /// the highest membership of its parent groups.
+    /// `acme/tools`); `"none"` removes it. As on GitLab, a project's
+    /// `permissions.group_access` shows only the membership of the
+    /// project's own group; one inherited from a group higher up shows
+    /// only in `GET /api/v4/projects/{id}/members/all/{user id}`.
     pub fn set_group_access(&self, user: &str, group: &str, level: &str) -> &Self {
         assert!(
             level == "none" || gitlab_number(level).is_some(),
@@ -782,6 +821,17 @@ fn github_api(core: &Core, headers: &HeaderMap, path: &str) -> Response {
         )
             .into_response();
     }
+    if core.rate_limited {
+        let mut answer = json_response(
+            StatusCode::FORBIDDEN,
+            &json!({"message": "API rate limit exceeded for user ID 1.", "documentation_url": "https://docs.github.com/rest/overview/resources-in-the-rest-api#rate-limiting", "status": "403"}),
+        );
+        let headers = answer.headers_mut();
+        headers.insert("x-ratelimit-limit", "5000".parse().unwrap());
+        headers.insert("x-ratelimit-remaining", "0".parse().unwrap());
+        headers.insert("x-ratelimit-reset", "1700000000".parse().unwrap());
+        return answer;
+    }
     let Some((user, id)) = core.bearer(headers) else {
         return json_response(
             StatusCode::UNAUTHORIZED,
@@ -813,6 +863,12 @@ fn github_api(core: &Core, headers: &HeaderMap, path: &str) -> Response {
         ["repos", owner, name] => {
             // Raw segments: GitHub does not decode %2F into a path separator.
             let full = format!("{owner}/{name}");
+            if core.sso_protected.contains(&full) {
+                return json_response(
+                    StatusCode::FORBIDDEN,
+                    &json!({"message": "Resource protected by organization SAML enforcement. You must grant your Personal Access token access to this organization.", "documentation_url": "https://docs.github.com/articles/authenticating-to-a-github-organization-with-saml-single-sign-on/", "status": "403"}),
+                );
+            }
             let level = core.access.get(&(user.clone(), full.clone()));
             match level.and_then(|l| github_rank(l)) {
                 None => not_found("https://docs.github.com/rest/repos/repos#get-a-repository"),
@@ -957,7 +1013,74 @@ fn percent_decode(segment: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+fn project_not_found() -> Response {
+    json_response(
+        StatusCode::NOT_FOUND,
+        &json!({"message": "404 Project Not Found"}),
+    )
+}
+
+/// What GitLab knows of `user` and the project named by the (encoded) id.
+struct Membership {
+    full: String,
+    /// The project's own membership.
+    project: Option<u64>,
+    /// The membership of the project's own group (what
+    /// `permissions.group_access` shows; ancestors are not shown there).
+    direct_group: Option<u64>,
+    /// The highest of the project's and all its ancestor groups'
+    /// memberships (what `members/all` shows).
+    effective: Option<u64>,
+}
+
+/// `None` when the project does not exist or `user` may not see it (every
+/// project is private: only members see it).
+fn membership(core: &Core, user: &str, encoded: &str) -> Option<Membership> {
+    let full = percent_decode(encoded)?;
+    if !core.repositories.contains(&full) {
+        return None;
+    }
+    let project = core
+        .access
+        .get(&(user.to_string(), full.clone()))
+        .and_then(|l| gitlab_number(l));
+    let namespace = full.rsplit_once('/').map_or("", |(n, _)| n);
+    let group_level = |group: &str| {
+        core.group_access
+            .get(&(user.to_string(), group.to_string()))
+            .and_then(|l| gitlab_number(l))
+    };
+    let direct_group = group_level(namespace);
+    let mut effective = project;
+    let mut prefix = String::new();
+    for part in namespace.split('/') {
+        if !prefix.is_empty() {
+            prefix.push('/');
+        }
+        prefix.push_str(part);
+        effective = effective.max(group_level(&prefix));
+    }
+    effective?;
+    Some(Membership {
+        full,
+        project,
+        direct_group,
+        effective,
+    })
+}
+
 fn gitlab_api(core: &Core, headers: &HeaderMap, path: &str) -> Response {
+    if core.rate_limited {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [
+                (header::CONTENT_TYPE, "text/plain"),
+                (header::RETRY_AFTER, "60"),
+            ],
+            "Retry later\n",
+        )
+            .into_response();
+    }
     let Some((user, id)) = core.bearer(headers) else {
         return json_response(
             StatusCode::UNAUTHORIZED,
@@ -980,42 +1103,16 @@ fn gitlab_api(core: &Core, headers: &HeaderMap, path: &str) -> Response {
             }),
         ),
         ["projects", encoded] => {
-            let not_found = || {
-                json_response(
-                    StatusCode::NOT_FOUND,
-                    &json!({"message": "404 Project Not Found"}),
-                )
+            let Some(Membership {
+                full,
+                project,
+                direct_group,
+                ..
+            }) = membership(core, &user, encoded)
+            else {
+                return project_not_found();
             };
-            let Some(full) = percent_decode(encoded) else {
-                return not_found();
-            };
-            if !core.repositories.contains(&full) {
-                return not_found();
-            }
-            let project = core
-                .access
-                .get(&(user.clone(), full.clone()))
-                .and_then(|l| gitlab_number(l));
             let (namespace, name) = full.rsplit_once('/').unwrap_or(("", &full));
-            // The highest membership of the project's group or its parents.
-            let mut group = None::<u64>;
-            let mut prefix = String::new();
-            for part in namespace.split('/') {
-                if !prefix.is_empty() {
-                    prefix.push('/');
-                }
-                prefix.push_str(part);
-                if let Some(n) = core
-                    .group_access
-                    .get(&(user.clone(), prefix.clone()))
-                    .and_then(|l| gitlab_number(l))
-                {
-                    group = Some(group.map_or(n, |g| g.max(n)));
-                }
-            }
-            if project.is_none() && group.is_none() {
-                return not_found();
-            }
             let level = |n: Option<u64>| match n {
                 Some(n) => json!({"access_level": n, "notification_level": 3}),
                 None => Value::Null,
@@ -1035,10 +1132,44 @@ fn gitlab_api(core: &Core, headers: &HeaderMap, path: &str) -> Response {
                     "namespace": {"full_path": namespace, "kind": "group"},
                     "permissions": {
                         "project_access": level(project),
-                        "group_access": level(group),
+                        "group_access": level(direct_group),
                     },
                 }),
             )
+        }
+        ["projects", encoded, "members", "all", member] => {
+            let Some(found) = membership(core, &user, encoded) else {
+                return project_not_found();
+            };
+            // The member asked about (any user id; here only the caller's
+            // own memberships are kept, which is what the client asks).
+            let Some((name, member_id)) = core
+                .users
+                .iter()
+                .find(|(_, uid)| uid.to_string() == *member)
+            else {
+                return json_response(StatusCode::NOT_FOUND, &json!({"message": "404 Not found"}));
+            };
+            let effective = if *name == user {
+                found.effective
+            } else {
+                membership(core, name, encoded).and_then(|m| m.effective)
+            };
+            match effective {
+                None => json_response(StatusCode::NOT_FOUND, &json!({"message": "404 Not found"})),
+                Some(level) => json_response(
+                    StatusCode::OK,
+                    &json!({
+                        "id": member_id,
+                        "username": name,
+                        "name": name,
+                        "state": "active",
+                        "access_level": level,
+                        "created_at": "2024-01-01T00:00:00.000Z",
+                        "expires_at": null,
+                    }),
+                ),
+            }
         }
         _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "404 Not Found"})),
     }
