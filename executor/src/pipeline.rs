@@ -592,7 +592,7 @@ async fn execute<D: Driver>(
         manifest,
         &mut record,
         ran.artifacts.as_deref(),
-        sealer.map(|c| c as &dyn Sealer),
+        sealer.as_deref().map(|c| c as &dyn Sealer),
     )?;
 
     if let Some((path, found)) = leaks.first() {

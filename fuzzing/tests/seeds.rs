@@ -134,6 +134,7 @@ fn write_seeds() {
             repos: vec!["example.com/team/hello".into()],
             trusted: true,
             revoked: vec![Sha256Digest::of(b"cert")],
+            counts: None,
         },
         Message::Announce {
             results: vec![sealed.clone(), failed.clone()],

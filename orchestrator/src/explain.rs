@@ -2,7 +2,9 @@
 //! not count for CI in a repository, from the same state and policy the
 //! service decides by.
 
-use reprise_protocol::policy::{CiJobs, RepoPolicy};
+use reprise_protocol::policy::{
+    CiJobs, CountAccess, ForgeAccess, RepoPolicy, names, person_username,
+};
 
 use crate::state::{State, StateError, rfc3339};
 
@@ -85,11 +87,50 @@ pub fn explain(
         ));
         return Ok(out);
     }
+    if !policy.may_read(identity) {
+        out.may_read = false;
+        out.reasons.push(format!(
+            "{namespace}'s policy lets only {} read it (readers): it may not read it, and nothing it produces there counts",
+            policy.readers.as_deref().unwrap_or_default().join(", ")
+        ));
+        return Ok(out);
+    }
     out.reasons.push(format!(
         "it may read {namespace}: its certificate grants it"
     ));
-    if grant.trusted {
-        out.counts = true;
+    let standing = crate::matcher::standing(grant, namespace, policy);
+    out.counts = standing.is_some();
+    if let Some(username) = person_username(identity) {
+        let access = grant
+            .access
+            .get(namespace)
+            .copied()
+            .unwrap_or(ForgeAccess::None);
+        out.reasons.push(format!(
+            "it is {username}, who logged in through the forge with {} access to it (as the forge said at the last login or renewal)",
+            access.as_str()
+        ));
+        out.reasons.push(match (&standing, policy.count_access) {
+            (Some(why), _) if policy.count_people.iter().any(|e| names(e, identity)) => {
+                format!("its results count: {why}")
+            }
+            (Some(why), _) => format!("its results count: {why}"),
+            (None, CountAccess::Nobody) => format!(
+                "its results do not count: count_access = \"none\" and count_people does not name {username}"
+            ),
+            (None, CountAccess::AtLeast(least)) => format!(
+                "its results do not count: they need {} access or more (count_access = {}), or {username} named in count_people",
+                least.as_str(),
+                policy.count_access
+            ),
+        });
+        return Ok(out);
+    }
+    if let Some(why) = &standing
+        && !grant.trusted
+    {
+        out.reasons.push(format!("its results count: {why}"));
+    } else if grant.trusted {
         out.reasons.push(if identity.starts_with("ci:") {
             format!(
                 "it is trusted: a CI job on a ref the policy counts (ci_jobs = {})",
@@ -105,7 +146,7 @@ pub fn explain(
                 ci_jobs(policy.ci_jobs)
             )
         } else {
-            "it is not trusted: it may replay, its own results do not count (issue --trusted --replace to change that)".to_string()
+            "it is not trusted: it may replay, its own results do not count (issue --trusted --replace to change that, or name it in count_people)".to_string()
         });
     }
     Ok(out)
@@ -167,6 +208,7 @@ mod tests {
                 trusted,
                 at: 1,
                 not_after: Some(not_after),
+                access: Default::default(),
             })
             .unwrap();
     }
@@ -183,6 +225,23 @@ mod tests {
             .append(StateEvent::Revoked {
                 name: "gone".into(),
                 at: 2,
+            })
+            .unwrap();
+        // People count by their forge access, under count_access.
+        state
+            .append(StateEvent::Issued {
+                name: "github:carol".into(),
+                cert_sha256: Sha256Digest::of(b"carol"),
+                repos: vec!["a/b".into(), "c/d".into()],
+                trusted: false,
+                at: 1,
+                not_after: Some(2_000),
+                access: [
+                    ("a/b".to_string(), ForgeAccess::Maintain),
+                    ("c/d".to_string(), ForgeAccess::Read),
+                ]
+                .into_iter()
+                .collect(),
             })
             .unwrap();
         let policy = RepoPolicy {
@@ -214,6 +273,35 @@ mod tests {
             !gone.counts && gone.reasons[0].contains("revoked"),
             "{gone:?}"
         );
+        let carol = e("github:carol", "a/b");
+        assert!(carol.may_read && carol.counts, "{carol:?}");
+        assert!(
+            carol.reasons.iter().any(|r| r.contains("maintain access")),
+            "{carol:?}"
+        );
+        let reader = e("github:carol", "c/d");
+        assert!(reader.may_read && !reader.counts, "{reader:?}");
+        assert!(
+            reader
+                .reasons
+                .last()
+                .unwrap()
+                .contains("need maintain access or more"),
+            "{reader:?}"
+        );
+        let named = RepoPolicy {
+            count_people: vec!["carol".into()],
+            ..RepoPolicy::default()
+        };
+        let carol_named = explain(&state, &named, "github:carol", "c/d", 1_000).unwrap();
+        assert!(carol_named.counts, "{carol_named:?}");
+        let closed = RepoPolicy {
+            readers: Some(vec!["dave".into()]),
+            ..RepoPolicy::default()
+        };
+        let kept_out = explain(&state, &closed, "github:carol", "a/b", 1_000).unwrap();
+        assert!(!kept_out.may_read && !kept_out.counts, "{kept_out:?}");
+        assert!(kept_out.reasons.last().unwrap().contains("readers"));
         let nobody = e("nobody", "a/b");
         assert!(!nobody.may_read && nobody.reasons[0].contains("never issued"));
     }

@@ -26,6 +26,7 @@ pub mod login;
 pub mod matcher;
 pub mod migrate;
 pub mod oidc;
+pub mod people;
 pub mod pki;
 pub mod server;
 pub mod state;
@@ -78,9 +79,11 @@ pub enum FolderError {
     )]
     NameTaken(Grant),
     #[error(
-        "an identity name must be non-empty and printable, without spaces, and not begin with `ci:` (the names of CI jobs that log in)"
+        "an identity name must be non-empty and printable, without spaces, and not begin with `ci:`, `github:` or `gitlab:` (the names of CI jobs and of people who log in)"
     )]
     BadName,
+    #[error(transparent)]
+    Login(#[from] forge::ForgeError),
     #[error("io on {}", path.display())]
     Io {
         path: PathBuf,
@@ -124,6 +127,11 @@ commit_status = false   # post a commit status for each counting result ([status
 count_drivers = \"all\"  # whose results count by driver (reprise run --driver):
                         # \"all\", or the classes listed, e.g. [\"qemu\"] for VM runs only
 
+count_access = \"maintain\" # people (reprise login) whose results count: at least this
+                        # access on the forge (\"read\" … \"admin\"), or \"none\"
+count_people = []       # people (forge usernames) or identities that count anyway
+# readers = [\"alice\"]   # only these people may read; unset: anyone the forge lets read
+
 # One repository's own rules (only what is set overrides the defaults):
 # [policy.repos.\"example.com/team/project\"]
 # require_fresh = true
@@ -140,6 +148,17 @@ count_drivers = \"all\"  # whose results count by driver (reprise run --driver):
 # [ci.gitlab]
 # audience = \"reprise://reprise.example.com:4433\"
 # issuer = \"https://gitlab.com\"  # the default; host defaults to the issuer's
+
+# People log in with GitHub or GitLab (reprise login), through this
+# orchestrator's OAuth application (device flow enabled; see the README).
+# [login]
+# certificate_lifetime = \"12h\"  # a person's certificate (1m to 7days)
+# [login.github]
+# client_id = \"Iv1.0123456789abcdef\"
+# web_url = \"https://github.com\", api_url = \"https://api.github.com\", host = \"github.com\": the defaults
+# [login.gitlab]
+# client_id = \"…\"               # the application's id (not confidential, scope read_api)
+# url = \"https://gitlab.com\"    # host: the url's
 
 # Where commit statuses go (token files in this folder, mode 0600):
 # [status.github]
@@ -302,18 +321,33 @@ impl Folder {
         Ok(State::open(&self.database())?)
     }
 
-    /// The settings (`orchestrator.toml`; absent means the defaults).
-    pub fn settings(&self) -> Result<OrchestratorSettings, FolderError> {
+    /// The settings file's text (`orchestrator.toml`; absent: `None`).
+    fn settings_text(&self) -> Result<Option<String>, FolderError> {
         let path = self.dir.join(policy::FILE_NAME);
         match fs::read_to_string(&path) {
-            Ok(text) => Ok(OrchestratorSettings::parse(&text)?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io(&path)(e)),
         }
     }
 
-    /// Everything [`server::run`] needs: the state, the policy and the CA.
+    /// The settings (`orchestrator.toml`; absent means the defaults).
+    pub fn settings(&self) -> Result<OrchestratorSettings, FolderError> {
+        match self.settings_text()? {
+            Some(text) => Ok(OrchestratorSettings::parse(&text)?),
+            None => Ok(Default::default()),
+        }
+    }
+
+    /// Everything [`server::run`] needs: the state, the policy and the CA,
+    /// and what answers logins and posts statuses, all from one reading of
+    /// `orchestrator.toml`.
     pub fn service(&self) -> Result<server::Service, FolderError> {
+        let text = self.settings_text()?.unwrap_or_default();
+        let settings = OrchestratorSettings::parse(&text)?;
+        let login = self.ci_login_from(&text)?;
+        let status = self.status_poster_from(&text)?;
+        let people = self.people_login_from(&settings, &text)?;
         let mut state = self.state()?;
         // Statuses claimed by an earlier process and never posted: its
         // poster tasks are gone, so a later announce may try again.
@@ -325,25 +359,27 @@ impl Folder {
         }
         Ok(server::Service {
             state,
-            policy: self.settings()?.policy,
+            policy: settings.policy,
             client_ca: pki::certs(&self.ca_pem()?)?,
             limits: Limits::default(),
             telemetry: Default::default(),
-            login: self.ci_login()?,
-            status: self.status_poster()?,
+            login,
+            status,
+            people,
         })
     }
 
     /// What posts commit statuses, when `[status.github]` or
     /// `[status.gitlab]` is configured.
     pub fn status_poster(&self) -> Result<Option<std::sync::Arc<status::Poster>>, FolderError> {
-        let path = self.dir.join(policy::FILE_NAME);
-        let text = match fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io(&path)(e)),
-        };
-        let forges = status::forges(&text, &self.dir)?;
+        self.status_poster_from(&self.settings_text()?.unwrap_or_default())
+    }
+
+    fn status_poster_from(
+        &self,
+        text: &str,
+    ) -> Result<Option<std::sync::Arc<status::Poster>>, FolderError> {
+        let forges = status::forges(text, &self.dir)?;
         if forges.is_empty() {
             return Ok(None);
         }
@@ -351,29 +387,59 @@ impl Folder {
         Ok(Some(std::sync::Arc::new(poster)))
     }
 
+    /// The CA, with its key (which signs login certificates).
+    fn ca_with_key(&self) -> Result<CaPem, FolderError> {
+        let key_file = self.config.ca_key.as_ref().ok_or(FolderError::NoCaKey)?;
+        Ok(CaPem {
+            cert: self.read(&self.config.client_ca)?,
+            key: self.read(key_file)?,
+        })
+    }
+
     /// What answers CI logins, when `[ci.github]` or `[ci.gitlab]` is
     /// configured; the CA key must then be in the folder.
     pub fn ci_login(&self) -> Result<Option<login::CiLogin>, FolderError> {
-        let path = self.dir.join(policy::FILE_NAME);
-        let text = match fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io(&path)(e)),
-        };
-        let config = oidc::CiConfig::from_toml(&text)?;
+        self.ci_login_from(&self.settings_text()?.unwrap_or_default())
+    }
+
+    fn ci_login_from(&self, text: &str) -> Result<Option<login::CiLogin>, FolderError> {
+        let config = oidc::CiConfig::from_toml(text)?;
         if config.issuers.is_empty() {
             return Ok(None);
         }
-        let key_file = self.config.ca_key.as_ref().ok_or(FolderError::NoCaKey)?;
-        let ca = CaPem {
-            cert: self.read(&self.config.client_ca)?,
-            key: self.read(key_file)?,
-        };
+        let ca = self.ca_with_key()?;
         let verifier = oidc::Verifier::new(&config).map_err(FolderError::Http)?;
         Ok(Some(login::CiLogin {
             config,
             verifier,
             ca,
+        }))
+    }
+
+    /// What answers people's logins, when `[login.github]` or
+    /// `[login.gitlab]` is configured; the CA key must then be in the
+    /// folder.
+    fn people_login_from(
+        &self,
+        settings: &OrchestratorSettings,
+        text: &str,
+    ) -> Result<Option<people::PeopleLogin>, FolderError> {
+        let Some(table) = &settings.login else {
+            return Ok(None);
+        };
+        if !table.contains_key("github") && !table.contains_key("gitlab") {
+            // `[login]` alone (a lifetime, say) configures no forge.
+            forge::Forge::from_toml(text)?;
+            return Ok(None);
+        }
+        let (forges, lifetime) = forge::Forge::from_toml(text)?;
+        if forges.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(people::PeopleLogin {
+            forges,
+            lifetime,
+            ca: self.ca_with_key()?,
         }))
     }
 
@@ -443,7 +509,9 @@ impl Folder {
     ) -> Result<String, FolderError> {
         if name.is_empty()
             || name.chars().any(|c| c.is_whitespace() || c.is_control())
-            || name.starts_with("ci:")
+            || policy::RESERVED_PREFIXES
+                .iter()
+                .any(|p| name.to_ascii_lowercase().starts_with(p))
         {
             return Err(FolderError::BadName);
         }
@@ -452,11 +520,7 @@ impl Folder {
         if !replace && let Some(existing) = state.grant(name) {
             return Err(FolderError::NameTaken(existing.clone()));
         }
-        let key_file = self.config.ca_key.as_ref().ok_or(FolderError::NoCaKey)?;
-        let ca = CaPem {
-            cert: self.read(&self.config.client_ca)?,
-            key: self.read(key_file)?,
-        };
+        let ca = self.ca_with_key()?;
         let leaf = pki::issue_client(&ca, name, repos, validity)?;
         let event = StateEvent::Issued {
             name: name.to_string(),
@@ -465,6 +529,7 @@ impl Folder {
             trusted,
             at: state::now_secs(),
             not_after: Some(leaf.not_after),
+            access: Default::default(),
         };
         match state.record_issue(event, replace)? {
             Recorded::Done => Ok(format!("{}{}{}", leaf.cert, leaf.key, ca.cert)),
@@ -484,6 +549,17 @@ impl Folder {
     ) -> Result<(), FolderError> {
         let text = self.issue_as(name, repos, trusted, None, replace)?;
         write_private(out, &text)
+    }
+
+    /// Lifts the revocation of `name` (a person or a CI job, which log in
+    /// again by themselves); its certificates issued so far stay revoked.
+    pub fn lift(&self, name: &str) -> Result<(), FolderError> {
+        let mut state = self.state()?;
+        if !state.knows(name) {
+            return Err(FolderError::UnknownName(name.to_string()));
+        }
+        state.lift_revocation(name)?;
+        Ok(())
     }
 
     /// Revokes every certificate issued to `name`.
@@ -537,10 +613,18 @@ mod tests {
             f.revoke("nobody"),
             Err(FolderError::UnknownName(_))
         ));
-        assert!(matches!(
-            f.issue("two words", &[], false, None),
-            Err(FolderError::BadName)
-        ));
+        for bad in [
+            "two words",
+            "ci:github:o/r@main",
+            "github:alice",
+            "GitLab:h:bob",
+            "",
+        ] {
+            assert!(
+                matches!(f.issue(bad, &[], false, None), Err(FolderError::BadName)),
+                "{bad:?}: hand-issued names cannot take the forms of logins"
+            );
+        }
         // The revoked name exists: issuing it again needs replacing.
         let taken = f.issue("ci", &["other".into()], false, None).unwrap_err();
         assert!(

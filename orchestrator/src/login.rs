@@ -68,13 +68,27 @@ pub fn grant(config: &CiConfig, policy: &PolicyConfig, job: &CiIdentity) -> Opti
 /// How long a connection without a certificate has to ask.
 const ASK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What answers the one request of a connection without a client
+/// certificate: CI logins, people's logins, and the bound on people's
+/// device flows waiting at once.
+#[derive(Debug)]
+pub struct Logins<'a> {
+    pub ci: Option<&'a CiLogin>,
+    pub people: Option<&'a crate::people::PeopleLogin>,
+    pub sessions: &'a tokio::sync::Semaphore,
+}
+
 /// Answers the one request of a connection without a client certificate,
-/// then closes it. Whether a certificate was issued.
+/// then closes it. Whether a certificate was issued. `permit` (a place
+/// among the logins answered at once) is given back once the request is
+/// read: a person's device flow then takes a place of its own.
 pub async fn answer(
     conn: &Connection,
-    login: Option<&CiLogin>,
+    logins: Logins<'_>,
+    permit: tokio::sync::SemaphorePermit<'_>,
     state: &Mutex<State>,
     policy: &PolicyConfig,
+    indexed: &(dyn Fn() -> std::collections::BTreeSet<String> + Sync),
 ) -> bool {
     let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(ASK_TIMEOUT, conn.accept_bi()).await
     else {
@@ -95,7 +109,7 @@ pub async fn answer(
             proof,
         })) => match Message::check_version(version) {
             Some(refusal) => refusal,
-            None => match login {
+            None => match logins.ci {
                 None => Message::error(
                     ErrorCode::Unavailable,
                     "this orchestrator takes no CI logins: its administrator configures [ci.github] or [ci.gitlab] in orchestrator.toml",
@@ -105,9 +119,43 @@ pub async fn answer(
                     .unwrap_or_else(|refusal| refusal),
             },
         },
+        Ok(Ok(Message::PersonLogin {
+            version,
+            provider,
+            public_key,
+            proof,
+        })) => {
+            drop(permit);
+            match (Message::check_version(version), logins.people) {
+                (Some(refusal), _) => refusal,
+                (None, None) => Message::error(
+                    ErrorCode::Unavailable,
+                    "this orchestrator takes no logins of people: its administrator configures [login.github] or [login.gitlab] in orchestrator.toml",
+                ),
+                (None, Some(people)) => match logins.sessions.try_acquire() {
+                    Err(_) => Message::error(
+                        ErrorCode::Limit,
+                        format!(
+                            "{} logins are waiting for their forge already, the most this orchestrator allows; try again in a few minutes",
+                            crate::people::MAX_SESSIONS
+                        ),
+                    ),
+                    Ok(_session) => {
+                        let cx = crate::people::Context {
+                            login: people,
+                            state,
+                            policy,
+                            indexed: indexed(),
+                        };
+                        crate::people::session(&cx, conn, &mut send, &provider, &public_key, &proof)
+                            .await
+                    }
+                },
+            }
+        }
         Ok(Ok(_)) => Message::error(
             ErrorCode::HelloFirst,
-            "this connection presented no client certificate: it may only log in (reprise login --ci); log in, or set REPRISE_CREDENTIALS",
+            "this connection presented no client certificate: it may only log in (reprise login); log in, or set REPRISE_CREDENTIALS",
         ),
     };
     let refused = matches!(answer, Message::Error { .. });
@@ -186,6 +234,7 @@ async fn log_in(
         trusted: grant.trusted,
         at: now_secs(),
         not_after: Some(until_secs),
+        access: Default::default(),
     };
     let recorded = state.lock().expect("state lock").record_login(event);
     match recorded {
@@ -194,7 +243,7 @@ async fn log_in(
             return Err(refuse(
                 ErrorCode::Other,
                 format!(
-                    "{} was revoked at {}; an administrator lifts it with `reprise-orchestrator issue --replace`",
+                    "{} was revoked at {}; an administrator lifts it with `reprise-orchestrator revoke --lift`",
                     grant.name,
                     crate::state::rfc3339(at)
                 ),
@@ -219,6 +268,11 @@ async fn log_in(
     Ok(Message::LoggedIn {
         certificate,
         identity: grant.name,
+        counts: Some(if grant.trusted {
+            vec![grant.namespace.clone()]
+        } else {
+            Vec::new()
+        }),
         repos: vec![grant.namespace],
         trusted: grant.trusted,
         expires_at: until_secs,

@@ -88,12 +88,20 @@ enum Command {
         #[arg(long)]
         replace: bool,
     },
-    /// Revoke every certificate of an identity.
+    /// Revoke every certificate of an identity (a person, a CI job or a
+    /// hand-issued one); it is refused at its next login too.
+    #[command(after_help = "Examples:\n  \
+        reprise-orchestrator revoke --dir /srv/reprise --name github:alice\n  \
+        reprise-orchestrator revoke --dir /srv/reprise --name github:alice --lift   may log in again")]
     Revoke {
         #[arg(long)]
         dir: PathBuf,
         #[arg(long)]
         name: String,
+        /// Lift an earlier revocation instead: the identity may log in
+        /// again (people, CI jobs); the certificates it held stay revoked.
+        #[arg(long)]
+        lift: bool,
     },
     /// The identities this orchestrator issued certificates to.
     Identities {
@@ -330,7 +338,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fingerprint { dir } => {
             println!("{}", Folder::open(&dir)?.ca_fingerprint()?);
         }
-        Command::Revoke { dir, name } => {
+        Command::Revoke {
+            dir,
+            name,
+            lift: true,
+        } => {
+            Folder::open(&dir)?
+                .lift(&name)
+                .with_context(|| format!("while lifting the revocation of {name}"))?;
+            println!("{name} may log in again; the certificates it held stay revoked");
+        }
+        Command::Revoke { dir, name, .. } => {
             Folder::open(&dir)?
                 .revoke(&name)
                 .with_context(|| format!("while revoking {name}"))?;

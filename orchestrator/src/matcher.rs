@@ -124,12 +124,17 @@ pub fn counts(
             grant.name
         ));
     }
-    if !grant.trusted || !grant.repos.contains(namespace) {
+    let trusted_because = if grant.repos.contains(namespace) {
+        standing(&grant, namespace, policy)
+    } else {
+        None
+    };
+    let Some(trusted_because) = trusted_because else {
         return Err(format!(
             "its producer {} is not trusted for {namespace}",
             grant.name
         ));
-    }
+    };
     if policy.require_fresh && claim.snapshot != Snapshot::Fresh {
         return Err(format!(
             "{namespace} counts only runs from a fresh snapshot, and this one started from generation {}",
@@ -150,7 +155,7 @@ pub fn counts(
             claim.driver, policy.count_drivers
         ));
     }
-    let mut why = format!("{} is trusted for {namespace}", grant.name);
+    let mut why = format!("{trusted_because} for {namespace}");
     if policy.require_fresh {
         why.push_str(", from a fresh snapshot");
     }
@@ -158,6 +163,29 @@ pub fn counts(
         why.push_str(&format!(", under the {} driver", claim.driver));
     }
     Ok((grant.name, why))
+}
+
+/// Why the results of `grant`'s identity count for CI in `namespace`
+/// (which it must be granted) under `policy`, before what the result
+/// itself must show: [`RepoPolicy::counts_for`] with what the state holds
+/// of it (whether issued as trusted, a person's forge access there).
+pub fn standing(grant: &Grant, namespace: &str, policy: &RepoPolicy) -> Option<String> {
+    policy.counts_for(
+        &grant.name,
+        grant.trusted,
+        grant.access.get(namespace).copied(),
+    )
+}
+
+/// The namespaces granted to `grant` in which its results count for CI
+/// under `policy`.
+pub fn counts_in(grant: &Grant, policy: &reprise_protocol::policy::PolicyConfig) -> Vec<String> {
+    grant
+        .repos
+        .iter()
+        .filter(|ns| standing(grant, ns, &policy.for_repo(ns)).is_some())
+        .cloned()
+        .collect()
 }
 
 /// The index of connected executors and what they hold.
@@ -216,6 +244,19 @@ impl Matcher {
         }
     }
 
+    /// A connected executor's identity was granted anew (a renewal, an
+    /// `issue --replace`): its requests are decided by the new grant.
+    pub fn regrant(&mut self, conn: ConnId, grant: Grant) {
+        if let Some(g) = self.conns.get_mut(&conn) {
+            *g = grant;
+        }
+    }
+
+    /// The namespaces of every result indexed now.
+    pub fn namespaces(&self) -> BTreeSet<String> {
+        self.held.keys().map(|h| h.namespace.clone()).collect()
+    }
+
     /// How many results `identity` has indexed.
     pub fn indexed_by(&self, identity: &str) -> usize {
         self.per_identity.get(identity).copied().unwrap_or(0)
@@ -269,6 +310,10 @@ impl Matcher {
         now: u64,
     ) -> Decision {
         if !self.grants(asker, &wanted.namespace) {
+            return Decision::NotFound;
+        }
+        // A person the repository's `readers` leaves out reads nothing.
+        if !policy.may_read(&self.conns[&asker].name) {
             return Decision::NotFound;
         }
         self.decide(wanted, Some(asker), trust, policy, now)
@@ -361,6 +406,7 @@ mod tests {
             name: name.into(),
             repos: repos.iter().map(|r| r.to_string()).collect(),
             trusted,
+            access: Default::default(),
         }
     }
 
@@ -420,6 +466,33 @@ mod tests {
 
     fn offer(conn: ConnId, producer: &str) -> impl Fn(&Decision) -> bool + '_ {
         move |d| matches!(d, Decision::Offer { conn: c, producer_name, .. } if *c == conn && producer_name == producer)
+    }
+
+    #[test]
+    fn a_person_left_out_by_readers_is_told_nothing_and_counts_by_forge_access() {
+        use reprise_protocol::policy::{ForgeAccess, OrchestratorSettings};
+        let settings = OrchestratorSettings::parse(
+            "[policy.repos.\"ns\"]\nreaders = [\"bob\"]\n[policy.repos.\"open\"]\n",
+        )
+        .unwrap()
+        .policy;
+        let mut carol = grant("github:carol", &["ns", "open"], false);
+        carol.access.insert("ns".into(), ForgeAccess::Admin);
+        carol.access.insert("open".into(), ForgeAccess::Write);
+        assert_eq!(counts_in(&carol, &settings), Vec::<String>::new());
+        carol.access.insert("open".into(), ForgeAccess::Maintain);
+        assert_eq!(counts_in(&carol, &settings), ["open"]);
+        let mut m = Matcher::new(10);
+        m.connect(1, carol);
+        let trust = |_: &Sha256Digest| (Admission::Unknown, None);
+        let wanted = Held {
+            key: RunKey::from_bytes([1; 32]),
+            namespace: "ns".into(),
+        };
+        assert_eq!(
+            m.lookup(1, &wanted, &trust, &settings.for_repo("ns"), 0),
+            Decision::NotFound
+        );
     }
 
     #[test]

@@ -153,6 +153,7 @@ mod tests {
                 trusted: true,
                 at: 10,
                 not_after: Some(1000),
+                access: Default::default(),
             },
             StateEvent::Issued {
                 name: "bob".into(),
@@ -161,6 +162,7 @@ mod tests {
                 trusted: false,
                 at: 11,
                 not_after: None,
+                access: Default::default(),
             },
             StateEvent::Revoked {
                 name: "bob".into(),
@@ -173,6 +175,7 @@ mod tests {
                 trusted: true,
                 at: 13,
                 not_after: Some(2000),
+                access: Default::default(),
             },
             StateEvent::Replayed {
                 asker: "bob".into(),

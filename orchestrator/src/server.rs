@@ -41,6 +41,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::limits::Limits;
 use crate::login::{self, CiLogin};
 use crate::matcher::{Claim, ConnId, Decision, Matcher, NotIndexed};
+use crate::people::PeopleLogin;
 use crate::state::{Admission, Grant, State, now_secs};
 use crate::status::{Poster, Status};
 use crate::telemetry::{Answer, Refusal, Telemetry};
@@ -90,6 +91,8 @@ pub struct Service {
     pub login: Option<CiLogin>,
     /// What posts commit statuses (none: no `[status.*]` configured).
     pub status: Option<Arc<Poster>>,
+    /// What answers people's logins (none: no `[login.*]` configured).
+    pub people: Option<PeopleLogin>,
 }
 
 struct Shared {
@@ -103,6 +106,9 @@ struct Shared {
     telemetry: Arc<Telemetry>,
     matcher: Mutex<Matcher>,
     login: Option<CiLogin>,
+    people: Option<PeopleLogin>,
+    /// People's device flows waiting at once.
+    sessions: Semaphore,
     status: Option<Arc<Poster>>,
     /// Logins being answered at once are bounded: each may fetch an
     /// issuer's keys and signs a certificate.
@@ -129,6 +135,7 @@ impl Shared {
     /// Closes the connections of executors revoked since they connected;
     /// they stop being offered as producers at once.
     fn close_revoked(&self) {
+        let mut regranted = Vec::new();
         let revoked: Vec<(ConnId, String)> = {
             let mut state = self.state.lock().expect("state lock");
             if let Err(e) = state.refresh() {
@@ -144,13 +151,25 @@ impl Shared {
                         .as_ref()
                         .map_or(Admission::Unknown, |fp| state.admit(fp));
                     match admission {
-                        Admission::Admitted(_) => None,
+                        Admission::Admitted(g) => {
+                            regranted.push((*id, g));
+                            None
+                        }
                         Admission::Revoked(name) => Some((*id, name)),
                         Admission::Unknown => Some((*id, String::from("an unknown identity"))),
                     }
                 })
                 .collect()
         };
+        // A renewal or a reissue changed a grant: the connection is
+        // decided by the new one (the matcher is locked apart from the
+        // state: lookups lock the matcher, then the state).
+        {
+            let mut matcher = self.matcher.lock().expect("matcher");
+            for (id, grant) in regranted {
+                matcher.regrant(id, grant);
+            }
+        }
         for (id, name) in revoked {
             self.matcher.lock().expect("matcher").disconnect(id);
             self.telemetry.disconnected(id);
@@ -341,6 +360,8 @@ pub async fn run(
         limits: service.limits,
         telemetry: service.telemetry,
         login: service.login,
+        people: service.people,
+        sessions: Semaphore::new(crate::people::MAX_SESSIONS),
         status: service.status,
         logins: Semaphore::new(MAX_LOGINS),
         conns: Mutex::new(BTreeMap::new()),
@@ -391,7 +412,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
     let cert_sha256 = peer_cert(&conn).map(|cert| Sha256Digest::of(cert.as_ref()));
     if cert_sha256.is_none() {
         // No certificate: the connection may only log in (a CI job).
-        let Ok(_permit) = shared.logins.try_acquire() else {
+        let Ok(permit) = shared.logins.try_acquire() else {
             shared.telemetry.refused(Refusal::LoginLimit);
             info!("refused: {MAX_LOGINS} logins are being answered");
             conn.close(
@@ -400,8 +421,21 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
             );
             return;
         };
-        let logged_in =
-            login::answer(&conn, shared.login.as_ref(), &shared.state, &shared.policy).await;
+        let logins = login::Logins {
+            ci: shared.login.as_ref(),
+            people: shared.people.as_ref(),
+            sessions: &shared.sessions,
+        };
+        let indexed = || shared.matcher.lock().expect("matcher").namespaces();
+        let logged_in = login::answer(
+            &conn,
+            logins,
+            permit,
+            &shared.state,
+            &shared.policy,
+            &indexed,
+        )
+        .await;
         if !logged_in {
             shared.telemetry.refused(Refusal::Login);
         }
@@ -482,7 +516,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
             .revoked_certs()
             .into_iter()
             .collect();
-        let said = tokio::time::timeout(HELLO_TIMEOUT, hello(&conn, &grant, revoked)).await;
+        let said = tokio::time::timeout(HELLO_TIMEOUT, hello(&conn, &grant, revoked, &shared.policy)).await;
         if let Err(reason) = said.unwrap_or_else(|_| Err("no hello in time".into())) {
             shared.telemetry.refused(Refusal::Hello);
             info!("refused: {reason}");
@@ -542,7 +576,12 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
 
 /// The first stream: `Hello` → `Welcome`, or the refusal (sent, and
 /// returned as the close reason).
-async fn hello(conn: &Connection, grant: &Grant, revoked: Vec<Sha256Digest>) -> Result<(), String> {
+async fn hello(
+    conn: &Connection,
+    grant: &Grant,
+    revoked: Vec<Sha256Digest>,
+    policy: &PolicyConfig,
+) -> Result<(), String> {
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
     let refusal = match read_message(&mut recv).await {
         Ok(Message::Hello { version }) => Message::check_version(version),
@@ -557,6 +596,7 @@ async fn hello(conn: &Connection, grant: &Grant, revoked: Vec<Sha256Digest>) -> 
         repos: grant.repos.iter().cloned().collect(),
         trusted: grant.trusted,
         revoked,
+        counts: Some(crate::matcher::counts_in(grant, policy)),
     });
     let _ = write_message(&mut send, &answer).await;
     let _ = send.finish();
@@ -720,12 +760,14 @@ async fn request(
         }
         Message::Assess { result } => {
             let namespace = result.manifest.inputs.namespace.clone();
-            if !shared
+            let granted = shared
                 .matcher
                 .lock()
                 .expect("matcher")
-                .grants(id, &namespace)
-            {
+                .grants(id, &namespace);
+            // A person the repository's `readers` leaves out learns as
+            // little as one it does not grant.
+            if !granted || !shared.policy.for_repo(&namespace).may_read(&grant.name) {
                 Message::Assessed {
                     counts: false,
                     reason: format!("this certificate does not grant {namespace}"),
@@ -790,6 +832,43 @@ async fn request(
         } => {
             relay(&shared, id, grant, Held { key, namespace }, resume, send).await;
             return;
+        }
+        Message::Renew { public_key, proof } => {
+            let current = shared
+                .conns
+                .lock()
+                .expect("conns")
+                .get(&id)
+                .and_then(|live| live.cert_sha256);
+            match (&shared.people, current) {
+                (Some(people), Some(current)) => {
+                    // The grant as the state holds it now, not as it was
+                    // when the connection was made.
+                    let now = match shared.state.lock().expect("state lock").admit(&current) {
+                        Admission::Admitted(g) => Some(g),
+                        _ => None,
+                    };
+                    match now {
+                        None => Message::error(
+                            ErrorCode::Other,
+                            "this certificate is no longer admitted: log in again (reprise login)",
+                        ),
+                        Some(now) => {
+                            let cx = crate::people::Context {
+                                login: people,
+                                state: &shared.state,
+                                policy: &shared.policy,
+                                indexed: shared.matcher.lock().expect("matcher").namespaces(),
+                            };
+                            crate::people::renew(&cx, &now, &current, &public_key, &proof).await
+                        }
+                    }
+                }
+                _ => Message::error(
+                    ErrorCode::Unavailable,
+                    "this orchestrator takes no logins of people ([login.*]), so it renews nothing",
+                ),
+            }
         }
         other => {
             shared.telemetry.refused(Refusal::BadRequest);

@@ -21,12 +21,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reprise_protocol::digest::{RunKey, Sha256Digest};
+use reprise_protocol::policy::ForgeAccess;
 use reprise_protocol::wire::{STATE_VERSION, StateEvent};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use thiserror::Error;
 
 /// The schema this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The conflicts recorded on one result: asked on every lookup, so it
 /// must use the `conflicts_by_result` index.
@@ -99,7 +100,31 @@ const MIGRATIONS: &[&str] = &[
          posted_at INTEGER,
          PRIMARY KEY (namespace, key)
      ) STRICT;",
-    // 3: every lookup asks whether its result stands in a conflict, by
+    // 3: people who log in through a forge: their access to each granted
+    // repository as the forge said, the forge token kept for renewals
+    // (never sent on), and the log of their logins.
+    "CREATE TABLE access (
+         name  TEXT NOT NULL REFERENCES identities(name) ON DELETE CASCADE,
+         repo  TEXT NOT NULL,
+         level TEXT NOT NULL,
+         PRIMARY KEY (name, repo)
+     ) STRICT;
+     CREATE TABLE people (
+         name      TEXT PRIMARY KEY NOT NULL REFERENCES identities(name) ON DELETE CASCADE,
+         provider  TEXT NOT NULL,
+         forge_id  INTEGER NOT NULL,
+         token     TEXT NOT NULL,
+         logged_in_at INTEGER NOT NULL
+     ) STRICT;
+     CREATE TABLE logins (
+         id       INTEGER PRIMARY KEY,
+         at       INTEGER NOT NULL,
+         name     TEXT NOT NULL,
+         kind     TEXT NOT NULL,
+         repos    TEXT NOT NULL
+     ) STRICT;
+     CREATE INDEX logins_by_at ON logins(at);",
+    // 4: every lookup asks whether its result stands in a conflict, by
     // namespace and key; every login prunes certificates long expired.
     "CREATE INDEX conflicts_by_result ON conflicts(namespace, key);
      CREATE INDEX certificates_by_expiry ON certificates(not_after);",
@@ -161,8 +186,51 @@ pub struct Grant {
     pub name: String,
     /// Repository namespaces it may read (and announce results for).
     pub repos: BTreeSet<String>,
-    /// Whether its results count for CI on those repositories.
+    /// Whether its results count for CI on those repositories (a
+    /// hand-issued `--trusted` identity, a CI job whose ref counts; never
+    /// set for people, whose results count by their forge access).
     pub trusted: bool,
+    /// A person's forge access to each granted repository, as the forge
+    /// said when they last logged in or renewed (empty for others).
+    pub access: BTreeMap<String, ForgeAccess>,
+}
+
+/// What the orchestrator keeps of a person who logged in through a forge.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PersonRecord {
+    /// `github`, `gitlab`.
+    pub provider: String,
+    /// The forge's numeric user id: a renewal must find the same person.
+    pub forge_id: u64,
+    /// The forge token; never logged, never sent on.
+    pub token: String,
+}
+
+impl std::fmt::Debug for PersonRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PersonRecord")
+            .field("provider", &self.provider)
+            .field("forge_id", &self.forge_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A line of the login log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginRecord {
+    pub at: u64,
+    pub name: String,
+    /// `login` or `renewal`.
+    pub kind: String,
+    /// What was granted (none: a renewal that found no access left).
+    pub repos: Vec<String>,
+}
+
+/// Whether a person's certificate came from a login or a renewal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginKind {
+    Login,
+    Renewal,
 }
 
 /// Who a certificate belongs to.
@@ -504,6 +572,150 @@ impl State {
                 identities: true,
             })
         })
+    }
+
+    /// Records a person's login or renewal: the `Issued` event (its grants
+    /// and forge access replacing the earlier ones), the forge token and
+    /// id kept for renewals, and a line of the login log; unless an
+    /// administrator revoked the identity (`Some(when)`; nothing written).
+    /// One transaction.
+    pub fn record_person_login(
+        &mut self,
+        event: StateEvent,
+        person: &PersonRecord,
+        kind: LoginKind,
+    ) -> Result<Option<u64>, StateError> {
+        let StateEvent::Issued {
+            name, at, repos, ..
+        } = &event
+        else {
+            unreachable!("a login records an issue");
+        };
+        self.transact(|tx| {
+            let revoked_at: Option<i64> = tx
+                .query_row(
+                    "SELECT revoked_at FROM identities WHERE name = ?1",
+                    [name],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .flatten();
+            if let Some(at) = revoked_at {
+                return Ok(Outcome::Refused(Some(as_u64(at))));
+            }
+            apply(tx, &event)?;
+            tx.execute(
+                "INSERT INTO people (name, provider, forge_id, token, logged_in_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (name) DO UPDATE SET
+                     provider = excluded.provider,
+                     forge_id = excluded.forge_id,
+                     token = excluded.token,
+                     logged_in_at = CASE WHEN ?6 THEN excluded.logged_in_at ELSE logged_in_at END",
+                params![
+                    name,
+                    person.provider,
+                    as_i64(person.forge_id),
+                    person.token,
+                    as_i64(*at),
+                    kind == LoginKind::Login
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO logins (at, name, kind, repos) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    as_i64(*at),
+                    name,
+                    match kind {
+                        LoginKind::Login => "login",
+                        LoginKind::Renewal => "renewal",
+                    },
+                    serde_json::to_string(repos).expect("strings serialise")
+                ],
+            )?;
+            Ok(Outcome::Written {
+                value: None,
+                identities: true,
+            })
+        })
+    }
+
+    /// A person's renewal found no repository they may read: their grants
+    /// go (every certificate of theirs reads nothing from now on), and the
+    /// login log says so.
+    pub fn withdraw(&mut self, name: &str, at: u64) -> Result<(), StateError> {
+        self.transact(|tx| {
+            tx.execute("DELETE FROM grants WHERE name = ?1", [name])?;
+            tx.execute("DELETE FROM access WHERE name = ?1", [name])?;
+            tx.execute(
+                "INSERT INTO logins (at, name, kind, repos) VALUES (?1, ?2, 'renewal', '[]')",
+                params![as_i64(at), name],
+            )?;
+            Ok(Outcome::Written {
+                value: (),
+                identities: true,
+            })
+        })
+    }
+
+    /// Lifts the revocation of `name` so that it may log in again (its
+    /// certificates issued so far stay revoked). Whether it was revoked.
+    pub fn lift_revocation(&mut self, name: &str) -> Result<bool, StateError> {
+        self.transact(|tx| {
+            let n = tx.execute(
+                "UPDATE identities SET revoked_at = NULL WHERE name = ?1 AND revoked_at IS NOT NULL",
+                [name],
+            )?;
+            Ok(Outcome::Written {
+                value: n == 1,
+                identities: true,
+            })
+        })
+    }
+
+    /// What was kept of the person `name` at their last login.
+    pub fn person(&self, name: &str) -> Result<Option<PersonRecord>, StateError> {
+        self.conn
+            .query_row(
+                "SELECT provider, forge_id, token FROM people WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(PersonRecord {
+                        provider: r.get(0)?,
+                        forge_id: as_u64(r.get(1)?),
+                        token: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(self.sql())
+    }
+
+    /// The logins and renewals of people, oldest first.
+    pub fn logins(&self) -> Result<Vec<LoginRecord>, StateError> {
+        let read = || -> rusqlite::Result<Vec<LoginRecord>> {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT at, name, kind, repos FROM logins ORDER BY id")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(LoginRecord {
+                    at: as_u64(r.get(0)?),
+                    name: r.get(1)?,
+                    kind: r.get(2)?,
+                    repos: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
+                })
+            })?;
+            rows.collect()
+        };
+        read().map_err(self.sql())
+    }
+
+    /// Every namespace some identity is granted.
+    pub fn granted_namespaces(&self) -> BTreeSet<String> {
+        self.grants
+            .values()
+            .flat_map(|g| g.repos.iter().cloned())
+            .collect()
     }
 
     /// Who holds the certificate with this sha256.
@@ -900,6 +1112,7 @@ fn read_cache(tx: &Transaction<'_>) -> rusqlite::Result<Cache> {
                 name,
                 repos: BTreeSet::new(),
                 trusted,
+                access: BTreeMap::new(),
             },
         );
     }
@@ -909,6 +1122,20 @@ fn read_cache(tx: &Transaction<'_>) -> rusqlite::Result<Cache> {
         let (name, repo) = row?;
         if let Some(g) = grants.get_mut(&name) {
             g.repos.insert(repo);
+        }
+    }
+    let mut stmt = tx.prepare_cached("SELECT name, repo, level FROM access")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (name, repo, level) = row?;
+        if let (Some(g), Some(level)) = (grants.get_mut(&name), access_of(&level)) {
+            g.access.insert(repo, level);
         }
     }
     Ok((certs, grants))
@@ -930,11 +1157,26 @@ fn grant_in(tx: &Transaction<'_>, name: &str) -> rusqlite::Result<Option<Grant>>
     let repos = stmt
         .query_map([name], |r| r.get::<_, String>(0))?
         .collect::<rusqlite::Result<BTreeSet<String>>>()?;
+    let mut stmt = tx.prepare_cached("SELECT repo, level FROM access WHERE name = ?1")?;
+    let access = stmt
+        .query_map([name], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<(String, String)>>>()?
+        .into_iter()
+        .filter_map(|(repo, level)| Some((repo, access_of(&level)?)))
+        .collect();
     Ok(Some(Grant {
         name: name.to_string(),
         repos,
         trusted,
+        access,
     }))
+}
+
+/// An access level as stored (its serde name).
+fn access_of(level: &str) -> Option<ForgeAccess> {
+    serde_json::from_value(serde_json::Value::String(level.to_string())).ok()
 }
 
 /// Writes one event.
@@ -947,6 +1189,7 @@ fn apply(tx: &Transaction<'_>, event: &StateEvent) -> rusqlite::Result<()> {
             trusted,
             at,
             not_after,
+            access,
         } => {
             tx.execute(
                 "INSERT INTO identities (name, trusted, issued_at, revoked_at)
@@ -962,6 +1205,13 @@ fn apply(tx: &Transaction<'_>, event: &StateEvent) -> rusqlite::Result<()> {
                 tx.execute(
                     "INSERT OR IGNORE INTO grants (name, repo) VALUES (?1, ?2)",
                     params![name, repo],
+                )?;
+            }
+            tx.execute("DELETE FROM access WHERE name = ?1", [name])?;
+            for (repo, level) in access {
+                tx.execute(
+                    "INSERT OR REPLACE INTO access (name, repo, level) VALUES (?1, ?2, ?3)",
+                    params![name, repo, level.as_str()],
                 )?;
             }
             tx.execute(
@@ -1092,6 +1342,7 @@ mod tests {
             trusted,
             at: 1,
             not_after: Some(99),
+            access: Default::default(),
         }
     }
 

@@ -145,6 +145,7 @@ fn a_version_1_state_log_is_imported_on_first_start_and_audited() {
             trusted: true,
             at: 1_700_000_000,
             not_after: Some(1_800_000_000),
+            access: Default::default(),
         },
         StateEvent::Replayed {
             asker: "ci".into(),

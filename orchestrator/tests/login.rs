@@ -2,8 +2,13 @@
 //! over real QUIC on loopback, the tokens signed by a real, independently
 //! written issuer (`oauth2-mock-server`, see `issuer/`): the certificate a
 //! job gets, what it grants and whether it counts, and every login that
-//! must be refused.
+//! must be refused. People log in through the GitHub and GitLab stand-ins
+//! (`forges/`, their documented endpoints with a scripted person): what
+//! they are granted and what counts, denial and expiry, renewal after the
+//! forge took access away, revocation, and an orchestrator that answers a
+//! certificate the executor must not store.
 
+mod forges;
 mod issuer;
 
 use std::fs;
@@ -265,7 +270,7 @@ async fn logins_that_must_fail_are_refused_and_say_why() {
     let again = token(&mut issuer, "refs/heads/main", true, json!({}));
     let message = refusal(service.login(&again).await);
     assert!(
-        message.contains("was revoked") && message.contains("issue --replace"),
+        message.contains("was revoked") && message.contains("revoke --lift"),
         "{message}"
     );
     service.stop().await;
@@ -426,5 +431,442 @@ async fn an_expired_job_certificate_is_refused_with_a_log_in_again() {
         Err(LinkError::Expired(at)) => assert_eq!(at, logged.expires_at),
         other => panic!("{other:?}"),
     }
+    service.stop().await;
+}
+
+// ---- People ----------------------------------------------------------
+
+use forges::{FakeGithub, FakeGitlab, Script};
+
+/// `[policy.repos]` tables naming `namespaces` (the team's repositories).
+fn team(namespaces: &[&str]) -> String {
+    namespaces
+        .iter()
+        .map(|ns| format!("[policy.repos.\"{ns}\"]\n"))
+        .collect()
+}
+
+impl Service {
+    async fn person(
+        &self,
+        provider: &str,
+    ) -> (Result<login::LoggedIn, LoginError>, Vec<login::LoginCode>) {
+        let mut codes = Vec::new();
+        let got = login::person_login(&self.addr.to_string(), self.pin(), provider, &mut |c| {
+            codes.push(c.clone())
+        })
+        .await;
+        (got, codes)
+    }
+}
+
+/// The GitHub stand-in with alice (maintain on acme/app, read on
+/// acme/lib, nothing on acme/secret) and an orchestrator whose team has
+/// those three repositories.
+async fn github_team(extra: &str) -> (FakeGithub, Service) {
+    let github = FakeGithub::start().await;
+    github
+        .user("alice", 1001)
+        .set_access("alice", "acme/app", "maintain")
+        .set_access("alice", "acme/lib", "read")
+        .set_access("bob", "acme/secret", "admin");
+    let settings = format!(
+        "{extra}{}{}",
+        team(&[
+            "github.com/acme/app",
+            "github.com/acme/lib",
+            "github.com/acme/secret"
+        ]),
+        github.settings_toml()
+    );
+    let service = Service::start(&settings).await;
+    (github, service)
+}
+
+#[tokio::test]
+async fn a_person_logs_in_with_github_and_is_granted_what_the_forge_lets_them_read() {
+    let (github, service) = github_team("").await;
+    github.next_login(Script::Approve {
+        user: "alice",
+        after_polls: 1,
+    });
+    let (got, codes) = service.person("github").await;
+    let logged = got.unwrap();
+    assert_eq!(
+        codes.len(),
+        1,
+        "the code is shown once, before the approval"
+    );
+    assert!(
+        codes[0].verification_uri.starts_with(&github.url()),
+        "{codes:?}"
+    );
+    assert_eq!(logged.identity, "github:alice");
+    assert_eq!(logged.repos, ["github.com/acme/app", "github.com/acme/lib"]);
+    assert_eq!(
+        logged.counts,
+        ["github.com/acme/app"],
+        "maintainers count by default, readers do not"
+    );
+    let now = reprise_orchestrator::state::now_secs();
+    assert!(
+        logged.expires_at > now + 11 * 3600 && logged.expires_at <= now + 12 * 3600 + 5,
+        "12 h by default"
+    );
+    // The certificate grants exactly those, and connects.
+    let creds = Arc::new(Credentials::from_pem(&logged.credentials_pem).unwrap());
+    assert_eq!(creds.namespaces(), logged.repos.as_slice());
+    assert!(creds.is_person());
+    let link = Link::connect(&service.addr.to_string(), creds)
+        .await
+        .unwrap();
+    assert_eq!(link.identity(), "github:alice");
+    assert_eq!(link.counts_in(), ["github.com/acme/app"]);
+    link.close().await;
+    // The login is recorded, the token kept where only the orchestrator
+    // reads it, and asked about the secret repository too (404 to her).
+    let state = service.folder.state().unwrap();
+    let logins = state.logins().unwrap();
+    assert_eq!(logins.len(), 1);
+    assert_eq!(logins[0].kind, "login");
+    let kept = state.person("github:alice").unwrap().unwrap();
+    assert_eq!((kept.provider.as_str(), kept.forge_id), ("github", 1001));
+    assert!(
+        github
+            .requests()
+            .iter()
+            .any(|r| r == "GET /api/v3/repos/acme/secret"),
+        "{:?}",
+        github.requests()
+    );
+    // The policy check explains it.
+    let policy = service.folder.settings().unwrap().policy;
+    let e = reprise_orchestrator::explain::explain(
+        &state,
+        &policy.for_repo("github.com/acme/lib"),
+        "github:alice",
+        "github.com/acme/lib",
+        now,
+    )
+    .unwrap();
+    assert!(e.may_read && !e.counts, "{e:?}");
+    assert!(e.reasons.iter().any(|r| r.contains("read access")), "{e:?}");
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_person_logs_in_with_gitlab_where_guests_cannot_read() {
+    let gitlab = FakeGitlab::start().await;
+    gitlab
+        .user("bob", 7)
+        .set_access("bob", "group/app", "reporter")
+        .set_access("bob", "group/wiki-only", "guest")
+        .set_group_access("bob", "tools", "maintainer")
+        .project("tools/cli");
+    let settings = format!(
+        "[policy]\ncount_people = [\"carol\"]\n{}{}",
+        team(&[
+            "gitlab.com/group/app",
+            "gitlab.com/group/wiki-only",
+            "gitlab.com/tools/cli"
+        ]),
+        gitlab.settings_toml()
+    );
+    let service = Service::start(&settings).await;
+    gitlab.next_login(Script::SlowDownThenApprove {
+        user: "bob",
+        after_polls: 0,
+    });
+    let (got, codes) = service.person("gitlab").await;
+    let logged = got.unwrap();
+    assert_eq!(codes.len(), 1);
+    assert_eq!(logged.identity, "gitlab:gitlab.com:bob");
+    assert_eq!(
+        logged.repos,
+        ["gitlab.com/group/app", "gitlab.com/tools/cli"]
+    );
+    assert_eq!(
+        logged.counts,
+        ["gitlab.com/tools/cli"],
+        "a Maintainer through the group counts"
+    );
+    // GitHub is not configured here: said so.
+    let (got, codes) = service.person("github").await;
+    assert!(codes.is_empty());
+    let message = refusal(got);
+    assert!(message.contains("[login.github]"), "{message}");
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_denied_or_expired_device_flow_is_refused_and_records_nothing() {
+    let (github, service) = github_team("").await;
+    github.next_login(Script::Deny { after_polls: 1 });
+    let (got, codes) = service.person("github").await;
+    assert_eq!(codes.len(), 1);
+    let message = refusal(got);
+    assert!(message.contains("denied"), "{message}");
+
+    github.expires_in(2).next_login(Script::Expire);
+    let (got, _) = service.person("github").await;
+    let message = refusal(got);
+    assert!(
+        message.contains("expired") && message.contains("reprise login"),
+        "{message}"
+    );
+    // Someone the forge lets read none of the team's repositories.
+    github
+        .expires_in(60)
+        .user("eve", 666)
+        .next_login(Script::Approve {
+            user: "eve",
+            after_polls: 0,
+        });
+    let (got, _) = service.person("github").await;
+    let message = refusal(got);
+    assert!(message.contains("may read none"), "{message}");
+    assert!(
+        service.identities().is_empty(),
+        "{:?}",
+        service.identities()
+    );
+    assert!(service.refused(Refusal::Login) >= 3);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn renewal_asks_the_forge_again_and_drops_what_it_no_longer_grants() {
+    let (github, service) = github_team("").await;
+    github.next_login(Script::Approve {
+        user: "alice",
+        after_polls: 0,
+    });
+    let logged = service.person("github").await.0.unwrap();
+    let creds = Credentials::from_pem(&logged.credentials_pem).unwrap();
+    let old = creds.identity().unwrap().fingerprint;
+
+    // The forge takes acme/lib away; a renewal on her connection drops it.
+    github.set_access("alice", "acme/lib", "none");
+    let link = Link::connect(&service.addr.to_string(), Arc::new(creds))
+        .await
+        .unwrap();
+    let creds = Credentials::from_pem(&logged.credentials_pem).unwrap();
+    let renewed = login::renew(&link, &creds).await.unwrap();
+    assert_eq!(renewed.identity, "github:alice");
+    assert_eq!(renewed.repos, ["github.com/acme/app"]);
+    let fresh = Credentials::from_pem(&renewed.credentials_pem).unwrap();
+    assert_ne!(
+        fresh.identity().unwrap().fingerprint,
+        old,
+        "a new certificate"
+    );
+    assert_eq!(fresh.namespaces(), ["github.com/acme/app"]);
+    // The orchestrator decides by the new grant for every certificate of
+    // hers, the old one included.
+    let state = service.folder.state().unwrap();
+    let grant = state.grant("github:alice").unwrap();
+    assert!(!grant.repos.contains("github.com/acme/lib"), "{grant:?}");
+    assert_eq!(state.logins().unwrap()[1].kind, "renewal");
+
+    // She revokes the application on the forge: the next renewal says to
+    // log in again.
+    github.revoke_tokens("alice");
+    let message = refusal(login::renew(&link, &creds).await);
+    assert!(message.contains("log in again"), "{message}");
+    link.close().await;
+
+    // A CI job's or a hand-issued certificate is not renewed.
+    let hand = service
+        .folder
+        .issue("desk", &["github.com/acme/app".into()], true, None)
+        .unwrap();
+    let hand_link = Link::connect(
+        &service.addr.to_string(),
+        Arc::new(Credentials::from_pem(&hand).unwrap()),
+    )
+    .await
+    .unwrap();
+    let message = refusal(login::renew(&hand_link, &Credentials::from_pem(&hand).unwrap()).await);
+    assert!(message.contains("not a person"), "{message}");
+    hand_link.close().await;
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_revoked_person_is_cut_off_and_cannot_log_in_again_until_lifted() {
+    let (github, service) = github_team("").await;
+    github.next_login(Script::Approve {
+        user: "alice",
+        after_polls: 0,
+    });
+    let logged = service.person("github").await.0.unwrap();
+    let creds = Arc::new(Credentials::from_pem(&logged.credentials_pem).unwrap());
+    let link = Link::connect(&service.addr.to_string(), creds.clone())
+        .await
+        .unwrap();
+    service.folder.revoke("github:alice").unwrap();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        link.connection().closed(),
+    )
+    .await
+    .expect("the sweep closes a revoked person's connection within seconds");
+    assert!(closed.to_string().contains("revoked"), "{closed}");
+    assert!(
+        Link::connect(&service.addr.to_string(), creds)
+            .await
+            .is_err()
+    );
+
+    github.next_login(Script::Approve {
+        user: "alice",
+        after_polls: 0,
+    });
+    let message = refusal(service.person("github").await.0);
+    assert!(
+        message.contains("was revoked") && message.contains("--lift"),
+        "{message}"
+    );
+    service.folder.lift("github:alice").unwrap();
+    github.next_login(Script::Approve {
+        user: "alice",
+        after_polls: 0,
+    });
+    let again = service.person("github").await.0.unwrap();
+    assert_eq!(again.identity, "github:alice");
+    service.stop().await;
+}
+
+/// An orchestrator that holds the team's server key but answers every
+/// login with `answer(public key asked for)`.
+async fn hostile(
+    folder: &Folder,
+    answer: impl Fn(&str) -> Message + Send + Sync + 'static,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let endpoint = quinn::Endpoint::server(
+        folder.server_config().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                continue;
+            };
+            let asked = read_message(&mut recv).await.unwrap();
+            let key = match &asked {
+                Message::Login { public_key, .. } | Message::PersonLogin { public_key, .. } => {
+                    public_key.clone()
+                }
+                other => panic!("{other:?}"),
+            };
+            if matches!(asked, Message::PersonLogin { .. }) {
+                let code = Message::LoginCode {
+                    user_code: "ABCD-EFGH".into(),
+                    verification_uri: "https://github.com/login/device".into(),
+                    verification_uri_complete: None,
+                    expires_in: 60,
+                };
+                write_message(&mut send, &code).await.unwrap();
+            }
+            write_message(&mut send, &answer(&key)).await.unwrap();
+            send.finish().unwrap();
+            let _ = send.stopped().await;
+        }
+    });
+    (addr, task)
+}
+
+fn logged_in(certificate: String, identity: &str) -> Message {
+    Message::LoggedIn {
+        certificate,
+        identity: identity.into(),
+        repos: vec!["github.com/acme/app".into()],
+        trusted: true,
+        expires_at: 0,
+        counts: None,
+    }
+}
+
+#[tokio::test]
+async fn a_certificate_for_another_key_or_from_another_ca_is_never_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = Folder::init(&dir.path().join("orch"), &[]).unwrap();
+    let pin = CaPin(folder.ca_fingerprint().unwrap());
+
+    // A certificate of the team CA, but for a key the orchestrator made
+    // (it would hold the key, and the executor would seal with a key it
+    // does not hold).
+    let stolen = folder
+        .issue("mallory", &["github.com/acme/app".into()], true, None)
+        .unwrap();
+    let stolen_cert = stolen
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .next()
+        .unwrap()
+        .to_string();
+    let (addr, task) = hostile(&folder, move |_| logged_in(stolen_cert.clone(), "mallory")).await;
+    let got = login::exchange_token(&addr.to_string(), Some(pin), &Secret("a.b.c".into())).await;
+    assert!(
+        matches!(&got, Err(LoginError::BadCertificate(m)) if m.contains("another key")),
+        "{got:?}"
+    );
+    let got = login::person_login(&addr.to_string(), pin, "github", &mut |_| {}).await;
+    assert!(
+        matches!(&got, Err(LoginError::BadCertificate(m)) if m.contains("another key")),
+        "{got:?}"
+    );
+    task.abort();
+
+    // A certificate for our key, signed by another CA.
+    let other = reprise_orchestrator::pki::new_ca().unwrap();
+    let (addr, task) = hostile(&folder, move |key| {
+        let point = reprise_protocol::hex::decode(key).unwrap();
+        let until = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+        let (cert, _) = reprise_orchestrator::pki::issue_for_key(
+            &other,
+            "github:alice",
+            &["github.com/acme/app".to_string()],
+            &reprise_orchestrator::pki::P256Point(point),
+            until,
+        )
+        .unwrap();
+        logged_in(cert, "github:alice")
+    })
+    .await;
+    let got = login::person_login(&addr.to_string(), pin, "github", &mut |_| {}).await;
+    assert!(
+        matches!(&got, Err(LoginError::BadCertificate(m)) if m.contains("does not chain")),
+        "{got:?}"
+    );
+    assert!(got.unwrap_err().is_refusal(), "exit 12, nothing stored");
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_login_to_an_orchestrator_that_presents_another_ca_sends_nothing() {
+    let (github, service) = github_team("").await;
+    github.next_login(Script::Approve {
+        user: "alice",
+        after_polls: 0,
+    });
+    let wrong = CaPin::from_pem(&reprise_orchestrator::pki::new_ca().unwrap().cert).unwrap();
+    let got = login::person_login(&service.addr.to_string(), wrong, "github", &mut |_| {
+        panic!("no code for a login that never started")
+    })
+    .await;
+    assert!(
+        matches!(&got, Err(LoginError::WrongCa { seen: Some(fp), .. }) if *fp == service.pin().0),
+        "{got:?}"
+    );
+    assert_eq!(
+        login::presented_ca(&service.addr.to_string())
+            .await
+            .unwrap(),
+        Some(service.pin().0)
+    );
+    assert_eq!(github.stats().device_codes, 0, "no device flow was started");
     service.stop().await;
 }

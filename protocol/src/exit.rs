@@ -34,3 +34,7 @@ pub const MISMATCH: i32 = 11;
 /// `reprise login`: the CI system gave no token or the orchestrator refused
 /// the login; `reprise whoami`: no credentials, or they expired.
 pub const LOGIN_REFUSED: i32 = 12;
+/// `reprise login`: the orchestrator's team CA was not confirmed (no
+/// terminal to ask on and no `--ca`/`--ca-fingerprint`, the answer was no,
+/// or it presents another CA than the one pinned); nothing was sent to it.
+pub const CA_UNCONFIRMED: i32 = 13;

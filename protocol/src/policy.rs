@@ -12,6 +12,12 @@
 //! commit_status = false           # post a commit status for each counting result
 //! count_drivers = "all"           # whose results count by driver: "all", or the
 //!                                 # driver classes listed, e.g. ["qemu"] (VM runs only)
+//! count_access = "maintain"       # people (reprise login) whose results count: at least
+//!                                 # this access on the forge ("read" … "admin"), or "none"
+//! count_people = []               # identities whose results count whatever their access:
+//!                                 # a forge username ("alice") or an identity name
+//! readers = ["alice"]             # if set: only these people may read (the forge must
+//!                                 # let them read too); unset: anyone the forge lets read
 //!
 //! [policy.repos."example.com/team/project"]
 //! require_fresh = true            # only what is set here overrides
@@ -20,7 +26,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::key::DRIVER_CLASSES;
@@ -47,6 +53,173 @@ pub struct RepoPolicy {
     pub commit_status: bool,
     /// Which drivers' results count.
     pub count_drivers: CountDrivers,
+    /// The least forge access a person needs for their results to count.
+    pub count_access: CountAccess,
+    /// Identities whose results count whatever their access (forge
+    /// usernames of people, or identity names).
+    pub count_people: Vec<String>,
+    /// When set, only these people (forge usernames or identity names)
+    /// may read the repository; the forge must let them read it too.
+    pub readers: Option<Vec<String>>,
+}
+
+/// A person's access to a repository on the forge, from least to most
+/// (GitHub's `permissions`; GitLab's access levels: Guest and Planner are
+/// `guest`, Reporter `read`, Developer `write`, Maintainer `maintain`,
+/// Owner `admin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForgeAccess {
+    None,
+    /// Sees the project, not its code (GitLab Guest): cannot read.
+    Guest,
+    Read,
+    Triage,
+    Write,
+    Maintain,
+    Admin,
+}
+
+impl ForgeAccess {
+    /// Whether this access lets a person read the code.
+    pub fn reads(self) -> bool {
+        self >= ForgeAccess::Read
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForgeAccess::None => "none",
+            ForgeAccess::Guest => "guest",
+            ForgeAccess::Read => "read",
+            ForgeAccess::Triage => "triage",
+            ForgeAccess::Write => "write",
+            ForgeAccess::Maintain => "maintain",
+            ForgeAccess::Admin => "admin",
+        }
+    }
+}
+
+/// Whose forge access makes a person's results count (`count_access`): at
+/// least a level, or nobody by access ("none"; named people still count).
+/// By default people who maintain the repository: they can change what
+/// CI runs on its protected branches anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum CountAccess {
+    AtLeast(ForgeAccess),
+    Nobody,
+}
+
+impl Default for CountAccess {
+    fn default() -> CountAccess {
+        CountAccess::AtLeast(ForgeAccess::Maintain)
+    }
+}
+
+impl TryFrom<String> for CountAccess {
+    type Error = String;
+
+    fn try_from(word: String) -> Result<CountAccess, String> {
+        Ok(match word.as_str() {
+            "none" => CountAccess::Nobody,
+            "read" => CountAccess::AtLeast(ForgeAccess::Read),
+            "triage" => CountAccess::AtLeast(ForgeAccess::Triage),
+            "write" => CountAccess::AtLeast(ForgeAccess::Write),
+            "maintain" => CountAccess::AtLeast(ForgeAccess::Maintain),
+            "admin" => CountAccess::AtLeast(ForgeAccess::Admin),
+            _ => {
+                return Err(format!(
+                    "count_access is one of \"read\", \"triage\", \"write\", \"maintain\", \"admin\" (the least forge access whose results count) or \"none\", not \"{word}\""
+                ));
+            }
+        })
+    }
+}
+
+impl fmt::Display for CountAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CountAccess::Nobody => f.write_str("\"none\""),
+            CountAccess::AtLeast(level) => write!(f, "\"{}\"", level.as_str()),
+        }
+    }
+}
+
+/// The prefixes of the identities of people who logged in through a forge
+/// (`github:<username>`, `gitlab:<host>:<username>`) and of CI jobs; names
+/// issued by hand take none of them.
+pub const RESERVED_PREFIXES: &[&str] = &["ci:", "github:", "gitlab:"];
+
+/// The identity of a person who logged in through GitHub.
+pub fn github_identity(username: &str) -> String {
+    format!("github:{username}")
+}
+
+/// The identity of a person who logged in through the GitLab at `host`.
+pub fn gitlab_identity(host: &str, username: &str) -> String {
+    format!("gitlab:{host}:{username}")
+}
+
+/// The forge username of a person's identity (`None`: not a person).
+pub fn person_username(identity: &str) -> Option<&str> {
+    if let Some(name) = identity.strip_prefix("github:") {
+        return (!name.is_empty() && !name.contains(':')).then_some(name);
+    }
+    let rest = identity.strip_prefix("gitlab:")?;
+    let (_, name) = rest.rsplit_once(':')?;
+    (!name.is_empty()).then_some(name)
+}
+
+/// Whether `entry` of a list of people (`count_people`, `readers`) names
+/// `identity`: its whole name, or a person's forge username. A person only
+/// ever holds grants on their own forge's repositories, so a username in
+/// one repository's list cannot name someone of another forge there.
+pub fn names(entry: &str, identity: &str) -> bool {
+    entry == identity || person_username(identity) == Some(entry)
+}
+
+impl RepoPolicy {
+    /// Whether `identity` may read the repository as far as the policy
+    /// goes (`readers` restricts people only; the grant is checked apart).
+    pub fn may_read(&self, identity: &str) -> bool {
+        match &self.readers {
+            Some(list) if person_username(identity).is_some() => {
+                list.iter().any(|e| names(e, identity))
+            }
+            _ => true,
+        }
+    }
+
+    /// Why the results of `identity`, granted the repository, count for
+    /// CI, or `None` when they do not: named in `count_people`; a person
+    /// with at least `count_access` on the forge (`access`, as the forge
+    /// said at login); another identity that was issued as trusted (by
+    /// hand with `--trusted`, or a CI job whose ref `ci_jobs` counts).
+    pub fn counts_for(
+        &self,
+        identity: &str,
+        trusted: bool,
+        access: Option<ForgeAccess>,
+    ) -> Option<String> {
+        if !self.may_read(identity) {
+            return None;
+        }
+        if self.count_people.iter().any(|e| names(e, identity)) {
+            return Some(format!("{identity} is named in count_people"));
+        }
+        if person_username(identity).is_some() {
+            let access = access.unwrap_or(ForgeAccess::None);
+            return match self.count_access {
+                CountAccess::AtLeast(least) if access >= least => Some(format!(
+                    "{identity} has {} access on the forge (count_access = {})",
+                    access.as_str(),
+                    self.count_access
+                )),
+                _ => None,
+            };
+        }
+        trusted.then(|| format!("{identity} is trusted"))
+    }
 }
 
 /// Which CI jobs' results count for CI. A job on an unprotected ref runs
@@ -154,6 +327,9 @@ pub struct RepoOverrides {
     pub ci_jobs: Option<CiJobs>,
     pub commit_status: Option<bool>,
     pub count_drivers: Option<CountDrivers>,
+    pub count_access: Option<CountAccess>,
+    pub count_people: Option<Vec<String>>,
+    pub readers: Option<Vec<String>>,
 }
 
 /// The `[policy]` section.
@@ -172,6 +348,12 @@ pub struct PolicyConfig {
     pub commit_status: bool,
     #[serde(default)]
     pub count_drivers: CountDrivers,
+    #[serde(default)]
+    pub count_access: CountAccess,
+    #[serde(default)]
+    pub count_people: Vec<String>,
+    #[serde(default)]
+    pub readers: Option<Vec<String>>,
     /// By repository namespace.
     #[serde(default)]
     pub repos: BTreeMap<String, RepoOverrides>,
@@ -190,6 +372,9 @@ impl PolicyConfig {
             count_drivers: o
                 .count_drivers
                 .unwrap_or_else(|| self.count_drivers.clone()),
+            count_access: o.count_access.unwrap_or(self.count_access),
+            count_people: o.count_people.unwrap_or_else(|| self.count_people.clone()),
+            readers: o.readers.or_else(|| self.readers.clone()),
         }
     }
 }
@@ -208,6 +393,10 @@ pub struct OrchestratorSettings {
     /// and checked by the orchestrator's `status` module.
     #[serde(default)]
     pub status: Option<toml::Table>,
+    /// The `[login]` table (how people log in through GitHub or GitLab),
+    /// read and checked by the orchestrator's `forge` module.
+    #[serde(default)]
+    pub login: Option<toml::Table>,
 }
 
 /// Why the settings file was refused.
@@ -268,6 +457,7 @@ count_drivers = "all"
                 ci_jobs: CiJobs::Protected,
                 commit_status: false,
                 count_drivers: vm_only.clone(),
+                ..RepoPolicy::default()
             }
         );
         assert_eq!(
@@ -279,6 +469,7 @@ count_drivers = "all"
                 ci_jobs: CiJobs::Protected,
                 commit_status: false,
                 count_drivers: CountDrivers::All,
+                ..RepoPolicy::default()
             }
         );
         assert_eq!(p.for_repo("other").prefer, ["ci"]);
@@ -322,6 +513,180 @@ count_drivers = "all"
             let e = parse(value).unwrap_err().to_string();
             assert!(e.contains(says), "{value}: {e}");
         }
+    }
+
+    #[test]
+    fn people_count_by_forge_access_or_by_name_and_may_be_kept_from_reading() {
+        let p = OrchestratorSettings::parse(
+            r#"
+[policy]
+count_people = ["carol", "laptop"]
+
+[policy.repos."github.com/o/strict"]
+count_access = "admin"
+readers = ["alice", "github:bob"]
+
+[policy.repos."github.com/o/open"]
+count_access = "write"
+
+[policy.repos."github.com/o/nobody"]
+count_access = "none"
+count_people = []
+"#,
+        )
+        .unwrap()
+        .policy;
+        use ForgeAccess::{Admin, Maintain, Read, Write};
+        let counts = |ns: &str, who: &str, trusted: bool, access: Option<ForgeAccess>| {
+            p.for_repo(ns).counts_for(who, trusted, access).is_some()
+        };
+        // (case, namespace, identity, trusted, access, counts)
+        let table = [
+            (
+                "maintainers count by default",
+                "github.com/o/x",
+                "github:alice",
+                false,
+                Some(Maintain),
+                true,
+            ),
+            (
+                "writers do not",
+                "github.com/o/x",
+                "github:alice",
+                false,
+                Some(Write),
+                false,
+            ),
+            (
+                "unless the repository says so",
+                "github.com/o/open",
+                "github:alice",
+                false,
+                Some(Write),
+                true,
+            ),
+            (
+                "a named person counts with read access",
+                "github.com/o/x",
+                "github:carol",
+                false,
+                Some(Read),
+                true,
+            ),
+            (
+                "named by username on GitLab too",
+                "github.com/o/x",
+                "gitlab:gl.example:carol",
+                false,
+                Some(Read),
+                true,
+            ),
+            (
+                "a hand-issued identity named in full",
+                "github.com/o/x",
+                "laptop",
+                false,
+                None,
+                true,
+            ),
+            (
+                "a trusted hand-issued identity",
+                "github.com/o/x",
+                "desk",
+                true,
+                None,
+                true,
+            ),
+            (
+                "an untrusted one",
+                "github.com/o/x",
+                "desk",
+                false,
+                None,
+                false,
+            ),
+            (
+                "trust of a person comes from the forge, not a flag",
+                "github.com/o/x",
+                "github:dave",
+                true,
+                Some(Read),
+                false,
+            ),
+            (
+                "a CI job as the ci_jobs rule decided at login",
+                "github.com/o/x",
+                "ci:github:o/x@refs/heads/main",
+                true,
+                None,
+                true,
+            ),
+            (
+                "count_access = none",
+                "github.com/o/nobody",
+                "github:alice",
+                false,
+                Some(Admin),
+                false,
+            ),
+            (
+                "not a reader",
+                "github.com/o/strict",
+                "github:carol",
+                false,
+                Some(Admin),
+                false,
+            ),
+            (
+                "a reader who is admin",
+                "github.com/o/strict",
+                "github:bob",
+                false,
+                Some(Admin),
+                true,
+            ),
+        ];
+        for (case, ns, who, trusted, access, want) in table {
+            assert_eq!(counts(ns, who, trusted, access), want, "{case}");
+        }
+        let strict = p.for_repo("github.com/o/strict");
+        assert!(strict.may_read("github:alice") && strict.may_read("github:bob"));
+        assert!(!strict.may_read("github:carol"));
+        assert!(
+            strict.may_read("ci:github:o/strict@refs/heads/main"),
+            "readers names people only"
+        );
+        assert!(strict.may_read("desk"));
+        let why = p
+            .for_repo("github.com/o/x")
+            .counts_for("github:alice", false, Some(Admin))
+            .unwrap();
+        assert!(
+            why.contains("admin access") && why.contains("count_access = \"maintain\""),
+            "{why}"
+        );
+        let e = OrchestratorSettings::parse("[policy]\ncount_access = \"owner\"\n").unwrap_err();
+        assert!(e.to_string().contains("count_access is one of"), "{e}");
+    }
+
+    #[test]
+    fn person_identities_name_their_forge_and_username() {
+        assert_eq!(person_username(&github_identity("alice")), Some("alice"));
+        assert_eq!(
+            person_username(&gitlab_identity("gitlab.example:8443", "bob")),
+            Some("bob")
+        );
+        for not_a_person in [
+            "alice",
+            "ci:github:o/r@refs/heads/main",
+            "github:",
+            "github:a:b",
+            "gitlab:host",
+        ] {
+            assert_eq!(person_username(not_a_person), None, "{not_a_person}");
+        }
+        assert!(ForgeAccess::Read.reads() && !ForgeAccess::Guest.reads());
     }
 
     #[test]

@@ -82,6 +82,51 @@ pub fn describe(cert: &CertificateDer<'_>) -> Result<SignedBy, SealError> {
     })
 }
 
+/// When `cert` starts and ends (seconds since the Unix epoch), unchecked.
+pub fn validity(cert: &CertificateDer<'_>) -> Result<(u64, u64), SealError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|_| SealError::CertificateEncoding)?;
+    let v = parsed.validity();
+    Ok((
+        u64::try_from(v.not_before.timestamp()).unwrap_or(0),
+        u64::try_from(v.not_after.timestamp()).unwrap_or(0),
+    ))
+}
+
+/// Checks a client certificate an orchestrator just issued for a key held
+/// here: it must name `public_key` (the subject public key's bytes, an
+/// uncompressed P-256 point) and chain to the pinned team CA `ca` as a
+/// client certificate valid at `now`. Who it names.
+pub fn check_issued(
+    cert: &CertificateDer<'_>,
+    ca: &CertificateDer<'_>,
+    public_key: &[u8],
+    now: UnixTime,
+) -> Result<SignedBy, SealError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|_| SealError::CertificateEncoding)?;
+    if parsed.public_key().subject_public_key.data.as_ref() != public_key {
+        return Err(SealError::Certificate(
+            "it names another key than the one this login made".into(),
+        ));
+    }
+    let ee =
+        webpki::EndEntityCert::try_from(cert).map_err(|e| SealError::Certificate(e.to_string()))?;
+    let anchor = webpki::anchor_from_trusted_cert(ca)
+        .map_err(|e| SealError::Certificate(format!("the team CA: {e}")))?;
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &[anchor],
+        &[],
+        now,
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .map_err(|e| SealError::Certificate(format!("it does not chain to the pinned team CA: {e}")))?;
+    describe(cert)
+}
+
 impl Seal {
     /// The producer's certificate, decoded.
     pub fn certificate(&self) -> Result<CertificateDer<'static>, SealError> {

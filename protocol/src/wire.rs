@@ -89,6 +89,28 @@ pub fn login_proof_bytes(token: &str) -> Vec<u8> {
     out
 }
 
+/// What a `PersonLogin`'s proof signs: a fixed context, the forge and the
+/// public key, so the asker shows it holds the key the certificate will
+/// name (the exchange itself is inside TLS).
+pub fn person_login_proof_bytes(provider: &str, public_key: &str) -> Vec<u8> {
+    let mut out = b"reprise person login proof v1\0".to_vec();
+    out.extend_from_slice(provider.as_bytes());
+    out.push(0);
+    out.extend_from_slice(public_key.as_bytes());
+    out
+}
+
+/// What a `Renew`'s proof signs: a fixed context, the sha256 of the
+/// certificate the connection presents, and the new public key, so a
+/// proof made for one renewal proves nothing for another.
+pub fn renew_proof_bytes(current: &Sha256Digest, public_key: &str) -> Vec<u8> {
+    let mut out = b"reprise renew proof v1\0".to_vec();
+    out.extend_from_slice(current.hex().as_bytes());
+    out.push(0);
+    out.extend_from_slice(public_key.as_bytes());
+    out
+}
+
 /// A result asked for: its key and repository namespace.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Held {
@@ -204,6 +226,11 @@ pub enum Message {
         repos: Vec<String>,
         trusted: bool,
         revoked: Vec<Sha256Digest>,
+        /// The granted namespaces in which this identity's results count
+        /// for CI under the repository's policy (absent from orchestrators
+        /// that predate it: then `trusted` says it for every one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        counts: Option<Vec<String>>,
     },
     /// Results the executor holds, sealed by their producers: passed ones
     /// it will serve, failed ones so that a disagreement shows.
@@ -280,15 +307,49 @@ pub enum Message {
         public_key: String,
         proof: String,
     },
-    /// The answer to `Login`: the certificate (PEM, chained to the team CA
-    /// the connection was made to) and what it grants until it expires
-    /// (seconds since the Unix epoch).
+    /// The answer to `Login`, `PersonLogin` and `Renew`: the certificate
+    /// (PEM, chained to the team CA the connection was made to) and what it
+    /// grants until it expires (seconds since the Unix epoch); `counts`, as
+    /// in `Welcome`.
     LoggedIn {
         certificate: String,
         identity: String,
         repos: Vec<String>,
         trusted: bool,
         expires_at: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        counts: Option<Vec<String>>,
+    },
+    /// The first and only request of a connection without a client
+    /// certificate, from a person: log in through `provider` (`github`,
+    /// `gitlab`) with the OAuth device flow, for a certificate of
+    /// `public_key` (uncompressed P-256, hex); `proof` signs
+    /// [`person_login_proof_bytes`] with that key. Answered on the same
+    /// stream with `LoginCode` at once, then `LoggedIn` or an `Error` once
+    /// the person approved, denied, or let the code expire.
+    PersonLogin {
+        version: u32,
+        provider: String,
+        public_key: String,
+        proof: String,
+    },
+    /// What the person does on the forge: open `verification_uri` and
+    /// enter `user_code` within `expires_in` seconds.
+    LoginCode {
+        user_code: String,
+        verification_uri: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        verification_uri_complete: Option<String>,
+        expires_in: u64,
+    },
+    /// On an authenticated connection of a person: a new certificate for
+    /// `public_key` with the grants the forge gives now (the orchestrator
+    /// asks it again with the token it kept). `proof` signs
+    /// [`renew_proof_bytes`] with the new key. Answered with `LoggedIn`
+    /// or an `Error`.
+    Renew {
+        public_key: String,
+        proof: String,
     },
     Error {
         code: ErrorCode,
@@ -313,6 +374,9 @@ const KNOWN: &[&str] = &[
     "transfer",
     "login",
     "logged-in",
+    "person-login",
+    "login-code",
+    "renew",
     "error",
 ];
 
@@ -438,6 +502,10 @@ pub enum StateEvent {
         /// this was recorded).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         not_after: Option<u64>,
+        /// A person's access on the forge to each granted repository, as
+        /// the forge said at login (empty for other identities).
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        access: std::collections::BTreeMap<String, crate::policy::ForgeAccess>,
     },
     /// Every certificate of `name` is refused from now on.
     Revoked { name: String, at: u64 },
@@ -536,6 +604,7 @@ mod tests {
                 repos: vec!["a/b".into()],
                 trusted: true,
                 revoked: vec![Sha256Digest::of(b"cert")],
+                counts: Some(vec!["a/b".into()]),
             },
             Message::Announce {
                 results: vec![sealed()],
@@ -592,6 +661,23 @@ mod tests {
                 repos: vec!["github.com/o/r".into()],
                 trusted: true,
                 expires_at: 1,
+                counts: None,
+            },
+            Message::PersonLogin {
+                version: PROTOCOL_VERSION,
+                provider: "github".into(),
+                public_key: "04ab".into(),
+                proof: "3045".into(),
+            },
+            Message::LoginCode {
+                user_code: "WDJB-MJHT".into(),
+                verification_uri: "https://github.com/login/device".into(),
+                verification_uri_complete: None,
+                expires_in: 900,
+            },
+            Message::Renew {
+                public_key: "04ab".into(),
+                proof: "3045".into(),
             },
             Message::error(ErrorCode::FrameTooLarge, "too big"),
         ];
@@ -613,6 +699,14 @@ mod tests {
         assert!(!shown.contains("secret-claims"), "{shown}");
         assert!(shown.contains("Secret([34 bytes])"), "{shown}");
         assert_ne!(login_proof_bytes("a"), login_proof_bytes("b"));
+        assert_ne!(
+            person_login_proof_bytes("github", "04ab"),
+            person_login_proof_bytes("gitlab", "04ab")
+        );
+        assert_ne!(
+            renew_proof_bytes(&Sha256Digest::of(b"1"), "04ab"),
+            renew_proof_bytes(&Sha256Digest::of(b"2"), "04ab")
+        );
     }
 
     #[test]

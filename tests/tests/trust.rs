@@ -105,6 +105,7 @@ impl StandIn {
             repos: repos.iter().map(|r| r.to_string()).collect(),
             trusted: true,
             revoked: Vec::new(),
+            counts: None,
         };
         send.write_all(&wire::encode(&welcome).expect("encode"))
             .await

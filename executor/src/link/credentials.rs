@@ -72,6 +72,19 @@ impl Credentials {
         })
     }
 
+    /// When the certificate starts and ends (seconds since the epoch).
+    pub fn validity(&self) -> Result<(u64, u64), LinkError> {
+        reprise_protocol::seal::validity(&self.cert)
+            .map_err(|e| LinkError::Credentials(e.to_string()))
+    }
+
+    /// Whether these are a person's credentials (from `reprise login`
+    /// through a forge), which the orchestrator renews.
+    pub fn is_person(&self) -> bool {
+        self.identity()
+            .is_ok_and(|me| reprise_protocol::policy::person_username(&me.name).is_some())
+    }
+
     /// These credentials, if their certificate has not expired.
     pub fn unexpired(self) -> Result<Credentials, LinkError> {
         let not_after = self

@@ -23,7 +23,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reprise_protocol::digest::Sha256Digest;
-use reprise_protocol::wire::{ErrorCode, Message, PROTOCOL_VERSION, Secret, login_proof_bytes};
+use reprise_protocol::wire::{
+    ErrorCode, Message, PROTOCOL_VERSION, Secret, login_proof_bytes, person_login_proof_bytes,
+    renew_proof_bytes,
+};
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -32,7 +35,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use thiserror::Error;
 
 use super::credentials::{pem_of, quic_client};
-use super::{LinkError, dial, exchange};
+use super::{LinkError, dial, exchange, read_message, write_message};
 
 /// GitHub Actions: where the job's ID token is asked for.
 pub const GITHUB_REQUEST_URL_VAR: &str = "ACTIONS_ID_TOKEN_REQUEST_URL";
@@ -70,6 +73,10 @@ pub enum LoginError {
     CaFile(String),
     #[error("the orchestrator refused the login: {0}")]
     Refused(String),
+    #[error(
+        "the orchestrator answered a certificate that cannot be used, so nothing was stored: {0}"
+    )]
+    BadCertificate(String),
     #[error(transparent)]
     Link(#[from] LinkError),
     #[error("no answer from the orchestrator within {0:?}")]
@@ -80,7 +87,10 @@ impl LoginError {
     /// Whether the CI system or the orchestrator refused who we are (as
     /// opposed to being unreachable).
     pub fn is_refusal(&self) -> bool {
-        matches!(self, LoginError::Refused(_) | LoginError::NoToken)
+        matches!(
+            self,
+            LoginError::Refused(_) | LoginError::NoToken | LoginError::BadCertificate(_)
+        )
     }
 }
 
@@ -157,6 +167,17 @@ pub struct LoggedIn {
     pub repos: Vec<String>,
     pub trusted: bool,
     pub expires_at: u64,
+    /// The granted repositories in which its results count for CI.
+    pub counts: Vec<String>,
+}
+
+/// What the person does on the forge, as the orchestrator relayed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginCode {
+    pub user_code: String,
+    pub verification_uri: String,
+    pub verification_uri_complete: Option<String>,
+    pub expires_in: u64,
 }
 
 /// How long the whole exchange may take.
@@ -175,11 +196,23 @@ pub async fn exchange_token(
     }
 }
 
-async fn exchange_in_time(
+/// The sha256 of the team CA the orchestrator at `addr` presents (the last
+/// certificate of the chain it sends), without sending it anything.
+pub async fn presented_ca(addr: &str) -> Result<Option<Sha256Digest>, LoginError> {
+    match tokio::time::timeout(LOGIN_TIMEOUT, connect_pinned(addr, None)).await {
+        Ok(Err(LoginError::NoPin { seen })) => Ok(seen),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(_)) => unreachable!("no pin never connects"),
+        Err(_) => Err(LoginError::TimedOut(LOGIN_TIMEOUT)),
+    }
+}
+
+/// A connection to `addr` without a client certificate, the orchestrator
+/// checked against `pin`, and the pinned CA it presented.
+async fn connect_pinned(
     addr: &str,
     pin: Option<CaPin>,
-    token: &Secret,
-) -> Result<LoggedIn, LoginError> {
+) -> Result<(quinn::Endpoint, quinn::Connection, CertificateDer<'static>), LoginError> {
     let verifier = Arc::new(PinnedCa::new(pin.map(|p| p.0)));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -201,47 +234,208 @@ async fn exchange_in_time(
     let ca = verifier
         .ca()
         .expect("a verified handshake found the pinned CA");
+    Ok((endpoint, conn, ca))
+}
 
-    let rng = SystemRandom::new();
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
-        .map_err(|_| LinkError::Credentials("cannot make a key".into()))?;
-    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
-        .expect("a key just made");
-    let proof = key
-        .sign(&rng, &login_proof_bytes(&token.0))
-        .map_err(|_| LinkError::Credentials("cannot sign the proof".into()))?;
+/// A key made for one login: it never leaves this machine.
+struct NewKey {
+    pkcs8: ring::pkcs8::Document,
+    key: EcdsaKeyPair,
+    rng: SystemRandom,
+}
+
+impl NewKey {
+    fn make() -> Result<NewKey, LoginError> {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
+            .map_err(|_| LinkError::Credentials("cannot make a key".into()))?;
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+            .expect("a key just made");
+        Ok(NewKey { pkcs8, key, rng })
+    }
+
+    /// The public key, hex, as the messages carry it.
+    fn public_hex(&self) -> String {
+        reprise_protocol::hex::encode(self.key.public_key().as_ref())
+    }
+
+    /// A proof (hex) that this key signed `bytes`.
+    fn prove(&self, bytes: &[u8]) -> Result<String, LoginError> {
+        let proof = self
+            .key
+            .sign(&self.rng, bytes)
+            .map_err(|_| LinkError::Credentials("cannot sign the proof".into()))?;
+        Ok(reprise_protocol::hex::encode(proof.as_ref()))
+    }
+
+    /// The credentials of an answer: refused unless its certificate names
+    /// this key and chains to the pinned `ca` (an orchestrator that answers
+    /// with another key's certificate, or another CA's, is not believed).
+    fn credentials(self, answer: Message, ca: &CertificateDer<'_>) -> Result<LoggedIn, LoginError> {
+        match answer {
+            Message::LoggedIn {
+                certificate,
+                identity,
+                repos,
+                trusted,
+                expires_at: _,
+                counts,
+            } => {
+                use rustls::pki_types::pem::PemObject as _;
+                let cert =
+                    CertificateDer::from_pem_slice(certificate.as_bytes()).map_err(|_| {
+                        LoginError::BadCertificate("it is not a PEM certificate".into())
+                    })?;
+                let named = reprise_protocol::seal::check_issued(
+                    &cert,
+                    ca,
+                    self.key.public_key().as_ref(),
+                    UnixTime::now(),
+                )
+                .map_err(|e| LoginError::BadCertificate(e.to_string()))?;
+                if named.name != identity {
+                    return Err(LoginError::BadCertificate(format!(
+                        "it names {} where the answer says {identity}",
+                        named.name
+                    )));
+                }
+                let key_pem = pem_block("PRIVATE KEY", self.pkcs8.as_ref());
+                let counts =
+                    counts.unwrap_or_else(|| if trusted { repos.clone() } else { Vec::new() });
+                Ok(LoggedIn {
+                    credentials_pem: format!("{}{key_pem}{}", pem_of(&cert), pem_of(ca)),
+                    identity,
+                    repos,
+                    trusted,
+                    expires_at: named.not_after,
+                    counts,
+                })
+            }
+            Message::Error { code, message } => Err(LoginError::Refused(match code {
+                ErrorCode::UnsupportedVersion => format!("{message} (update reprise)"),
+                _ => message,
+            })),
+            other => Err(LinkError::Unexpected(format!("{other:?}")).into()),
+        }
+    }
+}
+
+async fn exchange_in_time(
+    addr: &str,
+    pin: Option<CaPin>,
+    token: &Secret,
+) -> Result<LoggedIn, LoginError> {
+    let (endpoint, conn, ca) = connect_pinned(addr, pin).await?;
+    let key = NewKey::make()?;
     let request = Message::Login {
         version: PROTOCOL_VERSION,
         token: token.clone(),
-        public_key: reprise_protocol::hex::encode(key.public_key().as_ref()),
-        proof: reprise_protocol::hex::encode(proof.as_ref()),
+        public_key: key.public_hex(),
+        proof: key.prove(&login_proof_bytes(&token.0))?,
     };
     let answer = exchange(&conn, &request).await;
     conn.close(quinn::VarInt::from_u32(0), b"logged in");
     endpoint.wait_idle().await;
-    match answer? {
-        Message::LoggedIn {
-            certificate,
-            identity,
-            repos,
-            trusted,
-            expires_at,
-        } => {
-            let key_pem = pem_block("PRIVATE KEY", pkcs8.as_ref());
-            Ok(LoggedIn {
-                credentials_pem: format!("{certificate}{key_pem}{}", pem_of(&ca)),
-                identity,
-                repos,
-                trusted,
-                expires_at,
-            })
-        }
-        Message::Error { code, message } => Err(LoginError::Refused(match code {
-            ErrorCode::UnsupportedVersion => format!("{message} (update reprise)"),
-            _ => message,
-        })),
-        other => Err(LinkError::Unexpected(format!("{other:?}")).into()),
+    key.credentials(answer?, &ca)
+}
+
+/// Writes credentials (or any private file) to `path`, mode 0600, through
+/// a temporary file renamed over it, so a reader sees the old file or the
+/// new one.
+pub fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    crate::paths::write_whole(path, text.as_bytes(), 0o600)
+}
+
+/// Whether credentials valid from `not_before` to `not_after` are due for
+/// renewal at `now`: in the last quarter of their lifetime.
+pub fn renewal_due(not_before: u64, not_after: u64, now: u64) -> bool {
+    let lifetime = not_after.saturating_sub(not_before);
+    now < not_after && now >= not_after - lifetime / 4
+}
+
+/// How long past the code's expiry the orchestrator's answer may take.
+const CODE_GRACE: Duration = Duration::from_secs(60);
+
+/// A person logs in at `addr` (checked against `pin`) through `provider`
+/// (`github`, `gitlab`): the orchestrator runs the device flow against the
+/// forge and relays the code, handed to `shown` as soon as it comes; the
+/// certificate follows once the person approved on the forge.
+pub async fn person_login(
+    addr: &str,
+    pin: CaPin,
+    provider: &str,
+    shown: &mut (dyn FnMut(&LoginCode) + Send),
+) -> Result<LoggedIn, LoginError> {
+    let (endpoint, conn, ca) =
+        match tokio::time::timeout(LOGIN_TIMEOUT, connect_pinned(addr, Some(pin))).await {
+            Ok(connected) => connected?,
+            Err(_) => return Err(LoginError::TimedOut(LOGIN_TIMEOUT)),
+        };
+    let key = NewKey::make()?;
+    let public_key = key.public_hex();
+    let request = Message::PersonLogin {
+        version: PROTOCOL_VERSION,
+        provider: provider.to_string(),
+        proof: key.prove(&person_login_proof_bytes(provider, &public_key))?,
+        public_key,
+    };
+    let answer = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(LinkError::from)?;
+        write_message(&mut send, &request)
+            .await
+            .map_err(LinkError::from)?;
+        let _ = send.finish();
+        let first = tokio::time::timeout(LOGIN_TIMEOUT, read_message(&mut recv))
+            .await
+            .map_err(|_| LoginError::TimedOut(LOGIN_TIMEOUT))?
+            .map_err(LinkError::from)?;
+        let expires_in = match first {
+            Message::LoginCode {
+                user_code,
+                verification_uri,
+                verification_uri_complete,
+                expires_in,
+            } => {
+                shown(&LoginCode {
+                    user_code,
+                    verification_uri,
+                    verification_uri_complete,
+                    expires_in,
+                });
+                Duration::from_secs(expires_in.min(3600))
+            }
+            other => return Ok::<Message, LoginError>(other),
+        };
+        let wait = expires_in + CODE_GRACE;
+        let last = tokio::time::timeout(wait, read_message(&mut recv))
+            .await
+            .map_err(|_| LoginError::TimedOut(wait))?
+            .map_err(LinkError::from)?;
+        Ok(last)
     }
+    .await;
+    conn.close(quinn::VarInt::from_u32(0), b"logged in");
+    endpoint.wait_idle().await;
+    key.credentials(answer?, &ca)
+}
+
+/// Asks the orchestrator on `link` (connected with `creds`, a person's)
+/// for a new certificate with the grants the forge gives now.
+pub async fn renew(link: &super::Link, creds: &super::Credentials) -> Result<LoggedIn, LoginError> {
+    let current = creds
+        .identity()
+        .map_err(|e| LinkError::Credentials(e.to_string()))?
+        .fingerprint;
+    let key = NewKey::make()?;
+    let public_key = key.public_hex();
+    let request = Message::Renew {
+        proof: key.prove(&renew_proof_bytes(&current, &public_key))?,
+        public_key,
+    };
+    let answer = link.request(&request).await?;
+    key.credentials(answer, creds.ca())
 }
 
 fn pem_block(label: &str, der: &[u8]) -> String {
@@ -387,6 +581,21 @@ mod tests {
             ci_token("aud", &empty).await,
             Err(LoginError::NoToken)
         ));
+    }
+
+    #[test]
+    fn credentials_are_renewed_in_the_last_quarter_of_their_lifetime() {
+        // (not before, not after, now, due)
+        for (from, until, now, due) in [
+            (0, 400, 100, false),
+            (0, 400, 299, false),
+            (0, 400, 300, true),
+            (0, 400, 399, true),
+            (0, 400, 400, false),
+            (1000, 1000 + 12 * 3600, 1000 + 9 * 3600, true),
+        ] {
+            assert_eq!(renewal_due(from, until, now), due, "{from} {until} {now}");
+        }
     }
 
     #[test]

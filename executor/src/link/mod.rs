@@ -48,7 +48,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct Orchestrator {
     pub settings: LinkSettings,
-    creds: Arc<Credentials>,
+    /// The credentials in use, shared by the clones: a renewal (here or by
+    /// another process writing the file) replaces them for the next
+    /// connection and the next seal.
+    creds: Arc<std::sync::Mutex<Arc<Credentials>>>,
 }
 
 /// Why a orchestrator could not be made.
@@ -70,23 +73,79 @@ impl Orchestrator {
             })?;
         Ok(Orchestrator {
             settings,
-            creds: Arc::new(creds),
+            creds: Arc::new(std::sync::Mutex::new(Arc::new(creds))),
         })
     }
 
     /// The loaded credentials (they seal results made here).
-    pub fn credentials(&self) -> &Credentials {
-        &self.creds
+    pub fn credentials(&self) -> Arc<Credentials> {
+        self.creds.lock().expect("credentials").clone()
     }
 
-    /// One attempt, bounded by [`CONNECT_TIMEOUT`].
-    pub async fn connect(&self) -> Result<Link, String> {
-        let attempt = Link::connect(&self.settings.orchestrator, self.creds.clone());
-        match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
-            Ok(Ok(link)) => Ok(link),
-            Ok(Err(e)) => Err(crate::text::error_chain(&e)),
-            Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+    /// Takes the credentials file's certificate when it is another,
+    /// unexpired one than in use (renewed by another process).
+    fn reload(&self) {
+        let current = self.credentials();
+        let Ok(fresh) =
+            Credentials::load(&self.settings.credentials).and_then(Credentials::unexpired)
+        else {
+            return;
+        };
+        if fresh.cert_pem() != current.cert_pem() {
+            *self.creds.lock().expect("credentials") = Arc::new(fresh);
         }
+    }
+
+    /// One attempt, bounded by [`CONNECT_TIMEOUT`]. A person's
+    /// credentials in the last quarter of their lifetime are renewed on
+    /// the way (the new certificate is written over the credentials file
+    /// and used from the next connection on).
+    pub async fn connect(&self) -> Result<Link, String> {
+        self.reload();
+        let creds = self.credentials();
+        let attempt = Link::connect(&self.settings.orchestrator, creds.clone());
+        let link = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+            Ok(Ok(link)) => link,
+            Ok(Err(e)) => return Err(crate::text::error_chain(&e)),
+            Err(_) => return Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+        };
+        if let Ok((from, until)) = creds.validity()
+            && creds.is_person()
+            && login::renewal_due(from, until, crate::store::now_secs())
+        {
+            match self.renew(&link).await {
+                Ok(renewed) => info!(
+                    identity = %renewed.identity,
+                    "renewed the credentials until {}",
+                    crate::text::utc_timestamp(renewed.expires_at)
+                ),
+                Err(e) => warn!(
+                    "could not renew the credentials (they expire at {}): {}",
+                    crate::text::utc_timestamp(until),
+                    crate::text::error_chain(&e)
+                ),
+            }
+        }
+        Ok(link)
+    }
+
+    /// Asks for a new certificate on `link` (a person's) and writes it
+    /// over the credentials file.
+    pub async fn renew(&self, link: &Link) -> Result<login::LoggedIn, login::LoginError> {
+        let creds = self.credentials();
+        let renewed = tokio::time::timeout(CONNECT_TIMEOUT * 6, login::renew(link, &creds))
+            .await
+            .map_err(|_| login::LoginError::TimedOut(CONNECT_TIMEOUT * 6))??;
+        login::write_private(&self.settings.credentials, &renewed.credentials_pem).map_err(
+            |source| LinkError::CredentialsIo {
+                path: self.settings.credentials.clone(),
+                source,
+            },
+        )?;
+        if let Ok(fresh) = Credentials::from_pem(&renewed.credentials_pem) {
+            *self.creds.lock().expect("credentials") = Arc::new(fresh);
+        }
+        Ok(renewed)
     }
 }
 
@@ -126,6 +185,22 @@ pub enum LinkError {
     Unexpected(String),
 }
 
+impl LinkError {
+    /// Whether the orchestrator closed the connection because it does not
+    /// take these credentials (revoked, or not issued by it): logging in
+    /// again is what helps, not trying later.
+    pub fn credentials_refused(&self) -> bool {
+        match self {
+            LinkError::Connection(quinn::ConnectionError::ApplicationClosed(close)) => {
+                // The orchestrator's close codes 1 (unknown identity) and
+                // 2 (revoked).
+                matches!(close.error_code.into_inner(), 1 | 2)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The orchestrator's answer to a lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Found {
@@ -154,6 +229,8 @@ pub struct Link {
     /// Whether this identity's results count for CI (under each
     /// repository's policy).
     trusted: bool,
+    /// The granted repositories in which its results count for CI.
+    counts: Vec<String>,
     /// Fingerprints of revoked certificates, as of the connection.
     revoked: BTreeSet<Sha256Digest>,
     /// Tests and benchmarks only: the chunk of a result at which every
@@ -185,6 +262,7 @@ impl Link {
                 repos,
                 revoked,
                 trusted,
+                counts,
             }) => {
                 debug!(%identity, revoked = revoked.len(), "connected to the orchestrator");
                 // The orchestrator's word cannot widen what this executor
@@ -198,6 +276,11 @@ impl Link {
                         refused.join(", ")
                     );
                 }
+                let counts = match counts {
+                    Some(c) => c.into_iter().filter(|r| repos.contains(r)).collect(),
+                    None if trusted => repos.clone(),
+                    None => Vec::new(),
+                };
                 Ok(Link {
                     _endpoint: endpoint,
                     conn,
@@ -205,6 +288,7 @@ impl Link {
                     identity,
                     repos,
                     trusted,
+                    counts,
                     revoked: revoked.into_iter().collect(),
                     stop_serving_at: Arc::new(AtomicU64::new(serve::stop_serving_at_from_env())),
                 })
@@ -232,6 +316,12 @@ impl Link {
     /// repository's policy.
     pub fn trusted(&self) -> bool {
         self.trusted
+    }
+
+    /// The granted repositories in which this identity's results count
+    /// for CI under their policy.
+    pub fn counts_in(&self) -> &[String] {
+        &self.counts
     }
 
     /// The underlying connection.
