@@ -1472,6 +1472,7 @@ mod tests {
             trusted: true,
             at,
             not_after: Some(at + 3600),
+            access: Default::default(),
         };
         s.append(issued("hand", "h", true)).unwrap();
         s.record_login(login("old", 1000)).unwrap();
