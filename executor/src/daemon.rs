@@ -632,6 +632,8 @@ pub async fn hand_over_or_serve(
             ));
             true
         }
+        // A daemon that only keeps a warm guest serves nothing.
+        Ok(Answer::Status { orchestrator, .. }) if orchestrator.is_empty() => false,
         Ok(Answer::Status { pid, link, .. }) => {
             ui.note(&format!(
                 "the reprise daemon (pid {pid}) serves this store ({})",
