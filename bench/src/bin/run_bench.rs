@@ -13,7 +13,7 @@
 //! Also a real project's first and second real runs (six from PyPI,
 //! `scripts/pypi-project.sh`; up to 3 second runs).
 //!
-//! Usage: `run_bench [--runs N] [--real-runs N] [--no-vm] [--no-real-project]`
+//! Usage: `run_bench [--runs N] [--real-runs N] [--no-vm] [--no-real-project] [--no-cold-boot]`
 //! (`--real-runs` counts the restored second runs; as many cold ones run
 //! beside them). The `reprise`
 //! binary (with `reprise-guest` and `mk`) is looked for next to this one:
@@ -46,6 +46,7 @@ struct Options {
     real_runs: usize,
     vm: bool,
     real_project: bool,
+    cold_boot: bool,
 }
 
 fn options() -> Options {
@@ -54,6 +55,7 @@ fn options() -> Options {
         real_runs: 6,
         vm: true,
         real_project: true,
+        cold_boot: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -67,8 +69,11 @@ fn options() -> Options {
             "--real-runs" => o.real_runs = number().max(1),
             "--no-vm" => o.vm = false,
             "--no-real-project" => o.real_project = false,
+            "--no-cold-boot" => o.cold_boot = false,
             _ => {
-                panic!("usage: run_bench [--runs N] [--real-runs N] [--no-vm] [--no-real-project]")
+                panic!(
+                    "usage: run_bench [--runs N] [--real-runs N] [--no-vm] [--no-real-project] [--no-cold-boot]"
+                )
             }
         }
     }
@@ -453,57 +458,62 @@ fn main() {
         let (t, code) = time_reprise(&bin, &repo, &data, &["run", "--fresh"]);
         assert_eq!(code, 0, "the first real run failed");
         times.push(t);
+        // Then round by round: a run restoring its own guest (this store
+        // has no daemon), a cold boot if asked, and a run through the warm
+        // guest of a `reprise daemon --warm` of a second store (same
+        // repository, so the same snapshot), each on another tree. Every
+        // round starts once the daemon's next guest is ready, so no run
+        // shares the CPU with the making of one.
+        let mut warm = Vec::new();
+        let mut warm_phases = BTreeMap::new();
+        let mut not_warm = 0;
+        let warm_data = tmp.path().join("warm-data");
+        let daemon_log = tmp.path().join("daemon.log");
+        let daemon = WarmDaemon::start(&bin, &warm_data, &daemon_log);
         for i in 1..o.real_runs {
-            commit(2 * i);
+            if !daemon.wait_ready() {
+                eprintln!(
+                    "the daemon made no warm guest:\n{}",
+                    fs::read_to_string(&daemon_log).unwrap_or_default()
+                );
+                break;
+            }
+            commit(3 * i);
             let (t, code) = time_reprise(&bin, &repo, &data, &["run"]);
             assert_eq!(code, 0, "real run {i} failed");
             times.push(t);
             record_phases(&repo, &data, &mut restored_phases);
-            commit(2 * i + 1);
-            let env = [("REPRISE_COLD_BOOT", "1")];
-            let (t, code) = time_reprise_with(&bin, &repo, &data, &["run"], &env);
-            assert_eq!(code, 0, "cold real run {i} failed");
-            cold.push(t);
-            record_phases(&repo, &data, &mut cold_phases);
-        }
-        // Through the daemon's warm guest: each run on another tree, once
-        // the daemon has its next guest ready.
-        let mut warm = Vec::new();
-        let mut warm_phases = BTreeMap::new();
-        let mut not_warm = 0;
-        {
-            let daemon = WarmDaemon::start(&bin, &data, &tmp.path().join("daemon.log"));
-            for i in 1..o.real_runs {
-                if !daemon.wait_ready() {
-                    eprintln!(
-                        "the daemon made no warm guest:\n{}",
-                        fs::read_to_string(tmp.path().join("daemon.log")).unwrap_or_default()
-                    );
-                    break;
-                }
-                commit(2 * o.real_runs + i);
-                let start = Instant::now();
-                let out = Command::new(&bin)
-                    .args(["run"])
-                    .current_dir(&repo)
-                    .env("XDG_DATA_HOME", &data)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .output()
-                    .expect("reprise starts");
-                let t = start.elapsed();
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                assert!(out.status.success(), "warm run {i} failed:\n{stderr}");
-                if stderr.lines().any(|l| l.starts_with("reprise: warm done")) {
-                    warm.push(t);
-                    record_phases(&repo, &data, &mut warm_phases);
-                } else {
-                    not_warm += 1;
-                    eprintln!("warm run {i} did not get the warm guest:\n{stderr}");
-                }
+            if o.cold_boot {
+                commit(3 * i + 1);
+                let env = [("REPRISE_COLD_BOOT", "1")];
+                let (t, code) = time_reprise_with(&bin, &repo, &data, &["run"], &env);
+                assert_eq!(code, 0, "cold real run {i} failed");
+                cold.push(t);
+                record_phases(&repo, &data, &mut cold_phases);
+            }
+            commit(3 * i + 2);
+            let start = Instant::now();
+            let out = Command::new(&bin)
+                .args(["run"])
+                .current_dir(&repo)
+                .env("XDG_DATA_HOME", &warm_data)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+                .expect("reprise starts");
+            let t = start.elapsed();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "warm run {i} failed:\n{stderr}");
+            if stderr.lines().any(|l| l.starts_with("reprise: warm done")) {
+                warm.push(t);
+                record_phases(&repo, &warm_data, &mut warm_phases);
+            } else {
+                not_warm += 1;
+                eprintln!("warm run {i} did not get the warm guest:\n{stderr}");
             }
         }
+        drop(daemon);
         // The repository's snapshot lives in the shared cache: drop it.
         let _ = Command::new(&bin)
             .args(["cache", "drop"])
@@ -526,21 +536,23 @@ fn main() {
                 "qemu driver: second real run (snapshot)".into(),
                 secs(second),
                 format!(
-                    "median of {}, each another tree, saved guest restored; target < 6 s under TCG",
+                    "median of {}, each another tree, saved guest restored (no daemon)",
                     later.len()
                 ),
             ));
-            let cold = median(cold.clone());
-            rows.push((
-                "qemu driver: second, booted cold".into(),
-                secs(cold),
-                "REPRISE_COLD_BOOT=1, alternating with the restored runs".into(),
-            ));
-            rows.push((
-                "  cold boot / restored".into(),
-                format!("{:.2}x", cold.as_secs_f64() / second.as_secs_f64()),
-                String::new(),
-            ));
+            if !cold.is_empty() {
+                let cold = median(cold.clone());
+                rows.push((
+                    "qemu driver: second, booted cold".into(),
+                    secs(cold),
+                    "REPRISE_COLD_BOOT=1, alternating with the restored runs".into(),
+                ));
+                rows.push((
+                    "  cold boot / restored".into(),
+                    format!("{:.2}x", cold.as_secs_f64() / second.as_secs_f64()),
+                    String::new(),
+                ));
+            }
             if !warm.is_empty() {
                 let m = median(warm.clone());
                 qemu_warm = Some(m);
@@ -548,7 +560,7 @@ fn main() {
                     "qemu driver: second, daemon's warm guest".into(),
                     secs(m),
                     format!(
-                        "median of {}, `reprise daemon --warm`, interleaved after the others{}; target < 4 s under TCG",
+                        "median of {}, `reprise daemon --warm`, interleaved with the restored runs{}; target < 4 s under TCG",
                         warm.len(),
                         match not_warm {
                             0 => String::new(),
