@@ -996,4 +996,57 @@ mod tests {
             assert!(news_rx.try_recv().is_err(), "nothing was announced");
         });
     }
+
+    #[test]
+    fn a_run_gets_no_warm_guest_unless_one_is_ready_for_it() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let daemon = Daemon::bind(dir.path()).unwrap();
+            let (news, _news_rx) = mpsc::channel(4);
+            let (_link_tx, link) = watch::channel(LinkState::Reconnecting {
+                last_error: "x".into(),
+            });
+            let ctx = |warm: Option<Arc<WarmSlot>>| {
+                Arc::new(LocalCtx {
+                    store: Store::new(dir.path().join("store")),
+                    orchestrator: String::new(),
+                    serving: false,
+                    news: news.clone(),
+                    link: link.clone(),
+                    warm,
+                })
+            };
+            let without = ctx(None);
+            let making = ctx(Some(Arc::new(WarmSlot::default())));
+            let server = async {
+                for ctx in [&without, &making] {
+                    let (s, _) = daemon.listener.accept().await.unwrap();
+                    answer_local(s, ctx).await;
+                }
+                // Status says how the warm guest is doing.
+                let (s, _) = daemon.listener.accept().await.unwrap();
+                answer_local(s, &making).await;
+                std::future::pending::<()>().await;
+            };
+            let client = async {
+                let e = borrow_warm(dir.path(), "k").await.unwrap_err();
+                assert!(e.contains("keeps no warm guest"), "{e}");
+                let e = borrow_warm(dir.path(), "k").await.unwrap_err();
+                assert!(e.contains("being made"), "{e}");
+                match ask_daemon(dir.path(), Ask::Status).await.unwrap() {
+                    Answer::Status { warm, .. } => {
+                        assert_eq!(warm.as_deref(), Some("being made"))
+                    }
+                    other => panic!("{other:?}"),
+                }
+            };
+            tokio::select! {
+                () = server => unreachable!(),
+                () = client => {}
+            }
+            // No daemon at all: no warm guest, and no complaint.
+            let none = tempfile::tempdir().unwrap();
+            assert!(borrow_warm(none.path(), "k").await.unwrap().is_none());
+        });
+    }
 }
