@@ -1,6 +1,11 @@
 //! `reprise daemon`: one per store, it serves the whole store to peers
 //! ([`crate::serving`]) and answers a local socket over which `reprise run`
 //! hands over its new results and `reprise daemon status` asks how it is.
+//! With `--warm` it also keeps one warm guest ([`crate::vm::warm`]) that
+//! it lends to the next `reprise run` of the same saved guest: the run
+//! asks over the socket ([`Ask::Warm`]) and keeps the connection open while
+//! it uses the guest; when the connection closes, the guest is killed and
+//! the next one is made.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +24,7 @@ use crate::link::{Orchestrator, RunLink};
 use crate::serving::{News, serve_until};
 use crate::store::{Store, StoredResult};
 use crate::ui::Ui;
+use crate::vm::WarmGuest;
 
 /// The daemon's socket for the store under `data_dir`: one daemon per store.
 pub fn socket_path(data_dir: &Path) -> PathBuf {
@@ -129,24 +135,35 @@ impl Daemon {
         &self.socket
     }
 
-    /// Runs until `stop`: serves the store through the orchestrator and
-    /// answers the local socket.
+    /// Runs until `stop`: serves the store through the orchestrator (if
+    /// any), keeps a warm guest (if `warm`) and answers the local socket.
     pub async fn run(
         self,
-        orchestrator: Orchestrator,
+        orchestrator: Option<Orchestrator>,
+        warm: bool,
         store: Store,
         stop: impl std::future::Future<Output = ()>,
         note: &(dyn Fn(&str) + Sync),
     ) {
         let (news_tx, news_rx) = mpsc::channel(256);
         let (link_tx, link_rx) = watch::channel(LinkState::Reconnecting {
-            last_error: String::from("not connected yet"),
+            last_error: match orchestrator {
+                Some(_) => String::from("not connected yet"),
+                None => {
+                    String::from("no orchestrator configured: this daemon only keeps a warm guest")
+                }
+            },
         });
+        let slot = warm.then(|| Arc::new(WarmSlot::default()));
         let ctx = Arc::new(LocalCtx {
             store: store.clone(),
-            orchestrator: orchestrator.settings.orchestrator.clone(),
+            orchestrator: orchestrator
+                .as_ref()
+                .map_or_else(String::new, |o| o.settings.orchestrator.clone()),
+            serving: orchestrator.is_some(),
             news: news_tx,
             link: link_rx,
+            warm: slot.clone(),
         });
         let listener = self.listener;
         let accept = async {
@@ -163,10 +180,29 @@ impl Daemon {
                 }
             }
         };
+        let serve = async {
+            match &orchestrator {
+                Some(o) => serve_until(o, None, &store, news_rx, &link_tx, stop, note).await,
+                None => stop.await,
+            }
+        };
+        let keep_warm = async {
+            match &slot {
+                Some(slot) => keep_warm(slot, note).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            () = serve_until(&orchestrator, None, &store, news_rx, &link_tx, stop, note) => {}
+            () = serve => {}
             () = accept => {}
             () = run_schedules(note) => {}
+            () = keep_warm => {}
+        }
+        if let Some(slot) = &slot
+            && let WarmState::Ready { guest, .. } =
+                std::mem::replace(&mut *slot.state.lock().await, WarmState::Making)
+        {
+            guest.kill().await;
         }
         let _ = std::fs::remove_file(&self.socket);
     }
@@ -175,8 +211,125 @@ impl Daemon {
 struct LocalCtx {
     store: Store,
     orchestrator: String,
+    /// Whether results are served (an orchestrator is configured).
+    serving: bool,
     news: mpsc::Sender<News>,
     link: watch::Receiver<LinkState>,
+    warm: Option<Arc<WarmSlot>>,
+}
+
+/// The daemon's one warm guest.
+#[derive(Default)]
+struct WarmSlot {
+    state: tokio::sync::Mutex<WarmState>,
+    /// Told when a lent guest's run has ended.
+    returned: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+enum WarmState {
+    #[default]
+    Making,
+    Ready {
+        /// The saved guest it was restored from ([`SavedGuests::key`]).
+        saved_guest: String,
+        guest: Box<WarmGuest>,
+    },
+    Lent(String),
+    Failed(String),
+}
+
+use crate::saved_guests::SavedGuests;
+
+impl WarmState {
+    fn describe(&self) -> String {
+        match self {
+            WarmState::Making => "being made".into(),
+            WarmState::Ready { guest, .. } => format!("ready ({})", guest.id()),
+            WarmState::Lent(id) => format!("lent to a run ({id}); the next is made when it ends"),
+            WarmState::Failed(why) => format!("failed: {why}"),
+        }
+    }
+}
+
+/// How long after a failed warm guest the next attempt waits.
+const WARM_RETRY: Duration = Duration::from_secs(60);
+
+/// Keeps one warm guest of the current base image, for the accelerator
+/// this host uses and the machine shape of a run: makes one, waits until
+/// it has been lent and its run has ended (or it died), makes the next.
+/// The next is made after the run, not during it: under emulation both
+/// would share the same cores.
+async fn keep_warm(slot: &WarmSlot, note: &(dyn Fn(&str) + Sync)) {
+    loop {
+        *slot.state.lock().await = WarmState::Making;
+        let made = make_warm().await;
+        let ready = match made {
+            Ok((saved_guest, guest)) => {
+                note(&format!(
+                    "warm guest {} ready in {:.1}s",
+                    guest.id(),
+                    guest.made_in.as_secs_f64()
+                ));
+                *slot.state.lock().await = WarmState::Ready {
+                    saved_guest,
+                    guest: Box::new(guest),
+                };
+                true
+            }
+            Err(why) => {
+                note(&format!("no warm guest: {why}"));
+                *slot.state.lock().await = WarmState::Failed(why);
+                false
+            }
+        };
+        if !ready {
+            tokio::time::sleep(WARM_RETRY).await;
+            continue;
+        }
+        // Until it is lent and returned, or dies unlent.
+        loop {
+            tokio::select! {
+                () = slot.returned.notified() => break,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+            let mut state = slot.state.lock().await;
+            if let WarmState::Ready { guest, .. } = &mut *state
+                && !guest.alive()
+            {
+                note(&format!(
+                    "warm guest {} died unused; making another",
+                    guest.id()
+                ));
+                break;
+            }
+        }
+    }
+}
+
+/// Restores and warms up a guest for a run of the current base image;
+/// returns the saved guest's name and the guest.
+async fn make_warm() -> Result<(String, WarmGuest), String> {
+    let image = crate::image::ImageCache::default_location()
+        .current()
+        .ok_or("the base image is not built yet (a first `reprise run` builds it)")?;
+    let choice = crate::accel::choose(&crate::accel::AccelFacts::probe(), None);
+    let config = crate::driver::qemu::run_config(image, choice.accel);
+    let saved_guest = SavedGuests::key(&config);
+    let saved = SavedGuests::default_location()
+        .ensure(&config, &mut |_| {})
+        .await
+        .map_err(|e| crate::text::error_chain(&e))?;
+    let mut config = config;
+    config.restore = Some(saved);
+    let mut id = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+        .map_err(|_| "no randomness for the guest's id".to_string())?;
+    let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let guest = WarmGuest::make(&config, &id)
+        .await
+        .map_err(|e| crate::text::error_chain(&e))?;
+    Ok((saved_guest, guest))
 }
 
 async fn answer_local(stream: UnixStream, ctx: &LocalCtx) {
@@ -184,6 +337,7 @@ async fn answer_local(stream: UnixStream, ctx: &LocalCtx) {
     let mut line = Vec::new();
     let mut reader = BufReader::new(read).take(local::MAX_LINE as u64 + 1);
     let read = reader.read_until(b'\n', &mut line);
+    let mut lent = None;
     let answer = match tokio::time::timeout(Duration::from_secs(5), read).await {
         Err(_) => return,
         Ok(Err(_)) => return,
@@ -191,20 +345,93 @@ async fn answer_local(stream: UnixStream, ctx: &LocalCtx) {
             Err(e) => Answer::Error {
                 message: e.to_string(),
             },
+            Ok(Request {
+                body: Ask::Warm { saved_guest },
+                ..
+            }) => {
+                let (answer, guest) = lend(&saved_guest, ctx).await;
+                lent = guest;
+                answer
+            }
             Ok(Request { body, .. }) => handle(body, ctx).await,
         },
     };
     let _ = write.write_all(&local::encode(&answer)).await;
-    let _ = write.shutdown().await;
+    let Some(guest) = lent else {
+        let _ = write.shutdown().await;
+        return;
+    };
+    // The run holds the connection while it uses the guest; it ends when
+    // the run does (or dies), and the guest with it.
+    let mut rest = reader.into_inner();
+    let mut sink = [0u8; 64];
+    while let Ok(n) = rest.read(&mut sink).await {
+        if n == 0 {
+            break;
+        }
+    }
+    guest.kill().await;
+    if let Some(slot) = &ctx.warm {
+        slot.returned.notify_one();
+    }
+}
+
+/// Takes the warm guest for a run of `saved_guest`, if one is ready.
+async fn lend(saved_guest: &str, ctx: &LocalCtx) -> (Answer, Option<Box<WarmGuest>>) {
+    let no = |why: String| (Answer::NoWarm { why }, None);
+    let Some(slot) = &ctx.warm else {
+        return no("this daemon keeps no warm guest (start it with --warm)".into());
+    };
+    let mut state = slot.state.lock().await;
+    match &mut *state {
+        WarmState::Ready {
+            saved_guest: has,
+            guest,
+        } if has == saved_guest => {
+            if !guest.alive() {
+                return no("the warm guest died".into());
+            }
+        }
+        WarmState::Ready { .. } => {
+            return no("the warm guest is of another image, accelerator or machine shape".into());
+        }
+        other => return no(format!("the warm guest is {}", other.describe())),
+    }
+    let WarmState::Ready { guest, .. } = std::mem::take(&mut *state) else {
+        unreachable!("checked above");
+    };
+    *state = WarmState::Lent(guest.id().to_string());
+    let lent = guest.lent();
+    (
+        Answer::Warm {
+            pid: lent.pid,
+            work: lent.work.display().to_string(),
+            sockets: lent.sockets.display().to_string(),
+            guest: lent.guest,
+            accel: lent.accel.to_string(),
+        },
+        Some(guest),
+    )
 }
 
 async fn handle(ask: Ask, ctx: &LocalCtx) -> Answer {
+    let warm = match &ctx.warm {
+        Some(slot) => Some(slot.state.lock().await.describe()),
+        None => None,
+    };
     match ask {
         Ask::Status => Answer::Status {
             pid: std::process::id(),
             store: ctx.store.root().display().to_string(),
             orchestrator: ctx.orchestrator.clone(),
             link: ctx.link.borrow().clone(),
+            warm,
+        },
+        Ask::Warm { .. } => Answer::Error {
+            message: "a warm guest is lent on a connection of its own".into(),
+        },
+        Ask::Held { .. } if !ctx.serving => Answer::Error {
+            message: "this daemon serves no orchestrator (it only keeps a warm guest)".into(),
         },
         Ask::Held {
             key,
@@ -405,6 +632,8 @@ pub async fn hand_over_or_serve(
             ));
             true
         }
+        // A daemon that only keeps a warm guest serves nothing.
+        Ok(Answer::Status { orchestrator, .. }) if orchestrator.is_empty() => false,
         Ok(Answer::Status { pid, link, .. }) => {
             ui.note(&format!(
                 "the reprise daemon (pid {pid}) serves this store ({})",
@@ -412,7 +641,8 @@ pub async fn hand_over_or_serve(
             ));
             true
         }
-        Ok(Answer::Error { .. }) | Err(AskError::NoDaemon) => false,
+        Ok(Answer::Error { .. } | Answer::Warm { .. } | Answer::NoWarm { .. })
+        | Err(AskError::NoDaemon) => false,
         Err(e) => {
             ui.note(&format!("{e}; serving from here instead"));
             false
@@ -503,23 +733,30 @@ pub fn orchestrator(
 }
 
 /// Serves the store under `data_dir` in the foreground until SIGINT or
-/// SIGTERM (SIGHUP is ignored), logging with UTC timestamps to stderr.
+/// SIGTERM (SIGHUP is ignored), logging with UTC timestamps to stderr; with
+/// `warm`, keeps a warm guest too. Without an orchestrator it only keeps
+/// the warm guest.
 pub async fn serve_in_foreground(
     data_dir: &Path,
-    orchestrator: Orchestrator,
+    orchestrator: Option<Orchestrator>,
+    warm: bool,
 ) -> Result<(), DaemonError> {
     let daemon = Daemon::bind(data_dir)?;
     let store = Store::default_location();
     eprintln!(
-        "reprise daemon: pid {}, store {}, socket {}, orchestrator {}",
+        "reprise daemon: pid {}, store {}, socket {}, orchestrator {}{}",
         std::process::id(),
         store.root().display(),
         daemon.socket().display(),
-        orchestrator.settings.orchestrator
+        orchestrator
+            .as_ref()
+            .map_or("none", |o| o.settings.orchestrator.as_str()),
+        if warm { ", keeps a warm guest" } else { "" }
     );
     daemon
         .run(
             orchestrator,
+            warm,
             store,
             crate::signals::interrupted_not_hung_up(),
             &|line| {
@@ -532,12 +769,14 @@ pub async fn serve_in_foreground(
     Ok(())
 }
 
-/// Starts `reprise daemon` for `orchestrator` in the background, in a
-/// process group of its own, its output appended to `daemon.log`, and waits
-/// until it answers. Returns its pid and the log's path.
+/// Starts `reprise daemon` for `orchestrator` (and `--warm` if `warm`) in
+/// the background, in a process group of its own, its output appended to
+/// `daemon.log`, and waits until it answers. Returns its pid and the log's
+/// path.
 pub async fn detach(
     data_dir: &Path,
-    orchestrator: &Orchestrator,
+    orchestrator: Option<&Orchestrator>,
+    warm: bool,
 ) -> Result<(u32, PathBuf), DaemonError> {
     use std::os::unix::process::CommandExt;
     let log_path = data_dir.join("daemon.log");
@@ -552,14 +791,17 @@ pub async fn detach(
         .open(&log_path)
         .map_err(io)?;
     let exe = std::env::current_exe().map_err(DaemonError::Spawn)?;
-    let mut child = std::process::Command::new(exe)
-        .args([
-            "daemon",
-            "--orchestrator",
-            &orchestrator.settings.orchestrator,
-        ])
-        .arg("--credentials")
-        .arg(&orchestrator.settings.credentials)
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("daemon");
+    if let Some(orchestrator) = orchestrator {
+        cmd.args(["--orchestrator", &orchestrator.settings.orchestrator])
+            .arg("--credentials")
+            .arg(&orchestrator.settings.credentials);
+    }
+    if warm {
+        cmd.arg("--warm");
+    }
+    let mut child = cmd
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone().map_err(io)?)
         .stderr(log)
@@ -580,6 +822,71 @@ pub async fn detach(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(DaemonError::NoAnswer(log_path))
+}
+
+/// Asks the daemon of the store under `data_dir` to lend a warm guest
+/// restored from `saved_guest`. On `Ok(Some(..))` the guest is this
+/// process's while it holds the returned connection open.
+pub async fn borrow_warm(
+    data_dir: &Path,
+    saved_guest: &str,
+) -> Result<Option<(crate::vm::Lent, std::os::unix::net::UnixStream)>, String> {
+    let socket = socket_path(data_dir);
+    let mut stream = match UnixStream::connect(&socket).await {
+        Ok(s) => s,
+        Err(_) => return Ok(None),
+    };
+    let request = Request {
+        version: local::LOCAL_VERSION,
+        body: Ask::Warm {
+            saved_guest: saved_guest.to_string(),
+        },
+    };
+    let exchange = async {
+        stream.write_all(&local::encode(&request)).await?;
+        let mut line = Vec::new();
+        // Byte by byte: nothing past the answer may be read ahead, the
+        // connection stays open.
+        let mut byte = [0u8; 1];
+        while line.len() <= local::MAX_LINE {
+            if stream.read(&mut byte).await? == 0 || byte[0] == b'\n' {
+                break;
+            }
+            line.push(byte[0]);
+        }
+        Ok::<Vec<u8>, std::io::Error>(line)
+    };
+    let line = match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+        Err(_) => return Err("the reprise daemon did not answer within 10s".into()),
+        Ok(Err(e)) => return Err(format!("the reprise daemon did not answer: {e}")),
+        Ok(Ok(line)) => line,
+    };
+    match local::decode_answer(&line) {
+        Ok(Answer::Warm {
+            pid,
+            work,
+            sockets,
+            guest,
+            accel,
+        }) => {
+            let accel = accel.parse().map_err(|e: String| e)?;
+            let stream = stream.into_std().map_err(|e| e.to_string())?;
+            Ok(Some((
+                crate::vm::Lent {
+                    pid,
+                    work: work.into(),
+                    sockets: sockets.into(),
+                    guest,
+                    accel,
+                },
+                stream,
+            )))
+        }
+        Ok(Answer::NoWarm { why }) => Err(why),
+        Ok(Answer::Error { message }) => Err(message),
+        Ok(other) => Err(format!("the reprise daemon answered {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -635,8 +942,10 @@ mod tests {
             let ctx = Arc::new(LocalCtx {
                 store: store.clone(),
                 orchestrator: "h:1".into(),
+                serving: true,
                 news,
                 link,
+                warm: None,
             });
             let server = {
                 let ctx = ctx.clone();
@@ -685,6 +994,59 @@ mod tests {
                 () = client => {}
             }
             assert!(news_rx.try_recv().is_err(), "nothing was announced");
+        });
+    }
+
+    #[test]
+    fn a_run_gets_no_warm_guest_unless_one_is_ready_for_it() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let daemon = Daemon::bind(dir.path()).unwrap();
+            let (news, _news_rx) = mpsc::channel(4);
+            let (_link_tx, link) = watch::channel(LinkState::Reconnecting {
+                last_error: "x".into(),
+            });
+            let ctx = |warm: Option<Arc<WarmSlot>>| {
+                Arc::new(LocalCtx {
+                    store: Store::new(dir.path().join("store")),
+                    orchestrator: String::new(),
+                    serving: false,
+                    news: news.clone(),
+                    link: link.clone(),
+                    warm,
+                })
+            };
+            let without = ctx(None);
+            let making = ctx(Some(Arc::new(WarmSlot::default())));
+            let server = async {
+                for ctx in [&without, &making] {
+                    let (s, _) = daemon.listener.accept().await.unwrap();
+                    answer_local(s, ctx).await;
+                }
+                // Status says how the warm guest is doing.
+                let (s, _) = daemon.listener.accept().await.unwrap();
+                answer_local(s, &making).await;
+                std::future::pending::<()>().await;
+            };
+            let client = async {
+                let e = borrow_warm(dir.path(), "k").await.unwrap_err();
+                assert!(e.contains("keeps no warm guest"), "{e}");
+                let e = borrow_warm(dir.path(), "k").await.unwrap_err();
+                assert!(e.contains("being made"), "{e}");
+                match ask_daemon(dir.path(), Ask::Status).await.unwrap() {
+                    Answer::Status { warm, .. } => {
+                        assert_eq!(warm.as_deref(), Some("being made"))
+                    }
+                    other => panic!("{other:?}"),
+                }
+            };
+            tokio::select! {
+                () = server => unreachable!(),
+                () = client => {}
+            }
+            // No daemon at all: no warm guest, and no complaint.
+            let none = tempfile::tempdir().unwrap();
+            assert!(borrow_warm(none.path(), "k").await.unwrap().is_none());
         });
     }
 }

@@ -18,7 +18,7 @@ use crate::vm::{BootError, GuestCommand, SavedGuest, SavedGuestError, SnapshotDi
 
 /// Bumped when what a saved guest holds changes (the guest's state at the
 /// save, the device set).
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 
 /// Reads the container tools and their libraries into the page cache.
 const WARM_UP: &str = "set -e; bins='/usr/bin/podman /usr/bin/conmon /usr/bin/crun'; \

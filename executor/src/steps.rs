@@ -96,11 +96,12 @@ pub async fn run<S: Session>(
            echo \"${3:-}\" > /run/reprise-gateway && ip link set eth0 down; }; } && "
     };
     let setup = format!(
-        "{offline}mkdir -p {SNAPSHOT}/containers {SNAPSHOT}/ci /var/lib/containers && \
+        "{os}{offline}mkdir -p {SNAPSHOT}/containers {SNAPSHOT}/ci /var/lib/containers && \
          mount --bind {SNAPSHOT}/containers /var/lib/containers && \
          ln -sfn {SNAPSHOT}/ci /run/ci && \
          rm -rf {CI}/env {CI}/artifacts {CRONTAB} && mkdir -p {CI}/env {CI}/cache {ARTIFACTS} && \
-         ln -s {ARTIFACTS} {CI}/artifacts"
+         ln -s {ARTIFACTS} {CI}/artifacts",
+        os = session.os_setup()
     );
     let out = capture(session, &shell(&setup), &env, ui).await?;
     if !out.success() {
@@ -109,19 +110,10 @@ pub async fn run<S: Session>(
             String::from_utf8_lossy(&out.stderr)
         )));
     }
-    if inputs.has_prepare_runtime {
-        let code = mk(session, "prepare-runtime", None, &env, &secret_values, ui).await?;
-        if code != 0 {
-            return Err(RunError::Prepare {
-                code,
-                console: session.console_tail(),
-            });
-        }
-    }
-    phase("prepare-runtime", t, &mut phases);
-
     // /var/run/ci/env: each file a variable of the container; and the
-    // crontab, in the same command (a process start costs time under TCG).
+    // crontab. Listed by the same command as prepare-runtime (a process
+    // start costs time under TCG): mk's output goes to stderr, shown, and
+    // the listing to stdout, read here.
     // A run that asked for the network gives it back to the tests.
     let online = if inputs.network && !inputs.prepare_network {
         "{ [ ! -e /sys/class/net/eth0 ] || { ip link set eth0 up && gw=$(cat /run/reprise-gateway) && \
@@ -129,18 +121,38 @@ pub async fn run<S: Session>(
     } else {
         ""
     };
-    let listing = capture(
-        session,
-        &shell(&format!(
-                "{online}cd {CI}/env && for f in *; do [ -f \"$f\" ] || continue; printf '%s\\0' \"$f\"; cat \"$f\"; printf '\\0'; done; \
-                 if [ -f {CRONTAB} ]; then printf '%s\\0' {CRONTAB}; head -c {max} {CRONTAB}; printf '\\0'; fi",
-            max = crate::schedule::MAX_CRONTAB + 1
-        )),
-        &env,
-        ui,
-    )
-    .await?;
-    let (ci_env, crontab) = parse_env_listing(&listing.stdout);
+    let list = format!(
+        "{online}cd {CI}/env && for f in *; do [ -f \"$f\" ] || continue; printf '%s\\0' \"$f\"; cat \"$f\"; printf '\\0'; done; \
+         if [ -f {CRONTAB} ]; then printf '%s\\0' {CRONTAB}; head -c {max} {CRONTAB}; printf '\\0'; fi",
+        max = crate::schedule::MAX_CRONTAB + 1
+    );
+    let listing = if inputs.has_prepare_runtime {
+        let argv = shell(&format!(
+            "{OS_MK} prepare-runtime >&2; c=$?; [ $c -eq 0 ] || exit $c; {list}"
+        ));
+        let mut shown = Recorder::shown(&secret_values, ui);
+        let mut listed = Vec::new();
+        ui.command(&argv);
+        let code = session
+            .exec(&argv, &env, &mut |stream: Stream, b: &[u8]| match stream {
+                Stream::Stdout => listed.extend_from_slice(b),
+                Stream::Stderr => shown.feed(Stream::Stderr, b),
+            })
+            .await?;
+        let _ = shown.finish();
+        if code != 0 {
+            return Err(RunError::Prepare {
+                code,
+                console: session.console_tail(),
+            });
+        }
+        listed
+    } else {
+        capture(session, &shell(&list), &env, ui).await?.stdout
+    };
+    phase("prepare-runtime", t, &mut phases);
+
+    let (ci_env, crontab) = parse_env_listing(&listing);
     let image = ci_env.get("CONTAINERIMAGE").cloned().ok_or_else(|| {
         RunError::Contract(format!(
             "prepare-runtime did not write {CI}/env/CONTAINERIMAGE (include </usr/lib/reprise/ci.mk and set CONTAINERIMAGE, or write the file in prepare-runtime)"
@@ -201,36 +213,61 @@ pub async fn run<S: Session>(
     if exit_code == 0 {
         ui.begin("collect");
     }
-    // The image the tests ran in, and after a pass every artifact: one
-    // command (a process start costs time under TCG), the image's id on the
-    // first line of its output.
+    // The image the tests ran in (podman's image index, read without
+    // starting podman), and after a pass every artifact, the artifacts
+    // folder settled for the host to read: one command (a process start
+    // costs time under TCG), the index first and a NUL after it.
     let declared = &inputs.keyed.revision.config.artifacts;
-    let mut argv = shell(
-        "podman image inspect --format '{{.Id}}' \"$1\" 2>/dev/null | head -n 1; shift; \
-         [ $# -eq 0 ] || exec \"$@\"",
-    );
-    argv.extend(["sh".into(), image.clone()]);
+    let mut make: Vec<String> = Vec::new();
     if exit_code == 0 && !declared.is_empty() {
-        argv.push(OS_MK.into());
-        argv.extend(declared.iter().map(|path| format!("{CI}/artifacts/{path}")));
+        make.push(OS_MK.into());
+        make.extend(declared.iter().map(|path| format!("{CI}/artifacts/{path}")));
     }
+    let settle = match exit_code {
+        0 => session.settle_artifacts(),
+        _ => None,
+    };
+    let mut argv = shell(&format!(
+        "for f in {IMAGE_INDEXES}; do [ -f \"$f\" ] && cat \"$f\"; done; printf '\\0'; \
+         c=0; [ $# -eq 0 ] || {{ \"$@\"; c=$?; }}; {}exit $c",
+        settle
+            .as_deref()
+            .map_or(String::new(), |s| format!("{s}; "))
+    ));
+    argv.push("sh".into());
+    argv.extend(make.iter().cloned());
     let out = capture(session, &argv, &env, ui).await?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let (first, rest) = stdout.split_once('\n').unwrap_or((&stdout, ""));
-    let container_image = first.trim().parse::<Sha256Digest>().ok();
+    let (index, rest) = match out.stdout.iter().position(|b| *b == 0) {
+        Some(at) => (&out.stdout[..at], &out.stdout[at + 1..]),
+        None => (&out.stdout[..], &[][..]),
+    };
+    let container_image = match image_id_from_index(index, &image) {
+        Some(id) => Some(id),
+        // A short name or a digest: podman resolves it.
+        None => {
+            let argv = ["podman", "image", "inspect", "--format", "{{.Id}}", &image]
+                .map(String::from)
+                .to_vec();
+            let out = capture(session, &argv, &env, ui).await?;
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .and_then(|l| l.trim().parse::<Sha256Digest>().ok())
+        }
+    };
     if exit_code == 0 {
         if !out.success() {
             let names: Vec<&str> = declared.iter().map(|a| a.as_str()).collect();
             return Err(RunError::Contract(format!(
                 "making the artifacts {} (`mk {}`) failed:\n{}{}",
                 names.join(", "),
-                argv[5..].join(" "),
-                rest,
+                make.get(1..).unwrap_or_default().join(" "),
+                String::from_utf8_lossy(rest),
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
         let host = inputs.work.join("artifacts");
-        session.collect(&host).await?;
+        session.collect(&host, settle.is_some()).await?;
         artifacts = Some(host);
         if inputs.has_post_test {
             // The snapshot is settled in the same command.
@@ -262,6 +299,39 @@ pub async fn run<S: Session>(
         crontab,
         container_image,
     })
+}
+
+/// Where podman keeps its image index, one file per storage driver.
+const IMAGE_INDEXES: &str = "/var/lib/containers/storage/*-images/images.json";
+
+/// The id of the image `name` in podman's image index (`images.json`),
+/// when `name` is fully qualified (a registry or `localhost` first, a tag
+/// or `latest`) and exactly one image carries it; `None` leaves it to
+/// podman (a short name goes through podman's search registries).
+fn image_id_from_index(index: &[u8], name: &str) -> Option<Sha256Digest> {
+    if name.contains('@') {
+        return None;
+    }
+    let (domain, _) = name.split_once('/')?;
+    if !(domain == "localhost" || domain.contains('.') || domain.contains(':')) {
+        return None;
+    }
+    let last = name.rsplit('/').next()?;
+    let full = match last.contains(':') {
+        true => name.to_string(),
+        false => format!("{name}:latest"),
+    };
+    let images: serde_json::Value = serde_json::from_slice(index).ok()?;
+    let mut ids = images.as_array()?.iter().filter_map(|image| {
+        let names = image.get("names")?.as_array()?;
+        names
+            .iter()
+            .any(|n| n.as_str() == Some(full.as_str()))
+            .then(|| image.get("id")?.as_str()?.parse::<Sha256Digest>().ok())
+            .flatten()
+    });
+    let id = ids.next()?;
+    ids.next().is_none().then_some(id)
 }
 
 fn shell(script: &str) -> Vec<String> {
@@ -362,6 +432,32 @@ fn parse_env_listing(data: &[u8]) -> (BTreeMap<String, String>, Option<String>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_image_id_comes_from_the_index_only_for_a_name_that_names_one_image() {
+        let a = "a".repeat(64);
+        let b = "b".repeat(64);
+        let index = format!(
+            r#"[{{"id":"{a}","names":["localhost/hello-test:latest"]}},
+               {{"id":"{b}","names":["quay.io/x/y:1","quay.io/x/dup:latest"]}},
+               {{"id":"{a}","names":["quay.io/x/dup:latest"]}}]"#
+        );
+        let id = |name: &str| image_id_from_index(index.as_bytes(), name).map(|d| d.hex());
+        assert_eq!(id("localhost/hello-test"), Some(a.clone()));
+        assert_eq!(id("localhost/hello-test:latest"), Some(a.clone()));
+        assert_eq!(id("quay.io/x/y:1"), Some(b.clone()));
+        assert_eq!(id("quay.io/x/y"), None, "no :latest of it");
+        assert_eq!(id("quay.io/x/dup"), None, "two images carry the name");
+        assert_eq!(
+            id("hello-test"),
+            None,
+            "a short name is podman's to resolve"
+        );
+        assert_eq!(id("library/x"), None, "no registry: a short name");
+        assert_eq!(id(&format!("localhost/hello-test@sha256:{a}")), None);
+        assert_eq!(image_id_from_index(b"not json", "localhost/a"), None);
+        assert_eq!(image_id_from_index(b"", "localhost/a"), None);
+    }
 
     #[test]
     fn env_listing_becomes_variables() {

@@ -265,6 +265,7 @@ fn write_seeds() {
             link: LinkState::Reconnecting {
                 last_error: "refused".into(),
             },
+            warm: None,
         },
         Answer::Error {
             message: "another store".into(),

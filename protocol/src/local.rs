@@ -33,6 +33,11 @@ pub enum Ask {
     },
     /// How the daemon is doing.
     Status,
+    /// Lend this run the warm guest restored from the saved guest named
+    /// `saved_guest`, if one is ready. A lent guest is the run's for as
+    /// long as this connection stays open; the daemon kills it when the
+    /// connection closes, and it serves no other run.
+    Warm { saved_guest: String },
 }
 
 /// The daemon's answer.
@@ -49,6 +54,23 @@ pub enum Answer {
         store: String,
         orchestrator: String,
         link: LinkState,
+        /// The warm guest, when the daemon keeps one (`--warm`): ready or
+        /// being made, and its id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        warm: Option<String>,
+    },
+    /// A warm guest lent to the run that asked: its qemu's pid, its work
+    /// and sockets folders, the id written in the guest, its accelerator.
+    Warm {
+        pid: u32,
+        work: String,
+        sockets: String,
+        guest: String,
+        accel: String,
+    },
+    /// No warm guest for this run (none ready, or for another machine).
+    NoWarm {
+        why: String,
     },
     Error {
         message: String,
@@ -144,7 +166,16 @@ mod tests {
                 link: LinkState::Reconnecting {
                     last_error: "refused".into(),
                 },
+                warm: Some("ready".into()),
             },
+            Answer::Warm {
+                pid: 9,
+                work: "/w".into(),
+                sockets: "/s".into(),
+                guest: "g".into(),
+                accel: "tcg".into(),
+            },
+            Answer::NoWarm { why: "none".into() },
             Answer::Error {
                 message: "no".into(),
             },

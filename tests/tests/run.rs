@@ -968,6 +968,211 @@ fn a_second_real_run_reuses_the_repository_snapshot() {
     );
 }
 
+/// A `reprise daemon --warm` of a sandbox, stopped (SIGTERM, then killed)
+/// when dropped.
+struct WarmDaemon {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl WarmDaemon {
+    fn start(s: &Sandbox) -> WarmDaemon {
+        let log = s.dir.path().join("daemon.log");
+        let child = s
+            .reprise(&["daemon", "--warm"])
+            .stdout(File::create(&log).expect("daemon log"))
+            .stderr(File::create(&log).expect("daemon log"))
+            .spawn()
+            .expect("reprise daemon starts");
+        WarmDaemon { child, log }
+    }
+
+    /// Waits until the daemon's warm guest is ready and returns its id;
+    /// `not` is an id it must not be (a guest already lent).
+    fn ready(&self, s: &Sandbox, not: &[String]) -> String {
+        let mut id = None;
+        let ok = wait_until(Duration::from_secs(600), || {
+            let status = s.run(&["daemon", "status", "--json"]);
+            let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap_or_default();
+            id = v["warm"]
+                .as_str()
+                .and_then(|w| w.strip_prefix("ready ("))
+                .and_then(|w| w.strip_suffix(')'))
+                .map(str::to_string)
+                .filter(|id| !not.contains(id));
+            id.is_some()
+        });
+        assert!(
+            ok,
+            "no warm guest became ready:\n{}",
+            fs::read_to_string(&self.log).unwrap_or_default()
+        );
+        id.expect("an id")
+    }
+}
+
+impl Drop for WarmDaemon {
+    fn drop(&mut self) {
+        let pid = self.child.id();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        if !wait_until(Duration::from_secs(20), || !alive(pid)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// The manifest of the result a run stored, as `results show --json` prints it.
+fn stored_manifest(s: &Sandbox, run: &Run) -> serde_json::Value {
+    let key = run
+        .stderr
+        .split("; result ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the stored result's key");
+    let shown = s.run(&["results", "show", "--json", key]);
+    shown.expect_code(code::SUCCESS, "results show --json");
+    let v: serde_json::Value = serde_json::from_str(&shown.stdout).expect("json");
+    v["manifest"].clone()
+}
+
+#[test]
+fn a_warm_daemon_lends_each_guest_to_one_run_and_its_result_is_a_restored_runs() {
+    let s = copy_of_fixture();
+    let cold = copy_of_fixture();
+    let _vm = vm_lock();
+    let daemon = WarmDaemon::start(&s);
+    let first = daemon.ready(&s, &[]);
+
+    // Before the hand-off the warm guest holds nothing of any repository:
+    // borrowed here, as a run would, and looked into.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let image = reprise_executor::image::ImageCache::default_location()
+        .current()
+        .expect("the fixture built the base image");
+    let accel =
+        reprise_executor::accel::choose(&reprise_executor::accel::AccelFacts::probe(), None);
+    let config = reprise_executor::driver::qemu::run_config(image, accel.accel);
+    let saved_guest = reprise_executor::saved_guests::SavedGuests::key(&config);
+    let inside = runtime.block_on(async {
+        let (lent, lease) = reprise_executor::daemon::borrow_warm(
+            &s.data().join("reprise"),
+            &saved_guest,
+        )
+        .await
+        .expect("the daemon answers")
+        .expect("it lends its warm guest");
+        assert_eq!(lent.guest, first);
+        let vm = reprise_executor::vm::Vm::attach(&lent, lease, Duration::from_secs(60))
+            .await
+            .expect("the lent guest answers");
+        let out = vm
+            .exec(&reprise_executor::vm::GuestCommand::shell(
+                "cat /run/reprise-warm; echo repo: $(ls -A /reprise/repo | wc -l); \
+                 echo mounts: $(grep -c -e /var/lib/reprise/state -e /var/lib/containers /proc/mounts); \
+                 echo images: $(podman images -q | wc -l); echo disks: $(ls /sys/block | grep -c vd); \
+                 grep -rl 'greet.sh says' /reprise /var/lib/containers /root /tmp 2>/dev/null | wc -l",
+            ))
+            .await
+            .expect("exec in the lent guest");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+        // The lease ends here: the daemon kills this guest, unused by any run.
+    });
+    assert_eq!(
+        inside,
+        format!("{first}\nrepo: 0\nmounts: 0\nimages: 0\ndisks: 3\n0\n"),
+        "the warm guest before any hand-off"
+    );
+
+    // A run through the daemon gets the next warm guest, freshly made.
+    let second = daemon.ready(&s, std::slice::from_ref(&first));
+    s.write("greet.sh", "#!/bin/sh\n# warm\necho \"hello, $1\"\n")
+        .commit("warm");
+    let warm = s.run(&["run"]);
+    warm.expect_code(code::SUCCESS, "run through the warm guest");
+    assert!(
+        warm.warm() && !warm.restored(),
+        "the run takes the warm guest:\n{}",
+        warm.stderr
+    );
+    assert!(
+        warm.stderr
+            .contains(&format!("using the reprise daemon's warm guest {second}")),
+        "{}",
+        warm.stderr
+    );
+    assert_eq!(warm.stdout_bytes, HELLO_STDOUT, "{}", warm.stderr);
+
+    // The same tree restored here without a daemon: the same result but
+    // for where and how fast it ran.
+    cold.write("greet.sh", "#!/bin/sh\n# warm\necho \"hello, $1\"\n")
+        .commit("warm");
+    let restored = cold.run(&["run"]);
+    restored.expect_code(code::SUCCESS, "the same tree, restored");
+    assert!(restored.restored(), "{}", restored.stderr);
+    // The output record keeps timing, so its digest differs; the bytes
+    // do not.
+    assert_eq!(restored.stdout_bytes, warm.stdout_bytes);
+    let (a, b) = (
+        stored_manifest(&s, &warm),
+        stored_manifest(&cold, &restored),
+    );
+    for field in [
+        "key",
+        "inputs",
+        "outcome",
+        "exit_code",
+        "accel",
+        "artifacts",
+        "container_image",
+        "crontab",
+    ] {
+        assert_eq!(a[field], b[field], "{field} differs:\n{a:#}\n{b:#}");
+    }
+    assert!(a["container_image"].is_string(), "{a:#}");
+    // Both started from a generation of the repository's snapshot, which
+    // the sandboxes share (same namespace): the restored run from the one
+    // the warm run's pass left.
+    for m in [&a, &b] {
+        let generation = m["snapshot"].as_str().unwrap_or_default();
+        assert!(
+            generation.len() == 64 && generation.bytes().all(|c| c.is_ascii_hexdigit()),
+            "{m:#}"
+        );
+    }
+    let phases = |m: &serde_json::Value| -> Vec<String> {
+        m["phases"]
+            .as_array()
+            .expect("phases")
+            .iter()
+            .map(|p| p["name"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(phases(&a)[0], "warm", "{a:#}");
+    assert_eq!(phases(&b)[0], "restore", "{b:#}");
+
+    // The next run gets another guest: each serves one run only.
+    let third = daemon.ready(&s, &[first.clone(), second.clone()]);
+    s.write("greet.sh", "#!/bin/sh\n# warm again\necho \"hello, $1\"\n")
+        .commit("warm again");
+    let again = s.run(&["run"]);
+    again.expect_code(code::SUCCESS, "a second run through a warm guest");
+    assert!(
+        again
+            .stderr
+            .contains(&format!("using the reprise daemon's warm guest {third}")),
+        "{}",
+        again.stderr
+    );
+    drop(daemon);
+}
+
 /// Answers every connection on the host's loopback with `token`, the way
 /// a developer's local service would; returns its port.
 fn host_service(token: &'static str) -> u16 {

@@ -4,10 +4,16 @@
 //! dry-run) beside `podman run` of a similar image on the host. Prints
 //! medians; asserts nothing about them.
 //!
+//! The second real runs come three ways, interleaved: restoring the saved
+//! guest (today's path without a daemon), booted cold, and through a
+//! `reprise daemon --warm` of the same store, whose warm guest each run
+//! takes (the bench waits until the daemon says one is ready, as a
+//! developer's next run would find it after the pause between runs).
+//!
 //! Also a real project's first and second real runs (six from PyPI,
 //! `scripts/pypi-project.sh`; up to 3 second runs).
 //!
-//! Usage: `run_bench [--runs N] [--real-runs N] [--no-vm] [--no-real-project]`
+//! Usage: `run_bench [--runs N] [--real-runs N] [--no-vm] [--no-real-project] [--no-cold-boot]`
 //! (`--real-runs` counts the restored second runs; as many cold ones run
 //! beside them). The `reprise`
 //! binary (with `reprise-guest` and `mk`) is looked for next to this one:
@@ -40,6 +46,7 @@ struct Options {
     real_runs: usize,
     vm: bool,
     real_project: bool,
+    cold_boot: bool,
 }
 
 fn options() -> Options {
@@ -48,6 +55,7 @@ fn options() -> Options {
         real_runs: 6,
         vm: true,
         real_project: true,
+        cold_boot: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -61,8 +69,11 @@ fn options() -> Options {
             "--real-runs" => o.real_runs = number().max(1),
             "--no-vm" => o.vm = false,
             "--no-real-project" => o.real_project = false,
+            "--no-cold-boot" => o.cold_boot = false,
             _ => {
-                panic!("usage: run_bench [--runs N] [--real-runs N] [--no-vm] [--no-real-project]")
+                panic!(
+                    "usage: run_bench [--runs N] [--real-runs N] [--no-vm] [--no-real-project] [--no-cold-boot]"
+                )
             }
         }
     }
@@ -115,6 +126,64 @@ fn time_reprise_with(
         );
     }
     (took, out.status.code().unwrap_or(-1))
+}
+
+/// A `reprise daemon --warm` of the store under `data`, stopped when
+/// dropped.
+struct WarmDaemon {
+    child: std::process::Child,
+    bin: PathBuf,
+    data: PathBuf,
+}
+
+impl WarmDaemon {
+    fn start(bin: &Path, data: &Path, log: &Path) -> WarmDaemon {
+        let log = fs::File::create(log).expect("daemon log");
+        let child = Command::new(bin)
+            .args(["daemon", "--warm"])
+            .env("XDG_DATA_HOME", data)
+            .env_remove("REPRISE_ORCHESTRATOR")
+            .env_remove("REPRISE_CREDENTIALS")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("reprise daemon starts");
+        WarmDaemon {
+            child,
+            bin: bin.to_path_buf(),
+            data: data.to_path_buf(),
+        }
+    }
+
+    /// Waits (up to 10 minutes) until the daemon has a warm guest ready.
+    fn wait_ready(&self) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(600) {
+            let out = Command::new(&self.bin)
+                .args(["daemon", "status", "--json"])
+                .env("XDG_DATA_HOME", &self.data)
+                .stderr(Stdio::null())
+                .output();
+            if let Ok(out) = out {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                if v["warm"].as_str().is_some_and(|w| w.starts_with("ready")) {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        false
+    }
+}
+
+impl Drop for WarmDaemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
 }
 
 /// Adds the phase durations of the result just stored for `repo` (the
@@ -368,7 +437,7 @@ fn main() {
         "reads the tree id, not the files".into(),
     ));
 
-    let (mut qemu_first, mut qemu_second) = (None, None);
+    let (mut qemu_first, mut qemu_second, mut qemu_warm) = (None, None, None);
     if o.vm {
         // Real runs: each a different tree, so each misses and boots.
         let repo = tmp.path().join("real-repo");
@@ -389,19 +458,62 @@ fn main() {
         let (t, code) = time_reprise(&bin, &repo, &data, &["run", "--fresh"]);
         assert_eq!(code, 0, "the first real run failed");
         times.push(t);
+        // Then round by round: a run restoring its own guest (this store
+        // has no daemon), a cold boot if asked, and a run through the warm
+        // guest of a `reprise daemon --warm` of a second store (same
+        // repository, so the same snapshot), each on another tree. Every
+        // round starts once the daemon's next guest is ready, so no run
+        // shares the CPU with the making of one.
+        let mut warm = Vec::new();
+        let mut warm_phases = BTreeMap::new();
+        let mut not_warm = 0;
+        let warm_data = tmp.path().join("warm-data");
+        let daemon_log = tmp.path().join("daemon.log");
+        let daemon = WarmDaemon::start(&bin, &warm_data, &daemon_log);
         for i in 1..o.real_runs {
-            commit(2 * i);
+            if !daemon.wait_ready() {
+                eprintln!(
+                    "the daemon made no warm guest:\n{}",
+                    fs::read_to_string(&daemon_log).unwrap_or_default()
+                );
+                break;
+            }
+            commit(3 * i);
             let (t, code) = time_reprise(&bin, &repo, &data, &["run"]);
             assert_eq!(code, 0, "real run {i} failed");
             times.push(t);
             record_phases(&repo, &data, &mut restored_phases);
-            commit(2 * i + 1);
-            let env = [("REPRISE_COLD_BOOT", "1")];
-            let (t, code) = time_reprise_with(&bin, &repo, &data, &["run"], &env);
-            assert_eq!(code, 0, "cold real run {i} failed");
-            cold.push(t);
-            record_phases(&repo, &data, &mut cold_phases);
+            if o.cold_boot {
+                commit(3 * i + 1);
+                let env = [("REPRISE_COLD_BOOT", "1")];
+                let (t, code) = time_reprise_with(&bin, &repo, &data, &["run"], &env);
+                assert_eq!(code, 0, "cold real run {i} failed");
+                cold.push(t);
+                record_phases(&repo, &data, &mut cold_phases);
+            }
+            commit(3 * i + 2);
+            let start = Instant::now();
+            let out = Command::new(&bin)
+                .args(["run"])
+                .current_dir(&repo)
+                .env("XDG_DATA_HOME", &warm_data)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+                .expect("reprise starts");
+            let t = start.elapsed();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "warm run {i} failed:\n{stderr}");
+            if stderr.lines().any(|l| l.starts_with("reprise: warm done")) {
+                warm.push(t);
+                record_phases(&repo, &warm_data, &mut warm_phases);
+            } else {
+                not_warm += 1;
+                eprintln!("warm run {i} did not get the warm guest:\n{stderr}");
+            }
         }
+        drop(daemon);
         // The repository's snapshot lives in the shared cache: drop it.
         let _ = Command::new(&bin)
             .args(["cache", "drop"])
@@ -424,22 +536,49 @@ fn main() {
                 "qemu driver: second real run (snapshot)".into(),
                 secs(second),
                 format!(
-                    "median of {}, each another tree, saved guest restored; target < 6 s under TCG",
+                    "median of {}, each another tree, saved guest restored (no daemon)",
                     later.len()
                 ),
             ));
-            let cold = median(cold.clone());
-            rows.push((
-                "qemu driver: second, booted cold".into(),
-                secs(cold),
-                "REPRISE_COLD_BOOT=1, alternating with the restored runs".into(),
-            ));
-            rows.push((
-                "  cold boot / restored".into(),
-                format!("{:.2}x", cold.as_secs_f64() / second.as_secs_f64()),
-                String::new(),
-            ));
-            for (label, phases) in [("restored", restored_phases), ("cold", cold_phases)] {
+            if !cold.is_empty() {
+                let cold = median(cold.clone());
+                rows.push((
+                    "qemu driver: second, booted cold".into(),
+                    secs(cold),
+                    "REPRISE_COLD_BOOT=1, alternating with the restored runs".into(),
+                ));
+                rows.push((
+                    "  cold boot / restored".into(),
+                    format!("{:.2}x", cold.as_secs_f64() / second.as_secs_f64()),
+                    String::new(),
+                ));
+            }
+            if !warm.is_empty() {
+                let m = median(warm.clone());
+                qemu_warm = Some(m);
+                rows.push((
+                    "qemu driver: second, daemon's warm guest".into(),
+                    secs(m),
+                    format!(
+                        "median of {}, `reprise daemon --warm`, interleaved with the restored runs{}; target < 4 s under TCG",
+                        warm.len(),
+                        match not_warm {
+                            0 => String::new(),
+                            n => format!(", {n} run(s) found no warm guest and are left out"),
+                        }
+                    ),
+                ));
+                rows.push((
+                    "  restored / warm guest".into(),
+                    format!("{:.2}x", second.as_secs_f64() / m.as_secs_f64()),
+                    String::new(),
+                ));
+            }
+            for (label, phases) in [
+                ("restored", restored_phases),
+                ("cold", cold_phases),
+                ("warm", warm_phases),
+            ] {
                 for (phase, samples) in phases {
                     rows.push((
                         format!("  {label}: phase {phase}"),
@@ -493,6 +632,9 @@ fn main() {
             }
             if let Some(second) = qemu_second {
                 ratio("qemu second real run", second);
+            }
+            if let Some(warm) = qemu_warm {
+                ratio("qemu second run, warm guest", warm);
             }
             ratio("podman driver first real run", podman_first);
             ratio("podman driver second real run", podman_second);

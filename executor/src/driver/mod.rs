@@ -201,13 +201,31 @@ pub trait Session {
         env: &BTreeMap<String, String>,
     ) -> Result<Output, RunError>;
 
-    /// Copies the OS's artifacts folder to `dest` (which must not exist).
-    async fn collect(&self, dest: &Path) -> Result<(), RunError>;
+    /// Copies the OS's artifacts folder to `dest` (which must not exist);
+    /// `settled` when the last command ran [`Session::settle_artifacts`].
+    async fn collect(&self, dest: &Path, settled: bool) -> Result<(), RunError>;
+
+    /// A shell snippet that makes the artifacts folder readable from the
+    /// host, run at the end of the command that makes the artifacts (a
+    /// process start costs time under emulation); `None` when nothing is
+    /// needed.
+    fn settle_artifacts(&self) -> Option<String> {
+        None
+    }
 
     /// A shell snippet that makes the snapshot consistent, run in the same
     /// command as the last step (a process start costs time under
     /// emulation); `None` when nothing is needed.
     fn settle_snapshot(&self) -> Option<String>;
+
+    /// A shell fragment the steps run first in the OS, in the same command
+    /// as their own set-up (a process start costs time under TCG): what
+    /// the driver leaves to do in the OS before anything else, such as
+    /// mounting the snapshot. Each statement ends with `; ` and exits
+    /// non-zero on failure.
+    fn os_setup(&self) -> String {
+        String::new()
+    }
 
     /// The last lines the OS printed, to show with an error.
     fn console_tail(&self) -> String;

@@ -339,7 +339,7 @@ impl Session for PodmanSession {
         })
     }
 
-    async fn collect(&self, dest: &Path) -> Result<(), RunError> {
+    async fn collect(&self, dest: &Path, _settled: bool) -> Result<(), RunError> {
         // The artifacts folder is a bind mount of a folder of the run's
         // work folder: it is on the host already.
         std::fs::rename(&self.artifacts, dest)

@@ -40,6 +40,61 @@ fn freeze_snapshot() -> String {
 #[derive(Debug, Default)]
 pub struct Qemu;
 
+/// The machine of a run on `image` under `accel`, before its tree and
+/// snapshot: what a saved guest and a warm guest are made for.
+pub fn run_config(image: Image, accel: crate::accel::Accel) -> VmConfig {
+    let mut config = VmConfig::new(image, accel);
+    // Every run's VM has a network card (the saved guest has one):
+    // preparation may use it, the tests get it only with --network.
+    config.network = true;
+    config
+}
+
+/// The warm guest of a running `reprise daemon --warm`, if it has one for
+/// `config` (which names no saved guest yet), with the run's disks plugged
+/// in; `None` (and a note saying why, if a daemon was asked) otherwise.
+async fn warm_start(config: &VmConfig, ui: &dyn Ui) -> Option<(Vm, String)> {
+    let data = crate::paths::data_dir();
+    let key = SavedGuests::key(config);
+    let (lent, lease) = match crate::daemon::borrow_warm(&data, &key).await {
+        Ok(Some(lent)) => lent,
+        Ok(None) => return None,
+        Err(why) => {
+            ui.note(&format!(
+                "no warm guest from the reprise daemon ({why}); restoring one here"
+            ));
+            return None;
+        }
+    };
+    let plugged = async {
+        let mut vm = Vm::attach(&lent, lease, config.agent_timeout)
+            .await
+            .map_err(|e| error_chain(&e))?;
+        let plugged = vm
+            .plug_run_disks(config, &lent.guest)
+            .await
+            .map_err(|e| error_chain(&e))?;
+        Ok::<_, String>((vm, plugged.script))
+    }
+    .await;
+    match plugged {
+        Ok((vm, script)) => {
+            ui.note(&format!(
+                "using the reprise daemon's warm guest {} (restored and podman started in it before this run; the run's disks plugged in)",
+                lent.guest
+            ));
+            Some((vm, script))
+        }
+        Err(why) => {
+            ui.note(&format!(
+                "the reprise daemon's warm guest {} could not be used ({why}); restoring one here",
+                lent.guest
+            ));
+            None
+        }
+    }
+}
+
 /// A running VM of a run.
 #[derive(Debug)]
 pub struct QemuSession {
@@ -49,6 +104,9 @@ pub struct QemuSession {
     repo: RepoId,
     image: Image,
     work: PathBuf,
+    /// Run first in the guest ([`Session::os_setup`]): mounts the snapshot
+    /// (and, in a warm guest, the run's data disk).
+    os_setup: String,
 }
 
 impl Driver for Qemu {
@@ -82,14 +140,25 @@ impl Driver for Qemu {
             }
             None => SnapshotStart::Fresh(tokio::task::block_in_place(|| snapshots.blank())?),
         };
-        let mut config = VmConfig::new(image.clone(), choice.accel);
+        let mut config = run_config(image.clone(), choice.accel);
         config.tree = Some(run.tree.clone());
-        // Every run's VM has a network card (the saved guest has one):
-        // preparation may use it, the tests get it only with --network.
-        config.network = true;
         config.snapshot_disk = Some(SnapshotDisk::On(start.path().to_path_buf()));
         let saved_guests = SavedGuests::default_location();
         let cold = std::env::var_os(COLD_BOOT_VAR).is_some_and(|v| !v.is_empty() && v != "0");
+        // A warm guest of the daemon: its disks are mounted by the run's
+        // first guest command.
+        if !cold && let Some((vm, script)) = warm_start(&config, ui).await {
+            let session = QemuSession {
+                vm,
+                start,
+                snapshots,
+                repo,
+                image,
+                work: run.work.to_path_buf(),
+                os_setup: format!("{script}{}", mount_snapshot()),
+            };
+            return Ok((session, "warm"));
+        }
         if !cold {
             match saved_guests
                 .ensure(&config, &mut |step| ui.image_step(step))
@@ -131,23 +200,17 @@ impl Driver for Qemu {
             repo,
             image,
             work: run.work.to_path_buf(),
+            os_setup: format!("state_dev={GUEST_SNAPSHOT_DEVICE}; {}", mount_snapshot()),
         };
-        let mount = format!(
-            "mkdir -p {SNAPSHOT} && mount -t ext4 -o rw,noatime {GUEST_SNAPSHOT_DEVICE} {SNAPSHOT}"
-        );
-        let out = session.capture(&shell(&mount), &BTreeMap::new()).await?;
-        if !out.success() {
-            return Err(RunError::Infra(format!(
-                "mounting the repository's snapshot in the guest failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
         Ok((session, phase))
     }
 }
 
-fn shell(script: &str) -> Vec<String> {
-    vec!["/bin/sh".into(), "-c".into(), script.into()]
+/// Mounts the snapshot disk `$state_dev` at [`SNAPSHOT`].
+fn mount_snapshot() -> String {
+    format!(
+        "mkdir -p {SNAPSHOT} && mount -t ext4 -o rw,noatime \"$state_dev\" {SNAPSHOT} || {{ echo 'mounting the repository snapshot failed' >&2; exit 1; }}; "
+    )
 }
 
 impl QemuSession {
@@ -190,15 +253,24 @@ impl Session for QemuSession {
             .map_err(|e| self.guest(e))
     }
 
-    async fn collect(&self, dest: &Path) -> Result<(), RunError> {
-        self.vm
-            .copy_out(ARTIFACTS, dest)
-            .await
-            .map_err(|e| self.guest(e))
+    async fn collect(&self, dest: &Path, settled: bool) -> Result<(), RunError> {
+        let copied = match settled {
+            true => self.vm.copy_out_settled(ARTIFACTS, dest).await,
+            false => self.vm.copy_out(ARTIFACTS, dest).await,
+        };
+        copied.map_err(|e| self.guest(e))
+    }
+
+    fn settle_artifacts(&self) -> Option<String> {
+        Some(Vm::settle_data_disk())
     }
 
     fn settle_snapshot(&self) -> Option<String> {
         Some(freeze_snapshot())
+    }
+
+    fn os_setup(&self) -> String {
+        self.os_setup.clone()
     }
 
     fn console_tail(&self) -> String {

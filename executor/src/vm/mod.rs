@@ -11,6 +11,7 @@ pub mod disk;
 mod net;
 pub mod saved;
 pub mod shell;
+pub mod warm;
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, RawFd};
@@ -39,6 +40,7 @@ use crate::workdir::WorkDir;
 pub use agent::{Agent, AgentError};
 pub use disk::DiskError;
 pub use saved::{SavedGuest, SavedGuestError};
+pub use warm::{Lent, PluggedDisks, WarmError, WarmGuest};
 
 /// Where the data disk is mounted in the guest.
 pub const GUEST_DATA: &str = "/reprise";
@@ -313,11 +315,53 @@ pub enum Stream {
     Stderr,
 }
 
+/// The qemu process of a [`Vm`]: started here, or lent by the `reprise
+/// daemon` that started it ([`warm`]), or handed on ([`Vm::into_warm`]).
+enum Process {
+    Own(Child),
+    /// Another process's qemu, usable while `lease` (the connection to its
+    /// owner) is open; the owner kills it when the lease ends.
+    Lent {
+        pid: u32,
+        _lease: std::os::unix::net::UnixStream,
+    },
+    Gone,
+}
+
+impl Process {
+    fn id(&self) -> Option<u32> {
+        match self {
+            Process::Own(child) => child.id(),
+            Process::Lent { pid, .. } => Some(*pid),
+            Process::Gone => None,
+        }
+    }
+}
+
+/// A folder of a [`Vm`]: its own, or the lender's.
+#[derive(Debug)]
+enum Folder {
+    Own(WorkDir),
+    Lent(PathBuf),
+}
+
+impl Folder {
+    fn path(&self) -> &Path {
+        match self {
+            Folder::Own(dir) => dir.path(),
+            Folder::Lent(path) => path,
+        }
+    }
+}
+
 /// A running VM.
 pub struct Vm {
-    child: Child,
-    work: WorkDir,
-    sockets: WorkDir,
+    process: Process,
+    work: Folder,
+    sockets: Folder,
+    /// The data disk's file (`data.raw` in the work folder, or the one
+    /// plugged in at a hand-off).
+    data: PathBuf,
     agent: Agent,
     qmp: QapiService<QmpStreamTokio<tokio::io::WriteHalf<UnixStream>>>,
     qmp_events: tokio::task::JoinHandle<()>,
@@ -403,7 +447,7 @@ impl SlotFile {
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vm")
-            .field("pid", &self.child.id())
+            .field("pid", &self.process.id())
             .field("work", &self.work.path())
             .field("accel", &self.accel)
             .finish()
@@ -602,9 +646,10 @@ impl Vm {
         debug!(elapsed = ?started.elapsed(), "guest agent ready");
         drop(_enter);
         let mut vm = Vm {
-            child,
-            work,
-            sockets,
+            process: Process::Own(child),
+            data: work.path().join("data.raw"),
+            work: Folder::Own(work),
+            sockets: Folder::Own(sockets),
             agent,
             qmp,
             qmp_events,
@@ -830,7 +875,7 @@ impl Vm {
     }
 
     fn qemu_cpu_time(&self) -> Option<Duration> {
-        self.child.id().and_then(process_cpu_time)
+        self.process.id().and_then(process_cpu_time)
     }
 
     /// Kills a process the agent started and every process under it. The
@@ -861,28 +906,54 @@ impl Vm {
     /// Copies the guest folder `guest_dir` to the host folder `host_dir`
     /// (which must not exist), through the data disk.
     pub async fn copy_out(&self, guest_dir: &str, host_dir: &Path) -> Result<(), VmError> {
+        self.copy_out_inner(guest_dir, host_dir, false).await
+    }
+
+    /// As [`Vm::copy_out`] for a folder on the data disk that the guest's
+    /// last command settled with [`Vm::settle_data_disk`]: no command runs
+    /// in the guest.
+    pub async fn copy_out_settled(&self, guest_dir: &str, host_dir: &Path) -> Result<(), VmError> {
+        self.copy_out_inner(guest_dir, host_dir, true).await
+    }
+
+    /// A shell fragment that flushes and checkpoints the data disk's file
+    /// system, so the host reads a consistent one from the disk file.
+    pub fn settle_data_disk() -> String {
+        // Freezing ext4 flushes and checkpoints its journal.
+        format!("sync; fsfreeze -f {GUEST_DATA}; fsfreeze -u {GUEST_DATA}")
+    }
+
+    async fn copy_out_inner(
+        &self,
+        guest_dir: &str,
+        host_dir: &Path,
+        settled: bool,
+    ) -> Result<(), VmError> {
         // A folder already on the data disk is read straight from it; any
         // other is first copied there (which costs guest time under TCG).
         let on_disk = data_disk_path(guest_dir);
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let slot = format!("{GUEST_DATA}/out/{n}");
-        // Freezing ext4 flushes and checkpoints its journal, so the host
-        // reads a consistent file system from the disk file.
-        let freeze = format!("sync; fsfreeze -f {GUEST_DATA}; fsfreeze -u {GUEST_DATA}");
+        let freeze = Self::settle_data_disk();
         let script = match &on_disk {
-            Some(_) => format!("set -e; test -d \"$0\"; {freeze}"),
-            None => format!("set -e; mkdir -p {slot}; cp -a \"$0\"/. {slot}/; {freeze}"),
+            Some(_) if settled => None,
+            Some(_) => Some(format!("set -e; test -d \"$0\"; {freeze}")),
+            None => Some(format!(
+                "set -e; mkdir -p {slot}; cp -a \"$0\"/. {slot}/; {freeze}"
+            )),
         };
-        let out = self
-            .exec(&GuestCommand::new(["/bin/sh", "-c", &script, guest_dir]))
-            .await?;
-        if !out.success() {
-            return Err(VmError::Helper(format!(
-                "copying {guest_dir} to the data disk failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+        if let Some(script) = script {
+            let out = self
+                .exec(&GuestCommand::new(["/bin/sh", "-c", &script, guest_dir]))
+                .await?;
+            if !out.success() {
+                return Err(VmError::Helper(format!(
+                    "copying {guest_dir} to the data disk failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
         }
-        let data = self.work.path().join("data.raw");
+        let data = self.data.clone();
         let in_disk = on_disk.unwrap_or_else(|| format!("/out/{n}"));
         tokio::task::block_in_place(|| disk::dump_dir(&data, &in_disk, host_dir))?;
         if in_disk.starts_with("/out/") {
@@ -938,12 +1009,28 @@ impl Vm {
     /// Stops qemu but leaves the work folder to the caller (dropped with `self`).
     async fn shutdown_in_place(mut self) -> Self {
         let _ = self.qmp_call(qmp::quit {}).await;
-        if timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.start_kill();
-            let _ = self.child.wait().await;
+        match &mut self.process {
+            Process::Own(child) => {
+                if timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                }
+            }
+            // The lender reaps it; here it is gone once it no longer runs.
+            Process::Lent { pid, .. } => {
+                let pid = *pid;
+                let started = Instant::now();
+                while warm::runs(pid) && started.elapsed() < Duration::from_secs(5) {
+                    sleep(Duration::from_millis(10)).await;
+                }
+                if warm::runs(pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            Process::Gone => {}
         }
         self
     }
@@ -958,7 +1045,9 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.stream_task.abort();
         self.qmp_events.abort();
-        if let Some(pid) = self.child.id() {
+        if let Process::Own(child) = &self.process
+            && let Some(pid) = child.id()
+        {
             // qemu runs in its own process group.
             let _ = nix::sys::signal::killpg(
                 nix::unistd::Pid::from_raw(pid as i32),
@@ -1118,6 +1207,12 @@ fn qemu_args(
         "chardev:console".into(),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", p(qmp)),
+        // Two empty PCIe slots: a warm guest gets a run's data and
+        // snapshot disks plugged in there ([`warm`]).
+        "-device".into(),
+        format!("pcie-root-port,id={},chassis=1", warm::PORTS[0]),
+        "-device".into(),
+        format!("pcie-root-port,id={},chassis=2", warm::PORTS[1]),
         "-device".into(),
         "virtio-serial-pci,id=vser".into(),
         "-chardev".into(),

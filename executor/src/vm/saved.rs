@@ -260,7 +260,7 @@ impl Vm {
             let path = path.to_path_buf();
             move |source| SavedGuestError::Io { path, source }
         };
-        let data = self.work.path().join("data.raw");
+        let data = self.data.clone();
         let size = std::fs::metadata(&data).map_err(io(&data))?.len();
         let mut disks = vec![(DATA_DRIVE, "vdb", size)];
         if let Some(slot) = &self.state_slot {

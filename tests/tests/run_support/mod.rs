@@ -227,11 +227,21 @@ impl Run {
     }
 
     /// Whether a VM was started, booted cold or restored from the saved
-    /// guest state (the pipeline reports that phase).
+    /// guest state, or a daemon's warm guest taken (the pipeline reports
+    /// that phase).
     pub fn booted(&self) -> bool {
+        self.stderr.lines().any(|l| {
+            l.starts_with("reprise: boot done")
+                || l.starts_with("reprise: restore done")
+                || l.starts_with("reprise: warm done")
+        })
+    }
+
+    /// Whether the run used a `reprise daemon --warm`'s warm guest.
+    pub fn warm(&self) -> bool {
         self.stderr
             .lines()
-            .any(|l| l.starts_with("reprise: boot done") || l.starts_with("reprise: restore done"))
+            .any(|l| l.starts_with("reprise: warm done"))
     }
 
     /// Whether the tests ran here: a VM booted or restored, or the podman

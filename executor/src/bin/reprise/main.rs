@@ -179,6 +179,11 @@ struct DaemonArgs {
     /// return once it answers.
     #[arg(long)]
     detach: bool,
+    /// Keep one warm guest (restored, podman started once in it) and lend
+    /// it to the next `reprise run` of this store, which then starts no
+    /// qemu of its own. Without an orchestrator the daemon does only this.
+    #[arg(long)]
+    warm: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -763,10 +768,12 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<i32> {
                         store,
                         orchestrator,
                         link,
+                        warm,
                     }) => serde_json::json!({
                         "running": true, "pid": pid, "store": store,
                         "orchestrator": orchestrator, "link": link,
                         "link_text": daemon::describe(link),
+                        "warm": warm,
                     }),
                     _ => serde_json::json!({ "running": false, "store": data }),
                 };
@@ -783,11 +790,15 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<i32> {
                     store,
                     orchestrator,
                     link,
+                    warm,
                 }) => {
                     println!("pid:          {pid}");
                     println!("store:        {store}");
                     println!("orchestrator: {orchestrator}");
                     println!("link:         {}", daemon::describe(&link));
+                    if let Some(warm) = warm {
+                        println!("warm guest:   {warm}");
+                    }
                     Ok(exit::SUCCESS)
                 }
                 _ => {
@@ -839,14 +850,16 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<i32> {
     }
     let orchestrator = match daemon::orchestrator((args.orchestrator, args.credentials), terminal())
     {
-        Ok(o) => o,
+        Ok(o) => Some(o),
+        // A daemon that keeps a warm guest needs no orchestrator.
+        Err(daemon::DaemonError::NoOrchestrator(_)) if args.warm => None,
         Err(e) => {
             eprintln!("reprise: error: {}", pipeline::error_chain(&e));
             return Ok(exit::USAGE);
         }
     };
     let served = if args.detach {
-        daemon::detach(&data, &orchestrator)
+        daemon::detach(&data, orchestrator.as_ref(), args.warm)
             .await
             .map(|(pid, log)| {
                 println!(
@@ -855,7 +868,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<i32> {
                 );
             })
     } else {
-        daemon::serve_in_foreground(&data, orchestrator).await
+        daemon::serve_in_foreground(&data, orchestrator, args.warm).await
     };
     match served {
         Ok(()) => Ok(exit::SUCCESS),
