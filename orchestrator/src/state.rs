@@ -540,7 +540,7 @@ impl State {
 
     /// Records a CI job's login (an `Issued` event for a `ci:` identity,
     /// its grants replaced) unless an administrator revoked that identity:
-    /// a revoked job identity stays refused until `issue --replace` lifts
+    /// a revoked job identity stays refused until `revoke --lift` lifts
     /// it (`Some(when it was revoked)`). The check and the write are one
     /// transaction.
     pub fn record_login(&mut self, event: StateEvent) -> Result<Option<u64>, StateError> {
@@ -548,24 +548,9 @@ impl State {
             unreachable!("a login records an issue");
         };
         self.transact(|tx| {
-            let revoked_at: Option<i64> = tx
-                .query_row(
-                    "SELECT revoked_at FROM identities WHERE name = ?1",
-                    [name],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .flatten();
-            if let Some(at) = revoked_at {
-                return Ok(Outcome::Refused(Some(as_u64(at))));
+            if let Some(revoked) = admit_login(tx, name, *at)? {
+                return Ok(Outcome::Refused(Some(revoked)));
             }
-            // Logins add a certificate each, hours long: those expired for
-            // a day go, so the table (and the cache of every serving
-            // process) stays the size of what is in use.
-            tx.execute(
-                "DELETE FROM certificates WHERE not_after < ?1",
-                [at.saturating_sub(PRUNE_AFTER.as_secs()) as i64],
-            )?;
             apply(tx, &event)?;
             Ok(Outcome::Written {
                 value: None,
@@ -592,16 +577,8 @@ impl State {
             unreachable!("a login records an issue");
         };
         self.transact(|tx| {
-            let revoked_at: Option<i64> = tx
-                .query_row(
-                    "SELECT revoked_at FROM identities WHERE name = ?1",
-                    [name],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .flatten();
-            if let Some(at) = revoked_at {
-                return Ok(Outcome::Refused(Some(as_u64(at))));
+            if let Some(revoked) = admit_login(tx, name, *at)? {
+                return Ok(Outcome::Refused(Some(revoked)));
             }
             apply(tx, &event)?;
             tx.execute(
@@ -1079,6 +1056,29 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(sql)?;
     tx.commit().map_err(sql)
+}
+
+/// The part every login shares, in its transaction: `Some(when)` if an
+/// administrator revoked `name`; otherwise certificates expired for a day
+/// are pruned (logins add one each, hours long, and every serving process
+/// caches the table), and the login may be written.
+fn admit_login(tx: &Transaction<'_>, name: &str, at: u64) -> rusqlite::Result<Option<u64>> {
+    let revoked_at: Option<i64> = tx
+        .query_row(
+            "SELECT revoked_at FROM identities WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    if let Some(when) = revoked_at {
+        return Ok(Some(as_u64(when)));
+    }
+    tx.execute(
+        "DELETE FROM certificates WHERE not_after < ?1",
+        [at.saturating_sub(PRUNE_AFTER.as_secs()) as i64],
+    )?;
+    Ok(None)
 }
 
 type Cache = (BTreeMap<Sha256Digest, Cert>, BTreeMap<String, Grant>);
