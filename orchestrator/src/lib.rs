@@ -132,7 +132,12 @@ count_access = \"maintain\" # people (reprise login) whose results count: at lea
 count_people = []       # people (forge usernames) or identities that count anyway
 # readers = [\"alice\"]   # only these people may read; unset: anyone the forge lets read
 
-# One repository's own rules (only what is set overrides the defaults):
+# An owner's rules (a GitHub user or organization, a GitLab group or
+# subgroup), for each of its repositories; only what is set overrides:
+# [policy.owners.\"example.com/team\"]
+# count_access = \"write\"
+
+# One repository's own rules (only what is set overrides its owner's):
 # [policy.repos.\"example.com/team/project\"]
 # require_fresh = true
 # count_drivers = [\"qemu\"]

@@ -292,7 +292,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             let folder = Folder::open(&dir)?;
-            let policy = folder.settings()?.policy.for_repo(&repo);
+            let settings = folder.settings()?;
+            let policy = settings.policy.for_repo(&repo);
+            let sections: Vec<String> = std::iter::once("[policy]".to_string())
+                .chain(settings.policy.sections(&repo).into_iter().map(|(s, _)| s))
+                .collect();
             let e = reprise_orchestrator::explain::explain(
                 &folder.state()?,
                 &policy,
@@ -310,6 +314,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "counts": e.counts,
                     "reasons": e.reasons,
                     "conditions": e.conditions,
+                    "policy_sections": sections,
                 }));
             } else {
                 let mut text = format!(
@@ -325,6 +330,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 for r in &e.reasons {
                     text.push_str(&format!("  because {r}\n"));
                 }
+                text.push_str(&format!(
+                    "policy of {} from {}\n",
+                    e.namespace,
+                    sections.join(", then ")
+                ));
                 text.push_str("a result counts only if it is\n");
                 for c in &e.conditions {
                     text.push_str(&format!("  {c}\n"));

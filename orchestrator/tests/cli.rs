@@ -239,14 +239,14 @@ fn policy_check_explains_whose_results_count_and_why() {
     ok(&["init", "--dir", d]);
     fs::write(
         dir.path().join("orch/orchestrator.toml"),
-        "[policy.repos.\"ns/app\"]\nrequire_fresh = true\n",
+        "[policy.owners.\"h/ns\"]\nallow_network = true\n[policy.repos.\"h/ns/app\"]\nrequire_fresh = true\n",
     )
     .unwrap();
     let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     for (name, trusted) in [("alice", true), ("bob", false)] {
         let file = out(&format!("{name}.pem"));
         let mut args = vec![
-            "issue", "--dir", d, "--name", name, "--repo", "ns/app", "--out", &file,
+            "issue", "--dir", d, "--name", name, "--repo", "h/ns/app", "--out", &file,
         ];
         if trusted {
             args.push("--trusted");
@@ -265,19 +265,25 @@ fn policy_check_explains_whose_results_count_and_why() {
             repo,
         ])
     };
-    let alice = check("alice", "ns/app");
+    let alice = check("alice", "h/ns/app");
     let said = String::from_utf8_lossy(&alice.stdout);
     assert!(alice.status.success(), "{said}");
     assert!(
-        said.contains("alice in ns/app: its results count for CI")
+        said.contains("alice in h/ns/app: its results count for CI")
             && said.contains("trusted (issued with --trusted)")
             && said.contains("fresh snapshot"),
         "{said}"
     );
-    let bob = check("bob", "ns/app");
+    assert!(
+        said.contains(
+            "policy of h/ns/app from [policy], then [policy.owners.\"h/ns\"], then [policy.repos.\"h/ns/app\"]"
+        ) && !said.contains("without the network"),
+        "the owner's section allows the network: {said}"
+    );
+    let bob = check("bob", "h/ns/app");
     assert_eq!(bob.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bob.stdout).contains("not trusted"));
-    let elsewhere = check("alice", "ns/other");
+    let elsewhere = check("alice", "h/ns/other");
     assert_eq!(elsewhere.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&elsewhere.stdout).contains("may not read"));
     ok(&["revoke", "--dir", d, "--name", "alice"]);
@@ -289,12 +295,13 @@ fn policy_check_explains_whose_results_count_and_why() {
         "--identity",
         "alice",
         "--repo",
-        "ns/app",
+        "h/ns/app",
         "--json",
     ]);
     assert_eq!(revoked.status.code(), Some(1));
     let doc: serde_json::Value = serde_json::from_slice(&revoked.stdout).unwrap();
     assert_eq!(doc["counts"], false);
+    assert_eq!(doc["policy_sections"].as_array().unwrap().len(), 3, "{doc}");
     assert!(
         doc["reasons"][0].as_str().unwrap().contains("revoked"),
         "{doc}"

@@ -564,7 +564,8 @@ async fn a_person_logs_in_with_gitlab_where_guests_cannot_read() {
         .set_group_access("bob", "tools", "maintainer")
         .project("tools/cli");
     let settings = format!(
-        "[policy]\ncount_people = [\"carol\"]\n{}{}",
+        "[policy]\ncount_people = [\"carol\"]\n{}{}{}",
+        "[policy.owners.\"gitlab.com/group\"]\ncount_access = \"read\"\n",
         team(&[
             "gitlab.com/group/app",
             "gitlab.com/group/wiki-only",
@@ -587,8 +588,8 @@ async fn a_person_logs_in_with_gitlab_where_guests_cannot_read() {
     );
     assert_eq!(
         logged.counts,
-        ["gitlab.com/tools/cli"],
-        "a Maintainer through the group counts"
+        ["gitlab.com/group/app", "gitlab.com/tools/cli"],
+        "a Reporter counts where the group's policy says \"read\"; a Maintainer through the group counts by default"
     );
     // GitHub is not configured here: said so.
     let (got, codes) = service.person("github").await;

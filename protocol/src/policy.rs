@@ -19,9 +19,17 @@
 //! readers = ["alice"]             # if set: only these people may read (the forge must
 //!                                 # let them read too); unset: anyone the forge lets read
 //!
+//! [policy.owners."example.com/team"]  # every repository of an owner (a GitHub
+//! count_access = "write"          # user or organization, a GitLab group or subgroup)
+//!
 //! [policy.repos."example.com/team/project"]
 //! require_fresh = true            # only what is set here overrides
 //! ```
+//!
+//! A repository's policy is layered, each layer overriding only what it
+//! sets: `[policy]`, then each `[policy.owners]` section whose owner is a
+//! path prefix of the namespace (the shorter first, so a GitLab subgroup's
+//! section overrides its group's), then the repository's own section.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -354,15 +362,70 @@ pub struct PolicyConfig {
     pub count_people: Vec<String>,
     #[serde(default)]
     pub readers: Option<Vec<String>>,
+    /// By owner: a path prefix of namespaces (`host/owner`, or a GitLab
+    /// subgroup's `host/group/sub`).
+    #[serde(default)]
+    pub owners: BTreeMap<String, RepoOverrides>,
     /// By repository namespace.
     #[serde(default)]
     pub repos: BTreeMap<String, RepoOverrides>,
 }
 
+impl RepoOverrides {
+    /// These overrides laid over `under`: what this sets wins.
+    fn over(self, under: RepoOverrides) -> RepoOverrides {
+        RepoOverrides {
+            require_fresh: self.require_fresh.or(under.require_fresh),
+            allow_network: self.allow_network.or(under.allow_network),
+            prefer: self.prefer.or(under.prefer),
+            ci_jobs: self.ci_jobs.or(under.ci_jobs),
+            commit_status: self.commit_status.or(under.commit_status),
+            count_drivers: self.count_drivers.or(under.count_drivers),
+            count_access: self.count_access.or(under.count_access),
+            count_people: self.count_people.or(under.count_people),
+            readers: self.readers.or(under.readers),
+        }
+    }
+}
+
+/// Whether `owner` (a `[policy.owners]` key) is a path prefix of
+/// `namespace`: `team` owns `team/app` and `team/sub/app`, not `teams/app`.
+fn owns(owner: &str, namespace: &str) -> bool {
+    namespace
+        .strip_prefix(owner)
+        .is_some_and(|rest| rest.starts_with('/'))
+}
+
 impl PolicyConfig {
-    /// The policy of `namespace`.
+    /// The sections that decide `namespace`'s policy beyond `[policy]`,
+    /// from the least to the most specific, as the file names them
+    /// (`[policy.owners."h/o"]`, `[policy.repos."h/o/r"]`).
+    pub fn sections(&self, namespace: &str) -> Vec<(String, &RepoOverrides)> {
+        let mut owners: Vec<(&String, &RepoOverrides)> = self
+            .owners
+            .iter()
+            .filter(|(owner, _)| owns(owner, namespace))
+            .collect();
+        owners.sort_by_key(|(owner, _)| owner.len());
+        let mut out: Vec<(String, &RepoOverrides)> = owners
+            .into_iter()
+            .map(|(owner, o)| (format!("[policy.owners.\"{owner}\"]"), o))
+            .collect();
+        if let Some(o) = self.repos.get(namespace) {
+            out.push((format!("[policy.repos.\"{namespace}\"]"), o));
+        }
+        out
+    }
+
+    /// The policy of `namespace`: the defaults, overridden by its owners'
+    /// sections, then by its own.
     pub fn for_repo(&self, namespace: &str) -> RepoPolicy {
-        let o = self.repos.get(namespace).cloned().unwrap_or_default();
+        let o = self
+            .sections(namespace)
+            .into_iter()
+            .fold(RepoOverrides::default(), |under, (_, o)| {
+                o.clone().over(under)
+            });
         RepoPolicy {
             require_fresh: o.require_fresh.unwrap_or(self.require_fresh),
             allow_network: o.allow_network.unwrap_or(self.allow_network),
@@ -406,7 +469,17 @@ pub struct SettingsError(String);
 
 impl OrchestratorSettings {
     pub fn parse(text: &str) -> Result<OrchestratorSettings, SettingsError> {
-        toml::from_str(text).map_err(|e| SettingsError(e.to_string()))
+        let settings: OrchestratorSettings =
+            toml::from_str(text).map_err(|e| SettingsError(e.to_string()))?;
+        for owner in settings.policy.owners.keys() {
+            let parts: Vec<&str> = owner.split('/').collect();
+            if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
+                return Err(SettingsError(format!(
+                    "[policy.owners.\"{owner}\"]: an owner is written HOST/OWNER (e.g. \"github.com/team\", or a GitLab subgroup \"gitlab.com/group/sub\"), without a trailing slash"
+                )));
+            }
+        }
+        Ok(settings)
     }
 }
 
@@ -482,6 +555,75 @@ count_drivers = "all"
             RepoPolicy::default(),
             "by default: neither fresh nor network required or allowed"
         );
+    }
+
+    #[test]
+    fn owners_override_the_defaults_and_repositories_override_their_owners() {
+        let p = OrchestratorSettings::parse(
+            r#"
+[policy]
+count_access = "admin"
+require_fresh = true
+
+[policy.owners."gitlab.com/group"]
+count_access = "write"
+readers = ["alice"]
+
+[policy.owners."gitlab.com/group/sub"]
+count_access = "maintain"
+
+[policy.repos."gitlab.com/group/sub/app"]
+require_fresh = false
+"#,
+        )
+        .unwrap()
+        .policy;
+        let at = |ns: &str| p.for_repo(ns);
+        let write = CountAccess::AtLeast(ForgeAccess::Write);
+        let maintain = CountAccess::AtLeast(ForgeAccess::Maintain);
+        let admin = CountAccess::AtLeast(ForgeAccess::Admin);
+        assert_eq!(at("gitlab.com/group/web").count_access, write);
+        assert!(at("gitlab.com/group/web").require_fresh, "from [policy]");
+        assert_eq!(
+            at("gitlab.com/group/sub/lib").count_access,
+            maintain,
+            "a subgroup's section overrides its group's"
+        );
+        assert_eq!(
+            at("gitlab.com/group/sub/lib").readers,
+            Some(vec!["alice".to_string()]),
+            "what the subgroup leaves unset comes from the group"
+        );
+        let app = at("gitlab.com/group/sub/app");
+        assert!(!app.require_fresh && app.count_access == maintain);
+        assert_eq!(
+            at("gitlab.com/groups/web").count_access,
+            admin,
+            "an owner is a whole path segment, not a string prefix"
+        );
+        assert_eq!(at("gitlab.com/group").count_access, admin);
+        let named: Vec<String> = p
+            .sections("gitlab.com/group/sub/app")
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(
+            named,
+            [
+                "[policy.owners.\"gitlab.com/group\"]",
+                "[policy.owners.\"gitlab.com/group/sub\"]",
+                "[policy.repos.\"gitlab.com/group/sub/app\"]",
+            ]
+        );
+        for bad in ["github.com", "github.com/", "github.com//team", "/team"] {
+            let e = OrchestratorSettings::parse(&format!(
+                "[policy.owners.\"{bad}\"]\ncount_access = \"write\"\n"
+            ))
+            .unwrap_err();
+            assert!(e.to_string().contains("HOST/OWNER"), "{bad}: {e}");
+        }
+        let e = OrchestratorSettings::parse("[policy.owners.\"h/o\"]\nfresh = true\n").unwrap_err();
+        assert!(e.to_string().contains("fresh"), "{e}");
     }
 
     #[test]
