@@ -181,7 +181,7 @@ pub fn render(view: &View) -> String {
     }
 
     // The newest audit entries, newest first.
-    let _ = write!(w, "<h2>Recent replays and conflicts</h2>");
+    let _ = write!(w, "<h2>Recent replays, conflicts and logins</h2>");
     if view.recent.is_empty() {
         let _ = write!(w, "<p id=\"no-recent\">Nothing yet.</p>");
     } else {
@@ -218,6 +218,16 @@ pub fn render(view: &View) -> String {
                         escape(&c.namespace),
                         c.key.short(),
                         escape(&c.producers.join(", ")),
+                    );
+                }
+                AuditEntry::Login(l) => {
+                    let _ = write!(
+                        w,
+                        "<tr><td>{}</td><td>{}</td><td>{}</td><td></td><td>{}</td><td></td></tr>",
+                        rfc3339(l.at),
+                        escape(&l.kind),
+                        escape(&e.namespace()),
+                        escape(&l.name),
                     );
                 }
             }

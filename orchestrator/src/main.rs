@@ -113,7 +113,8 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
-    /// The audit log: replays and conflicts, oldest first.
+    /// The audit log: replays, conflicts, and logins (people's logins and
+    /// renewals, CI jobs' logins), oldest first.
     #[command(after_help = "Examples:\n  \
         reprise-orchestrator audit --dir /srv/reprise --since 24h\n  \
         reprise-orchestrator audit --dir /srv/reprise --repo example.com/team/app --since 2026-05-01T00:00:00Z --json")]
@@ -553,6 +554,12 @@ fn audit_json(entries: &[AuditEntry]) -> serde_json::Value {
                 "key": c.key,
                 "producers": c.producers,
             }),
+            AuditEntry::Login(l) => serde_json::json!({
+                "kind": l.kind,
+                "at": rfc3339(l.at),
+                "identity": l.name,
+                "repos": l.repos,
+            }),
         })
         .collect();
     serde_json::json!({ "version": JSON_VERSION, "entries": list })
@@ -561,7 +568,7 @@ fn audit_json(entries: &[AuditEntry]) -> serde_json::Value {
 fn print_audit(entries: &[AuditEntry]) {
     use std::fmt::Write;
     if entries.is_empty() {
-        eprintln!("no replays or conflicts recorded (for this filter)");
+        eprintln!("no replays, conflicts or logins recorded (for this filter)");
         return;
     }
     let mut text = String::new();
@@ -573,7 +580,7 @@ fn print_audit(entries: &[AuditEntry]) {
         .max(10);
     let _ = writeln!(
         text,
-        "{:20}  {:8}  {:width$}  {:12}  DETAIL",
+        "{:20}  {:9}  {:width$}  {:12}  DETAIL",
         "WHEN", "WHAT", "REPOSITORY", "KEY"
     );
     for e in entries {
@@ -599,10 +606,21 @@ fn print_audit(entries: &[AuditEntry]) {
                 c.key.short(),
                 format!("{} disagree", c.producers.join(", ")),
             ),
+            AuditEntry::Login(l) => (
+                l.kind.as_str(),
+                "-".to_string(),
+                match (l.kind.as_str(), l.repos.is_empty()) {
+                    ("renewal", true) => {
+                        format!("{} renewed: no access left, grants withdrawn", l.name)
+                    }
+                    ("renewal", false) => format!("{} renewed", l.name),
+                    _ => format!("{} logged in", l.name),
+                },
+            ),
         };
         let _ = writeln!(
             text,
-            "{:20}  {:8}  {:width$}  {:12}  {detail}",
+            "{:20}  {:9}  {:width$}  {:12}  {detail}",
             rfc3339(e.at()),
             what,
             e.namespace(),

@@ -306,6 +306,7 @@ pub struct Conflict {
 pub enum AuditEntry {
     Replay(Replay),
     Conflict(Conflict),
+    Login(LoginRecord),
 }
 
 impl AuditEntry {
@@ -313,13 +314,18 @@ impl AuditEntry {
         match self {
             AuditEntry::Replay(r) => r.at,
             AuditEntry::Conflict(c) => c.at,
+            AuditEntry::Login(l) => l.at,
         }
     }
 
-    pub fn namespace(&self) -> &str {
+    /// The repository of a replay or conflict; those a login granted,
+    /// comma-separated ("-": none).
+    pub fn namespace(&self) -> String {
         match self {
-            AuditEntry::Replay(r) => &r.namespace,
-            AuditEntry::Conflict(c) => &c.namespace,
+            AuditEntry::Replay(r) => r.namespace.clone(),
+            AuditEntry::Conflict(c) => c.namespace.clone(),
+            AuditEntry::Login(l) if l.repos.is_empty() => "-".to_string(),
+            AuditEntry::Login(l) => l.repos.join(", "),
         }
     }
 }
@@ -544,7 +550,10 @@ impl State {
     /// it (`Some(when it was revoked)`). The check and the write are one
     /// transaction.
     pub fn record_login(&mut self, event: StateEvent) -> Result<Option<u64>, StateError> {
-        let StateEvent::Issued { name, at, .. } = &event else {
+        let StateEvent::Issued {
+            name, at, repos, ..
+        } = &event
+        else {
             unreachable!("a login records an issue");
         };
         self.transact(|tx| {
@@ -552,6 +561,7 @@ impl State {
                 return Ok(Outcome::Refused(Some(revoked)));
             }
             apply(tx, &event)?;
+            log_login(tx, *at, name, "ci-login", repos)?;
             Ok(Outcome::Written {
                 value: None,
                 identities: true,
@@ -598,18 +608,11 @@ impl State {
                     kind == LoginKind::Login
                 ],
             )?;
-            tx.execute(
-                "INSERT INTO logins (at, name, kind, repos) VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    as_i64(*at),
-                    name,
-                    match kind {
-                        LoginKind::Login => "login",
-                        LoginKind::Renewal => "renewal",
-                    },
-                    serde_json::to_string(repos).expect("strings serialise")
-                ],
-            )?;
+            let kind = match kind {
+                LoginKind::Login => "login",
+                LoginKind::Renewal => "renewal",
+            };
+            log_login(tx, *at, name, kind, repos)?;
             Ok(Outcome::Written {
                 value: None,
                 identities: true,
@@ -624,10 +627,7 @@ impl State {
         self.transact(|tx| {
             tx.execute("DELETE FROM grants WHERE name = ?1", [name])?;
             tx.execute("DELETE FROM access WHERE name = ?1", [name])?;
-            tx.execute(
-                "INSERT INTO logins (at, name, kind, repos) VALUES (?1, ?2, 'renewal', '[]')",
-                params![as_i64(at), name],
-            )?;
+            log_login(tx, at, name, "renewal", &[])?;
             Ok(Outcome::Written {
                 value: (),
                 identities: true,
@@ -674,14 +674,7 @@ impl State {
             let mut stmt = self
                 .conn
                 .prepare("SELECT at, name, kind, repos FROM logins ORDER BY id")?;
-            let rows = stmt.query_map([], |r| {
-                Ok(LoginRecord {
-                    at: as_u64(r.get(0)?),
-                    name: r.get(1)?,
-                    kind: r.get(2)?,
-                    repos: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
-                })
-            })?;
+            let rows = stmt.query_map([], login_row)?;
             rows.collect()
         };
         read().map_err(self.sql())
@@ -949,7 +942,19 @@ impl State {
             for row in rows {
                 out.push((row?, 1));
             }
-            // Oldest first; at one second, replays before conflicts.
+            // Logins and renewals that granted the repository, or all.
+            let mut stmt = self.conn.prepare(
+                "SELECT at, name, kind, repos FROM logins
+                 WHERE at >= ?1
+                   AND (?2 IS NULL OR EXISTS (SELECT 1 FROM json_each(repos) WHERE value = ?2))
+                 ORDER BY at DESC, id DESC LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![since, ns, limit], login_row)?;
+            for row in rows {
+                out.push((AuditEntry::Login(row?), 2));
+            }
+            // Oldest first; at one second, replays, then conflicts, then
+            // logins.
             out.sort_by_key(|(e, kind)| (e.at(), *kind));
             let mut out: Vec<AuditEntry> = out.into_iter().map(|(e, _)| e).collect();
             if let Some(n) = filter.newest {
@@ -1056,6 +1061,37 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(sql)?;
     tx.commit().map_err(sql)
+}
+
+/// A row of `SELECT at, name, kind, repos FROM logins`.
+fn login_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LoginRecord> {
+    Ok(LoginRecord {
+        at: as_u64(r.get(0)?),
+        name: r.get(1)?,
+        kind: r.get(2)?,
+        repos: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
+    })
+}
+
+/// A line of the login log: `kind` is `login` or `renewal` (a person's),
+/// or `ci-login` (a CI job's); `repos` what was granted.
+fn log_login(
+    tx: &rusqlite::Transaction<'_>,
+    at: u64,
+    name: &str,
+    kind: &str,
+    repos: &[String],
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO logins (at, name, kind, repos) VALUES (?1, ?2, ?3, ?4)",
+        params![
+            as_i64(at),
+            name,
+            kind,
+            serde_json::to_string(repos).expect("strings serialise")
+        ],
+    )?;
+    Ok(())
 }
 
 /// The part every login shares, in its transaction: `Some(when)` if an
@@ -1484,6 +1520,69 @@ mod tests {
         assert!(matches!(s.admit(&fp("hand")), Admission::Unknown));
         assert!(matches!(s.admit(&fp("recent")), Admission::Admitted(_)));
         assert!(matches!(s.admit(&fp("new")), Admission::Admitted(_)));
+    }
+
+    #[test]
+    fn the_audit_log_shows_logins_and_renewals_by_the_repositories_they_granted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(&dir.path().join("state.db")).unwrap();
+        let login = |name: &str, repos: &[&str], at: u64| StateEvent::Issued {
+            name: name.into(),
+            cert_sha256: fp(&format!("{name}{at}")),
+            repos: repos.iter().map(|r| r.to_string()).collect(),
+            trusted: false,
+            at,
+            not_after: Some(at + 3600),
+            access: Default::default(),
+        };
+        s.append(replayed("h/o/x", 10, None)).unwrap();
+        s.record_login(login("ci:github:o/x@refs/heads/main", &["h/o/x"], 20))
+            .unwrap();
+        let person = PersonRecord {
+            provider: "github".into(),
+            forge_id: 7,
+            token: "gho_secret".into(),
+        };
+        s.record_person_login(
+            login("github:carol", &["h/o/x", "h/o/y"], 30),
+            &person,
+            LoginKind::Login,
+        )
+        .unwrap();
+        s.withdraw("github:carol", 40).unwrap();
+        let all = s.audit(&AuditFilter::default()).unwrap();
+        let kinds: Vec<String> = all
+            .iter()
+            .map(|e| match e {
+                AuditEntry::Login(l) => format!("{} {} {}", l.at, l.kind, l.name),
+                other => format!("{} other", other.at()),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "10 other",
+                "20 ci-login ci:github:o/x@refs/heads/main",
+                "30 login github:carol",
+                "40 renewal github:carol"
+            ]
+        );
+        assert_eq!(
+            all[3].namespace(),
+            "-",
+            "a renewal that withdrew all grants"
+        );
+        let y = s
+            .audit(&AuditFilter {
+                namespace: Some("h/o/y".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(
+            matches!(&y[..], [AuditEntry::Login(l)] if l.name == "github:carol" && l.kind == "login"),
+            "only the login that granted h/o/y: {y:?}"
+        );
+        assert!(!format!("{all:?}").contains("gho_secret"), "{all:?}");
     }
 
     #[test]

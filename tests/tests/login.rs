@@ -391,6 +391,11 @@ struct People {
 
 impl People {
     fn new(gitlab: bool) -> People {
+        People::with_settings(gitlab, "")
+    }
+
+    /// A team whose `orchestrator.toml` starts with `extra`.
+    fn with_settings(gitlab: bool, extra: &str) -> People {
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
         let stand = if gitlab {
             Stand::Gitlab(runtime.block_on(FakeGitlab::start()))
@@ -415,7 +420,7 @@ impl People {
             .iter()
             .map(|r| format!("{host}/acme/{r}"))
             .collect();
-        let mut settings = String::new();
+        let mut settings = extra.to_string();
         for ns in &namespaces {
             settings.push_str(&format!("[policy.repos.\"{ns}\"]\n"));
         }
@@ -759,4 +764,62 @@ fn renewal_drops_what_the_forge_took_away_and_revocation_cuts_a_person_off() {
     );
     let run = team.reprise(&app, &["login", "--renew"]);
     run.expect_code(code::LOGIN_REFUSED, "a revoked person is not renewed");
+}
+
+#[test]
+fn a_person_s_credentials_renew_themselves_in_the_last_quarter_of_their_lifetime() {
+    // A one-minute certificate (backdated a minute for clocks that differ)
+    // is due for renewal thirty seconds after it is issued.
+    let team = People::with_settings(false, "[login]\ncertificate_lifetime = \"1m\"\n");
+    let app = team.checkout("app");
+    team.stand.next_login(Script::Approve {
+        user: "carol",
+        after_polls: 0,
+    });
+    team.login(&app).expect_code(code::SUCCESS, "login");
+    let logged_in = std::time::Instant::now();
+    let creds = app.config().join("reprise/credentials.pem");
+    let first = fs::read_to_string(&creds).expect("credentials");
+    let who = team.reprise(&app, &["whoami", "--json"]);
+    let who: Value = serde_json::from_str(&who.stdout).expect("whoami --json");
+    let first_expiry = who["expires_at"].clone();
+    assert_eq!(who["repos"].as_array().map(Vec::len), Some(2), "{who}");
+
+    // Meanwhile the forge takes acme/lib away from carol.
+    team.stand.read("carol", "acme/lib", false);
+    std::thread::sleep(std::time::Duration::from_secs(32).saturating_sub(logged_in.elapsed()));
+    let run = team.reprise(&app, &["run", "--no-serve", "--mode", "replay-only"]);
+    run.expect_code(code::SUCCESS, "replay while the credentials are due");
+    assert!(run.replayed(), "{}", run.stderr);
+    let renewed = fs::read_to_string(&creds).expect("credentials");
+    assert_ne!(renewed, first, "the run renewed the credentials on its way");
+    assert_eq!(
+        fs::metadata(&creds)
+            .expect("credentials")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let who = team.reprise(&app, &["whoami", "--json"]);
+    let who: Value = serde_json::from_str(&who.stdout).expect("whoami --json");
+    assert_eq!(
+        who["repos"],
+        json!(["github.com/acme/app"]),
+        "the renewal asked the forge again: {who}"
+    );
+    assert_ne!(who["expires_at"], first_expiry, "{who}");
+    assert!(team.log().contains("renewal=true"), "{}", team.log());
+    // The orchestrator's audit log shows the login and the renewal.
+    let out = std::process::Command::new(orchestrator_bin())
+        .args(["audit", "--dir", &team.state])
+        .output()
+        .expect("audit");
+    let audit = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        audit.contains("github:carol logged in")
+            && audit.contains("github:carol renewed")
+            && audit.contains("github.com/acme/app, github.com/acme/lib"),
+        "{audit}"
+    );
 }
