@@ -31,18 +31,11 @@ use reprise_protocol::wire::StateEvent;
 
 /// What the service needs to answer logins: the configured issuers, their
 /// verifier, and the CA that signs job certificates.
+#[derive(Debug)]
 pub struct CiLogin {
     pub config: CiConfig,
     pub verifier: Verifier,
     pub ca: CaPem,
-}
-
-impl std::fmt::Debug for CiLogin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CiLogin")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
-    }
 }
 
 /// What a verified job is granted.

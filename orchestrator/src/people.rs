@@ -62,20 +62,12 @@ const ACCESS_CONCURRENCY: usize = 8;
 const EXPIRY_GRACE: Duration = Duration::from_secs(10);
 
 /// The configured forges and the CA that signs people's certificates.
+#[derive(Debug)]
 pub struct PeopleLogin {
     pub forges: Vec<Forge>,
     /// How long a person's certificate lasts.
     pub lifetime: Duration,
     pub ca: CaPem,
-}
-
-impl std::fmt::Debug for PeopleLogin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeopleLogin")
-            .field("forges", &self.forges)
-            .field("lifetime", &self.lifetime)
-            .finish_non_exhaustive()
-    }
 }
 
 impl PeopleLogin {

@@ -32,10 +32,19 @@ pub enum PkiError {
 }
 
 /// A CA: its certificate (PEM) and key (PEM).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CaPem {
     pub cert: String,
     pub key: String,
+}
+
+/// The certificate only: the key never reaches a log.
+impl std::fmt::Debug for CaPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaPem")
+            .field("cert", &self.cert)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The CA's parameters. Rebuilt the same way each time so that an issuer
@@ -267,6 +276,17 @@ pub fn server_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ca_key_never_reaches_a_debug_print() {
+        let ca = new_ca().unwrap();
+        assert!(ca.key.contains("PRIVATE KEY"));
+        let printed = format!("{ca:?}");
+        assert!(
+            printed.contains("BEGIN CERTIFICATE") && !printed.contains("PRIVATE KEY"),
+            "{printed}"
+        );
+    }
 
     #[test]
     fn issued_certificates_chain_to_the_ca_and_reload() {
