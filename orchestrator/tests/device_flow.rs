@@ -9,100 +9,44 @@
 //! fixture (device page, user code, login, consent). Without Node or the
 //! package these tests fail; they never skip.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::OnceLock;
+#[allow(dead_code)] // its TestIssuer serves the OIDC tests, not these
+mod issuer;
+
 use std::time::Duration;
 
+use issuer::NodeScript;
 use reprise_orchestrator::forge::{Forge, ForgeError, Provider};
 use serde_json::{Value, json};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .find(|d| d.join("scripts/install-node-tools.sh").is_file())
-        .expect("the workspace root")
-        .to_path_buf()
-}
-
-const FIXTURE: &str = "orchestrator/tests/fixtures/oidc-provider";
-
-/// oidc-provider's node_modules, installed once per test binary.
-fn node_modules() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let script = root().join("scripts/install-node-tools.sh");
-        let out = Command::new(&script)
-            .arg(root().join(FIXTURE))
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("could not run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} failed ({}): the authorization server these tests need (oidc-provider, npm) is not installed",
-            script.display(),
-            out.status
-        );
-        let text = String::from_utf8(out.stdout).unwrap();
-        let dir = PathBuf::from(text.lines().last().expect("the script prints a folder"));
-        assert!(
-            dir.join("oidc-provider").is_dir(),
-            "{} holds no oidc-provider",
-            dir.display()
-        );
-        dir
-    })
-}
-
 /// A running oidc-provider, stopped on drop.
 struct AuthorizationServer {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
+    node: NodeScript,
     url: String,
     client_id: String,
 }
 
 impl AuthorizationServer {
     fn start(device_code_ttl: Duration) -> AuthorizationServer {
-        let script = root().join(FIXTURE).join("server.mjs");
-        let mut child = Command::new("node")
-            .arg(&script)
-            .env("NODE_PATH", node_modules())
-            .env("DEVICE_CODE_TTL", device_code_ttl.as_secs().to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("could not start node {}: {e}", script.display()));
-        let stdin = child.stdin.take();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let hello: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("oidc-provider did not start ({e}): {line:?}"));
+        let node = NodeScript::start(
+            "orchestrator/tests/fixtures/oidc-provider",
+            "server.mjs",
+            "oidc-provider",
+            &[("DEVICE_CODE_TTL", device_code_ttl.as_secs().to_string())],
+            true,
+        );
+        let url = node.hello["url"].as_str().unwrap().to_string();
+        let client_id = node.hello["client_id"].as_str().unwrap().to_string();
         AuthorizationServer {
-            child,
-            stdin,
-            stdout,
-            url: hello["url"].as_str().unwrap().to_string(),
-            client_id: hello["client_id"].as_str().unwrap().to_string(),
+            node,
+            url,
+            client_id,
         }
     }
 
     /// One request to the fixture (blocking: call it off the runtime's
     /// threads, or while the flow runs on another task).
     fn ask(&mut self, request: Value) -> Value {
-        let stdin = self.stdin.as_mut().unwrap();
-        writeln!(stdin, "{request}").unwrap();
-        stdin.flush().unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        let answer: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("the fixture answered {line:?} ({e})"));
-        assert!(answer.get("error").is_none(), "the fixture: {answer}");
-        answer
+        self.node.ask(request)
     }
 
     fn forge(&self) -> Forge {
@@ -117,14 +61,6 @@ impl AuthorizationServer {
         let (forges, _) = Forge::from_toml(&toml).unwrap();
         assert_eq!(forges[0].provider, Provider::Gitlab);
         forges.into_iter().next().unwrap()
-    }
-}
-
-impl Drop for AuthorizationServer {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
