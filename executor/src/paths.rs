@@ -100,6 +100,15 @@ pub fn write_whole(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> 
     Ok(())
 }
 
+/// [`write_whole`] for a file only its owner reads (credentials, the
+/// user's settings), mode 0600, its folder made first.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    write_whole(path, bytes, 0o600)
+}
+
 #[cfg(test)]
 mod write_tests {
     use super::*;

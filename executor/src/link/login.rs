@@ -339,15 +339,6 @@ async fn exchange_in_time(
     key.credentials(answer?, &ca)
 }
 
-/// Writes credentials (or any private file) to `path`, mode 0600, through
-/// a temporary file renamed over it, so a reader sees the old file or the
-/// new one.
-pub fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(std::path::Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    crate::paths::write_whole(path, text.as_bytes(), 0o600)
-}
-
 /// Whether credentials valid from `not_before` to `not_after` are due for
 /// renewal at `now`: in the last quarter of their lifetime.
 pub fn renewal_due(not_before: u64, not_after: u64, now: u64) -> bool {

@@ -136,12 +136,14 @@ impl Orchestrator {
         let renewed = tokio::time::timeout(CONNECT_TIMEOUT * 6, login::renew(link, &creds))
             .await
             .map_err(|_| login::LoginError::TimedOut(CONNECT_TIMEOUT * 6))??;
-        login::write_private(&self.settings.credentials, &renewed.credentials_pem).map_err(
-            |source| LinkError::CredentialsIo {
-                path: self.settings.credentials.clone(),
-                source,
-            },
-        )?;
+        crate::paths::write_private(
+            &self.settings.credentials,
+            renewed.credentials_pem.as_bytes(),
+        )
+        .map_err(|source| LinkError::CredentialsIo {
+            path: self.settings.credentials.clone(),
+            source,
+        })?;
         if let Ok(fresh) = Credentials::from_pem(&renewed.credentials_pem) {
             *self.creds.lock().expect("credentials") = Arc::new(fresh);
         }
@@ -488,6 +490,14 @@ impl Link {
         };
         let (stored, received, resumed) = receive(&mut recv, *sealed, partial, store).await?;
         info!(key = %key, producer = %who.name, received, resumed, "fetched a result from a link");
+        let path = self.conn.stats().path;
+        debug!(
+            mtu = path.current_mtu,
+            rtt_us = path.rtt.as_micros() as u64,
+            cwnd = path.cwnd,
+            lost = path.lost_packets,
+            "the link's path after the transfer"
+        );
         Ok(Fetched {
             stored,
             signed_by: who,

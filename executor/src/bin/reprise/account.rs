@@ -363,7 +363,8 @@ fn toml_string(text: &str) -> String {
 
 /// Writes `text` to `path` (mode 0600) whole or not at all.
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    login::write_private(path, text).with_context(|| format!("while writing {}", path.display()))
+    reprise_executor::paths::write_private(path, text.as_bytes())
+        .with_context(|| format!("while writing {}", path.display()))
 }
 
 pub const WHOAMI_EXAMPLES: &str = "\
