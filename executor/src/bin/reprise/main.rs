@@ -461,16 +461,25 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    // What killed commands left behind goes first (never a live one's).
-    let swept = reprise_executor::workdir::sweep_all(Store::default_location().root());
-    if swept > 0 {
-        tracing::info!("removed {swept} work folder(s) of commands that are gone");
-    }
+    // What killed commands left behind goes (never a live one's: each
+    // work folder is locked by its owner from its first moment, so the
+    // sweep may run beside this command's own work), on its own thread:
+    // it reads every repository's snapshot folder, which is milliseconds
+    // a replay need not wait for.
+    let store_root = Store::default_location().root().to_path_buf();
+    let sweeper = std::thread::Builder::new()
+        .name("reprise-sweep".into())
+        .spawn(move || reprise_executor::workdir::sweep_all(&store_root));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     let code = runtime.block_on(run(cli));
+    if let Ok(swept) = sweeper.map(|t| t.join())
+        && let Ok(n @ 1..) = swept
+    {
+        tracing::info!("removed {n} work folder(s) of commands that are gone");
+    }
     // Shutting the runtime down drops any VM still running, which kills
     // qemu. It does not wait for a blocked read of stdin (vm shell).
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
