@@ -549,14 +549,7 @@ fn a_person_logs_in_and_replays_what_the_forge_lets_them_read(gitlab: bool) {
         login.stderr
     );
     let creds = app.config().join("reprise/credentials.pem");
-    assert_eq!(
-        fs::metadata(&creds)
-            .expect("credentials")
-            .permissions()
-            .mode()
-            & 0o777,
-        0o600
-    );
+    assert_private(&creds);
     // The forge token never reaches the executor.
     let text = fs::read_to_string(&creds).expect("credentials");
     assert!(!text.contains("gho_") && !text.contains("glpat"), "{text}");
@@ -793,14 +786,7 @@ fn a_person_s_credentials_renew_themselves_in_the_last_quarter_of_their_lifetime
     assert!(run.replayed(), "{}", run.stderr);
     let renewed = fs::read_to_string(&creds).expect("credentials");
     assert_ne!(renewed, first, "the run renewed the credentials on its way");
-    assert_eq!(
-        fs::metadata(&creds)
-            .expect("credentials")
-            .permissions()
-            .mode()
-            & 0o777,
-        0o600
-    );
+    assert_private(&creds);
     let who = team.reprise(&app, &["whoami", "--json"]);
     let who: Value = serde_json::from_str(&who.stdout).expect("whoami --json");
     assert_eq!(
@@ -822,4 +808,10 @@ fn a_person_s_credentials_renew_themselves_in_the_last_quarter_of_their_lifetime
             && audit.contains("github.com/acme/app, github.com/acme/lib"),
         "{audit}"
     );
+}
+
+/// Panics unless only its owner may read `path` (mode 0600).
+fn assert_private(path: &Path) {
+    let mode = fs::metadata(path).expect("exists").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", path.display());
 }
