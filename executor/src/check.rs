@@ -166,7 +166,7 @@ pub fn check_text(
         if recipe.file.ends_with("ci.mk") || !is_sh(&recipe.shell) {
             continue;
         }
-        if let Some((line, why)) = shell_syntax_error(&recipe.text) {
+        if let Some((line, why)) = shell_syntax_error(&crate::paths::cache_dir(), &recipe.text) {
             problems.push(Problem {
                 file: recipe.file.clone(),
                 // The rule's line is the one after its head (9base's
@@ -242,8 +242,34 @@ fn is_sh(shell: &[String]) -> bool {
 }
 
 /// `sh -n` of `script`: the 1-based line of the first syntax error and
-/// what the shell said, or `None` when it parses.
-fn shell_syntax_error(script: &str) -> Option<(usize, String)> {
+/// what the shell said, or `None` when it parses. A script that parsed is
+/// remembered by its sha256 under the `cache` folder (`parsed-sh/`), so the
+/// check of an unchanged mkfile starts no shell: each start is a process
+/// every replay would pay. Errors are not remembered; a planted mark only
+/// defers a syntax error to the run, whose own shell reports it.
+fn shell_syntax_error(cache: &std::path::Path, script: &str) -> Option<(usize, String)> {
+    let mark = cache
+        .join(PARSED_SH)
+        .join(reprise_protocol::digest::Sha256Digest::of(script.as_bytes()).hex());
+    if mark.is_file() {
+        return None;
+    }
+    let found = run_sh_n(script)?;
+    if found.is_none()
+        && let Some(dir) = mark.parent()
+        && std::fs::create_dir_all(dir).is_ok()
+    {
+        let _ = std::fs::write(&mark, b"");
+    }
+    found
+}
+
+/// The cache folder of marks of scripts `sh -n` took.
+const PARSED_SH: &str = "parsed-sh";
+
+/// Runs `sh -n` on `script`: `None` when no shell could be asked,
+/// `Some(None)` when it parses, else the error's line and text.
+fn run_sh_n(script: &str) -> Option<Option<(usize, String)>> {
     let mut child = Command::new("sh")
         .arg("-n")
         .stdin(Stdio::piped())
@@ -258,7 +284,7 @@ fn shell_syntax_error(script: &str) -> Option<(usize, String)> {
         .write_all(script.as_bytes());
     let out = child.wait_with_output().ok()?;
     if out.status.success() {
-        return None;
+        return Some(None);
     }
     // dash: "sh: 3: Syntax error: end of file unexpected (expecting "fi")"
     let text = String::from_utf8_lossy(&out.stderr).trim().to_string();
@@ -266,7 +292,7 @@ fn shell_syntax_error(script: &str) -> Option<(usize, String)> {
     let _shell = parts.next();
     let line = parts.next().and_then(|l| l.parse::<usize>().ok());
     let why = parts.next().map_or(text.clone(), str::to_string);
-    Some((line.unwrap_or(1), why))
+    Some(Some((line.unwrap_or(1), why)))
 }
 
 #[cfg(test)]
@@ -301,5 +327,29 @@ mod tests {
                 && errors[0].contains("does not parse as a shell script"),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn a_script_that_parsed_is_remembered_and_an_error_is_not() {
+        let cache = tempfile::tempdir().unwrap();
+        let marks = || std::fs::read_dir(cache.path().join(PARSED_SH)).map_or(0, |d| d.count());
+        assert_eq!(shell_syntax_error(cache.path(), "echo ok\n"), None);
+        assert_eq!(marks(), 1, "the parse is remembered");
+        assert_eq!(shell_syntax_error(cache.path(), "echo ok\n"), None);
+        assert_eq!(marks(), 1);
+        let broken = "if true; then\n";
+        for _ in 0..2 {
+            let (line, why) = shell_syntax_error(cache.path(), broken).expect("an error");
+            assert!(line >= 1 && !why.is_empty(), "{why}");
+        }
+        assert_eq!(marks(), 1, "an error is asked again each time");
+        // A mark is only a shortcut: one planted for a broken script lets
+        // the check pass, and the run's own shell reports the error.
+        let planted = cache
+            .path()
+            .join(PARSED_SH)
+            .join(reprise_protocol::digest::Sha256Digest::of(broken.as_bytes()).hex());
+        std::fs::write(planted, b"").unwrap();
+        assert_eq!(shell_syntax_error(cache.path(), broken), None);
     }
 }
