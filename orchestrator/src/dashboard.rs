@@ -181,7 +181,7 @@ pub fn render(view: &View) -> String {
     }
 
     // The newest audit entries, newest first.
-    let _ = write!(w, "<h2>Recent replays, conflicts and logins</h2>");
+    let _ = write!(w, "<h2>Recent replays and conflicts</h2>");
     if view.recent.is_empty() {
         let _ = write!(w, "<p id=\"no-recent\">Nothing yet.</p>");
     } else {
@@ -220,6 +220,7 @@ pub fn render(view: &View) -> String {
                         escape(&c.producers.join(", ")),
                     );
                 }
+                // Not asked for (`AuditFilter::logins`); shown if they were.
                 AuditEntry::Login(l) => {
                     let _ = write!(
                         w,

@@ -272,6 +272,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 namespace: repo,
                 since,
                 newest: None,
+                logins: true,
             };
             let entries = Folder::open(&dir)?
                 .state()?
@@ -572,9 +573,15 @@ fn print_audit(entries: &[AuditEntry]) {
         return;
     }
     let mut text = String::new();
+    let shown = |e: &AuditEntry| match e {
+        AuditEntry::Login(l) if l.repos.len() > 2 => {
+            format!("{}, and {} more", l.repos[0], l.repos.len() - 1)
+        }
+        other => other.namespace(),
+    };
     let width = entries
         .iter()
-        .map(|e| e.namespace().len())
+        .map(|e| shown(e).len())
         .max()
         .unwrap_or(0)
         .max(10);
@@ -623,7 +630,7 @@ fn print_audit(entries: &[AuditEntry]) {
             "{:20}  {:9}  {:width$}  {:12}  {detail}",
             rfc3339(e.at()),
             what,
-            e.namespace(),
+            shown(e),
             key
         );
     }

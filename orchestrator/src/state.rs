@@ -339,6 +339,9 @@ pub struct AuditFilter {
     pub since: Option<u64>,
     /// Only the newest this many.
     pub newest: Option<usize>,
+    /// Logins too (people's and CI jobs': one each job, so the
+    /// dashboard's recent replays leave them out).
+    pub logins: bool,
 }
 
 /// One repository's replays and conflicts, for the dashboard.
@@ -949,9 +952,11 @@ impl State {
                    AND (?2 IS NULL OR EXISTS (SELECT 1 FROM json_each(repos) WHERE value = ?2))
                  ORDER BY at DESC, id DESC LIMIT ?3",
             )?;
-            let rows = stmt.query_map(params![since, ns, limit], login_row)?;
-            for row in rows {
-                out.push((AuditEntry::Login(row?), 2));
+            if filter.logins {
+                let rows = stmt.query_map(params![since, ns, limit], login_row)?;
+                for row in rows {
+                    out.push((AuditEntry::Login(row?), 2));
+                }
             }
             // Oldest first; at one second, replays, then conflicts, then
             // logins.
@@ -1550,7 +1555,16 @@ mod tests {
         )
         .unwrap();
         s.withdraw("github:carol", 40).unwrap();
-        let all = s.audit(&AuditFilter::default()).unwrap();
+        let with_logins = AuditFilter {
+            logins: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            s.audit(&AuditFilter::default()).unwrap().len(),
+            1,
+            "the replay only, unless logins are asked for"
+        );
+        let all = s.audit(&with_logins).unwrap();
         let kinds: Vec<String> = all
             .iter()
             .map(|e| match e {
@@ -1575,7 +1589,7 @@ mod tests {
         let y = s
             .audit(&AuditFilter {
                 namespace: Some("h/o/y".into()),
-                ..Default::default()
+                ..with_logins
             })
             .unwrap();
         assert!(
