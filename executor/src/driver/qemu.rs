@@ -143,55 +143,20 @@ impl Driver for Qemu {
         let mut config = run_config(image.clone(), choice.accel);
         config.tree = Some(run.tree.clone());
         config.snapshot_disk = Some(SnapshotDisk::On(start.path().to_path_buf()));
-        let saved_guests = SavedGuests::default_location();
         let cold = std::env::var_os(COLD_BOOT_VAR).is_some_and(|v| !v.is_empty() && v != "0");
         // A warm guest of the daemon: its disks are mounted by the run's
-        // first guest command.
-        if !cold && let Some((vm, script)) = warm_start(&config, ui).await {
-            let session = QemuSession {
-                vm,
-                start,
-                snapshots,
-                repo,
-                image,
-                work: run.work.to_path_buf(),
-                os_setup: format!("{script}{}", mount_snapshot()),
-            };
-            return Ok((session, "warm"));
-        }
-        if !cold {
-            match saved_guests
-                .ensure(&config, &mut |step| ui.image_step(step))
-                .await
-            {
-                Ok(saved) => config.restore = Some(saved),
-                Err(e) => ui.note(&format!(
-                    "booting cold: no saved guest ({})",
-                    error_chain(&e)
-                )),
-            }
-        }
-        let vm = match Vm::boot(&config).await {
-            Err(e) if config.restore.is_some() => {
-                // A saved guest that does not load (qemu changed under it, a
-                // damaged file) is made anew next time; this run boots cold.
-                ui.note(&format!(
-                    "the saved guest did not restore ({}); booting cold",
-                    error_chain(&e)
-                ));
-                if let Some(saved) = &config.restore {
-                    saved_guests.discard(saved);
-                }
-                let mut cold = config.clone();
-                cold.restore = None;
-                Vm::boot(&cold).await?
-            }
-            booted => booted?,
-        };
-        let phase = if config.restore.is_some() {
-            "restore"
+        // first guest command; any other guest has them from its start.
+        let warm = if cold {
+            None
         } else {
-            "boot"
+            warm_start(&config, ui).await
+        };
+        let (vm, setup, phase) = match warm {
+            Some((vm, script)) => (vm, script, "warm"),
+            None => {
+                let (vm, phase) = boot_or_restore(&mut config, cold, ui).await?;
+                (vm, format!("state_dev={GUEST_SNAPSHOT_DEVICE}; "), phase)
+            }
         };
         let session = QemuSession {
             vm,
@@ -200,10 +165,56 @@ impl Driver for Qemu {
             repo,
             image,
             work: run.work.to_path_buf(),
-            os_setup: format!("state_dev={GUEST_SNAPSHOT_DEVICE}; {}", mount_snapshot()),
+            os_setup: format!("{setup}{}", mount_snapshot()),
         };
         Ok((session, phase))
     }
+}
+
+/// Boots the guest of `config`: from the saved guest unless `cold` (made
+/// first if need be), else or when it does not load, from scratch. The
+/// phase is "restore" or "boot".
+async fn boot_or_restore(
+    config: &mut VmConfig,
+    cold: bool,
+    ui: &dyn Ui,
+) -> Result<(Vm, &'static str), RunError> {
+    let saved_guests = SavedGuests::default_location();
+    if !cold {
+        match saved_guests
+            .ensure(config, &mut |step| ui.image_step(step))
+            .await
+        {
+            Ok(saved) => config.restore = Some(saved),
+            Err(e) => ui.note(&format!(
+                "booting cold: no saved guest ({})",
+                error_chain(&e)
+            )),
+        }
+    }
+    let vm = match Vm::boot(config).await {
+        Err(e) if config.restore.is_some() => {
+            // A saved guest that does not load (qemu changed under it, a
+            // damaged file) is made anew next time; this run boots cold.
+            ui.note(&format!(
+                "the saved guest did not restore ({}); booting cold",
+                error_chain(&e)
+            ));
+            if let Some(saved) = &config.restore {
+                saved_guests.discard(saved);
+            }
+            let mut cold = config.clone();
+            cold.restore = None;
+            Vm::boot(&cold).await?
+        }
+        booted => booted?,
+    };
+    let phase = if config.restore.is_some() {
+        "restore"
+    } else {
+        "boot"
+    };
+    Ok((vm, phase))
 }
 
 /// Mounts the snapshot disk `$state_dev` at [`SNAPSHOT`].
