@@ -10,20 +10,19 @@
 //! under the limits ([`ResultManifest::check_sizes`]); each part starts
 //! at chunk 0 or exactly where this fetch asked of this very result
 //! ([`Sealed::fits`]); every chunk is the length its place in its part
-//! says and matches the sha256 sent with it before a byte of it is kept;
-//! the output record's and every artifact's sha256 and size, over every
+//! says; the output record's and every artifact's sha256 and size, over every
 //! byte of the part (kept from an earlier cut transfer or just arrived);
 //! nothing follows the last artifact. Everything is staged in the store's
 //! `tmp/` ([`Store::receive`]) and committed only at the end, so a failure
 //! anywhere leaves the store's results as they were.
 //!
-//! A transfer cut midway (the stream broke off, a chunk that does not
-//! match its sha256 or is not its length) keeps the chunks checked so far
-//! in the result's partial folder ([`crate::store::Partial`]), and the next
-//! fetch of the key asks for the rest ([`Resume`]), from whichever holder
-//! the orchestrator picks. The chunks' sha256s come from the holder, not
-//! from the producer's seal: a hostile holder can send bad bytes with
-//! sha256s that match them. So a part whose whole sha256 does not match
+//! A transfer cut midway (the stream broke off, a chunk that is not its
+//! length) keeps the chunks received so far in the result's partial folder
+//! ([`crate::store::Partial`]), each with the sha256 sent with it, and the
+//! next fetch of the key checks them against it and asks for the rest
+//! ([`Resume`]), from whichever holder the orchestrator picks. The chunks'
+//! sha256s come from the holder, not from the producer's seal: a hostile
+//! holder can send bad bytes with sha256s that match them. So a part whose whole sha256 does not match
 //! the manifest drops the partial altogether, and nothing of it is ever
 //! committed.
 
@@ -80,10 +79,6 @@ pub enum FetchError {
     },
     #[error("the producer sent a chunk of {0} bytes where another length was due")]
     BadChunk(usize),
-    #[error(
-        "the producer sent chunk {index} of the {part} that does not match the sha256 sent with it; the chunks before it are kept for the next fetch"
-    )]
-    ChunkDigest { part: String, index: u64 },
     #[error("the holder started the transfer where this fetch did not ask")]
     BadStart,
     #[error("the producer sent data after the last artifact")]
@@ -101,15 +96,12 @@ pub enum FetchError {
 }
 
 impl FetchError {
-    /// Whether the chunks checked so far are worth keeping for the rest
+    /// Whether the chunks received so far are worth keeping for the rest
     /// of the transfer: the transfer was cut, or a chunk was refused. A
     /// part that does not match the manifest, trailing data or a store
     /// error drop them.
     fn keeps_partial(&self) -> bool {
-        matches!(
-            self,
-            FetchError::Truncated { .. } | FetchError::BadChunk(_) | FetchError::ChunkDigest { .. }
-        )
+        matches!(self, FetchError::Truncated { .. } | FetchError::BadChunk(_))
     }
 
     /// Whether the disk ran out of space somewhere beneath this error.
@@ -260,9 +252,6 @@ async fn receive_parts(
             };
             match w.write_chunk(&sha, &buf) {
                 Ok(()) => *received += len,
-                Err(ChunkRefused::Mismatch { index }) => {
-                    return Err(FetchError::ChunkDigest { part, index });
-                }
                 Err(ChunkRefused::PastEnd { .. }) => return Err(FetchError::BadChunk(buf.len())),
                 Err(ChunkRefused::Store(e)) => return Err(e.into()),
             }

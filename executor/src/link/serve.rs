@@ -11,10 +11,12 @@
 //! request to resume (`Serve` with `resume`) is honoured when it names
 //! this very result (its manifest's digest) and chunks within its parts;
 //! otherwise the whole result is sent, and the header says which. A part
-//! sent from a later chunk is not hashed whole here (its first chunks are
-//! not read): the asker checks its whole sha256, as for every part.
+//! sent from a later chunk before this process has served it whole is not
+//! checked here (its first chunks are not read): the asker checks its
+//! whole sha256, as for every part.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use quinn::{RecvStream, SendStream};
 use reprise_frames::{ReadError, WriteError, read_message, write_chunk, write_message};
@@ -44,12 +46,16 @@ pub fn stop_serving_at_from_env() -> u64 {
 }
 
 /// Writes a transfer: its header, then each file as chunk frames from the
-/// chunk `from` names (one per part), each with its sha256. A file sent
-/// whole is hashed as it goes: one that no longer matches its part's
-/// sha256 stops the transfer before its end ([`ServeError::Damaged`]), so
-/// the asker never takes it. Tests and benchmarks only: the transfer stops
-/// before chunk `stop` of the result ([`ServeError::Stopped`]; `u64::MAX`
-/// for never).
+/// chunk `from` names (one per part), each with its sha256. Every byte
+/// sent is checked against the store's record of it, so a file that no
+/// longer matches its part's sha256 stops the transfer before its end
+/// ([`ServeError::Damaged`]) and the asker never takes it: the first time
+/// this process serves a part whole, its sha256 is computed as it goes;
+/// then its chunks' sha256s are remembered ([`ChunkTables`]), and a later
+/// transfer of the part (or of its rest) checks each chunk against them
+/// before sending it, hashing every byte once rather than twice. Tests
+/// and benchmarks only: the transfer stops before chunk `stop` of the
+/// result ([`ServeError::Stopped`]; `u64::MAX` for never).
 pub async fn write_transfer(
     send: &mut SendStream,
     transfer: &Sealed,
@@ -83,14 +89,19 @@ pub async fn write_transfer(
             path: path.clone(),
             source,
         };
-        let mut whole = (start == 0).then(sha2::Sha256::new);
+        let count = chunk_count(bytes);
+        let known = CHUNK_TABLES.get(&sha256, count);
+        // Without a table, a part sent whole is hashed whole as it goes
+        // (but for a part of one chunk, whose chunk's sha256 is its own).
+        let mut whole = (known.is_none() && start == 0 && count > 1).then(sha2::Sha256::new);
+        let mut table = Vec::new();
         let mut f = tokio::fs::File::open(path).await.map_err(io)?;
         if start > 0 {
             f.seek(std::io::SeekFrom::Start(start * CHUNK_BYTES))
                 .await
                 .map_err(io)?;
         }
-        for index in start..chunk_count(bytes) {
+        for index in start..count {
             if position + index >= stop {
                 return Err(ServeError::Stopped(position + index));
             }
@@ -103,19 +114,67 @@ pub async fn write_transfer(
                 });
             }
             let chunk_sha: [u8; 32] = sha2::Sha256::digest(&*chunk).into();
+            let damaged = match (&known, count) {
+                (Some(t), _) => t[index as usize] != chunk_sha,
+                (None, 1) => chunk_sha[..] != sha256.as_bytes()[..],
+                (None, _) => false,
+            };
+            if damaged {
+                return Err(ServeError::Damaged(path.clone()));
+            }
             if let Some(h) = whole.as_mut() {
                 h.update(&*chunk);
             }
+            if known.is_none() {
+                table.push(chunk_sha);
+            }
             write_chunk(send, &chunk_sha, chunk).await?;
         }
-        position += chunk_count(bytes);
+        position += count;
         if let Some(h) = whole
             && Sha256Digest::finish(h) != sha256
         {
             return Err(ServeError::Damaged(path.clone()));
         }
+        // Every chunk of the part was checked against its sha256.
+        if known.is_none() && start == 0 {
+            CHUNK_TABLES.remember(sha256, table);
+        }
     }
     Ok(())
+}
+
+/// The sha256 of each chunk of parts this process served whole and found
+/// matching their sha256, by the part's sha256: in memory only, so what a
+/// transfer is checked against was computed here from bytes that matched
+/// a manifest, never read from a disk that may have changed since.
+struct ChunkTables(std::sync::Mutex<std::collections::HashMap<Sha256Digest, Arc<[[u8; 32]]>>>);
+
+/// How many parts' tables are remembered; past it, they are forgotten
+/// all at once (32 bytes a MiB: a few MiB at most).
+const CHUNK_TABLES_MAX: usize = 1 << 16;
+
+static CHUNK_TABLES: std::sync::LazyLock<ChunkTables> =
+    std::sync::LazyLock::new(|| ChunkTables(Default::default()));
+
+impl ChunkTables {
+    /// The table of the part whose sha256 is `sha256`, if it has `count`
+    /// chunks.
+    fn get(&self, sha256: &Sha256Digest, count: u64) -> Option<Arc<[[u8; 32]]>> {
+        let tables = self.0.lock().expect("chunk tables");
+        tables
+            .get(sha256)
+            .filter(|t| t.len() as u64 == count)
+            .cloned()
+    }
+
+    fn remember(&self, sha256: Sha256Digest, table: Vec<[u8; 32]>) {
+        let mut tables = self.0.lock().expect("chunk tables");
+        if tables.len() >= CHUNK_TABLES_MAX {
+            tables.clear();
+        }
+        tables.insert(sha256, table.into());
+    }
 }
 
 /// Moves a result found damaged while serving aside, with a log line.
