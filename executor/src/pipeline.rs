@@ -322,6 +322,7 @@ async fn run_once(
         network: req.network,
     };
     let keyed = compute_key(&key_request, &env, Some(&req.artifacts_dir))?;
+    tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "key computed");
     if keyed.dirty {
         ui.note("the working tree has uncommitted changes; they are ignored (the run uses the committed tree)");
     }
@@ -345,6 +346,10 @@ async fn run_once(
     } else {
         Lookup::Miss { nearest: None }
     };
+    tracing::debug!(
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "checked and looked up locally"
+    );
     match lookup {
         Lookup::Hit(result) if req.driver == DriverKind::DryRun => {
             ui.note(&format!(
@@ -775,9 +780,17 @@ pub fn replay_result(
     ui: &dyn Ui,
 ) -> Result<(), RunError> {
     // Everything is checked before a byte reaches the user's streams.
+    let started = Instant::now();
     replay::verify(result)?;
-    replay::restore_artifacts(store, result, artifacts)?;
+    let restored = replay::restore_artifacts(store, result, artifacts)?;
+    let checked = started.elapsed();
     replay::write_output(result, &mut std::io::stdout(), &mut std::io::stderr())?;
+    tracing::debug!(
+        checked_ms = checked.as_secs_f64() * 1e3,
+        written_ms = (started.elapsed() - checked).as_secs_f64() * 1e3,
+        restored,
+        "replayed"
+    );
     let m = &result.manifest;
     let (from, sealed) = match source {
         Source::Local { by, counts } => (
