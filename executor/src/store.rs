@@ -1107,13 +1107,36 @@ impl PartWriter {
     /// Keeps `bytes` as the next chunk, recording `sha256` (its sha256 as
     /// sent, checked if a fetch resumes from it).
     pub fn write_chunk(&mut self, sha256: &[u8; 32], bytes: &[u8]) -> Result<(), ChunkRefused> {
+        self.write_pieces(sha256, &[bytes])
+    }
+
+    /// [`PartWriter::write_chunk`] of a chunk whose bytes are `pieces`, in
+    /// order (as a stream received them), written in one vectored write.
+    pub fn write_pieces(
+        &mut self,
+        sha256: &[u8; 32],
+        pieces: &[&[u8]],
+    ) -> Result<(), ChunkRefused> {
+        use sha2::Digest;
+        use std::io::IoSlice;
         let index = self.progress.chunks;
-        if self.whole() || bytes.len() as u64 != wire::chunk_len(self.bytes, index) {
+        let len: usize = pieces.iter().map(|p| p.len()).sum();
+        if self.whole() || len as u64 != wire::chunk_len(self.bytes, index) {
             return Err(ChunkRefused::PastEnd { index });
         }
-        use sha2::Digest;
-        self.progress.hasher.update(bytes);
-        self.file.write_all(bytes).map_err(io_err(&self.path))?;
+        for piece in pieces {
+            self.progress.hasher.update(piece);
+        }
+        let mut slices: Vec<IoSlice> = pieces.iter().map(|p| IoSlice::new(p)).collect();
+        let mut left = &mut slices[..];
+        while !left.is_empty() {
+            let n = self.file.write_vectored(left).map_err(io_err(&self.path))?;
+            if n == 0 {
+                let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
+                return Err(io_err(&self.path)(e).into());
+            }
+            IoSlice::advance_slices(&mut left, n);
+        }
         self.record
             .write_all(sha256)
             .map_err(io_err(&self.record_path))?;

@@ -99,6 +99,63 @@ pub async fn read_chunk(
     len: u64,
     buf: &mut Vec<u8>,
 ) -> Result<[u8; wire::CHUNK_SHA_LEN], ChunkError> {
+    let (sha, n) = read_chunk_head(recv, len).await?;
+    buf.resize(n, 0);
+    read_exact(recv, buf, true).await?;
+    Ok(sha)
+}
+
+/// The bytes of a data chunk as the stream received them, to pass on
+/// without copying them ([`read_chunk_pieces`], [`write_chunk_pieces`]).
+#[derive(Debug, Default)]
+pub struct Pieces(Vec<bytes::Bytes>);
+
+impl Pieces {
+    /// The bytes, piece by piece in order.
+    pub fn slices(&self) -> Vec<&[u8]> {
+        self.0.iter().map(|p| &p[..]).collect()
+    }
+
+    /// How many bytes they hold.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|p| p.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Reads one data chunk frame as [`read_chunk`] does, its bytes into
+/// `pieces` as the stream holds them: a relay passes them on with
+/// [`write_chunk_pieces`] without copying a byte.
+pub async fn read_chunk_pieces(
+    recv: &mut RecvStream,
+    len: u64,
+    pieces: &mut Pieces,
+) -> Result<[u8; wire::CHUNK_SHA_LEN], ChunkError> {
+    let (sha, mut left) = read_chunk_head(recv, len).await?;
+    pieces.0.clear();
+    while left > 0 {
+        match recv.read_chunk(left, true).await {
+            Ok(Some(piece)) => {
+                left -= piece.bytes.len();
+                pieces.0.push(piece.bytes);
+            }
+            Ok(None) => return Err(ReadError::Truncated.into()),
+            Err(e) => return Err(ReadError::Stream(e).into()),
+        }
+    }
+    Ok(sha)
+}
+
+/// A data chunk frame's header and sha256, the length refused unless it
+/// is `len`'s (see [`read_chunk`]); returns the sha256 and how many bytes
+/// follow.
+async fn read_chunk_head(
+    recv: &mut RecvStream,
+    len: u64,
+) -> Result<([u8; wire::CHUNK_SHA_LEN], usize), ChunkError> {
     let mut header = [0u8; wire::HEADER_LEN];
     read_exact(recv, &mut header, true).await?;
     let n = wire::body_len(header, MAX_CHUNK).map_err(ReadError::from)?;
@@ -108,9 +165,7 @@ pub async fn read_chunk(
     }
     let mut sha = [0u8; wire::CHUNK_SHA_LEN];
     read_exact(recv, &mut sha, true).await?;
-    buf.resize(n - wire::CHUNK_SHA_LEN, 0);
-    read_exact(recv, buf, true).await?;
-    Ok(sha)
+    Ok((sha, n - wire::CHUNK_SHA_LEN))
 }
 
 /// Why a data chunk could not be read.
@@ -128,12 +183,32 @@ pub async fn write_chunk(
     sha: &[u8; wire::CHUNK_SHA_LEN],
     bytes: &[u8],
 ) -> Result<(), WriteError> {
-    let mut head = [0u8; wire::HEADER_LEN + wire::CHUNK_SHA_LEN];
-    head[..wire::HEADER_LEN].copy_from_slice(&wire::chunk_header(bytes.len()));
-    head[wire::HEADER_LEN..].copy_from_slice(sha);
-    send.write_all(&head).await?;
+    send.write_all(&chunk_head(sha, bytes.len())).await?;
     send.write_all(bytes).await?;
     Ok(())
+}
+
+/// Writes one data chunk frame of the `pieces` [`read_chunk_pieces`] read,
+/// handing them to the stream as they are.
+pub async fn write_chunk_pieces(
+    send: &mut SendStream,
+    sha: &[u8; wire::CHUNK_SHA_LEN],
+    pieces: &mut Pieces,
+) -> Result<(), WriteError> {
+    send.write_all(&chunk_head(sha, pieces.len())).await?;
+    send.write_all_chunks(&mut pieces.0).await?;
+    Ok(())
+}
+
+/// A data chunk frame's header and sha256, for a chunk of `len` bytes.
+fn chunk_head(
+    sha: &[u8; wire::CHUNK_SHA_LEN],
+    len: usize,
+) -> [u8; wire::HEADER_LEN + wire::CHUNK_SHA_LEN] {
+    let mut head = [0u8; wire::HEADER_LEN + wire::CHUNK_SHA_LEN];
+    head[..wire::HEADER_LEN].copy_from_slice(&wire::chunk_header(len));
+    head[wire::HEADER_LEN..].copy_from_slice(sha);
+    head
 }
 
 /// The largest UDP payload path MTU discovery may probe for. On loopback

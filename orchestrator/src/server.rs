@@ -60,7 +60,7 @@ pub mod close {
     pub const LIMIT: u32 = 4;
 }
 
-use reprise_frames::{ChunkError, read_chunk, write_chunk};
+use reprise_frames::{ChunkError, Pieces, read_chunk_pieces, write_chunk_pieces};
 pub use reprise_frames::{ReadError, WriteError, read_message, write_message};
 
 /// Why the service stopped.
@@ -1092,12 +1092,14 @@ async fn pipe(
     // length its chunk is, none slower to come than the idle limit;
     // nothing past the last part.
     let midway = |e: &dyn std::fmt::Display| PipeError::Midway(e.to_string());
-    let mut buf = Vec::new();
+    // Each chunk's bytes are handed on as the holder's stream received
+    // them, not copied (twice) through a buffer of the relay's.
+    let mut pieces = Pieces::default();
     let mut bytes = 0u64;
     for (part, start) in parts.into_iter().zip(from.iter().copied()) {
         for index in start..chunk_count(part) {
             let len = chunk_len(part, index);
-            let sha = tokio::time::timeout(idle, read_chunk(&mut precv, len, &mut buf))
+            let sha = tokio::time::timeout(idle, read_chunk_pieces(&mut precv, len, &mut pieces))
                 .await
                 .map_err(|_| {
                     PipeError::Cut(format!("the holder sent nothing for {}s", idle.as_secs()))
@@ -1106,7 +1108,7 @@ async fn pipe(
                     ChunkError::Read(e) => PipeError::Cut(e.to_string()),
                     bad => midway(&bad),
                 })?;
-            write_chunk(send, &sha, &buf)
+            write_chunk_pieces(send, &sha, &mut pieces)
                 .await
                 .map_err(|e| midway(&e))?;
             shared.telemetry.relayed(len);

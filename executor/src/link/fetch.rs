@@ -30,7 +30,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use quinn::RecvStream;
-use reprise_frames::{ChunkError, ReadError, read_chunk};
+use reprise_frames::{ChunkError, Pieces, ReadError, read_chunk_pieces};
 use reprise_protocol::digest::{RunKey, Sha256Digest};
 use reprise_protocol::key::KeyInputs;
 use reprise_protocol::manifest::{ManifestError, Outcome, Oversize};
@@ -232,7 +232,9 @@ async fn receive_parts(
     received: &mut u64,
 ) -> Result<(), FetchError> {
     let parts = incoming.sealed().parts();
-    let mut buf = Vec::new();
+    // Each chunk is hashed and written from the pieces the stream received,
+    // not copied into a buffer first.
+    let mut pieces = Pieces::default();
     for (i, (part, bytes, sha256)) in parts.into_iter().enumerate() {
         if i > 0 {
             crate::faults::pause_point("fetch");
@@ -245,14 +247,16 @@ async fn receive_parts(
         while !w.whole() {
             let index = w.next_chunk();
             let len = chunk_len(bytes, index);
-            let sha = match read_chunk(recv, len, &mut buf).await {
+            let sha = match read_chunk_pieces(recv, len, &mut pieces).await {
                 Ok(sha) => sha,
                 Err(ChunkError::Overrun(n)) => return Err(FetchError::BadChunk(n)),
                 Err(ChunkError::Read(e)) => return Err(truncated(Some(e))),
             };
-            match w.write_chunk(&sha, &buf) {
+            match w.write_pieces(&sha, &pieces.slices()) {
                 Ok(()) => *received += len,
-                Err(ChunkRefused::PastEnd { .. }) => return Err(FetchError::BadChunk(buf.len())),
+                Err(ChunkRefused::PastEnd { .. }) => {
+                    return Err(FetchError::BadChunk(pieces.len()));
+                }
                 Err(ChunkRefused::Store(e)) => return Err(e.into()),
             }
         }
