@@ -64,7 +64,7 @@ pub async fn write_transfer(
     stop: u64,
 ) -> Result<(), ServeError> {
     use sha2::Digest;
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    use std::io::{Read, Seek};
     write_message(
         send,
         &Message::Transfer {
@@ -95,25 +95,35 @@ pub async fn write_transfer(
         // (but for a part of one chunk, whose chunk's sha256 is its own).
         let mut whole = (known.is_none() && start == 0 && count > 1).then(sha2::Sha256::new);
         let mut table = Vec::new();
-        let mut f = tokio::fs::File::open(path).await.map_err(io)?;
+        // Read on the blocking pool straight into the chunk's buffer, not
+        // through tokio's file, which reads into a buffer of its own and
+        // copies it again.
+        let mut f = std::fs::File::open(path).map_err(io)?;
         if start > 0 {
             f.seek(std::io::SeekFrom::Start(start * CHUNK_BYTES))
-                .await
                 .map_err(io)?;
         }
         for index in start..count {
             if position + index >= stop {
                 return Err(ServeError::Stopped(position + index));
             }
-            let chunk = &mut buf[..chunk_len(bytes, index) as usize];
-            if let Err(e) = f.read_exact(chunk).await {
+            let len = chunk_len(bytes, index) as usize;
+            let read;
+            (f, buf, read) = tokio::task::spawn_blocking(move || {
+                let read = f.read_exact(&mut buf[..len]);
+                (f, buf, read)
+            })
+            .await
+            .map_err(|e| io(std::io::Error::other(e)))?;
+            if let Err(e) = read {
                 return Err(match e.kind() {
                     // Shorter than its manifest says: damaged.
                     std::io::ErrorKind::UnexpectedEof => ServeError::Damaged(path.clone()),
                     _ => io(e),
                 });
             }
-            let chunk_sha: [u8; 32] = sha2::Sha256::digest(&*chunk).into();
+            let chunk = &buf[..len];
+            let chunk_sha: [u8; 32] = sha2::Sha256::digest(chunk).into();
             let damaged = match (&known, count) {
                 (Some(t), _) => t[index as usize] != chunk_sha,
                 (None, 1) => chunk_sha[..] != sha256.as_bytes()[..],
@@ -123,7 +133,7 @@ pub async fn write_transfer(
                 return Err(ServeError::Damaged(path.clone()));
             }
             if let Some(h) = whole.as_mut() {
-                h.update(&*chunk);
+                h.update(chunk);
             }
             if known.is_none() {
                 table.push(chunk_sha);
