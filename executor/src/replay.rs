@@ -380,7 +380,7 @@ fn copy_hashing(from: &Path, to: &mut std::fs::File) -> std::io::Result<Sha256Di
             break;
         }
         hash.update(&buf[..n]);
-        to.write_all(&buf[..n])?;
+        crate::store::write_in_steps(to, &[&buf[..n]])?;
     }
     Ok(Sha256Digest::finish(hash))
 }

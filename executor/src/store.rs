@@ -1111,14 +1111,14 @@ impl PartWriter {
     }
 
     /// [`PartWriter::write_chunk`] of a chunk whose bytes are `pieces`, in
-    /// order (as a stream received them), written in one vectored write.
+    /// order (as a stream received them), written by vectored writes
+    /// ([`write_in_steps`]).
     pub fn write_pieces(
         &mut self,
         sha256: &[u8; 32],
         pieces: &[&[u8]],
     ) -> Result<(), ChunkRefused> {
         use sha2::Digest;
-        use std::io::IoSlice;
         let index = self.progress.chunks;
         let len: usize = pieces.iter().map(|p| p.len()).sum();
         if self.whole() || len as u64 != wire::chunk_len(self.bytes, index) {
@@ -1127,22 +1127,51 @@ impl PartWriter {
         for piece in pieces {
             self.progress.hasher.update(piece);
         }
-        let mut slices: Vec<IoSlice> = pieces.iter().map(|p| IoSlice::new(p)).collect();
-        let mut left = &mut slices[..];
-        while !left.is_empty() {
-            let n = self.file.write_vectored(left).map_err(io_err(&self.path))?;
-            if n == 0 {
-                let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
-                return Err(io_err(&self.path)(e).into());
-            }
-            IoSlice::advance_slices(&mut left, n);
-        }
+        write_in_steps(&mut self.file, pieces).map_err(io_err(&self.path))?;
         self.record
             .write_all(sha256)
             .map_err(io_err(&self.record_path))?;
         self.progress.chunks += 1;
         Ok(())
     }
+}
+
+/// The most bytes given to the kernel in one write to a file here. A
+/// larger write has the page cache allocate a large folio for it, and
+/// where free memory is fragmented (a page cache filling the RAM, the
+/// usual state of a developer's machine) each such allocation may stall
+/// in direct compaction: writing ten 20 MiB files by 1 MiB writes stalled
+/// 55 times and took 13 ms a file here, by 32 KiB writes never and 8 ms.
+pub const WRITE_STEP: usize = 32 << 10;
+
+/// Writes `pieces` in order to `file`, by vectored writes of at most
+/// [`WRITE_STEP`] bytes.
+pub fn write_in_steps(file: &mut fs::File, pieces: &[&[u8]]) -> std::io::Result<()> {
+    use std::io::IoSlice;
+    let mut steps: Vec<IoSlice> = Vec::new();
+    let mut batch = 0;
+    let mut flush = |steps: &mut Vec<IoSlice>| -> std::io::Result<()> {
+        let mut left = &mut steps[..];
+        while !left.is_empty() {
+            match file.write_vectored(left)? {
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                n => IoSlice::advance_slices(&mut left, n),
+            }
+        }
+        steps.clear();
+        Ok(())
+    };
+    for piece in pieces {
+        for part in piece.chunks(WRITE_STEP) {
+            if batch + part.len() > WRITE_STEP {
+                flush(&mut steps)?;
+                batch = 0;
+            }
+            steps.push(IoSlice::new(part));
+            batch += part.len();
+        }
+    }
+    flush(&mut steps)
 }
 
 impl Receiving {
@@ -1715,6 +1744,17 @@ pub(crate) mod tests {
             fs::read_dir(dir.path().join("store/tmp")).unwrap().count(),
             0
         );
+    }
+
+    #[test]
+    fn pieces_are_written_whole_and_in_order_in_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let big = data(3 * WRITE_STEP + 7, 4);
+        let pieces: [&[u8]; 6] = [b"", b"a", &big, b"", &big[..WRITE_STEP - 1], b"z"];
+        let mut file = fs::File::create(&path).unwrap();
+        write_in_steps(&mut file, &pieces).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), pieces.concat());
     }
 
     #[test]
