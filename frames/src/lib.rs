@@ -105,8 +105,8 @@ pub async fn read_chunk(
     Ok(sha)
 }
 
-/// The bytes of a data chunk as the stream received them, to pass on
-/// without copying them ([`read_chunk_pieces`], [`write_chunk_pieces`]).
+/// The bytes of a data chunk as the stream received them, to hash and
+/// write without copying them first ([`read_chunk_pieces`]).
 #[derive(Debug, Default)]
 pub struct Pieces(Vec<bytes::Bytes>);
 
@@ -127,8 +127,7 @@ impl Pieces {
 }
 
 /// Reads one data chunk frame as [`read_chunk`] does, its bytes into
-/// `pieces` as the stream holds them: a relay passes them on with
-/// [`write_chunk_pieces`] without copying a byte.
+/// `pieces` as the stream holds them.
 pub async fn read_chunk_pieces(
     recv: &mut RecvStream,
     len: u64,
@@ -137,22 +136,27 @@ pub async fn read_chunk_pieces(
     let (sha, mut left) = read_chunk_head(recv, len).await?;
     pieces.0.clear();
     while left > 0 {
-        match recv.read_chunk(left, true).await {
-            Ok(Some(piece)) => {
-                left -= piece.bytes.len();
-                pieces.0.push(piece.bytes);
-            }
-            Ok(None) => return Err(ReadError::Truncated.into()),
-            Err(e) => return Err(ReadError::Stream(e).into()),
-        }
+        let piece = read_piece(recv, left).await?;
+        left -= piece.len();
+        pieces.0.push(piece);
     }
     Ok(sha)
 }
 
+/// The next bytes of a frame's body as the stream received them, at most
+/// `max` (at least one): an end of the stream here is a truncated frame.
+pub async fn read_piece(recv: &mut RecvStream, max: usize) -> Result<bytes::Bytes, ReadError> {
+    match recv.read_chunk(max, true).await {
+        Ok(Some(piece)) => Ok(piece.bytes),
+        Ok(None) => Err(ReadError::Truncated),
+        Err(e) => Err(ReadError::Stream(e)),
+    }
+}
+
 /// A data chunk frame's header and sha256, the length refused unless it
 /// is `len`'s (see [`read_chunk`]); returns the sha256 and how many bytes
-/// follow.
-async fn read_chunk_head(
+/// follow ([`read_piece`] reads them as they come).
+pub async fn read_chunk_head(
     recv: &mut RecvStream,
     len: u64,
 ) -> Result<([u8; wire::CHUNK_SHA_LEN], usize), ChunkError> {
@@ -188,15 +192,15 @@ pub async fn write_chunk(
     Ok(())
 }
 
-/// Writes one data chunk frame of the `pieces` [`read_chunk_pieces`] read,
-/// handing them to the stream as they are.
-pub async fn write_chunk_pieces(
+/// Writes a data chunk frame's header and sha256 for a chunk of `len`
+/// bytes, which the caller then writes (a relay: each piece as it comes,
+/// [`read_piece`]).
+pub async fn write_chunk_head(
     send: &mut SendStream,
     sha: &[u8; wire::CHUNK_SHA_LEN],
-    pieces: &mut Pieces,
+    len: usize,
 ) -> Result<(), WriteError> {
-    send.write_all(&chunk_head(sha, pieces.len())).await?;
-    send.write_all_chunks(&mut pieces.0).await?;
+    send.write_all(&chunk_head(sha, len)).await?;
     Ok(())
 }
 

@@ -60,7 +60,7 @@ pub mod close {
     pub const LIMIT: u32 = 4;
 }
 
-use reprise_frames::{ChunkError, Pieces, read_chunk_pieces, write_chunk_pieces};
+use reprise_frames::{ChunkError, read_chunk_head, read_piece, write_chunk_head};
 pub use reprise_frames::{ReadError, WriteError, read_message, write_message};
 
 /// Why the service stopped.
@@ -1092,25 +1092,39 @@ async fn pipe(
     // length its chunk is, none slower to come than the idle limit;
     // nothing past the last part.
     let midway = |e: &dyn std::fmt::Display| PipeError::Midway(e.to_string());
-    // Each chunk's bytes are handed on as the holder's stream received
-    // them, not copied (twice) through a buffer of the relay's.
-    let mut pieces = Pieces::default();
+    // Each chunk is passed on as it comes (cut through): its header once
+    // its length is checked, then each piece the holder's stream received,
+    // handed to the asker's stream as it is (no copy). Waiting for a whole
+    // chunk before sending it on held the holder to one chunk in flight
+    // (the stream's window), stopping and starting at every chunk. A
+    // chunk still has the idle limit to arrive whole; one cut inside ends
+    // the asker's stream inside it, which the asker reads as a cut
+    // transfer and keeps the chunks before it.
+    let cut = || PipeError::Cut(format!("the holder sent nothing for {}s", idle.as_secs()));
     let mut bytes = 0u64;
     for (part, start) in parts.into_iter().zip(from.iter().copied()) {
         for index in start..chunk_count(part) {
             let len = chunk_len(part, index);
-            let sha = tokio::time::timeout(idle, read_chunk_pieces(&mut precv, len, &mut pieces))
-                .await
-                .map_err(|_| {
-                    PipeError::Cut(format!("the holder sent nothing for {}s", idle.as_secs()))
-                })?
-                .map_err(|e| match e {
-                    ChunkError::Read(e) => PipeError::Cut(e.to_string()),
-                    bad => midway(&bad),
-                })?;
-            write_chunk_pieces(send, &sha, &mut pieces)
+            let deadline = tokio::time::Instant::now() + idle;
+            let (sha, mut left) =
+                tokio::time::timeout_at(deadline, read_chunk_head(&mut precv, len))
+                    .await
+                    .map_err(|_| cut())?
+                    .map_err(|e| match e {
+                        ChunkError::Read(e) => PipeError::Cut(e.to_string()),
+                        bad => midway(&bad),
+                    })?;
+            write_chunk_head(send, &sha, left)
                 .await
                 .map_err(|e| midway(&e))?;
+            while left > 0 {
+                let piece = tokio::time::timeout_at(deadline, read_piece(&mut precv, left))
+                    .await
+                    .map_err(|_| cut())?
+                    .map_err(|e| PipeError::Cut(e.to_string()))?;
+                left -= piece.len();
+                send.write_chunk(piece).await.map_err(|e| midway(&e))?;
+            }
             shared.telemetry.relayed(len);
             bytes += len;
         }

@@ -156,6 +156,12 @@ impl Sealer for Credentials {
     }
 }
 
+/// An executor's flow-control window for a stream it receives (a
+/// transfer): eight chunks. quinn's default (1.25 MB, about one chunk)
+/// held the relay back each time a chunk was hashed and written
+/// ("peer claims to be blocked" at debug level).
+const RECEIVE_WINDOW: u32 = 8 << 20;
+
 /// A QUIC client configuration over `tls`: ALPN `reprise/1`, idle
 /// timeout and keep-alive as every link to the orchestrator has them.
 pub(crate) fn quic_client(mut tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, LinkError> {
@@ -168,6 +174,10 @@ pub(crate) fn quic_client(mut tls: rustls::ClientConfig) -> Result<quinn::Client
         quinn::IdleTimeout::try_from(std::time::Duration::from_secs(10)).expect("in range"),
     ));
     transport.keep_alive_interval(Some(std::time::Duration::from_secs(3)));
+    // Room for several chunks in flight towards this executor, so the
+    // relay goes on sending while a chunk is hashed and written here.
+    transport.stream_receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW));
+    transport.receive_window(quinn::VarInt::from_u32(2 * RECEIVE_WINDOW));
     reprise_frames::discover_mtu(&mut transport);
     config.transport_config(Arc::new(transport));
     Ok(config)
