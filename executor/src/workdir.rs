@@ -451,18 +451,23 @@ mod tests {
         dead.path().to_path_buf()
     }
 
+    /// A user's places, all beneath `dir`.
+    fn roots_in(dir: &Path) -> Roots {
+        Roots {
+            temp: dir.join("tmp"),
+            cache: dir.join("cache"),
+            runtime: dir.join("run"),
+            store: dir.join("store"),
+        }
+    }
+
     /// Regression: a snapshot generation or saved guest being made by a
     /// killed run (`.stage-*` beside the finished ones, in the snapshot
     /// folders of both drivers) was never removed.
     #[test]
     fn stage_folders_of_dead_owners_are_swept_beside_snapshots_and_saved_guests() {
         let dir = tempfile::tempdir().unwrap();
-        let roots = Roots {
-            temp: dir.path().join("tmp"),
-            cache: dir.path().join("cache"),
-            runtime: dir.path().join("run"),
-            store: dir.path().join("store"),
-        };
+        let roots = roots_in(dir.path());
         let cache = &roots.cache;
         let repo_disks = cache.join("snapshots/0123abcd-recipe");
         let repo_folders = cache.join("snapshots-podman/0123abcd-recipe");
@@ -502,12 +507,7 @@ mod tests {
     #[test]
     fn the_registry_names_the_folders_a_sweep_looks_at() {
         let dir = tempfile::tempdir().unwrap();
-        let roots = Roots {
-            temp: dir.path().join("tmp"),
-            cache: dir.path().join("cache"),
-            runtime: dir.path().join("run"),
-            store: dir.path().join("store"),
-        };
+        let roots = roots_in(dir.path());
         let registry = roots.cache.join(REGISTRY);
         let entries = || fs::read_dir(&registry).map_or(0, |d| d.count());
         let make = |parent: &Path, prefix: &str| {
