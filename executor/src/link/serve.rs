@@ -158,11 +158,20 @@ pub async fn write_transfer(
 /// matching their sha256, by the part's sha256: in memory only, so what a
 /// transfer is checked against was computed here from bytes that matched
 /// a manifest, never read from a disk that may have changed since.
-struct ChunkTables(std::sync::Mutex<std::collections::HashMap<Sha256Digest, Arc<[[u8; 32]]>>>);
+struct ChunkTables(std::sync::Mutex<Tables>);
 
-/// How many parts' tables are remembered; past it, they are forgotten
-/// all at once (32 bytes a MiB: a few MiB at most).
-const CHUNK_TABLES_MAX: usize = 1 << 16;
+/// The tables by part sha256, and how many chunks they hold.
+#[derive(Default)]
+struct Tables {
+    by_part: std::collections::HashMap<Sha256Digest, Arc<[[u8; 32]]>>,
+    chunks: usize,
+}
+
+/// How many chunks' sha256s (and parts) are remembered, all parts
+/// together; past it, they are forgotten all at once. Each is 32 bytes (and a part's entry
+/// about 100), so the tables stay under 16 MiB: the tables of 256 GiB of
+/// parts, or of 100,000 small ones.
+const CHUNK_TABLES_MAX: usize = 1 << 18;
 
 static CHUNK_TABLES: std::sync::LazyLock<ChunkTables> =
     std::sync::LazyLock::new(|| ChunkTables(Default::default()));
@@ -173,6 +182,7 @@ impl ChunkTables {
     fn get(&self, sha256: &Sha256Digest, count: u64) -> Option<Arc<[[u8; 32]]>> {
         let tables = self.0.lock().expect("chunk tables");
         tables
+            .by_part
             .get(sha256)
             .filter(|t| t.len() as u64 == count)
             .cloned()
@@ -180,10 +190,15 @@ impl ChunkTables {
 
     fn remember(&self, sha256: Sha256Digest, table: Vec<[u8; 32]>) {
         let mut tables = self.0.lock().expect("chunk tables");
-        if tables.len() >= CHUNK_TABLES_MAX {
-            tables.clear();
+        // Each part counts as a chunk more, so many small ones are
+        // bounded too.
+        if tables.chunks + tables.by_part.len() + table.len() + 1 > CHUNK_TABLES_MAX {
+            *tables = Tables::default();
         }
-        tables.insert(sha256, table.into());
+        tables.chunks += table.len();
+        if let Some(old) = tables.by_part.insert(sha256, table.into()) {
+            tables.chunks -= old.len();
+        }
     }
 }
 
@@ -306,5 +321,35 @@ pub(super) async fn serve_one(
             Err(ServeError::Stopped(at))
         }
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_tables_are_found_by_part_and_count_and_forgotten_past_their_bound() {
+        let tables = ChunkTables(Default::default());
+        let (a, b, c) = (
+            Sha256Digest::of(b"a"),
+            Sha256Digest::of(b"b"),
+            Sha256Digest::of(b"c"),
+        );
+        tables.remember(a, vec![[1; 32]; 3]);
+        assert_eq!(tables.get(&a, 3).unwrap()[2], [1; 32]);
+        assert!(tables.get(&a, 2).is_none(), "a part of another length");
+        assert!(tables.get(&b, 3).is_none());
+        // Up to the bound exactly (3 chunks and a part, then the rest).
+        tables.remember(b, vec![[2; 32]; CHUNK_TABLES_MAX - 5]);
+        assert!(
+            tables.get(&a, 3).is_some() && tables.get(&b, CHUNK_TABLES_MAX as u64 - 5).is_some()
+        );
+        // Past it: everything before goes.
+        tables.remember(c, vec![[3; 32]]);
+        assert!(
+            tables.get(&a, 3).is_none() && tables.get(&b, CHUNK_TABLES_MAX as u64 - 5).is_none()
+        );
+        assert!(tables.get(&c, 1).is_some());
     }
 }
