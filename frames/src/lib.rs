@@ -87,24 +87,6 @@ pub async fn write_message(send: &mut SendStream, message: &Message) -> Result<(
     Ok(())
 }
 
-/// Reads one data chunk frame that must carry exactly `len` bytes (a
-/// transfer's chunk: its length is known from the manifest) after its
-/// sha256: returns the sha256 the sender gave, with the bytes in `buf`
-/// (resized to `len`). A frame of any other length is refused as
-/// [`ChunkError::Overrun`] before its body is read. The bytes are not
-/// checked against the sha256 here: the receiver does that, the relay
-/// passes both on.
-pub async fn read_chunk(
-    recv: &mut RecvStream,
-    len: u64,
-    buf: &mut Vec<u8>,
-) -> Result<[u8; wire::CHUNK_SHA_LEN], ChunkError> {
-    let (sha, n) = read_chunk_head(recv, len).await?;
-    buf.resize(n, 0);
-    read_exact(recv, buf, true).await?;
-    Ok(sha)
-}
-
 /// The bytes of a data chunk as the stream received them, to hash and
 /// write without copying them first ([`read_chunk_pieces`]).
 #[derive(Debug, Default)]
@@ -126,8 +108,13 @@ impl Pieces {
     }
 }
 
-/// Reads one data chunk frame as [`read_chunk`] does, its bytes into
-/// `pieces` as the stream holds them.
+/// Reads one data chunk frame that must carry exactly `len` bytes (a
+/// transfer's chunk: its length is known from the manifest) after its
+/// sha256: returns the sha256 the sender gave, with the bytes in `pieces`
+/// as the stream holds them. A frame of any other length is refused as
+/// [`ChunkError::Overrun`] before its body is read. The bytes are not
+/// checked against the sha256 here: the receiver does that, the relay
+/// passes both on.
 pub async fn read_chunk_pieces(
     recv: &mut RecvStream,
     len: u64,
@@ -154,7 +141,7 @@ pub async fn read_piece(recv: &mut RecvStream, max: usize) -> Result<bytes::Byte
 }
 
 /// A data chunk frame's header and sha256, the length refused unless it
-/// is `len`'s (see [`read_chunk`]); returns the sha256 and how many bytes
+/// is `len`'s (see [`read_chunk_pieces`]); returns the sha256 and how many bytes
 /// follow ([`read_piece`] reads them as they come).
 pub async fn read_chunk_head(
     recv: &mut RecvStream,

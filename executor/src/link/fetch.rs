@@ -22,9 +22,9 @@
 //! next fetch of the key checks them against it and asks for the rest
 //! ([`Resume`]), from whichever holder the orchestrator picks. The chunks'
 //! sha256s come from the holder, not from the producer's seal: a hostile
-//! holder can send bad bytes with sha256s that match them. So a part whose whole sha256 does not match
-//! the manifest drops the partial altogether, and nothing of it is ever
-//! committed.
+//! holder can send bad bytes with sha256s that match them. So a part
+//! whose whole sha256 does not match the manifest drops the partial
+//! altogether, and nothing of it is ever committed.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

@@ -168,9 +168,9 @@ struct Tables {
 }
 
 /// How many chunks' sha256s (and parts) are remembered, all parts
-/// together; past it, they are forgotten all at once. Each is 32 bytes (and a part's entry
-/// about 100), so the tables stay under 16 MiB: the tables of 256 GiB of
-/// parts, or of 100,000 small ones.
+/// together; past it, they are forgotten all at once. Each is 32 bytes
+/// (and a part's entry about 100), so the tables stay under 16 MiB: the
+/// tables of 256 GiB of parts, or of 100,000 small ones.
 const CHUNK_TABLES_MAX: usize = 1 << 18;
 
 static CHUNK_TABLES: std::sync::LazyLock<ChunkTables> =
