@@ -1640,9 +1640,12 @@ async fn stall(conn: quinn::Connection) -> Flooded {
         return Flooded::Closed;
     };
     let header = (wire::MAX_FRAME as u32).to_be_bytes();
-    if send.write_all(&header).await.is_err() {
-        return Flooded::Closed;
-    }
+    // The write may fail with the service's answer already on its way: a
+    // stream is opened at the service as soon as a later one of the same
+    // connection arrives (QUIC numbers them), so one refused over the limit
+    // may be stopped before this task got to write. The answer is read
+    // either way.
+    let _ = send.write_all(&header).await;
     match tokio::time::timeout(std::time::Duration::from_secs(60), read_message(&mut recv)).await {
         Ok(Ok(Message::Error { code, .. })) => Flooded::Refused(code),
         _ => Flooded::Closed,
