@@ -30,6 +30,7 @@
 
 use crate::workdir::WorkDir;
 use nix::fcntl::{Flock, FlockArg};
+use sha2::digest::common::hazmat::{SerializableState, SerializedState};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
@@ -367,10 +368,10 @@ impl Store {
     }
 
     /// The partial transfer of a result of `key` this store keeps
-    /// ([`Partial`]), locked for this fetch, its chunks checked again
-    /// against the sha256s recorded when they arrived (and cut back to the
-    /// last one that still matches): what a fetch asks the rest of. `None`
-    /// when there is none (or another fetch holds it).
+    /// ([`Partial`]), locked for this fetch: what a fetch asks the rest of.
+    /// Its chunks are not read here: the fetch checks them while the rest
+    /// arrives ([`Receiving::kept_check`]). `None` when there is none (or
+    /// another fetch holds it).
     pub fn resumable(&self, key: &RunKey) -> Option<Partial> {
         let tmp = self.root.join("tmp");
         let mut found: Vec<(SystemTime, PathBuf, ResultManifest)> = fs::read_dir(&tmp)
@@ -746,15 +747,22 @@ pub const PARTIAL_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// modification time is when a fetch last took the folder.
 const OWNER: &str = ".owner";
 
-/// The folder of a partial's progress records: `chunks/<part>` holds the
-/// sha256 (32 bytes each) of every chunk of that part checked so far.
+/// The folder of a partial's progress records: `chunks/<part>` holds, for
+/// every chunk of that part written so far, the part's sha256 state after
+/// it ([`STATE_LEN`] bytes each).
 const CHUNKS: &str = "chunks";
 
+/// The length of a recorded sha256 state: the hash's chaining value, the
+/// count of blocks hashed and the block in progress
+/// ([`SerializableState`]).
+const STATE_LEN: usize = std::mem::size_of::<SerializedState<sha2::Sha256>>();
+
 /// A result being received ([`Store::receive`]), staged in its partial
-/// folder. Every chunk is checked against its sha256 before it is written
-/// and recorded ([`PartWriter`]), every part against the manifest's sha256
-/// once whole, and every file is synced in the background as soon as its
-/// part is whole, while the next one arrives; [`Receiving::commit`] waits
+/// folder. Every chunk goes into its part's sha256 as it is written, and
+/// the state of that sha256 is recorded after it ([`PartWriter`]); every
+/// part is checked against the manifest's sha256 once whole, and every file
+/// is synced in the background as soon as its part is whole, while the
+/// next one arrives; [`Receiving::commit`] waits
 /// for those syncs, moves the blobs into place, syncs the two folders that
 /// changed and renames the result into `results/` and syncs that: a
 /// result is never visible before all of it is durable. Dropped
@@ -784,19 +792,23 @@ struct Progress {
 /// ```text
 /// manifest.json, seal.json   as the transfer's header gave them
 /// output.rec, blobs/<i>      the parts, each its chunks so far
-/// chunks/<part>              the sha256 sent with each of those chunks
+/// chunks/<part>              the part's sha256 state after each of them
 /// .owner                     locked while a fetch writes the folder
 /// ```
 ///
 /// Nothing in it is synced until the result is committed: a partial is
-/// never trusted as it lies on disk. Before a fetch asks for the rest,
-/// every chunk kept is read back and checked against the sha256 sent with
-/// it ([`Store::resumable`]); the first that does not match (a crash lost
-/// or tore it, or it never matched) and all after it are dropped. Reading them
-/// back also gives each part's sha256 over the bytes actually on disk, so
-/// the whole-part check at the end covers every byte committed. Dropped,
-/// the folder is removed unless kept ([`Receiving::keep`]); `gc` removes
-/// kept ones nobody took for [`PARTIAL_MAX_AGE`].
+/// never trusted as it lies on disk. A fetch resumes each part's sha256
+/// from the state recorded after its last chunk kept ([`Store::resumable`])
+/// and asks for the rest at once; while the rest arrives, every chunk kept
+/// is read back and hashed again, and the state after each must be the one
+/// recorded ([`KeptCheck`]). Equal states after a chunk mean equal bytes
+/// up to it, so a part's sha256 at the end covers every byte on disk, and
+/// the result is committed only once that check held. Where it does not (a
+/// crash lost or tore a chunk or its record, or someone changed them), the
+/// part is cut back to its last chunk that holds ([`Partial::cut_back`])
+/// and the fetch asks again. Dropped, the folder is removed unless kept
+/// ([`Receiving::keep`]); `gc` removes kept ones nobody took for
+/// [`PARTIAL_MAX_AGE`].
 #[derive(Debug)]
 pub struct Partial {
     dir: PathBuf,
@@ -906,8 +918,10 @@ impl Partial {
         }))
     }
 
-    /// Takes the partial folder `dir` of a result with `manifest` and
-    /// checks its chunks again; `None` if another fetch holds it.
+    /// Takes the partial folder `dir` of a result with `manifest`, each
+    /// part resumed from the state recorded after its last chunk on disk
+    /// (checked against the bytes by [`KeptCheck`], not here); `None` if
+    /// another fetch holds it.
     fn reopen(dir: PathBuf, manifest: ResultManifest) -> Result<Option<Partial>, StoreError> {
         let sealed_digest = Sha256Digest::of(&reprise_protocol::sign::signing_bytes(&manifest));
         let named = dir
@@ -918,94 +932,90 @@ impl Partial {
         if named != Some(sealed_digest) {
             return Ok(None);
         }
-        let sizes: Vec<u64> = std::iter::once(manifest.output_bytes)
-            .chain(manifest.artifacts.iter().map(|a| a.bytes))
-            .collect();
-        let Some(mut partial) = Partial::lock(dir, Some(sealed_digest), sizes.len())? else {
+        let Some(mut partial) =
+            Partial::lock(dir, Some(sealed_digest), part_sizes(&manifest).len())?
+        else {
             return Ok(None);
         };
-        for (i, bytes) in sizes.into_iter().enumerate() {
-            partial.progress[i] = partial.recheck(i, bytes)?;
+        for (i, bytes) in part_sizes(&manifest).into_iter().enumerate() {
+            partial.progress[i] = partial.claim(i, bytes)?;
         }
         Ok(Some(partial))
     }
 
-    /// Reads back the chunks of part `i` (of `bytes` bytes) kept, checking
-    /// each against its recorded sha256; cuts the part and its record back
-    /// to the last that matches.
-    fn recheck(&self, i: usize, bytes: u64) -> Result<Progress, StoreError> {
-        use sha2::Digest;
-        use std::io::Read;
-        let mut progress = Progress {
-            chunks: 0,
-            hasher: sha2::Sha256::new(),
-        };
+    /// What part `i` (of `bytes` bytes) holds by its record and its file's
+    /// length: the chunks both cover, and the sha256 state recorded after
+    /// the last of them. The record is cut to those chunks.
+    fn claim(&self, i: usize, bytes: u64) -> Result<Progress, StoreError> {
         let record_path = self.chunks_path(i);
         let recorded = fs::read(&record_path).unwrap_or_default();
-        let path = self.part_path(i);
-        let file = match fs::OpenOptions::new().read(true).write(true).open(&path) {
-            Ok(f) => Some(f),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io_err(&path)(e)),
+        let on_disk = fs::metadata(self.part_path(i)).map_or(0, |m| m.len());
+        let whole_chunks = if on_disk >= bytes {
+            wire::chunk_count(bytes)
+        } else {
+            on_disk / wire::CHUNK_BYTES
         };
-        if let Some(mut file) = file {
-            // Batches of chunks, each checked against its record on this
-            // thread while the part's sha256 goes over the batch on
-            // another (a mismatch, rare, redoes the latter up to it).
-            const BATCH: u64 = 16;
-            let mut buf = vec![0u8; (BATCH * wire::CHUNK_BYTES) as usize];
-            let most = wire::chunk_count(bytes).min((recorded.len() / wire::CHUNK_SHA_LEN) as u64);
-            while progress.chunks < most {
-                let first = progress.chunks;
-                let mut ends = Vec::new();
-                let mut filled = 0;
-                for index in first..most.min(first + BATCH) {
-                    let len = wire::chunk_len(bytes, index) as usize;
-                    if file.read_exact(&mut buf[filled..filled + len]).is_err() {
-                        break;
-                    }
-                    filled += len;
-                    ends.push(filled);
-                }
-                let read = &buf[..filled];
-                let before = progress.hasher.clone();
-                let hasher = &mut progress.hasher;
-                let good = std::thread::scope(|s| {
-                    s.spawn(|| hasher.update(read));
-                    let mut start = 0;
-                    ends.iter()
-                        .enumerate()
-                        .take_while(|(k, end)| {
-                            let at = (first as usize + k) * wire::CHUNK_SHA_LEN;
-                            let ok = sha2::Sha256::digest(&read[start..**end])[..]
-                                == recorded[at..at + wire::CHUNK_SHA_LEN];
-                            start = **end;
-                            ok
-                        })
-                        .count()
-                });
-                progress.chunks += good as u64;
-                if good < ends.len() || ends.len() < (most - first).min(BATCH) as usize {
-                    let kept = if good == 0 { 0 } else { ends[good - 1] };
-                    if good < ends.len() {
-                        progress.hasher = before;
-                        progress.hasher.update(&read[..kept]);
-                    }
-                    break;
-                }
+        let mut chunks = whole_chunks.min((recorded.len() / STATE_LEN) as u64);
+        let hasher = match chunks.checked_sub(1) {
+            None => Some(sha2::Sha256::default()),
+            Some(last) => recorded_state(&recorded, last),
+        };
+        let hasher = hasher.unwrap_or_else(|| {
+            chunks = 0;
+            sha2::Sha256::default()
+        });
+        cut_record(&record_path, &recorded, chunks)?;
+        Ok(Progress { chunks, hasher })
+    }
+
+    /// The check of the chunks this partial holds, to run while the rest
+    /// arrives; `None` when it holds none.
+    pub fn kept_check(&self, manifest: &ResultManifest) -> Option<KeptCheck> {
+        let parts: Vec<KeptPart> = part_sizes(manifest)
+            .into_iter()
+            .enumerate()
+            .map(|(i, bytes)| KeptPart {
+                path: self.part_path(i),
+                record: self.chunks_path(i),
+                bytes,
+                chunks: self.progress[i].chunks,
+            })
+            .collect();
+        parts
+            .iter()
+            .any(|p| p.chunks > 0)
+            .then_some(KeptCheck { parts })
+    }
+
+    /// Cuts each part of `damaged` (a part and how many of its chunks
+    /// held, as [`KeptCheck::run`] found) back to those chunks: its file,
+    /// its record and its progress, so the next fetch asks from there.
+    pub fn cut_back(&mut self, damaged: &[(usize, u64)]) -> Result<(), StoreError> {
+        for &(i, keep) in damaged {
+            let Some(progress) = self.progress.get_mut(i) else {
+                continue;
+            };
+            if keep >= progress.chunks {
+                continue;
             }
-            let verified = progress.chunks.saturating_mul(wire::CHUNK_BYTES).min(bytes);
-            file.set_len(verified).map_err(io_err(&path))?;
+            let path = self.dir.join(CHUNKS).join(i.to_string());
+            let recorded = fs::read(&path).unwrap_or_default();
+            *progress = Progress {
+                chunks: keep,
+                hasher: match keep.checked_sub(1) {
+                    None => Some(sha2::Sha256::default()),
+                    Some(last) => recorded_state(&recorded, last),
+                }
+                .unwrap_or_default(),
+            };
+            cut_record(&path, &recorded, keep)?;
+            let part = self.part_path(i);
+            if let Ok(f) = fs::OpenOptions::new().write(true).open(&part) {
+                f.set_len(keep.saturating_mul(wire::CHUNK_BYTES))
+                    .map_err(io_err(&part))?;
+            }
         }
-        let keep = progress.chunks as usize * wire::CHUNK_SHA_LEN;
-        if recorded.len() > keep {
-            let f = fs::OpenOptions::new()
-                .write(true)
-                .open(&record_path)
-                .map_err(io_err(&record_path))?;
-            f.set_len(keep as u64).map_err(io_err(&record_path))?;
-        }
-        Ok(progress)
+        Ok(())
     }
 
     /// The file of part `i`: the output record, then each artifact's.
@@ -1045,6 +1055,91 @@ impl Drop for Partial {
     }
 }
 
+/// The sizes of a result's parts: its output record, then each artifact.
+fn part_sizes(manifest: &ResultManifest) -> Vec<u64> {
+    std::iter::once(manifest.output_bytes)
+        .chain(manifest.artifacts.iter().map(|a| a.bytes))
+        .collect()
+}
+
+/// The sha256 state recorded after chunk `index`, if the record holds one
+/// that parses.
+fn recorded_state(recorded: &[u8], index: u64) -> Option<sha2::Sha256> {
+    let at = usize::try_from(index).ok()?.checked_mul(STATE_LEN)?;
+    let bytes = recorded.get(at..at + STATE_LEN)?;
+    let state = SerializedState::<sha2::Sha256>::try_from(bytes).ok()?;
+    sha2::Sha256::deserialize(&state).ok()
+}
+
+/// Cuts a part's record (`recorded`, as read from `path`) to its first
+/// `chunks` states.
+fn cut_record(path: &Path, recorded: &[u8], chunks: u64) -> Result<(), StoreError> {
+    let keep = chunks as usize * STATE_LEN;
+    if recorded.len() > keep {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        f.set_len(keep as u64).map_err(io_err(path))?;
+    }
+    Ok(())
+}
+
+/// The check of the chunks a partial kept ([`Partial::kept_check`]): each
+/// is read back and hashed, and the part's sha256 state after it must be
+/// the one recorded when it arrived. Owned, so that it runs on a thread of
+/// its own while the rest of the transfer arrives; it reads only the kept
+/// chunks, which the rest never touches.
+#[derive(Debug)]
+pub struct KeptCheck {
+    parts: Vec<KeptPart>,
+}
+
+#[derive(Debug)]
+struct KeptPart {
+    path: PathBuf,
+    record: PathBuf,
+    bytes: u64,
+    /// The chunks kept: the rest was asked from the one after them.
+    chunks: u64,
+}
+
+impl KeptCheck {
+    /// Returns each part whose kept chunks do not all hold, with how many
+    /// of them do (those before the first that does not); empty when every
+    /// one holds.
+    pub fn run(self) -> Result<Vec<(usize, u64)>, StoreError> {
+        use std::io::Read;
+        let mut damaged = Vec::new();
+        let mut buf = vec![0u8; wire::CHUNK_BYTES as usize];
+        for (i, part) in self.parts.iter().enumerate() {
+            if part.chunks == 0 {
+                continue;
+            }
+            let recorded = fs::read(&part.record).unwrap_or_default();
+            let mut hasher = sha2::Sha256::default();
+            let mut file = fs::File::open(&part.path).map_err(io_err(&part.path))?;
+            let mut good = 0;
+            while good < part.chunks {
+                let chunk = &mut buf[..wire::chunk_len(part.bytes, good) as usize];
+                if file.read_exact(chunk).is_err() {
+                    break;
+                }
+                sha2::Digest::update(&mut hasher, &*chunk);
+                let at = good as usize * STATE_LEN;
+                if recorded.get(at..at + STATE_LEN) != Some(hasher.serialize().as_slice()) {
+                    break;
+                }
+                good += 1;
+            }
+            if good < part.chunks {
+                damaged.push((i, good));
+            }
+        }
+        Ok(damaged)
+    }
+}
+
 /// The manifest a partial folder holds, if it parses and checks (the
 /// folder is untrusted input like the rest of the store).
 fn read_partial_manifest(dir: &Path) -> Option<ResultManifest> {
@@ -1071,17 +1166,16 @@ pub enum ChunkRefused {
 }
 
 /// Writes one part of a [`Receiving`] chunk by chunk from where its
-/// partial ends: each chunk is written with the sha256 sent with it
-/// recorded beside it, and goes into the part's sha256.
+/// partial ends: each chunk goes into the part's sha256 and is written,
+/// and the state of that sha256 after it is recorded beside it.
 ///
-/// A chunk is not hashed on its own as it arrives: that would hash every
-/// byte twice (a fifth of a receiver's CPU), and the sha256 sent with it is
+/// The sha256 a holder sends with each chunk is not checked here: it is
 /// the holder's word, not the producer's seal, so matching it proves
-/// nothing the part's sha256 does not prove at the end. Where the chunk's
-/// own sha256 matters is a transfer cut midway: before a fetch resumes from
-/// the chunks kept, each is read back and checked against its record
-/// ([`Partial::recheck`]), which catches a chunk torn by a crash and a
-/// chunk that never matched what was sent with it alike.
+/// nothing the part's sha256 does not prove at the end, and checking it
+/// would hash every byte twice (a fifth of a receiver's CPU). The recorded
+/// states are this receiver's own: they let a fetch that resumes a cut
+/// transfer go on hashing from where it stopped, and check the chunks kept
+/// on disk against them at the same time ([`KeptCheck`]).
 #[derive(Debug)]
 pub struct PartWriter {
     part: usize,
@@ -1104,20 +1198,15 @@ impl PartWriter {
         self.progress.chunks >= wire::chunk_count(self.bytes)
     }
 
-    /// Keeps `bytes` as the next chunk, recording `sha256` (its sha256 as
-    /// sent, checked if a fetch resumes from it).
-    pub fn write_chunk(&mut self, sha256: &[u8; 32], bytes: &[u8]) -> Result<(), ChunkRefused> {
-        self.write_pieces(sha256, &[bytes])
+    /// Keeps `bytes` as the next chunk.
+    pub fn write_chunk(&mut self, bytes: &[u8]) -> Result<(), ChunkRefused> {
+        self.write_pieces(&[bytes])
     }
 
     /// [`PartWriter::write_chunk`] of a chunk whose bytes are `pieces`, in
     /// order (as a stream received them), written by vectored writes
     /// ([`write_in_steps`]).
-    pub fn write_pieces(
-        &mut self,
-        sha256: &[u8; 32],
-        pieces: &[&[u8]],
-    ) -> Result<(), ChunkRefused> {
+    pub fn write_pieces(&mut self, pieces: &[&[u8]]) -> Result<(), ChunkRefused> {
         use sha2::Digest;
         let index = self.progress.chunks;
         let len: usize = pieces.iter().map(|p| p.len()).sum();
@@ -1129,7 +1218,7 @@ impl PartWriter {
         }
         write_in_steps(&mut self.file, pieces).map_err(io_err(&self.path))?;
         self.record
-            .write_all(sha256)
+            .write_all(&self.progress.hasher.serialize())
             .map_err(io_err(&self.record_path))?;
         self.progress.chunks += 1;
         Ok(())
@@ -1188,6 +1277,21 @@ impl Receiving {
     /// The result being received, as its header gave it.
     pub fn sealed(&self) -> &Sealed {
         &self.sealed
+    }
+
+    /// The check of the chunks kept from a cut transfer, to run while the
+    /// rest arrives and to pass before [`Receiving::commit`]; `None` when
+    /// none were kept.
+    pub fn kept_check(&self) -> Option<KeptCheck> {
+        self.partial.kept_check(&self.sealed.manifest)
+    }
+
+    /// Cuts the parts whose kept chunks did not all hold back to those
+    /// that did ([`Partial::cut_back`]) and keeps the folder, for the next
+    /// fetch to ask from there.
+    pub fn cut_back(&mut self, damaged: &[(usize, u64)]) -> Result<(), StoreError> {
+        self.partial.keep = true;
+        self.partial.cut_back(damaged)
     }
 
     /// The bytes the partial held when this receive started.
@@ -1269,12 +1373,10 @@ impl Receiving {
     /// Writes part `i` whole from `bytes`, cut into chunks here (for tests
     /// and for a store filling another); returns its sha256.
     pub fn put_part(&mut self, i: usize, bytes: &[u8]) -> Result<Sha256Digest, ChunkRefused> {
-        use sha2::Digest;
         let mut w = self.part(i)?;
         let from = (w.next_chunk() * wire::CHUNK_BYTES) as usize;
         for chunk in bytes[from.min(bytes.len())..].chunks(wire::CHUNK_BYTES as usize) {
-            let sha: [u8; 32] = sha2::Sha256::digest(chunk).into();
-            w.write_chunk(&sha, chunk)?;
+            w.write_chunk(chunk)?;
         }
         Ok(self.part_done(w)?)
     }
@@ -1679,13 +1781,19 @@ pub(crate) mod tests {
     /// Writes the first `chunks` chunks of part `i` and leaves it there
     /// (the writer returned, as a cut transfer leaves it).
     fn write_chunks(incoming: &mut Receiving, i: usize, bytes: &[u8], chunks: usize) -> PartWriter {
-        use sha2::Digest;
         let mut w = incoming.part(i).unwrap();
         for chunk in bytes.chunks(wire::CHUNK_BYTES as usize).take(chunks) {
-            w.write_chunk(&sha2::Sha256::digest(chunk).into(), chunk)
-                .unwrap();
+            w.write_chunk(chunk).unwrap();
         }
         w
+    }
+
+    /// Runs the check of the chunks `incoming` kept, as a fetch does while
+    /// the rest arrives.
+    fn check_kept(incoming: &Receiving) -> Vec<(usize, u64)> {
+        incoming
+            .kept_check()
+            .map_or(Vec::new(), |c| c.run().unwrap())
     }
 
     #[test]
@@ -1697,27 +1805,23 @@ pub(crate) mod tests {
         let sealed = sealed_with(&[("big.bin", &big), ("small", &small)], b"rec");
         let key = sealed.manifest.key;
         assert!(store.resumable(&key).is_none(), "nothing to resume yet");
-        // Cut in the big artifact after three chunks, the third sent with
-        // a sha256 that is not its own (kept as sent, checked on resume);
-        // a chunk of the wrong length refused.
+        // Cut in the big artifact after two chunks; a chunk of the wrong
+        // length refused.
         let mut incoming = store.receive(sealed.clone(), None).unwrap();
         incoming.put_part(0, b"rec").unwrap();
         {
             let mut w = write_chunks(&mut incoming, 1, &big, 2);
-            let third = &big[2 << 20..3 << 20];
-            w.write_chunk(&[0u8; 32], third).unwrap();
             let short = &big[2 << 20..(3 << 20) - 1];
-            use sha2::Digest;
             assert!(matches!(
-                w.write_chunk(&sha2::Sha256::digest(short).into(), short),
+                w.write_chunk(short),
                 Err(ChunkRefused::PastEnd { .. })
             ));
         }
         incoming.keep();
         drop(incoming);
         assert!(store.get(&key).is_none(), "nothing committed");
-        // Found again: the record whole, the two chunks of the big artifact
-        // that match what was sent with them.
+        // Found again, without reading the chunks: the record whole and
+        // the two chunks of the big artifact.
         let partial = store.resumable(&key).expect("the partial is kept");
         assert_eq!(partial.digest(), Some(sealed.digest()));
         assert_eq!(partial.from(), vec![1, 2, 0]);
@@ -1725,6 +1829,7 @@ pub(crate) mod tests {
         assert!(store.resumable(&key).is_none(), "locked by the first");
         let mut incoming = store.receive(sealed.clone(), Some(partial)).unwrap();
         assert_eq!(incoming.resumed_bytes(), 3 + (2 << 20));
+        assert_eq!(check_kept(&incoming), vec![], "the kept chunks hold");
         assert_eq!(
             incoming.put_part(0, b"rec").unwrap(),
             Sha256Digest::of(b"rec")
@@ -1770,23 +1875,52 @@ pub(crate) mod tests {
         let blob = incoming.path().join("blobs/0");
         incoming.keep();
         drop(incoming);
+        let record = blob.parent().unwrap().parent().unwrap().join("chunks/1");
         // A byte of the second chunk changed since (a crash tore it, or
-        // someone wrote it): that chunk and the next go.
+        // someone wrote it): resumed from its record, the part's sha256
+        // would still come out right, so the check of the kept chunks is
+        // what finds it; that chunk and the next go.
         let mut bytes = fs::read(&blob).unwrap();
         bytes[(1 << 20) + 17] ^= 1;
         fs::write(&blob, &bytes).unwrap();
         let partial = store.resumable(&key).unwrap();
-        assert_eq!(partial.from(), vec![1, 1]);
+        assert_eq!(partial.from(), vec![1, 3]);
+        let mut incoming = store.receive(sealed.clone(), Some(partial)).unwrap();
+        let damaged = check_kept(&incoming);
+        assert_eq!(damaged, vec![(1, 1)]);
+        incoming.cut_back(&damaged).unwrap();
+        assert_eq!(incoming.from(), vec![1, 1]);
+        drop(incoming);
         assert_eq!(fs::metadata(&blob).unwrap().len(), 1 << 20);
+        assert_eq!(fs::metadata(&record).unwrap().len(), STATE_LEN as u64);
+        let partial = store.resumable(&key).unwrap();
+        assert_eq!(partial.from(), vec![1, 1]);
         drop(partial);
-        // A file shorter than its record (its last writes lost).
+        // A record changed (its state after the first chunk): that chunk
+        // no longer holds either.
+        let mut states = fs::read(&record).unwrap();
+        states[3] ^= 1;
+        fs::write(&record, &states).unwrap();
+        let partial = store.resumable(&key).unwrap();
+        let mut incoming = store.receive(sealed.clone(), Some(partial)).unwrap();
+        assert_eq!(check_kept(&incoming), vec![(1, 0)]);
+        incoming.cut_back(&[(1, 0)]).unwrap();
+        drop(incoming);
+        // A file shorter than its record (its last writes lost): resumed
+        // from the chunks it holds whole.
+        let mut incoming = store.receive(sealed.clone(), None).unwrap();
+        incoming.put_part(0, b"rec").unwrap();
+        write_chunks(&mut incoming, 1, &big, 3);
+        incoming.keep();
+        drop(incoming);
         let f = fs::OpenOptions::new().write(true).open(&blob).unwrap();
-        f.set_len(1000).unwrap();
+        f.set_len((2 << 20) + 1000).unwrap();
         drop(f);
         let partial = store.resumable(&key).unwrap();
-        assert_eq!(partial.from(), vec![1, 0]);
-        // The rest completes it, and what was re-read counts in the sha256.
+        assert_eq!(partial.from(), vec![1, 2]);
+        // The rest completes it, and what was kept counts in the sha256.
         let mut incoming = store.receive(sealed, Some(partial)).unwrap();
+        assert_eq!(check_kept(&incoming), vec![]);
         incoming.put_part(0, b"rec").unwrap();
         assert_eq!(incoming.put_part(1, &big).unwrap(), Sha256Digest::of(&big));
         incoming.commit().unwrap();

@@ -231,9 +231,8 @@ fn assert_nothing_committed_but_a_partial(store: &Store) {
     }
 }
 
-/// The lengths of the files of the partial transfer kept in `store`: the
-/// output record's, then each artifact's staged so far.
-fn partial_files(store: &Store) -> Vec<u64> {
+/// The one partial folder in `store`'s `tmp/`.
+fn partial_dir(store: &Store) -> PathBuf {
     let tmp = store.root().join("tmp");
     let dirs: Vec<PathBuf> = fs::read_dir(&tmp)
         .into_iter()
@@ -242,10 +241,17 @@ fn partial_files(store: &Store) -> Vec<u64> {
         .map(|e| e.path())
         .collect();
     assert_eq!(dirs.len(), 1, "one partial in {}", tmp.display());
+    dirs[0].clone()
+}
+
+/// The lengths of the files of the partial transfer kept in `store`: the
+/// output record's, then each artifact's staged so far.
+fn partial_files(store: &Store) -> Vec<u64> {
+    let dir = partial_dir(store);
     let len = |p: PathBuf| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    let mut out = vec![len(dirs[0].join("output.rec"))];
+    let mut out = vec![len(dir.join("output.rec"))];
     for i in 0.. {
-        let blob = dirs[0].join("blobs").join(i.to_string());
+        let blob = dir.join("blobs").join(i.to_string());
         if !blob.exists() {
             break;
         }
@@ -861,8 +867,8 @@ async fn bad_transfers_are_never_committed() {
             Box::new(|e| matches!(e, FetchError::Truncated { .. })),
         ),
         // A chunk that does not match the sha256 sent with it is taken in
-        // (its own sha256 is checked only if a fetch resumes from it), and
-        // the artifact refused as a whole; so is a holder's that sends bad
+        // (the receiver never checks the holder's sha256s), and the
+        // artifact refused as a whole; so is a holder's that sends bad
         // bytes with sha256s that match them.
         (
             Fault::FlipByte,
@@ -1002,14 +1008,27 @@ async fn a_cut_transfer_resumes_from_its_last_checked_chunk_from_the_same_or_ano
     let record = stored_b.manifest.output_bytes;
     assert_eq!(partial_files(&store_a), [record, 5, 4 << 20]);
 
-    // Asked again, the same producer sends the rest only.
+    // Someone changes a byte of big.bin's third chunk on disk, leaving the
+    // records alone: the part's sha256, hashed on from the state recorded
+    // after chunk 4, would still match. Asked again, the same producer
+    // sends the rest at once; the chunks kept are read back meanwhile, the
+    // third no longer hashes to its record, so nothing is committed, the
+    // part is cut back to two chunks and the rest asked from there.
+    let big = partial_dir(&store_a).join("blobs/1");
+    let mut bytes = fs::read(&big).unwrap();
+    bytes[(2 << 20) + 7] ^= 0x20;
+    fs::write(&big, &bytes).unwrap();
     b.stop_serving_at(None);
     let fetched = asker
         .fetch(&key, NS, &inputs("t1"), &store_a)
         .await
         .unwrap();
-    assert_eq!(fetched.resumed, record + 5 + (4 << 20));
-    assert_eq!(fetched.received, 4 << 20, "only what was left came");
+    assert_eq!(fetched.resumed, record + 5 + (2 << 20));
+    assert_eq!(
+        fetched.received,
+        6 << 20,
+        "what was left after the cut back"
+    );
     assert_eq!(fetched.resumed + fetched.received, total);
     assert_eq!(fetched.stored.manifest, stored_b.manifest);
     for a in &stored_b.manifest.artifacts {

@@ -18,13 +18,18 @@
 //!
 //! A transfer cut midway (the stream broke off, a chunk that is not its
 //! length) keeps the chunks received so far in the result's partial folder
-//! ([`crate::store::Partial`]), each with the sha256 sent with it, and the
-//! next fetch of the key checks them against it and asks for the rest
-//! ([`Resume`]), from whichever holder the orchestrator picks. The chunks'
-//! sha256s come from the holder, not from the producer's seal: a hostile
-//! holder can send bad bytes with sha256s that match them. So a part
-//! whose whole sha256 does not match the manifest drops the partial
-//! altogether, and nothing of it is ever committed.
+//! ([`crate::store::Partial`]), each with the state of its part's sha256
+//! after it, and the next fetch of the key asks for the rest ([`Resume`])
+//! at once, from whichever holder the orchestrator picks, hashing on from
+//! the recorded state. Meanwhile a thread reads the kept chunks back and
+//! checks that they hash to the states recorded
+//! ([`KeptCheck`](crate::store::KeptCheck)); the
+//! result is committed only if they do, and otherwise the parts are cut
+//! back to their chunks that hold and the fetch asks once more
+//! ([`FetchError::KeptDamaged`]). A part whose whole sha256 does not match
+//! the manifest (bad bytes from a hostile holder, whatever sha256 it sent
+//! with each chunk) drops the partial altogether, and nothing of it is
+//! ever committed.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -83,6 +88,10 @@ pub enum FetchError {
     BadStart,
     #[error("the producer sent data after the last artifact")]
     TrailingData,
+    #[error(
+        "chunks kept from a cut transfer changed on disk since they arrived; they are cut back to the last one that holds"
+    )]
+    KeptDamaged,
     #[error("disk full: staging the fetched result in {} failed (free some space: `reprise results gc`, `reprise cache drop`)", .0.display())]
     DiskFull(PathBuf),
     #[error("staging the fetched result in {}", path.display())]
@@ -101,7 +110,10 @@ impl FetchError {
     /// part that does not match the manifest, trailing data or a store
     /// error drop them.
     fn keeps_partial(&self) -> bool {
-        matches!(self, FetchError::Truncated { .. } | FetchError::BadChunk(_))
+        matches!(
+            self,
+            FetchError::Truncated { .. } | FetchError::BadChunk(_) | FetchError::KeptDamaged
+        )
     }
 
     /// Whether the disk ran out of space somewhere beneath this error.
@@ -203,8 +215,34 @@ pub(super) async fn receive(
         .receive(sealed, resumed)
         .map_err(|e| disk_full(e.into()))?;
     let resumed = incoming.resumed_bytes();
+    let checking = incoming
+        .kept_check()
+        .map(|check| tokio::task::spawn_blocking(move || check.run()));
     let mut received = 0;
-    if let Err(e) = receive_parts(recv, &mut incoming, &mut received).await {
+    let got = receive_parts(recv, &mut incoming, &mut received).await;
+    // Whatever the rest did, nothing is committed or kept as it stands
+    // before the chunks kept are known to hold.
+    if let Some(checking) = checking {
+        let damaged = checking
+            .await
+            .map_err(|e| StoreError::Io {
+                path: incoming.path().to_path_buf(),
+                source: std::io::Error::other(e),
+            })
+            .and_then(|r| r)
+            .map_err(|e| disk_full(e.into()))?;
+        if !damaged.is_empty() {
+            debug!(?damaged, "chunks kept from a cut transfer did not hold");
+            incoming
+                .cut_back(&damaged)
+                .map_err(|e| disk_full(e.into()))?;
+            return Err(match got {
+                Err(e) if e.is_disk_full() => disk_full(e),
+                _ => FetchError::KeptDamaged,
+            });
+        }
+    }
+    if let Err(e) = got {
         if e.keeps_partial() {
             incoming.keep();
             debug!(
@@ -247,12 +285,14 @@ async fn receive_parts(
         while !w.whole() {
             let index = w.next_chunk();
             let len = chunk_len(bytes, index);
-            let sha = match read_chunk_pieces(recv, len, &mut pieces).await {
-                Ok(sha) => sha,
+            // The sha256 the holder sent with the chunk is its word only;
+            // the part's sha256 is checked over every byte instead.
+            match read_chunk_pieces(recv, len, &mut pieces).await {
+                Ok(_holders_sha) => {}
                 Err(ChunkError::Overrun(n)) => return Err(FetchError::BadChunk(n)),
                 Err(ChunkError::Read(e)) => return Err(truncated(Some(e))),
-            };
-            match w.write_pieces(&sha, &pieces.slices()) {
+            }
+            match w.write_pieces(&pieces.slices()) {
                 Ok(()) => *received += len,
                 Err(ChunkRefused::PastEnd { .. }) => {
                     return Err(FetchError::BadChunk(pieces.len()));

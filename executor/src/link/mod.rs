@@ -437,8 +437,25 @@ impl Link {
 
     /// [`Link::fetch_into`], resuming a transfer of the key that was cut
     /// if the store keeps one ([`Store::resumable`]), saying how many bytes
-    /// came now and how many were kept from before.
+    /// came now and how many were kept from before. When chunks kept did
+    /// not hold, they are cut back and the rest asked once more.
     pub async fn fetch(
+        &self,
+        key: &RunKey,
+        namespace: &str,
+        expected: &KeyInputs,
+        store: &Store,
+    ) -> Result<Fetched, FetchError> {
+        match self.fetch_once(key, namespace, expected, store).await {
+            Err(FetchError::KeptDamaged) => {
+                info!(key = %key, "chunks kept from a cut transfer did not hold; asking again from the last that did");
+                self.fetch_once(key, namespace, expected, store).await
+            }
+            done => done,
+        }
+    }
+
+    async fn fetch_once(
         &self,
         key: &RunKey,
         namespace: &str,
