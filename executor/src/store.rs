@@ -780,7 +780,7 @@ pub struct Receiving {
 
 /// What a partial holds of one part: its chunks checked so far, and the
 /// part's sha256 over them.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Progress {
     chunks: u64,
     hasher: sha2::Sha256,
@@ -901,18 +901,11 @@ impl Partial {
             fs::rename(&opened, &path).map_err(io_err(&path))?;
         }
         let _ = owner.set_modified(SystemTime::now());
-        use sha2::Digest;
         Ok(Some(Partial {
             dir,
             _owner: owner,
             digest,
-            progress: vec![
-                Progress {
-                    chunks: 0,
-                    hasher: sha2::Sha256::new(),
-                };
-                parts
-            ],
+            progress: vec![Progress::default(); parts],
             keep: true,
             placed: false,
         }))
@@ -955,17 +948,12 @@ impl Partial {
         } else {
             on_disk / wire::CHUNK_BYTES
         };
-        let mut chunks = whole_chunks.min((recorded.len() / STATE_LEN) as u64);
-        let hasher = match chunks.checked_sub(1) {
-            None => Some(sha2::Sha256::default()),
-            Some(last) => recorded_state(&recorded, last),
-        };
-        let hasher = hasher.unwrap_or_else(|| {
-            chunks = 0;
-            sha2::Sha256::default()
-        });
-        cut_record(&record_path, &recorded, chunks)?;
-        Ok(Progress { chunks, hasher })
+        let progress = resumed_after(
+            &recorded,
+            whole_chunks.min((recorded.len() / STATE_LEN) as u64),
+        );
+        cut_record(&record_path, &recorded, progress.chunks)?;
+        Ok(progress)
     }
 
     /// The check of the chunks this partial holds, to run while the rest
@@ -992,28 +980,19 @@ impl Partial {
     /// its record and its progress, so the next fetch asks from there.
     pub fn cut_back(&mut self, damaged: &[(usize, u64)]) -> Result<(), StoreError> {
         for &(i, keep) in damaged {
-            let Some(progress) = self.progress.get_mut(i) else {
-                continue;
-            };
-            if keep >= progress.chunks {
+            if self.progress.get(i).is_none_or(|p| keep >= p.chunks) {
                 continue;
             }
-            let path = self.dir.join(CHUNKS).join(i.to_string());
+            let path = self.chunks_path(i);
             let recorded = fs::read(&path).unwrap_or_default();
-            *progress = Progress {
-                chunks: keep,
-                hasher: match keep.checked_sub(1) {
-                    None => Some(sha2::Sha256::default()),
-                    Some(last) => recorded_state(&recorded, last),
-                }
-                .unwrap_or_default(),
-            };
-            cut_record(&path, &recorded, keep)?;
+            let progress = resumed_after(&recorded, keep);
+            cut_record(&path, &recorded, progress.chunks)?;
             let part = self.part_path(i);
             if let Ok(f) = fs::OpenOptions::new().write(true).open(&part) {
-                f.set_len(keep.saturating_mul(wire::CHUNK_BYTES))
+                f.set_len(progress.chunks.saturating_mul(wire::CHUNK_BYTES))
                     .map_err(io_err(&part))?;
             }
+            self.progress[i] = progress;
         }
         Ok(())
     }
@@ -1060,6 +1039,19 @@ fn part_sizes(manifest: &ResultManifest) -> Vec<u64> {
     std::iter::once(manifest.output_bytes)
         .chain(manifest.artifacts.iter().map(|a| a.bytes))
         .collect()
+}
+
+/// A part resumed after its first `chunks` chunks: its sha256 from the
+/// state `recorded` after the last of them, or from the start when that
+/// state does not parse.
+fn resumed_after(recorded: &[u8], chunks: u64) -> Progress {
+    match chunks
+        .checked_sub(1)
+        .and_then(|last| recorded_state(recorded, last))
+    {
+        Some(hasher) => Progress { chunks, hasher },
+        None => Progress::default(),
+    }
 }
 
 /// The sha256 state recorded after chunk `index`, if the record holds one
