@@ -363,7 +363,7 @@ pub struct Vm {
     /// plugged in at a hand-off).
     data: PathBuf,
     agent: Agent,
-    qmp: QapiService<QmpStreamTokio<tokio::io::WriteHalf<UnixStream>>>,
+    qmp: Monitor,
     qmp_events: tokio::task::JoinHandle<()>,
     frames: Mutex<mpsc::UnboundedReceiver<Frame>>,
     stream_task: tokio::task::JoinHandle<()>,
@@ -595,14 +595,7 @@ impl Vm {
             Ok(s) => s,
             Err(status) => return Err(failed(&mut child, status)),
         };
-        let negotiation = QmpStreamTokio::open(qmp_stream)
-            .await
-            .map_err(BootError::Qmp)?;
-        let (qmp, mut events) = negotiation
-            .negotiate()
-            .await
-            .map_err(BootError::Qmp)?
-            .into_parts();
+        let (qmp, mut events) = open_monitor(qmp_stream).await?;
         let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
         let qmp_events = tokio::spawn(async move {
             while let Some(Ok(event)) = events.next().await {
@@ -618,9 +611,7 @@ impl Vm {
             Ok(s) => s,
             Err(status) => return Err(failed(&mut child, status)),
         };
-        let (frames_tx, frames_rx) = mpsc::unbounded_channel();
-        let (stream_read, stream_write) = stream.into_split();
-        let stream_task = tokio::spawn(read_frames(stream_read, stream_write, frames_tx));
+        let (frames, stream_task) = start_frames(stream);
 
         // The guest opens the agent's port when qemu-ga starts; writing to
         // the socket before then would fill its buffer and block. A restored
@@ -653,7 +644,7 @@ impl Vm {
             agent,
             qmp,
             qmp_events,
-            frames: Mutex::new(frames_rx),
+            frames,
             stream_task,
             accel: config.accel,
             may_spawn: config.may_spawn,
@@ -1378,6 +1369,38 @@ async fn connect_when_ready(
 
 /// Reads frames from the stream port into `tx` until the socket closes. A
 /// malformed frame drops the buffer: the next `Start` resynchronises.
+/// qemu's monitor (QMP), negotiated.
+pub(super) type Monitor = QapiService<QmpStreamTokio<tokio::io::WriteHalf<UnixStream>>>;
+
+/// The events qemu's monitor sends.
+pub(super) type MonitorEvents =
+    qapi::futures::QapiEvents<QmpStreamTokio<tokio::io::ReadHalf<UnixStream>>>;
+
+/// Opens qemu's monitor on `stream` and negotiates its capabilities.
+pub(super) async fn open_monitor(
+    stream: UnixStream,
+) -> Result<(Monitor, MonitorEvents), BootError> {
+    let negotiation = QmpStreamTokio::open(stream).await.map_err(BootError::Qmp)?;
+    Ok(negotiation
+        .negotiate()
+        .await
+        .map_err(BootError::Qmp)?
+        .into_parts())
+}
+
+/// Reads the guest's stream port on a task of its own: the frames it
+/// sends arrive on the receiver returned.
+pub(super) fn start_frames(
+    stream: UnixStream,
+) -> (
+    Mutex<mpsc::UnboundedReceiver<Frame>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (read, write) = stream.into_split();
+    (Mutex::new(rx), tokio::spawn(read_frames(read, write, tx)))
+}
+
 async fn read_frames(
     mut read: tokio::net::unix::OwnedReadHalf,
     _write: OwnedWriteHalf,

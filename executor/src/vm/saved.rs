@@ -130,11 +130,7 @@ fn shell_quote(path: &Path) -> String {
 /// Waits until the incoming state is loaded and the guest runs. The state
 /// was saved with the CPUs stopped, and qemu keeps a guest in the run state
 /// its source had, so a loaded guest left paused is started here.
-pub(super) async fn wait_running(
-    qmp: &qapi::futures::QapiService<
-        qapi::futures::QmpStreamTokio<tokio::io::WriteHalf<tokio::net::UnixStream>>,
-    >,
-) -> std::io::Result<()> {
+pub(super) async fn wait_running(qmp: &super::Monitor) -> std::io::Result<()> {
     loop {
         let status = qmp
             .execute(qmp::query_status {})

@@ -20,18 +20,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use qapi::futures::QmpStreamTokio;
 use qapi::qmp;
 use serde::Serialize;
 use thiserror::Error;
 use tokio::net::UnixStream;
 use tokio::process::Child;
-use tokio::sync::{Mutex, mpsc};
 use tracing::{debug, info_span};
 
 use super::{
     Agent, BootError, Folder, GUEST_DATA, GuestCommand, Process, SNAPSHOT_OVERLAY, SlotFile,
-    SnapshotDisk, Vm, VmConfig, VmError, disk, read_frames, stage_data,
+    SnapshotDisk, Vm, VmConfig, VmError, disk, open_monitor, stage_data, start_frames,
 };
 use crate::accel::Accel;
 use crate::workdir::WorkDir;
@@ -275,20 +273,10 @@ impl Vm {
                 }
             }
         };
-        let negotiation = QmpStreamTokio::open(connect(qmp_path).await?)
-            .await
-            .map_err(BootError::Qmp)?;
-        let (qmp, mut events) = negotiation
-            .negotiate()
-            .await
-            .map_err(BootError::Qmp)?
-            .into_parts();
+        let (qmp, mut events) = open_monitor(connect(qmp_path).await?).await?;
         let qmp_events =
             tokio::spawn(async move { while let Some(Ok(_)) = events.next().await {} });
-        let stream = connect(lent.sockets.join("stream.sock")).await?;
-        let (frames_tx, frames_rx) = mpsc::unbounded_channel();
-        let (stream_read, stream_write) = stream.into_split();
-        let stream_task = tokio::spawn(read_frames(stream_read, stream_write, frames_tx));
+        let (frames, stream_task) = start_frames(connect(lent.sockets.join("stream.sock")).await?);
         let agent = Agent::new(lent.sockets.join("qga.sock"), agent_timeout);
         agent.call(qapi::qga::guest_ping {}).await?;
         drop(_enter);
@@ -303,7 +291,7 @@ impl Vm {
             agent,
             qmp,
             qmp_events,
-            frames: Mutex::new(frames_rx),
+            frames,
             stream_task,
             accel: lent.accel,
             may_spawn: false,
