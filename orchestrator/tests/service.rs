@@ -1400,6 +1400,36 @@ async fn trusted_producers_that_disagree_are_a_conflict_shown_and_audited() {
     team.stop().await;
 }
 
+/// A case of a policy: its name, the result, whether the asker is offered
+/// it (and told it counts), and a word the reason must hold.
+type PolicyCase<'a> = (&'a str, &'a (Store, StoredResult), bool, &'a str);
+
+/// Serves each case's result from `producer`, then checks what the asker
+/// is offered and told of each.
+async fn assert_policy(
+    team: &Team,
+    producer: &Arc<Credentials>,
+    asker: &Link,
+    cases: &[PolicyCase<'_>],
+) {
+    let mut holders = Vec::new();
+    for (_, (store, _), _, _) in cases {
+        holders.push(relayer(team, producer, store).await);
+    }
+    for &(name, (_, stored), offered, why) in cases {
+        let m = &stored.manifest;
+        let found = asker.lookup(&m.key, &m.inputs.namespace).await.unwrap();
+        assert_eq!(
+            matches!(found, Found::Offer { .. }),
+            offered,
+            "{name}: {found:?}"
+        );
+        let (counts, reason) = asker.assess(stored.sealed().unwrap()).await.unwrap();
+        assert_eq!(counts, offered, "{name}");
+        assert!(reason.contains(why), "{name}: {reason}");
+    }
+}
+
 #[tokio::test]
 async fn the_policy_can_require_fresh_snapshots_and_refuse_networked_runs() {
     let ns_fresh = "example.com/team/strict";
@@ -1432,10 +1462,6 @@ async fn the_policy_can_require_fresh_snapshots_and_refuse_networked_runs() {
         m.inputs.tree = "t3".into();
         reinputs(m, NS, true);
     });
-    let mut holders = Vec::new();
-    for (store, _) in [&stale_strict, &stale_default, &networked] {
-        holders.push(relayer(&team, &ci, store).await);
-    }
     let cases = [
         (
             "a stale snapshot where fresh is required",
@@ -1451,18 +1477,7 @@ async fn the_policy_can_require_fresh_snapshots_and_refuse_networked_runs() {
         ),
         ("tests with the network", &networked, false, "network"),
     ];
-    for (name, (_, stored), offered, why) in cases {
-        let m = &stored.manifest;
-        let found = asker.lookup(&m.key, &m.inputs.namespace).await.unwrap();
-        assert_eq!(
-            matches!(found, Found::Offer { .. }),
-            offered,
-            "{name}: {found:?}"
-        );
-        let (counts, reason) = asker.assess(stored.sealed().unwrap()).await.unwrap();
-        assert_eq!(counts, offered, "{name}");
-        assert!(reason.contains(why), "{name}: {reason}");
-    }
+    assert_policy(&team, &ci, &asker, &cases).await;
     team.stop().await;
 }
 
@@ -1494,10 +1509,6 @@ async fn the_policy_can_count_only_the_results_of_vm_runs() {
     let podman_default = producer_store_with(&work.path().join("3"), Some(&ci), |m| {
         reinputs(m, NS, "t3", "podman")
     });
-    let mut holders = Vec::new();
-    for (store, _) in [&podman_strict, &qemu_strict, &podman_default] {
-        holders.push(relayer(&team, &ci, store).await);
-    }
     let cases = [
         (
             "a podman run where only qemu counts",
@@ -1518,18 +1529,7 @@ async fn the_policy_can_count_only_the_results_of_vm_runs() {
             "trusted",
         ),
     ];
-    for (name, (_, stored), offered, why) in cases {
-        let m = &stored.manifest;
-        let found = asker.lookup(&m.key, &m.inputs.namespace).await.unwrap();
-        assert_eq!(
-            matches!(found, Found::Offer { .. }),
-            offered,
-            "{name}: {found:?}"
-        );
-        let (counts, reason) = asker.assess(stored.sealed().unwrap()).await.unwrap();
-        assert_eq!(counts, offered, "{name}");
-        assert!(reason.contains(why), "{name}: {reason}");
-    }
+    assert_policy(&team, &ci, &asker, &cases).await;
     team.stop().await;
 }
 
