@@ -26,7 +26,9 @@ use reprise_protocol::manifest::Snapshot;
 
 use crate::accel::Accel;
 use crate::error::RunError;
+use crate::image::Image;
 use crate::inputs::Keyed;
+use crate::snapshots::{RepoId, SnapshotStart, Snapshots};
 use crate::ui::Ui;
 pub use crate::vm::{Output, Stream};
 
@@ -159,6 +161,41 @@ pub struct Prepared<'a> {
     pub fresh: bool,
     /// A forced accelerator (qemu).
     pub accel: Option<Accel>,
+}
+
+impl Prepared<'_> {
+    /// The repository whose snapshots the run uses.
+    pub fn repo(&self) -> RepoId {
+        RepoId {
+            namespace: self.keyed.inputs.namespace.clone(),
+            root_commit: self.keyed.revision.root_commit.clone(),
+        }
+    }
+
+    /// Where the run's snapshot starts: the repository's current
+    /// generation in `snapshots` for `image` (the user is told which),
+    /// unless the run is fresh or there is none; otherwise `blank`.
+    pub fn snapshot_start(
+        &self,
+        snapshots: &Snapshots,
+        image: &Image,
+        ui: &dyn Ui,
+        blank: impl FnOnce() -> Result<PathBuf, RunError>,
+    ) -> Result<SnapshotStart, RunError> {
+        let current = (!self.fresh)
+            .then(|| snapshots.current(&self.repo(), image))
+            .flatten();
+        Ok(match current {
+            Some(generation) => {
+                ui.note(&format!(
+                    "using this repository's snapshot (generation {}; --fresh for a blank one)",
+                    generation.generation.short()
+                ));
+                SnapshotStart::Generation(generation)
+            }
+            None => SnapshotStart::Fresh(blank()?),
+        })
+    }
 }
 
 /// Runs a prepared run somewhere.

@@ -165,23 +165,8 @@ impl Driver for Podman {
         })?;
         let os = ensure_os_image(&image, ui).await?;
         let snapshots = Snapshots::folders();
-        let repo = RepoId {
-            namespace: run.keyed.inputs.namespace.clone(),
-            root_commit: run.keyed.revision.root_commit.clone(),
-        };
-        let start = match (!run.fresh)
-            .then(|| snapshots.current(&repo, &image))
-            .flatten()
-        {
-            Some(generation) => {
-                ui.note(&format!(
-                    "using this repository's snapshot (generation {}; --fresh for a blank one)",
-                    generation.generation.short()
-                ));
-                SnapshotStart::Generation(generation)
-            }
-            None => SnapshotStart::Fresh(PathBuf::new()),
-        };
+        let repo = run.repo();
+        let start = run.snapshot_start(&snapshots, &image, ui, || Ok(PathBuf::new()))?;
         let staged = tokio::task::block_in_place(|| snapshots.stage_folder(&repo, &image, &start))?;
         let artifacts = run.work.join("os-artifacts");
         std::fs::create_dir_all(&artifacts).map_err(|e| RunError::Podman(e.to_string()))?;

@@ -123,23 +123,10 @@ impl Driver for Qemu {
         let choice = accel::choose(&AccelFacts::probe(), run.accel);
         ui.note(&format!("accelerator {}", choice.reason));
         let snapshots = Snapshots::default_location();
-        let repo = RepoId {
-            namespace: run.keyed.inputs.namespace.clone(),
-            root_commit: run.keyed.revision.root_commit.clone(),
-        };
-        let start = match (!run.fresh)
-            .then(|| snapshots.current(&repo, &image))
-            .flatten()
-        {
-            Some(generation) => {
-                ui.note(&format!(
-                    "using this repository's snapshot (generation {}; --fresh for a blank one)",
-                    generation.generation.short()
-                ));
-                SnapshotStart::Generation(generation)
-            }
-            None => SnapshotStart::Fresh(tokio::task::block_in_place(|| snapshots.blank())?),
-        };
+        let repo = run.repo();
+        let start = run.snapshot_start(&snapshots, &image, ui, || {
+            Ok(tokio::task::block_in_place(|| snapshots.blank())?)
+        })?;
         let mut config = run_config(image.clone(), choice.accel);
         config.tree = Some(run.tree.clone());
         config.snapshot_disk = Some(SnapshotDisk::On(start.path().to_path_buf()));
