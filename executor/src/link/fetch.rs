@@ -23,13 +23,12 @@
 //! at once, from whichever holder the orchestrator picks, hashing on from
 //! the recorded state. Meanwhile a thread reads the kept chunks back and
 //! checks that they hash to the states recorded
-//! ([`KeptCheck`](crate::store::KeptCheck)); the
-//! result is committed only if they do, and otherwise the parts are cut
-//! back to their chunks that hold and the fetch asks once more
-//! ([`FetchError::KeptDamaged`]). A part whose whole sha256 does not match
-//! the manifest (bad bytes from a hostile holder, whatever sha256 it sent
-//! with each chunk) drops the partial altogether, and nothing of it is
-//! ever committed.
+//! ([`KeptCheck`](crate::store::KeptCheck)); the result is committed only
+//! if they do, and otherwise the parts are cut back to their chunks that
+//! hold and the fetch asks once more ([`FetchError::KeptDamaged`]). A part
+//! whose whole sha256 does not match the manifest (bad bytes from a
+//! hostile holder, whatever sha256 it sent with each chunk) drops the
+//! partial altogether, and nothing of it is ever committed.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
