@@ -113,8 +113,9 @@ impl Pieces {
 /// sha256: returns the sha256 the sender gave, with the bytes in `pieces`
 /// as the stream holds them. A frame of any other length is refused as
 /// [`ChunkError::Overrun`] before its body is read. The bytes are not
-/// checked against the sha256 here: the receiver does that, the relay
-/// passes both on.
+/// checked against the sha256, here or by the receiver: it is the
+/// holder's word, and the receiver checks each part's sha256 from the
+/// signed manifest instead; the relay passes both on.
 pub async fn read_chunk_pieces(
     recv: &mut RecvStream,
     len: u64,

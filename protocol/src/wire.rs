@@ -6,10 +6,12 @@
 //! as binary chunk frames: each part (first the output record, then every
 //! artifact in the manifest's order, the sizes given by the manifest) is
 //! cut into chunks of [`CHUNK_BYTES`] (the last one shorter), and each
-//! chunk travels as one frame (a big-endian u32 length, the chunk's sha256,
-//! its bytes), so a receiver checks every chunk as it arrives and keeps
-//! only checked ones. A transfer may start each part at a chunk other than
-//! the first ([`Resume`]): the rest of a transfer that was cut. Every connection
+//! chunk travels as one frame (a big-endian u32 length, the chunk's sha256
+//! as its holder computed it, its bytes). A receiver trusts only each
+//! part's sha256 in the signed manifest, checked over every byte; a chunk
+//! whose length is not its place's ends the transfer. A transfer may start
+//! each part at a chunk other than the first ([`Resume`]): the rest of a
+//! transfer that was cut. Every connection
 //! starts with [`Message::Hello`]; the ALPN is [`ALPN`]. Nothing here does
 //! IO: the readers and writers live in the orchestrator and the executor.
 
