@@ -805,7 +805,7 @@ struct Progress {
 /// up to it, so a part's sha256 at the end covers every byte on disk, and
 /// the result is committed only once that check held. Where it does not (a
 /// crash lost or tore a chunk or its record, or someone changed them), the
-/// part is cut back to its last chunk that holds ([`Partial::cut_back`])
+/// part is cut back to its last chunk that holds ([`Receiving::cut_back`])
 /// and the fetch asks again. Dropped, the folder is removed unless kept
 /// ([`Receiving::keep`]); `gc` removes kept ones nobody took for
 /// [`PARTIAL_MAX_AGE`].
@@ -958,7 +958,7 @@ impl Partial {
 
     /// The check of the chunks this partial holds, to run while the rest
     /// arrives; `None` when it holds none.
-    pub fn kept_check(&self, manifest: &ResultManifest) -> Option<KeptCheck> {
+    fn kept_check(&self, manifest: &ResultManifest) -> Option<KeptCheck> {
         let parts: Vec<KeptPart> = part_sizes(manifest)
             .into_iter()
             .enumerate()
@@ -978,7 +978,7 @@ impl Partial {
     /// Cuts each part of `damaged` (a part and how many of its chunks
     /// held, as [`KeptCheck::run`] found) back to those chunks: its file,
     /// its record and its progress, so the next fetch asks from there.
-    pub fn cut_back(&mut self, damaged: &[(usize, u64)]) -> Result<(), StoreError> {
+    fn cut_back(&mut self, damaged: &[(usize, u64)]) -> Result<(), StoreError> {
         for &(i, keep) in damaged {
             if self.progress.get(i).is_none_or(|p| keep >= p.chunks) {
                 continue;
@@ -1077,7 +1077,7 @@ fn cut_record(path: &Path, recorded: &[u8], chunks: u64) -> Result<(), StoreErro
     Ok(())
 }
 
-/// The check of the chunks a partial kept ([`Partial::kept_check`]): each
+/// The check of the chunks a partial kept ([`Receiving::kept_check`]): each
 /// is read back and hashed, and the part's sha256 state after it must be
 /// the one recorded when it arrived. Owned, so that it runs on a thread of
 /// its own while the rest of the transfer arrives; it reads only the kept
@@ -1279,8 +1279,8 @@ impl Receiving {
     }
 
     /// Cuts the parts whose kept chunks did not all hold back to those
-    /// that did ([`Partial::cut_back`]) and keeps the folder, for the next
-    /// fetch to ask from there.
+    /// that did (file, record and progress) and keeps the folder, for the
+    /// next fetch to ask from there.
     pub fn cut_back(&mut self, damaged: &[(usize, u64)]) -> Result<(), StoreError> {
         self.partial.keep = true;
         self.partial.cut_back(damaged)
