@@ -26,6 +26,7 @@ pub mod signals;
 pub mod snapshots;
 pub mod steps;
 pub mod store;
+pub mod tags;
 pub mod text;
 pub mod ui;
 pub mod vars;

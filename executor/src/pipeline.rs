@@ -611,7 +611,8 @@ async fn execute<D: Driver>(
     }
     record_schedule(keyed, req.driver, ran.crontab.as_deref(), ui);
     if outcome == Outcome::Passed {
-        replay::restore_artifacts(store, &stored, &req.artifacts_dir)?;
+        let tags = store.tags(&stored);
+        replay::restore_artifacts(store, &stored, tags.as_ref(), &req.artifacts_dir)?;
         let _ = store.gc(req.retention);
         ui.verdict(&format!(
             "passed in {:.1}s; result {} stored{}{}",
@@ -781,8 +782,9 @@ pub fn replay_result(
 ) -> Result<(), RunError> {
     // Everything is checked before a byte reaches the user's streams.
     let started = Instant::now();
-    replay::verify(result)?;
-    let restored = replay::restore_artifacts(store, result, artifacts)?;
+    let tags = store.tags(result);
+    replay::check_output(result, tags.as_ref())?;
+    let restored = replay::restore_artifacts(store, result, tags.as_ref(), artifacts)?;
     let checked = started.elapsed();
     replay::write_output(result, &mut std::io::stdout(), &mut std::io::stderr())?;
     tracing::debug!(

@@ -4,6 +4,7 @@
 //! results/<key>/manifest.json   passed results, the only ones replayed
 //! results/<key>/output.rec
 //! results/<key>/seal.json       the producer's seal (absent: never served)
+//! results/<key>/tags-v1         keyed BLAKE3 tags of its parts ([`crate::tags`])
 //! failed/<key>-<time>/...       failed runs, kept for inspection
 //! blobs/<sha256>                artifacts, content-addressed
 //! tmp/                          staging; never read
@@ -28,6 +29,7 @@
 //! [`ResultManifest::check`], and a result is returned for a key only if it
 //! is stored under that key and its inputs hash to it.
 
+use crate::tags::{Content, PartHasher, TagKey, Tags};
 use crate::workdir::WorkDir;
 use nix::fcntl::{Flock, FlockArg};
 use sha2::digest::common::hazmat::{SerializableState, SerializedState};
@@ -304,20 +306,46 @@ impl Store {
         sealer: Option<&dyn Sealer>,
     ) -> Result<StoredResult, StoreError> {
         let stage = self.stage("stage-")?;
+        let key = self.tag_key_made();
         let out = stage.path().join("output.rec");
-        let (sha256, bytes) = copy_synced(record, &out)?;
+        let (sha256, bytes, output_content) = copy_synced(record, &out, key.as_ref())?;
         manifest.output_sha256 = sha256;
         manifest.output_bytes = bytes;
-        let (artifacts, blobs) = match artifacts {
-            Some(dir) if dir.is_dir() => self.stage_artifacts(dir, bytes, &stage)?,
-            _ => (Vec::new(), Vec::new()),
+        let (artifacts, blobs, mut contents) = match artifacts {
+            Some(dir) if dir.is_dir() => self.stage_artifacts(dir, bytes, &stage, key.as_ref())?,
+            _ => (Vec::new(), Vec::new(), Vec::new()),
         };
         manifest.artifacts = artifacts;
         manifest.check_sizes()?;
+        if let Some(key) = &key {
+            contents.insert(0, output_content);
+            write_tags(stage.path(), key, &manifest, &contents);
+        }
         manifest.version = MANIFEST_VERSION;
         let seal = sealer.map(|s| s.seal(&manifest));
         crate::faults::pause_point("commit");
         self.finish(stage, manifest, seal, blobs)
+    }
+
+    /// Where the key of this store's tags is kept: beside it.
+    pub fn tag_key_path(&self) -> PathBuf {
+        crate::tags::key_path(&self.root)
+    }
+
+    /// This store's tag key, made if there is none yet; `None` (and no
+    /// tags are kept) when it cannot be made or is not private.
+    fn tag_key_made(&self) -> Option<TagKey> {
+        TagKey::load_or_make(&self.tag_key_path())
+    }
+
+    /// The tags a stored result keeps, with the key to check them
+    /// ([`crate::tags`]); `None` when it has none this store's key checks.
+    pub fn tags(&self, result: &StoredResult) -> Option<Tags> {
+        Tags::read(
+            &self.tag_key_path(),
+            &result.dir,
+            1 + result.manifest.artifacts.len(),
+        )
     }
 
     /// Starts receiving a result from a peer, `sealed` exactly as its
@@ -327,7 +355,7 @@ impl Store {
     /// fresh one (a stale partial of the same result is emptied). When
     /// another fetch holds that folder, a folder of its own that is never
     /// kept. The manifest and seal are written at once. The caller writes
-    /// every part through the [`Receiving`], checking each chunk's and each
+    /// every part through the [`Receiving`], checking each
     /// part's sha256 as they arrive, and then commits it.
     pub fn receive(
         &self,
@@ -353,6 +381,8 @@ impl Store {
             sealed,
             files: Vec::new(),
             syncs: Syncs::default(),
+            tag_key: self.tag_key_made(),
+            contents: vec![None; parts],
         };
         let dir = receiving.partial.dir.clone();
         let manifest =
@@ -516,15 +546,23 @@ impl Store {
     /// once they are known to fit the size limits beside a record of
     /// `record_bytes`: a blob the store holds already is linked (its name
     /// may go while this commit runs; the staged link keeps its bytes), a
-    /// new one copied. Returns the artifacts and the staged blobs, one per
-    /// content.
-    #[expect(clippy::type_complexity, reason = "two lists, named at the caller")]
+    /// new one copied. Returns the artifacts, the staged blobs (one per
+    /// content), and each artifact's keyed BLAKE3 under `key`.
+    #[expect(clippy::type_complexity, reason = "three lists, named at the caller")]
     fn stage_artifacts(
         &self,
         dir: &Path,
         record_bytes: u64,
         stage: &WorkDir,
-    ) -> Result<(Vec<Artifact>, Vec<(Sha256Digest, PathBuf)>), StoreError> {
+        key: Option<&TagKey>,
+    ) -> Result<
+        (
+            Vec<Artifact>,
+            Vec<(Sha256Digest, PathBuf)>,
+            Vec<Option<Content>>,
+        ),
+        StoreError,
+    > {
         let staged_blobs = stage.path().join("blobs");
         fs::create_dir(&staged_blobs).map_err(io_err(&staged_blobs))?;
         let mut artifacts = Vec::new();
@@ -539,12 +577,11 @@ impl Store {
             files.iter().map(|f| f.as_str()).zip(sizes.iter().copied()),
         )?;
         let mut staged: Vec<(Sha256Digest, PathBuf)> = Vec::new();
+        let mut contents = Vec::with_capacity(files.len());
         for rel in files {
             let path = dir.join(rel.as_str());
-            let sha = crate::image::sha256_file(&path)
-                .map_err(io_err(&path))?
-                .parse::<Sha256Digest>()
-                .expect("sha256_file gives 64 hex digits");
+            let (sha, content) = hash_file(&path, key).map_err(io_err(&path))?;
+            contents.push(content);
             let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
             if !staged.iter().any(|(s, _)| *s == sha) {
                 let to = staged_blobs.join(staged.len().to_string());
@@ -564,7 +601,7 @@ impl Store {
                 mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
             });
         }
-        Ok((artifacts, staged))
+        Ok((artifacts, staged, contents))
     }
 
     /// Moves a damaged result aside into `quarantine/<key>-<now>/`, with
@@ -776,6 +813,12 @@ pub struct Receiving {
     /// The artifacts' staged files, open, by artifact, once whole.
     files: Vec<Option<fs::File>>,
     syncs: Syncs,
+    /// The store's tag key, and each part's keyed BLAKE3 once whole: a
+    /// part received from its first chunk is hashed as it arrives, one
+    /// resumed is not (its tag is left out, and a replay checks its
+    /// sha256).
+    tag_key: Option<TagKey>,
+    contents: Vec<Option<Content>>,
 }
 
 /// What a partial holds of one part: its chunks checked so far, and the
@@ -1177,6 +1220,7 @@ pub struct PartWriter {
     record_path: PathBuf,
     record: fs::File,
     progress: Progress,
+    content: Option<PartHasher>,
 }
 
 impl PartWriter {
@@ -1207,6 +1251,9 @@ impl PartWriter {
         }
         for piece in pieces {
             self.progress.hasher.update(piece);
+            if let Some(c) = &mut self.content {
+                c.update(piece);
+            }
         }
         write_in_steps(&mut self.file, pieces).map_err(io_err(&self.path))?;
         self.record
@@ -1326,6 +1373,10 @@ impl Receiving {
             .append(true)
             .open(&record_path)
             .map_err(io_err(&record_path))?;
+        let content = match progress.chunks {
+            0 => self.tag_key.as_ref().map(TagKey::hasher),
+            _ => None,
+        };
         Ok(PartWriter {
             part: i,
             bytes,
@@ -1334,6 +1385,7 @@ impl Receiving {
             record_path,
             record,
             progress,
+            content,
         })
     }
 
@@ -1346,9 +1398,11 @@ impl Receiving {
             path,
             file,
             progress,
+            content,
             ..
         } = writer;
         self.partial.progress[part] = progress.clone();
+        self.contents[part] = content.as_ref().map(PartHasher::finish);
         let found = Sha256Digest::finish(progress.hasher);
         let synced = file.try_clone().map_err(io_err(&path))?;
         self.syncs.start(synced, path)?;
@@ -1381,6 +1435,14 @@ impl Receiving {
         self.syncs.wait()?;
         let chunks = self.partial.dir.join(CHUNKS);
         fs::remove_dir_all(&chunks).map_err(io_err(&chunks))?;
+        if let Some(key) = &self.tag_key {
+            write_tags(
+                &self.partial.dir,
+                key,
+                &self.sealed.manifest,
+                &self.contents,
+            );
+        }
         let mut verified = BTreeMap::new();
         let mut blobs = Vec::new();
         let mut files = std::mem::take(&mut self.files);
@@ -1550,15 +1612,17 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     f.sync_all().map_err(io_err(path))
 }
 
-/// Copies `from` into a new file at `path`, synced; returns its sha256 and
-/// size.
+/// Copies `from` into a new file at `path`, synced; returns its sha256,
+/// its size and its keyed BLAKE3 under `key`.
 fn copy_synced(
     from: &mut dyn std::io::Read,
     path: &Path,
-) -> Result<(Sha256Digest, u64), StoreError> {
+    key: Option<&TagKey>,
+) -> Result<(Sha256Digest, u64, Option<Content>), StoreError> {
     use sha2::Digest;
     let mut f = fs::File::create(path).map_err(io_err(path))?;
     let mut hasher = sha2::Sha256::new();
+    let mut content = key.map(TagKey::hasher);
     let mut buf = vec![0u8; 64 * 1024];
     let mut bytes = 0u64;
     loop {
@@ -1569,11 +1633,64 @@ fn copy_synced(
             Err(e) => return Err(io_err(path)(e)),
         };
         hasher.update(&buf[..n]);
+        if let Some(c) = &mut content {
+            c.update(&buf[..n]);
+        }
         f.write_all(&buf[..n]).map_err(io_err(path))?;
         bytes += n as u64;
     }
     f.sync_all().map_err(io_err(path))?;
-    Ok((Sha256Digest::finish(hasher), bytes))
+    Ok((
+        Sha256Digest::finish(hasher),
+        bytes,
+        content.as_ref().map(PartHasher::finish),
+    ))
+}
+
+/// The sha256 of the file at `path`, and its keyed BLAKE3 under `key`,
+/// from one read.
+fn hash_file(
+    path: &Path,
+    key: Option<&TagKey>,
+) -> std::io::Result<(Sha256Digest, Option<Content>)> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = fs::File::open(path)?;
+    let mut sha = sha2::Sha256::new();
+    let mut content = key.map(TagKey::hasher);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        sha.update(&buf[..n]);
+        if let Some(c) = &mut content {
+            c.update(&buf[..n]);
+        }
+    }
+    Ok((
+        Sha256Digest::finish(sha),
+        content.as_ref().map(PartHasher::finish),
+    ))
+}
+
+/// Writes the tags of a result's parts, `contents` their keyed BLAKE3s
+/// (the output record's first), into its staging folder `dir`. A failure
+/// is logged and costs only speed: a result without tags is checked
+/// against its sha256s.
+fn write_tags(dir: &Path, key: &TagKey, manifest: &ResultManifest, contents: &[Option<Content>]) {
+    let sizes = std::iter::once((manifest.output_sha256, manifest.output_bytes))
+        .chain(manifest.artifacts.iter().map(|a| (a.sha256, a.bytes)));
+    let tags: Vec<_> = sizes
+        .zip(contents.iter().chain(std::iter::repeat(&None)))
+        .map(|((sha, bytes), content)| content.as_ref().map(|c| key.tag(&sha, bytes, c)))
+        .collect();
+    if let Err(e) = crate::tags::write(dir, &tags) {
+        tracing::debug!(dir = %dir.display(), "writing the result's tags: {e}");
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -1833,6 +1950,14 @@ pub(crate) mod tests {
             fs::read(store.blob_path(&stored.manifest.artifacts[0])).unwrap(),
             big
         );
+        // Only the part received from its first chunk got a tag; the two
+        // resumed ones are checked by sha256 when replayed.
+        let tags = store.tags(&stored).expect("tags kept");
+        let tagged: Vec<bool> = (0..3).map(|i| tags.hasher(i).is_some()).collect();
+        assert_eq!(tagged, [false, false, true]);
+        let dest = dir.path().join("restored");
+        crate::replay::restore_artifacts(&store, &stored, Some(&tags), &dest).unwrap();
+        assert_eq!(fs::read(dest.join("big.bin")).unwrap(), big);
         assert!(
             !stored.dir.join(CHUNKS).exists(),
             "no progress record in a result"

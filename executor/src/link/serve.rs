@@ -5,7 +5,8 @@
 //! grants. Only such results are announced too (with the failed ones of
 //! granted namespaces, sealed, so a disagreement shows). A result whose
 //! record or artifact no longer matches its sha256 is quarantined, never
-//! sent whole.
+//! sent whole (the record is checked before a transfer starts, by its tag
+//! where the store keeps one that holds, [`crate::tags`], else by sha256).
 //!
 //! Each part goes in chunks of [`CHUNK_BYTES`], each with its sha256. A
 //! request to resume (`Serve` with `resume`) is honoured when it names
@@ -277,7 +278,7 @@ pub(super) async fn serve_one(
             }
             own
         })
-        .filter(|r| match crate::replay::verify(r) {
+        .filter(|r| match crate::replay::check_output(r, store.tags(r).as_ref()) {
             Ok(()) => true,
             Err(e) => {
                 quarantine(store, r, &e.to_string());
