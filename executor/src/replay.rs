@@ -95,7 +95,7 @@ pub fn check_output(result: &StoredResult, tags: Option<&Tags>) -> Result<(), Re
     )?;
     let m = &result.manifest;
     let found = match hash.found(tags, 0, &m.output_sha256, m.output_bytes) {
-        Found::TagHeld => return Ok(()),
+        Found::TagHeld => m.output_sha256,
         // The sha256 says whether the record is damaged or only its tag.
         Found::TagFailed => return check_output(result, None),
         Found::Sha256(sha) => sha,
@@ -160,7 +160,7 @@ impl PartHash {
 /// What a [`PartHash`] found.
 enum Found {
     /// The part's tag holds: its bytes are those whose sha256 was checked
-    /// when they entered the store.
+    /// when they entered the store (their size is still compared).
     TagHeld,
     /// The part's tag does not hold: the part, or only its tag, is
     /// damaged; its sha256 tells which.
@@ -430,7 +430,7 @@ fn restore_one(
     let mut hash = PartHash::new(tags, part);
     let mut bytes = copy_hashing(&blob, &mut pending.file, buf, |b| hash.update(b)).map_err(io)?;
     let found = match hash.found(tags, part, &a.sha256, a.bytes) {
-        Found::TagHeld => return Ok(pending),
+        Found::TagHeld => a.sha256,
         Found::Sha256(sha) => sha,
         Found::TagFailed => {
             // Copied again and hashed by sha256: the blob or only its tag
