@@ -1619,32 +1619,11 @@ fn copy_synced(
     path: &Path,
     key: Option<&TagKey>,
 ) -> Result<(Sha256Digest, u64, Option<Content>), StoreError> {
-    use sha2::Digest;
     let mut f = fs::File::create(path).map_err(io_err(path))?;
-    let mut hasher = sha2::Sha256::new();
-    let mut content = key.map(TagKey::hasher);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut bytes = 0u64;
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err(path)(e)),
-        };
-        hasher.update(&buf[..n]);
-        if let Some(c) = &mut content {
-            c.update(&buf[..n]);
-        }
-        f.write_all(&buf[..n]).map_err(io_err(path))?;
-        bytes += n as u64;
-    }
+    let hashed = hash_reading(from, key, 64 * 1024, |piece| f.write_all(piece));
+    let hashed = hashed.map_err(io_err(path))?;
     f.sync_all().map_err(io_err(path))?;
-    Ok((
-        Sha256Digest::finish(hasher),
-        bytes,
-        content.as_ref().map(PartHasher::finish),
-    ))
+    Ok(hashed)
 }
 
 /// The sha256 of the file at `path`, and its keyed BLAKE3 under `key`,
@@ -1653,14 +1632,27 @@ fn hash_file(
     path: &Path,
     key: Option<&TagKey>,
 ) -> std::io::Result<(Sha256Digest, Option<Content>)> {
-    use sha2::Digest;
-    use std::io::Read;
     let mut f = fs::File::open(path)?;
+    let (sha, _, content) = hash_reading(&mut f, key, 1 << 20, |_| Ok(()))?;
+    Ok((sha, content))
+}
+
+/// Reads `from` to its end through a buffer of `buffer` bytes, each piece
+/// hashed and then given to `each`; returns its sha256, its size and its
+/// keyed BLAKE3 under `key`.
+fn hash_reading(
+    from: &mut dyn std::io::Read,
+    key: Option<&TagKey>,
+    buffer: usize,
+    mut each: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<(Sha256Digest, u64, Option<Content>)> {
+    use sha2::Digest;
     let mut sha = sha2::Sha256::new();
     let mut content = key.map(TagKey::hasher);
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; buffer];
+    let mut bytes = 0u64;
     loop {
-        let n = match f.read(&mut buf) {
+        let n = match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -1670,9 +1662,12 @@ fn hash_file(
         if let Some(c) = &mut content {
             c.update(&buf[..n]);
         }
+        each(&buf[..n])?;
+        bytes += n as u64;
     }
     Ok((
         Sha256Digest::finish(sha),
+        bytes,
         content.as_ref().map(PartHasher::finish),
     ))
 }
