@@ -75,11 +75,7 @@ impl TagKey {
     /// regular file of exactly 32 bytes that only its owner (this user)
     /// may read and write.
     pub fn load(path: &Path) -> Option<TagKey> {
-        let mut file = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(path)
-            .ok()?;
+        let mut file = open_regular(path)?;
         let meta = file.metadata().ok()?;
         let private = meta.permissions().mode() & 0o077 == 0;
         let ours = meta.uid() == nix::unistd::geteuid().as_raw();
@@ -128,6 +124,17 @@ impl TagKey {
         h.update(content.0.as_bytes());
         Tag(h.finalize())
     }
+}
+
+/// Opens `path` to read without following a symlink and without waiting
+/// (a FIFO put in its place would otherwise block the open); the caller
+/// checks that it is a regular file.
+fn open_regular(path: &Path) -> Option<fs::File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .ok()
 }
 
 fn make_key(path: &Path) -> std::io::Result<()> {
@@ -215,14 +222,10 @@ impl Tags {
     /// file is not exactly one tag per part.
     pub fn read(key_path: &Path, dir: &Path, parts: usize) -> Option<Tags> {
         let key = TagKey::load(key_path)?;
-        let path = dir.join(TAGS_FILE);
-        let mut file = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&path)
-            .ok()?;
+        let mut file = open_regular(&dir.join(TAGS_FILE))?;
         let want = parts.checked_mul(32)?;
-        if file.metadata().ok()?.len() != want as u64 {
+        let meta = file.metadata().ok()?;
+        if !meta.is_file() || meta.len() != want as u64 {
             return None;
         }
         let mut bytes = vec![0u8; want];
@@ -320,6 +323,11 @@ mod tests {
         assert!(!tags.holds(0, &sha, 5, &content(&key, b"bytes")));
         // The wrong number of parts: not read at all.
         assert!(Tags::read(&key_at, dir.path(), 3).is_none());
+        // A FIFO in the tags file's place is not waited on.
+        let fifo = dir.path().join("fifo");
+        fs::create_dir(&fifo).unwrap();
+        nix::unistd::mkfifo(&fifo.join(TAGS_FILE), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(Tags::read(&key_at, &fifo, 0).is_none());
         // Another key (the file made anew) makes other tags.
         fs::remove_file(&key_at).unwrap();
         let new = TagKey::load_or_make(&key_at).unwrap();
@@ -348,6 +356,13 @@ mod tests {
         fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o600)).unwrap();
         std::os::unix::fs::symlink(&elsewhere, &key_at).unwrap();
         assert!(TagKey::load(&key_at).is_none(), "a symlink is not followed");
+        fs::remove_file(&key_at).unwrap();
+        nix::unistd::mkfifo(&key_at, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(
+            TagKey::load(&key_at).is_none(),
+            "a FIFO is not read, nor waited on"
+        );
+        fs::remove_file(&key_at).unwrap();
         TagKey::load_or_make(&key_at).unwrap();
         assert!(!key_at.symlink_metadata().unwrap().is_symlink());
         assert_eq!(
