@@ -7,6 +7,7 @@
 //! it uses the guest; when the connection closes, the guest is killed and
 //! the next one is made.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::link::direct::Direct;
 use crate::link::settings::{self, CREDENTIALS_VAR, ORCHESTRATOR_VAR};
 use crate::link::{Orchestrator, RunLink};
 use crate::serving::{News, serve_until};
@@ -56,6 +58,16 @@ pub enum DaemonError {
     NoOrchestrator(PathBuf),
     #[error(transparent)]
     Credentials(#[from] crate::link::CredentialsError),
+    #[error("cannot listen for direct fetches on {addr} (--direct): {source}")]
+    Direct {
+        addr: SocketAddr,
+        #[source]
+        source: crate::link::LinkError,
+    },
+    #[error(
+        "--direct needs an orchestrator: peers are introduced by it (pass --orchestrator and --credentials)"
+    )]
+    DirectWithoutOrchestrator,
     #[error("the daemon (pid {0}) did not stop within 10s")]
     DidNotStop(u32),
     #[error("the daemon did not answer within 10s; see {}", .0.display())]
@@ -141,6 +153,7 @@ impl Daemon {
         self,
         orchestrator: Option<Orchestrator>,
         warm: bool,
+        direct: Option<Direct>,
         store: Store,
         stop: impl std::future::Future<Output = ()>,
         note: &(dyn Fn(&str) + Sync),
@@ -182,8 +195,17 @@ impl Daemon {
         };
         let serve = async {
             match &orchestrator {
-                Some(o) => serve_until(o, None, &store, news_rx, &link_tx, stop, note).await,
+                Some(o) => {
+                    let direct = direct.as_ref();
+                    serve_until(o, None, &store, news_rx, &link_tx, stop, note, direct).await
+                }
                 None => stop.await,
+            }
+        };
+        let serve_direct = async {
+            match &direct {
+                Some(d) => d.serve(&store).await,
+                None => std::future::pending().await,
             }
         };
         let keep_warm = async {
@@ -197,6 +219,7 @@ impl Daemon {
             () = accept => {}
             () = run_schedules(note) => {}
             () = keep_warm => {}
+            () = serve_direct => {}
         }
         if let Some(slot) = &slot
             && let WarmState::Ready { guest, .. } =
@@ -670,6 +693,7 @@ pub async fn hand_over_or_serve(
         &state,
         crate::signals::interrupted(),
         &|line| ui.note(line),
+        None,
     )
     .await;
 }
@@ -734,17 +758,31 @@ pub fn orchestrator(
 
 /// Serves the store under `data_dir` in the foreground until SIGINT or
 /// SIGTERM (SIGHUP is ignored), logging with UTC timestamps to stderr; with
-/// `warm`, keeps a warm guest too. Without an orchestrator it only keeps
-/// the warm guest.
+/// `warm`, keeps a warm guest too; with `direct`, peers the orchestrator
+/// introduces fetch straight from that address. Without an orchestrator it
+/// only keeps the warm guest.
 pub async fn serve_in_foreground(
     data_dir: &Path,
     orchestrator: Option<Orchestrator>,
     warm: bool,
+    direct: Option<SocketAddr>,
 ) -> Result<(), DaemonError> {
     let daemon = Daemon::bind(data_dir)?;
     let store = Store::default_location();
+    let direct = match (direct, &orchestrator) {
+        (None, _) => None,
+        (Some(_), None) => return Err(DaemonError::DirectWithoutOrchestrator),
+        (Some(addr), Some(o)) => Some(
+            Direct::bind(addr, &o.credentials())
+                .map_err(|source| DaemonError::Direct { addr, source })?,
+        ),
+    };
+    let listening = direct
+        .as_ref()
+        .and_then(|d| d.local_addr().ok())
+        .map_or(String::new(), |a| format!(", direct fetches on {a}"));
     eprintln!(
-        "reprise daemon: pid {}, store {}, socket {}, orchestrator {}{}",
+        "reprise daemon: pid {}, store {}, socket {}, orchestrator {}{}{listening}",
         std::process::id(),
         store.root().display(),
         daemon.socket().display(),
@@ -757,6 +795,7 @@ pub async fn serve_in_foreground(
         .run(
             orchestrator,
             warm,
+            direct,
             store,
             crate::signals::interrupted_not_hung_up(),
             &|line| {
@@ -777,6 +816,7 @@ pub async fn detach(
     data_dir: &Path,
     orchestrator: Option<&Orchestrator>,
     warm: bool,
+    direct: Option<SocketAddr>,
 ) -> Result<(u32, PathBuf), DaemonError> {
     use std::os::unix::process::CommandExt;
     let log_path = data_dir.join("daemon.log");
@@ -800,6 +840,9 @@ pub async fn detach(
     }
     if warm {
         cmd.arg("--warm");
+    }
+    if let Some(direct) = direct {
+        cmd.arg("--direct").arg(direct.to_string());
     }
     let mut child = cmd
         .stdin(std::process::Stdio::null())

@@ -197,6 +197,7 @@ async fn fetch_from_peers(
                 Source::Link {
                     producer: fetched.signed_by.name,
                     counts,
+                    direct: fetched.direct,
                 },
             ))
         }
@@ -739,8 +740,13 @@ pub enum Source {
         counts: Option<Counts>,
     },
     /// Through the orchestrator: sealed by `producer`, counting for CI for
-    /// the reason `counts`.
-    Link { producer: String, counts: String },
+    /// the reason `counts`; `direct` when fetched straight from the holder
+    /// the orchestrator introduced rather than through its relay.
+    Link {
+        producer: String,
+        counts: String,
+        direct: bool,
+    },
 }
 
 impl Source {
@@ -817,8 +823,19 @@ pub fn replay_result(
                 },
             },
         ),
-        Source::Link { producer, counts } => (
-            format!("producer '{producer}' through the orchestrator"),
+        Source::Link {
+            producer,
+            counts,
+            direct,
+        } => (
+            format!(
+                "producer '{producer}' through the orchestrator{}",
+                if *direct {
+                    " (straight from the executor holding it, which it introduced)"
+                } else {
+                    ""
+                }
+            ),
             format!("sealed by {producer}; counts for CI: {counts}"),
         ),
     };

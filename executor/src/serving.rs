@@ -15,6 +15,7 @@ use reprise_protocol::local::LinkState;
 use reprise_protocol::wire::Sealed;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::link::direct::Direct;
 use crate::link::{Link, Orchestrator};
 use crate::store::Store;
 
@@ -70,7 +71,10 @@ pub type News = (Sealed, oneshot::Sender<LinkState>);
 /// announces the whole store. `news` carries results to announce as they
 /// are committed (answered with the link's state once announced, or at
 /// once while disconnected: the next connection announces them); `link`
-/// reports the connection's state.
+/// reports the connection's state. With `direct`, each connection tells
+/// the orchestrator that peers may fetch from that listener, and keeps
+/// the tickets it sends there.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_until(
     orchestrator: &Orchestrator,
     first: Option<Link>,
@@ -79,6 +83,7 @@ pub async fn serve_until(
     link: &watch::Sender<LinkState>,
     stop: impl std::future::Future<Output = ()>,
     note: &(dyn Fn(&str) + Sync),
+    direct: Option<&Direct>,
 ) {
     let mut stop = pin!(stop);
     let mut backoff = Backoff::default();
@@ -143,6 +148,17 @@ pub async fn serve_until(
                 continue;
             }
         };
+        if let Some(direct) = direct {
+            match until!(peer.listen(direct)) {
+                Ok(addr) => note(&format!(
+                    "peers the orchestrator introduces fetch straight from here ({addr})"
+                )),
+                Err(e) => note(&format!(
+                    "the orchestrator takes no direct fetches ({}); serving through it only",
+                    crate::text::error_chain(&e)
+                )),
+            }
+        }
         backoff.reset();
         quiet_failures = false;
         note(&format!(
@@ -169,7 +185,8 @@ pub async fn serve_until(
         let serving = {
             let peer = peer.clone();
             let store = store.clone();
-            tokio::spawn(async move { peer.serve(&store).await })
+            let tickets = direct.map(|d| d.tickets().clone());
+            tokio::spawn(async move { peer.serve_with(&store, tickets).await })
         };
         let mut serving = pin!(serving);
         let lost = loop {

@@ -24,6 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
@@ -31,7 +32,8 @@ use reprise_protocol::digest::Sha256Digest;
 use reprise_protocol::policy::PolicyConfig;
 use reprise_protocol::seal::{SealError, SignedBy};
 use reprise_protocol::wire::{
-    ErrorCode, Held, Message, Resume, Sealed, StateEvent, chunk_count, chunk_len,
+    ErrorCode, Held, Introduction, Message, Resume, Sealed, Secret, StateEvent, chunk_count,
+    chunk_len,
 };
 use rustls::pki_types::{CertificateDer, UnixTime};
 use thiserror::Error;
@@ -124,6 +126,9 @@ struct Live {
     conn: Connection,
     identity: String,
     cert_sha256: Option<Sha256Digest>,
+    /// Where it takes direct fetches, and the sha256 of the certificate
+    /// its listener presents (`Listen`).
+    direct: Option<(SocketAddr, Sha256Digest)>,
 }
 
 /// How often the state is checked for revocations of connected executors
@@ -490,6 +495,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
                         conn: conn.clone(),
                         identity: grant.name.clone(),
                         cert_sha256,
+                        direct: None,
                     },
                 );
             }
@@ -833,6 +839,29 @@ async fn request(
             relay(&shared, id, grant, Held { key, namespace }, resume, send).await;
             return;
         }
+        Message::Listen { port, ip, cert } => {
+            let mut conns = shared.conns.lock().expect("conns");
+            match conns.get_mut(&id) {
+                Some(live) if port != 0 => {
+                    // The address it says, else the one it comes from.
+                    let ip = ip.unwrap_or_else(|| live.conn.remote_address().ip().to_canonical());
+                    let addr = SocketAddr::new(ip, port);
+                    live.direct = Some((addr, cert));
+                    info!(%addr, "takes direct fetches");
+                    Message::Listening {
+                        addr: addr.to_string(),
+                    }
+                }
+                Some(_) => Message::error(ErrorCode::Malformed, "port 0 is no port to listen on"),
+                None => Message::error(ErrorCode::Unexpected, "not connected"),
+            }
+        }
+        Message::Introduce { key, namespace } => {
+            let answer = introduce(&shared, id, grant, Held { key, namespace }).await;
+            let _ = write_message(&mut send, &answer).await;
+            let _ = send.finish();
+            return;
+        }
         Message::Renew { public_key, proof } => {
             let current = shared
                 .conns
@@ -887,6 +916,116 @@ fn tag(m: &Message) -> String {
         .ok()
         .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
         .unwrap_or_default()
+}
+
+/// How long a holder has to take a ticket (`Expect` → `Expecting`).
+const EXPECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Introduces the asker to the executor holding `wanted`, decided as a
+/// relayed fetch is ([`Shared::lookup`]): hands the holder a ticket bound
+/// to the asker's certificate and the key, and answers the asker with the
+/// holder's address, its listener's certificate, and who must have sealed
+/// the result. The replay is audited once the holder says it served the
+/// ticket whole.
+async fn introduce(shared: &Arc<Shared>, asker: ConnId, grant: &Grant, wanted: Held) -> Message {
+    let Decision::Offer {
+        conn,
+        producer,
+        producer_name,
+        outputs,
+        ..
+    } = shared.lookup(asker, &wanted)
+    else {
+        return Message::NotFound;
+    };
+    let (holder, asker_cert) = {
+        let conns = shared.conns.lock().expect("conns");
+        let holder = conns.get(&conn).and_then(|live| {
+            live.direct
+                .map(|d| (live.conn.clone(), live.identity.clone(), d))
+        });
+        (holder, conns.get(&asker).and_then(|live| live.cert_sha256))
+    };
+    let (Some((holder_conn, holder_name, (addr, holder_cert))), Some(asker_cert)) =
+        (holder, asker_cert)
+    else {
+        return Message::error(
+            ErrorCode::Unavailable,
+            "the holder takes no direct fetches: fetch through the orchestrator",
+        );
+    };
+    let mut bytes = [0u8; 32];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        return Message::error(ErrorCode::Other, "no randomness for a ticket");
+    }
+    let ticket = Secret(reprise_protocol::hex::encode(&bytes));
+    let expect = Message::Expect {
+        ticket: ticket.clone(),
+        key: wanted.key,
+        namespace: wanted.namespace.clone(),
+        asker: asker_cert,
+    };
+    let handed = async {
+        let (mut psend, mut precv) = holder_conn.open_bi().await.map_err(|e| e.to_string())?;
+        write_message(&mut psend, &expect)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = psend.finish();
+        match read_message(&mut precv).await.map_err(|e| e.to_string())? {
+            Message::Expecting => Ok(precv),
+            Message::Error { message, .. } => Err(message),
+            other => Err(format!("answered {}", tag(&other))),
+        }
+    };
+    let mut precv = match tokio::time::timeout(EXPECT_TIMEOUT, handed).await {
+        Ok(Ok(precv)) => precv,
+        Ok(Err(why)) => {
+            info!(holder = %holder_name, "the holder did not take a ticket: {why}");
+            return Message::error(
+                ErrorCode::Unavailable,
+                format!("the holder did not take a ticket ({why}): fetch through the orchestrator"),
+            );
+        }
+        Err(_) => {
+            return Message::error(
+                ErrorCode::Unavailable,
+                "the holder did not take a ticket in time: fetch through the orchestrator",
+            );
+        }
+    };
+    let started = std::time::Instant::now();
+    let (shared, asker_name) = (shared.clone(), grant.name.clone());
+    tokio::spawn(async move {
+        // The holder's word that the transfer left whole, or the stream's
+        // end when the ticket expired unused.
+        let Ok(Message::Served { bytes }) = read_message(&mut precv).await else {
+            return;
+        };
+        shared.telemetry.replayed();
+        let relay_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        info!(producer = %producer_name, holder = %holder_name, key = %wanted.key, bytes, relay_ms, "served directly");
+        let event = StateEvent::Replayed {
+            asker: asker_name,
+            producer: producer_name,
+            relayer: Some(holder_name),
+            key: wanted.key,
+            namespace: wanted.namespace,
+            at: now_secs(),
+            run_ms: None,
+            relay_ms: Some(relay_ms),
+            bytes: Some(bytes),
+        };
+        if let Err(e) = shared.state.lock().expect("state").append(event) {
+            warn!("cannot write the audit log: {e}");
+        }
+    });
+    Message::Introduction(Box::new(Introduction {
+        addr: addr.to_string(),
+        holder: holder_cert,
+        producer,
+        outputs,
+        ticket,
+    }))
 }
 
 /// Relays `wanted` from the executor holding it to the asker's `send`.

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use reprise_executor::link::direct::{self, Direct};
 use reprise_executor::link::{
     Credentials, FetchError, Found, Link, LinkError, read_message, transfer_files, write_message,
 };
@@ -13,13 +14,13 @@ use reprise_executor::store::{Sealer, Store, StoredResult};
 use reprise_orchestrator::state::{AuditEntry, AuditFilter};
 use reprise_orchestrator::telemetry::{Refusal, Telemetry};
 use reprise_orchestrator::{Folder, FolderError, Limits, server};
-use reprise_protocol::digest::Sha256Digest;
+use reprise_protocol::digest::{RunKey, Sha256Digest};
 use reprise_protocol::key::{KEY_VERSION, KeyInputs};
 use reprise_protocol::manifest::{
     MANIFEST_VERSION, Outcome, Phase, Producer, ResultManifest, Snapshot,
 };
 use reprise_protocol::seal::SealError;
-use reprise_protocol::wire::{self, ErrorCode, Message, Sealed};
+use reprise_protocol::wire::{self, ErrorCode, Message, Sealed, Secret};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 
@@ -2038,5 +2039,309 @@ async fn a_counting_result_gets_one_commit_status_on_its_forge() {
     assert_eq!(headers["private-token"], "gl-secret");
     assert_eq!(body["state"], "success");
     assert_eq!(body["name"], "reprise/test");
+    team.stop().await;
+}
+
+/// A holder serving `store` through the orchestrator and listening for
+/// direct fetches on loopback: its link, its listener, and the tasks
+/// serving both.
+async fn direct_holder(
+    team: &Team,
+    creds: &Arc<Credentials>,
+    store: &Store,
+) -> (Arc<Link>, Arc<Direct>, Vec<tokio::task::JoinHandle<()>>) {
+    let peer = Arc::new(team.connect(creds).await.unwrap());
+    peer.announce(store).await.unwrap();
+    let direct = Arc::new(Direct::bind("127.0.0.1:0".parse().unwrap(), creds).unwrap());
+    let addr = peer.listen(&direct).await.unwrap();
+    assert_eq!(addr, direct.local_addr().unwrap().to_string());
+    let serving = {
+        let (p, s, t) = (peer.clone(), store.clone(), direct.tickets().clone());
+        tokio::spawn(async move {
+            let _ = p.serve_with(&s, Some(t)).await;
+        })
+    };
+    let listening = {
+        let (d, s) = (direct.clone(), store.clone());
+        tokio::spawn(async move { d.serve(&s).await })
+    };
+    (peer, direct, vec![serving, listening])
+}
+
+/// The parts' bytes of a stored result.
+fn data_bytes(stored: &StoredResult) -> u64 {
+    stored.manifest.output_bytes
+        + stored
+            .manifest
+            .artifacts
+            .iter()
+            .map(|a| a.bytes)
+            .sum::<u64>()
+}
+
+#[tokio::test]
+async fn a_result_is_fetched_straight_from_a_holder_that_listens_and_through_the_relay_when_it_cannot_be()
+ {
+    let team = Team::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let builder = team.creds("builder", &[NS], true);
+    let (store_b, stored_b) = producer_store(work.path(), &builder);
+    let (_b, direct, tasks) = direct_holder(&team, &builder, &store_b).await;
+    let a = team
+        .connect(&team.creds("asker", &[NS], false))
+        .await
+        .unwrap();
+    let key = inputs("t1").key();
+
+    let store_a = Store::new(work.path().join("store-a"));
+    let fetched = a.fetch(&key, NS, &inputs("t1"), &store_a).await.unwrap();
+    assert!(fetched.direct, "fetched straight from the holder");
+    assert_eq!(fetched.signed_by.name, "builder");
+    assert_eq!(fetched.stored.manifest, stored_b.manifest);
+    assert_eq!(fetched.stored.seal, stored_b.seal);
+    assert_eq!(
+        fs::read(fetched.stored.output_path()).unwrap(),
+        fs::read(stored_b.output_path()).unwrap()
+    );
+    for art in &fetched.stored.manifest.artifacts {
+        assert_eq!(
+            fs::read(store_a.blob_path(art)).unwrap(),
+            fs::read(store_b.blob_path(art)).unwrap(),
+            "{}",
+            art.path
+        );
+    }
+    crate_verify(&store_a, &fetched.stored);
+    // Nothing went through the relay; the holder said it served the
+    // ticket whole, and the replay is audited with it as the relayer.
+    assert_eq!(team.telemetry.snapshot().relayed_bytes, 0);
+    let audit = || {
+        team.folder
+            .state()
+            .unwrap()
+            .audit(&AuditFilter::default())
+            .unwrap()
+    };
+    wait_until(|| !audit().is_empty()).await;
+    match &audit()[..] {
+        [AuditEntry::Replay(r)] => {
+            assert_eq!(
+                (r.asker.as_str(), r.producer.as_str()),
+                ("asker", "builder")
+            );
+            assert_eq!(r.relayer.as_deref(), Some("builder"));
+            assert_eq!(r.bytes, Some(data_bytes(&stored_b)));
+        }
+        other => panic!("one replay expected: {other:?}"),
+    }
+    assert!(direct.tickets().is_empty(), "the ticket was used up");
+
+    // The listener gone (a firewall, a machine that moved): the same
+    // fetch goes through the relay.
+    for t in tasks.iter().skip(1) {
+        t.abort();
+    }
+    drop(direct);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let store_c = Store::new(work.path().join("store-c"));
+    let fetched = a.fetch(&key, NS, &inputs("t1"), &store_c).await.unwrap();
+    assert!(!fetched.direct, "through the relay");
+    assert_eq!(fetched.stored.manifest, stored_b.manifest);
+    assert_eq!(
+        team.telemetry.snapshot().relayed_bytes,
+        data_bytes(&stored_b)
+    );
+    for t in tasks {
+        t.abort();
+    }
+    team.stop().await;
+}
+
+/// Asks to be introduced to the holder of `key`.
+async fn introduction(asker: &Link, key: &RunKey) -> (String, Sha256Digest, Secret) {
+    let intro = Message::Introduce {
+        key: *key,
+        namespace: NS.into(),
+    };
+    match asker.request(&intro).await.unwrap() {
+        Message::Introduction(i) => (i.addr, i.holder, i.ticket),
+        other => panic!("expected an introduction, got {other:?}"),
+    }
+}
+
+/// Sends a `Redeem` on a direct connection and reads the first answer.
+async fn redeem(conn: &quinn::Connection, ticket: &Secret, key: &RunKey) -> Message {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let m = Message::Redeem {
+        ticket: ticket.clone(),
+        key: *key,
+        namespace: NS.into(),
+        resume: None,
+    };
+    write_message(&mut send, &m).await.unwrap();
+    let _ = send.finish();
+    read_message(&mut recv).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_direct_fetch_needs_the_askers_own_unused_ticket_for_the_key_and_the_holders_certificate()
+{
+    let team = Team::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let builder = team.creds("builder", &[NS], true);
+    let (store_b, _) = producer_store(work.path(), &builder);
+    let (_b, direct, tasks) = direct_holder(&team, &builder, &store_b).await;
+    let asker_creds = team.creds("asker", &[NS], false);
+    let a = team.connect(&asker_creds).await.unwrap();
+    let key = inputs("t1").key();
+    let (addr, holder, ticket) = introduction(&a, &key).await;
+    assert_eq!(holder, builder.fingerprint());
+    assert_eq!(direct.tickets().len(), 1);
+    let refused = |m: Message| {
+        assert!(
+            matches!(&m, Message::Error { code: ErrorCode::NotFound, message } if message.contains("no ticket")),
+            "{m:?}"
+        );
+    };
+
+    // Another member of the team that learnt the ticket: refused, and the
+    // ticket stays for its asker.
+    let (_e, mallory) = direct::dial(&addr, holder, &team.creds("mallory", &[NS], true))
+        .await
+        .unwrap();
+    refused(redeem(&mallory, &ticket, &key).await);
+    // The asker with a ticket it made up, or its ticket for another key.
+    let (_e, conn) = direct::dial(&addr, holder, &asker_creds).await.unwrap();
+    refused(redeem(&conn, &Secret("00".repeat(32)), &key).await);
+    refused(redeem(&conn, &ticket, &inputs("t2").key()).await);
+    assert_eq!(direct.tickets().len(), 1);
+    // Its own ticket, once.
+    assert!(matches!(
+        redeem(&conn, &ticket, &key).await,
+        Message::Transfer { .. }
+    ));
+    refused(redeem(&conn, &ticket, &key).await);
+    assert!(direct.tickets().is_empty());
+
+    // A certificate of another CA does not get through the handshake.
+    let foreign_dir = tempfile::tempdir().unwrap();
+    let foreign = Folder::init(foreign_dir.path(), &[]).unwrap();
+    let foreign =
+        Credentials::from_pem(&foreign.issue("f", &[NS.to_string()], true, None).unwrap()).unwrap();
+    let (_, _, ticket) = introduction(&a, &key).await;
+    match direct::dial(&addr, holder, &foreign).await {
+        Err(_) => {}
+        // The handshake's last flight may be refused after the client
+        // took it: then nothing is served on it.
+        Ok((_e, conn)) => {
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            let m = Message::Redeem {
+                ticket: ticket.clone(),
+                key,
+                namespace: NS.into(),
+                resume: None,
+            };
+            let _ = write_message(&mut send, &m).await;
+            let _ = send.finish();
+            assert!(read_message(&mut recv).await.is_err(), "served a stranger");
+        }
+    }
+    // A listener at the introduced address with another certificate (a
+    // machine in the middle): the asker does not connect.
+    let impostor = team.creds("impostor", &[NS], true);
+    let e = direct::dial(&addr, impostor.fingerprint(), &asker_creds)
+        .await
+        .unwrap_err();
+    assert!(!e.is_empty());
+    for t in tasks {
+        t.abort();
+    }
+    team.stop().await;
+}
+
+#[tokio::test]
+async fn a_holder_cannot_pass_off_a_result_the_orchestrator_did_not_offer_over_the_direct_path() {
+    let team = Team::start().await;
+    let work = tempfile::tempdir().unwrap();
+    // Alice's result, held by a laptop that listens and, asked directly,
+    // sends a result of the same key sealed by itself with other outputs.
+    let alice = team.creds("alice", &[NS], true);
+    let laptop = team.creds("laptop", &[NS], false);
+    let (store_l, stored) = producer_store(work.path(), &alice);
+    let l = Arc::new(team.connect(&laptop).await.unwrap());
+    l.announce(&store_l).await.unwrap();
+    let endpoint = quinn::Endpoint::server(
+        laptop.direct_server_config().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let port = endpoint.local_addr().unwrap().port();
+    let listen = Message::Listen {
+        port,
+        ip: None,
+        cert: laptop.fingerprint(),
+    };
+    assert!(matches!(
+        l.request(&listen).await.unwrap(),
+        Message::Listening { .. }
+    ));
+    let tickets = Arc::new(direct::Tickets::default());
+    let serving = {
+        let (p, s) = (l.clone(), store_l.clone());
+        tokio::spawn(async move {
+            let _ = p.serve_with(&s, Some(tickets)).await;
+        })
+    };
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let rogue = {
+        let (asked, laptop) = (asked.clone(), laptop.clone());
+        let (store, stored) = (store_l.clone(), stored.clone());
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let conn = incoming.await.unwrap();
+                let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+                let _redeem = read_message(&mut recv).await.unwrap();
+                asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut manifest = stored.manifest.clone();
+                manifest.artifacts[0].mode = 0o700;
+                let own = Sealed {
+                    seal: laptop.seal(&manifest),
+                    manifest,
+                };
+                let files = transfer_files(&store, &stored);
+                let from = vec![0; own.parts().len()];
+                let _ = reprise_executor::link::write_transfer(
+                    &mut send,
+                    &own,
+                    &files,
+                    &from,
+                    u64::MAX,
+                )
+                .await;
+                let _ = send.finish();
+                let _ = send.stopped().await;
+            }
+        })
+    };
+    let a = team
+        .connect(&team.creds("asker", &[NS], false))
+        .await
+        .unwrap();
+    let key = inputs("t1").key();
+    let store_a = Store::new(work.path().join("a"));
+    let e = a
+        .fetch_direct(&key, NS, &inputs("t1"), &store_a)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, FetchError::NotOffered), "{e:?}");
+    assert_nothing_committed(&store_a);
+    // The whole fetch: refused directly, then alice's through the relay.
+    let fetched = a.fetch(&key, NS, &inputs("t1"), &store_a).await.unwrap();
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert!(!fetched.direct);
+    assert_eq!(fetched.signed_by.name, "alice");
+    assert_eq!(fetched.stored.manifest, stored.manifest);
+    rogue.abort();
+    serving.abort();
     team.stop().await;
 }

@@ -12,7 +12,18 @@
 //! whose length is not its place's ends the transfer. A transfer may start
 //! each part at a chunk other than the first ([`Resume`]): the rest of a
 //! transfer that was cut. Every connection
-//! starts with [`Message::Hello`]; the ALPN is [`ALPN`]. Nothing here does
+//! starts with [`Message::Hello`]; the ALPN is [`ALPN`].
+//!
+//! The direct path: an executor that listens for peers says so
+//! ([`Message::Listen`]); an asker may then ask to be introduced to the
+//! holder of a result ([`Message::Introduce`]). The orchestrator decides
+//! as for a fetch, hands the holder a single-use ticket bound to the
+//! asker's certificate and the key ([`Message::Expect`]), and the asker
+//! the holder's address, the sha256 of the certificate its listener
+//! presents, and who must have sealed the result. The asker then fetches
+//! over its own QUIC connection to the holder (ALPN [`DIRECT_ALPN`], both
+//! ends presenting their certificates) with [`Message::Redeem`], and the
+//! transfer is the relayed one's, checked the same way. Nothing here does
 //! IO: the readers and writers live in the orchestrator and the executor.
 
 use serde::{Deserialize, Serialize};
@@ -24,6 +35,9 @@ use crate::seal::Seal;
 
 /// The ALPN protocol id of the orchestrator protocol.
 pub const ALPN: &[u8] = b"reprise/1";
+
+/// The ALPN protocol id of a direct connection between two executors.
+pub const DIRECT_ALPN: &[u8] = b"reprise-direct/1";
 
 /// The protocol version this build speaks. Version 2: results travel
 /// sealed by their producer, keys and digests are typed. Version 3: a
@@ -212,6 +226,20 @@ impl Sealed {
     }
 }
 
+/// Where the holder of a result listens (`addr`), the sha256 of the
+/// certificate its listener must present (`holder`), who must have sealed
+/// the result (`producer`, a certificate's sha256) and its outputs'
+/// digest, as announced; `ticket` lets the asker's certificate fetch the
+/// key once, soon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Introduction {
+    pub addr: String,
+    pub holder: Sha256Digest,
+    pub producer: Sha256Digest,
+    pub outputs: Sha256Digest,
+    pub ticket: Secret,
+}
+
 /// A message of the orchestrator protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
@@ -353,6 +381,58 @@ pub enum Message {
         public_key: String,
         proof: String,
     },
+    /// Executor to orchestrator, after `Welcome`: peers may fetch this
+    /// executor's results straight from it, over QUIC on UDP `port`, from
+    /// `ip` when given, otherwise from the address the orchestrator sees
+    /// this connection come from. Its listener presents the certificate
+    /// whose sha256 is `cert`. Answered with `Listening`.
+    Listen {
+        port: u16,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ip: Option<std::net::IpAddr>,
+        cert: Sha256Digest,
+    },
+    /// The answer to `Listen`: the address peers are sent to.
+    Listening {
+        addr: String,
+    },
+    /// Executor to orchestrator: introduce me to the executor holding a
+    /// result that counts for this key, so I fetch it straight from it.
+    /// Answered with `Introduction`, `NotFound`, or an `Error` when the
+    /// holder takes no direct fetches (then `Fetch` goes through the
+    /// relay).
+    Introduce {
+        key: RunKey,
+        namespace: String,
+    },
+    /// The answer to `Introduce`.
+    Introduction(Box<Introduction>),
+    /// Orchestrator to the holder, on a stream it opens: the asker whose
+    /// certificate's sha256 is `asker` may fetch `key` once with `ticket`.
+    /// Answered with `Expecting` at once and, on the same stream, with
+    /// `Served` once the transfer left whole.
+    Expect {
+        ticket: Secret,
+        key: RunKey,
+        namespace: String,
+        asker: Sha256Digest,
+    },
+    /// The holder keeps the ticket.
+    Expecting,
+    /// Asker to holder, on a direct connection: the fetch a ticket
+    /// allows, answered as `Serve` is (a `Transfer` and chunks).
+    Redeem {
+        ticket: Secret,
+        key: RunKey,
+        namespace: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<Box<Resume>>,
+    },
+    /// Holder to orchestrator, on the `Expect` stream: the transfer the
+    /// ticket allowed left whole, `bytes` of parts' data.
+    Served {
+        bytes: u64,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -379,6 +459,14 @@ const KNOWN: &[&str] = &[
     "person-login",
     "login-code",
     "renew",
+    "listen",
+    "listening",
+    "introduce",
+    "introduction",
+    "expect",
+    "expecting",
+    "redeem",
+    "served",
     "error",
 ];
 
@@ -681,6 +769,39 @@ mod tests {
                 public_key: "04ab".into(),
                 proof: "3045".into(),
             },
+            Message::Listen {
+                port: 4434,
+                ip: Some("10.0.0.2".parse().unwrap()),
+                cert: Sha256Digest::of(b"cert"),
+            },
+            Message::Listening {
+                addr: "10.0.0.2:4434".into(),
+            },
+            Message::Introduce {
+                key,
+                namespace: "n".into(),
+            },
+            Message::Introduction(Box::new(Introduction {
+                addr: "10.0.0.2:4434".into(),
+                holder: Sha256Digest::of(b"holder"),
+                producer: Sha256Digest::of(b"producer"),
+                outputs: Sha256Digest::of(b"outputs"),
+                ticket: Secret("t".into()),
+            })),
+            Message::Expect {
+                ticket: Secret("t".into()),
+                key,
+                namespace: "n".into(),
+                asker: Sha256Digest::of(b"asker"),
+            },
+            Message::Expecting,
+            Message::Redeem {
+                ticket: Secret("t".into()),
+                key,
+                namespace: "n".into(),
+                resume: None,
+            },
+            Message::Served { bytes: 3 },
             Message::error(ErrorCode::FrameTooLarge, "too big"),
         ];
         assert_eq!(table.len(), KNOWN.len(), "every message is in the table");

@@ -383,8 +383,9 @@ fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart
     r.expect_code(2, "daemon without an orchestrator");
     assert!(r.stderr.contains("--orchestrator"), "{}", r.stderr);
 
+    // The daemon takes direct fetches too (peers fetch straight from it).
     let log = dir.path().join("daemon.log");
-    let mut cmd = a.reprise(&["daemon"]);
+    let mut cmd = a.reprise(&["daemon", "--direct", "127.0.0.1:0"]);
     with_orchestrator(&mut cmd, &addr, &alice);
     cmd.stderr(fs::File::create(&log).expect("log"));
     let mut daemon = Killed(cmd.spawn().expect("daemon starts"));
@@ -393,6 +394,12 @@ fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart
         wait_until(Duration::from_secs(30), || read_log()
             .contains("serving 1 result(s) to peers as alice")),
         "the daemon connects and announces the store:\n{}",
+        read_log()
+    );
+    assert!(
+        read_log()
+            .contains("peers the orchestrator introduces fetch straight from here (127.0.0.1:"),
+        "{}",
         read_log()
     );
     let status = Run::from(a.reprise(&["daemon", "status"]).output().expect("status"));
@@ -421,7 +428,10 @@ fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart
     replay.expect_code(0, "B replays from the daemon");
     assert!(!replay.booted(), "{}", replay.stderr);
     assert!(
-        replay.stderr.contains("from producer 'alice'"),
+        replay.stderr.contains("from producer 'alice'")
+            && replay
+                .stderr
+                .contains("straight from the executor holding it"),
         "{}",
         replay.stderr
     );
@@ -466,8 +476,12 @@ fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart
     with_orchestrator(&mut cmd, &addr, &ci);
     let replay = Run::from(cmd.output().expect("reprise run"));
     replay.expect_code(0, "C replays the handed-over result");
+    // Straight from the daemon again: it told the restarted orchestrator.
     assert!(
-        replay.stderr.contains("from producer 'alice'"),
+        replay.stderr.contains("from producer 'alice'")
+            && replay
+                .stderr
+                .contains("straight from the executor holding it"),
         "{}",
         replay.stderr
     );

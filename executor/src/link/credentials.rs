@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use reprise_protocol::digest::Sha256Digest;
 use reprise_protocol::manifest::ResultManifest;
 use reprise_protocol::seal::{SEAL_VERSION, Seal, SealError, SignedBy};
 use reprise_protocol::wire;
@@ -137,6 +138,126 @@ impl Credentials {
             .map_err(|e| bad(&e))?;
         quic_client(tls)
     }
+
+    /// The QUIC client configuration of a direct connection to a peer:
+    /// TLS 1.3, ALPN [`wire::DIRECT_ALPN`], this certificate presented,
+    /// and the peer taken only if it presents the very certificate whose
+    /// sha256 is `holder` (the orchestrator's introduction names it) and
+    /// proves it holds that certificate's key.
+    pub fn direct_client_config(
+        &self,
+        holder: Sha256Digest,
+    ) -> Result<quinn::ClientConfig, LinkError> {
+        let bad = |e: &dyn std::fmt::Display| LinkError::Credentials(e.to_string());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let pinned = Pinned {
+            holder,
+            algorithms: provider.signature_verification_algorithms,
+        };
+        let key = PrivateKeyDer::Pkcs8(self.key_pkcs8.clone().into());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| bad(&e))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(pinned))
+            .with_client_auth_cert(vec![self.cert.clone()], key)
+            .map_err(|e| bad(&e))?;
+        tls.alpn_protocols = vec![wire::DIRECT_ALPN.to_vec()];
+        quic_transport(tls)
+    }
+
+    /// The QUIC server configuration of this executor's direct listener:
+    /// TLS 1.3, ALPN [`wire::DIRECT_ALPN`], this certificate presented,
+    /// and a client certificate chained to the team CA required (each
+    /// fetch's ticket is bound to one, [`super::direct`]). No 0-RTT.
+    pub fn direct_server_config(&self) -> Result<quinn::ServerConfig, LinkError> {
+        let bad = |e: &dyn std::fmt::Display| LinkError::Credentials(e.to_string());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.clone()).map_err(|e| bad(&e))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| bad(&e))?;
+        let key = PrivateKeyDer::Pkcs8(self.key_pkcs8.clone().into());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| bad(&e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![self.cert.clone()], key)
+            .map_err(|e| bad(&e))?;
+        tls.alpn_protocols = vec![wire::DIRECT_ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| bad(&e))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(std::time::Duration::from_secs(10)).expect("in range"),
+        ));
+        // A fetch is one stream; an asker has no use for more at once.
+        transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4));
+        transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+        reprise_frames::discover_mtu(&mut transport);
+        config.transport_config(Arc::new(transport));
+        Ok(config)
+    }
+
+    /// The sha256 of the certificate (the orchestrator's name for it).
+    pub fn fingerprint(&self) -> Sha256Digest {
+        Sha256Digest::of(self.cert.as_ref())
+    }
+}
+
+/// Takes a server only if it presents the one certificate pinned, and
+/// checks its handshake signature with that certificate's key. Nothing
+/// else of the certificate matters: the orchestrator, over the holder's
+/// own authenticated connection, vouched that this is its listener's.
+#[derive(Debug)]
+struct Pinned {
+    holder: Sha256Digest,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if Sha256Digest::of(end_entity.as_ref()) == self.holder {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
 }
 
 impl Sealer for Credentials {
@@ -166,6 +287,12 @@ const RECEIVE_WINDOW: u32 = 8 << 20;
 /// timeout and keep-alive as every link to the orchestrator has them.
 pub(crate) fn quic_client(mut tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, LinkError> {
     tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    quic_transport(tls)
+}
+
+/// A QUIC client configuration over `tls` (its ALPN set): idle timeout,
+/// keep-alive and receive windows as every link has them.
+fn quic_transport(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, LinkError> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| LinkError::Credentials(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));

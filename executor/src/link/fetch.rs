@@ -65,6 +65,12 @@ pub enum FetchError {
     WrongKey { asked: RunKey, got: RunKey },
     #[error("the result's inputs differ from this checkout's ({0})")]
     InputsDiffer(String),
+    #[error("the holder cannot be fetched from directly: {0}")]
+    NoDirect(String),
+    #[error(
+        "the holder sent a result other than the one the orchestrator offered (another producer's seal, or other outputs)"
+    )]
+    NotOffered,
     #[error("the producer sent a result that did not pass")]
     NotPassed,
     #[error(transparent)]
@@ -174,6 +180,9 @@ pub struct Fetched {
     pub signed_by: SignedBy,
     pub received: u64,
     pub resumed: u64,
+    /// Whether it came straight from the holder ([`super::direct`]), not
+    /// through the orchestrator's relay.
+    pub direct: bool,
 }
 
 /// Whether a transfer header's `from` is one this fetch accepts: every

@@ -9,6 +9,7 @@
 //! ended ([`credentials`]); nothing here signs on another's behalf.
 
 pub mod credentials;
+pub mod direct;
 pub mod fetch;
 pub mod login;
 pub mod provenance;
@@ -446,6 +447,19 @@ impl Link {
         expected: &KeyInputs,
         store: &Store,
     ) -> Result<Fetched, FetchError> {
+        match self.fetch_direct(key, namespace, expected, store).await {
+            Ok(fetched) => return Ok(fetched),
+            Err(FetchError::NotFound) => return Err(FetchError::NotFound),
+            Err(e @ FetchError::DiskFull(_)) => return Err(e),
+            Err(FetchError::NoDirect(why)) => {
+                debug!(key = %key, "no direct fetch: {why}");
+            }
+            Err(e) => info!(
+                key = %key,
+                "the direct fetch failed ({}); fetching through the orchestrator",
+                crate::text::error_chain(&e)
+            ),
+        }
         match self.fetch_once(key, namespace, expected, store).await {
             Err(FetchError::KeptDamaged) => {
                 info!(key = %key, "chunks kept from a cut transfer did not hold; asking again from the last that did");
@@ -455,6 +469,62 @@ impl Link {
         }
     }
 
+    /// Fetches `key` straight from the executor holding it, which the
+    /// orchestrator introduces ([`direct`]). [`FetchError::NoDirect`] when
+    /// it cannot be (no holder listens, or an orchestrator that predates
+    /// the direct path).
+    pub async fn fetch_direct(
+        &self,
+        key: &RunKey,
+        namespace: &str,
+        expected: &KeyInputs,
+        store: &Store,
+    ) -> Result<Fetched, FetchError> {
+        let introduce = Message::Introduce {
+            key: *key,
+            namespace: namespace.to_string(),
+        };
+        let (addr, holder, offered, ticket) = match self.request(&introduce).await? {
+            Message::Introduction(i) => (i.addr, i.holder, (i.producer, i.outputs), i.ticket),
+            Message::NotFound => return Err(FetchError::NotFound),
+            Message::Error { message, .. } => return Err(FetchError::NoDirect(message)),
+            other => return Err(unexpected(other).into()),
+        };
+        debug!(%addr, "introduced to the holder");
+        let (endpoint, conn) = direct::dial(&addr, holder, &self.creds)
+            .await
+            .map_err(|e| FetchError::Unavailable(format!("the holder at {addr}: {e}")))?;
+        debug!(%addr, "connected to the holder");
+        let (partial, resume) = resumable(store, key);
+        let (mut send, mut recv) = conn.open_bi().await.map_err(LinkError::from)?;
+        let redeem = Message::Redeem {
+            ticket,
+            key: *key,
+            namespace: namespace.to_string(),
+            resume: resume.clone().map(Box::new),
+        };
+        write_message(&mut send, &redeem)
+            .await
+            .map_err(LinkError::from)?;
+        let _ = send.finish();
+        let taken = self
+            .take(
+                &mut recv,
+                key,
+                expected,
+                store,
+                (partial, resume),
+                Some(offered),
+            )
+            .await;
+        conn.close(0u32.into(), b"done");
+        drop(endpoint);
+        let mut fetched = taken?;
+        fetched.direct = true;
+        info!(key = %key, %addr, "fetched straight from the holder");
+        Ok(fetched)
+    }
+
     async fn fetch_once(
         &self,
         key: &RunKey,
@@ -462,14 +532,7 @@ impl Link {
         expected: &KeyInputs,
         store: &Store,
     ) -> Result<Fetched, FetchError> {
-        let partial = store.resumable(key);
-        let resume = partial.as_ref().and_then(|p| {
-            let from = p.from();
-            from.iter().any(|f| *f > 0).then_some(Resume {
-                manifest: p.digest()?,
-                from,
-            })
-        });
+        let (partial, resume) = resumable(store, key);
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(LinkError::from)?;
         let fetch = Message::Fetch {
             key: *key,
@@ -480,7 +543,34 @@ impl Link {
             .await
             .map_err(LinkError::from)?;
         let _ = send.finish();
-        let (sealed, from) = match read_message(&mut recv).await.map_err(LinkError::from)? {
+        let fetched = self
+            .take(&mut recv, key, expected, store, (partial, resume), None)
+            .await?;
+        let path = self.conn.stats().path;
+        debug!(
+            mtu = path.current_mtu,
+            rtt_us = path.rtt.as_micros() as u64,
+            cwnd = path.cwnd,
+            lost = path.lost_packets,
+            "the link's path after the transfer"
+        );
+        Ok(fetched)
+    }
+
+    /// Reads a transfer's header from `recv`, checks it (with `offered`,
+    /// the producer's certificate sha256 and the outputs' digest the
+    /// orchestrator named, on the direct path), and receives and commits
+    /// its data, resuming the partial kept if the transfer is its rest.
+    async fn take(
+        &self,
+        recv: &mut quinn::RecvStream,
+        key: &RunKey,
+        expected: &KeyInputs,
+        store: &Store,
+        (partial, resume): (Option<crate::store::Partial>, Option<Resume>),
+        offered: Option<(Sha256Digest, Sha256Digest)>,
+    ) -> Result<Fetched, FetchError> {
+        let (sealed, from) = match read_message(recv).await.map_err(LinkError::from)? {
             Message::Transfer { result, from } => (result, from),
             Message::NotFound => return Err(FetchError::NotFound),
             Message::Error { message, .. } => return Err(FetchError::Unavailable(message)),
@@ -494,6 +584,11 @@ impl Link {
             &self.revoked,
             UnixTime::now(),
         )?;
+        if let Some((producer, outputs)) = offered
+            && (who.fingerprint != producer || sealed.manifest.outputs_digest() != outputs)
+        {
+            return Err(FetchError::NotOffered);
+        }
         let rest = check_start(&sealed, &from, resume.as_ref())?;
         let partial = match partial {
             Some(p) if rest => Some(p),
@@ -505,21 +600,14 @@ impl Link {
             }
             None => None,
         };
-        let (stored, received, resumed) = receive(&mut recv, *sealed, partial, store).await?;
+        let (stored, received, resumed) = receive(recv, *sealed, partial, store).await?;
         info!(key = %key, producer = %who.name, received, resumed, "fetched a result from a link");
-        let path = self.conn.stats().path;
-        debug!(
-            mtu = path.current_mtu,
-            rtt_us = path.rtt.as_micros() as u64,
-            cwnd = path.cwnd,
-            lost = path.lost_packets,
-            "the link's path after the transfer"
-        );
         Ok(Fetched {
             stored,
             signed_by: who,
             received,
             resumed,
+            direct: false,
         })
     }
 
@@ -536,6 +624,26 @@ impl Link {
 
     /// Serves `Serve` requests from `store` until the connection closes.
     pub async fn serve(&self, store: &Store) -> Result<(), LinkError> {
+        self.serve_with(store, None).await
+    }
+
+    /// Tells the orchestrator that peers may fetch from `direct`, this
+    /// executor's listener ([`direct`]). Returns the address peers are
+    /// sent to.
+    pub async fn listen(&self, direct: &direct::Direct) -> Result<String, LinkError> {
+        match self.request(&direct.listen_message(&self.creds)?).await? {
+            Message::Listening { addr } => Ok(addr),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// [`Link::serve`], keeping the tickets of direct fetches the
+    /// orchestrator sends (`Expect`) in `tickets`, the listener's.
+    pub async fn serve_with(
+        &self,
+        store: &Store,
+        tickets: Option<Arc<direct::Tickets>>,
+    ) -> Result<(), LinkError> {
         loop {
             let (send, recv) = match self.conn.accept_bi().await {
                 Ok(s) => s,
@@ -545,8 +653,10 @@ impl Link {
             let store = store.clone();
             let repos = self.repos.clone();
             let stop = self.stop_serving_at.load(Ordering::Relaxed);
+            let tickets = tickets.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_one(send, recv, &store, &repos, stop).await {
+                if let Err(e) = serve_one(send, recv, &store, &repos, stop, tickets.as_ref()).await
+                {
                     warn!("serving a link failed: {e}");
                 }
             });
@@ -575,6 +685,20 @@ impl Link {
         };
         let _ = tokio::time::timeout(std::time::Duration::from_millis(15), sent).await;
     }
+}
+
+/// The partial kept of a cut transfer of `key`, and the rest of it to ask
+/// for, if any.
+fn resumable(store: &Store, key: &RunKey) -> (Option<crate::store::Partial>, Option<Resume>) {
+    let partial = store.resumable(key);
+    let resume = partial.as_ref().and_then(|p| {
+        let from = p.from();
+        from.iter().any(|f| *f > 0).then_some(Resume {
+            manifest: p.digest()?,
+            from,
+        })
+    });
+    (partial, resume)
 }
 
 fn unexpected(m: Message) -> LinkError {

@@ -21,8 +21,10 @@ use std::sync::Arc;
 
 use quinn::{RecvStream, SendStream};
 use reprise_frames::{ReadError, WriteError, read_message, write_chunk, write_message};
-use reprise_protocol::digest::Sha256Digest;
-use reprise_protocol::wire::{CHUNK_BYTES, ErrorCode, Message, Sealed, chunk_count, chunk_len};
+use reprise_protocol::digest::{RunKey, Sha256Digest};
+use reprise_protocol::wire::{
+    CHUNK_BYTES, ErrorCode, Message, Resume, Sealed, chunk_count, chunk_len,
+};
 use thiserror::Error;
 use tracing::{debug, warn};
 
@@ -236,12 +238,16 @@ pub enum ServeError {
     },
 }
 
+/// Answers one stream the orchestrator opened on the link: `Serve` (a
+/// relayed transfer), or `Expect` (a ticket for a direct fetch, kept in
+/// `tickets` when this executor listens for peers, [`super::direct`]).
 pub(super) async fn serve_one(
     mut send: SendStream,
     mut recv: RecvStream,
     store: &Store,
     repos: &[String],
     stop: u64,
+    tickets: Option<&Arc<super::direct::Tickets>>,
 ) -> Result<(), ServeError> {
     let (key, namespace, resume) = match read_message(&mut recv).await {
         Ok(Message::Serve {
@@ -249,6 +255,28 @@ pub(super) async fn serve_one(
             namespace,
             resume,
         }) => (key, namespace, resume),
+        Ok(Message::Expect {
+            ticket,
+            key,
+            namespace,
+            asker,
+        }) if tickets.is_some() => {
+            let tickets = tickets.expect("checked");
+            write_message(&mut send, &Message::Expecting).await?;
+            // The stream stays open: `Served` goes on it once the ticket's
+            // transfer has left whole; it ends unanswered if it never is.
+            tickets.expect(
+                ticket,
+                super::direct::Pending {
+                    key,
+                    namespace,
+                    asker,
+                    repos: repos.to_vec(),
+                    reply: send,
+                },
+            );
+            return Ok(());
+        }
         Ok(_) => {
             let m = Message::error(ErrorCode::Unexpected, "expected serve");
             write_message(&mut send, &m).await?;
@@ -264,12 +292,32 @@ pub(super) async fn serve_one(
             return Err(e.into());
         }
     };
-    let granted = repos.contains(&namespace);
+    serve_held(&mut send, &key, &namespace, resume, store, repos, stop)
+        .await
+        .map(|_| ())
+}
+
+/// Sends the result of `key` on `send` (a transfer header and its chunks,
+/// from where `resume` asks if it names this very result), or `NotFound`
+/// when this store holds no such result it may serve: of `namespace`,
+/// which `repos` (what its certificate grants) must name, passed, sealed,
+/// its output record whole. Returns the bytes of parts' data sent, `None`
+/// when nothing was.
+pub(super) async fn serve_held(
+    send: &mut SendStream,
+    key: &RunKey,
+    namespace: &str,
+    resume: Option<Resume>,
+    store: &Store,
+    repos: &[String],
+    stop: u64,
+) -> Result<Option<u64>, ServeError> {
+    let granted = repos.iter().any(|r| r == namespace);
     if !granted {
         warn!(key = %key.short(), "refused to serve: this certificate does not grant {namespace}");
     }
     let found = store
-        .get(&key)
+        .get(key)
         .filter(|_| granted)
         .filter(|r| {
             let own = r.manifest.inputs.namespace == namespace;
@@ -287,9 +335,9 @@ pub(super) async fn serve_one(
         });
     let Some((stored, sealed)) = found.and_then(|r| r.sealed().map(|s| (r, s))) else {
         let m = Message::error(ErrorCode::NotFound, "the result is not held");
-        write_message(&mut send, &m).await?;
+        write_message(send, &m).await?;
         let _ = send.finish();
-        return Ok(());
+        return Ok(None);
     };
     // The rest of a cut transfer if the asker holds the start of this very
     // result; otherwise all of it.
@@ -298,11 +346,11 @@ pub(super) async fn serve_one(
         .map(|r| r.from)
         .unwrap_or_else(|| vec![0; sealed.parts().len()]);
     let files = transfer_files(store, &stored);
-    match write_transfer(&mut send, &sealed, &files, &from, stop).await {
+    match write_transfer(send, &sealed, &files, &from, stop).await {
         Ok(()) => {
             let _ = send.finish();
             debug!(key = %key, "served a result");
-            Ok(())
+            Ok(Some(sealed.bytes_from(&from)))
         }
         Err(ServeError::Damaged(path)) => {
             // Cut off: the asker must see a broken transfer, not a whole one.

@@ -184,6 +184,12 @@ struct DaemonArgs {
     /// qemu of its own. Without an orchestrator the daemon does only this.
     #[arg(long)]
     warm: bool,
+    /// Let peers fetch results straight from this machine over QUIC on
+    /// ADDR (e.g. 0.0.0.0:4434; port 0 picks one), introduced by the
+    /// orchestrator, instead of through its relay. Peers that cannot reach
+    /// it fall back to the relay.
+    #[arg(long, value_name = "ADDR", env = reprise_executor::vars::DIRECT_VAR)]
+    direct: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -868,7 +874,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<i32> {
         }
     };
     let served = if args.detach {
-        daemon::detach(&data, orchestrator.as_ref(), args.warm)
+        daemon::detach(&data, orchestrator.as_ref(), args.warm, args.direct)
             .await
             .map(|(pid, log)| {
                 println!(
@@ -877,12 +883,16 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<i32> {
                 );
             })
     } else {
-        daemon::serve_in_foreground(&data, orchestrator, args.warm).await
+        daemon::serve_in_foreground(&data, orchestrator, args.warm, args.direct).await
     };
     match served {
         Ok(()) => Ok(exit::SUCCESS),
-        Err(e @ daemon::DaemonError::AlreadyRunning { .. }) => {
-            eprintln!("reprise: error: {e}");
+        Err(
+            e @ (daemon::DaemonError::AlreadyRunning { .. }
+            | daemon::DaemonError::DirectWithoutOrchestrator
+            | daemon::DaemonError::Direct { .. }),
+        ) => {
+            eprintln!("reprise: error: {}", pipeline::error_chain(&e));
             Ok(exit::USAGE)
         }
         Err(daemon::DaemonError::Exited { status, log }) => {

@@ -65,8 +65,10 @@ fn source_json(source: &Source, result: &StoredResult) -> Value {
         Source::Link {
             producer,
             counts: why,
+            direct,
         } => json!({
             "from": "orchestrator",
+            "direct": direct,
             "sealed_by": producer,
             "producer": producer,
             "counts": { "answer": "yes", "why": why },

@@ -1,0 +1,334 @@
+//! The direct path: a result fetched straight from the executor holding
+//! it, the orchestrator only introducing the two, so its bytes are not
+//! decrypted and encrypted again by a relay.
+//!
+//! The holder listens on a UDP port of its own ([`Direct`], `reprise
+//! daemon --direct ADDR`) and says so on its link ([`Message::Listen`]:
+//! the port, and the sha256 of the certificate its listener presents,
+//! its own). An asker asks the orchestrator to introduce it
+//! ([`Message::Introduce`]); the orchestrator decides exactly as for a
+//! relayed fetch, sends the holder a ticket over the holder's own link
+//! ([`Message::Expect`]: 32 random bytes, the key, the namespace, the
+//! sha256 of the asker's certificate), and once the holder keeps it tells
+//! the asker where the holder listens, which certificate it must present,
+//! and who must have sealed the result ([`Message::Introduction`]).
+//!
+//! What each side checks:
+//! - the asker takes the holder only if it presents the pinned
+//!   certificate and proves it holds its key (TLS 1.3); then the transfer
+//!   is checked as a relayed one is ([`super::fetch`]: the seal against
+//!   the team CA and the revocation list, the key, the inputs, every
+//!   sha256), and its seal must be the producer's the orchestrator named,
+//!   with the outputs it announced: a holder cannot pass off a result of
+//!   its own, or another's, that the orchestrator did not offer;
+//! - the holder takes only clients whose certificate chains to the team
+//!   CA, and serves a `Redeem` only with a ticket it holds, unexpired
+//!   ([`TICKET_LIFETIME`]), for that key and namespace, from the
+//!   certificate the ticket names; each ticket serves once. It serves
+//!   then as it does through the relay: a result of a namespace its own
+//!   certificate grants, sealed, passed, every byte checked as it goes.
+//!
+//! A ticket is never logged ([`Secret`]), and only its sha256 is kept.
+//! Whatever fails on the direct path (no listener, an address the asker
+//! cannot reach, a refused ticket, a broken or refused transfer), the
+//! asker fetches through the relay, resuming what arrived whole.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, RecvStream, SendStream};
+use reprise_frames::{read_message, write_message};
+use reprise_protocol::digest::{RunKey, Sha256Digest};
+use reprise_protocol::wire::{ErrorCode, Message, Secret};
+use tracing::{debug, info, warn};
+
+use super::LinkError;
+use super::credentials::Credentials;
+use super::serve::{serve_held, stop_serving_at_from_env};
+use crate::store::Store;
+
+/// How long a ticket may wait for its asker.
+pub const TICKET_LIFETIME: Duration = Duration::from_secs(30);
+
+/// How many tickets a holder keeps at once; past it, the one closest to
+/// expiring goes.
+pub const MAX_TICKETS: usize = 256;
+
+/// How long an asker waits for the holder's handshake before it fetches
+/// through the relay instead.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a direct connection has to send its `Redeem`.
+const REDEEM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many direct connections a holder serves at once; more are refused.
+const MAX_PEERS: usize = 64;
+
+/// A ticket's grant, as the orchestrator sent it.
+#[derive(Debug)]
+pub(super) struct Pending {
+    pub key: RunKey,
+    pub namespace: String,
+    /// The sha256 of the certificate that may redeem it.
+    pub asker: Sha256Digest,
+    /// What this holder's certificate grants, as of the link.
+    pub repos: Vec<String>,
+    /// The orchestrator's stream, answered with `Served` once the
+    /// transfer left whole; dropped (ended) otherwise.
+    pub reply: SendStream,
+}
+
+/// Why a `Redeem` was refused: the same answer for every reason, so an
+/// asker learns nothing of other tickets.
+const REFUSED: &str = "no ticket for this key and certificate (expired, used, or never issued): fetch through the orchestrator";
+
+/// The tickets a holder keeps, by the sha256 of each.
+#[derive(Debug, Default)]
+pub struct Tickets(Mutex<HashMap<Sha256Digest, (Pending, Instant)>>);
+
+impl Tickets {
+    /// Keeps `ticket` until it is redeemed or [`TICKET_LIFETIME`] passes.
+    pub(super) fn expect(self: &Arc<Self>, ticket: Secret, pending: Pending) {
+        let id = Sha256Digest::of(ticket.0.as_bytes());
+        let now = Instant::now();
+        {
+            let mut map = self.0.lock().expect("tickets");
+            map.retain(|_, (_, until)| *until > now);
+            if map.len() >= MAX_TICKETS
+                && let Some(first) = map
+                    .iter()
+                    .min_by_key(|(_, (_, until))| *until)
+                    .map(|(k, _)| *k)
+            {
+                map.remove(&first);
+            }
+            map.insert(id, (pending, now + TICKET_LIFETIME));
+        }
+        // An unredeemed ticket's stream ends when it expires, so the
+        // orchestrator stops waiting for it.
+        let tickets = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(TICKET_LIFETIME).await;
+            if let Some(t) = tickets.upgrade() {
+                let now = Instant::now();
+                t.0.lock()
+                    .expect("tickets")
+                    .retain(|_, (_, until)| *until > now);
+            }
+        });
+    }
+
+    /// Takes the ticket if it is held, unexpired, and grants `key` of
+    /// `namespace` to `asker`. A ticket that does not match stays (its
+    /// own asker may still come).
+    pub(super) fn redeem(
+        &self,
+        ticket: &Secret,
+        asker: &Sha256Digest,
+        key: &RunKey,
+        namespace: &str,
+    ) -> Option<Pending> {
+        let id = Sha256Digest::of(ticket.0.as_bytes());
+        let mut map = self.0.lock().expect("tickets");
+        let (pending, until) = map.get(&id)?;
+        if *until <= Instant::now() {
+            map.remove(&id);
+            return None;
+        }
+        if pending.asker != *asker || pending.key != *key || pending.namespace != namespace {
+            return None;
+        }
+        map.remove(&id).map(|(p, _)| p)
+    }
+
+    /// How many tickets are kept.
+    pub fn len(&self) -> usize {
+        self.0.lock().expect("tickets").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A holder's direct listener: its endpoint and the tickets it honours.
+#[derive(Debug)]
+pub struct Direct {
+    endpoint: quinn::Endpoint,
+    tickets: Arc<Tickets>,
+    /// The sha256 of the certificate the listener presents.
+    cert: Mutex<Sha256Digest>,
+}
+
+impl Direct {
+    /// Listens on `addr` (`0.0.0.0:PORT`: every address, and peers are
+    /// sent to the one the orchestrator sees this executor come from),
+    /// presenting `creds`' certificate.
+    pub fn bind(addr: SocketAddr, creds: &Credentials) -> Result<Direct, LinkError> {
+        let endpoint = reprise_frames::server_endpoint(creds.direct_server_config()?, addr)
+            .map_err(LinkError::Endpoint)?;
+        Ok(Direct {
+            endpoint,
+            tickets: Arc::default(),
+            cert: Mutex::new(creds.fingerprint()),
+        })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> Result<SocketAddr, LinkError> {
+        self.endpoint.local_addr().map_err(LinkError::Endpoint)
+    }
+
+    /// The tickets it honours (the link's `Expect`s fill them).
+    pub fn tickets(&self) -> &Arc<Tickets> {
+        &self.tickets
+    }
+
+    /// What tells the orchestrator of it, presenting `creds`' certificate
+    /// from now on (renewed credentials replace the one bound).
+    pub fn listen_message(&self, creds: &Credentials) -> Result<Message, LinkError> {
+        let fingerprint = creds.fingerprint();
+        let mut cert = self.cert.lock().expect("cert");
+        if *cert != fingerprint {
+            self.endpoint
+                .set_server_config(Some(creds.direct_server_config()?));
+            *cert = fingerprint;
+        }
+        let addr = self.local_addr()?;
+        Ok(Message::Listen {
+            port: addr.port(),
+            ip: (!addr.ip().is_unspecified()).then_some(addr.ip()),
+            cert: fingerprint,
+        })
+    }
+
+    /// Serves direct fetches from `store` until the endpoint closes.
+    pub async fn serve(&self, store: &Store) {
+        let peers = Arc::new(tokio::sync::Semaphore::new(MAX_PEERS));
+        while let Some(incoming) = self.endpoint.accept().await {
+            let Ok(permit) = peers.clone().try_acquire_owned() else {
+                debug!("refused a direct connection: {MAX_PEERS} are open");
+                incoming.refuse();
+                continue;
+            };
+            let (store, tickets) = (store.clone(), self.tickets.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                match incoming.await {
+                    Ok(conn) => serve_peer(conn, &store, &tickets).await,
+                    Err(e) => debug!("a direct connection failed its handshake: {e}"),
+                }
+            });
+        }
+    }
+}
+
+/// The sha256 of the certificate `conn`'s peer presented.
+fn peer_fingerprint(conn: &Connection) -> Option<Sha256Digest> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().map(|c| Sha256Digest::of(c.as_ref()))
+}
+
+async fn serve_peer(conn: Connection, store: &Store, tickets: &Arc<Tickets>) {
+    // The TLS verifier required a certificate chained to the team CA.
+    let Some(asker) = peer_fingerprint(&conn) else {
+        conn.close(1u32.into(), b"a certificate is required");
+        return;
+    };
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let (store, tickets) = (store.clone(), tickets.clone());
+        tokio::spawn(async move {
+            if let Err(e) = redeem(send, recv, &store, &tickets, &asker).await {
+                warn!("serving a direct fetch failed: {e}");
+            }
+        });
+    }
+}
+
+async fn redeem(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    store: &Store,
+    tickets: &Tickets,
+    asker: &Sha256Digest,
+) -> Result<(), super::serve::ServeError> {
+    let request = tokio::time::timeout(REDEEM_TIMEOUT, read_message(&mut recv)).await;
+    let (ticket, key, namespace, resume) = match request {
+        Ok(Ok(Message::Redeem {
+            ticket,
+            key,
+            namespace,
+            resume,
+        })) => (ticket, key, namespace, resume),
+        Ok(Ok(_)) => {
+            let m = Message::error(ErrorCode::Unexpected, "expected redeem");
+            write_message(&mut send, &m).await?;
+            let _ = send.finish();
+            return Ok(());
+        }
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => return Ok(()),
+    };
+    let Some(mut pending) = tickets.redeem(&ticket, asker, &key, &namespace) else {
+        info!(key = %key.short(), "refused a direct fetch without a ticket for it");
+        write_message(&mut send, &Message::error(ErrorCode::NotFound, REFUSED)).await?;
+        let _ = send.finish();
+        return Ok(());
+    };
+    let sent = serve_held(
+        &mut send,
+        &key,
+        &namespace,
+        resume.map(|r| *r),
+        store,
+        &pending.repos,
+        stop_serving_at_from_env(),
+    )
+    .await?;
+    if let Some(bytes) = sent {
+        debug!(key = %key, bytes, "served a result directly");
+        let _ = write_message(&mut pending.reply, &Message::Served { bytes }).await;
+        let _ = pending.reply.finish();
+    }
+    Ok(())
+}
+
+/// Dials the holder an introduction names: its `addr`, taken only with
+/// the certificate whose sha256 is `holder`, presenting `creds`.
+pub async fn dial(
+    addr: &str,
+    holder: Sha256Digest,
+    creds: &Credentials,
+) -> Result<(quinn::Endpoint, Connection), String> {
+    let remote: SocketAddr = addr
+        .parse()
+        .map_err(|_| format!("the introduction's address {addr:?} is not IP:PORT"))?;
+    let local = SocketAddr::new(
+        match remote.ip() {
+            IpAddr::V4(_) => IpAddr::from([0u8; 4]),
+            IpAddr::V6(_) => IpAddr::from([0u16; 8]),
+        },
+        0,
+    );
+    let config = creds
+        .direct_client_config(holder)
+        .map_err(|e| e.to_string())?;
+    let endpoint = reprise_frames::client_endpoint(local).map_err(|e| e.to_string())?;
+    let connecting = endpoint
+        .connect_with(config, remote, "reprise-peer")
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => Ok((endpoint, conn)),
+        Ok(Err(e)) => Err(crate::text::error_chain(&e)),
+        Err(_) => Err(format!("no handshake within {CONNECT_TIMEOUT:?}")),
+    }
+}
