@@ -26,13 +26,16 @@
 //!   hit: `out/` removed, the same checks, and no request to the server.
 //! - **Reprise**: a result of the same output and artifacts committed to a
 //!   producer's store as a real run would commit it (no VM is booted),
-//!   sealed by a trusted identity and served by a real `reprise daemon`
-//!   through a real `reprise-orchestrator serve` (QUIC, mutual TLS). Remote
-//!   hit: the real `reprise run --no-serve` in a clone, with a fresh empty
-//!   store and the consumer's credentials; checked by "through the
-//!   orchestrator" on stderr and one more relay in the orchestrator's log.
-//!   Local hit: the same command again on the store the remote hit filled;
-//!   checked by "from the local store" and no relay.
+//!   sealed by a trusted identity and served by a real `reprise daemon
+//!   --direct` that a real `reprise-orchestrator serve` introduces (QUIC,
+//!   mutual TLS). Remote hit: the real `reprise run --no-serve` in a clone,
+//!   with a fresh empty store and the consumer's credentials; checked by
+//!   "straight from the executor holding it" on stderr and one more direct
+//!   transfer the holder reported in the orchestrator's log. The same
+//!   remote hit is also timed through the relay, from a second
+//!   orchestrator and daemon without `--direct` (checked by one more relay
+//!   in its log). Local hit: the same command again on the store the
+//!   remote hit filled; checked by "from the local store" and no transfer.
 //!
 //! Every round of both tools checks that stdout carried the whole output
 //! (Reprise: byte for byte; Turborepo: every line, behind its
@@ -579,17 +582,25 @@ struct Reprise {
     addr: String,
     consumer_pem: PathBuf,
     orchestrator_log: PathBuf,
+    /// Whether the producer's daemon takes direct fetches.
+    direct: bool,
     _orchestrator: Killed,
     _daemon: Killed,
 }
 
 impl Reprise {
-    /// Relays the orchestrator logged.
+    /// Transfers the orchestrator logged: relayed ones, or direct ones the
+    /// holder reported served.
     fn relays(&self) -> usize {
+        let marker = if self.direct {
+            "served directly"
+        } else {
+            "relayed"
+        };
         fs::read_to_string(&self.orchestrator_log)
             .unwrap_or_default()
             .lines()
-            .filter(|l| l.contains("relayed"))
+            .filter(|l| l.contains(marker))
             .count()
     }
 
@@ -599,10 +610,10 @@ impl Reprise {
         let artifacts = self.clone.join("reprise-artifacts");
         let _ = fs::remove_dir_all(&artifacts);
         let before = self.relays();
-        let who = if remote {
-            "reprise (remote hit)"
-        } else {
-            "reprise (local hit)"
+        let who = match (remote, self.direct) {
+            (true, true) => "reprise (remote hit, direct)",
+            (true, false) => "reprise (remote hit, relayed)",
+            (false, _) => "reprise (local hit)",
         };
         let mut cmd = Command::new(&self.bin);
         cmd.args(["run", "--no-serve"])
@@ -622,6 +633,12 @@ impl Reprise {
             stderr.contains(said),
             "{who} did not say {said:?}:\n{stderr}"
         );
+        let straight = "straight from the executor holding it";
+        assert_eq!(
+            stderr.contains(straight),
+            remote && self.direct,
+            "{who}: {straight:?} said or not as it should be:\n{stderr}"
+        );
         let expected = before + usize::from(remote);
         wait_until(
             &format!("{who}: the orchestrator logs {expected} relays"),
@@ -638,7 +655,10 @@ impl Reprise {
     }
 }
 
-fn setup_reprise(t: &Path, workload: &Workload) -> Reprise {
+/// An orchestrator, a producer's result and its daemon under `t`; with
+/// `direct`, the daemon takes direct fetches on loopback.
+fn setup_reprise(t: &Path, workload: &Workload, direct: bool) -> Reprise {
+    fs::create_dir_all(t).expect("setup dir");
     let bin = sibling_bin("reprise");
     let orch_bin = sibling_bin("reprise-orchestrator");
     let repo = t.join("repo");
@@ -724,9 +744,13 @@ fn setup_reprise(t: &Path, workload: &Workload) -> Reprise {
         },
     );
     let daemon_log = t.join("daemon.log");
+    let mut daemon = Command::new(&bin);
+    daemon.arg("daemon");
+    if direct {
+        daemon.args(["--direct", "127.0.0.1:0"]);
+    }
     let daemon = Killed(
-        Command::new(&bin)
-            .arg("daemon")
+        daemon
             .env("XDG_DATA_HOME", &producer_data)
             .env("XDG_CONFIG_HOME", &config)
             .env("REPRISE_ORCHESTRATOR", &addr)
@@ -746,6 +770,13 @@ fn setup_reprise(t: &Path, workload: &Workload) -> Reprise {
                 .contains("serving 1 result")
         },
     );
+    if direct {
+        let log = fs::read_to_string(&daemon_log).unwrap_or_default();
+        assert!(
+            log.contains("fetch straight from here"),
+            "the daemon does not take direct fetches:\n{log}"
+        );
+    }
     Reprise {
         bin,
         clone,
@@ -753,6 +784,7 @@ fn setup_reprise(t: &Path, workload: &Workload) -> Reprise {
         addr,
         consumer_pem,
         orchestrator_log,
+        direct,
         _orchestrator: orchestrator,
         _daemon: daemon,
     }
@@ -811,19 +843,23 @@ fn main() {
     };
     turbo.prime();
 
-    progress("Reprise: orchestrator, producer's result and daemon");
-    let reprise = setup_reprise(t, &workload);
+    progress("Reprise: orchestrators, producers' results and daemons (direct, relayed)");
+    let reprise = setup_reprise(&t.join("reprise-direct"), &workload, true);
+    let relayed = setup_reprise(&t.join("reprise-relayed"), &workload, false);
 
     progress("one untimed round of each");
     let data = |i: usize| t.join(format!("consumer-{i}"));
+    let data_relayed = |i: usize| t.join(format!("consumer-relayed-{i}"));
     turbo.hit(true, &workload);
     turbo.hit(false, &workload);
     reprise.hit(true, &data(0), &workload);
     reprise.hit(false, &data(0), &workload);
+    relayed.hit(true, &data_relayed(0), &workload);
     let _ = fs::remove_dir_all(data(0));
+    let _ = fs::remove_dir_all(data_relayed(0));
 
-    let (mut t_remote, mut t_local, mut r_remote, mut r_local) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut t_remote, mut t_local, mut r_remote, mut r_local, mut r_relayed) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 1..=o.rounds {
         let mut turbo_round = || {
             t_remote.push(turbo.hit(true, &workload));
@@ -834,18 +870,25 @@ fn main() {
             r_local.push(reprise.hit(false, &data(i), &workload));
             let _ = fs::remove_dir_all(data(i));
         };
+        let mut relayed_round = || {
+            r_relayed.push(relayed.hit(true, &data_relayed(i), &workload));
+            let _ = fs::remove_dir_all(data_relayed(i));
+        };
         if i % 2 == 0 {
             turbo_round();
             reprise_round();
+            relayed_round();
         } else {
+            relayed_round();
             reprise_round();
             turbo_round();
         }
         progress(&format!(
-            "round {i}/{}: remote turbo {} reprise {}; local turbo {} reprise {}",
+            "round {i}/{}: remote turbo {} reprise {} (relayed {}); local turbo {} reprise {}",
             o.rounds,
             ms(*t_remote.last().expect("timed")),
             ms(*r_remote.last().expect("timed")),
+            ms(*r_relayed.last().expect("timed")),
             ms(*t_local.last().expect("timed")),
             ms(*r_local.last().expect("timed")),
         ));
@@ -857,14 +900,16 @@ fn main() {
     };
     let rows = [
         ("remote hit", &t_remote, &r_remote),
+        ("remote relay", &t_remote, &r_relayed),
         ("local hit", &t_local, &r_local),
     ];
     println!(
         "turbo_bench: {} interleaved rounds on 127.0.0.1; {}.\n\
          Workload: {} bytes of output on stdout, {ARTIFACTS} x {ARTIFACT_BYTES} bytes of incompressible artifacts.\n\
          Turborepo {TURBO_VERSION} (native binary) with {REMOTE_CACHE} (HTTP, local storage);\n\
-         Reprise: `reprise run --no-serve` in a clone, remote = a fresh store relayed from a\n\
-         `reprise daemon` through `reprise-orchestrator serve` (QUIC, mutual TLS).\n",
+         Reprise: `reprise run --no-serve` in a clone, remote = a fresh store fetched from a\n\
+         `reprise daemon --direct` that `reprise-orchestrator serve` introduced (QUIC, mutual TLS),\n\
+         relayed = the same through the orchestrator's relay from a daemon without --direct.\n",
         o.rounds,
         machine(),
         workload.stdout.len(),
