@@ -1628,7 +1628,7 @@ fn copy_synced(
 
 /// The sha256 of the file at `path`, and its keyed BLAKE3 under `key`,
 /// from one read.
-fn hash_file(
+pub(crate) fn hash_file(
     path: &Path,
     key: Option<&TagKey>,
 ) -> std::io::Result<(Sha256Digest, Option<Content>)> {

@@ -360,6 +360,40 @@ async fn a_result_is_replayed_from_a_peer_byte_for_byte() {
 /// artifact changed in its store after it served the result once (each
 /// chunk then checked against the sha256s remembered then) or before it
 /// served it is never sent whole, and the result is quarantined.
+/// A producer checks a part it serves whole by the store's tag; tags that
+/// do not hold (garbled, another key's) are not taken for damage: the
+/// part's sha256 decides, and the result is served.
+#[tokio::test]
+async fn a_producer_whose_tags_do_not_hold_serves_by_sha256() {
+    let team = Team::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let builder = team.creds("builder", &[NS], true);
+    let (store_b, stored_b) = producer_store(work.path(), &builder);
+    assert!(store_b.tags(&stored_b).is_some(), "the commit kept tags");
+    let parts = 1 + stored_b.manifest.artifacts.len();
+    fs::write(stored_b.dir.join("tags-v1"), vec![7u8; 32 * parts]).unwrap();
+    assert!(store_b.tags(&stored_b).is_some(), "garbled, but read");
+    let _b = relayer(&team, &builder, &store_b).await;
+    let asker = team
+        .connect(&team.creds("asker", &[NS], false))
+        .await
+        .unwrap();
+    let key = inputs("t1").key();
+    // Twice: the second time, the chunks' sha256s are remembered and only
+    // the (garbled) tags would check the parts.
+    for round in 0..2 {
+        let store_a = Store::new(work.path().join(format!("a{round}")));
+        let (got, _) = asker
+            .fetch_into(&key, NS, &inputs("t1"), &store_a)
+            .await
+            .unwrap();
+        assert_eq!(got.manifest, stored_b.manifest);
+        crate_verify(&store_a, &got);
+    }
+    assert!(store_b.get(&key).is_some(), "not quarantined");
+    team.stop().await;
+}
+
 #[tokio::test]
 async fn a_producer_never_sends_an_artifact_changed_in_its_store() {
     let team = Team::start().await;
@@ -2315,6 +2349,7 @@ async fn a_holder_cannot_pass_off_a_result_the_orchestrator_did_not_offer_over_t
                     &own,
                     &files,
                     &from,
+                    None,
                     u64::MAX,
                 )
                 .await;

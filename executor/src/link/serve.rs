@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use quinn::{RecvStream, SendStream};
-use reprise_frames::{ReadError, WriteError, read_message, write_chunk, write_message};
+use reprise_frames::{ReadError, WriteError, read_message, write_chunk_head, write_message};
 use reprise_protocol::digest::{RunKey, Sha256Digest};
 use reprise_protocol::wire::{
     CHUNK_BYTES, ErrorCode, Message, Resume, Sealed, chunk_count, chunk_len,
@@ -29,6 +29,7 @@ use thiserror::Error;
 use tracing::{debug, warn};
 
 use crate::store::{Store, StoredResult};
+use crate::tags::{PartHasher, Tags};
 
 /// The files whose bytes follow a transfer header, in order.
 pub fn transfer_files(store: &Store, stored: &StoredResult) -> Vec<PathBuf> {
@@ -52,22 +53,36 @@ pub fn stop_serving_at_from_env() -> u64 {
 /// chunk `from` names (one per part), each with its sha256. Every byte
 /// sent is checked against the store's record of it, so a file that no
 /// longer matches its part's sha256 stops the transfer before its end
-/// ([`ServeError::Damaged`]) and the asker never takes it: the first time
-/// this process serves a part whole, its sha256 is computed as it goes;
-/// then its chunks' sha256s are remembered ([`ChunkTables`]), and a later
-/// transfer of the part (or of its rest) checks each chunk against them
-/// before sending it, hashing every byte once rather than twice. Tests
-/// and benchmarks only: the transfer stops before chunk `stop` of the
-/// result ([`ServeError::Stopped`]; `u64::MAX` for never).
+/// ([`ServeError::Damaged`]) and the asker never takes it whole:
+/// - the first time this process serves a part whole, each chunk's
+///   sha256 is computed for the wire, and remembered ([`ChunkTables`]);
+///   the part is checked whole by its tag (`tags`, the store's keyed
+///   BLAKE3, [`crate::tags`]) where it has one that holds, else by its
+///   sha256;
+/// - a later transfer of the part whole sends the remembered sha256s and
+///   checks the part by its tag alone, hashing every byte once with
+///   BLAKE3 rather than with SHA-256; without a tag, or for the rest of a
+///   part, each chunk is checked against its remembered sha256 before it
+///   is sent.
+///
+/// A part checked whole is checked after its last chunk is written and
+/// before the next part or the end of the stream; a mismatch resets the
+/// stream, which the asker reads as broken. (A tag that does not hold is
+/// not taken as damage by itself: the part is read again and its sha256
+/// decides.) Chunks are read on the blocking pool, hashed there, and
+/// handed to the stream as they are ([`pooled`]), not copied again.
+/// Tests and benchmarks only: the transfer stops before chunk `stop` of
+/// the result ([`ServeError::Stopped`]; `u64::MAX` for never).
 pub async fn write_transfer(
     send: &mut SendStream,
     transfer: &Sealed,
     files: &[PathBuf],
     from: &[u64],
+    tags: Option<&Tags>,
     stop: u64,
 ) -> Result<(), ServeError> {
-    use sha2::Digest;
-    use std::io::{Read, Seek};
+    use sha2::Digest as _;
+    use std::io::Seek;
     write_message(
         send,
         &Message::Transfer {
@@ -77,7 +92,6 @@ pub async fn write_transfer(
     )
     .await?;
     let mut position = 0u64;
-    let mut buf = vec![0u8; CHUNK_BYTES as usize];
     let parts = transfer.parts();
     for (i, ((path, (_, bytes, sha256)), start)) in files
         .iter()
@@ -94,13 +108,21 @@ pub async fn write_transfer(
         };
         let count = chunk_count(bytes);
         let known = CHUNK_TABLES.get(&sha256, count);
-        // Without a table, a part sent whole is hashed whole as it goes
-        // (but for a part of one chunk, whose chunk's sha256 is its own).
-        let mut whole = (known.is_none() && start == 0 && count > 1).then(sha2::Sha256::new);
+        let tag = (start == 0)
+            .then(|| tags.and_then(|t| t.hasher(i)))
+            .flatten();
+        let mut check = PartCheck {
+            // Without a tag, a part sent whole and not yet remembered is
+            // hashed whole (but for a part of one chunk, whose chunk's
+            // sha256 is its own).
+            whole: (tag.is_none() && known.is_none() && start == 0 && count > 1)
+                .then(sha2::Sha256::new),
+            // With the chunks' sha256s remembered and a tag, no chunk is
+            // hashed by SHA-256 at all.
+            chunks: known.is_none() || tag.is_none(),
+            tag,
+        };
         let mut table = Vec::new();
-        // Read on the blocking pool straight into the chunk's buffer, not
-        // through tokio's file, which reads into a buffer of its own and
-        // copies it again.
         let mut f = std::fs::File::open(path).map_err(io)?;
         if start > 0 {
             f.seek(std::io::SeekFrom::Start(start * CHUNK_BYTES))
@@ -112,49 +134,154 @@ pub async fn write_transfer(
             }
             let len = chunk_len(bytes, index) as usize;
             let read;
-            (f, buf, read) = tokio::task::spawn_blocking(move || {
-                let read = f.read_exact(&mut buf[..len]);
-                (f, buf, read)
+            (f, check, read) = tokio::task::spawn_blocking(move || {
+                let read = pooled::read(&mut f, len).map(|buf| {
+                    let chunk_sha = check.update(&buf);
+                    (buf, chunk_sha)
+                });
+                (f, check, read)
             })
             .await
             .map_err(|e| io(std::io::Error::other(e)))?;
-            if let Err(e) = read {
-                return Err(match e.kind() {
-                    // Shorter than its manifest says: damaged.
-                    std::io::ErrorKind::UnexpectedEof => ServeError::Damaged(path.clone()),
-                    _ => io(e),
-                });
-            }
-            let chunk = &buf[..len];
-            let chunk_sha: [u8; 32] = sha2::Sha256::digest(chunk).into();
-            let damaged = match (&known, count) {
-                (Some(t), _) => t[index as usize] != chunk_sha,
-                (None, 1) => chunk_sha[..] != sha256.as_bytes()[..],
-                (None, _) => false,
+            let (chunk, chunk_sha) = match read {
+                Ok(r) => r,
+                // Shorter than its manifest says: damaged.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(ServeError::Damaged(path.clone()));
+                }
+                Err(e) => return Err(io(e)),
             };
-            if damaged {
-                return Err(ServeError::Damaged(path.clone()));
-            }
-            if let Some(h) = whole.as_mut() {
-                h.update(chunk);
-            }
-            if known.is_none() {
-                table.push(chunk_sha);
-            }
-            write_chunk(send, &chunk_sha, chunk).await?;
+            let chunk_sha = match (&known, chunk_sha) {
+                (Some(t), Some(sha)) if t[index as usize] != sha => {
+                    return Err(ServeError::Damaged(path.clone()));
+                }
+                (Some(t), _) => t[index as usize],
+                (None, Some(sha)) if count == 1 && sha[..] != sha256.as_bytes()[..] => {
+                    return Err(ServeError::Damaged(path.clone()));
+                }
+                (None, Some(sha)) => {
+                    table.push(sha);
+                    sha
+                }
+                (None, None) => unreachable!("a chunk not remembered is hashed"),
+            };
+            write_chunk_head(send, &chunk_sha, len).await?;
+            send.write_chunk(chunk)
+                .await
+                .map_err(|e| ServeError::Write(e.into()))?;
         }
         position += count;
-        if let Some(h) = whole
-            && Sha256Digest::finish(h) != sha256
-        {
+        let whole = match (check.whole.take(), check.tag.take()) {
+            (Some(h), _) => Some(Sha256Digest::finish(h) == sha256),
+            (None, Some(h)) => {
+                let content = h.finish();
+                match tags.is_some_and(|t| t.holds(i, &sha256, bytes, &content)) {
+                    true => Some(true),
+                    // The tag may be what is wrong: the sha256 decides.
+                    false => Some(part_matches(path.clone(), sha256).await.map_err(io)?),
+                }
+            }
+            (None, None) => None,
+        };
+        if whole == Some(false) {
             return Err(ServeError::Damaged(path.clone()));
         }
         // Every chunk of the part was checked against its sha256.
-        if known.is_none() && start == 0 {
+        if known.is_none() && start == 0 && !table.is_empty() {
             CHUNK_TABLES.remember(sha256, table);
         }
     }
     Ok(())
+}
+
+/// How a part being sent is checked as its chunks are read.
+struct PartCheck {
+    /// The part's sha256, when it is checked whole by it.
+    whole: Option<sha2::Sha256>,
+    /// The part's keyed BLAKE3, when it is checked whole by its tag.
+    tag: Option<PartHasher>,
+    /// Whether each chunk's own sha256 is computed.
+    chunks: bool,
+}
+
+impl PartCheck {
+    /// Hashes a chunk in; returns its sha256 if it is computed.
+    fn update(&mut self, chunk: &[u8]) -> Option<[u8; 32]> {
+        use sha2::Digest;
+        if let Some(h) = self.whole.as_mut() {
+            h.update(chunk);
+        }
+        if let Some(h) = self.tag.as_mut() {
+            h.update(chunk);
+        }
+        self.chunks.then(|| sha2::Sha256::digest(chunk).into())
+    }
+}
+
+/// Whether the file at `path` hashes to `sha256`, read on the blocking
+/// pool.
+async fn part_matches(path: PathBuf, sha256: Sha256Digest) -> std::io::Result<bool> {
+    tokio::task::spawn_blocking(move || {
+        crate::store::hash_file(&path, None).map(|(found, _)| found == sha256)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Chunk buffers handed to a stream without a copy: quinn keeps a chunk
+/// until the peer acknowledged it, then drops it, and the buffer goes
+/// back to a pool rather than to the allocator. (Copying each chunk into
+/// the stream was a tenth of a producer's CPU, and fresh 1 MiB buffers
+/// page faults and zeroing besides.)
+mod pooled {
+    use std::io::Read;
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+
+    use super::CHUNK_BYTES;
+
+    /// Buffers kept for reuse, at most [`KEPT`]: a stream's window of
+    /// chunks in flight and a few more.
+    static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    const KEPT: usize = 12;
+
+    struct Pooled {
+        buf: Vec<u8>,
+        len: usize,
+    }
+
+    impl AsRef<[u8]> for Pooled {
+        fn as_ref(&self) -> &[u8] {
+            &self.buf[..self.len]
+        }
+    }
+
+    impl Drop for Pooled {
+        fn drop(&mut self) {
+            give_back(std::mem::take(&mut self.buf));
+        }
+    }
+
+    fn give_back(buf: Vec<u8>) {
+        let mut pool = POOL.lock().expect("chunk pool");
+        if pool.len() < KEPT && buf.len() == CHUNK_BYTES as usize {
+            pool.push(buf);
+        }
+    }
+
+    /// The next `len` bytes of `f` (at most a chunk), in a pooled buffer.
+    pub(super) fn read(f: &mut std::fs::File, len: usize) -> std::io::Result<Bytes> {
+        let buf = POOL.lock().expect("chunk pool").pop();
+        let mut buf = buf.unwrap_or_else(|| vec![0; CHUNK_BYTES as usize]);
+        match f.read_exact(&mut buf[..len]) {
+            Ok(()) => Ok(Bytes::from_owner(Pooled { buf, len })),
+            Err(e) => {
+                give_back(buf);
+                Err(e)
+            }
+        }
+    }
 }
 
 /// The sha256 of each chunk of parts this process served whole and found
@@ -346,7 +473,8 @@ pub(super) async fn serve_held(
         .map(|r| r.from)
         .unwrap_or_else(|| vec![0; sealed.parts().len()]);
     let files = transfer_files(store, &stored);
-    match write_transfer(send, &sealed, &files, &from, stop).await {
+    let tags = store.tags(&stored);
+    match write_transfer(send, &sealed, &files, &from, tags.as_ref(), stop).await {
         Ok(()) => {
             let _ = send.finish();
             debug!(key = %key, "served a result");
