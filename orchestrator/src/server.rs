@@ -129,7 +129,15 @@ struct Live {
     /// Where it takes direct fetches, and the sha256 of the certificate
     /// its listener presents (`Listen`).
     direct: Option<(SocketAddr, Sha256Digest)>,
+    /// Its introductions whose tickets are still outstanding (each holds
+    /// a stream open on the holder's connection until served or expired).
+    introductions: Arc<Semaphore>,
 }
+
+/// How many introductions of one connection may wait at once for their
+/// tickets to be served; more are refused (the fetch goes through the
+/// relay), so an asker cannot tie up a holder's streams.
+pub const MAX_INTRODUCTIONS: usize = 4;
 
 /// How often the state is checked for revocations of connected executors
 /// (`reprise-orchestrator revoke` is another process); the check reads the
@@ -496,6 +504,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
                         identity: grant.name.clone(),
                         cert_sha256,
                         direct: None,
+                        introductions: Arc::new(Semaphore::new(MAX_INTRODUCTIONS)),
                     },
                 );
             }
@@ -938,20 +947,31 @@ async fn introduce(shared: &Arc<Shared>, asker: ConnId, grant: &Grant, wanted: H
     else {
         return Message::NotFound;
     };
-    let (holder, asker_cert) = {
+    let (holder, asker_live) = {
         let conns = shared.conns.lock().expect("conns");
         let holder = conns.get(&conn).and_then(|live| {
             live.direct
                 .map(|d| (live.conn.clone(), live.identity.clone(), d))
         });
-        (holder, conns.get(&asker).and_then(|live| live.cert_sha256))
+        let asker_live = conns
+            .get(&asker)
+            .and_then(|live| Some((live.cert_sha256?, live.introductions.clone())));
+        (holder, asker_live)
     };
-    let (Some((holder_conn, holder_name, (addr, holder_cert))), Some(asker_cert)) =
-        (holder, asker_cert)
+    let (Some((holder_conn, holder_name, (addr, holder_cert))), Some((asker_cert, waiting))) =
+        (holder, asker_live)
     else {
         return Message::error(
             ErrorCode::Unavailable,
             "the holder takes no direct fetches: fetch through the orchestrator",
+        );
+    };
+    let Ok(permit) = waiting.try_acquire_owned() else {
+        return Message::error(
+            ErrorCode::Limit,
+            format!(
+                "{MAX_INTRODUCTIONS} introductions of this connection are waiting to be served: fetch through the orchestrator"
+            ),
         );
     };
     let mut bytes = [0u8; 32];
@@ -996,6 +1016,7 @@ async fn introduce(shared: &Arc<Shared>, asker: ConnId, grant: &Grant, wanted: H
     let started = std::time::Instant::now();
     let (shared, asker_name) = (shared.clone(), grant.name.clone());
     tokio::spawn(async move {
+        let _permit = permit;
         // The holder's word that the transfer left whole, or the stream's
         // end when the ticket expired unused.
         let Ok(Message::Served { bytes }) = read_message(&mut precv).await else {

@@ -2380,3 +2380,45 @@ async fn a_holder_cannot_pass_off_a_result_the_orchestrator_did_not_offer_over_t
     serving.abort();
     team.stop().await;
 }
+
+#[tokio::test]
+async fn an_asker_cannot_tie_up_a_holder_with_introductions_it_never_redeems() {
+    let team = Team::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let builder = team.creds("builder", &[NS], true);
+    let (store_b, stored_b) = producer_store(work.path(), &builder);
+    let (_b, direct, tasks) = direct_holder(&team, &builder, &store_b).await;
+    let a = team
+        .connect(&team.creds("asker", &[NS], false))
+        .await
+        .unwrap();
+    let key = inputs("t1").key();
+    for _ in 0..server::MAX_INTRODUCTIONS {
+        introduction(&a, &key).await;
+    }
+    assert_eq!(direct.tickets().len(), server::MAX_INTRODUCTIONS);
+    let intro = Message::Introduce {
+        key,
+        namespace: NS.into(),
+    };
+    match a.request(&intro).await.unwrap() {
+        Message::Error { code, message } => {
+            assert_eq!(code, ErrorCode::Limit);
+            assert!(
+                message.contains("fetch through the orchestrator"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(direct.tickets().len(), server::MAX_INTRODUCTIONS);
+    // The asker still gets the result, through the relay.
+    let store_a = Store::new(work.path().join("a"));
+    let fetched = a.fetch(&key, NS, &inputs("t1"), &store_a).await.unwrap();
+    assert!(!fetched.direct);
+    assert_eq!(fetched.stored.manifest, stored_b.manifest);
+    for t in tasks {
+        t.abort();
+    }
+    team.stop().await;
+}
