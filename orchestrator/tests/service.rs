@@ -356,10 +356,6 @@ async fn a_result_is_replayed_from_a_peer_byte_for_byte() {
     team.stop().await;
 }
 
-/// A producer checks every byte it sends against the result's sha256s: an
-/// artifact changed in its store after it served the result once (each
-/// chunk then checked against the sha256s remembered then) or before it
-/// served it is never sent whole, and the result is quarantined.
 /// A producer checks a part it serves whole by the store's tag; tags that
 /// do not hold (garbled, another key's) are not taken for damage: the
 /// part's sha256 decides, and the result is served.
@@ -394,6 +390,10 @@ async fn a_producer_whose_tags_do_not_hold_serves_by_sha256() {
     team.stop().await;
 }
 
+/// A producer checks every byte it sends against the result's sha256s: an
+/// artifact changed in its store after it served the result once (then
+/// checked by the store's tag) or before it served it is never sent
+/// whole, and the result is quarantined.
 #[tokio::test]
 async fn a_producer_never_sends_an_artifact_changed_in_its_store() {
     let team = Team::start().await;

@@ -438,7 +438,9 @@ impl Link {
 
     /// [`Link::fetch_into`], resuming a transfer of the key that was cut
     /// if the store keeps one ([`Store::resumable`]), saying how many bytes
-    /// came now and how many were kept from before. When chunks kept did
+    /// came now and how many were kept from before. Straight from the
+    /// holder when the orchestrator introduces one ([`Link::fetch_direct`]),
+    /// else, or when that fails, through the relay. When chunks kept did
     /// not hold, they are cut back and the rest asked once more.
     pub async fn fetch(
         &self,
