@@ -354,6 +354,15 @@ async fn a_hostile_orchestrator_gets_nothing_outside_the_store_and_cannot_plant_
                 )
                 .await;
             }
+            // As an orchestrator without the direct path: the fetch
+            // comes through the relay, which this one controls.
+            Message::Introduce { .. } => {
+                answer(
+                    &mut send,
+                    &Message::error(wire::ErrorCode::UnknownMessage, "unknown message type"),
+                )
+                .await;
+            }
             Message::Fetch { .. } => {
                 let mut out = raw_frame(header.as_bytes());
                 for part in &data {
