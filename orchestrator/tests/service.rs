@@ -2422,3 +2422,39 @@ async fn an_asker_cannot_tie_up_a_holder_with_introductions_it_never_redeems() {
     }
     team.stop().await;
 }
+
+#[tokio::test]
+async fn a_direct_transfer_cut_midway_is_finished_through_the_relay_from_its_last_checked_chunk() {
+    let team = Team::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let builder = team.creds("builder", &[NS], true);
+    let (store_b, stored_b) = producer_store(work.path(), &builder);
+    let (_b, direct, tasks) = direct_holder(&team, &builder, &store_b).await;
+    // Cut after the record, the report and the big artifact's first chunk.
+    direct.stop_serving_at(Some(3));
+    let a = team
+        .connect(&team.creds("asker", &[NS], false))
+        .await
+        .unwrap();
+    let key = inputs("t1").key();
+    let store_a = Store::new(work.path().join("a"));
+    let e = a
+        .fetch_direct(&key, NS, &inputs("t1"), &store_a)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, FetchError::Truncated { .. }), "{e:?}");
+    assert_nothing_committed_but_a_partial(&store_a);
+    // The next fetch asks the listener for the rest, which it cuts again
+    // at the same chunk; the relay then serves the rest, from the chunks
+    // kept, and only the rest travels.
+    let fetched = a.fetch(&key, NS, &inputs("t1"), &store_a).await.unwrap();
+    assert!(!fetched.direct);
+    assert!(fetched.resumed >= 1 << 20, "{fetched:?}");
+    assert_eq!(fetched.resumed + fetched.received, data_bytes(&stored_b));
+    assert_eq!(fetched.stored.manifest, stored_b.manifest);
+    crate_verify(&store_a, &fetched.stored);
+    for t in tasks {
+        t.abort();
+    }
+    team.stop().await;
+}

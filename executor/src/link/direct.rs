@@ -35,6 +35,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -160,6 +161,9 @@ pub struct Direct {
     tickets: Arc<Tickets>,
     /// The sha256 of the certificate the listener presents.
     cert: Mutex<Sha256Digest>,
+    /// Tests and benchmarks only: the chunk of a result at which every
+    /// transfer is cut ([`Direct::stop_serving_at`]).
+    stop_serving_at: Arc<AtomicU64>,
 }
 
 impl Direct {
@@ -173,7 +177,16 @@ impl Direct {
             endpoint,
             tickets: Arc::default(),
             cert: Mutex::new(creds.fingerprint()),
+            stop_serving_at: Arc::new(AtomicU64::new(stop_serving_at_from_env())),
         })
+    }
+
+    /// Tests and benchmarks only: cuts every transfer served from now on
+    /// at chunk `at` of its result (`None`: never), as
+    /// [`super::Link::stop_serving_at`] does for the relay.
+    pub fn stop_serving_at(&self, at: Option<u64>) {
+        self.stop_serving_at
+            .store(at.unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// Where it listens.
@@ -214,10 +227,11 @@ impl Direct {
                 continue;
             };
             let (store, tickets) = (store.clone(), self.tickets.clone());
+            let stop = self.stop_serving_at.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 match incoming.await {
-                    Ok(conn) => serve_peer(conn, &store, &tickets).await,
+                    Ok(conn) => serve_peer(conn, &store, &tickets, &stop).await,
                     Err(e) => debug!("a direct connection failed its handshake: {e}"),
                 }
             });
@@ -234,7 +248,12 @@ fn peer_fingerprint(conn: &Connection) -> Option<Sha256Digest> {
     certs.first().map(|c| Sha256Digest::of(c.as_ref()))
 }
 
-async fn serve_peer(conn: Connection, store: &Store, tickets: &Arc<Tickets>) {
+async fn serve_peer(
+    conn: Connection,
+    store: &Store,
+    tickets: &Arc<Tickets>,
+    stop: &Arc<AtomicU64>,
+) {
     // The TLS verifier required a certificate chained to the team CA.
     let Some(asker) = peer_fingerprint(&conn) else {
         conn.close(1u32.into(), b"a certificate is required");
@@ -246,8 +265,9 @@ async fn serve_peer(conn: Connection, store: &Store, tickets: &Arc<Tickets>) {
             Err(_) => return,
         };
         let (store, tickets) = (store.clone(), tickets.clone());
+        let stop = stop.load(Ordering::Relaxed);
         tokio::spawn(async move {
-            if let Err(e) = redeem(send, recv, &store, &tickets, &asker).await {
+            if let Err(e) = redeem(send, recv, &store, &tickets, &asker, stop).await {
                 warn!("serving a direct fetch failed: {e}");
             }
         });
@@ -260,6 +280,7 @@ async fn redeem(
     store: &Store,
     tickets: &Tickets,
     asker: &Sha256Digest,
+    stop: u64,
 ) -> Result<(), super::serve::ServeError> {
     let request = tokio::time::timeout(REDEEM_TIMEOUT, read_message(&mut recv)).await;
     let (ticket, key, namespace, resume) = match request {
@@ -291,7 +312,7 @@ async fn redeem(
         resume.map(|r| *r),
         store,
         &pending.repos,
-        stop_serving_at_from_env(),
+        stop,
     )
     .await?;
     if let Some(bytes) = sent {
