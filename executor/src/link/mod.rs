@@ -521,7 +521,14 @@ impl Link {
             .await;
         conn.close(0u32.into(), b"done");
         drop(endpoint);
-        let mut fetched = taken?;
+        // The holder's word that it holds nothing is not the
+        // orchestrator's: the relay is still asked.
+        let mut fetched = taken.map_err(|e| match e {
+            FetchError::NotFound => {
+                FetchError::Unavailable("the holder holds no such result".into())
+            }
+            e => e,
+        })?;
         fetched.direct = true;
         info!(key = %key, %addr, "fetched straight from the holder");
         Ok(fetched)
