@@ -65,11 +65,10 @@ pub fn stop_serving_at_from_env() -> u64 {
 ///   part, each chunk is checked against its remembered sha256 before it
 ///   is sent.
 ///
-/// A part checked whole is checked after its last chunk is written and
-/// before the next part or the end of the stream; a mismatch resets the
-/// stream, which the asker reads as broken. (A tag that does not hold is
-/// not taken as damage by itself: the part is read again and its sha256
-/// decides.) Chunks are read on the blocking pool, hashed there, and
+/// A part checked whole is checked before its last chunk is written, so
+/// a damaged part never leaves whole; a mismatch resets the stream, which
+/// the asker reads as broken. (A tag that does not hold is not taken as
+/// damage by itself: the part is read again and its sha256 decides.) Chunks are read on the blocking pool, hashed there, and
 /// handed to the stream as they are ([`pooled`]), not copied again.
 /// Tests and benchmarks only: the transfer stops before chunk `stop` of
 /// the result ([`ServeError::Stopped`]; `u64::MAX` for never).
@@ -165,27 +164,17 @@ pub async fn write_transfer(
                 }
                 (None, None) => unreachable!("a chunk not remembered is hashed"),
             };
+            // A part checked whole lets its last chunk leave only once
+            // it is known whole, so a damaged part is never sent whole.
+            if index + 1 == count && !check.holds(tags, i, &sha256, bytes, path).await? {
+                return Err(ServeError::Damaged(path.clone()));
+            }
             write_chunk_head(send, &chunk_sha, len).await?;
             send.write_chunk(chunk)
                 .await
                 .map_err(|e| ServeError::Write(e.into()))?;
         }
         position += count;
-        let whole = match (check.whole.take(), check.tag.take()) {
-            (Some(h), _) => Some(Sha256Digest::finish(h) == sha256),
-            (None, Some(h)) => {
-                let content = h.finish();
-                match tags.is_some_and(|t| t.holds(i, &sha256, bytes, &content)) {
-                    true => Some(true),
-                    // The tag may be what is wrong: the sha256 decides.
-                    false => Some(part_matches(path.clone(), sha256).await.map_err(io)?),
-                }
-            }
-            (None, None) => None,
-        };
-        if whole == Some(false) {
-            return Err(ServeError::Damaged(path.clone()));
-        }
         // Every chunk of the part was checked against its sha256.
         if known.is_none() && start == 0 && !table.is_empty() {
             CHUNK_TABLES.remember(sha256, table);
@@ -205,6 +194,32 @@ struct PartCheck {
 }
 
 impl PartCheck {
+    /// Whether the part, all of it hashed in, is whole (`true` when it is
+    /// not checked whole). A tag that does not hold is not taken for
+    /// damage: the part is read again and its sha256 decides.
+    async fn holds(
+        &mut self,
+        tags: Option<&Tags>,
+        i: usize,
+        sha256: &Sha256Digest,
+        bytes: u64,
+        path: &std::path::Path,
+    ) -> Result<bool, ServeError> {
+        Ok(match (self.whole.take(), self.tag.take()) {
+            (Some(h), _) => Sha256Digest::finish(h) == *sha256,
+            (None, Some(h)) => {
+                tags.is_some_and(|t| t.holds(i, sha256, bytes, &h.finish()))
+                    || part_matches(path.to_path_buf(), *sha256)
+                        .await
+                        .map_err(|source| ServeError::Io {
+                            path: path.to_path_buf(),
+                            source,
+                        })?
+            }
+            (None, None) => true,
+        })
+    }
+
     /// Hashes a chunk in; returns its sha256 if it is computed.
     fn update(&mut self, chunk: &[u8]) -> Option<[u8; 32]> {
         use sha2::Digest;
