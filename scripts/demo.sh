@@ -47,7 +47,9 @@ export REPRISE_ORCHESTRATOR=127.0.0.1:$port
 echo
 echo "== executor A: a real run in a fresh VM, then connected mode"
 start=$(date +%s%N)
-XDG_DATA_HOME=$work/data-a REPRISE_CREDENTIALS=$work/alice.pem "$bin/reprise" run \
+# A is a developer's machine, not a CI job: with CI=true (the demo run
+# inside a CI job) it would return at once instead of serving.
+env -u CI XDG_DATA_HOME=$work/data-a REPRISE_CREDENTIALS=$work/alice.pem "$bin/reprise" run \
   > >(tee "$work/a.out") 2> >(tee "$work/a.err" >&2) &
 pids+=($!)
 until grep -q "serving .* to peers" "$work/a.err" 2>/dev/null; do
