@@ -169,14 +169,16 @@ pub enum ChunkError {
     Overrun(usize),
 }
 
-/// Writes one data chunk frame: the chunk's sha256, then its bytes.
+/// Writes one data chunk frame: the chunk's sha256, then its bytes,
+/// handed to the stream as they are (no copy; the stream keeps them until
+/// the peer acknowledged them).
 pub async fn write_chunk(
     send: &mut SendStream,
     sha: &[u8; wire::CHUNK_SHA_LEN],
-    bytes: &[u8],
+    bytes: bytes::Bytes,
 ) -> Result<(), WriteError> {
     send.write_all(&chunk_head(sha, bytes.len())).await?;
-    send.write_all(bytes).await?;
+    send.write_chunk(bytes).await?;
     Ok(())
 }
 

@@ -34,7 +34,7 @@
 //! asker fetches through the relay, resuming what arrived whole.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -333,17 +333,11 @@ pub async fn dial(
     let remote: SocketAddr = addr
         .parse()
         .map_err(|_| format!("the introduction's address {addr:?} is not IP:PORT"))?;
-    let local = SocketAddr::new(
-        match remote.ip() {
-            IpAddr::V4(_) => IpAddr::from([0u8; 4]),
-            IpAddr::V6(_) => IpAddr::from([0u16; 8]),
-        },
-        0,
-    );
     let config = creds
         .direct_client_config(holder)
         .map_err(|e| e.to_string())?;
-    let endpoint = reprise_frames::client_endpoint(local).map_err(|e| e.to_string())?;
+    let endpoint =
+        reprise_frames::client_endpoint(super::any_local(&remote)).map_err(|e| e.to_string())?;
     let connecting = endpoint
         .connect_with(config, remote, "reprise-peer")
         .map_err(|e| e.to_string())?;

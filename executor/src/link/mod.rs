@@ -834,15 +834,21 @@ pub(crate) async fn dial(
         .map_err(|_| LinkError::Resolve(addr.to_string()))?
         .next()
         .ok_or_else(|| LinkError::Resolve(addr.to_string()))?;
-    let local: SocketAddr = if remote.is_ipv4() {
-        "0.0.0.0:0".parse().expect("addr")
-    } else {
-        "[::]:0".parse().expect("addr")
-    };
-    let mut endpoint = reprise_frames::client_endpoint(local).map_err(LinkError::Endpoint)?;
+    let mut endpoint =
+        reprise_frames::client_endpoint(any_local(&remote)).map_err(LinkError::Endpoint)?;
     endpoint.set_default_client_config(config);
     let conn = endpoint.connect(remote, host)?.await?;
     Ok((endpoint, conn))
+}
+
+/// Any local address of `remote`'s family, any port: where a client
+/// endpoint dialling it binds.
+pub(crate) fn any_local(remote: &SocketAddr) -> SocketAddr {
+    let ip = match remote {
+        SocketAddr::V4(_) => std::net::IpAddr::from([0u8; 4]),
+        SocketAddr::V6(_) => std::net::IpAddr::from([0u16; 8]),
+    };
+    SocketAddr::new(ip, 0)
 }
 
 /// The host of a `HOST:PORT` address. "host", "[::1]" and "::1" name no

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use quinn::{RecvStream, SendStream};
-use reprise_frames::{ReadError, WriteError, read_message, write_chunk_head, write_message};
+use reprise_frames::{ReadError, WriteError, read_message, write_chunk, write_message};
 use reprise_protocol::digest::{RunKey, Sha256Digest};
 use reprise_protocol::wire::{
     CHUNK_BYTES, ErrorCode, Message, Resume, Sealed, chunk_count, chunk_len,
@@ -68,8 +68,9 @@ pub fn stop_serving_at_from_env() -> u64 {
 /// A part checked whole is checked before its last chunk is written, so
 /// a damaged part never leaves whole; a mismatch resets the stream, which
 /// the asker reads as broken. (A tag that does not hold is not taken as
-/// damage by itself: the part is read again and its sha256 decides.) Chunks are read on the blocking pool, hashed there, and
-/// handed to the stream as they are ([`pooled`]), not copied again.
+/// damage by itself: the part is read again and its sha256 decides.)
+/// Chunks are read on the blocking pool, hashed there, and handed to the
+/// stream as they are ([`pooled`]), not copied again.
 /// Tests and benchmarks only: the transfer stops before chunk `stop` of
 /// the result ([`ServeError::Stopped`]; `u64::MAX` for never).
 pub async fn write_transfer(
@@ -169,10 +170,7 @@ pub async fn write_transfer(
             if index + 1 == count && !check.holds(tags, i, &sha256, bytes, path).await? {
                 return Err(ServeError::Damaged(path.clone()));
             }
-            write_chunk_head(send, &chunk_sha, len).await?;
-            send.write_chunk(chunk)
-                .await
-                .map_err(|e| ServeError::Write(e.into()))?;
+            write_chunk(send, &chunk_sha, chunk).await?;
         }
         position += count;
         // Every chunk of the part was checked against its sha256.
@@ -468,14 +466,21 @@ pub(super) async fn serve_held(
             }
             own
         })
-        .filter(|r| match crate::replay::check_output(r, store.tags(r).as_ref()) {
-            Ok(()) => true,
-            Err(e) => {
-                quarantine(store, r, &e.to_string());
-                false
-            }
-        });
-    let Some((stored, sealed)) = found.and_then(|r| r.sealed().map(|s| (r, s))) else {
+        .map(|r| {
+            let tags = store.tags(&r);
+            (r, tags)
+        })
+        .filter(
+            |(r, tags)| match crate::replay::check_output(r, tags.as_ref()) {
+                Ok(()) => true,
+                Err(e) => {
+                    quarantine(store, r, &e.to_string());
+                    false
+                }
+            },
+        );
+    let Some((stored, tags, sealed)) = found.and_then(|(r, tags)| r.sealed().map(|s| (r, tags, s)))
+    else {
         let m = Message::error(ErrorCode::NotFound, "the result is not held");
         write_message(send, &m).await?;
         let _ = send.finish();
@@ -488,7 +493,6 @@ pub(super) async fn serve_held(
         .map(|r| r.from)
         .unwrap_or_else(|| vec![0; sealed.parts().len()]);
     let files = transfer_files(store, &stored);
-    let tags = store.tags(&stored);
     match write_transfer(send, &sealed, &files, &from, tags.as_ref(), stop).await {
         Ok(()) => {
             let _ = send.finish();
