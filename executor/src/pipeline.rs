@@ -789,10 +789,25 @@ pub fn replay_result(
     // Everything is checked before a byte reaches the user's streams.
     let started = Instant::now();
     let tags = store.tags(result);
-    replay::check_output(result, tags.as_ref())?;
-    let restored = replay::restore_artifacts(store, result, tags.as_ref(), artifacts)?;
+    // The output is checked on its own thread while the artifacts are
+    // copied and checked; nothing is put in place unless both hold.
+    let (output, staged) = std::thread::scope(|s| {
+        let output = s.spawn(|| replay::check_output(result, tags.as_ref()));
+        let staged = replay::stage_artifacts(store, result, tags.as_ref(), artifacts);
+        (
+            output.join().expect("the output check does not panic"),
+            staged,
+        )
+    });
+    let output = output?;
+    let restored = staged?.commit()?;
     let checked = started.elapsed();
-    replay::write_output(result, &mut std::io::stdout(), &mut std::io::stderr())?;
+    {
+        use std::os::fd::AsFd;
+        replay::make_room(std::io::stdout().as_fd(), output.bytes());
+        replay::make_room(std::io::stderr().as_fd(), output.bytes());
+    }
+    output.write(&mut std::io::stdout(), &mut std::io::stderr())?;
     tracing::debug!(
         checked_ms = checked.as_secs_f64() * 1e3,
         written_ms = (started.elapsed() - checked).as_secs_f64() * 1e3,

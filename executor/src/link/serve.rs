@@ -471,7 +471,7 @@ pub(super) async fn serve_held(
             (r, tags)
         })
         .filter(
-            |(r, tags)| match crate::replay::check_output(r, tags.as_ref()) {
+            |(r, tags)| match crate::replay::verify_output(r, tags.as_ref()) {
                 Ok(()) => true,
                 Err(e) => {
                     quarantine(store, r, &e.to_string());

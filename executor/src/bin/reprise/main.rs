@@ -1167,12 +1167,8 @@ async fn results(cmd: ResultsCmd) -> anyhow::Result<i32> {
             }
             match found.as_slice() {
                 [one] if output => {
-                    reprise_executor::replay::verify(one)?;
-                    reprise_executor::replay::write_output(
-                        one,
-                        &mut std::io::stdout().lock(),
-                        &mut std::io::stderr().lock(),
-                    )?;
+                    reprise_executor::replay::check_output(one, None)?
+                        .write(&mut std::io::stdout().lock(), &mut std::io::stderr().lock())?;
                     Ok(exit::SUCCESS)
                 }
                 [one] => {
