@@ -264,12 +264,28 @@ fn a_run_killed_in_the_vm_at_any_phase_leaves_nothing_and_the_next_run_passes() 
     );
     after_kill(&s, "killed while booting", 0);
 
-    // prepare-runtime, in the guest.
+    // prepare-runtime, in the guest, which has the network: passt (it
+    // drops to another user, which clears its parent-death signal) must
+    // go with the run too.
     let run = Started::new(reprise(&s, &["run", "--no-serve"]), s.dir.path(), "prepare");
-    run.kill_when("prepare-runtime", |_, err| {
+    let pid = run.child.id();
+    let (mut passts, mut qemus) = (Vec::new(), Vec::new());
+    let err = run.kill_when("prepare-runtime", |_, err| {
+        passts = children_named(pid, "passt");
+        qemus = children_named(pid, "qemu-system");
         (err.contains("restore done") || err.contains("boot done"))
             && !err.contains("prepare-runtime done")
     });
+    assert!(
+        !passts.is_empty() && !qemus.is_empty(),
+        "the killed run had its passt and qemu:\n{err}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            !passts.iter().chain(&qemus).any(|p| alive(*p))
+        }),
+        "passt or qemu outlived the run killed in prepare-runtime:\n{err}"
+    );
     after_kill(&s, "killed in prepare-runtime", 0);
 
     // The tests, in the container.

@@ -49,7 +49,11 @@ impl Passt {
         let socket = dir.path().join("passt.sock");
         let log_file = std::fs::File::create(log).map_err(io(log))?;
         let mut cmd = Command::new("passt");
-        cmd.args(["--foreground", "--quiet", "-4", "--socket"])
+        // `--one-off`: passt quits once its one client (the connection
+        // made below, shared with qemu) is gone. Its parent-death signal
+        // alone does not hold: the kernel clears it when passt drops to
+        // `--runas`'s user, and a killed run left passt running for ever.
+        cmd.args(["--foreground", "--quiet", "--one-off", "-4", "--socket"])
             .arg(&socket)
             .args([
                 "--address",
@@ -100,5 +104,51 @@ impl Passt {
     /// The descriptor of the connection qemu's network card uses.
     pub fn connection(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(&self.connection)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run killed outright never drops its `Passt`, so nothing kills
+    /// passt: it must go by itself once its connection is gone (qemu's and
+    /// the run's ends close when they die). Its parent-death signal does
+    /// not see to it: the kernel clears it when passt drops to `--runas`'s
+    /// user, and such a passt outlived its run.
+    #[tokio::test]
+    async fn passt_quits_once_its_connection_is_gone_though_nothing_kills_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let passt = Passt::start(&dir.path().join("passt.log"))
+            .await
+            .expect("passt runs (scripts/setup.sh installs it)");
+        let Passt {
+            _child: child,
+            connection,
+            _dir,
+        } = passt;
+        let pid = child.id().expect("passt is running");
+        // As a killed run would: no kill, no wait, only the connection
+        // closes.
+        std::mem::forget(child);
+        drop(connection);
+        let gone = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+        };
+        let started = std::time::Instant::now();
+        while !gone() && started.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let outlived = !gone();
+        if outlived {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        assert!(!outlived, "passt outlived its connection by 10 s");
     }
 }
