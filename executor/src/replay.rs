@@ -109,6 +109,7 @@ fn check_output_keeping(
     check_record(result, tags, Some(&mut kept))?;
     Ok(CheckedOutput {
         key: result.manifest.key,
+        bytes,
         kept,
     })
 }
@@ -171,6 +172,8 @@ fn check_record(
 #[derive(Debug)]
 pub struct CheckedOutput {
     key: RunKey,
+    /// Its size, the manifest's (which the check held it to).
+    bytes: u64,
     kept: Kept,
 }
 
@@ -215,6 +218,11 @@ impl Kept {
 }
 
 impl CheckedOutput {
+    /// The size of the record: what is written is at most this.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// Writes the output to `stdout` and `stderr` in recorded order.
     /// Consecutive pieces of one stream are written together (up to
     /// [`OUTPUT_BATCH`]), and a stream is flushed before the other is
@@ -244,16 +252,6 @@ impl CheckedOutput {
             },
             record::StreamError::Io(source) => io(source),
         })
-    }
-}
-
-impl CheckedOutput {
-    /// The size of the record: what is written is at most this.
-    pub fn bytes(&self) -> u64 {
-        match &self.kept {
-            Kept::Memory(v) => v.len() as u64,
-            Kept::File(f) => f.metadata().map_or(0, |m| m.len()),
-        }
     }
 }
 
