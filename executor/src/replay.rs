@@ -264,12 +264,8 @@ impl CheckedOutput {
 /// alternated). A pipe is never shrunk; failures leave it as it was.
 pub fn make_room(fd: std::os::fd::BorrowedFd<'_>, bytes: u64) {
     use nix::fcntl::{FcntlArg, fcntl};
-    let is_pipe = nix::sys::stat::fstat(fd)
-        .is_ok_and(|st| st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFIFO);
-    if !is_pipe {
-        return;
-    }
     let want = bytes.min(PIPE_ROOM) as i32;
+    // Anything but a pipe refuses F_GETPIPE_SZ, and is left alone.
     if fcntl(fd, FcntlArg::F_GETPIPE_SZ).is_ok_and(|now| now < want) {
         let _ = fcntl(fd, FcntlArg::F_SETPIPE_SZ(want));
     }

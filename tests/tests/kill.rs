@@ -264,9 +264,9 @@ fn a_run_killed_in_the_vm_at_any_phase_leaves_nothing_and_the_next_run_passes() 
     );
     after_kill(&s, "killed while booting", 0);
 
-    // prepare-runtime, in the guest, which has the network: passt (it
-    // drops to another user, which clears its parent-death signal) must
-    // go with the run too.
+    // prepare-runtime, in the guest, which has the network: passt must go
+    // with the run too. (This passed before passt got `--one-off`; the
+    // unit test in `vm/net.rs` is the one that shows why it needs it.)
     let run = Started::new(reprise(&s, &["run", "--no-serve"]), s.dir.path(), "prepare");
     let pid = run.child.id();
     let (mut passts, mut qemus) = (Vec::new(), Vec::new());
