@@ -464,7 +464,7 @@ fn decode_record<R: std::io::Read>(
         path: path.clone(),
         source,
     };
-    let file = std::fs::File::open(&path).map_err(io)?;
+    let file = crate::store::open_stored(&path).map_err(io)?;
     let input = std::io::BufReader::with_capacity(RECORD_READ, reader(file));
     record::decode_stream(input, each).map_err(|e| match e {
         record::StreamError::Record(source) => ReplayError::Record { key, source },
@@ -652,7 +652,7 @@ fn copy_hashing(
     mut hash: impl FnMut(&[u8]),
 ) -> std::io::Result<u64> {
     use std::io::Read;
-    let mut src = std::fs::File::open(from)?;
+    let mut src = crate::store::open_stored(from)?;
     buf.resize(COPY_BUFFER, 0);
     let mut copied = 0u64;
     loop {
@@ -900,6 +900,58 @@ mod tests {
                 None,
             )
             .unwrap()
+    }
+
+    /// Runs `f` on a thread of its own and waits for it at most 20 s: a
+    /// store file that blocks its reader fails the test instead of hanging
+    /// it.
+    fn within_a_while<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .expect("reading the store waited for a file that never came")
+    }
+
+    #[test]
+    fn a_fifo_or_a_device_in_place_of_a_stored_file_is_refused_without_waiting() {
+        // Regression: the store's records, blobs and manifests were opened
+        // as they came. A FIFO put in place of one blocked the open for
+        // good (a replay hung, and the daemon's serving thread with it), and
+        // a symlink to `/dev/zero` was read without end.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        let stored = commit_with(&store, dir.path(), "a", &[("f", "content")]);
+        let fifo = |path: &Path| {
+            std::fs::remove_file(path).unwrap();
+            nix::unistd::mkfifo(path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        };
+        let zeros = |path: &Path| {
+            std::fs::remove_file(path).unwrap();
+            std::os::unix::fs::symlink("/dev/zero", path).unwrap();
+        };
+        for (plant, name) in [(&fifo as &dyn Fn(&Path), "a FIFO"), (&zeros, "/dev/zero")] {
+            let store = Store::new(dir.path().join(format!("store-{}", name.len())));
+            let stored = commit_with(&store, dir.path(), "b", &[("f", "content")]);
+            plant(&stored.output_path());
+            let result = stored.clone();
+            let checked = within_a_while(move || check_output(&result, None).map(|_| ()));
+            assert!(
+                matches!(checked, Err(ReplayError::Io { .. })),
+                "{name} as the record: {checked:?}"
+            );
+            plant(&store.blob_path(&stored.manifest.artifacts[0]));
+            let (s, result, dest) = (store.clone(), stored.clone(), dir.path().join("dest"));
+            let restored = within_a_while(move || restore_artifacts(&s, &result, None, &dest));
+            assert!(restored.is_err(), "{name} as a blob: {restored:?}");
+            plant(&stored.dir.join("manifest.json"));
+            let (s, key) = (store.clone(), stored.manifest.key);
+            let found = within_a_while(move || s.get(&key).is_some());
+            assert!(!found, "{name} as the manifest: the result is not found");
+        }
+        // The untouched store still replays.
+        check_output(&stored, None).unwrap();
     }
 
     /// Replays `result` as the pipeline does, with its tags: output check,

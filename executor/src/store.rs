@@ -121,7 +121,7 @@ impl StoredResult {
     pub fn kept_local(&self) -> Option<String> {
         use std::io::Read;
         let mut text = Vec::new();
-        fs::File::open(self.dir.join(KEPT_LOCAL))
+        open_stored(&self.dir.join(KEPT_LOCAL))
             .ok()?
             .take(KEPT_LOCAL_MAX)
             .read_to_end(&mut text)
@@ -1030,7 +1030,7 @@ impl Partial {
     fn read_progress(&self, parts: usize) -> Vec<Vec<u8>> {
         use std::io::Read;
         let mut recorded = Vec::new();
-        if let Ok(f) = fs::File::open(self.dir.join(PROGRESS)) {
+        if let Ok(f) = open_stored(&self.dir.join(PROGRESS)) {
             // Entries past what the largest result could need are left out.
             let _ = f.take(PROGRESS_MAX).read_to_end(&mut recorded);
         }
@@ -1229,7 +1229,7 @@ impl KeptCheck {
             }
             let recorded = &part.recorded;
             let mut hasher = sha2::Sha256::default();
-            let mut file = fs::File::open(&part.path).map_err(io_err(&part.path))?;
+            let mut file = open_stored(&part.path).map_err(io_err(&part.path))?;
             let mut good = 0;
             while good < part.chunks {
                 let chunk = &mut buf[..wire::chunk_len(part.bytes, good) as usize];
@@ -1254,13 +1254,7 @@ impl KeptCheck {
 /// The manifest a partial folder holds, if it parses and checks (the
 /// folder is untrusted input like the rest of the store).
 fn read_partial_manifest(dir: &Path) -> Option<ResultManifest> {
-    use std::io::Read;
-    let mut text = Vec::new();
-    fs::File::open(dir.join("manifest.json"))
-        .ok()?
-        .take(reprise_protocol::wire::MAX_FRAME as u64)
-        .read_to_end(&mut text)
-        .ok()?;
+    let text = read_stored(&dir.join("manifest.json"), wire::MAX_FRAME).ok()?;
     let m: ResultManifest = serde_json::from_slice(&text).ok()?;
     m.check().ok()?;
     m.check_sizes().ok()?;
@@ -1453,14 +1447,17 @@ impl Receiving {
     /// Opens part `i` (0 the output record, then each artifact) where its
     /// partial ends.
     pub fn part(&mut self, i: usize) -> Result<PartWriter, StoreError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let parts = self.sealed.parts();
         let bytes = parts[i].1;
         let path = self.partial.part_path(i);
+        // Not through a symlink put in a kept partial.
         let file = fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&path)
             .map_err(io_err(&path))?;
         let progress = self.partial.progress[i].clone();
@@ -1477,6 +1474,7 @@ impl Receiving {
             None => fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
                 .open(&record_path),
         }
         .map_err(io_err(&record_path))?;
@@ -1666,7 +1664,7 @@ fn list_dir(dir: &Path) -> Vec<StoredResult> {
 /// manifest that does not parse or check, a folder name that is not its
 /// key, a seal file that does not parse.
 fn load(dir: &Path) -> Option<StoredResult> {
-    let text = fs::read(dir.join("manifest.json")).ok()?;
+    let text = read_stored(&dir.join("manifest.json"), wire::MAX_FRAME).ok()?;
     let manifest: ResultManifest = serde_json::from_slice(&text).ok()?;
     manifest.check().ok()?;
     let name = dir.file_name()?.to_str()?;
@@ -1674,7 +1672,7 @@ fn load(dir: &Path) -> Option<StoredResult> {
     if named_key != manifest.key {
         return None;
     }
-    let seal = match fs::read(dir.join("seal.json")) {
+    let seal = match read_stored(&dir.join("seal.json"), wire::MAX_FRAME) {
         Ok(text) => Some(serde_json::from_slice(&text).ok()?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(_) => return None,
@@ -1740,6 +1738,42 @@ fn copy_synced(
     let hashed = hashed.map_err(io_err(path))?;
     f.sync_all().map_err(io_err(path))?;
     Ok(hashed)
+}
+
+/// Opens a file of the store to read, as untrusted input: never through a
+/// symlink, without waiting (a FIFO put in its place would block the open
+/// for good, and the replay or the daemon's serving with it), and only a
+/// regular file (a device such as `/dev/zero` would never end).
+pub(crate) fn open_stored(path: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
+/// Reads a file of the store ([`open_stored`]) whole, if it holds at most
+/// `limit` bytes.
+pub(crate) fn read_stored(path: &Path, limit: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut text = Vec::new();
+    open_stored(path)?
+        .take(limit as u64 + 1)
+        .read_to_end(&mut text)?;
+    if text.len() > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {limit} bytes"),
+        ));
+    }
+    Ok(text)
 }
 
 /// The sha256 of the file at `path`, and its keyed BLAKE3 under `key`,

@@ -29,7 +29,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use reprise_protocol::digest::Sha256Digest;
@@ -126,15 +126,11 @@ impl TagKey {
     }
 }
 
-/// Opens `path` to read without following a symlink and without waiting
-/// (a FIFO put in its place would otherwise block the open); the caller
-/// checks that it is a regular file.
+/// Opens `path` to read as the store's files are
+/// ([`crate::store::open_stored`]: a regular file, not through a symlink,
+/// without waiting).
 fn open_regular(path: &Path) -> Option<fs::File> {
-    fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-        .open(path)
-        .ok()
+    crate::store::open_stored(path).ok()
 }
 
 fn make_key(path: &Path) -> std::io::Result<()> {

@@ -123,7 +123,7 @@ pub async fn write_transfer(
             tag,
         };
         let mut table = Vec::new();
-        let mut f = std::fs::File::open(path).map_err(io)?;
+        let mut f = crate::store::open_stored(path).map_err(io)?;
         if start > 0 {
             f.seek(std::io::SeekFrom::Start(start * CHUNK_BYTES))
                 .map_err(io)?;
