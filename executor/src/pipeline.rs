@@ -788,19 +788,8 @@ pub fn replay_result(
 ) -> Result<(), RunError> {
     // Everything is checked before a byte reaches the user's streams.
     let started = Instant::now();
-    let tags = store.tags(result);
-    // The output is checked on its own thread while the artifacts are
-    // copied and checked; nothing is put in place unless both hold.
-    let (output, staged) = std::thread::scope(|s| {
-        let output = s.spawn(|| replay::check_output(result, tags.as_ref()));
-        let staged = replay::stage_artifacts(store, result, tags.as_ref(), artifacts);
-        (
-            output.join().expect("the output check does not panic"),
-            staged,
-        )
-    });
-    let output = output?;
-    let restored = staged?.commit()?;
+    let (output, staged) = replay::check_and_stage(store, result, artifacts)?;
+    let restored = staged.commit()?;
     let checked = started.elapsed();
     {
         use std::os::fd::AsFd;

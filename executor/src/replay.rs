@@ -19,7 +19,7 @@ use thiserror::Error;
 
 use crate::beneath::{Beneath, BeneathError, PendingFile};
 use crate::store::{Store, StoredResult};
-use crate::tags::{PartHasher, Tags};
+use crate::tags::{Content, PartHasher, TagKey, Tags};
 
 /// Why a result could not be replayed.
 #[derive(Debug, Error)]
@@ -81,7 +81,7 @@ pub fn verify(result: &StoredResult) -> Result<(), ReplayError> {
 /// [`verify`], checking the record against its tag in `tags` when it has
 /// one that holds (keyed BLAKE3), and against its sha256 otherwise.
 pub fn verify_output(result: &StoredResult, tags: Option<&Tags>) -> Result<(), ReplayError> {
-    check_record(result, tags, None)
+    check_record(result, tags, None, None).map(|_| ())
 }
 
 /// [`verify_output`], keeping the very bytes that were checked for
@@ -106,23 +106,27 @@ fn check_output_keeping(
         path: std::env::temp_dir(),
         source,
     })?;
-    check_record(result, tags, Some(&mut kept))?;
+    let healed = check_record(result, tags, tags.map(Tags::key), Some(&mut kept))?;
     Ok(CheckedOutput {
         key: result.manifest.key,
         bytes,
         kept,
+        healed,
     })
 }
 
 /// Checks the record of `result` (by its tag in `tags` where one holds,
-/// else by sha256), copying what it reads into `keep` if given.
+/// else by sha256), copying what it reads into `keep` if given. Checked by
+/// sha256 with a `heal` key, it is also hashed by that key's BLAKE3, and
+/// what that gave is returned, to make its tag anew ([`Tags::healed`]).
 fn check_record(
     result: &StoredResult,
     tags: Option<&Tags>,
+    heal: Option<&TagKey>,
     mut keep: Option<&mut Kept>,
-) -> Result<(), ReplayError> {
+) -> Result<Option<Content>, ReplayError> {
     let key = result.manifest.key;
-    let mut hash = PartHash::new(tags, 0);
+    let mut hash = PartHash::new(tags, heal, 0);
     let mut bytes = 0u64;
     if let Some(k) = keep.as_deref_mut() {
         k.clear().map_err(|source| ReplayError::Io {
@@ -145,11 +149,11 @@ fn check_record(
         |_, _| Ok(()),
     )?;
     let m = &result.manifest;
-    let found = match hash.found(tags, 0, &m.output_sha256, m.output_bytes) {
-        Found::TagHeld => m.output_sha256,
+    let (found, healed) = match hash.found(tags, 0, &m.output_sha256, m.output_bytes) {
+        Found::TagHeld => (m.output_sha256, None),
         // The sha256 says whether the record is damaged or only its tag.
-        Found::TagFailed => return check_record(result, None, keep),
-        Found::Sha256(sha) => sha,
+        Found::TagFailed => return check_record(result, None, heal, keep),
+        Found::Sha256(sha, content) => (sha, content),
     };
     if found != result.manifest.output_sha256 {
         return Err(ReplayError::OutputMismatch {
@@ -165,7 +169,7 @@ fn check_record(
             expected: result.manifest.output_bytes,
         });
     }
-    Ok(())
+    Ok(healed)
 }
 
 /// A result's output record as [`check_output`] read and checked it.
@@ -175,6 +179,8 @@ pub struct CheckedOutput {
     /// Its size, the manifest's (which the check held it to).
     bytes: u64,
     kept: Kept,
+    /// Its keyed BLAKE3, when it had no tag that held and its sha256 did.
+    healed: Option<Content>,
 }
 
 /// Where a checked record is kept: in memory up to [`KEPT_IN_MEMORY`]
@@ -217,10 +223,22 @@ impl Kept {
     }
 }
 
+/// A part checked by its sha256 rather than a tag, and hashed by the
+/// store's key beside: its index (0 the output record), sha256 and size
+/// by the manifest, and its keyed BLAKE3 ([`Tags::healed`]).
+pub type Healed = (usize, Sha256Digest, u64, Content);
+
 impl CheckedOutput {
     /// The size of the record: what is written is at most this.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// The record's tag to make anew, if it was checked by its sha256.
+    pub fn healed(&self, result: &StoredResult) -> Option<Healed> {
+        let m = &result.manifest;
+        self.healed
+            .map(|content| (0, m.output_sha256, m.output_bytes, content))
     }
 
     /// Writes the output to `stdout` and `stderr` in recorded order.
@@ -308,24 +326,55 @@ fn write_decoded(
 }
 
 /// A part's bytes being hashed to check them: by the keyed BLAKE3 of its
-/// tag, or by sha256.
+/// tag, or by sha256 (and by a key's BLAKE3 beside it, to heal its tag).
 enum PartHash {
     Tagged(Box<PartHasher>),
-    Sha256(sha2::Sha256),
+    Sha256(Sha256Healing),
 }
 
-impl PartHash {
-    /// The hash part `i` is checked by: its tag's when `tags` has one.
-    fn new(tags: Option<&Tags>, i: usize) -> PartHash {
+/// A part's sha256 being taken, and its keyed BLAKE3 beside it when its
+/// tag is to be made anew.
+struct Sha256Healing {
+    sha256: sha2::Sha256,
+    content: Option<Box<PartHasher>>,
+}
+
+impl Sha256Healing {
+    fn new(heal: Option<&TagKey>) -> Sha256Healing {
         use sha2::Digest;
-        match tags.and_then(|t| t.hasher(i)) {
-            Some(h) => PartHash::Tagged(Box::new(h)),
-            None => PartHash::Sha256(sha2::Sha256::new()),
+        Sha256Healing {
+            sha256: sha2::Sha256::new(),
+            content: heal.map(|k| Box::new(k.hasher())),
         }
     }
 
     fn update(&mut self, bytes: &[u8]) {
         use sha2::Digest;
+        self.sha256.update(bytes);
+        if let Some(c) = &mut self.content {
+            c.update(bytes);
+        }
+    }
+
+    fn finish(self) -> (Sha256Digest, Option<Content>) {
+        (
+            Sha256Digest::finish(self.sha256),
+            self.content.map(|c| c.finish()),
+        )
+    }
+}
+
+impl PartHash {
+    /// The hash part `i` is checked by: its tag's when `tags` has one,
+    /// else its sha256, beside `heal`'s BLAKE3 if given.
+    fn new(tags: Option<&Tags>, heal: Option<&TagKey>, i: usize) -> PartHash {
+        match tags.and_then(|t| t.hasher(i)) {
+            Some(h) => PartHash::Tagged(Box::new(h)),
+            None => PartHash::Sha256(Sha256Healing::new(heal)),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
         match self {
             PartHash::Tagged(h) => h.update(bytes),
             PartHash::Sha256(h) => h.update(bytes),
@@ -342,7 +391,10 @@ impl PartHash {
                     false => Found::TagFailed,
                 }
             }
-            PartHash::Sha256(h) => Found::Sha256(Sha256Digest::finish(h)),
+            PartHash::Sha256(h) => {
+                let (sha256, content) = h.finish();
+                Found::Sha256(sha256, content)
+            }
         }
     }
 }
@@ -355,8 +407,9 @@ enum Found {
     /// The part's tag does not hold: the part, or only its tag, is
     /// damaged; its sha256 tells which.
     TagFailed,
-    /// The part's sha256, for the caller to compare (and its size).
-    Sha256(Sha256Digest),
+    /// The part's sha256, for the caller to compare (and its size), and
+    /// its keyed BLAKE3 if it was asked for.
+    Sha256(Sha256Digest, Option<Content>),
 }
 
 /// A reader that hashes and counts what it reads, and keeps a copy of it
@@ -472,6 +525,40 @@ fn decode_record<R: std::io::Read>(
     })
 }
 
+/// What a replay does before a byte reaches the user: checks the output
+/// record of `result` (kept for [`CheckedOutput::write`]) on a thread of
+/// its own while its artifacts are copied beside their names in `dest`
+/// and checked ([`stage_artifacts`]), by their tags where they hold, else
+/// by sha256. Nothing is in place unless both hold. The parts checked by
+/// sha256 are hashed by the store's key beside, and once both held their
+/// tags are made anew ([`Store::heal_tags`]), so the next replay of the
+/// result checks them at BLAKE3's speed.
+pub fn check_and_stage(
+    store: &Store,
+    result: &StoredResult,
+    dest: &Path,
+) -> Result<(CheckedOutput, StagedArtifacts), ReplayError> {
+    let tags = store.tags_to_replay(result);
+    let (output, staged) = std::thread::scope(|s| {
+        let output = s.spawn(|| check_output(result, tags.as_ref()));
+        let staged = stage_artifacts(store, result, tags.as_ref(), dest);
+        (
+            output.join().expect("the output check does not panic"),
+            staged,
+        )
+    });
+    let (output, staged) = (output?, staged?);
+    if let Some(tags) = &tags {
+        let healed: Vec<Healed> = output
+            .healed(result)
+            .into_iter()
+            .chain(staged.healed.iter().copied())
+            .collect();
+        store.heal_tags(result, tags, &healed);
+    }
+    Ok((output, staged))
+}
+
 /// Copies the result's artifacts into `dest` (created if needed), beneath
 /// it and through no symlink: [`stage_artifacts`], then, when every one
 /// matched its manifest, [`StagedArtifacts::commit`]. A damaged store
@@ -486,16 +573,20 @@ pub fn restore_artifacts(
 }
 
 /// The artifacts of a result copied beside their names in their folder and
-/// checked, waiting to be renamed into place.
+/// checked, waiting to be renamed into place, with the parts among them
+/// checked by sha256 whose tags to make anew.
 #[derive(Debug)]
-pub struct StagedArtifacts(Vec<PendingFile>);
+pub struct StagedArtifacts {
+    pending: Vec<PendingFile>,
+    healed: Vec<Healed>,
+}
 
 impl StagedArtifacts {
     /// Renames every artifact into place; returns how many.
     pub fn commit(self) -> Result<usize, ReplayError> {
-        let n = self.0.len();
+        let n = self.pending.len();
         // Dropping the rest on an error removes their temporary files.
-        for pending in self.0 {
+        for pending in self.pending {
             pending.commit()?;
         }
         Ok(n)
@@ -518,7 +609,10 @@ pub fn stage_artifacts(
 ) -> Result<StagedArtifacts, ReplayError> {
     let artifacts = &result.manifest.artifacts;
     if artifacts.is_empty() {
-        return Ok(StagedArtifacts(Vec::new()));
+        return Ok(StagedArtifacts {
+            pending: Vec::new(),
+            healed: Vec::new(),
+        });
     }
     let beneath = Beneath::open(dest)?;
     // What a killed restore left here.
@@ -529,8 +623,8 @@ pub fn stage_artifacts(
         .min(artifacts.len());
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
-    let slots: Vec<Mutex<Option<Result<PendingFile, ReplayError>>>> =
-        artifacts.iter().map(|_| Mutex::new(None)).collect();
+    type Slot = Mutex<Option<Result<(PendingFile, Option<Content>), ReplayError>>>;
+    let slots: Vec<Slot> = artifacts.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {
@@ -555,10 +649,17 @@ pub fn stage_artifacts(
         }
     });
     let mut staged = Vec::with_capacity(artifacts.len());
+    let mut healed = Vec::new();
     let mut error = None;
-    for slot in slots {
+    for (i, slot) in slots.into_iter().enumerate() {
         match slot.into_inner().expect("slot") {
-            Some(Ok(pending)) => staged.push(pending),
+            Some(Ok((pending, content))) => {
+                staged.push(pending);
+                if let Some(content) = content {
+                    let a = &artifacts[i];
+                    healed.push((i + 1, a.sha256, a.bytes, content));
+                }
+            }
             Some(Err(e)) => {
                 error.get_or_insert(e);
             }
@@ -570,14 +671,19 @@ pub fn stage_artifacts(
         // Dropping `staged` removes the temporary files.
         return Err(e);
     }
-    Ok(StagedArtifacts(staged))
+    Ok(StagedArtifacts {
+        pending: staged,
+        healed,
+    })
 }
 
 /// Artifacts restored at once, at most (one per CPU up to this).
 const MAX_RESTORE_THREADS: usize = 4;
 
 /// Copies artifact `i` to a temporary file beside its name, checking it,
-/// through `buf`.
+/// through `buf`. Checked by its sha256 where `tags` has no tag of it
+/// that holds, it is also hashed by their key's BLAKE3, returned to heal
+/// its tag.
 fn restore_one(
     beneath: &Beneath,
     store: &Store,
@@ -585,7 +691,7 @@ fn restore_one(
     tags: Option<&Tags>,
     i: usize,
     buf: &mut Vec<u8>,
-) -> Result<PendingFile, ReplayError> {
+) -> Result<(PendingFile, Option<Content>), ReplayError> {
     let a = &result.manifest.artifacts[i];
     let mut pending = beneath.create(&a.path, a.mode)?;
     let damaged = || ReplayError::Artifact {
@@ -603,7 +709,7 @@ fn restore_one(
         if copied != a.bytes {
             return Err(damaged());
         }
-        return Ok(pending);
+        return Ok((pending, None));
     }
     let blob = store.blob_path(a);
     let io = |source| ReplayError::Io {
@@ -611,26 +717,26 @@ fn restore_one(
         source,
     };
     let part = i + 1;
-    let mut hash = PartHash::new(tags, part);
+    let heal = tags.map(Tags::key);
+    let mut hash = PartHash::new(tags, heal, part);
     let mut bytes = copy_hashing(&blob, &mut pending.file, buf, |b| hash.update(b)).map_err(io)?;
-    let found = match hash.found(tags, part, &a.sha256, a.bytes) {
-        Found::TagHeld => a.sha256,
-        Found::Sha256(sha) => sha,
+    let (found, healed) = match hash.found(tags, part, &a.sha256, a.bytes) {
+        Found::TagHeld => (a.sha256, None),
+        Found::Sha256(sha, content) => (sha, content),
         Found::TagFailed => {
             // Copied again and hashed by sha256: the blob or only its tag
             // is damaged.
-            use sha2::Digest;
-            let mut sha = sha2::Sha256::new();
+            let mut hash = Sha256Healing::new(heal);
             pending.file.set_len(0).map_err(io)?;
             std::io::Seek::rewind(&mut pending.file).map_err(io)?;
-            bytes = copy_hashing(&blob, &mut pending.file, buf, |b| sha.update(b)).map_err(io)?;
-            Sha256Digest::finish(sha)
+            bytes = copy_hashing(&blob, &mut pending.file, buf, |b| hash.update(b)).map_err(io)?;
+            hash.finish()
         }
     };
     if found != a.sha256 || bytes != a.bytes {
         return Err(damaged());
     }
-    Ok(pending)
+    Ok((pending, healed))
 }
 
 /// Copies the first `len` bytes of a blob checked by this process into
@@ -1064,6 +1170,63 @@ mod tests {
             1
         );
         assert_eq!(std::fs::read(dir.path().join("3/f")).unwrap(), b"content-b");
+    }
+
+    #[test]
+    fn a_replay_makes_anew_the_tags_it_had_to_check_by_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("s"));
+        let a = commit_with(&store, dir.path(), "a", &[("f", "ff"), ("g", "gg")]);
+        let tags_file = a.dir.join(crate::tags::TAGS_FILE);
+        let whole = std::fs::read(&tags_file).unwrap();
+        let replay = |to: &str| {
+            let dest = dir.path().join(to);
+            let (output, staged) = check_and_stage(&store, &a, &dest).unwrap();
+            let mut out = Vec::new();
+            output.write(&mut out, &mut Vec::new()).unwrap();
+            assert_eq!(out, b"a passed\n");
+            assert_eq!(staged.commit().unwrap(), 2);
+            assert_eq!(std::fs::read(dest.join("g")).unwrap(), b"gg");
+        };
+        // Each way a part comes to have no tag that holds: the tags file
+        // lost, one part's tag missing (a part a fetch resumed), one
+        // garbled, a new key. Each time the replay checks by sha256 and
+        // makes them anew, the same as the commit made them.
+        let lost = |_: &mut Vec<u8>| std::fs::remove_file(&tags_file).unwrap();
+        let one_missing = |t: &mut Vec<u8>| {
+            t[32..64].fill(0);
+            std::fs::write(&tags_file, &t).unwrap();
+        };
+        let garbled = |t: &mut Vec<u8>| {
+            t[70] ^= 1;
+            std::fs::write(&tags_file, &t).unwrap();
+        };
+        type Damage<'a> = &'a dyn Fn(&mut Vec<u8>);
+        let cases: [(&str, Damage); 3] = [
+            ("the tags file lost", &lost),
+            ("a part without a tag", &one_missing),
+            ("a garbled tag", &garbled),
+        ];
+        for (name, damage) in cases {
+            damage(&mut whole.clone());
+            replay(name);
+            assert_eq!(std::fs::read(&tags_file).unwrap(), whole, "{name}");
+        }
+        std::fs::remove_file(store.tag_key_path()).unwrap();
+        crate::tags::TagKey::load_or_make(&store.tag_key_path()).unwrap();
+        assert!(
+            store
+                .tags(&a)
+                .is_some_and(|t| !every_tag_holds(&store, &a, &t))
+        );
+        replay("a new key");
+        let tags = store.tags(&a).expect("tags made with the new key");
+        assert!(every_tag_holds(&store, &a, &tags));
+        // A damaged blob is refused, and no tag is made of it.
+        std::fs::remove_file(&tags_file).unwrap();
+        std::fs::write(store.blob_path(&a.manifest.artifacts[1]), "gG").unwrap();
+        assert!(check_and_stage(&store, &a, &dir.path().join("bad")).is_err());
+        assert!(!tags_file.exists(), "no tags made for a damaged result");
     }
 
     #[test]

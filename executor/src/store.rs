@@ -348,6 +348,35 @@ impl Store {
         )
     }
 
+    /// The tags a replay of `result` checks by: [`Store::tags`], or none
+    /// with this store's key (made if there is none) when it keeps none
+    /// that read, so that the parts it checks by sha256 get their tags made
+    /// anew ([`Store::heal_tags`]). `None` only without a key.
+    pub fn tags_to_replay(&self, result: &StoredResult) -> Option<Tags> {
+        self.tags(result).or_else(|| {
+            let key = self.tag_key_made()?;
+            Some(Tags::none(key, 1 + result.manifest.artifacts.len()))
+        })
+    }
+
+    /// Makes anew the tags of the parts of `result` a replay just checked
+    /// by sha256 (`healed`, hashed by the key of `tags` beside it), keeping
+    /// the others of `tags`: a result fetched by resuming a cut transfer,
+    /// stored before tags, or whose tags or key were lost then replays at
+    /// BLAKE3's speed from the next time on. The file is replaced whole; a
+    /// failure only costs speed, and is not an error.
+    pub fn heal_tags(&self, result: &StoredResult, tags: &Tags, healed: &[crate::replay::Healed]) {
+        if healed.is_empty() {
+            return;
+        }
+        match crate::tags::replace(&result.dir, &tags.healed(healed)) {
+            Ok(()) => tracing::debug!(parts = healed.len(), "made the result's tags anew"),
+            Err(e) => {
+                tracing::debug!(dir = %result.dir.display(), "making the result's tags anew: {e}")
+            }
+        }
+    }
+
     /// Starts receiving a result from a peer, `sealed` exactly as its
     /// producer sealed it (checked by the caller), into its partial folder
     /// `tmp/partial-<digest>/` ([`Partial`]): `resumed`, the partial

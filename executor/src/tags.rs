@@ -236,6 +236,34 @@ impl Tags {
         Some(Tags { key, parts })
     }
 
+    /// No tags for `parts` parts, with the store's `key` to make them by
+    /// ([`Tags::healed`]): what a replay hashes by when a result's tags
+    /// file is missing or does not read.
+    pub fn none(key: TagKey, parts: usize) -> Tags {
+        Tags {
+            key,
+            parts: vec![None; parts],
+        }
+    }
+
+    /// The key these tags are made with.
+    pub fn key(&self) -> &TagKey {
+        &self.key
+    }
+
+    /// These tags with part `i`'s made anew for each `(i, sha256, bytes,
+    /// content)` of `healed` (parts whose sha256 was just checked over
+    /// their bytes, which hashed to `content`): what [`replace`] writes.
+    pub fn healed(&self, healed: &[(usize, Sha256Digest, u64, Content)]) -> Vec<Option<Tag>> {
+        let mut parts = self.parts.clone();
+        for (i, sha256, bytes, content) in healed {
+            if let Some(part) = parts.get_mut(*i) {
+                *part = Some(self.key.tag(sha256, *bytes, content));
+            }
+        }
+        parts
+    }
+
     /// A hasher for part `i`, if it has a tag to check.
     pub fn hasher(&self, i: usize) -> Option<PartHasher> {
         self.parts.get(i)?.as_ref()?;
@@ -256,11 +284,25 @@ impl Tags {
 /// Not synced: a tags file lost or cut by a crash fails to read, and the
 /// replay checks the sha256s instead.
 pub fn write(dir: &Path, parts: &[Option<Tag>]) -> std::io::Result<()> {
+    fs::write(dir.join(TAGS_FILE), encode(parts))
+}
+
+/// Replaces the tags file of a stored result's folder `dir` with `parts`:
+/// written whole under another name, then renamed over it, so a replay
+/// reading it meanwhile reads the old file or the new one, never half.
+pub fn replace(dir: &Path, parts: &[Option<Tag>]) -> std::io::Result<()> {
+    let mut tmp = tempfile::Builder::new().prefix(".tags-").tempfile_in(dir)?;
+    tmp.write_all(&encode(parts))?;
+    tmp.persist(dir.join(TAGS_FILE)).map_err(|e| e.error)?;
+    Ok(())
+}
+
+fn encode(parts: &[Option<Tag>]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(parts.len() * 32);
     for tag in parts {
         bytes.extend_from_slice(&tag.map_or([0; 32], |t| *t.0.as_bytes()));
     }
-    fs::write(dir.join(TAGS_FILE), bytes)
+    bytes
 }
 
 #[cfg(test)]
