@@ -50,6 +50,9 @@ pub struct Claim {
     /// (`inputs.driver`: `qemu`, `podman`).
     pub driver: String,
     pub created_at: u64,
+    /// The producer's run time (the manifest's `total_ms`): what a replay
+    /// of it saved, for the audit log.
+    pub run_ms: u64,
 }
 
 impl Claim {
@@ -66,6 +69,7 @@ impl Claim {
             network: m.inputs.network,
             driver: m.inputs.driver.clone(),
             created_at: m.created_at,
+            run_ms: m.total_ms,
         }
     }
 }
@@ -85,6 +89,8 @@ pub enum Decision {
         producer: Sha256Digest,
         producer_name: String,
         outputs: Sha256Digest,
+        /// The holder's claim's run time ([`Claim::run_ms`]).
+        run_ms: u64,
         /// Why it counts.
         counts: String,
     },
@@ -380,6 +386,7 @@ impl Matcher {
                 producer: h.producer,
                 producer_name: name.clone(),
                 outputs: h.outputs,
+                run_ms: h.run_ms,
                 counts: if verdicts.len() > 1 {
                     format!("{why}; the policy prefers it over the other producers")
                 } else {
@@ -450,6 +457,7 @@ mod tests {
             network: false,
             driver: "qemu".into(),
             created_at: 1,
+            run_ms: 1000,
         }
     }
 

@@ -942,6 +942,7 @@ async fn introduce(shared: &Arc<Shared>, asker: ConnId, grant: &Grant, wanted: H
         producer,
         producer_name,
         outputs,
+        run_ms,
         ..
     } = shared.lookup(asker, &wanted)
     else {
@@ -1032,7 +1033,8 @@ async fn introduce(shared: &Arc<Shared>, asker: ConnId, grant: &Grant, wanted: H
             key: wanted.key,
             namespace: wanted.namespace,
             at: now_secs(),
-            run_ms: None,
+            // The holder's sealed manifest's, as announced.
+            run_ms: Some(run_ms),
             relay_ms: Some(relay_ms),
             bytes: Some(bytes),
         };

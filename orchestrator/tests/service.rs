@@ -2165,6 +2165,11 @@ async fn a_result_is_fetched_straight_from_a_holder_that_listens_and_through_the
             );
             assert_eq!(r.relayer.as_deref(), Some("builder"));
             assert_eq!(r.bytes, Some(data_bytes(&stored_b)));
+            assert_eq!(
+                r.run_ms,
+                Some(stored_b.manifest.total_ms),
+                "the time the replay saved, from the announced manifest"
+            );
         }
         other => panic!("one replay expected: {other:?}"),
     }
