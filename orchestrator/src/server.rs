@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
-use reprise_protocol::digest::Sha256Digest;
+use reprise_protocol::digest::{RunKey, Sha256Digest};
 use reprise_protocol::policy::PolicyConfig;
 use reprise_protocol::seal::{SealError, SignedBy};
 use reprise_protocol::wire::{
@@ -132,7 +132,19 @@ struct Live {
     /// Its introductions whose tickets are still outstanding (each holds
     /// a stream open on the holder's connection until served or expired).
     introductions: Arc<Semaphore>,
+    /// The holder each of those introductions is to, by key: a `Fetch` of
+    /// such a key means the direct path failed (see `direct_failed`).
+    introduced: BTreeMap<RunKey, ConnId>,
+    /// When an asker last fell back to the relay after an introduction to
+    /// this holder: for [`DIRECT_FAILED_FOR`] after, it is not introduced.
+    direct_failed: Option<std::time::Instant>,
 }
+
+/// How long a holder an asker could not fetch from directly is left out of
+/// introductions: each asker would otherwise wait out a handshake timeout
+/// (2 s) on every fetch before the relay, where the holder is behind NAT
+/// or a firewall. A reconnected holder is tried again at once.
+pub const DIRECT_FAILED_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// How many introductions of one connection may wait at once for their
 /// tickets to be served; more are refused (the fetch goes through the
@@ -145,6 +157,40 @@ pub const MAX_INTRODUCTIONS: usize = 4;
 pub const REVOCATION_SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Shared {
+    /// The asker `asker` fetches `key` through the relay: if it was just
+    /// introduced to a holder of it whose ticket is still outstanding, the
+    /// direct path failed (the holder unreachable from there, or its
+    /// transfer refused), and that holder is left out of introductions for
+    /// [`DIRECT_FAILED_FOR`].
+    fn fell_back(&self, asker: ConnId, key: &RunKey) {
+        let mut conns = self.conns.lock().expect("conns");
+        let Some(holder) = conns
+            .get_mut(&asker)
+            .and_then(|live| live.introduced.remove(key))
+        else {
+            return;
+        };
+        if let Some(live) = conns.get_mut(&holder) {
+            live.direct_failed = Some(std::time::Instant::now());
+            info!(
+                holder = %live.identity,
+                "an asker fetched through the relay after its introduction; no introductions to this holder for {} s",
+                DIRECT_FAILED_FOR.as_secs()
+            );
+        }
+    }
+
+    /// The ticket of the introduction of `asker` to `holder` for `key` was
+    /// served or expired.
+    fn introduction_done(&self, asker: ConnId, key: &RunKey, holder: ConnId) {
+        let mut conns = self.conns.lock().expect("conns");
+        if let Some(live) = conns.get_mut(&asker)
+            && live.introduced.get(key) == Some(&holder)
+        {
+            live.introduced.remove(key);
+        }
+    }
+
     /// Closes the connections of executors revoked since they connected;
     /// they stop being offered as producers at once.
     fn close_revoked(&self) {
@@ -505,6 +551,8 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
                         cert_sha256,
                         direct: None,
                         introductions: Arc::new(Semaphore::new(MAX_INTRODUCTIONS)),
+                        introduced: BTreeMap::new(),
+                        direct_failed: None,
                     },
                 );
             }
@@ -845,6 +893,7 @@ async fn request(
             namespace,
             resume,
         } => {
+            shared.fell_back(id, &key);
             relay(&shared, id, grant, Held { key, namespace }, resume, send).await;
             return;
         }
@@ -950,6 +999,16 @@ async fn introduce(shared: &Arc<Shared>, asker: ConnId, grant: &Grant, wanted: H
     };
     let (holder, asker_live) = {
         let conns = shared.conns.lock().expect("conns");
+        let failed = conns.get(&conn).and_then(|live| live.direct_failed);
+        if let Some(at) = failed.filter(|at| at.elapsed() < DIRECT_FAILED_FOR) {
+            return Message::error(
+                ErrorCode::Unavailable,
+                format!(
+                    "an asker could not fetch from this holder directly {} s ago: fetch through the orchestrator",
+                    at.elapsed().as_secs()
+                ),
+            );
+        }
         let holder = conns.get(&conn).and_then(|live| {
             live.direct
                 .map(|d| (live.conn.clone(), live.identity.clone(), d))
@@ -1015,12 +1074,17 @@ async fn introduce(shared: &Arc<Shared>, asker: ConnId, grant: &Grant, wanted: H
         }
     };
     let started = std::time::Instant::now();
+    if let Some(live) = shared.conns.lock().expect("conns").get_mut(&asker) {
+        live.introduced.insert(wanted.key, conn);
+    }
     let (shared, asker_name) = (shared.clone(), grant.name.clone());
     tokio::spawn(async move {
         let _permit = permit;
         // The holder's word that the transfer left whole, or the stream's
         // end when the ticket expired unused.
-        let Ok(Message::Served { bytes }) = read_message(&mut precv).await else {
+        let served = read_message(&mut precv).await;
+        shared.introduction_done(asker, &wanted.key, conn);
+        let Ok(Message::Served { bytes }) = served else {
             return;
         };
         shared.telemetry.replayed();

@@ -2190,6 +2190,22 @@ async fn a_result_is_fetched_straight_from_a_holder_that_listens_and_through_the
         team.telemetry.snapshot().relayed_bytes,
         data_bytes(&stored_b)
     );
+    // The asker fell back to the relay after its introduction: the holder
+    // is left out of introductions for a while, so the next fetch goes to
+    // the relay at once rather than waiting out a handshake again.
+    let intro = Message::Introduce {
+        key,
+        namespace: NS.into(),
+    };
+    match a.request(&intro).await.unwrap() {
+        Message::Error { message, .. } => {
+            assert!(message.contains("directly"), "{message}")
+        }
+        other => panic!("introduced to a holder just found unreachable: {other:?}"),
+    }
+    let store_d = Store::new(work.path().join("store-d"));
+    let fetched = a.fetch(&key, NS, &inputs("t1"), &store_d).await.unwrap();
+    assert!(!fetched.direct, "through the relay");
     for t in tasks {
         t.abort();
     }
