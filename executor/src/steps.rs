@@ -96,7 +96,8 @@ pub async fn run<S: Session>(
            echo \"${3:-}\" > /run/reprise-gateway && ip link set eth0 down; }; } && "
     };
     let setup = format!(
-        "{os}{offline}mkdir -p {SNAPSHOT}/containers {SNAPSHOT}/ci /var/lib/containers && \
+        "{os}{offline}{{ [ -d {SNAPSHOT}/containers ] && [ -d {SNAPSHOT}/ci ] && [ -d /var/lib/containers ] || \
+           mkdir -p {SNAPSHOT}/containers {SNAPSHOT}/ci /var/lib/containers; }} && \
          mount --bind {SNAPSHOT}/containers /var/lib/containers && \
          ln -sfn {SNAPSHOT}/ci /run/ci && \
          rm -rf {CI}/env {CI}/artifacts {CRONTAB} && mkdir -p {CI}/env {CI}/cache {ARTIFACTS} && \

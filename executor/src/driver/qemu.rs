@@ -31,9 +31,10 @@ use crate::vm::{
 pub use crate::vars::COLD_BOOT_VAR;
 
 /// Flushes and checkpoints the snapshot disk's file system, so the disk
-/// file is consistent once qemu stops.
+/// file is consistent once qemu stops (freezing syncs that file system
+/// and commits its journal: no `sync` of every other first).
 fn freeze_snapshot() -> String {
-    format!("sync; fsfreeze -f {SNAPSHOT} && fsfreeze -u {SNAPSHOT}")
+    format!("fsfreeze -f {SNAPSHOT} && fsfreeze -u {SNAPSHOT}")
 }
 
 /// Runs in a qemu VM.
@@ -207,7 +208,7 @@ async fn boot_or_restore(
 /// Mounts the snapshot disk `$state_dev` at [`SNAPSHOT`].
 fn mount_snapshot() -> String {
     format!(
-        "mkdir -p {SNAPSHOT} && mount -t ext4 -o rw,noatime \"$state_dev\" {SNAPSHOT} || {{ echo 'mounting the repository snapshot failed' >&2; exit 1; }}; "
+        "{{ [ -d {SNAPSHOT} ] || mkdir -p {SNAPSHOT}; }} && mount -t ext4 -o rw,noatime \"$state_dev\" {SNAPSHOT} || {{ echo 'mounting the repository snapshot failed' >&2; exit 1; }}; "
     )
 }
 

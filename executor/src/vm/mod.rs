@@ -910,8 +910,9 @@ impl Vm {
     /// A shell fragment that flushes and checkpoints the data disk's file
     /// system, so the host reads a consistent one from the disk file.
     pub fn settle_data_disk() -> String {
-        // Freezing ext4 flushes and checkpoints its journal.
-        format!("sync; fsfreeze -f {GUEST_DATA}; fsfreeze -u {GUEST_DATA}")
+        // Freezing ext4 syncs it, flushes and checkpoints its journal: no
+        // `sync` of every file system first (a process start less).
+        format!("fsfreeze -f {GUEST_DATA}; fsfreeze -u {GUEST_DATA}")
     }
 
     async fn copy_out_inner(
