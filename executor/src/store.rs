@@ -36,6 +36,7 @@ use sha2::digest::common::hazmat::{SerializableState, SerializedState};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -420,7 +421,7 @@ impl Store {
         let seal = serde_json::to_vec_pretty(&receiving.sealed.seal).expect("seal serialises");
         for (name, text) in [("manifest.json", manifest), ("seal.json", seal)] {
             let path = dir.join(name);
-            let mut f = fs::File::create(&path).map_err(io_err(&path))?;
+            let mut f = create_anew(&path).map_err(io_err(&path))?;
             f.write_all(&text).map_err(io_err(&path))?;
             receiving.syncs.start(f, path)?;
         }
@@ -688,7 +689,10 @@ impl Store {
             .unwrap_or_default();
         let dest = dir.join(format!("{name}-{}", now_secs()));
         fs::rename(folder, &dest).map_err(io_err(&dest))?;
-        fs::write(dest.join("reason.txt"), format!("{reason}\n")).map_err(io_err(&dest))?;
+        let why = dest.join("reason.txt");
+        create_anew(&why)
+            .and_then(|mut f| f.write_all(format!("{reason}\n").as_bytes()))
+            .map_err(io_err(&why))?;
         Ok(dest)
     }
 
@@ -966,7 +970,7 @@ impl Partial {
         // The sweep of abandoned work folders leaves kept ones alone.
         let kept = dir.join(".kept");
         if digest.is_some() && !kept.exists() {
-            fs::write(&kept, b"").map_err(io_err(&kept))?;
+            create_anew(&kept).map_err(io_err(&kept))?;
         }
         let path = dir.join(OWNER);
         // A folder of this fetch's own is swept like any work folder once
@@ -980,8 +984,15 @@ impl Partial {
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&opened)
-            .map_err(io_err(&opened))?;
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&opened);
+        let file = match file {
+            Ok(f) => f,
+            // Something else than a lock file in its place (a symlink):
+            // this folder is not taken; the fetch uses one of its own.
+            Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => return Ok(None),
+            Err(e) => return Err(io_err(&opened)(e)),
+        };
         let owner = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => lock,
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
@@ -1023,35 +1034,41 @@ impl Partial {
         };
         let sizes = part_sizes(&manifest);
         let mut recorded = partial.read_progress(sizes.len());
-        let mut cut = false;
         for (i, bytes) in sizes.into_iter().enumerate() {
-            let progress = partial.claim(i, bytes, &recorded[i]);
-            let keep = progress.chunks as usize * STATE_LEN;
-            cut |= recorded[i].len() > keep;
-            recorded[i].truncate(keep);
+            let progress = partial.claim(i, bytes, &recorded[i])?;
+            recorded[i].truncate(progress.chunks as usize * STATE_LEN);
             partial.progress[i] = progress;
         }
-        if cut {
-            partial.write_progress(&recorded)?;
-        }
+        // Written anew whatever it held (or was: a symlink is replaced, not
+        // followed), so this fetch appends to a record of its own making.
+        partial.write_progress(&recorded)?;
         partial.recorded = recorded;
         Ok(Some(partial))
     }
 
     /// What part `i` (of `bytes` bytes) holds by its `recorded` states and
     /// its file's length: the chunks both cover, and the sha256 state
-    /// recorded after the last of them.
-    fn claim(&self, i: usize, bytes: u64, recorded: &[u8]) -> Progress {
-        let on_disk = fs::metadata(self.part_path(i)).map_or(0, |m| m.len());
+    /// recorded after the last of them. Anything but a regular file in the
+    /// part's place (a symlink) is removed, and the part starts over.
+    fn claim(&self, i: usize, bytes: u64, recorded: &[u8]) -> Result<Progress, StoreError> {
+        let path = self.part_path(i);
+        let on_disk = match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() => m.len(),
+            Ok(_) => {
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                0
+            }
+            Err(_) => 0,
+        };
         let whole_chunks = if on_disk >= bytes {
             wire::chunk_count(bytes)
         } else {
             on_disk / wire::CHUNK_BYTES
         };
-        resumed_after(
+        Ok(resumed_after(
             recorded,
             whole_chunks.min((recorded.len() / STATE_LEN) as u64),
-        )
+        ))
     }
 
     /// Each of `parts` parts' states as the progress record holds them
@@ -1075,7 +1092,9 @@ impl Partial {
                 text.extend_from_slice(&progress_entry(part, index as u64, state));
             }
         }
-        fs::write(&path, text).map_err(io_err(&path))
+        create_anew(&path)
+            .and_then(|mut f| f.write_all(&text))
+            .map_err(io_err(&path))
     }
 
     /// The check of the chunks this partial holds, to run while the rest
@@ -1114,7 +1133,11 @@ impl Partial {
             self.recorded[i].truncate(states);
             cut = true;
             let part = self.part_path(i);
-            if let Ok(f) = fs::OpenOptions::new().write(true).open(&part) {
+            let opened = fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&part);
+            if let Ok(f) = opened {
                 f.set_len(progress.chunks.saturating_mul(wire::CHUNK_BYTES))
                     .map_err(io_err(&part))?;
             }
@@ -1476,7 +1499,6 @@ impl Receiving {
     /// Opens part `i` (0 the output record, then each artifact) where its
     /// partial ends.
     pub fn part(&mut self, i: usize) -> Result<PartWriter, StoreError> {
-        use std::os::unix::fs::OpenOptionsExt;
         let parts = self.sealed.parts();
         let bytes = parts[i].1;
         let path = self.partial.part_path(i);
@@ -1769,12 +1791,28 @@ fn copy_synced(
     Ok(hashed)
 }
 
+/// Creates the file `path` anew in a folder of the store that may hold
+/// anything (a partial kept from an earlier fetch, a quarantined result):
+/// whatever is at `path` is removed first, and the file is created only
+/// if nothing is there then (`O_EXCL`, which never follows a symlink), so
+/// a symlink planted there is never written through.
+pub(crate) fn create_anew(path: &Path) -> std::io::Result<fs::File> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+}
+
 /// Opens a file of the store to read, as untrusted input: never through a
 /// symlink, without waiting (a FIFO put in its place would block the open
 /// for good, and the replay or the daemon's serving with it), and only a
 /// regular file (a device such as `/dev/zero` would never end).
 pub(crate) fn open_stored(path: &Path) -> std::io::Result<fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
     let file = fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
@@ -2259,6 +2297,79 @@ pub(crate) mod tests {
         incoming.put_part(0, b"rec").unwrap();
         assert_eq!(incoming.put_part(1, &big).unwrap(), Sha256Digest::of(&big));
         incoming.commit().unwrap();
+    }
+
+    #[test]
+    fn symlinks_planted_in_a_kept_partial_are_never_written_through() {
+        // Regression: a kept partial's files were created and truncated
+        // by path. A store from an untrusted source (a CI cache) with
+        // symlinks in a partial folder had a fetch write its manifest,
+        // seal, tags and progress into whatever files they named.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        let big = data(3 * wire::CHUNK_BYTES as usize, 5);
+        let sealed = sealed_with(&[("big.bin", &big)], b"rec");
+        let key = sealed.manifest.key;
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "the user's file").unwrap();
+        let plant = |folder: &Path, names: &[&str]| {
+            for name in names {
+                let at = folder.join(name);
+                let _ = fs::remove_file(&at);
+                std::os::unix::fs::symlink(&victim, &at).unwrap();
+            }
+        };
+        // A partial kept after two chunks; then its progress, its first
+        // part and its lock file made symlinks, and the tags file planted.
+        let mut incoming = store.receive(sealed.clone(), None).unwrap();
+        incoming.put_part(0, b"rec").unwrap();
+        write_chunks(&mut incoming, 1, &big, 2);
+        let folder = incoming.path().to_path_buf();
+        incoming.keep();
+        drop(incoming);
+        plant(&folder, &[PROGRESS, "output.rec", crate::tags::TAGS_FILE]);
+        // Resumed: the planted progress and part are replaced, not followed.
+        let partial = store.resumable(&key).expect("still resumable");
+        assert_eq!(partial.from(), vec![0, 0], "nothing trusted of it");
+        let mut incoming = store.receive(sealed.clone(), Some(partial)).unwrap();
+        incoming.put_part(0, b"rec").unwrap();
+        incoming.put_part(1, &big).unwrap();
+        let stored = incoming.commit().unwrap();
+        assert_eq!(fs::read(stored.output_path()).unwrap(), b"rec");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "the user's file");
+        // Started over in a kept folder whose every file is a symlink.
+        let mut incoming = store.receive(sealed.clone(), None).unwrap();
+        incoming.put_part(0, b"rec").unwrap();
+        write_chunks(&mut incoming, 1, &big, 1);
+        incoming.keep();
+        drop(incoming);
+        plant(
+            &folder,
+            &[
+                "manifest.json",
+                "seal.json",
+                ".kept",
+                PROGRESS,
+                crate::tags::TAGS_FILE,
+            ],
+        );
+        let mut incoming = store.receive(sealed.clone(), None).unwrap();
+        incoming.put_part(0, b"rec").unwrap();
+        incoming.put_part(1, &big).unwrap();
+        incoming.commit().unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "the user's file");
+        // A lock file that is a symlink: the fetch uses a folder of its own.
+        let mut incoming = store.receive(sealed.clone(), None).unwrap();
+        incoming.put_part(0, b"rec").unwrap();
+        incoming.keep();
+        drop(incoming);
+        plant(&folder, &[OWNER]);
+        let mut incoming = store.receive(sealed, None).unwrap();
+        assert_ne!(incoming.path(), folder, "not the planted folder");
+        incoming.put_part(0, b"rec").unwrap();
+        incoming.put_part(1, &big).unwrap();
+        incoming.commit().unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "the user's file");
     }
 
     #[test]

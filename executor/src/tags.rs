@@ -284,7 +284,9 @@ impl Tags {
 /// Not synced: a tags file lost or cut by a crash fails to read, and the
 /// replay checks the sha256s instead.
 pub fn write(dir: &Path, parts: &[Option<Tag>]) -> std::io::Result<()> {
-    fs::write(dir.join(TAGS_FILE), encode(parts))
+    // A received result's folder is a partial kept from an earlier fetch:
+    // not written through whatever is in the file's place.
+    crate::store::create_anew(&dir.join(TAGS_FILE))?.write_all(&encode(parts))
 }
 
 /// Replaces the tags file of a stored result's folder `dir` with `parts`:
