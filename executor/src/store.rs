@@ -405,13 +405,22 @@ impl Store {
                 Partial::fresh(self, &digest, parts)?
             }
         };
+        // Appended to by every part; not through a symlink (a reopened
+        // partial wrote it anew, a fresh one has none).
+        let record_path = partial.dir.join(PROGRESS);
+        let record = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&record_path)
+            .map_err(io_err(&record_path))?;
         let mut receiving = Receiving {
             store: self.clone(),
             partial,
             sealed,
             files: Vec::new(),
             syncs: Syncs::default(),
-            record: None,
+            record,
             tag_key: self.tag_key_made(),
             contents: vec![None; parts],
         };
@@ -861,8 +870,8 @@ pub struct Receiving {
     /// The artifacts' staged files, open, by artifact, once whole.
     files: Vec<Option<fs::File>>,
     syncs: Syncs,
-    /// The progress record ([`PROGRESS`]), open once a part is.
-    record: Option<fs::File>,
+    /// The progress record ([`PROGRESS`]), appended to by every part.
+    record: fs::File,
     /// The store's tag key, and each part's keyed BLAKE3 once whole: a
     /// part received from its first chunk is hashed as it arrives, one
     /// resumed is not (its tag is left out, and a replay checks its
@@ -1520,18 +1529,7 @@ impl Receiving {
             .seek(std::io::SeekFrom::Start(at))
             .map_err(io_err(&path))?;
         let record_path = self.partial.dir.join(PROGRESS);
-        let record = match &self.record {
-            Some(f) => f.try_clone(),
-            None => fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .custom_flags(nix::libc::O_NOFOLLOW)
-                .open(&record_path),
-        }
-        .map_err(io_err(&record_path))?;
-        if self.record.is_none() {
-            self.record = Some(record.try_clone().map_err(io_err(&record_path))?);
-        }
+        let record = self.record.try_clone().map_err(io_err(&record_path))?;
         let content = match progress.chunks {
             0 => self.tag_key.as_ref().map(TagKey::hasher),
             _ => None,
@@ -1592,7 +1590,6 @@ impl Receiving {
     /// synced). Only call this once every part was checked.
     pub fn commit(mut self) -> Result<StoredResult, StoreError> {
         self.syncs.wait()?;
-        self.record = None;
         let progress = self.partial.dir.join(PROGRESS);
         match fs::remove_file(&progress) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

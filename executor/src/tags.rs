@@ -75,11 +75,12 @@ impl TagKey {
     /// regular file of exactly 32 bytes that only its owner (this user)
     /// may read and write.
     pub fn load(path: &Path) -> Option<TagKey> {
-        let mut file = open_regular(path)?;
+        // A regular file, not through a symlink, without waiting.
+        let mut file = crate::store::open_stored(path).ok()?;
         let meta = file.metadata().ok()?;
         let private = meta.permissions().mode() & 0o077 == 0;
         let ours = meta.uid() == nix::unistd::geteuid().as_raw();
-        if !meta.is_file() || meta.len() != KEY_BYTES as u64 || !private || !ours {
+        if meta.len() != KEY_BYTES as u64 || !private || !ours {
             tracing::warn!(
                 path = %path.display(),
                 "the store's tag key is not a private 32-byte file of this user, so it \
@@ -124,13 +125,6 @@ impl TagKey {
         h.update(content.0.as_bytes());
         Tag(h.finalize())
     }
-}
-
-/// Opens `path` to read as the store's files are
-/// ([`crate::store::open_stored`]: a regular file, not through a symlink,
-/// without waiting).
-fn open_regular(path: &Path) -> Option<fs::File> {
-    crate::store::open_stored(path).ok()
 }
 
 fn make_key(path: &Path) -> std::io::Result<()> {
@@ -218,10 +212,10 @@ impl Tags {
     /// file is not exactly one tag per part.
     pub fn read(key_path: &Path, dir: &Path, parts: usize) -> Option<Tags> {
         let key = TagKey::load(key_path)?;
-        let mut file = open_regular(&dir.join(TAGS_FILE))?;
+        let mut file = crate::store::open_stored(&dir.join(TAGS_FILE)).ok()?;
         let want = parts.checked_mul(32)?;
         let meta = file.metadata().ok()?;
-        if !meta.is_file() || meta.len() != want as u64 {
+        if meta.len() != want as u64 {
             return None;
         }
         let mut bytes = vec![0u8; want];
