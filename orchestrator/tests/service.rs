@@ -508,6 +508,22 @@ async fn expired_certificates_are_refused() {
 }
 
 #[tokio::test]
+async fn a_closed_link_says_goodbye_and_the_orchestrator_forgets_it_at_once() {
+    let team = Team::start().await;
+    let link = team
+        .connect(&team.creds("brief", &[NS], true))
+        .await
+        .unwrap();
+    wait_until(|| team.telemetry.snapshot().executors.len() == 1).await;
+    // The close frame is seen leaving: a close that only waited out its
+    // time limit would leave the orchestrator to find the link gone at
+    // its idle timeout (10 s), past `wait_until`'s 5 s.
+    assert!(link.close().await, "the close frame was not seen leaving");
+    wait_until(|| team.telemetry.snapshot().executors.is_empty()).await;
+    team.stop().await;
+}
+
+#[tokio::test]
 async fn revoked_identities_are_refused_at_connection() {
     let team = Team::start().await;
     let creds = team.creds("leaver", &[NS], true);

@@ -630,7 +630,9 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
                     let serve = !args.no_serve && !req.ci;
                     daemon::hand_over_or_serve(result, &mut link, terminal(), serve).await;
                 }
-                None => link.close().await,
+                None => {
+                    link.close().await;
+                }
             }
             Ok(outcome.exit_code())
         }
