@@ -14,7 +14,7 @@ use reprise_protocol::digest::Sha256Digest;
 use reprise_protocol::manifest::Phase;
 
 use crate::driver::{
-    ARTIFACTS, CI, CRONTAB, OS_MK, OS_PATH, SNAPSHOT, Session, Stream, test_command,
+    ARTIFACTS, CI, CRONTAB, OS_HELPER, OS_MK, OS_PATH, SNAPSHOT, Session, Stream, test_command,
 };
 use crate::error::RunError;
 use crate::inputs::Keyed;
@@ -95,14 +95,17 @@ pub async fn run<S: Session>(
         "{ [ ! -e /sys/class/net/eth0 ] || { set -- $(ip route show default) && \
            echo \"${3:-}\" > /run/reprise-gateway && ip link set eth0 down; }; } && "
     };
+    // The rest in one process, Reprise's helper (`reprise-guest setup`),
+    // not one per command: folders, podman's storage and /run/ci from the
+    // snapshot, env/ and artifacts/ anew.
     let setup = format!(
-        "{os}{offline}{{ [ -d {SNAPSHOT}/containers ] && [ -d {SNAPSHOT}/ci ] && [ -d /var/lib/containers ] || \
-           mkdir -p {SNAPSHOT}/containers {SNAPSHOT}/ci /var/lib/containers; }} && \
-         mount --bind {SNAPSHOT}/containers /var/lib/containers && \
-         ln -sfn {SNAPSHOT}/ci /run/ci && \
-         rm -rf {CI}/env {CI}/artifacts {CRONTAB} && mkdir -p {CI}/env {CI}/cache {ARTIFACTS} && \
-         ln -s {ARTIFACTS} {CI}/artifacts",
-        os = session.os_setup()
+        "{os}{offline}exec {OS_HELPER} setup {os_steps}\
+         mkdir {SNAPSHOT}/containers mkdir {SNAPSHOT}/ci mkdir /var/lib/containers \
+         bind {SNAPSHOT}/containers /var/lib/containers link {SNAPSHOT}/ci /run/ci \
+         rm {CI}/env rm {CI}/artifacts rm {CRONTAB} \
+         mkdir {CI}/env mkdir {CI}/cache mkdir {ARTIFACTS} link {ARTIFACTS} {CI}/artifacts",
+        os = session.os_setup(),
+        os_steps = session.os_steps(),
     );
     let out = capture(session, &shell(&setup), &env, ui).await?;
     if !out.success() {

@@ -6,6 +6,12 @@
 //! command with its standard output and error on pipes and forwards both, as
 //! they come, in frames over the `reprise.stream` virtio-serial port, closing
 //! with the exit status. Its own exit status is the command's.
+//!
+//! `reprise-guest setup STEP...` does a run's set-up in the OS (mounts,
+//! folders, links) in one process where a shell would start one per
+//! command: under software emulation each process start costs the guest
+//! tens of milliseconds. Each step does what the shell command named in
+//! [`Step`] does; the first that fails ends it, exit status 1.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -21,6 +27,27 @@ const CHUNK: usize = 64 * 1024;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("setup") {
+        return match parse_steps(&args[1..]) {
+            Ok(steps) => match steps
+                .iter()
+                .try_for_each(|step| step.run().map_err(|e| format!("{step}: {e}")))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("reprise-guest: {e}");
+                    ExitCode::from(1)
+                }
+            },
+            Err(e) => {
+                eprintln!("reprise-guest: {e}");
+                eprintln!(
+                    "usage: reprise-guest setup STEP... (mkdir DIR, mount-ext4 DEV DIR, bind FROM DIR, link TARGET PATH, rm PATH)"
+                );
+                ExitCode::from(125)
+            }
+        };
+    }
     match parse(&args) {
         Ok(req) => match exec(req) {
             Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -165,6 +192,123 @@ fn pump(
     })
 }
 
+/// One step of `reprise-guest setup`, each as the shell command it stands
+/// for does it.
+#[derive(Debug, PartialEq)]
+enum Step {
+    /// `mkdir -p DIR`
+    Mkdir(PathBuf),
+    /// `mount -t ext4 -o rw,noatime DEV DIR`
+    MountExt4 { dev: PathBuf, dir: PathBuf },
+    /// `mount --bind FROM DIR`
+    Bind { from: PathBuf, dir: PathBuf },
+    /// `ln -sfn TARGET PATH`, but never into a folder at PATH: that is an
+    /// error.
+    Link { target: PathBuf, path: PathBuf },
+    /// `rm -rf PATH`: a symlink there is removed, never followed.
+    Remove(PathBuf),
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Mkdir(dir) => write!(f, "mkdir -p {}", dir.display()),
+            Step::MountExt4 { dev, dir } => {
+                write!(f, "mount -t ext4 {} {}", dev.display(), dir.display())
+            }
+            Step::Bind { from, dir } => {
+                write!(f, "mount --bind {} {}", from.display(), dir.display())
+            }
+            Step::Link { target, path } => {
+                write!(f, "ln -sfn {} {}", target.display(), path.display())
+            }
+            Step::Remove(path) => write!(f, "rm -rf {}", path.display()),
+        }
+    }
+}
+
+/// The steps named in `args`, each a name and its operands.
+fn parse_steps(args: &[String]) -> Result<Vec<Step>, String> {
+    let mut steps = Vec::new();
+    let mut it = args.iter();
+    while let Some(name) = it.next() {
+        let mut operand = || {
+            it.next()
+                .filter(|a| !a.is_empty())
+                .map(PathBuf::from)
+                .ok_or_else(|| format!("'{name}' is missing an operand"))
+        };
+        steps.push(match name.as_str() {
+            "mkdir" => Step::Mkdir(operand()?),
+            "mount-ext4" => Step::MountExt4 {
+                dev: operand()?,
+                dir: operand()?,
+            },
+            "bind" => Step::Bind {
+                from: operand()?,
+                dir: operand()?,
+            },
+            "link" => Step::Link {
+                target: operand()?,
+                path: operand()?,
+            },
+            "rm" => Step::Remove(operand()?),
+            other => return Err(format!("unknown step '{other}'")),
+        });
+    }
+    if steps.is_empty() {
+        return Err("no step given".into());
+    }
+    Ok(steps)
+}
+
+impl Step {
+    fn run(&self) -> std::io::Result<()> {
+        match self {
+            Step::Mkdir(dir) => std::fs::create_dir_all(dir),
+            Step::MountExt4 { dev, dir } => {
+                mount(dev, dir, Some("ext4"), nix::mount::MsFlags::MS_NOATIME)
+            }
+            Step::Bind { from, dir } => mount(from, dir, None, nix::mount::MsFlags::MS_BIND),
+            Step::Link { target, path } => {
+                match std::fs::symlink_metadata(path) {
+                    Ok(m) if m.is_dir() => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::AlreadyExists,
+                            "a folder is in the way",
+                        ));
+                    }
+                    Ok(_) => std::fs::remove_file(path)?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+                std::os::unix::fs::symlink(target, path)
+            }
+            Step::Remove(path) => {
+                let gone = match std::fs::symlink_metadata(path) {
+                    Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+                    Ok(_) => std::fs::remove_file(path),
+                    Err(e) => Err(e),
+                };
+                match gone {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    other => other,
+                }
+            }
+        }
+    }
+}
+
+/// mount(2) of `source` on `dir`, read-write.
+fn mount(
+    source: &Path,
+    dir: &Path,
+    fstype: Option<&str>,
+    flags: nix::mount::MsFlags,
+) -> std::io::Result<()> {
+    nix::mount::mount(Some(source), dir, fstype, flags, None::<&str>).map_err(std::io::Error::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +326,116 @@ mod tests {
         assert_eq!(r.id, "7");
         assert_eq!(r.cwd, Some(PathBuf::from("/repo")));
         assert_eq!(r.argv, ["sh", "-c", "x"]);
+    }
+
+    #[test]
+    fn parses_setup_steps() {
+        let steps = parse_steps(&args(&[
+            "mkdir",
+            "/s",
+            "mount-ext4",
+            "/dev/vdc",
+            "/s",
+            "bind",
+            "/s/c",
+            "/var/lib/c",
+            "link",
+            "/s/ci",
+            "/run/ci",
+            "rm",
+            "/run/ci/env",
+        ]))
+        .unwrap();
+        assert_eq!(
+            steps,
+            [
+                Step::Mkdir("/s".into()),
+                Step::MountExt4 {
+                    dev: "/dev/vdc".into(),
+                    dir: "/s".into()
+                },
+                Step::Bind {
+                    from: "/s/c".into(),
+                    dir: "/var/lib/c".into()
+                },
+                Step::Link {
+                    target: "/s/ci".into(),
+                    path: "/run/ci".into()
+                },
+                Step::Remove("/run/ci/env".into()),
+            ]
+        );
+        // A missing operand (an unset shell variable is an empty one), an
+        // unknown step, or none at all.
+        for bad in [
+            &["mkdir"][..],
+            &["mount-ext4", "", "/s"],
+            &["bind", "/a"],
+            &["chmod", "/a"],
+            &[],
+        ] {
+            assert!(parse_steps(&args(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn setup_steps_do_what_their_shell_commands_do() {
+        let dir = std::env::temp_dir().join(format!("reprise-guest-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let victim = dir.join("victim");
+        std::fs::create_dir_all(victim.join("keep")).unwrap();
+        // A tree to remove holding a link out of it, and a link to a folder
+        // in place of one: removed, never followed.
+        let old = dir.join("ci/env");
+        std::fs::create_dir_all(old.join("deep")).unwrap();
+        std::fs::write(old.join("deep/VAR"), "x").unwrap();
+        std::os::unix::fs::symlink(&victim, old.join("out")).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("ci/artifacts")).unwrap();
+        std::os::unix::fs::symlink("/nowhere", dir.join("run-ci")).unwrap();
+        let p = |s: &str| dir.join(s).display().to_string();
+        let steps = parse_steps(&args(&[
+            "rm",
+            &p("ci/env"),
+            "rm",
+            &p("ci/artifacts"),
+            "rm",
+            &p("ci/crontab"),
+            "mkdir",
+            &p("ci/env"),
+            "mkdir",
+            &p("a/b/c"),
+            "mkdir",
+            &p("a/b"),
+            "link",
+            &p("ci"),
+            &p("run-ci"),
+            "link",
+            &p("a/b/c"),
+            &p("ci/artifacts"),
+        ]))
+        .unwrap();
+        for step in &steps {
+            step.run().unwrap_or_else(|e| panic!("{step}: {e}"));
+        }
+        assert!(victim.join("keep").is_dir(), "a link was followed");
+        assert_eq!(std::fs::read_dir(dir.join("ci/env")).unwrap().count(), 0);
+        assert!(dir.join("a/b/c").is_dir());
+        assert_eq!(
+            std::fs::read_link(dir.join("run-ci")).unwrap(),
+            dir.join("ci")
+        );
+        assert_eq!(
+            std::fs::read_link(dir.join("ci/artifacts")).unwrap(),
+            dir.join("a/b/c")
+        );
+        // A link is never made inside a folder in its place.
+        let into = Step::Link {
+            target: "/x".into(),
+            path: dir.join("a"),
+        };
+        assert!(into.run().is_err());
+        assert!(!dir.join("a/x").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

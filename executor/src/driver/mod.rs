@@ -44,6 +44,10 @@ pub const CRONTAB: &str = "/var/run/ci/crontab";
 pub const SNAPSHOT: &str = "/var/lib/reprise/state";
 /// The workspace's `mk` in the OS (and bind-mounted into the container).
 pub const OS_MK: &str = "/reprise/bin/mk";
+/// Reprise's helper in the OS (`reprise-guest`): it streams a VM's
+/// commands' output, and does a run's set-up steps in one process
+/// (`reprise-guest setup`), where a shell would start one per command.
+pub const OS_HELPER: &str = crate::vm::GUEST_HELPER;
 /// Where `/var/run/ci/artifacts` points in the OS; the driver collects it.
 pub const ARTIFACTS: &str = "/reprise/artifacts";
 /// The repository's tree in the OS.
@@ -261,6 +265,14 @@ pub trait Session {
     /// mounting the snapshot. Each statement ends with `; ` and exits
     /// non-zero on failure.
     fn os_setup(&self) -> String {
+        String::new()
+    }
+
+    /// Steps of `reprise-guest setup` ([`OS_HELPER`]) the driver leaves to
+    /// do in the OS after [`Session::os_setup`] and before the steps' own
+    /// set-up, as shell words each followed by a space: mounting the
+    /// snapshot, say.
+    fn os_steps(&self) -> String {
         String::new()
     }
 

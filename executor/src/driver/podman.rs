@@ -21,7 +21,7 @@ use reprise_protocol::digest::RunKey;
 use reprise_protocol::manifest::Snapshot;
 use tokio::io::AsyncReadExt;
 
-use super::{ARTIFACTS, OS_MK, REPO, SNAPSHOT};
+use super::{ARTIFACTS, OS_HELPER, OS_MK, REPO, SNAPSHOT};
 use super::{Driver, Output, Prepared, Session, Stream};
 use crate::error::RunError;
 use crate::image::{Image, ImageCache};
@@ -173,6 +173,9 @@ impl Driver for Podman {
         let mk = crate::paths::sibling_exe("mk").ok_or_else(|| {
             RunError::Infra("the static mk is missing beside the reprise binary".into())
         })?;
+        let helper = crate::paths::sibling_exe("reprise-guest").ok_or_else(|| {
+            RunError::Infra("the static reprise-guest is missing beside the reprise binary".into())
+        })?;
         let container = format!(
             "{}{}-{}",
             crate::workdir::CONTAINER_PREFIX,
@@ -198,6 +201,7 @@ impl Driver for Podman {
         for (host, os, ro) in [
             (run.tree.as_path(), "/reprise/repo", false),
             (mk.as_path(), OS_MK, true),
+            (helper.as_path(), OS_HELPER, true),
             (artifacts.as_path(), ARTIFACTS, false),
             (staged.path(), SNAPSHOT, false),
         ] {

@@ -105,8 +105,9 @@ pub struct QemuSession {
     repo: RepoId,
     image: Image,
     work: PathBuf,
-    /// Run first in the guest ([`Session::os_setup`]): mounts the snapshot
-    /// (and, in a warm guest, the run's data disk).
+    /// Run first in the guest ([`Session::os_setup`]): sets `$state_dev`
+    /// (and, in a warm guest, finds the run's disks and mounts its data
+    /// disk).
     os_setup: String,
 }
 
@@ -153,7 +154,7 @@ impl Driver for Qemu {
             repo,
             image,
             work: run.work.to_path_buf(),
-            os_setup: format!("{setup}{}", mount_snapshot()),
+            os_setup: setup,
         };
         Ok((session, phase))
     }
@@ -203,13 +204,6 @@ async fn boot_or_restore(
         "boot"
     };
     Ok((vm, phase))
-}
-
-/// Mounts the snapshot disk `$state_dev` at [`SNAPSHOT`].
-fn mount_snapshot() -> String {
-    format!(
-        "{{ [ -d {SNAPSHOT} ] || mkdir -p {SNAPSHOT}; }} && mount -t ext4 -o rw,noatime \"$state_dev\" {SNAPSHOT} || {{ echo 'mounting the repository snapshot failed' >&2; exit 1; }}; "
-    )
 }
 
 impl QemuSession {
@@ -270,6 +264,12 @@ impl Session for QemuSession {
 
     fn os_setup(&self) -> String {
         self.os_setup.clone()
+    }
+
+    /// Mounts the snapshot disk, `$state_dev` ([`Session::os_setup`] sets
+    /// it), at [`SNAPSHOT`].
+    fn os_steps(&self) -> String {
+        format!("mkdir {SNAPSHOT} mount-ext4 \"$state_dev\" {SNAPSHOT} ")
     }
 
     fn console_tail(&self) -> String {

@@ -46,7 +46,8 @@ pub use warm::{Lent, PluggedDisks, WarmError, WarmGuest};
 pub const GUEST_DATA: &str = "/reprise";
 /// Where the tree put into the guest appears (a link into the data disk).
 pub const GUEST_REPO: &str = "/repo";
-const GUEST_HELPER: &str = "/reprise/bin/reprise-guest";
+/// Reprise's helper in the guest, on the data disk (`reprise-guest`).
+pub const GUEST_HELPER: &str = "/reprise/bin/reprise-guest";
 /// The guest device of the snapshot disk ([`VmConfig::snapshot_disk`]).
 pub const GUEST_SNAPSHOT_DEVICE: &str = "/dev/vdc";
 /// The snapshot disk's overlay in a VM's work folder.

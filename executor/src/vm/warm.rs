@@ -376,7 +376,7 @@ impl Vm {
              [ \"$id\" = '{guest}' ] || {{ echo 'this is not the warm guest {guest}' >&2; exit 1; }}; \
              for f in {GUEST_DATA}/repo/* {GUEST_DATA}/repo/.[!.]* {GUEST_DATA}/repo/..?*; do \
                [ -e \"$f\" ] || [ -L \"$f\" ] || continue; echo 'the warm guest holds a tree already' >&2; exit 1; done; \
-             rm -f {MARKER}; \
+             : > {MARKER}; \
              found() {{ data_dev=; state_dev=; for b in /sys/block/vd*; do s=; read -r s 2>/dev/null < \"$b/serial\"; \
                case \"$s\" in {DATA_SERIAL}) data_dev=/dev/${{b##*/}};; {STATE_SERIAL}) state_dev=/dev/${{b##*/}};; esac; done; \
                [ -b \"$data_dev\" ] && [ -b \"$state_dev\" ]; }}; \
