@@ -42,7 +42,7 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("reprise-guest: {e}");
                 eprintln!(
-                    "usage: reprise-guest setup STEP... (mkdir DIR, mount-ext4 DEV DIR, bind FROM DIR, link TARGET PATH, rm PATH)"
+                    "usage: reprise-guest setup STEP... (mkdir DIR, mount-ext4 DEV DIR, bind FROM DIR, link TARGET PATH, rm PATH, settle DIR)"
                 );
                 ExitCode::from(125)
             }
@@ -207,6 +207,9 @@ enum Step {
     Link { target: PathBuf, path: PathBuf },
     /// `rm -rf PATH`: a symlink there is removed, never followed.
     Remove(PathBuf),
+    /// `fsfreeze -f DIR && fsfreeze -u DIR`: the file system at DIR synced
+    /// and its journal checkpointed, so its disk file reads consistent.
+    Settle(PathBuf),
 }
 
 impl std::fmt::Display for Step {
@@ -223,6 +226,7 @@ impl std::fmt::Display for Step {
                 write!(f, "ln -sfn {} {}", target.display(), path.display())
             }
             Step::Remove(path) => write!(f, "rm -rf {}", path.display()),
+            Step::Settle(dir) => write!(f, "fsfreeze -f {0} && fsfreeze -u {0}", dir.display()),
         }
     }
 }
@@ -253,6 +257,7 @@ fn parse_steps(args: &[String]) -> Result<Vec<Step>, String> {
                 path: operand()?,
             },
             "rm" => Step::Remove(operand()?),
+            "settle" => Step::Settle(operand()?),
             other => return Err(format!("unknown step '{other}'")),
         });
     }
@@ -295,8 +300,30 @@ impl Step {
                     other => other,
                 }
             }
+            Step::Settle(dir) => settle(dir),
         }
     }
+}
+
+nix::ioctl_readwrite!(fifreeze, b'X', 119, std::ffi::c_int);
+nix::ioctl_readwrite!(fithaw, b'X', 120, std::ffi::c_int);
+
+/// Freezes the file system at `dir` (which syncs it and checkpoints its
+/// journal) and thaws it at once, as `fsfreeze -f` and `-u` do.
+#[expect(
+    unsafe_code,
+    reason = "FIFREEZE and FITHAW are ioctls on a descriptor this function owns"
+)]
+fn settle(dir: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let folder = File::open(dir)?;
+    let mut unused: std::ffi::c_int = 0;
+    // SAFETY: the descriptor is open for the whole call and the argument
+    // points to an int, as both ioctls take.
+    unsafe { fifreeze(folder.as_raw_fd(), &mut unused) }.map_err(std::io::Error::from)?;
+    // SAFETY: as above.
+    unsafe { fithaw(folder.as_raw_fd(), &mut unused) }.map_err(std::io::Error::from)?;
+    Ok(())
 }
 
 /// mount(2) of `source` on `dir`, read-write.
@@ -330,22 +357,9 @@ mod tests {
 
     #[test]
     fn parses_setup_steps() {
-        let steps = parse_steps(&args(&[
-            "mkdir",
-            "/s",
-            "mount-ext4",
-            "/dev/vdc",
-            "/s",
-            "bind",
-            "/s/c",
-            "/var/lib/c",
-            "link",
-            "/s/ci",
-            "/run/ci",
-            "rm",
-            "/run/ci/env",
-        ]))
-        .unwrap();
+        let words = "mkdir /s mount-ext4 /dev/vdc /s bind /s/c /var/lib/c \
+                     link /s/ci /run/ci rm /run/ci/env settle /s";
+        let steps = parse_steps(&args(&words.split_whitespace().collect::<Vec<_>>())).unwrap();
         assert_eq!(
             steps,
             [
@@ -363,6 +377,7 @@ mod tests {
                     path: "/run/ci".into()
                 },
                 Step::Remove("/run/ci/env".into()),
+                Step::Settle("/s".into()),
             ]
         );
         // A missing operand (an unset shell variable is an empty one), an
@@ -371,6 +386,7 @@ mod tests {
             &["mkdir"][..],
             &["mount-ext4", "", "/s"],
             &["bind", "/a"],
+            &["settle"],
             &["chmod", "/a"],
             &[],
         ] {

@@ -13,7 +13,7 @@ use std::time::Instant;
 use reprise_protocol::digest::RunKey;
 use reprise_protocol::manifest::Snapshot;
 
-use super::{ARTIFACTS, REPO, SNAPSHOT};
+use super::{ARTIFACTS, OS_HELPER, REPO, SNAPSHOT};
 use super::{Driver, Output, Prepared, Session, Stream};
 use crate::accel::{self, AccelFacts};
 use crate::error::RunError;
@@ -32,9 +32,10 @@ pub use crate::vars::COLD_BOOT_VAR;
 
 /// Flushes and checkpoints the snapshot disk's file system, so the disk
 /// file is consistent once qemu stops (freezing syncs that file system
-/// and commits its journal: no `sync` of every other first).
+/// and commits its journal: no `sync` of every other first), by
+/// Reprise's helper: one process where `fsfreeze -f` and `-u` were two.
 fn freeze_snapshot() -> String {
-    format!("fsfreeze -f {SNAPSHOT} && fsfreeze -u {SNAPSHOT}")
+    format!("{OS_HELPER} setup settle {SNAPSHOT}")
 }
 
 /// Runs in a qemu VM.
