@@ -262,8 +262,8 @@ pub trait Session {
     /// A shell fragment the steps run first in the OS, in the same command
     /// as their own set-up (a process start costs time under TCG): what
     /// the driver leaves to do in the OS before anything else, such as
-    /// mounting the snapshot. Each statement ends with `; ` and exits
-    /// non-zero on failure.
+    /// finding the disks of a warm guest. Each statement ends with `; `
+    /// and exits non-zero on failure.
     fn os_setup(&self) -> String {
         String::new()
     }
