@@ -99,13 +99,13 @@ pub async fn run<S: Session>(
     // not one per command: folders, podman's storage and /run/ci from the
     // snapshot, env/ and artifacts/ anew.
     let setup = format!(
-        "{os}{offline}exec {OS_HELPER} setup {os_steps}\
+        "{os}{offline}exec {OS_HELPER} setup {os_steps} \
          mkdir {SNAPSHOT}/containers mkdir {SNAPSHOT}/ci mkdir /var/lib/containers \
          bind {SNAPSHOT}/containers /var/lib/containers link {SNAPSHOT}/ci /run/ci \
          rm {CI}/env rm {CI}/artifacts rm {CRONTAB} \
          mkdir {CI}/env mkdir {CI}/cache mkdir {ARTIFACTS} link {ARTIFACTS} {CI}/artifacts",
         os = session.os_setup(),
-        os_steps = session.os_steps(),
+        os_steps = session.os_steps().join(" "),
     );
     let out = capture(session, &shell(&setup), &env, ui).await?;
     if !out.success() {

@@ -28,25 +28,7 @@ const CHUNK: usize = 64 * 1024;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("setup") {
-        return match parse_steps(&args[1..]) {
-            Ok(steps) => match steps
-                .iter()
-                .try_for_each(|step| step.run().map_err(|e| format!("{step}: {e}")))
-            {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("reprise-guest: {e}");
-                    ExitCode::from(1)
-                }
-            },
-            Err(e) => {
-                eprintln!("reprise-guest: {e}");
-                eprintln!(
-                    "usage: reprise-guest setup STEP... (mkdir DIR, mount-ext4 DEV DIR, bind FROM DIR, link TARGET PATH, rm PATH, settle DIR)"
-                );
-                ExitCode::from(125)
-            }
-        };
+        return setup(&args[1..]);
     }
     match parse(&args) {
         Ok(req) => match exec(req) {
@@ -62,6 +44,28 @@ fn main() -> ExitCode {
             ExitCode::from(125)
         }
     }
+}
+
+/// `reprise-guest setup STEP...`: every step in order, up to the first
+/// that fails (exit status 1); 125 for steps that do not parse.
+fn setup(args: &[String]) -> ExitCode {
+    let steps = match parse_steps(args) {
+        Ok(steps) => steps,
+        Err(e) => {
+            eprintln!("reprise-guest: {e}");
+            eprintln!(
+                "usage: reprise-guest setup STEP... (mkdir DIR, mount-ext4 DEV DIR, bind FROM DIR, link TARGET PATH, rm PATH, settle DIR)"
+            );
+            return ExitCode::from(125);
+        }
+    };
+    for step in &steps {
+        if let Err(e) = step.run() {
+            eprintln!("reprise-guest: {step}: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 #[derive(Debug)]

@@ -270,10 +270,9 @@ pub trait Session {
 
     /// Steps of `reprise-guest setup` ([`OS_HELPER`]) the driver leaves to
     /// do in the OS after [`Session::os_setup`] and before the steps' own
-    /// set-up, as shell words each followed by a space: mounting the
-    /// snapshot, say.
-    fn os_steps(&self) -> String {
-        String::new()
+    /// set-up, as shell words: mounting the snapshot, say.
+    fn os_steps(&self) -> Vec<String> {
+        Vec::new()
     }
 
     /// The last lines the OS printed, to show with an error.

@@ -13,7 +13,7 @@ use std::time::Instant;
 use reprise_protocol::digest::RunKey;
 use reprise_protocol::manifest::Snapshot;
 
-use super::{ARTIFACTS, OS_HELPER, REPO, SNAPSHOT};
+use super::{ARTIFACTS, REPO, SNAPSHOT};
 use super::{Driver, Output, Prepared, Session, Stream};
 use crate::accel::{self, AccelFacts};
 use crate::error::RunError;
@@ -31,11 +31,9 @@ use crate::vm::{
 pub use crate::vars::COLD_BOOT_VAR;
 
 /// Flushes and checkpoints the snapshot disk's file system, so the disk
-/// file is consistent once qemu stops (freezing syncs that file system
-/// and commits its journal: no `sync` of every other first), by
-/// Reprise's helper: one process where `fsfreeze -f` and `-u` were two.
+/// file is consistent once qemu stops ([`Vm::settle`]).
 fn freeze_snapshot() -> String {
-    format!("{OS_HELPER} setup settle {SNAPSHOT}")
+    Vm::settle(SNAPSHOT)
 }
 
 /// Runs in a qemu VM.
@@ -269,8 +267,10 @@ impl Session for QemuSession {
 
     /// Mounts the snapshot disk, `$state_dev` ([`Session::os_setup`] sets
     /// it), at [`SNAPSHOT`].
-    fn os_steps(&self) -> String {
-        format!("mkdir {SNAPSHOT} mount-ext4 \"$state_dev\" {SNAPSHOT} ")
+    fn os_steps(&self) -> Vec<String> {
+        ["mkdir", SNAPSHOT, "mount-ext4", "\"$state_dev\"", SNAPSHOT]
+            .map(String::from)
+            .to_vec()
     }
 
     fn console_tail(&self) -> String {

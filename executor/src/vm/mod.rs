@@ -911,11 +911,18 @@ impl Vm {
     /// A shell fragment that flushes and checkpoints the data disk's file
     /// system, so the host reads a consistent one from the disk file.
     pub fn settle_data_disk() -> String {
-        // Freezing ext4 syncs it, flushes and checkpoints its journal: no
-        // `sync` of every file system first (a process start less). The
-        // helper on that disk freezes and thaws it: one process, not two
-        // `fsfreeze` (it is loaded before the freeze and only reads after).
-        format!("{GUEST_HELPER} setup settle {GUEST_DATA}")
+        // The helper runs from the disk it freezes: it is loaded before
+        // the freeze and only reads after.
+        Self::settle(GUEST_DATA)
+    }
+
+    /// A shell command that flushes and checkpoints the file system at
+    /// `dir` (freezing ext4 syncs it and checkpoints its journal: no
+    /// `sync` of every file system first) and thaws it: the helper's
+    /// `FIFREEZE` and `FITHAW`, one process where `fsfreeze -f` and `-u`
+    /// were two.
+    pub fn settle(dir: &str) -> String {
+        format!("{GUEST_HELPER} setup settle {dir}")
     }
 
     async fn copy_out_inner(
