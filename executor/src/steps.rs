@@ -211,41 +211,28 @@ pub async fn run<S: Session>(
     }
     phase(inputs.target, t, &mut phases);
 
-    let mut artifacts = None;
-    let mut settled = false;
+    // After a pass, one command does the rest in the OS, in the design's
+    // order (a process start costs time under TCG): the image index, the
+    // artifact rules, post-test, then the settles, artifacts folder and
+    // snapshot; the artifacts are copied out after it. After a failure,
+    // only the index is read.
     let t = Instant::now();
-    if exit_code == 0 {
+    let finished = if exit_code == 0 {
         ui.begin("collect");
-    }
-    // The image the tests ran in (podman's image index, read without
-    // starting podman), and after a pass every artifact, the artifacts
-    // folder settled for the host to read: one command (a process start
-    // costs time under TCG), the index first and a NUL after it.
-    let declared = &inputs.keyed.revision.config.artifacts;
-    let mut make: Vec<String> = Vec::new();
-    if exit_code == 0 && !declared.is_empty() {
-        make.push(OS_MK.into());
-        make.extend(declared.iter().map(|path| format!("{CI}/artifacts/{path}")));
-    }
-    let settle = match exit_code {
-        0 => session.settle_artifacts(),
-        _ => None,
+        Some(finish(session, inputs, &env, &secret_values, ui).await?)
+    } else {
+        None
     };
-    let mut argv = shell(&format!(
-        "for f in {IMAGE_INDEXES}; do [ -f \"$f\" ] && cat \"$f\"; done; printf '\\0'; \
-         c=0; [ $# -eq 0 ] || {{ \"$@\"; c=$?; }}; {}exit $c",
-        settle
-            .as_deref()
-            .map_or(String::new(), |s| format!("{s}; "))
-    ));
-    argv.push("sh".into());
-    argv.extend(make.iter().cloned());
-    let out = capture(session, &argv, &env, ui).await?;
-    let (index, rest) = match out.stdout.iter().position(|b| *b == 0) {
-        Some(at) => (&out.stdout[..at], &out.stdout[at + 1..]),
-        None => (&out.stdout[..], &[][..]),
+    let index = match &finished {
+        Some(f) => f.index.clone(),
+        None => {
+            let argv = shell(&format!(
+                "for f in {IMAGE_INDEXES}; do [ -f \"$f\" ] && cat \"$f\"; done; exit 0"
+            ));
+            capture(session, &argv, &env, ui).await?.stdout
+        }
     };
-    let container_image = match image_id_from_index(index, &image) {
+    let container_image = match image_id_from_index(&index, &image) {
         Some(id) => Some(id),
         // A short name or a digest: podman resolves it.
         None => {
@@ -259,39 +246,13 @@ pub async fn run<S: Session>(
                 .and_then(|l| l.trim().parse::<Sha256Digest>().ok())
         }
     };
-    if exit_code == 0 {
-        if !out.success() {
-            let names: Vec<&str> = declared.iter().map(|a| a.as_str()).collect();
-            return Err(RunError::Contract(format!(
-                "making the artifacts {} (`mk {}`) failed:\n{}{}",
-                names.join(", "),
-                make.get(1..).unwrap_or_default().join(" "),
-                String::from_utf8_lossy(rest),
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
+    let mut artifacts = None;
+    let mut settled = false;
+    if let Some(finished) = finished {
         let host = inputs.work.join("artifacts");
-        session.collect(&host, settle.is_some()).await?;
+        session.collect(&host, finished.artifacts_settled).await?;
         artifacts = Some(host);
-        if inputs.has_post_test {
-            // The snapshot is settled in the same command.
-            let settle = session.settle_snapshot();
-            let code = mk(
-                session,
-                "post-test",
-                settle.as_deref(),
-                &env,
-                &secret_values,
-                ui,
-            )
-            .await?;
-            settled = settle.is_some();
-            if code != 0 {
-                return Err(RunError::Contract(format!(
-                    "`mk post-test` failed with status {code}"
-                )));
-            }
-        }
+        settled = finished.snapshot_settled;
         phase("collect", t, &mut phases);
     }
     Ok(Ran {
@@ -361,32 +322,106 @@ pub fn colour_env(term: &str) -> [(&'static str, String); 5] {
 /// script `after` if given (whatever mk's status; its output is shown too).
 /// stdout stays the tests' own, so `reprise run > log` keeps what a replay
 /// prints. Returns mk's status.
-async fn mk<S: Session>(
+/// What [`finish`] found: the image index, and which settles it ran.
+struct Finished {
+    index: Vec<u8>,
+    artifacts_settled: bool,
+    snapshot_settled: bool,
+}
+
+/// Where the artifact rules' output waits in the OS, shown only if they
+/// fail.
+const ARTIFACT_LOG: &str = "/run/reprise-artifact-rules.log";
+
+/// After a pass, in one command: prints podman's image index, makes the
+/// declared artifacts (`mk` of each, its output kept aside), runs
+/// `post-test` if they were made (its output shown as it comes), settles
+/// the artifacts folder and the snapshot, and prints the two statuses and,
+/// if the rules failed, their output. A failed rule or `post-test` is the
+/// repository's error.
+async fn finish<S: Session>(
     session: &S,
-    target: &str,
-    after: Option<&str>,
+    inputs: &StepInputs<'_>,
     env: &BTreeMap<String, String>,
     secrets: &Patterns,
     ui: &dyn Ui,
-) -> Result<i32, RunError> {
-    let argv = match after {
-        None => vec![OS_MK.to_string(), target.to_string()],
-        Some(script) => vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            format!("{OS_MK} \"$0\"; c=$?; {script}; exit $c"),
-            target.into(),
-        ],
+) -> Result<Finished, RunError> {
+    let declared = &inputs.keyed.revision.config.artifacts;
+    let mut make: Vec<String> = Vec::new();
+    if !declared.is_empty() {
+        make.push(OS_MK.into());
+        make.extend(declared.iter().map(|path| format!("{CI}/artifacts/{path}")));
+    }
+    let post_test = match inputs.has_post_test {
+        true => format!("[ $a -ne 0 ] || {{ {OS_MK} post-test >&2; p=$?; }}; "),
+        false => String::new(),
     };
+    let settle_artifacts = session.settle_artifacts();
+    let settle_snapshot = session.settle_snapshot();
+    let settles: String = [&settle_artifacts, &settle_snapshot]
+        .into_iter()
+        .flatten()
+        .map(|s| format!("{s}; "))
+        .collect();
+    let mut argv = shell(&format!(
+        "for f in {IMAGE_INDEXES}; do [ -f \"$f\" ] && cat \"$f\"; done; printf '\\0'; \
+         a=0; p=0; [ $# -eq 0 ] || {{ \"$@\" > {ARTIFACT_LOG} 2>&1; a=$?; }}; {post_test}\
+         {settles}printf '%d %d\\0' $a $p; [ $a -eq 0 ] || cat {ARTIFACT_LOG}; exit 0"
+    ));
+    argv.push("sh".into());
+    argv.extend(make.iter().cloned());
     let mut shown = Recorder::shown(secrets, ui);
+    let mut stdout = Vec::new();
     ui.command(&argv);
     let code = session
-        .exec(&argv, env, &mut |_: Stream, b: &[u8]| {
-            shown.feed(Stream::Stderr, b)
+        .exec(&argv, env, &mut |stream: Stream, b: &[u8]| match stream {
+            Stream::Stdout => stdout.extend_from_slice(b),
+            Stream::Stderr => shown.feed(Stream::Stderr, b),
         })
         .await?;
     let _ = shown.finish();
-    Ok(code)
+    let mut fields = stdout.splitn(3, |b| *b == 0);
+    let index = fields.next().unwrap_or_default().to_vec();
+    let statuses = fields
+        .next()
+        .map(|s| String::from_utf8_lossy(s).into_owned());
+    let log = fields.next().unwrap_or_default();
+    let (artifacts, post) = match statuses.as_deref().and_then(|s| s.split_once(' ')) {
+        Some((a, p)) if code == 0 => match (a.parse::<i32>(), p.parse::<i32>()) {
+            (Ok(a), Ok(p)) => (a, p),
+            _ => return Err(ended_early(code)),
+        },
+        _ => return Err(ended_early(code)),
+    };
+    if artifacts != 0 {
+        let names: Vec<&str> = declared.iter().map(|a| a.as_str()).collect();
+        let mut redact = crate::redact::Redactor::new(secrets);
+        let mut said = redact.feed(log);
+        said.extend(redact.finish());
+        return Err(RunError::Contract(format!(
+            "making the artifacts {} (`mk {}`) failed with status {artifacts}:\n{}",
+            names.join(", "),
+            make.get(1..).unwrap_or_default().join(" "),
+            String::from_utf8_lossy(&said)
+        )));
+    }
+    if post != 0 {
+        return Err(RunError::Contract(format!(
+            "`mk post-test` failed with status {post}"
+        )));
+    }
+    Ok(Finished {
+        index,
+        artifacts_settled: settle_artifacts.is_some(),
+        snapshot_settled: settle_snapshot.is_some(),
+    })
+}
+
+/// The finishing command ended without saying how its steps went.
+fn ended_early(code: i32) -> RunError {
+    RunError::Infra(format!(
+        "the command that makes the artifacts and runs post-test ended early (status {code})"
+    ))
 }
 
 /// Runs `argv` in the OS and captures its output, shown first with `-v`.

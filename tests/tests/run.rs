@@ -582,6 +582,94 @@ fn broken_contracts_are_refused_after_booting() {
 }
 
 #[test]
+fn artifact_rules_then_post_test_then_the_copy_out_and_each_failure_is_the_repositorys() {
+    // The order of the design: the artifact rules, post-test, then the
+    // artifacts copied out, so post-test may still add to them. The steps
+    // are the pipeline's, the same for every driver: the podman driver (no
+    // VM) runs them.
+    const VALUE: &str = "rul3-s3cr3t";
+    let mkfile = fs::read_to_string(example_hello().join("mkfile")).expect("mkfile");
+    let case = |name: &str, toml: &str, extra: &str| {
+        let s = Sandbox::new();
+        s.copy_from(&example_hello())
+            .write("reprise.toml", toml)
+            .write("mkfile", &format!("{mkfile}\n{extra}"))
+            .git_init()
+            .commit(name);
+        let run = Run::from(
+            s.reprise(&["run", "--driver", "podman", "--secret", "HELLO_TOKEN"])
+                .env("HELLO_TOKEN", VALUE)
+                .output()
+                .expect("reprise starts"),
+        );
+        (s, run)
+    };
+    let declared = |names: &str| format!("secrets = [\"HELLO_TOKEN\"]\nartifacts = [{names}]\n");
+    let post_test = "post-test:V:\n\techo post-test ran >&2\n\techo added by post-test >> $CI/artifacts/report.txt\n";
+    let _vm = vm_lock();
+
+    let (s, run) = case("post-test adds", &declared("\"report.txt\""), post_test);
+    run.expect_code(code::SUCCESS, "post-test adds to an artifact");
+    assert!(
+        run.stderr.contains("post-test ran"),
+        "post-test's output is shown:\n{}",
+        run.stderr
+    );
+    let report =
+        fs::read_to_string(s.repo().join("reprise-artifacts/report.txt")).unwrap_or_default();
+    assert_eq!(
+        report, "greet: 1 passed, 0 failed\nadded by post-test\n",
+        "the artifact as post-test left it"
+    );
+
+    let (s, run) = case(
+        "post-test fails",
+        &declared("\"report.txt\""),
+        "post-test:V:\n\texit 5\n",
+    );
+    run.expect_code(code::CONTRACT, "post-test fails");
+    // mk says how the recipe ended, and ends with its own status.
+    assert!(
+        run.stderr.contains("`mk post-test` failed with status 1")
+            && run.stderr.contains("exit status=exit(5)"),
+        "{}",
+        run.stderr
+    );
+    assert_nothing_kept(&s, &run, "post-test fails");
+    assert!(
+        !s.repo().join("reprise-artifacts/report.txt").exists(),
+        "nothing restored"
+    );
+
+    // A rule that fails: its output (the secret in it redacted) is in the
+    // error, and post-test does not run.
+    let (s, run) = case(
+        "a rule fails",
+        &declared("\"report.txt\", \"missing.txt\""),
+        &format!("$CI/artifacts/missing.txt:\n\techo rule saw $HELLO_TOKEN\n\texit 4\n{post_test}"),
+    );
+    run.expect_code(code::CONTRACT, "an artifact rule fails");
+    assert!(
+        run.stderr
+            .contains("making the artifacts report.txt, missing.txt")
+            && run.stderr.contains("rule saw"),
+        "the rule's failure and its output:\n{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains(VALUE),
+        "the secret is redacted:\n{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("post-test ran"),
+        "post-test did not run:\n{}",
+        run.stderr
+    );
+    assert_nothing_kept(&s, &run, "an artifact rule fails");
+}
+
+#[test]
 fn failing_tests_are_kept_for_inspection_but_never_replayed() {
     // What is kept is the pipeline's doing, not the driver's: the podman
     // driver (no VM) runs it in a fraction of the time.
