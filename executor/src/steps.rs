@@ -14,7 +14,8 @@ use reprise_protocol::digest::Sha256Digest;
 use reprise_protocol::manifest::Phase;
 
 use crate::driver::{
-    ARTIFACTS, CI, CRONTAB, OS_HELPER, OS_MK, OS_PATH, SNAPSHOT, Session, Stream, test_command,
+    ARTIFACTS, CI, CRONTAB, OS_HELPER, OS_MK, OS_PATH, REPO, SNAPSHOT, Session, Stream,
+    test_command,
 };
 use crate::error::RunError;
 use crate::inputs::Keyed;
@@ -99,7 +100,7 @@ pub async fn run<S: Session>(
     // not one per command: folders, podman's storage and /run/ci from the
     // snapshot, env/ and artifacts/ anew.
     let setup = format!(
-        "{os}{offline}exec {OS_HELPER} setup {os_steps} \
+        "{os}{offline}{OS_HELPER} setup {os_steps} \
          mkdir {SNAPSHOT}/containers mkdir {SNAPSHOT}/ci mkdir /var/lib/containers \
          bind {SNAPSHOT}/containers /var/lib/containers link {SNAPSHOT}/ci /run/ci \
          rm {CI}/env rm {CI}/artifacts rm {CRONTAB} \
@@ -107,13 +108,6 @@ pub async fn run<S: Session>(
         os = session.os_setup(),
         os_steps = session.os_steps().join(" "),
     );
-    let out = capture(session, &shell(&setup), &env, ui).await?;
-    if !out.success() {
-        return Err(RunError::Infra(format!(
-            "setting up {CI} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
     // /var/run/ci/env: each file a variable of the container; and the
     // crontab. Listed by the same command as prepare-runtime (a process
     // start costs time under TCG): mk's output goes to stderr, shown, and
@@ -130,30 +124,51 @@ pub async fn run<S: Session>(
          if [ -f {CRONTAB} ]; then printf '%s\\0' {CRONTAB}; head -c {max} {CRONTAB}; printf '\\0'; fi",
         max = crate::schedule::MAX_CRONTAB + 1
     );
-    let listing = if inputs.has_prepare_runtime {
-        let argv = shell(&format!(
-            "{OS_MK} prepare-runtime >&2; c=$?; [ $c -eq 0 ] || exit $c; {list}"
-        ));
-        let mut shown = Recorder::shown(&secret_values, ui);
-        let mut listed = Vec::new();
-        ui.command(&argv);
-        let code = session
-            .exec(&argv, &env, &mut |stream: Stream, b: &[u8]| match stream {
-                Stream::Stdout => listed.extend_from_slice(b),
-                Stream::Stderr => shown.feed(Stream::Stderr, b),
-            })
-            .await?;
-        let _ = shown.finish();
-        if code != 0 {
-            return Err(RunError::Prepare {
-                code,
-                console: session.console_tail(),
-            });
-        }
-        listed
-    } else {
-        capture(session, &shell(&list), &env, ui).await?.stdout
+    let prepare = match inputs.has_prepare_runtime {
+        true => format!("{OS_MK} prepare-runtime >&2; c=$?; [ $c -eq 0 ] || exit $c; "),
+        false => String::new(),
     };
+    // All of it in one command (one more is a round trip to the guest and
+    // a shell under TCG): the set-up says it is done with a byte on stdout
+    // before anything of the repository's runs, so a failed set-up is
+    // told from a failed prepare-runtime. The shell leaves the repository
+    // while the set-up may mount another disk where it is (a warm guest's
+    // data disk), and comes back to the one mounted now.
+    let argv = shell(&format!(
+        "cd / || exit 1; {setup} || exit 1; cd {REPO} || exit 1; printf '{SET_UP}'; {prepare}{list}"
+    ));
+    let mut shown = Recorder::shown(&secret_values, ui);
+    let mut said = Vec::new();
+    let mut listed = Vec::new();
+    ui.command(&argv);
+    let code = session
+        .exec(&argv, &env, &mut |stream: Stream, b: &[u8]| match stream {
+            Stream::Stdout => listed.extend_from_slice(b),
+            Stream::Stderr => {
+                if listed.is_empty() && said.len() < SETUP_SAID {
+                    said.extend_from_slice(&b[..b.len().min(SETUP_SAID - said.len())]);
+                }
+                shown.feed(Stream::Stderr, b)
+            }
+        })
+        .await?;
+    let _ = shown.finish();
+    let Some(listing) = listed.strip_prefix(SET_UP.as_bytes()) else {
+        let mut redact = crate::redact::Redactor::new(&secret_values);
+        let mut said = redact.feed(&said);
+        said.extend(redact.finish());
+        return Err(RunError::Infra(format!(
+            "setting up {CI} failed (status {code}): {}",
+            String::from_utf8_lossy(&said)
+        )));
+    };
+    if code != 0 && inputs.has_prepare_runtime {
+        return Err(RunError::Prepare {
+            code,
+            console: session.console_tail(),
+        });
+    }
+    let listing = listing.to_vec();
     phase("prepare-runtime", t, &mut phases);
 
     let (ci_env, crontab) = parse_env_listing(&listing);
@@ -322,6 +337,13 @@ pub fn colour_env(term: &str) -> [(&'static str, String); 5] {
 /// script `after` if given (whatever mk's status; its output is shown too).
 /// stdout stays the tests' own, so `reprise run > log` keeps what a replay
 /// prints. Returns mk's status.
+/// What the set-up command prints once the set-up is done, before the
+/// repository's `prepare-runtime` runs.
+const SET_UP: &str = "S";
+
+/// The most of what a failed set-up printed that its error repeats.
+const SETUP_SAID: usize = 4096;
+
 /// What [`finish`] found: the image index, and which settles it ran.
 struct Finished {
     index: Vec<u8>,

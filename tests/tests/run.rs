@@ -19,6 +19,7 @@ use run_support::{Run, Sandbox, alive, children_named, example_hello, vm_lock, w
 mod code {
     pub const SUCCESS: i32 = 0;
     pub const TESTS_FAILED: i32 = 1;
+    pub const INFRA: i32 = 3;
     pub const REPOSITORY: i32 = 4;
     pub const CONTRACT: i32 = 5;
     pub const PREPARE_FAILED: i32 = 6;
@@ -667,6 +668,50 @@ fn artifact_rules_then_post_test_then_the_copy_out_and_each_failure_is_the_repos
         run.stderr
     );
     assert_nothing_kept(&s, &run, "an artifact rule fails");
+}
+
+#[test]
+fn a_set_up_that_fails_is_told_from_a_prepare_runtime_that_fails() {
+    // The set-up and prepare-runtime are one command in the OS: a set-up
+    // that fails must still read as the set-up's failure, with what it
+    // said, and nothing of the repository's may have run. A passing run
+    // leaves a file where the set-up makes a folder of the snapshot
+    // (`/var/run/ci/cache`); the podman driver (no VM) keeps its snapshot.
+    let mkfile = fs::read_to_string(example_hello().join("mkfile")).expect("mkfile");
+    let s = Sandbox::new();
+    s.copy_from(&example_hello())
+        .write(
+            "mkfile",
+            &format!(
+                "{mkfile}\nprepare-runtime:V: $CI/env/CONTAINERIMAGE\n\techo prepare-runtime ran >&2\n\trm -rf $CI/cache\n\techo not a folder > $CI/cache\n"
+            ),
+        )
+        .git_init()
+        .commit("breaks its snapshot");
+    let _vm = vm_lock();
+    let first = s.run(&["run", "--driver", "podman", "--no-serve"]);
+    first.expect_code(code::SUCCESS, "the run that breaks its snapshot passes");
+    assert!(
+        first.stderr.contains("prepare-runtime ran"),
+        "{}",
+        first.stderr
+    );
+    s.write("README", "again\n").commit("a new commit");
+    let second = s.run(&["run", "--driver", "podman", "--no-serve"]);
+    second.expect_code(code::INFRA, "the set-up fails");
+    assert!(
+        second
+            .stderr
+            .contains("setting up /var/run/ci failed (status 1)")
+            && second.stderr.contains("/var/run/ci/cache"),
+        "the set-up's failure and what it said:\n{}",
+        second.stderr
+    );
+    assert!(
+        !second.stderr.contains("prepare-runtime ran"),
+        "prepare-runtime did not run:\n{}",
+        second.stderr
+    );
 }
 
 #[test]
