@@ -18,7 +18,7 @@ use crate::vm::{BootError, GuestCommand, SavedGuest, SavedGuestError, SnapshotDi
 
 /// Bumped when what a saved guest holds changes (the guest's state at the
 /// save, the device set).
-const FORMAT: u32 = 3;
+const FORMAT: u32 = 4;
 
 /// Reads the container tools and their libraries into the page cache.
 const WARM_UP: &str = "set -e; bins='/usr/bin/podman /usr/bin/conmon /usr/bin/crun'; \
@@ -159,7 +159,14 @@ impl SavedGuests {
         let stage = crate::workdir::WorkDir::new_in(&self.root, crate::workdir::STAGE_PREFIX)
             .map_err(io(&self.root))?;
         let scratch = stage.path().join(&key);
-        let source_config = Self::source_config(config);
+        std::fs::create_dir_all(&scratch).map_err(io(&scratch))?;
+        let mut source_config = Self::source_config(config);
+        // Its RAM is a file the saved guest keeps: restored guests map it
+        // and read only the pages they touch.
+        source_config.memory_file = Some(crate::vm::MemoryFile {
+            path: crate::vm::saved::ram_file(&scratch),
+            shared: true,
+        });
         let made = async {
             let vm = Vm::boot(&source_config).await?;
             // Every run starts podman, conmon and crun: their files go into
@@ -200,7 +207,7 @@ impl SavedGuests {
             .map(|e| e.path())
             .filter(|p| SavedGuest::load(p).is_some())
             .map(|p| {
-                let bytes = crate::vm::disk::tree_bytes(&p);
+                let bytes = crate::vm::disk::tree_disk_bytes(&p);
                 (p, bytes)
             })
             .collect();

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use reprise_executor::saved_guests::SavedGuests;
 use reprise_executor::snapshots::{Form, RepoId, STATE_DISK_BYTES, SnapshotStart, Snapshots};
 use reprise_executor::vm::{
-    AgentError, BootError, GuestCommand, SNAPSHOT_OVERLAY, SnapshotDisk, Stream, Vm, VmError,
+    AgentError, BootError, GuestCommand, MemoryFile, SNAPSHOT_OVERLAY, SnapshotDisk, Stream, Vm,
+    VmError, saved,
 };
 use reprise_protocol::digest::RunKey;
 use reprise_system_tests::{
@@ -326,18 +327,32 @@ async fn the_cli_runs_a_command_and_exits_with_its_status() {
 async fn a_saved_state_boots_again_with_a_new_data_disk() {
     let scratch = tempfile::tempdir().expect("tempdir");
     let mut config = vm_config();
-    // The machine that writes a state is the one qemu may spawn from.
+    // The machine that writes a state is the one qemu may spawn from, its
+    // RAM a file in the state's folder.
     config.may_spawn = true;
+    let state_dir = scratch.path().join("state");
+    std::fs::create_dir_all(&state_dir).expect("state folder");
+    let ram = saved::ram_file(&state_dir);
+    config.memory_file = Some(MemoryFile {
+        path: ram.clone(),
+        shared: true,
+    });
     let source = TestVm::boot("source", &config).await;
     source
         .sh_ok("echo before-save > /root/saved && echo x > /reprise/old-disk")
         .await;
     let saved = source
-        .save_state(&scratch.path().join("state"), &config)
+        .save_state(&state_dir, &config)
         .await
         .expect("save the guest state");
     eprintln!("saved {} bytes of state", saved.state_bytes());
     source.shutdown().await;
+    // The RAM is the file, not in the state: that holds the devices only.
+    let state_len = std::fs::metadata(state_dir.join("state.bin"))
+        .expect("state file")
+        .len();
+    assert!(state_len < 16 << 20, "the state holds {state_len} bytes");
+    let ram_before = sha256_file(&ram);
 
     let tree = scratch.path().join("tree");
     random_tree(&tree, 3 << 20, 7);
@@ -376,7 +391,33 @@ async fn a_saved_state_boots_again_with_a_new_data_disk() {
     assert_eq!(again.sh("ls /root/after").await.code, 2);
     vm.sh_ok("touch /root/after").await;
     assert_eq!(again.sh("ls /root/after").await.code, 2);
+    // What each writes to its RAM (a tmpfs is RAM only) is its own, and
+    // the saved RAM file stays as it was saved.
+    vm.sh_ok("head -c 16777216 /dev/urandom > /dev/shm/noise && echo mine > /dev/shm/who")
+        .await;
+    again.sh_ok("echo again > /dev/shm/who").await;
+    assert_eq!(vm.sh_ok("cat /dev/shm/who").await, "mine\n");
+    assert_eq!(again.sh("test -e /dev/shm/noise").await.code, 1);
     tokio::join!(vm.shutdown(), again.shutdown());
+    assert!(
+        sha256_file(&ram) == ram_before,
+        "a restored guest wrote to the saved RAM file"
+    );
+}
+
+/// The sha256 of the file at `path`, read in pieces.
+fn sha256_file(path: &std::path::Path) -> [u8; 32] {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).expect("open");
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0; 1 << 20];
+    loop {
+        match file.read(&mut buf).expect("read") {
+            0 => return hasher.finalize().into(),
+            n => hasher.update(&buf[..n]),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

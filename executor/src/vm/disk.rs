@@ -66,7 +66,18 @@ pub fn create_overlay(base: &Path, overlay: &Path) -> Result<(), DiskError> {
 
 /// Bytes used by the files under `dir` (not following symlinks).
 pub fn tree_bytes(dir: &Path) -> u64 {
-    fn walk(dir: &Path, total: &mut u64) {
+    tree_sum(dir, |meta| meta.len().max(4096))
+}
+
+/// What the files under `dir` take on disk (their blocks: a sparse file
+/// counts what it holds, not its length).
+pub fn tree_disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    tree_sum(dir, |meta| meta.blocks() * 512)
+}
+
+fn tree_sum(dir: &Path, size: impl Fn(&std::fs::Metadata) -> u64) -> u64 {
+    fn walk(dir: &Path, total: &mut u64, size: &dyn Fn(&std::fs::Metadata) -> u64) {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
@@ -74,14 +85,14 @@ pub fn tree_bytes(dir: &Path) -> u64 {
             let Ok(meta) = e.path().symlink_metadata() else {
                 continue;
             };
-            *total += meta.len().max(4096);
+            *total += size(&meta);
             if meta.is_dir() {
-                walk(&e.path(), total);
+                walk(&e.path(), total, size);
             }
         }
     }
     let mut total = 0;
-    walk(dir, &mut total);
+    walk(dir, &mut total, &size);
     total
 }
 

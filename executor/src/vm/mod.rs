@@ -104,6 +104,21 @@ pub struct VmConfig {
     /// nothing but the bare base image. Every other qemu runs with
     /// `spawn=deny` in its seccomp filter.
     pub may_spawn: bool,
+    /// The guest's RAM in a file instead of anonymous memory: the machine
+    /// that writes a saved guest shares it (the file is its RAM, and the
+    /// saved state leaves it out), a restored one maps it copy-on-write,
+    /// so its pages are read as the guest touches them rather than all
+    /// before it runs ([`saved`]).
+    pub memory_file: Option<MemoryFile>,
+}
+
+/// A file holding a guest's RAM ([`VmConfig::memory_file`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryFile {
+    pub path: PathBuf,
+    /// The guest writes the file (`share=on`); otherwise its writes stay
+    /// its own (`share=off`, a private mapping).
+    pub shared: bool,
 }
 
 impl VmConfig {
@@ -137,6 +152,7 @@ impl VmConfig {
             restore: None,
             tty: false,
             may_spawn: false,
+            memory_file: None,
         }
     }
 }
@@ -608,6 +624,12 @@ impl Vm {
                 }
             }
         });
+        // (The monitor answers only while its events are read, above.)
+        if config.restore.is_some() {
+            saved::load_deferred(&qmp, INCOMING_FD)
+                .await
+                .map_err(BootError::Qmp)?;
+        }
         let stream = match connect_when_ready(&mut child, &stream_path, deadline).await {
             Ok(s) => s,
             Err(status) => return Err(failed(&mut child, status)),
@@ -1170,7 +1192,10 @@ fn qemu_args(
         "none".into(),
         "-no-reboot".into(),
         "-machine".into(),
-        machine.into(),
+        match &config.memory_file {
+            Some(_) => format!("{machine},memory-backend={RAM_ID}"),
+            None => machine.into(),
+        },
         "-cpu".into(),
         cpu.into(),
         "-smp".into(),
@@ -1245,8 +1270,21 @@ fn qemu_args(
             "chardev:tty".into(),
         ]);
     }
+    if let Some(file) = &config.memory_file {
+        args.extend([
+            "-object".into(),
+            format!(
+                "memory-backend-file,id={RAM_ID},size={}M,mem-path={},share={}",
+                config.memory_mib,
+                p(&file.path),
+                if file.shared { "on" } else { "off" }
+            ),
+        ]);
+    }
     if config.restore.is_some() {
-        args.extend(["-incoming".into(), format!("fd:{INCOMING_FD}")]);
+        // A state saved without its RAM (x-ignore-shared) loads only where
+        // that capability is set first, by the monitor ([`Vm::boot`]).
+        args.extend(["-incoming".into(), "defer".into()]);
     }
     // seccomp: no obsolete system calls, no set*id, no scheduler or
     // priority changes, and no new processes unless it must save a state.
@@ -1257,6 +1295,9 @@ fn qemu_args(
     ]);
     args
 }
+
+/// The id of the memory backend of a guest whose RAM is a file.
+const RAM_ID: &str = "ram0";
 
 /// The descriptor a restoring qemu reads its saved state from.
 const INCOMING_FD: RawFd = 3;

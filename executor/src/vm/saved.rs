@@ -1,12 +1,18 @@
 //! Saving a booted guest's state once and booting later VMs from it, which
 //! skips the kernel boot and init (the big lever under TCG).
 //!
-//! [`Vm::save_state`] unmounts the data disk in the guest, stops the CPUs,
-//! writes the machine state with QMP `migrate` to `exec:cat > FILE` (qemu
-//! 7.2 has no `file:` transport), and keeps a copy of the root overlay as it
-//! was at that moment: the saved memory (page cache, ext4 state) matches
-//! that disk and no other. A VM booted with [`VmConfig::restore`] gets a
-//! fresh overlay on top of that copy, the same device set (`-incoming`
+//! The machine that saves a guest has its RAM in a file of the saved
+//! guest's folder, shared with it ([`VmConfig::memory_file`]).
+//! [`Vm::save_state`] unmounts the data disk in the guest, stops the CPUs
+//! for good, writes the rest of the machine state with QMP `migrate` to
+//! `exec:cat > FILE` (qemu 7.2 has no `file:` transport), the RAM left out
+//! (`x-ignore-shared`: the file is the RAM), and keeps a copy of the root
+//! overlay as it was at that moment: the saved memory (page cache, ext4
+//! state) matches that disk and no other. A VM booted with
+//! [`VmConfig::restore`] maps the RAM file copy-on-write (a private
+//! mapping: its pages are read as the guest touches them, shared between
+//! guests until one writes, and the file never changes), gets a fresh
+//! overlay on top of the disk copy, the same device set (`-incoming`
 //! requires it) and a new data disk in the same slot; once the state is
 //! loaded, the host tells the guest the data disk's new size
 //! (`block_resize`), and the guest drops what it cached of the old disk,
@@ -30,6 +36,14 @@ pub(super) const SNAPSHOT_DRIVE: &str = "state";
 const STATE_FILE: &str = "state.bin";
 const DISK_FILE: &str = "disk.qcow2";
 const META_FILE: &str = "meta.json";
+/// The saved guest's RAM: the file the machine that saved it had as its
+/// RAM ([`VmConfig::memory_file`]).
+const RAM_FILE: &str = "ram.bin";
+
+/// Where the machine that saves a guest into `dir` keeps its RAM.
+pub fn ram_file(dir: &Path) -> PathBuf {
+    dir.join(RAM_FILE)
+}
 
 /// Why a guest state could not be saved or restored.
 #[derive(Debug, Error)]
@@ -75,7 +89,10 @@ impl SavedGuest {
         let meta = std::fs::read(dir.join(META_FILE)).ok()?;
         let mut saved: SavedGuest = serde_json::from_slice(&meta).ok()?;
         saved.dir = dir.to_path_buf();
-        (saved.state_file().is_file() && saved.disk().is_file()).then_some(saved)
+        let whole = [saved.state_file(), saved.disk(), ram_file(dir)]
+            .iter()
+            .all(|f| f.is_file());
+        whole.then_some(saved)
     }
 
     /// Whether VMs restored from it can have a snapshot disk.
@@ -88,7 +105,8 @@ impl SavedGuest {
         &self.dir
     }
 
-    /// Size of the saved machine state in bytes.
+    /// Size of the saved machine state in bytes (its RAM file's blocks
+    /// included).
     pub fn state_bytes(&self) -> u64 {
         self.bytes
     }
@@ -114,6 +132,11 @@ impl SavedGuest {
         c.network = self.network;
         c.tty = self.tty;
         c.kernel_args = self.kernel_args.clone();
+        // Mapped copy-on-write: what the guest writes stays its own.
+        c.memory_file = Some(super::MemoryFile {
+            path: ram_file(&self.dir),
+            shared: false,
+        });
         c
     }
 
@@ -125,6 +148,34 @@ impl SavedGuest {
 
 fn shell_quote(path: &Path) -> String {
     format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
+}
+
+/// The capability that leaves a shared RAM file out of a saved state;
+/// the machine that loads the state must have it set too.
+fn ignore_shared() -> qmp::migrate_set_capabilities {
+    qmp::migrate_set_capabilities {
+        capabilities: vec![qmp::MigrationCapabilityStatus {
+            capability: qmp::MigrationCapability::x_ignore_shared,
+            state: true,
+        }],
+    }
+}
+
+/// Starts loading the state handed over as descriptor `fd` into a qemu
+/// started with `-incoming defer`, the capability of a state saved
+/// without its RAM set first (qemu 7.2 takes it only from the monitor).
+pub(super) async fn load_deferred(qmp: &super::Monitor, fd: i32) -> std::io::Result<()> {
+    qmp.execute(ignore_shared())
+        .await
+        .map_err(std::io::Error::other)?;
+    qmp.execute(qmp::migrate_incoming {
+        uri: Some(format!("fd:{fd}")),
+        channels: None,
+        exit_on_error: None,
+    })
+    .await
+    .map_err(std::io::Error::other)?;
+    Ok(())
 }
 
 /// Waits until the incoming state is loaded and the guest runs. The state
@@ -177,6 +228,16 @@ impl Vm {
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let dir = std::path::absolute(dir).map_err(io(dir))?;
+        // Its RAM must be the file restored guests will map.
+        let ram_in_dir = config.memory_file.as_ref().is_some_and(|f| {
+            f.shared && std::path::absolute(&f.path).is_ok_and(|p| p == ram_file(&dir))
+        });
+        if !ram_in_dir {
+            return Err(SavedGuestError::Prepare(format!(
+                "a saved guest's RAM is a file shared with it (memory_file), {}",
+                ram_file(&dir).display()
+            )));
+        }
         let out = self
             .exec(&GuestCommand::shell(&format!(
                 "sync; umount {GUEST_DATA} && sync && blockdev --flushbufs /dev/vdb"
@@ -191,16 +252,26 @@ impl Vm {
         self.agent.disconnect().await;
 
         let state = dir.join(STATE_FILE);
+        // The state leaves the RAM out (it is the file already), and the
+        // source stays stopped, so the file stays as it was saved.
+        self.qmp_call(ignore_shared()).await?;
         self.qmp_call(qmp::stop {}).await?;
-        let migrated = self.migrate_to(&state).await;
-        // The source may run on (its disks are reactivated by `cont`).
-        let resumed = self.qmp_call(qmp::cont {}).await;
-        migrated?;
-        resumed?;
+        self.migrate_to(&state).await?;
+        // On disk before the folder counts as complete: a crash must not
+        // leave a state whose RAM is partly another's.
+        let ram = ram_file(&dir);
+        for path in [&ram, &state] {
+            std::fs::File::open(path)
+                .and_then(|f| f.sync_all())
+                .map_err(io(path))?;
+        }
 
         let overlay = self.work.path().join("overlay.qcow2");
         std::fs::copy(&overlay, dir.join(DISK_FILE)).map_err(io(&overlay))?;
-        let bytes = std::fs::metadata(&state).map_err(io(&state))?.len();
+        // What the RAM file holds on disk, not its (sparse) length.
+        let bytes = std::fs::metadata(&state).map_err(io(&state))?.len()
+            + std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&ram).map_err(io(&ram))?)
+                * 512;
         let saved = SavedGuest {
             dir: dir.clone(),
             accel: config.accel,
