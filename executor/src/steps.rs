@@ -140,10 +140,11 @@ pub async fn run<S: Session>(
     let mut shown = Recorder::shown(&secret_values, ui);
     let mut said = Vec::new();
     let mut listed = Vec::new();
+    let mut whole = true;
     ui.command(&argv);
     let code = session
         .exec(&argv, &env, &mut |stream: Stream, b: &[u8]| match stream {
-            Stream::Stdout => listed.extend_from_slice(b),
+            Stream::Stdout => whole &= keep(&mut listed, b),
             Stream::Stderr => {
                 if listed.is_empty() && said.len() < SETUP_SAID {
                     said.extend_from_slice(&b[..b.len().min(SETUP_SAID - said.len())]);
@@ -167,6 +168,12 @@ pub async fn run<S: Session>(
             code,
             console: session.console_tail(),
         });
+    }
+    if !whole {
+        return Err(RunError::Contract(format!(
+            "the files in {CI}/env and {CRONTAB} hold more than {} MiB together",
+            MAX_LISTED >> 20
+        )));
     }
     let listing = listing.to_vec();
     phase("prepare-runtime", t, &mut phases);
@@ -332,17 +339,24 @@ pub fn colour_env(term: &str) -> [(&'static str, String); 5] {
     ]
 }
 
-/// Runs `mk TARGET` as root in the OS from the repository root, its output
-/// shown live (redacted) on stderr, not part of the result, then the shell
-/// script `after` if given (whatever mk's status; its output is shown too).
-/// stdout stays the tests' own, so `reprise run > log` keeps what a replay
-/// prints. Returns mk's status.
 /// What the set-up command prints once the set-up is done, before the
 /// repository's `prepare-runtime` runs.
 const SET_UP: &str = "S";
 
 /// The most of what a failed set-up printed that its error repeats.
 const SETUP_SAID: usize = 4096;
+
+/// The most kept of what a command of the steps prints on stdout for the
+/// host to read (the `env/` listing, podman's image index): the
+/// repository, root in the OS, decides how much that is.
+const MAX_LISTED: usize = 16 << 20;
+
+/// Appends `b` to `kept` up to [`MAX_LISTED`]; false once more came.
+fn keep(kept: &mut Vec<u8>, b: &[u8]) -> bool {
+    let room = MAX_LISTED.saturating_sub(kept.len());
+    kept.extend_from_slice(&b[..b.len().min(room)]);
+    b.len() <= room
+}
 
 /// What [`finish`] found: the image index, and which settles it ran.
 struct Finished {
@@ -354,6 +368,9 @@ struct Finished {
 /// Where the artifact rules' output waits in the OS, shown only if they
 /// fail.
 const ARTIFACT_LOG: &str = "/run/reprise-artifact-rules.log";
+
+/// The most of the failed artifact rules' output their error holds.
+const RULES_SAID: usize = 64 << 10;
 
 /// After a pass, in one command: prints podman's image index, makes the
 /// declared artifacts (`mk` of each, its output kept aside), runs
@@ -388,22 +405,25 @@ async fn finish<S: Session>(
     let mut argv = shell(&format!(
         "for f in {IMAGE_INDEXES}; do [ -f \"$f\" ] && cat \"$f\"; done; printf '\\0'; \
          a=0; p=0; [ $# -eq 0 ] || {{ \"$@\" > {ARTIFACT_LOG} 2>&1; a=$?; }}; {post_test}\
-         {settles}printf '%d %d\\0' $a $p; [ $a -eq 0 ] || cat {ARTIFACT_LOG}; exit 0"
+         {settles}printf '%d %d\\0' $a $p; [ $a -eq 0 ] || head -c {RULES_SAID} {ARTIFACT_LOG}; exit 0"
     ));
     argv.push("sh".into());
     argv.extend(make.iter().cloned());
     let mut shown = Recorder::shown(secrets, ui);
-    let mut stdout = Vec::new();
+    let mut out = IndexThenRest::default();
     ui.command(&argv);
     let code = session
         .exec(&argv, env, &mut |stream: Stream, b: &[u8]| match stream {
-            Stream::Stdout => stdout.extend_from_slice(b),
+            Stream::Stdout => out.feed(b),
             Stream::Stderr => shown.feed(Stream::Stderr, b),
         })
         .await?;
     let _ = shown.finish();
-    let mut fields = stdout.splitn(3, |b| *b == 0);
-    let index = fields.next().unwrap_or_default().to_vec();
+    let (index, rest) = out.finish();
+    let Some(rest) = rest else {
+        return Err(ended_early(code));
+    };
+    let mut fields = rest.splitn(2, |b| *b == 0);
     let statuses = fields
         .next()
         .map(|s| String::from_utf8_lossy(s).into_owned());
@@ -437,6 +457,53 @@ async fn finish<S: Session>(
         artifacts_settled: settle_artifacts.is_some(),
         snapshot_settled: settle_snapshot.is_some(),
     })
+}
+
+/// The finishing command's stdout as it comes: podman's image index up to
+/// the first NUL, then the rest, each kept up to [`MAX_LISTED`]. An index
+/// larger than that is dropped whole (podman then names the image, as for
+/// a short name) and the rest is still read.
+struct IndexThenRest {
+    index: Vec<u8>,
+    index_whole: bool,
+    rest: Option<Vec<u8>>,
+}
+
+impl Default for IndexThenRest {
+    fn default() -> Self {
+        IndexThenRest {
+            index: Vec::new(),
+            index_whole: true,
+            rest: None,
+        }
+    }
+}
+
+impl IndexThenRest {
+    fn feed(&mut self, b: &[u8]) {
+        match &mut self.rest {
+            Some(rest) => _ = keep(rest, b),
+            None => {
+                let end = b.iter().position(|c| *c == 0);
+                let (head, tail) = b.split_at(end.unwrap_or(b.len()));
+                self.index_whole = self.index_whole && keep(&mut self.index, head);
+                if end.is_some() {
+                    let mut rest = Vec::new();
+                    keep(&mut rest, &tail[1..]);
+                    self.rest = Some(rest);
+                }
+            }
+        }
+    }
+
+    /// The index (empty if it was too large) and the rest (`None` if no
+    /// NUL ended the index).
+    fn finish(mut self) -> (Vec<u8>, Option<Vec<u8>>) {
+        if !self.index_whole {
+            self.index.clear();
+        }
+        (self.index, self.rest)
+    }
 }
 
 /// The finishing command ended without saying how its steps went.
@@ -518,6 +585,32 @@ mod tests {
         assert_eq!(id(&format!("localhost/hello-test@sha256:{a}")), None);
         assert_eq!(image_id_from_index(b"not json", "localhost/a"), None);
         assert_eq!(image_id_from_index(b"", "localhost/a"), None);
+    }
+
+    #[test]
+    fn the_finishing_output_splits_at_the_first_nul_whatever_the_pieces() {
+        let read = |pieces: &[&[u8]]| {
+            let mut out = IndexThenRest::default();
+            for p in pieces {
+                out.feed(p);
+            }
+            out.finish()
+        };
+        let whole = read(&[b"[{\"id\"", b":1}]\x000 0\x00", b"log"]);
+        assert_eq!(
+            whole,
+            (b"[{\"id\":1}]".to_vec(), Some(b"0 0\x00log".to_vec()))
+        );
+        assert_eq!(read(&[b"idx", b"\x00", b"1 0"]).1, Some(b"1 0".to_vec()));
+        assert_eq!(read(&[b"no nul"]), (b"no nul".to_vec(), None));
+        // An index past the bound is dropped, and what follows it is read.
+        let big = vec![b'x'; MAX_LISTED / 2 + 1];
+        let (index, rest) = read(&[&big, &big, b"\x000 0"]);
+        assert!(index.is_empty());
+        assert_eq!(rest, Some(b"0 0".to_vec()));
+        // The rest is bounded too.
+        let (_, rest) = read(&[b"\x00", &big, &big]);
+        assert_eq!(rest.map(|r| r.len()), Some(MAX_LISTED));
     }
 
     #[test]

@@ -555,6 +555,14 @@ fn broken_contracts_are_refused_after_booting() {
             "podman",
         ),
         (
+            // The listing of env/ is bounded: the repository decides its size.
+            "env/ too large",
+            "</usr/lib/reprise/ci.mk\nCONTAINERIMAGE=localhost/x\nprepare-runtime:V:\n\thead -c 17000000 /dev/zero > /var/run/ci/env/BIG\n\techo $CONTAINERIMAGE > /var/run/ci/env/CONTAINERIMAGE\ntest:V:\n\ttrue\n",
+            code::CONTRACT,
+            "hold more than 16 MiB together",
+            "podman",
+        ),
+        (
             "CONTAINERIMAGE unknown",
             "</usr/lib/reprise/ci.mk\nCONTAINERIMAGE=localhost/does-not-exist\ntest:V:\n\ttrue\n",
             code::CONTRACT,
