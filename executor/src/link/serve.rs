@@ -63,7 +63,11 @@ pub fn stop_serving_at_from_env() -> u64 {
 ///   checks the part by its tag alone, hashing every byte once with
 ///   BLAKE3 rather than with SHA-256; without a tag, or for the rest of a
 ///   part, each chunk is checked against its remembered sha256 before it
-///   is sent.
+///   is sent;
+/// - a part whose file has the very stamp (inode, size, modification and
+///   change times) it had when this process last checked it whole, and
+///   had settled before that check ([`ChunkTables`]), is sent as it is
+///   read, unhashed: the file system says it has not been written since.
 ///
 /// A part checked whole is checked before its last chunk is written, so
 /// a damaged part never leaves whole; a mismatch resets the stream, which
@@ -107,8 +111,16 @@ pub async fn write_transfer(
             source,
         };
         let count = chunk_count(bytes);
+        // Read before the file is opened, so a change while it is read
+        // shows in a later stamp.
+        let opened_at = std::time::SystemTime::now();
+        let mut f = crate::store::open_stored(path).map_err(io)?;
+        let stamp = f.metadata().map(|m| Stamp::of(&m)).map_err(io)?;
         let known = CHUNK_TABLES.get(&sha256, count);
-        let tag = (start == 0)
+        // Checked whole here before and not written since: not hashed.
+        let unchanged = known.as_ref().is_some_and(|k| k.stamp == Some(stamp));
+        let known = known.map(|k| k.chunks);
+        let tag = (start == 0 && !unchanged)
             .then(|| tags.and_then(|t| t.hasher(i)))
             .flatten();
         let mut check = PartCheck {
@@ -117,13 +129,12 @@ pub async fn write_transfer(
             // sha256 is its own).
             whole: (tag.is_none() && known.is_none() && start == 0 && count > 1)
                 .then(sha2::Sha256::new),
-            // With the chunks' sha256s remembered and a tag, no chunk is
-            // hashed by SHA-256 at all.
-            chunks: known.is_none() || tag.is_none(),
+            // With the chunks' sha256s remembered and a tag (or the file
+            // unchanged), no chunk is hashed by SHA-256 at all.
+            chunks: known.is_none() || (tag.is_none() && !unchanged),
             tag,
         };
         let mut table = Vec::new();
-        let mut f = crate::store::open_stored(path).map_err(io)?;
         if start > 0 {
             f.seek(std::io::SeekFrom::Start(start * CHUNK_BYTES))
                 .map_err(io)?;
@@ -173,9 +184,14 @@ pub async fn write_transfer(
             write_chunk(send, &chunk_sha, chunk).await?;
         }
         position += count;
-        // Every chunk of the part was checked against its sha256.
+        // Every chunk of the part was checked against its sha256, and so
+        // the whole part when it went from its start.
+        let settled =
+            (start == 0 && !unchanged && stamp.settled_before(opened_at)).then_some(stamp);
         if known.is_none() && start == 0 && !table.is_empty() {
-            CHUNK_TABLES.remember(sha256, table);
+            CHUNK_TABLES.remember(sha256, table, settled);
+        } else if settled.is_some() {
+            CHUNK_TABLES.stamp(&sha256, count, settled);
         }
     }
     Ok(())
@@ -301,13 +317,72 @@ mod pooled {
 /// matching their sha256, by the part's sha256: in memory only, so what a
 /// transfer is checked against was computed here from bytes that matched
 /// a manifest, never read from a disk that may have changed since.
+///
+/// With each table, the [`Stamp`] of the file last checked whole here, if
+/// its last change was [`SETTLED`] before the check began: a file with that
+/// very stamp has not been written since (a write sets its change time to
+/// now, which no one but the clock can set back), and is sent without
+/// being hashed again. The asker checks every byte against the signed
+/// manifest whatever the holder checked; what this check spares the holder
+/// is sending a part it would find damaged, which still happens for any
+/// change made through the file system.
 struct ChunkTables(std::sync::Mutex<Tables>);
 
 /// The tables by part sha256, and how many chunks they hold.
 #[derive(Default)]
 struct Tables {
-    by_part: std::collections::HashMap<Sha256Digest, Arc<[[u8; 32]]>>,
+    by_part: std::collections::HashMap<Sha256Digest, Known>,
     chunks: usize,
+}
+
+/// What is remembered of a part: its chunks' sha256s, and the stamp of
+/// the file last found whole.
+#[derive(Clone)]
+struct Known {
+    chunks: Arc<[[u8; 32]]>,
+    stamp: Option<Stamp>,
+}
+
+/// What the file system says of a file without reading it: which file it
+/// is, its size, and when its bytes and its inode last changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+}
+
+/// How long before a check a file's last change must be for its stamp to
+/// be trusted: a write within the file system's timestamp granularity of
+/// the last change (a clock tick, or a second on some file systems) could
+/// leave the change time as it was.
+const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            modified: (meta.mtime(), meta.mtime_nsec()),
+            changed: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// Whether the file last changed at least [`SETTLED`] before `t`.
+    fn settled_before(&self, t: std::time::SystemTime) -> bool {
+        let Ok(now) = t.duration_since(std::time::UNIX_EPOCH) else {
+            return false;
+        };
+        let (secs, nanos) = self.changed;
+        let (Ok(secs), Ok(nanos)) = (u64::try_from(secs), u32::try_from(nanos)) else {
+            return false;
+        };
+        std::time::Duration::new(secs, nanos.min(999_999_999)) + SETTLED <= now
+    }
 }
 
 /// How many chunks' sha256s (and parts) are remembered, all parts
@@ -322,16 +397,16 @@ static CHUNK_TABLES: std::sync::LazyLock<ChunkTables> =
 impl ChunkTables {
     /// The table of the part whose sha256 is `sha256`, if it has `count`
     /// chunks.
-    fn get(&self, sha256: &Sha256Digest, count: u64) -> Option<Arc<[[u8; 32]]>> {
+    fn get(&self, sha256: &Sha256Digest, count: u64) -> Option<Known> {
         let tables = self.0.lock().expect("chunk tables");
         tables
             .by_part
             .get(sha256)
-            .filter(|t| t.len() as u64 == count)
+            .filter(|k| k.chunks.len() as u64 == count)
             .cloned()
     }
 
-    fn remember(&self, sha256: Sha256Digest, table: Vec<[u8; 32]>) {
+    fn remember(&self, sha256: Sha256Digest, table: Vec<[u8; 32]>, stamp: Option<Stamp>) {
         let mut tables = self.0.lock().expect("chunk tables");
         // Each part counts as a chunk more, so many small ones are
         // bounded too.
@@ -339,8 +414,25 @@ impl ChunkTables {
             *tables = Tables::default();
         }
         tables.chunks += table.len();
-        if let Some(old) = tables.by_part.insert(sha256, table.into()) {
-            tables.chunks -= old.len();
+        let known = Known {
+            chunks: table.into(),
+            stamp,
+        };
+        if let Some(old) = tables.by_part.insert(sha256, known) {
+            tables.chunks -= old.chunks.len();
+        }
+    }
+
+    /// Sets the stamp of the file last found whole for a part whose
+    /// table of `count` chunks is remembered.
+    fn stamp(&self, sha256: &Sha256Digest, count: u64, stamp: Option<Stamp>) {
+        let mut tables = self.0.lock().expect("chunk tables");
+        if let Some(k) = tables
+            .by_part
+            .get_mut(sha256)
+            .filter(|k| k.chunks.len() as u64 == count)
+        {
+            k.stamp = stamp;
         }
     }
 }
@@ -532,20 +624,45 @@ mod tests {
             Sha256Digest::of(b"b"),
             Sha256Digest::of(b"c"),
         );
-        tables.remember(a, vec![[1; 32]; 3]);
-        assert_eq!(tables.get(&a, 3).unwrap()[2], [1; 32]);
+        tables.remember(a, vec![[1; 32]; 3], None);
+        assert_eq!(tables.get(&a, 3).unwrap().chunks[2], [1; 32]);
         assert!(tables.get(&a, 2).is_none(), "a part of another length");
         assert!(tables.get(&b, 3).is_none());
         // Up to the bound exactly (3 chunks and a part, then the rest).
-        tables.remember(b, vec![[2; 32]; CHUNK_TABLES_MAX - 5]);
+        tables.remember(b, vec![[2; 32]; CHUNK_TABLES_MAX - 5], None);
         assert!(
             tables.get(&a, 3).is_some() && tables.get(&b, CHUNK_TABLES_MAX as u64 - 5).is_some()
         );
         // Past it: everything before goes.
-        tables.remember(c, vec![[3; 32]]);
+        tables.remember(c, vec![[3; 32]], None);
         assert!(
             tables.get(&a, 3).is_none() && tables.get(&b, CHUNK_TABLES_MAX as u64 - 5).is_none()
         );
         assert!(tables.get(&c, 1).is_some());
+    }
+
+    #[test]
+    fn a_stamp_is_trusted_only_once_its_file_has_settled_and_only_for_its_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, b"bytes").unwrap();
+        let stamp = Stamp::of(&std::fs::metadata(&path).unwrap());
+        let now = std::time::SystemTime::now();
+        assert!(!stamp.settled_before(now), "just written");
+        assert!(stamp.settled_before(now + SETTLED + std::time::Duration::from_millis(50)));
+        // Written again: another stamp, whatever the bytes.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&path, b"bytes").unwrap();
+        assert_ne!(Stamp::of(&std::fs::metadata(&path).unwrap()), stamp);
+
+        let tables = ChunkTables(Default::default());
+        let a = Sha256Digest::of(b"a");
+        tables.stamp(&a, 1, Some(stamp));
+        assert!(tables.get(&a, 1).is_none(), "no table, no stamp");
+        tables.remember(a, vec![[1; 32]], None);
+        tables.stamp(&a, 2, Some(stamp));
+        assert_eq!(tables.get(&a, 1).unwrap().stamp, None, "another length");
+        tables.stamp(&a, 1, Some(stamp));
+        assert_eq!(tables.get(&a, 1).unwrap().stamp, Some(stamp));
     }
 }
