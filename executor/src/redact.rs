@@ -140,7 +140,8 @@ impl Patterns {
         }
     }
 
-    fn mask(&self, data: &[u8]) -> Vec<u8> {
+    /// `data`, whole, with every form of every secret masked.
+    pub fn mask(&self, data: &[u8]) -> Vec<u8> {
         let Some((masker, _)) = &self.automata else {
             return data.to_vec();
         };

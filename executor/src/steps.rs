@@ -155,12 +155,9 @@ pub async fn run<S: Session>(
         .await?;
     let _ = shown.finish();
     let Some(listing) = listed.strip_prefix(SET_UP.as_bytes()) else {
-        let mut redact = crate::redact::Redactor::new(&secret_values);
-        let mut said = redact.feed(&said);
-        said.extend(redact.finish());
         return Err(RunError::Infra(format!(
             "setting up {CI} failed (status {code}): {}",
-            String::from_utf8_lossy(&said)
+            String::from_utf8_lossy(&secret_values.mask(&said))
         )));
     };
     if code != 0 && inputs.has_prepare_runtime {
@@ -175,10 +172,9 @@ pub async fn run<S: Session>(
             MAX_LISTED >> 20
         )));
     }
-    let listing = listing.to_vec();
     phase("prepare-runtime", t, &mut phases);
 
-    let (ci_env, crontab) = parse_env_listing(&listing);
+    let (ci_env, crontab) = parse_env_listing(listing);
     let image = ci_env.get("CONTAINERIMAGE").cloned().ok_or_else(|| {
         RunError::Contract(format!(
             "prepare-runtime did not write {CI}/env/CONTAINERIMAGE (include </usr/lib/reprise/ci.mk and set CONTAINERIMAGE, or write the file in prepare-runtime)"
@@ -424,27 +420,22 @@ async fn finish<S: Session>(
         return Err(ended_early(code));
     };
     let mut fields = rest.splitn(2, |b| *b == 0);
-    let statuses = fields
-        .next()
-        .map(|s| String::from_utf8_lossy(s).into_owned());
+    let statuses = fields.next().and_then(|s| std::str::from_utf8(s).ok());
     let log = fields.next().unwrap_or_default();
-    let (artifacts, post) = match statuses.as_deref().and_then(|s| s.split_once(' ')) {
-        Some((a, p)) if code == 0 => match (a.parse::<i32>(), p.parse::<i32>()) {
-            (Ok(a), Ok(p)) => (a, p),
-            _ => return Err(ended_early(code)),
-        },
-        _ => return Err(ended_early(code)),
+    let parsed = statuses
+        .filter(|_| code == 0)
+        .and_then(|s| s.split_once(' '))
+        .and_then(|(a, p)| Some((a.parse::<i32>().ok()?, p.parse::<i32>().ok()?)));
+    let Some((artifacts, post)) = parsed else {
+        return Err(ended_early(code));
     };
     if artifacts != 0 {
         let names: Vec<&str> = declared.iter().map(|a| a.as_str()).collect();
-        let mut redact = crate::redact::Redactor::new(secrets);
-        let mut said = redact.feed(log);
-        said.extend(redact.finish());
         return Err(RunError::Contract(format!(
             "making the artifacts {} (`mk {}`) failed with status {artifacts}:\n{}",
             names.join(", "),
             make.get(1..).unwrap_or_default().join(" "),
-            String::from_utf8_lossy(&said)
+            String::from_utf8_lossy(&secrets.mask(log))
         )));
     }
     if post != 0 {

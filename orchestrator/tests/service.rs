@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use reprise_executor::link::direct::{self, Direct};
 use reprise_executor::link::{
-    Credentials, FetchError, Found, Link, LinkError, read_message, transfer_files, write_message,
+    Credentials, FetchError, Found, Link, LinkError, read_message, serve, transfer_files,
+    write_message,
 };
 use reprise_executor::store::{Sealer, Store, StoredResult};
 use reprise_orchestrator::state::{AuditEntry, AuditFilter};
@@ -417,7 +418,7 @@ async fn a_producer_never_sends_an_artifact_changed_in_its_store() {
         if settled {
             // Past the time a file's last change must lie behind its
             // check for its stamp to be remembered.
-            tokio::time::sleep(Duration::from_millis(2100)).await;
+            tokio::time::sleep(serve::SETTLED + Duration::from_millis(100)).await;
         }
         let b = Arc::new(team.connect(&builder).await.unwrap());
         b.announce(&store_b).await.unwrap();

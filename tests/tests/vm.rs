@@ -352,7 +352,7 @@ async fn a_saved_state_boots_again_with_a_new_data_disk() {
         .expect("state file")
         .len();
     assert!(state_len < 16 << 20, "the state holds {state_len} bytes");
-    let ram_before = sha256_file(&ram);
+    let ram_before = reprise_executor::image::sha256_file(&ram).expect("hash the RAM file");
 
     let tree = scratch.path().join("tree");
     random_tree(&tree, 3 << 20, 7);
@@ -400,24 +400,9 @@ async fn a_saved_state_boots_again_with_a_new_data_disk() {
     assert_eq!(again.sh("test -e /dev/shm/noise").await.code, 1);
     tokio::join!(vm.shutdown(), again.shutdown());
     assert!(
-        sha256_file(&ram) == ram_before,
+        reprise_executor::image::sha256_file(&ram).expect("hash the RAM file") == ram_before,
         "a restored guest wrote to the saved RAM file"
     );
-}
-
-/// The sha256 of the file at `path`, read in pieces.
-fn sha256_file(path: &std::path::Path) -> [u8; 32] {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut file = std::fs::File::open(path).expect("open");
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0; 1 << 20];
-    loop {
-        match file.read(&mut buf).expect("read") {
-            0 => return hasher.finalize().into(),
-            n => hasher.update(&buf[..n]),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -358,7 +358,7 @@ struct Stamp {
 /// be trusted: a write within the file system's timestamp granularity of
 /// the last change (a clock tick, or a second on some file systems) could
 /// leave the change time as it was.
-const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
+pub const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Stamp {
     fn of(meta: &std::fs::Metadata) -> Stamp {
