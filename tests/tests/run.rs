@@ -50,7 +50,12 @@ fn hello_fixture() -> &'static Fixture {
         // an origin is derived from its root commit, so amending the hello
         // commit later must not amend the root.
         sandbox.git_init();
-        sandbox.git(&["commit", "-q", "--allow-empty", "-m", "root"]);
+        // Named after its folder: an empty root commit made in the same
+        // second as another test's (scripts/test.sh runs two test binaries
+        // at once) would otherwise be that commit, and share its namespace
+        // and snapshots.
+        let root = format!("root of {}", sandbox.dir.path().display());
+        sandbox.git(&["commit", "-q", "--allow-empty", "-m", &root]);
         sandbox.copy_from(&example_hello()).commit("hello");
         let first = sandbox.run(&["run"]);
         Fixture { sandbox, first }
