@@ -355,9 +355,20 @@ impl<W: Write> Evaluator<W> {
         r
     }
 
+    /// Waits for the recipes still running, and only for them: a process
+    /// that runs mk as a library has children of its own (its tests run in
+    /// threads of one process, and a reaper of any child there took a
+    /// backquote's shell from under its `wait`).
     fn reap_all(&mut self) {
         let _ = self.out.flush();
-        while let Ok(Some(_)) = proc::wait_any() {}
+        for slot in &mut self.slots {
+            if slot.pid > 0 {
+                proc::wait_for(slot.pid);
+                slot.pid = -1;
+                slot.job = None;
+            }
+        }
+        self.nrunning = 0;
     }
 
     fn mk_inner(&mut self, target: &str) -> Result<(), RunError> {

@@ -96,6 +96,14 @@ pub fn spawn_recipe(
     Ok(pid)
 }
 
+/// Waits for the child `pid` to end (whatever its status).
+pub fn wait_for(pid: i32) {
+    use nix::errno::Errno;
+    use nix::sys::wait::waitpid;
+    let pid = nix::unistd::Pid::from_raw(pid);
+    while let Err(Errno::EINTR) | Ok(nix::sys::wait::WaitStatus::StillAlive) = waitpid(pid, None) {}
+}
+
 /// Waits for any child. `Ok(None)` when there are none; otherwise its pid
 /// and 9base's status text (empty on success, `exit(N)`, `signal N`).
 pub fn wait_any() -> io::Result<Option<(i32, String)>> {
