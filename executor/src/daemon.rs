@@ -777,10 +777,12 @@ pub async fn serve_in_foreground(
                 .map_err(|source| DaemonError::Direct { addr, source })?,
         ),
     };
-    let listening = direct
-        .as_ref()
-        .and_then(|d| d.local_addr().ok())
-        .map_or(String::new(), |a| format!(", direct fetches on {a}"));
+    let listening = direct.as_ref().map_or(String::new(), |d| {
+        let over = if d.over_tcp() { "TCP and UDP" } else { "UDP" };
+        d.local_addr().map_or(String::new(), |a| {
+            format!(", direct fetches on {a} ({over})")
+        })
+    });
     eprintln!(
         "reprise daemon: pid {}, store {}, socket {}, orchestrator {}{}{listening}",
         std::process::id(),

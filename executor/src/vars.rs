@@ -5,7 +5,7 @@
 //! | --- | --- | --- |
 //! | `REPRISE_ORCHESTRATOR` | [`crate::link::settings`] | the orchestrator, `HOST:PORT` |
 //! | `REPRISE_CREDENTIALS` | [`crate::link::settings`] | the credentials file |
-//! | `REPRISE_DIRECT` | `main` (`reprise daemon`) | the UDP address the daemon takes direct fetches on when `--direct` is not given ([`crate::link::direct`]) |
+//! | `REPRISE_DIRECT` | `main` (`reprise daemon`) | the address (TCP and UDP port) the daemon takes direct fetches on when `--direct` is not given ([`crate::link::direct`]) |
 //! | `REPRISE_CA_FINGERPRINT`, `REPRISE_AUDIENCE` | `reprise login` | the team CA's sha256 the orchestrator must present; the token's audience |
 //! | `ACTIONS_ID_TOKEN_REQUEST_URL`, `ACTIONS_ID_TOKEN_REQUEST_TOKEN` | [`crate::link::login`] | GitHub Actions: where and how to ask for the job's ID token |
 //! | `REPRISE_ID_TOKEN` | [`crate::link::login`] | GitLab CI (or any CI): the job's ID token itself |

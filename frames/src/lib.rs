@@ -1,8 +1,13 @@
-//! Frame IO on QUIC streams for the orchestrator protocol
-//! ([`reprise_protocol::wire`]), the one implementation both ends use: a
-//! control message is read header first and an oversized length is refused
-//! before any of the body is read or allocated; a data chunk is read
-//! against the bytes its part has left.
+//! Frame IO for the orchestrator protocol ([`reprise_protocol::wire`]),
+//! the one implementation both ends use: a control message is read header
+//! first and an oversized length is refused before any of the body is read
+//! or allocated; a data chunk is read against the bytes its part has left.
+//!
+//! Frames travel on QUIC streams, and on the direct path between two
+//! executors also on a TLS stream over TCP (the executor's
+//! `link::direct`): both are a [`FrameRecv`] and a [`FrameSend`].
+
+use std::future::Future;
 
 use quinn::{RecvStream, SendStream};
 use reprise_protocol::wire::{self, ErrorCode, FrameError, MAX_CHUNK, Message};
@@ -19,6 +24,8 @@ pub enum ReadError {
     Ended,
     #[error("stream read")]
     Stream(#[from] quinn::ReadError),
+    #[error("stream read")]
+    Io(#[source] std::io::Error),
 }
 
 impl ReadError {
@@ -34,7 +41,7 @@ impl ReadError {
                 e.to_string(),
             )),
             ReadError::Truncated => Some(Message::error(ErrorCode::Malformed, self.to_string())),
-            ReadError::Ended | ReadError::Stream(_) => None,
+            ReadError::Ended | ReadError::Stream(_) | ReadError::Io(_) => None,
         }
     }
 }
@@ -46,20 +53,104 @@ pub enum WriteError {
     Frame(#[from] FrameError),
     #[error("stream write")]
     Stream(#[from] quinn::WriteError),
+    #[error("stream write")]
+    Io(#[source] std::io::Error),
+}
+
+/// Where frames are read from: a QUIC stream's receiving half, or a TLS
+/// stream over TCP.
+pub trait FrameRecv: Send {
+    /// Fills `buf`; `started` says whether part of the frame was read
+    /// already (an end there is a truncated frame, not the end of the
+    /// stream).
+    fn fill(
+        &mut self,
+        buf: &mut [u8],
+        started: bool,
+    ) -> impl Future<Output = Result<(), ReadError>> + Send;
+
+    /// The next bytes of a frame's body, at most `max` (at least one): an
+    /// end of the stream here is a truncated frame.
+    fn piece(&mut self, max: usize)
+    -> impl Future<Output = Result<bytes::Bytes, ReadError>> + Send;
+
+    /// Whether the stream ended cleanly here (`false`: more bytes follow).
+    fn ended(&mut self) -> impl Future<Output = Result<bool, ReadError>> + Send;
+}
+
+/// Where frames are written to: a QUIC stream's sending half, or a TLS
+/// stream over TCP.
+pub trait FrameSend: Send {
+    fn put(&mut self, bytes: &[u8]) -> impl Future<Output = Result<(), WriteError>> + Send;
+
+    /// Writes `bytes`, kept as they are where the stream can (QUIC keeps
+    /// them until the peer acknowledged them, without a copy).
+    fn put_bytes(
+        &mut self,
+        bytes: bytes::Bytes,
+    ) -> impl Future<Output = Result<(), WriteError>> + Send;
+
+    /// Ends the stream cleanly: the peer reads what was written, then the
+    /// end.
+    fn end(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Breaks the stream off: the peer reads it as broken, not ended.
+    fn abort(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+impl FrameRecv for RecvStream {
+    async fn fill(&mut self, buf: &mut [u8], started: bool) -> Result<(), ReadError> {
+        self.read_exact(buf).await.map_err(|e| match e {
+            quinn::ReadExactError::FinishedEarly(n) if started || n > 0 => ReadError::Truncated,
+            quinn::ReadExactError::FinishedEarly(_) => ReadError::Ended,
+            quinn::ReadExactError::ReadError(e) => ReadError::Stream(e),
+        })
+    }
+
+    async fn piece(&mut self, max: usize) -> Result<bytes::Bytes, ReadError> {
+        match self.read_chunk(max, true).await {
+            Ok(Some(piece)) => Ok(piece.bytes),
+            Ok(None) => Err(ReadError::Truncated),
+            Err(e) => Err(ReadError::Stream(e)),
+        }
+    }
+
+    async fn ended(&mut self) -> Result<bool, ReadError> {
+        let mut extra = [0u8; 1];
+        match self.read(&mut extra).await {
+            Ok(None) => Ok(true),
+            Ok(Some(_)) => Ok(false),
+            Err(e) => Err(ReadError::Stream(e)),
+        }
+    }
+}
+
+impl FrameSend for SendStream {
+    async fn put(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
+        Ok(self.write_all(bytes).await?)
+    }
+
+    async fn put_bytes(&mut self, bytes: bytes::Bytes) -> Result<(), WriteError> {
+        Ok(self.write_chunk(bytes).await?)
+    }
+
+    async fn end(&mut self) {
+        let _ = self.finish();
+    }
+
+    async fn abort(&mut self) {
+        let _ = self.reset(quinn::VarInt::from_u32(1));
+    }
 }
 
 /// Fills `buf`; `started` says whether part of the frame was read already
 /// (an end there is a truncated frame, not the end of the stream).
 pub async fn read_exact(
-    recv: &mut RecvStream,
+    recv: &mut impl FrameRecv,
     buf: &mut [u8],
     started: bool,
 ) -> Result<(), ReadError> {
-    recv.read_exact(buf).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(n) if started || n > 0 => ReadError::Truncated,
-        quinn::ReadExactError::FinishedEarly(_) => ReadError::Ended,
-        quinn::ReadExactError::ReadError(e) => ReadError::Stream(e),
-    })
+    recv.fill(buf, started).await
 }
 
 /// How much of a frame's body is read (and allocated) at a time: a peer
@@ -68,7 +159,7 @@ const BODY_STEP: usize = 64 * 1024;
 
 /// Reads one control message frame, refusing an oversized length before
 /// reading the body, and growing the body only as its bytes arrive.
-pub async fn read_message(recv: &mut RecvStream) -> Result<Message, ReadError> {
+pub async fn read_message(recv: &mut impl FrameRecv) -> Result<Message, ReadError> {
     let mut header = [0u8; wire::HEADER_LEN];
     read_exact(recv, &mut header, false).await?;
     let len = wire::body_len(header, wire::MAX_FRAME)?;
@@ -82,9 +173,8 @@ pub async fn read_message(recv: &mut RecvStream) -> Result<Message, ReadError> {
 }
 
 /// Writes one control message frame.
-pub async fn write_message(send: &mut SendStream, message: &Message) -> Result<(), WriteError> {
-    send.write_all(&wire::encode(message)?).await?;
-    Ok(())
+pub async fn write_message(send: &mut impl FrameSend, message: &Message) -> Result<(), WriteError> {
+    send.put(&wire::encode(message)?).await
 }
 
 /// The bytes of a data chunk as the stream received them, to hash and
@@ -117,7 +207,7 @@ impl Pieces {
 /// holder's word, and the receiver checks each part's sha256 from the
 /// signed manifest instead; the relay passes both on.
 pub async fn read_chunk_pieces(
-    recv: &mut RecvStream,
+    recv: &mut impl FrameRecv,
     len: u64,
     pieces: &mut Pieces,
 ) -> Result<[u8; wire::CHUNK_SHA_LEN], ChunkError> {
@@ -133,19 +223,15 @@ pub async fn read_chunk_pieces(
 
 /// The next bytes of a frame's body as the stream received them, at most
 /// `max` (at least one): an end of the stream here is a truncated frame.
-pub async fn read_piece(recv: &mut RecvStream, max: usize) -> Result<bytes::Bytes, ReadError> {
-    match recv.read_chunk(max, true).await {
-        Ok(Some(piece)) => Ok(piece.bytes),
-        Ok(None) => Err(ReadError::Truncated),
-        Err(e) => Err(ReadError::Stream(e)),
-    }
+pub async fn read_piece(recv: &mut impl FrameRecv, max: usize) -> Result<bytes::Bytes, ReadError> {
+    recv.piece(max).await
 }
 
 /// A data chunk frame's header and sha256, the length refused unless it
 /// is `len`'s (see [`read_chunk_pieces`]); returns the sha256 and how many bytes
 /// follow ([`read_piece`] reads them as they come).
 pub async fn read_chunk_head(
-    recv: &mut RecvStream,
+    recv: &mut impl FrameRecv,
     len: u64,
 ) -> Result<([u8; wire::CHUNK_SHA_LEN], usize), ChunkError> {
     let mut header = [0u8; wire::HEADER_LEN];
@@ -173,25 +259,23 @@ pub enum ChunkError {
 /// handed to the stream as they are (no copy; the stream keeps them until
 /// the peer acknowledged them).
 pub async fn write_chunk(
-    send: &mut SendStream,
+    send: &mut impl FrameSend,
     sha: &[u8; wire::CHUNK_SHA_LEN],
     bytes: bytes::Bytes,
 ) -> Result<(), WriteError> {
-    send.write_all(&chunk_head(sha, bytes.len())).await?;
-    send.write_chunk(bytes).await?;
-    Ok(())
+    send.put(&chunk_head(sha, bytes.len())).await?;
+    send.put_bytes(bytes).await
 }
 
 /// Writes a data chunk frame's header and sha256 for a chunk of `len`
 /// bytes, which the caller then writes (a relay: each piece as it comes,
 /// [`read_piece`]).
 pub async fn write_chunk_head(
-    send: &mut SendStream,
+    send: &mut impl FrameSend,
     sha: &[u8; wire::CHUNK_SHA_LEN],
     len: usize,
 ) -> Result<(), WriteError> {
-    send.write_all(&chunk_head(sha, len)).await?;
-    Ok(())
+    send.put(&chunk_head(sha, len)).await
 }
 
 /// A data chunk frame's header and sha256, for a chunk of `len` bytes.

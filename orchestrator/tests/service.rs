@@ -2168,6 +2168,7 @@ async fn a_result_is_fetched_straight_from_a_holder_that_listens_and_through_the
     let store_a = Store::new(work.path().join("store-a"));
     let fetched = a.fetch(&key, NS, &inputs("t1"), &store_a).await.unwrap();
     assert!(fetched.direct, "fetched straight from the holder");
+    assert!(fetched.tcp, "over TCP, the holder listening there too");
     assert_eq!(fetched.signed_by.name, "builder");
     assert_eq!(fetched.stored.manifest, stored_b.manifest);
     assert_eq!(fetched.stored.seal, stored_b.seal);
@@ -2262,6 +2263,22 @@ async fn introduction(asker: &Link, key: &RunKey) -> (String, Sha256Digest, Secr
     }
 }
 
+/// Sends a `Redeem` on a direct TCP connection and reads the first answer.
+async fn redeem_tcp(
+    pipe: &mut reprise_executor::link::pipe::TlsPipe,
+    ticket: &Secret,
+    key: &RunKey,
+) -> Result<Message, reprise_frames::ReadError> {
+    let m = Message::Redeem {
+        ticket: ticket.clone(),
+        key: *key,
+        namespace: NS.into(),
+        resume: None,
+    };
+    write_message(pipe, &m).await.unwrap();
+    read_message(pipe).await
+}
+
 /// Sends a `Redeem` on a direct connection and reads the first answer.
 async fn redeem(conn: &quinn::Connection, ticket: &Secret, key: &RunKey) -> Message {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
@@ -2299,9 +2316,8 @@ async fn a_direct_fetch_needs_the_askers_own_unused_ticket_for_the_key_and_the_h
 
     // Another member of the team that learnt the ticket: refused, and the
     // ticket stays for its asker.
-    let (_e, mallory) = direct::dial(&addr, holder, &team.creds("mallory", &[NS], true))
-        .await
-        .unwrap();
+    let mallory_creds = team.creds("mallory", &[NS], true);
+    let (_e, mallory) = direct::dial(&addr, holder, &mallory_creds).await.unwrap();
     refused(redeem(&mallory, &ticket, &key).await);
     // The asker with a ticket it made up, or its ticket for another key.
     let (_e, conn) = direct::dial(&addr, holder, &asker_creds).await.unwrap();
@@ -2346,7 +2362,124 @@ async fn a_direct_fetch_needs_the_askers_own_unused_ticket_for_the_key_and_the_h
         .await
         .unwrap_err();
     assert!(!e.is_empty());
+
+    // The same over TCP, the holder's other listener on the same port.
+    let (_, _, ticket) = introduction(&a, &key).await;
+    let mut mallory = direct::dial_tcp(&addr, holder, &mallory_creds)
+        .await
+        .unwrap();
+    refused(redeem_tcp(&mut mallory, &ticket, &key).await.unwrap());
+    let mut pipe = direct::dial_tcp(&addr, holder, &asker_creds).await.unwrap();
+    refused(
+        redeem_tcp(&mut pipe, &Secret("00".repeat(32)), &key)
+            .await
+            .unwrap(),
+    );
+    let mut pipe = direct::dial_tcp(&addr, holder, &asker_creds).await.unwrap();
+    assert!(matches!(
+        redeem_tcp(&mut pipe, &ticket, &key).await.unwrap(),
+        Message::Transfer { .. }
+    ));
+    let mut pipe = direct::dial_tcp(&addr, holder, &asker_creds).await.unwrap();
+    refused(redeem_tcp(&mut pipe, &ticket, &key).await.unwrap());
+    let (_, _, ticket) = introduction(&a, &key).await;
+    let kept = direct.tickets().len();
+    match direct::dial_tcp(&addr, holder, &foreign).await {
+        Err(_) => {}
+        // TLS 1.3: the client may finish before the server refuses its
+        // certificate; then nothing is served.
+        Ok(mut pipe) => assert!(
+            redeem_tcp(&mut pipe, &ticket, &key).await.is_err(),
+            "served a stranger over TCP"
+        ),
+    }
+    assert_eq!(
+        direct.tickets().len(),
+        kept,
+        "the stranger did not use it up"
+    );
+    let e = direct::dial_tcp(&addr, impostor.fingerprint(), &asker_creds)
+        .await
+        .unwrap_err();
+    assert!(!e.is_empty());
     for t in tasks {
+        t.abort();
+    }
+    team.stop().await;
+}
+
+#[tokio::test]
+async fn another_program_on_the_holders_tcp_port_gets_no_ticket_and_the_fetch_goes_over_quic() {
+    let team = Team::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let builder = team.creds("builder", &[NS], true);
+    let (store_b, stored_b) = producer_store(work.path(), &builder);
+    // A program of a member of the team took the TCP port first, with a
+    // certificate of the team: it would gladly read a ticket.
+    let squatter = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = squatter.local_addr().unwrap();
+    let tls = team
+        .creds("squatter", &[NS], true)
+        .direct_server_tls()
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let squatting = tokio::spawn(async move {
+        while let Ok((tcp, _)) = squatter.accept().await {
+            let _ = heard_tx.send("connection");
+            if let Ok(mut tls) = acceptor.accept(tcp).await {
+                let _ = heard_tx.send("handshake");
+                let mut buf = Vec::new();
+                let _ = tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut buf).await;
+                if !buf.is_empty() {
+                    let _ = heard_tx.send("bytes");
+                }
+            }
+        }
+    });
+    let direct = Arc::new(Direct::bind(port, &builder).unwrap());
+    assert!(!direct.over_tcp(), "the TCP port is the squatter's");
+    let peer = Arc::new(team.connect(&builder).await.unwrap());
+    peer.announce(&store_b).await.unwrap();
+    assert_eq!(peer.listen(&direct).await.unwrap(), port.to_string());
+    let serving = {
+        let (p, s, t) = (peer.clone(), store_b.clone(), direct.tickets().clone());
+        tokio::spawn(async move {
+            let _ = p.serve_with(&s, Some(t)).await;
+        })
+    };
+    let listening = {
+        let (d, s) = (direct.clone(), store_b.clone());
+        tokio::spawn(async move { d.serve(&s).await })
+    };
+
+    let a = team
+        .connect(&team.creds("asker", &[NS], false))
+        .await
+        .unwrap();
+    let store_a = Store::new(work.path().join("a"));
+    let fetched = a
+        .fetch(&inputs("t1").key(), NS, &inputs("t1"), &store_a)
+        .await
+        .unwrap();
+    assert!(
+        fetched.direct && !fetched.tcp,
+        "straight from the holder, over QUIC"
+    );
+    assert_eq!(fetched.stored.manifest, stored_b.manifest);
+    crate_verify(&store_a, &fetched.stored);
+    // The asker reached the squatter, which could not present the pinned
+    // certificate: no handshake, so no ticket, no byte.
+    let mut told = Vec::new();
+    while let Ok(what) = heard.try_recv() {
+        told.push(what);
+    }
+    assert_eq!(
+        told,
+        ["connection"],
+        "the squatter got further than a TCP connection"
+    );
+    for t in [serving, listening, squatting] {
         t.abort();
     }
     team.stop().await;

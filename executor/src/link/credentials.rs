@@ -139,15 +139,24 @@ impl Credentials {
         quic_client(tls)
     }
 
-    /// The QUIC client configuration of a direct connection to a peer:
-    /// TLS 1.3, ALPN [`wire::DIRECT_ALPN`], this certificate presented,
-    /// and the peer taken only if it presents the very certificate whose
-    /// sha256 is `holder` (the orchestrator's introduction names it) and
-    /// proves it holds that certificate's key.
+    /// The QUIC client configuration of a direct connection to a peer
+    /// ([`Credentials::direct_client_tls`]).
     pub fn direct_client_config(
         &self,
         holder: Sha256Digest,
     ) -> Result<quinn::ClientConfig, LinkError> {
+        quic_transport(self.direct_client_tls(holder)?)
+    }
+
+    /// The TLS client configuration of a direct connection to a peer, over
+    /// QUIC or TCP: TLS 1.3, ALPN [`wire::DIRECT_ALPN`], this certificate
+    /// presented, and the peer taken only if it presents the very
+    /// certificate whose sha256 is `holder` (the orchestrator's
+    /// introduction names it) and proves it holds that certificate's key.
+    pub fn direct_client_tls(
+        &self,
+        holder: Sha256Digest,
+    ) -> Result<rustls::ClientConfig, LinkError> {
         let bad = |e: &dyn std::fmt::Display| LinkError::Credentials(e.to_string());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let pinned = Pinned {
@@ -163,14 +172,33 @@ impl Credentials {
             .with_client_auth_cert(vec![self.cert.clone()], key)
             .map_err(|e| bad(&e))?;
         tls.alpn_protocols = vec![wire::DIRECT_ALPN.to_vec()];
-        quic_transport(tls)
+        Ok(tls)
     }
 
-    /// The QUIC server configuration of this executor's direct listener:
-    /// TLS 1.3, ALPN [`wire::DIRECT_ALPN`], this certificate presented,
-    /// and a client certificate chained to the team CA required (each
-    /// fetch's ticket is bound to one, [`super::direct`]). No 0-RTT.
+    /// The QUIC server configuration of this executor's direct listener
+    /// ([`Credentials::direct_server_tls`]). No 0-RTT.
     pub fn direct_server_config(&self) -> Result<quinn::ServerConfig, LinkError> {
+        let bad = |e: &dyn std::fmt::Display| LinkError::Credentials(e.to_string());
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(self.direct_server_tls()?)
+            .map_err(|e| bad(&e))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(std::time::Duration::from_secs(10)).expect("in range"),
+        ));
+        // A fetch is one stream; an asker has no use for more at once.
+        transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4));
+        transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+        reprise_frames::discover_mtu(&mut transport);
+        config.transport_config(Arc::new(transport));
+        Ok(config)
+    }
+
+    /// The TLS server configuration of this executor's direct listener,
+    /// over QUIC or TCP: TLS 1.3, ALPN [`wire::DIRECT_ALPN`], this
+    /// certificate presented, and a client certificate chained to the team
+    /// CA required (each fetch's ticket is bound to one, [`super::direct`]).
+    pub fn direct_server_tls(&self) -> Result<rustls::ServerConfig, LinkError> {
         let bad = |e: &dyn std::fmt::Display| LinkError::Credentials(e.to_string());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
@@ -189,18 +217,7 @@ impl Credentials {
             .with_single_cert(vec![self.cert.clone()], key)
             .map_err(|e| bad(&e))?;
         tls.alpn_protocols = vec![wire::DIRECT_ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| bad(&e))?;
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
-        transport.max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(std::time::Duration::from_secs(10)).expect("in range"),
-        ));
-        // A fetch is one stream; an asker has no use for more at once.
-        transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4));
-        transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-        reprise_frames::discover_mtu(&mut transport);
-        config.transport_config(Arc::new(transport));
-        Ok(config)
+        Ok(tls)
     }
 
     /// The sha256 of the certificate (the orchestrator's name for it).

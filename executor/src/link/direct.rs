@@ -32,6 +32,17 @@
 //! Whatever fails on the direct path (no listener, an address the asker
 //! cannot reach, a refused ticket, a broken or refused transfer), the
 //! asker fetches through the relay, resuming what arrived whole.
+//!
+//! The holder listens on the same port twice: QUIC on UDP, and TLS over
+//! TCP ([`super::pipe`]), with the same TLS configuration, checks and
+//! tickets. The asker tries TCP first and QUIC when TCP does not connect
+//! within [`TCP_CONNECT_TIMEOUT`] or its handshake fails (a firewall
+//! that lets only UDP through, a TCP port the holder could not take and
+//! another program holds: that one cannot present the pinned
+//! certificate). Over TCP a transfer costs both ends about a third less
+//! CPU than over QUIC, whose packets userspace encrypts, acknowledges and
+//! copies one by one: on a machine of two cores that is the transfer's
+//! time (ARCHITECTURE.md).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -40,13 +51,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, RecvStream, SendStream};
-use reprise_frames::{read_message, write_message};
+use reprise_frames::{FrameRecv, FrameSend, read_message, write_message};
 use reprise_protocol::digest::{RunKey, Sha256Digest};
 use reprise_protocol::wire::{ErrorCode, Message, Secret};
 use tracing::{debug, info, warn};
 
 use super::LinkError;
 use super::credentials::Credentials;
+use super::pipe::TlsPipe;
 use super::serve::{serve_held, stop_serving_at_from_env};
 use crate::store::Store;
 
@@ -60,6 +72,11 @@ pub const MAX_TICKETS: usize = 256;
 /// How long an asker waits for the holder's handshake before it fetches
 /// through the relay instead.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long an asker waits for the holder's TCP connection and TLS
+/// handshake before it tries QUIC instead: a loopback or LAN handshake
+/// takes milliseconds, and a TCP port that is filtered costs no more.
+pub const TCP_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How long a direct connection has to send its `Redeem`.
 const REDEEM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -154,10 +171,14 @@ impl Tickets {
     }
 }
 
-/// A holder's direct listener: its endpoint and the tickets it honours.
+/// A holder's direct listener: its endpoint, its TCP listener on the same
+/// port, and the tickets it honours.
 #[derive(Debug)]
 pub struct Direct {
     endpoint: quinn::Endpoint,
+    tcp: Option<tokio::net::TcpListener>,
+    /// The TLS configuration TCP connections are accepted with.
+    tls: Mutex<Arc<rustls::ServerConfig>>,
     tickets: Arc<Tickets>,
     /// The sha256 of the certificate the listener presents.
     cert: Mutex<Sha256Digest>,
@@ -170,11 +191,39 @@ impl Direct {
     /// Listens on `addr` (`0.0.0.0:PORT`: every address, and peers are
     /// sent to the one the orchestrator sees this executor come from),
     /// presenting `creds`' certificate.
+    /// A TCP port it cannot take is a warning: peers then come over QUIC
+    /// (with port 0, other port numbers are tried first).
     pub fn bind(addr: SocketAddr, creds: &Credentials) -> Result<Direct, LinkError> {
+        let tries = if addr.port() == 0 { 8 } else { 1 };
+        let mut last = None;
+        for _ in 0..tries {
+            let mut direct = Direct::bind_quic(addr, creds)?;
+            let port = direct.local_addr()?;
+            match std::net::TcpListener::bind(port).and_then(|l| {
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)
+            }) {
+                Ok(listener) => {
+                    direct.tcp = Some(listener);
+                    return Ok(direct);
+                }
+                Err(e) => last = Some((direct, port, e)),
+            }
+        }
+        let (direct, port, e) = last.expect("tried at least once");
+        warn!("direct fetches over QUIC only: TCP port {port} cannot be taken: {e}");
+        Ok(direct)
+    }
+
+    /// Listens on `addr` over QUIC only: for a holder whose TCP port is
+    /// another program's, and for tests of the fallback.
+    pub fn bind_quic(addr: SocketAddr, creds: &Credentials) -> Result<Direct, LinkError> {
         let endpoint = reprise_frames::server_endpoint(creds.direct_server_config()?, addr)
             .map_err(LinkError::Endpoint)?;
         Ok(Direct {
             endpoint,
+            tcp: None,
+            tls: Mutex::new(Arc::new(creds.direct_server_tls()?)),
             tickets: Arc::default(),
             cert: Mutex::new(creds.fingerprint()),
             stop_serving_at: Arc::new(AtomicU64::new(stop_serving_at_from_env())),
@@ -207,6 +256,7 @@ impl Direct {
         if *cert != fingerprint {
             self.endpoint
                 .set_server_config(Some(creds.direct_server_config()?));
+            *self.tls.lock().expect("tls") = Arc::new(creds.direct_server_tls()?);
             *cert = fingerprint;
         }
         let addr = self.local_addr()?;
@@ -217,9 +267,69 @@ impl Direct {
         })
     }
 
+    /// Whether it also listens over TCP.
+    pub fn over_tcp(&self) -> bool {
+        self.tcp.is_some()
+    }
+
     /// Serves direct fetches from `store` until the endpoint closes.
     pub async fn serve(&self, store: &Store) {
         let peers = Arc::new(tokio::sync::Semaphore::new(MAX_PEERS));
+        tokio::select! {
+            () = self.serve_quic(store, &peers) => {}
+            () = self.serve_tcp(store, &peers) => {}
+        }
+    }
+
+    async fn serve_tcp(&self, store: &Store, peers: &Arc<tokio::sync::Semaphore>) {
+        let Some(listener) = &self.tcp else {
+            return std::future::pending().await;
+        };
+        loop {
+            let tcp = match listener.accept().await {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors, say: the next may work.
+                    debug!("accepting a direct TCP connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = peers.clone().try_acquire_owned() else {
+                debug!("refused a direct connection: {MAX_PEERS} are open");
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.lock().expect("tls").clone());
+            let (store, tickets) = (store.clone(), self.tickets.clone());
+            let stop = self.stop_serving_at.load(Ordering::Relaxed);
+            tokio::spawn(async move {
+                let _permit = permit;
+                // The handshake and the Redeem within the Redeem's time,
+                // so a peer that stalls holds no place for long.
+                let handshake = tokio::time::timeout(REDEEM_TIMEOUT, acceptor.accept(tcp)).await;
+                let mut pipe = match handshake {
+                    Ok(Ok(tls)) => TlsPipe::new(tls),
+                    Ok(Err(e)) => {
+                        debug!("a direct TCP connection failed its handshake: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                // The TLS verifier required a certificate chained to the
+                // team CA.
+                let Some(asker) = pipe.peer_fingerprint() else {
+                    return;
+                };
+                let asked = read_redeem(&mut pipe).await;
+                if let Err(e) = answer(&mut pipe, asked, &store, &tickets, &asker, stop).await {
+                    warn!("serving a direct fetch failed: {e}");
+                }
+            });
+        }
+    }
+
+    async fn serve_quic(&self, store: &Store, peers: &Arc<tokio::sync::Semaphore>) {
         while let Some(incoming) = self.endpoint.accept().await {
             let Ok(permit) = peers.clone().try_acquire_owned() else {
                 debug!("refused a direct connection: {MAX_PEERS} are open");
@@ -282,31 +392,77 @@ async fn redeem(
     asker: &Sha256Digest,
     stop: u64,
 ) -> Result<(), super::serve::ServeError> {
-    let request = tokio::time::timeout(REDEEM_TIMEOUT, read_message(&mut recv)).await;
-    let (ticket, key, namespace, resume) = match request {
+    let asked = read_redeem(&mut recv).await;
+    answer(&mut send, asked, store, tickets, asker, stop).await
+}
+
+/// What a direct connection asked, its `Redeem` read within
+/// [`REDEEM_TIMEOUT`].
+enum Asked {
+    Redeem {
+        ticket: Secret,
+        key: RunKey,
+        namespace: String,
+        resume: Option<Box<reprise_protocol::wire::Resume>>,
+    },
+    /// Something else: refused with this.
+    Other(Message),
+    /// Nothing in time.
+    Nothing,
+    Broken(reprise_frames::ReadError),
+}
+
+async fn read_redeem(recv: &mut impl FrameRecv) -> Asked {
+    match tokio::time::timeout(REDEEM_TIMEOUT, read_message(recv)).await {
         Ok(Ok(Message::Redeem {
             ticket,
             key,
             namespace,
             resume,
-        })) => (ticket, key, namespace, resume),
-        Ok(Ok(_)) => {
-            let m = Message::error(ErrorCode::Unexpected, "expected redeem");
-            write_message(&mut send, &m).await?;
-            let _ = send.finish();
+        })) => Asked::Redeem {
+            ticket,
+            key,
+            namespace,
+            resume,
+        },
+        Ok(Ok(_)) => Asked::Other(Message::error(ErrorCode::Unexpected, "expected redeem")),
+        Ok(Err(e)) => Asked::Broken(e),
+        Err(_) => Asked::Nothing,
+    }
+}
+
+/// Serves what was asked if a ticket the holder keeps allows it.
+async fn answer(
+    send: &mut impl FrameSend,
+    asked: Asked,
+    store: &Store,
+    tickets: &Tickets,
+    asker: &Sha256Digest,
+    stop: u64,
+) -> Result<(), super::serve::ServeError> {
+    let (ticket, key, namespace, resume) = match asked {
+        Asked::Redeem {
+            ticket,
+            key,
+            namespace,
+            resume,
+        } => (ticket, key, namespace, resume),
+        Asked::Other(m) => {
+            write_message(send, &m).await?;
+            send.end().await;
             return Ok(());
         }
-        Ok(Err(e)) => return Err(e.into()),
-        Err(_) => return Ok(()),
+        Asked::Broken(e) => return Err(e.into()),
+        Asked::Nothing => return Ok(()),
     };
     let Some(mut pending) = tickets.redeem(&ticket, asker, &key, &namespace) else {
         info!(key = %key.short(), "refused a direct fetch without a ticket for it");
-        write_message(&mut send, &Message::error(ErrorCode::NotFound, REFUSED)).await?;
-        let _ = send.finish();
+        write_message(send, &Message::error(ErrorCode::NotFound, REFUSED)).await?;
+        send.end().await;
         return Ok(());
     };
     let sent = serve_held(
-        &mut send,
+        send,
         &key,
         &namespace,
         resume.map(|r| *r),
@@ -323,8 +479,40 @@ async fn redeem(
     Ok(())
 }
 
-/// Dials the holder an introduction names: its `addr`, taken only with
-/// the certificate whose sha256 is `holder`, presenting `creds`.
+/// Dials the holder an introduction names over TCP: its `addr`, taken
+/// only with the certificate whose sha256 is `holder`, presenting
+/// `creds`; the connection and the handshake within
+/// [`TCP_CONNECT_TIMEOUT`].
+pub async fn dial_tcp(
+    addr: &str,
+    holder: Sha256Digest,
+    creds: &Credentials,
+) -> Result<TlsPipe, String> {
+    let remote: SocketAddr = addr
+        .parse()
+        .map_err(|_| format!("the introduction's address {addr:?} is not IP:PORT"))?;
+    let tls = creds.direct_client_tls(holder).map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let name = rustls::pki_types::ServerName::try_from("reprise-peer").expect("a valid name");
+    let connect = async {
+        let tcp = tokio::net::TcpStream::connect(remote)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| crate::text::error_chain(&e))
+    };
+    match tokio::time::timeout(TCP_CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(tls)) => Ok(TlsPipe::new(tls)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!("no handshake within {TCP_CONNECT_TIMEOUT:?}")),
+    }
+}
+
+/// Dials the holder an introduction names over QUIC: its `addr`, taken
+/// only with the certificate whose sha256 is `holder`, presenting `creds`.
 pub async fn dial(
     addr: &str,
     holder: Sha256Digest,

@@ -33,8 +33,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use quinn::RecvStream;
-use reprise_frames::{ChunkError, Pieces, ReadError, read_chunk_pieces};
+use reprise_frames::{ChunkError, FrameRecv, Pieces, ReadError, read_chunk_pieces};
 use reprise_protocol::digest::{RunKey, Sha256Digest};
 use reprise_protocol::key::KeyInputs;
 use reprise_protocol::manifest::{ManifestError, Outcome, Oversize};
@@ -183,6 +182,8 @@ pub struct Fetched {
     /// Whether it came straight from the holder ([`super::direct`]), not
     /// through the orchestrator's relay.
     pub direct: bool,
+    /// Whether it came straight from the holder over TCP, not QUIC.
+    pub tcp: bool,
 }
 
 /// Whether a transfer header's `from` is one this fetch accepts: every
@@ -206,7 +207,7 @@ pub fn check_start(
 /// and sha256, then commits it. Returns the result and the bytes received
 /// and resumed.
 pub(super) async fn receive(
-    recv: &mut RecvStream,
+    recv: &mut impl FrameRecv,
     sealed: Sealed,
     resumed: Option<Partial>,
     store: &Store,
@@ -273,7 +274,7 @@ pub(super) async fn receive(
 }
 
 async fn receive_parts(
-    recv: &mut RecvStream,
+    recv: &mut impl FrameRecv,
     incoming: &mut Receiving,
     received: &mut u64,
 ) -> Result<(), FetchError> {
@@ -317,13 +318,12 @@ async fn receive_parts(
             });
         }
     }
-    let mut extra = [0u8; 1];
-    match recv.read(&mut extra).await {
-        Ok(None) => Ok(()),
-        Ok(Some(_)) => Err(FetchError::TrailingData),
+    match recv.ended().await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(FetchError::TrailingData),
         Err(e) => Err(FetchError::Truncated {
             part: "end of the transfer".into(),
-            source: Some(ReadError::Stream(e)),
+            source: Some(e),
         }),
     }
 }

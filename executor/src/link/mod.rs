@@ -12,6 +12,7 @@ pub mod credentials;
 pub mod direct;
 pub mod fetch;
 pub mod login;
+pub mod pipe;
 pub mod provenance;
 pub mod serve;
 pub mod settings;
@@ -493,44 +494,55 @@ impl Link {
             other => return Err(unexpected(other).into()),
         };
         debug!(%addr, "introduced to the holder");
-        let (endpoint, conn) = direct::dial(&addr, holder, &self.creds)
-            .await
-            .map_err(|e| FetchError::Unavailable(format!("the holder at {addr}: {e}")))?;
-        debug!(%addr, "connected to the holder");
         let (partial, resume) = resumable(store, key);
-        let (mut send, mut recv) = conn.open_bi().await.map_err(LinkError::from)?;
         let redeem = Message::Redeem {
             ticket,
             key: *key,
             namespace: namespace.to_string(),
             resume: resume.clone().map(Box::new),
         };
-        write_message(&mut send, &redeem)
-            .await
-            .map_err(LinkError::from)?;
-        let _ = send.finish();
-        let taken = self
-            .take(
-                &mut recv,
-                key,
-                expected,
-                store,
-                (partial, resume),
-                Some(offered),
-            )
-            .await;
-        conn.close(0u32.into(), b"done");
-        drop(endpoint);
+        let kept = (partial, resume);
+        let tcp = direct::dial_tcp(&addr, holder, &self.creds).await;
+        let taken = match tcp {
+            Ok(mut pipe) => {
+                debug!(%addr, "connected to the holder over TCP");
+                write_message(&mut pipe, &redeem)
+                    .await
+                    .map_err(LinkError::from)?;
+                self.take(&mut pipe, key, expected, store, kept, Some(offered))
+                    .await
+                    .map(|f| (f, true))
+            }
+            Err(why) => {
+                debug!(%addr, "no TCP connection to the holder ({why}); trying QUIC");
+                let (endpoint, conn) = direct::dial(&addr, holder, &self.creds)
+                    .await
+                    .map_err(|e| FetchError::Unavailable(format!("the holder at {addr}: {e}")))?;
+                debug!(%addr, "connected to the holder");
+                let (mut send, mut recv) = conn.open_bi().await.map_err(LinkError::from)?;
+                write_message(&mut send, &redeem)
+                    .await
+                    .map_err(LinkError::from)?;
+                let _ = send.finish();
+                let taken = self
+                    .take(&mut recv, key, expected, store, kept, Some(offered))
+                    .await;
+                conn.close(0u32.into(), b"done");
+                drop(endpoint);
+                taken.map(|f| (f, false))
+            }
+        };
         // The holder's word that it holds nothing is not the
         // orchestrator's: the relay is still asked.
-        let mut fetched = taken.map_err(|e| match e {
+        let (mut fetched, tcp) = taken.map_err(|e| match e {
             FetchError::NotFound => {
                 FetchError::Unavailable("the holder holds no such result".into())
             }
             e => e,
         })?;
         fetched.direct = true;
-        info!(key = %key, %addr, "fetched straight from the holder");
+        fetched.tcp = tcp;
+        info!(key = %key, %addr, tcp, "fetched straight from the holder");
         Ok(fetched)
     }
 
@@ -572,7 +584,7 @@ impl Link {
     /// its data, resuming the partial kept if the transfer is its rest.
     async fn take(
         &self,
-        recv: &mut quinn::RecvStream,
+        recv: &mut impl reprise_frames::FrameRecv,
         key: &RunKey,
         expected: &KeyInputs,
         store: &Store,
@@ -617,6 +629,7 @@ impl Link {
             received,
             resumed,
             direct: false,
+            tcp: false,
         })
     }
 

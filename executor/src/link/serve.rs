@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use quinn::{RecvStream, SendStream};
-use reprise_frames::{ReadError, WriteError, read_message, write_chunk, write_message};
+use reprise_frames::{FrameSend, ReadError, WriteError, read_message, write_chunk, write_message};
 use reprise_protocol::digest::{RunKey, Sha256Digest};
 use reprise_protocol::wire::{
     CHUNK_BYTES, ErrorCode, Message, Resume, Sealed, chunk_count, chunk_len,
@@ -78,7 +78,7 @@ pub fn stop_serving_at_from_env() -> u64 {
 /// Tests and benchmarks only: the transfer stops before chunk `stop` of
 /// the result ([`ServeError::Stopped`]; `u64::MAX` for never).
 pub async fn write_transfer(
-    send: &mut SendStream,
+    send: &mut impl FrameSend,
     transfer: &Sealed,
     files: &[PathBuf],
     from: &[u64],
@@ -536,7 +536,7 @@ pub(super) async fn serve_one(
 /// its output record whole. Returns the bytes of parts' data sent, `None`
 /// when nothing was.
 pub(super) async fn serve_held(
-    send: &mut SendStream,
+    send: &mut impl FrameSend,
     key: &RunKey,
     namespace: &str,
     resume: Option<Resume>,
@@ -575,7 +575,7 @@ pub(super) async fn serve_held(
     else {
         let m = Message::error(ErrorCode::NotFound, "the result is not held");
         write_message(send, &m).await?;
-        let _ = send.finish();
+        send.end().await;
         return Ok(None);
     };
     // The rest of a cut transfer if the asker holds the start of this very
@@ -587,13 +587,13 @@ pub(super) async fn serve_held(
     let files = transfer_files(store, &stored);
     match write_transfer(send, &sealed, &files, &from, tags.as_ref(), stop).await {
         Ok(()) => {
-            let _ = send.finish();
+            send.end().await;
             debug!(key = %key, "served a result");
             Ok(Some(sealed.bytes_from(&from)))
         }
         Err(ServeError::Damaged(path)) => {
             // Cut off: the asker must see a broken transfer, not a whole one.
-            let _ = send.reset(quinn::VarInt::from_u32(1));
+            send.abort().await;
             quarantine(
                 store,
                 &stored,
@@ -604,7 +604,7 @@ pub(super) async fn serve_held(
         Err(ServeError::Stopped(at)) => {
             // Ended where it stopped, as a producer that died there after
             // its last chunk had left.
-            let _ = send.finish();
+            send.end().await;
             warn!(key = %key, "stopped serving at chunk {at}, as told");
             Err(ServeError::Stopped(at))
         }

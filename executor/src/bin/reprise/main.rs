@@ -184,10 +184,11 @@ struct DaemonArgs {
     /// qemu of its own. Without an orchestrator the daemon does only this.
     #[arg(long)]
     warm: bool,
-    /// Let peers fetch results straight from this machine over QUIC on
-    /// ADDR (e.g. 0.0.0.0:4434; port 0 picks one), introduced by the
-    /// orchestrator, instead of through its relay. Peers that cannot reach
-    /// it fall back to the relay.
+    /// Let peers fetch results straight from this machine on ADDR, over
+    /// TLS on its TCP port and QUIC on its UDP port (e.g. 0.0.0.0:4434;
+    /// port 0 picks one), introduced by the orchestrator, instead of
+    /// through its relay. Peers that cannot reach it fall back to the
+    /// relay.
     #[arg(long, value_name = "ADDR", env = reprise_executor::vars::DIRECT_VAR)]
     direct: Option<std::net::SocketAddr>,
 }

@@ -1,0 +1,207 @@
+//! The direct path's TLS stream over TCP, as a stream of frames
+//! ([`reprise_frames::FrameRecv`], [`reprise_frames::FrameSend`]).
+//!
+//! Where a QUIC connection gives up on a peer that went quiet (its idle
+//! timeout), this stream does the same: every read and every write must
+//! make progress within [`IDLE`], or it fails as timed out. A clean end is
+//! TLS's `close_notify`; a stream broken off ([`FrameSend::abort`]) ends
+//! the TCP stream without it, which the reader takes as a cut transfer,
+//! never as its end.
+
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use reprise_frames::{FrameRecv, FrameSend, ReadError, WriteError};
+use reprise_protocol::digest::Sha256Digest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long a read or a write may wait for its peer: a QUIC link's idle
+/// timeout ([`super::credentials`]).
+pub const IDLE: Duration = Duration::from_secs(10);
+
+/// The most a frame's body is read at once: pieces large enough to hash
+/// with wide instructions, below the allocator's mmap threshold.
+const PIECE: usize = 64 * 1024;
+
+/// A TLS stream over TCP carrying frames.
+#[derive(Debug)]
+pub struct TlsPipe {
+    stream: tokio_rustls::TlsStream<TcpStream>,
+}
+
+impl TlsPipe {
+    pub fn new(stream: impl Into<tokio_rustls::TlsStream<TcpStream>>) -> TlsPipe {
+        TlsPipe {
+            stream: stream.into(),
+        }
+    }
+
+    /// The sha256 of the certificate the peer presented, if it did.
+    pub fn peer_fingerprint(&self) -> Option<Sha256Digest> {
+        let (_, tls) = self.stream.get_ref();
+        tls.peer_certificates()?
+            .first()
+            .map(|c| Sha256Digest::of(c.as_ref()))
+    }
+}
+
+fn timed_out() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("the peer made no progress for {IDLE:?}"),
+    )
+}
+
+/// `op`, failed as timed out past [`IDLE`].
+async fn within<T>(op: impl Future<Output = std::io::Result<T>>) -> std::io::Result<T> {
+    tokio::time::timeout(IDLE, op)
+        .await
+        .unwrap_or_else(|_| Err(timed_out()))
+}
+
+impl FrameRecv for TlsPipe {
+    async fn fill(&mut self, buf: &mut [u8], started: bool) -> Result<(), ReadError> {
+        let mut at = 0;
+        while at < buf.len() {
+            match within(self.stream.read(&mut buf[at..])).await {
+                Ok(0) if started || at > 0 => return Err(ReadError::Truncated),
+                Ok(0) => return Err(ReadError::Ended),
+                Ok(n) => at += n,
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn piece(&mut self, max: usize) -> Result<bytes::Bytes, ReadError> {
+        let want = max.clamp(1, PIECE);
+        let mut buf = BytesMut::with_capacity(want);
+        while buf.len() < want {
+            let room = want - buf.len();
+            match within(self.stream.read_buf(&mut (&mut buf).limit(room))).await {
+                Ok(0) => return Err(ReadError::Truncated),
+                Ok(_) => {}
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+        Ok(buf.freeze())
+    }
+
+    async fn ended(&mut self) -> Result<bool, ReadError> {
+        let mut extra = [0u8; 1];
+        match within(self.stream.read(&mut extra)).await {
+            Ok(0) => Ok(true),
+            Ok(_) => Ok(false),
+            Err(e) => Err(ReadError::Io(e)),
+        }
+    }
+}
+
+impl FrameSend for TlsPipe {
+    async fn put(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
+        within(self.stream.write_all(bytes))
+            .await
+            .map_err(WriteError::Io)
+    }
+
+    async fn put_bytes(&mut self, bytes: bytes::Bytes) -> Result<(), WriteError> {
+        self.put(&bytes).await
+    }
+
+    async fn end(&mut self) {
+        // close_notify, then the end of the TCP stream.
+        let _ = within(self.stream.shutdown()).await;
+    }
+
+    async fn abort(&mut self) {
+        // What was written goes out, then the TCP stream ends without
+        // close_notify: the reader's TLS reports an unexpected end.
+        let _ = within(self.stream.flush()).await;
+        let (tcp, _) = self.stream.get_mut();
+        let _ = within(tcp.shutdown()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reprise_frames::{read_message, write_message};
+    use reprise_protocol::wire::Message;
+    use std::sync::Arc;
+
+    /// A TLS pair over loopback TCP: the server's pipe and the client's.
+    async fn pair() -> (TlsPipe, TlsPipe) {
+        let cert = rcgen::generate_simple_self_signed(vec!["peer".into()]).unwrap();
+        let der = cert.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accept = async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+            TlsPipe::new(acceptor.accept(tcp).await.unwrap())
+        };
+        let connect = async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+            let name = rustls::pki_types::ServerName::try_from("peer").unwrap();
+            TlsPipe::new(connector.connect(name, tcp).await.unwrap())
+        };
+        tokio::join!(accept, connect)
+    }
+
+    #[tokio::test]
+    async fn an_ended_stream_is_told_from_one_broken_off() {
+        let (mut a, mut b) = pair().await;
+        write_message(&mut a, &Message::NotFound).await.unwrap();
+        a.end().await;
+        assert!(matches!(read_message(&mut b).await, Ok(Message::NotFound)));
+        assert!(b.ended().await.unwrap(), "close_notify is the end");
+
+        let (mut a, mut b) = pair().await;
+        write_message(&mut a, &Message::NotFound).await.unwrap();
+        a.abort().await;
+        assert!(
+            matches!(read_message(&mut b).await, Ok(Message::NotFound)),
+            "what was written before the abort arrives"
+        );
+        assert!(
+            matches!(b.ended().await, Err(ReadError::Io(_))),
+            "an end without close_notify is a broken stream, not its end"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_piece_is_at_most_what_is_asked_and_an_end_inside_it_is_a_truncation() {
+        let (mut a, mut b) = pair().await;
+        let data = bytes::Bytes::from(vec![7u8; 3 * PIECE]);
+        a.put_bytes(data).await.unwrap();
+        a.end().await;
+        let first = b.piece(10).await.unwrap();
+        assert_eq!(first.len(), 10);
+        let second = b.piece(usize::MAX).await.unwrap();
+        assert_eq!(second.len(), PIECE, "pieces stop at {PIECE} bytes");
+        let mut rest = vec![0u8; 2 * PIECE - 10];
+        b.fill(&mut rest, true).await.unwrap();
+        assert!(matches!(b.piece(1).await, Err(ReadError::Truncated)));
+        assert!(matches!(
+            b.fill(&mut [0u8; 1], false).await,
+            Err(ReadError::Ended)
+        ));
+    }
+}
