@@ -27,10 +27,12 @@ cargo build --workspace --locked --bins --tests
 # second core idle for eleven minutes; the other system tests (the PyPI
 # project, vm.rs, kill.rs, peer.rs, ...) take about as long together. cargo
 # does not hold the build lock while tests run, so two `cargo test` of a
-# built workspace run side by side.
+# built workspace run side by side. (Selected with -p, cargo resolves the
+# features of this one package and compiles a few crates again, about 15 s;
+# with --workspace, `--test login` would also pick the orchestrator's.) The
+# system tests' lib is their harness and holds no tests of its own.
 cargo test --workspace --locked --exclude reprise-system-tests -- --test-threads=2
-cargo test -p reprise-system-tests --locked --doc
-rest=(--lib)
+rest=()
 for f in tests/tests/*.rs; do
   name=$(basename "$f" .rs)
   [ "$name" = run ] || rest+=(--test "$name")

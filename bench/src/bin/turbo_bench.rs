@@ -27,8 +27,8 @@
 //! - **Reprise**: a result of the same output and artifacts committed to a
 //!   producer's store as a real run would commit it (no VM is booted),
 //!   sealed by a trusted identity and served by a real `reprise daemon
-//!   --direct` that a real `reprise-orchestrator serve` introduces (QUIC,
-//!   mutual TLS). Remote hit: the real `reprise run --no-serve` in a clone,
+//!   --direct` that a real `reprise-orchestrator serve` introduces (mutual
+//!   TLS over TCP, QUIC if TCP fails; the orchestrator's links QUIC). Remote hit: the real `reprise run --no-serve` in a clone,
 //!   with a fresh empty store and the consumer's credentials; checked by
 //!   "straight from the executor holding it" on stderr and one more direct
 //!   transfer the holder reported in the orchestrator's log. The same
@@ -908,7 +908,7 @@ fn main() {
          Workload: {} bytes of output on stdout, {ARTIFACTS} x {ARTIFACT_BYTES} bytes of incompressible artifacts.\n\
          Turborepo {TURBO_VERSION} (native binary) with {REMOTE_CACHE} (HTTP, local storage);\n\
          Reprise: `reprise run --no-serve` in a clone, remote = a fresh store fetched from a\n\
-         `reprise daemon --direct` that `reprise-orchestrator serve` introduced (QUIC, mutual TLS),\n\
+         `reprise daemon --direct` that `reprise-orchestrator serve` introduced (mutual TLS over TCP),\n\
          relayed = the same through the orchestrator's relay from a daemon without --direct.\n",
         o.rounds,
         machine(),
