@@ -2122,9 +2122,20 @@ async fn direct_holder(
     creds: &Arc<Credentials>,
     store: &Store,
 ) -> (Arc<Link>, Arc<Direct>, Vec<tokio::task::JoinHandle<()>>) {
+    let direct = Direct::bind("127.0.0.1:0".parse().unwrap(), creds).unwrap();
+    holder_listening(team, creds, store, direct).await
+}
+
+/// [`direct_holder`] with the listener `direct`.
+async fn holder_listening(
+    team: &Team,
+    creds: &Arc<Credentials>,
+    store: &Store,
+    direct: Direct,
+) -> (Arc<Link>, Arc<Direct>, Vec<tokio::task::JoinHandle<()>>) {
+    let direct = Arc::new(direct);
     let peer = Arc::new(team.connect(creds).await.unwrap());
     peer.announce(store).await.unwrap();
-    let direct = Arc::new(Direct::bind("127.0.0.1:0".parse().unwrap(), creds).unwrap());
     let addr = peer.listen(&direct).await.unwrap();
     assert_eq!(addr, direct.local_addr().unwrap().to_string());
     let serving = {
@@ -2437,21 +2448,10 @@ async fn another_program_on_the_holders_tcp_port_gets_no_ticket_and_the_fetch_go
             }
         }
     });
-    let direct = Arc::new(Direct::bind(port, &builder).unwrap());
+    let direct = Direct::bind(port, &builder).unwrap();
     assert!(!direct.over_tcp(), "the TCP port is the squatter's");
-    let peer = Arc::new(team.connect(&builder).await.unwrap());
-    peer.announce(&store_b).await.unwrap();
-    assert_eq!(peer.listen(&direct).await.unwrap(), port.to_string());
-    let serving = {
-        let (p, s, t) = (peer.clone(), store_b.clone(), direct.tickets().clone());
-        tokio::spawn(async move {
-            let _ = p.serve_with(&s, Some(t)).await;
-        })
-    };
-    let listening = {
-        let (d, s) = (direct.clone(), store_b.clone());
-        tokio::spawn(async move { d.serve(&s).await })
-    };
+    let (_b, direct, tasks) = holder_listening(&team, &builder, &store_b, direct).await;
+    assert_eq!(direct.local_addr().unwrap(), port);
 
     let a = team
         .connect(&team.creds("asker", &[NS], false))
@@ -2479,7 +2479,8 @@ async fn another_program_on_the_holders_tcp_port_gets_no_ticket_and_the_fetch_go
         ["connection"],
         "the squatter got further than a TCP connection"
     );
-    for t in [serving, listening, squatting] {
+    squatting.abort();
+    for t in tasks {
         t.abort();
     }
     team.stop().await;
