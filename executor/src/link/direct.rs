@@ -190,7 +190,9 @@ pub struct Direct {
 impl Direct {
     /// Listens on `addr` (`0.0.0.0:PORT`: every address, and peers are
     /// sent to the one the orchestrator sees this executor come from),
-    /// presenting `creds`' certificate.
+    /// presenting `creds`' certificate, over QUIC on its UDP port and TLS
+    /// on its TCP port.
+    ///
     /// A TCP port it cannot take is a warning: peers then come over QUIC
     /// (with port 0, other port numbers are tried first).
     pub fn bind(addr: SocketAddr, creds: &Credentials) -> Result<Direct, LinkError> {
@@ -305,8 +307,9 @@ impl Direct {
             let stop = self.stop_serving_at.load(Ordering::Relaxed);
             tokio::spawn(async move {
                 let _permit = permit;
-                // The handshake and the Redeem within the Redeem's time,
-                // so a peer that stalls holds no place for long.
+                // The handshake within the Redeem's time, then the Redeem
+                // within its own, so a peer that stalls holds no place for
+                // long.
                 let handshake = tokio::time::timeout(REDEEM_TIMEOUT, acceptor.accept(tcp)).await;
                 let mut pipe = match handshake {
                     Ok(Ok(tls)) => TlsPipe::new(tls),
