@@ -101,7 +101,9 @@ pub fn wait_for(pid: i32) {
     use nix::errno::Errno;
     use nix::sys::wait::waitpid;
     let pid = nix::unistd::Pid::from_raw(pid);
-    while let Err(Errno::EINTR) | Ok(nix::sys::wait::WaitStatus::StillAlive) = waitpid(pid, None) {}
+    // Without WNOHANG it returns once the child ended; only a signal
+    // interrupts it.
+    while waitpid(pid, None) == Err(Errno::EINTR) {}
 }
 
 /// Waits for any child. `Ok(None)` when there are none; otherwise its pid
