@@ -35,11 +35,13 @@
 //!
 //! The holder listens on the same port twice: QUIC on UDP, and TLS over
 //! TCP ([`super::pipe`]), with the same TLS configuration, checks and
-//! tickets. The asker tries TCP first and QUIC when TCP does not connect
-//! within [`TCP_CONNECT_TIMEOUT`] or its handshake fails (a firewall
-//! that lets only UDP through, a TCP port the holder could not take and
-//! another program holds: that one cannot present the pinned
-//! certificate). Over TCP a transfer costs both ends about a third less
+//! tickets. The asker dials TCP first, and QUIC beside it when the TCP
+//! port has not answered within [`TCP_HEAD_START`] (a firewall that lets
+//! only UDP through) or when TCP fails: no connection or handshake within
+//! [`TCP_CONNECT_TIMEOUT`], or a handshake refused (a TCP port the holder
+//! could not take and another program holds: that one cannot present the
+//! pinned certificate). The first handshake done is the connection
+//! ([`connect`]). Over TCP a transfer costs both ends about a third less
 //! CPU than over QUIC, whose packets userspace encrypts, acknowledges and
 //! copies one by one: on a machine of two cores that is the transfer's
 //! time (ARCHITECTURE.md).
@@ -74,9 +76,15 @@ pub const MAX_TICKETS: usize = 256;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long an asker waits for the holder's TCP connection and TLS
-/// handshake before it tries QUIC instead: a loopback or LAN handshake
-/// takes milliseconds, and a TCP port that is filtered costs no more.
+/// handshake before it gives up on TCP: a loopback or LAN handshake
+/// takes milliseconds.
 pub const TCP_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long the holder's TCP port has to answer (the connection made, the
+/// handshake not yet) before the asker dials QUIC beside it: a filtered
+/// port (a firewall that lets only UDP through) never answers, and a
+/// LAN's round trip is well under it.
+pub const TCP_HEAD_START: Duration = Duration::from_millis(100);
 
 /// How long a direct connection has to send its `Redeem`.
 const REDEEM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -482,6 +490,96 @@ async fn answer(
     Ok(())
 }
 
+/// A connection to a holder, over one of its two listeners.
+#[derive(Debug)]
+pub enum HolderLink {
+    /// TLS over TCP (boxed: the TLS state is a kilobyte and more).
+    Tcp(Box<TlsPipe>),
+    /// QUIC, with the endpoint it goes through.
+    Quic(quinn::Endpoint, Connection),
+}
+
+/// Dials the holder an introduction names (see [`dial_tcp`] and [`dial`]
+/// for what is checked): over TCP, and over QUIC beside it when the TCP
+/// port has not answered within [`TCP_HEAD_START`] (a filtered port never
+/// does) or at once when TCP fails. The first handshake to complete is
+/// the connection; the other is dropped before a byte of the request
+/// goes over it, so a ticket is only ever sent once.
+pub async fn connect(
+    addr: &str,
+    holder: Sha256Digest,
+    creds: &Credentials,
+) -> Result<HolderLink, String> {
+    let (answered, told) = tokio::sync::oneshot::channel();
+    let tcp = dial_tcp_telling(addr, holder, creds, Some(answered));
+    match race(tcp, told, || dial(addr, holder, creds), TCP_HEAD_START).await? {
+        Raced::First(pipe) => Ok(HolderLink::Tcp(Box::new(pipe))),
+        Raced::Second((endpoint, conn)) => Ok(HolderLink::Quic(endpoint, conn)),
+    }
+}
+
+/// Which of two dials won a [`race`].
+#[derive(Debug)]
+enum Raced<A, B> {
+    First(A),
+    Second(B),
+}
+
+/// Runs the preferred dial `first`, and `second` beside it once
+/// `head_start` has passed without `answered` (the first's transport
+/// answered), or once `first` fails. The first to succeed wins and the
+/// other is dropped; when both fail, both reasons are given.
+async fn race<A, B, F>(
+    first: impl Future<Output = Result<A, String>>,
+    mut answered: tokio::sync::oneshot::Receiver<()>,
+    second: impl FnOnce() -> F,
+    head_start: Duration,
+) -> Result<Raced<A, B>, String>
+where
+    F: Future<Output = Result<B, String>>,
+{
+    let first = std::pin::pin!(first);
+    let mut first = first;
+    let mut head = std::pin::pin!(tokio::time::sleep(head_start));
+    let mut second = Some(second);
+    let mut racing: Option<std::pin::Pin<Box<F>>> = None;
+    let (mut first_failed, mut second_failed) = (None::<String>, None::<String>);
+    let mut waiting = true;
+    let both = |tcp: &str, quic: &str| format!("over TCP: {tcp}; over QUIC: {quic}");
+    loop {
+        tokio::select! {
+            r = &mut first, if first_failed.is_none() => match r {
+                Ok(a) => return Ok(Raced::First(a)),
+                Err(e) => {
+                    if let Some(quic) = &second_failed {
+                        return Err(both(&e, quic));
+                    }
+                    first_failed = Some(e);
+                    if let Some(dial) = second.take() {
+                        racing = Some(Box::pin(dial()));
+                    }
+                }
+            },
+            _ = &mut answered, if waiting => waiting = false,
+            () = &mut head, if waiting && second.is_some() => {
+                if let Some(dial) = second.take() {
+                    racing = Some(Box::pin(dial()));
+                }
+            },
+            r = async { racing.as_mut().expect("a started dial").await },
+                if racing.is_some() && second_failed.is_none() => match r {
+                Ok(b) => return Ok(Raced::Second(b)),
+                Err(e) => {
+                    if let Some(tcp) = &first_failed {
+                        return Err(both(tcp, &e));
+                    }
+                    second_failed = Some(e);
+                }
+            },
+        }
+    }
+}
+
 /// Dials the holder an introduction names over TCP: its `addr`, taken
 /// only with the certificate whose sha256 is `holder`, presenting
 /// `creds`; the connection and the handshake within
@@ -490,6 +588,16 @@ pub async fn dial_tcp(
     addr: &str,
     holder: Sha256Digest,
     creds: &Credentials,
+) -> Result<TlsPipe, String> {
+    dial_tcp_telling(addr, holder, creds, None).await
+}
+
+/// [`dial_tcp`], telling `answered` once the TCP connection is made.
+async fn dial_tcp_telling(
+    addr: &str,
+    holder: Sha256Digest,
+    creds: &Credentials,
+    answered: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<TlsPipe, String> {
     let remote: SocketAddr = addr
         .parse()
@@ -501,6 +609,9 @@ pub async fn dial_tcp(
         let tcp = tokio::net::TcpStream::connect(remote)
             .await
             .map_err(|e| e.to_string())?;
+        if let Some(answered) = answered {
+            let _ = answered.send(());
+        }
         let _ = tcp.set_nodelay(true);
         connector
             .connect(name, tcp)
@@ -536,5 +647,137 @@ pub async fn dial(
         Ok(Ok(conn)) => Ok((endpoint, conn)),
         Ok(Err(e)) => Err(crate::text::error_chain(&e)),
         Err(_) => Err(format!("no handshake within {CONNECT_TIMEOUT:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use tokio::sync::oneshot;
+    use tokio::time::{Instant, sleep, sleep_until};
+
+    const HEAD: Duration = TCP_HEAD_START;
+    const MS: Duration = Duration::from_millis(1);
+
+    /// A preferred dial: its transport answers `answer` after the start
+    /// (never if `None`), and it ends at `end_at` with `end`.
+    async fn first_dial(
+        start: Instant,
+        answer: Option<Duration>,
+        tell: oneshot::Sender<()>,
+        end_at: Duration,
+        end: Result<&'static str, &'static str>,
+    ) -> Result<&'static str, String> {
+        let mut tell = Some(tell);
+        if let Some(at) = answer {
+            sleep_until(start + at).await;
+            let _ = tell.take().expect("told once").send(());
+        }
+        sleep_until(start + end_at).await;
+        drop(tell);
+        end.map_err(String::from)
+    }
+
+    /// The race of `first` against a second dial that takes `takes` and
+    /// ends with `end`; returns the outcome and when the second started,
+    /// counted from the start.
+    async fn run(
+        answer: Option<Duration>,
+        end_at: Duration,
+        first_end: Result<&'static str, &'static str>,
+        takes: Duration,
+        end: Result<&'static str, &'static str>,
+    ) -> (
+        Result<Raced<&'static str, &'static str>, String>,
+        Option<Duration>,
+    ) {
+        let start = Instant::now();
+        let (tell, told) = oneshot::channel();
+        let started = Cell::new(None);
+        let first = first_dial(start, answer, tell, end_at, first_end);
+        let second = || {
+            started.set(Some(start.elapsed()));
+            async move {
+                sleep(takes).await;
+                end.map_err(String::from)
+            }
+        };
+        let raced = race(first, told, second, HEAD).await;
+        (raced, started.get())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tcp_port_that_never_answers_gets_quic_beside_it_after_the_head_start() {
+        let (raced, started) = run(
+            None,
+            TCP_CONNECT_TIMEOUT,
+            Err("no handshake"),
+            10 * MS,
+            Ok("quic"),
+        )
+        .await;
+        assert!(matches!(raced, Ok(Raced::Second("quic"))), "{raced:?}");
+        assert_eq!(started, Some(HEAD), "QUIC waits the head start, no more");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tcp_port_that_answers_keeps_quic_back_until_its_handshake_fails() {
+        // Another program on the holder's TCP port: it accepts, it never
+        // completes a handshake with the holder's certificate.
+        let (raced, started) = run(
+            Some(MS),
+            TCP_CONNECT_TIMEOUT,
+            Err("no handshake"),
+            10 * MS,
+            Ok("quic"),
+        )
+        .await;
+        assert!(matches!(raced, Ok(Raced::Second("quic"))), "{raced:?}");
+        assert_eq!(started, Some(TCP_CONNECT_TIMEOUT));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_tcp_connection_starts_quic_at_once() {
+        let (raced, started) = run(None, Duration::ZERO, Err("refused"), 10 * MS, Ok("quic")).await;
+        assert!(matches!(raced, Ok(Raced::Second("quic"))), "{raced:?}");
+        assert_eq!(started, Some(Duration::ZERO));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quick_tcp_handshake_never_starts_quic() {
+        let (raced, started) = run(Some(MS), 20 * MS, Ok("tcp"), MS, Ok("quic")).await;
+        assert!(matches!(raced, Ok(Raced::First("tcp"))), "{raced:?}");
+        assert_eq!(started, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_tcp_handshake_still_wins_over_a_slower_quic_one() {
+        let (raced, started) = run(
+            Some(HEAD + 50 * MS),
+            HEAD + 60 * MS,
+            Ok("tcp"),
+            CONNECT_TIMEOUT,
+            Ok("quic"),
+        )
+        .await;
+        assert!(matches!(raced, Ok(Raced::First("tcp"))), "{raced:?}");
+        assert_eq!(started, Some(HEAD), "QUIC was dialled, and dropped");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quic_failing_first_leaves_tcp_to_finish() {
+        let (raced, _) = run(None, 300 * MS, Ok("tcp"), MS, Err("unreachable")).await;
+        assert!(matches!(raced, Ok(Raced::First("tcp"))), "{raced:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn both_failing_gives_both_reasons() {
+        for (end_at, takes) in [(TCP_CONNECT_TIMEOUT, MS), (Duration::ZERO, CONNECT_TIMEOUT)] {
+            let (raced, _) = run(None, end_at, Err("refused"), takes, Err("timed out")).await;
+            let e = raced.expect_err("both failed");
+            assert!(e.contains("TCP: refused"), "{e}");
+            assert!(e.contains("QUIC: timed out"), "{e}");
+        }
     }
 }

@@ -34,6 +34,7 @@ use thiserror::Error;
 use tracing::{debug, info, warn};
 
 pub use credentials::Credentials;
+use direct::HolderLink;
 use fetch::receive;
 pub use fetch::{FetchError, Fetched, check_start, check_transfer};
 pub use reprise_frames::{ReadError, WriteError, read_message, write_message};
@@ -502,23 +503,21 @@ impl Link {
             resume: resume.clone().map(Box::new),
         };
         let kept = (partial, resume);
-        let tcp = direct::dial_tcp(&addr, holder, &self.creds).await;
-        let taken = match tcp {
-            Ok(mut pipe) => {
+        let link = direct::connect(&addr, holder, &self.creds)
+            .await
+            .map_err(|e| FetchError::Unavailable(format!("the holder at {addr}: {e}")))?;
+        let taken = match link {
+            HolderLink::Tcp(mut pipe) => {
                 debug!(%addr, "connected to the holder over TCP");
-                write_message(&mut pipe, &redeem)
+                write_message(&mut *pipe, &redeem)
                     .await
                     .map_err(LinkError::from)?;
-                self.take(&mut pipe, key, expected, store, kept, Some(offered))
+                self.take(&mut *pipe, key, expected, store, kept, Some(offered))
                     .await
                     .map(|f| (f, true))
             }
-            Err(why) => {
-                debug!(%addr, "no TCP connection to the holder ({why}); trying QUIC");
-                let (endpoint, conn) = direct::dial(&addr, holder, &self.creds)
-                    .await
-                    .map_err(|e| FetchError::Unavailable(format!("the holder at {addr}: {e}")))?;
-                debug!(%addr, "connected to the holder");
+            HolderLink::Quic(endpoint, conn) => {
+                debug!(%addr, "connected to the holder over QUIC");
                 let (mut send, mut recv) = conn.open_bi().await.map_err(LinkError::from)?;
                 write_message(&mut send, &redeem)
                     .await

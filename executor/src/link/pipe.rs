@@ -187,6 +187,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_peer_that_goes_quiet_fails_reads_and_writes_after_the_idle_bound() {
+        let (mut a, mut b) = pair().await;
+        // The clock stands still until nothing else can happen, then jumps
+        // to the next timer: the bound is reached at once, and an outer
+        // bound three times as long tells a pipe without one.
+        tokio::time::pause();
+        let timed_out = |e: &std::io::Error| e.kind() == std::io::ErrorKind::TimedOut;
+        let read = tokio::time::timeout(3 * IDLE, b.fill(&mut [0u8; 1], false))
+            .await
+            .expect("a read of a quiet peer ends by the pipe's own bound");
+        assert!(
+            matches!(&read, Err(ReadError::Io(e)) if timed_out(e)),
+            "{read:?}"
+        );
+
+        // A peer that reads nothing: the writes fill the buffers on the
+        // way, then one waits for room, and gives up.
+        let chunk = bytes::Bytes::from(vec![1u8; 1 << 20]);
+        let mut written = 0usize;
+        let write = tokio::time::timeout(3 * IDLE, async {
+            loop {
+                match a.put_bytes(chunk.clone()).await {
+                    Ok(()) => written += chunk.len(),
+                    Err(e) => break e,
+                }
+            }
+        })
+        .await
+        .expect("a write to a peer that reads nothing ends by the pipe's own bound");
+        assert!(
+            matches!(&write, WriteError::Io(e) if timed_out(e)),
+            "{write:?}"
+        );
+        assert!(
+            written < 256 << 20,
+            "{written} bytes taken by a peer that reads none"
+        );
+        drop(b);
+    }
+
+    #[tokio::test]
     async fn a_piece_is_at_most_what_is_asked_and_an_end_inside_it_is_a_truncation() {
         let (mut a, mut b) = pair().await;
         let data = bytes::Bytes::from(vec![7u8; 3 * PIECE]);
