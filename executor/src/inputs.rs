@@ -9,6 +9,7 @@ use reprise_protocol::key::{KEY_VERSION, KeyInputs};
 
 use crate::error::RunError;
 use crate::repo::{Checkout, Revision};
+use crate::snapshots::RepoId;
 
 /// What the key is computed from, besides the repository.
 #[derive(Debug, Clone)]
@@ -55,6 +56,20 @@ pub struct Keyed {
     pub revision: Revision,
     pub inputs: KeyInputs,
     pub dirty: bool,
+}
+
+impl Keyed {
+    /// The repository whose snapshots a run of this revision uses: its
+    /// namespace and its root commit, read from the checkout now (a walk
+    /// of the history, which a replay never needs).
+    pub fn repo_id(&self) -> Result<RepoId, RunError> {
+        let root_commit =
+            Checkout::discover(&self.checkout_root)?.root_commit(&self.revision.commit)?;
+        Ok(RepoId {
+            namespace: self.inputs.namespace.clone(),
+            root_commit,
+        })
+    }
 }
 
 /// Resolves the revision and computes the key, reading nothing but git

@@ -497,6 +497,7 @@ async fn execute<D: Driver>(
     Checkout::discover(&keyed.checkout_root)?.export(&keyed.revision.tree, &tree)?;
     let prepared = Prepared {
         keyed,
+        repo: keyed.repo_id()?,
         tree,
         work: work.path(),
         network: req.network,

@@ -234,6 +234,50 @@ fn big_repo(dir: &Path, files: usize) {
     assert!(child.wait().expect("fast-import").success());
 }
 
+/// A repository of `commits` commits in a line, one file changed in
+/// each, cloned from an origin as a team's checkout is.
+fn long_repo(dir: &Path, commits: usize) {
+    fs::create_dir_all(dir).expect("repo dir");
+    git(dir, &["init", "-q", "-b", "main"]);
+    let mut stream = String::new();
+    for i in 0..commits {
+        let text = format!("commit {i}\n");
+        stream.push_str(&format!(
+            "commit refs/heads/main\nmark :{}\ncommitter Bench <bench@reprise.invalid> {i} +0000\ndata 2\nc\n",
+            i + 1
+        ));
+        if i > 0 {
+            stream.push_str(&format!("from :{i}\n"));
+        }
+        stream.push_str(&format!(
+            "M 100644 inline f.txt\ndata {}\n{text}\n",
+            text.len()
+        ));
+    }
+    let mut child = Command::new("git")
+        .args(["fast-import", "--quiet"])
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("git fast-import");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stream.as_bytes())
+        .expect("feed fast-import");
+    assert!(child.wait().expect("fast-import").success());
+    git(
+        dir,
+        &[
+            "remote",
+            "add",
+            "origin",
+            "https://example.com/bench/long.git",
+        ],
+    );
+}
+
 /// Builds a busybox image on the host with `podman import`.
 fn host_image(dir: &Path) -> bool {
     let root = dir.join("rootfs");
@@ -435,6 +479,26 @@ fn main() {
             key_medians[1].as_secs_f64() / key_medians[0].as_secs_f64()
         ),
         "reads the tree id, not the files".into(),
+    ));
+    let repo = tmp.path().join("key-history");
+    long_repo(&repo, 50_000);
+    let data = tmp.path().join("key-data-history");
+    let mut times = Vec::new();
+    for _ in 0..o.runs {
+        let (t, code) = time_reprise(&bin, &repo, &data, &["key"]);
+        assert_eq!(code, 0, "reprise key failed in a 50,000-commit repository");
+        times.push(t);
+    }
+    let m = median(times);
+    rows.push((
+        "reprise key: 50,000-commit history".into(),
+        ms(m),
+        format!("median of {}; a clone with an origin", o.runs),
+    ));
+    rows.push((
+        "  50,000 commits / 1 commit".into(),
+        format!("{:.2}x", m.as_secs_f64() / key_medians[0].as_secs_f64()),
+        "reads no history (only a real run walks it, for its snapshots)".into(),
     ));
 
     let (mut qemu_first, mut qemu_second, mut qemu_warm) = (None, None, None);

@@ -14,7 +14,7 @@ use crate::accel::{self, Accel, AccelFacts};
 use crate::check::Checked;
 use crate::image::{ImageCache, RECIPE_FILES, recipe_hash};
 use crate::inputs::Keyed;
-use crate::snapshots::{RepoId, Snapshots};
+use crate::snapshots::Snapshots;
 
 /// What a plan is made of.
 #[derive(Debug)]
@@ -58,16 +58,13 @@ pub fn plan(req: &PlanRequest<'_>) -> String {
     let snapshot = if req.fresh {
         "fresh (--fresh)".to_string()
     } else {
-        let repo = RepoId {
-            namespace: keyed.inputs.namespace.clone(),
-            root_commit: keyed.revision.root_commit.clone(),
-        };
-        match image
-            .as_ref()
-            .and_then(|i| Snapshots::default_location().current(&repo, i))
-        {
-            Some(g) => format!("generation {} of this repository", g.generation.short()),
-            None => "fresh (this repository has none yet)".into(),
+        match (keyed.repo_id(), &image) {
+            (Err(e), _) => format!("unknown: {e}"),
+            (Ok(repo), Some(i)) => match Snapshots::default_location().current(&repo, i) {
+                Some(g) => format!("generation {} of this repository", g.generation.short()),
+                None => "fresh (this repository has none yet)".into(),
+            },
+            (Ok(_), None) => "fresh (this repository has none yet)".into(),
         }
     };
     line(format!("snapshot     {snapshot}, mounted at {SNAPSHOT}"));

@@ -153,6 +153,8 @@ impl FromStr for DriverKind {
 #[derive(Debug)]
 pub struct Prepared<'a> {
     pub keyed: &'a Keyed,
+    /// The repository whose snapshots the run uses ([`Keyed::repo_id`]).
+    pub repo: RepoId,
     /// The revision's tree, exported on the host.
     pub tree: PathBuf,
     /// The run's work folder (kept with `--keep`).
@@ -170,10 +172,7 @@ pub struct Prepared<'a> {
 impl Prepared<'_> {
     /// The repository whose snapshots the run uses.
     pub fn repo(&self) -> RepoId {
-        RepoId {
-            namespace: self.keyed.inputs.namespace.clone(),
-            root_commit: self.keyed.revision.root_commit.clone(),
-        }
+        self.repo.clone()
     }
 
     /// Where the run's snapshot starts: the repository's current

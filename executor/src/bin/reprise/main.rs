@@ -652,10 +652,7 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
                     &reprise_executor::inputs::process_env(),
                     None,
                 )?;
-                Some(reprise_executor::snapshots::RepoId {
-                    namespace: keyed.inputs.namespace,
-                    root_commit: keyed.revision.root_commit,
-                })
+                Some(keyed.repo_id()?)
             };
             let n = snapshots
                 .drop_repo(repo.as_ref())
