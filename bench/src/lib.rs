@@ -148,7 +148,6 @@ pub fn store_result(
     let keyed = pipeline::compute_key(
         &pipeline::KeyRequest::at(repo),
         &reprise_executor::inputs::process_env(),
-        None,
     )
     .expect("key");
     let manifest = ResultManifest {

@@ -14,8 +14,8 @@ use reprise_protocol::manifest::{Outcome, Phase, Producer, ResultManifest};
 use crate::accel::Accel;
 use crate::driver::{Driver, DriverKind, Prepared, Session};
 pub use crate::error::RunError;
+use crate::inputs::{DirtyCheck, process_env, secret_values};
 pub use crate::inputs::{KeyRequest, Keyed, compute_key};
-use crate::inputs::{process_env, secret_values};
 use crate::link::provenance::{self, Counts, SealedBy};
 use crate::link::{Found, Link, RunLink};
 use crate::replay;
@@ -322,11 +322,9 @@ async fn run_once(
         driver: req.driver.class().into(),
         network: req.network,
     };
-    let keyed = compute_key(&key_request, &env, Some(&req.artifacts_dir))?;
+    let keyed = compute_key(&key_request, &env)?;
     tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "key computed");
-    if keyed.dirty {
-        ui.note("the working tree has uncommitted changes; they are ignored (the run uses the committed tree)");
-    }
+    let mut dirty = DirtyCheck::start(&keyed.checkout_root, &req.artifacts_dir);
     // Before any lookup: the same check as `reprise check`, so a broken
     // mkfile is reported before the orchestrator is contacted. Everything
     // the check reads is a key input (the tree's mkfile, the files it
@@ -353,6 +351,7 @@ async fn run_once(
     );
     match lookup {
         Lookup::Hit(result) if req.driver == DriverKind::DryRun => {
+            dirty.note(REPLAY_IGNORES, ui);
             ui.note(&format!(
                 "dry run: result {} is stored, so `reprise run` would replay it and run nothing",
                 key.short()
@@ -381,7 +380,14 @@ async fn run_once(
                         ));
                         not_counting = format!("; the stored result does not count: {why}");
                     }
-                    _ => match replay_result(&store, &result, &req.artifacts_dir, &source, ui) {
+                    _ => match replay_result(
+                        &store,
+                        &result,
+                        &req.artifacts_dir,
+                        &source,
+                        &mut dirty,
+                        ui,
+                    ) {
                         Ok(()) => return Ok(RunOutcome::Replayed(result, source)),
                         Err(RunError::Replay(e)) if e.is_damage() => {
                             quarantine(&store, &result, &e, ui)
@@ -408,7 +414,7 @@ async fn run_once(
         && let Some(peer) = link.get(ui).await
         && let Some((result, source)) = fetch_from_peers(peer, &keyed.inputs, &store, ui).await
     {
-        replay_result(&store, &result, &req.artifacts_dir, &source, ui)?;
+        replay_result(&store, &result, &req.artifacts_dir, &source, &mut dirty, ui)?;
         return Ok(RunOutcome::Replayed(result, source));
     }
     if req.mode == Mode::ReplayOnly && req.driver != DriverKind::DryRun {
@@ -420,6 +426,7 @@ async fn run_once(
             why: not_counting,
         });
     }
+    dirty.note("the run uses the committed tree", ui);
     let steps_of = |work| StepInputs {
         keyed: &keyed,
         target: &req.target,
@@ -780,11 +787,17 @@ impl Source {
 }
 
 /// Replays a stored result and says where it came from.
+/// What a replay ignores of a working tree's changes.
+const REPLAY_IGNORES: &str = "the result replayed is the committed tree's";
+
+/// Checks, restores and writes out a stored result; `dirty` is told
+/// before the verdict.
 pub fn replay_result(
     store: &Store,
     result: &StoredResult,
     artifacts: &Path,
     source: &Source,
+    dirty: &mut DirtyCheck,
     ui: &dyn Ui,
 ) -> Result<(), RunError> {
     // Everything is checked before a byte reaches the user's streams.
@@ -844,6 +857,7 @@ pub fn replay_result(
             format!("sealed by {producer}; counts for CI: {counts}"),
         ),
     };
+    dirty.note(REPLAY_IGNORES, ui);
     ui.verdict(&format!(
         "replayed result {} from {from}: produced by {}@{} {} ago, took {:.1}s under {} ({}, snapshot {}, network {}, image {}; {sealed}){}",
         m.key.short(),

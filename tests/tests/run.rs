@@ -185,6 +185,26 @@ fn first_run_executes_and_second_replays_the_same_output() {
         fs::read(&report).ok(),
         "the replay restores the same artifact"
     );
+    const DIRTY: &str =
+        "uncommitted changes; they are ignored (the result replayed is the committed tree's)";
+    assert!(
+        !replay.stderr.contains(DIRTY),
+        "a clean tree (the artifacts restored aside):\n{}",
+        replay.stderr
+    );
+    // A file the commit does not have: the replay says whose result it
+    // is, before its verdict (the check runs beside the replay).
+    s.write("notes.txt", "not committed\n");
+    let changed = s.run(&["run"]);
+    changed.expect_code(code::SUCCESS, "a replay in a changed tree");
+    assert!(changed.replayed(), "{}", changed.stderr);
+    let note = changed.stderr.find(DIRTY);
+    let verdict = changed.stderr.rfind("replayed result");
+    assert!(
+        note.is_some() && note < verdict,
+        "the note, then the verdict:\n{}",
+        changed.stderr
+    );
 }
 
 /// The names in the "differs in:" block of `reprise key --explain`.

@@ -624,7 +624,6 @@ async fn main() {
     let namespace = pipeline::compute_key(
         &pipeline::KeyRequest::at(&repo),
         &reprise_executor::inputs::process_env(),
-        None,
     )
     .expect("key")
     .inputs

@@ -192,7 +192,6 @@ fn record_phases(repo: &Path, data: &Path, into: &mut BTreeMap<String, Vec<Durat
     let keyed = pipeline::compute_key(
         &pipeline::KeyRequest::at(repo),
         &reprise_executor::inputs::process_env(),
-        None,
     )
     .expect("key");
     let store = Store::new(data.join("reprise").join("store"));

@@ -677,7 +677,6 @@ fn setup_reprise(t: &Path, workload: &Workload, direct: bool) -> Reprise {
     let namespace = reprise_executor::pipeline::compute_key(
         &reprise_executor::pipeline::KeyRequest::at(&repo),
         &reprise_executor::inputs::process_env(),
-        None,
     )
     .expect("key")
     .inputs

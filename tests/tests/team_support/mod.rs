@@ -158,12 +158,9 @@ pub fn fabricate_result_with(
     use reprise_protocol::record::{self, StreamId};
     let mut request = reprise_executor::pipeline::KeyRequest::at(&sandbox.repo());
     request.driver = driver.into();
-    let keyed = reprise_executor::pipeline::compute_key(
-        &request,
-        &reprise_executor::inputs::process_env(),
-        None,
-    )
-    .expect("key");
+    let keyed =
+        reprise_executor::pipeline::compute_key(&request, &reprise_executor::inputs::process_env())
+            .expect("key");
     let stdout = format!("{text}\n").into_bytes();
     let mut rec = Vec::new();
     record::push(&mut rec, StreamId::Stdout, 0, &stdout);

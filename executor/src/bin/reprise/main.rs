@@ -650,7 +650,6 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
                 let keyed = pipeline::compute_key(
                     &pipeline::KeyRequest::at(&dir),
                     &reprise_executor::inputs::process_env(),
-                    None,
                 )?;
                 Some(keyed.repo_id()?)
             };
@@ -950,7 +949,7 @@ fn key(args: KeyArgs) -> anyhow::Result<i32> {
         driver: driver.class().into(),
         network: args.network,
     };
-    let keyed = pipeline::compute_key(&request, &env, None)?;
+    let keyed = pipeline::compute_key(&request, &env)?;
     let key = keyed.inputs.key();
     let lookup = Store::default_location().lookup(&keyed.inputs);
     if args.json {
