@@ -218,6 +218,11 @@ fn big_repo(dir: &Path, files: usize) {
         stream.push_str(&format!("M 100644 :1 d{}/f{i}.txt\n", i / 1000));
     }
     stream.push('\n');
+    fast_import(dir, &stream);
+}
+
+/// Feeds `stream` to `git fast-import` in `dir`.
+fn fast_import(dir: &Path, stream: &str) {
     let mut child = Command::new("git")
         .args(["fast-import", "--quiet"])
         .current_dir(dir)
@@ -253,19 +258,7 @@ fn long_repo(dir: &Path, commits: usize) {
             text.len()
         ));
     }
-    let mut child = Command::new("git")
-        .args(["fast-import", "--quiet"])
-        .current_dir(dir)
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("git fast-import");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stream.as_bytes())
-        .expect("feed fast-import");
-    assert!(child.wait().expect("fast-import").success());
+    fast_import(dir, &stream);
     git(
         dir,
         &[
@@ -425,6 +418,18 @@ fn driver_runs(bin: &Path, tmp: &Path, driver: &str, later: usize) -> (Duration,
     (first, median(times))
 }
 
+/// The median time of `reprise key` in `repo`, over `runs`.
+fn key_median(bin: &Path, repo: &Path, data: &Path, runs: usize) -> Duration {
+    let times = (0..runs)
+        .map(|_| {
+            let (t, code) = time_reprise(bin, repo, data, &["key"]);
+            assert_eq!(code, 0, "reprise key failed in {}", repo.display());
+            t
+        })
+        .collect();
+    median(times)
+}
+
 fn main() {
     let o = options();
     let bin = reprise_bin();
@@ -457,13 +462,7 @@ fn main() {
         let repo = tmp.path().join(format!("key-{files}"));
         big_repo(&repo, files);
         let data = tmp.path().join(format!("key-data-{files}"));
-        let mut times = Vec::new();
-        for _ in 0..o.runs {
-            let (t, code) = time_reprise(&bin, &repo, &data, &["key"]);
-            assert_eq!(code, 0, "reprise key failed in a {files}-file repository");
-            times.push(t);
-        }
-        let m = median(times);
+        let m = key_median(&bin, &repo, &data, o.runs);
         key_medians.push(m);
         rows.push((
             format!("reprise key: {files}-file repository"),
@@ -482,13 +481,7 @@ fn main() {
     let repo = tmp.path().join("key-history");
     long_repo(&repo, 50_000);
     let data = tmp.path().join("key-data-history");
-    let mut times = Vec::new();
-    for _ in 0..o.runs {
-        let (t, code) = time_reprise(&bin, &repo, &data, &["key"]);
-        assert_eq!(code, 0, "reprise key failed in a 50,000-commit repository");
-        times.push(t);
-    }
-    let m = median(times);
+    let m = key_median(&bin, &repo, &data, o.runs);
     rows.push((
         "reprise key: 50,000-commit history".into(),
         ms(m),

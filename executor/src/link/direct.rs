@@ -707,17 +707,18 @@ mod tests {
         (raced, started.get())
     }
 
+    /// When QUIC started, in a race TCP loses: its transport answering
+    /// at `answer` (never if `None`), failing at `fails_at`.
+    async fn quic_start(answer: Option<Duration>, fails_at: Duration) -> Option<Duration> {
+        let (raced, started) =
+            run(answer, fails_at, Err("no handshake"), 10 * MS, Ok("quic")).await;
+        assert!(matches!(raced, Ok(Raced::Second("quic"))), "{raced:?}");
+        started
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_tcp_port_that_never_answers_gets_quic_beside_it_after_the_head_start() {
-        let (raced, started) = run(
-            None,
-            TCP_CONNECT_TIMEOUT,
-            Err("no handshake"),
-            10 * MS,
-            Ok("quic"),
-        )
-        .await;
-        assert!(matches!(raced, Ok(Raced::Second("quic"))), "{raced:?}");
+        let started = quic_start(None, TCP_CONNECT_TIMEOUT).await;
         assert_eq!(started, Some(HEAD), "QUIC waits the head start, no more");
     }
 
@@ -725,22 +726,13 @@ mod tests {
     async fn a_tcp_port_that_answers_keeps_quic_back_until_its_handshake_fails() {
         // Another program on the holder's TCP port: it accepts, it never
         // completes a handshake with the holder's certificate.
-        let (raced, started) = run(
-            Some(MS),
-            TCP_CONNECT_TIMEOUT,
-            Err("no handshake"),
-            10 * MS,
-            Ok("quic"),
-        )
-        .await;
-        assert!(matches!(raced, Ok(Raced::Second("quic"))), "{raced:?}");
+        let started = quic_start(Some(MS), TCP_CONNECT_TIMEOUT).await;
         assert_eq!(started, Some(TCP_CONNECT_TIMEOUT));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_refused_tcp_connection_starts_quic_at_once() {
-        let (raced, started) = run(None, Duration::ZERO, Err("refused"), 10 * MS, Ok("quic")).await;
-        assert!(matches!(raced, Ok(Raced::Second("quic"))), "{raced:?}");
+        let started = quic_start(None, Duration::ZERO).await;
         assert_eq!(started, Some(Duration::ZERO));
     }
 
