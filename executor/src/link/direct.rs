@@ -538,8 +538,7 @@ async fn race<A, B, F>(
 where
     F: Future<Output = Result<B, String>>,
 {
-    let first = std::pin::pin!(first);
-    let mut first = first;
+    let mut first = std::pin::pin!(first);
     let mut head = std::pin::pin!(tokio::time::sleep(head_start));
     let mut second = Some(second);
     let mut racing: Option<std::pin::Pin<Box<F>>> = None;
