@@ -58,13 +58,17 @@ pub fn plan(req: &PlanRequest<'_>) -> String {
     let snapshot = if req.fresh {
         "fresh (--fresh)".to_string()
     } else {
-        match (keyed.repo_id(), &image) {
-            (Err(e), _) => format!("unknown: {e}"),
-            (Ok(repo), Some(i)) => match Snapshots::default_location().current(&repo, i) {
-                Some(g) => format!("generation {} of this repository", g.generation.short()),
-                None => "fresh (this repository has none yet)".into(),
-            },
-            (Ok(_), None) => "fresh (this repository has none yet)".into(),
+        // No image, no snapshot of it: the history is walked only when
+        // there may be one.
+        let current = image.as_ref().map(|i| {
+            keyed
+                .repo_id()
+                .map(|repo| Snapshots::default_location().current(&repo, i))
+        });
+        match current {
+            Some(Err(e)) => format!("unknown: {e}"),
+            Some(Ok(Some(g))) => format!("generation {} of this repository", g.generation.short()),
+            Some(Ok(None)) | None => "fresh (this repository has none yet)".into(),
         }
     };
     line(format!("snapshot     {snapshot}, mounted at {SNAPSHOT}"));

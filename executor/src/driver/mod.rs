@@ -170,11 +170,6 @@ pub struct Prepared<'a> {
 }
 
 impl Prepared<'_> {
-    /// The repository whose snapshots the run uses.
-    pub fn repo(&self) -> RepoId {
-        self.repo.clone()
-    }
-
     /// Where the run's snapshot starts: the repository's current
     /// generation in `snapshots` for `image` (the user is told which),
     /// unless the run is fresh or there is none; otherwise `blank`.
@@ -186,7 +181,7 @@ impl Prepared<'_> {
         blank: impl FnOnce() -> Result<PathBuf, RunError>,
     ) -> Result<SnapshotStart, RunError> {
         let current = (!self.fresh)
-            .then(|| snapshots.current(&self.repo(), image))
+            .then(|| snapshots.current(&self.repo, image))
             .flatten();
         Ok(match current {
             Some(generation) => {

@@ -165,7 +165,7 @@ impl Driver for Podman {
         })?;
         let os = ensure_os_image(&image, ui).await?;
         let snapshots = Snapshots::folders();
-        let repo = run.repo();
+        let repo = run.repo.clone();
         let start = run.snapshot_start(&snapshots, &image, ui, || Ok(PathBuf::new()))?;
         let staged = tokio::task::block_in_place(|| snapshots.stage_folder(&repo, &image, &start))?;
         let artifacts = run.work.join("os-artifacts");

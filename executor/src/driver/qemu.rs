@@ -124,7 +124,7 @@ impl Driver for Qemu {
         let choice = accel::choose(&AccelFacts::probe(), run.accel);
         ui.note(&format!("accelerator {}", choice.reason));
         let snapshots = Snapshots::default_location();
-        let repo = run.repo();
+        let repo = run.repo.clone();
         let start = run.snapshot_start(&snapshots, &image, ui, || {
             Ok(tokio::task::block_in_place(|| snapshots.blank())?)
         })?;
