@@ -59,14 +59,13 @@ pub struct Keyed {
 
 impl Keyed {
     /// The repository whose snapshots a run of this revision uses: its
-    /// namespace and its root commit, read from the checkout now (a walk
-    /// of the history, which a replay never needs).
+    /// namespace and its anchor ([`Checkout::anchor`]), read from the
+    /// checkout now (a walk of the history, which a replay never needs).
     pub fn repo_id(&self) -> Result<RepoId, RunError> {
-        let root_commit =
-            Checkout::discover(&self.checkout_root)?.root_commit(&self.revision.commit)?;
+        let anchor = Checkout::discover(&self.checkout_root)?.anchor(&self.revision.commit)?;
         Ok(RepoId {
             namespace: self.inputs.namespace.clone(),
-            root_commit,
+            anchor,
         })
     }
 }

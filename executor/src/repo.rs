@@ -129,7 +129,7 @@ impl Checkout {
     }
 
     /// The commit reached from `commit` by following first parents to the
-    /// start of history (or of a shallow clone's): shared by every clone,
+    /// start of history (or of a shallow clone's, see [`Checkout::anchor`]): shared by every clone,
     /// and not something a repository can choose without sharing this
     /// history. It reads every commit on the way (0.4–0.7 s for 50,000
     /// here, where a replay takes 25 ms), so only what needs it
@@ -138,6 +138,25 @@ impl Checkout {
     /// read is an error, not a root.
     pub fn root_commit(&self, commit: &str) -> Result<String, RepoError> {
         root_of(self.repo.find_commit(Oid::from_str(commit)?)?)
+    }
+
+    /// What ties this checkout's snapshots to its repository beside the
+    /// namespace, which the repository's content can declare: the root
+    /// commit ([`Checkout::root_commit`]). A shallow clone's history stops
+    /// at the oldest commit fetched, a different one at every fetch of a
+    /// CI runner's `--depth 1` checkout, so there it is the origin the
+    /// clone was fetched from (its `host/owner/name`, so https and ssh
+    /// clones agree), which the content cannot choose either; a shallow
+    /// clone without an origin falls back to its boundary commit.
+    pub fn anchor(&self, commit: &str) -> Result<String, RepoError> {
+        if self.repo.is_shallow()
+            && let Ok(origin) = self.repo.find_remote("origin")
+            && let Ok(url) = origin.url()
+        {
+            let from = repo_config::namespace_from_url(url).unwrap_or_else(|| url.to_string());
+            return Ok(format!("shallow clone of {from}"));
+        }
+        self.root_commit(commit)
     }
 
     /// The repository's default branch and the commit at its tip:
@@ -326,6 +345,74 @@ mod tests {
         let co = Checkout::discover(d).unwrap();
         let rev = co.resolve(None).unwrap();
         assert_eq!(rev.namespace, "example.com/team/project");
+    }
+
+    #[test]
+    fn a_shallow_clone_is_anchored_to_its_origin_not_its_boundary() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = dir.path().join("upstream");
+        std::fs::create_dir(&up).unwrap();
+        git(&up, &["init", "-q", "-b", "main"]);
+        for text in ["one", "two", "three"] {
+            std::fs::write(up.join("f"), text).unwrap();
+            git(&up, &["add", "f"]);
+            git(&up, &["commit", "-q", "-m", text]);
+        }
+        let root = Checkout::discover(&up)
+            .unwrap()
+            .resolve(Some("HEAD~2"))
+            .unwrap()
+            .commit;
+        let url = format!("file://{}", up.display());
+        let clone = |name: &str, args: &[&str]| {
+            let to = dir.path().join(name);
+            let mut all = vec!["clone", "-q"];
+            all.extend_from_slice(args);
+            all.extend([url.as_str(), to.to_str().unwrap()]);
+            git(dir.path(), &all);
+            let co = Checkout::discover(&to).unwrap();
+            let head = co.resolve(None).unwrap().commit;
+            (co.root_commit(&head).unwrap(), co.anchor(&head).unwrap())
+        };
+        let (full_root, full_anchor) = clone("full", &[]);
+        assert_eq!((full_root, full_anchor), (root.clone(), root.clone()));
+
+        // Two `--depth 1` fetches, a commit apart, as a CI runner makes
+        // them: each stops at another commit, and both are one repository.
+        let (first_root, first) = clone("shallow1", &["--depth", "1"]);
+        std::fs::write(up.join("f"), "four").unwrap();
+        git(&up, &["commit", "-q", "-am", "four"]);
+        let (second_root, second) = clone("shallow2", &["--depth", "1"]);
+        assert_ne!(first_root, second_root, "the boundary moves with the fetch");
+        assert_ne!(first_root, root);
+        assert_eq!(first, second);
+        assert_eq!(first, format!("shallow clone of {url}"));
+
+        // A shallow clone of the same repository by another URL spelling
+        // of one host/owner/name shares it; the content cannot move it.
+        let co = Checkout::discover(&dir.path().join("shallow2")).unwrap();
+        let head = co.resolve(None).unwrap().commit;
+        for url in [
+            "https://git.example.com/team/project.git",
+            "git@git.example.com:team/project",
+        ] {
+            git(
+                &dir.path().join("shallow2"),
+                &["remote", "set-url", "origin", url],
+            );
+            let co = Checkout::discover(&dir.path().join("shallow2")).unwrap();
+            assert_eq!(
+                co.anchor(&head).unwrap(),
+                "shallow clone of git.example.com/team/project"
+            );
+        }
+        // Without an origin, the boundary commit is all there is.
+        git(
+            &dir.path().join("shallow2"),
+            &["remote", "remove", "origin"],
+        );
+        let co = Checkout::discover(&dir.path().join("shallow2")).unwrap();
+        assert_eq!(co.anchor(&head).unwrap(), second_root);
     }
 
     #[test]

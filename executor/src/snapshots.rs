@@ -7,9 +7,9 @@
 //! layer of the root disk, so that every run can start from the same saved
 //! guest (see [`crate::saved_guests`]) and plug its repository's disk in.
 //!
-//! Snapshots belong to a [`RepoId`]: the namespace *and* the root commit, so
-//! a repository that declares another's namespace does not get (or poison)
-//! its snapshot. Each state of a snapshot is a *generation*, named by an id
+//! Snapshots belong to a [`RepoId`]: the namespace *and* the root commit (or,
+//! in a shallow clone, the origin it was fetched from), so a repository that
+//! declares another's namespace does not get (or poison) its snapshot. Each state of a snapshot is a *generation*, named by an id
 //! that chains from the generation it was made from ([`next_generation`]);
 //! a run records the generation it started from (or `fresh`) in its
 //! manifest, so a policy can ask for results from a blank snapshot only.
@@ -77,18 +77,21 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 }
 
 /// Which repository a snapshot belongs to: what it declares (its namespace)
-/// together with what it cannot choose without sharing the history (its
-/// root commit).
+/// together with what its content cannot choose ([`RepoId::anchor`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepoId {
     pub namespace: String,
-    pub root_commit: String,
+    /// The root commit, which a repository cannot choose without sharing
+    /// the history; in a shallow clone, whose history stops at a commit
+    /// that moves with every fetch, the origin it was fetched from
+    /// (`Checkout::anchor`).
+    pub anchor: String,
 }
 
 impl RepoId {
     fn id(&self) -> String {
         let mut bytes = Vec::new();
-        for part in [self.namespace.as_bytes(), self.root_commit.as_bytes()] {
+        for part in [self.namespace.as_bytes(), self.anchor.as_bytes()] {
             reprise_protocol::hex::put_field(&mut bytes, part);
         }
         Sha256Digest::of(&bytes).hex()[..24].to_string()
@@ -529,7 +532,7 @@ mod tests {
         let snapshots = Snapshots::new(dir.path().join("snapshots"), Form::Disk);
         let repo = RepoId {
             namespace: "ns".into(),
-            root_commit: "r1".into(),
+            anchor: "r1".into(),
         };
         let key = RunKey::from_bytes([7; 32]);
         assert!(snapshots.current(&repo, &image).is_none());
@@ -555,7 +558,7 @@ mod tests {
         // Another repository declaring the same namespace does not see it.
         let impostor = RepoId {
             namespace: "ns".into(),
-            root_commit: "r2".into(),
+            anchor: "r2".into(),
         };
         assert!(snapshots.current(&impostor, &image).is_none());
 

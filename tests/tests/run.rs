@@ -748,6 +748,102 @@ fn a_set_up_that_fails_is_told_from_a_prepare_runtime_that_fails() {
 }
 
 #[test]
+fn shallow_clones_of_one_repository_share_its_snapshot() {
+    // A CI runner checks out `--depth 1`: every fetch stops at another
+    // commit, so the repository's snapshot must not hang on the oldest
+    // commit a clone has. Two such clones, a commit apart, are one
+    // repository; the podman driver (no VM) keeps snapshots the same way.
+    let s = Sandbox::new();
+    s.copy_from(&example_hello()).git_init().commit("hello");
+    // Fetched by an https URL (git rewrites it to the sandbox's folder),
+    // so the namespace comes from the origin, as on a runner. Snapshots
+    // live in the user's cache: the sandbox's name makes it a new one.
+    let team = s.dir.path().file_name().unwrap().to_str().unwrap();
+    let namespace = format!("git.example.com/{team}/hello");
+    let url = format!("https://{namespace}");
+    let rewrite = format!("url.file://{}.insteadOf={url}", s.repo().display());
+    let shallow = |name: &str| {
+        let to = s.dir.path().join(name);
+        s.git(&[
+            "-c",
+            &rewrite,
+            "clone",
+            "-q",
+            "--depth",
+            "1",
+            &url,
+            to.to_str().unwrap(),
+        ]);
+        to
+    };
+    let run_in = |dir: &Path| {
+        Run::from(
+            s.reprise(&["run", "--driver", "podman", "--no-serve"])
+                .current_dir(dir)
+                .output()
+                .expect("reprise starts"),
+        )
+    };
+    let _vm = vm_lock();
+    let first = run_in(&shallow("ci-1"));
+    first.expect_code(code::SUCCESS, "the first shallow clone's run");
+    assert!(
+        !first.stderr.contains("using this repository's snapshot"),
+        "nothing to reuse yet:\n{}",
+        first.stderr
+    );
+    s.write("README", "a new commit\n").commit("another");
+    let second = run_in(&shallow("ci-2"));
+    second.expect_code(code::SUCCESS, "the second shallow clone's run");
+    assert!(second.ran_here(), "a new tree runs:\n{}", second.stderr);
+    assert!(
+        second.stderr.contains("using this repository's snapshot"),
+        "the second clone's run starts from the first one's snapshot:\n{}",
+        second.stderr
+    );
+
+    // Another repository declaring that namespace, shallow-cloned from
+    // its own origin, does not get (or poison) the snapshot.
+    let other = Sandbox::new();
+    other
+        .copy_from(&example_hello())
+        .write(
+            "reprise.toml",
+            &format!("namespace = \"{namespace}\"\nartifacts = [\"report.txt\"]\n"),
+        )
+        .git_init()
+        .commit("an impostor");
+    let to = s.dir.path().join("impostor");
+    let url = format!("https://git.example.com/{team}-other/hello");
+    let rewrite = format!("url.file://{}.insteadOf={url}", other.repo().display());
+    s.git(&[
+        "-c",
+        &rewrite,
+        "clone",
+        "-q",
+        "--depth",
+        "1",
+        &url,
+        to.to_str().unwrap(),
+    ]);
+    let impostor = run_in(&to);
+    impostor.expect_code(code::SUCCESS, "the impostor's run");
+    assert!(
+        !impostor.stderr.contains("using this repository's snapshot"),
+        "{}",
+        impostor.stderr
+    );
+    for dir in [s.dir.path().join("ci-2"), to] {
+        let dropped = s
+            .reprise(&["cache", "drop"])
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(dropped.status.success(), "{dropped:?}");
+    }
+}
+
+#[test]
 fn failing_tests_are_kept_for_inspection_but_never_replayed() {
     // What is kept is the pipeline's doing, not the driver's: the podman
     // driver (no VM) runs it in a fraction of the time.

@@ -440,7 +440,7 @@ async fn a_repository_state_disk_is_plugged_into_restored_guests() {
     let image = config.image.clone();
     let repo = RepoId {
         namespace: "ns".into(),
-        root_commit: "root".into(),
+        anchor: "root".into(),
     };
     snapshots
         .update(
