@@ -30,6 +30,18 @@ pub fn sibling_bin(name: &str) -> PathBuf {
     bin
 }
 
+/// What a benchmark does with an argument it does not take: `--help` or
+/// `-h` prints `usage` and exits 0, anything else prints it beside the
+/// argument and exits 2, the usual code for a usage error.
+pub fn usage_exit(arg: &str, usage: &str) -> ! {
+    if arg == "--help" || arg == "-h" {
+        println!("{usage}");
+        std::process::exit(0);
+    }
+    eprintln!("unknown argument {arg:?}\n{usage}");
+    std::process::exit(2);
+}
+
 pub fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]

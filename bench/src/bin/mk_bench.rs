@@ -89,10 +89,7 @@ fn main() {
                     .max(1)
             }
             "--mk" => ours = args.next().map(PathBuf::from),
-            _ => {
-                eprintln!("usage: mk_bench [--runs N] [--mk PATH]");
-                std::process::exit(2);
-            }
+            _ => reprise_bench::usage_exit(&a, "usage: mk_bench [--runs N] [--mk PATH]"),
         }
     }
     let ours = ours.unwrap_or_else(|| {

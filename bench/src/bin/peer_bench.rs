@@ -96,8 +96,9 @@ fn options() -> Options {
             "--lookups" => o.lookups = number().max(2),
             "--resume-rounds" => o.resume_rounds = number().max(1),
             "--resume-only" => o.resume_only = true,
-            _ => panic!(
-                "usage: peer_bench [--runs N] [--clients N] [--lookups M] [--resume-rounds N] [--resume-only]"
+            _ => reprise_bench::usage_exit(
+                &a,
+                "usage: peer_bench [--runs N] [--clients N] [--lookups M] [--resume-rounds N] [--resume-only]",
             ),
         }
     }

@@ -70,11 +70,10 @@ fn options() -> Options {
             "--no-vm" => o.vm = false,
             "--no-real-project" => o.real_project = false,
             "--no-cold-boot" => o.cold_boot = false,
-            _ => {
-                panic!(
-                    "usage: run_bench [--runs N] [--real-runs N] [--no-vm] [--no-real-project] [--no-cold-boot]"
-                )
-            }
+            _ => reprise_bench::usage_exit(
+                &a,
+                "usage: run_bench [--runs N] [--real-runs N] [--no-vm] [--no-real-project] [--no-cold-boot]",
+            ),
         }
     }
     o

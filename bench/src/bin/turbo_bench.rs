@@ -103,7 +103,10 @@ fn options() -> Options {
                 let secs: u64 = value().parse().expect("--hold needs seconds");
                 o.hold = Some(Duration::from_secs(secs));
             }
-            _ => panic!("usage: turbo_bench [--rounds N] [--npm-dir DIR] [--hold SECONDS]"),
+            _ => reprise_bench::usage_exit(
+                &a,
+                "usage: turbo_bench [--rounds N] [--npm-dir DIR] [--hold SECONDS]",
+            ),
         }
     }
     o

@@ -57,7 +57,9 @@ fn sorted(mut v: Vec<Duration>) -> Vec<Duration> {
 
 fn main() -> BenchResult<()> {
     let runs: usize = match std::env::args().nth(1) {
-        Some(n) => n.parse()?,
+        Some(n) => n
+            .parse()
+            .unwrap_or_else(|_| reprise_bench::usage_exit(&n, "usage: vm_bench [RUNS]")),
         None => 5,
     };
     tokio::runtime::Builder::new_multi_thread()
