@@ -761,19 +761,11 @@ fn shallow_clones_of_one_repository_share_its_snapshot() {
     let team = s.dir.path().file_name().unwrap().to_str().unwrap();
     let namespace = format!("git.example.com/{team}/hello");
     let url = format!("https://{namespace}");
-    let rewrite = format!("url.file://{}.insteadOf={url}", s.repo().display());
-    let shallow = |name: &str| {
+    let shallow = |from: &Path, url: &str, name: &str| {
         let to = s.dir.path().join(name);
-        s.git(&[
-            "-c",
-            &rewrite,
-            "clone",
-            "-q",
-            "--depth",
-            "1",
-            &url,
-            to.to_str().unwrap(),
-        ]);
+        let rewrite = format!("url.file://{}.insteadOf={url}", from.display());
+        let to_arg = to.to_str().unwrap();
+        s.git(&["-c", &rewrite, "clone", "-q", "--depth", "1", url, to_arg]);
         to
     };
     let run_in = |dir: &Path| {
@@ -785,7 +777,7 @@ fn shallow_clones_of_one_repository_share_its_snapshot() {
         )
     };
     let _vm = vm_lock();
-    let first = run_in(&shallow("ci-1"));
+    let first = run_in(&shallow(&s.repo(), &url, "ci-1"));
     first.expect_code(code::SUCCESS, "the first shallow clone's run");
     assert!(
         !first.stderr.contains("using this repository's snapshot"),
@@ -793,7 +785,7 @@ fn shallow_clones_of_one_repository_share_its_snapshot() {
         first.stderr
     );
     s.write("README", "a new commit\n").commit("another");
-    let second = run_in(&shallow("ci-2"));
+    let second = run_in(&shallow(&s.repo(), &url, "ci-2"));
     second.expect_code(code::SUCCESS, "the second shallow clone's run");
     assert!(second.ran_here(), "a new tree runs:\n{}", second.stderr);
     assert!(
@@ -813,19 +805,8 @@ fn shallow_clones_of_one_repository_share_its_snapshot() {
         )
         .git_init()
         .commit("an impostor");
-    let to = s.dir.path().join("impostor");
-    let url = format!("https://git.example.com/{team}-other/hello");
-    let rewrite = format!("url.file://{}.insteadOf={url}", other.repo().display());
-    s.git(&[
-        "-c",
-        &rewrite,
-        "clone",
-        "-q",
-        "--depth",
-        "1",
-        &url,
-        to.to_str().unwrap(),
-    ]);
+    let other_url = format!("https://git.example.com/{team}-other/hello");
+    let to = shallow(&other.repo(), &other_url, "impostor");
     let impostor = run_in(&to);
     impostor.expect_code(code::SUCCESS, "the impostor's run");
     assert!(
