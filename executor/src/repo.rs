@@ -129,9 +129,9 @@ impl Checkout {
     }
 
     /// The commit reached from `commit` by following first parents to the
-    /// start of history (or of a shallow clone's, see [`Checkout::anchor`]): shared by every clone,
-    /// and not something a repository can choose without sharing this
-    /// history. It reads every commit on the way (0.4–0.7 s for 50,000
+    /// start of history (or of a shallow clone's, see [`Checkout::anchor`]):
+    /// shared by every clone, and not something a repository can choose
+    /// without sharing this history. It reads every commit on the way (0.4–0.7 s for 50,000
     /// here, where a replay takes 25 ms), so only what needs it
     /// asks: a real run's snapshots, and the namespace of a repository
     /// with neither an origin nor a declared one. A parent that cannot be
