@@ -119,8 +119,10 @@ impl Checkout {
     /// The namespace from the origin URL, or, for a repository without
     /// one, `local/` and its root commit (shared by every clone).
     fn derived_namespace(&self, commit: &git2::Commit<'_>) -> Result<String, RepoError> {
-        if let Ok(origin) = self.repo.find_remote("origin")
-            && let Some(ns) = origin.url().ok().and_then(repo_config::namespace_from_url)
+        if let Some(ns) = self
+            .origin_url()
+            .as_deref()
+            .and_then(repo_config::namespace_from_url)
         {
             return Ok(ns);
         }
@@ -150,13 +152,19 @@ impl Checkout {
     /// clone without an origin falls back to its boundary commit.
     pub fn anchor(&self, commit: &str) -> Result<String, RepoError> {
         if self.repo.is_shallow()
-            && let Ok(origin) = self.repo.find_remote("origin")
-            && let Ok(url) = origin.url()
+            && let Some(url) = self.origin_url()
         {
-            let from = repo_config::namespace_from_url(url).unwrap_or_else(|| url.to_string());
+            let from = repo_config::namespace_from_url(&url).unwrap_or(url);
             return Ok(format!("shallow clone of {from}"));
         }
         self.root_commit(commit)
+    }
+
+    /// The URL of the `origin` remote, from the clone's own config (never
+    /// the tree's content).
+    fn origin_url(&self) -> Option<String> {
+        let origin = self.repo.find_remote("origin").ok()?;
+        origin.url().ok().map(String::from)
     }
 
     /// The repository's default branch and the commit at its tip:

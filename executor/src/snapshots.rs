@@ -9,8 +9,9 @@
 //!
 //! Snapshots belong to a [`RepoId`]: the namespace *and* the root commit (or,
 //! in a shallow clone, the origin it was fetched from), so a repository that
-//! declares another's namespace does not get (or poison) its snapshot. Each state of a snapshot is a *generation*, named by an id
-//! that chains from the generation it was made from ([`next_generation`]);
+//! declares another's namespace does not get (or poison) its snapshot. Each
+//! state of a snapshot is a *generation*, named by an id that chains from
+//! the generation it was made from ([`next_generation`]);
 //! a run records the generation it started from (or `fresh`) in its
 //! manifest, so a policy can ask for results from a blank snapshot only.
 //! Only a run whose tests passed writes a new generation: a failed,

@@ -423,10 +423,16 @@ fn driver_runs(bin: &Path, tmp: &Path, driver: &str, later: usize) -> (Duration,
 
 /// The median time of `reprise key` in `repo`, over `runs`.
 fn key_median(bin: &Path, repo: &Path, data: &Path, runs: usize) -> Duration {
+    reprise_median(bin, repo, data, &["key"], runs)
+}
+
+/// The median time of `reprise ARGS` in `repo`, over `runs`, each of
+/// which must succeed.
+fn reprise_median(bin: &Path, repo: &Path, data: &Path, args: &[&str], runs: usize) -> Duration {
     let times = (0..runs)
         .map(|_| {
-            let (t, code) = time_reprise(bin, repo, data, &["key"]);
-            assert_eq!(code, 0, "reprise key failed in {}", repo.display());
+            let (t, code) = time_reprise(bin, repo, data, args);
+            assert_eq!(code, 0, "reprise {args:?} failed in {}", repo.display());
             t
         })
         .collect();
@@ -447,15 +453,10 @@ fn main() {
     let data = tmp.path().join("replay-data");
     hello_repo(&repo);
     store_large_result(&repo, &data, None);
-    let mut times = Vec::new();
-    for _ in 0..o.runs {
-        let (t, code) = time_reprise(&bin, &repo, &data, &["run"]);
-        assert_eq!(code, 0, "the replay failed");
-        times.push(t);
-    }
+    let small = reprise_median(&bin, &repo, &data, &["run"], o.runs);
     rows.push((
         "replay: 1 MiB output + 20 MiB artifacts".into(),
-        ms(median(times)),
+        ms(small),
         format!("median of {}; target < 50 ms", o.runs),
     ));
 
@@ -489,14 +490,7 @@ fn main() {
     fs::write(repo.join("untracked.txt"), "not committed\n").expect("untracked file");
     let data = tmp.path().join("replay-data-100000");
     store_large_result(&repo, &data, None);
-    let times = (0..o.runs)
-        .map(|_| {
-            let (t, code) = time_reprise(&bin, &repo, &data, &["run"]);
-            assert_eq!(code, 0, "the replay in the large checkout failed");
-            t
-        })
-        .collect();
-    let large = median(times);
+    let large = reprise_median(&bin, &repo, &data, &["run"], o.runs);
     rows.push((
         "replay: the same in a 100,000-file checkout".into(),
         ms(large),
