@@ -117,17 +117,41 @@ impl Checkout {
     }
 
     /// The namespace from the origin URL, or, for a repository without
-    /// one, `local/` and its root commit (shared by every clone).
+    /// one, `local/` and its root commit (shared by every clone). A shallow
+    /// clone's history stops at the oldest commit fetched, another one at
+    /// every fetch; where its origin is a repository on this machine that
+    /// holds the whole history, the root commit is read there, so the
+    /// namespace stays put and is the one a full clone derives.
     fn derived_namespace(&self, commit: &git2::Commit<'_>) -> Result<String, RepoError> {
-        if let Some(ns) = self
-            .origin_url()
-            .as_deref()
-            .and_then(repo_config::namespace_from_url)
-        {
+        let origin = self.origin_url();
+        if let Some(ns) = origin.as_deref().and_then(repo_config::namespace_from_url) {
             return Ok(ns);
         }
-        let root = root_of(commit.clone())?;
+        let root = match origin.filter(|_| self.repo.is_shallow()) {
+            Some(url) => match self.root_in_local_origin(&url, commit.id()) {
+                Some(root) => root,
+                None => root_of(commit.clone())?,
+            },
+            None => root_of(commit.clone())?,
+        };
         Ok(format!("local/{}", &root[..16]))
+    }
+
+    /// The root commit of `commit` in the repository at `url` when that is
+    /// a path on this machine (or a `file://` URL) to a clone that is not
+    /// shallow itself and holds the commit; `None` otherwise (the origin
+    /// moved, is remote, or its history cannot be read to its start).
+    fn root_in_local_origin(&self, url: &str, commit: Oid) -> Option<String> {
+        let path = Path::new(url.strip_prefix("file://").unwrap_or(url));
+        let path = match path.is_absolute() {
+            true => path.to_path_buf(),
+            false => self.root().join(path),
+        };
+        let origin = git2::Repository::open(path).ok()?;
+        if origin.is_shallow() {
+            return None;
+        }
+        root_of(origin.find_commit(commit).ok()?).ok()
     }
 
     /// The commit reached from `commit` by following first parents to the
@@ -491,6 +515,93 @@ mod tests {
         );
         let co = Checkout::discover(&dir.path().join("shallow2")).unwrap();
         assert_eq!(co.anchor(&head).unwrap(), second_root);
+    }
+
+    #[test]
+    fn a_shallow_clone_of_a_local_repository_keeps_its_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = dir.path().join("upstream");
+        std::fs::create_dir(&up).unwrap();
+        git(&up, &["init", "-q", "-b", "main"]);
+        let commit = |text: &str| {
+            std::fs::write(up.join("f"), text).unwrap();
+            git(&up, &["add", "f"]);
+            git(&up, &["commit", "-q", "-m", text]);
+        };
+        commit("one");
+        commit("two");
+        let root = Checkout::discover(&up)
+            .unwrap()
+            .resolve(Some("HEAD~1"))
+            .unwrap()
+            .commit;
+        let expected = format!("local/{}", &root[..16]);
+        assert_eq!(
+            Checkout::discover(&up)
+                .unwrap()
+                .resolve(None)
+                .unwrap()
+                .namespace,
+            expected
+        );
+        let clone = |name: &str, args: &[&str], from: &str| {
+            let to = dir.path().join(name);
+            let mut all = vec!["clone", "-q"];
+            all.extend_from_slice(args);
+            all.extend([from, to.to_str().unwrap()]);
+            git(dir.path(), &all);
+            let co = Checkout::discover(&to).unwrap();
+            let head = co.resolve(None).unwrap().commit;
+            (
+                co.root_commit(&head).unwrap(),
+                co.resolve(None).unwrap().namespace,
+            )
+        };
+        let url = format!("file://{}", up.display());
+        let (_, full) = clone("full", &[], &url);
+        assert_eq!(full, expected);
+        // `--depth 1` fetches a commit apart: each stops at another commit,
+        // and all are the repository upstream's one namespace, by URL or by
+        // path.
+        let (boundary1, first) = clone("shallow1", &["--depth", "1"], &url);
+        commit("three");
+        let (boundary2, second) = clone("shallow2", &["--depth", "1"], &url);
+        assert_ne!(boundary1, boundary2, "the boundary moves with the fetch");
+        assert_ne!(boundary1, root);
+        assert_eq!((first, second), (expected.clone(), expected.clone()));
+        let (boundary3, by_path) = clone(
+            "shallow3",
+            &["--depth", "1", "--no-local"],
+            up.to_str().unwrap(),
+        );
+        assert_ne!(boundary3, root, "cloned shallow by its path");
+        assert_eq!(by_path, expected);
+        // Its origin gone, the boundary is all there is, as before.
+        let shallow = dir.path().join("shallow2");
+        git(
+            &shallow,
+            &["remote", "set-url", "origin", "/nonexistent/repo"],
+        );
+        let co = Checkout::discover(&shallow).unwrap();
+        assert_eq!(
+            co.resolve(None).unwrap().namespace,
+            format!("local/{}", &boundary2[..16])
+        );
+        // A shallow origin is no better than the boundary: not read.
+        git(
+            &shallow,
+            &[
+                "remote",
+                "set-url",
+                "origin",
+                dir.path().join("shallow1").to_str().unwrap(),
+            ],
+        );
+        let co = Checkout::discover(&shallow).unwrap();
+        assert_eq!(
+            co.resolve(None).unwrap().namespace,
+            format!("local/{}", &boundary2[..16])
+        );
     }
 
     #[test]
