@@ -42,6 +42,14 @@ pub fn usage_exit(arg: &str, usage: &str) -> ! {
     std::process::exit(2);
 }
 
+/// What a benchmark does with an argument whose value is missing or not
+/// one it takes: says so beside `usage` and exits 2, as for an unknown
+/// argument ([`usage_exit`]).
+pub fn value_exit(arg: &str, needs: &str, usage: &str) -> ! {
+    eprintln!("{arg} needs {needs}\n{usage}");
+    std::process::exit(2);
+}
+
 pub fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]

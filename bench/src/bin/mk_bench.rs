@@ -75,6 +75,8 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
+const USAGE: &str = "usage: mk_bench [--runs N] [--mk PATH]";
+
 fn main() {
     let mut runs = 7usize;
     let mut ours: Option<PathBuf> = None;
@@ -84,12 +86,18 @@ fn main() {
             "--runs" => {
                 runs = args
                     .next()
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(runs)
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .unwrap_or_else(|| reprise_bench::value_exit(&a, "a number", USAGE))
                     .max(1)
             }
-            "--mk" => ours = args.next().map(PathBuf::from),
-            _ => reprise_bench::usage_exit(&a, "usage: mk_bench [--runs N] [--mk PATH]"),
+            "--mk" => {
+                let path = args.next();
+                ours =
+                    Some(PathBuf::from(path.unwrap_or_else(|| {
+                        reprise_bench::value_exit(&a, "a path", USAGE)
+                    })))
+            }
+            _ => reprise_bench::usage_exit(&a, USAGE),
         }
     }
     let ours = ours.unwrap_or_else(|| {

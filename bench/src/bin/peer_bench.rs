@@ -75,6 +75,9 @@ struct Options {
     resume_only: bool,
 }
 
+const USAGE: &str =
+    "usage: peer_bench [--runs N] [--clients N] [--lookups M] [--resume-rounds N] [--resume-only]";
+
 fn options() -> Options {
     let mut o = Options {
         runs: 7,
@@ -88,7 +91,7 @@ fn options() -> Options {
         let mut number = || -> usize {
             args.next()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{a} needs a number"))
+                .unwrap_or_else(|| reprise_bench::value_exit(&a, "a number", USAGE))
         };
         match a.as_str() {
             "--runs" => o.runs = number().max(1),
@@ -96,10 +99,7 @@ fn options() -> Options {
             "--lookups" => o.lookups = number().max(2),
             "--resume-rounds" => o.resume_rounds = number().max(1),
             "--resume-only" => o.resume_only = true,
-            _ => reprise_bench::usage_exit(
-                &a,
-                "usage: peer_bench [--runs N] [--clients N] [--lookups M] [--resume-rounds N] [--resume-only]",
-            ),
+            _ => reprise_bench::usage_exit(&a, USAGE),
         }
     }
     o

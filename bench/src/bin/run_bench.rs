@@ -49,6 +49,9 @@ struct Options {
     cold_boot: bool,
 }
 
+const USAGE: &str =
+    "usage: run_bench [--runs N] [--real-runs N] [--no-vm] [--no-real-project] [--no-cold-boot]";
+
 fn options() -> Options {
     let mut o = Options {
         runs: 7,
@@ -62,7 +65,7 @@ fn options() -> Options {
         let mut number = || -> usize {
             args.next()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{a} needs a number"))
+                .unwrap_or_else(|| reprise_bench::value_exit(&a, "a number", USAGE))
         };
         match a.as_str() {
             "--runs" => o.runs = number().max(1),
@@ -70,10 +73,7 @@ fn options() -> Options {
             "--no-vm" => o.vm = false,
             "--no-real-project" => o.real_project = false,
             "--no-cold-boot" => o.cold_boot = false,
-            _ => reprise_bench::usage_exit(
-                &a,
-                "usage: run_bench [--runs N] [--real-runs N] [--no-vm] [--no-real-project] [--no-cold-boot]",
-            ),
+            _ => reprise_bench::usage_exit(&a, USAGE),
         }
     }
     o

@@ -79,6 +79,8 @@ struct Options {
     hold: Option<Duration>,
 }
 
+const USAGE: &str = "usage: turbo_bench [--rounds N] [--npm-dir DIR] [--hold SECONDS]";
+
 fn options() -> Options {
     let mut o = Options {
         rounds: MIN_ROUNDS,
@@ -91,22 +93,32 @@ fn options() -> Options {
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| reprise_bench::value_exit(&a, "a value", USAGE))
+        };
         match a.as_str() {
             "--rounds" => {
-                let n: usize = value().parse().expect("--rounds needs a number");
-                assert!(n >= MIN_ROUNDS, "--rounds: at least {MIN_ROUNDS}");
-                o.rounds = n;
+                o.rounds = value()
+                    .parse()
+                    .ok()
+                    .filter(|n| *n >= MIN_ROUNDS)
+                    .unwrap_or_else(|| {
+                        reprise_bench::value_exit(
+                            &a,
+                            &format!("a number, at least {MIN_ROUNDS}"),
+                            USAGE,
+                        )
+                    });
             }
             "--npm-dir" => o.npm_dir = PathBuf::from(value()),
             "--hold" => {
-                let secs: u64 = value().parse().expect("--hold needs seconds");
+                let secs: u64 = value()
+                    .parse()
+                    .unwrap_or_else(|_| reprise_bench::value_exit(&a, "seconds", USAGE));
                 o.hold = Some(Duration::from_secs(secs));
             }
-            _ => reprise_bench::usage_exit(
-                &a,
-                "usage: turbo_bench [--rounds N] [--npm-dir DIR] [--hold SECONDS]",
-            ),
+            _ => reprise_bench::usage_exit(&a, USAGE),
         }
     }
     o
