@@ -191,6 +191,7 @@ pub fn store_result(
         created_at: reprise_executor::store::now_secs(),
         snapshot: reprise_protocol::manifest::Snapshot::Fresh,
         output_sha256: reprise_protocol::digest::Sha256Digest::of(b""),
+        output_blake3: None,
         output_bytes: 0,
         artifacts: Vec::new(),
         crontab: None,

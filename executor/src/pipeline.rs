@@ -574,6 +574,7 @@ async fn execute<D: Driver>(
         created_at: crate::store::now_secs(),
         snapshot,
         output_sha256: reprise_protocol::digest::Sha256Digest::of(b""),
+        output_blake3: None,
         output_bytes: 0,
         artifacts: Vec::new(),
         crontab: ran.crontab.clone(),

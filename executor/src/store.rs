@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use reprise_protocol::digest::{KeyPrefix, RunKey, Sha256Digest};
+use reprise_protocol::digest::{Blake3Digest, KeyPrefix, RunKey, Sha256Digest};
 use reprise_protocol::key::{Differences, KeyInputs};
 use reprise_protocol::manifest::{
     Artifact, ArtifactPath, MANIFEST_VERSION, Outcome, ResultManifest,
@@ -309,8 +309,10 @@ impl Store {
         let stage = self.stage("stage-")?;
         let key = self.tag_key_made();
         let out = stage.path().join("output.rec");
-        let (sha256, bytes, output_content) = copy_synced(record, &out, key.as_ref())?;
-        manifest.output_sha256 = sha256;
+        let record = copy_synced(record, &out, key.as_ref())?;
+        let (bytes, output_content) = (record.bytes, record.content);
+        manifest.output_sha256 = record.sha256;
+        manifest.output_blake3 = Some(record.blake3);
         manifest.output_bytes = bytes;
         let (artifacts, blobs, mut contents) = match artifacts {
             Some(dir) if dir.is_dir() => self.stage_artifacts(dir, bytes, &stage, key.as_ref())?,
@@ -620,8 +622,9 @@ impl Store {
         let mut contents = Vec::with_capacity(files.len());
         for rel in files {
             let path = dir.join(rel.as_str());
-            let (sha, content) = hash_file(&path, key).map_err(io_err(&path))?;
-            contents.push(content);
+            let hashed = hash_file(&path, key).map_err(io_err(&path))?;
+            let sha = hashed.sha256;
+            contents.push(hashed.content);
             let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
             if !staged.iter().any(|(s, _)| *s == sha) {
                 let to = staged_blobs.join(staged.len().to_string());
@@ -636,6 +639,7 @@ impl Store {
             artifacts.push(Artifact {
                 path: rel,
                 sha256: sha,
+                blake3: Some(hashed.blake3),
                 bytes: meta.len(),
                 // Permission bits only: a set-id bit from the guest is not kept.
                 mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
@@ -1774,13 +1778,13 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     f.sync_all().map_err(io_err(path))
 }
 
-/// Copies `from` into a new file at `path`, synced; returns its sha256,
-/// its size and its keyed BLAKE3 under `key`.
+/// Copies `from` into a new file at `path`, synced; returns what it
+/// found of the bytes.
 fn copy_synced(
     from: &mut dyn std::io::Read,
     path: &Path,
     key: Option<&TagKey>,
-) -> Result<(Sha256Digest, u64, Option<Content>), StoreError> {
+) -> Result<Hashed, StoreError> {
     let mut f = fs::File::create(path).map_err(io_err(path))?;
     let hashed = hash_reading(from, key, 64 * 1024, |piece| f.write_all(piece));
     let hashed = hashed.map_err(io_err(path))?;
@@ -1842,26 +1846,32 @@ pub(crate) fn read_stored(path: &Path, limit: usize) -> std::io::Result<Vec<u8>>
 
 /// The sha256 of the file at `path`, and its keyed BLAKE3 under `key`,
 /// from one read.
-pub(crate) fn hash_file(
-    path: &Path,
-    key: Option<&TagKey>,
-) -> std::io::Result<(Sha256Digest, Option<Content>)> {
+pub(crate) fn hash_file(path: &Path, key: Option<&TagKey>) -> std::io::Result<Hashed> {
     let mut f = fs::File::open(path)?;
-    let (sha, _, content) = hash_reading(&mut f, key, 1 << 20, |_| Ok(()))?;
-    Ok((sha, content))
+    hash_reading(&mut f, key, 1 << 20, |_| Ok(()))
+}
+
+/// What [`hash_reading`] found of some bytes: the digests a manifest gives
+/// of them, their size, and their keyed BLAKE3 under the key asked.
+#[derive(Debug)]
+pub(crate) struct Hashed {
+    pub sha256: Sha256Digest,
+    pub blake3: Blake3Digest,
+    pub bytes: u64,
+    pub content: Option<Content>,
 }
 
 /// Reads `from` to its end through a buffer of `buffer` bytes, each piece
-/// hashed and then given to `each`; returns its sha256, its size and its
-/// keyed BLAKE3 under `key`.
+/// hashed and then given to `each`.
 fn hash_reading(
     from: &mut dyn std::io::Read,
     key: Option<&TagKey>,
     buffer: usize,
     mut each: impl FnMut(&[u8]) -> std::io::Result<()>,
-) -> std::io::Result<(Sha256Digest, u64, Option<Content>)> {
+) -> std::io::Result<Hashed> {
     use sha2::Digest;
     let mut sha = sha2::Sha256::new();
+    let mut blake3 = blake3::Hasher::new();
     let mut content = key.map(TagKey::hasher);
     let mut buf = vec![0u8; buffer];
     let mut bytes = 0u64;
@@ -1873,17 +1883,19 @@ fn hash_reading(
             Err(e) => return Err(e),
         };
         sha.update(&buf[..n]);
+        blake3.update(&buf[..n]);
         if let Some(c) = &mut content {
             c.update(&buf[..n]);
         }
         each(&buf[..n])?;
         bytes += n as u64;
     }
-    Ok((
-        Sha256Digest::finish(sha),
+    Ok(Hashed {
+        sha256: Sha256Digest::finish(sha),
+        blake3: Blake3Digest::from_bytes(*blake3.finalize().as_bytes()),
         bytes,
-        content.as_ref().map(PartHasher::finish),
-    ))
+        content: content.as_ref().map(PartHasher::finish),
+    })
 }
 
 /// Writes the tags of a result's parts, `contents` their keyed BLAKE3s
@@ -1943,6 +1955,7 @@ pub(crate) mod tests {
             created_at,
             snapshot: reprise_protocol::manifest::Snapshot::Fresh,
             output_sha256: Sha256Digest::of(b""),
+            output_blake3: None,
             output_bytes: 0,
             artifacts: vec![],
             crontab: None,
@@ -2018,6 +2031,7 @@ pub(crate) mod tests {
             .map(|(path, bytes)| Artifact {
                 path: path.parse().unwrap(),
                 sha256: Sha256Digest::of(bytes),
+                blake3: None,
                 bytes: bytes.len() as u64,
                 mode: 0o644,
             })

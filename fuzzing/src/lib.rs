@@ -431,10 +431,12 @@ pub fn sample_manifest() -> ResultManifest {
         created_at: NOW - 60,
         snapshot: Snapshot::Fresh,
         output_sha256: Sha256Digest::of(b"output"),
+        output_blake3: None,
         output_bytes: 6,
         artifacts: vec![Artifact {
             path: "reports/junit.xml".parse().expect("a plain path"),
             sha256: Sha256Digest::of(b"<testsuite/>"),
+            blake3: None,
             bytes: 12,
             mode: 0o644,
         }],

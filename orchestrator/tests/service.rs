@@ -194,6 +194,7 @@ fn producer_store_with(
         created_at: 1_700_000_000,
         snapshot: Snapshot::Fresh,
         output_sha256: Sha256Digest::of(b""),
+        output_blake3: None,
         output_bytes: 0,
         artifacts: vec![],
         crontab: None,

@@ -116,6 +116,14 @@ hex32!(
 );
 
 hex32!(
+    /// The BLAKE3 hash of some content: an output record or an artifact,
+    /// beside its sha256 in a manifest, for a receiver to check it by the
+    /// faster function.
+    Blake3Digest,
+    "a BLAKE3 digest"
+);
+
+hex32!(
     /// A run key: the sha256 of a run's canonical inputs
     /// ([`crate::key::KeyInputs::key`]).
     RunKey,

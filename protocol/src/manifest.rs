@@ -14,12 +14,17 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
-use crate::digest::{RunKey, Sha256Digest};
+use crate::digest::{Blake3Digest, RunKey, Sha256Digest};
 use crate::key::KeyInputs;
 
-/// Version of [`ResultManifest`]'s layout. Version 1 (no snapshot
-/// generation, untyped digests) is no longer read.
-pub const MANIFEST_VERSION: u32 = 2;
+/// Version of [`ResultManifest`]'s layout, the one this reprise writes:
+/// version 3 may give each part's BLAKE3 digest beside its sha256 (every
+/// part's or none). Version 2 (sha256 only) is still read; version 1 (no
+/// snapshot generation, untyped digests) is not.
+pub const MANIFEST_VERSION: u32 = 3;
+
+/// The oldest manifest version read.
+pub const MANIFEST_VERSION_OLDEST: u32 = 2;
 
 /// Longest artifact path, in bytes.
 pub const MAX_ARTIFACT_PATH: usize = 1024;
@@ -155,6 +160,9 @@ pub struct Artifact {
     /// Path relative to the artifacts folder.
     pub path: ArtifactPath,
     pub sha256: Sha256Digest,
+    /// Its BLAKE3 digest (version 3; see [`ResultManifest::blake3`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<Blake3Digest>,
     pub bytes: u64,
     /// Unix permission bits (no set-id or sticky bits).
     pub mode: u32,
@@ -183,6 +191,10 @@ pub struct ResultManifest {
     pub snapshot: Snapshot,
     /// Sha256 and size of the output record.
     pub output_sha256: Sha256Digest,
+    /// The output record's BLAKE3 digest (version 3; see
+    /// [`ResultManifest::blake3`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_blake3: Option<Blake3Digest>,
     pub output_bytes: u64,
     pub artifacts: Vec<Artifact>,
     /// What `prepare-runtime` wrote to `/var/run/ci/crontab`, if anything:
@@ -198,8 +210,14 @@ pub struct ResultManifest {
 /// What is wrong with a manifest whose parts each parsed.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum ManifestError {
-    #[error("manifest version {0} is not read by this reprise (it reads {MANIFEST_VERSION})")]
+    #[error(
+        "manifest version {0} is not read by this reprise (it reads {MANIFEST_VERSION_OLDEST} to {MANIFEST_VERSION})"
+    )]
     Version(u32),
+    #[error(
+        "the manifest gives the BLAKE3 digests of some of its parts only (version 3 gives every part's or none, version 2 none)"
+    )]
+    PartialBlake3,
     #[error("the manifest's key {key} is not the key of its inputs ({computed})")]
     KeyMismatch { key: RunKey, computed: RunKey },
     #[error("artifact {0} is listed twice")]
@@ -250,6 +268,16 @@ pub fn check_sizes<'a>(
 }
 
 impl ResultManifest {
+    /// The BLAKE3 digest of each part, the output record first, when the
+    /// manifest gives them (version 3; [`ResultManifest::check`] holds
+    /// them to every part's or none); `None` when it does not give them
+    /// all.
+    pub fn blake3(&self) -> Option<Vec<Blake3Digest>> {
+        std::iter::once(self.output_blake3)
+            .chain(self.artifacts.iter().map(|a| a.blake3))
+            .collect()
+    }
+
     /// Whether the record and artifacts the manifest lists fit the limits.
     pub fn check_sizes(&self) -> Result<(), Oversize> {
         check_sizes(
@@ -262,8 +290,16 @@ impl ResultManifest {
     /// the key of the inputs, and that the artifacts can all be written
     /// (no path twice, no file that is another's folder, no special bits).
     pub fn check(&self) -> Result<(), ManifestError> {
-        if self.version != MANIFEST_VERSION {
+        if !(MANIFEST_VERSION_OLDEST..=MANIFEST_VERSION).contains(&self.version) {
             return Err(ManifestError::Version(self.version));
+        }
+        let given = std::iter::once(&self.output_blake3)
+            .chain(self.artifacts.iter().map(|a| &a.blake3))
+            .filter(|d| d.is_some())
+            .count();
+        let all = given == 1 + self.artifacts.len();
+        if given > 0 && (!all || self.version < 3) {
+            return Err(ManifestError::PartialBlake3);
         }
         let computed = self.inputs.key();
         if computed != self.key {
@@ -360,15 +396,44 @@ pub(crate) mod tests {
             created_at: 10,
             snapshot: Snapshot::Fresh,
             output_sha256: Sha256Digest::of(b"output"),
+            output_blake3: None,
             output_bytes: 3,
             artifacts: vec![Artifact {
                 path: "a/b".parse().unwrap(),
                 sha256: Sha256Digest::of(b"artifact"),
+                blake3: None,
                 bytes: 2,
                 mode: 0o644,
             }],
             crontab: None,
             container_image: None,
+        }
+    }
+
+    #[test]
+    fn blake3_digests_are_every_part_s_or_none_from_version_3() {
+        let d = |n: u8| Some(Blake3Digest::from_bytes([n; 32]));
+        let mut m = manifest();
+        m.check().expect("version 3 without BLAKE3 digests");
+        assert_eq!(m.blake3(), None);
+        m.output_blake3 = d(1);
+        assert_eq!(m.check(), Err(ManifestError::PartialBlake3));
+        assert_eq!(m.blake3(), None);
+        m.artifacts[0].blake3 = d(2);
+        m.check().expect("every part's");
+        assert_eq!(m.blake3(), Some(vec![d(1).unwrap(), d(2).unwrap()]));
+        m.output_blake3 = None;
+        assert_eq!(m.check(), Err(ManifestError::PartialBlake3));
+        let mut old = manifest();
+        old.version = 2;
+        old.check().expect("version 2 is still read");
+        old.output_blake3 = d(1);
+        old.artifacts[0].blake3 = d(2);
+        assert_eq!(old.check(), Err(ManifestError::PartialBlake3));
+        for version in [1, MANIFEST_VERSION + 1] {
+            let mut m = manifest();
+            m.version = version;
+            assert_eq!(m.check(), Err(ManifestError::Version(version)));
         }
     }
 

@@ -66,13 +66,25 @@ pub fn signing_bytes(manifest: &ResultManifest) -> Vec<u8> {
             put(id.as_bytes());
         }
     }
+    // The parts' BLAKE3 digests (manifest version 3) follow, each field
+    // empty where a part has none; a manifest of version 2 without any
+    // encodes as it always did, so its producers' seals still hold.
+    let blake3: Vec<_> = std::iter::once(manifest.output_blake3)
+        .chain(manifest.artifacts.iter().map(|a| a.blake3))
+        .collect();
+    if manifest.version >= 3 || blake3.iter().any(Option::is_some) {
+        put(b"blake3");
+        for digest in blake3 {
+            put(digest.as_ref().map_or(&[][..], |d| d.as_bytes()));
+        }
+    }
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::digest::Sha256Digest;
+    use crate::digest::{Blake3Digest, Sha256Digest};
     use crate::manifest::tests::manifest;
 
     #[test]
@@ -107,12 +119,33 @@ mod tests {
             |m| m.crontab = Some(String::new()),
             |m| m.crontab = Some("* * * * * lint\n".into()),
             |m| m.container_image = Some(Sha256Digest::of(b"image")),
+            |m| m.output_blake3 = Some(Blake3Digest::from_bytes([1; 32])),
+            |m| m.artifacts[0].blake3 = Some(Blake3Digest::from_bytes([2; 32])),
         ];
         for (n, change) in changes.into_iter().enumerate() {
             let mut m = manifest();
             change(&mut m);
             assert_ne!(signing_bytes(&m), base, "change {n} kept the signed bytes");
         }
+    }
+
+    #[test]
+    fn a_version_2_manifest_encodes_as_before_the_blake3_digests() {
+        // The sha256 of this manifest's signed bytes as the build before
+        // the BLAKE3 digests made them: producers' seals of version 2
+        // results still hold.
+        let mut m = manifest();
+        m.version = 2;
+        assert_eq!(
+            Sha256Digest::of(&signing_bytes(&m)).hex(),
+            "b31008f335db6632892191f3aa7a24a878b1902a3c4419fd4998e8c426067765"
+        );
+        // The digests of one part cannot pass for another's.
+        let mut a = manifest();
+        let mut b = manifest();
+        let d = Some(Blake3Digest::from_bytes([7; 32]));
+        (a.output_blake3, b.artifacts[0].blake3) = (d, d);
+        assert_ne!(signing_bytes(&a), signing_bytes(&b));
     }
 
     #[test]

@@ -501,6 +501,7 @@ fn light_manifest(i: usize, j: usize, namespace: &str) -> ResultManifest {
         created_at: 1,
         snapshot: reprise_protocol::manifest::Snapshot::Fresh,
         output_sha256: Sha256Digest::of(b""),
+        output_blake3: None,
         output_bytes: 0,
         artifacts: Vec::new(),
         crontab: None,

@@ -359,6 +359,7 @@ mod tests {
         m.artifacts = vec![reprise_protocol::manifest::Artifact {
             path: "a/b.txt".parse().unwrap(),
             sha256: Sha256Digest::of(b"s"),
+            blake3: None,
             bytes: 1,
             mode: 0o644,
         }];

@@ -251,7 +251,7 @@ impl PartCheck {
 /// pool.
 async fn part_matches(path: PathBuf, sha256: Sha256Digest) -> std::io::Result<bool> {
     tokio::task::spawn_blocking(move || {
-        crate::store::hash_file(&path, None).map(|(found, _)| found == sha256)
+        crate::store::hash_file(&path, None).map(|h| h.sha256 == sha256)
     })
     .await
     .map_err(std::io::Error::other)?
