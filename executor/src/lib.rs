@@ -13,6 +13,7 @@ pub mod faults;
 pub mod image;
 pub mod inputs;
 pub mod link;
+pub mod part_digest;
 pub mod paths;
 pub mod pipeline;
 pub mod recorder;

@@ -32,7 +32,7 @@
 use crate::tags::{Content, PartHasher, TagKey, Tags};
 use crate::workdir::WorkDir;
 use nix::fcntl::{Flock, FlockArg};
-use sha2::digest::common::hazmat::{SerializableState, SerializedState};
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
@@ -404,7 +404,7 @@ impl Store {
                 if let Some(mut old) = other {
                     old.keep = false;
                 }
-                Partial::fresh(self, &digest, parts)?
+                Partial::fresh(self, &digest, &sealed.manifest)?
             }
         };
         // Appended to by every part; not through a symlink (a reopened
@@ -850,10 +850,7 @@ const ENTRY_LEN: usize = 4 + 8 + STATE_LEN;
 /// result of the largest size the limits allow, and more.
 const PROGRESS_MAX: u64 = 16 << 20;
 
-/// The length of a recorded sha256 state: the hash's chaining value, the
-/// count of blocks hashed and the block in progress
-/// ([`SerializableState`]).
-const STATE_LEN: usize = std::mem::size_of::<SerializedState<sha2::Sha256>>();
+use crate::part_digest::{PartDigest, PartDigester, STATE_LEN};
 
 /// A result being received ([`Store::receive`]), staged in its partial
 /// folder. Every chunk goes into its part's sha256 as it is written, and
@@ -885,11 +882,32 @@ pub struct Receiving {
 }
 
 /// What a partial holds of one part: its chunks checked so far, and the
-/// part's sha256 over them.
-#[derive(Debug, Clone, Default)]
+/// part's digest over them (sha256, or BLAKE3 where the manifest gives
+/// it: [`crate::part_digest`]).
+#[derive(Debug, Clone)]
 struct Progress {
     chunks: u64,
-    hasher: sha2::Sha256,
+    digest: PartDigester,
+}
+
+impl Progress {
+    /// Part `i` of `manifest` from its start.
+    fn start(manifest: &ResultManifest, i: usize) -> Progress {
+        let bytes = part_sizes(manifest)[i];
+        Progress {
+            chunks: 0,
+            digest: PartDigester::new(manifest.blake3().is_some(), bytes),
+        }
+    }
+
+    /// The same part from its start.
+    fn restarted(&self) -> Progress {
+        let (blake3, bytes) = self.digest.kind();
+        Progress {
+            chunks: 0,
+            digest: PartDigester::new(blake3, bytes),
+        }
+    }
 }
 
 /// A partial transfer's folder (`tmp/partial-<digest>/`), locked by the
@@ -933,7 +951,11 @@ pub struct Partial {
 impl Partial {
     /// Takes the partial folder of `digest` and empties it, or, when
     /// another fetch holds it, makes a folder of this fetch's own.
-    fn fresh(store: &Store, digest: &Sha256Digest, parts: usize) -> Result<Partial, StoreError> {
+    fn fresh(
+        store: &Store,
+        digest: &Sha256Digest,
+        manifest: &ResultManifest,
+    ) -> Result<Partial, StoreError> {
         let tmp = store.root.join("tmp");
         fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
         let dir = tmp.join(format!("{PARTIAL_PREFIX}{}", digest.hex()));
@@ -942,7 +964,7 @@ impl Partial {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (dir, Some(*digest)),
             Err(e) => return Err(io_err(&dir)(e)),
         };
-        let taken = Partial::lock(dir.clone(), digest, parts)?;
+        let taken = Partial::lock(dir.clone(), digest, manifest)?;
         let mut partial = match taken {
             Some(p) => p,
             None => {
@@ -951,7 +973,7 @@ impl Partial {
                     .tempdir_in(&tmp)
                     .map_err(io_err(&tmp))?
                     .keep();
-                Partial::lock(own, None, parts)?.ok_or_else(|| {
+                Partial::lock(own, None, manifest)?.ok_or_else(|| {
                     io_err(&tmp)(std::io::Error::other("a fresh folder is locked"))
                 })?
             }
@@ -978,8 +1000,9 @@ impl Partial {
     fn lock(
         dir: PathBuf,
         digest: Option<Sha256Digest>,
-        parts: usize,
+        manifest: &ResultManifest,
     ) -> Result<Option<Partial>, StoreError> {
+        let parts = part_sizes(manifest).len();
         // The sweep of abandoned work folders leaves kept ones alone.
         let kept = dir.join(".kept");
         if digest.is_some() && !kept.exists() {
@@ -1019,7 +1042,7 @@ impl Partial {
             dir,
             _owner: owner,
             digest,
-            progress: vec![Progress::default(); parts],
+            progress: (0..parts).map(|i| Progress::start(manifest, i)).collect(),
             recorded: vec![Vec::new(); parts],
             keep: true,
             placed: false,
@@ -1040,15 +1063,14 @@ impl Partial {
         if named != Some(sealed_digest) {
             return Ok(None);
         }
-        let Some(mut partial) =
-            Partial::lock(dir, Some(sealed_digest), part_sizes(&manifest).len())?
-        else {
+        let Some(mut partial) = Partial::lock(dir, Some(sealed_digest), &manifest)? else {
             return Ok(None);
         };
         let sizes = part_sizes(&manifest);
         let mut recorded = partial.read_progress(sizes.len());
         for (i, bytes) in sizes.into_iter().enumerate() {
-            let progress = partial.claim(i, bytes, &recorded[i])?;
+            let start = Progress::start(&manifest, i);
+            let progress = partial.claim(i, bytes, &recorded[i], start)?;
             recorded[i].truncate(progress.chunks as usize * STATE_LEN);
             partial.progress[i] = progress;
         }
@@ -1063,7 +1085,13 @@ impl Partial {
     /// its file's length: the chunks both cover, and the sha256 state
     /// recorded after the last of them. Anything but a regular file in the
     /// part's place (a symlink) is removed, and the part starts over.
-    fn claim(&self, i: usize, bytes: u64, recorded: &[u8]) -> Result<Progress, StoreError> {
+    fn claim(
+        &self,
+        i: usize,
+        bytes: u64,
+        recorded: &[u8],
+        start: Progress,
+    ) -> Result<Progress, StoreError> {
         let path = self.part_path(i);
         let on_disk = match fs::symlink_metadata(&path) {
             Ok(m) if m.is_file() => m.len(),
@@ -1079,6 +1107,7 @@ impl Partial {
             on_disk / wire::CHUNK_BYTES
         };
         Ok(resumed_after(
+            start,
             recorded,
             whole_chunks.min((recorded.len() / STATE_LEN) as u64),
         ))
@@ -1118,6 +1147,7 @@ impl Partial {
             .enumerate()
             .map(|(i, bytes)| KeptPart {
                 path: self.part_path(i),
+                blake3: manifest.blake3().is_some(),
                 recorded: self.recorded.get(i).cloned().unwrap_or_default(),
                 bytes,
                 chunks: self.progress[i].chunks,
@@ -1140,7 +1170,8 @@ impl Partial {
             if self.progress.get(i).is_none_or(|p| keep >= p.chunks) {
                 continue;
             }
-            let progress = resumed_after(&recorded[i], keep);
+            let start = self.progress[i].restarted();
+            let progress = resumed_after(start, &recorded[i], keep);
             let states = progress.chunks as usize * STATE_LEN;
             recorded[i].truncate(states);
             self.recorded[i].truncate(states);
@@ -1202,26 +1233,15 @@ fn part_sizes(manifest: &ResultManifest) -> Vec<u64> {
         .collect()
 }
 
-/// A part resumed after its first `chunks` chunks: its sha256 from the
-/// state `recorded` after the last of them, or from the start when that
-/// state does not parse.
-fn resumed_after(recorded: &[u8], chunks: u64) -> Progress {
-    match chunks
-        .checked_sub(1)
-        .and_then(|last| recorded_state(recorded, last))
-    {
-        Some(hasher) => Progress { chunks, hasher },
-        None => Progress::default(),
+/// A part resumed after its first `chunks` chunks: its digest from the
+/// states `recorded` after them, or `start` (the part from its start) when
+/// they do not hold that many or do not parse.
+fn resumed_after(start: Progress, recorded: &[u8], chunks: u64) -> Progress {
+    let (blake3, bytes) = start.digest.kind();
+    match PartDigester::resume(blake3, bytes, recorded, chunks) {
+        Some(digest) => Progress { chunks, digest },
+        None => start,
     }
-}
-
-/// The sha256 state recorded after chunk `index`, if the record holds one
-/// that parses.
-fn recorded_state(recorded: &[u8], index: u64) -> Option<sha2::Sha256> {
-    let at = usize::try_from(index).ok()?.checked_mul(STATE_LEN)?;
-    let bytes = recorded.get(at..at + STATE_LEN)?;
-    let state = SerializedState::<sha2::Sha256>::try_from(bytes).ok()?;
-    sha2::Sha256::deserialize(&state).ok()
 }
 
 /// The entry of [`PROGRESS`] for chunk `index` of `part`, whose sha256
@@ -1273,6 +1293,8 @@ pub struct KeptCheck {
 #[derive(Debug)]
 struct KeptPart {
     path: PathBuf,
+    /// Whether the part is checked by BLAKE3 (else sha256).
+    blake3: bool,
     /// The states recorded after each chunk kept.
     recorded: Vec<u8>,
     bytes: u64,
@@ -1293,7 +1315,7 @@ impl KeptCheck {
                 continue;
             }
             let recorded = &part.recorded;
-            let mut hasher = sha2::Sha256::default();
+            let mut digest = PartDigester::new(part.blake3, part.bytes);
             let mut file = open_stored(&part.path).map_err(io_err(&part.path))?;
             let mut good = 0;
             while good < part.chunks {
@@ -1301,9 +1323,9 @@ impl KeptCheck {
                 if file.read_exact(chunk).is_err() {
                     break;
                 }
-                sha2::Digest::update(&mut hasher, &*chunk);
+                let state = digest.chunk(good, &[&*chunk]);
                 let at = good as usize * STATE_LEN;
-                if recorded.get(at..at + STATE_LEN) != Some(hasher.serialize().as_slice()) {
+                if recorded.get(at..at + STATE_LEN) != Some(state.as_slice()) {
                     break;
                 }
                 good += 1;
@@ -1379,20 +1401,19 @@ impl PartWriter {
     /// order (as a stream received them), written by vectored writes
     /// ([`write_in_steps`]).
     pub fn write_pieces(&mut self, pieces: &[&[u8]]) -> Result<(), ChunkRefused> {
-        use sha2::Digest;
         let index = self.progress.chunks;
         let len: usize = pieces.iter().map(|p| p.len()).sum();
         if self.whole() || len as u64 != wire::chunk_len(self.bytes, index) {
             return Err(ChunkRefused::PastEnd { index });
         }
-        for piece in pieces {
-            self.progress.hasher.update(piece);
-            if let Some(c) = &mut self.content {
+        let state = self.progress.digest.chunk(index, pieces);
+        if let Some(c) = &mut self.content {
+            for piece in pieces {
                 c.update(piece);
             }
         }
         write_in_steps(&mut self.file, pieces).map_err(io_err(&self.path))?;
-        let entry = progress_entry(self.part, index, &self.progress.hasher.serialize());
+        let entry = progress_entry(self.part, index, &state);
         self.record
             .write_all(&entry)
             .map_err(io_err(&self.record_path))?;
@@ -1553,7 +1574,7 @@ impl Receiving {
     /// Part `writer` is whole: returns its sha256 (over every byte in its
     /// file, for the caller to check against the manifest) and starts its
     /// sync.
-    pub fn part_done(&mut self, writer: PartWriter) -> Result<Sha256Digest, StoreError> {
+    pub fn part_done(&mut self, writer: PartWriter) -> Result<PartDigest, StoreError> {
         let PartWriter {
             part,
             path,
@@ -1564,7 +1585,7 @@ impl Receiving {
         } = writer;
         self.partial.progress[part] = progress.clone();
         self.contents[part] = content.as_ref().map(PartHasher::finish);
-        let found = Sha256Digest::finish(progress.hasher);
+        let found = progress.digest.finish();
         let synced = file.try_clone().map_err(io_err(&path))?;
         self.syncs.start(synced, path)?;
         if part > 0 {
@@ -1579,7 +1600,7 @@ impl Receiving {
 
     /// Writes part `i` whole from `bytes`, cut into chunks here (for tests
     /// and for a store filling another); returns its sha256.
-    pub fn put_part(&mut self, i: usize, bytes: &[u8]) -> Result<Sha256Digest, ChunkRefused> {
+    pub fn put_part(&mut self, i: usize, bytes: &[u8]) -> Result<PartDigest, ChunkRefused> {
         let mut w = self.part(i)?;
         let from = (w.next_chunk() * wire::CHUNK_BYTES) as usize;
         for chunk in bytes[from.min(bytes.len())..].chunks(wire::CHUNK_BYTES as usize) {
@@ -2022,16 +2043,27 @@ pub(crate) mod tests {
     }
 
     fn sealed_with(artifacts: &[(&str, &[u8])], record: &[u8]) -> Sealed {
+        sealed_by(artifacts, record, true)
+    }
+
+    /// A result of `artifacts` and `record`, its manifest giving their
+    /// BLAKE3 digests if `blake3` (as producers make them), else their
+    /// sha256 only (as producers made them before).
+    fn sealed_by(artifacts: &[(&str, &[u8])], record: &[u8], blake3: bool) -> Sealed {
         use reprise_protocol::seal::{SEAL_VERSION, Seal};
+        let b3 = |bytes: &[u8]| {
+            blake3.then(|| Blake3Digest::from_bytes(*::blake3::hash(bytes).as_bytes()))
+        };
         let mut m = manifest(inputs("r1"), Outcome::Passed, 10);
         m.output_sha256 = Sha256Digest::of(record);
+        m.output_blake3 = b3(record);
         m.output_bytes = record.len() as u64;
         m.artifacts = artifacts
             .iter()
             .map(|(path, bytes)| Artifact {
                 path: path.parse().unwrap(),
                 sha256: Sha256Digest::of(bytes),
-                blake3: None,
+                blake3: b3(bytes),
                 bytes: bytes.len() as u64,
                 mode: 0o644,
             })
@@ -2046,12 +2078,24 @@ pub(crate) mod tests {
         }
     }
 
+    /// What part `i` of `sealed`, `bytes`, hashes to by the function its
+    /// manifest checks it by.
+    fn digest_of(sealed: &Sealed, i: usize, bytes: &[u8]) -> PartDigest {
+        match sealed.manifest.blake3() {
+            Some(b3) => {
+                assert_eq!(b3[i].as_bytes(), ::blake3::hash(bytes).as_bytes());
+                PartDigest::Blake3(b3[i])
+            }
+            None => PartDigest::Sha256(Sha256Digest::of(bytes)),
+        }
+    }
+
     /// Writes a result through a [`Receiving`] as a fetch does.
     fn receive(store: &Store, sealed: &Sealed, record: &[u8], artifacts: &[&[u8]]) -> Receiving {
         let mut incoming = store.receive(sealed.clone(), None).unwrap();
         assert_eq!(
             incoming.put_part(0, record).unwrap(),
-            Sha256Digest::of(record)
+            digest_of(sealed, 0, record)
         );
         for (i, bytes) in artifacts.iter().enumerate() {
             incoming.put_part(i + 1, bytes).unwrap();
@@ -2130,11 +2174,17 @@ pub(crate) mod tests {
 
     #[test]
     fn a_cut_receive_keeps_its_checked_chunks_and_resumes_from_them() {
+        for blake3 in [true, false] {
+            a_cut_receive_resumes(blake3);
+        }
+    }
+
+    fn a_cut_receive_resumes(blake3: bool) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path().join("store"));
         let big = data(3 * wire::CHUNK_BYTES as usize + 5, 1);
         let small = data(10, 2);
-        let sealed = sealed_with(&[("big.bin", &big), ("small", &small)], b"rec");
+        let sealed = sealed_by(&[("big.bin", &big), ("small", &small)], b"rec", blake3);
         let key = sealed.manifest.key;
         assert!(store.resumable(&key).is_none(), "nothing to resume yet");
         // Cut in the big artifact after two chunks; a chunk of the wrong
@@ -2164,9 +2214,12 @@ pub(crate) mod tests {
         assert_eq!(check_kept(&incoming), vec![], "the kept chunks hold");
         assert_eq!(
             incoming.put_part(0, b"rec").unwrap(),
-            Sha256Digest::of(b"rec")
+            digest_of(&sealed, 0, b"rec")
         );
-        assert_eq!(incoming.put_part(1, &big).unwrap(), Sha256Digest::of(&big));
+        assert_eq!(
+            incoming.put_part(1, &big).unwrap(),
+            digest_of(&sealed, 1, &big)
+        );
         incoming.put_part(2, &small).unwrap();
         let stored = incoming.commit().unwrap();
         assert_eq!(
@@ -2244,10 +2297,16 @@ pub(crate) mod tests {
 
     #[test]
     fn a_partial_damaged_on_disk_is_cut_back_to_its_last_good_chunk() {
+        for blake3 in [true, false] {
+            a_damaged_partial_is_cut_back(blake3);
+        }
+    }
+
+    fn a_damaged_partial_is_cut_back(blake3: bool) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path().join("store"));
         let big = data(4 * wire::CHUNK_BYTES as usize, 3);
-        let sealed = sealed_with(&[("big.bin", &big)], b"rec");
+        let sealed = sealed_by(&[("big.bin", &big)], b"rec", blake3);
         let key = sealed.manifest.key;
         let mut incoming = store.receive(sealed.clone(), None).unwrap();
         incoming.put_part(0, b"rec").unwrap();
@@ -2302,11 +2361,14 @@ pub(crate) mod tests {
         drop(f);
         let partial = store.resumable(&key).unwrap();
         assert_eq!(partial.from(), vec![1, 2]);
-        // The rest completes it, and what was kept counts in the sha256.
-        let mut incoming = store.receive(sealed, Some(partial)).unwrap();
+        // The rest completes it, and what was kept counts in the digest.
+        let mut incoming = store.receive(sealed.clone(), Some(partial)).unwrap();
         assert_eq!(check_kept(&incoming), vec![]);
         incoming.put_part(0, b"rec").unwrap();
-        assert_eq!(incoming.put_part(1, &big).unwrap(), Sha256Digest::of(&big));
+        assert_eq!(
+            incoming.put_part(1, &big).unwrap(),
+            digest_of(&sealed, 1, &big)
+        );
         incoming.commit().unwrap();
     }
 

@@ -794,6 +794,9 @@ enum Fault {
     OtherOutputs,
     /// Sends no signature.
     Unsigned,
+    /// Sends the producer's seal with a manifest whose BLAKE3 digests it
+    /// took out.
+    StripBlake3,
     /// Seals with another identity's key under its own certificate.
     SignedByAnother,
     /// Presents a certificate (and signature) from another CA.
@@ -881,6 +884,13 @@ async fn rogue_producer(team: &Team, fault: Fault, name: &str, asker_store: Path
                 transfer.seal = creds.seal(&transfer.manifest);
             }
             Fault::Unsigned => transfer.seal.signature = String::new(),
+            Fault::StripBlake3 => {
+                assert!(transfer.manifest.blake3().is_some(), "made with them");
+                transfer.manifest.output_blake3 = None;
+                for a in &mut transfer.manifest.artifacts {
+                    a.blake3 = None;
+                }
+            }
             Fault::SignedByAnother => {
                 transfer.seal.signature = other.seal(&transfer.manifest).signature;
             }
@@ -942,18 +952,19 @@ async fn bad_transfers_are_never_committed() {
         ),
         // A chunk that does not match the sha256 sent with it is taken in
         // (the receiver never checks the holder's sha256s), and the
-        // artifact refused as a whole; so is a holder's that sends bad
-        // bytes with sha256s that match them.
+        // artifact refused as a whole by the BLAKE3 digest its producer
+        // sealed; so is a holder's that sends bad bytes with sha256s that
+        // match them.
         (
             Fault::FlipByte,
             Box::new(
-                |e| matches!(e, FetchError::Digest { part, .. } if part == "artifact sub/big.bin"),
+                |e| matches!(e, FetchError::Blake3 { part, .. } if part == "artifact sub/big.bin"),
             ),
         ),
         (
             Fault::HostileChunkHash,
             Box::new(
-                |e| matches!(e, FetchError::Digest { part, .. } if part == "artifact sub/big.bin"),
+                |e| matches!(e, FetchError::Blake3 { part, .. } if part == "artifact sub/big.bin"),
             ),
         ),
         (Fault::OtherInputs, Box::new(refused_by_the_orchestrator)),
@@ -968,6 +979,9 @@ async fn bad_transfers_are_never_committed() {
             ),
         ),
         (Fault::Unsigned, Box::new(refused_by_the_orchestrator)),
+        // The BLAKE3 digests are under the seal: a holder dropping them
+        // (for the receiver to check what it would by sha256) breaks it.
+        (Fault::StripBlake3, Box::new(refused_by_the_orchestrator)),
         (
             Fault::SignedByAnother,
             Box::new(refused_by_the_orchestrator),

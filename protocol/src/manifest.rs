@@ -218,6 +218,10 @@ pub enum ManifestError {
         "the manifest gives the BLAKE3 digests of some of its parts only (version 3 gives every part's or none, version 2 none)"
     )]
     PartialBlake3,
+    #[error(
+        "artifact {0} has the sha256 of another artifact and not its BLAKE3 digest, or the reverse"
+    )]
+    DigestsDisagree(ArtifactPath),
     #[error("the manifest's key {key} is not the key of its inputs ({computed})")]
     KeyMismatch { key: RunKey, computed: RunKey },
     #[error("artifact {0} is listed twice")]
@@ -300,6 +304,19 @@ impl ResultManifest {
         let all = given == 1 + self.artifacts.len();
         if given > 0 && (!all || self.version < 3) {
             return Err(ManifestError::PartialBlake3);
+        }
+        // A store keeps one blob per sha256: two artifacts of one sha256
+        // must be one content by BLAKE3 too (and two of one BLAKE3 digest
+        // one by sha256), or a receiver checking by BLAKE3 would keep one
+        // under the other's name.
+        let mut by_sha = std::collections::BTreeMap::new();
+        let mut by_blake3 = std::collections::BTreeMap::new();
+        for a in self.artifacts.iter().filter(|a| a.blake3.is_some()) {
+            if *by_sha.entry(a.sha256).or_insert(a.blake3) != a.blake3
+                || *by_blake3.entry(a.blake3).or_insert(a.sha256) != a.sha256
+            {
+                return Err(ManifestError::DigestsDisagree(a.path.clone()));
+            }
         }
         let computed = self.inputs.key();
         if computed != self.key {
@@ -424,6 +441,23 @@ pub(crate) mod tests {
         assert_eq!(m.blake3(), Some(vec![d(1).unwrap(), d(2).unwrap()]));
         m.output_blake3 = None;
         assert_eq!(m.check(), Err(ManifestError::PartialBlake3));
+        // Two artifacts of one content agree on both digests.
+        m.output_blake3 = d(1);
+        let mut twin = m.artifacts[0].clone();
+        twin.path = "twin".parse().unwrap();
+        m.artifacts.push(twin);
+        m.check().expect("one content twice");
+        m.artifacts[1].blake3 = d(3);
+        assert_eq!(
+            m.check(),
+            Err(ManifestError::DigestsDisagree("twin".parse().unwrap()))
+        );
+        m.artifacts[1].blake3 = d(2);
+        m.artifacts[1].sha256 = Sha256Digest::of(b"other");
+        assert_eq!(
+            m.check(),
+            Err(ManifestError::DigestsDisagree("twin".parse().unwrap()))
+        );
         let mut old = manifest();
         old.version = 2;
         old.check().expect("version 2 is still read");

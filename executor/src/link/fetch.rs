@@ -34,7 +34,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use reprise_frames::{ChunkError, FrameRecv, Pieces, ReadError, read_chunk_pieces};
-use reprise_protocol::digest::{RunKey, Sha256Digest};
+use reprise_protocol::digest::{Blake3Digest, RunKey, Sha256Digest};
 use reprise_protocol::key::KeyInputs;
 use reprise_protocol::manifest::{ManifestError, Outcome, Oversize};
 use reprise_protocol::seal::{SealError, SignedBy};
@@ -44,6 +44,7 @@ use thiserror::Error;
 use tracing::debug;
 
 use super::LinkError;
+use crate::part_digest::PartDigest;
 use crate::store::{ChunkRefused, Partial, Receiving, Store, StoreError, StoredResult};
 
 /// Why a fetched result was not committed. Whatever the reason, nothing
@@ -80,6 +81,14 @@ pub enum FetchError {
         expected: Sha256Digest,
         found: Sha256Digest,
     },
+    #[error("the {part} does not match its manifest (BLAKE3 {found}, expected {expected})")]
+    Blake3 {
+        part: String,
+        expected: Blake3Digest,
+        found: Blake3Digest,
+    },
+    #[error("the {part} was hashed by another function than its manifest gives")]
+    DigestKind { part: String },
     #[error("the transfer broke off in the {part}")]
     Truncated {
         part: String,
@@ -279,6 +288,9 @@ async fn receive_parts(
     received: &mut u64,
 ) -> Result<(), FetchError> {
     let parts = incoming.sealed().parts();
+    // A manifest of version 3 gives each part's BLAKE3 digest, which the
+    // parts are checked by instead of their sha256 ([`crate::part_digest`]).
+    let blake3 = incoming.sealed().manifest.blake3();
     // Each chunk is hashed and written from the pieces the stream received,
     // not copied into a buffer first.
     let mut pieces = Pieces::default();
@@ -309,13 +321,26 @@ async fn receive_parts(
                 Err(ChunkRefused::Store(e)) => return Err(e.into()),
             }
         }
-        let found = incoming.part_done(w)?;
-        if found != sha256 {
-            return Err(FetchError::Digest {
-                part,
-                expected: sha256,
-                found,
-            });
+        match (incoming.part_done(w)?, &blake3) {
+            (PartDigest::Blake3(found), Some(expected)) if found == expected[i] => {}
+            (PartDigest::Sha256(found), None) if found == sha256 => {}
+            (PartDigest::Blake3(found), Some(expected)) => {
+                return Err(FetchError::Blake3 {
+                    part,
+                    expected: expected[i],
+                    found,
+                });
+            }
+            (PartDigest::Sha256(found), None) => {
+                return Err(FetchError::Digest {
+                    part,
+                    expected: sha256,
+                    found,
+                });
+            }
+            // A partial resumed is one of this very manifest (its name is
+            // the manifest's digest), so this does not happen.
+            _ => return Err(FetchError::DigestKind { part }),
         }
     }
     match recv.ended().await {
