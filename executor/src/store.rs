@@ -916,17 +916,17 @@ impl Progress {
 /// ```text
 /// manifest.json, seal.json   as the transfer's header gave them
 /// output.rec, blobs/<i>      the parts, each its chunks so far
-/// progress                   each part's sha256 state after each of them
+/// progress                   each part's digest state after each of them
 /// .owner                     locked while a fetch writes the folder
 /// ```
 ///
 /// Nothing in it is synced until the result is committed: a partial is
-/// never trusted as it lies on disk. A fetch resumes each part's sha256
+/// never trusted as it lies on disk. A fetch resumes each part's digest
 /// from the state recorded after its last chunk kept ([`Store::resumable`])
 /// and asks for the rest at once; while the rest arrives, every chunk kept
 /// is read back and hashed again, and the state after each must be the one
 /// recorded ([`KeptCheck`]). Equal states after a chunk mean equal bytes
-/// up to it, so a part's sha256 at the end covers every byte on disk, and
+/// up to it, so a part's digest at the end covers every byte on disk, and
 /// the result is committed only once that check held. Where it does not (a
 /// crash lost or tore a chunk or its record, or someone changed them), the
 /// part is cut back to its last chunk that holds ([`Receiving::cut_back`])
@@ -1082,7 +1082,7 @@ impl Partial {
     }
 
     /// What part `i` (of `bytes` bytes) holds by its `recorded` states and
-    /// its file's length: the chunks both cover, and the sha256 state
+    /// its file's length: the chunks both cover, and the digest state
     /// recorded after the last of them. Anything but a regular file in the
     /// part's place (a symlink) is removed, and the part starts over.
     fn claim(
@@ -1244,7 +1244,7 @@ fn resumed_after(start: Progress, recorded: &[u8], chunks: u64) -> Progress {
     }
 }
 
-/// The entry of [`PROGRESS`] for chunk `index` of `part`, whose sha256
+/// The entry of [`PROGRESS`] for chunk `index` of `part`, whose digest
 /// state after it is `state`.
 fn progress_entry(part: usize, index: u64, state: &[u8]) -> [u8; ENTRY_LEN] {
     let mut entry = [0u8; ENTRY_LEN];
@@ -1281,7 +1281,7 @@ fn parse_progress(recorded: &[u8], parts: usize) -> Vec<Vec<u8>> {
 }
 
 /// The check of the chunks a partial kept ([`Receiving::kept_check`]): each
-/// is read back and hashed, and the part's sha256 state after it must be
+/// is read back and hashed, and the part's digest state after it must be
 /// the one recorded when it arrived. Owned, so that it runs on a thread of
 /// its own while the rest of the transfer arrives; it reads only the kept
 /// chunks, which the rest never touches.
@@ -1358,12 +1358,13 @@ pub enum ChunkRefused {
 }
 
 /// Writes one part of a [`Receiving`] chunk by chunk from where its
-/// partial ends: each chunk goes into the part's sha256 and is written,
-/// and the state of that sha256 after it is recorded beside it.
+/// partial ends: each chunk goes into the part's digest (BLAKE3 or sha256,
+/// [`crate::part_digest`]) and is written, and the digest's state after
+/// it is recorded beside it.
 ///
 /// The sha256 a holder sends with each chunk is not checked here: it is
 /// the holder's word, not the producer's seal, so matching it proves
-/// nothing the part's sha256 does not prove at the end, and checking it
+/// nothing the part's digest does not prove at the end, and checking it
 /// would hash every byte twice (a fifth of a receiver's CPU). The recorded
 /// states are this receiver's own: they let a fetch that resumes a cut
 /// transfer go on hashing from where it stopped, and check the chunks kept
@@ -1571,7 +1572,7 @@ impl Receiving {
         })
     }
 
-    /// Part `writer` is whole: returns its sha256 (over every byte in its
+    /// Part `writer` is whole: returns its digest (over every byte in its
     /// file, for the caller to check against the manifest) and starts its
     /// sync.
     pub fn part_done(&mut self, writer: PartWriter) -> Result<PartDigest, StoreError> {
@@ -1599,7 +1600,7 @@ impl Receiving {
     }
 
     /// Writes part `i` whole from `bytes`, cut into chunks here (for tests
-    /// and for a store filling another); returns its sha256.
+    /// and for a store filling another); returns its digest.
     pub fn put_part(&mut self, i: usize, bytes: &[u8]) -> Result<PartDigest, ChunkRefused> {
         let mut w = self.part(i)?;
         let from = (w.next_chunk() * wire::CHUNK_BYTES) as usize;

@@ -10,8 +10,10 @@
 //! under the limits ([`ResultManifest::check_sizes`]); each part starts
 //! at chunk 0 or exactly where this fetch asked of this very result
 //! ([`Sealed::fits`]); every chunk is the length its place in its part
-//! says; the output record's and every artifact's sha256 and size, over every
-//! byte of the part (kept from an earlier cut transfer or just arrived);
+//! says; the output record's and every artifact's size, and digest over
+//! every byte of the part (kept from an earlier cut transfer or just
+//! arrived): by BLAKE3 where the manifest gives it (version 3,
+//! [`crate::part_digest`]), else by sha256;
 //! nothing follows the last artifact. Everything is staged in the store's
 //! `tmp/` ([`Store::receive`]) and committed only at the end, so a failure
 //! anywhere leaves the store's results as they were.
