@@ -449,16 +449,27 @@ mod tests {
         assert_eq!(rev.namespace, "example.com/team/project");
     }
 
+    /// A repository `upstream` in `dir` to clone from.
+    fn upstream(dir: &Path) -> PathBuf {
+        let up = dir.join("upstream");
+        std::fs::create_dir(&up).unwrap();
+        git(&up, &["init", "-q", "-b", "main"]);
+        up
+    }
+
+    /// Commits `text` as the file `f` of `repo`.
+    fn commit_text(repo: &Path, text: &str) {
+        std::fs::write(repo.join("f"), text).unwrap();
+        git(repo, &["add", "f"]);
+        git(repo, &["commit", "-q", "-m", text]);
+    }
+
     #[test]
     fn a_shallow_clone_is_anchored_to_its_origin_not_its_boundary() {
         let dir = tempfile::tempdir().unwrap();
-        let up = dir.path().join("upstream");
-        std::fs::create_dir(&up).unwrap();
-        git(&up, &["init", "-q", "-b", "main"]);
+        let up = upstream(dir.path());
         for text in ["one", "two", "three"] {
-            std::fs::write(up.join("f"), text).unwrap();
-            git(&up, &["add", "f"]);
-            git(&up, &["commit", "-q", "-m", text]);
+            commit_text(&up, text);
         }
         let root = Checkout::discover(&up)
             .unwrap()
@@ -482,8 +493,7 @@ mod tests {
         // Two `--depth 1` fetches, a commit apart, as a CI runner makes
         // them: each stops at another commit, and both are one repository.
         let (first_root, first) = clone("shallow1", &["--depth", "1"]);
-        std::fs::write(up.join("f"), "four").unwrap();
-        git(&up, &["commit", "-q", "-am", "four"]);
+        commit_text(&up, "four");
         let (second_root, second) = clone("shallow2", &["--depth", "1"]);
         assert_ne!(first_root, second_root, "the boundary moves with the fetch");
         assert_ne!(first_root, root);
@@ -520,16 +530,9 @@ mod tests {
     #[test]
     fn a_shallow_clone_of_a_local_repository_keeps_its_namespace() {
         let dir = tempfile::tempdir().unwrap();
-        let up = dir.path().join("upstream");
-        std::fs::create_dir(&up).unwrap();
-        git(&up, &["init", "-q", "-b", "main"]);
-        let commit = |text: &str| {
-            std::fs::write(up.join("f"), text).unwrap();
-            git(&up, &["add", "f"]);
-            git(&up, &["commit", "-q", "-m", text]);
-        };
-        commit("one");
-        commit("two");
+        let up = upstream(dir.path());
+        commit_text(&up, "one");
+        commit_text(&up, "two");
         let root = Checkout::discover(&up)
             .unwrap()
             .resolve(Some("HEAD~1"))
@@ -564,7 +567,7 @@ mod tests {
         // and all are the repository upstream's one namespace, by URL or by
         // path.
         let (boundary1, first) = clone("shallow1", &["--depth", "1"], &url);
-        commit("three");
+        commit_text(&up, "three");
         let (boundary2, second) = clone("shallow2", &["--depth", "1"], &url);
         assert_ne!(boundary1, boundary2, "the boundary moves with the fetch");
         assert_ne!(boundary1, root);
