@@ -158,11 +158,29 @@ fn abandoned(s: &Sandbox) -> Vec<PathBuf> {
         }
         places.push((snapshots, ".stage-"));
     }
+    // The cache is shared with the other tests running meanwhile: a
+    // command another sandbox killed left its folders for that test's
+    // next command to sweep and that test to check, not this one.
+    let others: Vec<u32> = STARTED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|(tmpdir, _)| *tmpdir != tmp(s))
+        .map(|(_, pid)| *pid)
+        .collect();
+    let owner = |path: &Path| {
+        std::fs::read_to_string(path.join(".owner"))
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+    };
     let mut out = Vec::new();
     for (dir, prefix) in places {
         for path in folders(&dir) {
             let name = path.file_name().unwrap_or_default().to_string_lossy();
-            if name.starts_with(prefix) && reprise_executor::workdir::abandoned(&path) {
+            if name.starts_with(prefix)
+                && reprise_executor::workdir::abandoned(&path)
+                && !owner(&path).is_some_and(|pid| others.contains(&pid))
+            {
                 out.push(path);
             }
         }
