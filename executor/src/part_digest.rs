@@ -125,26 +125,16 @@ impl PartDigester {
 /// the part's hash. Small pieces are gathered before they are hashed, so
 /// that BLAKE3 hashes many of its 1 KiB chunks at once.
 pub fn chunk_value(bytes: u64, index: u64, pieces: &[&[u8]]) -> ChainingValue {
-    let mut hasher = blake3::Hasher::new();
-    let mut batch: Vec<u8> = Vec::new();
-    let mut feed = |hasher: &mut blake3::Hasher, piece: &[u8], last: bool| {
-        if batch.is_empty() && (piece.len() >= crate::tags::HASH_BATCH || last) {
-            hasher.update(piece);
-            return;
-        }
-        batch.extend_from_slice(piece);
-        if batch.len() >= crate::tags::HASH_BATCH || last {
-            hasher.update(&batch);
-            batch.clear();
-        }
-    };
     let whole = wire::chunk_count(bytes) <= 1;
+    let mut hasher = blake3::Hasher::new();
     if !whole {
         hasher.set_input_offset(index * wire::CHUNK_BYTES);
     }
-    for (i, piece) in pieces.iter().enumerate() {
-        feed(&mut hasher, piece, i + 1 == pieces.len());
+    let mut batched = crate::tags::PartHasher::batching(hasher);
+    for piece in pieces {
+        batched.update(piece);
     }
+    let hasher = batched.into_hasher();
     match whole {
         true => *hasher.finalize().as_bytes(),
         false => hasher.finalize_non_root(),

@@ -29,10 +29,10 @@
 //! [`ResultManifest::check`], and a result is returned for a key only if it
 //! is stored under that key and its inputs hash to it.
 
+use crate::part_digest::{PartDigest, PartDigester, STATE_LEN};
 use crate::tags::{Content, PartHasher, TagKey, Tags};
 use crate::workdir::WorkDir;
 use nix::fcntl::{Flock, FlockArg};
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
@@ -850,12 +850,10 @@ const ENTRY_LEN: usize = 4 + 8 + STATE_LEN;
 /// result of the largest size the limits allow, and more.
 const PROGRESS_MAX: u64 = 16 << 20;
 
-use crate::part_digest::{PartDigest, PartDigester, STATE_LEN};
-
 /// A result being received ([`Store::receive`]), staged in its partial
-/// folder. Every chunk goes into its part's sha256 as it is written, and
-/// the state of that sha256 is recorded after it ([`PartWriter`]); every
-/// part is checked against the manifest's sha256 once whole, and every file
+/// folder. Every chunk goes into its part's digest as it is written, and
+/// the digest's state is recorded after it ([`PartWriter`]); every part is
+/// checked against the manifest's digest once whole, and every file
 /// is synced in the background as soon as its part is whole, while the
 /// next one arrives; [`Receiving::commit`] waits
 /// for those syncs, moves the blobs into place, syncs the two folders that
@@ -891,13 +889,17 @@ struct Progress {
 }
 
 impl Progress {
-    /// Part `i` of `manifest` from its start.
-    fn start(manifest: &ResultManifest, i: usize) -> Progress {
-        let bytes = part_sizes(manifest)[i];
-        Progress {
-            chunks: 0,
-            digest: PartDigester::new(manifest.blake3().is_some(), bytes),
-        }
+    /// Every part of `manifest` from its start, by the digest it is
+    /// checked by.
+    fn starts(manifest: &ResultManifest) -> Vec<Progress> {
+        let blake3 = manifest.blake3().is_some();
+        part_sizes(manifest)
+            .into_iter()
+            .map(|bytes| Progress {
+                chunks: 0,
+                digest: PartDigester::new(blake3, bytes),
+            })
+            .collect()
     }
 
     /// The same part from its start.
@@ -1002,7 +1004,8 @@ impl Partial {
         digest: Option<Sha256Digest>,
         manifest: &ResultManifest,
     ) -> Result<Option<Partial>, StoreError> {
-        let parts = part_sizes(manifest).len();
+        let progress = Progress::starts(manifest);
+        let parts = progress.len();
         // The sweep of abandoned work folders leaves kept ones alone.
         let kept = dir.join(".kept");
         if digest.is_some() && !kept.exists() {
@@ -1042,7 +1045,7 @@ impl Partial {
             dir,
             _owner: owner,
             digest,
-            progress: (0..parts).map(|i| Progress::start(manifest, i)).collect(),
+            progress,
             recorded: vec![Vec::new(); parts],
             keep: true,
             placed: false,
@@ -1069,7 +1072,7 @@ impl Partial {
         let sizes = part_sizes(&manifest);
         let mut recorded = partial.read_progress(sizes.len());
         for (i, bytes) in sizes.into_iter().enumerate() {
-            let start = Progress::start(&manifest, i);
+            let start = partial.progress[i].clone();
             let progress = partial.claim(i, bytes, &recorded[i], start)?;
             recorded[i].truncate(progress.chunks as usize * STATE_LEN);
             partial.progress[i] = progress;
@@ -1141,16 +1144,20 @@ impl Partial {
 
     /// The check of the chunks this partial holds, to run while the rest
     /// arrives; `None` when it holds none.
-    fn kept_check(&self, manifest: &ResultManifest) -> Option<KeptCheck> {
-        let parts: Vec<KeptPart> = part_sizes(manifest)
-            .into_iter()
+    fn kept_check(&self) -> Option<KeptCheck> {
+        let parts: Vec<KeptPart> = self
+            .progress
+            .iter()
             .enumerate()
-            .map(|(i, bytes)| KeptPart {
-                path: self.part_path(i),
-                blake3: manifest.blake3().is_some(),
-                recorded: self.recorded.get(i).cloned().unwrap_or_default(),
-                bytes,
-                chunks: self.progress[i].chunks,
+            .map(|(i, progress)| {
+                let (blake3, bytes) = progress.digest.kind();
+                KeptPart {
+                    path: self.part_path(i),
+                    blake3,
+                    recorded: self.recorded.get(i).cloned().unwrap_or_default(),
+                    bytes,
+                    chunks: progress.chunks,
+                }
             })
             .collect();
         parts
@@ -1506,7 +1513,7 @@ impl Receiving {
     /// rest arrives and to pass before [`Receiving::commit`]; `None` when
     /// none were kept.
     pub fn kept_check(&self) -> Option<KeptCheck> {
-        self.partial.kept_check(&self.sealed.manifest)
+        self.partial.kept_check()
     }
 
     /// Cuts the parts whose kept chunks did not all hold back to those
@@ -1866,8 +1873,7 @@ pub(crate) fn read_stored(path: &Path, limit: usize) -> std::io::Result<Vec<u8>>
     Ok(text)
 }
 
-/// The sha256 of the file at `path`, and its keyed BLAKE3 under `key`,
-/// from one read.
+/// What the file at `path` hashes to ([`Hashed`]), from one read.
 pub(crate) fn hash_file(path: &Path, key: Option<&TagKey>) -> std::io::Result<Hashed> {
     let mut f = fs::File::open(path)?;
     hash_reading(&mut f, key, 1 << 20, |_| Ok(()))

@@ -110,10 +110,7 @@ impl TagKey {
 
     /// A hasher for a part's bytes.
     pub fn hasher(&self) -> PartHasher {
-        PartHasher {
-            hasher: blake3::Hasher::new_keyed(&self.content),
-            pending: Vec::new(),
-        }
+        PartHasher::batching(blake3::Hasher::new_keyed(&self.content))
     }
 
     /// The tag of a part whose bytes hashed to `content` and whose manifest
@@ -159,6 +156,21 @@ pub struct PartHasher {
 pub const HASH_BATCH: usize = 64 << 10;
 
 impl PartHasher {
+    /// Gathers the pieces given to `hasher` (keyed or not, at an offset
+    /// or not) into batches as [`PartHasher::update`] does.
+    pub fn batching(hasher: blake3::Hasher) -> PartHasher {
+        PartHasher {
+            hasher,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The hasher, every piece given to it.
+    pub fn into_hasher(mut self) -> blake3::Hasher {
+        self.hasher.update(&self.pending);
+        self.hasher
+    }
+
     pub fn update(&mut self, mut bytes: &[u8]) {
         if !self.pending.is_empty() {
             let take = (HASH_BATCH - self.pending.len()).min(bytes.len());
