@@ -2442,8 +2442,22 @@ async fn another_program_on_the_holders_tcp_port_gets_no_ticket_and_the_fetch_go
     let (store_b, stored_b) = producer_store(work.path(), &builder);
     // A program of a member of the team took the TCP port first, with a
     // certificate of the team: it would gladly read a ticket.
-    let squatter = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = squatter.local_addr().unwrap();
+    // The kernel picks the TCP port; its UDP twin may be another test's
+    // QUIC endpoint, so a few ports are tried until the holder gets it.
+    let mut found = None;
+    for _ in 0..16 {
+        let squatter = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = squatter.local_addr().unwrap();
+        match Direct::bind(port, &builder) {
+            Ok(direct) => {
+                found = Some((squatter, port, direct));
+                break;
+            }
+            Err(LinkError::Endpoint(e)) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+            Err(e) => panic!("the holder cannot listen on {port}: {e}"),
+        }
+    }
+    let (squatter, port, direct) = found.expect("a UDP port beside a free TCP port");
     let tls = team
         .creds("squatter", &[NS], true)
         .direct_server_tls()
@@ -2463,7 +2477,6 @@ async fn another_program_on_the_holders_tcp_port_gets_no_ticket_and_the_fetch_go
             }
         }
     });
-    let direct = Direct::bind(port, &builder).unwrap();
     assert!(!direct.over_tcp(), "the TCP port is the squatter's");
     let (_b, direct, tasks) = holder_listening(&team, &builder, &store_b, direct).await;
     assert_eq!(direct.local_addr().unwrap(), port);
