@@ -134,16 +134,54 @@ fn folders(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The cache the sandboxes share (the base image, snapshots, VMs).
+fn reprise_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache"))
+        .join("reprise")
+}
+
+/// Where the snapshot caches stage: the folders and the name prefix.
+fn snapshot_stage_places(cache: &Path) -> Vec<(PathBuf, &'static str)> {
+    let mut places = Vec::new();
+    for snapshots in [cache.join("snapshots"), cache.join("snapshots-podman")] {
+        for repo in folders(&snapshots) {
+            places.push((repo, ".stage-"));
+        }
+        places.push((snapshots, ".stage-"));
+    }
+    places
+}
+
+/// The pid a work folder's `.owner` file names.
+fn owner_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path.join(".owner"))
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok())
+}
+
+/// The snapshot stages whose owner is the process `pid`.
+fn stages_owned_by(pid: u32) -> Vec<PathBuf> {
+    snapshot_stage_places(&reprise_cache())
+        .into_iter()
+        .flat_map(|(dir, prefix)| {
+            folders(&dir).into_iter().filter(move |p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+            })
+        })
+        .filter(|p| owner_pid(p) == Some(pid))
+        .collect()
+}
+
 /// Every work folder whose owner is gone, in the places commands make
 /// them (a snapshot generation or a saved guest is made in a `.stage-*`
 /// folder beside the others), and every OS container of a command of
 /// this sandbox that is dead (`podman ps -a`, named
 /// `reprise-run-<pid>-<key>`).
 fn abandoned(s: &Sandbox) -> Vec<PathBuf> {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache"))
-        .join("reprise");
+    let cache = reprise_cache();
     let mut places = vec![
         (tmp(s), "reprise-work-"),
         (cache.join("vms"), "vm-"),
@@ -152,12 +190,7 @@ fn abandoned(s: &Sandbox) -> Vec<PathBuf> {
         (s.store().join("tmp"), ""),
         (cache.join("saved-guests"), ".stage-"),
     ];
-    for snapshots in [cache.join("snapshots"), cache.join("snapshots-podman")] {
-        for repo in folders(&snapshots) {
-            places.push((repo, ".stage-"));
-        }
-        places.push((snapshots, ".stage-"));
-    }
+    places.extend(snapshot_stage_places(&cache));
     // The cache is shared with the other tests running meanwhile: a
     // command another sandbox killed left its folders for that test's
     // next command to sweep and that test to check, not this one.
@@ -168,18 +201,13 @@ fn abandoned(s: &Sandbox) -> Vec<PathBuf> {
         .filter(|(tmpdir, _)| *tmpdir != tmp(s))
         .map(|(_, pid)| *pid)
         .collect();
-    let owner = |path: &Path| {
-        std::fs::read_to_string(path.join(".owner"))
-            .ok()
-            .and_then(|text| text.trim().parse::<u32>().ok())
-    };
     let mut out = Vec::new();
     for (dir, prefix) in places {
         for path in folders(&dir) {
             let name = path.file_name().unwrap_or_default().to_string_lossy();
             if name.starts_with(prefix)
                 && reprise_executor::workdir::abandoned(&path)
-                && !owner(&path).is_some_and(|pid| others.contains(&pid))
+                && !owner_pid(&path).is_some_and(|pid| others.contains(&pid))
             {
                 out.push(path);
             }
@@ -343,7 +371,15 @@ fn a_podman_run_killed_in_its_tests_or_while_collecting_or_committing_leaves_not
         "podman-test",
     );
     let pid = run.child.id();
-    run.kill_when("podman test", |out, _| out.contains("sleeping"));
+    // Seen while the run lives: once it is killed, another test's command
+    // may sweep the shared cache's abandoned stages before this one looks.
+    let mut staged = Vec::new();
+    run.kill_when("podman test", |out, _| {
+        out.contains("sleeping") && {
+            staged = stages_owned_by(pid);
+            true
+        }
+    });
     let container = format!("reprise-run-{pid}-");
     assert!(
         os_containers().iter().any(|n| n.starts_with(&container)),
@@ -351,11 +387,10 @@ fn a_podman_run_killed_in_its_tests_or_while_collecting_or_committing_leaves_not
         os_containers()
     );
     assert!(
-        abandoned(&s)
+        staged
             .iter()
             .any(|p| p.to_string_lossy().contains("/snapshots-podman/")),
-        "the killed run's snapshot stage is there until the next command: {:?}",
-        abandoned(&s)
+        "the run in its tests stages the repository's snapshot: {staged:?}"
     );
     after_kill(&s, "podman run killed in the tests", 0);
     s.write("test.sh", &test_sh).commit("quick tests");
