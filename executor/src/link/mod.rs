@@ -761,6 +761,11 @@ pub struct RunLink {
     link: Option<Link>,
     loaded: bool,
     tried: bool,
+    /// Whether the command may stay connected after its run to serve the
+    /// result; when not, a fetched result lets the link go at once.
+    stays: bool,
+    /// The close of a link let go early, running beside the replay.
+    closing: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunLink {
@@ -771,6 +776,29 @@ impl RunLink {
             link: None,
             loaded: false,
             tried: false,
+            stays: true,
+            closing: None,
+        }
+    }
+
+    /// Says whether the command may stay connected to serve its result
+    /// once the run is done (`false`: `--no-serve`, a CI job).
+    pub fn staying(mut self, stays: bool) -> RunLink {
+        self.stays = stays;
+        self
+    }
+
+    /// A result was fetched: a command that will not serve has no more use
+    /// for the orchestrator, so its close starts now, beside the replay,
+    /// rather than after it. [`RunLink::close`] waits for it.
+    pub fn fetched(&mut self) {
+        if self.stays {
+            return;
+        }
+        if let Some(link) = self.link.take() {
+            self.closing = Some(tokio::spawn(async move {
+                link.close().await;
+            }));
         }
     }
 
@@ -813,10 +841,14 @@ impl RunLink {
         Some((self.orchestrator.clone()?, self.link.take()?))
     }
 
-    /// Closes the connection, if one was made.
-    pub async fn close(&self) {
+    /// Closes the connection, if one was made, or waits for the close
+    /// [`RunLink::fetched`] started.
+    pub async fn close(&mut self) {
         if let Some(link) = &self.link {
             link.close().await;
+        }
+        if let Some(closing) = self.closing.take() {
+            let _ = closing.await;
         }
     }
 }

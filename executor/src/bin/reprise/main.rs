@@ -602,7 +602,8 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
                 mode: pipeline::Mode::parse(&args.mode, args.sample).map_err(RunError::Usage)?,
                 ci: args.ci || in_ci(),
             };
-            let mut link = RunLink::new(&req.dir);
+            let serve = !args.no_serve && !req.ci;
+            let mut link = RunLink::new(&req.dir).staying(serve);
             let started = std::time::Instant::now();
             let outcome = tokio::select! {
                 outcome = pipeline::run(&req, &mut link, terminal()) => outcome?,
@@ -628,7 +629,6 @@ async fn command(cmd: Cmd) -> anyhow::Result<i32> {
             // it, until SIGINT or SIGTERM, with the run's own code.
             match outcome.result() {
                 Some(result) => {
-                    let serve = !args.no_serve && !req.ci;
                     daemon::hand_over_or_serve(result, &mut link, terminal(), serve).await;
                 }
                 None => {
