@@ -1,9 +1,10 @@
 //! Replaying a stored result: its output, byte for byte and in order, to the
 //! same streams, and its artifacts back into a folder. Every byte is checked
-//! before one is written: against the part's tag where the store keeps one
-//! for it (a keyed BLAKE3 binding the manifest's sha256, made when the
-//! bytes entered the store and their sha256 was checked: [`crate::tags`]),
-//! otherwise, or when the tag does not hold, against the manifest's sha256.
+//! before one is written: by its BLAKE3 against the part's tag where the
+//! store keeps one for it (a keyed hash binding the manifest's sha256 and
+//! the part's BLAKE3, made when the bytes entered the store and were
+//! checked: [`crate::tags`]), otherwise, or when the tag does not hold,
+//! against the manifest's sha256.
 //! Artifacts are written only beneath the folder, through no symlink
 //! ([`crate::beneath`]).
 
@@ -79,7 +80,7 @@ pub fn verify(result: &StoredResult) -> Result<(), ReplayError> {
 }
 
 /// [`verify`], checking the record against its tag in `tags` when it has
-/// one that holds (keyed BLAKE3), and against its sha256 otherwise.
+/// one that holds (by BLAKE3), and against its sha256 otherwise.
 pub fn verify_output(result: &StoredResult, tags: Option<&Tags>) -> Result<(), ReplayError> {
     check_record(result, tags, None, None).map(|_| ())
 }
@@ -117,7 +118,7 @@ fn check_output_keeping(
 
 /// Checks the record of `result` (by its tag in `tags` where one holds,
 /// else by sha256), copying what it reads into `keep` if given. Checked by
-/// sha256 with a `heal` key, it is also hashed by that key's BLAKE3, and
+/// sha256 with a `heal` key, it is also hashed by BLAKE3 for that key, and
 /// what that gave is returned, to make its tag anew ([`Tags::healed`]).
 fn check_record(
     result: &StoredResult,
@@ -179,7 +180,7 @@ pub struct CheckedOutput {
     /// Its size, the manifest's (which the check held it to).
     bytes: u64,
     kept: Kept,
-    /// Its keyed BLAKE3, when it had no tag that held and its sha256 did.
+    /// Its BLAKE3, when it had no tag that held and its sha256 did.
     healed: Option<Content>,
 }
 
@@ -223,9 +224,9 @@ impl Kept {
     }
 }
 
-/// A part checked by its sha256 rather than a tag, and hashed by the
-/// store's key beside: its index (0 the output record), sha256 and size
-/// by the manifest, and its keyed BLAKE3 ([`Tags::healed`]).
+/// A part checked by its sha256 rather than a tag, and hashed by BLAKE3
+/// beside, for its tag: its index (0 the output record), sha256 and size
+/// by the manifest, and its BLAKE3 ([`Tags::healed`]).
 pub type Healed = (usize, Sha256Digest, u64, Content);
 
 impl CheckedOutput {
@@ -325,14 +326,14 @@ fn write_decoded(
     flush(current, &mut batch).map_err(record::StreamError::Io)
 }
 
-/// A part's bytes being hashed to check them: by the keyed BLAKE3 of its
-/// tag, or by sha256 (and by a key's BLAKE3 beside it, to heal its tag).
+/// A part's bytes being hashed to check them: by the BLAKE3 its tag binds,
+/// or by sha256 (and by BLAKE3 beside it, to heal its tag).
 enum PartHash {
     Tagged(Box<PartHasher>),
     Sha256(Sha256Healing),
 }
 
-/// A part's sha256 being taken, and its keyed BLAKE3 beside it when its
+/// A part's sha256 being taken, and its BLAKE3 beside it when its
 /// tag is to be made anew.
 struct Sha256Healing {
     sha256: sha2::Sha256,
@@ -408,7 +409,7 @@ enum Found {
     /// damaged; its sha256 tells which.
     TagFailed,
     /// The part's sha256, for the caller to compare (and its size), and
-    /// its keyed BLAKE3 if it was asked for.
+    /// its BLAKE3 if it was asked for.
     Sha256(Sha256Digest, Option<Content>),
 }
 
@@ -530,7 +531,7 @@ fn decode_record<R: std::io::Read>(
 /// its own while its artifacts are copied beside their names in `dest`
 /// and checked ([`stage_artifacts`]), by their tags where they hold, else
 /// by sha256. Nothing is in place unless both hold. The parts checked by
-/// sha256 are hashed by the store's key beside, and once both held their
+/// sha256 are hashed by BLAKE3 beside, and once both held their
 /// tags are made anew ([`Store::heal_tags`]), so the next replay of the
 /// result checks them at BLAKE3's speed.
 pub fn check_and_stage(
@@ -682,7 +683,7 @@ const MAX_RESTORE_THREADS: usize = 4;
 
 /// Copies artifact `i` to a temporary file beside its name, checking it,
 /// through `buf`. Checked by its sha256 where `tags` has no tag of it
-/// that holds, it is also hashed by their key's BLAKE3, returned to heal
+/// that holds, it is also hashed by BLAKE3, returned to heal
 /// its tag.
 fn restore_one(
     beneath: &Beneath,

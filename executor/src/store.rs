@@ -4,7 +4,7 @@
 //! results/<key>/manifest.json   passed results, the only ones replayed
 //! results/<key>/output.rec
 //! results/<key>/seal.json       the producer's seal (absent: never served)
-//! results/<key>/tags-v1         keyed BLAKE3 tags of its parts ([`crate::tags`])
+//! results/<key>/tags-v2         keyed tags of its parts' BLAKE3 ([`crate::tags`])
 //! failed/<key>-<time>/...       failed runs, kept for inspection
 //! blobs/<sha256>                artifacts, content-addressed
 //! tmp/                          staging; never read
@@ -589,7 +589,7 @@ impl Store {
     /// `record_bytes`: a blob the store holds already is linked (its name
     /// may go while this commit runs; the staged link keeps its bytes), a
     /// new one copied. Returns the artifacts, the staged blobs (one per
-    /// content), and each artifact's keyed BLAKE3 under `key`.
+    /// content), and what each artifact's tag binds if there is a `key`.
     #[expect(clippy::type_complexity, reason = "three lists, named at the caller")]
     fn stage_artifacts(
         &self,
@@ -871,10 +871,11 @@ pub struct Receiving {
     syncs: Syncs,
     /// The progress record ([`PROGRESS`]), appended to by every part.
     record: fs::File,
-    /// The store's tag key, and each part's keyed BLAKE3 once whole: a
-    /// part received from its first chunk is hashed as it arrives, one
-    /// resumed is not (its tag is left out, and a replay checks its
-    /// sha256).
+    /// The store's tag key, and each part's BLAKE3 once whole, for its
+    /// tag: the digest it was checked by where the manifest gives BLAKE3
+    /// digests (resumed or not); else hashed as it arrives, from its first
+    /// chunk only (a part resumed is left without a tag, and a replay
+    /// checks its sha256).
     tag_key: Option<TagKey>,
     contents: Vec<Option<Content>>,
 }
@@ -1563,8 +1564,11 @@ impl Receiving {
             .map_err(io_err(&path))?;
         let record_path = self.partial.dir.join(PROGRESS);
         let record = self.record.try_clone().map_err(io_err(&record_path))?;
-        let content = match progress.chunks {
-            0 => self.tag_key.as_ref().map(TagKey::hasher),
+        // A part checked by BLAKE3 is tagged by the digest of that check;
+        // one checked by sha256 is hashed for its tag beside, from its
+        // start only.
+        let content = match (progress.chunks, progress.digest.kind()) {
+            (0, (false, _)) => self.tag_key.as_ref().map(TagKey::hasher),
             _ => None,
         };
         Ok(PartWriter {
@@ -1592,8 +1596,16 @@ impl Receiving {
             ..
         } = writer;
         self.partial.progress[part] = progress.clone();
-        self.contents[part] = content.as_ref().map(PartHasher::finish);
         let found = progress.digest.finish();
+        self.contents[part] = match &found {
+            // Only the manifest's own digest is tagged: a part that does
+            // not match is refused by the caller and never committed, but
+            // its tag would not vouch for it even so.
+            PartDigest::Blake3(digest) => (self.tag_key.is_some()
+                && part_blake3(&self.sealed.manifest, part) == Some(*digest))
+            .then(|| Content::of(digest)),
+            PartDigest::Sha256(_) => content.as_ref().map(PartHasher::finish),
+        };
         let synced = file.try_clone().map_err(io_err(&path))?;
         self.syncs.start(synced, path)?;
         if part > 0 {
@@ -1880,7 +1892,7 @@ pub(crate) fn hash_file(path: &Path, key: Option<&TagKey>) -> std::io::Result<Ha
 }
 
 /// What [`hash_reading`] found of some bytes: the digests a manifest gives
-/// of them, their size, and their keyed BLAKE3 under the key asked.
+/// of them, their size, and what their tag binds if a key was given.
 #[derive(Debug)]
 pub(crate) struct Hashed {
     pub sha256: Sha256Digest,
@@ -1900,7 +1912,6 @@ fn hash_reading(
     use sha2::Digest;
     let mut sha = sha2::Sha256::new();
     let mut blake3 = blake3::Hasher::new();
-    let mut content = key.map(TagKey::hasher);
     let mut buf = vec![0u8; buffer];
     let mut bytes = 0u64;
     loop {
@@ -1912,21 +1923,29 @@ fn hash_reading(
         };
         sha.update(&buf[..n]);
         blake3.update(&buf[..n]);
-        if let Some(c) = &mut content {
-            c.update(&buf[..n]);
-        }
         each(&buf[..n])?;
         bytes += n as u64;
     }
+    let blake3 = Blake3Digest::from_bytes(*blake3.finalize().as_bytes());
     Ok(Hashed {
         sha256: Sha256Digest::finish(sha),
-        blake3: Blake3Digest::from_bytes(*blake3.finalize().as_bytes()),
+        blake3,
         bytes,
-        content: content.as_ref().map(PartHasher::finish),
+        // The tag binds the very BLAKE3 the manifest gives.
+        content: key.map(|_| Content::of(&blake3)),
     })
 }
 
-/// Writes the tags of a result's parts, `contents` their keyed BLAKE3s
+/// The BLAKE3 digest `manifest` gives part `i` (0 the output record, then
+/// each artifact), if it gives one.
+fn part_blake3(manifest: &ResultManifest, i: usize) -> Option<Blake3Digest> {
+    match i {
+        0 => manifest.output_blake3,
+        _ => manifest.artifacts.get(i - 1)?.blake3,
+    }
+}
+
+/// Writes the tags of a result's parts, `contents` their BLAKE3s
 /// (the output record's first), into its staging folder `dir`. A failure
 /// is logged and costs only speed: a result without tags is checked
 /// against its sha256s.
@@ -2233,11 +2252,34 @@ pub(crate) mod tests {
             fs::read(store.blob_path(&stored.manifest.artifacts[0])).unwrap(),
             big
         );
-        // Only the part received from its first chunk got a tag; the two
-        // resumed ones are checked by sha256 when replayed.
+        // Checked by BLAKE3, every part is tagged by the digest of that
+        // check, resumed or not; by sha256, only the part received from
+        // its first chunk got a tag, and the two resumed ones are checked
+        // by sha256 when replayed.
         let tags = store.tags(&stored).expect("tags kept");
         let tagged: Vec<bool> = (0..3).map(|i| tags.hasher(i).is_some()).collect();
-        assert_eq!(tagged, [false, false, true]);
+        match blake3 {
+            true => assert_eq!(tagged, [true, true, true]),
+            false => assert_eq!(tagged, [false, false, true]),
+        }
+        let m = &stored.manifest;
+        let parts = [
+            (m.output_sha256, &b"rec"[..]),
+            (m.artifacts[0].sha256, &big[..]),
+            (m.artifacts[1].sha256, &small[..]),
+        ];
+        for (i, (sha, bytes)) in parts.iter().enumerate() {
+            let mut h = crate::tags::Content::hasher();
+            h.update(bytes);
+            assert_eq!(
+                tags.holds(i, sha, bytes.len() as u64, &h.finish()),
+                tagged[i],
+                "part {i}'s tag holds of its bytes"
+            );
+            let mut other = crate::tags::Content::hasher();
+            other.update(b"other bytes");
+            assert!(!tags.holds(i, sha, bytes.len() as u64, &other.finish()));
+        }
         let dest = dir.path().join("restored");
         crate::replay::restore_artifacts(&store, &stored, Some(&tags), &dest).unwrap();
         assert_eq!(fs::read(dest.join("big.bin")).unwrap(), big);

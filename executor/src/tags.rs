@@ -3,16 +3,24 @@
 //!
 //! When bytes enter the store (a run's output and artifacts committed
 //! here, or a peer's received and checked against the producer's sealed
-//! sha256s), the store also hashes them with BLAKE3 under a key of its own,
-//! and keeps, beside the result, one tag per part: a keyed hash binding
-//! that part's sha256, its size and its BLAKE3 digest. A replay hashes
-//! every byte of each part with the keyed BLAKE3 and compares the tag it
-//! computes (from the manifest's sha256 and size) with the kept one. Only
-//! a holder of the key can make a tag, so a changed byte, a changed tag, or
-//! a blob swapped for another result's is refused exactly as a sha256
-//! mismatch would be; and a part without a tag, or whose tag does not hold,
-//! is checked against its sha256 as before, so a lost key or tags file
-//! only costs speed.
+//! digests), the store keeps, beside the result, one tag per part: a hash
+//! keyed by a secret of its own binding that part's sha256, its size and
+//! its BLAKE3 digest. A replay hashes every byte of each part with BLAKE3
+//! and compares the tag it computes (from the manifest's sha256 and size)
+//! with the kept one. Only a holder of the key can make a tag, so a changed
+//! byte (which would need a second BLAKE3 preimage to keep the digest), a
+//! changed tag, or a blob swapped for another result's is refused exactly
+//! as a sha256 mismatch would be; and a part without a tag, or whose tag
+//! does not hold, is checked against its sha256 as before, so a lost key
+//! or tags file only costs speed.
+//!
+//! The digest inside the tag is the plain BLAKE3 of the part, the one a
+//! version 3 manifest seals: a receiver of such a result checked every
+//! part by it as it arrived (resumed parts too), so its tags cost no
+//! second pass over the bytes, nor do a producer's, which computes it for
+//! the manifest. (Until 2026-12-04 the digest was keyed too, `tags-v1`,
+//! which a receiver hashed a second time; those files are no longer read,
+//! and the parts they tagged are checked by sha256 once and tagged anew.)
 //!
 //! The key is 32 random bytes in a file beside the store, never inside it
 //! (`<store>.tag-key`, mode 0600): whoever may write the store but not read
@@ -23,7 +31,7 @@
 //! no longer hold, which costs only speed.
 //!
 //! ```text
-//! content = BLAKE3-keyed(derive_key(CONTENT, key), bytes)
+//! content = BLAKE3(bytes)
 //! tag     = BLAKE3-keyed(derive_key(TAG, key), sha256 || size (u64 LE) || content)
 //! ```
 
@@ -32,21 +40,19 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use reprise_protocol::digest::Sha256Digest;
+use reprise_protocol::digest::{Blake3Digest, Sha256Digest};
 
 /// The file in a result's folder holding its tags: 32 bytes per part (the
 /// output record, then each artifact in the manifest's order), all zero
 /// for a part without one.
-pub const TAGS_FILE: &str = "tags-v1";
+pub const TAGS_FILE: &str = "tags-v2";
 
-const CONTENT_CONTEXT: &str = "reprise store 2026-12 part content";
-const TAG_CONTEXT: &str = "reprise store 2026-12 part tag";
+const TAG_CONTEXT: &str = "reprise store 2026-12 part tag of its BLAKE3";
 const KEY_BYTES: usize = 32;
 
 /// The store's tag key. Its bytes are never printed.
 #[derive(Clone)]
 pub struct TagKey {
-    content: [u8; 32],
     tag: [u8; 32],
 }
 
@@ -66,7 +72,6 @@ pub fn key_path(root: &Path) -> PathBuf {
 impl TagKey {
     fn from_secret(secret: &[u8; KEY_BYTES]) -> TagKey {
         TagKey {
-            content: blake3::derive_key(CONTENT_CONTEXT, secret),
             tag: blake3::derive_key(TAG_CONTEXT, secret),
         }
     }
@@ -108,9 +113,10 @@ impl TagKey {
         TagKey::load(path)
     }
 
-    /// A hasher for a part's bytes.
+    /// A hasher for a part's bytes: [`Content::hasher`] (the key is in the
+    /// tag, not in the digest).
     pub fn hasher(&self) -> PartHasher {
-        PartHasher::batching(blake3::Hasher::new_keyed(&self.content))
+        Content::hasher()
     }
 
     /// The tag of a part whose bytes hashed to `content` and whose manifest
@@ -142,7 +148,7 @@ fn make_key(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A part's keyed BLAKE3, as it is being hashed. Small pieces (a QUIC
+/// A part's BLAKE3, as it is being hashed. Small pieces (a QUIC
 /// frame's, a few KiB) are gathered into [`HASH_BATCH`] before they are
 /// hashed: BLAKE3 hashes many 1 KiB chunks of one input at once with SIMD,
 /// so fed a packet at a time it ran at a third of its speed here.
@@ -197,9 +203,23 @@ impl PartHasher {
     }
 }
 
-/// A part's keyed BLAKE3 digest.
+/// A part's BLAKE3 digest, as a tag binds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Content(blake3::Hash);
+
+impl Content {
+    /// A hasher for a part's bytes.
+    pub fn hasher() -> PartHasher {
+        PartHasher::batching(blake3::Hasher::new())
+    }
+
+    /// The content of a part whose BLAKE3 digest is `digest`, computed
+    /// over its bytes elsewhere (a receiver's check, a producer's
+    /// manifest).
+    pub fn of(digest: &Blake3Digest) -> Content {
+        Content(blake3::Hash::from_bytes(*digest.as_bytes()))
+    }
+}
 
 /// A part's tag (compared in constant time: `blake3::Hash`'s equality).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -347,6 +367,17 @@ mod tests {
             }
             assert_eq!(h.finish(), whole, "pieces of {sizes:?}");
         }
+    }
+
+    #[test]
+    fn the_content_a_tag_binds_is_the_digest_a_manifest_gives() {
+        // A receiver and a producer tag a part by the BLAKE3 digest they
+        // already have; a replay hashes the bytes: the two must agree.
+        let key = TagKey::from_secret(&[3; KEY_BYTES]);
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        let digest = Blake3Digest::from_bytes(*blake3::hash(&bytes).as_bytes());
+        assert_eq!(content(&key, &bytes), Content::of(&digest));
+        assert_ne!(content(&key, b"other"), Content::of(&digest));
     }
 
     #[test]

@@ -370,7 +370,11 @@ async fn a_producer_whose_tags_do_not_hold_serves_by_sha256() {
     let (store_b, stored_b) = producer_store(work.path(), &builder);
     assert!(store_b.tags(&stored_b).is_some(), "the commit kept tags");
     let parts = 1 + stored_b.manifest.artifacts.len();
-    fs::write(stored_b.dir.join("tags-v1"), vec![7u8; 32 * parts]).unwrap();
+    fs::write(
+        stored_b.dir.join(reprise_executor::tags::TAGS_FILE),
+        vec![7u8; 32 * parts],
+    )
+    .unwrap();
     assert!(store_b.tags(&stored_b).is_some(), "garbled, but read");
     let _b = relayer(&team, &builder, &store_b).await;
     let asker = team

@@ -57,7 +57,7 @@ pub fn stop_serving_at_from_env() -> u64 {
 /// - the first time this process serves a part whole, each chunk's
 ///   sha256 is computed for the wire, and remembered ([`ChunkTables`]);
 ///   the part is checked whole by its tag (`tags`, the store's keyed
-///   BLAKE3, [`crate::tags`]) where it has one that holds, else by its
+///   tag of its BLAKE3, [`crate::tags`]) where it has one that holds, else by its
 ///   sha256;
 /// - a later transfer of the part whole sends the remembered sha256s and
 ///   checks the part by its tag alone, hashing every byte once with
@@ -201,7 +201,7 @@ pub async fn write_transfer(
 struct PartCheck {
     /// The part's sha256, when it is checked whole by it.
     whole: Option<sha2::Sha256>,
-    /// The part's keyed BLAKE3, when it is checked whole by its tag.
+    /// The part's BLAKE3, when it is checked whole by its tag.
     tag: Option<PartHasher>,
     /// Whether each chunk's own sha256 is computed.
     chunks: bool,
