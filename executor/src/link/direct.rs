@@ -60,7 +60,7 @@ use tracing::{debug, info, warn};
 
 use super::LinkError;
 use super::credentials::Credentials;
-use super::pipe::TlsPipe;
+use super::pipe::{self, TlsPipe};
 use super::serve::{serve_held, stop_serving_at_from_env};
 use crate::store::Store;
 
@@ -318,7 +318,9 @@ impl Direct {
                 // The handshake within the Redeem's time, then the Redeem
                 // within its own, so a peer that stalls holds no place for
                 // long.
-                let handshake = tokio::time::timeout(REDEEM_TIMEOUT, acceptor.accept(tcp)).await;
+                let handshake =
+                    tokio::time::timeout(REDEEM_TIMEOUT, acceptor.accept(pipe::buffered(tcp)))
+                        .await;
                 let mut pipe = match handshake {
                     Ok(Ok(tls)) => TlsPipe::new(tls),
                     Ok(Err(e)) => {
@@ -613,7 +615,7 @@ async fn dial_tcp_telling(
         }
         let _ = tcp.set_nodelay(true);
         connector
-            .connect(name, tcp)
+            .connect(name, pipe::buffered(tcp))
             .await
             .map_err(|e| crate::text::error_chain(&e))
     };

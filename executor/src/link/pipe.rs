@@ -24,14 +24,32 @@ pub const IDLE: Duration = Duration::from_secs(10);
 /// with wide instructions, below the allocator's mmap threshold.
 const PIECE: usize = 64 * 1024;
 
+/// The TCP stream a [`TlsPipe`] runs over: read through a buffer of
+/// [`READ_BUFFER`] bytes ([`buffered`]).
+pub type Tcp = tokio::io::BufReader<TcpStream>;
+
+/// How much of the TCP stream is read at once beneath TLS. rustls asks
+/// its transport for what its record buffer has room for (4 KiB more at a
+/// time), so a receiver read a 21 MiB transfer in 1,360 `recvfrom` calls
+/// straight from the socket, and in 89 through this buffer, for one copy
+/// more of each byte: about 1 ms less of a remote hit (alternated, four
+/// runs).
+pub const READ_BUFFER: usize = 256 * 1024;
+
+/// `tcp`, read through a buffer of [`READ_BUFFER`] bytes: what a TLS
+/// handshake for a [`TlsPipe`] runs over.
+pub fn buffered(tcp: TcpStream) -> Tcp {
+    tokio::io::BufReader::with_capacity(READ_BUFFER, tcp)
+}
+
 /// A TLS stream over TCP carrying frames.
 #[derive(Debug)]
 pub struct TlsPipe {
-    stream: tokio_rustls::TlsStream<TcpStream>,
+    stream: tokio_rustls::TlsStream<Tcp>,
 }
 
 impl TlsPipe {
-    pub fn new(stream: impl Into<tokio_rustls::TlsStream<TcpStream>>) -> TlsPipe {
+    pub fn new(stream: impl Into<tokio_rustls::TlsStream<Tcp>>) -> TlsPipe {
         TlsPipe {
             stream: stream.into(),
         }
@@ -154,13 +172,13 @@ mod tests {
         let accept = async {
             let (tcp, _) = listener.accept().await.unwrap();
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-            TlsPipe::new(acceptor.accept(tcp).await.unwrap())
+            TlsPipe::new(acceptor.accept(buffered(tcp)).await.unwrap())
         };
         let connect = async {
             let tcp = TcpStream::connect(addr).await.unwrap();
             let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
             let name = rustls::pki_types::ServerName::try_from("peer").unwrap();
-            TlsPipe::new(connector.connect(name, tcp).await.unwrap())
+            TlsPipe::new(connector.connect(name, buffered(tcp)).await.unwrap())
         };
         tokio::join!(accept, connect)
     }
