@@ -39,6 +39,13 @@ fn help_exits_0_and_bad_arguments_exit_2() {
     let (code, _, err) = run(env!("CARGO_BIN_EXE_turbo_bench"), &["--rounds", "1"]);
     assert_eq!(code, 2);
     assert!(err.contains("at least 11"), "{err}");
+    // The build to time against must be there before anything is set up.
+    let (code, _, err) = run(
+        env!("CARGO_BIN_EXE_turbo_bench"),
+        &["--against", "/no/such/reprise"],
+    );
+    assert_eq!(code, 2);
+    assert!(err.starts_with("--against needs "), "{err}");
     let (code, _, _) = run(env!("CARGO_BIN_EXE_vm_bench"), &["--help"]);
     assert_eq!(code, 0, "vm_bench --help");
     let (code, _, _) = run(env!("CARGO_BIN_EXE_vm_bench"), &["many"]);

@@ -4,8 +4,11 @@
 //! asserts nothing about times, only that every timed round really was the
 //! hit it is counted as and restored exactly the workload.
 //!
-//! Usage: `turbo_bench [--rounds N] [--npm-dir DIR]` (at least 11 rounds;
-//! default 11). Build first with `cargo build --release --workspace`:
+//! Usage: `turbo_bench [--rounds N] [--npm-dir DIR] [--hold SECONDS]
+//! [--against REPRISE]` (at least 11 rounds; default 11). `--against`
+//! also times another `reprise` binary's remote direct hit beside this
+//! build's, alternated hit by hit against the same holder (how each speed
+//! change is measured against the build before it). Build first with `cargo build --release --workspace`:
 //! `reprise` and `reprise-orchestrator` are looked for next to this binary.
 //! Needs `node` and `npm` (`bench/scripts/install-node.sh` installs
 //! Debian's); `turbo` and `turborepo-remote-cache`, at the versions pinned
@@ -77,9 +80,13 @@ struct Options {
     /// Keep everything running this long after the rounds, for profiling
     /// one tool by hand (the commands are printed).
     hold: Option<Duration>,
+    /// Another `reprise` binary whose remote direct hit is timed against
+    /// this build's, hit for hit alternated against the same holder.
+    against: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: turbo_bench [--rounds N] [--npm-dir DIR] [--hold SECONDS]";
+const USAGE: &str =
+    "usage: turbo_bench [--rounds N] [--npm-dir DIR] [--hold SECONDS] [--against REPRISE]";
 
 fn options() -> Options {
     let mut o = Options {
@@ -90,6 +97,7 @@ fn options() -> Options {
             REMOTE_CACHE.replace('@', "-")
         )),
         hold: None,
+        against: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -112,6 +120,13 @@ fn options() -> Options {
                     });
             }
             "--npm-dir" => o.npm_dir = PathBuf::from(value()),
+            "--against" => {
+                let bin = PathBuf::from(value());
+                if !bin.is_file() {
+                    reprise_bench::value_exit(&a, "a reprise binary that exists", USAGE);
+                }
+                o.against = Some(bin);
+            }
             "--hold" => {
                 let secs: u64 = value()
                     .parse()
@@ -622,6 +637,11 @@ impl Reprise {
     /// One hit in the clone with the store under `data`: `remote` when it
     /// is empty. Checks it and returns its wall time.
     fn hit(&self, remote: bool, data: &Path, workload: &Workload) -> Duration {
+        self.hit_by(&self.bin, remote, data, workload)
+    }
+
+    /// [`Reprise::hit`] by the `reprise` binary `bin`.
+    fn hit_by(&self, bin: &Path, remote: bool, data: &Path, workload: &Workload) -> Duration {
         let artifacts = self.clone.join("reprise-artifacts");
         let _ = fs::remove_dir_all(&artifacts);
         let before = self.relays();
@@ -630,7 +650,7 @@ impl Reprise {
             (true, false) => "reprise (remote hit, relayed)",
             (false, _) => "reprise (local hit)",
         };
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = Command::new(bin);
         cmd.args(["run", "--no-serve"])
             .current_dir(&self.clone)
             .env("XDG_DATA_HOME", data)
@@ -668,6 +688,39 @@ impl Reprise {
         workload.check_restored(&artifacts, who);
         took
     }
+}
+
+/// Times the remote direct hit of this build's `reprise` against `other`'s,
+/// `rounds` hits each alternated (the order swapped every round) against
+/// the same orchestrator and holder, each checked as [`Reprise::hit`]
+/// does, and prints both medians and their ratio: how a change to the
+/// receiver is measured beside the build before it on a machine whose
+/// speed drifts from run to run.
+fn against(reprise: &Reprise, other: &Path, rounds: usize, t: &Path, workload: &Workload) {
+    let data = |i: usize, which: &str| t.join(format!("against-{which}-{i}"));
+    let builds = [("this", reprise.bin.as_path()), ("against", other)];
+    // One untimed hit of the other binary (page cache, its first start).
+    reprise.hit_by(other, true, &data(0, "against"), workload);
+    let _ = fs::remove_dir_all(data(0, "against"));
+    let mut times = [Vec::new(), Vec::new()];
+    for i in 1..=rounds {
+        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        for b in order {
+            let (which, bin) = builds[b];
+            let dir = data(i, which);
+            times[b].push(reprise.hit_by(bin, true, &dir, workload));
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
+    let [this, theirs] = times.map(median);
+    println!(
+        "\nremote hit direct, alternated hit by hit ({rounds} each, one holder): this build {} \
+         against {} {} ({})",
+        ms(this),
+        other.display(),
+        ms(theirs),
+        ratio(this, theirs)
+    );
 }
 
 /// An orchestrator, a producer's result and its daemon under `t`; with
@@ -944,6 +997,9 @@ fn main() {
         );
     }
     println!("\nratio = Reprise's median / Turborepo's median (lower is faster).");
+    if let Some(other) = &o.against {
+        against(&reprise, other, o.rounds, t, &workload);
+    }
     if let Some(hold) = o.hold {
         eprintln!(
             "turbo_bench: holding for {hold:?}; a remote hit by hand:\n  \
