@@ -345,7 +345,7 @@ impl Sha256Healing {
         use sha2::Digest;
         Sha256Healing {
             sha256: sha2::Sha256::new(),
-            content: heal.map(|k| Box::new(k.hasher())),
+            content: heal.map(|_| Box::new(Content::hasher())),
         }
     }
 

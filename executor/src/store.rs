@@ -309,19 +309,25 @@ impl Store {
         let stage = self.stage("stage-")?;
         let key = self.tag_key_made();
         let out = stage.path().join("output.rec");
-        let record = copy_synced(record, &out, key.as_ref())?;
-        let (bytes, output_content) = (record.bytes, record.content);
+        let record = copy_synced(record, &out)?;
+        let bytes = record.bytes;
         manifest.output_sha256 = record.sha256;
         manifest.output_blake3 = Some(record.blake3);
         manifest.output_bytes = bytes;
-        let (artifacts, blobs, mut contents) = match artifacts {
-            Some(dir) if dir.is_dir() => self.stage_artifacts(dir, bytes, &stage, key.as_ref())?,
-            _ => (Vec::new(), Vec::new(), Vec::new()),
+        let (artifacts, blobs) = match artifacts {
+            Some(dir) if dir.is_dir() => self.stage_artifacts(dir, bytes, &stage)?,
+            _ => (Vec::new(), Vec::new()),
         };
         manifest.artifacts = artifacts;
         manifest.check_sizes()?;
         if let Some(key) = &key {
-            contents.insert(0, output_content);
+            // The tags bind the BLAKE3 digests just hashed into the manifest.
+            let contents: Vec<Option<Content>> = manifest
+                .blake3()
+                .into_iter()
+                .flatten()
+                .map(|d| Some(Content::of(&d)))
+                .collect();
             write_tags(stage.path(), key, &manifest, &contents);
         }
         manifest.version = MANIFEST_VERSION;
@@ -589,22 +595,14 @@ impl Store {
     /// `record_bytes`: a blob the store holds already is linked (its name
     /// may go while this commit runs; the staged link keeps its bytes), a
     /// new one copied. Returns the artifacts, the staged blobs (one per
-    /// content), and what each artifact's tag binds if there is a `key`.
-    #[expect(clippy::type_complexity, reason = "three lists, named at the caller")]
+    /// content).
+    #[expect(clippy::type_complexity, reason = "two lists, named at the caller")]
     fn stage_artifacts(
         &self,
         dir: &Path,
         record_bytes: u64,
         stage: &WorkDir,
-        key: Option<&TagKey>,
-    ) -> Result<
-        (
-            Vec<Artifact>,
-            Vec<(Sha256Digest, PathBuf)>,
-            Vec<Option<Content>>,
-        ),
-        StoreError,
-    > {
+    ) -> Result<(Vec<Artifact>, Vec<(Sha256Digest, PathBuf)>), StoreError> {
         let staged_blobs = stage.path().join("blobs");
         fs::create_dir(&staged_blobs).map_err(io_err(&staged_blobs))?;
         let mut artifacts = Vec::new();
@@ -619,12 +617,10 @@ impl Store {
             files.iter().map(|f| f.as_str()).zip(sizes.iter().copied()),
         )?;
         let mut staged: Vec<(Sha256Digest, PathBuf)> = Vec::new();
-        let mut contents = Vec::with_capacity(files.len());
         for rel in files {
             let path = dir.join(rel.as_str());
-            let hashed = hash_file(&path, key).map_err(io_err(&path))?;
+            let hashed = hash_file(&path).map_err(io_err(&path))?;
             let sha = hashed.sha256;
-            contents.push(hashed.content);
             let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
             if !staged.iter().any(|(s, _)| *s == sha) {
                 let to = staged_blobs.join(staged.len().to_string());
@@ -645,7 +641,7 @@ impl Store {
                 mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
             });
         }
-        Ok((artifacts, staged, contents))
+        Ok((artifacts, staged))
     }
 
     /// Moves a damaged result aside into `quarantine/<key>-<now>/`, with
@@ -1568,7 +1564,7 @@ impl Receiving {
         // one checked by sha256 is hashed for its tag beside, from its
         // start only.
         let content = match (progress.chunks, progress.digest.kind()) {
-            (0, (false, _)) => self.tag_key.as_ref().map(TagKey::hasher),
+            (0, (false, _)) => self.tag_key.as_ref().map(|_| Content::hasher()),
             _ => None,
         };
         Ok(PartWriter {
@@ -1821,13 +1817,9 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 
 /// Copies `from` into a new file at `path`, synced; returns what it
 /// found of the bytes.
-fn copy_synced(
-    from: &mut dyn std::io::Read,
-    path: &Path,
-    key: Option<&TagKey>,
-) -> Result<Hashed, StoreError> {
+fn copy_synced(from: &mut dyn std::io::Read, path: &Path) -> Result<Hashed, StoreError> {
     let mut f = fs::File::create(path).map_err(io_err(path))?;
-    let hashed = hash_reading(from, key, 64 * 1024, |piece| f.write_all(piece));
+    let hashed = hash_reading(from, 64 * 1024, |piece| f.write_all(piece));
     let hashed = hashed.map_err(io_err(path))?;
     f.sync_all().map_err(io_err(path))?;
     Ok(hashed)
@@ -1886,26 +1878,24 @@ pub(crate) fn read_stored(path: &Path, limit: usize) -> std::io::Result<Vec<u8>>
 }
 
 /// What the file at `path` hashes to ([`Hashed`]), from one read.
-pub(crate) fn hash_file(path: &Path, key: Option<&TagKey>) -> std::io::Result<Hashed> {
+pub(crate) fn hash_file(path: &Path) -> std::io::Result<Hashed> {
     let mut f = fs::File::open(path)?;
-    hash_reading(&mut f, key, 1 << 20, |_| Ok(()))
+    hash_reading(&mut f, 1 << 20, |_| Ok(()))
 }
 
 /// What [`hash_reading`] found of some bytes: the digests a manifest gives
-/// of them, their size, and what their tag binds if a key was given.
+/// of them and their size.
 #[derive(Debug)]
 pub(crate) struct Hashed {
     pub sha256: Sha256Digest,
     pub blake3: Blake3Digest,
     pub bytes: u64,
-    pub content: Option<Content>,
 }
 
 /// Reads `from` to its end through a buffer of `buffer` bytes, each piece
 /// hashed and then given to `each`.
 fn hash_reading(
     from: &mut dyn std::io::Read,
-    key: Option<&TagKey>,
     buffer: usize,
     mut each: impl FnMut(&[u8]) -> std::io::Result<()>,
 ) -> std::io::Result<Hashed> {
@@ -1926,13 +1916,10 @@ fn hash_reading(
         each(&buf[..n])?;
         bytes += n as u64;
     }
-    let blake3 = Blake3Digest::from_bytes(*blake3.finalize().as_bytes());
     Ok(Hashed {
         sha256: Sha256Digest::finish(sha),
-        blake3,
+        blake3: Blake3Digest::from_bytes(*blake3.finalize().as_bytes()),
         bytes,
-        // The tag binds the very BLAKE3 the manifest gives.
-        content: key.map(|_| Content::of(&blake3)),
     })
 }
 

@@ -113,12 +113,6 @@ impl TagKey {
         TagKey::load(path)
     }
 
-    /// A hasher for a part's bytes: [`Content::hasher`] (the key is in the
-    /// tag, not in the digest).
-    pub fn hasher(&self) -> PartHasher {
-        Content::hasher()
-    }
-
     /// The tag of a part whose bytes hashed to `content` and whose manifest
     /// gives `sha256` and `bytes`.
     pub fn tag(&self, sha256: &Sha256Digest, bytes: u64, content: &Content) -> Tag {
@@ -293,7 +287,7 @@ impl Tags {
     /// A hasher for part `i`, if it has a tag to check.
     pub fn hasher(&self, i: usize) -> Option<PartHasher> {
         self.parts.get(i)?.as_ref()?;
-        Some(self.key.hasher())
+        Some(Content::hasher())
     }
 
     /// Whether part `i`, of `sha256` and `bytes` by the manifest, hashed to
@@ -337,17 +331,16 @@ fn encode(parts: &[Option<Tag>]) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn content(key: &TagKey, bytes: &[u8]) -> Content {
-        let mut h = key.hasher();
+    fn content(bytes: &[u8]) -> Content {
+        let mut h = Content::hasher();
         h.update(bytes);
         h.finish()
     }
 
     #[test]
     fn pieces_of_any_size_hash_as_the_whole() {
-        let key = TagKey::from_secret(&[9; KEY_BYTES]);
         let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let whole = content(&key, &bytes);
+        let whole = content(&bytes);
         for sizes in [
             &[1usize][..],
             &[1452],
@@ -355,7 +348,7 @@ mod tests {
             &[HASH_BATCH],
             &[HASH_BATCH + 3, 17],
         ] {
-            let mut h = key.hasher();
+            let mut h = Content::hasher();
             let mut rest = &bytes[..];
             for size in sizes.iter().cycle() {
                 if rest.is_empty() {
@@ -373,11 +366,10 @@ mod tests {
     fn the_content_a_tag_binds_is_the_digest_a_manifest_gives() {
         // A receiver and a producer tag a part by the BLAKE3 digest they
         // already have; a replay hashes the bytes: the two must agree.
-        let key = TagKey::from_secret(&[3; KEY_BYTES]);
         let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 13 % 251) as u8).collect();
         let digest = Blake3Digest::from_bytes(*blake3::hash(&bytes).as_bytes());
-        assert_eq!(content(&key, &bytes), Content::of(&digest));
-        assert_ne!(content(&key, b"other"), Content::of(&digest));
+        assert_eq!(content(&bytes), Content::of(&digest));
+        assert_ne!(content(b"other"), Content::of(&digest));
     }
 
     #[test]
@@ -389,15 +381,15 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let sha = Sha256Digest::of(b"bytes");
         let other_sha = Sha256Digest::of(b"other");
-        let tag = key.tag(&sha, 5, &content(&key, b"bytes"));
+        let tag = key.tag(&sha, 5, &content(b"bytes"));
         write(dir.path(), &[None, Some(tag)]).unwrap();
         let tags = Tags::read(&key_at, dir.path(), 2).unwrap();
         assert!(tags.hasher(0).is_none(), "a part without a tag");
-        assert!(tags.holds(1, &sha, 5, &content(&key, b"bytes")));
-        assert!(!tags.holds(1, &sha, 5, &content(&key, b"bytez")));
-        assert!(!tags.holds(1, &other_sha, 5, &content(&key, b"bytes")));
-        assert!(!tags.holds(1, &sha, 6, &content(&key, b"bytes")));
-        assert!(!tags.holds(0, &sha, 5, &content(&key, b"bytes")));
+        assert!(tags.holds(1, &sha, 5, &content(b"bytes")));
+        assert!(!tags.holds(1, &sha, 5, &content(b"bytez")));
+        assert!(!tags.holds(1, &other_sha, 5, &content(b"bytes")));
+        assert!(!tags.holds(1, &sha, 6, &content(b"bytes")));
+        assert!(!tags.holds(0, &sha, 5, &content(b"bytes")));
         // The wrong number of parts: not read at all.
         assert!(Tags::read(&key_at, dir.path(), 3).is_none());
         // A FIFO in the tags file's place is not waited on.
@@ -407,9 +399,9 @@ mod tests {
         assert!(Tags::read(&key_at, &fifo, 0).is_none());
         // Another key (the file made anew) makes other tags.
         fs::remove_file(&key_at).unwrap();
-        let new = TagKey::load_or_make(&key_at).unwrap();
+        TagKey::load_or_make(&key_at).unwrap();
         let tags = Tags::read(&key_at, dir.path(), 2).unwrap();
-        assert!(!tags.holds(1, &sha, 5, &content(&new, b"bytes")));
+        assert!(!tags.holds(1, &sha, 5, &content(b"bytes")));
     }
 
     #[test]

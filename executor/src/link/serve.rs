@@ -250,11 +250,9 @@ impl PartCheck {
 /// Whether the file at `path` hashes to `sha256`, read on the blocking
 /// pool.
 async fn part_matches(path: PathBuf, sha256: Sha256Digest) -> std::io::Result<bool> {
-    tokio::task::spawn_blocking(move || {
-        crate::store::hash_file(&path, None).map(|h| h.sha256 == sha256)
-    })
-    .await
-    .map_err(std::io::Error::other)?
+    tokio::task::spawn_blocking(move || crate::store::hash_file(&path).map(|h| h.sha256 == sha256))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 /// Chunk buffers handed to a stream without a copy: quinn keeps a chunk
