@@ -540,13 +540,8 @@ pub fn check_and_stage(
     dest: &Path,
 ) -> Result<(CheckedOutput, StagedArtifacts), ReplayError> {
     let tags = store.tags_to_replay(result);
-    let (output, staged) = std::thread::scope(|s| {
-        let output = s.spawn(|| check_output(result, tags.as_ref()));
-        let staged = stage_artifacts(store, result, tags.as_ref(), dest);
-        (
-            output.join().expect("the output check does not panic"),
-            staged,
-        )
+    let (staged, output) = stage_artifacts_beside(store, result, tags.as_ref(), dest, || {
+        check_output(result, tags.as_ref())
     });
     let (output, staged) = (output?, staged?);
     if let Some(tags) = &tags {
@@ -608,14 +603,33 @@ pub fn stage_artifacts(
     tags: Option<&Tags>,
     dest: &Path,
 ) -> Result<StagedArtifacts, ReplayError> {
+    stage_artifacts_beside(store, result, tags, dest, || ()).0
+}
+
+/// [`stage_artifacts`], with `beside` run at the same time: first thing
+/// on the thread that then joins this one in copying artifacts, so the
+/// work is shared by one thread a CPU (on a machine of two, a third
+/// thread for `beside` only costs a start and the switches between the
+/// three). Without artifacts to copy, `beside` runs on this thread.
+fn stage_artifacts_beside<T: Send>(
+    store: &Store,
+    result: &StoredResult,
+    tags: Option<&Tags>,
+    dest: &Path,
+    beside: impl FnOnce() -> T + Send,
+) -> (Result<StagedArtifacts, ReplayError>, T) {
     let artifacts = &result.manifest.artifacts;
     if artifacts.is_empty() {
-        return Ok(StagedArtifacts {
+        let staged = StagedArtifacts {
             pending: Vec::new(),
             healed: Vec::new(),
-        });
+        };
+        return (Ok(staged), beside());
     }
-    let beneath = Beneath::open(dest)?;
+    let beneath = match Beneath::open(dest) {
+        Ok(beneath) => beneath,
+        Err(e) => return (Err(e.into()), beside()),
+    };
     // What a killed restore left here.
     crate::beneath::sweep_dead_temporaries(dest);
     let workers = std::thread::available_parallelism()
@@ -626,28 +640,39 @@ pub fn stage_artifacts(
     let failed = AtomicBool::new(false);
     type Slot = Mutex<Option<Result<(PendingFile, Option<Content>), ReplayError>>>;
     let slots: Vec<Slot> = artifacts.iter().map(|_| Mutex::new(None)).collect();
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                // One buffer a thread: a fresh one an artifact would be
-                // faulted in and zeroed each time.
-                let mut buf = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= artifacts.len() || failed.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let staged = restore_one(&beneath, store, result, tags, i, &mut buf);
-                    if staged.is_err() {
-                        failed.store(true, Ordering::Relaxed);
-                    }
-                    *slots[i].lock().expect("slot") = Some(staged);
-                    if i + 1 < artifacts.len() {
-                        crate::faults::pause_point("replay");
-                    }
-                }
-            });
+    let work = || {
+        // One buffer a thread: a fresh one an artifact would be faulted in
+        // and zeroed each time.
+        let mut buf = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= artifacts.len() || failed.load(Ordering::Relaxed) {
+                return;
+            }
+            let staged = restore_one(&beneath, store, result, tags, i, &mut buf);
+            if staged.is_err() {
+                failed.store(true, Ordering::Relaxed);
+            }
+            *slots[i].lock().expect("slot") = Some(staged);
+            if i + 1 < artifacts.len() {
+                crate::faults::pause_point("replay");
+            }
         }
+    };
+    // This thread is one of the workers: it starts at once, where a
+    // thread spawned would wait for its start. The first one spawned runs
+    // `beside` first (and there is one even when one worker is enough).
+    let besides = std::thread::scope(|s| {
+        let first = s.spawn(|| {
+            let besides = beside();
+            work();
+            besides
+        });
+        for _ in 2..workers {
+            s.spawn(work);
+        }
+        work();
+        first.join().expect("a restore thread does not panic")
     });
     let mut staged = Vec::with_capacity(artifacts.len());
     let mut healed = Vec::new();
@@ -670,12 +695,13 @@ pub fn stage_artifacts(
     }
     if let Some(e) = error {
         // Dropping `staged` removes the temporary files.
-        return Err(e);
+        return (Err(e), besides);
     }
-    Ok(StagedArtifacts {
+    let staged = StagedArtifacts {
         pending: staged,
         healed,
-    })
+    };
+    (Ok(staged), besides)
 }
 
 /// Artifacts restored at once, at most (one per CPU up to this).
