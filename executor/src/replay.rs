@@ -1082,6 +1082,19 @@ mod tests {
             let (s, key) = (store.clone(), stored.manifest.key);
             let found = within_a_while(move || s.get(&key).is_some());
             assert!(!found, "{name} as the manifest: the result is not found");
+            // A refused replay has the result quarantined, which moves the
+            // blob aside without reading it: it followed the symlink and
+            // waited on the FIFO before.
+            let (s, result) = (store.clone(), stored.clone());
+            let quarantined = within_a_while(move || s.quarantine(&result, "damaged")).unwrap();
+            let blob = store.blob_path(&stored.manifest.artifacts[0]);
+            let aside = quarantined
+                .join("damaged-blobs")
+                .join(stored.manifest.artifacts[0].sha256.hex());
+            assert!(
+                blob.symlink_metadata().is_err() && aside.symlink_metadata().is_ok(),
+                "{name} as a blob is moved aside"
+            );
         }
         // The untouched store still replays.
         check_output(&stored, None).unwrap();

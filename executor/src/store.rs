@@ -507,7 +507,8 @@ impl Store {
     /// Places a staging folder whose every file is synced: under the
     /// [`PLACING`] lock (shared), moves its staged `blobs` (synced files in
     /// `stage/blobs/`, with the sha256 each was checked against) into
-    /// `blobs/` (one already there is kept and the staged copy dropped),
+    /// `blobs/` (one already there is kept and the staged copy dropped
+    /// when [`keeps_filed`] says so, else replaced),
     /// syncs both folders, renames the result into place and syncs its new
     /// parent.
     ///
@@ -534,7 +535,7 @@ impl Store {
             fs::create_dir_all(&store_blobs).map_err(io_err(&store_blobs))?;
             for (sha, staged) in blobs {
                 let blob = self.blob(&sha);
-                if blob.exists() {
+                if keeps_filed(&blob, &staged, &sha) {
                     fs::remove_file(&staged).map_err(io_err(&staged))?;
                 } else {
                     fs::rename(&staged, &blob).map_err(io_err(&blob))?;
@@ -624,7 +625,12 @@ impl Store {
             let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
             if !staged.iter().any(|(s, _)| *s == sha) {
                 let to = staged_blobs.join(staged.len().to_string());
-                let linked = fs::hard_link(self.blob(&sha), &to).is_ok();
+                // A blob filed under this sha256 is only shared when it
+                // holds this file's bytes: one that does not (damaged, or
+                // filed by a lying producer) is replaced when placed.
+                let blob = self.blob(&sha);
+                let linked =
+                    same_files(&blob, &path).unwrap_or(false) && fs::hard_link(&blob, &to).is_ok();
                 if !linked {
                     fs::copy(&path, &to)
                         .and_then(|_| fs::File::open(&to)?.sync_all())
@@ -652,11 +658,8 @@ impl Store {
         let dest = self.quarantine_folder(&result.dir, reason)?;
         for a in &result.manifest.artifacts {
             let blob = self.blob_path(a);
-            let matches = crate::image::sha256_file(&blob)
-                .ok()
-                .and_then(|sha| sha.parse::<Sha256Digest>().ok())
-                == Some(a.sha256);
-            if blob.exists() && !matches {
+            let matches = stored_sha256(&blob) == Some(a.sha256);
+            if blob.symlink_metadata().is_ok() && !matches {
                 let aside = dest.join("damaged-blobs");
                 fs::create_dir_all(&aside).map_err(io_err(&aside))?;
                 fs::rename(&blob, aside.join(a.sha256.hex())).map_err(io_err(&blob))?;
@@ -1860,6 +1863,80 @@ pub(crate) fn open_stored(path: &Path) -> std::io::Result<fs::File> {
     Ok(file)
 }
 
+/// The sha256 of a file of the store ([`open_stored`]: a FIFO, a device
+/// or a symlink in its place has none), or `None` if it cannot be read.
+fn stored_sha256(path: &Path) -> Option<Sha256Digest> {
+    let mut file = open_stored(path).ok()?;
+    hash_reading(&mut file, 1 << 20, |_| Ok(()))
+        .ok()
+        .map(|h| h.sha256)
+}
+
+/// Whether the blob filed as `blob` under `sha` stays, rather than being
+/// replaced by `staged`, a copy of a part known by that sha256 that was
+/// checked on its way in (by sha256, or by the BLAKE3 digest a version 3
+/// manifest seals beside it). Yes when it is the same file or holds the
+/// same bytes; no when there is none or it cannot be read as a stored
+/// file. When the bytes differ, one of the two is not what its name
+/// says: a damaged blob, or one a lying producer's result had filed (a
+/// receiver of a version 3 result checks its bytes by BLAKE3 and never
+/// computes their sha256, so a producer sealing a sha256 that is not its
+/// bytes' gets them filed under it). The filed blob then stays only if
+/// its own sha256 is `sha`: neither a lie filed first nor one arriving
+/// after takes the place of the true bytes, and a replay checks every
+/// byte against its own result's digests whatever is filed.
+fn keeps_filed(blob: &Path, staged: &Path, sha: &Sha256Digest) -> bool {
+    match same_files(blob, staged) {
+        Ok(true) => true,
+        Ok(false) => stored_sha256(blob) == Some(*sha),
+        Err(_) => false,
+    }
+}
+
+/// Whether the stored file `filed` ([`open_stored`]) and the file `other`
+/// are the same file or hold the same bytes; an error when `filed` cannot
+/// be read as a stored file (`other` is one this store wrote or hashed).
+fn same_files(filed: &Path, other: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let mut a = open_stored(filed)?;
+    let mut b = fs::File::open(other)?;
+    let (ma, mb) = (a.metadata()?, b.metadata()?);
+    if (ma.dev(), ma.ino()) == (mb.dev(), mb.ino()) {
+        return Ok(true);
+    }
+    if ma.len() != mb.len() {
+        return Ok(false);
+    }
+    const STEP: usize = 256 << 10;
+    let (mut x, mut y) = (vec![0u8; STEP], vec![0u8; STEP]);
+    loop {
+        let n = read_full(&mut a, &mut x)?;
+        let m = read_full(&mut b, &mut y)?;
+        if x[..n] != y[..m] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Reads into `buf` until it is full or the file ends; returns how many
+/// bytes it holds.
+fn read_full(from: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut filled = 0;
+    while filled < buf.len() {
+        match from.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 /// Reads a file of the store ([`open_stored`]) whole, if it holds at most
 /// `limit` bytes.
 pub(crate) fn read_stored(path: &Path, limit: usize) -> std::io::Result<Vec<u8>> {
@@ -2160,6 +2237,116 @@ pub(crate) mod tests {
             !stored.dir.join("blobs").exists(),
             "the staged blobs' folder does not stay in the result"
         );
+    }
+
+    /// A result of one artifact, `out.bin`, of `bytes`, under a key of
+    /// its own (`name`), as an honest producer seals it.
+    fn sealed_named(name: &str, bytes: &[u8]) -> Sealed {
+        let mut sealed = sealed_with(&[("out.bin", bytes)], b"rec");
+        sealed.manifest.inputs = inputs(name);
+        sealed.manifest.key = sealed.manifest.inputs.key();
+        sealed
+    }
+
+    /// A lying producer's result: its manifest names the sha256 of `truth`
+    /// for the bytes of `lie` (their BLAKE3 digest and size are the lie's
+    /// own, which is all a receiver of a version 3 result checks).
+    fn lying_about(truth: &[u8], lie: &[u8]) -> Sealed {
+        let mut sealed = sealed_named("liar", lie);
+        sealed.manifest.artifacts[0].sha256 = Sha256Digest::of(truth);
+        sealed
+    }
+
+    /// Restores the result of `key` as read back from disk (no blob
+    /// known checked, its tags if any) into a fresh folder; its artifact.
+    fn replayed_from_disk(
+        store: &Store,
+        key: &RunKey,
+    ) -> Result<Vec<u8>, crate::replay::ReplayError> {
+        let got = store.get(key).expect("stored");
+        let dest = tempfile::tempdir().unwrap();
+        crate::replay::restore_artifacts(store, &got, store.tags(&got).as_ref(), dest.path())?;
+        Ok(fs::read(dest.path().join("out.bin")).unwrap())
+    }
+
+    #[test]
+    fn bytes_a_liar_filed_under_another_contents_sha256_give_way_to_that_content() {
+        // The attack: a producer seals a sha256 that is not its bytes'. A
+        // receiver checks them by the sealed BLAKE3 digest, so they are
+        // filed under that sha256. Every result of the true bytes after
+        // it, fetched or made here, shared that blob and was refused on
+        // every replay from disk, and a producer served the lie in its
+        // own result's name to its peers, who took it for damage.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        let (truth, lie) = (data(3000, 1), data(3000, 2));
+        let liar = lying_about(&truth, &lie);
+        receive(&store, &liar, b"rec", &[&lie]).commit().unwrap();
+        let filed = store.blob_path(&liar.manifest.artifacts[0]);
+        assert_eq!(fs::read(&filed).unwrap(), lie, "filed as the liar said");
+
+        let honest = sealed_named("honest", &truth);
+        receive(&store, &honest, b"rec", &[&truth])
+            .commit()
+            .unwrap();
+        assert_eq!(fs::read(&filed).unwrap(), truth);
+        assert_eq!(
+            replayed_from_disk(&store, &honest.manifest.key).unwrap(),
+            truth
+        );
+
+        // The same when this store's own run makes the true bytes.
+        fs::write(&filed, &lie).unwrap();
+        let arts = dir.path().join("arts");
+        fs::create_dir_all(&arts).unwrap();
+        fs::write(arts.join("out.bin"), &truth).unwrap();
+        let made = store
+            .commit(
+                manifest(inputs("made"), Outcome::Passed, 11),
+                b"",
+                Some(&arts),
+                None,
+            )
+            .unwrap();
+        assert_eq!(fs::read(&filed).unwrap(), truth);
+        assert_eq!(
+            replayed_from_disk(&store, &made.manifest.key).unwrap(),
+            truth
+        );
+        // Both results still share the one blob.
+        assert_eq!(
+            fs::read_dir(dir.path().join("store/blobs"))
+                .unwrap()
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_lie_arriving_after_the_true_bytes_does_not_displace_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        let (truth, lie) = (data(3000, 1), data(2000, 2));
+        let honest = sealed_named("honest", &truth);
+        receive(&store, &honest, b"rec", &[&truth])
+            .commit()
+            .unwrap();
+        let liar = lying_about(&truth, &lie);
+        receive(&store, &liar, b"rec", &[&lie]).commit().unwrap();
+        assert_eq!(
+            fs::read(store.blob_path(&honest.manifest.artifacts[0])).unwrap(),
+            truth
+        );
+        assert_eq!(
+            replayed_from_disk(&store, &honest.manifest.key).unwrap(),
+            truth
+        );
+        // The liar's result names bytes of another size: never replayed
+        // from disk.
+        assert!(matches!(
+            replayed_from_disk(&store, &liar.manifest.key),
+            Err(crate::replay::ReplayError::Artifact { .. })
+        ));
     }
 
     /// `n` bytes that differ from chunk to chunk.
