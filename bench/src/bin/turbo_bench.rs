@@ -244,6 +244,28 @@ fn tail(bytes: &[u8]) -> String {
 /// A child process killed when dropped.
 struct Killed(Child);
 
+impl Killed {
+    /// Starts `cmd`, a service the rounds use, to be killed when dropped,
+    /// or sent SIGTERM by the kernel when this process dies some other way
+    /// (a `kill`, a panic that aborts, `timeout`), so none outlives the
+    /// benchmark.
+    fn spawn(cmd: &mut Command, what: &str) -> Killed {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe and touches no memory of the
+        // parent; it is all the child runs before its exec.
+        #[expect(unsafe_code, reason = "pre_exec is unsafe; prctl is async-signal-safe")]
+        unsafe {
+            cmd.pre_exec(
+                || match libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                },
+            );
+        }
+        Killed(cmd.spawn().unwrap_or_else(|e| panic!("{what} starts: {e}")))
+    }
+}
+
 impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -416,7 +438,8 @@ struct CacheServer {
 impl CacheServer {
     fn start(server: &Path, storage: &Path, log: &Path) -> CacheServer {
         let port = free_port(false);
-        let child = Command::new("node")
+        let mut child = Command::new("node");
+        child
             .arg(server)
             .env("HOST", "127.0.0.1")
             .env("PORT", port.to_string())
@@ -428,11 +451,9 @@ impl CacheServer {
             .env("NODE_ENV", "production")
             .stdin(Stdio::null())
             .stdout(fs::File::create(log).expect("cache server log"))
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("turborepo-remote-cache starts");
+            .stderr(Stdio::null());
         let server = CacheServer {
-            _child: Killed(child),
+            _child: Killed::spawn(&mut child, "turborepo-remote-cache"),
             url: format!("http://127.0.0.1:{port}"),
             log: log.to_path_buf(),
         };
@@ -791,15 +812,14 @@ fn setup_reprise(t: &Path, workload: &Workload, direct: bool) -> Reprise {
 
     let addr = format!("127.0.0.1:{}", free_port(true));
     let orchestrator_log = t.join("orchestrator.log");
-    let orchestrator = Killed(
+    let orchestrator = Killed::spawn(
         Command::new(&orch_bin)
             .args(["serve", "--dir", state_s, "--listen", &addr])
             .env("REPRISE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(fs::File::create(&orchestrator_log).expect("orchestrator log"))
-            .spawn()
-            .expect("reprise-orchestrator serve starts"),
+            .stderr(fs::File::create(&orchestrator_log).expect("orchestrator log")),
+        "reprise-orchestrator serve",
     );
     wait_until(
         "reprise-orchestrator serves",
@@ -816,7 +836,7 @@ fn setup_reprise(t: &Path, workload: &Workload, direct: bool) -> Reprise {
     if direct {
         daemon.args(["--direct", "127.0.0.1:0"]);
     }
-    let daemon = Killed(
+    let daemon = Killed::spawn(
         daemon
             .env("XDG_DATA_HOME", &producer_data)
             .env("XDG_CONFIG_HOME", &config)
@@ -824,9 +844,8 @@ fn setup_reprise(t: &Path, workload: &Workload, direct: bool) -> Reprise {
             .env("REPRISE_CREDENTIALS", &producer_pem)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(fs::File::create(&daemon_log).expect("daemon log"))
-            .spawn()
-            .expect("reprise daemon starts"),
+            .stderr(fs::File::create(&daemon_log).expect("daemon log")),
+        "reprise daemon",
     );
     wait_until(
         "the producer's reprise daemon serves its result",
