@@ -1089,11 +1089,10 @@ async fn introduce(shared: &Arc<Shared>, asker: ConnId, grant: &Grant, wanted: H
         };
         shared.telemetry.replayed();
         let relay_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        info!(producer = %producer_name, holder = %holder_name, key = %wanted.key, bytes, relay_ms, "served directly");
         let event = StateEvent::Replayed {
             asker: asker_name,
-            producer: producer_name,
-            relayer: Some(holder_name),
+            producer: producer_name.clone(),
+            relayer: Some(holder_name.clone()),
             key: wanted.key,
             namespace: wanted.namespace,
             at: now_secs(),
@@ -1102,9 +1101,12 @@ async fn introduce(shared: &Arc<Shared>, asker: ConnId, grant: &Grant, wanted: H
             relay_ms: Some(relay_ms),
             bytes: Some(bytes),
         };
+        // Said once the audit log holds it (or could not), so whoever
+        // waits for the line knows the orchestrator is done with it.
         if let Err(e) = shared.state.lock().expect("state").append(event) {
             warn!("cannot write the audit log: {e}");
         }
+        info!(producer = %producer_name, holder = %holder_name, key = %wanted.key, bytes, relay_ms, "served directly");
     });
     Message::Introduction(Box::new(Introduction {
         addr: addr.to_string(),
@@ -1160,6 +1162,21 @@ async fn relay(
             let _ = send.finish();
             let relay_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             shared.telemetry.replayed();
+            let event = StateEvent::Replayed {
+                asker: grant.name.clone(),
+                producer: producer_name.clone(),
+                relayer: Some(relayed.relayer.clone()),
+                key: wanted.key,
+                namespace: wanted.namespace,
+                at: now_secs(),
+                run_ms: Some(relayed.run_ms),
+                relay_ms: Some(relay_ms),
+                bytes: Some(relayed.bytes),
+            };
+            // Said once the audit log holds it, as a direct transfer is.
+            if let Err(e) = shared.state.lock().expect("state").append(event) {
+                warn!("cannot write the audit log: {e}");
+            }
             info!(
                 producer = %producer_name,
                 relayer = %relayed.relayer,
@@ -1169,20 +1186,6 @@ async fn relay(
                 relay_ms,
                 "relayed"
             );
-            let event = StateEvent::Replayed {
-                asker: grant.name.clone(),
-                producer: producer_name,
-                relayer: Some(relayed.relayer),
-                key: wanted.key,
-                namespace: wanted.namespace,
-                at: now_secs(),
-                run_ms: Some(relayed.run_ms),
-                relay_ms: Some(relay_ms),
-                bytes: Some(relayed.bytes),
-            };
-            if let Err(e) = shared.state.lock().expect("state").append(event) {
-                warn!("cannot write the audit log: {e}");
-            }
         }
         Err(PipeError::BeforeData(reason)) => {
             info!(producer = %producer_name, "the holder could not serve: {reason}");
