@@ -1897,6 +1897,7 @@ fn keeps_filed(blob: &Path, staged: &Path, sha: &Sha256Digest) -> bool {
 /// are the same file or hold the same bytes; an error when `filed` cannot
 /// be read as a stored file (`other` is one this store wrote or hashed).
 fn same_files(filed: &Path, other: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     let mut a = open_stored(filed)?;
     let mut b = fs::File::open(other)?;
@@ -1907,34 +1908,20 @@ fn same_files(filed: &Path, other: &Path) -> std::io::Result<bool> {
     if ma.len() != mb.len() {
         return Ok(false);
     }
-    const STEP: usize = 256 << 10;
-    let (mut x, mut y) = (vec![0u8; STEP], vec![0u8; STEP]);
-    loop {
-        let n = read_full(&mut a, &mut x)?;
-        let m = read_full(&mut b, &mut y)?;
-        if x[..n] != y[..m] {
+    // Of one size, so both are read in the same steps to their end.
+    const STEP: u64 = 256 << 10;
+    let (mut x, mut y) = (vec![0u8; STEP as usize], vec![0u8; STEP as usize]);
+    let mut left = ma.len();
+    while left > 0 {
+        let n = left.min(STEP) as usize;
+        a.read_exact(&mut x[..n])?;
+        b.read_exact(&mut y[..n])?;
+        if x[..n] != y[..n] {
             return Ok(false);
         }
-        if n == 0 {
-            return Ok(true);
-        }
+        left -= n as u64;
     }
-}
-
-/// Reads into `buf` until it is full or the file ends; returns how many
-/// bytes it holds.
-fn read_full(from: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    use std::io::Read;
-    let mut filled = 0;
-    while filled < buf.len() {
-        match from.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
+    Ok(true)
 }
 
 /// Reads a file of the store ([`open_stored`]) whole, if it holds at most
