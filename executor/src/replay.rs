@@ -746,7 +746,11 @@ fn restore_one(
     let part = i + 1;
     let heal = tags.map(Tags::key);
     let mut hash = PartHash::new(tags, heal, part);
-    let mut bytes = copy_hashing(&blob, &mut pending.file, buf, |b| hash.update(b)).map_err(io)?;
+    // One byte past the manifest's size is enough to refuse a longer blob;
+    // a huge file planted in the store is not copied whole into `dest`.
+    let most = a.bytes.saturating_add(1);
+    let mut bytes =
+        copy_hashing(&blob, &mut pending.file, buf, most, |b| hash.update(b)).map_err(io)?;
     let (found, healed) = match hash.found(tags, part, &a.sha256, a.bytes) {
         Found::TagHeld => (a.sha256, None),
         Found::Sha256(sha, content) => (sha, content),
@@ -756,7 +760,8 @@ fn restore_one(
             let mut hash = Sha256Healing::new(heal);
             pending.file.set_len(0).map_err(io)?;
             std::io::Seek::rewind(&mut pending.file).map_err(io)?;
-            bytes = copy_hashing(&blob, &mut pending.file, buf, |b| hash.update(b)).map_err(io)?;
+            bytes = copy_hashing(&blob, &mut pending.file, buf, most, |b| hash.update(b))
+                .map_err(io)?;
             hash.finish()
         }
     };
@@ -776,16 +781,18 @@ fn copy_verified(blob: &std::fs::File, len: u64, to: &mut std::fs::File) -> std:
     std::io::copy(&mut from.take(len), to)
 }
 
-/// Copies `from` into `to` through `buf` (sized here), each piece given to
-/// `hash` before it is written; returns how many bytes were copied.
+/// Copies `from` into `to` through `buf` (sized here), at most `most`
+/// bytes of it, each piece given to `hash` before it is written; returns
+/// how many bytes were copied.
 fn copy_hashing(
     from: &Path,
     to: &mut std::fs::File,
     buf: &mut Vec<u8>,
+    most: u64,
     mut hash: impl FnMut(&[u8]),
 ) -> std::io::Result<u64> {
     use std::io::Read;
-    let mut src = crate::store::open_stored(from)?;
+    let mut src = crate::store::open_stored(from)?.take(most);
     buf.resize(COPY_BUFFER, 0);
     let mut copied = 0u64;
     loop {
@@ -1098,6 +1105,30 @@ mod tests {
         }
         // The untouched store still replays.
         check_output(&stored, None).unwrap();
+    }
+
+    #[test]
+    fn a_blob_longer_than_its_manifest_says_is_read_one_byte_past_it_only() {
+        // A huge (sparse) file planted in the store in place of a blob was
+        // copied whole into the restored folder before it was refused.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        let stored = commit_with(&store, dir.path(), "a", &[("f", "content")]);
+        let blob = store.blob_path(&stored.manifest.artifacts[0]);
+        std::fs::File::options()
+            .write(true)
+            .open(&blob)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let to = dir.path().join("copy");
+        let mut file = std::fs::File::create(&to).unwrap();
+        let (mut buf, mut hashed) = (Vec::new(), 0);
+        let copied = copy_hashing(&blob, &mut file, &mut buf, 8, |b| hashed += b.len()).unwrap();
+        assert_eq!((copied, hashed), (8, 8));
+        assert_eq!(std::fs::metadata(&to).unwrap().len(), 8);
+        let restored = restore_artifacts(&store, &stored, None, &dir.path().join("dest"));
+        assert!(matches!(restored, Err(ReplayError::Artifact { .. })));
     }
 
     /// Replays `result` as the pipeline does, with its tags: output check,
