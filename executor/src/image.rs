@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use reprise_protocol::digest::Sha256Digest;
 use reprise_protocol::hex;
 use reprise_protocol::image::{IMAGE_MANIFEST_VERSION, ImageManifest};
 use sha2::{Digest, Sha256};
@@ -310,17 +311,23 @@ fn forward_lines(
 
 /// Sha256 of a file's contents, as hex.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut f = fs::File::open(path)?;
+    sha256_reading(&mut fs::File::open(path)?).map(|d| d.hex())
+}
+
+/// Sha256 of what `from` reads to its end.
+pub fn sha256_reading(from: &mut impl Read) -> std::io::Result<Sha256Digest> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         h.update(&buf[..n]);
     }
-    Ok(hex::encode(&h.finalize()))
+    Ok(Sha256Digest::finish(h))
 }
 
 fn preflight(cache: &Path) -> Result<(), ImageError> {

@@ -1866,10 +1866,7 @@ pub(crate) fn open_stored(path: &Path) -> std::io::Result<fs::File> {
 /// The sha256 of a file of the store ([`open_stored`]: a FIFO, a device
 /// or a symlink in its place has none), or `None` if it cannot be read.
 fn stored_sha256(path: &Path) -> Option<Sha256Digest> {
-    let mut file = open_stored(path).ok()?;
-    hash_reading(&mut file, 1 << 20, |_| Ok(()))
-        .ok()
-        .map(|h| h.sha256)
+    crate::image::sha256_reading(&mut open_stored(path).ok()?).ok()
 }
 
 /// Whether the blob filed as `blob` under `sha` stays, rather than being
