@@ -67,7 +67,7 @@ impl ReplayError {
                 | ReplayError::OutputSize { .. }
                 | ReplayError::Record { .. }
                 | ReplayError::Artifact { .. }
-        ) || matches!(self, ReplayError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+        ) || matches!(self, ReplayError::Io { source, .. } if crate::store::is_missing_stored_file(source))
     }
 }
 
@@ -437,18 +437,19 @@ impl<R: std::io::Read> std::io::Read for Tee<'_, R> {
     }
 }
 
-/// Checks every artifact's blob against its sha256, without copying.
+/// Checks every artifact's blob against its size and sha256, without
+/// copying (a blob of another size is not read).
 pub fn verify_artifacts(store: &Store, result: &StoredResult) -> Result<(), ReplayError> {
     for a in &result.manifest.artifacts {
         let blob = store.blob_path(a);
-        let sha = crate::image::sha256_file(&blob)
-            .map_err(|source| ReplayError::Io {
-                path: blob.clone(),
-                source,
-            })?
-            .parse::<Sha256Digest>()
-            .expect("sha256_file gives 64 hex digits");
-        if sha != a.sha256 {
+        let holds =
+            crate::store::stored_file_holds(&blob, a.bytes, &a.sha256).map_err(|source| {
+                ReplayError::Io {
+                    path: blob.clone(),
+                    source,
+                }
+            })?;
+        if !holds {
             return Err(ReplayError::Artifact {
                 key: result.manifest.key,
                 path: a.path.clone(),
@@ -506,20 +507,33 @@ pub const OUTPUT_BATCH: usize = 256 << 10;
 const RECORD_READ: usize = 256 << 10;
 
 /// Streams a stored result's output record through `each`, read through
-/// what `reader` makes of the file; its errors as [`ReplayError`]s.
+/// what `reader` makes of the file; its errors as [`ReplayError`]s. A
+/// file of another size than the manifest's is refused unread, and what
+/// is read stops a byte past that size (a file grown meanwhile).
 fn decode_record<R: std::io::Read>(
     result: &StoredResult,
-    reader: impl FnOnce(std::fs::File) -> R,
+    reader: impl FnOnce(std::io::Take<std::fs::File>) -> R,
     each: impl FnMut(StreamId, &[u8]) -> std::io::Result<()>,
 ) -> Result<(), ReplayError> {
+    use std::io::Read;
     let key = result.manifest.key;
+    let expected = result.manifest.output_bytes;
     let path = result.output_path();
     let io = |source| ReplayError::Io {
         path: path.clone(),
         source,
     };
     let file = crate::store::open_stored(&path).map_err(io)?;
-    let input = std::io::BufReader::with_capacity(RECORD_READ, reader(file));
+    let found = file.metadata().map_err(io)?.len();
+    if found != expected {
+        return Err(ReplayError::OutputSize {
+            key,
+            found,
+            expected,
+        });
+    }
+    let bounded = file.take(expected.saturating_add(1));
+    let input = std::io::BufReader::with_capacity(RECORD_READ, reader(bounded));
     record::decode_stream(input, each).map_err(|e| match e {
         record::StreamError::Record(source) => ReplayError::Record { key, source },
         record::StreamError::Io(source) => io(source),
@@ -1077,14 +1091,20 @@ mod tests {
             plant(&stored.output_path());
             let result = stored.clone();
             let checked = within_a_while(move || check_output(&result, None).map(|_| ()));
+            // Damage, as a missing file is: a replay quarantines the
+            // result and goes on. It was an I/O error, each replay failing
+            // the same way until the user cleared the store by hand.
             assert!(
-                matches!(checked, Err(ReplayError::Io { .. })),
+                matches!(&checked, Err(e @ ReplayError::Io { .. }) if e.is_damage()),
                 "{name} as the record: {checked:?}"
             );
             plant(&store.blob_path(&stored.manifest.artifacts[0]));
             let (s, result, dest) = (store.clone(), stored.clone(), dir.path().join("dest"));
             let restored = within_a_while(move || restore_artifacts(&s, &result, None, &dest));
-            assert!(restored.is_err(), "{name} as a blob: {restored:?}");
+            assert!(
+                restored.as_ref().is_err_and(ReplayError::is_damage),
+                "{name} as a blob: {restored:?}"
+            );
             plant(&stored.dir.join("manifest.json"));
             let (s, key) = (store.clone(), stored.manifest.key);
             let found = within_a_while(move || s.get(&key).is_some());
@@ -1105,6 +1125,56 @@ mod tests {
         }
         // The untouched store still replays.
         check_output(&stored, None).unwrap();
+    }
+
+    #[test]
+    fn results_verify_quarantines_what_is_not_a_blob_without_reading_it() {
+        // Regression: `reprise results verify` opened blobs as they came
+        // and hashed them whole: a FIFO in a blob's place hung it, a
+        // symlink to `/dev/zero` was read without end, and a huge file
+        // was read to its end before its size was looked at.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        let fifo = |path: &Path| nix::unistd::mkfifo(path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let zeros = |path: &Path| std::os::unix::fs::symlink("/dev/zero", path).unwrap();
+        // A sparse file far longer than any blob may be: reading it would
+        // take hours.
+        let huge = |path: &Path| {
+            let f = std::fs::File::create(path).unwrap();
+            f.set_len(1 << 40).unwrap();
+        };
+        /// Puts something in a blob's place.
+        type Plant = fn(&Path);
+        let plants: [(Plant, &str); 3] = [
+            (fifo, "a FIFO"),
+            (zeros, "/dev/zero"),
+            (huge, "a 1 TiB file"),
+        ];
+        let mut blobs = Vec::new();
+        for (i, (plant, _)) in plants.iter().enumerate() {
+            let content = format!("content {i}");
+            let stored = commit_with(&store, dir.path(), &format!("r{i}"), &[("f", &content)]);
+            let blob = store.blob_path(&stored.manifest.artifacts[0]);
+            std::fs::remove_file(&blob).unwrap();
+            plant(&blob);
+            blobs.push((blob, stored.manifest.artifacts[0].sha256));
+        }
+        let sound = commit_with(&store, dir.path(), "sound", &[("f", "sound")]);
+        let s = store.clone();
+        let check = within_a_while(move || verify_store(&s)).unwrap();
+        assert_eq!(check.sound, 1);
+        assert_eq!(check.quarantined.len(), plants.len(), "{check:?}");
+        for ((blob, sha), (_, name)) in blobs.iter().zip(plants) {
+            assert!(blob.symlink_metadata().is_err(), "{name} is moved aside");
+            let aside = check.quarantined.iter().any(|(to, _)| {
+                to.join("damaged-blobs")
+                    .join(sha.hex())
+                    .symlink_metadata()
+                    .is_ok()
+            });
+            assert!(aside, "{name} is in the quarantine");
+        }
+        assert!(store.get(&sound.manifest.key).is_some());
     }
 
     #[test]
@@ -1334,9 +1404,30 @@ mod tests {
             0,
             "no temporary file is left"
         );
-        std::fs::write(stored.output_path(), "x").unwrap();
-        assert!(matches!(verify(&stored), Err(ReplayError::Record { .. })));
         std::fs::write(stored.output_path(), record::MAGIC).unwrap();
+        let err = verify(&stored).unwrap_err();
+        assert!(
+            matches!(err, ReplayError::OutputSize { .. }) && err.is_damage(),
+            "{err:?}"
+        );
+        // Of the manifest's size: a record that does not decode, and one
+        // that decodes to other output.
+        let mut rec = Vec::new();
+        record::push(&mut rec, StreamId::Stdout, 0, b"the output");
+        let stored = store
+            .commit(manifest(inputs("u"), Outcome::Passed, 1), &rec, None, None)
+            .unwrap();
+        let garbage = vec![b'x'; rec.len()];
+        std::fs::write(stored.output_path(), &garbage).unwrap();
+        let err = verify(&stored).unwrap_err();
+        assert!(
+            matches!(err, ReplayError::Record { .. }) && err.is_damage(),
+            "{err:?}"
+        );
+        let mut other = Vec::new();
+        record::push(&mut other, StreamId::Stdout, 0, b"not output");
+        assert_eq!(other.len(), rec.len());
+        std::fs::write(stored.output_path(), &other).unwrap();
         let err = verify(&stored).unwrap_err();
         assert!(
             matches!(err, ReplayError::OutputMismatch { .. }) && err.is_damage(),

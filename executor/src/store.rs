@@ -44,7 +44,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use reprise_protocol::digest::{Blake3Digest, KeyPrefix, RunKey, Sha256Digest};
 use reprise_protocol::key::{Differences, KeyInputs};
 use reprise_protocol::manifest::{
-    Artifact, ArtifactPath, MANIFEST_VERSION, Outcome, ResultManifest,
+    Artifact, ArtifactPath, MANIFEST_VERSION, MAX_ARTIFACT_BYTES, Outcome, ResultManifest,
 };
 use reprise_protocol::seal::Seal;
 use reprise_protocol::wire::{self, Sealed};
@@ -1849,24 +1849,68 @@ pub(crate) fn create_anew(path: &Path) -> std::io::Result<fs::File> {
 /// symlink, without waiting (a FIFO put in its place would block the open
 /// for good, and the replay or the daemon's serving with it), and only a
 /// regular file (a device such as `/dev/zero` would never end).
+/// Anything else in a stored file's place is refused as [`NotAStoredFile`].
 pub(crate) fn open_stored(path: &Path) -> std::io::Result<fs::File> {
+    let not_stored = || std::io::Error::new(std::io::ErrorKind::InvalidData, NotAStoredFile);
     let file = fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-        .open(path)?;
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            // The last component is a symlink (O_NOFOLLOW).
+            Some(nix::libc::ELOOP) => not_stored(),
+            _ => e,
+        })?;
     if !file.metadata()?.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "not a regular file",
-        ));
+        return Err(not_stored());
     }
     Ok(file)
 }
 
+/// What [`open_stored`] found in a stored file's place: a symlink, a
+/// FIFO, a device or a folder. The store's copy is damaged, as when the
+/// file is missing, and is treated so (a replay quarantines its result).
+#[derive(Debug, Error)]
+#[error("not a regular file (a symlink, FIFO, device or folder in a stored file's place)")]
+pub struct NotAStoredFile;
+
+/// Whether `e` is [`open_stored`] finding no stored file: nothing there,
+/// or something that is not a regular file.
+pub(crate) fn is_missing_stored_file(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound
+        || e.get_ref()
+            .is_some_and(|inner| inner.is::<NotAStoredFile>())
+}
+
 /// The sha256 of a file of the store ([`open_stored`]: a FIFO, a device
-/// or a symlink in its place has none), or `None` if it cannot be read.
+/// or a symlink in its place has none), or `None` if it cannot be read or
+/// is longer than any artifact may be (then it is not read).
 fn stored_sha256(path: &Path) -> Option<Sha256Digest> {
-    crate::image::sha256_reading(&mut open_stored(path).ok()?).ok()
+    use std::io::Read;
+    let file = open_stored(path).ok()?;
+    if file.metadata().ok()?.len() > MAX_ARTIFACT_BYTES {
+        return None;
+    }
+    let mut bounded = file.take(MAX_ARTIFACT_BYTES + 1);
+    crate::image::sha256_reading(&mut bounded).ok()
+}
+
+/// Whether the file of the store at `path` ([`open_stored`]) holds `bytes`
+/// bytes whose sha256 is `sha256`. A file of another size is not read.
+pub(crate) fn stored_file_holds(
+    path: &Path,
+    bytes: u64,
+    sha256: &Sha256Digest,
+) -> std::io::Result<bool> {
+    use std::io::Read;
+    let file = open_stored(path)?;
+    if file.metadata()?.len() != bytes {
+        return Ok(false);
+    }
+    // Bounded: a file grown since its size was read is not read whole
+    // (and a byte more than `bytes` gives another sha256).
+    let found = crate::image::sha256_reading(&mut file.take(bytes.saturating_add(1)))?;
+    Ok(found == *sha256)
 }
 
 /// Whether the blob filed as `blob` under `sha` stays, rather than being
