@@ -11,8 +11,9 @@
 //! replaces a symlink at the final name instead of writing through it).
 
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
 
 use nix::errno::Errno;
 use nix::fcntl::{AT_FDCWD, OFlag, OpenHow, ResolveFlag, openat2, renameat};
@@ -65,14 +66,59 @@ fn beneath() -> ResolveFlag {
 }
 
 /// Opens (creating if missing) the folder `name` in `parent` without
-/// following a symlink.
-fn open_dir_in<Fd: AsFd>(parent: Fd, name: &Path, shown: &Path) -> Result<OwnedFd, BeneathError> {
+/// following a symlink; a folder it made is recorded in `created`.
+fn open_dir_in<Fd: AsFd>(
+    parent: Fd,
+    name: &Path,
+    shown: &Path,
+    created: &Mutex<Created>,
+) -> Result<OwnedFd, BeneathError> {
     match mkdirat(parent.as_fd(), name, Mode::from_bits_truncate(0o755)) {
-        Ok(()) | Err(Errno::EEXIST) => {}
+        Ok(()) => created
+            .lock()
+            .expect("created")
+            .record(parent.as_fd(), name),
+        Err(Errno::EEXIST) => {}
         Err(e) => return Err(BeneathError::from_errno(shown.to_path_buf(), e)),
     }
     let how = OpenHow::new().flags(DIR_FLAGS).resolve(beneath());
     openat2(parent, name, how).map_err(|e| BeneathError::from_errno(shown.to_path_buf(), e))
+}
+
+/// The folders a [`Beneath`] made, in the order it made them, each as its
+/// parent's descriptor and its name. Dropped, it removes them again, the
+/// last made first and each only while empty, unless [`Created::keep`]
+/// was called: a refused restore leaves no empty folders behind.
+#[derive(Debug, Default)]
+pub struct Created(Vec<(OwnedFd, PathBuf)>);
+
+impl Created {
+    fn record(&mut self, parent: std::os::fd::BorrowedFd<'_>, name: &Path) {
+        // The current folder as a descriptor of its own (AT_FDCWD cannot
+        // be duplicated).
+        let parent = match parent.as_raw_fd() {
+            nix::libc::AT_FDCWD => File::open(".").map(OwnedFd::from),
+            _ => parent.try_clone_to_owned(),
+        };
+        // Without a descriptor the folder is only not removed again.
+        if let Ok(parent) = parent {
+            self.0.push((parent, name.to_path_buf()));
+        }
+    }
+
+    /// Keeps the folders: what was written in them is in place.
+    pub fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        while let Some((parent, name)) = self.0.pop() {
+            // Fails, and keeps the folder, when anything is in it.
+            let _ = unlinkat(&parent, name.as_path(), UnlinkatFlags::RemoveDir);
+        }
+    }
 }
 
 /// A folder that files are written beneath.
@@ -80,6 +126,7 @@ fn open_dir_in<Fd: AsFd>(parent: Fd, name: &Path, shown: &Path) -> Result<OwnedF
 pub struct Beneath {
     dir: OwnedFd,
     path: PathBuf,
+    created: Mutex<Created>,
 }
 
 impl Beneath {
@@ -89,6 +136,7 @@ impl Beneath {
     /// argument); an absolute path is the user's choice up to its last
     /// part, which must not be a symlink.
     pub fn open(path: &Path) -> Result<Beneath, BeneathError> {
+        let created = Mutex::new(Created::default());
         let dir = if path.is_absolute() {
             let parent = path.parent().unwrap_or(Path::new("/"));
             std::fs::create_dir_all(parent).map_err(|source| BeneathError::Io {
@@ -100,16 +148,24 @@ impl Beneath {
                 source,
             })?;
             match path.file_name() {
-                Some(name) => open_dir_in(&parent_fd, Path::new(name), path)?,
+                Some(name) => open_dir_in(&parent_fd, Path::new(name), path, &created)?,
                 None => OwnedFd::from(parent_fd),
             }
         } else {
-            walk(AT_FDCWD, path)?
+            walk(AT_FDCWD, path, &created)?
         };
         Ok(Beneath {
             dir,
             path: path.to_path_buf(),
+            created,
         })
+    }
+
+    /// The folders it made (the folder itself, the parts of a relative
+    /// path that were missing, folders on artifacts' paths); the parents
+    /// of an absolute path are not among them.
+    pub fn into_created(self) -> Created {
+        self.created.into_inner().expect("created")
     }
 
     /// The folder's path as given.
@@ -128,7 +184,12 @@ impl Beneath {
         for folder in folders {
             shown.push(folder);
             let parent = dir.as_ref().map_or(self.dir.as_fd(), |d| d.as_fd());
-            dir = Some(open_dir_in(parent, Path::new(folder), &shown)?);
+            dir = Some(open_dir_in(
+                parent,
+                Path::new(folder),
+                &shown,
+                &self.created,
+            )?);
         }
         let dir = match dir {
             Some(d) => d,
@@ -200,7 +261,11 @@ pub fn sweep_dead_temporaries(root: &Path) -> usize {
 
 /// Opens the relative folder `path` from `start`, one part at a time,
 /// creating what is missing and following no symlink.
-fn walk<Fd: AsFd>(start: Fd, path: &Path) -> Result<OwnedFd, BeneathError> {
+fn walk<Fd: AsFd>(
+    start: Fd,
+    path: &Path,
+    created: &Mutex<Created>,
+) -> Result<OwnedFd, BeneathError> {
     let mut shown = PathBuf::new();
     let mut fd: Option<OwnedFd> = None;
     for part in path.components() {
@@ -219,7 +284,7 @@ fn walk<Fd: AsFd>(start: Fd, path: &Path) -> Result<OwnedFd, BeneathError> {
                 .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
             openat2(parent, name, how).map_err(|e| BeneathError::from_errno(shown.clone(), e))?
         } else {
-            open_dir_in(parent, name, &shown)?
+            open_dir_in(parent, name, &shown, created)?
         };
         fd = Some(next);
     }
@@ -286,6 +351,61 @@ mod tests {
         let mut f = b.create(&rel.parse().unwrap(), 0o640)?;
         f.file.write_all(bytes).unwrap();
         f.commit()
+    }
+
+    #[test]
+    fn the_folders_made_are_removed_again_unless_kept_and_only_while_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let arts = dir.path().join("arts");
+        let b = Beneath::open(&arts).unwrap();
+        let pending = b.create(&"a/b/c.txt".parse().unwrap(), 0o644).unwrap();
+        drop(pending);
+        drop(b.into_created());
+        assert!(!arts.exists(), "the folder and those below it are removed");
+
+        // A folder that was there stays, and so does one something else
+        // wrote into meanwhile.
+        std::fs::create_dir_all(arts.join("kept")).unwrap();
+        let b = Beneath::open(&arts).unwrap();
+        drop(b.create(&"kept/new/f".parse().unwrap(), 0o644).unwrap());
+        drop(b.create(&"other/f".parse().unwrap(), 0o644).unwrap());
+        std::fs::write(arts.join("other/theirs"), "x").unwrap();
+        drop(b.into_created());
+        let left: Vec<String> = walkdir(&arts);
+        assert_eq!(left, ["kept", "other", "other/theirs"]);
+
+        // Kept: a committed file's folders stay.
+        let b = Beneath::open(&arts).unwrap();
+        let mut f = b.create(&"d/e".parse().unwrap(), 0o644).unwrap();
+        f.file.write_all(b"e").unwrap();
+        f.commit().unwrap();
+        b.into_created().keep();
+        assert_eq!(std::fs::read(arts.join("d/e")).unwrap(), b"e");
+
+        // A relative path's missing parts are made and removed the same way.
+        let start = File::open(dir.path()).unwrap();
+        let created = Mutex::default();
+        walk(&start, Path::new("x/y/z"), &created).unwrap();
+        assert!(dir.path().join("x/y/z").is_dir());
+        drop(created);
+        assert!(!dir.path().join("x").exists());
+    }
+
+    /// The paths below `root`, sorted.
+    fn walkdir(root: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut dirs = vec![root.to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                out.push(p.strip_prefix(root).unwrap().display().to_string());
+                if p.is_dir() {
+                    dirs.push(p);
+                }
+            }
+        }
+        out.sort();
+        out
     }
 
     #[test]
@@ -359,10 +479,11 @@ mod tests {
         std::fs::create_dir(&repo).unwrap();
         symlink(&outside, repo.join("out")).unwrap();
         let start = File::open(&repo).unwrap();
-        let e = walk(&start, Path::new("out/arts")).unwrap_err();
+        let e = walk(&start, Path::new("out/arts"), &Mutex::default()).unwrap_err();
         assert!(matches!(e, BeneathError::Symlink(_)), "{e}");
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
-        walk(&start, Path::new("./fine/../fine/arts")).unwrap();
+        let created = Mutex::default();
+        walk(&start, Path::new("./fine/../fine/arts"), &created).unwrap();
         assert!(repo.join("fine/arts").is_dir());
     }
 }

@@ -18,7 +18,7 @@ use reprise_protocol::manifest::ArtifactPath;
 use reprise_protocol::record::{self, RecordError, StreamId};
 use thiserror::Error;
 
-use crate::beneath::{Beneath, BeneathError, PendingFile};
+use crate::beneath::{Beneath, BeneathError, Created, PendingFile};
 use crate::store::{Store, StoredResult};
 use crate::tags::{Content, PartHasher, TagKey, Tags};
 
@@ -585,16 +585,22 @@ pub fn restore_artifacts(
 /// The artifacts of a result copied beside their names in their folder and
 /// checked, waiting to be renamed into place, with the parts among them
 /// checked by sha256 whose tags to make anew.
+/// Dropped, the temporary files are removed, then the folders made for
+/// them (while empty).
 #[derive(Debug)]
 pub struct StagedArtifacts {
     pending: Vec<PendingFile>,
     healed: Vec<Healed>,
+    // Last: dropped after the files in them.
+    created: Created,
 }
 
 impl StagedArtifacts {
     /// Renames every artifact into place; returns how many.
     pub fn commit(self) -> Result<usize, ReplayError> {
         let n = self.pending.len();
+        // Some may be in place: the folders stay.
+        self.created.keep();
         // Dropping the rest on an error removes their temporary files.
         for pending in self.pending {
             pending.commit()?;
@@ -637,6 +643,7 @@ fn stage_artifacts_beside<T: Send>(
         let staged = StagedArtifacts {
             pending: Vec::new(),
             healed: Vec::new(),
+            created: Created::default(),
         };
         return (Ok(staged), beside());
     }
@@ -707,15 +714,16 @@ fn stage_artifacts_beside<T: Send>(
             None => {}
         }
     }
-    if let Some(e) = error {
-        // Dropping `staged` removes the temporary files.
-        return (Err(e), besides);
-    }
     let staged = StagedArtifacts {
         pending: staged,
         healed,
+        created: beneath.into_created(),
     };
-    (Ok(staged), besides)
+    match error {
+        // Dropped, `staged` removes the temporary files and the folders.
+        Some(e) => (Err(e), besides),
+        None => (Ok(staged), besides),
+    }
 }
 
 /// Artifacts restored at once, at most (one per CPU up to this).
@@ -1037,7 +1045,9 @@ mod tests {
         let arts = dir.join(format!("artifacts-{name}"));
         std::fs::create_dir_all(&arts).unwrap();
         for (file, text) in files {
-            std::fs::write(arts.join(file), text).unwrap();
+            let path = arts.join(file);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
         }
         let mut rec = Vec::new();
         record::push(
@@ -1368,6 +1378,53 @@ mod tests {
         std::fs::write(store.blob_path(&a.manifest.artifacts[1]), "gG").unwrap();
         assert!(check_and_stage(&store, &a, &dir.path().join("bad")).is_err());
         assert!(!tags_file.exists(), "no tags made for a damaged result");
+    }
+
+    #[test]
+    fn a_refused_restore_leaves_no_folder_it_made() {
+        // Regression: the temporary files went, the folders made for them
+        // stayed, empty.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("s"));
+        let files = [("top", "t"), ("a/b/deep", "d"), ("c/f", "f")];
+        let stored = commit_with(&store, dir.path(), "n", &files);
+        let deep = stored
+            .manifest
+            .artifacts
+            .iter()
+            .find(|a| a.path.as_str() == "a/b/deep");
+        std::fs::write(store.blob_path(deep.unwrap()), "D").unwrap();
+        let fresh = dir.path().join("fresh");
+        assert!(restore_artifacts(&store, &stored, None, &fresh).is_err());
+        assert!(!fresh.exists(), "the folder made for the restore is gone");
+        let there = dir.path().join("there");
+        std::fs::create_dir_all(there.join("c")).unwrap();
+        std::fs::write(there.join("mine"), "m").unwrap();
+        assert!(restore_artifacts(&store, &stored, None, &there).is_err());
+        let mut left: Vec<_> = std::fs::read_dir(&there)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["c", "mine"], "what was there stays, nothing else");
+        assert_eq!(std::fs::read_dir(there.join("c")).unwrap().count(), 0);
+
+        // Refused for its output, after every artifact was staged.
+        let stored = commit_with(&store, dir.path(), "o", &files[1..]);
+        std::fs::write(
+            stored.output_path(),
+            vec![b'x'; stored.manifest.output_bytes as usize],
+        )
+        .unwrap();
+        let dest = dir.path().join("output-refused");
+        assert!(check_and_stage(&store, &stored, &dest).is_err());
+        assert!(!dest.exists());
+        // Restored, the folders stay.
+        let stored = commit_with(&store, dir.path(), "p", &files[1..]);
+        let (_, staged) = check_and_stage(&store, &stored, &dest).unwrap();
+        staged.commit().unwrap();
+        assert_eq!(std::fs::read(dest.join("a/b/deep")).unwrap(), b"d");
+        assert_eq!(std::fs::read(dest.join("c/f")).unwrap(), b"f");
     }
 
     #[test]
