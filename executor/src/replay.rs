@@ -124,9 +124,59 @@ fn check_record(
     result: &StoredResult,
     tags: Option<&Tags>,
     heal: Option<&TagKey>,
+    keep: Option<&mut Kept>,
+) -> Result<Option<Content>, ReplayError> {
+    match keep {
+        Some(Kept::Memory(bytes)) => check_record_in_memory(result, tags, heal, bytes),
+        keep => check_record_streaming(result, tags, heal, keep),
+    }
+}
+
+/// [`check_record`] of a record read whole into `bytes` first (the file
+/// straight into it, no copy between), then checked there: its entries
+/// decode, and it hashes as it should (by sha256 too, from the same bytes,
+/// where the tag does not hold).
+fn check_record_in_memory(
+    result: &StoredResult,
+    tags: Option<&Tags>,
+    heal: Option<&TagKey>,
+    bytes: &mut Vec<u8>,
+) -> Result<Option<Content>, ReplayError> {
+    use std::io::Read;
+    bytes.clear();
+    let mut file = open_record(result)?;
+    file.read_to_end(bytes).map_err(|source| ReplayError::Io {
+        path: result.output_path(),
+        source,
+    })?;
+    let key = result.manifest.key;
+    if let Some(Err(source)) = record::entries(bytes).find(Result::is_err) {
+        return Err(ReplayError::Record { key, source });
+    }
+    let m = &result.manifest;
+    let mut hash = PartHash::new(tags, heal, 0);
+    hash.update(bytes);
+    let (sha, healed) = match hash.found(tags, 0, &m.output_sha256, m.output_bytes) {
+        Found::TagHeld => (m.output_sha256, None),
+        Found::Sha256(sha, content) => (sha, content),
+        // The sha256 says whether the record is damaged or only its tag.
+        Found::TagFailed => {
+            let mut hash = Sha256Healing::new(heal);
+            hash.update(bytes);
+            hash.finish()
+        }
+    };
+    record_holds(result, sha, bytes.len() as u64).map(|()| healed)
+}
+
+/// [`check_record`] streaming the record from its file, into `keep` (a
+/// temporary file) if given.
+fn check_record_streaming(
+    result: &StoredResult,
+    tags: Option<&Tags>,
+    heal: Option<&TagKey>,
     mut keep: Option<&mut Kept>,
 ) -> Result<Option<Content>, ReplayError> {
-    let key = result.manifest.key;
     let mut hash = PartHash::new(tags, heal, 0);
     let mut bytes = 0u64;
     if let Some(k) = keep.as_deref_mut() {
@@ -150,27 +200,35 @@ fn check_record(
         |_, _| Ok(()),
     )?;
     let m = &result.manifest;
-    let (found, healed) = match hash.found(tags, 0, &m.output_sha256, m.output_bytes) {
+    let (sha, healed) = match hash.found(tags, 0, &m.output_sha256, m.output_bytes) {
         Found::TagHeld => (m.output_sha256, None),
-        // The sha256 says whether the record is damaged or only its tag.
-        Found::TagFailed => return check_record(result, None, heal, keep),
         Found::Sha256(sha, content) => (sha, content),
+        // The sha256 says whether the record is damaged or only its tag.
+        Found::TagFailed => return check_record_streaming(result, None, heal, keep),
     };
-    if found != result.manifest.output_sha256 {
+    record_holds(result, sha, bytes).map(|()| healed)
+}
+
+/// Whether a record of `bytes` bytes whose sha256 is `found` is the one
+/// the manifest of `result` names; why not if it is not.
+fn record_holds(result: &StoredResult, found: Sha256Digest, bytes: u64) -> Result<(), ReplayError> {
+    let m = &result.manifest;
+    let key = m.key;
+    if found != m.output_sha256 {
         return Err(ReplayError::OutputMismatch {
             key,
             found,
-            expected: result.manifest.output_sha256,
+            expected: m.output_sha256,
         });
     }
-    if bytes != result.manifest.output_bytes {
+    if bytes != m.output_bytes {
         return Err(ReplayError::OutputSize {
             key,
             found: bytes,
-            expected: result.manifest.output_bytes,
+            expected: m.output_bytes,
         });
     }
-    Ok(healed)
+    Ok(())
 }
 
 /// A result's output record as [`check_output`] read and checked it.
@@ -253,7 +311,7 @@ impl CheckedOutput {
             source,
         };
         let decoded = match &self.kept {
-            Kept::Memory(bytes) => write_decoded(&bytes[..], stdout, stderr),
+            Kept::Memory(bytes) => write_entries(bytes, stdout, stderr),
             Kept::File(file) => {
                 let mut file = file.try_clone().map_err(io)?;
                 std::io::Seek::rewind(&mut file).map_err(io)?;
@@ -301,29 +359,84 @@ fn write_decoded(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> Result<(), record::StreamError> {
-    let mut batch: Vec<u8> = Vec::with_capacity(OUTPUT_BATCH);
-    let mut current = StreamId::Stdout;
-    let mut flush = |stream: StreamId, batch: &mut Vec<u8>| -> std::io::Result<()> {
-        if batch.is_empty() {
+    let mut runs = Runs::new(stdout, stderr);
+    record::decode_stream(input, |stream, bytes| runs.push(stream, bytes))?;
+    runs.finish().map_err(record::StreamError::Io)
+}
+
+/// [`write_decoded`] of a record in memory: its entries are taken where
+/// they lie, not copied through a reader's buffers first.
+fn write_entries(
+    record: &[u8],
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> Result<(), record::StreamError> {
+    let mut runs = Runs::new(stdout, stderr);
+    for entry in record::entries(record) {
+        let (stream, _, bytes) = entry?;
+        runs.push(stream, bytes)?;
+    }
+    runs.finish().map_err(record::StreamError::Io)
+}
+
+/// Output written to two streams in runs of one stream, each run's pieces
+/// gathered (up to [`OUTPUT_BATCH`]) into one write, and the stream
+/// flushed before the other is written.
+struct Runs<'a> {
+    stdout: &'a mut dyn Write,
+    stderr: &'a mut dyn Write,
+    batch: Vec<u8>,
+    current: StreamId,
+}
+
+impl<'a> Runs<'a> {
+    fn new(stdout: &'a mut dyn Write, stderr: &'a mut dyn Write) -> Runs<'a> {
+        Runs {
+            stdout,
+            stderr,
+            batch: Vec::with_capacity(OUTPUT_BATCH),
+            current: StreamId::Stdout,
+        }
+    }
+
+    fn push(&mut self, stream: StreamId, mut bytes: &[u8]) -> std::io::Result<()> {
+        if stream != self.current || self.batch.len() + bytes.len() > OUTPUT_BATCH {
+            self.flush()?;
+            self.current = stream;
+        }
+        // A whole batch of one piece is written where it lies.
+        while bytes.len() >= OUTPUT_BATCH {
+            let (now, rest) = bytes.split_at(OUTPUT_BATCH);
+            self.write(now)?;
+            bytes = rest;
+        }
+        self.batch.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.batch.is_empty() {
             return Ok(());
         }
-        let out: &mut dyn Write = match stream {
-            StreamId::Stdout => &mut *stdout,
-            StreamId::Stderr => &mut *stderr,
+        let batch = std::mem::take(&mut self.batch);
+        let written = self.write(&batch);
+        self.batch = batch;
+        self.batch.clear();
+        written
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let out: &mut dyn Write = match self.current {
+            StreamId::Stdout => &mut *self.stdout,
+            StreamId::Stderr => &mut *self.stderr,
         };
-        out.write_all(batch)?;
-        batch.clear();
+        out.write_all(bytes)?;
         out.flush()
-    };
-    record::decode_stream(input, |stream, bytes| {
-        if stream != current || batch.len() + bytes.len() > OUTPUT_BATCH {
-            flush(current, &mut batch)?;
-            current = stream;
-        }
-        batch.extend_from_slice(bytes);
-        Ok(())
-    })?;
-    flush(current, &mut batch).map_err(record::StreamError::Io)
+    }
+
+    fn finish(mut self) -> std::io::Result<()> {
+        self.flush()
+    }
 }
 
 /// A part's bytes being hashed to check them: by the BLAKE3 its tag binds,
@@ -506,18 +619,11 @@ pub const OUTPUT_BATCH: usize = 256 << 10;
 /// line, often), and each is read as a header and a body.
 const RECORD_READ: usize = 256 << 10;
 
-/// Streams a stored result's output record through `each`, read through
-/// what `reader` makes of the file; its errors as [`ReplayError`]s. A
-/// file of another size than the manifest's is refused unread, and what
-/// is read stops a byte past that size (a file grown meanwhile).
-fn decode_record<R: std::io::Read>(
-    result: &StoredResult,
-    reader: impl FnOnce(std::io::Take<std::fs::File>) -> R,
-    each: impl FnMut(StreamId, &[u8]) -> std::io::Result<()>,
-) -> Result<(), ReplayError> {
+/// Opens a stored result's output record ([`crate::store::open_stored`]):
+/// a file of another size than the manifest's is refused unread, and what
+/// is read of it stops a byte past that size (a file grown meanwhile).
+fn open_record(result: &StoredResult) -> Result<std::io::Take<std::fs::File>, ReplayError> {
     use std::io::Read;
-    let key = result.manifest.key;
-    let expected = result.manifest.output_bytes;
     let path = result.output_path();
     let io = |source| ReplayError::Io {
         path: path.clone(),
@@ -525,15 +631,32 @@ fn decode_record<R: std::io::Read>(
     };
     let file = crate::store::open_stored(&path).map_err(io)?;
     let found = file.metadata().map_err(io)?.len();
+    let expected = result.manifest.output_bytes;
     if found != expected {
         return Err(ReplayError::OutputSize {
-            key,
+            key: result.manifest.key,
             found,
             expected,
         });
     }
-    let bounded = file.take(expected.saturating_add(1));
-    let input = std::io::BufReader::with_capacity(RECORD_READ, reader(bounded));
+    Ok(file.take(expected.saturating_add(1)))
+}
+
+/// Streams a stored result's output record through `each`, read through
+/// what `reader` makes of the file ([`open_record`]); its errors as
+/// [`ReplayError`]s.
+fn decode_record<R: std::io::Read>(
+    result: &StoredResult,
+    reader: impl FnOnce(std::io::Take<std::fs::File>) -> R,
+    each: impl FnMut(StreamId, &[u8]) -> std::io::Result<()>,
+) -> Result<(), ReplayError> {
+    let key = result.manifest.key;
+    let path = result.output_path();
+    let io = |source| ReplayError::Io {
+        path: path.clone(),
+        source,
+    };
+    let input = std::io::BufReader::with_capacity(RECORD_READ, reader(open_record(result)?));
     record::decode_stream(input, each).map_err(|e| match e {
         record::StreamError::Record(source) => ReplayError::Record { key, source },
         record::StreamError::Io(source) => io(source),
@@ -1461,12 +1584,24 @@ mod tests {
             0,
             "no temporary file is left"
         );
+        // Checked streaming (verify) and read whole (check_output), with
+        // and without tags, each damage is found the same.
+        let both = |stored: &StoredResult| {
+            let tags = store.tags(stored);
+            let streamed = verify(stored).unwrap_err();
+            let whole = check_output(stored, None).unwrap_err();
+            let tagged = check_output(stored, tags.as_ref()).unwrap_err();
+            let kinds = [&streamed, &whole, &tagged].map(std::mem::discriminant);
+            assert!(
+                kinds.iter().all(|k| *k == kinds[0]),
+                "{streamed:?} {whole:?} {tagged:?}"
+            );
+            assert!(streamed.is_damage());
+            streamed
+        };
         std::fs::write(stored.output_path(), record::MAGIC).unwrap();
-        let err = verify(&stored).unwrap_err();
-        assert!(
-            matches!(err, ReplayError::OutputSize { .. }) && err.is_damage(),
-            "{err:?}"
-        );
+        let err = both(&stored);
+        assert!(matches!(err, ReplayError::OutputSize { .. }), "{err:?}");
         // Of the manifest's size: a record that does not decode, and one
         // that decodes to other output.
         let mut rec = Vec::new();
@@ -1476,19 +1611,18 @@ mod tests {
             .unwrap();
         let garbage = vec![b'x'; rec.len()];
         std::fs::write(stored.output_path(), &garbage).unwrap();
-        let err = verify(&stored).unwrap_err();
-        assert!(
-            matches!(err, ReplayError::Record { .. }) && err.is_damage(),
-            "{err:?}"
-        );
+        let err = both(&stored);
+        assert!(matches!(err, ReplayError::Record { .. }), "{err:?}");
+        let mut cut = rec.clone();
+        cut[record::MAGIC.len() + 8] += 1;
+        std::fs::write(stored.output_path(), &cut).unwrap();
+        let err = both(&stored);
+        assert!(matches!(err, ReplayError::Record { .. }), "{err:?}");
         let mut other = Vec::new();
         record::push(&mut other, StreamId::Stdout, 0, b"not output");
         assert_eq!(other.len(), rec.len());
         std::fs::write(stored.output_path(), &other).unwrap();
-        let err = verify(&stored).unwrap_err();
-        assert!(
-            matches!(err, ReplayError::OutputMismatch { .. }) && err.is_damage(),
-            "{err:?}"
-        );
+        let err = both(&stored);
+        assert!(matches!(err, ReplayError::OutputMismatch { .. }), "{err:?}");
     }
 }

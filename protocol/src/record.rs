@@ -59,36 +59,77 @@ pub fn push_entry(out: &mut Vec<u8>, stream: StreamId, at_ms: u32, bytes: &[u8])
 
 /// Decodes a whole record. An empty input is an empty record.
 pub fn decode(data: &[u8]) -> Result<Vec<Entry>, RecordError> {
-    if data.is_empty() {
-        return Ok(Vec::new());
+    entries(data)
+        .map(|e| {
+            e.map(|(stream, at_ms, bytes)| Entry {
+                stream,
+                at_ms,
+                bytes: bytes.to_vec(),
+            })
+        })
+        .collect()
+}
+
+/// The entries of an encoded record in order, borrowed from it: each
+/// entry's stream, time and bytes, or what is wrong where the record stops
+/// being one (the last item then). An empty input is an empty record.
+pub fn entries(data: &[u8]) -> Entries<'_> {
+    Entries {
+        data,
+        at: 0,
+        done: data.is_empty(),
     }
-    let mut at = MAGIC.len();
-    if !data.starts_with(MAGIC) {
-        return Err(RecordError::BadMagic);
-    }
-    let mut entries = Vec::new();
-    while at < data.len() {
+}
+
+/// The iterator [`entries`] returns.
+#[derive(Debug, Clone)]
+pub struct Entries<'a> {
+    data: &'a [u8],
+    /// Where the next entry starts (0: the magic is still to be read).
+    at: usize,
+    done: bool,
+}
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = Result<(StreamId, u32, &'a [u8]), RecordError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let data = self.data;
+        let at = match self.at {
+            0 if !data.starts_with(MAGIC) => return self.fail(RecordError::BadMagic),
+            0 => MAGIC.len(),
+            at => at,
+        };
+        if at == data.len() {
+            self.done = true;
+            return None;
+        }
         if data.len() - at < 9 {
-            return Err(RecordError::Truncated(at));
+            return self.fail(RecordError::Truncated(at));
         }
         let stream = match data[at] {
             1 => StreamId::Stdout,
             2 => StreamId::Stderr,
-            _ => return Err(RecordError::BadStream(at)),
+            _ => return self.fail(RecordError::BadStream(at)),
         };
         let at_ms = u32::from_be_bytes(data[at + 1..at + 5].try_into().expect("4 bytes"));
         let len = u32::from_be_bytes(data[at + 5..at + 9].try_into().expect("4 bytes")) as usize;
         if data.len() - at - 9 < len {
-            return Err(RecordError::Truncated(at));
+            return self.fail(RecordError::Truncated(at));
         }
-        entries.push(Entry {
-            stream,
-            at_ms,
-            bytes: data[at + 9..at + 9 + len].to_vec(),
-        });
-        at += 9 + len;
+        self.at = at + 9 + len;
+        Some(Ok((stream, at_ms, &data[at + 9..at + 9 + len])))
     }
-    Ok(entries)
+}
+
+impl Entries<'_> {
+    fn fail<T>(&mut self, e: RecordError) -> Option<Result<T, RecordError>> {
+        self.done = true;
+        Some(Err(e))
+    }
 }
 
 /// Why a record could not be read from a reader.
