@@ -74,7 +74,16 @@ impl Keyed {
 /// objects (the tree id already hashes every file) and `env` (the declared
 /// counted variables' values).
 pub fn compute_key(req: &KeyRequest, env: &BTreeMap<String, String>) -> Result<Keyed, RunError> {
-    let checkout = Checkout::discover(&req.dir)?;
+    compute_key_in(&Checkout::discover(&req.dir)?, req, env)
+}
+
+/// [`compute_key`] in `checkout`, the repository that holds `req.dir`
+/// (opened once by a caller that reads more of it).
+pub fn compute_key_in(
+    checkout: &Checkout,
+    req: &KeyRequest,
+    env: &BTreeMap<String, String>,
+) -> Result<Keyed, RunError> {
     let revision = checkout.resolve(req.rev.as_deref())?;
     let mut counted = BTreeMap::new();
     for name in &revision.config.env {

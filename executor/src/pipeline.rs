@@ -14,7 +14,7 @@ use reprise_protocol::manifest::{Outcome, Phase, Producer, ResultManifest};
 use crate::accel::Accel;
 use crate::driver::{Driver, DriverKind, Prepared, Session};
 pub use crate::error::RunError;
-use crate::inputs::{DirtyCheck, process_env, secret_values};
+use crate::inputs::{DirtyCheck, compute_key_in, process_env, secret_values};
 pub use crate::inputs::{KeyRequest, Keyed, compute_key};
 use crate::link::provenance::{self, Counts, SealedBy};
 use crate::link::{Found, Link, RunLink};
@@ -322,7 +322,9 @@ async fn run_once(
         driver: req.driver.class().into(),
         network: req.network,
     };
-    let keyed = compute_key(&key_request, &env)?;
+    // Opened once: the key and the check read the same repository.
+    let checkout = Checkout::discover(&key_request.dir)?;
+    let keyed = compute_key_in(&checkout, &key_request, &env)?;
     tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "key computed");
     let mut dirty = DirtyCheck::start(&keyed.checkout_root, &req.artifacts_dir);
     // Before any lookup: the same check as `reprise check`, so a broken
@@ -332,7 +334,6 @@ async fn run_once(
     // recipe whose hash is the key's image), so no result stored under this
     // key can be of a revision that fails it, and checking first costs no
     // replay it could have allowed.
-    let checkout = Checkout::discover(&keyed.checkout_root)?;
     let checked =
         crate::check::check(&checkout, &keyed.revision, &req.target).map_err(RunError::Check)?;
     let secrets = secret_values(&keyed.revision, &req.secrets, &env)?;
