@@ -407,7 +407,9 @@ impl<'a> Runs<'a> {
         // A whole batch of one piece is written where it lies.
         while bytes.len() >= OUTPUT_BATCH {
             let (now, rest) = bytes.split_at(OUTPUT_BATCH);
-            self.write(now)?;
+            let (out, _) = self.parts();
+            out.write_all(now)?;
+            out.flush()?;
             bytes = rest;
         }
         self.batch.extend_from_slice(bytes);
@@ -415,23 +417,22 @@ impl<'a> Runs<'a> {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        if self.batch.is_empty() {
+        let (out, batch) = self.parts();
+        if batch.is_empty() {
             return Ok(());
         }
-        let batch = std::mem::take(&mut self.batch);
-        let written = self.write(&batch);
-        self.batch = batch;
-        self.batch.clear();
-        written
+        out.write_all(batch)?;
+        batch.clear();
+        out.flush()
     }
 
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+    /// The current stream, and the batch gathered for it.
+    fn parts(&mut self) -> (&mut dyn Write, &mut Vec<u8>) {
         let out: &mut dyn Write = match self.current {
             StreamId::Stdout => &mut *self.stdout,
             StreamId::Stderr => &mut *self.stderr,
         };
-        out.write_all(bytes)?;
-        out.flush()
+        (out, &mut self.batch)
     }
 
     fn finish(mut self) -> std::io::Result<()> {
