@@ -780,7 +780,28 @@ fn a_person_s_credentials_renew_themselves_in_the_last_quarter_of_their_lifetime
 
     // Meanwhile the forge takes acme/lib away from carol.
     team.stand.read("carol", "acme/lib", false);
-    std::thread::sleep(std::time::Duration::from_secs(32).saturating_sub(logged_in.elapsed()));
+    // Into the last quarter by the wall clock the credentials are checked
+    // against, not by a monotonic sleep: a machine paused meanwhile (a VM
+    // host may) comes back with its wall clock ahead of the sleep, and
+    // the credentials expired when the run came (once in CI).
+    let (not_before, not_after) = reprise_executor::link::credentials::Credentials::load(&creds)
+        .and_then(|c| c.validity())
+        .expect("the credentials' validity");
+    let due = not_after - (not_after - not_before) / 4 + 2;
+    let wall = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs()
+    };
+    while wall() < due {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    assert!(
+        wall() + 10 < not_after,
+        "the wall clock passed the credentials' expiry while the test waited ({}s after login): was the machine paused?",
+        logged_in.elapsed().as_secs()
+    );
     let run = team.reprise(&app, &["run", "--no-serve", "--mode", "replay-only"]);
     run.expect_code(code::SUCCESS, "replay while the credentials are due");
     assert!(run.replayed(), "{}", run.stderr);
