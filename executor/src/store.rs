@@ -1886,13 +1886,9 @@ pub(crate) fn is_missing_stored_file(e: &std::io::Error) -> bool {
 /// or a symlink in its place has none), or `None` if it cannot be read or
 /// is longer than any artifact may be (then it is not read).
 fn stored_sha256(path: &Path) -> Option<Sha256Digest> {
-    use std::io::Read;
-    let file = open_stored(path).ok()?;
-    if file.metadata().ok()?.len() > MAX_ARTIFACT_BYTES {
-        return None;
-    }
-    let mut bounded = file.take(MAX_ARTIFACT_BYTES + 1);
-    crate::image::sha256_reading(&mut bounded).ok()
+    stored_sha256_sized(path, |len| len <= MAX_ARTIFACT_BYTES)
+        .ok()
+        .flatten()
 }
 
 /// Whether the file of the store at `path` ([`open_stored`]) holds `bytes`
@@ -1902,15 +1898,25 @@ pub(crate) fn stored_file_holds(
     bytes: u64,
     sha256: &Sha256Digest,
 ) -> std::io::Result<bool> {
+    Ok(stored_sha256_sized(path, |len| len == bytes)? == Some(*sha256))
+}
+
+/// The sha256 of the file of the store at `path` ([`open_stored`]) when
+/// its size passes `size_ok`; `None`, unread, when it does not. What is
+/// read stops a byte past that size: a file grown meanwhile is not read
+/// whole (and hashes to something else).
+fn stored_sha256_sized(
+    path: &Path,
+    size_ok: impl FnOnce(u64) -> bool,
+) -> std::io::Result<Option<Sha256Digest>> {
     use std::io::Read;
     let file = open_stored(path)?;
-    if file.metadata()?.len() != bytes {
-        return Ok(false);
+    let len = file.metadata()?.len();
+    if !size_ok(len) {
+        return Ok(None);
     }
-    // Bounded: a file grown since its size was read is not read whole
-    // (and a byte more than `bytes` gives another sha256).
-    let found = crate::image::sha256_reading(&mut file.take(bytes.saturating_add(1)))?;
-    Ok(found == *sha256)
+    let mut bounded = file.take(len.saturating_add(1));
+    crate::image::sha256_reading(&mut bounded).map(Some)
 }
 
 /// Whether the blob filed as `blob` under `sha` stays, rather than being
