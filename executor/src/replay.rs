@@ -928,8 +928,8 @@ fn copy_verified(blob: &std::fs::File, len: u64, to: &mut std::fs::File) -> std:
 }
 
 /// Copies `from` into `to` through `buf` (sized here), at most `most`
-/// bytes of it, each piece given to `hash` before it is written; returns
-/// how many bytes were copied.
+/// bytes of it, each piece given to `hash` before it is written (in
+/// [`RESTORE_WRITE_STEP`] steps); returns how many bytes were copied.
 fn copy_hashing(
     from: &Path,
     to: &mut std::fs::File,
@@ -949,14 +949,16 @@ fn copy_hashing(
             Err(e) => return Err(e),
         };
         hash(&buf[..n]);
-        to.write_all(&buf[..n])?;
+        for step in buf[..n].chunks(RESTORE_WRITE_STEP) {
+            to.write_all(step)?;
+        }
         copied += n as u64;
     }
     Ok(copied)
 }
 
-/// The buffer an artifact is copied through, and so the most written at
-/// once. Restoring 20 artifacts of 1 MiB with the page cache filling the
+/// The buffer an artifact is copied through: read and hashed a buffer at
+/// a time, written in [`RESTORE_WRITE_STEP`] steps. Restoring 20 artifacts of 1 MiB with the page cache filling the
 /// RAM (medians of 9 of the replay's `checked_ms` in `REPRISE_LOG=debug`,
 /// a build that took both sizes from the environment, not kept): a 1 MiB buffer written in [`crate::store::WRITE_STEP`]
 /// steps 9.6–11.6 ms, 256 KiB in the same steps 8.4–10.3 ms, 256 KiB
@@ -964,6 +966,24 @@ fn copy_hashing(
 /// is fewer pages for each thread to fault in, and fewer, larger writes
 /// cost the file system less.
 const COPY_BUFFER: usize = 256 << 10;
+
+/// The most a restore that hashes what it copies writes at once: what
+/// the kernel's copy of a fetch's restore writes at once on ext4
+/// (`copy_file_range` without shared extents goes through a pipe of
+/// sixteen 4 KiB pages), so both restores fill the page cache with pages
+/// of one size (64 KiB folios; 256 KiB writes made 256 KiB ones). With
+/// 256 KiB writes, a local hit after a fetch whose restored files had
+/// then been deleted (as in `turbo_bench`) now and then wrote its 20 MiB
+/// at a tenth of the speed, 26–123 ms against 9–13 ms: 95 of 210 rounds
+/// in ten runs on this VM, which gives the memory it frees back to its
+/// host (what the fetch's files freed did not serve the larger pages;
+/// compacting memory between the two took it away). In 64 KiB steps,
+/// none in 168 rounds of eight runs alternated with those; the bench's
+/// remote hit took the slow rounds instead (2–7 of 21 at 150–280 ms,
+/// against 0–1), its median no worse (0.38x–0.49x in seven runs, 0.64x in
+/// one noisy one; 0.33x–0.61x before). A local hit alone costs 1–2 % more
+/// (medians of 41 alternated, 9.53 → 9.71 ms and 9.82 → 9.91 ms).
+const RESTORE_WRITE_STEP: usize = 64 << 10;
 
 #[cfg(test)]
 mod tests {
@@ -1002,6 +1022,55 @@ mod tests {
         let dest = dir.path().join("restored");
         assert_eq!(restore_artifacts(&store, &stored, None, &dest).unwrap(), 1);
         assert_eq!(std::fs::read(dest.join("bin")).unwrap(), [0, 1, 2]);
+    }
+
+    #[test]
+    fn artifacts_of_every_size_around_the_buffer_and_the_write_step_restore_whole() {
+        // Each 4 bytes their offset: a piece dropped, repeated or moved
+        // shows.
+        let bytes = |n: usize| -> Vec<u8> {
+            let words = (0..n.div_ceil(4) as u32).flat_map(u32::to_le_bytes);
+            words.take(n).collect()
+        };
+        let (step, buffer) = (RESTORE_WRITE_STEP, COPY_BUFFER);
+        let sizes = [
+            0,
+            1,
+            step - 1,
+            step + 1,
+            buffer,
+            buffer + step - 1,
+            2 * buffer + 3 * step + 7,
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("s"));
+        let arts = dir.path().join("a");
+        std::fs::create_dir_all(&arts).unwrap();
+        for n in sizes {
+            std::fs::write(arts.join(n.to_string()), bytes(n)).unwrap();
+        }
+        let stored = store
+            .commit(
+                manifest(inputs("t"), Outcome::Passed, 1),
+                b"",
+                Some(&arts),
+                None,
+            )
+            .unwrap();
+        let from_disk = store.get(&stored.manifest.key).unwrap();
+        for (i, tags) in [None, store.tags(&from_disk)].iter().enumerate() {
+            let dest = dir.path().join(format!("restored-{i}"));
+            let restored = restore_artifacts(&store, &from_disk, tags.as_ref(), &dest).unwrap();
+            assert_eq!(restored, sizes.len());
+            for n in sizes {
+                let got = std::fs::read(dest.join(n.to_string())).unwrap();
+                assert!(
+                    got == bytes(n),
+                    "{n} bytes restored as {} others",
+                    got.len()
+                );
+            }
+        }
     }
 
     #[test]
