@@ -1044,19 +1044,11 @@ mod tests {
         ];
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path().join("s"));
-        let arts = dir.path().join("a");
-        std::fs::create_dir_all(&arts).unwrap();
-        for n in sizes {
-            std::fs::write(arts.join(n.to_string()), bytes(n)).unwrap();
-        }
-        let stored = store
-            .commit(
-                manifest(inputs("t"), Outcome::Passed, 1),
-                b"",
-                Some(&arts),
-                None,
-            )
-            .unwrap();
+        let names = sizes.map(|n| n.to_string());
+        let files: Vec<(&str, Vec<u8>)> = (names.iter().map(String::as_str))
+            .zip(sizes.map(bytes))
+            .collect();
+        let stored = commit_with(&store, dir.path(), "t", &files);
         let from_disk = store.get(&stored.manifest.key).unwrap();
         for (i, tags) in [None, store.tags(&from_disk)].iter().enumerate() {
             let dest = dir.path().join(format!("restored-{i}"));
@@ -1234,7 +1226,12 @@ mod tests {
     }
 
     /// Commits a passed result of `name` with `files` as its artifacts.
-    fn commit_with(store: &Store, dir: &Path, name: &str, files: &[(&str, &str)]) -> StoredResult {
+    fn commit_with(
+        store: &Store,
+        dir: &Path,
+        name: &str,
+        files: &[(&str, impl AsRef<[u8]>)],
+    ) -> StoredResult {
         let arts = dir.join(format!("artifacts-{name}"));
         std::fs::create_dir_all(&arts).unwrap();
         for (file, text) in files {
