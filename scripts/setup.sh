@@ -19,6 +19,7 @@ packages=(
   chromium                        # headless, loads the orchestrator's dashboard in tests/tests/dashboard.rs
   rsync                           # gitlab-ci-local's shell executor (tests/tests/shims.rs)
   python3-venv                    # zizmor's venv (scripts/install-zizmor.sh)
+  iptables                        # filters the direct path's ports in tests/tests/peer.rs
 )
 missing_packages() {
   for p in "${packages[@]}"; do

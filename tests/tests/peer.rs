@@ -500,6 +500,129 @@ fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart
     status.expect_code(1, "no daemon any more");
 }
 
+/// A firewall rule dropping every packet of one protocol (`tcp`, `udp`)
+/// to one port of this machine (`iptables`, as root; podman's
+/// dependencies install it), removed again when dropped.
+struct Filtered(&'static str, u16);
+
+impl Filtered {
+    fn port(protocol: &'static str, port: u16) -> Filtered {
+        let filtered = Filtered(protocol, port);
+        let out = filtered.iptables("-I").expect("iptables runs (as root)");
+        assert!(
+            out.status.success(),
+            "a rule dropping {protocol} to port {port} (iptables, as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        filtered
+    }
+
+    fn iptables(&self, action: &str) -> std::io::Result<std::process::Output> {
+        let (protocol, port) = (self.0, self.1.to_string());
+        std::process::Command::new("iptables")
+            .args([action, "OUTPUT", "-o", "lo", "-p", protocol])
+            .args(["--dport", &port, "-j", "DROP"])
+            .output()
+    }
+}
+
+impl Drop for Filtered {
+    fn drop(&mut self) {
+        let _ = self.iptables("-D");
+    }
+}
+
+#[test]
+fn a_holder_whose_tcp_port_is_filtered_serves_over_quic_and_one_filtered_whole_through_the_relay() {
+    let Team {
+        dir,
+        state,
+        a,
+        alice,
+        ci,
+        ..
+    } = Team::new();
+    let stdout = fabricate_result(&a, "served over QUIC", Some(&alice));
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let _server = serve_on(&state, &addr);
+    let log = dir.path().join("daemon.log");
+    let mut cmd = a.reprise(&["daemon", "--direct", "127.0.0.1:0"]);
+    with_orchestrator(&mut cmd, &addr, &alice);
+    cmd.stderr(fs::File::create(&log).expect("log"));
+    let _daemon = Killed(cmd.spawn().expect("daemon starts"));
+    let read_log = || fs::read_to_string(&log).unwrap_or_default();
+    let here = "fetch straight from here (127.0.0.1:";
+    let port = || -> Option<u16> {
+        let text = read_log();
+        let after = text.split(here).nth(1)?;
+        after.split(')').next()?.parse().ok()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || read_log()
+            .contains("serving 1 result(s) to peers as alice")
+            && port().is_some()),
+        "the daemon serves and says where:\n{}",
+        read_log()
+    );
+    let port = port().expect("the direct port");
+
+    // Its TCP port filtered (packets dropped, as a firewall letting only
+    // UDP through does): a connection neither succeeds nor is refused.
+    let _tcp = Filtered::port("tcp", port);
+    let tried = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(500),
+    );
+    assert!(
+        tried
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::TimedOut),
+        "a filtered port does not answer: {tried:?}"
+    );
+
+    // B still fetches straight from the holder, over QUIC.
+    let b = clone_of(&a);
+    let mut cmd = b.reprise(&["run", "--no-serve"]);
+    with_orchestrator(&mut cmd, &addr, &ci);
+    cmd.env("REPRISE_LOG", "reprise_executor::link=debug");
+    let replay = Run::from(cmd.output().expect("reprise run"));
+    replay.expect_code(0, "B replays from the holder");
+    assert!(
+        replay
+            .stderr
+            .contains("straight from the executor holding it")
+            && replay.stderr.contains("connected to the holder over QUIC")
+            && !replay.stderr.contains("connected to the holder over TCP"),
+        "{}",
+        replay.stderr
+    );
+    assert_eq!(replay.stdout_bytes, stdout);
+
+    // UDP filtered too, the holder cannot be reached at all: C gives the
+    // direct path up and fetches through the orchestrator's relay, from
+    // the same daemon.
+    let _udp = Filtered::port("udp", port);
+    let c = clone_of(&a);
+    let mut cmd = c.reprise(&["run", "--no-serve"]);
+    with_orchestrator(&mut cmd, &addr, &ci);
+    cmd.env("REPRISE_LOG", "reprise_executor::link=info");
+    let replay = Run::from(cmd.output().expect("reprise run"));
+    replay.expect_code(0, "C replays through the relay");
+    assert!(
+        replay.stderr.contains("the direct fetch failed")
+            && replay.stderr.contains("fetching through the orchestrator")
+            && replay
+                .stderr
+                .contains("from producer 'alice' through the orchestrator")
+            && !replay
+                .stderr
+                .contains("straight from the executor holding it"),
+        "{}",
+        replay.stderr
+    );
+    assert_eq!(replay.stdout_bytes, stdout);
+}
+
 #[test]
 fn the_daemon_runs_a_scheduled_target_at_its_time_and_announces_its_result() {
     let Team { dir, state, .. } = Team::new();
