@@ -958,9 +958,10 @@ fn copy_hashing(
 }
 
 /// The buffer an artifact is copied through: read and hashed a buffer at
-/// a time, written in [`RESTORE_WRITE_STEP`] steps. Restoring 20 artifacts of 1 MiB with the page cache filling the
-/// RAM (medians of 9 of the replay's `checked_ms` in `REPRISE_LOG=debug`,
-/// a build that took both sizes from the environment, not kept): a 1 MiB buffer written in [`crate::store::WRITE_STEP`]
+/// a time, written in [`RESTORE_WRITE_STEP`] steps. Restoring 20
+/// artifacts of 1 MiB with the page cache filling the RAM (medians of 9
+/// of the replay's `checked_ms` in `REPRISE_LOG=debug`, a build that took
+/// both sizes from the environment, not kept): a 1 MiB buffer written in [`crate::store::WRITE_STEP`]
 /// steps 9.6–11.6 ms, 256 KiB in the same steps 8.4–10.3 ms, 256 KiB
 /// written whole 7.5–9.9 ms, with no compaction stall: a smaller buffer
 /// is fewer pages for each thread to fault in, and fewer, larger writes
@@ -1045,7 +1046,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path().join("s"));
         let names = sizes.map(|n| n.to_string());
-        let files: Vec<(&str, Vec<u8>)> = (names.iter().map(String::as_str))
+        let files: Vec<(&str, Vec<u8>)> = names
+            .iter()
+            .map(String::as_str)
             .zip(sizes.map(bytes))
             .collect();
         let stored = commit_with(&store, dir.path(), "t", &files);
@@ -1058,7 +1061,7 @@ mod tests {
                 let got = std::fs::read(dest.join(n.to_string())).unwrap();
                 assert!(
                     got == bytes(n),
-                    "{n} bytes restored as {} others",
+                    "{n} bytes restored as {} other bytes",
                     got.len()
                 );
             }
