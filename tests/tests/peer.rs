@@ -540,7 +540,6 @@ fn a_holder_whose_tcp_port_is_filtered_serves_over_quic_and_one_filtered_whole_t
         a,
         alice,
         ci,
-        ..
     } = Team::new();
     let stdout = fabricate_result(&a, "served over QUIC", Some(&alice));
     let addr = format!("127.0.0.1:{}", free_udp_port());
