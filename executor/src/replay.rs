@@ -961,11 +961,11 @@ fn copy_hashing(
 /// a time, written in [`RESTORE_WRITE_STEP`] steps. Restoring 20
 /// artifacts of 1 MiB with the page cache filling the RAM (medians of 9
 /// of the replay's `checked_ms` in `REPRISE_LOG=debug`, a build that took
-/// both sizes from the environment, not kept): a 1 MiB buffer written in [`crate::store::WRITE_STEP`]
-/// steps 9.6–11.6 ms, 256 KiB in the same steps 8.4–10.3 ms, 256 KiB
-/// written whole 7.5–9.9 ms, with no compaction stall: a smaller buffer
-/// is fewer pages for each thread to fault in, and fewer, larger writes
-/// cost the file system less.
+/// both sizes from the environment, not kept): a 1 MiB buffer written in
+/// [`crate::store::WRITE_STEP`] steps 9.6–11.6 ms, 256 KiB in the same
+/// steps 8.4–10.3 ms, 256 KiB written whole 7.5–9.9 ms, with no
+/// compaction stall: a smaller buffer is fewer pages for each thread to
+/// fault in, and fewer, larger writes cost the file system less.
 const COPY_BUFFER: usize = 256 << 10;
 
 /// The most a restore that hashes what it copies writes at once: what

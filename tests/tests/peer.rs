@@ -20,9 +20,9 @@ use std::time::Duration;
 
 use run_support::{Run, Sandbox, wait_until};
 use team_support::{
-    CHECKED_MKFILE, Killed, NOT_COUNTED, Team, clone_of, fabricate_result, fabricate_result_with,
-    free_udp_port, issue, namespace, nix_kill, orchestrator, serve_on, serving_daemon,
-    with_orchestrator,
+    CHECKED_MKFILE, Killed, NOT_COUNTED, Team, clone_of, direct_daemon, fabricate_result,
+    fabricate_result_with, free_udp_port, issue, namespace, nix_kill, orchestrator, serve_on,
+    serving_daemon, with_orchestrator,
 };
 
 /// What the hello example's test target records on stdout.
@@ -385,14 +385,10 @@ fn a_daemon_serves_its_store_takes_handed_results_and_reconnects_after_a_restart
 
     // The daemon takes direct fetches too (peers fetch straight from it).
     let log = dir.path().join("daemon.log");
-    let mut cmd = a.reprise(&["daemon", "--direct", "127.0.0.1:0"]);
-    with_orchestrator(&mut cmd, &addr, &alice);
-    cmd.stderr(fs::File::create(&log).expect("log"));
-    let mut daemon = Killed(cmd.spawn().expect("daemon starts"));
+    let (mut daemon, _) = direct_daemon(&a, &addr, &alice, &log);
     let read_log = || fs::read_to_string(&log).unwrap_or_default();
     assert!(
-        wait_until(Duration::from_secs(30), || read_log()
-            .contains("serving 1 result(s) to peers as alice")),
+        read_log().contains("serving 1 result(s) to peers as alice"),
         "the daemon connects and announces the store:\n{}",
         read_log()
     );
@@ -544,26 +540,7 @@ fn a_holder_whose_tcp_port_is_filtered_serves_over_quic_and_one_filtered_whole_t
     let stdout = fabricate_result(&a, "served over QUIC", Some(&alice));
     let addr = format!("127.0.0.1:{}", free_udp_port());
     let _server = serve_on(&state, &addr);
-    let log = dir.path().join("daemon.log");
-    let mut cmd = a.reprise(&["daemon", "--direct", "127.0.0.1:0"]);
-    with_orchestrator(&mut cmd, &addr, &alice);
-    cmd.stderr(fs::File::create(&log).expect("log"));
-    let _daemon = Killed(cmd.spawn().expect("daemon starts"));
-    let read_log = || fs::read_to_string(&log).unwrap_or_default();
-    let here = "fetch straight from here (127.0.0.1:";
-    let port = || -> Option<u16> {
-        let text = read_log();
-        let after = text.split(here).nth(1)?;
-        after.split(')').next()?.parse().ok()
-    };
-    assert!(
-        wait_until(Duration::from_secs(30), || read_log()
-            .contains("serving 1 result(s) to peers as alice")
-            && port().is_some()),
-        "the daemon serves and says where:\n{}",
-        read_log()
-    );
-    let port = port().expect("the direct port");
+    let (_daemon, port) = direct_daemon(&a, &addr, &alice, &dir.path().join("daemon.log"));
 
     // Its TCP port filtered (packets dropped, as a firewall letting only
     // UDP through does): a connection neither succeeds nor is refused.

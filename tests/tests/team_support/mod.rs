@@ -288,6 +288,29 @@ pub fn serving_daemon(s: &Sandbox, addr: &str, creds: &Path, log: &Path) -> (Kil
     (daemon, read_log())
 }
 
+/// `reprise daemon --direct 127.0.0.1:0` in `s` with credentials `creds`,
+/// its stderr in `log`; returns it once it says it is serving and which
+/// port peers fetch straight from, with that port.
+pub fn direct_daemon(s: &Sandbox, addr: &str, creds: &Path, log: &Path) -> (Killed, u16) {
+    let mut cmd = s.reprise(&["daemon", "--direct", "127.0.0.1:0"]);
+    with_orchestrator(&mut cmd, addr, creds);
+    cmd.stderr(fs::File::create(log).expect("daemon log"));
+    let daemon = Killed(cmd.spawn().expect("daemon"));
+    let read_log = || fs::read_to_string(log).unwrap_or_default();
+    let port = || -> Option<u16> {
+        let text = read_log();
+        let after = text.split("fetch straight from here (127.0.0.1:").nth(1)?;
+        after.split(')').next()?.parse().ok()
+    };
+    assert!(
+        crate::run_support::wait_until(Duration::from_secs(30), || read_log().contains("serving")
+            && port().is_some()),
+        "the daemon serves and says where peers fetch from:\n{}",
+        read_log()
+    );
+    (daemon, port().expect("the direct port"))
+}
+
 /// `reprise-orchestrator serve` on `addr` with its HTTP listener on a port
 /// of its choosing (`--http 127.0.0.1:0`), its log in `log`; returns it
 /// once it says where the dashboard is, with that address.
