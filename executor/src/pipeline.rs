@@ -817,7 +817,7 @@ pub fn replay_result(
         replay::make_room(std::io::stdout().as_fd(), output.bytes());
         replay::make_room(std::io::stderr().as_fd(), output.bytes());
     }
-    output.write(&mut std::io::stdout(), &mut std::io::stderr())?;
+    output.write_to_std()?;
     tracing::debug!(
         checked_ms = checked.as_secs_f64() * 1e3,
         written_ms = (started.elapsed() - checked).as_secs_f64() * 1e3,
