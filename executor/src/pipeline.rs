@@ -228,7 +228,55 @@ pub async fn run(
     link: &mut RunLink,
     ui: &dyn Ui,
 ) -> Result<RunOutcome, RunError> {
-    let first = run_once(req, link, ui, true).await?;
+    let started = start(req, link, ui)?;
+    run_from(started, req, link, ui).await
+}
+
+/// How far [`start`] took a run.
+#[derive(Debug)]
+pub enum Started {
+    /// A local hit replayed (or, in a dry run, found): the first pass is
+    /// over.
+    Done(Box<RunOutcome>),
+    /// Looked up locally and not replayed: the orchestrator, a real run or
+    /// a local hit's word from the orchestrator is next ([`run_from`]).
+    Looked(Box<Looked>),
+}
+
+impl Started {
+    /// Whether what is left of the run needs no more than a moment: a
+    /// local hit's first pass is over and no second one follows
+    /// (`--mode verify`).
+    pub fn is_over(&self, req: &RunRequest) -> bool {
+        matches!(self, Started::Done(_)) && !matches!(req.mode, Mode::Verify { .. })
+    }
+}
+
+/// The first pass of a run as far as it goes without awaiting anything:
+/// the key, the check and the local lookup, and the replay of a local hit
+/// that needs no word from the orchestrator (one that need not count for
+/// CI). So `reprise run` replays a local hit before it starts an async
+/// runtime's threads, which a real run or a fetch needs.
+pub fn start(req: &RunRequest, link: &mut RunLink, ui: &dyn Ui) -> Result<Started, RunError> {
+    let mut looked = look_up(req, true)?;
+    Ok(match replay_local(&mut looked, req, link, ui)? {
+        Some(done) => Started::Done(Box::new(done)),
+        None => Started::Looked(Box::new(looked)),
+    })
+}
+
+/// The rest of a run [`start`] began, and with `--mode verify` its second
+/// pass.
+pub async fn run_from(
+    started: Started,
+    req: &RunRequest,
+    link: &mut RunLink,
+    ui: &dyn Ui,
+) -> Result<RunOutcome, RunError> {
+    let first = match started {
+        Started::Done(done) => *done,
+        Started::Looked(looked) => run_looked(*looked, req, link, ui).await?,
+    };
     let Mode::Verify { sample } = req.mode else {
         return Ok(first);
     };
@@ -312,6 +360,34 @@ async fn run_once(
     ui: &dyn Ui,
     lookups: bool,
 ) -> Result<RunOutcome, RunError> {
+    let mut looked = look_up(req, lookups)?;
+    match replay_local(&mut looked, req, link, ui)? {
+        Some(done) => Ok(done),
+        None => run_looked(looked, req, link, ui).await,
+    }
+}
+
+/// A run keyed, checked and looked up in the local store.
+#[derive(Debug)]
+pub struct Looked {
+    started: Instant,
+    keyed: Keyed,
+    dirty: DirtyCheck,
+    checked: crate::check::Checked,
+    secrets: Vec<(String, String)>,
+    store: Store,
+    /// The local lookup; a hit not yet replayed, or a miss.
+    lookup: Lookup,
+    /// Whether the store and the orchestrator were asked at all.
+    lookups: bool,
+    /// Why a stored result was not replayed in a mode that needs it to
+    /// count.
+    not_counting: String,
+}
+
+/// Keys and checks the run, and looks it up in the local store (unless
+/// `lookups` is false).
+fn look_up(req: &RunRequest, lookups: bool) -> Result<Looked, RunError> {
     let started = Instant::now();
     let env = process_env();
     let key_request = KeyRequest {
@@ -326,7 +402,7 @@ async fn run_once(
     let checkout = Checkout::discover(&key_request.dir)?;
     let keyed = compute_key_in(&checkout, &key_request, &env)?;
     tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "key computed");
-    let mut dirty = DirtyCheck::start(&keyed.checkout_root, &req.artifacts_dir);
+    let dirty = DirtyCheck::start(&keyed.checkout_root, &req.artifacts_dir);
     // Before any lookup: the same check as `reprise check`, so a broken
     // mkfile is reported before the orchestrator is contacted. Everything
     // the check reads is a key input (the tree's mkfile, the files it
@@ -338,9 +414,6 @@ async fn run_once(
         crate::check::check(&checkout, &keyed.revision, &req.target).map_err(RunError::Check)?;
     let secrets = secret_values(&keyed.revision, &req.secrets, &env)?;
     let store = Store::default_location();
-    let key = keyed.inputs.key();
-    // Why a stored result was not replayed in a mode that needs it to count.
-    let mut not_counting = String::new();
     let lookup = if lookups {
         store.lookup(&keyed.inputs)
     } else {
@@ -350,54 +423,121 @@ async fn run_once(
         ms = started.elapsed().as_secs_f64() * 1e3,
         "checked and looked up locally"
     );
-    match lookup {
-        Lookup::Hit(result) if req.driver == DriverKind::DryRun => {
-            dirty.note(REPLAY_IGNORES, ui);
+    Ok(Looked {
+        started,
+        keyed,
+        dirty,
+        checked,
+        secrets,
+        store,
+        lookup,
+        lookups,
+        not_counting: String::new(),
+    })
+}
+
+/// Replays a local hit that needs no word from the orchestrator (all but
+/// a run that needs a result that counts for CI), or, in a dry run, says
+/// that it would. `None`: nothing replayed (a miss, a hit whose seal does
+/// not hold or that is damaged, or a hit left to [`run_looked`]).
+fn replay_local(
+    looked: &mut Looked,
+    req: &RunRequest,
+    link: &mut RunLink,
+    ui: &dyn Ui,
+) -> Result<Option<RunOutcome>, RunError> {
+    if req.wants_counting() && req.driver != DriverKind::DryRun {
+        return Ok(None);
+    }
+    let Lookup::Hit(result) = std::mem::replace(&mut looked.lookup, Lookup::Miss { nearest: None })
+    else {
+        return Ok(None);
+    };
+    if req.driver == DriverKind::DryRun {
+        looked.dirty.note(REPLAY_IGNORES, ui);
+        ui.note(&format!(
+            "dry run: result {} is stored, so `reprise run` would replay it and run nothing",
+            result.manifest.key.short()
+        ));
+        return Ok(Some(RunOutcome::Planned(Some(result))));
+    }
+    let Some(by) = seal_holds(&result, link, ui) else {
+        return Ok(None);
+    };
+    replay_hit(looked, result, by, None, req, ui)
+}
+
+/// How `result`'s seal stands, or `None` (and a note) when it is broken.
+fn seal_holds(result: &StoredResult, link: &mut RunLink, ui: &dyn Ui) -> Option<SealedBy> {
+    match provenance::sealed_by(result, link, ui) {
+        SealedBy::Broken(why) => {
             ui.note(&format!(
-                "dry run: result {} is stored, so `reprise run` would replay it and run nothing",
-                key.short()
-            ));
-            return Ok(RunOutcome::Planned(Some(result)));
-        }
-        Lookup::Hit(result) => match provenance::sealed_by(&result, link, ui) {
-            SealedBy::Broken(why) => ui.note(&format!(
                 "the stored result {} is not replayed: its seal does not hold ({why})",
-                key.short()
-            )),
-            by => {
-                let counts = match req.wants_counting() {
-                    true => Some(provenance::counts(&result, &by, link, ui).await),
-                    false => None,
-                };
-                let source = Source::Local { by, counts };
-                match &source {
-                    Source::Local {
-                        counts: Some(Counts::No(why) | Counts::Unknown(why)),
-                        ..
-                    } => {
-                        ui.note(&format!(
-                            "the stored result {} is not replayed: it does not count for CI ({why})",
-                            key.short()
-                        ));
-                        not_counting = format!("; the stored result does not count: {why}");
-                    }
-                    _ => match replay_result(
-                        &store,
-                        &result,
-                        &req.artifacts_dir,
-                        &source,
-                        &mut dirty,
-                        ui,
-                    ) {
-                        Ok(()) => return Ok(RunOutcome::Replayed(result, source)),
-                        Err(RunError::Replay(e)) if e.is_damage() => {
-                            quarantine(&store, &result, &e, ui)
-                        }
-                        Err(e) => return Err(e),
-                    },
+                result.manifest.key.short()
+            ));
+            None
+        }
+        by => Some(by),
+    }
+}
+
+/// Replays the local hit `result` sealed `by`, unless `counts` says it
+/// does not count for CI (then why goes into `looked`). `None`: not
+/// replayed, or damaged and quarantined.
+fn replay_hit(
+    looked: &mut Looked,
+    result: StoredResult,
+    by: SealedBy,
+    counts: Option<Counts>,
+    req: &RunRequest,
+    ui: &dyn Ui,
+) -> Result<Option<RunOutcome>, RunError> {
+    if let Some(Counts::No(why) | Counts::Unknown(why)) = &counts {
+        ui.note(&format!(
+            "the stored result {} is not replayed: it does not count for CI ({why})",
+            result.manifest.key.short()
+        ));
+        looked.not_counting = format!("; the stored result does not count: {why}");
+        return Ok(None);
+    }
+    let source = Source::Local { by, counts };
+    let store = &looked.store;
+    match replay_result(
+        store,
+        &result,
+        &req.artifacts_dir,
+        &source,
+        &mut looked.dirty,
+        ui,
+    ) {
+        Ok(()) => Ok(Some(RunOutcome::Replayed(result, source))),
+        Err(RunError::Replay(e)) if e.is_damage() => {
+            quarantine(store, &result, &e, ui);
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The rest of a pass: a local hit that needs the orchestrator's word
+/// that it counts, the orchestrator's results, and a real run.
+async fn run_looked(
+    mut looked: Looked,
+    req: &RunRequest,
+    link: &mut RunLink,
+    ui: &dyn Ui,
+) -> Result<RunOutcome, RunError> {
+    let lookups = looked.lookups;
+    let key = looked.keyed.inputs.key();
+    match std::mem::replace(&mut looked.lookup, Lookup::Miss { nearest: None }) {
+        Lookup::Hit(result) => {
+            if let Some(by) = seal_holds(&result, link, ui) {
+                let counts = provenance::counts(&result, &by, link, ui).await;
+                if let Some(done) = replay_hit(&mut looked, result, by, Some(counts), req, ui)? {
+                    return Ok(done);
                 }
             }
-        },
+        }
         Lookup::Miss { nearest } => {
             if let Some((near, diff)) = nearest {
                 let what: Vec<&str> = diff.iter().map(|d| d.0.as_str()).collect();
@@ -410,6 +550,16 @@ async fn run_once(
             }
         }
     }
+    let Looked {
+        started,
+        keyed,
+        mut dirty,
+        checked,
+        secrets,
+        store,
+        not_counting,
+        ..
+    } = looked;
     if lookups
         && req.driver != DriverKind::DryRun
         && let Some(peer) = link.get(ui).await
