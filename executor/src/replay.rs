@@ -313,22 +313,28 @@ impl CheckedOutput {
         };
         let (out, err) = (std::io::stdout(), std::io::stderr());
         let (mut out_writer, mut err_writer) = (std::io::stdout(), std::io::stderr());
-        let spliced = splice_entries(
+        let (out_pipe, err_pipe) = (is_pipe(out.as_fd()), is_pipe(err.as_fd()));
+        let written = splice_entries(
             record,
             Target {
                 writer: &mut out_writer,
-                pipe: is_pipe(out.as_fd()).then(|| out.as_fd()),
+                pipe: out_pipe.then(|| out.as_fd()),
             },
             Target {
                 writer: &mut err_writer,
-                pipe: is_pipe(err.as_fd()).then(|| err.as_fd()),
+                pipe: err_pipe.then(|| err.as_fd()),
             },
-        );
-        let spliced = spliced.map_err(|e| self.stream_error(e))?;
-        if spliced && let Kept::Memory(record) = self.kept {
+        )
+        .map(drop)
+        .map_err(|e| self.stream_error(e));
+        // Even when writing failed midway: what was handed over before
+        // may still be unread.
+        if (out_pipe || err_pipe)
+            && let Kept::Memory(record) = self.kept
+        {
             std::mem::forget(record);
         }
-        Ok(())
+        written
     }
 
     /// A record's error while writing it, as a replay's.
