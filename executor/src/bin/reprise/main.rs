@@ -560,7 +560,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<i32> {
 /// stopping them was 0.2–0.4 ms of a 9 ms local hit here. Until the
 /// runtime is made, SIGINT and SIGTERM end the command at once, as they
 /// do any program: a replay interrupted so leaves its artifacts' staged
-/// copies, never a partial file under an artifact's name.
+/// copies (which the next replay into that folder removes), never a
+/// partial file under an artifact's name.
 fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     let req = pipeline::RunRequest {
         dir: std::env::current_dir().context("while finding the current folder")?,
