@@ -961,21 +961,36 @@ fn stage_artifacts_beside<T: Send>(
             }
         }
     };
+    // `beside` is run by the first thread to take it: the one spawned
+    // first takes it as it starts, this one once the artifacts are done if
+    // that thread has not started yet (on a busy host a thread spawned may
+    // wait milliseconds for a CPU, and this one would wait for it).
+    let beside = Mutex::new(Some(beside));
+    let besides = Mutex::new(None);
+    let take_beside = || {
+        let f = beside.lock().expect("beside").take();
+        if let Some(f) = f {
+            *besides.lock().expect("besides") = Some(f());
+        }
+    };
     // This thread is one of the workers: it starts at once, where a
-    // thread spawned would wait for its start. The first one spawned runs
-    // `beside` first (and there is one even when one worker is enough).
-    let besides = std::thread::scope(|s| {
-        let first = s.spawn(|| {
-            let besides = beside();
+    // thread spawned would wait for its start (and there is one spawned
+    // even when one worker is enough, for `beside`).
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            take_beside();
             work();
-            besides
         });
         for _ in 2..workers {
             s.spawn(work);
         }
         work();
-        first.join().expect("a restore thread does not panic")
+        take_beside();
     });
+    let besides = besides
+        .into_inner()
+        .expect("besides")
+        .expect("one thread or the other ran `beside`");
     let mut staged = Vec::with_capacity(artifacts.len());
     let mut healed = Vec::new();
     let mut error = None;
