@@ -908,10 +908,12 @@ pub fn stage_artifacts(
 }
 
 /// [`stage_artifacts`], with `beside` run at the same time: first thing
-/// on the thread that then joins this one in copying artifacts, so the
-/// work is shared by one thread a CPU (on a machine of two, a third
-/// thread for `beside` only costs a start and the switches between the
-/// three). Without artifacts to copy, `beside` runs on this thread.
+/// on the thread that then joins this one in copying artifacts (or on
+/// this one, if that thread has not started by the time the artifacts
+/// are done), so the work is shared by one thread a CPU (on a machine of
+/// two, a third thread for `beside` only costs a start and the switches
+/// between the three). Without artifacts to copy, `beside` runs on this
+/// thread.
 fn stage_artifacts_beside<T: Send>(
     store: &Store,
     result: &StoredResult,
