@@ -530,6 +530,8 @@ async fn run_looked(
     let lookups = looked.lookups;
     let key = looked.keyed.inputs.key();
     match std::mem::replace(&mut looked.lookup, Lookup::Miss { nearest: None }) {
+        // A hit is left here only when it must count for CI
+        // ([`replay_local`] replays the others).
         Lookup::Hit(result) => {
             if let Some(by) = seal_holds(&result, link, ui) {
                 let counts = provenance::counts(&result, &by, link, ui).await;
