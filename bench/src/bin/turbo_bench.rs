@@ -6,9 +6,10 @@
 //!
 //! Usage: `turbo_bench [--rounds N] [--npm-dir DIR] [--hold SECONDS]
 //! [--against REPRISE]` (at least 11 rounds; default 11). `--against`
-//! also times another `reprise` binary's remote direct hit beside this
-//! build's, alternated hit by hit against the same holder (how each speed
-//! change is measured against the build before it). Build first with `cargo build --release --workspace`:
+//! also times another `reprise` binary's remote direct hit, and the local
+//! hit from the store it fetched into, beside this build's, alternated
+//! round by round against the same holder (how each speed change is
+//! measured against the build before it). Build first with `cargo build --release --workspace`:
 //! `reprise` and `reprise-orchestrator` are looked for next to this binary.
 //! Needs `node` and `npm` (`bench/scripts/install-node.sh` installs
 //! Debian's); `turbo` and `turborepo-remote-cache`, at the versions pinned
@@ -80,8 +81,8 @@ struct Options {
     /// Keep everything running this long after the rounds, for profiling
     /// one tool by hand (the commands are printed).
     hold: Option<Duration>,
-    /// Another `reprise` binary whose remote direct hit is timed against
-    /// this build's, hit for hit alternated against the same holder.
+    /// Another `reprise` binary whose remote direct and local hits are
+    /// timed against this build's, alternated against the same holder.
     against: Option<PathBuf>,
 }
 
@@ -712,36 +713,43 @@ impl Reprise {
 }
 
 /// Times the remote direct hit of this build's `reprise` against `other`'s,
-/// `rounds` hits each alternated (the order swapped every round) against
-/// the same orchestrator and holder, each checked as [`Reprise::hit`]
-/// does, and prints both medians and their ratio: how a change to the
-/// receiver is measured beside the build before it on a machine whose
-/// speed drifts from run to run.
+/// and then the local hit from the store each fetched into, `rounds` of
+/// each alternated (the order swapped every round) against the same
+/// orchestrator and holder, each checked as [`Reprise::hit`] does, and
+/// prints the medians and their ratios: how a change is measured beside
+/// the build before it on a machine whose speed drifts from run to run
+/// (the bench's own runs, minutes apart, cannot resolve a 10 % change
+/// there).
 fn against(reprise: &Reprise, other: &Path, rounds: usize, t: &Path, workload: &Workload) {
     let data = |i: usize, which: &str| t.join(format!("against-{which}-{i}"));
     let builds = [("this", reprise.bin.as_path()), ("against", other)];
-    // One untimed hit of the other binary (page cache, its first start).
+    // One untimed round of the other binary (page cache, its first start).
     reprise.hit_by(other, true, &data(0, "against"), workload);
+    reprise.hit_by(other, false, &data(0, "against"), workload);
     let _ = fs::remove_dir_all(data(0, "against"));
-    let mut times = [Vec::new(), Vec::new()];
+    let (mut remote, mut local) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
     for i in 1..=rounds {
         let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
         for b in order {
             let (which, bin) = builds[b];
             let dir = data(i, which);
-            times[b].push(reprise.hit_by(bin, true, &dir, workload));
+            remote[b].push(reprise.hit_by(bin, true, &dir, workload));
+            local[b].push(reprise.hit_by(bin, false, &dir, workload));
             let _ = fs::remove_dir_all(&dir);
         }
     }
-    let [this, theirs] = times.map(median);
-    println!(
-        "\nremote hit direct, alternated hit by hit ({rounds} each, one holder): this build {} \
-         against {} {} ({})",
-        ms(this),
-        other.display(),
-        ms(theirs),
-        ratio(this, theirs)
-    );
+    println!();
+    for (what, times) in [("remote hit direct", remote), ("local hit", local)] {
+        let [this, theirs] = times.map(median);
+        println!(
+            "{what}, alternated hit by hit ({rounds} each, one holder): this build {} \
+             against {} {} ({})",
+            ms(this),
+            other.display(),
+            ms(theirs),
+            ratio(this, theirs)
+        );
+    }
 }
 
 /// An orchestrator, a producer's result and its daemon under `t`; with
