@@ -964,11 +964,6 @@ pub fn replay_result(
     let (output, staged) = replay::check_and_stage(store, result, artifacts)?;
     let restored = staged.commit()?;
     let checked = started.elapsed();
-    {
-        use std::os::fd::AsFd;
-        replay::make_room(std::io::stdout().as_fd(), output.bytes());
-        replay::make_room(std::io::stderr().as_fd(), output.bytes());
-    }
     output.write_to_std()?;
     tracing::debug!(
         checked_ms = checked.as_secs_f64() * 1e3,

@@ -288,11 +288,6 @@ impl Kept {
 pub type Healed = (usize, Sha256Digest, u64, Content);
 
 impl CheckedOutput {
-    /// The size of the record: what is written is at most this.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
     /// The record's tag to make anew, if it was checked by its sha256.
     pub fn healed(&self, result: &StoredResult) -> Option<Healed> {
         let m = &result.manifest;
@@ -302,18 +297,20 @@ impl CheckedOutput {
 
     /// Writes the output to this process's standard output and error
     /// ([`CheckedOutput::write`]), a stream that is a pipe (a CI job's log,
-    /// a test harness, `| less`) taking the record's pieces where they lie
-    /// in memory ([`splice_entries`]). What was handed to a pipe that way
-    /// stays in this process's memory, untouched, until it exits: the
-    /// pipe refers to it until its reader has read it.
+    /// a test harness, `| less`) grown to hold it first ([`make_room`])
+    /// and taking the record's pieces where they lie in memory
+    /// ([`splice_entries`]). What was handed to a pipe that way stays in
+    /// this process's memory, untouched, until it exits: the pipe refers
+    /// to it until its reader has read it.
     pub fn write_to_std(self) -> Result<(), ReplayError> {
         use std::os::fd::AsFd;
+        let (out, err) = (std::io::stdout(), std::io::stderr());
+        let out_pipe = make_room(out.as_fd(), self.bytes);
+        let err_pipe = make_room(err.as_fd(), self.bytes);
         let Kept::Memory(record) = &self.kept else {
             return self.write(&mut std::io::stdout(), &mut std::io::stderr());
         };
-        let (out, err) = (std::io::stdout(), std::io::stderr());
         let (mut out_writer, mut err_writer) = (std::io::stdout(), std::io::stderr());
-        let (out_pipe, err_pipe) = (is_pipe(out.as_fd()), is_pipe(err.as_fd()));
         let written = splice_entries(
             record,
             Target {
@@ -377,11 +374,6 @@ impl CheckedOutput {
     }
 }
 
-/// Whether `fd` is a pipe (only a pipe answers `F_GETPIPE_SZ`).
-fn is_pipe(fd: std::os::fd::BorrowedFd<'_>) -> bool {
-    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETPIPE_SZ).is_ok()
-}
-
 /// Grows the pipe `fd` is, if it is one, to hold `bytes` (up to the most
 /// the system gives a user without privilege, 1 MiB unless configured),
 /// so a replay writes its output at once instead of waiting for the
@@ -389,13 +381,18 @@ fn is_pipe(fd: std::os::fd::BorrowedFd<'_>) -> bool {
 /// 1 MiB of output into a pipe `cat` read took 1.3–1.4 ms, 1.0–1.2 ms
 /// with the pipe grown (`written_ms` in `REPRISE_LOG=debug`, 8 runs each,
 /// alternated). A pipe is never shrunk; failures leave it as it was.
-pub fn make_room(fd: std::os::fd::BorrowedFd<'_>, bytes: u64) {
+/// Returns whether `fd` is a pipe.
+fn make_room(fd: std::os::fd::BorrowedFd<'_>, bytes: u64) -> bool {
     use nix::fcntl::{FcntlArg, fcntl};
     let want = bytes.min(PIPE_ROOM) as i32;
     // Anything but a pipe refuses F_GETPIPE_SZ, and is left alone.
-    if fcntl(fd, FcntlArg::F_GETPIPE_SZ).is_ok_and(|now| now < want) {
+    let Ok(now) = fcntl(fd, FcntlArg::F_GETPIPE_SZ) else {
+        return false;
+    };
+    if now < want {
         let _ = fcntl(fd, FcntlArg::F_SETPIPE_SZ(want));
     }
+    true
 }
 
 /// The most [`make_room`] asks a pipe to hold: Linux's default
