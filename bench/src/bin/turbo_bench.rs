@@ -5,7 +5,7 @@
 //! hit it is counted as and restored exactly the workload.
 //!
 //! Usage: `turbo_bench [--rounds N] [--npm-dir DIR] [--hold SECONDS]
-//! [--against REPRISE]` (at least 11 rounds; default 11). `--against`
+//! [--against REPRISE] [--here]` (at least 11 rounds; default 11). `--against`
 //! also times another `reprise` binary's remote direct hit, and the local
 //! hit from the store it fetched into, beside this build's, alternated
 //! round by round against the same holder (how each speed change is
@@ -18,6 +18,17 @@
 //!
 //! The workload, the same bytes for both: 1 MiB of test output on stdout
 //! and 20 incompressible artifacts of 1 MiB.
+//!
+//! Every file of the rounds (both tools' workspaces, caches, stores and
+//! restored outputs) is on a fresh ext4 with a journal made for the run
+//! on a loop device in the temporary folder (which needs root; the report
+//! names it): on this machine's root file system, an ext4 without a
+//! journal, each round's removals made the next rounds' new files slower,
+//! Reprise's more than Turborepo's ([`RoundsFs`]). `--here` runs them in
+//! the temporary folder itself, as does a run that cannot make the file
+//! system. A run killed by a signal other than SIGINT or SIGTERM during
+//! `--hold`, or during the rounds, leaves it mounted:
+//! `umount /tmp/turbo-bench-fs-*/mnt`.
 //!
 //! - **Turborepo**: a one-package npm workspace whose `build` task prints
 //!   the output and copies the artifacts into `out/` (its `outputs`), run
@@ -84,10 +95,13 @@ struct Options {
     /// Another `reprise` binary whose remote direct and local hits are
     /// timed against this build's, alternated against the same holder.
     against: Option<PathBuf>,
+    /// Run the rounds in the temporary folder's own file system, not on
+    /// one made for the run ([`RoundsFs`]).
+    here: bool,
 }
 
 const USAGE: &str =
-    "usage: turbo_bench [--rounds N] [--npm-dir DIR] [--hold SECONDS] [--against REPRISE]";
+    "usage: turbo_bench [--rounds N] [--npm-dir DIR] [--hold SECONDS] [--against REPRISE] [--here]";
 
 fn options() -> Options {
     let mut o = Options {
@@ -99,6 +113,7 @@ fn options() -> Options {
         )),
         hold: None,
         against: None,
+        here: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -128,6 +143,7 @@ fn options() -> Options {
                 }
                 o.against = Some(bin);
             }
+            "--here" => o.here = true,
             "--hold" => {
                 let secs: u64 = value()
                     .parse()
@@ -884,6 +900,203 @@ fn setup_reprise(t: &Path, workload: &Workload, direct: bool) -> Reprise {
     }
 }
 
+// ------------------------------------------------------ the rounds' files
+
+/// The file system every file of the rounds is made and removed on: by
+/// default a fresh ext4 made for the run (as `mkfs.ext4` makes one, with
+/// a journal) on a loop device, which needs root; with `--here`, or where
+/// it cannot be made, the temporary folder's own.
+///
+/// Why: the rounds make and remove thousands of files a minute (each
+/// round's stores, restored artifacts and Turborepo's outputs), and on an
+/// ext4 without a journal, as this machine's root is, the kernel does not
+/// reuse an inode freed in the last minute (six, while its inode table
+/// block is not yet written back): every new file scans its group's
+/// inode bitmap from the start past all of them (`recently_deleted` in
+/// `find_inode_bit`, for file systems without a journal only). So each round made the
+/// next ones slower, Reprise's (more files a round) more than
+/// Turborepo's: on a fresh ext4 without a journal, three runs in a row
+/// gave a local hit of 9.8, 11.6 and 12.7 ms, alternated with 9.5, 9.2
+/// and 9.6 ms on one with a journal. A journaled ext4 skips that scan, as
+/// most machines' file systems do; the bench then measures the tools,
+/// not how many files it removed in the last minutes.
+struct RoundsFs {
+    /// Where the bench's folder is made.
+    root: PathBuf,
+    /// What it is, for the report.
+    what: String,
+    /// The loop mount, unmounted when dropped.
+    _mounted: Option<LoopMount>,
+}
+
+/// Size of the file system made for the rounds: they keep under 300 MiB.
+const ROUNDS_FS_BYTES: u64 = 2 << 30;
+
+impl RoundsFs {
+    fn new(here: bool) -> RoundsFs {
+        let tmp = std::env::temp_dir();
+        let own = |why: &str| RoundsFs {
+            what: format!("{}'s own ({}){why}", tmp.display(), describe_fs(&tmp)),
+            root: tmp.clone(),
+            _mounted: None,
+        };
+        if here {
+            return own("");
+        }
+        match LoopMount::make(&tmp) {
+            Ok(m) => RoundsFs {
+                root: m.mnt.clone(),
+                what: format!(
+                    "a fresh {} MiB ext4 with a journal on a loop device, made for this run \
+                     (--here: {}'s own, {})",
+                    ROUNDS_FS_BYTES >> 20,
+                    tmp.display(),
+                    describe_fs(&tmp)
+                ),
+                _mounted: Some(m),
+            },
+            Err(e) => {
+                progress(&format!(
+                    "no file system made for the rounds ({e}); they run in {}",
+                    tmp.display()
+                ));
+                own(&format!("; a fresh one could not be made: {e}"))
+            }
+        }
+    }
+}
+
+/// A file system image in a temporary folder, mounted on a folder beside
+/// it until dropped.
+struct LoopMount {
+    mnt: PathBuf,
+    /// Holds the image and the mount point; removed after the unmount.
+    _dir: tempfile::TempDir,
+}
+
+impl LoopMount {
+    fn make(under: &Path) -> Result<LoopMount, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("turbo-bench-fs-")
+            .tempdir_in(under)
+            .map_err(|e| format!("a folder in {}: {e}", under.display()))?;
+        let image = dir.path().join("ext4.img");
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&mnt).map_err(|e| format!("{}: {e}", mnt.display()))?;
+        fs::File::create(&image)
+            .and_then(|f| f.set_len(ROUNDS_FS_BYTES))
+            .map_err(|e| format!("{}: {e}", image.display()))?;
+        let run = |cmd: &mut Command| -> Result<(), String> {
+            let shown = format!("{cmd:?}");
+            match cmd.output() {
+                Ok(o) if o.status.success() => Ok(()),
+                Ok(o) => Err(format!(
+                    "{shown}: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )),
+                Err(e) => Err(format!("{shown}: {e}")),
+            }
+        };
+        // Inode tables and journal written now, not by a kernel thread
+        // while the rounds run.
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(&image))?;
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&mnt))?;
+        Ok(LoopMount { mnt, _dir: dir })
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            let mut cmd = Command::new("umount");
+            if lazy {
+                cmd.arg("--lazy");
+            }
+            cmd.arg(&self.mnt)
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        // A process the rounds started may still hold a file there (a
+        // Turborepo daemon): then it goes once that process is gone.
+        if !umount(false) && !umount(true) {
+            progress(&format!("could not unmount {}", self.mnt.display()));
+        }
+    }
+}
+
+/// `dir`'s file system as the report names it ([`describe_mount`]).
+fn describe_fs(dir: &Path) -> String {
+    let Ok(dir) = dir.canonicalize() else {
+        return "unknown file system".into();
+    };
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let journals: Vec<String> = fs::read_dir("/proc/fs/jbd2")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    describe_mount(&mountinfo, &journals, &dir)
+}
+
+/// The file system `dir` is on, from `mountinfo` (`/proc/self/mountinfo`:
+/// the mount with the longest mount point holding `dir`): its type and
+/// source, and for ext4 whether it has a journal (one of `journals`, the
+/// entries of `/proc/fs/jbd2`, is named after its device).
+fn describe_mount(mountinfo: &str, journals: &[String], dir: &Path) -> String {
+    // Fields: id parent major:minor root mount-point options ... - type source ...
+    let mount = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let point = left.split(' ').nth(4)?;
+            let mut right = right.split(' ');
+            let (kind, source) = (right.next()?, right.next()?);
+            dir.starts_with(point)
+                .then_some((point.len(), kind, source))
+        })
+        .max_by_key(|(len, ..)| *len);
+    let Some((_, kind, source)) = mount else {
+        return "unknown file system".into();
+    };
+    if kind != "ext4" {
+        return format!("{kind} on {source}");
+    }
+    let device = source.rsplit('/').next().unwrap_or(source);
+    match journals
+        .iter()
+        .any(|j| j.starts_with(&format!("{device}-")))
+    {
+        true => format!("ext4 with a journal on {source}"),
+        false => format!("ext4 without a journal on {source}"),
+    }
+}
+
+/// Sleeps `hold`, or until SIGINT or SIGTERM, so that what the rounds set
+/// up (the services, the file system made for them) is taken down either
+/// way.
+fn hold_until_signalled(hold: Duration) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime to wait on");
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::time::sleep(hold) => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    });
+}
+
 // -------------------------------------------------------------------- main
 
 fn machine() -> String {
@@ -911,9 +1124,12 @@ fn main() {
     check_tool("node");
     check_tool("npm");
     let (turbo_bin, server_js) = install_npm_tools(&o.npm_dir);
+    // Dropped last: everything on it is gone by then.
+    let rounds_fs = RoundsFs::new(o.here);
+    progress(&format!("the rounds' files: {}", rounds_fs.what));
     let tmp = tempfile::Builder::new()
         .prefix("turbo-bench-")
-        .tempdir()
+        .tempdir_in(&rounds_fs.root)
         .expect("temp dir");
     let t = tmp.path();
 
@@ -1003,10 +1219,12 @@ fn main() {
          Turborepo {TURBO_VERSION} (native binary) with {REMOTE_CACHE} (HTTP, local storage);\n\
          Reprise: `reprise run --no-serve` in a clone, remote = a fresh store fetched from a\n\
          `reprise daemon --direct` that `reprise-orchestrator serve` introduced (mutual TLS over TCP),\n\
-         relayed = the same through the orchestrator's relay from a daemon without --direct.\n",
+         relayed = the same through the orchestrator's relay from a daemon without --direct.\n\
+         Files of the rounds (workspaces, stores, caches, restored outputs): {}.\n",
         o.rounds,
         machine(),
         workload.stdout.len(),
+        rounds_fs.what,
     );
     println!(
         "{:<12}  {:>10}  {:>10}  {:>7}   {:<21}  {:<21}",
@@ -1029,7 +1247,7 @@ fn main() {
     }
     if let Some(hold) = o.hold {
         eprintln!(
-            "turbo_bench: holding for {hold:?}; a remote hit by hand:\n  \
+            "turbo_bench: holding for {hold:?} (SIGINT or SIGTERM ends it); a remote hit by hand:\n  \
              cd {} && rm -rf reprise-artifacts && XDG_DATA_HOME=$(mktemp -d) XDG_CONFIG_HOME={} \
              REPRISE_ORCHESTRATOR={} REPRISE_CREDENTIALS={} {} run --no-serve >/dev/null\n  \
              turbo: cd {} && rm -rf .turbo/cache packages/app/out && TURBO_API={} TURBO_TOKEN={TOKEN} \
@@ -1043,7 +1261,33 @@ fn main() {
             turbo.server.url,
             turbo.bin.display(),
         );
-        std::thread::sleep(hold);
+        hold_until_signalled(hold);
     }
     progress(&format!("took {:.1} s", started.elapsed().as_secs_f64()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw,discard
+30 22 0:26 / /tmp/x rw shared:9 - tmpfs tmpfs rw
+41 22 7:0 / /tmp/fs/mnt rw,relatime shared:20 - ext4 /dev/loop0 rw
+";
+
+    #[test]
+    fn a_folder_is_on_the_mount_with_the_longest_point_holding_it() {
+        let journals = ["loop0-8".to_string()];
+        let of = |dir: &str| describe_mount(MOUNTINFO, &journals, Path::new(dir));
+        assert_eq!(of("/tmp/fs/mnt/bench"), "ext4 with a journal on /dev/loop0");
+        assert_eq!(of("/tmp/x/y"), "tmpfs on tmpfs");
+        // Not a mount point by a prefix of its name: /tmp/xy is on /.
+        assert_eq!(of("/tmp/xy"), "ext4 without a journal on /dev/vda");
+        assert_eq!(of("/home"), "ext4 without a journal on /dev/vda");
+        assert_eq!(
+            describe_mount("", &journals, Path::new("/tmp")),
+            "unknown file system"
+        );
+    }
 }
