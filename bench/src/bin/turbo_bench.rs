@@ -29,7 +29,8 @@
 //! the temporary folder itself, as does a run that cannot make the file
 //! system. A run killed by a signal other than SIGINT or SIGTERM during
 //! `--hold`, or during the rounds, leaves it mounted:
-//! `umount /tmp/turbo-bench-fs-*/mnt`.
+//! `umount /tmp/turbo-bench-fs-*/mnt` (its loop device goes with it), then
+//! remove that folder.
 //!
 //! - **Turborepo**: a one-package npm workspace whose `build` task prints
 //!   the output and copies the artifacts into `out/` (its `outputs`), run
@@ -979,6 +980,8 @@ impl RoundsFs {
 struct LoopMount {
     mnt: PathBuf,
     device: String,
+    /// Whether the device goes by itself at the unmount.
+    detached: bool,
     /// Holds the image and the mount point; removed after the unmount.
     _dir: tempfile::TempDir,
 }
@@ -1020,13 +1023,15 @@ impl LoopMount {
                 .args(["--find", "--show", "--direct-io=on"])
                 .arg(&image),
         )?;
-        if let Err(e) = run_tool(Command::new("mount").arg(&device).arg(&mnt)) {
-            let _ = run_tool(Command::new("losetup").arg("--detach").arg(&device));
-            return Err(e);
-        }
+        let mounted = run_tool(Command::new("mount").arg(&device).arg(&mnt));
+        // Detached while mounted, the device is let go at the unmount,
+        // even that of a run killed before its own cleanup.
+        let detached = run_tool(Command::new("losetup").arg("--detach").arg(&device)).is_ok();
+        mounted?;
         Ok(LoopMount {
             mnt,
             device,
+            detached,
             _dir: dir,
         })
     }
@@ -1043,12 +1048,13 @@ impl Drop for LoopMount {
         };
         // A process the rounds started may still hold a file there (a
         // Turborepo daemon): then it goes once that process is gone, and
-        // so does the device (detached while in use, it is let go when
-        // last closed).
+        // the device with it.
         if !umount(false) && !umount(true) {
             progress(&format!("could not unmount {}", self.mnt.display()));
         }
-        if let Err(e) = run_tool(Command::new("losetup").arg("--detach").arg(&self.device)) {
+        if !self.detached
+            && let Err(e) = run_tool(Command::new("losetup").arg("--detach").arg(&self.device))
+        {
             progress(&format!("could not detach {}: {e}", self.device));
         }
     }
