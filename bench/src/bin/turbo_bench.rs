@@ -23,11 +23,10 @@
 //! restored outputs) is on a fresh ext4 with a journal made for the run
 //! on a loop device over an image in the temporary folder, read and
 //! written directly (which needs root; the report names it): on this
-//! machine's root file system, an ext4 without a
-//! journal, each round's removals made the next rounds' new files slower,
-//! Reprise's more than Turborepo's ([`RoundsFs`]). `--here` runs them in
-//! the temporary folder itself, as does a run that cannot make the file
-//! system. A run killed by a signal other than SIGINT or SIGTERM during
+//! machine's root file system, an ext4 without a journal, each round's
+//! removals made the next rounds' new files slower, Reprise's more than
+//! Turborepo's ([`RoundsFs`]). `--here` runs them in the temporary folder
+//! itself, as does a run that cannot make the file system. A run killed by a signal other than SIGINT or SIGTERM during
 //! `--hold`, or during the rounds, leaves it mounted:
 //! `umount /tmp/turbo-bench-fs-*/mnt` (its loop device goes with it), then
 //! remove that folder.
@@ -915,9 +914,9 @@ fn setup_reprise(t: &Path, workload: &Workload, direct: bool) -> Reprise {
 /// reuse an inode freed in the last minute (six, while its inode table
 /// block is not yet written back): every new file scans its group's
 /// inode bitmap from the start past all of them (`recently_deleted` in
-/// `find_inode_bit`, for file systems without a journal only). So each round made the
-/// next ones slower, Reprise's (more files a round) more than
-/// Turborepo's: on a fresh ext4 without a journal, three runs in a row
+/// `find_inode_bit`, for file systems without a journal only). So each
+/// round made the next ones slower, Reprise's (more files a round) more
+/// than Turborepo's: on a fresh ext4 without a journal, three runs in a row
 /// gave a local hit of 9.8, 11.6 and 12.7 ms, alternated with 9.5, 9.2
 /// and 9.6 ms on one with a journal. A journaled ext4 skips that scan, as
 /// most machines' file systems do; the bench then measures the tools,
