@@ -985,9 +985,12 @@ struct LoopMount {
     _dir: tempfile::TempDir,
 }
 
-/// Runs `cmd`; its standard output, or what went wrong.
+/// Runs `cmd`, a system tool (looked for in the sbin folders too, which a
+/// user's `PATH` may lack); its standard output, or what went wrong.
 fn run_tool(cmd: &mut Command) -> Result<String, String> {
     let shown = format!("{cmd:?}");
+    let path = std::env::var("PATH").unwrap_or_default();
+    cmd.env("PATH", format!("{path}:/usr/sbin:/sbin"));
     match cmd.output() {
         Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_string()),
         Ok(o) => Err(format!(
@@ -1319,5 +1322,41 @@ mod tests {
             describe_mount("", &journals, Path::new("/tmp")),
             "unknown file system"
         );
+    }
+
+    #[test]
+    fn the_rounds_file_system_is_a_fresh_journaled_ext4_gone_after_the_run() {
+        use std::os::unix::fs::MetadataExt;
+        let under = tempfile::tempdir().unwrap();
+        let made = LoopMount::make(under.path());
+        let root = fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+        if !root {
+            // Not root: the loop device cannot be set up, and the bench
+            // says so and runs in the temporary folder.
+            assert!(made.is_err(), "a loop device set up without root");
+            return;
+        }
+        let m = made.expect("as root, the file system is made");
+        assert_eq!(
+            describe_fs(&m.mnt),
+            format!("ext4 with a journal on {}", m.device)
+        );
+        fs::write(m.mnt.join("file"), b"kept here").unwrap();
+        assert!(
+            fs::read_dir(under.path()).unwrap().count() == 1,
+            "the image and the mount point are in one folder"
+        );
+        let (mnt, device) = (m.mnt.clone(), m.device.clone());
+        drop(m);
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mountinfo.contains(&*mnt.to_string_lossy()),
+            "{} is still mounted",
+            mnt.display()
+        );
+        assert!(!mnt.exists(), "the image's folder is removed");
+        let name = device.rsplit('/').next().unwrap();
+        let backing = PathBuf::from(format!("/sys/block/{name}/loop/backing_file"));
+        assert!(!backing.exists(), "{device} still holds the image");
     }
 }
