@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
-use reprise_frames::{FrameRecv, FrameSend, ReadError, WriteError};
+use bytes::BufMut;
+use reprise_frames::{FrameRecv, FrameSend, PiecePool, ReadError, WriteError};
 use reprise_protocol::digest::Sha256Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -23,6 +23,11 @@ pub const IDLE: Duration = Duration::from_secs(10);
 /// The most a frame's body is read at once: pieces large enough to hash
 /// with wide instructions, below the allocator's mmap threshold.
 const PIECE: usize = 64 * 1024;
+
+/// The most pieces a [`TlsPipe`] keeps for reuse ([`PiecePool`]): what
+/// a fetch holds at once, its chunks read ahead of the one being written
+/// and the one being read (sixteen pieces to a chunk), with room to spare.
+const PIECES_KEPT: usize = 16 * 12;
 
 /// The TCP stream a [`TlsPipe`] runs over: read through a buffer of
 /// [`READ_BUFFER`] bytes ([`buffered`]).
@@ -46,12 +51,15 @@ pub fn buffered(tcp: TcpStream) -> Tcp {
 #[derive(Debug)]
 pub struct TlsPipe {
     stream: tokio_rustls::TlsStream<Tcp>,
+    /// The buffers pieces are read into.
+    pool: PiecePool,
 }
 
 impl TlsPipe {
     pub fn new(stream: impl Into<tokio_rustls::TlsStream<Tcp>>) -> TlsPipe {
         TlsPipe {
             stream: stream.into(),
+            pool: PiecePool::new(PIECE, PIECES_KEPT),
         }
     }
 
@@ -94,7 +102,7 @@ impl FrameRecv for TlsPipe {
 
     async fn piece(&mut self, max: usize) -> Result<bytes::Bytes, ReadError> {
         let want = max.clamp(1, PIECE);
-        let mut buf = BytesMut::with_capacity(want);
+        let mut buf = self.pool.take();
         while buf.len() < want {
             let room = want - buf.len();
             match within(self.stream.read_buf(&mut (&mut buf).limit(room))).await {
@@ -113,6 +121,10 @@ impl FrameRecv for TlsPipe {
             Ok(_) => Ok(false),
             Err(e) => Err(ReadError::Io(e)),
         }
+    }
+
+    fn pool(&self) -> Option<PiecePool> {
+        Some(self.pool.clone())
     }
 }
 
@@ -262,5 +274,38 @@ mod tests {
             b.fill(&mut [0u8; 1], false).await,
             Err(ReadError::Ended)
         ));
+    }
+
+    #[tokio::test]
+    async fn pieces_given_back_are_read_into_again() {
+        let (mut a, mut b) = pair().await;
+        let len = 3 * PIECE;
+        for byte in [5u8, 6] {
+            let chunk = bytes::Bytes::from(vec![byte; len]);
+            reprise_frames::write_chunk(&mut a, &[0; 32], chunk)
+                .await
+                .unwrap();
+        }
+        a.end().await;
+        let mut pieces = reprise_frames::Pieces::default();
+        reprise_frames::read_chunk_pieces(&mut b, len as u64, &mut pieces)
+            .await
+            .unwrap();
+        let mut first: Vec<_> = pieces.slices().iter().map(|p| p.as_ptr()).collect();
+        let pool = b.pool().expect("a TLS stream copies into a pool");
+        pool.give_back(std::mem::take(&mut pieces));
+        assert_eq!(pool.kept(), 3);
+        reprise_frames::read_chunk_pieces(&mut b, len as u64, &mut pieces)
+            .await
+            .unwrap();
+        assert_eq!(pool.kept(), 0, "each piece taken from the pool");
+        assert!(pieces.slices().concat().iter().all(|&x| x == 6));
+        let mut second: Vec<_> = pieces.slices().iter().map(|p| p.as_ptr()).collect();
+        first.sort();
+        second.sort();
+        assert_eq!(
+            first, second,
+            "the second chunk was read into the first's buffers"
+        );
     }
 }
