@@ -8,9 +8,7 @@
 //! `link::direct`): both are a [`FrameRecv`] and a [`FrameSend`].
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
 use quinn::{RecvStream, SendStream};
 use reprise_protocol::wire::{self, ErrorCode, FrameError, MAX_CHUNK, Message};
 use thiserror::Error;
@@ -78,76 +76,6 @@ pub trait FrameRecv: Send {
 
     /// Whether the stream ended cleanly here (`false`: more bytes follow).
     fn ended(&mut self) -> impl Future<Output = Result<bool, ReadError>> + Send;
-
-    /// The pool the stream's pieces are copied into, where it copies them
-    /// (a TLS stream; a QUIC stream hands out its own buffers): whoever
-    /// is done with a chunk's pieces gives them back to it.
-    fn pool(&self) -> Option<PiecePool> {
-        None
-    }
-}
-
-/// Buffers a stream copies the pieces it reads into, given back once
-/// their bytes are used and taken again for the next pieces: a transfer
-/// reuses the few megabytes it holds at once. Freshly allocated, each
-/// piece would cost the kernel fresh zeroed pages to fault in, and the
-/// allocator the memory it gave back between chunks to grow again.
-#[derive(Clone, Debug)]
-pub struct PiecePool {
-    kept: Arc<Mutex<Vec<BytesMut>>>,
-    /// The size of each buffer.
-    size: usize,
-    /// The most buffers kept; more given back are freed.
-    most: usize,
-}
-
-impl PiecePool {
-    /// A pool of buffers of `size` bytes, keeping at most `most`.
-    pub fn new(size: usize, most: usize) -> PiecePool {
-        PiecePool {
-            kept: Arc::default(),
-            size,
-            most,
-        }
-    }
-
-    /// An empty buffer of the pool's size: one given back, or a new one.
-    pub fn take(&self) -> BytesMut {
-        let kept = self
-            .kept
-            .lock()
-            .expect("the pool is never left half-changed")
-            .pop();
-        kept.unwrap_or_else(|| BytesMut::with_capacity(self.size))
-    }
-
-    /// Keeps the buffers of `pieces` that nothing else holds any more and
-    /// that still have the pool's size, emptied, up to the most kept.
-    pub fn give_back(&self, pieces: Pieces) {
-        let mut kept = self
-            .kept
-            .lock()
-            .expect("the pool is never left half-changed");
-        for piece in pieces.0 {
-            if kept.len() >= self.most {
-                break;
-            }
-            if let Ok(mut buf) = piece.try_into_mut() {
-                buf.clear();
-                if buf.capacity() >= self.size {
-                    kept.push(buf);
-                }
-            }
-        }
-    }
-
-    /// How many buffers it keeps.
-    pub fn kept(&self) -> usize {
-        self.kept
-            .lock()
-            .expect("the pool is never left half-changed")
-            .len()
-    }
 }
 
 /// Where frames are written to: a QUIC stream's sending half, or a TLS
@@ -411,52 +339,4 @@ pub fn server_endpoint(
 /// A client endpoint on `addr` (see [`discover_mtu`]).
 pub fn client_endpoint(addr: std::net::SocketAddr) -> std::io::Result<quinn::Endpoint> {
     endpoint(addr, None)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pieces_of(bufs: Vec<BytesMut>) -> Pieces {
-        Pieces(bufs.into_iter().map(BytesMut::freeze).collect())
-    }
-
-    #[test]
-    fn a_buffer_given_back_is_taken_again_empty_and_whole() {
-        let pool = PiecePool::new(64, 8);
-        let mut buf = pool.take();
-        assert!(buf.capacity() >= 64);
-        buf.extend_from_slice(&[7; 64]);
-        let at = buf.as_ptr();
-        pool.give_back(pieces_of(vec![buf]));
-        assert_eq!(pool.kept(), 1);
-        let again = pool.take();
-        assert_eq!(again.as_ptr(), at, "the same memory, not a new buffer");
-        assert!(again.is_empty());
-        assert!(again.capacity() >= 64);
-        assert_eq!(pool.kept(), 0);
-    }
-
-    #[test]
-    fn a_piece_still_held_elsewhere_is_not_kept() {
-        let pool = PiecePool::new(64, 8);
-        let mut buf = pool.take();
-        buf.extend_from_slice(&[1; 10]);
-        let piece = buf.freeze();
-        let held = piece.clone();
-        pool.give_back(Pieces(vec![piece]));
-        assert_eq!(pool.kept(), 0, "its bytes would change under the holder");
-        assert_eq!(&held[..], &[1; 10]);
-    }
-
-    #[test]
-    fn only_buffers_of_the_pool_size_are_kept_and_no_more_than_the_most() {
-        let pool = PiecePool::new(64, 2);
-        let small = BytesMut::with_capacity(16);
-        pool.give_back(pieces_of(vec![small]));
-        assert_eq!(pool.kept(), 0);
-        let bufs = (0..3).map(|_| pool.take()).collect();
-        pool.give_back(pieces_of(bufs));
-        assert_eq!(pool.kept(), 2);
-    }
 }

@@ -35,7 +35,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use reprise_frames::{ChunkError, FrameRecv, PiecePool, Pieces, ReadError, read_chunk_pieces};
+use reprise_frames::{ChunkError, FrameRecv, Pieces, ReadError, read_chunk_pieces};
 use reprise_protocol::digest::{Blake3Digest, RunKey, Sha256Digest};
 use reprise_protocol::key::KeyInputs;
 use reprise_protocol::manifest::{ManifestError, Outcome, Oversize};
@@ -299,11 +299,10 @@ async fn receive_parts(
     let from = incoming.from();
     let (chunks, arrived) = tokio::sync::mpsc::channel(WRITE_AHEAD);
     let plan = parts.clone();
-    let pool = recv.pool();
     let writer = tokio::task::spawn_blocking(move || {
         let mut incoming = incoming;
         let mut written = 0;
-        let done = write_parts(&mut incoming, &plan, arrived, pool, &mut written);
+        let done = write_parts(&mut incoming, &plan, arrived, &mut written);
         (incoming, done, written)
     });
     let read = read_parts(recv, &parts, &from, &chunks).await;
@@ -371,14 +370,12 @@ async fn read_parts(
 /// Writes the chunks as they arrive into part after part of `incoming`,
 /// each part's digest checked against the manifest once it is whole (by
 /// BLAKE3 where a version 3 manifest gives it, else by sha256), counting
-/// the bytes in `written`, and gives each chunk's pieces back to the
-/// stream's `pool` once written. `Err(None)`: the chunks stopped before
-/// the last part was whole (the reader's error says why).
+/// the bytes in `written`. `Err(None)`: the chunks stopped before the last
+/// part was whole (the reader's error says why).
 fn write_parts(
     incoming: &mut Receiving,
     parts: &[(String, u64, Sha256Digest)],
     mut arrived: tokio::sync::mpsc::Receiver<Pieces>,
-    pool: Option<PiecePool>,
     written: &mut u64,
 ) -> Result<(), Option<FetchError>> {
     // A manifest of version 3 gives each part's BLAKE3 digest, which the
@@ -394,9 +391,6 @@ fn write_parts(
                     return Err(Some(FetchError::BadChunk(pieces.len())));
                 }
                 Err(ChunkRefused::Store(e)) => return Err(Some(e.into())),
-            }
-            if let Some(pool) = &pool {
-                pool.give_back(pieces);
             }
         }
         let part = part.clone();

@@ -8,6 +8,7 @@
 //! A result travels with its *producer's* seal, stored with it when its run
 //! ended ([`credentials`]); nothing here signs on another's behalf.
 
+mod buffers;
 pub mod credentials;
 pub mod direct;
 pub mod fetch;

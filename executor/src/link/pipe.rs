@@ -10,11 +10,12 @@
 
 use std::time::Duration;
 
-use bytes::BufMut;
-use reprise_frames::{FrameRecv, FrameSend, PiecePool, ReadError, WriteError};
+use reprise_frames::{FrameRecv, FrameSend, ReadError, WriteError};
 use reprise_protocol::digest::Sha256Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use super::buffers::Buffers;
 
 /// How long a read or a write may wait for its peer: a QUIC link's idle
 /// timeout ([`super::credentials`]).
@@ -24,8 +25,8 @@ pub const IDLE: Duration = Duration::from_secs(10);
 /// with wide instructions, below the allocator's mmap threshold.
 const PIECE: usize = 64 * 1024;
 
-/// The most pieces a [`TlsPipe`] keeps for reuse ([`PiecePool`]): what
-/// a fetch holds at once, its chunks read ahead of the one being written
+/// The most pieces a [`TlsPipe`] keeps for reuse ([`Buffers`]): what a
+/// fetch holds at once, its chunks read ahead of the one being written
 /// and the one being read (sixteen pieces to a chunk), with room to spare.
 const PIECES_KEPT: usize = 16 * 12;
 
@@ -51,15 +52,16 @@ pub fn buffered(tcp: TcpStream) -> Tcp {
 #[derive(Debug)]
 pub struct TlsPipe {
     stream: tokio_rustls::TlsStream<Tcp>,
-    /// The buffers pieces are read into.
-    pool: PiecePool,
+    /// The buffers pieces are read into, each back once the bytes read
+    /// into it are dropped.
+    buffers: Buffers,
 }
 
 impl TlsPipe {
     pub fn new(stream: impl Into<tokio_rustls::TlsStream<Tcp>>) -> TlsPipe {
         TlsPipe {
             stream: stream.into(),
-            pool: PiecePool::new(PIECE, PIECES_KEPT),
+            buffers: Buffers::new(PIECE, PIECES_KEPT),
         }
     }
 
@@ -102,16 +104,16 @@ impl FrameRecv for TlsPipe {
 
     async fn piece(&mut self, max: usize) -> Result<bytes::Bytes, ReadError> {
         let want = max.clamp(1, PIECE);
-        let mut buf = self.pool.take();
-        while buf.len() < want {
-            let room = want - buf.len();
-            match within(self.stream.read_buf(&mut (&mut buf).limit(room))).await {
+        let mut buf = self.buffers.take();
+        let mut at = 0;
+        while at < want {
+            match within(self.stream.read(&mut buf[at..want])).await {
                 Ok(0) => return Err(ReadError::Truncated),
-                Ok(_) => {}
+                Ok(n) => at += n,
                 Err(e) => return Err(ReadError::Io(e)),
             }
         }
-        Ok(buf.freeze())
+        Ok(self.buffers.share(buf, want))
     }
 
     async fn ended(&mut self) -> Result<bool, ReadError> {
@@ -121,10 +123,6 @@ impl FrameRecv for TlsPipe {
             Ok(_) => Ok(false),
             Err(e) => Err(ReadError::Io(e)),
         }
-    }
-
-    fn pool(&self) -> Option<PiecePool> {
-        Some(self.pool.clone())
     }
 }
 
@@ -277,35 +275,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn pieces_given_back_are_read_into_again() {
+    async fn pieces_are_read_into_the_buffers_of_pieces_dropped() {
         let (mut a, mut b) = pair().await;
-        let len = 3 * PIECE;
-        for byte in [5u8, 6] {
-            let chunk = bytes::Bytes::from(vec![byte; len]);
-            reprise_frames::write_chunk(&mut a, &[0; 32], chunk)
-                .await
-                .unwrap();
-        }
+        let data = bytes::Bytes::from(vec![7u8; 4 * PIECE]);
+        a.put_bytes(data).await.unwrap();
         a.end().await;
-        let mut pieces = reprise_frames::Pieces::default();
-        reprise_frames::read_chunk_pieces(&mut b, len as u64, &mut pieces)
-            .await
-            .unwrap();
-        let mut first: Vec<_> = pieces.slices().iter().map(|p| p.as_ptr()).collect();
-        let pool = b.pool().expect("a TLS stream copies into a pool");
-        pool.give_back(std::mem::take(&mut pieces));
-        assert_eq!(pool.kept(), 3);
-        reprise_frames::read_chunk_pieces(&mut b, len as u64, &mut pieces)
-            .await
-            .unwrap();
-        assert_eq!(pool.kept(), 0, "each piece taken from the pool");
-        assert!(pieces.slices().concat().iter().all(|&x| x == 6));
-        let mut second: Vec<_> = pieces.slices().iter().map(|p| p.as_ptr()).collect();
-        first.sort();
-        second.sort();
-        assert_eq!(
-            first, second,
-            "the second chunk was read into the first's buffers"
-        );
+        let first = b.piece(PIECE).await.unwrap();
+        let second = b.piece(PIECE).await.unwrap();
+        let mut at: Vec<_> = [&first, &second].iter().map(|p| p.as_ptr()).collect();
+        assert_eq!(b.buffers.kept(), 0);
+        drop((first, second));
+        assert_eq!(b.buffers.kept(), 2);
+        let third = b.piece(PIECE).await.unwrap();
+        let fourth = b.piece(PIECE).await.unwrap();
+        assert_eq!(b.buffers.kept(), 0, "each piece read into a buffer kept");
+        assert!(third.iter().chain(fourth.iter()).all(|&x| x == 7));
+        let mut again: Vec<_> = [&third, &fourth].iter().map(|p| p.as_ptr()).collect();
+        at.sort();
+        again.sort();
+        assert_eq!(at, again);
     }
 }

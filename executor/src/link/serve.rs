@@ -28,6 +28,7 @@ use reprise_protocol::wire::{
 use thiserror::Error;
 use tracing::{debug, warn};
 
+use super::buffers::Buffers;
 use crate::store::{Store, StoredResult};
 use crate::tags::{PartHasher, Tags};
 
@@ -146,7 +147,7 @@ pub async fn write_transfer(
             let len = chunk_len(bytes, index) as usize;
             let read;
             (f, check, read) = tokio::task::spawn_blocking(move || {
-                let read = pooled::read(&mut f, len).map(|buf| {
+                let read = read_pooled(&mut f, len).map(|buf| {
                     let chunk_sha = check.update(&buf);
                     (buf, chunk_sha)
                 });
@@ -259,54 +260,20 @@ async fn part_matches(path: PathBuf, sha256: Sha256Digest) -> std::io::Result<bo
 /// until the peer acknowledged it, then drops it, and the buffer goes
 /// back to a pool rather than to the allocator. (Copying each chunk into
 /// the stream was a tenth of a producer's CPU, and fresh 1 MiB buffers
-/// page faults and zeroing besides.)
-mod pooled {
+/// page faults and zeroing besides.) The pool keeps a stream's window of
+/// chunks in flight and a few more.
+static CHUNK_BUFFERS: std::sync::LazyLock<Buffers> =
+    std::sync::LazyLock::new(|| Buffers::new(CHUNK_BYTES as usize, 12));
+
+/// The next `len` bytes of `f` (at most a chunk), in a pooled buffer.
+fn read_pooled(f: &mut std::fs::File, len: usize) -> std::io::Result<bytes::Bytes> {
     use std::io::Read;
-    use std::sync::Mutex;
-
-    use bytes::Bytes;
-
-    use super::CHUNK_BYTES;
-
-    /// Buffers kept for reuse, at most [`KEPT`]: a stream's window of
-    /// chunks in flight and a few more.
-    static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-    const KEPT: usize = 12;
-
-    struct Pooled {
-        buf: Vec<u8>,
-        len: usize,
-    }
-
-    impl AsRef<[u8]> for Pooled {
-        fn as_ref(&self) -> &[u8] {
-            &self.buf[..self.len]
-        }
-    }
-
-    impl Drop for Pooled {
-        fn drop(&mut self) {
-            give_back(std::mem::take(&mut self.buf));
-        }
-    }
-
-    fn give_back(buf: Vec<u8>) {
-        let mut pool = POOL.lock().expect("chunk pool");
-        if pool.len() < KEPT && buf.len() == CHUNK_BYTES as usize {
-            pool.push(buf);
-        }
-    }
-
-    /// The next `len` bytes of `f` (at most a chunk), in a pooled buffer.
-    pub(super) fn read(f: &mut std::fs::File, len: usize) -> std::io::Result<Bytes> {
-        let buf = POOL.lock().expect("chunk pool").pop();
-        let mut buf = buf.unwrap_or_else(|| vec![0; CHUNK_BYTES as usize]);
-        match f.read_exact(&mut buf[..len]) {
-            Ok(()) => Ok(Bytes::from_owner(Pooled { buf, len })),
-            Err(e) => {
-                give_back(buf);
-                Err(e)
-            }
+    let mut buf = CHUNK_BUFFERS.take();
+    match f.read_exact(&mut buf[..len]) {
+        Ok(()) => Ok(CHUNK_BUFFERS.share(buf, len)),
+        Err(e) => {
+            CHUNK_BUFFERS.give_back(buf);
+            Err(e)
         }
     }
 }
