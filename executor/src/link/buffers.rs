@@ -2,27 +2,28 @@
 //! [`Bytes`] made of them is dropped: a transfer reuses the few megabytes
 //! it holds at once. A fresh buffer for each read costs the kernel new
 //! zeroed pages to fault in, and the allocator the memory it gave back
-//! between reads to grow again.
+//! between reads to grow again. A buffer is handed out empty, its room
+//! never written before a read fills it: a new one is not zeroed first.
 
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-/// A pool of buffers of one size.
+/// A pool of buffers of one capacity.
 #[derive(Clone, Debug)]
 pub struct Buffers(Arc<Kept>);
 
 #[derive(Debug)]
 struct Kept {
     free: Mutex<Vec<Vec<u8>>>,
-    /// The size of each buffer.
+    /// The capacity of each buffer.
     size: usize,
     /// The most buffers kept; more given back are freed.
     most: usize,
 }
 
 impl Buffers {
-    /// A pool of buffers of `size` bytes, keeping at most `most`.
+    /// A pool of buffers of room for `size` bytes, keeping at most `most`.
     pub fn new(size: usize, most: usize) -> Buffers {
         Buffers(Arc::new(Kept {
             free: Mutex::new(Vec::new()),
@@ -31,30 +32,28 @@ impl Buffers {
         }))
     }
 
-    /// A buffer of the pool's size: one given back (holding what it held),
-    /// or a new one.
+    /// An empty buffer with room for the pool's size: one given back, or
+    /// a new one.
     pub fn take(&self) -> Vec<u8> {
         let kept = self.free().pop();
-        kept.unwrap_or_else(|| vec![0; self.0.size])
+        kept.unwrap_or_else(|| Vec::with_capacity(self.0.size))
     }
 
-    /// The first `len` bytes of `buf`, a buffer of this pool, shared
-    /// without a copy: `buf` comes back to the pool once every [`Bytes`]
-    /// of it is dropped.
-    pub fn share(&self, buf: Vec<u8>, len: usize) -> Bytes {
-        assert!(len <= buf.len(), "{len} bytes of a buffer of {}", buf.len());
+    /// The bytes of `buf`, a buffer of this pool, shared without a copy:
+    /// `buf` comes back to the pool once every [`Bytes`] of it is dropped.
+    pub fn share(&self, buf: Vec<u8>) -> Bytes {
         Bytes::from_owner(Shared {
             buf,
-            len,
             pool: self.clone(),
         })
     }
 
-    /// Keeps `buf` for a later [`Buffers::take`], unless it is not of the
-    /// pool's size or the pool keeps its most.
-    pub fn give_back(&self, buf: Vec<u8>) {
+    /// Keeps `buf`, emptied, for a later [`Buffers::take`], unless its
+    /// room is not the pool's size or the pool keeps its most.
+    pub fn give_back(&self, mut buf: Vec<u8>) {
         let mut free = self.free();
-        if buf.len() == self.0.size && free.len() < self.0.most {
+        if buf.capacity() == self.0.size && free.len() < self.0.most {
+            buf.clear();
             free.push(buf);
         }
     }
@@ -74,13 +73,12 @@ impl Buffers {
 /// A buffer lent out as [`Bytes`].
 struct Shared {
     buf: Vec<u8>,
-    len: usize,
     pool: Buffers,
 }
 
 impl AsRef<[u8]> for Shared {
     fn as_ref(&self) -> &[u8] {
-        &self.buf[..self.len]
+        &self.buf
     }
 }
 
@@ -98,10 +96,10 @@ mod tests {
     fn a_buffer_comes_back_when_the_last_bytes_of_it_go() {
         let pool = Buffers::new(64, 8);
         let mut buf = pool.take();
-        assert_eq!(buf.len(), 64);
-        buf[..3].copy_from_slice(b"abc");
+        assert!(buf.is_empty() && buf.capacity() == 64);
+        buf.extend_from_slice(b"abc");
         let at = buf.as_ptr();
-        let bytes = pool.share(buf, 3);
+        let bytes = pool.share(buf);
         assert_eq!(&bytes[..], b"abc");
         let part = bytes.slice(1..);
         drop(bytes);
@@ -111,16 +109,16 @@ mod tests {
         assert_eq!(pool.kept(), 1);
         let again = pool.take();
         assert_eq!(again.as_ptr(), at, "the same memory, not a new buffer");
-        assert_eq!(&again[..3], b"abc", "as it was left");
+        assert!(again.is_empty() && again.capacity() == 64);
         assert_eq!(pool.kept(), 0);
     }
 
     #[test]
     fn only_buffers_of_the_pool_size_are_kept_and_no_more_than_the_most() {
         let pool = Buffers::new(64, 2);
-        pool.give_back(vec![0; 16]);
+        pool.give_back(Vec::with_capacity(16));
         assert_eq!(pool.kept(), 0);
-        let shared: Vec<Bytes> = (0..3).map(|_| pool.share(pool.take(), 64)).collect();
+        let shared: Vec<Bytes> = (0..3).map(|_| pool.share(pool.take())).collect();
         drop(shared);
         assert_eq!(pool.kept(), 2);
     }

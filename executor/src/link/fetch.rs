@@ -231,7 +231,7 @@ pub(super) async fn receive(
             e
         }
     };
-    let incoming = store
+    let mut incoming = store
         .receive(sealed, resumed)
         .map_err(|e| disk_full(e.into()))?;
     let resumed = incoming.resumed_bytes();
@@ -239,7 +239,7 @@ pub(super) async fn receive(
         .kept_check()
         .map(|check| tokio::task::spawn_blocking(move || check.run()));
     let mut received = 0;
-    let (mut incoming, got) = receive_parts(recv, incoming, &mut received).await;
+    let got = receive_parts(recv, &mut incoming, &mut received).await;
     // Whatever the rest did, nothing is committed or kept as it stands
     // before the chunks kept are known to hold.
     if let Some(checking) = checking {
@@ -284,55 +284,26 @@ pub(super) async fn receive(
     Ok((stored, received, resumed))
 }
 
-/// Reads the parts' chunks from `recv` and hands each to a thread of its
-/// own that hashes and writes it into `incoming` ([`write_parts`]), so the
-/// stream is read and decrypted on one core while the chunk before is
-/// hashed and written on another. Gives `incoming` back, with what came
-/// of it: the first error of either side (the writer's when it stopped
-/// first: the reader then stops at its next chunk), or `Ok`.
+/// Reads every chunk of the parts from chunk `from[i]` of part `i` on
+/// into `incoming`, each hashed and written as it arrives, on this
+/// thread: the bytes just decrypted are hashed and written while still in
+/// the cache, and no other thread waits for them. Each part's digest is
+/// checked against the manifest once it is whole (by BLAKE3 where a
+/// version 3 manifest gives it, else by sha256); then nothing may follow
+/// the last. Counts the bytes written in `received`; stops at the first
+/// error, every chunk written before it kept.
 async fn receive_parts(
     recv: &mut impl FrameRecv,
-    incoming: Receiving,
+    incoming: &mut Receiving,
     received: &mut u64,
-) -> (Receiving, Result<(), FetchError>) {
+) -> Result<(), FetchError> {
     let parts = incoming.sealed().parts();
     let from = incoming.from();
-    let (chunks, arrived) = tokio::sync::mpsc::channel(WRITE_AHEAD);
-    let plan = parts.clone();
-    let writer = tokio::task::spawn_blocking(move || {
-        let mut incoming = incoming;
-        let mut written = 0;
-        let done = write_parts(&mut incoming, &plan, arrived, &mut written);
-        (incoming, done, written)
-    });
-    let read = read_parts(recv, &parts, &from, &chunks).await;
-    // The writer ends once it has written every chunk it was handed.
-    drop(chunks);
-    let (incoming, done, written) = writer.await.expect("the chunk writer does not panic");
-    *received = written;
-    let got = match (done, read) {
-        (Err(Some(e)), _) | (_, Err(e)) => Err(e),
-        // The reader hands over as many chunks as the parts take, or
-        // stops only when the writer has stopped, with its error.
-        (Err(None), Ok(())) => unreachable!("the reader ended without handing over every chunk"),
-        (Ok(()), Ok(())) => Ok(()),
-    };
-    (incoming, got)
-}
-
-/// Chunks read ahead of the one being written, at most.
-const WRITE_AHEAD: usize = 8;
-
-/// Reads every chunk of `parts` from chunk `from[i]` of part `i` on, and
-/// hands each to `chunks`; then checks that nothing follows the last. Stops
-/// at its first error, or when the writer is gone (its error is the one).
-async fn read_parts(
-    recv: &mut impl FrameRecv,
-    parts: &[(String, u64, Sha256Digest)],
-    from: &[u64],
-    chunks: &tokio::sync::mpsc::Sender<Pieces>,
-) -> Result<(), FetchError> {
-    for (i, (part, bytes, _)) in parts.iter().enumerate() {
+    // A manifest of version 3 gives each part's BLAKE3 digest, which the
+    // parts are checked by instead of their sha256 ([`crate::part_digest`]).
+    let blake3 = incoming.sealed().manifest.blake3();
+    let mut pieces = Pieces::default();
+    for (i, (part, bytes, sha256)) in parts.iter().enumerate() {
         if i > 0 {
             crate::faults::pause_point("fetch");
         }
@@ -340,21 +311,47 @@ async fn read_parts(
             part: part.clone(),
             source,
         };
+        let mut w = incoming.part(i)?;
         for index in from[i]..reprise_protocol::wire::chunk_count(*bytes) {
             let len = chunk_len(*bytes, index);
             // Each chunk is hashed and written from the pieces the stream
             // received, not copied into a buffer first. The sha256 the
             // holder sent with it is its word only; the part's digest is
             // checked over every byte instead.
-            let mut pieces = Pieces::default();
             match read_chunk_pieces(recv, len, &mut pieces).await {
                 Ok(_holders_sha) => {}
                 Err(ChunkError::Overrun(n)) => return Err(FetchError::BadChunk(n)),
                 Err(ChunkError::Read(e)) => return Err(truncated(Some(e))),
             }
-            if chunks.send(pieces).await.is_err() {
-                return Ok(());
+            match w.write_pieces(&pieces.slices()) {
+                Ok(()) => *received += pieces.len() as u64,
+                Err(ChunkRefused::PastEnd { .. }) => {
+                    return Err(FetchError::BadChunk(pieces.len()));
+                }
+                Err(ChunkRefused::Store(e)) => return Err(e.into()),
             }
+        }
+        let part = part.clone();
+        match (incoming.part_done(w)?, &blake3) {
+            (PartDigest::Blake3(found), Some(expected)) if found == expected[i] => {}
+            (PartDigest::Sha256(found), None) if found == *sha256 => {}
+            (PartDigest::Blake3(found), Some(expected)) => {
+                return Err(FetchError::Blake3 {
+                    part,
+                    expected: expected[i],
+                    found,
+                });
+            }
+            (PartDigest::Sha256(found), None) => {
+                return Err(FetchError::Digest {
+                    part,
+                    expected: *sha256,
+                    found,
+                });
+            }
+            // A partial resumed is one of this very manifest (its name is
+            // the manifest's digest), so this does not happen.
+            _ => return Err(FetchError::DigestKind { part }),
         }
     }
     match recv.ended().await {
@@ -365,58 +362,6 @@ async fn read_parts(
             source: Some(e),
         }),
     }
-}
-
-/// Writes the chunks as they arrive into part after part of `incoming`,
-/// each part's digest checked against the manifest once it is whole (by
-/// BLAKE3 where a version 3 manifest gives it, else by sha256), counting
-/// the bytes in `written`. `Err(None)`: the chunks stopped before the last
-/// part was whole (the reader's error says why).
-fn write_parts(
-    incoming: &mut Receiving,
-    parts: &[(String, u64, Sha256Digest)],
-    mut arrived: tokio::sync::mpsc::Receiver<Pieces>,
-    written: &mut u64,
-) -> Result<(), Option<FetchError>> {
-    // A manifest of version 3 gives each part's BLAKE3 digest, which the
-    // parts are checked by instead of their sha256 ([`crate::part_digest`]).
-    let blake3 = incoming.sealed().manifest.blake3();
-    for (i, (part, _, sha256)) in parts.iter().enumerate() {
-        let mut w = incoming.part(i).map_err(|e| Some(e.into()))?;
-        while !w.whole() {
-            let pieces = arrived.blocking_recv().ok_or(None)?;
-            match w.write_pieces(&pieces.slices()) {
-                Ok(()) => *written += pieces.len() as u64,
-                Err(ChunkRefused::PastEnd { .. }) => {
-                    return Err(Some(FetchError::BadChunk(pieces.len())));
-                }
-                Err(ChunkRefused::Store(e)) => return Err(Some(e.into())),
-            }
-        }
-        let part = part.clone();
-        match (incoming.part_done(w).map_err(|e| Some(e.into()))?, &blake3) {
-            (PartDigest::Blake3(found), Some(expected)) if found == expected[i] => {}
-            (PartDigest::Sha256(found), None) if found == *sha256 => {}
-            (PartDigest::Blake3(found), Some(expected)) => {
-                return Err(Some(FetchError::Blake3 {
-                    part,
-                    expected: expected[i],
-                    found,
-                }));
-            }
-            (PartDigest::Sha256(found), None) => {
-                return Err(Some(FetchError::Digest {
-                    part,
-                    expected: *sha256,
-                    found,
-                }));
-            }
-            // A partial resumed is one of this very manifest (its name is
-            // the manifest's digest), so this does not happen.
-            _ => return Err(Some(FetchError::DigestKind { part })),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -10,8 +10,10 @@
 
 use std::time::Duration;
 
+use bytes::BufMut;
 use reprise_frames::{FrameRecv, FrameSend, ReadError, WriteError};
 use reprise_protocol::digest::Sha256Digest;
+use reprise_protocol::wire;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -25,10 +27,10 @@ pub const IDLE: Duration = Duration::from_secs(10);
 /// with wide instructions, below the allocator's mmap threshold.
 const PIECE: usize = 64 * 1024;
 
-/// The most pieces a [`TlsPipe`] keeps for reuse ([`Buffers`]): what a
-/// fetch holds at once, its chunks read ahead of the one being written
-/// and the one being read (sixteen pieces to a chunk), with room to spare.
-const PIECES_KEPT: usize = 16 * 12;
+/// The most pieces a [`TlsPipe`] keeps for reuse ([`Buffers`]): a
+/// chunk's (a fetch hashes and writes each chunk before it reads the
+/// next, [`super::fetch`]).
+const PIECES_KEPT: usize = (wire::CHUNK_BYTES as usize).div_ceil(PIECE);
 
 /// The TCP stream a [`TlsPipe`] runs over: read through a buffer of
 /// [`READ_BUFFER`] bytes ([`buffered`]).
@@ -105,15 +107,15 @@ impl FrameRecv for TlsPipe {
     async fn piece(&mut self, max: usize) -> Result<bytes::Bytes, ReadError> {
         let want = max.clamp(1, PIECE);
         let mut buf = self.buffers.take();
-        let mut at = 0;
-        while at < want {
-            match within(self.stream.read(&mut buf[at..want])).await {
+        while buf.len() < want {
+            let room = want - buf.len();
+            match within(self.stream.read_buf(&mut (&mut buf).limit(room))).await {
                 Ok(0) => return Err(ReadError::Truncated),
-                Ok(n) => at += n,
+                Ok(_) => {}
                 Err(e) => return Err(ReadError::Io(e)),
             }
         }
-        Ok(self.buffers.share(buf, want))
+        Ok(self.buffers.share(buf))
     }
 
     async fn ended(&mut self) -> Result<bool, ReadError> {

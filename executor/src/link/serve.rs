@@ -269,8 +269,13 @@ static CHUNK_BUFFERS: std::sync::LazyLock<Buffers> =
 fn read_pooled(f: &mut std::fs::File, len: usize) -> std::io::Result<bytes::Bytes> {
     use std::io::Read;
     let mut buf = CHUNK_BUFFERS.take();
-    match f.read_exact(&mut buf[..len]) {
-        Ok(()) => Ok(CHUNK_BUFFERS.share(buf, len)),
+    let read = f.take(len as u64).read_to_end(&mut buf);
+    match read {
+        Ok(n) if n == len => Ok(CHUNK_BUFFERS.share(buf)),
+        Ok(_) => {
+            CHUNK_BUFFERS.give_back(buf);
+            Err(std::io::ErrorKind::UnexpectedEof.into())
+        }
         Err(e) => {
             CHUNK_BUFFERS.give_back(buf);
             Err(e)
