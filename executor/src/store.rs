@@ -1387,7 +1387,21 @@ pub struct PartWriter {
     record: fs::File,
     progress: Progress,
     content: Option<PartHasher>,
+    /// The syncs started while the part is written, one at a time, each
+    /// once [`SYNC_STEP`] more of it is written: their bytes reach the
+    /// disk while the rest arrives, and the part's last sync has at most
+    /// a step's left to write. A transfer cut after them keeps the chunks
+    /// they covered on the disk.
+    early: Syncs,
+    /// How far into the part the last of them went.
+    synced_to: u64,
 }
+
+/// How much of a large part is written between the syncs started while
+/// it is written ([`PartWriter`]). Without them, a 1 GiB part was all
+/// written to the disk by its one sync once whole, after its last byte
+/// had arrived.
+const SYNC_STEP: u64 = 64 << 20;
 
 impl PartWriter {
     /// The next chunk's index.
@@ -1426,6 +1440,12 @@ impl PartWriter {
             .write_all(&entry)
             .map_err(io_err(&self.record_path))?;
         self.progress.chunks += 1;
+        let written = (index * wire::CHUNK_BYTES).saturating_add(len as u64);
+        if written - self.synced_to >= SYNC_STEP && !self.whole() && self.early.all_done() {
+            let file = self.file.try_clone().map_err(io_err(&self.path))?;
+            self.early.start(file, self.path.clone())?;
+            self.synced_to = written;
+        }
         Ok(())
     }
 }
@@ -1579,6 +1599,8 @@ impl Receiving {
             record,
             progress,
             content,
+            early: Syncs::default(),
+            synced_to: at,
         })
     }
 
@@ -1592,8 +1614,11 @@ impl Receiving {
             file,
             progress,
             content,
+            mut early,
             ..
         } = writer;
+        // The commit waits for them with the rest.
+        self.syncs.0.append(&mut early.0);
         self.partial.progress[part] = progress.clone();
         let found = progress.digest.finish();
         self.contents[part] = match &found {
@@ -1718,6 +1743,11 @@ impl Syncs {
             .map_err(io_err(&path))?;
         self.0.push((path, handle));
         Ok(())
+    }
+
+    /// Whether every sync started has ended.
+    fn all_done(&self) -> bool {
+        self.0.iter().all(|(_, handle)| handle.is_finished())
     }
 
     /// Waits for every sync; the first failure is the error.
@@ -2550,6 +2580,32 @@ pub(crate) mod tests {
         let mut file = fs::File::create(&path).unwrap();
         write_in_steps(&mut file, &pieces).unwrap();
         assert_eq!(fs::read(&path).unwrap(), pieces.concat());
+    }
+
+    #[test]
+    fn a_large_part_is_synced_as_it_is_written_a_step_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        let chunk = wire::CHUNK_BYTES as usize;
+        let step = (SYNC_STEP / wire::CHUNK_BYTES) as usize;
+        let big = data((step + 2) * chunk, 5);
+        let sealed = sealed_by(&[("big.bin", &big)], b"rec", true);
+        let mut incoming = store.receive(sealed, None).unwrap();
+        incoming.put_part(0, b"rec").unwrap();
+        let mut w = write_chunks(&mut incoming, 1, &big, step - 1);
+        assert!(w.early.0.is_empty(), "less than a step written");
+        w.write_chunk(&big[(step - 1) * chunk..step * chunk]).unwrap();
+        assert_eq!(w.early.0.len(), 1, "a step written: its sync started");
+        assert_eq!(w.synced_to, SYNC_STEP);
+        w.early.wait().unwrap();
+        w.write_chunk(&big[step * chunk..(step + 1) * chunk]).unwrap();
+        assert!(w.early.0.is_empty(), "not another before the next step");
+        w.write_chunk(&big[(step + 1) * chunk..]).unwrap();
+        assert!(w.whole());
+        incoming.part_done(w).unwrap();
+        let stored = incoming.commit().unwrap();
+        let blob = store.blob_path(&stored.manifest.artifacts[0]);
+        assert!(fs::read(blob).unwrap() == big);
     }
 
     #[test]
