@@ -2594,11 +2594,13 @@ pub(crate) mod tests {
         incoming.put_part(0, b"rec").unwrap();
         let mut w = write_chunks(&mut incoming, 1, &big, step - 1);
         assert!(w.early.0.is_empty(), "less than a step written");
-        w.write_chunk(&big[(step - 1) * chunk..step * chunk]).unwrap();
+        w.write_chunk(&big[(step - 1) * chunk..step * chunk])
+            .unwrap();
         assert_eq!(w.early.0.len(), 1, "a step written: its sync started");
         assert_eq!(w.synced_to, SYNC_STEP);
         w.early.wait().unwrap();
-        w.write_chunk(&big[step * chunk..(step + 1) * chunk]).unwrap();
+        w.write_chunk(&big[step * chunk..(step + 1) * chunk])
+            .unwrap();
         assert!(w.early.0.is_empty(), "not another before the next step");
         w.write_chunk(&big[(step + 1) * chunk..]).unwrap();
         assert!(w.whole());

@@ -257,12 +257,20 @@ mod tests {
         drop(b);
     }
 
+    /// The receiving end of a stream that sent `len` bytes of 7, then
+    /// ended cleanly.
+    async fn sent_sevens(len: usize) -> TlsPipe {
+        let (mut a, b) = pair().await;
+        a.put_bytes(bytes::Bytes::from(vec![7u8; len]))
+            .await
+            .unwrap();
+        a.end().await;
+        b
+    }
+
     #[tokio::test]
     async fn a_piece_is_at_most_what_is_asked_and_an_end_inside_it_is_a_truncation() {
-        let (mut a, mut b) = pair().await;
-        let data = bytes::Bytes::from(vec![7u8; 3 * PIECE]);
-        a.put_bytes(data).await.unwrap();
-        a.end().await;
+        let mut b = sent_sevens(3 * PIECE).await;
         let first = b.piece(10).await.unwrap();
         assert_eq!(first.len(), 10);
         let second = b.piece(usize::MAX).await.unwrap();
@@ -278,10 +286,7 @@ mod tests {
 
     #[tokio::test]
     async fn pieces_are_read_into_the_buffers_of_pieces_dropped() {
-        let (mut a, mut b) = pair().await;
-        let data = bytes::Bytes::from(vec![7u8; 4 * PIECE]);
-        a.put_bytes(data).await.unwrap();
-        a.end().await;
+        let mut b = sent_sevens(4 * PIECE).await;
         let first = b.piece(PIECE).await.unwrap();
         let second = b.piece(PIECE).await.unwrap();
         let mut at: Vec<_> = [&first, &second].iter().map(|p| p.as_ptr()).collect();
