@@ -1618,7 +1618,7 @@ impl Receiving {
             ..
         } = writer;
         // The commit waits for them with the rest.
-        self.syncs.0.append(&mut early.0);
+        self.syncs.adopt(&mut early);
         self.partial.progress[part] = progress.clone();
         let found = progress.digest.finish();
         self.contents[part] = match &found {
@@ -1743,6 +1743,11 @@ impl Syncs {
             .map_err(io_err(&path))?;
         self.0.push((path, handle));
         Ok(())
+    }
+
+    /// Takes over the syncs `other` started, to wait for them with these.
+    fn adopt(&mut self, other: &mut Syncs) {
+        self.0.append(&mut other.0);
     }
 
     /// Whether every sync started has ended.
